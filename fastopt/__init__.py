@@ -1,0 +1,23 @@
+"""fastopt: compiled kernels for training-time model optimization, for any framework.
+
+Optimizers take arrays of NumPy, PyTorch, JAX, TensorFlow or CuPy and run on the fastest
+available backend (Cython/OpenMP on the CPU, CuPy on NVIDIA GPUs, Numba, or the NumPy
+reference). ``import fastopt`` imports none of those frameworks.
+
+>>> import numpy as np, fastopt
+>>> w = np.zeros(4, np.float32)
+>>> opt = fastopt.Adam([w], lr=1e-2)
+>>> _ = opt.step([np.ones(4, np.float32)])
+"""
+
+from fastopt._config import get_num_threads, set_num_threads
+from fastopt._info import show_config
+from fastopt.optim import SGD, Adam, AdamW, Optimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SGD", "Adam", "AdamW", "Optimizer",
+    "get_num_threads", "set_num_threads", "show_config",
+    "__version__",
+]

@@ -1,0 +1,99 @@
+"""The CuPy backend: kernels/cuda/*.cu compiled at run time by NVRTC, for CuPy arrays.
+
+One launch per step and group: a device table of operand addresses and chunks (see
+kernels/cuda/optim.cu), one thread block per chunk. Kernels are compiled once per process
+(and cached on disk by CuPy; set CUPY_CACHE_DIR to move that cache).
+"""
+
+import functools
+from importlib import resources
+
+import numpy as np
+
+from fastopt.optim._scalars import adam_scalars, sgd_scalars
+
+CHUNK = 65536
+THREADS = 256
+
+
+def kernel_dir():
+    """The installed kernels/ folder (CUDA sources and shared headers)."""
+    return resources.files("fastopt.kernels")
+
+
+def compile_options():
+    """NVRTC options, shared with the compile test that runs without a GPU.
+
+    --fmad=false keeps a*b+c as two roundings, as the CPU build does, so every backend
+    computes the same numbers.
+    """
+    return ("-std=c++14", "--fmad=false", f"-I{kernel_dir() / 'include'}")
+
+
+def source(name):
+    return (kernel_dir() / "cuda" / name).read_text()
+
+
+def unavailable_reason():
+    import cupy
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # no driver, no device
+        return f"no CUDA device ({exc})"
+    return None if count > 0 else "no CUDA device"
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name):
+    import cupy
+    return cupy.RawModule(code=source(name), options=compile_options())
+
+
+def _launch(kernel, operands, scalars):
+    import cupy
+    n_t = len(operands[0])
+    sizes = [int(a.size) for a in operands[0]]
+    chunks = [(t, lo, min(CHUNK, size - lo))
+              for t, size in enumerate(sizes) for lo in range(0, size, CHUNK)]
+    if not chunks:
+        return
+    table = np.empty(n_t * len(operands) + 3 * len(chunks), np.int64)
+    table[:n_t * len(operands)] = [op[t].data.ptr for t in range(n_t) for op in operands]
+    table[n_t * len(operands):] = np.ravel(chunks)
+    with operands[0][0].device:
+        d_table = cupy.asarray(table)
+        _module("optim.cu").get_function(kernel)(
+            (len(chunks),), (THREADS,), (d_table, np.int64(n_t)) + scalars)
+
+
+def _cast(dtype, *values):
+    return tuple(np.dtype(dtype).type(v) for v in values)
+
+
+def _suffix(dtype):
+    return "f64" if dtype == np.float64 else "f32"
+
+
+def sgd_step(params, out, grads, momentum_buffers, *, n_threads, **hyper):
+    dtype = params[0].dtype
+    s = sgd_scalars(dtype, **hyper)
+    has_buf = momentum_buffers is not None
+    operands = (params, out, grads) + ((momentum_buffers,) if has_buf else ())
+    _launch(f"fo_cuda_sgd_{_suffix(dtype)}", operands,
+            (np.int32(has_buf),)
+            + _cast(dtype, s["gsign"], s["weight_decay"], s["momentum"],
+                    s["one_minus_dampening"], s["neg_lr"])
+            + (np.int32(s["first"]), np.int32(s["nesterov"])))
+
+
+def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, n_threads, **hyper):
+    dtype = params[0].dtype
+    s = adam_scalars(dtype, **hyper)
+    amsgrad = max_exp_avg_sqs is not None
+    operands = (params, out, grads, exp_avgs, exp_avg_sqs) + ((max_exp_avg_sqs,) if amsgrad else ())
+    _launch(f"fo_cuda_adam_{_suffix(dtype)}", operands,
+            (np.int32(amsgrad),)
+            + _cast(dtype, s["gsign"], s["weight_decay"], s["decay"], s["one_minus_beta1"],
+                    s["beta2"], s["one_minus_beta2"], s["bias_correction2_sqrt"], s["eps"],
+                    s["neg_step_size"])
+            + (np.int32(s["lerp_hi"]),))

@@ -1,0 +1,145 @@
+"""The Numba backend: @njit(parallel=True, cache=True) kernels over many tensors.
+
+The kernels get a table of data addresses (tensor x operand) and a chunk list, so a step
+over any number of tensors is one call and one parallel loop, as in the Cython backend.
+Scalars arrive as an array of the parameter's dtype, so float32 math stays float32.
+Element math is written here on its own; the parity tests hold it to the NumPy reference.
+"""
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from fastopt._cpu._runtime import data_pointers
+from fastopt.optim._scalars import adam_scalars, sgd_scalars
+
+CHUNK = 16384
+_JIT = dict(cache=True, error_model="numpy")  # numpy error model: no branch per division
+
+
+@intrinsic
+def _as_pointer(typingctx, address):
+    """int64 address -> void*, for numba.carray."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(address), codegen
+
+
+@njit(**_JIT)
+def _chunks(sizes):
+    n_chunks = 0
+    for size in sizes:
+        n_chunks += (size + CHUNK - 1) // CHUNK
+    chunks = np.empty((n_chunks, 3), np.int64)
+    k = 0
+    for t in range(sizes.shape[0]):
+        for lo in range(0, sizes[t], CHUNK):
+            chunks[k, 0] = t
+            chunks[k, 1] = lo
+            chunks[k, 2] = min(CHUNK, sizes[t] - lo)
+            k += 1
+    return chunks
+
+
+@njit(inline="always", **_JIT)
+def _view(ptrs, t, op, lo, n, like):
+    return numba.carray(_as_pointer(ptrs[t, op] + lo * like.itemsize), (n,), like.dtype)
+
+
+@njit(inline="always", **_JIT)
+def _sgd_element(p, g, buf, i, sc, first, nesterov, has_buf):
+    gsign, weight_decay, momentum, one_minus_dampening, neg_lr = sc[0], sc[1], sc[2], sc[3], sc[4]
+    d = gsign * g[i]
+    if weight_decay != 0:
+        d = d + weight_decay * p
+    if has_buf:
+        b = d if first else buf[i] * momentum + one_minus_dampening * d
+        buf[i] = b
+        d = d + momentum * b if nesterov else b
+    return p + neg_lr * d
+
+
+@njit(parallel=True, **_JIT)
+def _sgd(ptrs, chunks, sc, first, nesterov, has_buf):
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p = _view(ptrs, t, 0, lo, n, sc)
+        g = _view(ptrs, t, 2, lo, n, sc)
+        buf = _view(ptrs, t, 3 if has_buf else 2, lo, n, sc)
+        if ptrs[t, 0] == ptrs[t, 1]:
+            for i in range(n):
+                p[i] = _sgd_element(p[i], g, buf, i, sc, first, nesterov, has_buf)
+        else:
+            out = _view(ptrs, t, 1, lo, n, sc)
+            for i in range(n):
+                out[i] = _sgd_element(p[i], g, buf, i, sc, first, nesterov, has_buf)
+
+
+@njit(inline="always", **_JIT)
+def _adam_element(p, g, m, v, vmax, i, sc, lerp_hi, amsgrad):
+    gsign, weight_decay, decay, w1, beta2 = sc[0], sc[1], sc[2], sc[3], sc[4]
+    one_minus_beta2, bc2_sqrt, eps, neg_step_size, one_minus_w1 = sc[5], sc[6], sc[7], sc[8], sc[9]
+    d = gsign * g[i]
+    p = p * decay
+    if weight_decay != 0:
+        d = d + weight_decay * p
+    mi = m[i]
+    mi = d - (d - mi) * one_minus_w1 if lerp_hi else mi + w1 * (d - mi)
+    vi = v[i] * beta2 + one_minus_beta2 * d * d
+    m[i] = mi
+    v[i] = vi
+    if amsgrad:
+        old = vmax[i]
+        vi = old if (old > vi or old != old) else vi
+        vmax[i] = vi
+    denom = np.sqrt(vi) / bc2_sqrt + eps
+    return p + neg_step_size * mi / denom
+
+
+@njit(parallel=True, **_JIT)
+def _adam(ptrs, chunks, sc, lerp_hi, amsgrad):
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p = _view(ptrs, t, 0, lo, n, sc)
+        g = _view(ptrs, t, 2, lo, n, sc)
+        m = _view(ptrs, t, 3, lo, n, sc)
+        v = _view(ptrs, t, 4, lo, n, sc)
+        vmax = _view(ptrs, t, 5 if amsgrad else 4, lo, n, sc)
+        if ptrs[t, 0] == ptrs[t, 1]:
+            for i in range(n):
+                p[i] = _adam_element(p[i], g, m, v, vmax, i, sc, lerp_hi, amsgrad)
+        else:
+            out = _view(ptrs, t, 1, lo, n, sc)
+            for i in range(n):
+                out[i] = _adam_element(p[i], g, m, v, vmax, i, sc, lerp_hi, amsgrad)
+
+
+def _setup(operands, n_threads):
+    dtype = operands[0][0].dtype
+    ptrs, sizes = data_pointers(operands, dtype.itemsize)
+    numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
+    return dtype, ptrs, _chunks(sizes)
+
+
+def sgd_step(params, out, grads, momentum_buffers, *, n_threads, **hyper):
+    has_buf = momentum_buffers is not None
+    operands = (params, out, grads) + ((momentum_buffers,) if has_buf else ())
+    dtype, ptrs, chunks = _setup(operands, n_threads)
+    s = sgd_scalars(dtype, **hyper)
+    sc = np.array([s["gsign"], s["weight_decay"], s["momentum"], s["one_minus_dampening"],
+                   s["neg_lr"]], dtype)
+    _sgd(ptrs, chunks, sc, s["first"], s["nesterov"], has_buf)
+
+
+def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, n_threads, **hyper):
+    amsgrad = max_exp_avg_sqs is not None
+    operands = (params, out, grads, exp_avgs, exp_avg_sqs) + ((max_exp_avg_sqs,) if amsgrad else ())
+    dtype, ptrs, chunks = _setup(operands, n_threads)
+    s = adam_scalars(dtype, **hyper)
+    sc = np.array([s["gsign"], s["weight_decay"], s["decay"], s["one_minus_beta1"], s["beta2"],
+                   s["one_minus_beta2"], s["bias_correction2_sqrt"], s["eps"],
+                   s["neg_step_size"], 0.0], dtype)
+    sc[9] = sc.dtype.type(1) - sc[3]  # torch's (T)1 - w, in the dtype
+    _adam(ptrs, chunks, sc, s["lerp_hi"], amsgrad)

@@ -1,0 +1,1 @@
+"""Compiled CPU kernels (built from kernels/cpu by setup.py)."""

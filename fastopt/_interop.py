@@ -1,0 +1,191 @@
+"""Arrays in and out: which framework an array is from, zero-copy views for the kernels.
+
+The kernels see NumPy arrays (CPU) or CuPy arrays (NVIDIA GPU). Arrays of the other
+frameworks come in through DLPack (or torch's own zero-copy ``Tensor.numpy()`` on the CPU,
+which is 2.5x cheaper per tensor than ``np.from_dlpack`` here) and go back the same way.
+
+- NumPy, PyTorch and CuPy arrays are mutable: parameters are updated in place.
+- JAX and TensorFlow arrays are immutable (they export read-only DLPack): results are
+  written to new 64-byte-aligned buffers and handed back as new arrays of that framework.
+  fastopt never writes into a buffer it has handed to them.
+
+No framework is imported here; an array's framework is read off its type's module.
+"""
+
+import sys
+from typing import NamedTuple
+
+import numpy as np
+
+FLOAT_DTYPES = ("float32", "float64")
+ALIGN = 64  # TF aborts on DLPack buffers with less alignment; 64 also suits AVX-512
+_ROOTS = {"torch": "torch", "jax": "jax", "jaxlib": "jax", "tensorflow": "tensorflow",
+          "keras": "tensorflow", "cupy": "cupy"}
+MUTABLE = ("numpy", "torch", "cupy")
+
+
+class View(NamedTuple):
+    """A kernel-ready array (NumPy or CuPy) for one user array, and where it came from."""
+    array: object
+    framework: str
+    device: tuple  # ("cpu", 0) or ("cuda", ordinal)
+
+
+def framework_of(x):
+    """'numpy', 'torch', 'jax', 'tensorflow' or 'cupy'; None for anything else."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    return _ROOTS.get(type(x).__module__.partition(".")[0])
+
+
+def _device(x, fw):
+    if fw == "numpy":
+        return ("cpu", 0)
+    if fw == "cupy":
+        return ("cuda", x.device.id)
+    if fw == "torch":
+        return (x.device.type, x.device.index or 0)
+    if fw == "jax":
+        dev = next(iter(x.devices()))
+        return ("cuda" if dev.platform == "gpu" else dev.platform, dev.id)
+    kind, _, index = x.device.rpartition("device:")[2].partition(":")  # tensorflow
+    return ("cuda" if kind == "GPU" else kind.lower(), int(index or 0))
+
+
+def _dtype_name(x, fw):
+    if fw == "torch":
+        return str(x.dtype).removeprefix("torch.")
+    if fw == "tensorflow":
+        return x.dtype.name
+    return np.dtype(x.dtype).name
+
+
+def describe(x):
+    """A short description of x for error messages."""
+    fw = framework_of(x)
+    if fw is None:
+        return type(x).__name__
+    return f"{fw} array of shape {tuple(x.shape)} and dtype {_dtype_name(x, fw)}"
+
+
+def _check_array(x, name):
+    fw = framework_of(x)
+    if fw is None:
+        raise TypeError(f"{name}: expected an array (NumPy, PyTorch, JAX, TensorFlow or CuPy), "
+                        f"got {type(x).__name__}")
+    dtype = _dtype_name(x, fw)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype {dtype} is not supported; fastopt optimizers take "
+                        f"float32 or float64 arrays")
+    device = _device(x, fw)
+    if device[0] not in ("cpu", "cuda"):
+        raise TypeError(f"{name}: arrays on device {device[0]} are not supported; "
+                        f"use CPU or NVIDIA GPU (CUDA) arrays")
+    return fw, device
+
+
+def _from_dlpack(x, device):
+    if device[0] == "cuda":
+        import cupy
+        return cupy.from_dlpack(x)
+    return np.from_dlpack(x)
+
+
+def _torch_check_faithful(x, name):
+    if x.is_neg() or x.is_conj():
+        raise ValueError(f"{name}: torch tensor carries a lazy negation/conjugation bit, "
+                         f"which DLPack cannot carry; call .resolve_neg() first")
+
+
+def import_param(x, name):
+    """View of a parameter for the kernels, checked; writable if the framework is mutable."""
+    fw, device = _check_array(x, name)
+    if fw == "torch":
+        if x.requires_grad:
+            raise TypeError(f"{name}: torch tensor requires grad; pass p.detach() (or p.data) "
+                            f"so fastopt can update it in place, outside autograd")
+        _torch_check_faithful(x, name)
+        if not x.is_contiguous():
+            raise ValueError(f"{name}: torch tensor is not contiguous, so it cannot be updated "
+                             f"in place; make the parameter contiguous first")
+        arr = x.numpy() if device[0] == "cpu" else _from_dlpack(x, device)
+    elif fw in ("numpy", "cupy"):
+        arr = x
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"{name}: array is not C-contiguous, so it cannot be updated in "
+                             f"place; use a contiguous copy (np.ascontiguousarray) as the parameter")
+        if not arr.flags.writeable:
+            raise ValueError(f"{name}: array is read-only, so it cannot be updated in place; "
+                             f"pass a writable array (arr.copy())")
+    else:
+        arr = _from_dlpack(_tf_tensor(x) if fw == "tensorflow" else x, device)
+    return View(arr, fw, device)
+
+
+def import_grad(x, name):
+    """View of a gradient for the kernels (read only); contiguous, copying only if it is not."""
+    fw, device = _check_array(x, name)
+    if fw == "torch":
+        x = x.detach()
+        if x.is_neg() or x.is_conj():
+            x = x.resolve_neg().resolve_conj()
+        arr = x.numpy() if device[0] == "cpu" else _from_dlpack(x, device)
+    elif fw in ("numpy", "cupy"):
+        arr = x
+    else:
+        arr = _from_dlpack(_tf_tensor(x) if fw == "tensorflow" else x, device)
+    if not arr.flags.c_contiguous:
+        arr = arr.copy(order="C")
+    return View(arr, fw, device)
+
+
+def _tf_tensor(x):
+    # a tf.Variable has no __dlpack__; its value is a tensor sharing the buffer
+    return x if hasattr(x, "__dlpack__") else x.read_value()
+
+
+def aligned_empty(shape, dtype):
+    """np.empty whose data starts on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    offset = -raw.ctypes.data % ALIGN
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def empty_like(arr):
+    """Uninitialized array like a kernel view (NumPy: 64-byte aligned; CuPy: on its device)."""
+    if isinstance(arr, np.ndarray):
+        return aligned_empty(arr.shape, arr.dtype)
+    import cupy
+    with arr.device:
+        return cupy.empty(arr.shape, arr.dtype)
+
+
+def zeros_like(arr):
+    out = empty_like(arr)
+    out.fill(0)
+    return out
+
+
+def full_like(arr, value):
+    out = empty_like(arr)
+    out.fill(value)
+    return out
+
+
+def export(arr, framework):
+    """Hand a buffer fastopt will not write again to an immutable framework, zero-copy."""
+    if framework == "jax":
+        import jax.dlpack
+        return jax.dlpack.from_dlpack(arr)
+    if framework == "tensorflow":
+        import tensorflow as tf
+        capsule = arr.__dlpack__() if isinstance(arr, np.ndarray) else arr.toDlpack()
+        return tf.experimental.dlpack.from_dlpack(capsule)
+    raise ValueError(f"export: {framework} arrays are updated in place, not exported")
+
+
+def loaded_frameworks():
+    """The optional frameworks already imported in this process."""
+    return [m for m in ("torch", "jax", "tensorflow", "cupy", "numba") if m in sys.modules]

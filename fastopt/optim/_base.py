@@ -1,0 +1,226 @@
+"""The machinery every optimizer shares: param groups, state, validation, dispatch.
+
+A rule (SGD, Adam, ...) subclasses Optimizer and supplies
+- ``_op``: the kernel's name in the backend registry,
+- ``_check_group(group, where)``: hyperparameter checks, raising errors that name them,
+- ``_bucket_key(group, state)``: what must be equal for params to share one kernel call
+  (for example Adam's step count, or whether SGD's momentum buffer exists yet),
+- ``_update(kernel, group, params, out, grads, states, n_threads)``: create missing state
+  (``ensure_state``) and make one kernel call for a bucket.
+
+``step(grads)`` checks everything first (arrays, frameworks, devices, dtypes, shapes,
+hyperparameters, backend), and only then creates state and runs the kernels, so a call that
+raises leaves every parameter and state buffer as it was.
+"""
+
+import math
+import numbers
+
+from fastopt import _backends, _interop
+from fastopt._config import check_threads, get_num_threads
+
+
+def check_real(group, key, where, *, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+    """group[key] as a float, if it is a finite real number in the given range."""
+    value = group[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: {key} must be a real number, got {value!r}")
+    value = float(value)
+    low_ok = value > lo if lo_open else value >= lo
+    high_ok = value < hi if hi_open else value <= hi
+    if not (math.isfinite(value) and low_ok and high_ok):
+        lo_s = f"{'(' if lo_open else '['}{lo:g}"
+        hi_s = f"{hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{where}: {key} must be a finite number in {lo_s}, {hi_s}, got {value!r}")
+    return value
+
+
+def check_bool(group, key, where):
+    value = group[key]
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: {key} must be True or False, got {value!r}")
+    return value
+
+
+def check_betas(group, where):
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+    for k, beta in enumerate(betas):
+        check_real({f"betas[{k}]": beta}, f"betas[{k}]", where, lo=0.0, hi=1.0, hi_open=True)
+
+
+def ensure_state(states, name, likes):
+    """Create ``state[name]`` as zeros shaped like the parameter where it is missing."""
+    for state, like in zip(states, likes):
+        if name not in state:
+            state[name] = _interop.zeros_like(like)
+
+
+class Optimizer:
+    """Base class of fastopt's optimizers (torch.optim's structure, arrays of any framework).
+
+    Args:
+        params: a list of arrays, or a list of param-group dicts ``{"params": [...], **hyper}``.
+        defaults: hyperparameters for groups that do not set them.
+        backend: ``"auto"`` (CuPy for GPU arrays, Cython on the CPU), or one of ``"numpy"``,
+            ``"cython"``, ``"numba"``, ``"cupy"``.
+        n_threads: CPU threads for the kernels; default ``fastopt.get_num_threads()``.
+    """
+
+    _op = None
+
+    def __init__(self, params, defaults, *, backend="auto", n_threads=None):
+        self.defaults = dict(defaults)
+        self.backend = _backends.check_name(backend)
+        self.n_threads = None if n_threads is None else check_threads(n_threads, "n_threads")
+        self.param_groups = []
+        self.state = {}  # flat parameter index -> {name: array or step count}
+        if _interop.framework_of(params) is not None:
+            raise TypeError("params: expected a list of arrays or of param-group dicts, got a "
+                            "single array; wrap it in a list: [param]")
+        if isinstance(params, (dict, set)) or not hasattr(params, "__iter__"):
+            raise TypeError("params: expected a list of arrays or of param-group dicts, got "
+                            f"{type(params).__name__}")
+        params = list(params)
+        if not params:
+            raise ValueError("params: the optimizer got an empty parameter list")
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        for group in groups:
+            self.add_param_group(group)
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__} (backend={self.backend!r})"]
+        for i, group in enumerate(self.param_groups):
+            hyper = ", ".join(f"{k}={v!r}" for k, v in group.items() if k != "params")
+            lines.append(f"  param_groups[{i}]: {len(group['params'])} params, {hyper}")
+        return "\n".join(lines)
+
+    def add_param_group(self, param_group):
+        """Add a group ``{"params": [...], **hyperparameters}``; missing ones take defaults."""
+        where = f"param_groups[{len(self.param_groups)}]"
+        if not isinstance(param_group, dict):
+            raise TypeError(f"{where}: expected a dict with key 'params', got "
+                            f"{type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError(f"{where}: missing key 'params'")
+        group = dict(param_group)
+        params = group["params"]
+        if _interop.framework_of(params) is not None:
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError(f"{where}: params must be an ordered list, not a set")
+        group["params"] = params = list(params)
+        for j, p in enumerate(params):
+            if _interop.framework_of(p) is None:
+                raise TypeError(f"{where}['params'][{j}]: expected an array, got "
+                                f"{type(p).__name__}")
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        self._check_group(group, where)
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        if len({id(p) for p in params}) != len(params) or seen & {id(p) for p in params}:
+            raise ValueError(f"{where}: some parameters appear more than once (in this group "
+                             f"or another); each parameter may be given once")
+        self.param_groups.append(group)
+
+    def params(self):
+        """The current parameters, flattened over groups (new arrays for JAX/TF after a step)."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def step(self, grads):
+        """Apply one update with ``grads`` (one per parameter, flattened over groups, in
+        order; ``None`` skips that parameter). Returns ``self.params()``."""
+        plan = self._prepare(grads)
+        n_threads = self.n_threads or get_num_threads()
+        for group, items, device in plan:
+            buckets = {}
+            for item in items:
+                state = self.state.setdefault(item[0], {})
+                key = (item[2].array.dtype.name, self._bucket_key(group, state))
+                buckets.setdefault(key, []).append(item)
+            for (dtype, _), bucket in buckets.items():
+                kernel = _backends.resolve(self._op, self.backend, device, dtype)
+                self._run_bucket(kernel, group, bucket, n_threads)
+        return self.params()
+
+    # -- internals --------------------------------------------------------------------
+
+    def _prepare(self, grads):
+        """Check everything a step needs; write nothing. Returns (group, items, device)."""
+        if _interop.framework_of(grads) is not None or isinstance(grads, (dict, set)):
+            raise TypeError("grads: expected a list of arrays (one per parameter, None to skip)")
+        grads = list(grads)
+        n_params = sum(len(g["params"]) for g in self.param_groups)
+        if len(grads) != n_params:
+            raise ValueError(f"grads: expected {n_params} arrays (one per parameter, flattened "
+                             f"over param groups; None to skip one), got {len(grads)}")
+        first = None  # (index, framework, device) of the first stepped parameter
+        plan = []
+        flat = 0
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group, f"param_groups[{gi}]")
+            items = []
+            for j, p in enumerate(group["params"]):
+                g = grads[flat]
+                if g is not None:
+                    pv = _interop.import_param(p, f"params[{flat}]")
+                    gv = _interop.import_grad(g, f"grads[{flat}]")
+                    first = first or (flat, pv.framework, pv.device)
+                    self._check_pair(flat, pv, gv, first)
+                    items.append((flat, j, pv, gv))
+                flat += 1
+            plan.append((group, items))
+        if first is None:
+            return []
+        device = first[2][0]
+        for group, items in plan:
+            for dtype in {item[2].array.dtype.name for item in items}:
+                _backends.resolve(self._op, self.backend, device, dtype)
+        return [(group, items, device) for group, items in plan if items]
+
+    def _check_pair(self, i, pv, gv, first):
+        f_i, f_fw, f_dev = first
+        for name, view in ((f"params[{i}]", pv), (f"grads[{i}]", gv)):
+            if view.framework != f_fw:
+                raise TypeError(f"{name} is a {view.framework} array but params[{f_i}] is a "
+                                f"{f_fw} array; pass parameters and gradients of one framework")
+            if view.device != f_dev:
+                raise ValueError(f"{name} is on {view.device[0]}:{view.device[1]} but "
+                                 f"params[{f_i}] is on {f_dev[0]}:{f_dev[1]}; put all "
+                                 f"parameters and gradients on one device")
+        p, g = pv.array, gv.array
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{i}]: shape {tuple(g.shape)} does not match params[{i}] "
+                             f"shape {tuple(p.shape)}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"grads[{i}]: dtype {g.dtype} does not match params[{i}] dtype "
+                            f"{p.dtype}")
+        for name, buf in self.state.get(i, {}).items():
+            if hasattr(buf, "shape") and (buf.shape != p.shape or buf.dtype != p.dtype
+                                          or type(buf) is not type(p)):
+                raise ValueError(f"params[{i}]: shape {tuple(p.shape)}, dtype {p.dtype} no "
+                                 f"longer matches its state '{name}' ({tuple(buf.shape)}, "
+                                 f"{buf.dtype}); was the parameter replaced?")
+
+    def _run_bucket(self, kernel, group, bucket, n_threads):
+        params, out, grads, states = [], [], [], []
+        for flat, _, pv, gv in bucket:
+            params.append(pv.array)
+            mutable = pv.framework in _interop.MUTABLE
+            out.append(pv.array if mutable else _interop.empty_like(pv.array))
+            grads.append(gv.array)
+            states.append(self.state[flat])
+        self._update(kernel, group, params, out, grads, states, n_threads)
+        for (_, j, pv, _), result in zip(bucket, out):
+            if pv.framework not in _interop.MUTABLE:
+                group["params"][j] = _interop.export(result, pv.framework)
+
+    def _check_group(self, group, where):
+        raise NotImplementedError
+
+    def _bucket_key(self, group, state):
+        return None
+
+    def _update(self, kernel, group, params, out, grads, states, n_threads):
+        raise NotImplementedError

@@ -1,0 +1,102 @@
+# The many-tensor driver shared by the CPU kernel modules (included, not imported).
+#
+# A Plan gathers, for each tensor, the data pointers of all operands of a rule (param in,
+# param out, grad, state...) and cuts the tensors into chunks of at most CHUNK elements.
+# plan_run() runs one chunk function over every chunk in a single OpenMP parallel loop,
+# so a step over any number of tensors crosses into native code once.
+
+cimport numpy as cnp
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cython.parallel cimport prange
+
+cnp.import_array()
+
+cdef extern from "chunks.h" nogil:
+    ctypedef void (*fo_chunk_fn)(char **ptr, Py_ssize_t lo, Py_ssize_t n, const void *args) noexcept
+
+# 16384 elements: 64 KiB of float32 per operand, small enough to balance two threads over
+# a few uneven tensors, large enough that the per-chunk call costs nothing.
+DEF CHUNK = 16384
+
+cdef struct Plan:
+    Py_ssize_t n_ops
+    Py_ssize_t n_chunks
+    char **ptr              # ptr[t * n_ops + op]
+    Py_ssize_t *chunk       # (tensor, lo, n) per chunk
+
+
+cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize) except -1:
+    """Fill `pl` from a tuple of equally long lists of C-contiguous ndarrays.
+
+    Every array of tensor t must hold as many elements as operands[0][t] and have the given
+    itemsize: the Python wrappers validate user input, this only guards memory safety.
+    """
+    cdef list first = operands[0]
+    cdef Py_ssize_t n_ops = len(operands), n_t = len(first), t, op, size, n_chunks = 0
+    cdef Py_ssize_t lo, k = 0
+    cdef cnp.ndarray a
+    pl.ptr = NULL
+    pl.chunk = NULL
+    pl.n_ops = n_ops
+    for op in range(n_ops):
+        if len(<list?>operands[op]) != n_t:
+            raise ValueError(f"operand {op} has {len(operands[op])} arrays, expected {n_t}")
+    pl.ptr = <char **>PyMem_Malloc(max(n_t * n_ops, 1) * sizeof(char *))
+    if pl.ptr == NULL:
+        raise MemoryError()
+    for t in range(n_t):
+        size = cnp.PyArray_SIZE(<cnp.ndarray?>first[t])
+        n_chunks += (size + CHUNK - 1) // CHUNK
+        for op in range(n_ops):
+            a = <cnp.ndarray?>(<list>operands[op])[t]
+            if (cnp.PyArray_SIZE(a) != size or cnp.PyArray_ITEMSIZE(a) != itemsize
+                    or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
+                raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous array "
+                                 f"of {size} elements of {itemsize} bytes")
+            pl.ptr[t * n_ops + op] = <char *>cnp.PyArray_DATA(a)
+    pl.n_chunks = n_chunks
+    pl.chunk = <Py_ssize_t *>PyMem_Malloc(max(3 * n_chunks, 1) * sizeof(Py_ssize_t))
+    if pl.chunk == NULL:
+        raise MemoryError()
+    for t in range(n_t):
+        size = cnp.PyArray_SIZE(<cnp.ndarray>first[t])
+        lo = 0
+        while lo < size:
+            pl.chunk[3 * k] = t
+            pl.chunk[3 * k + 1] = lo
+            pl.chunk[3 * k + 2] = min(CHUNK, size - lo)
+            lo += CHUNK
+            k += 1
+    return 0
+
+
+cdef void plan_free(Plan *pl) noexcept:
+    PyMem_Free(pl.ptr)
+    PyMem_Free(pl.chunk)
+    pl.ptr = NULL
+    pl.chunk = NULL
+
+
+cdef void plan_run(const Plan *pl, fo_chunk_fn fn, const void *args, int n_threads) noexcept nogil:
+    cdef Py_ssize_t c
+    cdef const Py_ssize_t *ch = pl.chunk
+    if pl.n_chunks == 0:
+        return
+    if n_threads <= 1 or pl.n_chunks == 1:
+        for c in range(pl.n_chunks):
+            fn(pl.ptr + ch[3 * c] * pl.n_ops, ch[3 * c + 1], ch[3 * c + 2], args)
+        return
+    for c in prange(pl.n_chunks, num_threads=n_threads, schedule='static'):
+        fn(pl.ptr + ch[3 * c] * pl.n_ops, ch[3 * c + 1], ch[3 * c + 2], args)
+
+
+cdef int run(fo_chunk_fn fn, tuple operands, Py_ssize_t itemsize, const void *args,
+             int n_threads) except -1:
+    cdef Plan pl
+    try:
+        plan_init(&pl, operands, itemsize)
+        with nogil:
+            plan_run(&pl, fn, args, n_threads)
+    finally:
+        plan_free(&pl)
+    return 0

@@ -1,0 +1,49 @@
+"""Build of fastopt's compiled parts.
+
+- Cython extensions fastopt._cpu._optim, _stream and _runtime from kernels/cpu, with
+  OpenMP, for any x86-64 CPU (no -march: the loops are memory-bound, and a baseline build
+  reaches the streaming limit; see README).
+- kernels/ (CUDA sources and shared headers) as the package data fastopt.kernels, so the
+  CuPy backend finds them with importlib.resources, from a wheel as from a checkout.
+"""
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+# -fno-math-errno lets sqrt vectorize; -ffp-contract=off keeps a*b+c as two roundings on
+# every CPU and in every backend, so results do not depend on which machine built them.
+COMPILE_ARGS = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+LINK_ARGS = ["-fopenmp"]
+
+
+def cpu_extension(name):
+    return Extension(
+        f"fastopt._cpu.{name}",
+        [f"kernels/cpu/{name}.pyx"],
+        include_dirs=["kernels/include", "kernels/cpu", np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+        extra_compile_args=COMPILE_ARGS,
+        extra_link_args=LINK_ARGS,
+    )
+
+
+setup(
+    packages=[
+        "fastopt",
+        "fastopt._backends",
+        "fastopt._cpu",
+        "fastopt.optim",
+        "fastopt.bench",
+        "fastopt.kernels",
+    ],
+    package_dir={"fastopt.kernels": "kernels"},
+    package_data={"fastopt.kernels": ["include/fastopt/*.h", "cuda/*.cu"]},
+    exclude_package_data={"fastopt.kernels": ["cpu/*"]},
+    ext_modules=cythonize(
+        [cpu_extension(name) for name in ("_optim", "_stream", "_runtime")],
+        compiler_directives={"language_level": "3"},
+        include_path=["kernels/cpu"],
+    ),
+    zip_safe=False,
+)
