@@ -7,6 +7,7 @@ kernels/cuda/optim.cu), one thread block per chunk. Kernels are compiled once pe
 
 import functools
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
@@ -17,8 +18,12 @@ THREADS = 256
 
 
 def kernel_dir():
-    """The installed kernels/ folder (CUDA sources and shared headers)."""
-    return resources.files("fastopt.kernels")
+    """The kernels/ folder (CUDA sources and shared headers): package data of an installed
+    fastopt, or the folder beside the package when it is imported from a source checkout."""
+    try:
+        return resources.files("fastopt.kernels")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "kernels"
 
 
 def compile_options():
