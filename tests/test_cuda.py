@@ -1,0 +1,115 @@
+"""CUDA kernels: compiled on every run (no GPU needed), executed where there is a GPU.
+
+The compile tests use the same NVRTC options as the CuPy backend at run time, and nvcc as a
+second compiler, so a syntax or template error in kernels/cuda fails CI, which has no GPU.
+CI installs both compilers; these tests fail there rather than skip if one is missing.
+"""
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt._backends import _cupy
+
+CU_FILES = sorted(p.name for p in (_cupy.kernel_dir() / "cuda").iterdir() if p.name.endswith(".cu"))
+
+
+def _need(tool_ok, what):
+    if not tool_ok:
+        if os.environ.get("CI"):
+            pytest.fail(f"{what} is missing in CI")
+        pytest.skip(f"{what} is not installed")
+
+
+def test_there_are_cuda_sources():
+    assert "optim.cu" in CU_FILES
+
+
+@pytest.mark.parametrize("name", CU_FILES)
+def test_compiles_with_nvrtc(name):
+    try:
+        from cupy.cuda import nvrtc
+        nvrtc.getVersion()
+    except Exception:
+        nvrtc = None
+    _need(nvrtc is not None, "CuPy's NVRTC (pip install 'fastopt[cuda]')")
+    prog = nvrtc.createProgram(_cupy.source(name), name, [], [])
+    try:
+        nvrtc.compileProgram(prog, list(_cupy.compile_options()) + ["-arch=compute_90"])
+    except nvrtc.NVRTCError:
+        pytest.fail(f"NVRTC failed on {name}:\n{nvrtc.getProgramLog(prog)}")
+    ptx = nvrtc.getPTX(prog).decode()
+    assert ".entry fo_cuda_" in ptx
+    nvrtc.destroyProgram(prog)
+
+
+@pytest.mark.parametrize("name", CU_FILES)
+def test_compiles_with_nvcc(name, tmp_path):
+    nvcc = shutil.which("nvcc") or next(
+        (p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+    _need(nvcc is not None, "nvcc")
+    include = _cupy.kernel_dir() / "include"
+    out = tmp_path / (name + ".ptx")
+    proc = subprocess.run([nvcc, "--ptx", "-arch=sm_90", "--fmad=false", f"-I{include}",
+                           "-x", "cu", str(_cupy.kernel_dir() / "cuda" / name), "-o", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    entries = out.read_text().count(".entry fo_cuda_")
+    assert entries >= 4
+
+
+# -- on a GPU -------------------------------------------------------------------------
+
+from test_optim_parity import CONFIGS, SIZES, _ids, reference  # noqa: E402
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cupy_matches_reference(config, dtype):
+    import cupy
+    name, kw = config
+    ref_params, ref_state = reference(name, kw, dtype)
+    rng = np.random.default_rng(0)  # the same stream as test_optim_parity.run_trajectory
+    params = [cupy.asarray(rng.standard_normal(n).astype(dtype)) for n in SIZES]
+    opt = getattr(fastopt, name)(params, **kw)  # auto -> cupy for GPU arrays
+    for step in range(100):
+        grads = [cupy.asarray(rng.standard_normal(n).astype(dtype)) for n in SIZES]
+        if step == 50:
+            opt.param_groups[0]["lr"] *= 0.5
+        opt.step(grads)
+    for i, (got, want) in enumerate(zip(params, ref_params)):
+        np.testing.assert_array_equal(cupy.asnumpy(got), want, err_msg=f"params[{i}]")
+        for key, value in ref_state[i].items():
+            np.testing.assert_array_equal(cupy.asnumpy(opt.state[i][key]) if key != "step"
+                                          else opt.state[i][key], value)
+
+
+@pytest.mark.gpu
+def test_torch_cuda_tensors_in_place():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("this torch build has no CUDA")
+    p = torch.ones(1000, device="cuda")
+    ptr = p.data_ptr()
+    fastopt.SGD([p], lr=0.5).step([torch.ones(1000, device="cuda")])
+    assert p.data_ptr() == ptr
+    assert torch.all(p == 0.5)
+
+
+@pytest.mark.gpu
+def test_cupy_many_tensors_one_launch_large():
+    import cupy
+    sizes = [70000 * k + 3 for k in range(1, 6)]  # several chunks per tensor
+    rng = np.random.default_rng(1)
+    host = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    grads = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    dev = [cupy.asarray(h) for h in host]
+    fastopt.Adam(dev, lr=0.1).step([cupy.asarray(g) for g in grads])
+    fastopt.Adam(host, lr=0.1, backend="numpy").step(grads)
+    for d, h in zip(dev, host):
+        np.testing.assert_array_equal(cupy.asnumpy(d), h)
