@@ -60,6 +60,10 @@ def _dtype_name(x, fw):
     return np.dtype(x.dtype).name
 
 
+_NP_FLOATS = frozenset((np.dtype(np.float32), np.dtype(np.float64)))
+_CPU = ("cpu", 0)
+
+
 def describe(x):
     """A short description of x for error messages."""
     fw = framework_of(x)
@@ -91,20 +95,22 @@ def _from_dlpack(x, device):
     return np.from_dlpack(x)
 
 
-def _torch_check_faithful(x, name):
-    if x.is_neg() or x.is_conj():
-        raise ValueError(f"{name}: torch tensor carries a lazy negation/conjugation bit, "
-                         f"which DLPack cannot carry; call .resolve_neg() first")
-
-
-def import_param(x, name):
-    """View of a parameter for the kernels, checked; writable if the framework is mutable."""
+def import_param(x, role, index):
+    """View of ``role[index]`` (a parameter) for the kernels, checked; writable if its
+    framework is mutable. Error messages name the argument as ``role[index]``."""
+    if type(x) is np.ndarray:  # the common case, kept cheap: no message is built
+        flags = x.flags
+        if x.dtype in _NP_FLOATS and flags.c_contiguous and flags.writeable:
+            return View(x, "numpy", _CPU)
+    name = f"{role}[{index}]"
     fw, device = _check_array(x, name)
     if fw == "torch":
         if x.requires_grad:
             raise TypeError(f"{name}: torch tensor requires grad; pass p.detach() (or p.data) "
                             f"so fastopt can update it in place, outside autograd")
-        _torch_check_faithful(x, name)
+        if x.is_neg() or x.is_conj():
+            raise ValueError(f"{name}: torch tensor carries a lazy negation/conjugation bit, "
+                             f"which DLPack cannot carry; call .resolve_neg() first")
         if not x.is_contiguous():
             raise ValueError(f"{name}: torch tensor is not contiguous, so it cannot be updated "
                              f"in place; make the parameter contiguous first")
@@ -122,9 +128,12 @@ def import_param(x, name):
     return View(arr, fw, device)
 
 
-def import_grad(x, name):
-    """View of a gradient for the kernels (read only); contiguous, copying only if it is not."""
-    fw, device = _check_array(x, name)
+def import_grad(x, role, index):
+    """View of ``role[index]`` (a gradient) for the kernels, read only; contiguous, copying
+    only if it is not."""
+    if type(x) is np.ndarray and x.dtype in _NP_FLOATS and x.flags.c_contiguous:
+        return View(x, "numpy", _CPU)
+    fw, device = _check_array(x, f"{role}[{index}]")
     if fw == "torch":
         x = x.detach()
         if x.is_neg() or x.is_conj():

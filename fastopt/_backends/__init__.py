@@ -11,6 +11,8 @@ import functools
 import importlib
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -74,6 +76,7 @@ def available(name):
 
 @functools.lru_cache(maxsize=None)
 def _resolve(op, backend, device, dtype):
+    dtype = dtype.name
     if backend == "auto":
         for name in AUTO_ORDER.get(device, ()):
             if op in _ops_of(name) and dtype in BACKENDS[name].dtypes and available(name):
@@ -103,4 +106,4 @@ def _ops_of(name):
 
 def resolve(op, backend, device, dtype):
     """The function implementing `op` for arrays on `device` ('cpu'/'cuda') of `dtype`."""
-    return _resolve(op, backend, device, str(dtype))
+    return _resolve(op, backend, device, np.dtype(dtype))

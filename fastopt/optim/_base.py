@@ -1,7 +1,7 @@
 """The machinery every optimizer shares: param groups, state, validation, dispatch.
 
 A rule (SGD, Adam, ...) subclasses Optimizer and supplies
-- ``_op``: the kernel's name in the backend registry,
+- ``_op``: the kernel's name in the backend registry; ``_state_keys``: its state arrays,
 - ``_check_group(group, where)``: hyperparameter checks, raising errors that name them,
 - ``_bucket_key(group, state)``: what must be equal for params to share one kernel call
   (for example Adam's step count, or whether SGD's momentum buffer exists yet),
@@ -69,6 +69,7 @@ class Optimizer:
     """
 
     _op = None
+    _state_keys = ()  # names of the per-parameter state arrays
 
     def __init__(self, params, defaults, *, backend="auto", n_threads=None):
         self.defaults = dict(defaults)
@@ -136,9 +137,15 @@ class Optimizer:
         for group, items, device in plan:
             buckets = {}
             for item in items:
-                state = self.state.setdefault(item[0], {})
-                key = (item[2].array.dtype.name, self._bucket_key(group, state))
-                buckets.setdefault(key, []).append(item)
+                state = self.state.get(item[0])
+                if state is None:
+                    state = self.state[item[0]] = {}
+                key = (item[2].array.dtype, self._bucket_key(group, state))
+                bucket = buckets.get(key)
+                if bucket is None:
+                    buckets[key] = [item]
+                else:
+                    bucket.append(item)
             for (dtype, _), bucket in buckets.items():
                 kernel = _backends.resolve(self._op, self.backend, device, dtype)
                 self._run_bucket(kernel, group, bucket, n_threads)
@@ -157,6 +164,7 @@ class Optimizer:
                              f"over param groups; None to skip one), got {len(grads)}")
         first = None  # (index, framework, device) of the first stepped parameter
         plan = []
+        dtypes = set()
         flat = 0
         for gi, group in enumerate(self.param_groups):
             self._check_group(group, f"param_groups[{gi}]")
@@ -164,22 +172,32 @@ class Optimizer:
             for j, p in enumerate(group["params"]):
                 g = grads[flat]
                 if g is not None:
-                    pv = _interop.import_param(p, f"params[{flat}]")
-                    gv = _interop.import_grad(g, f"grads[{flat}]")
-                    first = first or (flat, pv.framework, pv.device)
-                    self._check_pair(flat, pv, gv, first)
+                    pv = _interop.import_param(p, "params", flat)
+                    gv = _interop.import_grad(g, "grads", flat)
+                    if first is None:
+                        first = (flat, pv.framework, pv.device)
+                    pa, ga = pv.array, gv.array
+                    if (pv.framework != first[1] or gv.framework != first[1]
+                            or pv.device != first[2] or gv.device != first[2]
+                            or pa.shape != ga.shape or pa.dtype != ga.dtype):
+                        self._pair_error(flat, pv, gv, first)
+                    state = self.state.get(flat)
+                    if state:
+                        self._check_state(flat, pa, state)
+                    dtypes.add(pa.dtype)
                     items.append((flat, j, pv, gv))
                 flat += 1
-            plan.append((group, items))
+            if items:
+                plan.append((group, items))
         if first is None:
             return []
         device = first[2][0]
-        for group, items in plan:
-            for dtype in {item[2].array.dtype.name for item in items}:
-                _backends.resolve(self._op, self.backend, device, dtype)
-        return [(group, items, device) for group, items in plan if items]
+        for dtype in dtypes:
+            _backends.resolve(self._op, self.backend, device, dtype)
+        return [(group, items, device) for group, items in plan]
 
-    def _check_pair(self, i, pv, gv, first):
+    @staticmethod
+    def _pair_error(i, pv, gv, first):
         f_i, f_fw, f_dev = first
         for name, view in ((f"params[{i}]", pv), (f"grads[{i}]", gv)):
             if view.framework != f_fw:
@@ -193,15 +211,20 @@ class Optimizer:
         if g.shape != p.shape:
             raise ValueError(f"grads[{i}]: shape {tuple(g.shape)} does not match params[{i}] "
                              f"shape {tuple(p.shape)}")
-        if g.dtype != p.dtype:
-            raise TypeError(f"grads[{i}]: dtype {g.dtype} does not match params[{i}] dtype "
-                            f"{p.dtype}")
-        for name, buf in self.state.get(i, {}).items():
-            if hasattr(buf, "shape") and (buf.shape != p.shape or buf.dtype != p.dtype
-                                          or type(buf) is not type(p)):
-                raise ValueError(f"params[{i}]: shape {tuple(p.shape)}, dtype {p.dtype} no "
-                                 f"longer matches its state '{name}' ({tuple(buf.shape)}, "
-                                 f"{buf.dtype}); was the parameter replaced?")
+        raise TypeError(f"grads[{i}]: dtype {g.dtype} does not match params[{i}] dtype {p.dtype}")
+
+    def _check_state(self, i, p, state):
+        # state buffers are created together, shaped like the parameter: checking the first
+        # one present catches a parameter replaced by one of another shape, dtype or device
+        for name in self._state_keys:
+            buf = state.get(name)
+            if buf is not None:
+                if buf.shape != p.shape or buf.dtype != p.dtype or type(buf) is not type(p):
+                    raise ValueError(f"params[{i}]: shape {tuple(p.shape)}, dtype {p.dtype} no "
+                                     f"longer matches its state {name!r} ({tuple(buf.shape)}, "
+                                     f"{buf.dtype}, {type(buf).__module__}); was the parameter "
+                                     f"replaced?")
+                return
 
     def _run_bucket(self, kernel, group, bucket, n_threads):
         params, out, grads, states = [], [], [], []

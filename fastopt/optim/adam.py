@@ -45,6 +45,7 @@ class Adam(Optimizer):
     """
 
     _op = "adam_step"
+    _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,

@@ -39,6 +39,7 @@ class SGD(Optimizer):
     """
 
     _op = "sgd_step"
+    _state_keys = ("momentum_buffer",)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, maximize=False, *, backend="auto", n_threads=None):

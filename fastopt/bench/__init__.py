@@ -1,0 +1,196 @@
+"""The comparison harness: ``python -m fastopt.bench``.
+
+One run, one table: for each rule and problem size, the median time of one optimizer step,
+its bandwidth (the rule's nominal traffic: each element's reads and writes, divided by the
+time) and its percent of this machine's streaming limit for that same access pattern,
+measured by a C kernel shipped with fastopt (kernels/cpu/stream.h). Side by side: every
+available fastopt backend, fastopt driven with torch tensors, torch.optim's for-loop,
+foreach and fused implementations, and the NumPy reference.
+
+Optimizer steps are memory-bound, so "% of limit" is the figure of merit: 100% means the
+step moves its data as fast as the machine can stream it.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import fastopt
+from fastopt import _backends
+
+# rule -> (optimizer class name in fastopt and torch.optim, hyperparameters, state buffers)
+RULES = {
+    "adam": ("Adam", dict(lr=1e-3), 2),
+    "adamw": ("AdamW", dict(lr=1e-3, weight_decay=1e-2), 2),
+    "sgd": ("SGD", dict(lr=1e-3, momentum=0.9), 1),
+}
+DEFAULT_CASES = ("1M", "10M", "50M", "200x50K")
+
+
+def parse_case(text):
+    """'10M' -> [10_000_000]; '200x50K' -> 200 tensors totalling 10M, of uneven sizes."""
+    def number(s):
+        scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(s[-1:].upper(), 1)
+        return int(float(s[:-1] if scale > 1 else s) * scale)
+    if "x" in text:
+        count, each = text.split("x")
+        count, each = int(count), number(each)
+        # sizes from 0.5x to 1.5x the mean (like the layers of a network), same total
+        sizes = np.linspace(0.5, 1.5, count) * each
+        sizes = np.floor(sizes).astype(np.int64)
+        sizes[-1] += count * each - sizes.sum()
+        return [int(s) for s in sizes]
+    return [number(text)]
+
+
+def time_it(fn, min_reps=5, max_reps=50, budget=0.4):
+    """Median seconds of fn() after one warm-up call."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _arrays(sizes, dtype, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n, dtype=np.float32).astype(dtype) for n in sizes]
+
+
+def stream_limit(sizes, n_state, n_threads, dtype=np.float32):
+    """Seconds per pass of the streaming kernel with an optimizer's access pattern:
+    the gradient read, param and n_state buffers read and written in place."""
+    from fastopt._cpu import _stream
+    src = _arrays(sizes, dtype, 0)
+    rw = [_arrays(sizes, dtype, k + 1) for k in range(n_state + 1)]
+    return time_it(lambda: _stream.stream_rw(src, rw, np.dtype(dtype) == np.float64, n_threads))
+
+
+def _fastopt_case(cls, hyper, sizes, backend, n_threads, wrap=None):
+    params, grads = _arrays(sizes, np.float32, 1), _arrays(sizes, np.float32, 2)
+    if wrap is not None:
+        params, grads = [wrap(p) for p in params], [wrap(g) for g in grads]
+    opt = getattr(fastopt, cls)(params, backend=backend, n_threads=n_threads, **hyper)
+    return lambda: opt.step(grads)
+
+
+def _torch_case(torch, cls, hyper, sizes, mode):
+    params = [torch.from_numpy(p) for p in _arrays(sizes, np.float32, 1)]
+    for p, g in zip(params, _arrays(sizes, np.float32, 2)):
+        p.grad = torch.from_numpy(g)
+    flags = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True),
+             "fused": dict(fused=True)}[mode]
+    opt = getattr(torch.optim, cls)(params, **hyper, **flags)
+    return opt.step
+
+
+def implementations(cls, hyper, sizes, n_threads, include_numpy):
+    """(name, factory) pairs; a factory builds the arrays and returns the step to time."""
+    impls = []
+    for backend in ("cython", "numba"):
+        if _backends.available(backend):
+            impls.append((f"fastopt {backend}",
+                          lambda b=backend: _fastopt_case(cls, hyper, sizes, b, n_threads)))
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        torch.set_num_threads(n_threads)
+        impls.append(("fastopt cython, torch tensors",
+                      lambda: _fastopt_case(cls, hyper, sizes, "cython", n_threads,
+                                            wrap=torch.from_numpy)))
+        for mode in ("for-loop", "foreach", "fused"):
+            impls.append((f"torch {mode}",
+                          lambda m=mode: _torch_case(torch, cls, hyper, sizes, m)))
+    if include_numpy:
+        impls.append(("numpy reference",
+                      lambda: _fastopt_case(cls, hyper, sizes, "numpy", n_threads)))
+    return impls
+
+
+def run(rules=tuple(RULES), cases=DEFAULT_CASES, n_threads=None, numpy_max=10**7,
+        out=sys.stdout):
+    """Measure everything; print the table to `out` as it goes; return the result dict."""
+    n_threads = n_threads or fastopt.get_num_threads()
+    rows = []
+    header = f"{'rule':<6} {'case':<9} {'implementation':<30} {'median ms':>10} {'GB/s':>7} {'% limit':>8}"
+    print(f"fastopt {fastopt.__version__}: one optimizer step, float32, {n_threads} threads; "
+          f"GB/s counts each element's nominal reads and writes", file=out)
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for case in cases:
+        sizes = parse_case(case)
+        n = sum(sizes)
+        for rule in rules:
+            cls, hyper, n_state = RULES[rule]
+            nbytes = n * 4 * (2 * (n_state + 1) + 1)  # g read; p and state read and written
+            limit = stream_limit(sizes, n_state, n_threads)
+            entries = [("stream limit (C kernel)", limit)]
+            for name, factory in implementations(cls, hyper, sizes, n_threads, n <= numpy_max):
+                try:
+                    entries.append((name, time_it(factory())))
+                except (RuntimeError, TypeError, ValueError) as exc:  # e.g. fused unsupported
+                    print(f"{rule:<6} {case:<9} {name:<30} skipped: {exc}", file=out)
+            for name, seconds in entries:
+                row = dict(rule=rule, case=case, tensors=len(sizes), elements=n,
+                           implementation=name, median_ms=seconds * 1e3,
+                           gbps=nbytes / seconds / 1e9, pct_limit=100 * limit / seconds)
+                rows.append(row)
+                print(f"{rule:<6} {case:<9} {name:<30} {row['median_ms']:>10.2f} "
+                      f"{row['gbps']:>7.1f} {row['pct_limit']:>7.0f}%", file=out, flush=True)
+    return {
+        "fastopt": fastopt.__version__,
+        "machine": {"platform": platform.platform(), "processor": _cpu_name(),
+                    "threads": n_threads, "cpu_count": os.cpu_count()},
+        "dtype": "float32",
+        "rows": rows,
+    }
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m fastopt.bench",
+        description="Time fastopt's optimizer steps against torch.optim and NumPy, as a "
+                    "percentage of this machine's streaming bandwidth.")
+    parser.add_argument("--rules", default=",".join(RULES),
+                        help=f"comma-separated rules (default: {','.join(RULES)})")
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                        help="comma-separated sizes: 10M is one tensor, 200x50K is 200 tensors "
+                             f"averaging 50K (default: {','.join(DEFAULT_CASES)})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: fastopt.get_num_threads())")
+    parser.add_argument("--numpy-max", type=float, default=1e7,
+                        help="largest case (elements) the slow NumPy reference runs on")
+    parser.add_argument("--json", default="bench-results.json",
+                        help="where to write the results as JSON ('' for nowhere)")
+    args = parser.parse_args(argv)
+    rules = [r.strip().lower() for r in args.rules.split(",") if r.strip()]
+    unknown = [r for r in rules if r not in RULES]
+    if unknown:
+        parser.error(f"unknown rule(s) {unknown}; choose from {list(RULES)}")
+    result = run(rules, [c.strip() for c in args.cases.split(",") if c.strip()],
+                 args.threads, int(args.numpy_max))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"results written to {args.json}")
+    return 0

@@ -1,0 +1,5 @@
+import sys
+
+from fastopt.bench import main
+
+sys.exit(main())
