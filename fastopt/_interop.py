@@ -62,6 +62,18 @@ def _dtype_name(x, fw):
 
 _NP_FLOATS = frozenset((np.dtype(np.float32), np.dtype(np.float64)))
 _CPU = ("cpu", 0)
+_torch_floats = None  # frozenset of torch.float32, torch.float64, once torch is in use
+
+
+def _plain_cpu_torch(x):
+    """True for a contiguous float32/float64 CPU tensor without lazy bits: the common case,
+    checked with torch's cheapest attributes (about 0.6 us instead of 3)."""
+    global _torch_floats
+    if _torch_floats is None:
+        torch = sys.modules["torch"]
+        _torch_floats = frozenset((torch.float32, torch.float64))
+    return (x.is_cpu and x.dtype in _torch_floats and x.is_contiguous()
+            and not x.is_neg() and not x.is_conj())
 
 
 def describe(x):
@@ -98,10 +110,13 @@ def _from_dlpack(x, device):
 def import_param(x, role, index):
     """View of ``role[index]`` (a parameter) for the kernels, checked; writable if its
     framework is mutable. Error messages name the argument as ``role[index]``."""
-    if type(x) is np.ndarray:  # the common case, kept cheap: no message is built
+    # the common cases first, kept cheap: no message is built
+    if type(x) is np.ndarray:
         flags = x.flags
         if x.dtype in _NP_FLOATS and flags.c_contiguous and flags.writeable:
             return View(x, "numpy", _CPU)
+    elif type(x).__module__ == "torch" and not x.requires_grad and _plain_cpu_torch(x):
+        return View(x.numpy(), "torch", _CPU)
     name = f"{role}[{index}]"
     fw, device = _check_array(x, name)
     if fw == "torch":
@@ -131,8 +146,11 @@ def import_param(x, role, index):
 def import_grad(x, role, index):
     """View of ``role[index]`` (a gradient) for the kernels, read only; contiguous, copying
     only if it is not."""
-    if type(x) is np.ndarray and x.dtype in _NP_FLOATS and x.flags.c_contiguous:
-        return View(x, "numpy", _CPU)
+    if type(x) is np.ndarray:
+        if x.dtype in _NP_FLOATS and x.flags.c_contiguous:
+            return View(x, "numpy", _CPU)
+    elif type(x).__module__ == "torch" and not x.requires_grad and _plain_cpu_torch(x):
+        return View(x.numpy(), "torch", _CPU)
     fw, device = _check_array(x, f"{role}[{index}]")
     if fw == "torch":
         x = x.detach()

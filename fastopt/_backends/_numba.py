@@ -3,6 +3,10 @@
 The kernels get a table of data addresses (tensor x operand) and a chunk list, so a step
 over any number of tensors is one call and one parallel loop, as in the Cython backend.
 Scalars arrive as an array of the parameter's dtype, so float32 math stays float32.
+Each operand set has its own kernel (Adam with and without amsgrad, SGD with and without
+momentum): LLVM vectorizes a loop only after checking at run time that its arrays do not
+overlap, and a placeholder view standing in for a missing operand would overlap a real one
+and send every chunk down the scalar path.
 Element math is written here on its own; the parity tests hold it to the NumPy reference.
 """
 
@@ -49,39 +53,65 @@ def _view(ptrs, t, op, lo, n, like):
 
 
 @njit(inline="always", **_JIT)
-def _sgd_element(p, g, buf, i, sc, first, nesterov, has_buf):
-    gsign, weight_decay, momentum, one_minus_dampening, neg_lr = sc[0], sc[1], sc[2], sc[3], sc[4]
-    d = gsign * g[i]
+def _sgd_direction(p, g, sc):
+    gsign, weight_decay = sc[0], sc[1]
+    d = gsign * g
     if weight_decay != 0:
         d = d + weight_decay * p
-    if has_buf:
-        b = d if first else buf[i] * momentum + one_minus_dampening * d
-        buf[i] = b
-        d = d + momentum * b if nesterov else b
-    return p + neg_lr * d
+    return d
+
+
+@njit(inline="always", **_JIT)
+def _sgd_element(p, g, sc):
+    return p + sc[4] * _sgd_direction(p, g, sc)
+
+
+@njit(inline="always", **_JIT)
+def _sgd_momentum_element(p, g, buf, i, sc, first, nesterov):
+    momentum, one_minus_dampening, neg_lr = sc[2], sc[3], sc[4]
+    d = _sgd_direction(p, g, sc)
+    b = d if first else buf[i] * momentum + one_minus_dampening * d
+    buf[i] = b
+    return p + neg_lr * (d + momentum * b if nesterov else b)
 
 
 @njit(parallel=True, **_JIT)
-def _sgd(ptrs, chunks, sc, first, nesterov, has_buf):
+def _sgd(ptrs, chunks, sc):
     for c in prange(chunks.shape[0]):
         t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         p = _view(ptrs, t, 0, lo, n, sc)
         g = _view(ptrs, t, 2, lo, n, sc)
-        buf = _view(ptrs, t, 3 if has_buf else 2, lo, n, sc)
         if ptrs[t, 0] == ptrs[t, 1]:
             for i in range(n):
-                p[i] = _sgd_element(p[i], g, buf, i, sc, first, nesterov, has_buf)
+                p[i] = _sgd_element(p[i], g[i], sc)
         else:
             out = _view(ptrs, t, 1, lo, n, sc)
             for i in range(n):
-                out[i] = _sgd_element(p[i], g, buf, i, sc, first, nesterov, has_buf)
+                out[i] = _sgd_element(p[i], g[i], sc)
+
+
+@njit(parallel=True, **_JIT)
+def _sgd_momentum(ptrs, chunks, sc, first, nesterov):
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p = _view(ptrs, t, 0, lo, n, sc)
+        g = _view(ptrs, t, 2, lo, n, sc)
+        buf = _view(ptrs, t, 3, lo, n, sc)
+        if ptrs[t, 0] == ptrs[t, 1]:
+            for i in range(n):
+                p[i] = _sgd_momentum_element(p[i], g[i], buf, i, sc, first, nesterov)
+        else:
+            out = _view(ptrs, t, 1, lo, n, sc)
+            for i in range(n):
+                out[i] = _sgd_momentum_element(p[i], g[i], buf, i, sc, first, nesterov)
 
 
 @njit(inline="always", **_JIT)
-def _adam_element(p, g, m, v, vmax, i, sc, lerp_hi, amsgrad):
+def _adam_moments(p, g, m, v, i, sc, lerp_hi):
+    """Decayed p, and m[i], v[i] updated; returns (p, m_i, v_i)."""
     gsign, weight_decay, decay, w1, beta2 = sc[0], sc[1], sc[2], sc[3], sc[4]
-    one_minus_beta2, bc2_sqrt, eps, neg_step_size, one_minus_w1 = sc[5], sc[6], sc[7], sc[8], sc[9]
-    d = gsign * g[i]
+    one_minus_beta2, one_minus_w1 = sc[5], sc[9]
+    d = gsign * g
     p = p * decay
     if weight_decay != 0:
         d = d + weight_decay * p
@@ -90,30 +120,64 @@ def _adam_element(p, g, m, v, vmax, i, sc, lerp_hi, amsgrad):
     vi = v[i] * beta2 + one_minus_beta2 * d * d
     m[i] = mi
     v[i] = vi
-    if amsgrad:
-        old = vmax[i]
-        vi = old if (old > vi or old != old) else vi
-        vmax[i] = vi
-    denom = np.sqrt(vi) / bc2_sqrt + eps
+    return p, mi, vi
+
+
+@njit(inline="always", **_JIT)
+def _adam_apply(p, mi, vhat, sc):
+    bc2_sqrt, eps, neg_step_size = sc[6], sc[7], sc[8]
+    denom = np.sqrt(vhat) / bc2_sqrt + eps
     return p + neg_step_size * mi / denom
 
 
+@njit(inline="always", **_JIT)
+def _adam_element(p, g, m, v, i, sc, lerp_hi):
+    p, mi, vi = _adam_moments(p, g, m, v, i, sc, lerp_hi)
+    return _adam_apply(p, mi, vi, sc)
+
+
+@njit(inline="always", **_JIT)
+def _adam_amsgrad_element(p, g, m, v, vmax, i, sc, lerp_hi):
+    p, mi, vi = _adam_moments(p, g, m, v, i, sc, lerp_hi)
+    old = vmax[i]
+    vhat = old if (old > vi or old != old) else vi  # torch.maximum: NaN propagates
+    vmax[i] = vhat
+    return _adam_apply(p, mi, vhat, sc)
+
+
 @njit(parallel=True, **_JIT)
-def _adam(ptrs, chunks, sc, lerp_hi, amsgrad):
+def _adam(ptrs, chunks, sc, lerp_hi):
     for c in prange(chunks.shape[0]):
         t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         p = _view(ptrs, t, 0, lo, n, sc)
         g = _view(ptrs, t, 2, lo, n, sc)
         m = _view(ptrs, t, 3, lo, n, sc)
         v = _view(ptrs, t, 4, lo, n, sc)
-        vmax = _view(ptrs, t, 5 if amsgrad else 4, lo, n, sc)
         if ptrs[t, 0] == ptrs[t, 1]:
             for i in range(n):
-                p[i] = _adam_element(p[i], g, m, v, vmax, i, sc, lerp_hi, amsgrad)
+                p[i] = _adam_element(p[i], g[i], m, v, i, sc, lerp_hi)
         else:
             out = _view(ptrs, t, 1, lo, n, sc)
             for i in range(n):
-                out[i] = _adam_element(p[i], g, m, v, vmax, i, sc, lerp_hi, amsgrad)
+                out[i] = _adam_element(p[i], g[i], m, v, i, sc, lerp_hi)
+
+
+@njit(parallel=True, **_JIT)
+def _adam_amsgrad(ptrs, chunks, sc, lerp_hi):
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p = _view(ptrs, t, 0, lo, n, sc)
+        g = _view(ptrs, t, 2, lo, n, sc)
+        m = _view(ptrs, t, 3, lo, n, sc)
+        v = _view(ptrs, t, 4, lo, n, sc)
+        vmax = _view(ptrs, t, 5, lo, n, sc)
+        if ptrs[t, 0] == ptrs[t, 1]:
+            for i in range(n):
+                p[i] = _adam_amsgrad_element(p[i], g[i], m, v, vmax, i, sc, lerp_hi)
+        else:
+            out = _view(ptrs, t, 1, lo, n, sc)
+            for i in range(n):
+                out[i] = _adam_amsgrad_element(p[i], g[i], m, v, vmax, i, sc, lerp_hi)
 
 
 def _setup(operands, n_threads):
@@ -130,7 +194,10 @@ def sgd_step(params, out, grads, momentum_buffers, *, n_threads, **hyper):
     s = sgd_scalars(dtype, **hyper)
     sc = np.array([s["gsign"], s["weight_decay"], s["momentum"], s["one_minus_dampening"],
                    s["neg_lr"]], dtype)
-    _sgd(ptrs, chunks, sc, s["first"], s["nesterov"], has_buf)
+    if has_buf:
+        _sgd_momentum(ptrs, chunks, sc, s["first"], s["nesterov"])
+    else:
+        _sgd(ptrs, chunks, sc)
 
 
 def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, n_threads, **hyper):
@@ -142,4 +209,4 @@ def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, n_t
                    s["one_minus_beta2"], s["bias_correction2_sqrt"], s["eps"],
                    s["neg_step_size"], 0.0], dtype)
     sc[9] = sc.dtype.type(1) - sc[3]  # torch's (T)1 - w, in the dtype
-    _adam(ptrs, chunks, sc, s["lerp_hi"], amsgrad)
+    (_adam_amsgrad if amsgrad else _adam)(ptrs, chunks, sc, s["lerp_hi"])

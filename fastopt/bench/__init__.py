@@ -9,6 +9,10 @@ foreach and fused implementations, and the NumPy reference.
 
 Optimizer steps are memory-bound, so "% of limit" is the figure of merit: 100% means the
 step moves its data as fast as the machine can stream it.
+
+The implementations of one case are timed in interleaved rounds (each round calls each once),
+not one after the other: on a shared machine the available bandwidth drifts over seconds, and
+back-to-back blocks of timings then differ by more than the implementations do.
 """
 
 import argparse
@@ -49,30 +53,43 @@ def parse_case(text):
     return [number(text)]
 
 
-def time_it(fn, min_reps=5, max_reps=50, budget=0.4):
-    """Median seconds of fn() after one warm-up call."""
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (len(times) < max_reps and time.perf_counter() - start < budget):
-        t0 = time.perf_counter()
+def time_interleaved(fns, min_rounds=5, max_rounds=40, budget=2.5, pause=0.005):
+    """Median seconds of each function, timed in rounds after one warm-up call each.
+
+    Each round starts one function later than the last, so none always runs right after the
+    same neighbour, and each call waits `pause` seconds first: OpenMP worker threads (torch
+    and fastopt each bring a runtime) spin for a while after a parallel region, and a call
+    made during that spin shares the cores with them.
+    """
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < budget):
+        for k in range(len(fns)):
+            index = (rounds + k) % len(fns)
+            time.sleep(pause)
+            t0 = time.perf_counter()
+            fns[index]()
+            times[index].append(time.perf_counter() - t0)
+        rounds += 1
+    return [statistics.median(record) for record in times]
 
 
 def _arrays(sizes, dtype, seed):
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(n, dtype=np.float32).astype(dtype) for n in sizes]
+    """Arrays of the given sizes holding standard normal values (one draw, copied)."""
+    base = np.random.default_rng(seed).standard_normal(max(sizes, default=0), dtype=np.float32)
+    return [base[:n].astype(dtype) for n in sizes]
 
 
-def stream_limit(sizes, n_state, n_threads, dtype=np.float32):
-    """Seconds per pass of the streaming kernel with an optimizer's access pattern:
-    the gradient read, param and n_state buffers read and written in place."""
+def _stream_case(sizes, n_state, n_threads):
+    """The streaming kernel with an optimizer's access pattern: the gradient read, the param
+    and n_state buffers read and written in place."""
     from fastopt._cpu import _stream
-    src = _arrays(sizes, dtype, 0)
-    rw = [_arrays(sizes, dtype, k + 1) for k in range(n_state + 1)]
-    return time_it(lambda: _stream.stream_rw(src, rw, np.dtype(dtype) == np.float64, n_threads))
+    src = _arrays(sizes, np.float32, 0)
+    rw = [_arrays(sizes, np.float32, k + 1) for k in range(n_state + 1)]
+    return lambda: _stream.stream_rw(src, rw, False, n_threads)
 
 
 def _fastopt_case(cls, hyper, sizes, backend, n_threads, wrap=None):
@@ -119,11 +136,12 @@ def implementations(cls, hyper, sizes, n_threads, include_numpy):
 
 
 def run(rules=tuple(RULES), cases=DEFAULT_CASES, n_threads=None, numpy_max=10**7,
-        out=sys.stdout):
+        budget=2.5, out=sys.stdout):
     """Measure everything; print the table to `out` as it goes; return the result dict."""
     n_threads = n_threads or fastopt.get_num_threads()
     rows = []
-    header = f"{'rule':<6} {'case':<9} {'implementation':<30} {'median ms':>10} {'GB/s':>7} {'% limit':>8}"
+    header = (f"{'rule':<6} {'case':<9} {'implementation':<30} {'median ms':>10} {'GB/s':>7} "
+              f"{'% limit':>8}")
     print(f"fastopt {fastopt.__version__}: one optimizer step, float32, {n_threads} threads; "
           f"GB/s counts each element's nominal reads and writes", file=out)
     print(header, file=out)
@@ -134,14 +152,18 @@ def run(rules=tuple(RULES), cases=DEFAULT_CASES, n_threads=None, numpy_max=10**7
         for rule in rules:
             cls, hyper, n_state = RULES[rule]
             nbytes = n * 4 * (2 * (n_state + 1) + 1)  # g read; p and state read and written
-            limit = stream_limit(sizes, n_state, n_threads)
-            entries = [("stream limit (C kernel)", limit)]
+            names = ["stream limit (C kernel)"]
+            steps = [_stream_case(sizes, n_state, n_threads)]
             for name, factory in implementations(cls, hyper, sizes, n_threads, n <= numpy_max):
                 try:
-                    entries.append((name, time_it(factory())))
+                    steps.append(factory())
+                    names.append(name)
                 except (RuntimeError, TypeError, ValueError) as exc:  # e.g. fused unsupported
                     print(f"{rule:<6} {case:<9} {name:<30} skipped: {exc}", file=out)
-            for name, seconds in entries:
+            medians = time_interleaved(steps, budget=budget)
+            del steps
+            limit = medians[0]
+            for name, seconds in zip(names, medians):
                 row = dict(rule=rule, case=case, tensors=len(sizes), elements=n,
                            implementation=name, median_ms=seconds * 1e3,
                            gbps=nbytes / seconds / 1e9, pct_limit=100 * limit / seconds)
@@ -180,6 +202,8 @@ def main(argv=None):
                         help="CPU threads (default: fastopt.get_num_threads())")
     parser.add_argument("--numpy-max", type=float, default=1e7,
                         help="largest case (elements) the slow NumPy reference runs on")
+    parser.add_argument("--budget", type=float, default=2.5,
+                        help="seconds of timing rounds per rule and case (at least 5 rounds)")
     parser.add_argument("--json", default="bench-results.json",
                         help="where to write the results as JSON ('' for nowhere)")
     args = parser.parse_args(argv)
@@ -188,7 +212,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown rule(s) {unknown}; choose from {list(RULES)}")
     result = run(rules, [c.strip() for c in args.cases.split(",") if c.strip()],
-                 args.threads, int(args.numpy_max))
+                 args.threads, int(args.numpy_max), args.budget)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
