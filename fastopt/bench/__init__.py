@@ -136,8 +136,9 @@ def implementations(cls, hyper, sizes, n_threads, include_numpy):
 
 
 def run(rules=tuple(RULES), cases=DEFAULT_CASES, n_threads=None, numpy_max=10**7,
-        budget=2.5, out=sys.stdout):
-    """Measure everything; print the table to `out` as it goes; return the result dict."""
+        budget=2.5, out=None):
+    """Measure everything; print the table to `out` (stdout) as it goes; return the results."""
+    out = out or sys.stdout
     n_threads = n_threads or fastopt.get_num_threads()
     rows = []
     header = (f"{'rule':<6} {'case':<9} {'implementation':<30} {'median ms':>10} {'GB/s':>7} "

@@ -1,0 +1,1 @@
+"""asv benchmark suite of fastopt (see asv.conf.json)."""

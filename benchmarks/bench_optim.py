@@ -1,0 +1,73 @@
+"""asv suite: one optimizer step, per backend x size x dtype (regression tracking).
+
+Run against the current checkout (see README): the numbers are times of `opt.step(grads)`
+on NumPy arrays, one tensor or 200 tensors of the same total size. The comparison with
+torch and the streaming limit lives in `python -m fastopt.bench`.
+"""
+
+import numpy as np
+
+import fastopt
+from fastopt import _backends
+
+BACKENDS = [b for b in ("cython", "numba", "numpy") if _backends.available(b)]
+SIZES = ["1M", "10M", "200x50K"]
+DTYPES = ["float32", "float64"]
+
+
+def _sizes(case):
+    if "x" in case:
+        return [50_000] * 200
+    return [int(case[:-1]) * 1_000_000]
+
+
+class _OptimizerStep:
+    rule = None
+    hyper = {}
+    params = (BACKENDS, SIZES, DTYPES)
+    param_names = ["backend", "size", "dtype"]
+    timeout = 300
+
+    def setup(self, backend, size, dtype):
+        if backend == "numpy" and size != "1M":
+            raise NotImplementedError  # asv skips: the reference is far too slow to track here
+        rng = np.random.default_rng(0)
+        sizes = _sizes(size)
+        self.p = [rng.standard_normal(n).astype(dtype) for n in sizes]
+        self.g = [rng.standard_normal(n).astype(dtype) for n in sizes]
+        self.opt = getattr(fastopt, self.rule)(self.p, backend=backend, **self.hyper)
+        self.opt.step(self.g)  # state allocated, kernels compiled
+
+    def time_step(self, backend, size, dtype):
+        self.opt.step(self.g)
+
+
+class AdamStep(_OptimizerStep):
+    rule = "Adam"
+    hyper = dict(lr=1e-3)
+
+
+class AdamWStep(_OptimizerStep):
+    rule = "AdamW"
+    hyper = dict(lr=1e-3, weight_decay=1e-2)
+
+
+class SGDMomentumStep(_OptimizerStep):
+    rule = "SGD"
+    hyper = dict(lr=1e-3, momentum=0.9)
+
+
+class StreamLimit:
+    """The streaming kernel with Adam's access pattern: the ceiling for AdamStep."""
+    params = (SIZES,)
+    param_names = ["size"]
+
+    def setup(self, size):
+        from fastopt._cpu import _stream
+        self.stream = _stream
+        sizes = _sizes(size)
+        self.src = [np.ones(n, np.float32) for n in sizes]
+        self.rw = [[np.ones(n, np.float32) for n in sizes] for _ in range(3)]
+
+    def time_stream(self, size):
+        self.stream.stream_rw(self.src, self.rw, False, fastopt.get_num_threads())

@@ -1,0 +1,63 @@
+"""The comparison harness and the asv suite run (tiny sizes here; speed is not asserted)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastopt import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_parse_case():
+    assert bench.parse_case("10M") == [10_000_000]
+    assert bench.parse_case("1.5K") == [1500]
+    sizes = bench.parse_case("200x50K")
+    assert len(sizes) == 200 and sum(sizes) == 10_000_000
+    assert min(sizes) < 30_000 < 70_000 < max(sizes)  # uneven, like a network's layers
+
+
+def test_harness_end_to_end(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert bench.main(["--cases", "20K,3x5K", "--budget", "0", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert {r["rule"] for r in rows} == set(bench.RULES)
+    assert {r["case"] for r in rows} == {"20K", "3x5K"}
+    names = {r["implementation"] for r in rows}
+    assert {"stream limit (C kernel)", "fastopt cython", "numpy reference"} <= names
+    if bench._backends.available("numba"):
+        assert "fastopt numba" in names
+    try:
+        import torch  # noqa: F401
+        assert {"torch for-loop", "torch foreach", "torch fused"} <= names
+    except ImportError:
+        pass
+    for r in rows:
+        assert r["median_ms"] > 0 and r["gbps"] > 0 and r["pct_limit"] > 0
+        if r["implementation"].startswith("stream limit"):
+            assert r["pct_limit"] == pytest.approx(100)
+    assert "% limit" in printed and "fastopt cython" in printed
+
+
+def test_harness_rejects_unknown_rule():
+    with pytest.raises(SystemExit):
+        bench.main(["--rules", "adamax", "--json", ""])
+
+
+def test_asv_suite_is_valid(tmp_path):
+    if shutil.which("asv") is None and not os.environ.get("CI"):
+        pytest.skip("asv is not installed (pip install 'fastopt[bench]')")
+    env = dict(os.environ, HOME=str(tmp_path))  # asv's machine file goes to $HOME
+    asv = [sys.executable, "-m", "asv", "--config", str(ROOT / "benchmarks" / "asv.conf.json")]
+    subprocess.run(asv + ["machine", "--yes"], env=env, check=True, capture_output=True)
+    proc = subprocess.run(asv + ["check", "--python=same"], env=env, capture_output=True,
+                          text=True, cwd=ROOT / "benchmarks")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "No problems found" in proc.stdout
