@@ -35,11 +35,17 @@ setup(
         "fastopt._cpu",
         "fastopt.optim",
         "fastopt.bench",
+        # kernels/ as data folders (no Python inside); only the CUDA sources and the headers
+        # they include are installed, the CPU sources are compiled into fastopt._cpu
         "fastopt.kernels",
+        "fastopt.kernels.cpu",
+        "fastopt.kernels.cuda",
+        "fastopt.kernels.include",
+        "fastopt.kernels.include.fastopt",
     ],
     package_dir={"fastopt.kernels": "kernels"},
-    package_data={"fastopt.kernels": ["include/fastopt/*.h", "cuda/*.cu"]},
-    exclude_package_data={"fastopt.kernels": ["cpu/*"]},
+    package_data={"fastopt.kernels.cuda": ["*.cu"], "fastopt.kernels.include.fastopt": ["*.h"]},
+    include_package_data=False,
     ext_modules=cythonize(
         [cpu_extension(name) for name in ("_optim", "_stream", "_runtime")],
         compiler_directives={"language_level": "3"},

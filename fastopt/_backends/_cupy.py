@@ -6,7 +6,7 @@ kernels/cuda/optim.cu), one thread block per chunk. Kernels are compiled once pe
 """
 
 import functools
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,12 @@ THREADS = 256
 def kernel_dir():
     """The kernels/ folder (CUDA sources and shared headers): package data of an installed
     fastopt, or the folder beside the package when it is imported from a source checkout."""
-    try:
-        return resources.files("fastopt.kernels")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[2] / "kernels"
+    # kernels/ holds no Python: it is a namespace package, whose importlib.resources handle
+    # is no file-system path, so take its folder from the import spec
+    spec = importlib.util.find_spec("fastopt.kernels")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parents[2] / "kernels"
 
 
 def compile_options():

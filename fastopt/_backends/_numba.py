@@ -20,6 +20,7 @@ from fastopt._cpu._runtime import data_pointers
 from fastopt.optim._scalars import adam_scalars, sgd_scalars
 
 CHUNK = 16384
+MIN_PER_THREAD = 32768  # as in the Cython driver: small steps use fewer threads
 _JIT = dict(cache=True, error_model="numpy")  # numpy error model: no branch per division
 
 
@@ -183,7 +184,8 @@ def _adam_amsgrad(ptrs, chunks, sc, lerp_hi):
 def _setup(operands, n_threads):
     dtype = operands[0][0].dtype
     ptrs, sizes = data_pointers(operands, dtype.itemsize)
-    numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS)))
+    n_threads = min(n_threads, numba.config.NUMBA_NUM_THREADS, int(sizes.sum()) // MIN_PER_THREAD)
+    numba.set_num_threads(max(1, n_threads))
     return dtype, ptrs, _chunks(sizes)
 
 

@@ -17,10 +17,14 @@ cdef extern from "chunks.h" nogil:
 # 16384 elements: 64 KiB of float32 per operand, small enough to balance two threads over
 # a few uneven tensors, large enough that the per-chunk call costs nothing.
 DEF CHUNK = 16384
+# Each thread gets at least this many elements: waking a thread and joining it costs about
+# as much as updating ~30K elements, so a small step runs on fewer threads.
+DEF MIN_PER_THREAD = 32768
 
 cdef struct Plan:
     Py_ssize_t n_ops
     Py_ssize_t n_chunks
+    Py_ssize_t n_elements
     char **ptr              # ptr[t * n_ops + op]
     Py_ssize_t *chunk       # (tensor, lo, n) per chunk
 
@@ -55,11 +59,13 @@ cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize) except -1:
                                  f"of {size} elements of {itemsize} bytes")
             pl.ptr[t * n_ops + op] = <char *>cnp.PyArray_DATA(a)
     pl.n_chunks = n_chunks
+    pl.n_elements = 0
     pl.chunk = <Py_ssize_t *>PyMem_Malloc(max(3 * n_chunks, 1) * sizeof(Py_ssize_t))
     if pl.chunk == NULL:
         raise MemoryError()
     for t in range(n_t):
         size = cnp.PyArray_SIZE(<cnp.ndarray>first[t])
+        pl.n_elements += size
         lo = 0
         while lo < size:
             pl.chunk[3 * k] = t
@@ -82,6 +88,7 @@ cdef void plan_run(const Plan *pl, fo_chunk_fn fn, const void *args, int n_threa
     cdef const Py_ssize_t *ch = pl.chunk
     if pl.n_chunks == 0:
         return
+    n_threads = min(n_threads, pl.n_elements // MIN_PER_THREAD)
     if n_threads <= 1 or pl.n_chunks == 1:
         for c in range(pl.n_chunks):
             fn(pl.ptr + ch[3 * c] * pl.n_ops, ch[3 * c + 1], ch[3 * c + 2], args)
