@@ -166,6 +166,28 @@ def import_grad(x, role, index):
     return View(arr, fw, device)
 
 
+def view_token(x, view):
+    """What identifies the memory behind a checked parameter view (mutable frameworks)."""
+    if view.framework == "torch":
+        return (x.data_ptr(), tuple(x.shape))
+    if view.framework == "cupy":
+        return (x.data.ptr, x.shape)
+    return None  # numpy: the view is the array itself
+
+
+def view_still_valid(x, view, token):
+    """Whether a view checked at an earlier step still stands for parameter x: cheaper
+    than importing x again (0.1-0.3 us instead of 0.5-2)."""
+    fw = view.framework
+    if fw == "numpy":
+        return x.flags.writeable  # the same array object; only writability can change
+    if fw == "torch":
+        return not x.requires_grad and x.data_ptr() == token[0] and x.shape == token[1]
+    if fw == "cupy":
+        return x.data.ptr == token[0] and x.shape == token[1]
+    return False
+
+
 def _tf_tensor(x):
     # a tf.Variable has no __dlpack__; its value is a tensor sharing the buffer
     return x if hasattr(x, "__dlpack__") else x.read_value()

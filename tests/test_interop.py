@@ -129,3 +129,22 @@ def test_torch_cpu_tensor_on_cupy_backend_is_refused():
     torch = pytest.importorskip("torch")
     with pytest.raises(ValueError, match="backend 'cupy' runs on cuda arrays, but the arrays are on cpu"):
         fastopt.SGD([torch.zeros(2)], lr=0.1, backend="cupy").step([torch.zeros(2)])
+
+
+def test_torch_parameter_memory_replaced_between_steps():
+    """A parameter's checked view is reused only while it is the same memory."""
+    torch = pytest.importorskip("torch")
+    p = torch.zeros(4)
+    opt = fastopt.SGD([p], lr=1.0)
+    opt.step([torch.ones(4)])
+    p.data = torch.full((4,), 10.0)  # new storage, same shape: the step must update it
+    opt.step([torch.ones(4)])
+    np.testing.assert_array_equal(p.numpy(), np.full(4, 9.0, np.float32))
+    adam = fastopt.Adam([p], lr=1.0)
+    adam.step([torch.ones(4)])
+    p.set_(torch.zeros(6))  # another shape: its state no longer fits
+    with pytest.raises(ValueError, match=r"params\[0\]: shape \(6,\), dtype float32 no longer matches its state"):
+        adam.step([torch.ones(6)])
+    p.requires_grad_(True)
+    with pytest.raises(TypeError, match="requires grad"):
+        opt.step([torch.ones(6)])

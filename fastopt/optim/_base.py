@@ -77,6 +77,10 @@ class Optimizer:
         self.n_threads = None if n_threads is None else check_threads(n_threads, "n_threads")
         self.param_groups = []
         self.state = {}  # flat parameter index -> {name: array or step count}
+        # flat index -> (param, checked view, token): a mutable parameter whose view was
+        # checked (also against its state) is not imported and checked again while the token
+        # says it is the same memory; see _interop.view_still_valid
+        self._views = {}
         if _interop.framework_of(params) is not None:
             raise TypeError("params: expected a list of arrays or of param-group dicts, got a "
                             "single array; wrap it in a list: [param]")
@@ -172,7 +176,10 @@ class Optimizer:
             for j, p in enumerate(group["params"]):
                 g = grads[flat]
                 if g is not None:
-                    pv = _interop.import_param(p, "params", flat)
+                    cached = self._views.get(flat)
+                    fresh = not (cached is not None and cached[0] is p
+                                 and _interop.view_still_valid(p, cached[1], cached[2]))
+                    pv = _interop.import_param(p, "params", flat) if fresh else cached[1]
                     gv = _interop.import_grad(g, "grads", flat)
                     if first is None:
                         first = (flat, pv.framework, pv.device)
@@ -181,9 +188,12 @@ class Optimizer:
                             or pv.device != first[2] or gv.device != first[2]
                             or pa.shape != ga.shape or pa.dtype != ga.dtype):
                         self._pair_error(flat, pv, gv, first)
-                    state = self.state.get(flat)
-                    if state:
-                        self._check_state(flat, pa, state)
+                    if fresh:
+                        state = self.state.get(flat)
+                        if state:
+                            self._check_state(flat, pa, state)
+                        if pv.framework in _interop.MUTABLE:
+                            self._views[flat] = (p, pv, _interop.view_token(p, pv))
                     dtypes.add(pa.dtype)
                     items.append((flat, j, pv, gv))
                 flat += 1
