@@ -27,6 +27,7 @@ import numpy as np
 
 import fastopt
 from fastopt import _backends
+from fastopt._interop import aligned_empty
 
 # rule -> (optimizer class name in fastopt and torch.optim, hyperparameters, state buffers)
 RULES = {
@@ -53,16 +54,22 @@ def parse_case(text):
     return [number(text)]
 
 
-def time_interleaved(fns, min_rounds=5, max_rounds=40, budget=2.5, pause=0.005):
-    """Median seconds of each function, timed in rounds after one warm-up call each.
+def time_interleaved(fns, min_rounds=5, max_rounds=40, budget=2.5, pause=0.005, slice_s=0.03):
+    """Median seconds of each function, timed in interleaved rounds.
 
-    Each round starts one function later than the last, so none always runs right after the
-    same neighbour, and each call waits `pause` seconds first: OpenMP worker threads (torch
-    and fastopt each bring a runtime) spin for a while after a parallel region, and a call
-    made during that spin shares the cores with them.
+    Each round calls every function, a fast one several times in a row (about `slice_s`
+    seconds' worth), so fast and slow implementations alike get many samples from the same
+    stretch of time. Each round starts one function later than the last, so none always runs
+    right after the same neighbour, and each function's turn waits `pause` seconds first:
+    OpenMP worker threads (torch and fastopt each bring a runtime) spin for a while after a
+    parallel region, and a call made during that spin shares the cores with them.
     """
+    repeats = []
     for fn in fns:
+        fn()  # warm-up: first touch, compilation, state allocation
+        t0 = time.perf_counter()
         fn()
+        repeats.append(max(1, min(20, int(slice_s / (time.perf_counter() - t0)))))
     times = [[] for _ in fns]
     start = time.perf_counter()
     rounds = 0
@@ -70,9 +77,10 @@ def time_interleaved(fns, min_rounds=5, max_rounds=40, budget=2.5, pause=0.005):
         for k in range(len(fns)):
             index = (rounds + k) % len(fns)
             time.sleep(pause)
-            t0 = time.perf_counter()
-            fns[index]()
-            times[index].append(time.perf_counter() - t0)
+            for _ in range(repeats[index]):
+                t0 = time.perf_counter()
+                fns[index]()
+                times[index].append(time.perf_counter() - t0)
         rounds += 1
     return [statistics.median(record) for record in times]
 
@@ -87,8 +95,14 @@ def _stream_case(sizes, n_state, n_threads):
     """The streaming kernel with an optimizer's access pattern: the gradient read, the param
     and n_state buffers read and written in place."""
     from fastopt._cpu import _stream
-    src = _arrays(sizes, np.float32, 0)
-    rw = [_arrays(sizes, np.float32, k + 1) for k in range(n_state + 1)]
+
+    def aligned(arrays):  # the ceiling is measured at its best: 64-byte-aligned buffers
+        out = [aligned_empty(a.shape, a.dtype) for a in arrays]
+        for o, a in zip(out, arrays):
+            o[...] = a
+        return out
+    src = aligned(_arrays(sizes, np.float32, 0))
+    rw = [aligned(_arrays(sizes, np.float32, k + 1)) for k in range(n_state + 1)]
     return lambda: _stream.stream_rw(src, rw, False, n_threads)
 
 
