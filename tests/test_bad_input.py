@@ -199,3 +199,14 @@ def test_unavailable_backend_says_how_to_install(monkeypatch):
     finally:
         _backends.load.cache_clear()
         _backends._resolve.cache_clear()
+
+
+def test_zero_dim_array_hyperparameters_are_accepted():
+    torch = pytest.importorskip("torch")
+    w = np.ones(2)
+    opt = fastopt.Adam([w], lr=torch.tensor(0.1), betas=(np.array(0.9), 0.999))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1) and isinstance(opt.param_groups[0]["lr"], float)
+    opt.step([np.ones(2)])
+    np.testing.assert_allclose(w, 0.9)
+    with pytest.raises(TypeError, match="lr must be a real number"):
+        fastopt.Adam([w], lr=np.array([0.1, 0.2]))

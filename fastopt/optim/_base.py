@@ -21,8 +21,13 @@ from fastopt._config import check_threads, get_num_threads
 
 
 def check_real(group, key, where, *, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
-    """group[key] as a float, if it is a finite real number in the given range."""
+    """group[key] as a float, if it is a finite real number in the given range.
+
+    A 0-d array of any framework (torch.tensor(0.01), np.float32 array) is accepted and
+    stored back in the group as a Python float, the form the kernels' host scalars need."""
     value = group[key]
+    if _interop.framework_of(value) is not None and getattr(value, "ndim", None) == 0:
+        value = group[key] = float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where}: {key} must be a real number, got {value!r}")
     value = float(value)
@@ -46,8 +51,9 @@ def check_betas(group, where):
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
-    for k, beta in enumerate(betas):
+    group["betas"] = tuple(
         check_real({f"betas[{k}]": beta}, f"betas[{k}]", where, lo=0.0, hi=1.0, hi_open=True)
+        for k, beta in enumerate(betas))
 
 
 def ensure_state(states, name, likes):
