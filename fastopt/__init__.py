@@ -12,12 +12,13 @@ reference). ``import fastopt`` imports none of those frameworks.
 
 from fastopt._config import get_num_threads, set_num_threads
 from fastopt._info import show_config
+from fastopt._io import load, save
 from fastopt.optim import SGD, Adam, AdamW, Optimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SGD", "Adam", "AdamW", "Optimizer",
-    "get_num_threads", "set_num_threads", "show_config",
+    "get_num_threads", "set_num_threads", "show_config", "save", "load",
     "__version__",
 ]

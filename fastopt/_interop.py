@@ -211,6 +211,26 @@ def empty_like(arr):
         return cupy.empty(arr.shape, arr.dtype)
 
 
+def copy_to_like(value, like):
+    """A new buffer like `like` (same device), holding the values of array `value`."""
+    out = empty_like(like)
+    if isinstance(out, np.ndarray):
+        out[...] = value if isinstance(value, np.ndarray) else np.asarray(_host(value))
+    else:
+        import cupy
+        out[...] = cupy.asarray(value)
+    return out
+
+
+def _host(value):
+    """A host (NumPy-readable) form of an array of any framework."""
+    if framework_of(value) == "cupy":
+        return value.get()
+    if framework_of(value) == "torch":
+        return value.detach().cpu().numpy()
+    return value
+
+
 def zeros_like(arr):
     out = empty_like(arr)
     out.fill(0)

@@ -139,6 +139,97 @@ class Optimizer:
         """The current parameters, flattened over groups (new arrays for JAX/TF after a step)."""
         return [p for group in self.param_groups for p in group["params"]]
 
+    def state_dict(self):
+        """The optimizer's state in torch.optim's structure::
+
+            {"state": {index: {"step": int, name: array, ...}},
+             "param_groups": [{**hyperparameters, "params": [index, ...]}]}
+
+        Indices count parameters flattened over groups. As in torch, the arrays are the
+        optimizer's own buffers, not copies; ``fastopt.save(opt.state_dict(), path)`` writes
+        them out at once.
+        """
+        groups, start = [], 0
+        for group in self.param_groups:
+            n = len(group["params"])
+            saved = {k: v for k, v in group.items() if k != "params"}
+            saved["params"] = list(range(start, start + n))
+            groups.append(saved)
+            start += n
+        return {"state": {i: dict(s) for i, s in self.state.items() if s},
+                "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        """Load a ``state_dict()`` (of this rule, for the same parameters), by copy.
+
+        Hyperparameters are taken from it; state arrays are copied into new buffers on each
+        parameter's device, so a run resumed after k steps (on any backend) continues exactly
+        as the unbroken run. Everything is checked before anything changes: the number of
+        groups and of parameters per group, unknown keys, state array shapes and dtypes.
+        """
+        where = "state_dict"
+        if not isinstance(state_dict, dict) or set(state_dict) != {"state", "param_groups"}:
+            raise ValueError(f"{where}: expected a dict with keys 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{where}: has {len(saved_groups)} param groups, the optimizer "
+                             f"has {len(self.param_groups)}")
+        index_of = {}  # saved parameter id -> flat index
+        new_groups = []
+        flat = 0
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            gwhere = f"{where}['param_groups'][{gi}]"
+            ids = list(saved.get("params", ()))
+            if len(ids) != len(group["params"]):
+                raise ValueError(f"{gwhere}: holds {len(ids)} parameters, the optimizer's "
+                                 f"group {len(group['params'])}")
+            unknown = set(saved) - set(group)
+            if unknown:
+                raise ValueError(f"{gwhere}: unknown keys {sorted(unknown)} for "
+                                 f"{type(self).__name__}")
+            merged = dict(group)
+            merged.update((k, v) for k, v in saved.items() if k != "params")
+            self._check_group(merged, gwhere)
+            new_groups.append(merged)
+            for saved_id in ids:
+                index_of[saved_id] = flat
+                flat += 1
+        params = self.params()
+        new_state = {}
+        for saved_id, entry in state_dict["state"].items():
+            swhere = f"{where}['state'][{saved_id!r}]"
+            if saved_id not in index_of:
+                raise ValueError(f"{swhere}: no parameter has this index")
+            i = index_of[saved_id]
+            view = _interop.import_param(params[i], "params", i).array
+            new_state[i] = self._load_state_entry(entry, view, swhere)
+        for group, merged in zip(self.param_groups, new_groups):
+            group.update(merged)
+        self.state = new_state
+        self._views.clear()
+
+    def _load_state_entry(self, entry, like, where):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a dict, got {type(entry).__name__}")
+        unknown = set(entry) - set(self._state_keys) - {"step"}
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)} for "
+                             f"{type(self).__name__}; expected some of "
+                             f"{sorted(('step',) + self._state_keys)}")
+        loaded = {}
+        for key, value in entry.items():
+            if key == "step":
+                if isinstance(value, bool) or int(value) != value or value < 0:
+                    raise ValueError(f"{where}['step']: expected an integer >= 0, got {value!r}")
+                loaded[key] = int(value)
+                continue
+            if tuple(value.shape) != tuple(like.shape) or str(value.dtype) != str(like.dtype):
+                raise ValueError(f"{where}[{key!r}]: shape {tuple(value.shape)} and dtype "
+                                 f"{value.dtype} do not fit the parameter's "
+                                 f"{tuple(like.shape)}, {like.dtype}")
+            loaded[key] = _interop.copy_to_like(value, like)
+        return loaded
+
     def step(self, grads):
         """Apply one update with ``grads`` (one per parameter, flattened over groups, in
         order; ``None`` skips that parameter). Returns ``self.params()``."""

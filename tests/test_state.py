@@ -1,0 +1,142 @@
+"""Resumable state: state_dict / load_state_dict, fastopt.save / fastopt.load."""
+
+import copy
+
+import numpy as np
+import pytest
+
+import fastopt
+from conftest import CPU_BACKENDS, require_backend
+
+CONFIGS = [
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
+    ("Adam", dict(lr=1e-2, amsgrad=True, weight_decay=0.1)),
+    ("AdamW", dict(lr=1e-2)),
+]
+SIZES = (5, 1023, 40000)
+
+
+def grads_at(step, dtype):
+    rng = np.random.default_rng(1000 + step)
+    return [rng.standard_normal(n).astype(dtype) for n in SIZES]
+
+
+def start(name, kw, backend, dtype=np.float32):
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(n).astype(dtype) for n in SIZES]
+    groups = [{"params": params[:2]}, {"params": params[2:], "lr": kw["lr"] / 2}]
+    return params, getattr(fastopt, name)(groups, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize("resume_backend", CPU_BACKENDS)
+def test_resume_is_bit_identical(config, resume_backend, tmp_path):
+    """Save after k steps, resume on another backend: the same trajectory as unbroken."""
+    require_backend(resume_backend)
+    name, kw = config
+    k, total = 7, 15
+    ref_params, ref = start(name, kw, "cython")
+    for step in range(total):
+        ref.step(grads_at(step, np.float32))
+
+    params, opt = start(name, kw, "cython")
+    for step in range(k):
+        opt.step(grads_at(step, np.float32))
+    fastopt.save({"optimizer": opt.state_dict(), "params": params}, tmp_path / "ckpt.npz")
+    del opt, params
+
+    ckpt = fastopt.load(tmp_path / "ckpt.npz")
+    params = [p.copy() for p in ckpt["params"]]
+    _, opt = start(name, kw, resume_backend)
+    opt.param_groups[0]["params"][:] = params[:2]
+    opt.param_groups[1]["params"][:] = params[2:]
+    opt.load_state_dict(ckpt["optimizer"])
+    for step in range(k, total):
+        opt.step(grads_at(step, np.float32))
+    for got, want in zip(params, ref_params):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_state_dict_structure():
+    params, opt = start("Adam", dict(lr=1e-2, amsgrad=True), "cython")
+    opt.step(grads_at(0, np.float32))
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"}
+    assert sd["param_groups"][0]["params"] == [0, 1] and sd["param_groups"][1]["params"] == [2]
+    assert sd["param_groups"][1]["lr"] == 5e-3 and sd["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert set(sd["state"]) == {0, 1, 2}
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert sd["state"][0]["step"] == 1
+
+
+def test_save_load_round_trip(tmp_path):
+    obj = {"a": [1, 2.5, float("inf"), None, True, "x"], 3: (np.arange(4.0), {"b": np.float32(2)}),
+           "nan": float("nan")}
+    fastopt.save(obj, tmp_path / "x.npz")
+    back = fastopt.load(tmp_path / "x.npz")
+    assert back["a"] == [1, 2.5, float("inf"), None, True, "x"]
+    assert isinstance(back[3], tuple) and back[3][1] == {"b": 2.0}
+    np.testing.assert_array_equal(back[3][0], np.arange(4.0))
+    assert np.isnan(back["nan"])
+    with pytest.raises(TypeError, match="cannot store a set"):
+        fastopt.save({"s": {1, 2}}, tmp_path / "y.npz")
+
+
+def test_load_state_dict_rejects_what_does_not_fit():
+    params, opt = start("Adam", dict(lr=1e-2), "cython")
+    opt.step(grads_at(0, np.float32))
+    good = copy.deepcopy(opt.state_dict())
+    opt.step(grads_at(1, np.float32))
+    before = copy.deepcopy(opt.state)
+    before_groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
+                                   for g in opt.param_groups])
+
+    def broken(edit):
+        sd = copy.deepcopy(good)
+        edit(sd)
+        return sd
+
+    cases = [
+        (broken(lambda sd: sd["param_groups"].pop()), r"has 1 param groups, the optimizer has 2"),
+        (broken(lambda sd: sd["param_groups"][0]["params"].pop()), r"holds 1 parameters"),
+        (broken(lambda sd: sd["param_groups"][0].update(momentum=0.9)), r"unknown keys \['momentum'\]"),
+        (broken(lambda sd: sd["param_groups"][1].update(lr=-1.0)), r"lr must be"),
+        (broken(lambda sd: sd["state"][1].update(exp_avg=np.zeros(3, np.float32))), r"shape \(3,\)"),
+        (broken(lambda sd: sd["state"][2].update(exp_avg_sq=sd["state"][2]["exp_avg_sq"].astype(np.float64))),
+         r"dtype float64 do not fit"),
+        (broken(lambda sd: sd["state"][0].update(momentum_buffer=np.zeros(5, np.float32))),
+         r"unknown keys \['momentum_buffer'\]"),
+        (broken(lambda sd: sd["state"].update({7: {}})), r"no parameter has this index"),
+        (broken(lambda sd: sd["state"][0].update(step=-1)), r"expected an integer >= 0"),
+        ({"state": {}}, r"expected a dict with keys"),
+    ]
+    for sd, message in cases:
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict(sd)
+        for i, st in before.items():
+            for key, value in st.items():
+                np.testing.assert_array_equal(opt.state[i][key], value)
+        assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == before_groups
+
+
+def test_loaded_state_is_a_copy():
+    params, opt = start("SGD", dict(lr=0.1, momentum=0.9), "cython")
+    opt.step(grads_at(0, np.float32))
+    sd = opt.state_dict()
+    opt.load_state_dict(sd)
+    assert opt.state[0]["momentum_buffer"] is not sd["state"][0]["momentum_buffer"]
+    np.testing.assert_array_equal(opt.state[0]["momentum_buffer"], sd["state"][0]["momentum_buffer"])
+
+
+def test_jax_resume():
+    jnp = pytest.importorskip("jax.numpy")
+    params = [jnp.ones(3), jnp.zeros((2, 2))]
+    grads = [jnp.full(3, 0.5), jnp.ones((2, 2))]
+    opt = fastopt.Adam(params, lr=0.1)
+    opt.step(grads)
+    sd = opt.state_dict()
+    resumed = fastopt.Adam(opt.params(), lr=0.1)
+    resumed.load_state_dict(sd)
+    a, b = opt.step(grads), resumed.step(grads)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
