@@ -28,7 +28,8 @@ def test_readme_block_runs(index):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("module", ["fastopt", "fastopt.optim.sgd", "fastopt.optim.adam"])
+@pytest.mark.parametrize("module", ["fastopt", "fastopt.optim.sgd", "fastopt.optim.adam",
+                                    "fastopt.optim._clip"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0

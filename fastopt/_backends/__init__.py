@@ -46,6 +46,7 @@ BACKENDS = {
 OPS = {
     "sgd_step": ("numpy", "cython", "numba", "cupy"),
     "adam_step": ("numpy", "cython", "numba", "cupy"),
+    "norm_partials": ("numpy", "cython", "numba", "cupy"),
 }
 
 AUTO_ORDER = {"cpu": ("cython", "numba", "numpy"), "cuda": ("cupy",)}

@@ -13,8 +13,9 @@ import numpy as np
 
 from fastopt.optim._scalars import adam_scalars, sgd_scalars
 
-CHUNK = 65536
+CHUNK = 65536  # elements per thread block of the update kernels
 THREADS = 256
+NORM_CHUNK, NORM_LANES = 16384, 16  # FO_CHUNK, FO_NORM_LANES of fastopt/reduce.h
 
 
 def kernel_dir():
@@ -56,21 +57,40 @@ def _module(name):
     return cupy.RawModule(code=source(name), options=compile_options())
 
 
-def _launch(kernel, operands, scalars):
-    import cupy
+def _table(operands, chunk):
+    """Host int64 table: operand addresses per tensor, then (tensor, offset, length) per
+    chunk (see kernels/cuda/optim.cu); and the number of chunks."""
     n_t = len(operands[0])
     sizes = [int(a.size) for a in operands[0]]
-    chunks = [(t, lo, min(CHUNK, size - lo))
-              for t, size in enumerate(sizes) for lo in range(0, size, CHUNK)]
-    if not chunks:
-        return
+    chunks = [(t, lo, min(chunk, size - lo))
+              for t, size in enumerate(sizes) for lo in range(0, size, chunk)]
     table = np.empty(n_t * len(operands) + 3 * len(chunks), np.int64)
     table[:n_t * len(operands)] = [op[t].data.ptr for t in range(n_t) for op in operands]
     table[n_t * len(operands):] = np.ravel(chunks)
+    return table, len(chunks)
+
+
+def _launch(kernel, operands, scalars):
+    import cupy
+    table, n_chunks = _table(operands, CHUNK)
+    if not n_chunks:
+        return
     with operands[0][0].device:
-        d_table = cupy.asarray(table)
         _module("optim.cu").get_function(kernel)(
-            (len(chunks),), (THREADS,), (d_table, np.int64(n_t)) + scalars)
+            (n_chunks,), (THREADS,), (cupy.asarray(table), np.int64(len(operands[0]))) + scalars)
+
+
+def norm_partials(grads, kind, *, n_threads):
+    import cupy
+    table, n_chunks = _table((grads,), NORM_CHUNK)
+    if not n_chunks:
+        return np.empty(0)
+    with grads[0].device:
+        out = cupy.empty(n_chunks, np.float64)
+        _module("reduce.cu").get_function(f"fo_cuda_norm_partials_{_suffix(grads[0].dtype)}")(
+            (n_chunks,), (NORM_LANES,), (cupy.asarray(table), np.int64(len(grads)),
+                                         np.int32(kind), out))
+        return out.get()
 
 
 def _cast(dtype, *values):
@@ -88,7 +108,7 @@ def sgd_step(params, out, grads, momentum_buffers, *, n_threads, **hyper):
     operands = (params, out, grads) + ((momentum_buffers,) if has_buf else ())
     _launch(f"fo_cuda_sgd_{_suffix(dtype)}", operands,
             (np.int32(has_buf),)
-            + _cast(dtype, s["gsign"], s["weight_decay"], s["momentum"],
+            + _cast(dtype, s["clip"], s["gscale"], s["weight_decay"], s["momentum"],
                     s["one_minus_dampening"], s["neg_lr"])
             + (np.int32(s["first"]), np.int32(s["nesterov"])))
 
@@ -100,7 +120,8 @@ def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, n_t
     operands = (params, out, grads, exp_avgs, exp_avg_sqs) + ((max_exp_avg_sqs,) if amsgrad else ())
     _launch(f"fo_cuda_adam_{_suffix(dtype)}", operands,
             (np.int32(amsgrad),)
-            + _cast(dtype, s["gsign"], s["weight_decay"], s["decay"], s["one_minus_beta1"],
+            + _cast(dtype, s["clip"], s["gscale"], s["weight_decay"], s["decay"],
+                    s["one_minus_beta1"],
                     s["beta2"], s["one_minus_beta2"], s["bias_correction2_sqrt"], s["eps"],
                     s["neg_step_size"])
             + (np.int32(s["lerp_hi"]),))

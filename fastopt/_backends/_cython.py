@@ -16,3 +16,7 @@ def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, n_t
     dtype = params[0].dtype
     _optim.adam(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                 dtype == np.float64, n_threads=n_threads, **adam_scalars(dtype, **hyper))
+
+
+def norm_partials(grads, kind, *, n_threads):
+    return _optim.norm_partials(grads, grads[0].dtype == np.float64, kind, n_threads)

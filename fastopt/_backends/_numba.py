@@ -19,7 +19,8 @@ from numba.extending import intrinsic
 from fastopt._cpu._runtime import data_pointers
 from fastopt.optim._scalars import adam_scalars, sgd_scalars
 
-CHUNK = 16384
+CHUNK = 16384  # FO_CHUNK of fastopt/reduce.h
+LANES = 16  # FO_NORM_LANES
 MIN_PER_THREAD = 32768  # as in the Cython driver: small steps use fewer threads
 _JIT = dict(cache=True, error_model="numpy")  # numpy error model: no branch per division
 
@@ -54,9 +55,18 @@ def _view(ptrs, t, op, lo, n, like):
 
 
 @njit(inline="always", **_JIT)
+def _grad(g, sc):
+    """The gradient prologue: clamp to [-clip, clip] (NaN passes), then the signed scale.
+    Every rule's scalar array starts with (clip, gscale)."""
+    clip, gscale = sc[0], sc[1]
+    g = -clip if g < -clip else (clip if g > clip else g)
+    return gscale * g
+
+
+@njit(inline="always", **_JIT)
 def _sgd_direction(p, g, sc):
-    gsign, weight_decay = sc[0], sc[1]
-    d = gsign * g
+    weight_decay = sc[2]
+    d = _grad(g, sc)
     if weight_decay != 0:
         d = d + weight_decay * p
     return d
@@ -64,12 +74,12 @@ def _sgd_direction(p, g, sc):
 
 @njit(inline="always", **_JIT)
 def _sgd_element(p, g, sc):
-    return p + sc[4] * _sgd_direction(p, g, sc)
+    return p + sc[5] * _sgd_direction(p, g, sc)
 
 
 @njit(inline="always", **_JIT)
 def _sgd_momentum_element(p, g, buf, i, sc, first, nesterov):
-    momentum, one_minus_dampening, neg_lr = sc[2], sc[3], sc[4]
+    momentum, one_minus_dampening, neg_lr = sc[3], sc[4], sc[5]
     d = _sgd_direction(p, g, sc)
     b = d if first else buf[i] * momentum + one_minus_dampening * d
     buf[i] = b
@@ -110,9 +120,9 @@ def _sgd_momentum(ptrs, chunks, sc, first, nesterov):
 @njit(inline="always", **_JIT)
 def _adam_moments(p, g, m, v, i, sc, lerp_hi):
     """Decayed p, and m[i], v[i] updated; returns (p, m_i, v_i)."""
-    gsign, weight_decay, decay, w1, beta2 = sc[0], sc[1], sc[2], sc[3], sc[4]
-    one_minus_beta2, one_minus_w1 = sc[5], sc[9]
-    d = gsign * g
+    weight_decay, decay, w1, beta2 = sc[2], sc[3], sc[4], sc[5]
+    one_minus_beta2, one_minus_w1 = sc[6], sc[10]
+    d = _grad(g, sc)
     p = p * decay
     if weight_decay != 0:
         d = d + weight_decay * p
@@ -126,7 +136,7 @@ def _adam_moments(p, g, m, v, i, sc, lerp_hi):
 
 @njit(inline="always", **_JIT)
 def _adam_apply(p, mi, vhat, sc):
-    bc2_sqrt, eps, neg_step_size = sc[6], sc[7], sc[8]
+    bc2_sqrt, eps, neg_step_size = sc[7], sc[8], sc[9]
     denom = np.sqrt(vhat) / bc2_sqrt + eps
     return p + neg_step_size * mi / denom
 
@@ -181,6 +191,46 @@ def _adam_amsgrad(ptrs, chunks, sc, lerp_hi):
                 out[i] = _adam_amsgrad_element(p[i], g[i], m, v, vmax, i, sc, lerp_hi)
 
 
+@njit(inline="always", **_JIT)
+def _norm_acc(acc, term, kind):
+    if kind == 0:
+        return term if (term > acc or term != term) else acc  # max; NaN sticks
+    return acc + term
+
+
+@njit(inline="always", **_JIT)
+def _norm_term(g, kind):
+    x = np.float64(g)
+    return x * x if kind == 2 else abs(x)
+
+
+@njit(parallel=True, **_JIT)
+def _norm_partials(ptrs, chunks, like, kind):
+    """Each chunk's partial in fastopt/reduce.h's fixed order: element i of a chunk goes to
+    lane i % 16 (float64, in index order), lanes are added in lane order."""
+    out = np.empty(chunks.shape[0], np.float64)
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        g = _view(ptrs, t, 0, lo, n, like)
+        lane = np.zeros(LANES, np.float64)
+        full = n - n % LANES
+        for i in range(0, full, LANES):
+            for j in range(LANES):
+                lane[j] = _norm_acc(lane[j], _norm_term(g[i + j], kind), kind)
+        for j in range(n - full):
+            lane[j] = _norm_acc(lane[j], _norm_term(g[full + j], kind), kind)
+        s = lane[0]
+        for j in range(1, LANES):
+            s = _norm_acc(s, lane[j], kind)
+        out[c] = s
+    return out
+
+
+def norm_partials(grads, kind, *, n_threads):
+    dtype, ptrs, chunks = _setup((grads,), n_threads)
+    return _norm_partials(ptrs, chunks, np.empty(0, dtype), kind)
+
+
 def _setup(operands, n_threads):
     dtype = operands[0][0].dtype
     ptrs, sizes = data_pointers(operands, dtype.itemsize)
@@ -194,7 +244,7 @@ def sgd_step(params, out, grads, momentum_buffers, *, n_threads, **hyper):
     operands = (params, out, grads) + ((momentum_buffers,) if has_buf else ())
     dtype, ptrs, chunks = _setup(operands, n_threads)
     s = sgd_scalars(dtype, **hyper)
-    sc = np.array([s["gsign"], s["weight_decay"], s["momentum"], s["one_minus_dampening"],
+    sc = np.array([s["clip"], s["gscale"], s["weight_decay"], s["momentum"], s["one_minus_dampening"],
                    s["neg_lr"]], dtype)
     if has_buf:
         _sgd_momentum(ptrs, chunks, sc, s["first"], s["nesterov"])
@@ -207,8 +257,8 @@ def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, n_t
     operands = (params, out, grads, exp_avgs, exp_avg_sqs) + ((max_exp_avg_sqs,) if amsgrad else ())
     dtype, ptrs, chunks = _setup(operands, n_threads)
     s = adam_scalars(dtype, **hyper)
-    sc = np.array([s["gsign"], s["weight_decay"], s["decay"], s["one_minus_beta1"], s["beta2"],
+    sc = np.array([s["clip"], s["gscale"], s["weight_decay"], s["decay"], s["one_minus_beta1"], s["beta2"],
                    s["one_minus_beta2"], s["bias_correction2_sqrt"], s["eps"],
                    s["neg_step_size"], 0.0], dtype)
-    sc[9] = sc.dtype.type(1) - sc[3]  # torch's (T)1 - w, in the dtype
+    sc[10] = sc.dtype.type(1) - sc[4]  # torch's (T)1 - w, in the dtype
     (_adam_amsgrad if amsgrad else _adam)(ptrs, chunks, sc, s["lerp_hi"])

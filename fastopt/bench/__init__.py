@@ -16,6 +16,7 @@ back-to-back blocks of timings then differ by more than the implementations do.
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -29,13 +30,16 @@ import fastopt
 from fastopt import _backends
 from fastopt._interop import aligned_empty
 
-# rule -> (optimizer class name in fastopt and torch.optim, hyperparameters, state buffers)
+# rule -> (optimizer class name in fastopt and torch.optim, hyperparameters, state buffers,
+#          gradient clipping: fastopt's max_grad_norm, torch's clip_grad_norm_ before step)
 RULES = {
-    "adam": ("Adam", dict(lr=1e-3), 2),
-    "adamw": ("AdamW", dict(lr=1e-3, weight_decay=1e-2), 2),
-    "sgd": ("SGD", dict(lr=1e-3, momentum=0.9), 1),
+    "adam": ("Adam", dict(lr=1e-3), 2, None),
+    "adamw": ("AdamW", dict(lr=1e-3, weight_decay=1e-2), 2, None),
+    "sgd": ("SGD", dict(lr=1e-3, momentum=0.9), 1, None),
+    "adam+clip": ("Adam", dict(lr=1e-3), 2, 1.0),
 }
 DEFAULT_CASES = ("1M", "10M", "50M", "200x50K")
+_EVICT_BYTES = 64 << 20  # twice this machine's 32 MiB L3; more than most servers' per-socket L3
 
 
 def parse_case(text):
@@ -54,16 +58,18 @@ def parse_case(text):
     return [number(text)]
 
 
-def time_interleaved(fns, min_rounds=5, max_rounds=40, budget=2.5, pause=0.005, slice_s=0.03):
+def time_interleaved(fns, min_rounds=3, max_rounds=40, budget=1.0, pause=0.005, slice_s=0.03):
     """Median seconds of each function, timed in interleaved rounds.
 
     Each round calls every function, a fast one several times in a row (about `slice_s`
     seconds' worth), so fast and slow implementations alike get many samples from the same
-    stretch of time. Each round starts one function later than the last, so none always runs
+    stretch of time. Before every call a buffer twice the size of the last-level cache is
+    rewritten, so each call starts cold, as an optimizer step does after a backward pass. Each round starts one function later than the last, so none always runs
     right after the same neighbour, and each function's turn waits `pause` seconds first:
     OpenMP worker threads (torch and fastopt each bring a runtime) spin for a while after a
     parallel region, and a call made during that spin shares the cores with them.
     """
+    evict = np.ones(_EVICT_BYTES // 8)
     repeats = []
     for fn in fns:
         fn()  # warm-up: first touch, compilation, state allocation
@@ -78,6 +84,7 @@ def time_interleaved(fns, min_rounds=5, max_rounds=40, budget=2.5, pause=0.005, 
             index = (rounds + k) % len(fns)
             time.sleep(pause)
             for _ in range(repeats[index]):
+                evict += 1.0
                 t0 = time.perf_counter()
                 fns[index]()
                 times[index].append(time.perf_counter() - t0)
@@ -85,9 +92,14 @@ def time_interleaved(fns, min_rounds=5, max_rounds=40, budget=2.5, pause=0.005, 
     return [statistics.median(record) for record in times]
 
 
+@functools.lru_cache(maxsize=8)
+def _draw(n, seed):
+    return np.random.default_rng(seed).standard_normal(n, dtype=np.float32)
+
+
 def _arrays(sizes, dtype, seed):
-    """Arrays of the given sizes holding standard normal values (one draw, copied)."""
-    base = np.random.default_rng(seed).standard_normal(max(sizes, default=0), dtype=np.float32)
+    """New arrays of the given sizes holding standard normal values (one draw, copied)."""
+    base = _draw(max(sizes, default=0), seed)
     return [base[:n].astype(dtype) for n in sizes]
 
 
@@ -106,31 +118,39 @@ def _stream_case(sizes, n_state, n_threads):
     return lambda: _stream.stream_rw(src, rw, False, n_threads)
 
 
-def _fastopt_case(cls, hyper, sizes, backend, n_threads, wrap=None):
+def _fastopt_case(cls, hyper, clip, sizes, backend, n_threads, wrap=None):
     params, grads = _arrays(sizes, np.float32, 1), _arrays(sizes, np.float32, 2)
     if wrap is not None:
         params, grads = [wrap(p) for p in params], [wrap(g) for g in grads]
-    opt = getattr(fastopt, cls)(params, backend=backend, n_threads=n_threads, **hyper)
+    opt = getattr(fastopt, cls)(params, backend=backend, n_threads=n_threads,
+                                max_grad_norm=clip, **hyper)
     return lambda: opt.step(grads)
 
 
-def _torch_case(torch, cls, hyper, sizes, mode):
+def _torch_case(torch, cls, hyper, clip, sizes, mode):
     params = [torch.from_numpy(p) for p in _arrays(sizes, np.float32, 1)]
     for p, g in zip(params, _arrays(sizes, np.float32, 2)):
         p.grad = torch.from_numpy(g)
     flags = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True),
              "fused": dict(fused=True)}[mode]
     opt = getattr(torch.optim, cls)(params, **hyper, **flags)
-    return opt.step
+    if clip is None:
+        return opt.step
+
+    def clip_and_step():
+        # the usual torch recipe; it scales the gradients in place (they stay finite here)
+        torch.nn.utils.clip_grad_norm_(params, clip, foreach=mode != "for-loop")
+        opt.step()
+    return clip_and_step
 
 
-def implementations(cls, hyper, sizes, n_threads, include_numpy):
+def implementations(cls, hyper, clip, sizes, n_threads, include_numpy):
     """(name, factory) pairs; a factory builds the arrays and returns the step to time."""
     impls = []
     for backend in ("cython", "numba"):
         if _backends.available(backend):
             impls.append((f"fastopt {backend}",
-                          lambda b=backend: _fastopt_case(cls, hyper, sizes, b, n_threads)))
+                          lambda b=backend: _fastopt_case(cls, hyper, clip, sizes, b, n_threads)))
     try:
         import torch
     except ImportError:
@@ -138,19 +158,19 @@ def implementations(cls, hyper, sizes, n_threads, include_numpy):
     if torch is not None:
         torch.set_num_threads(n_threads)
         impls.append(("fastopt cython, torch tensors",
-                      lambda: _fastopt_case(cls, hyper, sizes, "cython", n_threads,
+                      lambda: _fastopt_case(cls, hyper, clip, sizes, "cython", n_threads,
                                             wrap=torch.from_numpy)))
         for mode in ("for-loop", "foreach", "fused"):
             impls.append((f"torch {mode}",
-                          lambda m=mode: _torch_case(torch, cls, hyper, sizes, m)))
+                          lambda m=mode: _torch_case(torch, cls, hyper, clip, sizes, m)))
     if include_numpy:
         impls.append(("numpy reference",
-                      lambda: _fastopt_case(cls, hyper, sizes, "numpy", n_threads)))
+                      lambda: _fastopt_case(cls, hyper, clip, sizes, "numpy", n_threads)))
     return impls
 
 
 def run(rules=tuple(RULES), cases=DEFAULT_CASES, n_threads=None, numpy_max=10**7,
-        budget=2.5, out=None):
+        budget=1.0, out=None):
     """Measure everything; print the table to `out` (stdout) as it goes; return the results."""
     out = out or sys.stdout
     n_threads = n_threads or fastopt.get_num_threads()
@@ -165,11 +185,13 @@ def run(rules=tuple(RULES), cases=DEFAULT_CASES, n_threads=None, numpy_max=10**7
         sizes = parse_case(case)
         n = sum(sizes)
         for rule in rules:
-            cls, hyper, n_state = RULES[rule]
-            nbytes = n * 4 * (2 * (n_state + 1) + 1)  # g read; p and state read and written
+            cls, hyper, n_state, clip = RULES[rule]
+            # g read (twice with clipping: norm pass, update pass); p and state read, written
+            nbytes = n * 4 * (2 * (n_state + 1) + 1 + (clip is not None))
             names = ["stream limit (C kernel)"]
             steps = [_stream_case(sizes, n_state, n_threads)]
-            for name, factory in implementations(cls, hyper, sizes, n_threads, n <= numpy_max):
+            for name, factory in implementations(cls, hyper, clip, sizes, n_threads,
+                                                 n <= numpy_max):
                 try:
                     steps.append(factory())
                     names.append(name)
@@ -177,8 +199,11 @@ def run(rules=tuple(RULES), cases=DEFAULT_CASES, n_threads=None, numpy_max=10**7
                     print(f"{rule:<6} {case:<9} {name:<30} skipped: {exc}", file=out)
             medians = time_interleaved(steps, budget=budget)
             del steps
-            limit = medians[0]
-            for name, seconds in zip(names, medians):
+            _draw.cache_clear()
+            # the ceiling: the streaming kernel's bandwidth for the rule's traffic (with
+            # clipping, one more read of the gradients than the kernel itself moves)
+            limit = medians[0] * nbytes / (n * 4 * (2 * (n_state + 1) + 1))
+            for name, seconds in zip(names, [limit] + medians[1:]):
                 row = dict(rule=rule, case=case, tensors=len(sizes), elements=n,
                            implementation=name, median_ms=seconds * 1e3,
                            gbps=nbytes / seconds / 1e9, pct_limit=100 * limit / seconds)
@@ -217,8 +242,8 @@ def main(argv=None):
                         help="CPU threads (default: fastopt.get_num_threads())")
     parser.add_argument("--numpy-max", type=float, default=1e7,
                         help="largest case (elements) the slow NumPy reference runs on")
-    parser.add_argument("--budget", type=float, default=2.5,
-                        help="seconds of timing rounds per rule and case (at least 5 rounds)")
+    parser.add_argument("--budget", type=float, default=1.0,
+                        help="seconds of timing rounds per rule and case (at least 3 rounds)")
     parser.add_argument("--json", default="bench-results.json",
                         help="where to write the results as JSON ('' for nowhere)")
     args = parser.parse_args(argv)

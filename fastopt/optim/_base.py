@@ -5,8 +5,9 @@ A rule (SGD, Adam, ...) subclasses Optimizer and supplies
 - ``_check_group(group, where)``: hyperparameter checks, raising errors that name them,
 - ``_bucket_key(group, state)``: what must be equal for params to share one kernel call
   (for example Adam's step count, or whether SGD's momentum buffer exists yet),
-- ``_update(kernel, group, params, out, grads, states, n_threads)``: create missing state
-  (``ensure_state``) and make one kernel call for a bucket.
+- ``_update(kernel, group, params, out, grads, states, n_threads, grad)``: create missing
+  state (``ensure_state``) and make one kernel call for a bucket; ``grad`` holds the
+  gradient-clipping arguments every kernel takes (``grad_scale``, ``grad_clip``).
 
 ``step(grads)`` checks everything first (arrays, frameworks, devices, dtypes, shapes,
 hyperparameters, backend), and only then creates state and runs the kernels, so a call that
@@ -18,6 +19,7 @@ import numbers
 
 from fastopt import _backends, _interop
 from fastopt._config import check_threads, get_num_threads
+from fastopt.optim import _clip
 
 
 def check_real(group, key, where, *, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
@@ -72,15 +74,42 @@ class Optimizer:
         backend: ``"auto"`` (CuPy for GPU arrays, Cython on the CPU), or one of ``"numpy"``,
             ``"cython"``, ``"numba"``, ``"cupy"``.
         n_threads: CPU threads for the kernels; default ``fastopt.get_num_threads()``.
+        max_grad_norm (float or None): clip the gradients' total norm to this (torch's
+            ``clip_grad_norm_`` before each step), folded into the update pass: the norm is
+            one extra read of the gradients, the gradients themselves are not changed.
+        grad_norm_type: the norm for max_grad_norm and skip_nonfinite: 1, 2 (default), inf.
+        max_grad_value (float or None): clamp every gradient element to
+            [-max_grad_value, max_grad_value] (torch's ``clip_grad_value_``), in the update
+            pass. Not together with max_grad_norm.
+        skip_nonfinite (bool): a step whose gradients hold NaN or inf (a non-finite total
+            norm) changes nothing - no parameter, state or step count - and sets
+            ``last_step_skipped``. Its check rides on the norm pass.
+
+    After each step, ``last_step_skipped`` says whether it was skipped and
+    ``last_grad_norm`` holds the gradients' total norm (None when nothing computed it).
     """
 
     _op = None
     _state_keys = ()  # names of the per-parameter state arrays
 
-    def __init__(self, params, defaults, *, backend="auto", n_threads=None):
+    def __init__(self, params, defaults, *, backend="auto", n_threads=None, max_grad_norm=None,
+                 grad_norm_type=2.0, max_grad_value=None, skip_nonfinite=False):
         self.defaults = dict(defaults)
         self.backend = _backends.check_name(backend)
         self.n_threads = None if n_threads is None else check_threads(n_threads, "n_threads")
+        self._norm_kind = _clip.norm_kind(grad_norm_type, "grad_norm_type")
+        self.grad_norm_type = float(grad_norm_type)
+        self.max_grad_norm = None if max_grad_norm is None else _clip._positive(
+            max_grad_norm, "max_grad_norm")
+        self.max_grad_value = None if max_grad_value is None else _clip._positive(
+            max_grad_value, "max_grad_value")
+        if self.max_grad_norm is not None and self.max_grad_value is not None:
+            raise ValueError("max_grad_norm and max_grad_value: pass one of them, not both")
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
+        self.skip_nonfinite = skip_nonfinite
+        self.last_step_skipped = False
+        self.last_grad_norm = None
         self.param_groups = []
         self.state = {}  # flat parameter index -> {name: array or step count}
         # flat index -> (param, checked view, token): a mutable parameter whose view was
@@ -235,6 +264,9 @@ class Optimizer:
         order; ``None`` skips that parameter). Returns ``self.params()``."""
         plan = self._prepare(grads)
         n_threads = self.n_threads or get_num_threads()
+        grad_args = self._grad_args(plan, n_threads)
+        if grad_args is None:
+            return self.params()
         for group, items, device in plan:
             buckets = {}
             for item in items:
@@ -249,8 +281,32 @@ class Optimizer:
                     bucket.append(item)
             for (dtype, _), bucket in buckets.items():
                 kernel = _backends.resolve(self._op, self.backend, device, dtype)
-                self._run_bucket(kernel, group, bucket, n_threads)
+                self._run_bucket(kernel, group, bucket, n_threads, grad_args[dtype])
         return self.params()
+
+    def _grad_args(self, plan, n_threads):
+        """Per dtype, the gradient prologue's arguments (clip_grad_norm_'s coefficient and
+        clip_grad_value_'s bound) for the kernels; None if the step is to be skipped."""
+        self.last_step_skipped = False
+        self.last_grad_norm = None
+        by_dtype = {}
+        for _, items, _ in plan:
+            for item in items:
+                by_dtype.setdefault(item[3].array.dtype, []).append(item[3].array)
+        clip = math.inf if self.max_grad_value is None else self.max_grad_value
+        args = {dtype: dict(grad_scale=1.0, grad_clip=clip) for dtype in by_dtype}
+        if plan and (self.max_grad_norm is not None or self.skip_nonfinite):
+            norm = _clip.total_norm(by_dtype, self._norm_kind, self.backend, plan[0][2],
+                                    n_threads)
+            self.last_grad_norm = norm
+            if self.skip_nonfinite and not math.isfinite(norm):
+                self.last_step_skipped = True
+                return None
+            if self.max_grad_norm is not None:
+                for dtype in by_dtype:
+                    args[dtype]["grad_scale"] = _clip.clip_coefficient(self.max_grad_norm,
+                                                                       norm, dtype)
+        return args
 
     # -- internals --------------------------------------------------------------------
 
@@ -301,6 +357,8 @@ class Optimizer:
         device = first[2][0]
         for dtype in dtypes:
             _backends.resolve(self._op, self.backend, device, dtype)
+            if self.max_grad_norm is not None or self.skip_nonfinite:
+                _backends.resolve("norm_partials", self.backend, device, dtype)
         return [(group, items, device) for group, items in plan]
 
     @staticmethod
@@ -333,7 +391,7 @@ class Optimizer:
                                      f"replaced?")
                 return
 
-    def _run_bucket(self, kernel, group, bucket, n_threads):
+    def _run_bucket(self, kernel, group, bucket, n_threads, grad):
         params, out, grads, states = [], [], [], []
         for flat, _, pv, gv in bucket:
             params.append(pv.array)
@@ -341,7 +399,7 @@ class Optimizer:
             out.append(pv.array if mutable else _interop.empty_like(pv.array))
             grads.append(gv.array)
             states.append(self.state[flat])
-        self._update(kernel, group, params, out, grads, states, n_threads)
+        self._update(kernel, group, params, out, grads, states, n_threads, grad)
         for (_, j, pv, _), result in zip(bucket, out):
             if pv.framework not in _interop.MUTABLE:
                 group["params"][j] = _interop.export(result, pv.framework)
@@ -352,5 +410,5 @@ class Optimizer:
     def _bucket_key(self, group, state):
         return None
 
-    def _update(self, kernel, group, params, out, grads, states, n_threads):
+    def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         raise NotImplementedError

@@ -8,18 +8,26 @@ derives the same quantities itself, written as the textbook update.
 import numpy as np
 
 
-def sgd_scalars(dtype, *, lr, momentum, dampening, weight_decay, nesterov, maximize, first):
-    return dict(gsign=-1.0 if maximize else 1.0, weight_decay=float(weight_decay),
+def grad_scalars(grad_scale, grad_clip, maximize):
+    """The gradient prologue shared by every rule: clamp bound and signed scale factor."""
+    return dict(clip=float(grad_clip), gscale=-grad_scale if maximize else grad_scale)
+
+
+def sgd_scalars(dtype, *, lr, momentum, dampening, weight_decay, nesterov, maximize, first,
+                grad_scale, grad_clip):
+    return dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                weight_decay=float(weight_decay),
                 momentum=float(momentum), one_minus_dampening=1.0 - dampening,
                 neg_lr=-float(lr), first=bool(first), nesterov=bool(nesterov))
 
 
-def adam_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, decoupled, maximize):
+def adam_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
+                 grad_scale, grad_clip):
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     one_minus_beta1 = 1 - beta1
     return dict(
-        gsign=-1.0 if maximize else 1.0,
+        **grad_scalars(grad_scale, grad_clip, maximize),
         weight_decay=0.0 if decoupled else float(weight_decay),
         decay=1 - lr * weight_decay if decoupled else 1.0,
         one_minus_beta1=one_minus_beta1,

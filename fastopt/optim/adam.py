@@ -30,7 +30,8 @@ class Adam(Optimizer):
         weight_decay (float): L2 penalty :math:`\lambda \ge 0`, added to the gradient. Default 0.
         amsgrad (bool): keep the running maximum of :math:`v_t`. Default False.
         maximize (bool): ascend instead of descend. Default False.
-        backend, n_threads: see :class:`fastopt.optim.Optimizer`.
+        backend, n_threads, max_grad_norm, grad_norm_type, max_grad_value, skip_nonfinite:
+            keyword-only; see :class:`fastopt.optim.Optimizer`.
 
     State per parameter: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v), and
     ``max_exp_avg_sq`` with amsgrad.
@@ -49,10 +50,10 @@ class Adam(Optimizer):
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, maximize=False, *, backend="auto", n_threads=None):
+                 amsgrad=False, maximize=False, **options):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize)
-        super().__init__(params, defaults, backend=backend, n_threads=n_threads)
+        super().__init__(params, defaults, **options)
 
     def _check_group(self, group, where):
         check_real(group, "lr", where, lo=0.0)
@@ -65,7 +66,7 @@ class Adam(Optimizer):
     def _bucket_key(self, group, state):
         return state.get("step", 0)
 
-    def _update(self, kernel, group, params, out, grads, states, n_threads):
+    def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         ensure_state(states, "exp_avg", params)
         ensure_state(states, "exp_avg_sq", params)
         if group["amsgrad"]:
@@ -79,7 +80,7 @@ class Adam(Optimizer):
                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
                step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                weight_decay=group["weight_decay"], decoupled=self._decoupled,
-               maximize=group["maximize"], n_threads=n_threads)
+               maximize=group["maximize"], n_threads=n_threads, **grad)
 
 
 class AdamW(Adam):
@@ -104,7 +105,6 @@ class AdamW(Adam):
     _decoupled = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, maximize=False, *, backend="auto", n_threads=None):
+                 amsgrad=False, maximize=False, **options):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize, backend=backend,
-                         n_threads=n_threads)
+                         amsgrad=amsgrad, maximize=maximize, **options)

@@ -25,7 +25,8 @@ class SGD(Optimizer):
         weight_decay (float): L2 penalty :math:`\lambda \ge 0`. Default 0.
         nesterov (bool): Nesterov momentum; needs momentum > 0 and dampening 0. Default False.
         maximize (bool): ascend instead of descend. Default False.
-        backend, n_threads: see :class:`fastopt.optim.Optimizer`.
+        backend, n_threads, max_grad_norm, grad_norm_type, max_grad_value, skip_nonfinite:
+            keyword-only; see :class:`fastopt.optim.Optimizer`.
 
     State per parameter: ``momentum_buffer`` (with momentum).
 
@@ -42,10 +43,10 @@ class SGD(Optimizer):
     _state_keys = ("momentum_buffer",)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, maximize=False, *, backend="auto", n_threads=None):
+                 nesterov=False, maximize=False, **options):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
-        super().__init__(params, defaults, backend=backend, n_threads=n_threads)
+        super().__init__(params, defaults, **options)
 
     def _check_group(self, group, where):
         check_real(group, "lr", where, lo=0.0)
@@ -60,7 +61,7 @@ class SGD(Optimizer):
     def _bucket_key(self, group, state):
         return "momentum_buffer" in state
 
-    def _update(self, kernel, group, params, out, grads, states, n_threads):
+    def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         momentum = group["momentum"]
         first = momentum != 0 and "momentum_buffer" not in states[0]  # same in the bucket
         if first:
@@ -69,4 +70,4 @@ class SGD(Optimizer):
                [s["momentum_buffer"] for s in states] if momentum != 0 else None,
                lr=group["lr"], momentum=momentum, dampening=group["dampening"],
                weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-               maximize=group["maximize"], first=first, n_threads=n_threads)
+               maximize=group["maximize"], first=first, n_threads=n_threads, **grad)

@@ -14,9 +14,11 @@ cnp.import_array()
 cdef extern from "chunks.h" nogil:
     ctypedef void (*fo_chunk_fn)(char **ptr, Py_ssize_t lo, Py_ssize_t n, const void *args) noexcept
 
-# 16384 elements: 64 KiB of float32 per operand, small enough to balance two threads over
-# a few uneven tensors, large enough that the per-chunk call costs nothing.
-DEF CHUNK = 16384
+# FO_CHUNK = 16384 elements: 64 KiB of float32 per operand, small enough to balance two
+# threads over a few uneven tensors, large enough that the per-chunk call costs nothing.
+# The norm reduction's fixed summation order is defined on these chunks.
+cdef extern from "fastopt/reduce.h" nogil:
+    const Py_ssize_t CHUNK "FO_CHUNK"
 # Each thread gets at least this many elements: waking a thread and joining it costs about
 # as much as updating ~30K elements, so a small step runs on fewer threads.
 DEF MIN_PER_THREAD = 32768

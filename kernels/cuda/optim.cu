@@ -20,11 +20,12 @@ typedef long long fo_i64;
 
 #define FO_DEFINE_CUDA_OPTIM(T, SFX, SQRT)                                                \
     extern "C" __global__ void fo_cuda_sgd_##SFX(                                         \
-        const fo_i64 *table, fo_i64 n_tensors, int has_buf, T gsign, T weight_decay,      \
-        T momentum, T one_minus_dampening, T neg_lr, int first, int nesterov)             \
+        const fo_i64 *table, fo_i64 n_tensors, int has_buf, T clip, T gscale,             \
+        T weight_decay, T momentum, T one_minus_dampening, T neg_lr, int first,           \
+        int nesterov)                                                                     \
     {                                                                                     \
-        const fo_sgd_args_##SFX a = {gsign, weight_decay, momentum, one_minus_dampening,  \
-                                     neg_lr, first, nesterov};                            \
+        const fo_sgd_args_##SFX a = {clip, gscale, weight_decay, momentum,                \
+                                     one_minus_dampening, neg_lr, first, nesterov};       \
         const int n_ops = has_buf ? 4 : 3;                                                \
         FO_CHUNK_BEGIN(n_ops)                                                             \
         {                                                                                 \
@@ -37,12 +38,12 @@ typedef long long fo_i64;
     }                                                                                     \
                                                                                           \
     extern "C" __global__ void fo_cuda_adam_##SFX(                                        \
-        const fo_i64 *table, fo_i64 n_tensors, int amsgrad, T gsign, T weight_decay,      \
-        T decay, T one_minus_beta1, T beta2, T one_minus_beta2, T bias_correction2_sqrt,  \
-        T eps, T neg_step_size, int lerp_hi)                                              \
+        const fo_i64 *table, fo_i64 n_tensors, int amsgrad, T clip, T gscale,             \
+        T weight_decay, T decay, T one_minus_beta1, T beta2, T one_minus_beta2,           \
+        T bias_correction2_sqrt, T eps, T neg_step_size, int lerp_hi)                     \
     {                                                                                     \
-        const fo_adam_args_##SFX a = {gsign, weight_decay, decay, one_minus_beta1, beta2, \
-                                      one_minus_beta2, bias_correction2_sqrt, eps,        \
+        const fo_adam_args_##SFX a = {clip, gscale, weight_decay, decay, one_minus_beta1, \
+                                      beta2, one_minus_beta2, bias_correction2_sqrt, eps, \
                                       neg_step_size, lerp_hi};                            \
         const int n_ops = amsgrad ? 6 : 5;                                                \
         FO_CHUNK_BEGIN(n_ops)                                                             \

@@ -14,8 +14,22 @@
 #include "fastopt/common.h"
 
 /*
+ * Every rule starts from the same gradient prologue: clip_grad_value_ (clamp to
+ * [-clip, clip]; clip = inf when off; NaN passes through, as torch.clamp), then the
+ * clip_grad_norm_ coefficient and maximize folded into one factor, gscale = +-coefficient.
+ */
+#define FO_DEFINE_GRAD(T, SFX, SQRT)                                                      \
+    FO_HD T fo_grad_##SFX(T g, T clip, T gscale)                                          \
+    {                                                                                     \
+        g = g < -clip ? -clip : (g > clip ? clip : g);                                    \
+        return gscale * g;                                                                \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_GRAD)
+#undef FO_DEFINE_GRAD
+
+/*
  * SGD (torch.optim.SGD):
- *   g <- sign * g (+ wd * p)
+ *   g <- gscale * clamp(g, -clip, clip) (+ wd * p)
  *   b <- g                              at the first step with momentum
  *   b <- momentum * b + (1 - dampening) * g   afterwards
  *   d <- g + momentum * b (nesterov) | b (momentum) | g (no momentum)
@@ -23,7 +37,8 @@
  */
 #define FO_DEFINE_SGD(T, SFX, SQRT)                                                       \
     typedef struct {                                                                      \
-        T gsign;          /* -1 when maximizing, else 1 */                                \
+        T clip;           /* clip_grad_value_ bound, inf when off */                      \
+        T gscale;         /* clip_grad_norm_ coefficient, negated when maximizing */      \
         T weight_decay;   /* L2 coefficient added to the gradient */                      \
         T momentum;                                                                       \
         T one_minus_dampening;                                                            \
@@ -34,7 +49,7 @@
                                                                                           \
     FO_HD T fo_sgd_##SFX(T p, T g, const fo_sgd_args_##SFX *a)                            \
     {                                                                                     \
-        g = a->gsign * g;                                                                 \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
         if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
         return p + a->neg_lr * g;                                                         \
     }                                                                                     \
@@ -42,7 +57,7 @@
     FO_HD T fo_sgd_momentum_##SFX(T p, T g, T *buf, const fo_sgd_args_##SFX *a)           \
     {                                                                                     \
         T b;                                                                              \
-        g = a->gsign * g;                                                                 \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
         if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
         b = a->first ? g : *buf * a->momentum + a->one_minus_dampening * g;               \
         *buf = b;                                                                         \
@@ -54,7 +69,8 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SGD)
 
 /*
  * Adam / AdamW (torch.optim.Adam, torch.optim.AdamW), step t:
- *   g <- sign * g (+ wd * p for Adam's L2 form);  p <- p * (1 - lr * wd) for AdamW
+ *   g <- gscale * clamp(g, -clip, clip) (+ wd * p for Adam's L2 form)
+ *   p <- p * (1 - lr * wd) for AdamW
  *   m <- lerp(m, g, 1 - beta1)
  *   v <- beta2 * v + (1 - beta2) * g * g
  *   vhat <- max(vhat, v) with amsgrad, else v
@@ -62,7 +78,8 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SGD)
  */
 #define FO_DEFINE_ADAM(T, SFX, SQRT)                                                      \
     typedef struct {                                                                      \
-        T gsign;                                                                          \
+        T clip;                                                                           \
+        T gscale;                                                                         \
         T weight_decay;   /* L2 coefficient (Adam); 0 for AdamW */                        \
         T decay;          /* 1 - lr * wd (AdamW); 1 for Adam */                           \
         T one_minus_beta1;                                                                \
@@ -77,7 +94,7 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SGD)
     /* the moments; returns the gradient after maximize and weight decay */               \
     FO_HD T fo_adam_moments_##SFX(T *p, T g, T *m, T *v, const fo_adam_args_##SFX *a)     \
     {                                                                                     \
-        g = a->gsign * g;                                                                 \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
         *p = *p * a->decay;                                                               \
         if (a->weight_decay != (T)0) g = g + a->weight_decay * *p;                        \
         *m = fo_lerp_##SFX(*m, g, a->one_minus_beta1, a->lerp_hi);                        \

@@ -1,0 +1,34 @@
+/*
+ * fastopt/reduce.h - the gradient-norm reduction, shared by the CPU loops and CUDA.
+ *
+ * The result must not depend on the backend, the thread count or the SIMD width, so the
+ * summation order is fixed: tensors are cut into chunks of FO_CHUNK elements; inside a
+ * chunk, element i is accumulated (in float64, in index order) into lane i % FO_NORM_LANES;
+ * the lanes are added in lane order; the chunks' partials are added in chunk order by the
+ * host. Norm kinds: 1 (sum |g|), 2 (sum g^2), 0 (max |g|, NaN propagating).
+ */
+#ifndef FASTOPT_REDUCE_H
+#define FASTOPT_REDUCE_H
+
+#include "fastopt/common.h"
+
+#define FO_CHUNK 16384
+#define FO_NORM_LANES 16
+
+#define FO_DEFINE_NORM_TERM(T, SFX, SQRT)                                                 \
+    FO_HD double fo_norm_term_##SFX(T g, int kind)                                        \
+    {                                                                                     \
+        double x = (double)g;                                                             \
+        return kind == 2 ? x * x : (x < 0 ? -x : x);                                      \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_NORM_TERM)
+#undef FO_DEFINE_NORM_TERM
+
+FO_HD double fo_norm_acc(double acc, double term, int kind)
+{
+    if (kind == 0)
+        return (term > acc || term != term) ? term : acc; /* NaN sticks once in */
+    return acc + term;
+}
+
+#endif /* FASTOPT_REDUCE_H */
