@@ -28,7 +28,7 @@ def test_harness_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert {r["rule"] for r in rows} == set(bench.RULES)
+    assert {r["rule"] for r in rows} == set(bench.DEFAULT_RULES)
     assert {r["case"] for r in rows} == {"20K", "3x5K"}
     names = {r["implementation"] for r in rows}
     assert {"stream limit (C kernel)", "fastopt cython", "numpy reference"} <= names
@@ -46,9 +46,18 @@ def test_harness_end_to_end(tmp_path, capsys):
     assert "% limit" in printed and "fastopt cython" in printed
 
 
+def test_harness_every_rule(tmp_path):
+    out = tmp_path / "all.json"
+    assert bench.main(["--rules", "all", "--cases", "3x3K", "--budget", "0",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["rule"] for r in rows} == set(bench.RULES)
+    assert all(r["median_ms"] > 0 for r in rows)
+
+
 def test_harness_rejects_unknown_rule():
     with pytest.raises(SystemExit):
-        bench.main(["--rules", "adamax", "--json", ""])
+        bench.main(["--rules", "adafactor", "--json", ""])
 
 
 def test_asv_suite_is_valid(tmp_path):

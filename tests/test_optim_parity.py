@@ -26,6 +26,18 @@ CONFIGS = [
     ("Adam", dict(lr=1e-2, amsgrad=True, maximize=True)),
     ("AdamW", dict(lr=1e-2)),
     ("AdamW", dict(lr=3e-3, betas=(0.5, 0.99), weight_decay=0.2, amsgrad=True)),
+    ("Adagrad", dict(lr=0.05, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.1)),
+    ("RMSprop", dict(lr=0.01, maximize=True)),
+    ("RMSprop", dict(lr=0.01, alpha=0.3, centered=True, momentum=0.9, weight_decay=0.01)),
+    ("RMSprop", dict(lr=0.01, momentum=0.5)),
+    ("Adadelta", dict(lr=1.0, rho=0.8, weight_decay=0.01)),
+    ("Adamax", dict(lr=0.01, betas=(0.3, 0.9), weight_decay=0.1)),
+    ("NAdam", dict(lr=0.01, momentum_decay=0.01)),
+    ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
+    ("RAdam", dict(lr=0.01, betas=(0.8, 0.95))),
+    ("RAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("Lion", dict(lr=1e-3, weight_decay=0.1)),
+    ("Lion", dict(lr=1e-3, betas=(0.5, 0.2), maximize=True)),
 ]
 
 

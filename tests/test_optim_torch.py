@@ -37,6 +37,23 @@ CONFIGS = [
     ("AdamW", dict(lr=1e-2, weight_decay=0.3)),
     ("AdamW", dict(lr=1e-2, betas=(0.5, 0.9), amsgrad=True, maximize=True)),
     ("AdamW", dict(lr=2e-3, weight_decay=0.0, eps=1e-4)),
+    ("Adagrad", dict()),
+    ("Adagrad", dict(lr=0.05, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.1,
+                     eps=1e-6, maximize=True)),
+    ("RMSprop", dict()),
+    ("RMSprop", dict(lr=3e-3, alpha=0.9, momentum=0.9, weight_decay=1e-2)),
+    ("RMSprop", dict(lr=1e-3, alpha=0.99, centered=True, maximize=True)),
+    ("RMSprop", dict(lr=1e-3, alpha=0.5, centered=True, momentum=0.5, eps=1e-6)),
+    ("Adadelta", dict()),
+    ("Adadelta", dict(lr=0.5, rho=0.7, eps=1e-4, weight_decay=0.05, maximize=True)),
+    ("Adamax", dict()),
+    ("Adamax", dict(lr=1e-2, betas=(0.3, 0.9), eps=1e-5, weight_decay=0.1)),
+    ("NAdam", dict()),
+    ("NAdam", dict(lr=1e-2, betas=(0.8, 0.99), momentum_decay=1e-2, weight_decay=0.1)),
+    ("NAdam", dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
+    ("RAdam", dict()),
+    ("RAdam", dict(lr=1e-2, betas=(0.8, 0.9), weight_decay=0.1)),
+    ("RAdam", dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
 ]
 
 TOLERANCE = {np.float64: 1e-12, np.float32: 4e-6}
@@ -74,6 +91,8 @@ def test_reference_matches_torch(config, dtype):
         for key, value in opt.state[i].items():
             if key == "step":
                 assert value == int(tstate["step"]) == STEPS
+            elif key == "mu_product":
+                assert value == float(tstate["mu_product"])
             else:
                 assert_close(value, tstate[key].numpy(), dtype, f"state[{i}][{key!r}]")
 

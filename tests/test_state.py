@@ -12,6 +12,13 @@ CONFIGS = [
     ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
     ("Adam", dict(lr=1e-2, amsgrad=True, weight_decay=0.1)),
     ("AdamW", dict(lr=1e-2)),
+    ("Adagrad", dict(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1)),
+    ("RMSprop", dict(lr=0.01, centered=True, momentum=0.9)),
+    ("Adadelta", dict(lr=1.0)),
+    ("Adamax", dict(lr=0.01)),
+    ("NAdam", dict(lr=0.01)),
+    ("RAdam", dict(lr=0.01)),
+    ("Lion", dict(lr=1e-3, weight_decay=0.1)),
 ]
 SIZES = (5, 1023, 40000)
 
@@ -117,6 +124,23 @@ def test_load_state_dict_rejects_what_does_not_fit():
             for key, value in st.items():
                 np.testing.assert_array_equal(opt.state[i][key], value)
         assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == before_groups
+
+
+def test_state_scalars_are_checked():
+    params, opt = start("NAdam", dict(lr=0.01), "cython")
+    opt.step(grads_at(0, np.float32))
+    sd = copy.deepcopy(opt.state_dict())
+    assert isinstance(sd["state"][0]["mu_product"], float)
+    sd["state"][0]["mu_product"] = float("nan")
+    with pytest.raises(ValueError, match=r"\['mu_product'\]: expected a finite number"):
+        opt.load_state_dict(sd)
+    lion_params, lion = start("Lion", dict(lr=0.01), "cython")
+    lion.step(grads_at(0, np.float32))
+    assert set(lion.state_dict()["state"][0]) == {"exp_avg"}
+    sd = copy.deepcopy(lion.state_dict())
+    sd["state"][0]["step"] = 3
+    with pytest.raises(ValueError, match=r"unknown keys \['step'\]"):
+        lion.load_state_dict(sd)
 
 
 def test_loaded_state_is_a_copy():

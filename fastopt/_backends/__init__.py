@@ -46,6 +46,13 @@ BACKENDS = {
 OPS = {
     "sgd_step": ("numpy", "cython", "numba", "cupy"),
     "adam_step": ("numpy", "cython", "numba", "cupy"),
+    "adagrad_step": ("numpy", "cython", "numba", "cupy"),
+    "rmsprop_step": ("numpy", "cython", "numba", "cupy"),
+    "adadelta_step": ("numpy", "cython", "numba", "cupy"),
+    "adamax_step": ("numpy", "cython", "numba", "cupy"),
+    "nadam_step": ("numpy", "cython", "numba", "cupy"),
+    "radam_step": ("numpy", "cython", "numba", "cupy"),
+    "lion_step": ("numpy", "cython", "numba", "cupy"),
     "norm_partials": ("numpy", "cython", "numba", "cupy"),
 }
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fastopt.optim._scalars import adam_scalars, sgd_scalars
+from fastopt._backends._pack import pack
+from fastopt.optim import _scalars
 
 CHUNK = 65536  # elements per thread block of the update kernels
 THREADS = 256
@@ -71,13 +72,19 @@ def _table(operands, chunk):
 
 
 def _launch(kernel, operands, scalars):
+    """One launch of fo_cuda_<kernel>_<f32|f64> over all tensors: the operand table, the
+    chunks and the packed fo_<rule>_args struct travel in one device array."""
     import cupy
     table, n_chunks = _table(operands, CHUNK)
     if not n_chunks:
         return
+    dtype = operands[0][0].dtype
+    args = pack(dtype, scalars).view(np.int64)
     with operands[0][0].device:
-        _module("optim.cu").get_function(kernel)(
-            (n_chunks,), (THREADS,), (cupy.asarray(table), np.int64(len(operands[0]))) + scalars)
+        _module("optim.cu").get_function(f"fo_cuda_{kernel}_{_suffix(dtype)}")(
+            (n_chunks,), (THREADS,),
+            (cupy.asarray(np.concatenate([table, args])), np.int64(len(operands[0])),
+             np.int64(table.size)))
 
 
 def norm_partials(grads, kind, *, n_threads):
@@ -93,35 +100,58 @@ def norm_partials(grads, kind, *, n_threads):
         return out.get()
 
 
-def _cast(dtype, *values):
-    return tuple(np.dtype(dtype).type(v) for v in values)
-
-
 def _suffix(dtype):
     return "f64" if dtype == np.float64 else "f32"
 
 
 def sgd_step(params, out, grads, momentum_buffers, *, n_threads, **hyper):
-    dtype = params[0].dtype
-    s = sgd_scalars(dtype, **hyper)
-    has_buf = momentum_buffers is not None
-    operands = (params, out, grads) + ((momentum_buffers,) if has_buf else ())
-    _launch(f"fo_cuda_sgd_{_suffix(dtype)}", operands,
-            (np.int32(has_buf),)
-            + _cast(dtype, s["clip"], s["gscale"], s["weight_decay"], s["momentum"],
-                    s["one_minus_dampening"], s["neg_lr"])
-            + (np.int32(s["first"]), np.int32(s["nesterov"])))
+    scalars = _scalars.sgd_scalars(params[0].dtype, **hyper)
+    if momentum_buffers is None:
+        _launch("sgd", (params, out, grads), scalars)
+    else:
+        _launch("sgd_momentum", (params, out, grads, momentum_buffers), scalars)
 
 
 def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, n_threads, **hyper):
-    dtype = params[0].dtype
-    s = adam_scalars(dtype, **hyper)
-    amsgrad = max_exp_avg_sqs is not None
-    operands = (params, out, grads, exp_avgs, exp_avg_sqs) + ((max_exp_avg_sqs,) if amsgrad else ())
-    _launch(f"fo_cuda_adam_{_suffix(dtype)}", operands,
-            (np.int32(amsgrad),)
-            + _cast(dtype, s["clip"], s["gscale"], s["weight_decay"], s["decay"],
-                    s["one_minus_beta1"],
-                    s["beta2"], s["one_minus_beta2"], s["bias_correction2_sqrt"], s["eps"],
-                    s["neg_step_size"])
-            + (np.int32(s["lerp_hi"]),))
+    scalars = _scalars.adam_scalars(params[0].dtype, **hyper)
+    if max_exp_avg_sqs is None:
+        _launch("adam", (params, out, grads, exp_avgs, exp_avg_sqs), scalars)
+    else:
+        _launch("adam_amsgrad", (params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs),
+                scalars)
+
+
+def adagrad_step(params, out, grads, state_sums, *, n_threads, **hyper):
+    _launch("adagrad", (params, out, grads, state_sums),
+            _scalars.adagrad_scalars(params[0].dtype, **hyper))
+
+
+def rmsprop_step(params, out, grads, square_avgs, grad_avgs, momentum_buffers, *, n_threads,
+                 **hyper):
+    operands = (params, out, grads, square_avgs) + tuple(
+        x for x in (grad_avgs, momentum_buffers) if x is not None)
+    _launch("rmsprop", operands, _scalars.rmsprop_scalars(params[0].dtype, **hyper))
+
+
+def adadelta_step(params, out, grads, square_avgs, acc_deltas, *, n_threads, **hyper):
+    _launch("adadelta", (params, out, grads, square_avgs, acc_deltas),
+            _scalars.adadelta_scalars(params[0].dtype, **hyper))
+
+
+def adamax_step(params, out, grads, exp_avgs, exp_infs, *, n_threads, **hyper):
+    _launch("adamax", (params, out, grads, exp_avgs, exp_infs),
+            _scalars.adamax_scalars(params[0].dtype, **hyper))
+
+
+def nadam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, n_threads, **hyper):
+    _launch("nadam", (params, out, grads, exp_avgs, exp_avg_sqs),
+            _scalars.nadam_scalars(params[0].dtype, **hyper))
+
+
+def radam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, n_threads, **hyper):
+    _launch("radam", (params, out, grads, exp_avgs, exp_avg_sqs),
+            _scalars.radam_scalars(params[0].dtype, **hyper))
+
+
+def lion_step(params, out, grads, exp_avgs, *, n_threads, **hyper):
+    _launch("lion", (params, out, grads, exp_avgs), _scalars.lion_scalars(params[0].dtype, **hyper))

@@ -17,6 +17,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fastopt._cpu._runtime import data_pointers
+from fastopt.optim import _scalars
 from fastopt.optim._scalars import adam_scalars, sgd_scalars
 
 CHUNK = 16384  # FO_CHUNK of fastopt/reduce.h
@@ -262,3 +263,241 @@ def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, n_t
                    s["neg_step_size"], 0.0], dtype)
     sc[10] = sc.dtype.type(1) - sc[4]  # torch's (T)1 - w, in the dtype
     (_adam_amsgrad if amsgrad else _adam)(ptrs, chunks, sc, s["lerp_hi"])
+
+
+# -- rules after SGD and Adam: each element function unpacks its scalars in the order of
+# fastopt.optim._scalars (the struct order of fastopt/optim.h): sc[0], sc[1] are the gradient
+# prologue's (clip, gscale); `fl` holds the flags.
+
+@njit(inline="always", **_JIT)
+def _one(sc):
+    """1 in the scalars' dtype: a bare literal 1 would promote float32 math to float64."""
+    return np.ones(1, sc.dtype)[0]
+
+
+@njit(inline="always", **_JIT)
+def _lerp(start, end, w, hi, one):
+    return end - (end - start) * (one - w) if hi else start + w * (end - start)
+
+
+@njit(inline="always", **_JIT)
+def _maximum(a, b):
+    return a if (a != a or a > b) else b  # torch.maximum: NaN propagates
+
+
+@njit(inline="always", **_JIT)
+def _l2(d, p, weight_decay):
+    return d + weight_decay * p if weight_decay != 0 else d
+
+
+@njit(inline="always", **_JIT)
+def _adagrad_element(p, g, s1, i, sc):
+    d = _l2(_grad(g, sc), p, sc[2])
+    s = s1[i] + d * d
+    s1[i] = s
+    return p + sc[3] * d / (np.sqrt(s) + sc[4])
+
+
+@njit(parallel=True, **_JIT)
+def _adagrad(ptrs, chunks, sc, fl):
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p, g = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
+        s1 = _view(ptrs, t, 3, lo, n, sc)
+        if ptrs[t, 0] == ptrs[t, 1]:
+            for i in range(n):
+                p[i] = _adagrad_element(p[i], g[i], s1, i, sc)
+        else:
+            out = _view(ptrs, t, 1, lo, n, sc)
+            for i in range(n):
+                out[i] = _adagrad_element(p[i], g[i], s1, i, sc)
+
+
+@njit(inline="always", **_JIT)
+def _rmsprop_element(p, g, sq, gavg, buf, i, sc, centered, use_momentum, lerp_hi, one):
+    alpha, one_minus_alpha, eps, momentum, neg_lr = sc[3], sc[4], sc[5], sc[6], sc[7]
+    d = _l2(_grad(g, sc), p, sc[2])
+    s = sq[i] * alpha + one_minus_alpha * d * d
+    sq[i] = s
+    if centered:
+        m = _lerp(gavg[i], d, one_minus_alpha, lerp_hi, one)
+        gavg[i] = m
+        r = np.sqrt(s - m * m)
+    else:
+        r = np.sqrt(s)
+    r = r + eps
+    if use_momentum:
+        b = buf[i] * momentum + d / r
+        buf[i] = b
+        return p + neg_lr * b
+    return p + neg_lr * d / r
+
+
+@njit(parallel=True, **_JIT)
+def _rmsprop(ptrs, chunks, sc, fl):
+    centered, use_momentum, lerp_hi = fl[0] != 0, fl[1] != 0, fl[2] != 0
+    k_buf = 5 if centered else 4
+    one = _one(sc)
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p, g = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
+        sq = _view(ptrs, t, 3, lo, n, sc)
+        gavg = _view(ptrs, t, 4 if centered else 3, lo, n, sc)
+        buf = _view(ptrs, t, k_buf if use_momentum else 3, lo, n, sc)
+        if ptrs[t, 0] == ptrs[t, 1]:
+            for i in range(n):
+                p[i] = _rmsprop_element(p[i], g[i], sq, gavg, buf, i, sc, centered,
+                                        use_momentum, lerp_hi, one)
+        else:
+            out = _view(ptrs, t, 1, lo, n, sc)
+            for i in range(n):
+                out[i] = _rmsprop_element(p[i], g[i], sq, gavg, buf, i, sc, centered,
+                                          use_momentum, lerp_hi, one)
+
+
+@njit(inline="always", **_JIT)
+def _adadelta_element(p, g, sq, acc, i, sc):
+    rho, one_minus_rho, eps, neg_lr = sc[3], sc[4], sc[5], sc[6]
+    d = _l2(_grad(g, sc), p, sc[2])
+    s = sq[i] * rho + one_minus_rho * d * d
+    sq[i] = s
+    delta = np.sqrt(acc[i] + eps) / np.sqrt(s + eps) * d
+    acc[i] = acc[i] * rho + one_minus_rho * delta * delta
+    return p + neg_lr * delta
+
+
+@njit(inline="always", **_JIT)
+def _adamax_element(p, g, m, u, i, sc, lerp_hi, one):
+    one_minus_beta1, beta2, eps, neg_clr = sc[3], sc[4], sc[5], sc[6]
+    d = _l2(_grad(g, sc), p, sc[2])
+    mm = _lerp(m[i], d, one_minus_beta1, lerp_hi, one)
+    uu = _maximum(u[i] * beta2, abs(d) + eps)
+    m[i] = mm
+    u[i] = uu
+    return p + neg_clr * mm / uu
+
+
+@njit(inline="always", **_JIT)
+def _moments(p, g, m, v, i, sc, lerp_hi, one):
+    """NAdam's and RAdam's shared start: (decayed p, gradient, m_i, v_i); m, v updated."""
+    weight_decay, decay, one_minus_beta1, beta2, one_minus_beta2 = sc[2], sc[3], sc[4], sc[5], sc[6]
+    d = _grad(g, sc)
+    p = p * decay
+    d = _l2(d, p, weight_decay)
+    mm = _lerp(m[i], d, one_minus_beta1, lerp_hi, one)
+    vv = v[i] * beta2 + one_minus_beta2 * d * d
+    m[i] = mm
+    v[i] = vv
+    return p, d, mm, vv
+
+
+@njit(inline="always", **_JIT)
+def _nadam_element(p, g, m, v, i, sc, fl, one):
+    bias_correction2, eps, grad_coef, avg_coef = sc[7], sc[8], sc[9], sc[10]
+    p, d, mm, vv = _moments(p, g, m, v, i, sc, fl[0] != 0, one)
+    denom = np.sqrt(vv / bias_correction2) + eps
+    p = p + grad_coef * d / denom
+    return p + avg_coef * mm / denom
+
+
+@njit(inline="always", **_JIT)
+def _radam_element(p, g, m, v, i, sc, fl, one):
+    bias_correction1, lr, bc2_sqrt, eps, rect = sc[7], sc[8], sc[9], sc[10], sc[11]
+    p, d, mm, vv = _moments(p, g, m, v, i, sc, fl[0] != 0, one)
+    u = mm / bias_correction1 * lr
+    if fl[1] != 0:
+        u = u * (bc2_sqrt / (np.sqrt(vv) + eps)) * rect
+    return p - u
+
+
+@njit(parallel=True, **_JIT)
+def _two_state(ptrs, chunks, sc, fl, rule):
+    """Rules with two state buffers: 0 Adadelta, 1 Adamax, 2 NAdam, 3 RAdam (`rule` is the
+    same for every element, so LLVM hoists the choice out of the loop)."""
+    one = _one(sc)
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p, g = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
+        s1, s2 = _view(ptrs, t, 3, lo, n, sc), _view(ptrs, t, 4, lo, n, sc)
+        out = _view(ptrs, t, 1, lo, n, sc)  # the same buffer as p when updating in place
+        for i in range(n):
+            if rule == 0:
+                out[i] = _adadelta_element(p[i], g[i], s1, s2, i, sc)
+            elif rule == 1:
+                out[i] = _adamax_element(p[i], g[i], s1, s2, i, sc, fl[0] != 0, one)
+            elif rule == 2:
+                out[i] = _nadam_element(p[i], g[i], s1, s2, i, sc, fl, one)
+            else:
+                out[i] = _radam_element(p[i], g[i], s1, s2, i, sc, fl, one)
+
+
+@njit(inline="always", **_JIT)
+def _lion_element(p, g, m, i, sc, one):
+    beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, neg_lr = (
+        sc[2], sc[3], sc[4], sc[5], sc[6], sc[7])
+    d = _grad(g, sc)
+    c = one_minus_beta1 * d + beta1 * m[i]
+    u = one if c > 0 else (-one if c < 0 else c)
+    m[i] = one_minus_beta2 * d + beta2 * m[i]
+    return p + neg_lr * (u + weight_decay * p)
+
+
+@njit(parallel=True, **_JIT)
+def _lion(ptrs, chunks, sc, fl):
+    one = _one(sc)
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p, g = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
+        m = _view(ptrs, t, 3, lo, n, sc)
+        if ptrs[t, 0] == ptrs[t, 1]:
+            for i in range(n):
+                p[i] = _lion_element(p[i], g[i], m, i, sc, one)
+        else:
+            out = _view(ptrs, t, 1, lo, n, sc)
+            for i in range(n):
+                out[i] = _lion_element(p[i], g[i], m, i, sc, one)
+
+
+def _run(kernel, operands, scalars, n_threads, *extra):
+    """Call a kernel with the scalars split into a dtype array and an int flag array."""
+    dtype, ptrs, chunks = _setup(operands, n_threads)
+    sc = np.array([v for v in scalars.values() if not isinstance(v, bool)], dtype)
+    fl = np.array([v for v in scalars.values() if isinstance(v, bool)] or [0], np.int64)
+    kernel(ptrs, chunks, sc, fl, *extra)
+
+
+def adagrad_step(params, out, grads, state_sums, *, n_threads, **hyper):
+    _run(_adagrad, (params, out, grads, state_sums),
+         _scalars.adagrad_scalars(params[0].dtype, **hyper), n_threads)
+
+
+def rmsprop_step(params, out, grads, square_avgs, grad_avgs, momentum_buffers, *, n_threads,
+                 **hyper):
+    operands = (params, out, grads, square_avgs) + tuple(
+        x for x in (grad_avgs, momentum_buffers) if x is not None)
+    _run(_rmsprop, operands, _scalars.rmsprop_scalars(params[0].dtype, **hyper), n_threads)
+
+
+def adadelta_step(params, out, grads, square_avgs, acc_deltas, *, n_threads, **hyper):
+    _run(_two_state, (params, out, grads, square_avgs, acc_deltas),
+         _scalars.adadelta_scalars(params[0].dtype, **hyper), n_threads, 0)
+
+
+def adamax_step(params, out, grads, exp_avgs, exp_infs, *, n_threads, **hyper):
+    _run(_two_state, (params, out, grads, exp_avgs, exp_infs),
+         _scalars.adamax_scalars(params[0].dtype, **hyper), n_threads, 1)
+
+
+def nadam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, n_threads, **hyper):
+    _run(_two_state, (params, out, grads, exp_avgs, exp_avg_sqs),
+         _scalars.nadam_scalars(params[0].dtype, **hyper), n_threads, 2)
+
+
+def radam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, n_threads, **hyper):
+    _run(_two_state, (params, out, grads, exp_avgs, exp_avg_sqs),
+         _scalars.radam_scalars(params[0].dtype, **hyper), n_threads, 3)
+
+
+def lion_step(params, out, grads, exp_avgs, *, n_threads, **hyper):
+    _run(_lion, (params, out, grads, exp_avgs), _scalars.lion_scalars(params[0].dtype, **hyper),
+         n_threads)

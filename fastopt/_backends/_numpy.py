@@ -99,3 +99,134 @@ def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, ste
             v = max_exp_avg_sqs[i]
         denom = np.sqrt(v) / s(bias_correction2_sqrt) + s(eps)
         out[i][...] = p + s(-step_size) * m / denom
+
+
+def _sign(x):
+    # -1, 1, or x itself for zeros and NaN (jnp.sign's values, zero signs kept as the kernels)
+    return np.where(x > 0, x.dtype.type(1), np.where(x < 0, x.dtype.type(-1), x))
+
+
+def _prologue(p, g, grad_clip, grad_scale, maximize, weight_decay):
+    """The gradient as torch's single-tensor loop sees it: clipped, negated if maximizing,
+    plus L2 weight decay."""
+    g = _clip_and_scale(g, grad_clip, grad_scale)
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g + p.dtype.type(weight_decay) * p
+    return g
+
+
+def adagrad_step(params, out, grads, state_sums, *, step, lr, lr_decay, weight_decay, eps,
+                 maximize, grad_scale=1.0, grad_clip=float("inf"), n_threads=1):
+    clr = lr / (1 + (step - 1) * lr_decay)
+    for i, (p, g, state_sum) in enumerate(zip(params, grads, state_sums)):
+        s = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, weight_decay)
+        state_sum[...] = state_sum + g * g
+        std = np.sqrt(state_sum) + s(eps)
+        out[i][...] = p + s(-clr) * g / std
+
+
+def rmsprop_step(params, out, grads, square_avgs, grad_avgs, momentum_buffers, *, lr, alpha,
+                 eps, weight_decay, momentum, centered, maximize, grad_scale=1.0,
+                 grad_clip=float("inf"), n_threads=1):
+    for i, (p, g, square_avg) in enumerate(zip(params, grads, square_avgs)):
+        s = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, weight_decay)
+        square_avg[...] = square_avg * s(alpha) + s(1 - alpha) * g * g
+        if centered:
+            grad_avgs[i][...] = _lerp(grad_avgs[i], g, s(1 - alpha))
+            avg = np.sqrt(square_avg + s(-1) * grad_avgs[i] * grad_avgs[i])
+        else:
+            avg = np.sqrt(square_avg)
+        avg = avg + s(eps)
+        if momentum > 0:
+            buf = momentum_buffers[i]
+            buf[...] = buf * s(momentum) + g / avg
+            out[i][...] = p + s(-lr) * buf
+        else:
+            out[i][...] = p + s(-lr) * g / avg
+
+
+def adadelta_step(params, out, grads, square_avgs, acc_deltas, *, lr, rho, eps, weight_decay,
+                  maximize, grad_scale=1.0, grad_clip=float("inf"), n_threads=1):
+    for i, (p, g, square_avg, acc_delta) in enumerate(zip(params, grads, square_avgs, acc_deltas)):
+        s = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, weight_decay)
+        square_avg[...] = square_avg * s(rho) + s(1 - rho) * g * g
+        std = np.sqrt(square_avg + s(eps))
+        delta = np.sqrt(acc_delta + s(eps)) / std * g
+        acc_delta[...] = acc_delta * s(rho) + s(1 - rho) * delta * delta
+        out[i][...] = p + s(-lr) * delta
+
+
+def adamax_step(params, out, grads, exp_avgs, exp_infs, *, step, lr, beta1, beta2, eps,
+                weight_decay, maximize, grad_scale=1.0, grad_clip=float("inf"), n_threads=1):
+    clr = lr / (1 - beta1 ** step)
+    for i, (p, g, exp_avg, exp_inf) in enumerate(zip(params, grads, exp_avgs, exp_infs)):
+        s = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, weight_decay)
+        exp_avg[...] = _lerp(exp_avg, g, s(1 - beta1))
+        np.maximum(exp_inf * s(beta2), np.abs(g) + s(eps), out=exp_inf)
+        out[i][...] = p + s(-clr) * exp_avg / exp_inf
+
+
+def _decay(p, g, lr, weight_decay, decoupled):
+    """Decoupled (p shrinks by 1 - lr wd) or L2 (wd p joins the gradient) weight decay."""
+    if weight_decay != 0:
+        if decoupled:
+            p = p * p.dtype.type(1 - lr * weight_decay)
+        else:
+            g = g + p.dtype.type(weight_decay) * p
+    return p, g
+
+
+def nadam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, step, mu_product, lr, beta1,
+               beta2, eps, weight_decay, momentum_decay, decoupled, maximize, grad_scale=1.0,
+               grad_clip=float("inf"), n_threads=1):
+    """`mu_product` is the running product of mu_1..mu_t, after this step's factor."""
+    bias_correction2 = 1 - beta2 ** step
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    for i, (p, g, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        s = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
+        p, g = _decay(p, g, lr, weight_decay, decoupled)
+        exp_avg[...] = _lerp(exp_avg, g, s(1 - beta1))
+        exp_avg_sq[...] = exp_avg_sq * s(beta2) + s(1 - beta2) * g * g
+        denom = np.sqrt(exp_avg_sq / s(bias_correction2)) + s(eps)
+        p = p + s(-lr * (1.0 - mu) / (1.0 - mu_product)) * g / denom
+        out[i][...] = p + s((-lr * mu_next) / (1.0 - mu_product * mu_next)) * exp_avg / denom
+
+
+def radam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
+               weight_decay, decoupled, maximize, grad_scale=1.0, grad_clip=float("inf"),
+               n_threads=1):
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2 ** step) / bias_correction2
+    for i, (p, g, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        s = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
+        p, g = _decay(p, g, lr, weight_decay, decoupled)
+        exp_avg[...] = _lerp(exp_avg, g, s(1 - beta1))
+        exp_avg_sq[...] = exp_avg_sq * s(beta2) + s(1 - beta2) * g * g
+        update = exp_avg / s(bias_correction1) * s(lr)
+        if rho_t > 5.0:
+            rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
+                    / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+            adaptive_lr = s(bias_correction2 ** 0.5) / (np.sqrt(exp_avg_sq) + s(eps))
+            update = update * adaptive_lr * s(rect)
+        out[i][...] = p + s(-1) * update
+
+
+def lion_step(params, out, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize,
+              grad_scale=1.0, grad_clip=float("inf"), n_threads=1):
+    for i, (p, g, exp_avg) in enumerate(zip(params, grads, exp_avgs)):
+        s = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
+        update = _sign(s(1 - beta1) * g + s(beta1) * exp_avg)
+        exp_avg[...] = s(1 - beta2) * g + s(beta2) * exp_avg
+        out[i][...] = p + s(-lr) * (update + s(weight_decay) * p)

@@ -37,7 +37,15 @@ RULES = {
     "adamw": ("AdamW", dict(lr=1e-3, weight_decay=1e-2), 2, None),
     "sgd": ("SGD", dict(lr=1e-3, momentum=0.9), 1, None),
     "adam+clip": ("Adam", dict(lr=1e-3), 2, 1.0),
+    "adagrad": ("Adagrad", dict(lr=1e-2), 1, None),
+    "rmsprop": ("RMSprop", dict(lr=1e-2), 1, None),
+    "adadelta": ("Adadelta", dict(lr=1.0), 2, None),
+    "adamax": ("Adamax", dict(lr=2e-3), 2, None),
+    "nadam": ("NAdam", dict(lr=2e-3), 2, None),
+    "radam": ("RAdam", dict(lr=1e-3), 2, None),
+    "lion": ("Lion", dict(lr=1e-4), 1, None),
 }
+DEFAULT_RULES = ("adam", "adamw", "sgd", "adam+clip")
 DEFAULT_CASES = ("1M", "10M", "50M", "200x50K")
 _EVICT_BYTES = 64 << 20  # twice this machine's 32 MiB L3; more than most servers' per-socket L3
 
@@ -169,7 +177,7 @@ def implementations(cls, hyper, clip, sizes, n_threads, include_numpy):
     return impls
 
 
-def run(rules=tuple(RULES), cases=DEFAULT_CASES, n_threads=None, numpy_max=10**7,
+def run(rules=DEFAULT_RULES, cases=DEFAULT_CASES, n_threads=None, numpy_max=10**7,
         budget=1.0, out=None):
     """Measure everything; print the table to `out` (stdout) as it goes; return the results."""
     out = out or sys.stdout
@@ -195,7 +203,8 @@ def run(rules=tuple(RULES), cases=DEFAULT_CASES, n_threads=None, numpy_max=10**7
                 try:
                     steps.append(factory())
                     names.append(name)
-                except (RuntimeError, TypeError, ValueError) as exc:  # e.g. fused unsupported
+                except (AttributeError, RuntimeError, TypeError, ValueError) as exc:
+                    # torch has no such rule (Lion), or no fused/foreach form of it
                     print(f"{rule:<6} {case:<9} {name:<30} skipped: {exc}", file=out)
             medians = time_interleaved(steps, budget=budget)
             del steps
@@ -233,8 +242,9 @@ def main(argv=None):
         prog="python -m fastopt.bench",
         description="Time fastopt's optimizer steps against torch.optim and NumPy, as a "
                     "percentage of this machine's streaming bandwidth.")
-    parser.add_argument("--rules", default=",".join(RULES),
-                        help=f"comma-separated rules (default: {','.join(RULES)})")
+    parser.add_argument("--rules", default=",".join(DEFAULT_RULES),
+                        help=f"comma-separated rules from {', '.join(RULES)}, or 'all' "
+                             f"(default: {','.join(DEFAULT_RULES)})")
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
                         help="comma-separated sizes: 10M is one tensor, 200x50K is 200 tensors "
                              f"averaging 50K (default: {','.join(DEFAULT_CASES)})")
@@ -248,6 +258,8 @@ def main(argv=None):
                         help="where to write the results as JSON ('' for nowhere)")
     args = parser.parse_args(argv)
     rules = [r.strip().lower() for r in args.rules.split(",") if r.strip()]
+    if rules == ["all"]:
+        rules = list(RULES)
     unknown = [r for r in rules if r not in RULES]
     if unknown:
         parser.error(f"unknown rule(s) {unknown}; choose from {list(RULES)}")

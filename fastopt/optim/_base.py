@@ -58,11 +58,19 @@ def check_betas(group, where):
         for k, beta in enumerate(betas))
 
 
-def ensure_state(states, name, likes):
-    """Create ``state[name]`` as zeros shaped like the parameter where it is missing."""
+def ensure_state(states, name, likes, fill=0.0):
+    """Create ``state[name]`` filled with `fill`, shaped like the parameter, where missing."""
     for state, like in zip(states, likes):
         if name not in state:
-            state[name] = _interop.zeros_like(like)
+            state[name] = _interop.full_like(like, fill) if fill else _interop.zeros_like(like)
+
+
+def advance_step(states):
+    """Count one more step in each state (the same count across a bucket); return it."""
+    step = states[0].get("step", 0) + 1
+    for state in states:
+        state["step"] = step
+    return step
 
 
 class Optimizer:
@@ -91,6 +99,7 @@ class Optimizer:
 
     _op = None
     _state_keys = ()  # names of the per-parameter state arrays
+    _state_scalars = {"step": int}  # names and types of the per-parameter state numbers
 
     def __init__(self, params, defaults, *, backend="auto", n_threads=None, max_grad_norm=None,
                  grad_norm_type=2.0, max_grad_value=None, skip_nonfinite=False):
@@ -240,17 +249,23 @@ class Optimizer:
     def _load_state_entry(self, entry, like, where):
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: expected a dict, got {type(entry).__name__}")
-        unknown = set(entry) - set(self._state_keys) - {"step"}
+        known = set(self._state_keys) | set(self._state_scalars)
+        unknown = set(entry) - known
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)} for "
-                             f"{type(self).__name__}; expected some of "
-                             f"{sorted(('step',) + self._state_keys)}")
+                             f"{type(self).__name__}; expected some of {sorted(known)}")
         loaded = {}
         for key, value in entry.items():
-            if key == "step":
+            kind = self._state_scalars.get(key)
+            if kind is int:
                 if isinstance(value, bool) or int(value) != value or value < 0:
-                    raise ValueError(f"{where}['step']: expected an integer >= 0, got {value!r}")
+                    raise ValueError(f"{where}[{key!r}]: expected an integer >= 0, got {value!r}")
                 loaded[key] = int(value)
+                continue
+            if kind is float:
+                if isinstance(value, bool) or not math.isfinite(float(value)):
+                    raise ValueError(f"{where}[{key!r}]: expected a finite number, got {value!r}")
+                loaded[key] = float(value)
                 continue
             if tuple(value.shape) != tuple(like.shape) or str(value.dtype) != str(like.dtype):
                 raise ValueError(f"{where}[{key!r}]: shape {tuple(value.shape)} and dtype "

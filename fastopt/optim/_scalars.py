@@ -3,6 +3,10 @@
 The compiled backends (Cython, Numba, CuPy) pass these to their kernels, which cast them to
 the parameter's dtype; kernels never compute powers such as beta**t. The NumPy reference
 derives the same quantities itself, written as the textbook update.
+
+Each function returns the fields of the rule's fo_<rule>_args struct (fastopt/optim.h) in
+struct order: the real-valued fields (floats), then the flags (bools). tests/test_kernels.py
+checks the order against the header.
 """
 
 import numpy as np
@@ -36,6 +40,97 @@ def adam_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, decoupled,
         bias_correction2_sqrt=bias_correction2 ** 0.5,
         eps=float(eps),
         neg_step_size=-(lr / bias_correction1),
-        # torch picks its lerp formula on the weight as cast to the tensor's dtype
-        lerp_hi=bool(abs(np.dtype(dtype).type(one_minus_beta1)) >= 0.5),
+        lerp_hi=_lerp_hi(dtype, one_minus_beta1),
     )
+
+
+def _lerp_hi(dtype, weight):
+    """torch picks its lerp formula on the weight as cast to the tensor's dtype."""
+    return bool(abs(np.dtype(dtype).type(weight)) >= 0.5)
+
+
+def _decoupled(lr, weight_decay, decoupled):
+    """(L2 coefficient added to the gradient, factor applied to the parameter)."""
+    if decoupled:
+        return 0.0, 1 - lr * weight_decay
+    return float(weight_decay), 1.0
+
+
+def adagrad_scalars(dtype, *, step, lr, lr_decay, weight_decay, eps, maximize, grad_scale,
+                    grad_clip):
+    return dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                weight_decay=float(weight_decay),
+                neg_clr=-(lr / (1 + (step - 1) * lr_decay)), eps=float(eps))
+
+
+def rmsprop_scalars(dtype, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
+                    grad_scale, grad_clip):
+    return dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                weight_decay=float(weight_decay), alpha=float(alpha),
+                one_minus_alpha=1 - alpha, eps=float(eps), momentum=float(momentum),
+                neg_lr=-float(lr), centered=bool(centered), use_momentum=momentum > 0,
+                lerp_hi=_lerp_hi(dtype, 1 - alpha))
+
+
+def adadelta_scalars(dtype, *, lr, rho, eps, weight_decay, maximize, grad_scale, grad_clip):
+    return dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                weight_decay=float(weight_decay), rho=float(rho), one_minus_rho=1 - rho,
+                eps=float(eps), neg_lr=-float(lr))
+
+
+def adamax_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
+                   grad_clip):
+    return dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                weight_decay=float(weight_decay), one_minus_beta1=1 - beta1,
+                beta2=float(beta2), eps=float(eps), neg_clr=-(lr / (1 - beta1 ** step)),
+                lerp_hi=_lerp_hi(dtype, 1 - beta1))
+
+
+def nadam_coefficients(step, mu_product, *, beta1, momentum_decay):
+    """(mu_t, mu_{t+1}, mu_product after step t) as torch computes them; torch keeps the
+    running product as a float32 tensor, so it is rounded to float32 here too."""
+    f32 = np.float32
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    return mu, mu_next, float(f32(mu_product) * f32(mu))
+
+
+def nadam_scalars(dtype, *, step, mu_product, lr, beta1, beta2, eps, weight_decay,
+                  momentum_decay, decoupled, maximize, grad_scale, grad_clip):
+    """`mu_product` is the state's running product after this step's update."""
+    mu, mu_next, _ = nadam_coefficients(step, 1.0, beta1=beta1, momentum_decay=momentum_decay)
+    wd, decay = _decoupled(lr, weight_decay, decoupled)
+    return dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                weight_decay=wd, decay=decay, one_minus_beta1=1 - beta1, beta2=float(beta2),
+                one_minus_beta2=1 - beta2, bias_correction2=1 - beta2 ** step, eps=float(eps),
+                grad_coef=-lr * (1.0 - mu) / (1.0 - mu_product),
+                avg_coef=(-lr * mu_next) / (1.0 - mu_product * mu_next),
+                lerp_hi=_lerp_hi(dtype, 1 - beta1))
+
+
+def radam_rectification(step, beta2):
+    """(rectify?, r_t) of RAdam at step t, as torch computes them."""
+    bias_correction2 = 1 - beta2 ** step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2 ** step) / bias_correction2
+    if rho_t > 5.0:
+        return True, ((rho_t - 4) * (rho_t - 2) * rho_inf
+                      / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+    return False, 1.0
+
+
+def radam_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
+                  grad_scale, grad_clip):
+    wd, decay = _decoupled(lr, weight_decay, decoupled)
+    rectify, rect = radam_rectification(step, beta2)
+    return dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                weight_decay=wd, decay=decay, one_minus_beta1=1 - beta1, beta2=float(beta2),
+                one_minus_beta2=1 - beta2, bias_correction1=1 - beta1 ** step, lr=float(lr),
+                bias_correction2_sqrt=(1 - beta2 ** step) ** 0.5, eps=float(eps), rect=rect,
+                lerp_hi=_lerp_hi(dtype, 1 - beta1), rectify=rectify)
+
+
+def lion_scalars(dtype, *, lr, beta1, beta2, weight_decay, maximize, grad_scale, grad_clip):
+    return dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                beta1=float(beta1), one_minus_beta1=1 - beta1, beta2=float(beta2),
+                one_minus_beta2=1 - beta2, weight_decay=float(weight_decay), neg_lr=-float(lr))

@@ -8,43 +8,60 @@
 #include "chunks.h"
 #include "fastopt/optim.h"
 
-#define FO_DEFINE_OPTIM_LOOPS(T, SFX, SQRT)                                               \
-    /* operands: p, p_out, g */                                                           \
-    FO_MULTIVERSION static void fo_cpu_sgd_##SFX(char **ptr, ptrdiff_t lo, ptrdiff_t n, const void *args) \
+/* fo_cpu_<NAME>_<SFX>: element function fo_<FN>_<SFX> with args fo_<ARGS>_args_<SFX> and
+   K = 0..3 state operands after the gradient */
+#define FO_CHUNK_HEAD(T, SFX, NAME, ARGS)                                                 \
+    FO_MULTIVERSION static void fo_cpu_##NAME##_##SFX(char **ptr, ptrdiff_t lo,           \
+                                                      ptrdiff_t n, const void *args)      \
     {                                                                                     \
-        const fo_sgd_args_##SFX a = *(const fo_sgd_args_##SFX *)args;                     \
-        const T *restrict g = (const T *)ptr[2] + lo;                                     \
-        FO_PARAM_LOOP(T, fo_sgd_##SFX, g[i], &a);                                         \
-    }                                                                                     \
-    /* operands: p, p_out, g, momentum_buffer */                                          \
-    FO_MULTIVERSION static void fo_cpu_sgd_momentum_##SFX(char **ptr, ptrdiff_t lo, ptrdiff_t n,          \
-                                          const void *args)                               \
-    {                                                                                     \
-        const fo_sgd_args_##SFX a = *(const fo_sgd_args_##SFX *)args;                     \
-        const T *restrict g = (const T *)ptr[2] + lo;                                     \
-        T *restrict b = (T *)ptr[3] + lo;                                                 \
-        FO_PARAM_LOOP(T, fo_sgd_momentum_##SFX, g[i], b + i, &a);                         \
-    }                                                                                     \
-    /* operands: p, p_out, g, exp_avg, exp_avg_sq */                                      \
-    FO_MULTIVERSION static void fo_cpu_adam_##SFX(char **ptr, ptrdiff_t lo, ptrdiff_t n, const void *args)\
-    {                                                                                     \
-        const fo_adam_args_##SFX a = *(const fo_adam_args_##SFX *)args;                   \
-        const T *restrict g = (const T *)ptr[2] + lo;                                     \
-        T *restrict m = (T *)ptr[3] + lo;                                                 \
-        T *restrict v = (T *)ptr[4] + lo;                                                 \
-        FO_PARAM_LOOP(T, fo_adam_##SFX, g[i], m + i, v + i, &a);                          \
-    }                                                                                     \
-    /* operands: p, p_out, g, exp_avg, exp_avg_sq, max_exp_avg_sq */                      \
-    FO_MULTIVERSION static void fo_cpu_adam_amsgrad_##SFX(char **ptr, ptrdiff_t lo, ptrdiff_t n,          \
-                                          const void *args)                               \
-    {                                                                                     \
-        const fo_adam_args_##SFX a = *(const fo_adam_args_##SFX *)args;                   \
-        const T *restrict g = (const T *)ptr[2] + lo;                                     \
-        T *restrict m = (T *)ptr[3] + lo;                                                 \
-        T *restrict v = (T *)ptr[4] + lo;                                                 \
-        T *restrict vmax = (T *)ptr[5] + lo;                                              \
-        FO_PARAM_LOOP(T, fo_adam_amsgrad_##SFX, g[i], m + i, v + i, vmax + i, &a);        \
+        const fo_##ARGS##_args_##SFX a = *(const fo_##ARGS##_args_##SFX *)args;           \
+        const T *restrict g = (const T *)ptr[2] + lo;
+#define FO_STATE(T, K) T *restrict s##K = (T *)ptr[2 + K] + lo;
+
+#define FO_CHUNK0(T, SFX, NAME, FN, ARGS)                                                 \
+    FO_CHUNK_HEAD(T, SFX, NAME, ARGS)                                                     \
+        FO_PARAM_LOOP(T, fo_##FN##_##SFX, g[i], &a);                                      \
     }
+#define FO_CHUNK1(T, SFX, NAME, FN, ARGS)                                                 \
+    FO_CHUNK_HEAD(T, SFX, NAME, ARGS)                                                     \
+        FO_STATE(T, 1)                                                                    \
+        FO_PARAM_LOOP(T, fo_##FN##_##SFX, g[i], s1 + i, &a);                              \
+    }
+#define FO_CHUNK2(T, SFX, NAME, FN, ARGS)                                                 \
+    FO_CHUNK_HEAD(T, SFX, NAME, ARGS)                                                     \
+        FO_STATE(T, 1) FO_STATE(T, 2)                                                     \
+        FO_PARAM_LOOP(T, fo_##FN##_##SFX, g[i], s1 + i, s2 + i, &a);                      \
+    }
+#define FO_CHUNK3(T, SFX, NAME, FN, ARGS)                                                 \
+    FO_CHUNK_HEAD(T, SFX, NAME, ARGS)                                                     \
+        FO_STATE(T, 1) FO_STATE(T, 2) FO_STATE(T, 3)                                      \
+        FO_PARAM_LOOP(T, fo_##FN##_##SFX, g[i], s1 + i, s2 + i, s3 + i, &a);              \
+    }
+
+/* RMSprop: square_avg, then grad_avg if centered, then momentum_buffer if momentum > 0;
+   an absent operand is NULL and never touched */
+#define FO_CHUNK_RMSPROP(T, SFX)                                                          \
+    FO_CHUNK_HEAD(T, SFX, rmsprop, rmsprop)                                               \
+        int k = 4;                                                                        \
+        T *restrict sq = (T *)ptr[3] + lo;                                                \
+        T *restrict gavg = a.centered ? (T *)ptr[k++] + lo : NULL;                        \
+        T *restrict buf = a.use_momentum ? (T *)ptr[k++] + lo : NULL;                     \
+        FO_PARAM_LOOP(T, fo_rmsprop_##SFX, g[i], sq + i, gavg ? gavg + i : NULL,          \
+                      buf ? buf + i : NULL, &a);                                          \
+    }
+
+#define FO_DEFINE_OPTIM_LOOPS(T, SFX, SQRT, FABS)                                         \
+    FO_CHUNK0(T, SFX, sgd, sgd, sgd)                       /* p, p_out, g */              \
+    FO_CHUNK1(T, SFX, sgd_momentum, sgd_momentum, sgd)     /* + momentum_buffer */        \
+    FO_CHUNK2(T, SFX, adam, adam, adam)                    /* + exp_avg, exp_avg_sq */    \
+    FO_CHUNK3(T, SFX, adam_amsgrad, adam_amsgrad, adam)    /* + max_exp_avg_sq */         \
+    FO_CHUNK1(T, SFX, adagrad, adagrad, adagrad)           /* + sum */                    \
+    FO_CHUNK_RMSPROP(T, SFX)                                                              \
+    FO_CHUNK2(T, SFX, adadelta, adadelta, adadelta)        /* + square_avg, acc_delta */  \
+    FO_CHUNK2(T, SFX, adamax, adamax, adamax)              /* + exp_avg, exp_inf */       \
+    FO_CHUNK2(T, SFX, nadam, nadam, nadam)                 /* + exp_avg, exp_avg_sq */    \
+    FO_CHUNK2(T, SFX, radam, radam, radam)                 /* + exp_avg, exp_avg_sq */    \
+    FO_CHUNK1(T, SFX, lion, lion, lion)                    /* + exp_avg */
 FO_DEFINE_FOR_REALS(FO_DEFINE_OPTIM_LOOPS)
 #undef FO_DEFINE_OPTIM_LOOPS
 

@@ -10,7 +10,7 @@
 #include "chunks.h"
 #include "fastopt/reduce.h"
 
-#define FO_DEFINE_NORM_CHUNK(T, SFX, SQRT)                                                \
+#define FO_DEFINE_NORM_CHUNK(T, SFX, SQRT, FABS)                                                \
     static inline __attribute__((always_inline)) double                                  \
     fo_norm_lanes_##SFX(const T *restrict g, ptrdiff_t n, int kind)                       \
     {                                                                                     \

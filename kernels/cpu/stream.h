@@ -26,7 +26,7 @@
         for (i = 0; i < n; i++) { BODY }                                                  \
     } while (0)
 
-#define FO_DEFINE_STREAM(T, SFX, SQRT)                                                    \
+#define FO_DEFINE_STREAM(T, SFX, SQRT, FABS)                                                    \
     FO_MULTIVERSION static void fo_stream_rw1_##SFX(char **ptr, ptrdiff_t lo, ptrdiff_t n, const void *args)\
     {                                                                                     \
         FO_STREAM_RW(T, 1, x1[i] += c * g[i];);                                           \

@@ -2,60 +2,72 @@
  * optim.cu - optimizer update rules on NVIDIA GPUs, compiled at run time by CuPy (NVRTC).
  *
  * Many tensors, one launch: `table` is a device int64 array holding, for each tensor, its
- * operand addresses (n_ops of them: param in, param out, grad, state...) and then, for each
- * chunk, (tensor, offset, length). One thread block runs one chunk with a block-stride loop.
+ * operand addresses (N_OPS of them: param in, param out, grad, state...), then, for each
+ * chunk, (tensor, offset, length), then at `args_at` the rule's fo_<rule>_args struct (the
+ * same bytes the CPU loops get). One thread block runs one chunk with a block-stride loop.
  * The element math is the shared header's, the same functions the CPU loops call.
  */
 #include "fastopt/optim.h"
 
 typedef long long fo_i64;
 
-#define FO_CHUNK_BEGIN(N_OPS)                                                             \
-    const fo_i64 *chunk_ = table + n_tensors * (N_OPS) + 3 * (fo_i64)blockIdx.x;         \
-    const fo_i64 *ops_ = table + chunk_[0] * (N_OPS);                                    \
-    const fo_i64 lo_ = chunk_[1], n_ = chunk_[2];                                         \
-    for (fo_i64 i = threadIdx.x; i < n_; i += blockDim.x)
-
-#define FO_OPERAND(T, K) (((T *)ops_[K]) + lo_)
-
-#define FO_DEFINE_CUDA_OPTIM(T, SFX, SQRT)                                                \
-    extern "C" __global__ void fo_cuda_sgd_##SFX(                                         \
-        const fo_i64 *table, fo_i64 n_tensors, int has_buf, T clip, T gscale,             \
-        T weight_decay, T momentum, T one_minus_dampening, T neg_lr, int first,           \
-        int nesterov)                                                                     \
+/* fo_cuda_<NAME>_<SFX>: element function fo_<FN>_<SFX>, args fo_<ARGS>_args_<SFX> */
+#define FO_CUDA_HEAD(T, SFX, NAME, ARGS)                                                  \
+    extern "C" __global__ void fo_cuda_##NAME##_##SFX(const fo_i64 *table,                \
+                                                       fo_i64 n_tensors, fo_i64 args_at)  \
     {                                                                                     \
-        const fo_sgd_args_##SFX a = {clip, gscale, weight_decay, momentum,                \
-                                     one_minus_dampening, neg_lr, first, nesterov};       \
-        const int n_ops = has_buf ? 4 : 3;                                                \
-        FO_CHUNK_BEGIN(n_ops)                                                             \
-        {                                                                                 \
-            const T p = FO_OPERAND(const T, 0)[i];                                        \
-            const T g = FO_OPERAND(const T, 2)[i];                                        \
-            FO_OPERAND(T, 1)[i] = has_buf                                                 \
-                ? fo_sgd_momentum_##SFX(p, g, FO_OPERAND(T, 3) + i, &a)                   \
-                : fo_sgd_##SFX(p, g, &a);                                                 \
-        }                                                                                 \
-    }                                                                                     \
-                                                                                          \
-    extern "C" __global__ void fo_cuda_adam_##SFX(                                        \
-        const fo_i64 *table, fo_i64 n_tensors, int amsgrad, T clip, T gscale,             \
-        T weight_decay, T decay, T one_minus_beta1, T beta2, T one_minus_beta2,           \
-        T bias_correction2_sqrt, T eps, T neg_step_size, int lerp_hi)                     \
-    {                                                                                     \
-        const fo_adam_args_##SFX a = {clip, gscale, weight_decay, decay, one_minus_beta1, \
-                                      beta2, one_minus_beta2, bias_correction2_sqrt, eps, \
-                                      neg_step_size, lerp_hi};                            \
-        const int n_ops = amsgrad ? 6 : 5;                                                \
-        FO_CHUNK_BEGIN(n_ops)                                                             \
-        {                                                                                 \
-            const T p = FO_OPERAND(const T, 0)[i];                                        \
-            const T g = FO_OPERAND(const T, 2)[i];                                        \
-            T *m = FO_OPERAND(T, 3) + i;                                                  \
-            T *v = FO_OPERAND(T, 4) + i;                                                  \
-            FO_OPERAND(T, 1)[i] = amsgrad                                                 \
-                ? fo_adam_amsgrad_##SFX(p, g, m, v, FO_OPERAND(T, 5) + i, &a)             \
-                : fo_adam_##SFX(p, g, m, v, &a);                                          \
+        const fo_##ARGS##_args_##SFX a = *(const fo_##ARGS##_args_##SFX *)(table + args_at);
+
+#define FO_CUDA_CHUNK(N_OPS)                                                              \
+        const fo_i64 *chunk = table + n_tensors * (N_OPS) + 3 * (fo_i64)blockIdx.x;      \
+        const fo_i64 *ops = table + chunk[0] * (N_OPS);                                   \
+        const fo_i64 lo = chunk[1], n = chunk[2];
+
+#define FO_OP(T, K) ((T *)ops[K] + lo)
+
+#define FO_CUDA_LOOP(T, CALL)                                                             \
+        for (fo_i64 i = threadIdx.x; i < n; i += blockDim.x) {                            \
+            const T p = FO_OP(const T, 0)[i];                                             \
+            const T g = FO_OP(const T, 2)[i];                                             \
+            FO_OP(T, 1)[i] = CALL;                                                        \
         }                                                                                 \
     }
+
+#define FO_CUDA0(T, SFX, NAME, FN, ARGS)                                                  \
+    FO_CUDA_HEAD(T, SFX, NAME, ARGS) FO_CUDA_CHUNK(3)                                     \
+    FO_CUDA_LOOP(T, fo_##FN##_##SFX(p, g, &a))
+#define FO_CUDA1(T, SFX, NAME, FN, ARGS)                                                  \
+    FO_CUDA_HEAD(T, SFX, NAME, ARGS) FO_CUDA_CHUNK(4)                                     \
+    FO_CUDA_LOOP(T, fo_##FN##_##SFX(p, g, FO_OP(T, 3) + i, &a))
+#define FO_CUDA2(T, SFX, NAME, FN, ARGS)                                                  \
+    FO_CUDA_HEAD(T, SFX, NAME, ARGS) FO_CUDA_CHUNK(5)                                     \
+    FO_CUDA_LOOP(T, fo_##FN##_##SFX(p, g, FO_OP(T, 3) + i, FO_OP(T, 4) + i, &a))
+#define FO_CUDA3(T, SFX, NAME, FN, ARGS)                                                  \
+    FO_CUDA_HEAD(T, SFX, NAME, ARGS) FO_CUDA_CHUNK(6)                                     \
+    FO_CUDA_LOOP(T, fo_##FN##_##SFX(p, g, FO_OP(T, 3) + i, FO_OP(T, 4) + i,               \
+                                    FO_OP(T, 5) + i, &a))
+
+/* RMSprop: square_avg, then grad_avg if centered, then momentum_buffer if momentum > 0 */
+#define FO_CUDA_RMSPROP(T, SFX)                                                           \
+    FO_CUDA_HEAD(T, SFX, rmsprop, rmsprop)                                                \
+        const int n_ops = 4 + a.centered + a.use_momentum;                                \
+        FO_CUDA_CHUNK(n_ops)                                                              \
+        T *gavg = a.centered ? FO_OP(T, 4) : NULL;                                        \
+        T *buf = a.use_momentum ? FO_OP(T, 4 + a.centered) : NULL;                        \
+    FO_CUDA_LOOP(T, fo_rmsprop_##SFX(p, g, FO_OP(T, 3) + i, gavg ? gavg + i : NULL,       \
+                                     buf ? buf + i : NULL, &a))
+
+#define FO_DEFINE_CUDA_OPTIM(T, SFX, SQRT, FABS)                                          \
+    FO_CUDA0(T, SFX, sgd, sgd, sgd)                                                       \
+    FO_CUDA1(T, SFX, sgd_momentum, sgd_momentum, sgd)                                     \
+    FO_CUDA2(T, SFX, adam, adam, adam)                                                    \
+    FO_CUDA3(T, SFX, adam_amsgrad, adam_amsgrad, adam)                                    \
+    FO_CUDA1(T, SFX, adagrad, adagrad, adagrad)                                           \
+    FO_CUDA_RMSPROP(T, SFX)                                                               \
+    FO_CUDA2(T, SFX, adadelta, adadelta, adadelta)                                        \
+    FO_CUDA2(T, SFX, adamax, adamax, adamax)                                              \
+    FO_CUDA2(T, SFX, nadam, nadam, nadam)                                                 \
+    FO_CUDA2(T, SFX, radam, radam, radam)                                                 \
+    FO_CUDA1(T, SFX, lion, lion, lion)
 FO_DEFINE_FOR_REALS(FO_DEFINE_CUDA_OPTIM)
 #undef FO_DEFINE_CUDA_OPTIM

@@ -9,7 +9,7 @@
 
 typedef long long fo_i64;
 
-#define FO_DEFINE_CUDA_NORM(T, SFX, SQRT)                                                 \
+#define FO_DEFINE_CUDA_NORM(T, SFX, SQRT, FABS)                                                 \
     extern "C" __global__ void fo_cuda_norm_partials_##SFX(                               \
         const fo_i64 *table, fo_i64 n_tensors, int kind, double *out)                     \
     {                                                                                     \

@@ -18,7 +18,7 @@
  * [-clip, clip]; clip = inf when off; NaN passes through, as torch.clamp), then the
  * clip_grad_norm_ coefficient and maximize folded into one factor, gscale = +-coefficient.
  */
-#define FO_DEFINE_GRAD(T, SFX, SQRT)                                                      \
+#define FO_DEFINE_GRAD(T, SFX, SQRT, FABS)                                                      \
     FO_HD T fo_grad_##SFX(T g, T clip, T gscale)                                          \
     {                                                                                     \
         g = g < -clip ? -clip : (g > clip ? clip : g);                                    \
@@ -26,6 +26,12 @@
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_GRAD)
 #undef FO_DEFINE_GRAD
+
+/* torch.maximum: NaN in either operand propagates */
+#define FO_DEFINE_MAXIMUM(T, SFX, SQRT, FABS)                                             \
+    FO_HD T fo_maximum_##SFX(T a, T b) { return (a != a || a > b) ? a : b; }
+FO_DEFINE_FOR_REALS(FO_DEFINE_MAXIMUM)
+#undef FO_DEFINE_MAXIMUM
 
 /*
  * SGD (torch.optim.SGD):
@@ -35,7 +41,7 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_GRAD)
  *   d <- g + momentum * b (nesterov) | b (momentum) | g (no momentum)
  *   p <- p - lr * d
  */
-#define FO_DEFINE_SGD(T, SFX, SQRT)                                                       \
+#define FO_DEFINE_SGD(T, SFX, SQRT, FABS)                                                       \
     typedef struct {                                                                      \
         T clip;           /* clip_grad_value_ bound, inf when off */                      \
         T gscale;         /* clip_grad_norm_ coefficient, negated when maximizing */      \
@@ -76,7 +82,7 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SGD)
  *   vhat <- max(vhat, v) with amsgrad, else v
  *   p <- p - (lr / (1 - beta1^t)) * m / (sqrt(vhat) / sqrt(1 - beta2^t) + eps)
  */
-#define FO_DEFINE_ADAM(T, SFX, SQRT)                                                      \
+#define FO_DEFINE_ADAM(T, SFX, SQRT, FABS)                                                      \
     typedef struct {                                                                      \
         T clip;                                                                           \
         T gscale;                                                                         \
@@ -114,18 +120,213 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SGD)
         return fo_adam_apply_##SFX(p, *m, *v, a);                                         \
     }                                                                                     \
                                                                                           \
-    /* torch.maximum semantics: NaN in either operand propagates */                       \
     FO_HD T fo_adam_amsgrad_##SFX(T p, T g, T *m, T *v, T *vmax,                          \
                                   const fo_adam_args_##SFX *a)                            \
     {                                                                                     \
-        T old, vhat;                                                                      \
+        T vhat;                                                                           \
         fo_adam_moments_##SFX(&p, g, m, v, a);                                            \
-        old = *vmax;                                                                      \
-        vhat = (old > *v || old != old) ? old : *v;                                       \
+        vhat = fo_maximum_##SFX(*vmax, *v);                                               \
         *vmax = vhat;                                                                     \
         return fo_adam_apply_##SFX(p, *m, vhat, a);                                       \
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_ADAM)
 #undef FO_DEFINE_ADAM
+
+/*
+ * Adagrad (torch.optim.Adagrad), step t:
+ *   s <- s + g^2;  p <- p - lr / (1 + (t - 1) lr_decay) * g / (sqrt(s) + eps)
+ */
+#define FO_DEFINE_ADAGRAD(T, SFX, SQRT, FABS)                                             \
+    typedef struct {                                                                      \
+        T clip, gscale, weight_decay;                                                     \
+        T neg_clr;        /* -lr / (1 + (t - 1) lr_decay) */                              \
+        T eps;                                                                            \
+    } fo_adagrad_args_##SFX;                                                              \
+                                                                                          \
+    FO_HD T fo_adagrad_##SFX(T p, T g, T *sum, const fo_adagrad_args_##SFX *a)            \
+    {                                                                                     \
+        T s;                                                                              \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
+        s = *sum + g * g;                                                                 \
+        *sum = s;                                                                         \
+        return p + a->neg_clr * g / (SQRT(s) + a->eps);                                   \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_ADAGRAD)
+#undef FO_DEFINE_ADAGRAD
+
+/*
+ * RMSprop (torch.optim.RMSprop):
+ *   v <- alpha v + (1 - alpha) g^2
+ *   centered: gbar <- lerp(gbar, g, 1 - alpha);  r = sqrt(v - gbar^2) + eps, else sqrt(v) + eps
+ *   momentum > 0: b <- momentum b + g / r;  p <- p - lr b;   else p <- p - lr g / r
+ * Optional operands are NULL when their flag is off.
+ */
+#define FO_DEFINE_RMSPROP(T, SFX, SQRT, FABS)                                             \
+    typedef struct {                                                                      \
+        T clip, gscale, weight_decay;                                                     \
+        T alpha, one_minus_alpha, eps, momentum, neg_lr;                                  \
+        int centered, use_momentum, lerp_hi;                                              \
+    } fo_rmsprop_args_##SFX;                                                              \
+                                                                                          \
+    FO_HD T fo_rmsprop_##SFX(T p, T g, T *sq, T *gavg, T *buf,                            \
+                             const fo_rmsprop_args_##SFX *a)                              \
+    {                                                                                     \
+        T s, r;                                                                           \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
+        s = *sq * a->alpha + a->one_minus_alpha * g * g;                                  \
+        *sq = s;                                                                          \
+        if (a->centered) {                                                                \
+            T m = fo_lerp_##SFX(*gavg, g, a->one_minus_alpha, a->lerp_hi);                \
+            *gavg = m;                                                                    \
+            r = SQRT(s + (T)(-1) * m * m);                                                \
+        } else {                                                                          \
+            r = SQRT(s);                                                                  \
+        }                                                                                 \
+        r = r + a->eps;                                                                   \
+        if (a->use_momentum) {                                                            \
+            T b = *buf * a->momentum + g / r;                                             \
+            *buf = b;                                                                     \
+            return p + a->neg_lr * b;                                                     \
+        }                                                                                 \
+        return p + a->neg_lr * g / r;                                                     \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_RMSPROP)
+#undef FO_DEFINE_RMSPROP
+
+/*
+ * Adadelta (torch.optim.Adadelta):
+ *   v <- rho v + (1 - rho) g^2;  d = sqrt(u + eps) / sqrt(v + eps) * g
+ *   u <- rho u + (1 - rho) d^2;  p <- p - lr d
+ */
+#define FO_DEFINE_ADADELTA(T, SFX, SQRT, FABS)                                            \
+    typedef struct {                                                                      \
+        T clip, gscale, weight_decay;                                                     \
+        T rho, one_minus_rho, eps, neg_lr;                                                \
+    } fo_adadelta_args_##SFX;                                                             \
+                                                                                          \
+    FO_HD T fo_adadelta_##SFX(T p, T g, T *sq, T *acc, const fo_adadelta_args_##SFX *a)   \
+    {                                                                                     \
+        T s, d;                                                                           \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
+        s = *sq * a->rho + a->one_minus_rho * g * g;                                      \
+        *sq = s;                                                                          \
+        d = SQRT(*acc + a->eps) / SQRT(s + a->eps) * g;                                   \
+        *acc = *acc * a->rho + a->one_minus_rho * d * d;                                  \
+        return p + a->neg_lr * d;                                                         \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_ADADELTA)
+#undef FO_DEFINE_ADADELTA
+
+/*
+ * Adamax (torch.optim.Adamax), step t:
+ *   m <- lerp(m, g, 1 - beta1);  u <- max(beta2 u, |g| + eps)
+ *   p <- p - lr / (1 - beta1^t) * m / u
+ */
+#define FO_DEFINE_ADAMAX(T, SFX, SQRT, FABS)                                              \
+    typedef struct {                                                                      \
+        T clip, gscale, weight_decay;                                                     \
+        T one_minus_beta1, beta2, eps, neg_clr;                                           \
+        int lerp_hi;                                                                      \
+    } fo_adamax_args_##SFX;                                                               \
+                                                                                          \
+    FO_HD T fo_adamax_##SFX(T p, T g, T *m, T *u, const fo_adamax_args_##SFX *a)          \
+    {                                                                                     \
+        T mm, uu;                                                                         \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
+        mm = fo_lerp_##SFX(*m, g, a->one_minus_beta1, a->lerp_hi);                        \
+        uu = fo_maximum_##SFX(*u * a->beta2, FABS(g) + a->eps);                           \
+        *m = mm;                                                                          \
+        *u = uu;                                                                          \
+        return p + a->neg_clr * mm / uu;                                                  \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_ADAMAX)
+#undef FO_DEFINE_ADAMAX
+
+/*
+ * NAdam (torch.optim.NAdam), step t, mu_t = beta1 (1 - 0.5 * 0.96^(t psi)):
+ *   m, v as Adam;  d = sqrt(v / (1 - beta2^t)) + eps
+ *   p <- p - lr (1 - mu_t) / (1 - prod mu_1..t) g / d
+ *          - lr mu_{t+1} / (1 - prod mu_1..t+1) m / d
+ */
+#define FO_DEFINE_NADAM(T, SFX, SQRT, FABS)                                               \
+    typedef struct {                                                                      \
+        T clip, gscale, weight_decay, decay;                                              \
+        T one_minus_beta1, beta2, one_minus_beta2, bias_correction2, eps;                 \
+        T grad_coef, avg_coef;                                                            \
+        int lerp_hi;                                                                      \
+    } fo_nadam_args_##SFX;                                                                \
+                                                                                          \
+    FO_HD T fo_nadam_##SFX(T p, T g, T *m, T *v, const fo_nadam_args_##SFX *a)            \
+    {                                                                                     \
+        T mm, vv, d;                                                                      \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        p = p * a->decay;                                                                 \
+        if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
+        mm = fo_lerp_##SFX(*m, g, a->one_minus_beta1, a->lerp_hi);                        \
+        vv = *v * a->beta2 + a->one_minus_beta2 * g * g;                                  \
+        *m = mm;                                                                          \
+        *v = vv;                                                                          \
+        d = SQRT(vv / a->bias_correction2) + a->eps;                                      \
+        p = p + a->grad_coef * g / d;                                                     \
+        return p + a->avg_coef * mm / d;                                                  \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_NADAM)
+#undef FO_DEFINE_NADAM
+
+/*
+ * RAdam (torch.optim.RAdam), step t: m, v as Adam;  mhat = m / (1 - beta1^t)
+ *   rho_t > 5:  p <- p - mhat lr sqrt(1 - beta2^t) / (sqrt(v) + eps) r_t   (r_t: rectification)
+ *   otherwise:  p <- p - mhat lr
+ */
+#define FO_DEFINE_RADAM(T, SFX, SQRT, FABS)                                               \
+    typedef struct {                                                                      \
+        T clip, gscale, weight_decay, decay;                                              \
+        T one_minus_beta1, beta2, one_minus_beta2, bias_correction1, lr;                  \
+        T bias_correction2_sqrt, eps, rect;                                               \
+        int lerp_hi, rectify;                                                             \
+    } fo_radam_args_##SFX;                                                                \
+                                                                                          \
+    FO_HD T fo_radam_##SFX(T p, T g, T *m, T *v, const fo_radam_args_##SFX *a)            \
+    {                                                                                     \
+        T mm, vv, u;                                                                      \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        p = p * a->decay;                                                                 \
+        if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
+        mm = fo_lerp_##SFX(*m, g, a->one_minus_beta1, a->lerp_hi);                        \
+        vv = *v * a->beta2 + a->one_minus_beta2 * g * g;                                  \
+        *m = mm;                                                                          \
+        *v = vv;                                                                          \
+        u = mm / a->bias_correction1 * a->lr;                                             \
+        if (a->rectify) u = u * (a->bias_correction2_sqrt / (SQRT(vv) + a->eps)) * a->rect; \
+        return p + (T)(-1) * u;                                                           \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_RADAM)
+#undef FO_DEFINE_RADAM
+
+/*
+ * Lion (Chen et al. 2023, as optax.lion):
+ *   u = sign((1 - beta1) g + beta1 m) + wd p;  m <- (1 - beta2) g + beta2 m;  p <- p - lr u
+ */
+#define FO_DEFINE_LION(T, SFX, SQRT, FABS)                                                \
+    typedef struct {                                                                      \
+        T clip, gscale;                                                                   \
+        T beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, neg_lr;           \
+    } fo_lion_args_##SFX;                                                                 \
+                                                                                          \
+    FO_HD T fo_lion_##SFX(T p, T g, T *m, const fo_lion_args_##SFX *a)                    \
+    {                                                                                     \
+        T c, u;                                                                           \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        c = a->one_minus_beta1 * g + a->beta1 * *m;                                       \
+        u = c > (T)0 ? (T)1 : (c < (T)0 ? (T)(-1) : c); /* sign; 0 and NaN stay */        \
+        *m = a->one_minus_beta2 * g + a->beta2 * *m;                                      \
+        return p + a->neg_lr * (u + a->weight_decay * p);                                 \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_LION)
+#undef FO_DEFINE_LION
 
 #endif /* FASTOPT_OPTIM_H */

@@ -15,7 +15,7 @@
 #define FO_CHUNK 16384
 #define FO_NORM_LANES 16
 
-#define FO_DEFINE_NORM_TERM(T, SFX, SQRT)                                                 \
+#define FO_DEFINE_NORM_TERM(T, SFX, SQRT, FABS)                                                 \
     FO_HD double fo_norm_term_##SFX(T g, int kind)                                        \
     {                                                                                     \
         double x = (double)g;                                                             \
