@@ -333,6 +333,28 @@ def _rmsprop_element(p, g, sq, gavg, buf, i, sc, centered, use_momentum, lerp_hi
     return p + neg_lr * d / r
 
 
+@njit(inline="always", **_JIT)
+def _rmsprop_loop(dst, p, g, sq, gavg, buf, n, sc, centered, use_momentum, lerp_hi, one):
+    # dst is p itself for in-place updates: the same array, so LLVM needs no overlap check
+    for i in range(n):
+        dst[i] = _rmsprop_element(p[i], g[i], sq, gavg, buf, i, sc, centered, use_momentum,
+                                  lerp_hi, one)
+
+
+@njit(inline="always", **_JIT)
+def _rmsprop_chunk(dst, p, g, sq, gavg, buf, n, sc, centered, use_momentum, lerp_hi, one):
+    # one loop per flag combination, the flags constant in each: no overlap checks between
+    # views that stand in for absent operands, no branches in the loop
+    if centered and use_momentum:
+        _rmsprop_loop(dst, p, g, sq, gavg, buf, n, sc, True, True, lerp_hi, one)
+    elif centered:
+        _rmsprop_loop(dst, p, g, sq, gavg, sq, n, sc, True, False, lerp_hi, one)
+    elif use_momentum:
+        _rmsprop_loop(dst, p, g, sq, sq, buf, n, sc, False, True, lerp_hi, one)
+    else:
+        _rmsprop_loop(dst, p, g, sq, sq, sq, n, sc, False, False, lerp_hi, one)
+
+
 @njit(parallel=True, **_JIT)
 def _rmsprop(ptrs, chunks, sc, fl):
     centered, use_momentum, lerp_hi = fl[0] != 0, fl[1] != 0, fl[2] != 0
@@ -345,14 +367,10 @@ def _rmsprop(ptrs, chunks, sc, fl):
         gavg = _view(ptrs, t, 4 if centered else 3, lo, n, sc)
         buf = _view(ptrs, t, k_buf if use_momentum else 3, lo, n, sc)
         if ptrs[t, 0] == ptrs[t, 1]:
-            for i in range(n):
-                p[i] = _rmsprop_element(p[i], g[i], sq, gavg, buf, i, sc, centered,
-                                        use_momentum, lerp_hi, one)
+            _rmsprop_chunk(p, p, g, sq, gavg, buf, n, sc, centered, use_momentum, lerp_hi, one)
         else:
-            out = _view(ptrs, t, 1, lo, n, sc)
-            for i in range(n):
-                out[i] = _rmsprop_element(p[i], g[i], sq, gavg, buf, i, sc, centered,
-                                          use_momentum, lerp_hi, one)
+            _rmsprop_chunk(_view(ptrs, t, 1, lo, n, sc), p, g, sq, gavg, buf, n, sc, centered,
+                           use_momentum, lerp_hi, one)
 
 
 @njit(inline="always", **_JIT)
@@ -410,25 +428,80 @@ def _radam_element(p, g, m, v, i, sc, fl, one):
     return p - u
 
 
+@njit(inline="always", **_JIT)
+def _adadelta_loop(dst, p, g, s1, s2, n, sc, fl, one):
+    for i in range(n):
+        dst[i] = _adadelta_element(p[i], g[i], s1, s2, i, sc)
+
+
 @njit(parallel=True, **_JIT)
-def _two_state(ptrs, chunks, sc, fl, rule):
-    """Rules with two state buffers: 0 Adadelta, 1 Adamax, 2 NAdam, 3 RAdam (`rule` is the
-    same for every element, so LLVM hoists the choice out of the loop)."""
+def _adadelta(ptrs, chunks, sc, fl):
     one = _one(sc)
     for c in prange(chunks.shape[0]):
         t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         p, g = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
         s1, s2 = _view(ptrs, t, 3, lo, n, sc), _view(ptrs, t, 4, lo, n, sc)
-        out = _view(ptrs, t, 1, lo, n, sc)  # the same buffer as p when updating in place
-        for i in range(n):
-            if rule == 0:
-                out[i] = _adadelta_element(p[i], g[i], s1, s2, i, sc)
-            elif rule == 1:
-                out[i] = _adamax_element(p[i], g[i], s1, s2, i, sc, fl[0] != 0, one)
-            elif rule == 2:
-                out[i] = _nadam_element(p[i], g[i], s1, s2, i, sc, fl, one)
-            else:
-                out[i] = _radam_element(p[i], g[i], s1, s2, i, sc, fl, one)
+        if ptrs[t, 0] == ptrs[t, 1]:
+            _adadelta_loop(p, p, g, s1, s2, n, sc, fl, one)
+        else:
+            _adadelta_loop(_view(ptrs, t, 1, lo, n, sc), p, g, s1, s2, n, sc, fl, one)
+
+
+@njit(inline="always", **_JIT)
+def _adamax_loop(dst, p, g, s1, s2, n, sc, fl, one):
+    for i in range(n):
+        dst[i] = _adamax_element(p[i], g[i], s1, s2, i, sc, fl[0] != 0, one)
+
+
+@njit(parallel=True, **_JIT)
+def _adamax(ptrs, chunks, sc, fl):
+    one = _one(sc)
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p, g = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
+        s1, s2 = _view(ptrs, t, 3, lo, n, sc), _view(ptrs, t, 4, lo, n, sc)
+        if ptrs[t, 0] == ptrs[t, 1]:
+            _adamax_loop(p, p, g, s1, s2, n, sc, fl, one)
+        else:
+            _adamax_loop(_view(ptrs, t, 1, lo, n, sc), p, g, s1, s2, n, sc, fl, one)
+
+
+@njit(inline="always", **_JIT)
+def _nadam_loop(dst, p, g, s1, s2, n, sc, fl, one):
+    for i in range(n):
+        dst[i] = _nadam_element(p[i], g[i], s1, s2, i, sc, fl, one)
+
+
+@njit(parallel=True, **_JIT)
+def _nadam(ptrs, chunks, sc, fl):
+    one = _one(sc)
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p, g = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
+        s1, s2 = _view(ptrs, t, 3, lo, n, sc), _view(ptrs, t, 4, lo, n, sc)
+        if ptrs[t, 0] == ptrs[t, 1]:
+            _nadam_loop(p, p, g, s1, s2, n, sc, fl, one)
+        else:
+            _nadam_loop(_view(ptrs, t, 1, lo, n, sc), p, g, s1, s2, n, sc, fl, one)
+
+
+@njit(inline="always", **_JIT)
+def _radam_loop(dst, p, g, s1, s2, n, sc, fl, one):
+    for i in range(n):
+        dst[i] = _radam_element(p[i], g[i], s1, s2, i, sc, fl, one)
+
+
+@njit(parallel=True, **_JIT)
+def _radam(ptrs, chunks, sc, fl):
+    one = _one(sc)
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p, g = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
+        s1, s2 = _view(ptrs, t, 3, lo, n, sc), _view(ptrs, t, 4, lo, n, sc)
+        if ptrs[t, 0] == ptrs[t, 1]:
+            _radam_loop(p, p, g, s1, s2, n, sc, fl, one)
+        else:
+            _radam_loop(_view(ptrs, t, 1, lo, n, sc), p, g, s1, s2, n, sc, fl, one)
 
 
 @njit(inline="always", **_JIT)
@@ -458,12 +531,12 @@ def _lion(ptrs, chunks, sc, fl):
                 out[i] = _lion_element(p[i], g[i], m, i, sc, one)
 
 
-def _run(kernel, operands, scalars, n_threads, *extra):
+def _run(kernel, operands, scalars, n_threads):
     """Call a kernel with the scalars split into a dtype array and an int flag array."""
     dtype, ptrs, chunks = _setup(operands, n_threads)
     sc = np.array([v for v in scalars.values() if not isinstance(v, bool)], dtype)
     fl = np.array([v for v in scalars.values() if isinstance(v, bool)] or [0], np.int64)
-    kernel(ptrs, chunks, sc, fl, *extra)
+    kernel(ptrs, chunks, sc, fl)
 
 
 def adagrad_step(params, out, grads, state_sums, *, n_threads, **hyper):
@@ -479,23 +552,23 @@ def rmsprop_step(params, out, grads, square_avgs, grad_avgs, momentum_buffers, *
 
 
 def adadelta_step(params, out, grads, square_avgs, acc_deltas, *, n_threads, **hyper):
-    _run(_two_state, (params, out, grads, square_avgs, acc_deltas),
-         _scalars.adadelta_scalars(params[0].dtype, **hyper), n_threads, 0)
+    _run(_adadelta, (params, out, grads, square_avgs, acc_deltas),
+         _scalars.adadelta_scalars(params[0].dtype, **hyper), n_threads)
 
 
 def adamax_step(params, out, grads, exp_avgs, exp_infs, *, n_threads, **hyper):
-    _run(_two_state, (params, out, grads, exp_avgs, exp_infs),
-         _scalars.adamax_scalars(params[0].dtype, **hyper), n_threads, 1)
+    _run(_adamax, (params, out, grads, exp_avgs, exp_infs),
+         _scalars.adamax_scalars(params[0].dtype, **hyper), n_threads)
 
 
 def nadam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, n_threads, **hyper):
-    _run(_two_state, (params, out, grads, exp_avgs, exp_avg_sqs),
-         _scalars.nadam_scalars(params[0].dtype, **hyper), n_threads, 2)
+    _run(_nadam, (params, out, grads, exp_avgs, exp_avg_sqs),
+         _scalars.nadam_scalars(params[0].dtype, **hyper), n_threads)
 
 
 def radam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, n_threads, **hyper):
-    _run(_two_state, (params, out, grads, exp_avgs, exp_avg_sqs),
-         _scalars.radam_scalars(params[0].dtype, **hyper), n_threads, 3)
+    _run(_radam, (params, out, grads, exp_avgs, exp_avg_sqs),
+         _scalars.radam_scalars(params[0].dtype, **hyper), n_threads)
 
 
 def lion_step(params, out, grads, exp_avgs, *, n_threads, **hyper):

@@ -38,16 +38,20 @@
         FO_PARAM_LOOP(T, fo_##FN##_##SFX, g[i], s1 + i, s2 + i, s3 + i, &a);              \
     }
 
-/* RMSprop: square_avg, then grad_avg if centered, then momentum_buffer if momentum > 0;
-   an absent operand is NULL and never touched */
+/* RMSprop: square_avg, then grad_avg if centered, then momentum_buffer if momentum > 0.
+   One loop per flag combination, each with the flags as constants. */
+#define FO_RMSPROP_LOOP(T, SFX, C, M)                                                     \
+    FO_PARAM_LOOP(T, fo_rmsprop_##SFX, g[i], sq + i, C ? gavg + i : NULL,                 \
+                  M ? buf + i : NULL, C, M, &a)
 #define FO_CHUNK_RMSPROP(T, SFX)                                                          \
     FO_CHUNK_HEAD(T, SFX, rmsprop, rmsprop)                                               \
-        int k = 4;                                                                        \
         T *restrict sq = (T *)ptr[3] + lo;                                                \
-        T *restrict gavg = a.centered ? (T *)ptr[k++] + lo : NULL;                        \
-        T *restrict buf = a.use_momentum ? (T *)ptr[k++] + lo : NULL;                     \
-        FO_PARAM_LOOP(T, fo_rmsprop_##SFX, g[i], sq + i, gavg ? gavg + i : NULL,          \
-                      buf ? buf + i : NULL, &a);                                          \
+        T *restrict gavg = a.centered ? (T *)ptr[4] + lo : NULL;                          \
+        T *restrict buf = a.use_momentum ? (T *)ptr[4 + a.centered] + lo : NULL;          \
+        if (a.centered && a.use_momentum) FO_RMSPROP_LOOP(T, SFX, 1, 1);                  \
+        else if (a.centered) FO_RMSPROP_LOOP(T, SFX, 1, 0);                               \
+        else if (a.use_momentum) FO_RMSPROP_LOOP(T, SFX, 0, 1);                           \
+        else FO_RMSPROP_LOOP(T, SFX, 0, 0);                                               \
     }
 
 #define FO_DEFINE_OPTIM_LOOPS(T, SFX, SQRT, FABS)                                         \

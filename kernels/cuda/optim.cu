@@ -55,7 +55,8 @@ typedef long long fo_i64;
         T *gavg = a.centered ? FO_OP(T, 4) : NULL;                                        \
         T *buf = a.use_momentum ? FO_OP(T, 4 + a.centered) : NULL;                        \
     FO_CUDA_LOOP(T, fo_rmsprop_##SFX(p, g, FO_OP(T, 3) + i, gavg ? gavg + i : NULL,       \
-                                     buf ? buf + i : NULL, &a))
+                                     buf ? buf + i : NULL, a.centered, a.use_momentum,    \
+                                     &a))
 
 #define FO_DEFINE_CUDA_OPTIM(T, SFX, SQRT, FABS)                                          \
     FO_CUDA0(T, SFX, sgd, sgd, sgd)                                                       \

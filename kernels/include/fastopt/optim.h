@@ -169,15 +169,17 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ADAGRAD)
         int centered, use_momentum, lerp_hi;                                              \
     } fo_rmsprop_args_##SFX;                                                              \
                                                                                           \
-    FO_HD T fo_rmsprop_##SFX(T p, T g, T *sq, T *gavg, T *buf,                            \
-                             const fo_rmsprop_args_##SFX *a)                              \
+    /* `centered` and `use_momentum` are arguments, not read from `a`, so that a caller   \
+       passing constants gets a loop without branches (the CPU loops do) */              \
+    FO_HD T fo_rmsprop_##SFX(T p, T g, T *sq, T *gavg, T *buf, int centered,              \
+                             int use_momentum, const fo_rmsprop_args_##SFX *a)            \
     {                                                                                     \
         T s, r;                                                                           \
         g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
         if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
         s = *sq * a->alpha + a->one_minus_alpha * g * g;                                  \
         *sq = s;                                                                          \
-        if (a->centered) {                                                                \
+        if (centered) {                                                                   \
             T m = fo_lerp_##SFX(*gavg, g, a->one_minus_alpha, a->lerp_hi);                \
             *gavg = m;                                                                    \
             r = SQRT(s + (T)(-1) * m * m);                                                \
@@ -185,7 +187,7 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ADAGRAD)
             r = SQRT(s);                                                                  \
         }                                                                                 \
         r = r + a->eps;                                                                   \
-        if (a->use_momentum) {                                                            \
+        if (use_momentum) {                                                               \
             T b = *buf * a->momentum + g / r;                                             \
             *buf = b;                                                                     \
             return p + a->neg_lr * b;                                                     \
