@@ -429,79 +429,35 @@ def _radam_element(p, g, m, v, i, sc, fl, one):
 
 
 @njit(inline="always", **_JIT)
-def _adadelta_loop(dst, p, g, s1, s2, n, sc, fl, one):
-    for i in range(n):
-        dst[i] = _adadelta_element(p[i], g[i], s1, s2, i, sc)
+def _two_state_chunk(dst, p, g, s1, s2, n, sc, fl, one, rule):
+    """Rules with two state buffers: 0 Adadelta, 1 Adamax, 2 NAdam, 3 RAdam. The choice is
+    made once per chunk, each loop is its own; dst is p itself for in-place updates (the
+    same array, so LLVM needs no overlap check)."""
+    if rule == 0:
+        for i in range(n):
+            dst[i] = _adadelta_element(p[i], g[i], s1, s2, i, sc)
+    elif rule == 1:
+        for i in range(n):
+            dst[i] = _adamax_element(p[i], g[i], s1, s2, i, sc, fl[0] != 0, one)
+    elif rule == 2:
+        for i in range(n):
+            dst[i] = _nadam_element(p[i], g[i], s1, s2, i, sc, fl, one)
+    else:
+        for i in range(n):
+            dst[i] = _radam_element(p[i], g[i], s1, s2, i, sc, fl, one)
 
 
 @njit(parallel=True, **_JIT)
-def _adadelta(ptrs, chunks, sc, fl):
+def _two_state(ptrs, chunks, sc, fl, rule):
     one = _one(sc)
     for c in prange(chunks.shape[0]):
         t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         p, g = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
         s1, s2 = _view(ptrs, t, 3, lo, n, sc), _view(ptrs, t, 4, lo, n, sc)
         if ptrs[t, 0] == ptrs[t, 1]:
-            _adadelta_loop(p, p, g, s1, s2, n, sc, fl, one)
+            _two_state_chunk(p, p, g, s1, s2, n, sc, fl, one, rule)
         else:
-            _adadelta_loop(_view(ptrs, t, 1, lo, n, sc), p, g, s1, s2, n, sc, fl, one)
-
-
-@njit(inline="always", **_JIT)
-def _adamax_loop(dst, p, g, s1, s2, n, sc, fl, one):
-    for i in range(n):
-        dst[i] = _adamax_element(p[i], g[i], s1, s2, i, sc, fl[0] != 0, one)
-
-
-@njit(parallel=True, **_JIT)
-def _adamax(ptrs, chunks, sc, fl):
-    one = _one(sc)
-    for c in prange(chunks.shape[0]):
-        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p, g = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
-        s1, s2 = _view(ptrs, t, 3, lo, n, sc), _view(ptrs, t, 4, lo, n, sc)
-        if ptrs[t, 0] == ptrs[t, 1]:
-            _adamax_loop(p, p, g, s1, s2, n, sc, fl, one)
-        else:
-            _adamax_loop(_view(ptrs, t, 1, lo, n, sc), p, g, s1, s2, n, sc, fl, one)
-
-
-@njit(inline="always", **_JIT)
-def _nadam_loop(dst, p, g, s1, s2, n, sc, fl, one):
-    for i in range(n):
-        dst[i] = _nadam_element(p[i], g[i], s1, s2, i, sc, fl, one)
-
-
-@njit(parallel=True, **_JIT)
-def _nadam(ptrs, chunks, sc, fl):
-    one = _one(sc)
-    for c in prange(chunks.shape[0]):
-        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p, g = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
-        s1, s2 = _view(ptrs, t, 3, lo, n, sc), _view(ptrs, t, 4, lo, n, sc)
-        if ptrs[t, 0] == ptrs[t, 1]:
-            _nadam_loop(p, p, g, s1, s2, n, sc, fl, one)
-        else:
-            _nadam_loop(_view(ptrs, t, 1, lo, n, sc), p, g, s1, s2, n, sc, fl, one)
-
-
-@njit(inline="always", **_JIT)
-def _radam_loop(dst, p, g, s1, s2, n, sc, fl, one):
-    for i in range(n):
-        dst[i] = _radam_element(p[i], g[i], s1, s2, i, sc, fl, one)
-
-
-@njit(parallel=True, **_JIT)
-def _radam(ptrs, chunks, sc, fl):
-    one = _one(sc)
-    for c in prange(chunks.shape[0]):
-        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p, g = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
-        s1, s2 = _view(ptrs, t, 3, lo, n, sc), _view(ptrs, t, 4, lo, n, sc)
-        if ptrs[t, 0] == ptrs[t, 1]:
-            _radam_loop(p, p, g, s1, s2, n, sc, fl, one)
-        else:
-            _radam_loop(_view(ptrs, t, 1, lo, n, sc), p, g, s1, s2, n, sc, fl, one)
+            _two_state_chunk(_view(ptrs, t, 1, lo, n, sc), p, g, s1, s2, n, sc, fl, one, rule)
 
 
 @njit(inline="always", **_JIT)
@@ -531,12 +487,12 @@ def _lion(ptrs, chunks, sc, fl):
                 out[i] = _lion_element(p[i], g[i], m, i, sc, one)
 
 
-def _run(kernel, operands, scalars, n_threads):
+def _run(kernel, operands, scalars, n_threads, *rule):
     """Call a kernel with the scalars split into a dtype array and an int flag array."""
     dtype, ptrs, chunks = _setup(operands, n_threads)
     sc = np.array([v for v in scalars.values() if not isinstance(v, bool)], dtype)
     fl = np.array([v for v in scalars.values() if isinstance(v, bool)] or [0], np.int64)
-    kernel(ptrs, chunks, sc, fl)
+    kernel(ptrs, chunks, sc, fl, *rule)
 
 
 def adagrad_step(params, out, grads, state_sums, *, n_threads, **hyper):
@@ -552,23 +508,23 @@ def rmsprop_step(params, out, grads, square_avgs, grad_avgs, momentum_buffers, *
 
 
 def adadelta_step(params, out, grads, square_avgs, acc_deltas, *, n_threads, **hyper):
-    _run(_adadelta, (params, out, grads, square_avgs, acc_deltas),
-         _scalars.adadelta_scalars(params[0].dtype, **hyper), n_threads)
+    _run(_two_state, (params, out, grads, square_avgs, acc_deltas),
+         _scalars.adadelta_scalars(params[0].dtype, **hyper), n_threads, 0)
 
 
 def adamax_step(params, out, grads, exp_avgs, exp_infs, *, n_threads, **hyper):
-    _run(_adamax, (params, out, grads, exp_avgs, exp_infs),
-         _scalars.adamax_scalars(params[0].dtype, **hyper), n_threads)
+    _run(_two_state, (params, out, grads, exp_avgs, exp_infs),
+         _scalars.adamax_scalars(params[0].dtype, **hyper), n_threads, 1)
 
 
 def nadam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, n_threads, **hyper):
-    _run(_nadam, (params, out, grads, exp_avgs, exp_avg_sqs),
-         _scalars.nadam_scalars(params[0].dtype, **hyper), n_threads)
+    _run(_two_state, (params, out, grads, exp_avgs, exp_avg_sqs),
+         _scalars.nadam_scalars(params[0].dtype, **hyper), n_threads, 2)
 
 
 def radam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, n_threads, **hyper):
-    _run(_radam, (params, out, grads, exp_avgs, exp_avg_sqs),
-         _scalars.radam_scalars(params[0].dtype, **hyper), n_threads)
+    _run(_two_state, (params, out, grads, exp_avgs, exp_avg_sqs),
+         _scalars.radam_scalars(params[0].dtype, **hyper), n_threads, 3)
 
 
 def lion_step(params, out, grads, exp_avgs, *, n_threads, **hyper):

@@ -75,6 +75,18 @@ def sgd_step(params, out, grads, momentum_buffers, *, lr, momentum, dampening, w
         out[i][...] = p + s(-lr) * g
 
 
+def _adam_moments(p, g, exp_avg, exp_avg_sq, *, lr, beta1, beta2, weight_decay, decoupled,
+                  maximize, grad_clip, grad_scale):
+    """Adam's, NAdam's and RAdam's common start: the gradient prologue, weight decay, and
+    the moments updated in place. Returns the (decayed) parameter and the gradient."""
+    s = p.dtype.type
+    g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
+    p, g = _decay(p, g, lr, weight_decay, decoupled)
+    exp_avg[...] = _lerp(exp_avg, g, s(1 - beta1))
+    exp_avg_sq[...] = exp_avg_sq * s(beta2) + s(1 - beta2) * g * g
+    return p, g
+
+
 def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step, lr, beta1,
               beta2, eps, weight_decay, decoupled, maximize, grad_scale=1.0,
               grad_clip=float("inf"), n_threads=1):
@@ -84,16 +96,9 @@ def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, ste
     bias_correction2_sqrt = bias_correction2 ** 0.5
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         s = p.dtype.type
-        g = _clip_and_scale(g, grad_clip, grad_scale)
-        if maximize:
-            g = -g
-        if weight_decay != 0:
-            if decoupled:
-                p = p * s(1 - lr * weight_decay)
-            else:
-                g = g + s(weight_decay) * p
-        m[...] = _lerp(m, g, s(1 - beta1))
-        v[...] = v * s(beta2) + s(1 - beta2) * g * g
+        p, g = _adam_moments(p, g, m, v, lr=lr, beta1=beta1, beta2=beta2,
+                             weight_decay=weight_decay, decoupled=decoupled, maximize=maximize,
+                             grad_clip=grad_clip, grad_scale=grad_scale)
         if max_exp_avg_sqs is not None:
             np.maximum(max_exp_avg_sqs[i], v, out=max_exp_avg_sqs[i])
             v = max_exp_avg_sqs[i]
@@ -191,10 +196,9 @@ def nadam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, step, mu_product, l
     mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
     for i, (p, g, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         s = p.dtype.type
-        g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
-        p, g = _decay(p, g, lr, weight_decay, decoupled)
-        exp_avg[...] = _lerp(exp_avg, g, s(1 - beta1))
-        exp_avg_sq[...] = exp_avg_sq * s(beta2) + s(1 - beta2) * g * g
+        p, g = _adam_moments(p, g, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2,
+                             weight_decay=weight_decay, decoupled=decoupled, maximize=maximize,
+                             grad_clip=grad_clip, grad_scale=grad_scale)
         denom = np.sqrt(exp_avg_sq / s(bias_correction2)) + s(eps)
         p = p + s(-lr * (1.0 - mu) / (1.0 - mu_product)) * g / denom
         out[i][...] = p + s((-lr * mu_next) / (1.0 - mu_product * mu_next)) * exp_avg / denom
@@ -209,10 +213,9 @@ def radam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, be
     rho_t = rho_inf - 2 * step * (beta2 ** step) / bias_correction2
     for i, (p, g, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         s = p.dtype.type
-        g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
-        p, g = _decay(p, g, lr, weight_decay, decoupled)
-        exp_avg[...] = _lerp(exp_avg, g, s(1 - beta1))
-        exp_avg_sq[...] = exp_avg_sq * s(beta2) + s(1 - beta2) * g * g
+        p, g = _adam_moments(p, g, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2,
+                             weight_decay=weight_decay, decoupled=decoupled, maximize=maximize,
+                             grad_clip=grad_clip, grad_scale=grad_scale)
         update = exp_avg / s(bias_correction1) * s(lr)
         if rho_t > 5.0:
             rect = ((rho_t - 4) * (rho_t - 2) * rho_inf

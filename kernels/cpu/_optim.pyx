@@ -11,55 +11,24 @@ cdef extern from "reduce_loops.h" nogil:
     double fo_norm_chunk_f32(const float *g, Py_ssize_t n, int kind)
     double fo_norm_chunk_f64(const double *g, Py_ssize_t n, int kind)
 
+from libc.string cimport strcmp
+
 cdef extern from "optim_loops.h" nogil:
-    void fo_cpu_sgd_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_sgd_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_sgd_momentum_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_sgd_momentum_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_adam_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_adam_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_adam_amsgrad_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_adam_amsgrad_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_adagrad_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_adagrad_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_rmsprop_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_rmsprop_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_adadelta_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_adadelta_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_adamax_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_adamax_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_nadam_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_nadam_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_radam_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_radam_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_lion_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
-    void fo_cpu_lion_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
+    ctypedef struct fo_cpu_kernel:
+        const char *name
+        fo_chunk_fn f32
+        fo_chunk_fn f64
+    const fo_cpu_kernel *fo_cpu_kernels
 
 
 cdef fo_chunk_fn _kernel(str name, bint f64) except NULL:
     """The chunk function fo_cpu_<name>_<f32|f64> of optim_loops.h."""
-    if name == "sgd":
-        return fo_cpu_sgd_f64 if f64 else fo_cpu_sgd_f32
-    if name == "sgd_momentum":
-        return fo_cpu_sgd_momentum_f64 if f64 else fo_cpu_sgd_momentum_f32
-    if name == "adam":
-        return fo_cpu_adam_f64 if f64 else fo_cpu_adam_f32
-    if name == "adam_amsgrad":
-        return fo_cpu_adam_amsgrad_f64 if f64 else fo_cpu_adam_amsgrad_f32
-    if name == "adagrad":
-        return fo_cpu_adagrad_f64 if f64 else fo_cpu_adagrad_f32
-    if name == "rmsprop":
-        return fo_cpu_rmsprop_f64 if f64 else fo_cpu_rmsprop_f32
-    if name == "adadelta":
-        return fo_cpu_adadelta_f64 if f64 else fo_cpu_adadelta_f32
-    if name == "adamax":
-        return fo_cpu_adamax_f64 if f64 else fo_cpu_adamax_f32
-    if name == "nadam":
-        return fo_cpu_nadam_f64 if f64 else fo_cpu_nadam_f32
-    if name == "radam":
-        return fo_cpu_radam_f64 if f64 else fo_cpu_radam_f32
-    if name == "lion":
-        return fo_cpu_lion_f64 if f64 else fo_cpu_lion_f32
+    cdef bytes key = name.encode()
+    cdef const fo_cpu_kernel *k = fo_cpu_kernels
+    while k.name != NULL:
+        if strcmp(k.name, key) == 0:
+            return k.f64 if f64 else k.f32
+        k += 1
     raise ValueError(f"no CPU kernel named {name!r}")
 
 

@@ -69,4 +69,14 @@
 FO_DEFINE_FOR_REALS(FO_DEFINE_OPTIM_LOOPS)
 #undef FO_DEFINE_OPTIM_LOOPS
 
+/* every chunk function by name, for the Cython driver; ends with a NULL name */
+typedef struct { const char *name; fo_chunk_fn f32, f64; } fo_cpu_kernel;
+#define FO_KERNEL(NAME) {#NAME, fo_cpu_##NAME##_f32, fo_cpu_##NAME##_f64}
+static const fo_cpu_kernel fo_cpu_kernels[] = {
+    FO_KERNEL(sgd), FO_KERNEL(sgd_momentum), FO_KERNEL(adam), FO_KERNEL(adam_amsgrad),
+    FO_KERNEL(adagrad), FO_KERNEL(rmsprop), FO_KERNEL(adadelta), FO_KERNEL(adamax),
+    FO_KERNEL(nadam), FO_KERNEL(radam), FO_KERNEL(lion), {NULL, NULL, NULL},
+};
+#undef FO_KERNEL
+
 #endif /* FASTOPT_CPU_OPTIM_LOOPS_H */

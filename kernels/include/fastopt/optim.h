@@ -82,6 +82,12 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SGD)
  *   vhat <- max(vhat, v) with amsgrad, else v
  *   p <- p - (lr / (1 - beta1^t)) * m / (sqrt(vhat) / sqrt(1 - beta2^t) + eps)
  */
+/* Adam, NAdam and RAdam share their first fields and these moment updates */
+#define FO_ADAM_MOMENTS(SFX, p, g, m, v, a)                                               \
+    fo_adam_moments_##SFX(p, g, m, v, (a)->clip, (a)->gscale, (a)->weight_decay,          \
+                          (a)->decay, (a)->one_minus_beta1, (a)->beta2,                   \
+                          (a)->one_minus_beta2, (a)->lerp_hi)
+
 #define FO_DEFINE_ADAM(T, SFX, SQRT, FABS)                                                      \
     typedef struct {                                                                      \
         T clip;                                                                           \
@@ -97,14 +103,16 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SGD)
         int lerp_hi;      /* 1 - beta1 >= 0.5: torch's second lerp formula */             \
     } fo_adam_args_##SFX;                                                                 \
                                                                                           \
-    /* the moments; returns the gradient after maximize and weight decay */               \
-    FO_HD T fo_adam_moments_##SFX(T *p, T g, T *m, T *v, const fo_adam_args_##SFX *a)     \
+    /* the moments; returns the gradient after the prologue and weight decay */          \
+    FO_HD T fo_adam_moments_##SFX(T *p, T g, T *m, T *v, T clip, T gscale,                \
+                                  T weight_decay, T decay, T one_minus_beta1, T beta2,    \
+                                  T one_minus_beta2, int lerp_hi)                         \
     {                                                                                     \
-        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
-        *p = *p * a->decay;                                                               \
-        if (a->weight_decay != (T)0) g = g + a->weight_decay * *p;                        \
-        *m = fo_lerp_##SFX(*m, g, a->one_minus_beta1, a->lerp_hi);                        \
-        *v = *v * a->beta2 + a->one_minus_beta2 * g * g;                                  \
+        g = fo_grad_##SFX(g, clip, gscale);                                               \
+        *p = *p * decay;                                                                  \
+        if (weight_decay != (T)0) g = g + weight_decay * *p;                              \
+        *m = fo_lerp_##SFX(*m, g, one_minus_beta1, lerp_hi);                              \
+        *v = *v * beta2 + one_minus_beta2 * g * g;                                        \
         return g;                                                                         \
     }                                                                                     \
                                                                                           \
@@ -116,7 +124,7 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SGD)
                                                                                           \
     FO_HD T fo_adam_##SFX(T p, T g, T *m, T *v, const fo_adam_args_##SFX *a)              \
     {                                                                                     \
-        fo_adam_moments_##SFX(&p, g, m, v, a);                                            \
+        FO_ADAM_MOMENTS(SFX, &p, g, m, v, a);                                             \
         return fo_adam_apply_##SFX(p, *m, *v, a);                                         \
     }                                                                                     \
                                                                                           \
@@ -124,7 +132,7 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SGD)
                                   const fo_adam_args_##SFX *a)                            \
     {                                                                                     \
         T vhat;                                                                           \
-        fo_adam_moments_##SFX(&p, g, m, v, a);                                            \
+        FO_ADAM_MOMENTS(SFX, &p, g, m, v, a);                                             \
         vhat = fo_maximum_##SFX(*vmax, *v);                                               \
         *vmax = vhat;                                                                     \
         return fo_adam_apply_##SFX(p, *m, vhat, a);                                       \
@@ -264,17 +272,11 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ADAMAX)
                                                                                           \
     FO_HD T fo_nadam_##SFX(T p, T g, T *m, T *v, const fo_nadam_args_##SFX *a)            \
     {                                                                                     \
-        T mm, vv, d;                                                                      \
-        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
-        p = p * a->decay;                                                                 \
-        if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
-        mm = fo_lerp_##SFX(*m, g, a->one_minus_beta1, a->lerp_hi);                        \
-        vv = *v * a->beta2 + a->one_minus_beta2 * g * g;                                  \
-        *m = mm;                                                                          \
-        *v = vv;                                                                          \
-        d = SQRT(vv / a->bias_correction2) + a->eps;                                      \
+        T d;                                                                              \
+        g = FO_ADAM_MOMENTS(SFX, &p, g, m, v, a);                                         \
+        d = SQRT(*v / a->bias_correction2) + a->eps;                                      \
         p = p + a->grad_coef * g / d;                                                     \
-        return p + a->avg_coef * mm / d;                                                  \
+        return p + a->avg_coef * *m / d;                                                  \
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_NADAM)
 #undef FO_DEFINE_NADAM
@@ -294,16 +296,10 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_NADAM)
                                                                                           \
     FO_HD T fo_radam_##SFX(T p, T g, T *m, T *v, const fo_radam_args_##SFX *a)            \
     {                                                                                     \
-        T mm, vv, u;                                                                      \
-        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
-        p = p * a->decay;                                                                 \
-        if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
-        mm = fo_lerp_##SFX(*m, g, a->one_minus_beta1, a->lerp_hi);                        \
-        vv = *v * a->beta2 + a->one_minus_beta2 * g * g;                                  \
-        *m = mm;                                                                          \
-        *v = vv;                                                                          \
-        u = mm / a->bias_correction1 * a->lr;                                             \
-        if (a->rectify) u = u * (a->bias_correction2_sqrt / (SQRT(vv) + a->eps)) * a->rect; \
+        T u;                                                                              \
+        FO_ADAM_MOMENTS(SFX, &p, g, m, v, a);                                             \
+        u = *m / a->bias_correction1 * a->lr;                                             \
+        if (a->rectify) u = u * (a->bias_correction2_sqrt / (SQRT(*v) + a->eps)) * a->rect; \
         return p + (T)(-1) * u;                                                           \
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_RADAM)
