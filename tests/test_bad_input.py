@@ -17,6 +17,13 @@ OPTIMIZERS = [
     ("SGD", dict(lr=0.1, momentum=0.9)),
     ("Adam", dict(lr=0.1, amsgrad=True)),
     ("AdamW", dict(lr=0.1)),
+    ("Adagrad", dict(lr=0.1)),
+    ("RMSprop", dict(lr=0.1, centered=True, momentum=0.9)),
+    ("Adadelta", dict()),
+    ("Adamax", dict()),
+    ("NAdam", dict()),
+    ("RAdam", dict()),
+    ("Lion", dict()),
 ]
 
 
@@ -145,6 +152,20 @@ HYPER_CASES = [
     ("Adam", dict(betas=0.9), ValueError, r"betas must be a pair"),
     ("Adam", dict(amsgrad="yes"), TypeError, r"amsgrad must be True or False"),
     ("AdamW", dict(weight_decay=-0.01), ValueError, r"weight_decay must be"),
+    ("Adagrad", dict(lr_decay=-0.1), ValueError, r"lr_decay must be"),
+    ("Adagrad", dict(initial_accumulator_value=-1.0), ValueError, r"initial_accumulator_value must be"),
+    ("Adagrad", dict(eps=math.inf), ValueError, r"eps must be"),
+    ("RMSprop", dict(alpha=1.5), ValueError, r"alpha must be a finite number in \[0, 1\]"),
+    ("RMSprop", dict(momentum=-0.9), ValueError, r"momentum must be"),
+    ("RMSprop", dict(centered=None), TypeError, r"centered must be True or False"),
+    ("Adadelta", dict(rho=-0.1), ValueError, r"rho must be"),
+    ("Adadelta", dict(lr=math.nan), ValueError, r"lr must be"),
+    ("Adamax", dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\] must be"),
+    ("NAdam", dict(momentum_decay=-4e-3), ValueError, r"momentum_decay must be"),
+    ("NAdam", dict(decoupled_weight_decay="no"), TypeError, r"decoupled_weight_decay must be True or False"),
+    ("RAdam", dict(eps=-1.0), ValueError, r"eps must be"),
+    ("Lion", dict(betas=(1.1, 0.99)), ValueError, r"betas\[0\] must be a finite number in \[0, 1\]"),
+    ("Lion", dict(weight_decay=-1.0), ValueError, r"weight_decay must be"),
 ]
 
 
