@@ -24,6 +24,7 @@ OPTIMIZERS = [
     ("NAdam", dict()),
     ("RAdam", dict()),
     ("Lion", dict()),
+    ("Lamb", dict()),
 ]
 
 
@@ -166,6 +167,8 @@ HYPER_CASES = [
     ("RAdam", dict(eps=-1.0), ValueError, r"eps must be"),
     ("Lion", dict(betas=(1.1, 0.99)), ValueError, r"betas\[0\] must be a finite number in \[0, 1\]"),
     ("Lion", dict(weight_decay=-1.0), ValueError, r"weight_decay must be"),
+    ("Lamb", dict(eps=-1e-6), ValueError, r"eps must be"),
+    ("Lamb", dict(betas=(0.9,)), ValueError, r"betas must be a pair"),
 ]
 
 

@@ -27,6 +27,8 @@ EXAMPLES = {
     "radam": dict(step=9, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
                   decoupled=False, maximize=False),
     "lion": dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False),
+    "lamb": dict(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.0,
+                 maximize=False),
 }
 
 
@@ -48,6 +50,9 @@ def struct_fields(rule):
 def test_host_scalars_follow_the_struct(rule):
     scalars = getattr(_scalars, f"{rule}_scalars")(np.float32, grad_scale=1.0,
                                                     grad_clip=float("inf"), **EXAMPLES[rule])
+    if rule == "lamb":  # two passes, two structs
+        scalars, apply = scalars
+        assert [name for _, name in struct_fields("lamb_apply")] == list(apply)
     fields = struct_fields(rule)
     assert [name for _, name in fields] == list(scalars)
     for kind, name in fields:

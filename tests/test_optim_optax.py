@@ -1,4 +1,4 @@
-"""Rules torch does not have, against optax: the NumPy reference over 200 steps.
+"""Rules torch does not have (Lion, Lamb), against optax: the NumPy reference, 200 steps.
 
 Tolerances as in test_optim_torch.py: float64 to 1e-12 of the parameter scale; float32 to
 4e-6 (XLA may contract a*b+c into FMAs where fastopt rounds twice)."""
@@ -37,6 +37,33 @@ def test_lion_matches_optax(kw, dtype, x64):
     opt = fastopt.Lion(params, backend="numpy", **kw)
     b1, b2 = kw.get("betas", (0.9, 0.99))
     tx = optax.lion(learning_rate=kw.get("lr", 1e-4), b1=b1, b2=b2,
+                    weight_decay=kw.get("weight_decay", 0.0))
+    state = tx.init(jparams)
+    sign = -1 if kw.get("maximize") else 1
+    for _ in range(STEPS):
+        grads = [(0.5 * p + rng.standard_normal(p.shape)).astype(dtype) for p in params]
+        opt.step(grads)
+        updates, state = tx.update([jax.numpy.asarray(sign * g) for g in grads], state, jparams)
+        jparams = optax.apply_updates(jparams, updates)
+    for p, jp in zip(params, jparams):
+        want = np.asarray(jp)
+        assert want.dtype == dtype
+        np.testing.assert_allclose(p, want, rtol=0,
+                                   atol=TOLERANCE[dtype] * max(1.0, np.abs(want).max()))
+
+
+LAMB = [dict(), dict(lr=1e-2, weight_decay=0.1), dict(lr=1e-3, betas=(0.5, 0.9), eps=1e-4, maximize=True)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kw", LAMB, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "defaults")
+def test_lamb_matches_optax(kw, dtype, x64):
+    rng = np.random.default_rng(12)
+    params = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    jparams = [jax.numpy.asarray(p.copy()) for p in params]
+    opt = fastopt.Lamb(params, backend="numpy", **kw)
+    b1, b2 = kw.get("betas", (0.9, 0.999))
+    tx = optax.lamb(learning_rate=kw.get("lr", 1e-3), b1=b1, b2=b2, eps=kw.get("eps", 1e-6),
                     weight_decay=kw.get("weight_decay", 0.0))
     state = tx.init(jparams)
     sign = -1 if kw.get("maximize") else 1

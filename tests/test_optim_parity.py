@@ -38,6 +38,8 @@ CONFIGS = [
     ("RAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
     ("Lion", dict(lr=1e-3, weight_decay=0.1)),
     ("Lion", dict(lr=1e-3, betas=(0.5, 0.2), maximize=True)),
+    ("Lamb", dict(lr=1e-2)),
+    ("Lamb", dict(lr=1e-2, betas=(0.5, 0.9), eps=1e-3, weight_decay=0.1, maximize=True)),
 ]
 
 

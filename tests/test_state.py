@@ -19,6 +19,7 @@ CONFIGS = [
     ("NAdam", dict(lr=0.01)),
     ("RAdam", dict(lr=0.01)),
     ("Lion", dict(lr=1e-3, weight_decay=0.1)),
+    ("Lamb", dict(lr=1e-2, weight_decay=0.01)),
 ]
 SIZES = (5, 1023, 40000)
 

@@ -53,6 +53,7 @@ OPS = {
     "nadam_step": ("numpy", "cython", "numba", "cupy"),
     "radam_step": ("numpy", "cython", "numba", "cupy"),
     "lion_step": ("numpy", "cython", "numba", "cupy"),
+    "lamb_step": ("numpy", "cython", "numba", "cupy"),
     "norm_partials": ("numpy", "cython", "numba", "cupy"),
 }
 

@@ -155,3 +155,19 @@ def radam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, n_threads, **hyper)
 
 def lion_step(params, out, grads, exp_avgs, *, n_threads, **hyper):
     _launch("lion", (params, out, grads, exp_avgs), _scalars.lion_scalars(params[0].dtype, **hyper))
+
+
+def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, n_threads, **hyper):
+    import cupy
+    dtype = params[0].dtype
+    update, apply = _scalars.lamb_scalars(dtype, **hyper)
+    _launch("lamb_update", (params, updates, grads, exp_avgs, exp_avg_sqs), update)
+    sizes = [p.size for p in params]
+    ratios = _scalars.lamb_trust_ratios(
+        _scalars.tensor_norms(norm_partials(params, 2, n_threads=n_threads), sizes, NORM_CHUNK),
+        _scalars.tensor_norms(norm_partials(updates, 2, n_threads=n_threads), sizes, NORM_CHUNK),
+        dtype)
+    with params[0].device:
+        ratios = cupy.asarray(ratios)
+    _launch("lamb_apply", (params, out, updates, [ratios[t:t + 1] for t in range(len(params))]),
+            apply)

@@ -11,11 +11,18 @@ from fastopt._backends._pack import pack
 from fastopt._cpu import _optim
 from fastopt.optim import _scalars
 
+CHUNK = 16384  # FO_CHUNK of fastopt/reduce.h: the chunks norm_partials reports
+
 
 def _run(kernel, operands, scalars_fn, hyper, n_threads):
     dtype = operands[0][0].dtype
     _optim.step(kernel, operands, dtype == np.float64, pack(dtype, scalars_fn(dtype, **hyper)),
                 n_threads)
+
+
+def _step(kernel, operands, scalars, n_threads, n_scalar=0):
+    dtype = operands[0][0].dtype
+    _optim.step(kernel, operands, dtype == np.float64, pack(dtype, scalars), n_threads, n_scalar)
 
 
 def sgd_step(params, out, grads, momentum_buffers, *, n_threads, **hyper):
@@ -68,6 +75,19 @@ def radam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, n_threads, **hyper)
 
 def lion_step(params, out, grads, exp_avgs, *, n_threads, **hyper):
     _run("lion", (params, out, grads, exp_avgs), _scalars.lion_scalars, hyper, n_threads)
+
+
+def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, n_threads, **hyper):
+    dtype = params[0].dtype
+    update, apply = _scalars.lamb_scalars(dtype, **hyper)
+    _step("lamb_update", (params, updates, grads, exp_avgs, exp_avg_sqs), update, n_threads)
+    sizes = [p.size for p in params]
+    ratios = _scalars.lamb_trust_ratios(
+        _scalars.tensor_norms(norm_partials(params, 2, n_threads=n_threads), sizes, CHUNK),
+        _scalars.tensor_norms(norm_partials(updates, 2, n_threads=n_threads), sizes, CHUNK),
+        dtype)
+    _step("lamb_apply", (params, out, updates, [ratios[t:t + 1] for t in range(len(params))]),
+          apply, n_threads, n_scalar=1)
 
 
 def norm_partials(grads, kind, *, n_threads):

@@ -232,9 +232,9 @@ def norm_partials(grads, kind, *, n_threads):
     return _norm_partials(ptrs, chunks, np.empty(0, dtype), kind)
 
 
-def _setup(operands, n_threads):
+def _setup(operands, n_threads, n_scalar=0):
     dtype = operands[0][0].dtype
-    ptrs, sizes = data_pointers(operands, dtype.itemsize)
+    ptrs, sizes = data_pointers(operands, dtype.itemsize, n_scalar)
     n_threads = min(n_threads, numba.config.NUMBA_NUM_THREADS, int(sizes.sum()) // MIN_PER_THREAD)
     numba.set_num_threads(max(1, n_threads))
     return dtype, ptrs, _chunks(sizes)
@@ -487,9 +487,48 @@ def _lion(ptrs, chunks, sc, fl):
                 out[i] = _lion_element(p[i], g[i], m, i, sc, one)
 
 
-def _run(kernel, operands, scalars, n_threads, *rule):
+@njit(inline="always", **_JIT)
+def _lamb_update_element(p, g, m, v, i, sc):
+    beta1, one_minus_beta1, beta2, one_minus_beta2 = sc[2], sc[3], sc[4], sc[5]
+    bias_correction1, bias_correction2, eps, weight_decay = sc[6], sc[7], sc[8], sc[9]
+    d = _grad(g, sc)
+    mm = one_minus_beta1 * d + beta1 * m[i]
+    vv = one_minus_beta2 * (d * d) + beta2 * v[i]
+    m[i] = mm
+    v[i] = vv
+    return mm / bias_correction1 / (np.sqrt(vv / bias_correction2) + eps) + weight_decay * p
+
+
+@njit(parallel=True, **_JIT)
+def _lamb_update(ptrs, chunks, sc, fl):
+    """Operands: p, u (the update, written), g, exp_avg, exp_avg_sq."""
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p, u, g = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 1, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
+        m, v = _view(ptrs, t, 3, lo, n, sc), _view(ptrs, t, 4, lo, n, sc)
+        for i in range(n):
+            u[i] = _lamb_update_element(p[i], g[i], m, v, i, sc)
+
+
+@njit(parallel=True, **_JIT)
+def _lamb_apply(ptrs, chunks, sc, fl):
+    """Operands: p, p_out, u, and the tensor's trust ratio (one element)."""
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p, u = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
+        ratio = _view(ptrs, t, 3, 0, 1, sc)[0]
+        if ptrs[t, 0] == ptrs[t, 1]:
+            for i in range(n):
+                p[i] = p[i] + sc[0] * (u[i] * ratio)
+        else:
+            out = _view(ptrs, t, 1, lo, n, sc)
+            for i in range(n):
+                out[i] = p[i] + sc[0] * (u[i] * ratio)
+
+
+def _run(kernel, operands, scalars, n_threads, *rule, n_scalar=0):
     """Call a kernel with the scalars split into a dtype array and an int flag array."""
-    dtype, ptrs, chunks = _setup(operands, n_threads)
+    dtype, ptrs, chunks = _setup(operands, n_threads, n_scalar)
     sc = np.array([v for v in scalars.values() if not isinstance(v, bool)], dtype)
     fl = np.array([v for v in scalars.values() if isinstance(v, bool)] or [0], np.int64)
     kernel(ptrs, chunks, sc, fl, *rule)
@@ -530,3 +569,16 @@ def radam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, n_threads, **hyper)
 def lion_step(params, out, grads, exp_avgs, *, n_threads, **hyper):
     _run(_lion, (params, out, grads, exp_avgs), _scalars.lion_scalars(params[0].dtype, **hyper),
          n_threads)
+
+
+def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, n_threads, **hyper):
+    dtype = params[0].dtype
+    update, apply = _scalars.lamb_scalars(dtype, **hyper)
+    _run(_lamb_update, (params, updates, grads, exp_avgs, exp_avg_sqs), update, n_threads)
+    sizes = [p.size for p in params]
+    ratios = _scalars.lamb_trust_ratios(
+        _scalars.tensor_norms(norm_partials(params, 2, n_threads=n_threads), sizes, CHUNK),
+        _scalars.tensor_norms(norm_partials(updates, 2, n_threads=n_threads), sizes, CHUNK),
+        dtype)
+    _run(_lamb_apply, (params, out, updates, [ratios[t:t + 1] for t in range(len(params))]),
+         apply, n_threads, n_scalar=1)

@@ -10,6 +10,8 @@ Operands, shared with every backend: `params` are read, the results written to `
 
 import numpy as np
 
+from fastopt.optim import _scalars
+
 
 CHUNK, LANES = 16384, 16  # FO_CHUNK, FO_NORM_LANES of fastopt/reduce.h
 
@@ -233,3 +235,26 @@ def lion_step(params, out, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, m
         update = _sign(s(1 - beta1) * g + s(beta1) * exp_avg)
         exp_avg[...] = s(1 - beta2) * g + s(beta2) * exp_avg
         out[i][...] = p + s(-lr) * (update + s(weight_decay) * p)
+
+
+def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, step, lr, beta1, beta2, eps,
+              weight_decay, maximize, grad_scale=1.0, grad_clip=float("inf"), n_threads=1):
+    """`updates` are scratch buffers shaped like the parameters (their contents are
+    overwritten with the Adam-style update before it is scaled by the trust ratio)."""
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    for p, g, m, v, u in zip(params, grads, exp_avgs, exp_avg_sqs, updates):
+        s = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
+        m[...] = s(1 - beta1) * g + s(beta1) * m
+        v[...] = s(1 - beta2) * (g * g) + s(beta2) * v
+        u[...] = m / s(bias_correction1) / (np.sqrt(v / s(bias_correction2)) + s(eps))
+        u[...] = u + s(weight_decay) * p
+    # per-tensor norms in the fixed summation order that every backend shares
+    sizes = [p.size for p in params]
+    ratios = _scalars.lamb_trust_ratios(
+        _scalars.tensor_norms(norm_partials(params, 2), sizes, CHUNK),
+        _scalars.tensor_norms(norm_partials(updates, 2), sizes, CHUNK), params[0].dtype)
+    for i, (p, u) in enumerate(zip(params, updates)):
+        s = p.dtype.type
+        out[i][...] = p + s(-lr) * (u * ratios[i])

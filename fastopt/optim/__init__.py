@@ -3,8 +3,8 @@
 from fastopt.optim._base import Optimizer
 from fastopt.optim.adagrad import Adadelta, Adagrad, RMSprop
 from fastopt.optim.adam import Adam, Adamax, AdamW, NAdam, RAdam
-from fastopt.optim.lion import Lion
+from fastopt.optim.lion import Lamb, Lion
 from fastopt.optim.sgd import SGD
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax",
-           "NAdam", "RAdam", "Lion"]
+           "NAdam", "RAdam", "Lion", "Lamb"]

@@ -134,3 +134,34 @@ def lion_scalars(dtype, *, lr, beta1, beta2, weight_decay, maximize, grad_scale,
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
                 beta1=float(beta1), one_minus_beta1=1 - beta1, beta2=float(beta2),
                 one_minus_beta2=1 - beta2, weight_decay=float(weight_decay), neg_lr=-float(lr))
+
+
+def lamb_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
+                 grad_clip):
+    """(update pass, apply pass) struct fields of Lamb."""
+    update = dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                  beta1=float(beta1), one_minus_beta1=1 - beta1, beta2=float(beta2),
+                  one_minus_beta2=1 - beta2, bias_correction1=1 - beta1 ** step,
+                  bias_correction2=1 - beta2 ** step, eps=float(eps),
+                  weight_decay=float(weight_decay))
+    return update, dict(neg_lr=-float(lr))
+
+
+def tensor_norms(partials, sizes, chunk):
+    """Per-tensor 2-norms from norm_partials' per-chunk sums of squares (tensors in order,
+    ceil(size / chunk) chunks each), each added left to right: the same on every backend."""
+    counts = [-(-size // chunk) for size in sizes]
+    ends = np.cumsum(counts)
+    norms = []
+    for end, count in zip(ends, counts):
+        segment = partials[end - count:end]
+        norms.append(float(np.cumsum(segment)[-1]) ** 0.5 if count else 0.0)
+    return norms
+
+
+def lamb_trust_ratios(param_norms, update_norms, dtype):
+    """optax's trust ratio ||p|| / ||u|| per tensor, in the parameters' dtype; 1 where
+    either norm is 0."""
+    s = np.dtype(dtype).type
+    return np.array([s(1) if s(pn) == 0 or s(un) == 0 else s(pn) / s(un)
+                     for pn, un in zip(param_norms, update_norms)], dtype)

@@ -1,6 +1,16 @@
-"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), as optax.lion."""
+"""Rules torch does not have, with optax's semantics: Lion and Lamb."""
 
-from fastopt.optim._base import Optimizer, check_bool, check_real, ensure_state
+from fastopt import _interop
+from fastopt.optim._base import (Optimizer, advance_step, check_bool, check_real,
+                                 ensure_state)
+
+
+def _check_betas_closed(group, where):
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+    group["betas"] = tuple(check_real({f"betas[{k}]": b}, f"betas[{k}]", where, lo=0.0, hi=1.0)
+                           for k, b in enumerate(betas))
 
 
 class Lion(Optimizer):
@@ -45,11 +55,7 @@ class Lion(Optimizer):
 
     def _check_group(self, group, where):
         check_real(group, "lr", where, lo=0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
-        group["betas"] = tuple(check_real({f"betas[{k}]": b}, f"betas[{k}]", where, lo=0.0, hi=1.0)
-                               for k, b in enumerate(betas))
+        _check_betas_closed(group, where)
         check_real(group, "weight_decay", where, lo=0.0)
         check_bool(group, "maximize", where)
 
@@ -59,3 +65,83 @@ class Lion(Optimizer):
         kernel(params, out, grads, [s["exp_avg"] for s in states], lr=group["lr"],
                beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                maximize=group["maximize"], n_threads=n_threads, **grad)
+
+
+class Lamb(Optimizer):
+    r"""Lamb (You et al. 2019): Adam's update scaled per tensor by a trust ratio.
+
+    Follows ``optax.lamb`` (torch has no Lamb). With gradient :math:`g_t` (negated if
+    maximize) at step t:
+
+    .. math::
+
+        m_t &= (1 - \beta_1) g_t + \beta_1 m_{t-1}, \qquad
+        v_t = (1 - \beta_2) g_t^2 + \beta_2 v_{t-1} \\
+        u_t &= \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
+            + \lambda p_t, \qquad
+        r_t = \frac{\|p_t\|}{\|u_t\|} \text{ per tensor (1 if either norm is 0)} \\
+        p_{t+1} &= p_t - \gamma \, r_t u_t
+
+    Two passes over the data (the trust ratio needs both norms first): the update pass
+    writes :math:`u_t` to a scratch buffer per parameter, the norms are one reduction in the
+    fixed order every backend shares, and the apply pass scales and adds.
+
+    Args:
+        params: list of arrays or of param-group dicts (NumPy, PyTorch, JAX, TensorFlow, CuPy).
+        lr (float): :math:`\gamma \ge 0`. Default 1e-3.
+        betas (tuple): :math:`(\beta_1, \beta_2)`, each in [0, 1]. Default (0.9, 0.999).
+        eps (float): :math:`\epsilon \ge 0`. Default 1e-6.
+        weight_decay (float): decoupled :math:`\lambda \ge 0`. Default 0.
+        maximize (bool): ascend instead of descend. Default False.
+        backend, n_threads, max_grad_norm, grad_norm_type, max_grad_value, skip_nonfinite:
+            keyword-only; see :class:`fastopt.optim.Optimizer`.
+
+    State per parameter: ``step``, ``exp_avg`` (m; optax's ``mu``), ``exp_avg_sq`` (v, ``nu``).
+
+    Example:
+        >>> import numpy as np, fastopt
+        >>> w = np.array([3.0, 4.0])
+        >>> _ = fastopt.Lamb([w], lr=0.1).step([np.array([1.0, 1.0])])
+        >>> w.round(4)  # moved by lr * ||w|| / ||u|| * u = 0.1 * 5 / sqrt(2) * (1, 1)
+        array([2.6464, 3.6464])
+    """
+
+    _op = "lamb_step"
+    _state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
+                 maximize=False, **options):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        maximize=maximize)
+        super().__init__(params, defaults, **options)
+        self._scratch = {}  # id of a state dict -> the update buffer of its parameter
+
+    def _check_group(self, group, where):
+        check_real(group, "lr", where, lo=0.0)
+        _check_betas_closed(group, where)
+        check_real(group, "eps", where, lo=0.0)
+        check_real(group, "weight_decay", where, lo=0.0)
+        check_bool(group, "maximize", where)
+
+    def _bucket_key(self, group, state):
+        return state.get("step", 0)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._scratch.clear()  # keyed by the state dicts just replaced
+
+    def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
+        ensure_state(states, "exp_avg", params)
+        ensure_state(states, "exp_avg_sq", params)
+        updates = []
+        for state, p in zip(states, params):
+            buf = self._scratch.get(id(state))
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or type(buf) is not type(p):
+                buf = self._scratch[id(state)] = _interop.empty_like(p)
+            updates.append(buf)
+        beta1, beta2 = group["betas"]
+        kernel(params, out, grads, [s["exp_avg"] for s in states],
+               [s["exp_avg_sq"] for s in states], updates, step=advance_step(states),
+               lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+               weight_decay=group["weight_decay"], maximize=group["maximize"],
+               n_threads=n_threads, **grad)

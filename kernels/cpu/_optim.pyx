@@ -32,14 +32,17 @@ cdef fo_chunk_fn _kernel(str name, bint f64) except NULL:
     raise ValueError(f"no CPU kernel named {name!r}")
 
 
-def step(str kernel, tuple operands, bint f64, cnp.ndarray args, int n_threads):
+def step(str kernel, tuple operands, bint f64, cnp.ndarray args, int n_threads,
+         Py_ssize_t n_scalar=0):
     """Run chunk function `kernel` over `operands` (a tuple of equally long lists of arrays:
     param in, param out, grad, state...). `args` (a C-contiguous array) holds the bytes of
     its fo_<rule>_args struct: the float fields in the parameter's dtype, then the int
-    fields (fastopt._backends._cython.pack)."""
+    fields (fastopt._backends._pack.pack). The last `n_scalar` operands hold one element
+    per tensor (per-tensor scalars such as Lamb's trust ratio)."""
     if not cnp.PyArray_IS_C_CONTIGUOUS(args):
         raise ValueError("args: expected a C-contiguous array")
-    run(_kernel(kernel, f64), operands, 8 if f64 else 4, cnp.PyArray_DATA(args), n_threads)
+    run(_kernel(kernel, f64), operands, 8 if f64 else 4, cnp.PyArray_DATA(args), n_threads,
+        n_scalar)
 
 
 def norm_partials(list grads, bint f64, int kind, int n_threads):

@@ -31,11 +31,14 @@ cdef struct Plan:
     Py_ssize_t *chunk       # (tensor, lo, n) per chunk
 
 
-cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize) except -1:
+cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize,
+                   Py_ssize_t n_scalar=0) except -1:
     """Fill `pl` from a tuple of equally long lists of C-contiguous ndarrays.
 
     Every array of tensor t must hold as many elements as operands[0][t] and have the given
-    itemsize: the Python wrappers validate user input, this only guards memory safety.
+    itemsize, except the last `n_scalar` operands: one element per tensor (a per-tensor
+    scalar, which chunk functions read without the chunk offset). The Python wrappers
+    validate user input; this only guards memory safety.
     """
     cdef list first = operands[0]
     cdef Py_ssize_t n_ops = len(operands), n_t = len(first), t, op, size, n_chunks = 0
@@ -55,7 +58,8 @@ cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize) except -1:
         n_chunks += (size + CHUNK - 1) // CHUNK
         for op in range(n_ops):
             a = <cnp.ndarray?>(<list>operands[op])[t]
-            if (cnp.PyArray_SIZE(a) != size or cnp.PyArray_ITEMSIZE(a) != itemsize
+            if (cnp.PyArray_SIZE(a) != (1 if op >= n_ops - n_scalar else size)
+                    or cnp.PyArray_ITEMSIZE(a) != itemsize
                     or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
                 raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous array "
                                  f"of {size} elements of {itemsize} bytes")
@@ -100,10 +104,10 @@ cdef void plan_run(const Plan *pl, fo_chunk_fn fn, const void *args, int n_threa
 
 
 cdef int run(fo_chunk_fn fn, tuple operands, Py_ssize_t itemsize, const void *args,
-             int n_threads) except -1:
+             int n_threads, Py_ssize_t n_scalar=0) except -1:
     cdef Plan pl
     try:
-        plan_init(&pl, operands, itemsize)
+        plan_init(&pl, operands, itemsize, n_scalar)
         with nogil:
             plan_run(&pl, fn, args, n_threads)
     finally:

@@ -54,6 +54,15 @@
         else FO_RMSPROP_LOOP(T, SFX, 0, 0);                                               \
     }
 
+/* Lamb's update pass writes u to the "param out" slot (a scratch buffer); its apply pass
+   reads u in the gradient slot and the tensor's trust ratio from operand 3, one element
+   per tensor */
+#define FO_CHUNK_LAMB_APPLY(T, SFX)                                                       \
+    FO_CHUNK_HEAD(T, SFX, lamb_apply, lamb_apply)                                         \
+        const T ratio = *(const T *)ptr[3];                                               \
+        FO_PARAM_LOOP(T, fo_lamb_apply_##SFX, g[i], ratio, &a);                           \
+    }
+
 #define FO_DEFINE_OPTIM_LOOPS(T, SFX, SQRT, FABS)                                         \
     FO_CHUNK0(T, SFX, sgd, sgd, sgd)                       /* p, p_out, g */              \
     FO_CHUNK1(T, SFX, sgd_momentum, sgd_momentum, sgd)     /* + momentum_buffer */        \
@@ -65,7 +74,9 @@
     FO_CHUNK2(T, SFX, adamax, adamax, adamax)              /* + exp_avg, exp_inf */       \
     FO_CHUNK2(T, SFX, nadam, nadam, nadam)                 /* + exp_avg, exp_avg_sq */    \
     FO_CHUNK2(T, SFX, radam, radam, radam)                 /* + exp_avg, exp_avg_sq */    \
-    FO_CHUNK1(T, SFX, lion, lion, lion)                    /* + exp_avg */
+    FO_CHUNK1(T, SFX, lion, lion, lion)                    /* + exp_avg */                \
+    FO_CHUNK2(T, SFX, lamb_update, lamb_update, lamb)      /* + exp_avg, exp_avg_sq */    \
+    FO_CHUNK_LAMB_APPLY(T, SFX)                            /* p, p_out, u, ratio */
 FO_DEFINE_FOR_REALS(FO_DEFINE_OPTIM_LOOPS)
 #undef FO_DEFINE_OPTIM_LOOPS
 
@@ -75,7 +86,8 @@ typedef struct { const char *name; fo_chunk_fn f32, f64; } fo_cpu_kernel;
 static const fo_cpu_kernel fo_cpu_kernels[] = {
     FO_KERNEL(sgd), FO_KERNEL(sgd_momentum), FO_KERNEL(adam), FO_KERNEL(adam_amsgrad),
     FO_KERNEL(adagrad), FO_KERNEL(rmsprop), FO_KERNEL(adadelta), FO_KERNEL(adamax),
-    FO_KERNEL(nadam), FO_KERNEL(radam), FO_KERNEL(lion), {NULL, NULL, NULL},
+    FO_KERNEL(nadam), FO_KERNEL(radam), FO_KERNEL(lion), FO_KERNEL(lamb_update),
+    FO_KERNEL(lamb_apply), {NULL, NULL, NULL},
 };
 #undef FO_KERNEL
 

@@ -58,6 +58,12 @@ typedef long long fo_i64;
                                      buf ? buf + i : NULL, a.centered, a.use_momentum,    \
                                      &a))
 
+/* Lamb's apply pass: operand 3 holds the tensor's trust ratio (one element) */
+#define FO_CUDA_LAMB_APPLY(T, SFX)                                                        \
+    FO_CUDA_HEAD(T, SFX, lamb_apply, lamb_apply) FO_CUDA_CHUNK(4)                         \
+        const T ratio = *(const T *)ops[3];                                               \
+    FO_CUDA_LOOP(T, fo_lamb_apply_##SFX(p, g, ratio, &a))
+
 #define FO_DEFINE_CUDA_OPTIM(T, SFX, SQRT, FABS)                                          \
     FO_CUDA0(T, SFX, sgd, sgd, sgd)                                                       \
     FO_CUDA1(T, SFX, sgd_momentum, sgd_momentum, sgd)                                     \
@@ -69,6 +75,8 @@ typedef long long fo_i64;
     FO_CUDA2(T, SFX, adamax, adamax, adamax)                                              \
     FO_CUDA2(T, SFX, nadam, nadam, nadam)                                                 \
     FO_CUDA2(T, SFX, radam, radam, radam)                                                 \
-    FO_CUDA1(T, SFX, lion, lion, lion)
+    FO_CUDA1(T, SFX, lion, lion, lion)                                                    \
+    FO_CUDA2(T, SFX, lamb_update, lamb_update, lamb)                                      \
+    FO_CUDA_LAMB_APPLY(T, SFX)
 FO_DEFINE_FOR_REALS(FO_DEFINE_CUDA_OPTIM)
 #undef FO_DEFINE_CUDA_OPTIM

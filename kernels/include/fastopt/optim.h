@@ -327,4 +327,43 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_RADAM)
 FO_DEFINE_FOR_REALS(FO_DEFINE_LION)
 #undef FO_DEFINE_LION
 
+/*
+ * Lamb (You et al. 2019, as optax.lamb), step t, in two passes with a per-tensor reduction
+ * between them:
+ *   update pass:  m <- (1 - beta1) g + beta1 m;  v <- (1 - beta2) g^2 + beta2 v
+ *                 u = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) + wd p
+ *   (host)        r = ||p|| / ||u|| per tensor, 1 when either norm is 0
+ *   apply pass:   p <- p - lr (u r)
+ */
+#define FO_DEFINE_LAMB(T, SFX, SQRT, FABS)                                                \
+    typedef struct {                                                                      \
+        T clip, gscale;                                                                   \
+        T beta1, one_minus_beta1, beta2, one_minus_beta2;                                 \
+        T bias_correction1, bias_correction2, eps, weight_decay;                          \
+    } fo_lamb_args_##SFX;                                                                 \
+                                                                                          \
+    /* returns u; m and v updated */                                                      \
+    FO_HD T fo_lamb_update_##SFX(T p, T g, T *m, T *v, const fo_lamb_args_##SFX *a)       \
+    {                                                                                     \
+        T mm, vv;                                                                         \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        mm = a->one_minus_beta1 * g + a->beta1 * *m;                                      \
+        vv = a->one_minus_beta2 * (g * g) + a->beta2 * *v;                                \
+        *m = mm;                                                                          \
+        *v = vv;                                                                          \
+        return mm / a->bias_correction1 / (SQRT(vv / a->bias_correction2) + a->eps)       \
+               + a->weight_decay * p;                                                     \
+    }                                                                                     \
+                                                                                          \
+    typedef struct {                                                                      \
+        T neg_lr;                                                                         \
+    } fo_lamb_apply_args_##SFX;                                                           \
+                                                                                          \
+    FO_HD T fo_lamb_apply_##SFX(T p, T u, T ratio, const fo_lamb_apply_args_##SFX *a)     \
+    {                                                                                     \
+        return p + a->neg_lr * (u * ratio);                                               \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_LAMB)
+#undef FO_DEFINE_LAMB
+
 #endif /* FASTOPT_OPTIM_H */
