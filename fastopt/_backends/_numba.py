@@ -3,10 +3,11 @@
 The kernels get a table of data addresses (tensor x operand) and a chunk list, so a step
 over any number of tensors is one call and one parallel loop, as in the Cython backend.
 Scalars arrive as an array of the parameter's dtype, so float32 math stays float32.
-Each operand set has its own kernel (Adam with and without amsgrad, SGD with and without
-momentum): LLVM vectorizes a loop only after checking at run time that its arrays do not
-overlap, and a placeholder view standing in for a missing operand would overlap a real one
-and send every chunk down the scalar path.
+Each operand set has its own loop (Adam with and without amsgrad, SGD with and without
+momentum, ...), chosen once per chunk: LLVM vectorizes a loop only after checking at run
+time that its arrays do not overlap, and a placeholder view standing in for a missing
+operand would overlap a real one and send every chunk down the scalar path. For the same
+reason an in-place update passes the parameter view itself as the destination.
 Element math is written here on its own; the parity tests hold it to the NumPy reference.
 """
 
@@ -18,7 +19,6 @@ from numba.extending import intrinsic
 
 from fastopt._cpu._runtime import data_pointers
 from fastopt.optim import _scalars
-from fastopt.optim._scalars import adam_scalars, sgd_scalars
 
 CHUNK = 16384  # FO_CHUNK of fastopt/reduce.h
 LANES = 16  # FO_NORM_LANES
@@ -65,131 +65,75 @@ def _grad(g, sc):
 
 
 @njit(inline="always", **_JIT)
-def _sgd_direction(p, g, sc):
-    weight_decay = sc[2]
-    d = _grad(g, sc)
-    if weight_decay != 0:
-        d = d + weight_decay * p
-    return d
+def _sgd_element(p, g, buf, i, sc, has_buf, first, nesterov):
+    weight_decay, momentum, one_minus_dampening, neg_lr = sc[2], sc[3], sc[4], sc[5]
+    d = _l2(_grad(g, sc), p, weight_decay)
+    if has_buf:
+        b = d if first else buf[i] * momentum + one_minus_dampening * d
+        buf[i] = b
+        d = d + momentum * b if nesterov else b
+    return p + neg_lr * d
 
 
 @njit(inline="always", **_JIT)
-def _sgd_element(p, g, sc):
-    return p + sc[5] * _sgd_direction(p, g, sc)
-
-
-@njit(inline="always", **_JIT)
-def _sgd_momentum_element(p, g, buf, i, sc, first, nesterov):
-    momentum, one_minus_dampening, neg_lr = sc[3], sc[4], sc[5]
-    d = _sgd_direction(p, g, sc)
-    b = d if first else buf[i] * momentum + one_minus_dampening * d
-    buf[i] = b
-    return p + neg_lr * (d + momentum * b if nesterov else b)
+def _sgd_chunk(dst, p, g, buf, n, sc, first, nesterov, has_buf):
+    # dst is p itself for in-place updates (no overlap check); one loop per operand set, so
+    # the view standing in for an absent momentum buffer is never touched
+    if has_buf:
+        for i in range(n):
+            dst[i] = _sgd_element(p[i], g[i], buf, i, sc, True, first, nesterov)
+    else:
+        for i in range(n):
+            dst[i] = _sgd_element(p[i], g[i], buf, i, sc, False, first, nesterov)
 
 
 @njit(parallel=True, **_JIT)
-def _sgd(ptrs, chunks, sc):
+def _sgd(ptrs, chunks, sc, fl, has_buf):
+    first, nesterov = fl[0] != 0, fl[1] != 0
     for c in prange(chunks.shape[0]):
         t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p = _view(ptrs, t, 0, lo, n, sc)
-        g = _view(ptrs, t, 2, lo, n, sc)
+        p, g = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
+        buf = _view(ptrs, t, 3 if has_buf else 2, lo, n, sc)
         if ptrs[t, 0] == ptrs[t, 1]:
-            for i in range(n):
-                p[i] = _sgd_element(p[i], g[i], sc)
+            _sgd_chunk(p, p, g, buf, n, sc, first, nesterov, has_buf)
         else:
-            out = _view(ptrs, t, 1, lo, n, sc)
-            for i in range(n):
-                out[i] = _sgd_element(p[i], g[i], sc)
-
-
-@njit(parallel=True, **_JIT)
-def _sgd_momentum(ptrs, chunks, sc, first, nesterov):
-    for c in prange(chunks.shape[0]):
-        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p = _view(ptrs, t, 0, lo, n, sc)
-        g = _view(ptrs, t, 2, lo, n, sc)
-        buf = _view(ptrs, t, 3, lo, n, sc)
-        if ptrs[t, 0] == ptrs[t, 1]:
-            for i in range(n):
-                p[i] = _sgd_momentum_element(p[i], g[i], buf, i, sc, first, nesterov)
-        else:
-            out = _view(ptrs, t, 1, lo, n, sc)
-            for i in range(n):
-                out[i] = _sgd_momentum_element(p[i], g[i], buf, i, sc, first, nesterov)
+            _sgd_chunk(_view(ptrs, t, 1, lo, n, sc), p, g, buf, n, sc, first, nesterov, has_buf)
 
 
 @njit(inline="always", **_JIT)
-def _adam_moments(p, g, m, v, i, sc, lerp_hi):
-    """Decayed p, and m[i], v[i] updated; returns (p, m_i, v_i)."""
-    weight_decay, decay, w1, beta2 = sc[2], sc[3], sc[4], sc[5]
-    one_minus_beta2, one_minus_w1 = sc[6], sc[10]
-    d = _grad(g, sc)
-    p = p * decay
-    if weight_decay != 0:
-        d = d + weight_decay * p
-    mi = m[i]
-    mi = d - (d - mi) * one_minus_w1 if lerp_hi else mi + w1 * (d - mi)
-    vi = v[i] * beta2 + one_minus_beta2 * d * d
-    m[i] = mi
-    v[i] = vi
-    return p, mi, vi
-
-
-@njit(inline="always", **_JIT)
-def _adam_apply(p, mi, vhat, sc):
+def _adam_element(p, g, m, v, vmax, i, sc, lerp_hi, one, amsgrad):
     bc2_sqrt, eps, neg_step_size = sc[7], sc[8], sc[9]
-    denom = np.sqrt(vhat) / bc2_sqrt + eps
-    return p + neg_step_size * mi / denom
+    p, d, mm, vv = _moments(p, g, m, v, i, sc, lerp_hi, one)
+    if amsgrad:
+        vv = _maximum(vmax[i], vv)
+        vmax[i] = vv
+    return p + neg_step_size * mm / (np.sqrt(vv) / bc2_sqrt + eps)
 
 
 @njit(inline="always", **_JIT)
-def _adam_element(p, g, m, v, i, sc, lerp_hi):
-    p, mi, vi = _adam_moments(p, g, m, v, i, sc, lerp_hi)
-    return _adam_apply(p, mi, vi, sc)
-
-
-@njit(inline="always", **_JIT)
-def _adam_amsgrad_element(p, g, m, v, vmax, i, sc, lerp_hi):
-    p, mi, vi = _adam_moments(p, g, m, v, i, sc, lerp_hi)
-    old = vmax[i]
-    vhat = old if (old > vi or old != old) else vi  # torch.maximum: NaN propagates
-    vmax[i] = vhat
-    return _adam_apply(p, mi, vhat, sc)
+def _adam_chunk(dst, p, g, m, v, vmax, n, sc, lerp_hi, one, amsgrad):
+    if amsgrad:
+        for i in range(n):
+            dst[i] = _adam_element(p[i], g[i], m, v, vmax, i, sc, lerp_hi, one, True)
+    else:
+        for i in range(n):
+            dst[i] = _adam_element(p[i], g[i], m, v, vmax, i, sc, lerp_hi, one, False)
 
 
 @njit(parallel=True, **_JIT)
-def _adam(ptrs, chunks, sc, lerp_hi):
+def _adam(ptrs, chunks, sc, fl, amsgrad):
+    lerp_hi = fl[0] != 0
+    one = _one(sc)
     for c in prange(chunks.shape[0]):
         t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p = _view(ptrs, t, 0, lo, n, sc)
-        g = _view(ptrs, t, 2, lo, n, sc)
-        m = _view(ptrs, t, 3, lo, n, sc)
-        v = _view(ptrs, t, 4, lo, n, sc)
+        p, g = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
+        m, v = _view(ptrs, t, 3, lo, n, sc), _view(ptrs, t, 4, lo, n, sc)
+        vmax = _view(ptrs, t, 5 if amsgrad else 4, lo, n, sc)
         if ptrs[t, 0] == ptrs[t, 1]:
-            for i in range(n):
-                p[i] = _adam_element(p[i], g[i], m, v, i, sc, lerp_hi)
+            _adam_chunk(p, p, g, m, v, vmax, n, sc, lerp_hi, one, amsgrad)
         else:
-            out = _view(ptrs, t, 1, lo, n, sc)
-            for i in range(n):
-                out[i] = _adam_element(p[i], g[i], m, v, i, sc, lerp_hi)
-
-
-@njit(parallel=True, **_JIT)
-def _adam_amsgrad(ptrs, chunks, sc, lerp_hi):
-    for c in prange(chunks.shape[0]):
-        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p = _view(ptrs, t, 0, lo, n, sc)
-        g = _view(ptrs, t, 2, lo, n, sc)
-        m = _view(ptrs, t, 3, lo, n, sc)
-        v = _view(ptrs, t, 4, lo, n, sc)
-        vmax = _view(ptrs, t, 5, lo, n, sc)
-        if ptrs[t, 0] == ptrs[t, 1]:
-            for i in range(n):
-                p[i] = _adam_amsgrad_element(p[i], g[i], m, v, vmax, i, sc, lerp_hi)
-        else:
-            out = _view(ptrs, t, 1, lo, n, sc)
-            for i in range(n):
-                out[i] = _adam_amsgrad_element(p[i], g[i], m, v, vmax, i, sc, lerp_hi)
+            _adam_chunk(_view(ptrs, t, 1, lo, n, sc), p, g, m, v, vmax, n, sc, lerp_hi, one,
+                        amsgrad)
 
 
 @njit(inline="always", **_JIT)
@@ -242,30 +186,17 @@ def _setup(operands, n_threads, n_scalar=0):
 
 def sgd_step(params, out, grads, momentum_buffers, *, n_threads, **hyper):
     has_buf = momentum_buffers is not None
-    operands = (params, out, grads) + ((momentum_buffers,) if has_buf else ())
-    dtype, ptrs, chunks = _setup(operands, n_threads)
-    s = sgd_scalars(dtype, **hyper)
-    sc = np.array([s["clip"], s["gscale"], s["weight_decay"], s["momentum"], s["one_minus_dampening"],
-                   s["neg_lr"]], dtype)
-    if has_buf:
-        _sgd_momentum(ptrs, chunks, sc, s["first"], s["nesterov"])
-    else:
-        _sgd(ptrs, chunks, sc)
+    _run(_sgd, (params, out, grads) + ((momentum_buffers,) if has_buf else ()),
+         _scalars.sgd_scalars(params[0].dtype, **hyper), n_threads, has_buf)
 
 
 def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, n_threads, **hyper):
     amsgrad = max_exp_avg_sqs is not None
-    operands = (params, out, grads, exp_avgs, exp_avg_sqs) + ((max_exp_avg_sqs,) if amsgrad else ())
-    dtype, ptrs, chunks = _setup(operands, n_threads)
-    s = adam_scalars(dtype, **hyper)
-    sc = np.array([s["clip"], s["gscale"], s["weight_decay"], s["decay"], s["one_minus_beta1"], s["beta2"],
-                   s["one_minus_beta2"], s["bias_correction2_sqrt"], s["eps"],
-                   s["neg_step_size"], 0.0], dtype)
-    sc[10] = sc.dtype.type(1) - sc[4]  # torch's (T)1 - w, in the dtype
-    (_adam_amsgrad if amsgrad else _adam)(ptrs, chunks, sc, s["lerp_hi"])
+    _run(_adam, (params, out, grads, exp_avgs, exp_avg_sqs) + ((max_exp_avg_sqs,) if amsgrad else ()),
+         _scalars.adam_scalars(params[0].dtype, **hyper), n_threads, amsgrad)
 
 
-# -- rules after SGD and Adam: each element function unpacks its scalars in the order of
+# -- shared element helpers. Each element function unpacks its scalars in the order of
 # fastopt.optim._scalars (the struct order of fastopt/optim.h): sc[0], sc[1] are the gradient
 # prologue's (clip, gscale); `fl` holds the flags.
 
@@ -397,7 +328,8 @@ def _adamax_element(p, g, m, u, i, sc, lerp_hi, one):
 
 @njit(inline="always", **_JIT)
 def _moments(p, g, m, v, i, sc, lerp_hi, one):
-    """NAdam's and RAdam's shared start: (decayed p, gradient, m_i, v_i); m, v updated."""
+    """Adam's, NAdam's and RAdam's shared start: (decayed p, gradient, m_i, v_i); m, v
+    updated."""
     weight_decay, decay, one_minus_beta1, beta2, one_minus_beta2 = sc[2], sc[3], sc[4], sc[5], sc[6]
     d = _grad(g, sc)
     p = p * decay
