@@ -49,13 +49,19 @@ def check_bool(group, key, where):
     return value
 
 
-def check_betas(group, where):
+def check_betas(group, where, *, closed=False):
+    """group["betas"] as a tuple of two floats in [0, 1) (or [0, 1] with closed=True)."""
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
     group["betas"] = tuple(
-        check_real({f"betas[{k}]": beta}, f"betas[{k}]", where, lo=0.0, hi=1.0, hi_open=True)
+        check_real({f"betas[{k}]": beta}, f"betas[{k}]", where, lo=0.0, hi=1.0,
+                   hi_open=not closed)
         for k, beta in enumerate(betas))
+
+
+OPTIONS_DOC = """        backend, n_threads, max_grad_norm, grad_norm_type, max_grad_value, skip_nonfinite:
+            keyword-only; see :class:`fastopt.optim.Optimizer`."""
 
 
 def ensure_state(states, name, likes, fill=0.0):
@@ -423,7 +429,7 @@ class Optimizer:
         raise NotImplementedError
 
     def _bucket_key(self, group, state):
-        return None
+        return state.get("step", 0)  # rules whose host scalars depend on the step count
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         raise NotImplementedError

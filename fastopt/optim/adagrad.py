@@ -1,11 +1,8 @@
 """Adagrad, RMSprop and Adadelta: per-element step sizes from accumulated squared gradients
 (torch.optim semantics)."""
 
-from fastopt.optim._base import (Optimizer, advance_step, check_bool, check_real,
+from fastopt.optim._base import (OPTIONS_DOC, Optimizer, advance_step, check_bool, check_real,
                                  ensure_state)
-
-_OPTIONS = """        backend, n_threads, max_grad_norm, grad_norm_type, max_grad_value, skip_nonfinite:
-            keyword-only; see :class:`fastopt.optim.Optimizer`."""
 
 
 class Adagrad(Optimizer):
@@ -26,7 +23,7 @@ class Adagrad(Optimizer):
         initial_accumulator_value (float): :math:`s_0 \ge 0`. Default 0.
         eps (float): :math:`\epsilon \ge 0`. Default 1e-10.
         maximize (bool): ascend instead of descend. Default False.
-""" + _OPTIONS + r"""
+""" + OPTIONS_DOC + r"""
 
     State per parameter: ``step``, ``sum``.
 
@@ -52,9 +49,6 @@ class Adagrad(Optimizer):
         for key in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"):
             check_real(group, key, where, lo=0.0)
         check_bool(group, "maximize", where)
-
-    def _bucket_key(self, group, state):
-        return state.get("step", 0)
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         ensure_state(states, "sum", params, group["initial_accumulator_value"])
@@ -86,7 +80,7 @@ class RMSprop(Optimizer):
         momentum (float): :math:`\mu \ge 0`. Default 0.
         centered (bool): normalize by the variance estimate. Default False.
         maximize (bool): ascend instead of descend. Default False.
-""" + _OPTIONS + r"""
+""" + OPTIONS_DOC + r"""
 
     State per parameter: ``step``, ``square_avg``, ``grad_avg`` (centered),
     ``momentum_buffer`` (momentum > 0).
@@ -115,9 +109,6 @@ class RMSprop(Optimizer):
             check_real(group, key, where, lo=0.0)
         check_bool(group, "centered", where)
         check_bool(group, "maximize", where)
-
-    def _bucket_key(self, group, state):
-        return state.get("step", 0)
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         ensure_state(states, "square_avg", params)
@@ -153,7 +144,7 @@ class Adadelta(Optimizer):
         eps (float): :math:`\epsilon \ge 0`. Default 1e-6.
         weight_decay (float): L2 penalty :math:`\lambda \ge 0`. Default 0.
         maximize (bool): ascend instead of descend. Default False.
-""" + _OPTIONS + r"""
+""" + OPTIONS_DOC + r"""
 
     State per parameter: ``step``, ``square_avg`` (v), ``acc_delta`` (u).
 
@@ -179,9 +170,6 @@ class Adadelta(Optimizer):
         check_real(group, "eps", where, lo=0.0)
         check_real(group, "weight_decay", where, lo=0.0)
         check_bool(group, "maximize", where)
-
-    def _bucket_key(self, group, state):
-        return state.get("step", 0)
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         ensure_state(states, "square_avg", params)

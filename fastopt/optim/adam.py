@@ -1,7 +1,8 @@
 """Adam and AdamW (torch.optim.Adam / torch.optim.AdamW semantics)."""
 
 from fastopt.optim import _scalars
-from fastopt.optim._base import (Optimizer, advance_step, check_betas, check_bool, check_real,
+from fastopt.optim._base import (OPTIONS_DOC, Optimizer, advance_step, check_betas, check_bool,
+                                 check_real,
                                  ensure_state)
 
 _MATH = r"""
@@ -65,9 +66,6 @@ class Adam(Optimizer):
         check_bool(group, "amsgrad", where)
         check_bool(group, "maximize", where)
 
-    def _bucket_key(self, group, state):
-        return state.get("step", 0)
-
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         ensure_state(states, "exp_avg", params)
         ensure_state(states, "exp_avg_sq", params)
@@ -110,10 +108,6 @@ class AdamW(Adam):
                          amsgrad=amsgrad, maximize=maximize, **options)
 
 
-_OPTIONS = """        backend, n_threads, max_grad_norm, grad_norm_type, max_grad_value, skip_nonfinite:
-            keyword-only; see :class:`fastopt.optim.Optimizer`."""
-
-
 class _AdamFamily(Optimizer):
     """Shared by Adamax, NAdam, RAdam: betas, eps, weight decay, a step count."""
 
@@ -125,9 +119,6 @@ class _AdamFamily(Optimizer):
         check_bool(group, "maximize", where)
         if "decoupled_weight_decay" in group:
             check_bool(group, "decoupled_weight_decay", where)
-
-    def _bucket_key(self, group, state):
-        return state.get("step", 0)
 
 
 class Adamax(_AdamFamily):
@@ -148,7 +139,7 @@ class Adamax(_AdamFamily):
         eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
         weight_decay (float): L2 penalty :math:`\lambda \ge 0`. Default 0.
         maximize (bool): ascend instead of descend. Default False.
-""" + _OPTIONS + r"""
+""" + OPTIONS_DOC + r"""
 
     State per parameter: ``step``, ``exp_avg`` (m), ``exp_inf`` (u).
 
@@ -205,7 +196,7 @@ class NAdam(_AdamFamily):
         momentum_decay (float): :math:`\psi \ge 0`. Default 4e-3.
         decoupled_weight_decay (bool): AdamW-style decay (NAdamW). Default False.
         maximize (bool): ascend instead of descend. Default False.
-""" + _OPTIONS + r"""
+""" + OPTIONS_DOC + r"""
 
     State per parameter: ``step``, ``mu_product``, ``exp_avg``, ``exp_avg_sq``.
 
@@ -276,7 +267,7 @@ class RAdam(_AdamFamily):
         weight_decay (float): :math:`\lambda \ge 0`. Default 0.
         decoupled_weight_decay (bool): AdamW-style decay. Default False.
         maximize (bool): ascend instead of descend. Default False.
-""" + _OPTIONS + r"""
+""" + OPTIONS_DOC + r"""
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq``.
 

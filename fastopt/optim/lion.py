@@ -1,16 +1,8 @@
 """Rules torch does not have, with optax's semantics: Lion and Lamb."""
 
 from fastopt import _interop
-from fastopt.optim._base import (Optimizer, advance_step, check_bool, check_real,
+from fastopt.optim._base import (Optimizer, advance_step, check_betas, check_bool, check_real,
                                  ensure_state)
-
-
-def _check_betas_closed(group, where):
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
-    group["betas"] = tuple(check_real({f"betas[{k}]": b}, f"betas[{k}]", where, lo=0.0, hi=1.0)
-                           for k, b in enumerate(betas))
 
 
 class Lion(Optimizer):
@@ -55,7 +47,7 @@ class Lion(Optimizer):
 
     def _check_group(self, group, where):
         check_real(group, "lr", where, lo=0.0)
-        _check_betas_closed(group, where)
+        check_betas(group, where, closed=True)
         check_real(group, "weight_decay", where, lo=0.0)
         check_bool(group, "maximize", where)
 
@@ -118,13 +110,10 @@ class Lamb(Optimizer):
 
     def _check_group(self, group, where):
         check_real(group, "lr", where, lo=0.0)
-        _check_betas_closed(group, where)
+        check_betas(group, where, closed=True)
         check_real(group, "eps", where, lo=0.0)
         check_real(group, "weight_decay", where, lo=0.0)
         check_bool(group, "maximize", where)
-
-    def _bucket_key(self, group, state):
-        return state.get("step", 0)
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
