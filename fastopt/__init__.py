@@ -13,15 +13,15 @@ reference). ``import fastopt`` imports none of those frameworks.
 from fastopt._config import get_num_threads, set_num_threads
 from fastopt._info import show_config
 from fastopt._io import load, save
-from fastopt.optim import (SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lamb, Lion, NAdam,
-                           Optimizer, RAdam, RMSprop)
+from fastopt.optim import (SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Lamb, Lion,
+                           NAdam, Optimizer, RAdam, RMSprop)
 from fastopt.optim._clip import clip_grad_norm_, clip_grad_value_
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
-    "Lion", "Lamb", "Optimizer", "clip_grad_norm_", "clip_grad_value_",
+    "Lion", "Lamb", "Adafactor", "Optimizer", "clip_grad_norm_", "clip_grad_value_",
     "get_num_threads", "set_num_threads", "show_config", "save", "load",
     "__version__",
 ]

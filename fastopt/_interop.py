@@ -202,18 +202,20 @@ def aligned_empty(shape, dtype):
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
-def empty_like(arr):
-    """Uninitialized array like a kernel view (NumPy: 64-byte aligned; CuPy: on its device)."""
+def empty_like(arr, shape=None):
+    """Uninitialized array like a kernel view, of its shape or `shape` (NumPy: 64-byte
+    aligned; CuPy: on its device)."""
+    shape = arr.shape if shape is None else shape
     if isinstance(arr, np.ndarray):
-        return aligned_empty(arr.shape, arr.dtype)
+        return aligned_empty(shape, arr.dtype)
     import cupy
     with arr.device:
-        return cupy.empty(arr.shape, arr.dtype)
+        return cupy.empty(shape, arr.dtype)
 
 
-def copy_to_like(value, like):
-    """A new buffer like `like` (same device), holding the values of array `value`."""
-    out = empty_like(like)
+def copy_to_like(value, like, shape=None):
+    """A new buffer like `like` (same device, `shape` if given), holding array `value`."""
+    out = empty_like(like, shape)
     if isinstance(out, np.ndarray):
         out[...] = value if isinstance(value, np.ndarray) else np.asarray(_host(value))
     else:
@@ -231,14 +233,8 @@ def _host(value):
     return value
 
 
-def zeros_like(arr):
-    out = empty_like(arr)
-    out.fill(0)
-    return out
-
-
-def full_like(arr, value):
-    out = empty_like(arr)
+def full_like(arr, value, shape=None):
+    out = empty_like(arr, shape)
     out.fill(value)
     return out
 

@@ -17,7 +17,8 @@ import fastopt
 torch = pytest.importorskip("torch")
 
 STEPS = 200
-SHAPES = [(3,), (17, 5), (2, 3, 4), (1000,)]
+# () and (3, 2, 600): a 0-d parameter, and Adafactor's factored sums over several column blocks
+SHAPES = [(3,), (17, 5), (2, 3, 4), (1000,), (), (3, 2, 600)]
 
 CONFIGS = [
     ("SGD", dict(lr=0.01)),
@@ -54,6 +55,10 @@ CONFIGS = [
     ("RAdam", dict()),
     ("RAdam", dict(lr=1e-2, betas=(0.8, 0.9), weight_decay=0.1)),
     ("RAdam", dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
+    ("Adafactor", dict()),
+    ("Adafactor", dict(lr=0.05, beta2_decay=-0.5, eps=(1e-20, 1e-2), d=2.0, weight_decay=0.1,
+                       maximize=True)),
+    ("Adafactor", dict(lr=1e-3, beta2_decay=0.0, eps=(1e-3, 0.0), weight_decay=0.5)),
 ]
 
 TOLERANCE = {np.float64: 1e-12, np.float32: 4e-6}
@@ -80,7 +85,7 @@ def test_reference_matches_torch(config, dtype):
     topt = getattr(torch.optim, name)(tparams, foreach=False, **kw)
     for _ in range(STEPS):
         # gradients of a quadratic bowl plus noise: a realistic, non-stationary signal
-        grads = [(0.5 * p + rng.standard_normal(p.shape)).astype(dtype) for p in params]
+        grads = [np.asarray(0.5 * p + rng.standard_normal(p.shape), dtype) for p in params]
         for tp, g in zip(tparams, grads):
             tp.grad = torch.from_numpy(g.copy())
         opt.step(grads)

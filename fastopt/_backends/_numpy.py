@@ -14,6 +14,7 @@ from fastopt.optim import _scalars
 
 
 CHUNK, LANES = 16384, 16  # FO_CHUNK, FO_NORM_LANES of fastopt/reduce.h
+COLS = 512  # FO_COLS of fastopt/reduce.h: the column blocks of the factored row sums
 
 
 def _clip_and_scale(g, grad_clip, grad_scale):
@@ -258,3 +259,65 @@ def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, step, lr, b
     for i, (p, u) in enumerate(zip(params, updates)):
         s = p.dtype.type
         out[i][...] = p + s(-lr) * (u * ratios[i])
+
+
+def factored_sums(g2):
+    """Row and column sums of a (B, R, C) float64 array of squares, in fastopt/reduce.h's
+    fixed order: a column adds its rows in index order; a row is cut into blocks of FO_COLS
+    columns, each summed in 16 lanes like a norm chunk, and the blocks are added in order."""
+    col = np.add.accumulate(g2, axis=1)[:, -1, :]
+    n_blocks = -(-g2.shape[2] // COLS)
+    padded = np.zeros(g2.shape[:2] + (n_blocks * COLS,))
+    padded[..., :g2.shape[2]] = g2  # zeros added to a lane change nothing
+    groups = padded.reshape(g2.shape[:2] + (n_blocks, COLS // LANES, LANES))
+    lanes = np.zeros(g2.shape[:2] + (n_blocks, LANES))
+    for k in range(COLS // LANES):  # each lane in index order
+        lanes += groups[..., k, :]
+    blocks = lanes[..., 0]
+    for lane in range(1, LANES):
+        blocks = blocks + lanes[..., lane]
+    row = blocks[..., 0]
+    for k in range(1, n_blocks):
+        row = row + blocks[..., k]
+    return row, col
+
+
+def adafactor_step(params, out, grads, row_vars, col_vars, variances, updates, *, step, lr,
+                   beta2_decay, eps1, eps2, d, weight_decay, maximize, grad_scale=1.0,
+                   grad_clip=float("inf"), n_threads=1):
+    """Tensors of 2+ dims use (row_vars[i], col_vars[i]), shaped (..., R, 1) and (..., 1, C);
+    the others variances[i]. `updates` are scratch buffers shaped like the parameters."""
+    rho = min(lr, 1 / step ** 0.5)
+    w = step ** beta2_decay
+    for i, (p, g, u) in enumerate(zip(params, grads, updates)):
+        s = p.dtype.type
+        e1 = np.finfo(p.dtype).eps if eps1 is None else eps1
+        if p.size == 0:
+            continue
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
+        alpha = max(eps2, _tensor_norm(p) / p.size ** 0.5) * rho
+        if p.ndim > 1:
+            rows, cols = p.shape[-2:]
+            g3 = g.reshape(-1, rows, cols)
+            g2 = g3.astype(np.float64)
+            row_sum, col_sum = factored_sums(g2 * g2)
+            row_var = row_vars[i].reshape(-1, rows)
+            col_var = col_vars[i].reshape(-1, cols)
+            row_var[...] = _lerp(row_var, (row_sum / cols).astype(p.dtype), s(w))
+            col_var[...] = _lerp(col_var, (col_sum / rows).astype(p.dtype), s(w))
+            row_mean = np.add.accumulate(row_var.astype(np.float64), axis=1)[:, -1] / rows
+            row_mean = np.maximum(row_mean.astype(p.dtype), s(e1))
+            var = row_var[:, :, None] * col_var[:, None, :] / row_mean[:, None, None]
+            var = var.reshape(p.shape)
+        else:
+            variances[i][...] = _lerp(variances[i], g * g, s(w))
+            var = variances[i]
+        u[...] = s(1) / np.sqrt(np.maximum(var, s(e1 * e1))) * g
+        denom = max(1.0, _tensor_norm(u) / (p.size ** 0.5 * d))
+        p = p * s(1 - lr * weight_decay) if weight_decay != 0 else p
+        out[i][...] = p + s(-alpha / denom) * u
+
+
+def _tensor_norm(x):
+    """The 2-norm of one tensor, from its chunk partials added in order (as every backend)."""
+    return _scalars.tensor_norms(norm_partials([x], 2), [x.size], CHUNK)[0]

@@ -64,11 +64,12 @@ OPTIONS_DOC = """        backend, n_threads, max_grad_norm, grad_norm_type, max_
             keyword-only; see :class:`fastopt.optim.Optimizer`."""
 
 
-def ensure_state(states, name, likes, fill=0.0):
-    """Create ``state[name]`` filled with `fill`, shaped like the parameter, where missing."""
+def ensure_state(states, name, likes, fill=0.0, shape=None):
+    """Create ``state[name]`` filled with `fill`, shaped like the parameter (or
+    ``shape(param)``), where missing."""
     for state, like in zip(states, likes):
         if name not in state:
-            state[name] = _interop.full_like(like, fill) if fill else _interop.zeros_like(like)
+            state[name] = _interop.full_like(like, fill, None if shape is None else shape(like))
 
 
 def advance_step(states):
@@ -104,7 +105,7 @@ class Optimizer:
     """
 
     _op = None
-    _state_keys = ()  # names of the per-parameter state arrays
+    _state_keys = ()  # names of the per-parameter state arrays (all shaped like the param)
     _state_scalars = {"step": int}  # names and types of the per-parameter state numbers
 
     def __init__(self, params, defaults, *, backend="auto", n_threads=None, max_grad_norm=None,
@@ -131,6 +132,7 @@ class Optimizer:
         # checked (also against its state) is not imported and checked again while the token
         # says it is the same memory; see _interop.view_still_valid
         self._views = {}
+        self._scratch = {}  # id of a state dict -> scratch buffer like its parameter
         if _interop.framework_of(params) is not None:
             raise TypeError("params: expected a list of arrays or of param-group dicts, got a "
                             "single array; wrap it in a list: [param]")
@@ -251,11 +253,18 @@ class Optimizer:
             group.update(merged)
         self.state = new_state
         self._views.clear()
+        self._scratch.clear()  # keyed by the state dicts just replaced
+
+    def _state_shapes(self, param):
+        """Name -> shape of the state arrays a parameter has; rules whose state is not
+        shaped like the parameter (Adafactor's factors) override this."""
+        return {name: tuple(param.shape) for name in self._state_keys}
 
     def _load_state_entry(self, entry, like, where):
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: expected a dict, got {type(entry).__name__}")
-        known = set(self._state_keys) | set(self._state_scalars)
+        shapes = self._state_shapes(like)
+        known = set(shapes) | set(self._state_scalars)
         unknown = set(entry) - known
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)} for "
@@ -273,11 +282,12 @@ class Optimizer:
                     raise ValueError(f"{where}[{key!r}]: expected a finite number, got {value!r}")
                 loaded[key] = float(value)
                 continue
-            if tuple(value.shape) != tuple(like.shape) or str(value.dtype) != str(like.dtype):
+            if tuple(value.shape) != shapes[key] or str(value.dtype) != str(like.dtype):
                 raise ValueError(f"{where}[{key!r}]: shape {tuple(value.shape)} and dtype "
                                  f"{value.dtype} do not fit the parameter's "
-                                 f"{tuple(like.shape)}, {like.dtype}")
-            loaded[key] = _interop.copy_to_like(value, like)
+                                 f"({shapes[key]}, {like.dtype}); parameter shape "
+                                 f"{tuple(like.shape)}")
+            loaded[key] = _interop.copy_to_like(value, like, shapes[key])
         return loaded
 
     def step(self, grads):
@@ -400,12 +410,12 @@ class Optimizer:
         raise TypeError(f"grads[{i}]: dtype {g.dtype} does not match params[{i}] dtype {p.dtype}")
 
     def _check_state(self, i, p, state):
-        # state buffers are created together, shaped like the parameter: checking the first
-        # one present catches a parameter replaced by one of another shape, dtype or device
-        for name in self._state_keys:
+        # state buffers are created together: checking the first one present catches a
+        # parameter replaced by one of another shape, dtype or device
+        for name, shape in self._state_shapes(p).items():
             buf = state.get(name)
             if buf is not None:
-                if buf.shape != p.shape or buf.dtype != p.dtype or type(buf) is not type(p):
+                if buf.shape != shape or buf.dtype != p.dtype or type(buf) is not type(p):
                     raise ValueError(f"params[{i}]: shape {tuple(p.shape)}, dtype {p.dtype} no "
                                      f"longer matches its state {name!r} ({tuple(buf.shape)}, "
                                      f"{buf.dtype}, {type(buf).__module__}); was the parameter "
@@ -424,6 +434,18 @@ class Optimizer:
         for (_, j, pv, _), result in zip(bucket, out):
             if pv.framework not in _interop.MUTABLE:
                 group["params"][j] = _interop.export(result, pv.framework)
+
+    def _scratch_like(self, states, params):
+        """One scratch buffer per parameter, kept between steps (two-pass rules such as Lamb
+        write their update there before scaling it per tensor)."""
+        buffers = []
+        for state, p in zip(states, params):
+            buf = self._scratch.get(id(state))
+            if (buf is None or buf.shape != p.shape or buf.dtype != p.dtype
+                    or type(buf) is not type(p)):
+                buf = self._scratch[id(state)] = _interop.empty_like(p)
+            buffers.append(buf)
+        return buffers
 
     def _check_group(self, group, where):
         raise NotImplementedError

@@ -144,7 +144,7 @@ def lamb_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, 
                   one_minus_beta2=1 - beta2, bias_correction1=1 - beta1 ** step,
                   bias_correction2=1 - beta2 ** step, eps=float(eps),
                   weight_decay=float(weight_decay))
-    return update, dict(neg_lr=-float(lr))
+    return update, dict(decay=1.0, scale=-float(lr))
 
 
 def tensor_norms(partials, sizes, chunk):
@@ -165,3 +165,30 @@ def lamb_trust_ratios(param_norms, update_norms, dtype):
     s = np.dtype(dtype).type
     return np.array([s(1) if s(pn) == 0 or s(un) == 0 else s(pn) / s(un)
                      for pn, un in zip(param_norms, update_norms)], dtype)
+
+
+def adafactor_scalars(dtype, *, step, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
+                      grad_scale, grad_clip):
+    """(factors and update passes, apply pass) struct fields of Adafactor. eps1 None means
+    the dtype's machine epsilon, as torch."""
+    eps1 = float(np.finfo(dtype).eps if eps1 is None else eps1)
+    w = float(step) ** beta2_decay
+    update = dict(**grad_scalars(grad_scale, grad_clip, maximize), w=w, eps1=eps1,
+                  eps1_sq=eps1 * eps1, lerp_hi=_lerp_hi(dtype, w))
+    decay = 1 - lr * weight_decay if weight_decay != 0 else 1.0
+    return update, dict(decay=decay, scale=1.0)
+
+
+def adafactor_coefficients(param_norms, update_norms, sizes, dtype, *, step, lr, eps2, d):
+    """Per tensor, the factor -alpha / denom that scales Adafactor's update u (torch):
+    alpha = max(eps2, ||p|| / sqrt(n)) min(lr, 1 / sqrt(t)), denom = max(1, ||u|| / (sqrt(n) d))
+    with ||p|| taken before weight decay. 0 for empty tensors."""
+    rho = min(lr, 1 / step ** 0.5)
+    coefficients = []
+    for pn, un, n in zip(param_norms, update_norms, sizes):
+        if n == 0:
+            coefficients.append(0.0)
+            continue
+        alpha = max(eps2, pn / n ** 0.5) * rho
+        coefficients.append(-alpha / max(1.0, un / (n ** 0.5 * d)))
+    return np.array(coefficients, dtype)

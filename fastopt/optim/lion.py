@@ -1,8 +1,7 @@
 """Rules torch does not have, with optax's semantics: Lion and Lamb."""
 
-from fastopt import _interop
-from fastopt.optim._base import (Optimizer, advance_step, check_betas, check_bool, check_real,
-                                 ensure_state)
+from fastopt.optim._base import (OPTIONS_DOC, Optimizer, advance_step, check_betas, check_bool,
+                                 check_real, ensure_state)
 
 
 class Lion(Optimizer):
@@ -23,8 +22,7 @@ class Lion(Optimizer):
         betas (tuple): :math:`(\beta_1, \beta_2)`, each in [0, 1]. Default (0.9, 0.99).
         weight_decay (float): decoupled :math:`\lambda \ge 0`. Default 0.
         maximize (bool): ascend instead of descend. Default False.
-        backend, n_threads, max_grad_norm, grad_norm_type, max_grad_value, skip_nonfinite:
-            keyword-only; see :class:`fastopt.optim.Optimizer`.
+""" + OPTIONS_DOC + r"""
 
     State per parameter: ``exp_avg`` (m; optax calls it ``mu``). Lion keeps no step count.
 
@@ -85,8 +83,7 @@ class Lamb(Optimizer):
         eps (float): :math:`\epsilon \ge 0`. Default 1e-6.
         weight_decay (float): decoupled :math:`\lambda \ge 0`. Default 0.
         maximize (bool): ascend instead of descend. Default False.
-        backend, n_threads, max_grad_norm, grad_norm_type, max_grad_value, skip_nonfinite:
-            keyword-only; see :class:`fastopt.optim.Optimizer`.
+""" + OPTIONS_DOC + r"""
 
     State per parameter: ``step``, ``exp_avg`` (m; optax's ``mu``), ``exp_avg_sq`` (v, ``nu``).
 
@@ -106,7 +103,6 @@ class Lamb(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         maximize=maximize)
         super().__init__(params, defaults, **options)
-        self._scratch = {}  # id of a state dict -> the update buffer of its parameter
 
     def _check_group(self, group, where):
         check_real(group, "lr", where, lo=0.0)
@@ -115,22 +111,13 @@ class Lamb(Optimizer):
         check_real(group, "weight_decay", where, lo=0.0)
         check_bool(group, "maximize", where)
 
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        self._scratch.clear()  # keyed by the state dicts just replaced
-
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         ensure_state(states, "exp_avg", params)
         ensure_state(states, "exp_avg_sq", params)
-        updates = []
-        for state, p in zip(states, params):
-            buf = self._scratch.get(id(state))
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or type(buf) is not type(p):
-                buf = self._scratch[id(state)] = _interop.empty_like(p)
-            updates.append(buf)
         beta1, beta2 = group["betas"]
         kernel(params, out, grads, [s["exp_avg"] for s in states],
-               [s["exp_avg_sq"] for s in states], updates, step=advance_step(states),
+               [s["exp_avg_sq"] for s in states], self._scratch_like(states, params),
+               step=advance_step(states),
                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                weight_decay=group["weight_decay"], maximize=group["maximize"],
                n_threads=n_threads, **grad)
