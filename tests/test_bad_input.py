@@ -25,6 +25,7 @@ OPTIMIZERS = [
     ("RAdam", dict()),
     ("Lion", dict()),
     ("Lamb", dict()),
+    ("Adafactor", dict()),
 ]
 
 
@@ -169,6 +170,12 @@ HYPER_CASES = [
     ("Lion", dict(weight_decay=-1.0), ValueError, r"weight_decay must be"),
     ("Lamb", dict(eps=-1e-6), ValueError, r"eps must be"),
     ("Lamb", dict(betas=(0.9,)), ValueError, r"betas must be a pair"),
+    ("Adafactor", dict(beta2_decay=0.5), ValueError, r"beta2_decay must be"),
+    ("Adafactor", dict(eps=(None, -1.0)), ValueError, r"eps\[1\] must be"),
+    ("Adafactor", dict(eps=(-1e-3, 1e-3)), ValueError, r"eps\[0\] must be"),
+    ("Adafactor", dict(eps=1e-3), ValueError, r"eps must be a pair"),
+    ("Adafactor", dict(d=0.5), ValueError, r"d must be"),
+    ("Adafactor", dict(lr=float("nan")), ValueError, r"lr must be"),
 ]
 
 

@@ -55,7 +55,13 @@ def test_harness_every_rule(tmp_path):
 
 def test_harness_rejects_unknown_rule():
     with pytest.raises(SystemExit):
-        bench.main(["--rules", "adafactor", "--json", ""])
+        bench.main(["--rules", "adamzz", "--json", ""])
+
+
+def test_matrix_shapes():
+    assert bench.matrix_shape(10_000_000) == (2500, 4000)
+    assert bench.matrix_shape(7) == (1, 7)
+    assert bench.matrix_shape(8191) == (8191, 1)  # prime: a column
 
 
 def test_asv_suite_is_valid(tmp_path):

@@ -26,7 +26,7 @@ def _need(tool_ok, what):
 
 
 def test_there_are_cuda_sources():
-    assert {"optim.cu", "reduce.cu"} <= set(CU_FILES)
+    assert {"optim.cu", "reduce.cu", "factored.cu"} <= set(CU_FILES)
 
 
 @pytest.mark.parametrize("name", CU_FILES)
@@ -63,7 +63,7 @@ def test_compiles_with_nvcc(name, tmp_path):
 
 # -- on a GPU -------------------------------------------------------------------------
 
-from test_optim_parity import CONFIGS, SIZES, _ids, reference  # noqa: E402
+from test_optim_parity import CONFIGS, SHAPES, SIZES, _ids, reference  # noqa: E402
 
 
 @pytest.mark.gpu
@@ -73,11 +73,12 @@ def test_cupy_matches_reference(config, dtype):
     import cupy
     name, kw = config
     ref_params, ref_state = reference(name, kw, dtype)
+    shapes = SHAPES.get(name, SIZES)
     rng = np.random.default_rng(0)  # the same stream as test_optim_parity.run_trajectory
-    params = [cupy.asarray(rng.standard_normal(n).astype(dtype)) for n in SIZES]
+    params = [cupy.asarray(np.asarray(rng.standard_normal(n), dtype)) for n in shapes]
     opt = getattr(fastopt, name)(params, **kw)  # auto -> cupy for GPU arrays
     for step in range(100):
-        grads = [cupy.asarray(rng.standard_normal(n).astype(dtype)) for n in SIZES]
+        grads = [cupy.asarray(np.asarray(rng.standard_normal(n), dtype)) for n in shapes]
         if step == 50:
             opt.param_groups[0]["lr"] *= 0.5
         opt.step(grads)

@@ -29,7 +29,10 @@ EXAMPLES = {
     "lion": dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False),
     "lamb": dict(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.0,
                  maximize=False),
+    "adafactor": dict(step=3, lr=0.1, beta2_decay=-0.8, eps1=None, weight_decay=0.1,
+                      maximize=False),
 }
+TWO_PASS = ("lamb", "adafactor")  # (update struct, fo_scaled_apply's struct)
 
 
 def struct_fields(rule):
@@ -50,9 +53,9 @@ def struct_fields(rule):
 def test_host_scalars_follow_the_struct(rule):
     scalars = getattr(_scalars, f"{rule}_scalars")(np.float32, grad_scale=1.0,
                                                     grad_clip=float("inf"), **EXAMPLES[rule])
-    if rule == "lamb":  # two passes, two structs
+    if rule in TWO_PASS:
         scalars, apply = scalars
-        assert [name for _, name in struct_fields("lamb_apply")] == list(apply)
+        assert [name for _, name in struct_fields("scaled_apply")] == list(apply)
     fields = struct_fields(rule)
     assert [name for _, name in fields] == list(scalars)
     for kind, name in fields:

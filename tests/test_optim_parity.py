@@ -13,6 +13,9 @@ import fastopt
 from conftest import CPU_BACKENDS, require_backend
 
 SIZES = (0, 1, 7, 1023, 100003)
+# Adafactor factors tensors of 2+ dims: 0-d and 1-d tensors, one column block, several
+# blocks and slices, and a matrix large enough for both threads
+SHAPES = {"Adafactor": ((), 7, (33, 5), (2, 3, 700), (300, 1100), (0, 3), (4, 0, 2))}
 STEPS = 100
 
 CONFIGS = [
@@ -40,6 +43,9 @@ CONFIGS = [
     ("Lion", dict(lr=1e-3, betas=(0.5, 0.2), maximize=True)),
     ("Lamb", dict(lr=1e-2)),
     ("Lamb", dict(lr=1e-2, betas=(0.5, 0.9), eps=1e-3, weight_decay=0.1, maximize=True)),
+    ("Adafactor", dict(lr=1e-2)),
+    ("Adafactor", dict(lr=0.05, beta2_decay=-0.5, eps=(1e-20, 1e-2), d=2.0, weight_decay=0.1,
+                       maximize=True)),
 ]
 
 
@@ -48,12 +54,13 @@ def _ids(config):
     return name + "-" + "-".join(f"{k}={v}" for k, v in kw.items())
 
 
-def run_trajectory(name, kw, dtype, backend, n_threads, sizes=SIZES, steps=STEPS, seed=0):
+def run_trajectory(name, kw, dtype, backend, n_threads, sizes=None, steps=STEPS, seed=0):
+    sizes = SHAPES.get(name, SIZES) if sizes is None else sizes
     rng = np.random.default_rng(seed)
-    params = [rng.standard_normal(n).astype(dtype) for n in sizes]
+    params = [np.asarray(rng.standard_normal(n), dtype) for n in sizes]
     opt = getattr(fastopt, name)(params, backend=backend, n_threads=n_threads, **kw)
     for step in range(steps):
-        grads = [rng.standard_normal(n).astype(dtype) for n in sizes]
+        grads = [np.asarray(rng.standard_normal(n), dtype) for n in sizes]
         if step == steps // 2:  # hyperparameters changed mid-run take effect at once
             opt.param_groups[0]["lr"] *= 0.5
         opt.step(grads)

@@ -20,8 +20,9 @@ CONFIGS = [
     ("RAdam", dict(lr=0.01)),
     ("Lion", dict(lr=1e-3, weight_decay=0.1)),
     ("Lamb", dict(lr=1e-2, weight_decay=0.01)),
+    ("Adafactor", dict(lr=1e-2, weight_decay=0.01)),
 ]
-SIZES = (5, 1023, 40000)
+SIZES = (5, (33, 31), (40, 1000))  # Adafactor factors the matrices
 
 
 def grads_at(step, dtype):
@@ -142,6 +143,26 @@ def test_state_scalars_are_checked():
     sd["state"][0]["step"] = 3
     with pytest.raises(ValueError, match=r"unknown keys \['step'\]"):
         lion.load_state_dict(sd)
+
+
+def test_adafactor_state_follows_torch_shapes():
+    params, opt = start("Adafactor", dict(lr=1e-2), "cython")
+    opt.step(grads_at(0, np.float32))
+    sd = copy.deepcopy(opt.state_dict())
+    assert set(sd["state"][0]) == {"step", "variance"}
+    assert sd["state"][1]["row_var"].shape == (33, 1)
+    assert sd["state"][1]["col_var"].shape == (1, 31)
+    bad = copy.deepcopy(sd)
+    bad["state"][1]["row_var"] = np.zeros((1, 31), np.float32)
+    with pytest.raises(ValueError, match=r"\['row_var'\]: shape \(1, 31\)"):
+        opt.load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["state"][0]["row_var"] = np.zeros((5, 1), np.float32)
+    with pytest.raises(ValueError, match=r"unknown keys \['row_var'\]"):
+        opt.load_state_dict(bad)
+    opt.load_state_dict(sd)
+    opt.step(grads_at(1, np.float32))
+    assert opt.state[1]["step"] == 2
 
 
 def test_loaded_state_is_a_copy():

@@ -54,7 +54,7 @@ OPS = {
     "radam_step": ("numpy", "cython", "numba", "cupy"),
     "lion_step": ("numpy", "cython", "numba", "cupy"),
     "lamb_step": ("numpy", "cython", "numba", "cupy"),
-    "adafactor_step": ("numpy",),
+    "adafactor_step": ("numpy", "cython", "numba", "cupy"),
     "norm_partials": ("numpy", "cython", "numba", "cupy"),
 }
 

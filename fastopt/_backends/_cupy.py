@@ -7,16 +7,19 @@ kernels/cuda/optim.cu), one thread block per chunk. Kernels are compiled once pe
 
 import functools
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
 
+from fastopt._backends import _twopass
 from fastopt._backends._pack import pack
 from fastopt.optim import _scalars
 
 CHUNK = 65536  # elements per thread block of the update kernels
 THREADS = 256
-NORM_CHUNK, NORM_LANES = 16384, 16  # FO_CHUNK, FO_NORM_LANES of fastopt/reduce.h
+NORM_LANES, COLS = 16, 512  # FO_NORM_LANES, FO_COLS of fastopt/reduce.h
+_this = sys.modules[__name__]
 
 
 def kernel_dir():
@@ -89,7 +92,7 @@ def _launch(kernel, operands, scalars):
 
 def norm_partials(grads, kind, *, n_threads):
     import cupy
-    table, n_chunks = _table((grads,), NORM_CHUNK)
+    table, n_chunks = _table((grads,), _twopass.CHUNK)
     if not n_chunks:
         return np.empty(0)
     with grads[0].device:
@@ -158,16 +161,58 @@ def lion_step(params, out, grads, exp_avgs, *, n_threads, **hyper):
 
 
 def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, n_threads, **hyper):
+    _twopass.lamb_step(_this, params, out, grads, exp_avgs, exp_avg_sqs, updates,
+                       n_threads=n_threads, **hyper)
+
+
+def adafactor_step(params, out, grads, row_vars, col_vars, variances, updates, *, n_threads,
+                   **hyper):
+    _twopass.adafactor_step(_this, params, out, grads, row_vars, col_vars, variances, updates,
+                            n_threads=n_threads, **hyper)
+
+
+# -- the passes _twopass drives
+
+def run(kernel, operands, scalars, n_threads, n_aux=0):
+    _launch(kernel, operands, scalars)
+
+
+def factors(grads, rows, cols, rmeans, rowparts, scalars, n_threads):
+    """Adafactor's factors pass: three launches over one table (kernels/cuda/factored.cu)."""
     import cupy
-    dtype = params[0].dtype
-    update, apply = _scalars.lamb_scalars(dtype, **hyper)
-    _launch("lamb_update", (params, updates, grads, exp_avgs, exp_avg_sqs), update)
-    sizes = [p.size for p in params]
-    ratios = _scalars.lamb_trust_ratios(
-        _scalars.tensor_norms(norm_partials(params, 2, n_threads=n_threads), sizes, NORM_CHUNK),
-        _scalars.tensor_norms(norm_partials(updates, 2, n_threads=n_threads), sizes, NORM_CHUNK),
-        dtype)
-    with params[0].device:
-        ratios = cupy.asarray(ratios)
-    _launch("lamb_apply", (params, out, updates, [ratios[t:t + 1] for t in range(len(params))]),
-            apply)
+    dtype = grads[0].dtype
+    meta, items, slices = [], [], []
+    for t, (g, row, col, rmean, part) in enumerate(zip(grads, rows, cols, rmeans, rowparts)):
+        rows_, cols_ = g.shape[-2:]
+        slices_ = g.size // (rows_ * cols_)
+        meta += [g.data.ptr, row.data.ptr, col.data.ptr, rmean.data.ptr, part.data.ptr,
+                 slices_, rows_, cols_]
+        slices += [(t, b) for b in range(slices_)]
+        items += [(t, b, k) for b in range(slices_) for k in range(-(-cols_ // COLS))]
+    table = np.concatenate([np.array(meta, np.int64), np.ravel(np.array(items, np.int64)),
+                            np.ravel(np.array(slices, np.int64))])
+    args_at = np.int64(table.size)
+    n_t = np.int64(len(grads))
+    max_rows = max(g.shape[-2] for g in grads)
+    module = _module("factored.cu")
+    sfx = _suffix(dtype)
+    with grads[0].device:
+        table = cupy.asarray(np.concatenate([table, pack(dtype, scalars).view(np.int64)]))
+        module.get_function(f"fo_cuda_adafactor_cols_{sfx}")(
+            (len(items),), (THREADS,), (table, n_t, args_at))
+        module.get_function(f"fo_cuda_adafactor_rowparts_{sfx}")(
+            (len(items), min(max_rows, 65535)), (NORM_LANES,), (table, n_t, args_at))
+        module.get_function(f"fo_cuda_adafactor_rows_{sfx}")(
+            (-(-len(slices) // THREADS),), (THREADS,),
+            (table, n_t, np.int64(len(items)), np.int64(len(slices)), args_at))
+
+
+def device(arrays, like):
+    """Host arrays as device arrays beside `like`, in one transfer."""
+    import cupy
+    if not arrays:
+        return []
+    ends = np.cumsum([a.size for a in arrays])
+    with like.device:
+        flat = cupy.asarray(np.concatenate([a.reshape(-1) for a in arrays]))
+    return [flat[end - a.size:end].reshape(a.shape) for a, end in zip(arrays, ends)]

@@ -2,27 +2,25 @@
 
 Every rule runs through one entry point, ``_optim.step(kernel, operands, f64, args, n)``:
 the chunk function's name (optim_loops.h), the operand lists, and the bytes of its
-fo_<rule>_args struct packed from the host scalars (fastopt.optim._scalars).
+fo_<rule>_args struct packed from the host scalars (fastopt.optim._scalars); Adafactor's
+factors pass has its own (``_optim.adafactor_factors``). The two-pass rules are driven by
+fastopt._backends._twopass.
 """
+
+import sys
 
 import numpy as np
 
+from fastopt._backends import _twopass
 from fastopt._backends._pack import pack
 from fastopt._cpu import _optim
 from fastopt.optim import _scalars
 
-CHUNK = 16384  # FO_CHUNK of fastopt/reduce.h: the chunks norm_partials reports
+_this = sys.modules[__name__]
 
 
 def _run(kernel, operands, scalars_fn, hyper, n_threads):
-    dtype = operands[0][0].dtype
-    _optim.step(kernel, operands, dtype == np.float64, pack(dtype, scalars_fn(dtype, **hyper)),
-                n_threads)
-
-
-def _step(kernel, operands, scalars, n_threads, n_scalar=0):
-    dtype = operands[0][0].dtype
-    _optim.step(kernel, operands, dtype == np.float64, pack(dtype, scalars), n_threads, n_scalar)
+    run(kernel, operands, scalars_fn(operands[0][0].dtype, **hyper), n_threads)
 
 
 def sgd_step(params, out, grads, momentum_buffers, *, n_threads, **hyper):
@@ -78,16 +76,31 @@ def lion_step(params, out, grads, exp_avgs, *, n_threads, **hyper):
 
 
 def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, n_threads, **hyper):
-    dtype = params[0].dtype
-    update, apply = _scalars.lamb_scalars(dtype, **hyper)
-    _step("lamb_update", (params, updates, grads, exp_avgs, exp_avg_sqs), update, n_threads)
-    sizes = [p.size for p in params]
-    ratios = _scalars.lamb_trust_ratios(
-        _scalars.tensor_norms(norm_partials(params, 2, n_threads=n_threads), sizes, CHUNK),
-        _scalars.tensor_norms(norm_partials(updates, 2, n_threads=n_threads), sizes, CHUNK),
-        dtype)
-    _step("lamb_apply", (params, out, updates, [ratios[t:t + 1] for t in range(len(params))]),
-          apply, n_threads, n_scalar=1)
+    _twopass.lamb_step(_this, params, out, grads, exp_avgs, exp_avg_sqs, updates,
+                       n_threads=n_threads, **hyper)
+
+
+def adafactor_step(params, out, grads, row_vars, col_vars, variances, updates, *, n_threads,
+                   **hyper):
+    _twopass.adafactor_step(_this, params, out, grads, row_vars, col_vars, variances, updates,
+                            n_threads=n_threads, **hyper)
+
+
+# -- the passes _twopass drives
+
+def run(kernel, operands, scalars, n_threads, n_aux=0):
+    dtype = operands[0][0].dtype
+    _optim.step(kernel, operands, dtype == np.float64, pack(dtype, scalars), n_threads, n_aux)
+
+
+def factors(grads, rows, cols, rmeans, rowparts, scalars, n_threads):
+    dtype = grads[0].dtype
+    _optim.adafactor_factors(grads, rows, cols, rmeans, rowparts, dtype == np.float64,
+                             pack(dtype, scalars), n_threads)
+
+
+def device(arrays, like):
+    return arrays
 
 
 def norm_partials(grads, kind, *, n_threads):

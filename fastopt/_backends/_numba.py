@@ -11,19 +11,24 @@ reason an in-place update passes the parameter view itself as the destination.
 Element math is written here on its own; the parity tests hold it to the NumPy reference.
 """
 
+import sys
+
 import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from fastopt._backends import _twopass
 from fastopt._cpu._runtime import data_pointers
 from fastopt.optim import _scalars
 
 CHUNK = 16384  # FO_CHUNK of fastopt/reduce.h
 LANES = 16  # FO_NORM_LANES
+COLS = 512  # FO_COLS
 MIN_PER_THREAD = 32768  # as in the Cython driver: small steps use fewer threads
 _JIT = dict(cache=True, error_model="numpy")  # numpy error model: no branch per division
+_this = sys.modules[__name__]
 
 
 @intrinsic
@@ -176,9 +181,9 @@ def norm_partials(grads, kind, *, n_threads):
     return _norm_partials(ptrs, chunks, np.empty(0, dtype), kind)
 
 
-def _setup(operands, n_threads, n_scalar=0):
+def _setup(operands, n_threads, n_aux=0):
     dtype = operands[0][0].dtype
-    ptrs, sizes = data_pointers(operands, dtype.itemsize, n_scalar)
+    ptrs, sizes = data_pointers(operands, dtype.itemsize, n_aux)
     n_threads = min(n_threads, numba.config.NUMBA_NUM_THREADS, int(sizes.sum()) // MIN_PER_THREAD)
     numba.set_num_threads(max(1, n_threads))
     return dtype, ptrs, _chunks(sizes)
@@ -443,27 +448,160 @@ def _lamb_update(ptrs, chunks, sc, fl):
 
 
 @njit(parallel=True, **_JIT)
-def _lamb_apply(ptrs, chunks, sc, fl):
-    """Operands: p, p_out, u, and the tensor's trust ratio (one element)."""
+def _scaled_apply(ptrs, chunks, sc, fl):
+    """Operands: p, p_out, u, and the tensor's factor k (one element): p decay + scale (u k)."""
+    decay, scale = sc[0], sc[1]
     for c in prange(chunks.shape[0]):
         t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         p, u = _view(ptrs, t, 0, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
-        ratio = _view(ptrs, t, 3, 0, 1, sc)[0]
+        k = _view(ptrs, t, 3, 0, 1, sc)[0]
         if ptrs[t, 0] == ptrs[t, 1]:
             for i in range(n):
-                p[i] = p[i] + sc[0] * (u[i] * ratio)
+                p[i] = p[i] * decay + scale * (u[i] * k)
         else:
             out = _view(ptrs, t, 1, lo, n, sc)
             for i in range(n):
-                out[i] = p[i] + sc[0] * (u[i] * ratio)
+                out[i] = p[i] * decay + scale * (u[i] * k)
 
 
-def _run(kernel, operands, scalars, n_threads, *rule, n_scalar=0):
+# Adafactor: scalars (clip, gscale, w, eps1, eps1_sq), flag lerp_hi
+
+@njit(inline="always", **_JIT)
+def _adafactor_sq(g, sc):
+    x = np.float64(_grad(g, sc))
+    return x * x
+
+
+@njit(parallel=True, **_JIT)
+def _adafactor_factors(ptrs, shape, items, slices, sc, fl):
+    """The factors pass (kernels/cpu/factored_loops.h): per (tensor, slice, column block),
+    the block's column sums over all rows and each row's partial; then per slice, the row
+    sums, row factors and clamped row mean. ptrs[t]: g, row, col, rmean, rowpart."""
+    lerp_hi = fl[0] != 0
+    one = _one(sc)
+    f64 = np.empty(0, np.float64)
+    for it in prange(items.shape[0]):
+        t, b, k = items[it, 0], items[it, 1], items[it, 2]
+        R, C = shape[t, 1], shape[t, 2]
+        n_blocks = (C + COLS - 1) // COLS
+        c0 = k * COLS
+        width = min(COLS, C - c0)
+        full = width - width % LANES
+        g = _view(ptrs, t, 0, b * R * C, R * C, sc)
+        col = _view(ptrs, t, 2, b * C + c0, width, sc)
+        part = _view(ptrs, t, 4, b * R * n_blocks, R * n_blocks, f64)
+        acc = np.zeros(width, np.float64)
+        lane = np.empty(LANES, np.float64)
+        for r in range(R):
+            lane[:] = 0.0
+            at = r * C + c0
+            for j in range(0, full, LANES):
+                for m in range(LANES):
+                    x = _adafactor_sq(g[at + j + m], sc)
+                    lane[m] += x
+                    acc[j + m] += x
+            for m in range(width - full):
+                x = _adafactor_sq(g[at + full + m], sc)
+                lane[m] += x
+                acc[full + m] += x
+            s = lane[0]
+            for m in range(1, LANES):
+                s += lane[m]
+            part[r * n_blocks + k] = s
+        mean = np.empty(width, sc.dtype)  # float64 -> dtype, rounded as a C cast
+        for j in range(width):
+            mean[j] = acc[j] / R
+            col[j] = _lerp(col[j], mean[j], sc[2], lerp_hi, one)
+    for it in prange(slices.shape[0]):
+        t, b = slices[it, 0], slices[it, 1]
+        R, C = shape[t, 1], shape[t, 2]
+        n_blocks = (C + COLS - 1) // COLS
+        row = _view(ptrs, t, 1, b * R, R, sc)
+        part = _view(ptrs, t, 4, b * R * n_blocks, R * n_blocks, f64)
+        cast = np.empty(1, sc.dtype)
+        total = 0.0
+        for r in range(R):
+            s = part[r * n_blocks]
+            for k in range(1, n_blocks):
+                s += part[r * n_blocks + k]
+            cast[0] = s / C
+            v = _lerp(row[r], cast[0], sc[2], lerp_hi, one)
+            row[r] = v
+            total += np.float64(v)
+        cast[0] = total / R
+        _view(ptrs, t, 3, b, 1, sc)[0] = _maximum(cast[0], sc[3])
+
+
+@njit(**_JIT)
+def _factor_work(shape):
+    """(tensor, slice, column block) items and (tensor, slice) slices of the factors pass."""
+    n_items = n_slices = 0
+    for t in range(shape.shape[0]):
+        n_slices += shape[t, 0]
+        n_items += shape[t, 0] * ((shape[t, 2] + COLS - 1) // COLS)
+    items = np.empty((n_items, 3), np.int64)
+    slices = np.empty((n_slices, 2), np.int64)
+    i = j = 0
+    for t in range(shape.shape[0]):
+        for b in range(shape[t, 0]):
+            slices[j, 0], slices[j, 1] = t, b
+            j += 1
+            for k in range((shape[t, 2] + COLS - 1) // COLS):
+                items[i, 0], items[i, 1], items[i, 2] = t, b, k
+                i += 1
+    return items, slices
+
+
+@njit(parallel=True, **_JIT)
+def _adafactor_factored(ptrs, chunks, sc, fl, ilike):
+    """Operands: p (unread), u (written), g, then per tensor: row factors, column factors,
+    clamped row means, shape (R, C). Walks each chunk row segment by row segment."""
+    one = _one(sc)
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        u, g = _view(ptrs, t, 1, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
+        shape = _view(ptrs, t, 6, 0, 2, ilike)
+        R, C = shape[0], shape[1]
+        i = 0
+        while i < n:
+            r, c0 = (lo + i) // C, (lo + i) % C
+            length = min(C - c0, n - i)
+            rv = _view(ptrs, t, 3, r, 1, sc)[0]
+            rm = _view(ptrs, t, 5, r // R, 1, sc)[0]
+            cv = _view(ptrs, t, 4, (r // R) * C + c0, length, sc)
+            for j in range(length):
+                v = _maximum(rv * cv[j] / rm, sc[4])
+                u[i + j] = one / np.sqrt(v) * _grad(g[i + j], sc)
+            i += length
+
+
+@njit(parallel=True, **_JIT)
+def _adafactor_vector(ptrs, chunks, sc, fl):
+    """Operands: p (unread), u (written), g, variance."""
+    lerp_hi = fl[0] != 0
+    one = _one(sc)
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        u, g = _view(ptrs, t, 1, lo, n, sc), _view(ptrs, t, 2, lo, n, sc)
+        var = _view(ptrs, t, 3, lo, n, sc)
+        for i in range(n):
+            d = _grad(g[i], sc)
+            v = _lerp(var[i], d * d, sc[2], lerp_hi, one)
+            var[i] = v
+            u[i] = one / np.sqrt(_maximum(v, sc[4])) * d
+
+
+def _run(kernel, operands, scalars, n_threads, *rule, n_aux=0):
     """Call a kernel with the scalars split into a dtype array and an int flag array."""
-    dtype, ptrs, chunks = _setup(operands, n_threads, n_scalar)
+    dtype, ptrs, chunks = _setup(operands, n_threads, n_aux)
+    kernel(ptrs, chunks, *_split(scalars, dtype), *rule)
+
+
+def _split(scalars, dtype):
+    """The scalars as a dtype array of the real-valued fields and an int64 array of flags."""
     sc = np.array([v for v in scalars.values() if not isinstance(v, bool)], dtype)
     fl = np.array([v for v in scalars.values() if isinstance(v, bool)] or [0], np.int64)
-    kernel(ptrs, chunks, sc, fl, *rule)
+    return sc, fl
 
 
 def adagrad_step(params, out, grads, state_sums, *, n_threads, **hyper):
@@ -504,13 +642,41 @@ def lion_step(params, out, grads, exp_avgs, *, n_threads, **hyper):
 
 
 def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, n_threads, **hyper):
-    dtype = params[0].dtype
-    update, apply = _scalars.lamb_scalars(dtype, **hyper)
-    _run(_lamb_update, (params, updates, grads, exp_avgs, exp_avg_sqs), update, n_threads)
-    sizes = [p.size for p in params]
-    ratios = _scalars.lamb_trust_ratios(
-        _scalars.tensor_norms(norm_partials(params, 2, n_threads=n_threads), sizes, CHUNK),
-        _scalars.tensor_norms(norm_partials(updates, 2, n_threads=n_threads), sizes, CHUNK),
-        dtype)
-    _run(_lamb_apply, (params, out, updates, [ratios[t:t + 1] for t in range(len(params))]),
-         apply, n_threads, n_scalar=1)
+    _twopass.lamb_step(_this, params, out, grads, exp_avgs, exp_avg_sqs, updates,
+                       n_threads=n_threads, **hyper)
+
+
+def adafactor_step(params, out, grads, row_vars, col_vars, variances, updates, *, n_threads,
+                   **hyper):
+    _twopass.adafactor_step(_this, params, out, grads, row_vars, col_vars, variances, updates,
+                            n_threads=n_threads, **hyper)
+
+
+# -- the passes _twopass drives
+
+_PASSES = {
+    "lamb_update": (_lamb_update, ()),
+    "scaled_apply": (_scaled_apply, ()),
+    "adafactor_vector": (_adafactor_vector, ()),
+    "adafactor_factored": (_adafactor_factored, (np.empty(0, np.int64),)),
+}
+
+
+def run(kernel, operands, scalars, n_threads, n_aux=0):
+    fn, rule = _PASSES[kernel]
+    _run(fn, operands, scalars, n_threads, *rule, n_aux=n_aux)
+
+
+def factors(grads, rows, cols, rmeans, rowparts, scalars, n_threads):
+    dtype = grads[0].dtype
+    ptrs, sizes = data_pointers((grads, rows, cols, rmeans, rowparts), dtype.itemsize, 4)
+    shape = np.array([(g.size // (g.shape[-2] * g.shape[-1]),) + g.shape[-2:] for g in grads],
+                     np.int64)
+    items, slices = _factor_work(shape)
+    numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS,
+                                     int(sizes.sum()) // MIN_PER_THREAD)))
+    _adafactor_factors(ptrs, shape, items, slices, *_split(scalars, dtype))
+
+
+def device(arrays, like):
+    return arrays

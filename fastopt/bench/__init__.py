@@ -23,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,20 +31,44 @@ import fastopt
 from fastopt import _backends
 from fastopt._interop import aligned_empty
 
-# rule -> (optimizer class name in fastopt and torch.optim, hyperparameters, state buffers,
-#          gradient clipping: fastopt's max_grad_norm, torch's clip_grad_norm_ before step)
+class Rule(NamedTuple):
+    """A benchmarked rule: the optimizer class name in fastopt and torch.optim, its
+    hyperparameters, its state buffers per element, fastopt's max_grad_norm (torch: its
+    clip_grad_norm_ before the step), the element transfers of one fastopt step when it
+    is not one pass (reads + writes per element, every pass counted), and whether the
+    tensors are shaped as matrices (Adafactor factors them; 1-D tensors it does not)."""
+    cls: str
+    hyper: dict
+    n_state: int
+    clip: float = None
+    passes_traffic: int = None
+    matrix: bool = False
+
+    @property
+    def traffic(self):
+        # one pass: g read (twice with clipping: norm pass, update pass), p and state
+        # read and written
+        if self.passes_traffic is not None:
+            return self.passes_traffic
+        return 2 * (self.n_state + 1) + 1 + (self.clip is not None)
+
+
 RULES = {
-    "adam": ("Adam", dict(lr=1e-3), 2, None),
-    "adamw": ("AdamW", dict(lr=1e-3, weight_decay=1e-2), 2, None),
-    "sgd": ("SGD", dict(lr=1e-3, momentum=0.9), 1, None),
-    "adam+clip": ("Adam", dict(lr=1e-3), 2, 1.0),
-    "adagrad": ("Adagrad", dict(lr=1e-2), 1, None),
-    "rmsprop": ("RMSprop", dict(lr=1e-2), 1, None),
-    "adadelta": ("Adadelta", dict(lr=1.0), 2, None),
-    "adamax": ("Adamax", dict(lr=2e-3), 2, None),
-    "nadam": ("NAdam", dict(lr=2e-3), 2, None),
-    "radam": ("RAdam", dict(lr=1e-3), 2, None),
-    "lion": ("Lion", dict(lr=1e-4), 1, None),
+    "adam": Rule("Adam", dict(lr=1e-3), 2),
+    "adamw": Rule("AdamW", dict(lr=1e-3, weight_decay=1e-2), 2),
+    "sgd": Rule("SGD", dict(lr=1e-3, momentum=0.9), 1),
+    "adam+clip": Rule("Adam", dict(lr=1e-3), 2, clip=1.0),
+    "adagrad": Rule("Adagrad", dict(lr=1e-2), 1),
+    "rmsprop": Rule("RMSprop", dict(lr=1e-2), 1),
+    "adadelta": Rule("Adadelta", dict(lr=1.0), 2),
+    "adamax": Rule("Adamax", dict(lr=2e-3), 2),
+    "nadam": Rule("NAdam", dict(lr=2e-3), 2),
+    "radam": Rule("RAdam", dict(lr=1e-3), 2),
+    "lion": Rule("Lion", dict(lr=1e-4), 1),
+    # update pass (p, g, m, v read; m, v, u written), norms of p and u, apply (p, u; p)
+    "lamb": Rule("Lamb", dict(lr=1e-3), 2, passes_traffic=12),
+    # norm of p, factor sums (g), update pass (g; u), norm of u, apply (p, u; p)
+    "adafactor": Rule("Adafactor", dict(lr=1e-2), 1, passes_traffic=8, matrix=True),
 }
 DEFAULT_RULES = ("adam", "adamw", "sgd", "adam+clip")
 DEFAULT_CASES = ("1M", "10M", "50M", "200x50K")
@@ -105,10 +130,16 @@ def _draw(n, seed):
     return np.random.default_rng(seed).standard_normal(n, dtype=np.float32)
 
 
-def _arrays(sizes, dtype, seed):
-    """New arrays of the given sizes holding standard normal values (one draw, copied)."""
+def _arrays(sizes, dtype, seed, matrix=False):
+    """New arrays of the given sizes holding standard normal values (one draw, copied);
+    with `matrix`, each shaped (n / C, C) for the largest C <= 4096 that divides n."""
     base = _draw(max(sizes, default=0), seed)
-    return [base[:n].astype(dtype) for n in sizes]
+    return [base[:n].astype(dtype).reshape(matrix_shape(n) if matrix else n) for n in sizes]
+
+
+def matrix_shape(n):
+    cols = next(c for c in range(min(n, 4096), 0, -1) if n % c == 0) if n else 1
+    return (n // cols, cols)
 
 
 def _stream_case(sizes, n_state, n_threads):
@@ -126,39 +157,40 @@ def _stream_case(sizes, n_state, n_threads):
     return lambda: _stream.stream_rw(src, rw, False, n_threads)
 
 
-def _fastopt_case(cls, hyper, clip, sizes, backend, n_threads, wrap=None):
-    params, grads = _arrays(sizes, np.float32, 1), _arrays(sizes, np.float32, 2)
+def _fastopt_case(rule, sizes, backend, n_threads, wrap=None):
+    params = _arrays(sizes, np.float32, 1, rule.matrix)
+    grads = _arrays(sizes, np.float32, 2, rule.matrix)
     if wrap is not None:
         params, grads = [wrap(p) for p in params], [wrap(g) for g in grads]
-    opt = getattr(fastopt, cls)(params, backend=backend, n_threads=n_threads,
-                                max_grad_norm=clip, **hyper)
+    opt = getattr(fastopt, rule.cls)(params, backend=backend, n_threads=n_threads,
+                                     max_grad_norm=rule.clip, **rule.hyper)
     return lambda: opt.step(grads)
 
 
-def _torch_case(torch, cls, hyper, clip, sizes, mode):
-    params = [torch.from_numpy(p) for p in _arrays(sizes, np.float32, 1)]
-    for p, g in zip(params, _arrays(sizes, np.float32, 2)):
+def _torch_case(torch, rule, sizes, mode):
+    params = [torch.from_numpy(p) for p in _arrays(sizes, np.float32, 1, rule.matrix)]
+    for p, g in zip(params, _arrays(sizes, np.float32, 2, rule.matrix)):
         p.grad = torch.from_numpy(g)
     flags = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True),
              "fused": dict(fused=True)}[mode]
-    opt = getattr(torch.optim, cls)(params, **hyper, **flags)
-    if clip is None:
+    opt = getattr(torch.optim, rule.cls)(params, **rule.hyper, **flags)
+    if rule.clip is None:
         return opt.step
 
     def clip_and_step():
         # the usual torch recipe; it scales the gradients in place (they stay finite here)
-        torch.nn.utils.clip_grad_norm_(params, clip, foreach=mode != "for-loop")
+        torch.nn.utils.clip_grad_norm_(params, rule.clip, foreach=mode != "for-loop")
         opt.step()
     return clip_and_step
 
 
-def implementations(cls, hyper, clip, sizes, n_threads, include_numpy):
+def implementations(rule, sizes, n_threads, include_numpy):
     """(name, factory) pairs; a factory builds the arrays and returns the step to time."""
     impls = []
     for backend in ("cython", "numba"):
         if _backends.available(backend):
             impls.append((f"fastopt {backend}",
-                          lambda b=backend: _fastopt_case(cls, hyper, clip, sizes, b, n_threads)))
+                          lambda b=backend: _fastopt_case(rule, sizes, b, n_threads)))
     try:
         import torch
     except ImportError:
@@ -166,14 +198,13 @@ def implementations(cls, hyper, clip, sizes, n_threads, include_numpy):
     if torch is not None:
         torch.set_num_threads(n_threads)
         impls.append(("fastopt cython, torch tensors",
-                      lambda: _fastopt_case(cls, hyper, clip, sizes, "cython", n_threads,
+                      lambda: _fastopt_case(rule, sizes, "cython", n_threads,
                                             wrap=torch.from_numpy)))
         for mode in ("for-loop", "foreach", "fused"):
-            impls.append((f"torch {mode}",
-                          lambda m=mode: _torch_case(torch, cls, hyper, clip, sizes, m)))
+            impls.append((f"torch {mode}", lambda m=mode: _torch_case(torch, rule, sizes, m)))
     if include_numpy:
         impls.append(("numpy reference",
-                      lambda: _fastopt_case(cls, hyper, clip, sizes, "numpy", n_threads)))
+                      lambda: _fastopt_case(rule, sizes, "numpy", n_threads)))
     return impls
 
 
@@ -193,13 +224,11 @@ def run(rules=DEFAULT_RULES, cases=DEFAULT_CASES, n_threads=None, numpy_max=10**
         sizes = parse_case(case)
         n = sum(sizes)
         for rule in rules:
-            cls, hyper, n_state, clip = RULES[rule]
-            # g read (twice with clipping: norm pass, update pass); p and state read, written
-            nbytes = n * 4 * (2 * (n_state + 1) + 1 + (clip is not None))
+            spec = RULES[rule]
+            nbytes = n * 4 * spec.traffic
             names = ["stream limit (C kernel)"]
-            steps = [_stream_case(sizes, n_state, n_threads)]
-            for name, factory in implementations(cls, hyper, clip, sizes, n_threads,
-                                                 n <= numpy_max):
+            steps = [_stream_case(sizes, spec.n_state, n_threads)]
+            for name, factory in implementations(spec, sizes, n_threads, n <= numpy_max):
                 try:
                     steps.append(factory())
                     names.append(name)
@@ -210,8 +239,8 @@ def run(rules=DEFAULT_RULES, cases=DEFAULT_CASES, n_threads=None, numpy_max=10**
             del steps
             _draw.cache_clear()
             # the ceiling: the streaming kernel's bandwidth for the rule's traffic (with
-            # clipping, one more read of the gradients than the kernel itself moves)
-            limit = medians[0] * nbytes / (n * 4 * (2 * (n_state + 1) + 1))
+            # clipping or several passes, more than the kernel itself moves)
+            limit = medians[0] * nbytes / (n * 4 * (2 * (spec.n_state + 1) + 1))
             for name, seconds in zip(names, [limit] + medians[1:]):
                 row = dict(rule=rule, case=case, tensors=len(sizes), elements=n,
                            implementation=name, median_ms=seconds * 1e3,

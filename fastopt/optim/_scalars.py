@@ -167,7 +167,7 @@ def lamb_trust_ratios(param_norms, update_norms, dtype):
                      for pn, un in zip(param_norms, update_norms)], dtype)
 
 
-def adafactor_scalars(dtype, *, step, lr, beta2_decay, eps1, eps2, d, weight_decay, maximize,
+def adafactor_scalars(dtype, *, step, lr, beta2_decay, eps1, weight_decay, maximize,
                       grad_scale, grad_clip):
     """(factors and update passes, apply pass) struct fields of Adafactor. eps1 None means
     the dtype's machine epsilon, as torch."""

@@ -12,7 +12,7 @@ def _col_shape(p):
 
 
 class Adafactor(Optimizer):
-    r"""Adafactor (Shazeer & Stern 2018) with torch.optim.Adafactor's semantics.
+    __doc__ = r"""Adafactor (Shazeer & Stern 2018) with torch.optim.Adafactor's semantics.
 
     A parameter of 2 or more dimensions is treated as a stack of :math:`R \times C`
     matrices (its last two dimensions), and its second moment is kept as one row and one

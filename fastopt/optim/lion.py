@@ -5,7 +5,7 @@ from fastopt.optim._base import (OPTIONS_DOC, Optimizer, advance_step, check_bet
 
 
 class Lion(Optimizer):
-    r"""Lion: the sign of an interpolated momentum, with decoupled weight decay.
+    __doc__ = r"""Lion: the sign of an interpolated momentum, with decoupled weight decay.
 
     Follows ``optax.lion`` (torch has no Lion). With gradient :math:`g_t` (negated if
     maximize):
@@ -58,7 +58,7 @@ class Lion(Optimizer):
 
 
 class Lamb(Optimizer):
-    r"""Lamb (You et al. 2019): Adam's update scaled per tensor by a trust ratio.
+    __doc__ = r"""Lamb (You et al. 2019): Adam's update scaled per tensor by a trust ratio.
 
     Follows ``optax.lamb`` (torch has no Lamb). With gradient :math:`g_t` (negated if
     maximize) at step t:

@@ -11,6 +11,18 @@ cdef extern from "reduce_loops.h" nogil:
     double fo_norm_chunk_f32(const float *g, Py_ssize_t n, int kind)
     double fo_norm_chunk_f64(const double *g, Py_ssize_t n, int kind)
 
+cdef extern from "factored_loops.h" nogil:
+    const Py_ssize_t COLS "FO_COLS"
+    # the args pointer is a fo_adafactor_args_<sfx> struct
+    void fo_cpu_adafactor_cols_f32(const float *g, float *col, double *rowpart, Py_ssize_t R,
+                                   Py_ssize_t C, Py_ssize_t k, const void *args)
+    void fo_cpu_adafactor_cols_f64(const double *g, double *col, double *rowpart,
+                                   Py_ssize_t R, Py_ssize_t C, Py_ssize_t k, const void *args)
+    void fo_cpu_adafactor_rows_f32(float *row, float *rmean, const double *rowpart,
+                                   Py_ssize_t R, Py_ssize_t C, const void *args)
+    void fo_cpu_adafactor_rows_f64(double *row, double *rmean, const double *rowpart,
+                                   Py_ssize_t R, Py_ssize_t C, const void *args)
+
 from libc.string cimport strcmp
 
 cdef extern from "optim_loops.h" nogil:
@@ -33,16 +45,16 @@ cdef fo_chunk_fn _kernel(str name, bint f64) except NULL:
 
 
 def step(str kernel, tuple operands, bint f64, cnp.ndarray args, int n_threads,
-         Py_ssize_t n_scalar=0):
+         Py_ssize_t n_aux=0):
     """Run chunk function `kernel` over `operands` (a tuple of equally long lists of arrays:
     param in, param out, grad, state...). `args` (a C-contiguous array) holds the bytes of
     its fo_<rule>_args struct: the float fields in the parameter's dtype, then the int
-    fields (fastopt._backends._pack.pack). The last `n_scalar` operands hold one element
-    per tensor (per-tensor scalars such as Lamb's trust ratio)."""
+    fields (fastopt._backends._pack.pack). The last `n_aux` operands are per-tensor
+    auxiliaries (any size: Lamb's trust ratio, Adafactor's factors; see _plan.pxi)."""
     if not cnp.PyArray_IS_C_CONTIGUOUS(args):
         raise ValueError("args: expected a C-contiguous array")
     run(_kernel(kernel, f64), operands, 8 if f64 else 4, cnp.PyArray_DATA(args), n_threads,
-        n_scalar)
+        n_aux)
 
 
 def norm_partials(list grads, bint f64, int kind, int n_threads):
@@ -68,3 +80,92 @@ def norm_partials(list grads, bint f64, int kind, int n_threads):
     finally:
         plan_free(&pl)
     return out
+
+
+cdef char *_data(object a, Py_ssize_t size, Py_ssize_t itemsize, str what) except NULL:
+    cdef cnp.ndarray arr = <cnp.ndarray?>a
+    if (cnp.PyArray_SIZE(arr) != size or cnp.PyArray_ITEMSIZE(arr) != itemsize
+            or not cnp.PyArray_IS_C_CONTIGUOUS(arr)):
+        raise ValueError(f"{what}: expected a C-contiguous array of {size} elements of "
+                         f"{itemsize} bytes")
+    return <char *>cnp.PyArray_DATA(arr)
+
+
+def adafactor_factors(list grads, list rows, list cols, list rmeans, list rowparts, bint f64,
+                      cnp.ndarray args, int n_threads):
+    """Adafactor's factors pass (factored_loops.h) over every factored tensor at once: the
+    row factors `rows` (B R elements each), column factors `cols` (B C) and clamped row
+    means `rmeans` (B) move in place; `rowparts` are float64 scratch (B R ceil(C / FO_COLS)).
+    Each gradient is viewed as B slices of its last two dims, R x C."""
+    import numpy as np
+    cdef Py_ssize_t n_t = len(grads), t, b, k, i, n_items = 0, n_slices = 0, total = 0
+    cdef Py_ssize_t itemsize = 8 if f64 else 4, B, R, C
+    cdef cnp.ndarray g
+    if not cnp.PyArray_IS_C_CONTIGUOUS(args):
+        raise ValueError("args: expected a C-contiguous array")
+    for operand in (rows, cols, rmeans, rowparts):
+        if len(operand) != n_t:
+            raise ValueError(f"expected {n_t} arrays per operand, got {len(operand)}")
+    shape = np.empty((n_t, 3), np.int64)
+    ptr = np.empty((n_t, 5), np.intp)  # g, row, col, rmean, rowpart
+    for t in range(n_t):
+        g = <cnp.ndarray?>grads[t]
+        if cnp.PyArray_NDIM(g) < 2:
+            raise ValueError(f"grads[{t}]: expected 2 or more dimensions")
+        R, C = g.shape[g.ndim - 2], g.shape[g.ndim - 1]
+        B = cnp.PyArray_SIZE(g) // (R * C) if R * C else 0
+        shape[t] = (B, R, C)
+        ptr[t, 0] = <Py_ssize_t>_data(g, B * R * C, itemsize, f"grads[{t}]")
+        ptr[t, 1] = <Py_ssize_t>_data(rows[t], B * R, itemsize, f"rows[{t}]")
+        ptr[t, 2] = <Py_ssize_t>_data(cols[t], B * C, itemsize, f"cols[{t}]")
+        ptr[t, 3] = <Py_ssize_t>_data(rmeans[t], B, itemsize, f"rmeans[{t}]")
+        ptr[t, 4] = <Py_ssize_t>_data(rowparts[t], B * R * ((C + COLS - 1) // COLS), 8,
+                                      f"rowparts[{t}]")
+        n_items += B * ((C + COLS - 1) // COLS)
+        n_slices += B
+        total += B * R * C
+    items = np.empty((n_items, 3), np.int64)  # tensor, slice, column block
+    slices = np.empty((n_slices, 2), np.int64)  # tensor, slice
+    i = 0
+    for t in range(n_t):
+        for b in range(shape[t, 0]):
+            slices[b + i, 0] = t
+            slices[b + i, 1] = b
+        i += shape[t, 0]
+    i = 0
+    for t in range(n_t):
+        for b in range(shape[t, 0]):
+            for k in range((shape[t, 2] + COLS - 1) // COLS):
+                items[i] = (t, b, k)
+                i += 1
+    _factors(shape, ptr, items, slices, f64, cnp.PyArray_DATA(args),
+             max(1, min(n_threads, total // MIN_PER_THREAD)))
+
+
+cdef void _factors(const cnp.int64_t[:, ::1] shape, const Py_ssize_t[:, ::1] ptr,
+                   const cnp.int64_t[:, ::1] items, const cnp.int64_t[:, ::1] slices, bint f64,
+                   const void *args, int n_threads) noexcept:
+    cdef Py_ssize_t i, t, b, k, R, C, nb
+    with nogil:
+        for i in prange(items.shape[0], num_threads=n_threads, schedule='dynamic'):
+            t, b, k = items[i, 0], items[i, 1], items[i, 2]
+            R, C = shape[t, 1], shape[t, 2]
+            nb = (C + COLS - 1) // COLS
+            if f64:
+                fo_cpu_adafactor_cols_f64(<double *>ptr[t, 0] + b * R * C,
+                                          <double *>ptr[t, 2] + b * C,
+                                          <double *>ptr[t, 4] + b * R * nb, R, C, k, args)
+            else:
+                fo_cpu_adafactor_cols_f32(<float *>ptr[t, 0] + b * R * C,
+                                          <float *>ptr[t, 2] + b * C,
+                                          <double *>ptr[t, 4] + b * R * nb, R, C, k, args)
+        for i in prange(slices.shape[0], num_threads=n_threads, schedule='dynamic'):
+            t, b = slices[i, 0], slices[i, 1]
+            R, C = shape[t, 1], shape[t, 2]
+            nb = (C + COLS - 1) // COLS
+            if f64:
+                fo_cpu_adafactor_rows_f64(<double *>ptr[t, 1] + b * R, <double *>ptr[t, 3] + b,
+                                          <double *>ptr[t, 4] + b * R * nb, R, C, args)
+            else:
+                fo_cpu_adafactor_rows_f32(<float *>ptr[t, 1] + b * R, <float *>ptr[t, 3] + b,
+                                          <double *>ptr[t, 4] + b * R * nb, R, C, args)

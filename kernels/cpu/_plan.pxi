@@ -32,13 +32,14 @@ cdef struct Plan:
 
 
 cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize,
-                   Py_ssize_t n_scalar=0) except -1:
+                   Py_ssize_t n_aux=0) except -1:
     """Fill `pl` from a tuple of equally long lists of C-contiguous ndarrays.
 
     Every array of tensor t must hold as many elements as operands[0][t] and have the given
-    itemsize, except the last `n_scalar` operands: one element per tensor (a per-tensor
-    scalar, which chunk functions read without the chunk offset). The Python wrappers
-    validate user input; this only guards memory safety.
+    itemsize, except the last `n_aux` operands: per-tensor auxiliaries of any size and
+    itemsize (a per-tensor scalar such as Lamb's trust ratio, Adafactor's factors), which
+    chunk functions index themselves; the backend that builds them guarantees their sizes.
+    The Python wrappers validate user input; this guards memory safety where it can.
     """
     cdef list first = operands[0]
     cdef Py_ssize_t n_ops = len(operands), n_t = len(first), t, op, size, n_chunks = 0
@@ -58,8 +59,11 @@ cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize,
         n_chunks += (size + CHUNK - 1) // CHUNK
         for op in range(n_ops):
             a = <cnp.ndarray?>(<list>operands[op])[t]
-            if (cnp.PyArray_SIZE(a) != (1 if op >= n_ops - n_scalar else size)
-                    or cnp.PyArray_ITEMSIZE(a) != itemsize
+            if op >= n_ops - n_aux:
+                if cnp.PyArray_SIZE(a) == 0 or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+                    raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous, "
+                                     f"non-empty array")
+            elif (cnp.PyArray_SIZE(a) != size or cnp.PyArray_ITEMSIZE(a) != itemsize
                     or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
                 raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous array "
                                  f"of {size} elements of {itemsize} bytes")
@@ -104,10 +108,10 @@ cdef void plan_run(const Plan *pl, fo_chunk_fn fn, const void *args, int n_threa
 
 
 cdef int run(fo_chunk_fn fn, tuple operands, Py_ssize_t itemsize, const void *args,
-             int n_threads, Py_ssize_t n_scalar=0) except -1:
+             int n_threads, Py_ssize_t n_aux=0) except -1:
     cdef Plan pl
     try:
-        plan_init(&pl, operands, itemsize, n_scalar)
+        plan_init(&pl, operands, itemsize, n_aux)
         with nogil:
             plan_run(&pl, fn, args, n_threads)
     finally:

@@ -43,13 +43,13 @@ def multiversion():
     return FO_CLONES.decode()
 
 
-def data_pointers(tuple operands, Py_ssize_t itemsize, Py_ssize_t n_scalar=0):
+def data_pointers(tuple operands, Py_ssize_t itemsize, Py_ssize_t n_aux=0):
     """(addresses, sizes) of equally long lists of C-contiguous ndarrays: an int64 table
     [tensor, operand] of data addresses, and each tensor's element count.
 
     About 30x cheaper than `a.ctypes.data` per array; the Numba kernels read through it.
     Like the Cython driver, it checks sizes, itemsize and contiguity for memory safety; the
-    last `n_scalar` operands hold one element per tensor.
+    last `n_aux` operands are per-tensor auxiliaries of any size (see _plan.pxi).
     """
     cdef Py_ssize_t n_ops = len(operands), n_t = len(operands[0]), t, op, size
     cdef cnp.npy_intp dims[2]
@@ -68,8 +68,11 @@ def data_pointers(tuple operands, Py_ssize_t itemsize, Py_ssize_t n_scalar=0):
         ps[t] = size
         for op in range(n_ops):
             a = <cnp.ndarray?>(<list>operands[op])[t]
-            if (cnp.PyArray_SIZE(a) != (1 if op >= n_ops - n_scalar else size)
-                    or cnp.PyArray_ITEMSIZE(a) != itemsize
+            if op >= n_ops - n_aux:
+                if cnp.PyArray_SIZE(a) == 0 or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+                    raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous, "
+                                     f"non-empty array")
+            elif (cnp.PyArray_SIZE(a) != size or cnp.PyArray_ITEMSIZE(a) != itemsize
                     or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
                 raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous array "
                                  f"of {size} elements of {itemsize} bytes")

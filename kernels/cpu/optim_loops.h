@@ -54,13 +54,47 @@
         else FO_RMSPROP_LOOP(T, SFX, 0, 0);                                               \
     }
 
-/* Lamb's update pass writes u to the "param out" slot (a scratch buffer); its apply pass
-   reads u in the gradient slot and the tensor's trust ratio from operand 3, one element
-   per tensor */
-#define FO_CHUNK_LAMB_APPLY(T, SFX)                                                       \
-    FO_CHUNK_HEAD(T, SFX, lamb_apply, lamb_apply)                                         \
-        const T ratio = *(const T *)ptr[3];                                               \
-        FO_PARAM_LOOP(T, fo_lamb_apply_##SFX, g[i], ratio, &a);                           \
+/* Two-pass rules (Lamb, Adafactor): the update pass writes u to the "param out" slot (a
+   scratch buffer; operand 0, the parameter, is read by Lamb only). The apply pass reads u
+   in the gradient slot and the tensor's factor from operand 3, one element per tensor. */
+#define FO_CHUNK_SCALED_APPLY(T, SFX)                                                     \
+    FO_CHUNK_HEAD(T, SFX, scaled_apply, scaled_apply)                                     \
+        const T k = *(const T *)ptr[3];                                                   \
+        FO_PARAM_LOOP(T, fo_scaled_apply_##SFX, g[i], k, &a);                             \
+    }
+
+/* Adafactor's update pass for vectors: u (operand 1) from g and the variance (operand 3) */
+#define FO_CHUNK_ADAFACTOR_VECTOR(T, SFX)                                                 \
+    FO_CHUNK_HEAD(T, SFX, adafactor_vector, adafactor)                                    \
+        T *restrict u = (T *)ptr[1] + lo;                                                 \
+        FO_STATE(T, 1)                                                                    \
+        ptrdiff_t i;                                                                      \
+        for (i = 0; i < n; i++) u[i] = fo_adafactor_vector_##SFX(g[i], s1 + i, &a);       \
+    }
+
+/* Adafactor's update pass for factored tensors, viewed as rows of C elements: operands 3-6
+   are per tensor: the row factors (B R), column factors (B C), each slice's clamped row
+   mean (B), and the int64 shape (R, C). The chunk is walked row segment by row segment,
+   so the inner loop is contiguous in u, g and the column factors. */
+#define FO_CHUNK_ADAFACTOR_FACTORED(T, SFX)                                               \
+    FO_CHUNK_HEAD(T, SFX, adafactor_factored, adafactor)                                  \
+        T *restrict u = (T *)ptr[1] + lo;                                                 \
+        const T *row = (const T *)ptr[3], *col = (const T *)ptr[4];                       \
+        const T *rmean = (const T *)ptr[5];                                               \
+        const ptrdiff_t R = ((const long long *)ptr[6])[0];                               \
+        const ptrdiff_t C = ((const long long *)ptr[6])[1];                               \
+        ptrdiff_t i = 0, j;                                                               \
+        while (i < n) {                                                                   \
+            const ptrdiff_t r = (lo + i) / C, c0 = (lo + i) % C;                          \
+            const ptrdiff_t len = C - c0 < n - i ? C - c0 : n - i;                        \
+            const T rv = row[r], rm = rmean[r / R];                                       \
+            const T *restrict cv = col + (r / R) * C + c0;                                \
+            T *restrict us = u + i;                                                       \
+            const T *restrict gs = g + i;                                                 \
+            for (j = 0; j < len; j++)                                                     \
+                us[j] = fo_adafactor_factored_##SFX(gs[j], rv, cv[j], rm, &a);            \
+            i += len;                                                                     \
+        }                                                                                 \
     }
 
 #define FO_DEFINE_OPTIM_LOOPS(T, SFX, SQRT, FABS)                                         \
@@ -76,7 +110,9 @@
     FO_CHUNK2(T, SFX, radam, radam, radam)                 /* + exp_avg, exp_avg_sq */    \
     FO_CHUNK1(T, SFX, lion, lion, lion)                    /* + exp_avg */                \
     FO_CHUNK2(T, SFX, lamb_update, lamb_update, lamb)      /* + exp_avg, exp_avg_sq */    \
-    FO_CHUNK_LAMB_APPLY(T, SFX)                            /* p, p_out, u, ratio */
+    FO_CHUNK_ADAFACTOR_VECTOR(T, SFX)                      /* p, u, g, variance */        \
+    FO_CHUNK_ADAFACTOR_FACTORED(T, SFX)           /* p, u, g, row, col, rmean, shape */   \
+    FO_CHUNK_SCALED_APPLY(T, SFX)                          /* p, p_out, u, factor */
 FO_DEFINE_FOR_REALS(FO_DEFINE_OPTIM_LOOPS)
 #undef FO_DEFINE_OPTIM_LOOPS
 
@@ -87,7 +123,8 @@ static const fo_cpu_kernel fo_cpu_kernels[] = {
     FO_KERNEL(sgd), FO_KERNEL(sgd_momentum), FO_KERNEL(adam), FO_KERNEL(adam_amsgrad),
     FO_KERNEL(adagrad), FO_KERNEL(rmsprop), FO_KERNEL(adadelta), FO_KERNEL(adamax),
     FO_KERNEL(nadam), FO_KERNEL(radam), FO_KERNEL(lion), FO_KERNEL(lamb_update),
-    FO_KERNEL(lamb_apply), {NULL, NULL, NULL},
+    FO_KERNEL(adafactor_vector), FO_KERNEL(adafactor_factored), FO_KERNEL(scaled_apply),
+    {NULL, NULL, NULL},
 };
 #undef FO_KERNEL
 

@@ -58,11 +58,34 @@ typedef long long fo_i64;
                                      buf ? buf + i : NULL, a.centered, a.use_momentum,    \
                                      &a))
 
-/* Lamb's apply pass: operand 3 holds the tensor's trust ratio (one element) */
-#define FO_CUDA_LAMB_APPLY(T, SFX)                                                        \
-    FO_CUDA_HEAD(T, SFX, lamb_apply, lamb_apply) FO_CUDA_CHUNK(4)                         \
-        const T ratio = *(const T *)ops[3];                                               \
-    FO_CUDA_LOOP(T, fo_lamb_apply_##SFX(p, g, ratio, &a))
+/* Two-pass rules (Lamb, Adafactor): the update pass writes u to operand 1; the apply pass
+   reads u as operand 2 and the tensor's factor from operand 3 (one element) */
+#define FO_CUDA_SCALED_APPLY(T, SFX)                                                      \
+    FO_CUDA_HEAD(T, SFX, scaled_apply, scaled_apply) FO_CUDA_CHUNK(4)                     \
+        const T k = *(const T *)ops[3];                                                   \
+    FO_CUDA_LOOP(T, fo_scaled_apply_##SFX(p, g, k, &a))
+
+/* Adafactor's update pass for vectors: u from g and the variance (operand 3) */
+#define FO_CUDA_ADAFACTOR_VECTOR(T, SFX)                                                  \
+    FO_CUDA_HEAD(T, SFX, adafactor_vector, adafactor) FO_CUDA_CHUNK(4)                    \
+        for (fo_i64 i = threadIdx.x; i < n; i += blockDim.x)                              \
+            FO_OP(T, 1)[i] = fo_adafactor_vector_##SFX(FO_OP(const T, 2)[i],              \
+                                                       FO_OP(T, 3) + i, &a);              \
+    }
+
+/* ... for factored tensors: operands 3-6 per tensor: row factors (B R), column factors
+   (B C), clamped row means (B), the int64 shape (R, C) */
+#define FO_CUDA_ADAFACTOR_FACTORED(T, SFX)                                                \
+    FO_CUDA_HEAD(T, SFX, adafactor_factored, adafactor) FO_CUDA_CHUNK(7)                  \
+        const T *row = (const T *)ops[3], *col = (const T *)ops[4];                       \
+        const T *rmean = (const T *)ops[5];                                               \
+        const fo_i64 R = ((const fo_i64 *)ops[6])[0], C = ((const fo_i64 *)ops[6])[1];    \
+        for (fo_i64 i = threadIdx.x; i < n; i += blockDim.x) {                            \
+            const fo_i64 r = (lo + i) / C, b = r / R;                                     \
+            FO_OP(T, 1)[i] = fo_adafactor_factored_##SFX(                                 \
+                FO_OP(const T, 2)[i], row[r], col[b * C + (lo + i) % C], rmean[b], &a);   \
+        }                                                                                 \
+    }
 
 #define FO_DEFINE_CUDA_OPTIM(T, SFX, SQRT, FABS)                                          \
     FO_CUDA0(T, SFX, sgd, sgd, sgd)                                                       \
@@ -77,6 +100,8 @@ typedef long long fo_i64;
     FO_CUDA2(T, SFX, radam, radam, radam)                                                 \
     FO_CUDA1(T, SFX, lion, lion, lion)                                                    \
     FO_CUDA2(T, SFX, lamb_update, lamb_update, lamb)                                      \
-    FO_CUDA_LAMB_APPLY(T, SFX)
+    FO_CUDA_ADAFACTOR_VECTOR(T, SFX)                                                      \
+    FO_CUDA_ADAFACTOR_FACTORED(T, SFX)                                                    \
+    FO_CUDA_SCALED_APPLY(T, SFX)
 FO_DEFINE_FOR_REALS(FO_DEFINE_CUDA_OPTIM)
 #undef FO_DEFINE_CUDA_OPTIM

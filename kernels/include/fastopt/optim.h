@@ -333,7 +333,7 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_LION)
  *   update pass:  m <- (1 - beta1) g + beta1 m;  v <- (1 - beta2) g^2 + beta2 v
  *                 u = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) + wd p
  *   (host)        r = ||p|| / ||u|| per tensor, 1 when either norm is 0
- *   apply pass:   p <- p - lr (u r)
+ *   apply pass:   p <- p - lr (u r)            (fo_scaled_apply: decay 1, scale -lr)
  */
 #define FO_DEFINE_LAMB(T, SFX, SQRT, FABS)                                                \
     typedef struct {                                                                      \
@@ -353,17 +353,81 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_LION)
         *v = vv;                                                                          \
         return mm / a->bias_correction1 / (SQRT(vv / a->bias_correction2) + a->eps)       \
                + a->weight_decay * p;                                                     \
-    }                                                                                     \
-                                                                                          \
-    typedef struct {                                                                      \
-        T neg_lr;                                                                         \
-    } fo_lamb_apply_args_##SFX;                                                           \
-                                                                                          \
-    FO_HD T fo_lamb_apply_##SFX(T p, T u, T ratio, const fo_lamb_apply_args_##SFX *a)     \
-    {                                                                                     \
-        return p + a->neg_lr * (u * ratio);                                               \
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_LAMB)
 #undef FO_DEFINE_LAMB
+
+/*
+ * Adafactor (torch.optim.Adafactor), step t, w = t^beta2_decay. A parameter of 2+ dims is
+ * B slices of R x C; each slice keeps a row factor r (R) and a column factor c (C):
+ *   factors pass: r <- lerp(r, rowsum(g^2) / C, w);  c <- lerp(c, colsum(g^2) / R, w)
+ *                 (sums in float64, in fastopt/reduce.h's factored order);
+ *                 rmean = max(mean(r), eps1) per slice
+ *   update pass:  u = 1 / sqrt(max(r_i c_j / rmean, eps1^2)) * g      (factored)
+ *                 v <- lerp(v, g^2, w);  u = 1 / sqrt(max(v, eps1^2)) * g   (vectors)
+ *   (host)        alpha = max(eps2, ||p|| / sqrt(n)) min(lr, 1 / sqrt(t));
+ *                 k = -alpha / max(1, ||u|| / (sqrt(n) d)) per tensor
+ *   apply pass:   p <- p (1 - lr wd) + u k     (fo_scaled_apply: scale 1)
+ */
+#define FO_DEFINE_ADAFACTOR(T, SFX, SQRT, FABS)                                           \
+    typedef struct {                                                                      \
+        T clip, gscale;                                                                   \
+        T w;              /* t^beta2_decay */                                             \
+        T eps1, eps1_sq;                                                                  \
+        int lerp_hi;      /* |w| >= 0.5: torch's lerp formula */                          \
+    } fo_adafactor_args_##SFX;                                                            \
+                                                                                          \
+    /* one term of the factor sums */                                                     \
+    FO_HD double fo_adafactor_sq_##SFX(T g, const fo_adafactor_args_##SFX *a)             \
+    {                                                                                     \
+        const double x = (double)fo_grad_##SFX(g, a->clip, a->gscale);                   \
+        return x * x;                                                                     \
+    }                                                                                     \
+                                                                                          \
+    /* a factor moved toward the mean of its `count` squares summing to `sum` */          \
+    FO_HD T fo_adafactor_factor_##SFX(T factor, double sum, double count,                 \
+                                      const fo_adafactor_args_##SFX *a)                   \
+    {                                                                                     \
+        return fo_lerp_##SFX(factor, (T)(sum / count), a->w, a->lerp_hi);                 \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_adafactor_rmean_##SFX(double sum, double count,                            \
+                                     const fo_adafactor_args_##SFX *a)                    \
+    {                                                                                     \
+        return fo_maximum_##SFX((T)(sum / count), a->eps1);                               \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_adafactor_factored_##SFX(T g, T row, T col, T rmean,                       \
+                                        const fo_adafactor_args_##SFX *a)                 \
+    {                                                                                     \
+        const T v = fo_maximum_##SFX(row * col / rmean, a->eps1_sq);                      \
+        return (T)1 / SQRT(v) * fo_grad_##SFX(g, a->clip, a->gscale);                     \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_adafactor_vector_##SFX(T g, T *var, const fo_adafactor_args_##SFX *a)      \
+    {                                                                                     \
+        const T d = fo_grad_##SFX(g, a->clip, a->gscale);                                 \
+        const T v = fo_lerp_##SFX(*var, d * d, a->w, a->lerp_hi);                         \
+        *var = v;                                                                         \
+        return (T)1 / SQRT(fo_maximum_##SFX(v, a->eps1_sq)) * d;                          \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_ADAFACTOR)
+#undef FO_DEFINE_ADAFACTOR
+
+/*
+ * The apply pass of the rules that scale an update per tensor (Lamb, Adafactor):
+ *   p <- p decay + scale (u k),   k the tensor's factor (an operand, one per tensor)
+ */
+#define FO_DEFINE_SCALED_APPLY(T, SFX, SQRT, FABS)                                        \
+    typedef struct {                                                                      \
+        T decay, scale;                                                                   \
+    } fo_scaled_apply_args_##SFX;                                                         \
+                                                                                          \
+    FO_HD T fo_scaled_apply_##SFX(T p, T u, T k, const fo_scaled_apply_args_##SFX *a)     \
+    {                                                                                     \
+        return p * a->decay + a->scale * (u * k);                                         \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_SCALED_APPLY)
+#undef FO_DEFINE_SCALED_APPLY
 
 #endif /* FASTOPT_OPTIM_H */

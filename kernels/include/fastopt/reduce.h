@@ -6,6 +6,11 @@
  * chunk, element i is accumulated (in float64, in index order) into lane i % FO_NORM_LANES;
  * the lanes are added in lane order; the chunks' partials are added in chunk order by the
  * host. Norm kinds: 1 (sum |g|), 2 (sum g^2), 0 (max |g|, NaN propagating).
+ *
+ * Factored sums (Adafactor's row and column statistics of a slice of R x C, row-major):
+ * a column's sum adds its rows in index order; a row is cut into blocks of FO_COLS
+ * columns, each block summed like a norm chunk (16 lanes, then the lanes in order), and
+ * the blocks' partials are added in block order. All in float64.
  */
 #ifndef FASTOPT_REDUCE_H
 #define FASTOPT_REDUCE_H
@@ -14,6 +19,7 @@
 
 #define FO_CHUNK 16384
 #define FO_NORM_LANES 16
+#define FO_COLS 512
 
 #define FO_DEFINE_NORM_TERM(T, SFX, SQRT, FABS)                                                 \
     FO_HD double fo_norm_term_##SFX(T g, int kind)                                        \
