@@ -58,10 +58,8 @@ def test_harness_rejects_unknown_rule():
         bench.main(["--rules", "adamzz", "--json", ""])
 
 
-def test_matrix_shapes():
-    assert bench.matrix_shape(10_000_000) == (2500, 4000)
-    assert bench.matrix_shape(7) == (1, 7)
-    assert bench.matrix_shape(8191) == (8191, 1)  # prime: a column
+def test_matrix_sizes():
+    assert bench.matrix_sizes([10_000_000, 7, 5000]) == [9_999_360, 1024, 4096]
 
 
 def test_asv_suite_is_valid(tmp_path):

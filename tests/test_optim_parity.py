@@ -14,8 +14,10 @@ from conftest import CPU_BACKENDS, require_backend
 
 SIZES = (0, 1, 7, 1023, 100003)
 # Adafactor factors tensors of 2+ dims: 0-d and 1-d tensors, one column block, several
-# blocks and slices, and a matrix large enough for both threads
-SHAPES = {"Adafactor": ((), 7, (33, 5), (2, 3, 700), (300, 1100), (0, 3), (4, 0, 2))}
+# blocks and slices, a matrix large enough for both threads, a conv weight (many 3 x 3
+# slices), a column, and empty ones
+SHAPES = {"Adafactor": ((), 7, (33, 5), (2, 3, 700), (300, 1100), (64, 32, 3, 3), (9, 1),
+                        (0, 3), (4, 0, 2))}
 STEPS = 100
 
 CONFIGS = [

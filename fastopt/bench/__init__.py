@@ -132,14 +132,19 @@ def _draw(n, seed):
 
 def _arrays(sizes, dtype, seed, matrix=False):
     """New arrays of the given sizes holding standard normal values (one draw, copied);
-    with `matrix`, each shaped (n / C, C) for the largest C <= 4096 that divides n."""
+    with `matrix`, shaped (n / MATRIX_COLS, MATRIX_COLS) (see matrix_sizes)."""
     base = _draw(max(sizes, default=0), seed)
-    return [base[:n].astype(dtype).reshape(matrix_shape(n) if matrix else n) for n in sizes]
+    return [base[:n].astype(dtype).reshape((n // MATRIX_COLS, MATRIX_COLS) if matrix else n)
+            for n in sizes]
 
 
-def matrix_shape(n):
-    cols = next(c for c in range(min(n, 4096), 0, -1) if n % c == 0) if n else 1
-    return (n // cols, cols)
+MATRIX_COLS = 1024
+
+
+def matrix_sizes(sizes):
+    """Sizes rounded down to whole rows of MATRIX_COLS (at least one row), for rules that
+    treat 2-D parameters differently (Adafactor): the layers of a network are matrices."""
+    return [max(MATRIX_COLS, n - n % MATRIX_COLS) for n in sizes]
 
 
 def _stream_case(sizes, n_state, n_threads):
@@ -221,10 +226,11 @@ def run(rules=DEFAULT_RULES, cases=DEFAULT_CASES, n_threads=None, numpy_max=10**
     print(header, file=out)
     print("-" * len(header), file=out)
     for case in cases:
-        sizes = parse_case(case)
-        n = sum(sizes)
         for rule in rules:
             spec = RULES[rule]
+            sizes = parse_case(case)
+            sizes = matrix_sizes(sizes) if spec.matrix else sizes
+            n = sum(sizes)
             nbytes = n * 4 * spec.traffic
             names = ["stream limit (C kernel)"]
             steps = [_stream_case(sizes, spec.n_state, n_threads)]

@@ -147,7 +147,7 @@ cdef void _factors(const cnp.int64_t[:, ::1] shape, const Py_ssize_t[:, ::1] ptr
                    const void *args, int n_threads) noexcept:
     cdef Py_ssize_t i, t, b, k, R, C, nb
     with nogil:
-        for i in prange(items.shape[0], num_threads=n_threads, schedule='dynamic'):
+        for i in prange(items.shape[0], num_threads=n_threads, schedule='guided'):
             t, b, k = items[i, 0], items[i, 1], items[i, 2]
             R, C = shape[t, 1], shape[t, 2]
             nb = (C + COLS - 1) // COLS
@@ -159,7 +159,7 @@ cdef void _factors(const cnp.int64_t[:, ::1] shape, const Py_ssize_t[:, ::1] ptr
                 fo_cpu_adafactor_cols_f32(<float *>ptr[t, 0] + b * R * C,
                                           <float *>ptr[t, 2] + b * C,
                                           <double *>ptr[t, 4] + b * R * nb, R, C, k, args)
-        for i in prange(slices.shape[0], num_threads=n_threads, schedule='dynamic'):
+        for i in prange(slices.shape[0], num_threads=n_threads, schedule='guided'):
             t, b = slices[i, 0], slices[i, 1]
             R, C = shape[t, 1], shape[t, 2]
             nb = (C + COLS - 1) // COLS

@@ -18,14 +18,6 @@
 
 #define FO_N_BLOCKS(C) (((C) + FO_COLS - 1) / FO_COLS)
 
-/* a term of row r's block partial (its lane l) and of column j's sum */
-#define FO_FACTORED_TERM(SFX, J, L)                                                       \
-    do {                                                                                  \
-        const double x_ = fo_adafactor_sq_##SFX(gr[J], a);                                \
-        lane[L] += x_;                                                                    \
-        acc[J] += x_;                                                                     \
-    } while (0)
-
 #define FO_DEFINE_FACTORED_LOOPS(T, SFX, SQRT, FABS)                                      \
     FO_MULTIVERSION static void fo_cpu_adafactor_cols_##SFX(                              \
         const T *g, T *col, double *rowpart, ptrdiff_t R, ptrdiff_t C, ptrdiff_t k,       \
@@ -33,18 +25,22 @@
     {                                                                                     \
         const ptrdiff_t c0 = k * FO_COLS, w = C - c0 < FO_COLS ? C - c0 : FO_COLS;        \
         const ptrdiff_t full = w - w % FO_NORM_LANES, n_blocks = FO_N_BLOCKS(C);          \
-        double acc[FO_COLS];                                                              \
+        double acc[FO_COLS], x[FO_COLS];                                                  \
         ptrdiff_t r, j, l;                                                                \
         for (j = 0; j < w; j++) acc[j] = 0;                                               \
         for (r = 0; r < R; r++) {                                                         \
             const T *restrict gr = g + r * C + c0;                                        \
             double lane[FO_NORM_LANES] = {0};                                             \
             double s;                                                                     \
+            /* three simple loops, each vectorized: the terms, the column sums, and the   \
+               lanes (zeros in lanes past the block's width change no sum) */            \
+            for (j = 0; j < w; j++) x[j] = fo_adafactor_sq_##SFX(gr[j], a);               \
+            for (j = 0; j < w; j++) acc[j] += x[j];                                       \
             for (j = 0; j < full; j += FO_NORM_LANES)                                     \
-                for (l = 0; l < FO_NORM_LANES; l++) FO_FACTORED_TERM(SFX, j + l, l);      \
-            for (l = 0; j + l < w; l++) FO_FACTORED_TERM(SFX, j + l, l);                  \
+                for (l = 0; l < FO_NORM_LANES; l++) lane[l] += x[j + l];                  \
+            for (l = 0; j + l < w; l++) lane[l] += x[j + l];                              \
             s = lane[0];                                                                  \
-            for (l = 1; l < FO_NORM_LANES; l++) s += lane[l];                             \
+            for (l = 1; l < FO_NORM_LANES && l < w; l++) s += lane[l];                    \
             rowpart[r * n_blocks + k] = s;                                                \
         }                                                                                 \
         for (j = 0; j < w; j++)                                                           \

@@ -74,8 +74,9 @@
 
 /* Adafactor's update pass for factored tensors, viewed as rows of C elements: operands 3-6
    are per tensor: the row factors (B R), column factors (B C), each slice's clamped row
-   mean (B), and the int64 shape (R, C). The chunk is walked row segment by row segment,
-   so the inner loop is contiguous in u, g and the column factors. */
+   mean (B), and the int64 shape (R, C). The chunk is walked row segment by row segment
+   (row, column and slice counters, no division per segment), so the inner loop is
+   contiguous in u, g and the column factors. */
 #define FO_CHUNK_ADAFACTOR_FACTORED(T, SFX)                                               \
     FO_CHUNK_HEAD(T, SFX, adafactor_factored, adafactor)                                  \
         T *restrict u = (T *)ptr[1] + lo;                                                 \
@@ -83,17 +84,22 @@
         const T *rmean = (const T *)ptr[5];                                               \
         const ptrdiff_t R = ((const long long *)ptr[6])[0];                               \
         const ptrdiff_t C = ((const long long *)ptr[6])[1];                               \
-        ptrdiff_t i = 0, j;                                                               \
+        ptrdiff_t i = 0, j, r = lo / C, c0 = lo % C, b = r / R, rb = r % R;               \
         while (i < n) {                                                                   \
-            const ptrdiff_t r = (lo + i) / C, c0 = (lo + i) % C;                          \
             const ptrdiff_t len = C - c0 < n - i ? C - c0 : n - i;                        \
-            const T rv = row[r], rm = rmean[r / R];                                       \
-            const T *restrict cv = col + (r / R) * C + c0;                                \
+            const T rv = row[r], rm = rmean[b];                                           \
+            const T *restrict cv = col + b * C + c0;                                      \
             T *restrict us = u + i;                                                       \
             const T *restrict gs = g + i;                                                 \
             for (j = 0; j < len; j++)                                                     \
                 us[j] = fo_adafactor_factored_##SFX(gs[j], rv, cv[j], rm, &a);            \
             i += len;                                                                     \
+            c0 = 0;                                                                       \
+            r++;                                                                          \
+            if (++rb == R) {                                                              \
+                rb = 0;                                                                   \
+                b++;                                                                      \
+            }                                                                             \
         }                                                                                 \
     }
 
