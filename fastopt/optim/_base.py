@@ -22,6 +22,10 @@ from fastopt._config import check_threads, get_num_threads
 from fastopt.optim import _clip
 
 
+# param-group keys that fastopt.schedules adds (initial_lr, ...): accepted in a loaded state
+SCHEDULE_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum"})
+
+
 def check_real(group, key, where, *, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
     """group[key] as a float, if it is a finite real number in the given range.
 
@@ -229,7 +233,7 @@ class Optimizer:
             if len(ids) != len(group["params"]):
                 raise ValueError(f"{gwhere}: holds {len(ids)} parameters, the optimizer's "
                                  f"group {len(group['params'])}")
-            unknown = set(saved) - set(group)
+            unknown = set(saved) - set(group) - SCHEDULE_KEYS
             if unknown:
                 raise ValueError(f"{gwhere}: unknown keys {sorted(unknown)} for "
                                  f"{type(self).__name__}")
