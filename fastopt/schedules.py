@@ -1,4 +1,6 @@
-"""Learning-rate schedules, bound to a fastopt optimizer (torch.optim.lr_scheduler's API).
+"""Learning-rate schedules: scheduler classes bound to a fastopt optimizer
+(torch.optim.lr_scheduler's API), and closed-form schedules of the step (``linear``,
+``cosine_decay``, ``join``, ...; see fastopt._closed_form) with ``plot``.
 
 Each scheduler writes ``group["lr"]`` (and, for CyclicLR / OneCycleLR with momentum cycling,
 ``group["momentum"]`` or ``group["betas"][0]``) of the optimizer's param groups when it is
@@ -16,12 +18,18 @@ import numbers
 from bisect import bisect_right
 from collections import Counter
 
+from fastopt._closed_form import (Schedule, constant, cosine_decay, cyclic_triangular,
+                                  exponential_decay, join, linear, one_cycle, plot, polynomial,
+                                  sgdr, step_decay, warmup_cosine_decay, warmup_linear)
 from fastopt.optim._base import Optimizer
 
 __all__ = ["LRScheduler", "LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR", "ConstantLR",
            "LinearLR", "ExponentialLR", "PolynomialLR", "CosineAnnealingLR",
            "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR", "SequentialLR",
-           "ChainedScheduler", "ReduceLROnPlateau"]
+           "ChainedScheduler", "ReduceLROnPlateau",
+           "Schedule", "constant", "linear", "polynomial", "step_decay", "exponential_decay",
+           "cosine_decay", "warmup_linear", "warmup_cosine_decay", "cyclic_triangular",
+           "one_cycle", "sgdr", "join", "plot"]
 
 def _real(name, value, *, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

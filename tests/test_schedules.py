@@ -244,3 +244,98 @@ def test_misuse():
     with pytest.raises(TypeError, match="metrics must be a real number"):
         plateau.step("low")
     assert math.isfinite(opt.param_groups[0]["lr"])
+
+
+# -- closed-form schedules --------------------------------------------------------------
+
+def test_closed_forms_match_torch_schedulers():
+    steps = np.arange(STEPS)
+    pairs = [
+        (schedules.step_decay(0.1, step_size=30, gamma=0.5), "StepLR",
+         dict(step_size=30, gamma=0.5)),
+        # optax's cosine_decay holds its end value; torch's cosine turns back up after T_max
+        (schedules.cosine_decay(0.1, STEPS - 1), "CosineAnnealingLR", dict(T_max=STEPS - 1)),
+        (schedules.sgdr(0.1, T_0=10, T_mult=2, eta_min=1e-4), "CosineAnnealingWarmRestarts",
+         dict(T_0=10, T_mult=2, eta_min=1e-4)),
+        (schedules.sgdr(0.1, T_0=50), "CosineAnnealingWarmRestarts", dict(T_0=50)),
+        (schedules.cyclic_triangular(1e-3, 0.1, 25, 60, mode="triangular2"), "CyclicLR",
+         dict(base_lr=1e-3, max_lr=0.1, step_size_up=25, step_size_down=60,
+              mode="triangular2")),
+        (schedules.cyclic_triangular(1e-3, 0.1, 30, mode="exp_range", gamma=0.999), "CyclicLR",
+         dict(base_lr=1e-3, max_lr=0.1, step_size_up=30, mode="exp_range", gamma=0.999)),
+        (schedules.one_cycle(STEPS, 0.1), "OneCycleLR", dict(max_lr=0.1, total_steps=STEPS)),
+        (schedules.one_cycle(STEPS, 0.3, pct_start=0.25, anneal_strategy="linear",
+                             three_phase=True), "OneCycleLR",
+         dict(max_lr=0.3, total_steps=STEPS, pct_start=0.25, anneal_strategy="linear",
+              three_phase=True)),
+    ]
+    for schedule, name, kw in pairs:
+        topt = torch.optim.SGD([torch.zeros(1)], lr=0.1, momentum=0.9)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tsched = getattr(torch.optim.lr_scheduler, name)(topt, **kw)
+            want, want_m = [], []
+            for _ in steps:
+                want.append(topt.param_groups[0]["lr"])
+                want_m.append(topt.param_groups[0]["momentum"])
+                if len(want) < STEPS:
+                    tsched.step()
+        np.testing.assert_allclose(schedule(steps), want, rtol=1e-12, atol=1e-15, err_msg=name)
+        if schedule.momentum is not None:
+            np.testing.assert_allclose(schedule.momentum(steps), want_m, rtol=1e-12,
+                                       err_msg=name)
+        assert schedule(7) == schedule(steps)[7]
+
+
+def test_closed_forms_match_optax():
+    optax = pytest.importorskip("optax")
+    steps = np.arange(0, 1200, 3)
+    pairs = [
+        (schedules.linear(0.1, 0.01, 500, transition_begin=100),
+         optax.linear_schedule(0.1, 0.01, 500, transition_begin=100)),
+        (schedules.polynomial(0.1, 0.001, 2.0, 800), optax.polynomial_schedule(0.1, 0.001, 2.0, 800)),
+        (schedules.exponential_decay(0.1, 100, 0.5, transition_begin=50, staircase=True,
+                                     end_value=0.01),
+         optax.exponential_decay(0.1, 100, 0.5, transition_begin=50, staircase=True,
+                                 end_value=0.01)),
+        (schedules.cosine_decay(0.1, 700, alpha=0.1, exponent=2.0),
+         optax.cosine_decay_schedule(0.1, 700, alpha=0.1, exponent=2.0)),
+        (schedules.warmup_cosine_decay(0.0, 0.1, 100, 1000, end_value=1e-3),
+         optax.warmup_cosine_decay_schedule(0.0, 0.1, 100, 1000, end_value=1e-3)),
+        (schedules.join([schedules.constant(0.5), schedules.linear(0.1, 0.0, 300)], [200]),
+         optax.join_schedules([optax.constant_schedule(0.5), optax.linear_schedule(0.1, 0.0, 300)],
+                              [200])),
+    ]
+    for ours, theirs in pairs:
+        want = np.array([float(theirs(int(t))) for t in steps])
+        np.testing.assert_allclose(ours(steps), want, rtol=2e-6, atol=1e-9)  # optax: float32
+
+
+def test_warmup_linear_and_constant():
+    s = schedules.warmup_linear(0.0, 1.0, 10, 110, end_value=0.5)
+    np.testing.assert_allclose(s([0, 5, 10, 60, 110, 500]), [0, 0.5, 1.0, 0.75, 0.5, 0.5])
+    assert schedules.constant(0.3)(np.arange(4)).tolist() == [0.3] * 4
+
+
+def test_closed_form_bad_arguments():
+    with pytest.raises(ValueError, match="decay_steps must be >= 1"):
+        schedules.cosine_decay(0.1, 0)
+    with pytest.raises(ValueError, match="step_size must be >= 1"):
+        schedules.step_decay(0.1, -5)
+    with pytest.raises(ValueError, match=r"boundaries: expected 1"):
+        schedules.join([schedules.constant(1.0), schedules.constant(2.0)], [])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        schedules.cyclic_triangular(0.1, 1.0, 10, mode="sine")
+    with pytest.raises(ValueError, match="decay_steps must be >= 11"):
+        schedules.warmup_cosine_decay(0.0, 0.1, 10, 5)
+    with pytest.raises(TypeError, match="step must be a number"):
+        schedules.linear(1.0, 0.0, 10)("three")
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = schedules.plot(schedules.one_cycle(500, 0.1), 500, tmp_path / "one_cycle.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    schedules.plot(schedules.warmup_cosine_decay(0, 1, 10, 100), np.arange(100),
+                   tmp_path / "w.png")
+    assert (tmp_path / "w.png").stat().st_size > 1000
