@@ -24,6 +24,7 @@ def _sizes(case):
 class _OptimizerStep:
     rule = None
     hyper = {}
+    matrix = False  # parameters as (n / 1000, 1000) matrices (Adafactor factors them)
     params = (BACKENDS, SIZES, DTYPES)
     param_names = ["backend", "size", "dtype"]
     timeout = 300
@@ -33,8 +34,9 @@ class _OptimizerStep:
             raise NotImplementedError  # asv skips: the reference is far too slow to track here
         rng = np.random.default_rng(0)
         sizes = _sizes(size)
-        self.p = [rng.standard_normal(n).astype(dtype) for n in sizes]
-        self.g = [rng.standard_normal(n).astype(dtype) for n in sizes]
+        shapes = [(n // 1000, 1000) if self.matrix else (n,) for n in sizes]
+        self.p = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        self.g = [rng.standard_normal(s).astype(dtype) for s in shapes]
         self.opt = getattr(fastopt, self.rule)(self.p, backend=backend, **self.hyper)
         self.opt.step(self.g)  # state allocated, kernels compiled
 
@@ -55,6 +57,17 @@ class AdamWStep(_OptimizerStep):
 class SGDMomentumStep(_OptimizerStep):
     rule = "SGD"
     hyper = dict(lr=1e-3, momentum=0.9)
+
+
+class LambStep(_OptimizerStep):
+    rule = "Lamb"
+    hyper = dict(lr=1e-3)
+
+
+class AdafactorStep(_OptimizerStep):
+    rule = "Adafactor"
+    hyper = dict(lr=1e-2)
+    matrix = True
 
 
 class StreamLimit:
