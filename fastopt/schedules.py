@@ -242,6 +242,11 @@ class MultiStepLR(LRScheduler):
             return self._lrs()
         return [lr * self.gamma ** hits for lr in self._lrs()]
 
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # a Counter comes back from fastopt.load (or JSON) as a plain dict
+        self.milestones = Counter({int(k): int(v) for k, v in self.milestones.items()})
+
     def _closed_form(self):
         passed = bisect_right(sorted(self.milestones.elements()), self.last_epoch)
         return [base * self.gamma ** passed for base in self.base_lrs]

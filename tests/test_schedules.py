@@ -176,6 +176,31 @@ def test_state_dict_resumes_exactly():
         sched2.load_state_dict(dict(saved, bogus=1))
 
 
+def test_state_survives_save_and_load(tmp_path):
+    def build(o):
+        first = schedules.MultiStepLR(o, milestones=[3, 3, 9], gamma=0.5)
+        return schedules.SequentialLR(o, [first, schedules.StepLR(o, 4)], milestones=[12])
+    opt, _ = make_pair("sgd")
+    sched = build(opt)
+    for _ in range(5):
+        sched.step()
+    fastopt.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp_path / "s.npz")
+    want = []
+    for _ in range(20):
+        sched.step()
+        want.append(sched.get_last_lr())
+    opt2, _ = make_pair("sgd")
+    sched2 = build(opt2)
+    saved = fastopt.load(tmp_path / "s.npz")
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    got = []
+    for _ in range(20):
+        sched2.step()
+        got.append(sched2.get_last_lr())
+    assert got == want
+
+
 def test_scheduled_lr_reaches_the_kernels():
     w = np.zeros(3)
     opt = fastopt.SGD([w], lr=1.0)
