@@ -19,7 +19,6 @@ from fastopt.optim import _scalars
 CHUNK = 65536  # elements per thread block of the update kernels
 THREADS = 256
 NORM_LANES, COLS = 16, 512  # FO_NORM_LANES, FO_COLS of fastopt/reduce.h
-_this = sys.modules[__name__]
 
 
 def kernel_dir():
@@ -160,15 +159,7 @@ def lion_step(params, out, grads, exp_avgs, *, n_threads, **hyper):
     _launch("lion", (params, out, grads, exp_avgs), _scalars.lion_scalars(params[0].dtype, **hyper))
 
 
-def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, n_threads, **hyper):
-    _twopass.lamb_step(_this, params, out, grads, exp_avgs, exp_avg_sqs, updates,
-                       n_threads=n_threads, **hyper)
-
-
-def adafactor_step(params, out, grads, row_vars, col_vars, variances, updates, *, n_threads,
-                   **hyper):
-    _twopass.adafactor_step(_this, params, out, grads, row_vars, col_vars, variances, updates,
-                            n_threads=n_threads, **hyper)
+lamb_step, adafactor_step = _twopass.steps_for(sys.modules[__name__])
 
 
 # -- the passes _twopass drives

@@ -16,7 +16,6 @@ from fastopt._backends._pack import pack
 from fastopt._cpu import _optim
 from fastopt.optim import _scalars
 
-_this = sys.modules[__name__]
 
 
 def _run(kernel, operands, scalars_fn, hyper, n_threads):
@@ -75,15 +74,7 @@ def lion_step(params, out, grads, exp_avgs, *, n_threads, **hyper):
     _run("lion", (params, out, grads, exp_avgs), _scalars.lion_scalars, hyper, n_threads)
 
 
-def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, n_threads, **hyper):
-    _twopass.lamb_step(_this, params, out, grads, exp_avgs, exp_avg_sqs, updates,
-                       n_threads=n_threads, **hyper)
-
-
-def adafactor_step(params, out, grads, row_vars, col_vars, variances, updates, *, n_threads,
-                   **hyper):
-    _twopass.adafactor_step(_this, params, out, grads, row_vars, col_vars, variances, updates,
-                            n_threads=n_threads, **hyper)
+lamb_step, adafactor_step = _twopass.steps_for(sys.modules[__name__])
 
 
 # -- the passes _twopass drives

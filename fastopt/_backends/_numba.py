@@ -28,7 +28,6 @@ LANES = 16  # FO_NORM_LANES
 COLS = 512  # FO_COLS
 MIN_PER_THREAD = 32768  # as in the Cython driver: small steps use fewer threads
 _JIT = dict(cache=True, error_model="numpy")  # numpy error model: no branch per division
-_this = sys.modules[__name__]
 
 
 @intrinsic
@@ -641,15 +640,7 @@ def lion_step(params, out, grads, exp_avgs, *, n_threads, **hyper):
          n_threads)
 
 
-def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, n_threads, **hyper):
-    _twopass.lamb_step(_this, params, out, grads, exp_avgs, exp_avg_sqs, updates,
-                       n_threads=n_threads, **hyper)
-
-
-def adafactor_step(params, out, grads, row_vars, col_vars, variances, updates, *, n_threads,
-                   **hyper):
-    _twopass.adafactor_step(_this, params, out, grads, row_vars, col_vars, variances, updates,
-                            n_threads=n_threads, **hyper)
+lamb_step, adafactor_step = _twopass.steps_for(sys.modules[__name__])
 
 
 # -- the passes _twopass drives

@@ -11,6 +11,8 @@ The per-tensor scalars (norms, trust ratios, step factors) are computed on the h
 norm partials, in the order fastopt.optim._scalars fixes, so every backend gets the same.
 """
 
+import functools
+
 import numpy as np
 
 from fastopt.optim import _scalars
@@ -73,3 +75,8 @@ def adafactor_step(backend, params, out, grads, row_vars, col_vars, variances, u
         param_norms, _norms(backend, updates, n_threads), [p.size for p in params], dtype,
         step=step, lr=lr, eps2=eps2, d=d)
     _apply(backend, params, out, updates, coefficients, apply, n_threads)
+
+
+def steps_for(backend):
+    """(lamb_step, adafactor_step) of a backend module, as its registry entries."""
+    return functools.partial(lamb_step, backend), functools.partial(adafactor_step, backend)
