@@ -18,7 +18,7 @@ from fastopt.optim import _scalars
 
 CHUNK = 65536  # elements per thread block of the update kernels
 THREADS = 256
-NORM_LANES, COLS = 16, 512  # FO_NORM_LANES, FO_COLS of fastopt/reduce.h
+NORM_LANES = 16  # FO_NORM_LANES of fastopt/reduce.h
 
 
 def kernel_dir():
@@ -168,31 +168,28 @@ def run(kernel, operands, scalars, n_threads, n_aux=0):
     _launch(kernel, operands, scalars)
 
 
-def factors(grads, rows, cols, rmeans, rowparts, scalars, n_threads):
+def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, scalars, n_threads):
     """Adafactor's factors pass: three launches over one table (kernels/cuda/factored.cu)."""
     import cupy
     dtype = grads[0].dtype
-    meta, items, slices = [], [], []
-    for t, (g, row, col, rmean, part) in enumerate(zip(grads, rows, cols, rmeans, rowparts)):
-        rows_, cols_ = g.shape[-2:]
-        slices_ = g.size // (rows_ * cols_)
-        meta += [g.data.ptr, row.data.ptr, col.data.ptr, rmean.data.ptr, part.data.ptr,
-                 slices_, rows_, cols_]
-        slices += [(t, b) for b in range(slices_)]
-        items += [(t, b, k) for b in range(slices_) for k in range(-(-cols_ // COLS))]
-    table = np.concatenate([np.array(meta, np.int64), np.ravel(np.array(items, np.int64)),
-                            np.ravel(np.array(slices, np.int64))])
-    args_at = np.int64(table.size)
+    meta = np.array([[g.data.ptr, row.data.ptr, col.data.ptr, rmean.data.ptr, part.data.ptr]
+                     for g, row, col, rmean, part in zip(grads, rows, cols, rmeans, rowparts)],
+                    np.int64)
+    args = pack(dtype, scalars).view(np.int64)
+    # per tensor FO_META values: the five addresses, then B, R, C
+    table = np.concatenate([np.concatenate([meta, shape], axis=1).ravel(), items.ravel(),
+                            slices.ravel(), args])
+    args_at = np.int64(table.size - args.size)
     n_t = np.int64(len(grads))
-    max_rows = max(g.shape[-2] for g in grads)
     module = _module("factored.cu")
     sfx = _suffix(dtype)
     with grads[0].device:
-        table = cupy.asarray(np.concatenate([table, pack(dtype, scalars).view(np.int64)]))
+        table = cupy.asarray(table)
         module.get_function(f"fo_cuda_adafactor_cols_{sfx}")(
             (len(items),), (THREADS,), (table, n_t, args_at))
         module.get_function(f"fo_cuda_adafactor_rowparts_{sfx}")(
-            (len(items), min(max_rows, 65535)), (NORM_LANES,), (table, n_t, args_at))
+            (len(items), min(int(shape[:, 1].max()), 65535)), (NORM_LANES,),
+            (table, n_t, args_at))
         module.get_function(f"fo_cuda_adafactor_rows_{sfx}")(
             (-(-len(slices) // THREADS),), (THREADS,),
             (table, n_t, np.int64(len(items)), np.int64(len(slices)), args_at))

@@ -84,10 +84,10 @@ def run(kernel, operands, scalars, n_threads, n_aux=0):
     _optim.step(kernel, operands, dtype == np.float64, pack(dtype, scalars), n_threads, n_aux)
 
 
-def factors(grads, rows, cols, rmeans, rowparts, scalars, n_threads):
+def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, scalars, n_threads):
     dtype = grads[0].dtype
-    _optim.adafactor_factors(grads, rows, cols, rmeans, rowparts, dtype == np.float64,
-                             pack(dtype, scalars), n_threads)
+    _optim.adafactor_factors(grads, rows, cols, rmeans, rowparts, shape, items, slices,
+                             dtype == np.float64, pack(dtype, scalars), n_threads)
 
 
 def device(arrays, like):

@@ -531,26 +531,6 @@ def _adafactor_factors(ptrs, shape, items, slices, sc, fl):
         _view(ptrs, t, 3, b, 1, sc)[0] = _maximum(cast[0], sc[3])
 
 
-@njit(**_JIT)
-def _factor_work(shape):
-    """(tensor, slice, column block) items and (tensor, slice) slices of the factors pass."""
-    n_items = n_slices = 0
-    for t in range(shape.shape[0]):
-        n_slices += shape[t, 0]
-        n_items += shape[t, 0] * ((shape[t, 2] + COLS - 1) // COLS)
-    items = np.empty((n_items, 3), np.int64)
-    slices = np.empty((n_slices, 2), np.int64)
-    i = j = 0
-    for t in range(shape.shape[0]):
-        for b in range(shape[t, 0]):
-            slices[j, 0], slices[j, 1] = t, b
-            j += 1
-            for k in range((shape[t, 2] + COLS - 1) // COLS):
-                items[i, 0], items[i, 1], items[i, 2] = t, b, k
-                i += 1
-    return items, slices
-
-
 @njit(parallel=True, **_JIT)
 def _adafactor_factored(ptrs, chunks, sc, fl, ilike):
     """Operands: p (unread), u (written), g, then per tensor: row factors, column factors,
@@ -658,12 +638,9 @@ def run(kernel, operands, scalars, n_threads, n_aux=0):
     _run(fn, operands, scalars, n_threads, *rule, n_aux=n_aux)
 
 
-def factors(grads, rows, cols, rmeans, rowparts, scalars, n_threads):
+def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, scalars, n_threads):
     dtype = grads[0].dtype
     ptrs, sizes = data_pointers((grads, rows, cols, rmeans, rowparts), dtype.itemsize, 4)
-    shape = np.array([(g.size // (g.shape[-2] * g.shape[-1]),) + g.shape[-2:] for g in grads],
-                     np.int64)
-    items, slices = _factor_work(shape)
     numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS,
                                      int(sizes.sum()) // MIN_PER_THREAD)))
     _adafactor_factors(ptrs, shape, items, slices, *_split(scalars, dtype))

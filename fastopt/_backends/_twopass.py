@@ -5,7 +5,8 @@ A backend here is a module with:
 - ``run(kernel, operands, scalars, n_threads, n_aux=0)``: one chunk-kernel pass (kernels by
   their optim_loops.h names), the last `n_aux` operands per-tensor auxiliaries;
 - ``norm_partials(arrays, kind, n_threads=...)``: fastopt/reduce.h's chunk partials, on the host;
-- ``factors(grads, rows, cols, rmeans, rowparts, scalars, n_threads)``: Adafactor's factors pass;
+- ``factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, scalars, n_threads)``:
+  Adafactor's factors pass over the work of ``factor_work(shape)``;
 - ``device(host_arrays, like)``: the host arrays as arrays beside `like` (CPU: themselves).
 The per-tensor scalars (norms, trust ratios, step factors) are computed on the host from the
 norm partials, in the order fastopt.optim._scalars fixes, so every backend gets the same.
@@ -21,9 +22,13 @@ CHUNK = 16384  # FO_CHUNK of fastopt/reduce.h: the chunks norm_partials reports
 COLS = 512  # FO_COLS
 
 
-def _norms(backend, arrays, n_threads):
-    return _scalars.tensor_norms(backend.norm_partials(arrays, 2, n_threads=n_threads),
-                                 [a.size for a in arrays], CHUNK)
+def _norms(backend, params, updates, n_threads):
+    """Per-tensor 2-norms of the parameters and of the updates, in one reduction call (the
+    parameters are not written before the apply pass)."""
+    arrays = params + updates
+    norms = _scalars.tensor_norms(backend.norm_partials(arrays, 2, n_threads=n_threads),
+                                  [a.size for a in arrays], CHUNK)
+    return norms[:len(params)], norms[len(params):]
 
 
 def _apply(backend, params, out, updates, factors, scalars, n_threads):
@@ -37,42 +42,55 @@ def lamb_step(backend, params, out, grads, exp_avgs, exp_avg_sqs, updates, *, n_
     update, apply = _scalars.lamb_scalars(params[0].dtype, **hyper)
     backend.run("lamb_update", (params, updates, grads, exp_avgs, exp_avg_sqs), update,
                 n_threads)
-    ratios = _scalars.lamb_trust_ratios(_norms(backend, params, n_threads),
-                                        _norms(backend, updates, n_threads), params[0].dtype)
+    ratios = _scalars.lamb_trust_ratios(*_norms(backend, params, updates, n_threads),
+                                        params[0].dtype)
     _apply(backend, params, out, updates, ratios, apply, n_threads)
+
+
+def factor_work(shape):
+    """The factors pass's work for tensors of `shape` rows (B slices, R rows, C columns):
+    items (tensor, slice, column block of COLS) and slices (tensor, slice), int64."""
+    slices_per = shape[:, 0]
+    blocks_per = -(-shape[:, 2] // COLS)
+    tensor = np.repeat(np.arange(len(shape)), slices_per)
+    first = np.cumsum(slices_per) - slices_per
+    slices = np.stack([tensor, np.arange(len(tensor)) - first[tensor]], axis=1)
+    blocks = blocks_per[tensor]
+    item_slice = np.repeat(np.arange(len(tensor)), blocks)
+    block = np.arange(len(item_slice)) - (np.cumsum(blocks) - blocks)[item_slice]
+    items = np.concatenate([slices[item_slice], block[:, None]], axis=1)
+    return items.astype(np.int64), slices.astype(np.int64)
 
 
 def adafactor_step(backend, params, out, grads, row_vars, col_vars, variances, updates, *,
                    n_threads, step, lr, eps2, d, **hyper):
     dtype = params[0].dtype
     update, apply = _scalars.adafactor_scalars(dtype, step=step, lr=lr, **hyper)
-    param_norms = _norms(backend, params, n_threads)  # before weight decay, as torch
     factored = [i for i, p in enumerate(params) if p.ndim > 1 and p.size]
     vectors = [i for i, p in enumerate(params) if p.ndim <= 1 and p.size]
     if factored:
         pick = lambda arrays: [arrays[i] for i in factored]
         rows = [row_vars[i].reshape(-1) for i in factored]
         cols = [col_vars[i].reshape(-1) for i in factored]
-        shapes = [params[i].shape[-2:] for i in factored]
+        shape = np.array([(params[i].size // (params[i].shape[-2] * params[i].shape[-1]),)
+                          + params[i].shape[-2:] for i in factored], np.int64)
         like = params[factored[0]]
-        rmeans = backend.device(
-            [np.empty(params[i].size // (r * c), dtype) for i, (r, c) in zip(factored, shapes)],
-            like)
-        rowparts = backend.device(
-            [np.empty(params[i].size // c * -(-c // COLS)) for i, (_, c) in zip(factored, shapes)],
-            like)
-        backend.factors(pick(grads), rows, cols, rmeans, rowparts, update, n_threads)
+        rmeans = backend.device([np.empty(b, dtype) for b in shape[:, 0]], like)
+        rowparts = backend.device([np.empty(b * r * -(-c // COLS)) for b, r, c in shape], like)
+        backend.factors(pick(grads), rows, cols, rmeans, rowparts, shape, *factor_work(shape),
+                        update, n_threads)
         backend.run("adafactor_factored",
                     (pick(params), pick(updates), pick(grads), rows, cols, rmeans,
-                     backend.device([np.array(s, np.int64) for s in shapes], like)),
+                     backend.device([row[1:] for row in shape], like)),
                     update, n_threads, n_aux=4)
     if vectors:
         pick = lambda arrays: [arrays[i] for i in vectors]
         backend.run("adafactor_vector",
                     (pick(params), pick(updates), pick(grads), pick(variances)), update,
                     n_threads)
+    # ||p|| is taken before weight decay (as torch): decay happens in the apply pass
     coefficients = _scalars.adafactor_coefficients(
-        param_norms, _norms(backend, updates, n_threads), [p.size for p in params], dtype,
+        *_norms(backend, params, updates, n_threads), [p.size for p in params], dtype,
         step=step, lr=lr, eps2=eps2, d=d)
     _apply(backend, params, out, updates, coefficients, apply, n_threads)
 

@@ -91,53 +91,46 @@ cdef char *_data(object a, Py_ssize_t size, Py_ssize_t itemsize, str what) excep
     return <char *>cnp.PyArray_DATA(arr)
 
 
-def adafactor_factors(list grads, list rows, list cols, list rmeans, list rowparts, bint f64,
-                      cnp.ndarray args, int n_threads):
-    """Adafactor's factors pass (factored_loops.h) over every factored tensor at once: the
-    row factors `rows` (B R elements each), column factors `cols` (B C) and clamped row
-    means `rmeans` (B) move in place; `rowparts` are float64 scratch (B R ceil(C / FO_COLS)).
-    Each gradient is viewed as B slices of its last two dims, R x C."""
-    import numpy as np
-    cdef Py_ssize_t n_t = len(grads), t, b, k, i, n_items = 0, n_slices = 0, total = 0
-    cdef Py_ssize_t itemsize = 8 if f64 else 4, B, R, C
-    cdef cnp.ndarray g
+def adafactor_factors(list grads, list rows, list cols, list rmeans, list rowparts,
+                      const cnp.int64_t[:, ::1] shape, const cnp.int64_t[:, ::1] items,
+                      const cnp.int64_t[:, ::1] slices, bint f64, cnp.ndarray args,
+                      int n_threads):
+    """Adafactor's factors pass (factored_loops.h) over every factored tensor at once.
+
+    Gradient t is `shape[t]` = (B, R, C): B slices of R x C. Its row factors `rows[t]`
+    (B R elements), column factors `cols[t]` (B C) and clamped row means `rmeans[t]` (B)
+    move in place; `rowparts[t]` is float64 scratch (B R ceil(C / FO_COLS)). `items`
+    (tensor, slice, column block) and `slices` (tensor, slice) are the work
+    (fastopt._backends._twopass.factor_work); everything is checked against the shapes."""
+    cdef Py_ssize_t n_t = len(grads), t, i, B, R, C, total = 0
+    cdef Py_ssize_t itemsize = 8 if f64 else 4
     if not cnp.PyArray_IS_C_CONTIGUOUS(args):
         raise ValueError("args: expected a C-contiguous array")
+    if shape.shape[0] != n_t or shape.shape[1] != 3 or items.shape[1] != 3 or slices.shape[1] != 2:
+        raise ValueError("shape, items, slices: expected (n_tensors, 3), (n, 3), (n, 2) arrays")
     for operand in (rows, cols, rmeans, rowparts):
         if len(operand) != n_t:
             raise ValueError(f"expected {n_t} arrays per operand, got {len(operand)}")
-    shape = np.empty((n_t, 3), np.int64)
-    ptr = np.empty((n_t, 5), np.intp)  # g, row, col, rmean, rowpart
+    ptr_array = cnp.PyArray_EMPTY(2, [n_t, 5], cnp.NPY_INTP, 0)  # g, row, col, rmean, rowpart
+    cdef Py_ssize_t[:, ::1] ptr = ptr_array
     for t in range(n_t):
-        g = <cnp.ndarray?>grads[t]
-        if cnp.PyArray_NDIM(g) < 2:
-            raise ValueError(f"grads[{t}]: expected 2 or more dimensions")
-        R, C = g.shape[g.ndim - 2], g.shape[g.ndim - 1]
-        B = cnp.PyArray_SIZE(g) // (R * C) if R * C else 0
-        shape[t] = (B, R, C)
-        ptr[t, 0] = <Py_ssize_t>_data(g, B * R * C, itemsize, f"grads[{t}]")
+        B, R, C = shape[t, 0], shape[t, 1], shape[t, 2]
+        ptr[t, 0] = <Py_ssize_t>_data(grads[t], B * R * C, itemsize, f"grads[{t}]")
         ptr[t, 1] = <Py_ssize_t>_data(rows[t], B * R, itemsize, f"rows[{t}]")
         ptr[t, 2] = <Py_ssize_t>_data(cols[t], B * C, itemsize, f"cols[{t}]")
         ptr[t, 3] = <Py_ssize_t>_data(rmeans[t], B, itemsize, f"rmeans[{t}]")
         ptr[t, 4] = <Py_ssize_t>_data(rowparts[t], B * R * ((C + COLS - 1) // COLS), 8,
                                       f"rowparts[{t}]")
-        n_items += B * ((C + COLS - 1) // COLS)
-        n_slices += B
         total += B * R * C
-    items = np.empty((n_items, 3), np.int64)  # tensor, slice, column block
-    slices = np.empty((n_slices, 2), np.int64)  # tensor, slice
-    i = 0
-    for t in range(n_t):
-        for b in range(shape[t, 0]):
-            slices[b + i, 0] = t
-            slices[b + i, 1] = b
-        i += shape[t, 0]
-    i = 0
-    for t in range(n_t):
-        for b in range(shape[t, 0]):
-            for k in range((shape[t, 2] + COLS - 1) // COLS):
-                items[i] = (t, b, k)
-                i += 1
+    for i in range(items.shape[0]):
+        t = items[i, 0]
+        if not (0 <= t < n_t and 0 <= items[i, 1] < shape[t, 0]
+                and 0 <= items[i, 2] < (shape[t, 2] + COLS - 1) // COLS):
+            raise ValueError(f"items[{i}] is outside the tensors' shapes")
+    for i in range(slices.shape[0]):
+        t = slices[i, 0]
+        if not (0 <= t < n_t and 0 <= slices[i, 1] < shape[t, 0]):
+            raise ValueError(f"slices[{i}] is outside the tensors' shapes")
     _factors(shape, ptr, items, slices, f64, cnp.PyArray_DATA(args),
              max(1, min(n_threads, total // MIN_PER_THREAD)))
 
