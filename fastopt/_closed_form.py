@@ -5,10 +5,11 @@ float) or an array of steps (-> float64 array). Names and arguments follow optax
 optax has the schedule, torch's closed forms otherwise; ``join`` chains any of them.
 """
 
-import math
 import numbers
 
 import numpy as np
+
+from fastopt._check import choice, integer, real
 
 
 class Schedule:
@@ -32,36 +33,18 @@ class Schedule:
         return f"<fastopt schedule {self.name}>"
 
 
-def _real(name, value, *, lo=-math.inf, lo_open=False, hi=math.inf):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi):
-        raise ValueError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo:g}, "
-                         f"{hi:g}], got {value!r}")
-    return value
-
-
-def _steps(name, value, lo=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
-    return int(value)
-
-
 def constant(value):
     """``value`` at every step."""
-    value = _real("value", value)
+    value = real("value", value)
     return Schedule(lambda t: np.full_like(t, value), "constant")
 
 
 def linear(init_value, end_value, transition_steps, transition_begin=0):
     """From init_value to end_value linearly over transition_steps, starting at
     transition_begin; constant outside (optax.linear_schedule)."""
-    init_value, end_value = _real("init_value", init_value), _real("end_value", end_value)
-    n = _steps("transition_steps", transition_steps)
-    begin = _steps("transition_begin", transition_begin, lo=0)
+    init_value, end_value = real("init_value", init_value), real("end_value", end_value)
+    n = integer("transition_steps", transition_steps, lo=1)
+    begin = integer("transition_begin", transition_begin, lo=0)
 
     def fn(t):
         frac = 1 - np.clip(t - begin, 0, n) / n
@@ -72,10 +55,10 @@ def linear(init_value, end_value, transition_steps, transition_begin=0):
 def polynomial(init_value, end_value, power, transition_steps, transition_begin=0):
     """``(init - end) (1 - k / n) ** power + end`` with k the steps since transition_begin,
     clipped to [0, n] (optax.polynomial_schedule)."""
-    init_value, end_value = _real("init_value", init_value), _real("end_value", end_value)
-    power = _real("power", power, lo=0.0)
-    n = _steps("transition_steps", transition_steps)
-    begin = _steps("transition_begin", transition_begin, lo=0)
+    init_value, end_value = real("init_value", init_value), real("end_value", end_value)
+    power = real("power", power, lo=0.0)
+    n = integer("transition_steps", transition_steps, lo=1)
+    begin = integer("transition_begin", transition_begin, lo=0)
 
     def fn(t):
         frac = 1 - np.clip(t - begin, 0, n) / n
@@ -85,9 +68,9 @@ def polynomial(init_value, end_value, power, transition_steps, transition_begin=
 
 def step_decay(init_value, step_size, gamma=0.1):
     """``init_value * gamma ** (step // step_size)`` (torch's StepLR)."""
-    init_value = _real("init_value", init_value)
-    step_size = _steps("step_size", step_size)
-    gamma = _real("gamma", gamma, lo=0.0, lo_open=True)
+    init_value = real("init_value", init_value)
+    step_size = integer("step_size", step_size, lo=1)
+    gamma = real("gamma", gamma, lo=0.0, lo_open=True)
     return Schedule(lambda t: init_value * gamma ** np.floor(t / step_size), "step_decay")
 
 
@@ -96,11 +79,11 @@ def exponential_decay(init_value, transition_steps, decay_rate, transition_begin
     """``init_value * decay_rate ** ((step - transition_begin) / transition_steps)`` from
     transition_begin on (floored with staircase), bounded by end_value
     (optax.exponential_decay)."""
-    init_value = _real("init_value", init_value)
-    n = _steps("transition_steps", transition_steps)
-    rate = _real("decay_rate", decay_rate, lo=0.0, lo_open=True)
-    begin = _steps("transition_begin", transition_begin, lo=0)
-    end = None if end_value is None else _real("end_value", end_value)
+    init_value = real("init_value", init_value)
+    n = integer("transition_steps", transition_steps, lo=1)
+    rate = real("decay_rate", decay_rate, lo=0.0, lo_open=True)
+    begin = integer("transition_begin", transition_begin, lo=0)
+    end = None if end_value is None else real("end_value", end_value)
 
     def fn(t):
         p = (t - begin) / n
@@ -121,16 +104,16 @@ def _cosine(t, n, alpha, exponent):
 def cosine_decay(init_value, decay_steps, alpha=0.0, exponent=1.0):
     """``init_value ((1 - alpha) c ** exponent + alpha)`` with
     ``c = (1 + cos(pi min(step, decay_steps) / decay_steps)) / 2`` (optax.cosine_decay_schedule)."""
-    init_value = _real("init_value", init_value)
-    n = _steps("decay_steps", decay_steps)
-    alpha, exponent = _real("alpha", alpha), _real("exponent", exponent, lo=0.0)
+    init_value = real("init_value", init_value)
+    n = integer("decay_steps", decay_steps, lo=1)
+    alpha, exponent = real("alpha", alpha), real("exponent", exponent, lo=0.0)
     return Schedule(lambda t: init_value * _cosine(t, n, alpha, exponent), "cosine_decay")
 
 
 def join(schedules, boundaries):
     """Schedule i from boundaries[i - 1] on, called with the steps since that boundary
     (optax.join_schedules): any warmup can precede any decay."""
-    schedules, boundaries = list(schedules), [_steps(f"boundaries[{i}]", b, lo=0)
+    schedules, boundaries = list(schedules), [integer(f"boundaries[{i}]", b, lo=0)
                                               for i, b in enumerate(boundaries)]
     if len(boundaries) != len(schedules) - 1:
         raise ValueError(f"boundaries: expected {len(schedules) - 1} (one fewer than the "
@@ -152,8 +135,8 @@ def join(schedules, boundaries):
 def warmup_linear(init_value, peak_value, warmup_steps, decay_steps, end_value=0.0):
     """Linear warmup from init_value to peak_value over warmup_steps, then linear decay to
     end_value at decay_steps (counted from step 0, warmup included)."""
-    warmup = _steps("warmup_steps", warmup_steps, lo=0)
-    total = _steps("decay_steps", decay_steps, lo=warmup + 1)
+    warmup = integer("warmup_steps", warmup_steps, lo=0)
+    total = integer("decay_steps", decay_steps, lo=warmup + 1)
     return join([linear(init_value, peak_value, max(warmup, 1)),
                  linear(peak_value, end_value, total - warmup)], [warmup])
 
@@ -162,10 +145,10 @@ def warmup_cosine_decay(init_value, peak_value, warmup_steps, decay_steps, end_v
                         exponent=1.0):
     """Linear warmup to peak_value, then cosine decay to end_value at decay_steps (warmup
     included), as optax.warmup_cosine_decay_schedule."""
-    warmup = _steps("warmup_steps", warmup_steps, lo=0)
-    total = _steps("decay_steps", decay_steps, lo=warmup + 1)
-    peak = _real("peak_value", peak_value, lo=0.0, lo_open=True)
-    alpha = _real("end_value", end_value) / peak
+    warmup = integer("warmup_steps", warmup_steps, lo=0)
+    total = integer("decay_steps", decay_steps, lo=warmup + 1)
+    peak = real("peak_value", peak_value, lo=0.0, lo_open=True)
+    alpha = real("end_value", end_value) / peak
     return join([linear(init_value, peak, max(warmup, 1)),
                  cosine_decay(peak, total - warmup, alpha, exponent)], [warmup])
 
@@ -174,15 +157,14 @@ def cyclic_triangular(base_value, max_value, step_size_up, step_size_down=None,
                       mode="triangular", gamma=1.0, base_momentum=0.8, max_momentum=0.9):
     """torch's CyclicLR in closed form (modes triangular, triangular2, exp_range); its
     ``momentum`` schedule moves inversely between max_momentum and base_momentum."""
-    base, high = _real("base_value", base_value, lo=0.0), _real("max_value", max_value, lo=0.0)
-    up = float(_steps("step_size_up", step_size_up))
-    down = up if step_size_down is None else float(_steps("step_size_down", step_size_down))
-    if mode not in ("triangular", "triangular2", "exp_range"):
-        raise ValueError(f"mode must be one of 'triangular', 'triangular2', 'exp_range', "
-                         f"got {mode!r}")
-    gamma = _real("gamma", gamma, lo=0.0, lo_open=True)
-    m_low = _real("base_momentum", base_momentum, lo=0.0, hi=1.0)
-    m_high = _real("max_momentum", max_momentum, lo=0.0, hi=1.0)
+    base, high = real("base_value", base_value, lo=0.0), real("max_value", max_value, lo=0.0)
+    up = float(integer("step_size_up", step_size_up, lo=1))
+    down = up if step_size_down is None else float(
+        integer("step_size_down", step_size_down, lo=1))
+    choice("mode", mode, ("triangular", "triangular2", "exp_range"))
+    gamma = real("gamma", gamma, lo=0.0, lo_open=True)
+    m_low = real("base_momentum", base_momentum, lo=0.0, hi=1.0)
+    m_high = real("max_momentum", max_momentum, lo=0.0, hi=1.0)
     total, ratio = up + down, up / (up + down)
 
     def height(t):
@@ -201,16 +183,14 @@ def cyclic_triangular(base_value, max_value, step_size_up, step_size_down=None,
 def one_cycle(total_steps, max_value, pct_start=0.3, anneal_strategy="cos", div_factor=25.0,
               final_div_factor=1e4, three_phase=False, base_momentum=0.85, max_momentum=0.95):
     """torch's OneCycleLR in closed form, with its ``momentum`` schedule."""
-    total = _steps("total_steps", total_steps)
-    high = _real("max_value", max_value, lo=0.0, lo_open=True)
-    pct = _real("pct_start", pct_start, lo=0.0, hi=1.0)
-    if anneal_strategy not in ("cos", "linear"):
-        raise ValueError(f"anneal_strategy must be one of 'cos', 'linear', got "
-                         f"{anneal_strategy!r}")
-    start = high / _real("div_factor", div_factor, lo=0.0, lo_open=True)
-    low = start / _real("final_div_factor", final_div_factor, lo=0.0, lo_open=True)
-    m_low = _real("base_momentum", base_momentum, lo=0.0, hi=1.0)
-    m_high = _real("max_momentum", max_momentum, lo=0.0, hi=1.0)
+    total = integer("total_steps", total_steps, lo=1)
+    high = real("max_value", max_value, lo=0.0, lo_open=True)
+    pct = real("pct_start", pct_start, lo=0.0, hi=1.0)
+    choice("anneal_strategy", anneal_strategy, ("cos", "linear"))
+    start = high / real("div_factor", div_factor, lo=0.0, lo_open=True)
+    low = start / real("final_div_factor", final_div_factor, lo=0.0, lo_open=True)
+    m_low = real("base_momentum", base_momentum, lo=0.0, hi=1.0)
+    m_high = real("max_momentum", max_momentum, lo=0.0, hi=1.0)
     up_end = float(pct * total) - 1
     if three_phase:
         phases = [(up_end, start, high, m_high, m_low),
@@ -243,9 +223,9 @@ def one_cycle(total_steps, max_value, pct_start=0.3, anneal_strategy="cos", div_
 def sgdr(init_value, T_0, T_mult=1, eta_min=0.0):
     """Cosine annealing with warm restarts (torch's CosineAnnealingWarmRestarts): cycles of
     T_0, T_0 T_mult, ... steps, each from init_value down toward eta_min."""
-    init_value = _real("init_value", init_value)
-    T_0, T_mult = _steps("T_0", T_0), _steps("T_mult", T_mult)
-    eta_min = _real("eta_min", eta_min, lo=0.0)
+    init_value = real("init_value", init_value)
+    T_0, T_mult = integer("T_0", T_0, lo=1), integer("T_mult", T_mult, lo=1)
+    eta_min = real("eta_min", eta_min, lo=0.0)
 
     def fn(t):
         t = np.maximum(t, 0)
@@ -275,7 +255,7 @@ def plot(schedule, steps, path):
     if not callable(schedule):
         raise TypeError(f"schedule must be a schedule (a function of the step), got "
                         f"{type(schedule).__name__}")
-    steps = np.arange(_steps("steps", steps)) if isinstance(steps, numbers.Integral) \
+    steps = np.arange(integer("steps", steps, lo=1)) if isinstance(steps, numbers.Integral) \
         else np.asarray(steps)
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
     ax.plot(steps, schedule(steps), color="tab:blue", label="learning rate")

@@ -18,6 +18,7 @@ import numbers
 from bisect import bisect_right
 from collections import Counter
 
+from fastopt._check import choice, integer, real
 from fastopt._closed_form import (Schedule, constant, cosine_decay, cyclic_triangular,
                                   exponential_decay, join, linear, one_cycle, plot, polynomial,
                                   sgdr, step_decay, warmup_cosine_decay, warmup_linear)
@@ -31,40 +32,14 @@ __all__ = ["LRScheduler", "LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR
            "cosine_decay", "warmup_linear", "warmup_cosine_decay", "cyclic_triangular",
            "one_cycle", "sgdr", "join", "plot"]
 
-def _real(name, value, *, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
-    ok = ((value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-          and math.isfinite(value))
-    if not ok:
-        raise ValueError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo:g}, "
-                         f"{hi:g}{')' if hi_open else ']'}, got {value!r}")
-    return value
-
-
-def _int(name, value, *, lo):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
-    return int(value)
-
-
-def _choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
 def _per_group(name, optimizer, value, **limits):
     """One value per param group: a list of them, or one value for every group."""
     n = len(optimizer.param_groups)
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise ValueError(f"{name}: expected {n} values (one per param group), got {len(value)}")
-        return [_real(f"{name}[{i}]", v, **limits) for i, v in enumerate(value)]
-    return [_real(name, value, **limits)] * n
+        return [real(f"{name}[{i}]", v, **limits) for i, v in enumerate(value)]
+    return [real(name, value, **limits)] * n
 
 
 def _check_optimizer(optimizer):
@@ -88,7 +63,7 @@ class LRScheduler:
     def __init__(self, optimizer, last_epoch=-1):
         _check_optimizer(optimizer)
         self.optimizer = optimizer
-        last_epoch = _int("last_epoch", last_epoch, lo=-1)
+        last_epoch = integer("last_epoch", last_epoch, lo=-1)
         for i, group in enumerate(optimizer.param_groups):
             if last_epoch == -1:
                 group.setdefault("initial_lr", group["lr"])
@@ -209,8 +184,8 @@ class StepLR(LRScheduler):
     """
 
     def __init__(self, optimizer, step_size, gamma=0.1, last_epoch=-1):
-        self.step_size = _int("step_size", step_size, lo=1)
-        self.gamma = _real("gamma", gamma, lo=0.0, lo_open=True)
+        self.step_size = integer("step_size", step_size, lo=1)
+        self.gamma = real("gamma", gamma, lo=0.0, lo_open=True)
         super().__init__(optimizer, last_epoch)
 
     def _next_lrs(self):
@@ -231,9 +206,9 @@ class MultiStepLR(LRScheduler):
     """
 
     def __init__(self, optimizer, milestones, gamma=0.1, last_epoch=-1):
-        self.milestones = Counter(_int(f"milestones[{i}]", m, lo=0)
+        self.milestones = Counter(integer(f"milestones[{i}]", m, lo=0)
                                   for i, m in enumerate(milestones))
-        self.gamma = _real("gamma", gamma, lo=0.0, lo_open=True)
+        self.gamma = real("gamma", gamma, lo=0.0, lo_open=True)
         super().__init__(optimizer, last_epoch)
 
     def _next_lrs(self):
@@ -261,8 +236,8 @@ class ConstantLR(LRScheduler):
     """
 
     def __init__(self, optimizer, factor=1.0 / 3, total_iters=5, last_epoch=-1):
-        self.factor = _real("factor", factor, lo=0.0, hi=1.0)
-        self.total_iters = _int("total_iters", total_iters, lo=0)
+        self.factor = real("factor", factor, lo=0.0, hi=1.0)
+        self.total_iters = integer("total_iters", total_iters, lo=0)
         super().__init__(optimizer, last_epoch)
 
     def _next_lrs(self):
@@ -289,9 +264,9 @@ class LinearLR(LRScheduler):
 
     def __init__(self, optimizer, start_factor=1.0 / 3, end_factor=1.0, total_iters=5,
                  last_epoch=-1):
-        self.start_factor = _real("start_factor", start_factor, lo=0.0, hi=1.0, lo_open=True)
-        self.end_factor = _real("end_factor", end_factor, lo=0.0, hi=1.0)
-        self.total_iters = _int("total_iters", total_iters, lo=1)
+        self.start_factor = real("start_factor", start_factor, lo=0.0, hi=1.0, lo_open=True)
+        self.end_factor = real("end_factor", end_factor, lo=0.0, hi=1.0)
+        self.total_iters = integer("total_iters", total_iters, lo=1)
         super().__init__(optimizer, last_epoch)
 
     def _next_lrs(self):
@@ -317,7 +292,7 @@ class ExponentialLR(LRScheduler):
     """
 
     def __init__(self, optimizer, gamma, last_epoch=-1):
-        self.gamma = _real("gamma", gamma, lo=0.0, lo_open=True)
+        self.gamma = real("gamma", gamma, lo=0.0, lo_open=True)
         super().__init__(optimizer, last_epoch)
 
     def _next_lrs(self):
@@ -338,8 +313,8 @@ class PolynomialLR(LRScheduler):
     """
 
     def __init__(self, optimizer, total_iters=5, power=1.0, last_epoch=-1):
-        self.total_iters = _int("total_iters", total_iters, lo=1)
-        self.power = _real("power", power, lo=0.0)
+        self.total_iters = integer("total_iters", total_iters, lo=1)
+        self.power = real("power", power, lo=0.0)
         super().__init__(optimizer, last_epoch)
 
     def _next_lrs(self):
@@ -369,8 +344,8 @@ class CosineAnnealingLR(LRScheduler):
     """
 
     def __init__(self, optimizer, T_max, eta_min=0.0, last_epoch=-1):
-        self.T_max = _int("T_max", T_max, lo=1)
-        self.eta_min = _real("eta_min", eta_min, lo=0.0)
+        self.T_max = integer("T_max", T_max, lo=1)
+        self.eta_min = real("eta_min", eta_min, lo=0.0)
         super().__init__(optimizer, last_epoch)
 
     def _next_lrs(self):
@@ -402,9 +377,9 @@ class CosineAnnealingWarmRestarts(LRScheduler):
     """
 
     def __init__(self, optimizer, T_0, T_mult=1, eta_min=0.0, last_epoch=-1):
-        self.T_0 = self.T_i = _int("T_0", T_0, lo=1)
-        self.T_mult = _int("T_mult", T_mult, lo=1)
-        self.eta_min = _real("eta_min", eta_min, lo=0.0)
+        self.T_0 = self.T_i = integer("T_0", T_0, lo=1)
+        self.T_mult = integer("T_mult", T_mult, lo=1)
+        self.eta_min = real("eta_min", eta_min, lo=0.0)
         self.T_cur = last_epoch
         super().__init__(optimizer, last_epoch)
 
@@ -464,23 +439,23 @@ class CyclicLR(LRScheduler):
         _check_optimizer(optimizer)
         base_lrs = _per_group("base_lr", optimizer, base_lr, lo=0.0)
         self.max_lrs = _per_group("max_lr", optimizer, max_lr, lo=0.0)
-        up = float(_int("step_size_up", step_size_up, lo=1))
+        up = float(integer("step_size_up", step_size_up, lo=1))
         down = up if step_size_down is None else float(
-            _int("step_size_down", step_size_down, lo=1))
+            integer("step_size_down", step_size_down, lo=1))
         self.total_size = up + down
         self.step_ratio = up / self.total_size
-        self.gamma = _real("gamma", gamma, lo=0.0, lo_open=True)
+        self.gamma = real("gamma", gamma, lo=0.0, lo_open=True)
         if scale_fn is None:
-            self.mode = _choice("mode", mode, ("triangular", "triangular2", "exp_range"))
+            self.mode = choice("mode", mode, ("triangular", "triangular2", "exp_range"))
             self.scale_mode = "iterations" if mode == "exp_range" else "cycle"
         else:
             if not callable(scale_fn):
                 raise TypeError(f"scale_fn must be a function, got {type(scale_fn).__name__}")
             self.mode = mode
-            self.scale_mode = _choice("scale_mode", scale_mode, ("cycle", "iterations"))
+            self.scale_mode = choice("scale_mode", scale_mode, ("cycle", "iterations"))
         self.scale_fn = scale_fn
         self.cycle_momentum = bool(cycle_momentum)
-        last_epoch = _int("last_epoch", last_epoch, lo=-1)
+        last_epoch = integer("last_epoch", last_epoch, lo=-1)
         if last_epoch == -1:
             for lr, group in zip(base_lrs, optimizer.param_groups):
                 group["lr"] = lr
@@ -547,19 +522,19 @@ class OneCycleLR(LRScheduler):
                  last_epoch=-1):
         _check_optimizer(optimizer)
         if total_steps is not None:
-            self.total_steps = _int("total_steps", total_steps, lo=1)
+            self.total_steps = integer("total_steps", total_steps, lo=1)
         elif epochs is not None and steps_per_epoch is not None:
-            self.total_steps = (_int("epochs", epochs, lo=1)
-                                * _int("steps_per_epoch", steps_per_epoch, lo=1))
+            self.total_steps = (integer("epochs", epochs, lo=1)
+                                * integer("steps_per_epoch", steps_per_epoch, lo=1))
         else:
             raise ValueError("OneCycleLR needs total_steps, or epochs and steps_per_epoch")
-        last_epoch = _int("last_epoch", last_epoch, lo=-1)
+        last_epoch = integer("last_epoch", last_epoch, lo=-1)
         if last_epoch >= self.total_steps:
             raise ValueError(f"last_epoch {last_epoch} is past total_steps {self.total_steps}")
-        pct_start = _real("pct_start", pct_start, lo=0.0, hi=1.0)
-        self.anneal_strategy = _choice("anneal_strategy", anneal_strategy, ("cos", "linear"))
-        div_factor = _real("div_factor", div_factor, lo=0.0, lo_open=True)
-        final_div_factor = _real("final_div_factor", final_div_factor, lo=0.0, lo_open=True)
+        pct_start = real("pct_start", pct_start, lo=0.0, hi=1.0)
+        self.anneal_strategy = choice("anneal_strategy", anneal_strategy, ("cos", "linear"))
+        div_factor = real("div_factor", div_factor, lo=0.0, lo_open=True)
+        final_div_factor = real("final_div_factor", final_div_factor, lo=0.0, lo_open=True)
         up_end = float(pct_start * self.total_steps) - 1
         last = self.total_steps - 1
         # (end step, lr from, lr to, momentum from, momentum to), by param-group key
@@ -628,7 +603,7 @@ class SequentialLR(LRScheduler):
     def __init__(self, optimizer, schedulers, milestones, last_epoch=-1):
         _check_optimizer(optimizer)
         schedulers = _check_schedulers(optimizer, schedulers)
-        milestones = [_int(f"milestones[{i}]", m, lo=1) for i, m in enumerate(milestones)]
+        milestones = [integer(f"milestones[{i}]", m, lo=1) for i, m in enumerate(milestones)]
         if len(milestones) != len(schedulers) - 1:
             raise ValueError(f"milestones: expected {len(schedulers) - 1} (one fewer than the "
                              f"schedulers), got {len(milestones)}")
@@ -637,7 +612,7 @@ class SequentialLR(LRScheduler):
         self.optimizer = optimizer
         self._schedulers = schedulers
         self._milestones = milestones
-        self.last_epoch = _int("last_epoch", last_epoch, lo=-1) + 1
+        self.last_epoch = integer("last_epoch", last_epoch, lo=-1) + 1
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"]
         for scheduler in schedulers:  # undo the step each took when it was created
@@ -743,14 +718,14 @@ class ReduceLROnPlateau(LRScheduler):
                  threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8):
         _check_optimizer(optimizer)
         self.optimizer = optimizer
-        self.mode = _choice("mode", mode, ("min", "max"))
-        self.factor = _real("factor", factor, lo=0.0, hi=1.0, hi_open=True)
-        self.patience = _int("patience", patience, lo=0)
-        self.threshold = _real("threshold", threshold, lo=0.0)
-        self.threshold_mode = _choice("threshold_mode", threshold_mode, ("rel", "abs"))
-        self.cooldown = _int("cooldown", cooldown, lo=0)
+        self.mode = choice("mode", mode, ("min", "max"))
+        self.factor = real("factor", factor, lo=0.0, hi=1.0, hi_open=True)
+        self.patience = integer("patience", patience, lo=0)
+        self.threshold = real("threshold", threshold, lo=0.0)
+        self.threshold_mode = choice("threshold_mode", threshold_mode, ("rel", "abs"))
+        self.cooldown = integer("cooldown", cooldown, lo=0)
         self.min_lrs = _per_group("min_lr", optimizer, min_lr, lo=0.0)
-        self.eps = _real("eps", eps, lo=0.0)
+        self.eps = real("eps", eps, lo=0.0)
         self.last_epoch = 0
         self.best = math.inf if mode == "min" else -math.inf
         self.num_bad_epochs = 0

@@ -15,9 +15,9 @@ raises leaves every parameter and state buffer as it was.
 """
 
 import math
-import numbers
 
 from fastopt import _backends, _interop
+from fastopt._check import real
 from fastopt._config import check_threads, get_num_threads
 from fastopt.optim import _clip
 
@@ -26,24 +26,16 @@ from fastopt.optim import _clip
 SCHEDULE_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum"})
 
 
-def check_real(group, key, where, *, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
-    """group[key] as a float, if it is a finite real number in the given range.
+def check_real(group, key, where, **bounds):
+    """group[key] as a float, if it is a finite real number within `bounds` (lo, hi,
+    lo_open, hi_open of fastopt._check.real).
 
     A 0-d array of any framework (torch.tensor(0.01), np.float32 array) is accepted and
     stored back in the group as a Python float, the form the kernels' host scalars need."""
     value = group[key]
     if _interop.framework_of(value) is not None and getattr(value, "ndim", None) == 0:
         value = group[key] = float(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}: {key} must be a real number, got {value!r}")
-    value = float(value)
-    low_ok = value > lo if lo_open else value >= lo
-    high_ok = value < hi if hi_open else value <= hi
-    if not (math.isfinite(value) and low_ok and high_ok):
-        lo_s = f"{'(' if lo_open else '['}{lo:g}"
-        hi_s = f"{hi:g}{')' if hi_open else ']'}"
-        raise ValueError(f"{where}: {key} must be a finite number in {lo_s}, {hi_s}, got {value!r}")
-    return value
+    return real(f"{where}: {key}", value, **bounds)
 
 
 def check_bool(group, key, where):
