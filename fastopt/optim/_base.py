@@ -5,9 +5,10 @@ A rule (SGD, Adam, ...) subclasses Optimizer and supplies
 - ``_check_group(group, where)``: hyperparameter checks, raising errors that name them,
 - ``_bucket_key(group, state)``: what must be equal for params to share one kernel call
   (for example Adam's step count, or whether SGD's momentum buffer exists yet),
-- ``_update(kernel, group, params, out, grads, states, n_threads, grad)``: create missing
-  state (``ensure_state``) and make one kernel call for a bucket; ``grad`` holds the
-  gradient-clipping arguments every kernel takes (``grad_scale``, ``grad_clip``).
+- ``_update(kernel, group, params, out, grads, states, n_threads, grad)``: one kernel call
+  for a bucket, its state lists from ``ensure_state`` (which creates missing state);
+  ``grad`` holds the gradient-clipping arguments every kernel takes (``grad_scale``,
+  ``grad_clip``).
 
 ``step(grads)`` checks everything first (arrays, frameworks, devices, dtypes, shapes,
 hyperparameters, backend), and only then creates state and runs the kernels, so a call that
@@ -60,12 +61,13 @@ OPTIONS_DOC = """        backend, n_threads, max_grad_norm, grad_norm_type, max_
             keyword-only; see :class:`fastopt.optim.Optimizer`."""
 
 
-def ensure_state(states, name, likes, fill=0.0, shape=None):
-    """Create ``state[name]`` filled with `fill`, shaped like the parameter (or
-    ``shape(param)``), where missing."""
+def ensure_state(states, name, likes, fill=0.0):
+    """``state[name]`` of each state, created filled with `fill` and shaped like the
+    parameter where missing: the list the kernel takes."""
     for state, like in zip(states, likes):
         if name not in state:
-            state[name] = _interop.full_like(like, fill, None if shape is None else shape(like))
+            state[name] = _interop.full_like(like, fill)
+    return [state[name] for state in states]
 
 
 def advance_step(states):

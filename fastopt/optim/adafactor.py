@@ -1,6 +1,7 @@
 """Adafactor: a second moment factored into row and column statistics (torch's semantics)."""
 
-from fastopt.optim._base import OPTIONS_DOC, Optimizer, advance_step, check_bool, check_real, ensure_state
+from fastopt import _interop
+from fastopt.optim._base import OPTIONS_DOC, Optimizer, advance_step, check_bool, check_real
 
 
 def _row_shape(p):
@@ -91,12 +92,10 @@ class Adafactor(Optimizer):
         return {"variance": tuple(param.shape)}
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
-        pairs = [(s, p) for s, p in zip(states, params) if p.ndim > 1]
-        factored_states, factored = [s for s, _ in pairs], [p for _, p in pairs]
-        ensure_state(factored_states, "row_var", factored, shape=_row_shape)
-        ensure_state(factored_states, "col_var", factored, shape=_col_shape)
-        vectors = [(s, p) for s, p in zip(states, params) if p.ndim <= 1]
-        ensure_state([s for s, _ in vectors], "variance", [p for _, p in vectors])
+        for state, p in zip(states, params):
+            for name, shape in self._state_shapes(p).items():
+                if name not in state:
+                    state[name] = _interop.full_like(p, 0, shape)
         eps1, eps2 = group["eps"]
         kernel(params, out, grads, [s.get("row_var") for s in states],
                [s.get("col_var") for s in states], [s.get("variance") for s in states],

@@ -51,8 +51,9 @@ class Adagrad(Optimizer):
         check_bool(group, "maximize", where)
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
-        ensure_state(states, "sum", params, group["initial_accumulator_value"])
-        kernel(params, out, grads, [s["sum"] for s in states], step=advance_step(states),
+        kernel(params, out, grads,
+               ensure_state(states, "sum", params, group["initial_accumulator_value"]),
+               step=advance_step(states),
                lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
                eps=group["eps"], maximize=group["maximize"], n_threads=n_threads, **grad)
 
@@ -111,15 +112,11 @@ class RMSprop(Optimizer):
         check_bool(group, "maximize", where)
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
-        ensure_state(states, "square_avg", params)
-        if group["centered"]:
-            ensure_state(states, "grad_avg", params)
-        if group["momentum"] > 0:
-            ensure_state(states, "momentum_buffer", params)
         advance_step(states)
-        kernel(params, out, grads, [s["square_avg"] for s in states],
-               [s["grad_avg"] for s in states] if group["centered"] else None,
-               [s["momentum_buffer"] for s in states] if group["momentum"] > 0 else None,
+        kernel(params, out, grads, ensure_state(states, "square_avg", params),
+               ensure_state(states, "grad_avg", params) if group["centered"] else None,
+               ensure_state(states, "momentum_buffer", params) if group["momentum"] > 0
+               else None,
                lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
                weight_decay=group["weight_decay"], momentum=group["momentum"],
                centered=group["centered"], maximize=group["maximize"], n_threads=n_threads,
@@ -172,10 +169,8 @@ class Adadelta(Optimizer):
         check_bool(group, "maximize", where)
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
-        ensure_state(states, "square_avg", params)
-        ensure_state(states, "acc_delta", params)
         advance_step(states)
-        kernel(params, out, grads, [s["square_avg"] for s in states],
-               [s["acc_delta"] for s in states], lr=group["lr"], rho=group["rho"],
+        kernel(params, out, grads, ensure_state(states, "square_avg", params),
+               ensure_state(states, "acc_delta", params), lr=group["lr"], rho=group["rho"],
                eps=group["eps"], weight_decay=group["weight_decay"],
                maximize=group["maximize"], n_threads=n_threads, **grad)

@@ -67,15 +67,11 @@ class Adam(Optimizer):
         check_bool(group, "maximize", where)
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
-        ensure_state(states, "exp_avg", params)
-        ensure_state(states, "exp_avg_sq", params)
-        if group["amsgrad"]:
-            ensure_state(states, "max_exp_avg_sq", params)
         step = advance_step(states)
         beta1, beta2 = group["betas"]
-        kernel(params, out, grads,
-               [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-               [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else None,
+        kernel(params, out, grads, ensure_state(states, "exp_avg", params),
+               ensure_state(states, "exp_avg_sq", params),
+               ensure_state(states, "max_exp_avg_sq", params) if group["amsgrad"] else None,
                step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                weight_decay=group["weight_decay"], decoupled=self._decoupled,
                maximize=group["maximize"], n_threads=n_threads, **grad)
@@ -161,11 +157,9 @@ class Adamax(_AdamFamily):
         super().__init__(params, defaults, **options)
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
-        ensure_state(states, "exp_avg", params)
-        ensure_state(states, "exp_inf", params)
         beta1, beta2 = group["betas"]
-        kernel(params, out, grads, [s["exp_avg"] for s in states],
-               [s["exp_inf"] for s in states], step=advance_step(states), lr=group["lr"],
+        kernel(params, out, grads, ensure_state(states, "exp_avg", params),
+               ensure_state(states, "exp_inf", params), step=advance_step(states), lr=group["lr"],
                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                maximize=group["maximize"], n_threads=n_threads, **grad)
 
@@ -227,8 +221,6 @@ class NAdam(_AdamFamily):
         return state.get("step", 0), state.get("mu_product", 1.0)
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
-        ensure_state(states, "exp_avg", params)
-        ensure_state(states, "exp_avg_sq", params)
         beta1, beta2 = group["betas"]
         step = advance_step(states)
         _, _, mu_product = _scalars.nadam_coefficients(
@@ -236,8 +228,8 @@ class NAdam(_AdamFamily):
             momentum_decay=group["momentum_decay"])
         for state in states:
             state["mu_product"] = mu_product
-        kernel(params, out, grads, [s["exp_avg"] for s in states],
-               [s["exp_avg_sq"] for s in states], step=step, mu_product=mu_product,
+        kernel(params, out, grads, ensure_state(states, "exp_avg", params),
+               ensure_state(states, "exp_avg_sq", params), step=step, mu_product=mu_product,
                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                weight_decay=group["weight_decay"], momentum_decay=group["momentum_decay"],
                decoupled=group["decoupled_weight_decay"], maximize=group["maximize"],
@@ -289,11 +281,10 @@ class RAdam(_AdamFamily):
         super().__init__(params, defaults, **options)
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
-        ensure_state(states, "exp_avg", params)
-        ensure_state(states, "exp_avg_sq", params)
         beta1, beta2 = group["betas"]
-        kernel(params, out, grads, [s["exp_avg"] for s in states],
-               [s["exp_avg_sq"] for s in states], step=advance_step(states), lr=group["lr"],
+        kernel(params, out, grads, ensure_state(states, "exp_avg", params),
+               ensure_state(states, "exp_avg_sq", params), step=advance_step(states),
+               lr=group["lr"],
                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                decoupled=group["decoupled_weight_decay"], maximize=group["maximize"],
                n_threads=n_threads, **grad)

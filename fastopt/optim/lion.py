@@ -50,9 +50,8 @@ class Lion(Optimizer):
         check_bool(group, "maximize", where)
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
-        ensure_state(states, "exp_avg", params)
         beta1, beta2 = group["betas"]
-        kernel(params, out, grads, [s["exp_avg"] for s in states], lr=group["lr"],
+        kernel(params, out, grads, ensure_state(states, "exp_avg", params), lr=group["lr"],
                beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                maximize=group["maximize"], n_threads=n_threads, **grad)
 
@@ -112,11 +111,9 @@ class Lamb(Optimizer):
         check_bool(group, "maximize", where)
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
-        ensure_state(states, "exp_avg", params)
-        ensure_state(states, "exp_avg_sq", params)
         beta1, beta2 = group["betas"]
-        kernel(params, out, grads, [s["exp_avg"] for s in states],
-               [s["exp_avg_sq"] for s in states], self._scratch_like(states, params),
+        kernel(params, out, grads, ensure_state(states, "exp_avg", params),
+               ensure_state(states, "exp_avg_sq", params), self._scratch_like(states, params),
                step=advance_step(states),
                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                weight_decay=group["weight_decay"], maximize=group["maximize"],

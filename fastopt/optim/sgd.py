@@ -64,10 +64,9 @@ class SGD(Optimizer):
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         momentum = group["momentum"]
         first = momentum != 0 and "momentum_buffer" not in states[0]  # same in the bucket
-        if first:
-            ensure_state(states, "momentum_buffer", params)  # the kernel copies g into it
+        # created on the first step with momentum; the kernel then copies g into it
         kernel(params, out, grads,
-               [s["momentum_buffer"] for s in states] if momentum != 0 else None,
+               ensure_state(states, "momentum_buffer", params) if momentum != 0 else None,
                lr=group["lr"], momentum=momentum, dampening=group["dampening"],
                weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                maximize=group["maximize"], first=first, n_threads=n_threads, **grad)
