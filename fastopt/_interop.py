@@ -91,8 +91,8 @@ def _check_array(x, name):
                         f"got {type(x).__name__}")
     dtype = _dtype_name(x, fw)
     if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: dtype {dtype} is not supported; fastopt optimizers take "
-                        f"float32 or float64 arrays")
+        raise TypeError(f"{name}: dtype {dtype} is not supported; fastopt takes float32 or "
+                        f"float64 arrays")
     device = _device(x, fw)
     if device[0] not in ("cpu", "cuda"):
         raise TypeError(f"{name}: arrays on device {device[0]} are not supported; "
@@ -117,7 +117,12 @@ def import_param(x, role, index):
             return View(x, "numpy", _CPU)
     elif type(x).__module__ == "torch" and not x.requires_grad and _plain_cpu_torch(x):
         return View(x.numpy(), "torch", _CPU)
-    name = f"{role}[{index}]"
+    return import_array(x, f"{role}[{index}]")
+
+
+def import_array(x, name):
+    """View of array argument `name` for the kernels, checked; writable if its framework
+    is mutable."""
     fw, device = _check_array(x, name)
     if fw == "torch":
         if x.requires_grad:
@@ -202,15 +207,16 @@ def aligned_empty(shape, dtype):
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
-def empty_like(arr, shape=None):
-    """Uninitialized array like a kernel view, of its shape or `shape` (NumPy: 64-byte
-    aligned; CuPy: on its device)."""
+def empty_like(arr, shape=None, dtype=None):
+    """Uninitialized array like a kernel view, of its shape and dtype or `shape` and
+    `dtype` (NumPy: 64-byte aligned; CuPy: on its device)."""
     shape = arr.shape if shape is None else shape
+    dtype = arr.dtype if dtype is None else dtype
     if isinstance(arr, np.ndarray):
-        return aligned_empty(shape, arr.dtype)
+        return aligned_empty(shape, dtype)
     import cupy
     with arr.device:
-        return cupy.empty(shape, arr.dtype)
+        return cupy.empty(shape, dtype)
 
 
 def copy_to_like(value, like, shape=None):
@@ -249,6 +255,36 @@ def export(arr, framework):
         capsule = arr.__dlpack__() if isinstance(arr, np.ndarray) else arr.toDlpack()
         return tf.experimental.dlpack.from_dlpack(capsule)
     raise ValueError(f"export: {framework} arrays are updated in place, not exported")
+
+
+FRAMEWORKS = ("numpy", "torch", "jax", "tensorflow", "cupy")
+
+
+def new_array(shape, dtype, like):
+    """(buffer, finish) for a new array of `shape` and `dtype` (float32/float64) in the
+    framework and on the device of `like` (an array, a framework name, or None for NumPy):
+    fill the kernel-ready `buffer`, then ``finish()`` hands it over as that framework's
+    array, zero-copy."""
+    if like is None or isinstance(like, str):
+        fw = {"tf": "tensorflow", None: "numpy"}.get(like, like)
+        if fw not in FRAMEWORKS:
+            raise ValueError(f"like must be an array or one of {', '.join(FRAMEWORKS)}, "
+                             f"got {like!r}")
+        device = ("cuda", 0) if fw == "cupy" else _CPU
+    else:
+        fw, device = _check_array(like, "like")
+    if device[0] == "cuda":
+        import cupy
+        with cupy.cuda.Device(device[1]):
+            buf = cupy.empty(shape, dtype)
+    else:
+        buf = aligned_empty(shape, dtype)
+    if fw in ("numpy", "cupy"):
+        return buf, lambda: buf
+    if fw == "torch":
+        import torch
+        return buf, lambda: torch.from_numpy(buf) if device[0] == "cpu" else torch.from_dlpack(buf)
+    return buf, lambda: export(buf, fw)
 
 
 def loaded_frameworks():

@@ -26,7 +26,7 @@ def _need(tool_ok, what):
 
 
 def test_there_are_cuda_sources():
-    assert {"optim.cu", "reduce.cu", "factored.cu"} <= set(CU_FILES)
+    assert {"optim.cu", "reduce.cu", "factored.cu", "random.cu"} <= set(CU_FILES)
 
 
 @pytest.mark.parametrize("name", CU_FILES)

@@ -56,6 +56,7 @@ OPS = {
     "lamb_step": ("numpy", "cython", "numba", "cupy"),
     "adafactor_step": ("numpy", "cython", "numba", "cupy"),
     "norm_partials": ("numpy", "cython", "numba", "cupy"),
+    "random_fill": ("numpy", "cython", "numba", "cupy"),
 }
 
 AUTO_ORDER = {"cpu": ("cython", "numba", "numpy"), "cuda": ("cupy",)}

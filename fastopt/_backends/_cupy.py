@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from fastopt._backends import _twopass
-from fastopt._backends._pack import pack
+from fastopt._backends._numpy import PER_GROUP
+from fastopt._backends._pack import pack, random_args
 from fastopt.optim import _scalars
 
 CHUNK = 65536  # elements per thread block of the update kernels
@@ -204,3 +205,20 @@ def device(arrays, like):
     with like.device:
         flat = cupy.asarray(np.concatenate([a.reshape(-1) for a in arrays]))
     return [flat[end - a.size:end].reshape(a.shape) for a, end in zip(arrays, ends)]
+
+
+_FILLS = ("uniform", "normal", "trunc_normal", "bits")  # by FO_RANDOM_<KIND>
+
+
+def random_fill(out, kind, reals, seed, stream, *, n_threads):
+    """One launch of kernels/cuda/random.cu: a thread per Philox group."""
+    import cupy
+    flat = out.reshape(-1)
+    groups = -(-flat.size // PER_GROUP[kind, out.dtype.name])
+    if not groups:
+        return
+    sfx = {"float32": "f32", "float64": "f64", "uint32": "u32"}[out.dtype.name]
+    with out.device:
+        _module("random.cu").get_function(f"fo_cuda_{_FILLS[kind]}_{sfx}")(
+            (min(-(-groups // THREADS), 65536),), (THREADS,),
+            (flat, np.int64(flat.size), cupy.asarray(random_args(reals, seed, stream))))

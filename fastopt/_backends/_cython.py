@@ -12,10 +12,9 @@ import sys
 import numpy as np
 
 from fastopt._backends import _twopass
-from fastopt._backends._pack import pack
-from fastopt._cpu import _optim
+from fastopt._backends._pack import pack, random_args
+from fastopt._cpu import _optim, _random
 from fastopt.optim import _scalars
-
 
 
 def _run(kernel, operands, scalars_fn, hyper, n_threads):
@@ -96,3 +95,7 @@ def device(arrays, like):
 
 def norm_partials(grads, kind, *, n_threads):
     return _optim.norm_partials(grads, grads[0].dtype == np.float64, kind, n_threads)
+
+
+def random_fill(out, kind, reals, seed, stream, *, n_threads):
+    _random.fill(out, kind, random_args(reals, seed, stream), n_threads)

@@ -20,6 +20,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fastopt._backends import _twopass
+from fastopt._backends._numba_init import random_fill  # noqa: F401  (an operation)
 from fastopt._cpu._runtime import data_pointers
 from fastopt.optim import _scalars
 
