@@ -47,7 +47,7 @@ setup(
     package_data={"fastopt.kernels.cuda": ["*.cu"], "fastopt.kernels.include.fastopt": ["*.h"]},
     include_package_data=False,
     ext_modules=cythonize(
-        [cpu_extension(name) for name in ("_optim", "_random", "_stream", "_runtime")],
+        [cpu_extension(name) for name in ("_optim", "_random", "_wnorm", "_stream", "_runtime")],
         compiler_directives={"language_level": "3"},
         include_path=["kernels/cpu"],
     ),

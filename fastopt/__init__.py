@@ -14,6 +14,7 @@ from fastopt import init, schedules
 from fastopt._config import get_num_threads, set_num_threads
 from fastopt._info import show_config
 from fastopt._io import load, save
+from fastopt._weight_norm import weight_norm, weight_norm_backward
 from fastopt.optim import (SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Lamb, Lion,
                            NAdam, Optimizer, RAdam, RMSprop)
 from fastopt.optim._clip import clip_grad_norm_, clip_grad_value_
@@ -24,5 +25,6 @@ __all__ = [
     "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
     "Lion", "Lamb", "Adafactor", "Optimizer", "clip_grad_norm_", "clip_grad_value_",
     "get_num_threads", "set_num_threads", "show_config", "save", "load", "schedules", "init",
+    "weight_norm", "weight_norm_backward",
     "__version__",
 ]

@@ -156,7 +156,13 @@ def import_grad(x, role, index):
             return View(x, "numpy", _CPU)
     elif type(x).__module__ == "torch" and not x.requires_grad and _plain_cpu_torch(x):
         return View(x.numpy(), "torch", _CPU)
-    fw, device = _check_array(x, f"{role}[{index}]")
+    return import_input(x, f"{role}[{index}]")
+
+
+def import_input(x, name):
+    """View of array argument `name` for the kernels, read only; contiguous, copying only
+    if it is not."""
+    fw, device = _check_array(x, name)
     if fw == "torch":
         x = x.detach()
         if x.is_neg() or x.is_conj():

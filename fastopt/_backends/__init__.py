@@ -57,6 +57,8 @@ OPS = {
     "adafactor_step": ("numpy", "cython", "numba", "cupy"),
     "norm_partials": ("numpy", "cython", "numba", "cupy"),
     "random_fill": ("numpy", "cython", "numba", "cupy"),
+    "weight_norm_sums": ("numpy", "cython", "numba", "cupy"),
+    "weight_norm_apply": ("numpy", "cython", "numba", "cupy"),
 }
 
 AUTO_ORDER = {"cpu": ("cython", "numba", "numpy"), "cuda": ("cupy",)}

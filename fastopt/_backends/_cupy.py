@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastopt._backends import _twopass
+from fastopt._backends import _slices, _twopass
 from fastopt._backends._numpy import PER_GROUP
 from fastopt._backends._pack import pack, random_args
 from fastopt.optim import _scalars
@@ -222,3 +222,25 @@ def random_fill(out, kind, reals, seed, stream, *, n_threads):
         _module("random.cu").get_function(f"fo_cuda_{_FILLS[kind]}_{sfx}")(
             (min(-(-groups // THREADS), 65536),), (THREADS,),
             (flat, np.int64(flat.size), cupy.asarray(random_args(reals, seed, stream))))
+
+
+def weight_norm_sums(x, y, shape, *, n_threads):
+    """Partials P[k, b] by one block of 16 threads per (b, k) (kernels/cuda/wnorm.cu)."""
+    import cupy
+    A, B, C = shape
+    K = max(-(-C // _twopass.CHUNK), 1)
+    with x.device:
+        partials = cupy.empty((K, B), np.float64)
+        _module("wnorm.cu").get_function(f"fo_cuda_slice_dot_{_suffix(x.dtype)}")(
+            (B, K), (NORM_LANES,), (x, y, np.int64(A), np.int64(B), np.int64(C), partials))
+        return _slices.total(partials.get())
+
+
+def weight_norm_apply(out, v, grad_w, k1, k3, shape, *, n_threads):
+    import cupy
+    with v.device:
+        k1, k3 = cupy.asarray(k1), cupy.asarray(k1 if k3 is None else k3)
+        _module("wnorm.cu").get_function(f"fo_cuda_wnorm_apply_{_suffix(v.dtype)}")(
+            (min(-(-v.size // THREADS), 65536),), (THREADS,),
+            (out, v, grad_w if grad_w is not None else np.uint64(0), k1, k3, np.int64(v.size),
+             np.int64(shape[1]), np.int64(shape[2])))

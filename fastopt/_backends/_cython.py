@@ -11,9 +11,9 @@ import sys
 
 import numpy as np
 
-from fastopt._backends import _twopass
+from fastopt._backends import _slices, _twopass
 from fastopt._backends._pack import pack, random_args
-from fastopt._cpu import _optim, _random
+from fastopt._cpu import _optim, _random, _wnorm
 from fastopt.optim import _scalars
 
 
@@ -99,3 +99,11 @@ def norm_partials(grads, kind, *, n_threads):
 
 def random_fill(out, kind, reals, seed, stream, *, n_threads):
     _random.fill(out, kind, random_args(reals, seed, stream), n_threads)
+
+
+def weight_norm_sums(x, y, shape, *, n_threads):
+    return _slices.total(_wnorm.slice_dot(x, y, *shape, _slices.items(*shape), n_threads))
+
+
+def weight_norm_apply(out, v, grad_w, k1, k3, shape, *, n_threads):
+    _wnorm.scale(out, v, grad_w, k1, k3, shape[1], shape[2], n_threads)

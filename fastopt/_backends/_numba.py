@@ -20,7 +20,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fastopt._backends import _twopass
-from fastopt._backends._numba_init import random_fill  # noqa: F401  (an operation)
+from fastopt._backends import _numba_init
 from fastopt._cpu._runtime import data_pointers
 from fastopt.optim import _scalars
 
@@ -622,6 +622,9 @@ def lion_step(params, out, grads, exp_avgs, *, n_threads, **hyper):
 
 
 lamb_step, adafactor_step = _twopass.steps_for(sys.modules[__name__])
+# fastopt.init's and fastopt.weight_norm's operations live in their own module
+random_fill = _numba_init.random_fill
+weight_norm_sums, weight_norm_apply = _numba_init.weight_norm_sums, _numba_init.weight_norm_apply
 
 
 # -- the passes _twopass drives

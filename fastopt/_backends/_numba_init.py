@@ -1,6 +1,7 @@
-"""The Numba backend's kernels for fastopt.init: the Philox fills of fastopt/random.h,
-written out again in Numba (same operations, same order; the parity tests compare them
-with the NumPy reference bit for bit). Re-exported by fastopt._backends._numba."""
+"""The Numba backend's kernels for fastopt.init and fastopt.weight_norm: the Philox fills
+of fastopt/random.h and the weight-norm passes of fastopt/wnorm.h, written out again in
+Numba (same operations, same order; the parity tests compare them with the NumPy reference
+bit for bit). Re-exported by fastopt._backends._numba."""
 
 import math
 
@@ -8,6 +9,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from fastopt._backends import _slices
 from fastopt._backends._numpy import BITS, NORMAL, PER_GROUP, TILE, UNIFORM
 
 _JIT = dict(cache=True, error_model="numpy")
@@ -148,7 +150,71 @@ def _fill(out, kind, per, r, k0, k1, stream):
 
 def random_fill(out, kind, reals, seed, stream, *, n_threads):
     flat = out.reshape(-1)
-    numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS,
-                                     flat.size // MIN_PER_THREAD)))
+    _threads(n_threads, flat.size)
     _fill(flat, kind, PER_GROUP[kind, out.dtype.name], np.asarray(reals, np.float64),
           np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32), np.uint64(stream))
+
+
+# -- weight normalization (fastopt/wnorm.h)
+
+CHUNK, LANES = 16384, 16  # FO_CHUNK, FO_NORM_LANES
+
+
+@njit(parallel=True, **_JIT)
+def _slice_dot(x, y, A, B, C, items):
+    K = max((C + CHUNK - 1) // CHUNK, 1)
+    P = np.zeros((K, B), np.float64)
+    for it in prange(items.shape[0]):
+        b0, b1, k = items[it, 0], items[it, 1], items[it, 2]
+        c0 = k * CHUNK
+        length = min(C - c0, CHUNK)
+        full = length - length % LANES
+        lane = np.empty(LANES, np.float64)
+        for a in range(A):
+            for b in range(b0, b1):
+                base = (a * B + b) * C + c0
+                if C == 1:
+                    P[k, b] += np.float64(x[base]) * np.float64(y[base])
+                    continue
+                lane[:] = 0.0
+                for i in range(0, full, LANES):
+                    for j in range(LANES):
+                        lane[j] += np.float64(x[base + i + j]) * np.float64(y[base + i + j])
+                for j in range(length - full):
+                    lane[j] += np.float64(x[base + full + j]) * np.float64(y[base + full + j])
+                s = lane[0]
+                for j in range(1, LANES):
+                    s += lane[j]
+                P[k, b] += s
+    return P
+
+
+@njit(parallel=True, **_JIT)
+def _wnorm_apply(out, v, gw, k1, k3, B, C, grad):
+    n = v.size
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        for i in range(c * CHUNK, min(n, (c + 1) * CHUNK)):
+            b = (i // C) % B
+            if grad:
+                out[i] = k1[b] * (gw[i] - v[i] * k3[b])
+            else:
+                out[i] = k1[b] * v[i]
+
+
+def weight_norm_sums(x, y, shape, *, n_threads):
+    A, B, C = shape
+    _threads(n_threads, x.size)
+    return _slices.total(_slice_dot(x.reshape(-1), y.reshape(-1), A, B, C,
+                                    _slices.items(A, B, C)))
+
+
+def weight_norm_apply(out, v, grad_w, k1, k3, shape, *, n_threads):
+    _threads(n_threads, v.size)
+    grad = grad_w is not None
+    _wnorm_apply(out.reshape(-1), v.reshape(-1), (grad_w if grad else v).reshape(-1), k1,
+                 k3 if grad else k1, shape[1], shape[2], grad)
+
+
+def _threads(n_threads, size):
+    numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS,
+                                     size // MIN_PER_THREAD)))

@@ -444,3 +444,38 @@ def random_fill(out, kind, reals, seed, stream, *, n_threads=1):
         values = np.where(x < r2, r2, np.where(x > r3, r3, x))
     tiles = values.reshape(-1, TILE, per).transpose(0, 2, 1)
     out.reshape(-1)[...] = tiles.reshape(-1)[:out.size].astype(out.dtype)
+
+
+# -- weight normalization (kernels/include/fastopt/wnorm.h)
+
+def weight_norm_sums(x, y, shape, *, n_threads=1):
+    """Slice sums of x * y over the (A, B, C) view `shape`, float64, in wnorm.h's order:
+    partials P[k, b] (chunk k of every row (a, b), 16 lanes, rows added in a order from
+    0.0), then the partials added in k order."""
+    A, B, C = shape
+    prod = x.reshape(A, B, C).astype(np.float64) * y.reshape(A, B, C).astype(np.float64)
+    partials = np.zeros((max(-(-C // CHUNK), 1), B))
+    for k, lo in enumerate(range(0, C, CHUNK)):
+        seg = prod[:, :, lo:lo + CHUNK]
+        padded = np.zeros((A, B, -(-seg.shape[2] // LANES) * LANES))
+        padded[..., :seg.shape[2]] = seg
+        lanes = np.add.accumulate(padded.reshape(A, B, -1, LANES), axis=2)[:, :, -1, :]
+        row = lanes[..., 0]
+        for j in range(1, LANES):
+            row = row + lanes[..., j]
+        acc = np.zeros(B)
+        for a in range(A):
+            acc = acc + row[a]
+        partials[k] = acc
+    return np.add.accumulate(partials, axis=0)[-1]
+
+
+def weight_norm_apply(out, v, grad_w, k1, k3, shape, *, n_threads=1):
+    """out = k1[b] * v, or k1[b] * (grad_w - v * k3[b]) if grad_w is given (dtype math)."""
+    A, B, C = shape
+    v = v.reshape(A, B, C)
+    k1 = k1[None, :, None]
+    if grad_w is None:
+        out.reshape(A, B, C)[...] = k1 * v
+    else:
+        out.reshape(A, B, C)[...] = k1 * (grad_w.reshape(A, B, C) - v * k3[None, :, None])

@@ -1,0 +1,96 @@
+/*
+ * wnorm_loops.h - weight normalization on the CPU (fastopt/wnorm.h has the math and the
+ * summation order). fo_cpu_slice_dot_<sfx> computes one work item of the slice sums;
+ * fo_cpu_wnorm_<scale|grad>_<sfx> are chunk functions (chunks.h) of the elementwise passes,
+ * operands out, v (, grad_w), walking each chunk by runs of equal factor.
+ */
+#ifndef FASTOPT_CPU_WNORM_LOOPS_H
+#define FASTOPT_CPU_WNORM_LOOPS_H
+
+#include <stddef.h>
+#include "chunks.h"
+#include "fastopt/wnorm.h"
+
+typedef struct {
+    const void *k1, *k3; /* per-slice factors, B of them, in the weight's dtype */
+    ptrdiff_t B, C;
+} fo_wnorm_args;
+
+#define FO_DEFINE_WNORM_LOOPS(T, SFX, SQRT, FABS)                                               \
+    static inline __attribute__((always_inline)) double                                  \
+    fo_dot_lanes_##SFX(const T *restrict x, const T *restrict y, ptrdiff_t n)             \
+    {                                                                                     \
+        double lane[FO_NORM_LANES] = {0};                                                 \
+        ptrdiff_t i = 0, j, full = n - n % FO_NORM_LANES;                                 \
+        double s;                                                                         \
+        for (; i < full; i += FO_NORM_LANES)                                              \
+            for (j = 0; j < FO_NORM_LANES; j++)                                           \
+                lane[j] += fo_dot_term_##SFX(x[i + j], y[i + j]);                         \
+        for (j = 0; i + j < n; j++) lane[j] += fo_dot_term_##SFX(x[i + j], y[i + j]);     \
+        s = lane[0];                                                                      \
+        for (j = 1; j < FO_NORM_LANES; j++) s += lane[j];                                 \
+        return s;                                                                         \
+    }                                                                                     \
+    /* partials P[b] (b0 <= b < b1) of chunk k of the (A, B, C) arrays x, y */            \
+    FO_MULTIVERSION static void fo_cpu_slice_dot_##SFX(                                   \
+        const T *x, const T *y, ptrdiff_t A, ptrdiff_t B, ptrdiff_t C, ptrdiff_t b0,      \
+        ptrdiff_t b1, ptrdiff_t k, double *restrict P)                                    \
+    {                                                                                     \
+        const ptrdiff_t c0 = k * FO_CHUNK;                                                \
+        const ptrdiff_t len = C - c0 < FO_CHUNK ? C - c0 : FO_CHUNK;                      \
+        ptrdiff_t a, b;                                                                   \
+        for (b = b0; b < b1; b++) P[b] = 0;                                               \
+        for (a = 0; a < A; a++) {                                                         \
+            const T *xa = x + (a * B) * C + c0, *ya = y + (a * B) * C + c0;               \
+            if (C == 1) /* one element per row: its product is its chunk's sum */         \
+                for (b = b0; b < b1; b++) P[b] += fo_dot_term_##SFX(xa[b], ya[b]);        \
+            else                                                                          \
+                for (b = b0; b < b1; b++)                                                 \
+                    P[b] += fo_dot_lanes_##SFX(xa + b * C, ya + b * C, len);              \
+        }                                                                                 \
+    }                                                                                     \
+    /* the elementwise passes: operands out, v (, grad_w) */                             \
+    FO_MULTIVERSION static void fo_cpu_wnorm_scale_##SFX(char **ptr, ptrdiff_t lo,        \
+                                                         ptrdiff_t n, const void *args)   \
+    {                                                                                     \
+        FO_WNORM_WALK(T, o[i_] = fo_wnorm_scale_##SFX(v[i_], k1[b_]))                        \
+    }                                                                                     \
+    FO_MULTIVERSION static void fo_cpu_wnorm_grad_##SFX(char **ptr, ptrdiff_t lo,         \
+                                                        ptrdiff_t n, const void *args)    \
+    {                                                                                     \
+        const T *restrict gw = (const T *)ptr[2];                                         \
+        FO_WNORM_WALK(T, o[i_] = fo_wnorm_grad_##SFX(v[i_], gw[i_], k1[b_], k3[b_]))           \
+    }
+
+/* Element i_ of the flattened (A, B, C) weight belongs to slice b_ = (i_ / C) % B: with
+   C == 1 consecutive elements are consecutive slices, otherwise runs of C share one. BODY
+   writes element i_ from the factors of slice b_. */
+#define FO_WNORM_WALK(T, BODY)                                                            \
+    const fo_wnorm_args *a = (const fo_wnorm_args *)args;                                 \
+    const T *restrict k1 = (const T *)a->k1, *restrict k3 = (const T *)a->k3;             \
+    T *restrict o = (T *)ptr[0];                                                          \
+    const T *restrict v = (const T *)ptr[1];                                              \
+    const ptrdiff_t B = a->B, C = a->C, end = lo + n;                                     \
+    ptrdiff_t i = lo, i_;                                                                 \
+    (void)k3;                                                                             \
+    while (i < end) {                                                                     \
+        const ptrdiff_t row = i / C, b = row % B;                                         \
+        const ptrdiff_t run = C == 1 ? B - b : (row + 1) * C - i;                         \
+        const ptrdiff_t stop = i + run < end ? i + run : end;                             \
+        if (C == 1)                                                                       \
+            for (i_ = i; i_ < stop; i_++) {                                               \
+                const ptrdiff_t b_ = b + (i_ - i);                                        \
+                BODY;                                                                     \
+            }                                                                             \
+        else                                                                              \
+            for (i_ = i; i_ < stop; i_++) {                                               \
+                const ptrdiff_t b_ = b;                                                   \
+                BODY;                                                                     \
+            }                                                                             \
+        i = stop;                                                                         \
+    }
+
+FO_DEFINE_FOR_REALS(FO_DEFINE_WNORM_LOOPS)
+#undef FO_DEFINE_WNORM_LOOPS
+
+#endif /* FASTOPT_CPU_WNORM_LOOPS_H */
