@@ -19,6 +19,7 @@ _S5, _S6, _S8, _S32, _S52 = (np.uint64(k) for k in (5, 6, 8, 32, 52))
 _MANTISSA, _HALF = np.uint64(0x000FFFFFFFFFFFFF), np.uint64(0x3FE0000000000000)
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+_U32 = 2.3283064365386963e-10  # 2^-32
 
 
 @njit(inline="always", **_JIT)
@@ -79,8 +80,15 @@ def _cos_sin_2pi(u):
 
 
 @njit(inline="always", **_JIT)
+def _normal_pair(u1, u2):
+    radius = math.sqrt(-2.0 * _log(u1))
+    c, s = _cos_sin_2pi(u2)
+    return radius * c, radius * s
+
+
+@njit(inline="always", **_JIT)
 def _ndtri_tail(p):
-    t = math.sqrt(-2.0 * _log(1e-300 if p < 1e-300 else p))
+    t = math.sqrt(-2.0 * _log(p + 1e-300))
     return ((((((-7.784894002430293e-03 * t - 3.223964580411365e-01) * t - 2.400758277161838e+00)
                * t - 2.549732539343734e+00) * t + 4.374664141464968e+00) * t + 2.938163982698783e+00)
             / ((((7.784695709041462e-03 * t + 3.224671290700398e-01) * t + 2.445134137142996e+00)
@@ -138,11 +146,22 @@ def _fill(out, kind, per, r, k0, k1, stream):
             elif kind == UNIFORM:
                 _store(out, i, r[0] + r[1] * _unit53(w0, w1, 0.0))
                 _store(out, i + TILE, r[0] + r[1] * _unit53(w2, w3, 0.0))
+            elif kind == NORMAL and per == 4:
+                z0, z1 = _normal_pair((np.float64(w0) + 1.0) * _U32, np.float64(w1) * _U32)
+                z2, z3 = _normal_pair((np.float64(w2) + 1.0) * _U32, np.float64(w3) * _U32)
+                _store(out, i, r[0] + r[1] * z0)
+                _store(out, i + TILE, r[0] + r[1] * z1)
+                _store(out, i + 2 * TILE, r[0] + r[1] * z2)
+                _store(out, i + 3 * TILE, r[0] + r[1] * z3)
             elif kind == NORMAL:
-                radius = math.sqrt(-2.0 * _log(_unit53(w0, w1, 1.0)))
-                c, s = _cos_sin_2pi(_unit53(w2, w3, 0.0))
-                _store(out, i, r[0] + r[1] * (radius * c))
-                _store(out, i + TILE, r[0] + r[1] * (radius * s))
+                z0, z1 = _normal_pair(_unit53(w0, w1, 1.0), _unit53(w2, w3, 0.0))
+                _store(out, i, r[0] + r[1] * z0)
+                _store(out, i + TILE, r[0] + r[1] * z1)
+            elif per == 4:
+                _store(out, i, _trunc_normal(np.float64(w0) * _U32, r))
+                _store(out, i + TILE, _trunc_normal(np.float64(w1) * _U32, r))
+                _store(out, i + 2 * TILE, _trunc_normal(np.float64(w2) * _U32, r))
+                _store(out, i + 3 * TILE, _trunc_normal(np.float64(w3) * _U32, r))
             else:
                 _store(out, i, _trunc_normal(_unit53(w0, w1, 0.0), r))
                 _store(out, i + TILE, _trunc_normal(_unit53(w2, w3, 0.0), r))

@@ -327,8 +327,8 @@ def _tensor_norm(x):
 
 UNIFORM, NORMAL, TRUNC_NORMAL, BITS = 0, 1, 2, 3  # FO_RANDOM_* of fastopt/random.h
 TILE = 16  # FO_TILE: groups per tile
-PER_GROUP = {(UNIFORM, "float32"): 4, (UNIFORM, "float64"): 2, (NORMAL, "float32"): 2,
-             (NORMAL, "float64"): 2, (TRUNC_NORMAL, "float32"): 2, (TRUNC_NORMAL, "float64"): 2,
+PER_GROUP = {(UNIFORM, "float32"): 4, (UNIFORM, "float64"): 2, (NORMAL, "float32"): 4,
+             (NORMAL, "float64"): 2, (TRUNC_NORMAL, "float32"): 4, (TRUNC_NORMAL, "float64"): 2,
              (BITS, "uint32"): 4}
 _U32 = np.uint64(0xFFFFFFFF)
 
@@ -398,7 +398,7 @@ def _cos_sin_2pi(u):
 
 
 def _ndtri_tail(p):
-    t = np.sqrt(-2.0 * _log(np.where(p < 1e-300, 1e-300, p)))
+    t = np.sqrt(-2.0 * _log(p + 1e-300))
     return ((((((-7.784894002430293e-03 * t - 3.223964580411365e-01) * t - 2.400758277161838e+00)
                * t - 2.549732539343734e+00) * t + 4.374664141464968e+00) * t + 2.938163982698783e+00)
             / ((((7.784695709041462e-03 * t + 3.224671290700398e-01) * t + 2.445134137142996e+00)
@@ -435,11 +435,21 @@ def random_fill(out, kind, reals, seed, stream, *, n_threads=1):
     elif kind == UNIFORM:
         values = r0 + r1 * np.stack([_unit53(w[0], w[1]), _unit53(w[2], w[3])], axis=1)
     elif kind == NORMAL:
-        r = np.sqrt(-2.0 * _log(_unit53(w[0], w[1], 1.0)))
-        c, s = _cos_sin_2pi(_unit53(w[2], w[3]))
-        values = r0 + r1 * np.stack([r * c, r * s], axis=1)
+        if per == 4:  # float32: two pairs from 32-bit uniforms
+            pairs = [((w[0] + 1.0) * 2.3283064365386963e-10, w[1] * 2.3283064365386963e-10),
+                     ((w[2] + 1.0) * 2.3283064365386963e-10, w[3] * 2.3283064365386963e-10)]
+        else:
+            pairs = [(_unit53(w[0], w[1], 1.0), _unit53(w[2], w[3]))]
+        z = []
+        for u1, u2 in pairs:
+            r = np.sqrt(-2.0 * _log(u1))
+            c, s = _cos_sin_2pi(u2)
+            z += [r * c, r * s]
+        values = r0 + r1 * np.stack(z, axis=1)
     else:
-        t = r6 * np.stack([_unit53(w[0], w[1]), _unit53(w[2], w[3])], axis=1)
+        u = ([x * 2.3283064365386963e-10 for x in w] if per == 4
+             else [_unit53(w[0], w[1]), _unit53(w[2], w[3])])
+        t = r6 * np.stack(u, axis=1)
         x = r0 + r1 * _ndtri(r4 + t, r5 - t)
         values = np.where(x < r2, r2, np.where(x > r3, r3, x))
     tiles = values.reshape(-1, TILE, per).transpose(0, 2, 1)

@@ -30,6 +30,8 @@ import numpy as np
 import fastopt
 from fastopt import _backends
 from fastopt._interop import aligned_empty
+from fastopt.bench import ops
+
 
 class Rule(NamedTuple):
     """A benchmarked rule: the optimizer class name in fastopt and torch.optim, its
@@ -289,17 +291,36 @@ def main(argv=None):
                         help="largest case (elements) the slow NumPy reference runs on")
     parser.add_argument("--budget", type=float, default=1.0,
                         help="seconds of timing rounds per rule and case (at least 3 rounds)")
+    parser.add_argument("--ops", default="",
+                        help="also time these operations beside torch: comma-separated from "
+                             f"{', '.join(list(ops.GROUPS) + list(ops.OPS))}, or 'all' "
+                             "(default: none)")
+    parser.add_argument("--op-cases", default=",".join(ops.OP_CASES),
+                        help="weights for --ops: RxC matrices or element counts (rows of "
+                             f"{MATRIX_COLS}) (default: {','.join(ops.OP_CASES)})")
     parser.add_argument("--json", default="bench-results.json",
                         help="where to write the results as JSON ('' for nowhere)")
     args = parser.parse_args(argv)
     rules = [r.strip().lower() for r in args.rules.split(",") if r.strip()]
-    if rules == ["all"]:
-        rules = list(RULES)
+    rules = list(RULES) if rules == ["all"] else [] if rules == ["none"] else rules
     unknown = [r for r in rules if r not in RULES]
     if unknown:
-        parser.error(f"unknown rule(s) {unknown}; choose from {list(RULES)}")
+        parser.error(f"unknown rule(s) {unknown}; choose from {list(RULES)}, all, none")
+    names = [o.strip().lower() for o in args.ops.split(",") if o.strip()]
+    names = list(ops.OPS) if names == ["all"] else [
+        n for name in names for n in ops.GROUPS.get(name, (name,))]
+    unknown = [o for o in names if o not in ops.OPS]
+    if unknown:
+        parser.error(f"unknown op(s) {unknown}; choose from "
+                     f"{list(ops.GROUPS) + list(ops.OPS)}, all")
     result = run(rules, [c.strip() for c in args.cases.split(",") if c.strip()],
                  args.threads, int(args.numpy_max), args.budget)
+    if names:
+        print("\noperations, float32, one weight each; GB/s counts fastopt's transfers")
+        result["rows"] += ops.run_ops(names, [c.strip() for c in args.op_cases.split(",")
+                                              if c.strip()],
+                                      args.threads or fastopt.get_num_threads(), args.budget,
+                                      sys.stdout)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -4,6 +4,7 @@
 include "_plan.pxi"
 
 cdef extern from "stream.h" nogil:
+    void fo_stream_w_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
     void fo_stream_rw1_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
     void fo_stream_rw2_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
     void fo_stream_rw3_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
@@ -33,3 +34,9 @@ def stream_rw(list src, list rw, bint f64, int n_threads):
         run(_F64[k - 1], ops, 8, &c64, n_threads)
     else:
         run(_F32[k - 1], ops, 4, &c32, n_threads)
+
+
+def stream_w(list dst, int n_threads):
+    """x[:] = 0 for each float32 array x in `dst`: the write-only pattern of an initializer."""
+    cdef float c32 = 0
+    run(fo_stream_w_f32, (dst,), 4, &c32, n_threads)

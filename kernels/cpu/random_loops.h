@@ -45,10 +45,10 @@
 
 FO_RANDOM_CHUNK(uniform, f32, float, 4, FO_RANDOM_BODY_UNIFORM32)
 FO_RANDOM_CHUNK(uniform, f64, double, 2, FO_RANDOM_BODY_UNIFORM64)
-FO_RANDOM_CHUNK(normal, f32, float, 2, FO_RANDOM_BODY_NORMAL(float))
-FO_RANDOM_CHUNK(normal, f64, double, 2, FO_RANDOM_BODY_NORMAL(double))
-FO_RANDOM_CHUNK(trunc_normal, f32, float, 2, FO_RANDOM_BODY_TRUNC_NORMAL(float))
-FO_RANDOM_CHUNK(trunc_normal, f64, double, 2, FO_RANDOM_BODY_TRUNC_NORMAL(double))
+FO_RANDOM_CHUNK(normal, f32, float, 4, FO_RANDOM_BODY_NORMAL32)
+FO_RANDOM_CHUNK(normal, f64, double, 2, FO_RANDOM_BODY_NORMAL64)
+FO_RANDOM_CHUNK(trunc_normal, f32, float, 4, FO_RANDOM_BODY_TRUNC_NORMAL32)
+FO_RANDOM_CHUNK(trunc_normal, f64, double, 2, FO_RANDOM_BODY_TRUNC_NORMAL64)
 FO_RANDOM_CHUNK(bits, u32, fo_u32, 4, FO_RANDOM_BODY_BITS)
 
 /* indexed by FO_RANDOM_<KIND> * 2 + (float64 ? 1 : 0); bits are uint32 (slot 6) */

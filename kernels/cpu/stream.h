@@ -5,7 +5,8 @@
  * buffers back in place: (k + 1) reads and k writes per element. These kernels make the same
  * accesses with almost no arithmetic (x_j += c * g), so their bandwidth is what this machine
  * can stream for that pattern: the ceiling an optimizer kernel can reach.
- * Operands: 0 the read-only stream, 1..k the read-write streams.
+ * Operands: 0 the read-only stream, 1..k the read-write streams (fo_stream_w: one written
+ * stream, the pattern of an initializer).
  */
 #ifndef FASTOPT_CPU_STREAM_H
 #define FASTOPT_CPU_STREAM_H
@@ -27,6 +28,13 @@
     } while (0)
 
 #define FO_DEFINE_STREAM(T, SFX, SQRT, FABS)                                                    \
+    FO_MULTIVERSION static void fo_stream_w_##SFX(char **ptr, ptrdiff_t lo, ptrdiff_t n, const void *args)\
+    {                                                                                     \
+        const T c = *(const T *)args;                                                     \
+        T *restrict x = (T *)ptr[0] + lo;                                                 \
+        ptrdiff_t i;                                                                      \
+        for (i = 0; i < n; i++) x[i] = c;                                                 \
+    }                                                                                     \
     FO_MULTIVERSION static void fo_stream_rw1_##SFX(char **ptr, ptrdiff_t lo, ptrdiff_t n, const void *args)\
     {                                                                                     \
         FO_STREAM_RW(T, 1, x1[i] += c * g[i];);                                           \

@@ -28,8 +28,8 @@ typedef long long fo_i64;
 
 FO_CUDA_FILL(uniform, f32, float, 4, FO_RANDOM_BODY_UNIFORM32)
 FO_CUDA_FILL(uniform, f64, double, 2, FO_RANDOM_BODY_UNIFORM64)
-FO_CUDA_FILL(normal, f32, float, 2, FO_RANDOM_BODY_NORMAL(float))
-FO_CUDA_FILL(normal, f64, double, 2, FO_RANDOM_BODY_NORMAL(double))
-FO_CUDA_FILL(trunc_normal, f32, float, 2, FO_RANDOM_BODY_TRUNC_NORMAL(float))
-FO_CUDA_FILL(trunc_normal, f64, double, 2, FO_RANDOM_BODY_TRUNC_NORMAL(double))
+FO_CUDA_FILL(normal, f32, float, 4, FO_RANDOM_BODY_NORMAL32)
+FO_CUDA_FILL(normal, f64, double, 2, FO_RANDOM_BODY_NORMAL64)
+FO_CUDA_FILL(trunc_normal, f32, float, 4, FO_RANDOM_BODY_TRUNC_NORMAL32)
+FO_CUDA_FILL(trunc_normal, f64, double, 2, FO_RANDOM_BODY_TRUNC_NORMAL64)
 FO_CUDA_FILL(bits, u32, fo_u32, 4, FO_RANDOM_BODY_BITS)

@@ -7,11 +7,13 @@
  * and thread count. An array is cut into tiles of FO_TILE groups; output l of group g
  * (g = FO_TILE * tile + j) is element FO_TILE * (PER * tile + l) + j, PER outputs per group:
  *
- *   uniform float32   4 per group: element l of the group gets u = (w_l >> 8) * 2^-24
+ *   uniform float32   4 per group: output l of the group gets u = (w_l >> 8) * 2^-24
  *   uniform float64   2 per group: u from the 53 bits of (w_0, w_1), resp. (w_2, w_3)
- *   normal            2 per group: Box-Muller on u1 in (0, 1] from (w_0, w_1) and u2 in
+ *   normal float64    2 per group: Box-Muller on u1 in (0, 1] from (w_0, w_1) and u2 in
  *                     [0, 1) from (w_2, w_3): r = sqrt(-2 ln u1), (r cos 2 pi u2, r sin 2 pi u2)
- *   truncated normal  2 per group: inverse CDF of a uniform in [Phi(a), Phi(b)]
+ *   normal float32    4 per group: Box-Muller on 32-bit uniforms (w_0, w_1), (w_2, w_3)
+ *   truncated normal  inverse CDF of a uniform in [Phi(a), Phi(b)]: 2 per group from 53-bit
+ *                     uniforms (float64), 4 per group from 32-bit ones (float32)
  *   bits              4 per group: the raw words (fastopt.init.sparse_'s sort keys)
  *
  * Transcendentals are written here from +, -, *, / and sqrt only (correctly rounded on
@@ -61,20 +63,22 @@ typedef struct {
     fo_u32 w0, w1, w2, w3;
 } fo_words;
 
-FO_HD fo_words fo_philox(fo_u64 group, fo_u32 stream, fo_u32 k0, fo_u32 k1)
+FO_HD fo_words fo_philox(fo_u64 group, fo_u32 stream, fo_u32 key0, fo_u32 key1)
 {
-    fo_u32 c0 = (fo_u32)group, c1 = (fo_u32)(group >> 32), c2 = 0, c3 = stream;
+    /* 32-bit words kept in 64-bit variables: the products are then 32 x 32 -> 64-bit
+       multiplies of the low halves, which vectorize as such (vpmuludq) */
+    const fo_u64 lo = 0xFFFFFFFFull;
+    fo_u64 c0 = group & lo, c1 = group >> 32, c2 = 0, c3 = stream, k0 = key0, k1 = key1;
     for (int r = 0; r < 10; r++) {
-        const fo_u64 p0 = (fo_u64)0xD2511F53u * c0, p1 = (fo_u64)0xCD9E8D57u * c2;
-        const fo_u32 n0 = (fo_u32)(p1 >> 32) ^ c1 ^ k0, n2 = (fo_u32)(p0 >> 32) ^ c3 ^ k1;
-        c1 = (fo_u32)p1;
-        c3 = (fo_u32)p0;
-        c0 = n0;
-        c2 = n2;
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
+        const fo_u64 p0 = (c0 & lo) * 0xD2511F53ull, p1 = (c2 & lo) * 0xCD9E8D57ull;
+        c0 = (p1 >> 32) ^ c1 ^ k0;
+        c2 = (p0 >> 32) ^ c3 ^ k1;
+        c1 = p1 & lo;
+        c3 = p0 & lo;
+        k0 = (k0 + 0x9E3779B9ull) & lo;
+        k1 = (k1 + 0xBB67AE85ull) & lo;
     }
-    fo_words w = {c0, c1, c2, c3};
+    fo_words w = {(fo_u32)c0, (fo_u32)c1, (fo_u32)c2, (fo_u32)c3};
     return w;
 }
 
@@ -123,48 +127,59 @@ FO_HD void fo_cos_sin_2pi(double u, double *c, double *s)
     *s = q == 0 ? sa : q == 1 ? ca : q == 2 ? -sa : -ca;
 }
 
-/* Phi^-1 in a tail: p < 0.02425, p > 0 (Acklam's rational approximation; relative error
-   below 1.2e-9, far below a float32 ulp and invisible in any sample) */
+/* Phi^-1 in a tail, p < 0.02425 (Acklam's rational approximation; relative error below
+   1.2e-9, far below a float32 ulp and invisible in any sample). Adding 1e-300 keeps
+   log's argument a normal number (p = 0 gives a 37-sigma value, clamped to the bounds)
+   and changes no p above 1e-284; unlike a comparison, it leaves the loop vectorizable. */
 FO_HD double fo_ndtri_tail(double p)
 {
-    const double t = sqrt(-2.0 * fo_log(p < 1e-300 ? 1e-300 : p));
+    const double t = sqrt(-2.0 * fo_log(p + 1e-300));
     return (((((-7.784894002430293e-03 * t - 3.223964580411365e-01) * t - 2.400758277161838e+00)
               * t - 2.549732539343734e+00) * t + 4.374664141464968e+00) * t + 2.938163982698783e+00)
            / ((((7.784695709041462e-03 * t + 3.224671290700398e-01) * t + 2.445134137142996e+00)
                * t + 3.754408661907416e+00) * t + 1.0);
 }
 
-/* Phi^-1(p), given p and q = 1 - p each without cancellation */
+/* Phi^-1(p), given p and q = 1 - p each without cancellation. Branch-free (the tail
+   form on the nearer tail and the central form are both evaluated, one is kept) so that
+   the CPU loops vectorize. */
 FO_HD double fo_ndtri(double p, double q)
 {
-    if (p < 0.02425) return fo_ndtri_tail(p);
-    if (q < 0.02425) return -fo_ndtri_tail(q);
+    const double near = p < q ? p : q, tail = fo_ndtri_tail(near);
     const double r = p - 0.5, z = r * r;
-    return (((((-3.969683028665376e+01 * z + 2.209460984245205e+02) * z - 2.759285104469687e+02)
-              * z + 1.383577518672690e+02) * z - 3.066479806614716e+01) * z + 2.506628277459239e+00)
-           * r / (((((-5.447609879822406e+01 * z + 1.615858368580409e+02) * z
-                    - 1.556989798598866e+02) * z + 6.680131188771972e+01) * z
-                   - 1.328068155288572e+01) * z + 1.0);
+    const double central =
+        (((((-3.969683028665376e+01 * z + 2.209460984245205e+02) * z - 2.759285104469687e+02)
+           * z + 1.383577518672690e+02) * z - 3.066479806614716e+01) * z + 2.506628277459239e+00)
+        * r / (((((-5.447609879822406e+01 * z + 1.615858368580409e+02) * z
+                 - 1.556989798598866e+02) * z + 6.680131188771972e+01) * z
+                - 1.328068155288572e+01) * z + 1.0);
+    const double signed_tail = p < q ? tail : -tail;
+    return near < 0.02425 ? signed_tail : central;
 }
 
-/* one standard-normal pair (Box-Muller) */
-FO_HD void fo_normal_pair(fo_words w, double *z0, double *z1)
+/* one standard-normal pair (Box-Muller) from u1 in (0, 1] and u2 in [0, 1) */
+FO_HD void fo_normal_pair(double u1, double u2, double *z0, double *z1)
 {
-    const double u1 = ((double)(w.w0 >> 5) * 67108864.0 + (double)(w.w1 >> 6) + 1.0)
-                      * 1.1102230246251565e-16;
     const double r = sqrt(-2.0 * fo_log(u1));
     double c, s;
-    fo_cos_sin_2pi(fo_unit53(w.w2, w.w3), &c, &s);
+    fo_cos_sin_2pi(u2, &c, &s);
     *z0 = r * c;
     *z1 = r * s;
 }
+
+/* uniforms for Box-Muller: 53 bits from two words (float64), 32 bits from one (float32) */
+#define FO_U53_OPEN0(HI, LO)                                                              \
+    (((double)((HI) >> 5) * 67108864.0 + (double)((LO) >> 6) + 1.0) * 1.1102230246251565e-16)
+#define FO_U32_OPEN0(W) (((double)(W) + 1.0) * 2.3283064365386963e-10)
+#define FO_U32(W) ((double)(W) * 2.3283064365386963e-10)
 
 /* one truncated-normal value from a uniform u in [0, 1) */
 FO_HD double fo_trunc_normal(double u, const fo_random_args *a)
 {
     const double t = a->r6 * u;
     const double x = a->r0 + a->r1 * fo_ndtri(a->r4 + t, a->r5 - t);
-    return x < a->r2 ? a->r2 : (x > a->r3 ? a->r3 : x);
+    const double low = x < a->r2 ? a->r2 : x;
+    return low > a->r3 ? a->r3 : low;
 }
 
 /* What group j of a tile stores, from its words w and the fill's arguments a (a pointer):
@@ -176,13 +191,24 @@ FO_HD double fo_trunc_normal(double u, const fo_random_args *a)
 #define FO_RANDOM_BODY_UNIFORM64                                                          \
     FO_STORE(0, a->r0 + a->r1 * fo_unit53(w.w0, w.w1))                                    \
     FO_STORE(1, a->r0 + a->r1 * fo_unit53(w.w2, w.w3))
-#define FO_RANDOM_BODY_NORMAL(T)                                                          \
+#define FO_RANDOM_BODY_NORMAL64                                                           \
     double z0, z1;                                                                        \
-    fo_normal_pair(w, &z0, &z1);                                                          \
-    FO_STORE(0, (T)(a->r0 + a->r1 * z0)) FO_STORE(1, (T)(a->r0 + a->r1 * z1))
-#define FO_RANDOM_BODY_TRUNC_NORMAL(T)                                                    \
-    FO_STORE(0, (T)fo_trunc_normal(fo_unit53(w.w0, w.w1), a))                             \
-    FO_STORE(1, (T)fo_trunc_normal(fo_unit53(w.w2, w.w3), a))
+    fo_normal_pair(FO_U53_OPEN0(w.w0, w.w1), fo_unit53(w.w2, w.w3), &z0, &z1);            \
+    FO_STORE(0, a->r0 + a->r1 * z0) FO_STORE(1, a->r0 + a->r1 * z1)
+#define FO_RANDOM_BODY_NORMAL32                                                           \
+    double z0, z1, z2, z3;                                                                \
+    fo_normal_pair(FO_U32_OPEN0(w.w0), FO_U32(w.w1), &z0, &z1);                           \
+    fo_normal_pair(FO_U32_OPEN0(w.w2), FO_U32(w.w3), &z2, &z3);                           \
+    FO_STORE(0, (float)(a->r0 + a->r1 * z0)) FO_STORE(1, (float)(a->r0 + a->r1 * z1))     \
+    FO_STORE(2, (float)(a->r0 + a->r1 * z2)) FO_STORE(3, (float)(a->r0 + a->r1 * z3))
+#define FO_RANDOM_BODY_TRUNC_NORMAL64                                                     \
+    FO_STORE(0, fo_trunc_normal(fo_unit53(w.w0, w.w1), a))                                \
+    FO_STORE(1, fo_trunc_normal(fo_unit53(w.w2, w.w3), a))
+#define FO_RANDOM_BODY_TRUNC_NORMAL32                                                     \
+    FO_STORE(0, (float)fo_trunc_normal(FO_U32(w.w0), a))                                  \
+    FO_STORE(1, (float)fo_trunc_normal(FO_U32(w.w1), a))                                  \
+    FO_STORE(2, (float)fo_trunc_normal(FO_U32(w.w2), a))                                  \
+    FO_STORE(3, (float)fo_trunc_normal(FO_U32(w.w3), a))
 #define FO_RANDOM_BODY_BITS                                                               \
     FO_STORE(0, w.w0) FO_STORE(1, w.w1) FO_STORE(2, w.w2) FO_STORE(3, w.w3)
 
