@@ -72,3 +72,18 @@ def test_asv_suite_is_valid(tmp_path):
                           text=True, cwd=ROOT / "benchmarks")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "No problems found" in proc.stdout
+
+
+def test_harness_operations(tmp_path, capsys):
+    out = tmp_path / "ops.json"
+    assert bench.main(["--rules", "none", "--ops", "all", "--op-cases", "64x96,2K",
+                       "--budget", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["rule"] for r in rows} == set(bench.ops.OPS)
+    assert {r["case"] for r in rows} == {"64x96", "2K"}
+    assert "fastopt cython" in {r["implementation"] for r in rows}
+    if importlib.util.find_spec("torch") is not None:
+        assert "torch" in {r["implementation"] for r in rows}
+    assert all(r["median_ms"] > 0 and r["pct_limit"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        bench.main(["--rules", "none", "--ops", "dropout", "--json", ""])
