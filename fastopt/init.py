@@ -212,7 +212,7 @@ def dirac_(tensor, groups=1):
                          f"by groups ({groups})")
     per_group = arr.shape[0] // groups
     arr.fill(0)
-    d = np.arange(min(per_group, arr.shape[1]))
+    d = _xp(arr).arange(min(per_group, arr.shape[1]))
     center = tuple(k // 2 for k in arr.shape[2:])
     for g in range(groups):
         arr[(g * per_group + d, d) + center] = 1
