@@ -15,6 +15,7 @@
 #include "chunks.h"
 #include "fastopt/optim.h"
 #include "fastopt/reduce.h"
+#include "reduce_loops.h"
 
 #define FO_N_BLOCKS(C) (((C) + FO_COLS - 1) / FO_COLS)
 
@@ -24,23 +25,18 @@
         const fo_adafactor_args_##SFX *a)                                                 \
     {                                                                                     \
         const ptrdiff_t c0 = k * FO_COLS, w = C - c0 < FO_COLS ? C - c0 : FO_COLS;        \
-        const ptrdiff_t full = w - w % FO_NORM_LANES, n_blocks = FO_N_BLOCKS(C);          \
+        const ptrdiff_t n_blocks = FO_N_BLOCKS(C);                                        \
         double acc[FO_COLS], x[FO_COLS];                                                  \
-        ptrdiff_t r, j, l;                                                                \
+        ptrdiff_t r, j;                                                                   \
         for (j = 0; j < w; j++) acc[j] = 0;                                               \
         for (r = 0; r < R; r++) {                                                         \
             const T *restrict gr = g + r * C + c0;                                        \
-            double lane[FO_NORM_LANES] = {0};                                             \
             double s;                                                                     \
             /* three simple loops, each vectorized: the terms, the column sums, and the   \
-               lanes (zeros in lanes past the block's width change no sum) */            \
+               lanes */                                                                   \
             for (j = 0; j < w; j++) x[j] = fo_adafactor_sq_##SFX(gr[j], a);               \
             for (j = 0; j < w; j++) acc[j] += x[j];                                       \
-            for (j = 0; j < full; j += FO_NORM_LANES)                                     \
-                for (l = 0; l < FO_NORM_LANES; l++) lane[l] += x[j + l];                  \
-            for (l = 0; j + l < w; l++) lane[l] += x[j + l];                              \
-            s = lane[0];                                                                  \
-            for (l = 1; l < FO_NORM_LANES && l < w; l++) s += lane[l];                    \
+            FO_LANE_SUM(s, w, FO_BLOCK_TERM, FO_BLOCK_ADD);                               \
             rowpart[r * n_blocks + k] = s;                                                \
         }                                                                                 \
         for (j = 0; j < w; j++)                                                           \
@@ -62,7 +58,11 @@
         }                                                                                 \
         *rmean = fo_adafactor_rmean_##SFX(total, (double)R, a);                           \
     }
+#define FO_BLOCK_TERM(i) x[i]
+#define FO_BLOCK_ADD(a, b) ((a) + (b))
 FO_DEFINE_FOR_REALS(FO_DEFINE_FACTORED_LOOPS)
+#undef FO_BLOCK_TERM
+#undef FO_BLOCK_ADD
 #undef FO_DEFINE_FACTORED_LOOPS
 
 #endif /* FASTOPT_CPU_FACTORED_LOOPS_H */

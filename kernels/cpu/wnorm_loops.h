@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include "chunks.h"
 #include "fastopt/wnorm.h"
+#include "reduce_loops.h"
 
 typedef struct {
     const void *k1, *k3; /* per-slice factors, B of them, in the weight's dtype */
@@ -20,15 +21,8 @@ typedef struct {
     static inline __attribute__((always_inline)) double                                  \
     fo_dot_lanes_##SFX(const T *restrict x, const T *restrict y, ptrdiff_t n)             \
     {                                                                                     \
-        double lane[FO_NORM_LANES] = {0};                                                 \
-        ptrdiff_t i = 0, j, full = n - n % FO_NORM_LANES;                                 \
         double s;                                                                         \
-        for (; i < full; i += FO_NORM_LANES)                                              \
-            for (j = 0; j < FO_NORM_LANES; j++)                                           \
-                lane[j] += fo_dot_term_##SFX(x[i + j], y[i + j]);                         \
-        for (j = 0; i + j < n; j++) lane[j] += fo_dot_term_##SFX(x[i + j], y[i + j]);     \
-        s = lane[0];                                                                      \
-        for (j = 1; j < FO_NORM_LANES; j++) s += lane[j];                                 \
+        FO_LANE_SUM(s, n, FO_DOT_TERM_##SFX, FO_ADD);                                     \
         return s;                                                                         \
     }                                                                                     \
     /* partials P[b] (b0 <= b < b1) of chunk k of the (A, B, C) arrays x, y */            \
@@ -90,7 +84,13 @@ typedef struct {
         i = stop;                                                                         \
     }
 
+#define FO_DOT_TERM_f32(i) fo_dot_term_f32(x[i], y[i])
+#define FO_DOT_TERM_f64(i) fo_dot_term_f64(x[i], y[i])
+#define FO_ADD(a, b) ((a) + (b))
 FO_DEFINE_FOR_REALS(FO_DEFINE_WNORM_LOOPS)
+#undef FO_DOT_TERM_f32
+#undef FO_DOT_TERM_f64
+#undef FO_ADD
 #undef FO_DEFINE_WNORM_LOOPS
 
 #endif /* FASTOPT_CPU_WNORM_LOOPS_H */
