@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from fastopt._backends import _slices
-from fastopt._backends._numpy import BITS, NORMAL, PER_GROUP, TILE, UNIFORM
+from fastopt._backends._numpy import BITS, CHUNK, LANES, NORMAL, PER_GROUP, TILE, UNIFORM
 
 _JIT = dict(cache=True, error_model="numpy")
 MIN_PER_THREAD = 32768
@@ -175,8 +175,6 @@ def random_fill(out, kind, reals, seed, stream, *, n_threads):
 
 
 # -- weight normalization (fastopt/wnorm.h)
-
-CHUNK, LANES = 16384, 16  # FO_CHUNK, FO_NORM_LANES
 
 
 @njit(parallel=True, **_JIT)

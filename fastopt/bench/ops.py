@@ -81,6 +81,7 @@ def run_ops(names, cases, n_threads, budget, out):
         torch.set_num_threads(n_threads)
     except ImportError:
         torch = None
+    fastopt.set_num_threads(n_threads)  # the initializers and weight norm use the default
     rows = []
     for case in cases:
         shape = shape_of(case)
@@ -106,7 +107,6 @@ def run_ops(names, cases, n_threads, budget, out):
             if torch is not None:
                 steps.append(op.torch(torch, [torch.from_numpy(a) for a in op.setup(weight.copy())]))
                 labels.append("torch")
-            fastopt.set_num_threads(n_threads)
             medians = time_interleaved(steps, budget=budget)
             limit = medians[0] * op.traffic / limit_traffic
             for label, seconds in zip(labels, [limit] + medians[1:]):
