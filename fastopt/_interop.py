@@ -84,15 +84,15 @@ def describe(x):
     return f"{fw} array of shape {tuple(x.shape)} and dtype {_dtype_name(x, fw)}"
 
 
-def _check_array(x, name):
+def _check_array(x, name, dtypes=FLOAT_DTYPES):
     fw = framework_of(x)
     if fw is None:
         raise TypeError(f"{name}: expected an array (NumPy, PyTorch, JAX, TensorFlow or CuPy), "
                         f"got {type(x).__name__}")
     dtype = _dtype_name(x, fw)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: dtype {dtype} is not supported; fastopt takes float32 or "
-                        f"float64 arrays")
+    if dtype not in dtypes:
+        raise TypeError(f"{name}: dtype {dtype} is not supported here; expected "
+                        f"{' or '.join(dtypes)}")
     device = _device(x, fw)
     if device[0] not in ("cpu", "cuda"):
         raise TypeError(f"{name}: arrays on device {device[0]} are not supported; "
@@ -159,10 +159,10 @@ def import_grad(x, role, index):
     return import_input(x, f"{role}[{index}]")
 
 
-def import_input(x, name):
-    """View of array argument `name` for the kernels, read only; contiguous, copying only
-    if it is not."""
-    fw, device = _check_array(x, name)
+def import_input(x, name, dtypes=FLOAT_DTYPES):
+    """View of array argument `name` (of one of `dtypes`) for the kernels, read only;
+    contiguous, copying only if it is not."""
+    fw, device = _check_array(x, name, dtypes)
     if fw == "torch":
         x = x.detach()
         if x.is_neg() or x.is_conj():
@@ -267,7 +267,7 @@ FRAMEWORKS = ("numpy", "torch", "jax", "tensorflow", "cupy")
 
 
 def new_array(shape, dtype, like):
-    """(buffer, finish) for a new array of `shape` and `dtype` (float32/float64) in the
+    """(buffer, finish) for a new array of `shape` and `dtype` (a NumPy dtype) in the
     framework and on the device of `like` (an array, a framework name, or None for NumPy):
     fill the kernel-ready `buffer`, then ``finish()`` hands it over as that framework's
     array, zero-copy."""

@@ -59,6 +59,7 @@ OPS = {
     "random_fill": ("numpy", "cython", "numba", "cupy"),
     "weight_norm_sums": ("numpy", "cython", "numba", "cupy"),
     "weight_norm_apply": ("numpy", "cython", "numba", "cupy"),
+    "magnitude_masks": ("numpy", "cython", "numba"),
 }
 
 AUTO_ORDER = {"cpu": ("cython", "numba", "numpy"), "cuda": ("cupy",)}

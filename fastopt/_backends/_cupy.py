@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fastopt._backends import _slices, _twopass
+from fastopt._backends._masked import wrap_steps
 from fastopt._backends._numpy import PER_GROUP
 from fastopt._backends._pack import pack, random_args
 from fastopt.optim import _scalars
@@ -244,3 +245,6 @@ def weight_norm_apply(out, v, grad_w, k1, k3, shape, *, n_threads):
             (min(-(-v.size // THREADS), 65536),), (THREADS,),
             (out, v, grad_w if grad_w is not None else np.uint64(0), k1, k3, np.int64(v.size),
              np.int64(shape[1]), np.int64(shape[2])))
+
+
+wrap_steps(globals())  # pruning masks: the pruned entries zeroed after each elementwise step

@@ -4,21 +4,26 @@ Every rule runs through one entry point, ``_optim.step(kernel, operands, f64, ar
 the chunk function's name (optim_loops.h), the operand lists, and the bytes of its
 fo_<rule>_args struct packed from the host scalars (fastopt.optim._scalars); Adafactor's
 factors pass has its own (``_optim.adafactor_factors``). The two-pass rules are driven by
-fastopt._backends._twopass.
+fastopt._backends._twopass. Pruning masks (``masks=``, one per tensor) travel as the last
+operand: the driver zeroes the pruned entries of each chunk right after its update.
 """
 
+import functools
 import sys
 
 import numpy as np
 
-from fastopt._backends import _slices, _twopass
+from fastopt._backends import _select, _slices, _twopass
 from fastopt._backends._pack import pack, random_args
-from fastopt._cpu import _optim, _random, _wnorm
+from fastopt._cpu import _optim, _prune, _random, _wnorm
 from fastopt.optim import _scalars
+
+MASKS_IN_KERNELS = True  # the driver zeroes pruned entries inside each chunk's update
 
 
 def _run(kernel, operands, scalars_fn, hyper, n_threads):
-    run(kernel, operands, scalars_fn(operands[0][0].dtype, **hyper), n_threads)
+    masks = hyper.pop("masks", None)
+    run(kernel, operands, scalars_fn(operands[0][0].dtype, **hyper), n_threads, masks=masks)
 
 
 def sgd_step(params, out, grads, momentum_buffers, *, n_threads, **hyper):
@@ -78,9 +83,12 @@ lamb_step, adafactor_step = _twopass.steps_for(sys.modules[__name__])
 
 # -- the passes _twopass drives
 
-def run(kernel, operands, scalars, n_threads, n_aux=0):
+def run(kernel, operands, scalars, n_threads, n_aux=0, masks=None):
     dtype = operands[0][0].dtype
-    _optim.step(kernel, operands, dtype == np.float64, pack(dtype, scalars), n_threads, n_aux)
+    if masks is not None:
+        operands += (masks,)
+    _optim.step(kernel, operands, dtype == np.float64, pack(dtype, scalars), n_threads, n_aux,
+                masks is not None)
 
 
 def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, scalars, n_threads):
@@ -107,3 +115,20 @@ def weight_norm_sums(x, y, shape, *, n_threads):
 
 def weight_norm_apply(out, v, grad_w, k1, k3, shape, *, n_threads):
     _wnorm.scale(out, v, grad_w, k1, k3, shape[1], shape[2], n_threads)
+
+
+# -- fastopt.prune's select passes (_select drives them)
+
+def prune_hist(arrays, shift, pmask, prefix, n_threads):
+    return _prune.hist(arrays, shift, pmask, prefix, n_threads)
+
+
+def prune_ties(arrays, thr, n_threads):
+    return _prune.ties(arrays, thr, n_threads)
+
+
+def prune_mask(arrays, masks, thr, tie_modes, n_threads):
+    _prune.mask(arrays, masks, thr, tie_modes, n_threads)
+
+
+magnitude_masks = functools.partial(_select.magnitude_masks, sys.modules[__name__])

@@ -11,6 +11,7 @@ reason an in-place update passes the parameter view itself as the destination.
 Element math is written here on its own; the parity tests hold it to the NumPy reference.
 """
 
+import functools
 import sys
 
 import numba
@@ -19,8 +20,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fastopt._backends import _twopass
-from fastopt._backends import _numba_init
+from fastopt._backends import _numba_compress, _numba_init, _select, _twopass
+from fastopt._backends._masked import wrap_steps
 from fastopt._cpu._runtime import data_pointers
 from fastopt.optim import _scalars
 
@@ -625,6 +626,8 @@ lamb_step, adafactor_step = _twopass.steps_for(sys.modules[__name__])
 # fastopt.init's and fastopt.weight_norm's operations live in their own module
 random_fill = _numba_init.random_fill
 weight_norm_sums, weight_norm_apply = _numba_init.weight_norm_sums, _numba_init.weight_norm_apply
+# fastopt.prune's select: _select's driver over the counting passes of _numba_compress
+magnitude_masks = functools.partial(_select.magnitude_masks, _numba_compress)
 
 
 # -- the passes _twopass drives
@@ -652,3 +655,6 @@ def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, scalars, 
 
 def device(arrays, like):
     return arrays
+
+
+wrap_steps(globals())  # pruning masks: the pruned entries zeroed after each elementwise step

@@ -10,6 +10,8 @@ Operands, shared with every backend: `params` are read, the results written to `
 
 import numpy as np
 
+from fastopt._backends import _numpy_compress
+from fastopt._backends._masked import wrap_steps, zero_pruned
 from fastopt.optim import _scalars
 
 
@@ -239,9 +241,11 @@ def lion_step(params, out, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, m
 
 
 def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, step, lr, beta1, beta2, eps,
-              weight_decay, maximize, grad_scale=1.0, grad_clip=float("inf"), n_threads=1):
+              weight_decay, maximize, grad_scale=1.0, grad_clip=float("inf"), n_threads=1,
+              masks=None):
     """`updates` are scratch buffers shaped like the parameters (their contents are
-    overwritten with the Adam-style update before it is scaled by the trust ratio)."""
+    overwritten with the Adam-style update before it is scaled by the trust ratio).
+    Pruned entries (`masks`) of the update and the state are zeroed before the norms."""
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     for p, g, m, v, u in zip(params, grads, exp_avgs, exp_avg_sqs, updates):
@@ -251,6 +255,7 @@ def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, step, lr, b
         v[...] = s(1 - beta2) * (g * g) + s(beta2) * v
         u[...] = m / s(bias_correction1) / (np.sqrt(v / s(bias_correction2)) + s(eps))
         u[...] = u + s(weight_decay) * p
+    _zero_pruned(masks, updates, exp_avgs, exp_avg_sqs)
     # per-tensor norms in the fixed summation order that every backend shares
     sizes = [p.size for p in params]
     ratios = _scalars.lamb_trust_ratios(
@@ -259,6 +264,13 @@ def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, step, lr, b
     for i, (p, u) in enumerate(zip(params, updates)):
         s = p.dtype.type
         out[i][...] = p + s(-lr) * (u * ratios[i])
+    _zero_pruned(masks, out)
+
+
+def _zero_pruned(masks, *lists):
+    """Pruned entries (mask byte 0) of tensor t set to +0 in each list's array t."""
+    for t, mask in enumerate(masks or ()):
+        zero_pruned(mask, [arrays[t] for arrays in lists])
 
 
 def factored_sums(g2):
@@ -284,9 +296,11 @@ def factored_sums(g2):
 
 def adafactor_step(params, out, grads, row_vars, col_vars, variances, updates, *, step, lr,
                    beta2_decay, eps1, eps2, d, weight_decay, maximize, grad_scale=1.0,
-                   grad_clip=float("inf"), n_threads=1):
+                   grad_clip=float("inf"), n_threads=1, masks=None):
     """Tensors of 2+ dims use (row_vars[i], col_vars[i]), shaped (..., R, 1) and (..., 1, C);
-    the others variances[i]. `updates` are scratch buffers shaped like the parameters."""
+    the others variances[i]. `updates` are scratch buffers shaped like the parameters.
+    Pruned entries (`masks`) of the update (before its norm), of the variance of a vector
+    and of the parameter are zeroed; the row and column factors see the gradient as given."""
     rho = min(lr, 1 / step ** 0.5)
     w = step ** beta2_decay
     for i, (p, g, u) in enumerate(zip(params, grads, updates)):
@@ -313,9 +327,12 @@ def adafactor_step(params, out, grads, row_vars, col_vars, variances, updates, *
             variances[i][...] = _lerp(variances[i], g * g, s(w))
             var = variances[i]
         u[...] = s(1) / np.sqrt(np.maximum(var, s(e1 * e1))) * g
+        if masks is not None:
+            zero_pruned(masks[i], [u, variances[i]])
         denom = max(1.0, _tensor_norm(u) / (p.size ** 0.5 * d))
         p = p * s(1 - lr * weight_decay) if weight_decay != 0 else p
         out[i][...] = p + s(-alpha / denom) * u
+    _zero_pruned(masks, out)
 
 
 def _tensor_norm(x):
@@ -489,3 +506,9 @@ def weight_norm_apply(out, v, grad_w, k1, k3, shape, *, n_threads=1):
         out.reshape(A, B, C)[...] = k1 * v
     else:
         out.reshape(A, B, C)[...] = k1 * (grad_w.reshape(A, B, C) - v * k3[None, :, None])
+
+
+# the compression operations' reference lives in its own module
+magnitude_masks = _numpy_compress.magnitude_masks
+
+wrap_steps(globals())  # pruning masks: the pruned entries zeroed after each elementwise step

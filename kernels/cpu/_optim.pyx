@@ -45,16 +45,18 @@ cdef fo_chunk_fn _kernel(str name, bint f64) except NULL:
 
 
 def step(str kernel, tuple operands, bint f64, cnp.ndarray args, int n_threads,
-         Py_ssize_t n_aux=0):
+         Py_ssize_t n_aux=0, Py_ssize_t n_mask=0):
     """Run chunk function `kernel` over `operands` (a tuple of equally long lists of arrays:
     param in, param out, grad, state...). `args` (a C-contiguous array) holds the bytes of
     its fo_<rule>_args struct: the float fields in the parameter's dtype, then the int
     fields (fastopt._backends._pack.pack). The last `n_aux` operands are per-tensor
-    auxiliaries (any size: Lamb's trust ratio, Adafactor's factors; see _plan.pxi)."""
+    auxiliaries (any size: Lamb's trust ratio, Adafactor's factors; see _plan.pxi), followed
+    by the pruning masks when `n_mask` is 1 (one byte per element; pruned entries of the
+    written parameter and the state become 0, see chunks.h)."""
     if not cnp.PyArray_IS_C_CONTIGUOUS(args):
         raise ValueError("args: expected a C-contiguous array")
     run(_kernel(kernel, f64), operands, 8 if f64 else 4, cnp.PyArray_DATA(args), n_threads,
-        n_aux)
+        n_aux, n_mask)
 
 
 def norm_partials(list grads, bint f64, int kind, int n_threads):

@@ -13,6 +13,8 @@ cnp.import_array()
 
 cdef extern from "chunks.h" nogil:
     ctypedef void (*fo_chunk_fn)(char **ptr, Py_ssize_t lo, Py_ssize_t n, const void *args) noexcept
+    void fo_cpu_mask_chunk(char **ptr, Py_ssize_t lo, Py_ssize_t n, Py_ssize_t itemsize,
+                           Py_ssize_t n_state, const unsigned char *mask)
 
 # FO_CHUNK = 16384 elements: 64 KiB of float32 per operand, small enough to balance two
 # threads over a few uneven tensors, large enough that the per-chunk call costs nothing.
@@ -25,6 +27,9 @@ DEF MIN_PER_THREAD = 32768
 
 cdef struct Plan:
     Py_ssize_t n_ops
+    Py_ssize_t n_mask       # trailing operands of one byte per element (masks)
+    Py_ssize_t n_aux        # per-tensor auxiliaries before the masks
+    Py_ssize_t itemsize
     Py_ssize_t n_chunks
     Py_ssize_t n_elements
     char **ptr              # ptr[t * n_ops + op]
@@ -32,13 +37,14 @@ cdef struct Plan:
 
 
 cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize,
-                   Py_ssize_t n_aux=0) except -1:
+                   Py_ssize_t n_aux=0, Py_ssize_t n_mask=0) except -1:
     """Fill `pl` from a tuple of equally long lists of C-contiguous ndarrays.
 
     Every array of tensor t must hold as many elements as operands[0][t] and have the given
-    itemsize, except the last `n_aux` operands: per-tensor auxiliaries of any size and
-    itemsize (a per-tensor scalar such as Lamb's trust ratio, Adafactor's factors), which
-    chunk functions index themselves; the backend that builds them guarantees their sizes.
+    itemsize, except the last `n_mask` operands, of one byte per element (masks), and the
+    `n_aux` operands before those: per-tensor auxiliaries of any size and itemsize (a
+    per-tensor scalar such as Lamb's trust ratio, Adafactor's factors), which chunk
+    functions index themselves; the backend that builds them guarantees their sizes.
     The Python wrappers validate user input; this guards memory safety where it can.
     """
     cdef list first = operands[0]
@@ -48,6 +54,9 @@ cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize,
     pl.ptr = NULL
     pl.chunk = NULL
     pl.n_ops = n_ops
+    pl.n_mask = n_mask
+    pl.n_aux = n_aux
+    pl.itemsize = itemsize
     for op in range(n_ops):
         if len(<list?>operands[op]) != n_t:
             raise ValueError(f"operand {op} has {len(operands[op])} arrays, expected {n_t}")
@@ -59,7 +68,12 @@ cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize,
         n_chunks += (size + CHUNK - 1) // CHUNK
         for op in range(n_ops):
             a = <cnp.ndarray?>(<list>operands[op])[t]
-            if op >= n_ops - n_aux:
+            if op >= n_ops - n_mask:
+                if cnp.PyArray_SIZE(a) != size or cnp.PyArray_ITEMSIZE(a) != 1 \
+                        or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+                    raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous "
+                                     f"array of {size} one-byte elements")
+            elif op >= n_ops - n_mask - n_aux:
                 if cnp.PyArray_SIZE(a) == 0 or not cnp.PyArray_IS_C_CONTIGUOUS(a):
                     raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous, "
                                      f"non-empty array")
@@ -93,25 +107,36 @@ cdef void plan_free(Plan *pl) noexcept:
     pl.chunk = NULL
 
 
+cdef inline void plan_chunk(const Plan *pl, fo_chunk_fn fn, const void *args,
+                            Py_ssize_t c) noexcept nogil:
+    """Chunk c; with a mask operand (an optimizer step with pruning masks), the entries it
+    prunes are then zeroed in the written parameter and the state, still in cache."""
+    cdef char **ptr = pl.ptr + pl.chunk[3 * c] * pl.n_ops
+    cdef Py_ssize_t lo = pl.chunk[3 * c + 1], n = pl.chunk[3 * c + 2]
+    fn(ptr, lo, n, args)
+    if pl.n_mask:
+        fo_cpu_mask_chunk(ptr, lo, n, pl.itemsize, pl.n_ops - 3 - pl.n_aux - pl.n_mask,
+                          <const unsigned char *>ptr[pl.n_ops - 1] + lo)
+
+
 cdef void plan_run(const Plan *pl, fo_chunk_fn fn, const void *args, int n_threads) noexcept nogil:
     cdef Py_ssize_t c
-    cdef const Py_ssize_t *ch = pl.chunk
     if pl.n_chunks == 0:
         return
     n_threads = min(n_threads, pl.n_elements // MIN_PER_THREAD)
     if n_threads <= 1 or pl.n_chunks == 1:
         for c in range(pl.n_chunks):
-            fn(pl.ptr + ch[3 * c] * pl.n_ops, ch[3 * c + 1], ch[3 * c + 2], args)
+            plan_chunk(pl, fn, args, c)
         return
     for c in prange(pl.n_chunks, num_threads=n_threads, schedule='static'):
-        fn(pl.ptr + ch[3 * c] * pl.n_ops, ch[3 * c + 1], ch[3 * c + 2], args)
+        plan_chunk(pl, fn, args, c)
 
 
 cdef int run(fo_chunk_fn fn, tuple operands, Py_ssize_t itemsize, const void *args,
-             int n_threads, Py_ssize_t n_aux=0) except -1:
+             int n_threads, Py_ssize_t n_aux=0, Py_ssize_t n_mask=0) except -1:
     cdef Plan pl
     try:
-        plan_init(&pl, operands, itemsize, n_aux)
+        plan_init(&pl, operands, itemsize, n_aux, n_mask)
         with nogil:
             plan_run(&pl, fn, args, n_threads)
     finally:

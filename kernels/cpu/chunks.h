@@ -10,6 +10,7 @@
 #define FASTOPT_CPU_CHUNKS_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 typedef void (*fo_chunk_fn)(char **ptr, ptrdiff_t lo, ptrdiff_t n, const void *args);
 
@@ -46,5 +47,31 @@ typedef void (*fo_chunk_fn)(char **ptr, ptrdiff_t lo, ptrdiff_t n, const void *a
             for (i = 0; i < n; i++) pout_[i] = FN(pin_[i], __VA_ARGS__);                  \
         }                                                                                 \
     } while (0)
+
+/*
+ * Pruning masks in an optimizer step (fastopt.prune): after a chunk's update, every entry
+ * whose mask byte is 0 gets +0 in the written parameter (operand 1) and in the n_state
+ * state operands after the gradient, while the chunk is still in cache: no extra pass
+ * over memory, and the rules' loops stay as they are. Zeroed as integers of the item's
+ * width, so NaN or inf in a pruned entry's update cannot leak through.
+ */
+#define FO_MASK_WIDTH(U)                                                                  \
+    do {                                                                                  \
+        ptrdiff_t i_, s_;                                                                 \
+        U *restrict q_ = (U *)ptr[1] + lo;                                                \
+        for (i_ = 0; i_ < n; i_++) q_[i_] = mask[i_] ? q_[i_] : 0;                        \
+        for (s_ = 0; s_ < n_state; s_++) {                                                \
+            q_ = (U *)ptr[3 + s_] + lo;                                                   \
+            for (i_ = 0; i_ < n; i_++) q_[i_] = mask[i_] ? q_[i_] : 0;                    \
+        }                                                                                 \
+    } while (0)
+FO_MULTIVERSION static void fo_cpu_mask_chunk(char **ptr, ptrdiff_t lo, ptrdiff_t n,
+                                              ptrdiff_t itemsize, ptrdiff_t n_state,
+                                              const uint8_t *restrict mask)
+{
+    if (itemsize == 8) FO_MASK_WIDTH(uint64_t);
+    else FO_MASK_WIDTH(uint32_t);
+}
+#undef FO_MASK_WIDTH
 
 #endif /* FASTOPT_CPU_CHUNKS_H */

@@ -1,0 +1,83 @@
+/*
+ * prune_loops.h - the passes of the magnitude select (fastopt/prune.h) over one chunk of
+ * one tensor: a digit histogram, the count of keys equal to the threshold, and the mask.
+ */
+#ifndef FASTOPT_CPU_PRUNE_LOOPS_H
+#define FASTOPT_CPU_PRUNE_LOOPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "chunks.h"
+#include "fastopt/prune.h"
+
+/*
+ * fo_cpu_mag_hist: count the digit (key >> shift) & (FO_DIGIT_BINS - 1) of every key with
+ * (key & pmask) == prefix into h, four interleaved histograms of FO_DIGIT_BINS counts
+ * (h[j * FO_DIGIT_BINS + digit] for element 4i + j): weights cluster in a few bins, and
+ * four counters break the chain of increments to one address. *maxkey takes the largest
+ * key seen (NaN shows as a key above inf's).
+ */
+#define FO_DEFINE_MAG_LOOPS(T, SFX, SQRT, FABS)                                           \
+    FO_MULTIVERSION static void fo_cpu_mag_hist_##SFX(                                    \
+        const T *restrict x, ptrdiff_t n, int shift, fo_key_##SFX pmask,                  \
+        fo_key_##SFX prefix, uint32_t *restrict h, fo_key_##SFX *maxkey)                  \
+    {                                                                                     \
+        const fo_key_##SFX dmask = FO_DIGIT_BINS - 1;                                     \
+        fo_key_##SFX mx = *maxkey;                                                        \
+        ptrdiff_t i = 0, j;                                                               \
+        if (pmask == 0) {                                                                 \
+            for (; i + 4 <= n; i += 4)                                                    \
+                for (j = 0; j < 4; j++) {                                                 \
+                    const fo_key_##SFX k = fo_mag_key_##SFX(x[i + j]);                    \
+                    h[j * FO_DIGIT_BINS + ((k >> shift) & dmask)]++;                      \
+                    mx = k > mx ? k : mx;                                                 \
+                }                                                                         \
+        } else {                                                                          \
+            for (; i + 4 <= n; i += 4)                                                    \
+                for (j = 0; j < 4; j++) {                                                 \
+                    const fo_key_##SFX k = fo_mag_key_##SFX(x[i + j]);                    \
+                    if ((k & pmask) == prefix) h[j * FO_DIGIT_BINS + ((k >> shift) & dmask)]++; \
+                }                                                                         \
+        }                                                                                 \
+        for (; i < n; i++) {                                                              \
+            const fo_key_##SFX k = fo_mag_key_##SFX(x[i]);                                \
+            if ((k & pmask) == prefix) h[(k >> shift) & dmask]++;                         \
+            mx = k > mx ? k : mx;                                                         \
+        }                                                                                 \
+        *maxkey = mx;                                                                     \
+    }                                                                                     \
+                                                                                          \
+    /* how many keys equal thr */                                                         \
+    FO_MULTIVERSION static ptrdiff_t fo_cpu_mag_ties_##SFX(const T *restrict x,           \
+                                                           ptrdiff_t n, fo_key_##SFX thr) \
+    {                                                                                     \
+        ptrdiff_t i, c = 0;                                                               \
+        for (i = 0; i < n; i++) c += fo_mag_key_##SFX(x[i]) == thr;                       \
+        return c;                                                                         \
+    }                                                                                     \
+                                                                                          \
+    /* m[i] = 1 to keep x[i], 0 to prune it: keys below thr are pruned, keys above kept;  \
+       of the keys equal to thr, ties < 0 prunes all, 0 keeps all, ties > 0 prunes the    \
+       first `ties` of this chunk and keeps the rest */                                   \
+    FO_MULTIVERSION static void fo_cpu_mag_mask_##SFX(const T *restrict x, ptrdiff_t n,   \
+                                                      fo_key_##SFX thr, ptrdiff_t ties,   \
+                                                      uint8_t *restrict m)                \
+    {                                                                                     \
+        ptrdiff_t i;                                                                      \
+        if (ties < 0) {                                                                   \
+            for (i = 0; i < n; i++) m[i] = fo_mag_key_##SFX(x[i]) > thr;                  \
+        } else if (ties == 0) {                                                           \
+            for (i = 0; i < n; i++) m[i] = fo_mag_key_##SFX(x[i]) >= thr;                 \
+        } else {                                                                          \
+            for (i = 0; i < n; i++) {                                                     \
+                const fo_key_##SFX k = fo_mag_key_##SFX(x[i]);                            \
+                const int tie = k == thr;                                                 \
+                m[i] = k > thr || (tie && ties <= 0);                                     \
+                ties -= tie;                                                              \
+            }                                                                             \
+        }                                                                                 \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_MAG_LOOPS)
+#undef FO_DEFINE_MAG_LOOPS
+
+#endif /* FASTOPT_CPU_PRUNE_LOOPS_H */
