@@ -204,6 +204,14 @@ def _tf_tensor(x):
     return x if hasattr(x, "__dlpack__") else x.read_value()
 
 
+def array_module(arr):
+    """numpy for a NumPy kernel view, cupy for a CuPy one."""
+    if isinstance(arr, np.ndarray):
+        return np
+    import cupy
+    return cupy
+
+
 def aligned_empty(shape, dtype):
     """np.empty whose data starts on a 64-byte boundary."""
     dtype = np.dtype(dtype)

@@ -118,12 +118,7 @@ def global_magnitude_masks(ws, amount, *, dtype="bool", backend="auto"):
 
 
 def _isnan_any(a):
-    return (np if isinstance(a, np.ndarray) else _cupy()).isnan(a).any()
-
-
-def _cupy():
-    import cupy
-    return cupy
+    return _interop.array_module(a).isnan(a).any()
 
 
 def magnitude_mask(w, amount, *, dtype="bool", backend="auto"):
@@ -182,12 +177,8 @@ def _axis(dim, ndim, name="dim"):
     return int(dim) % ndim
 
 
-def _xp(arr):
-    return np if isinstance(arr, np.ndarray) else _cupy()
-
-
 def _finite(arr, name):
-    if not bool(_xp(arr).isfinite(arr).all()):
+    if not bool(_interop.array_module(arr).isfinite(arr).all()):
         raise ValueError(f"{name}: holds NaN or inf; pruning ranks finite magnitudes")
 
 
@@ -213,7 +204,7 @@ def ln_structured_mask(w, amount, n, dim, *, dtype="bool"):
     mask_dtype = _mask_dtype(dtype)
     k = n_to_prune(amount, arr.shape[dim])
     _finite(arr, "w")
-    xp = _xp(arr)
+    xp = _interop.array_module(arr)
     moved = xp.moveaxis(arr, dim, 0).reshape(arr.shape[dim], -1).astype(np.float64)
     if p == math.inf:
         norms = xp.abs(moved).max(axis=1, initial=0.0)
@@ -248,7 +239,7 @@ def nm_mask(w, n=2, m=4, dim=-1, *, dtype="bool"):
                          f"m={m}")
     mask_dtype = _mask_dtype(dtype)
     _finite(arr, "w")
-    xp = _xp(arr)
+    xp = _interop.array_module(arr)
     moved = xp.moveaxis(xp.abs(arr), dim, -1)
     groups = moved.reshape(moved.shape[:-1] + (moved.shape[-1] // m, m))
     # rank of each entry in its group by (magnitude, index): entries below it
@@ -283,7 +274,7 @@ def apply_mask_(w, mask):
     target = w.detach() if fw == "torch" and w.requires_grad else w
     arr = _interop.import_array(target, "w").array
     keep = _mask_for(mask, arr)
-    _xp(arr).copyto(arr, 0, where=keep.view(np.uint8) == 0)
+    _interop.array_module(arr).copyto(arr, 0, where=keep.view(np.uint8) == 0)
     return w
 
 
@@ -292,7 +283,7 @@ def apply_mask(w, mask):
     arr = _interop.import_input(w, "w").array
     keep = _mask_for(mask, arr)
     buf, finish = _interop.new_array(arr.shape, arr.dtype, w)
-    xp = _xp(arr)
+    xp = _interop.array_module(arr)
     buf[...] = xp.where(keep.view(np.uint8) != 0, arr, xp.zeros((), arr.dtype))
     return finish()
 
@@ -308,7 +299,7 @@ def polynomial_sparsity(step, initial, final, begin, end, power=3):
     ``begin == end``: a jump to ``final`` at ``begin``).
 
     >>> import fastopt
-    >>> fastopt.prune.polynomial_sparsity(50, 0.0, 0.8, 0, 100)
+    >>> round(fastopt.prune.polynomial_sparsity(50, 0.0, 0.8, 0, 100), 6)
     0.7
     """
     step = _check.integer("step", step, lo=0)
@@ -319,8 +310,8 @@ def polynomial_sparsity(step, initial, final, begin, end, power=3):
     power = _check.real("power", power, lo=0.0, lo_open=True)
     if end < begin:
         raise ValueError(f"end must be >= begin, got begin={begin}, end={end}")
-    if step < begin:
-        return initial
     if step >= end:
         return final
+    if step <= begin:
+        return initial
     return final + (initial - final) * (1.0 - (step - begin) / (end - begin)) ** power

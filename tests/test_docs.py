@@ -30,7 +30,8 @@ def test_readme_block_runs(index):
 
 @pytest.mark.parametrize("module", ["fastopt", "fastopt.optim.sgd", "fastopt.optim.adam",
                                     "fastopt.optim.adagrad", "fastopt.optim.lion",
-                                    "fastopt.optim.adafactor", "fastopt.optim._clip", "fastopt.init"])
+                                    "fastopt.optim.adafactor", "fastopt.optim._clip", "fastopt.init",
+                                    "fastopt.prune"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0

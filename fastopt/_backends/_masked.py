@@ -7,23 +7,18 @@ module that does sets ``MASKS_IN_KERNELS = True``."""
 import functools
 import inspect
 
-import numpy as np
+from fastopt._interop import array_module
 
 
 def zero_pruned(mask, arrays):
     """Set the pruned entries (mask byte 0) to +0 in every array of `arrays` (None skipped)
     that has the first one's shape: Adafactor's row and column factors are left alone."""
     shape = arrays[0].shape
-    xp = np if isinstance(arrays[0], np.ndarray) else _cupy()
+    xp = array_module(arrays[0])
     pruned = (mask == 0).reshape(shape)
     for a in arrays:
         if a is not None and a.shape == shape:
             xp.copyto(a, 0, where=pruned)
-
-
-def _cupy():
-    import cupy
-    return cupy
 
 
 def with_masks(step):

@@ -15,7 +15,10 @@ hyperparameters, backend), and only then creates state and runs the kernels, so 
 raises leaves every parameter and state buffer as it was.
 """
 
+import functools
 import math
+
+import numpy as np
 
 from fastopt import _backends, _interop
 from fastopt._check import real
@@ -97,17 +100,27 @@ class Optimizer:
         skip_nonfinite (bool): a step whose gradients hold NaN or inf (a non-finite total
             norm) changes nothing - no parameter, state or step count - and sets
             ``last_step_skipped``. Its check rides on the norm pass.
+        masks: pruning masks (fastopt.prune), a list aligned with the parameters (flattened
+            over groups): a ``bool``/``uint8`` array of the parameter's shape and device
+            (0 prunes an entry), or None for a parameter left whole. After every step the
+            pruned entries of the parameter and of its state arrays are exactly +0, and
+            a pruned entry's gradient counts as 0 wherever gradients are summed up:
+            max_grad_norm, skip_nonfinite, Adafactor's row and column factors (which then
+            read a masked copy of the gradient), Lamb's and Adafactor's update norms. The
+            Cython backend zeroes the pruned entries inside the update loop, the others
+            right after each pass. Change the masks with ``set_masks``.
 
     After each step, ``last_step_skipped`` says whether it was skipped and
     ``last_grad_norm`` holds the gradients' total norm (None when nothing computed it).
     """
 
     _op = None
+    _sums_gradients = False  # whether the rule sums gradients across entries (Adafactor)
     _state_keys = ()  # names of the per-parameter state arrays (all shaped like the param)
     _state_scalars = {"step": int}  # names and types of the per-parameter state numbers
 
     def __init__(self, params, defaults, *, backend="auto", n_threads=None, max_grad_norm=None,
-                 grad_norm_type=2.0, max_grad_value=None, skip_nonfinite=False):
+                 grad_norm_type=2.0, max_grad_value=None, skip_nonfinite=False, masks=None):
         self.defaults = dict(defaults)
         self.backend = _backends.check_name(backend)
         self.n_threads = None if n_threads is None else check_threads(n_threads, "n_threads")
@@ -143,6 +156,40 @@ class Optimizer:
         groups = params if isinstance(params[0], dict) else [{"params": params}]
         for group in groups:
             self.add_param_group(group)
+        self._masks = {}  # flat parameter index -> uint8 kernel view of its pruning mask
+        if masks is not None:
+            self.set_masks(masks)
+
+    def set_masks(self, masks):
+        """Set the pruning masks (see the class docstring; None removes them all): a list
+        with one entry per parameter, flattened over groups. Checked before anything
+        changes. Pruned entries become 0 at the next step; ``fastopt.prune.apply_mask_``
+        zeroes them at once."""
+        if masks is None:
+            self._masks = {}
+            return
+        if _interop.framework_of(masks) is not None or isinstance(masks, (dict, set)):
+            raise TypeError("masks: expected a list with one mask (or None) per parameter")
+        masks = list(masks)
+        params = self.params()
+        if len(masks) != len(params):
+            raise ValueError(f"masks: expected {len(params)} entries (one per parameter, "
+                             f"flattened over param groups; None for an unpruned one), got "
+                             f"{len(masks)}")
+        views = {}
+        for i, (mask, p) in enumerate(zip(masks, params)):
+            if mask is None:
+                continue
+            view = _interop.import_input(mask, f"masks[{i}]", ("bool", "uint8"))
+            pv = _interop._check_array(p, f"params[{i}]")
+            if tuple(view.array.shape) != tuple(p.shape):
+                raise ValueError(f"masks[{i}]: shape {tuple(view.array.shape)} does not match "
+                                 f"params[{i}] shape {tuple(p.shape)}")
+            if view.device != pv[1]:
+                raise ValueError(f"masks[{i}] is on {view.device[0]}:{view.device[1]} but "
+                                 f"params[{i}] is on {pv[1][0]}:{pv[1][1]}")
+            views[i] = view.array.view(np.uint8)
+        self._masks = views
 
     def __repr__(self):
         lines = [f"{type(self).__name__} (backend={self.backend!r})"]
@@ -292,6 +339,9 @@ class Optimizer:
         """Apply one update with ``grads`` (one per parameter, flattened over groups, in
         order; ``None`` skips that parameter). Returns ``self.params()``."""
         plan = self._prepare(grads)
+        if self._masks and (self._sums_gradients or self.max_grad_norm is not None
+                            or self.skip_nonfinite):
+            plan = self._masked_grads(plan)
         n_threads = self.n_threads or get_num_threads()
         grad_args = self._grad_args(plan, n_threads)
         if grad_args is None:
@@ -302,16 +352,37 @@ class Optimizer:
                 state = self.state.get(item[0])
                 if state is None:
                     state = self.state[item[0]] = {}
-                key = (item[2].array.dtype, self._bucket_key(group, state))
+                key = (item[2].array.dtype, item[0] in self._masks,
+                       self._bucket_key(group, state))
                 bucket = buckets.get(key)
                 if bucket is None:
                     buckets[key] = [item]
                 else:
                     bucket.append(item)
-            for (dtype, _), bucket in buckets.items():
+            for (dtype, masked, _), bucket in buckets.items():
                 kernel = _backends.resolve(self._op, self.backend, device, dtype)
+                if masked:
+                    kernel = functools.partial(
+                        kernel, masks=[self._masks[item[0]] for item in bucket])
                 self._run_bucket(kernel, group, bucket, n_threads, grad_args[dtype])
         return self.params()
+
+    def _masked_grads(self, plan):
+        """The plan with each masked gradient replaced by a copy whose pruned entries are 0
+        (for the norm and Adafactor's factors; the elementwise updates do not need it)."""
+        masked = []
+        for group, items, device in plan:
+            new_items = []
+            for flat, j, pv, gv in items:
+                mask = self._masks.get(flat)
+                if mask is not None:
+                    g = gv.array
+                    xp = _interop.array_module(g)
+                    g = xp.where(mask.reshape(g.shape) != 0, g, xp.zeros((), g.dtype))
+                    gv = gv._replace(array=g)
+                new_items.append((flat, j, pv, gv))
+            masked.append((group, new_items, device))
+        return masked
 
     def _grad_args(self, plan, n_threads):
         """Per dtype, the gradient prologue's arguments (clip_grad_norm_'s coefficient and

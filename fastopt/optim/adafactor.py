@@ -63,6 +63,7 @@ class Adafactor(Optimizer):
                [0.9, 0.9]])
     """
 
+    _sums_gradients = True  # the row and column factors sum squared gradients
     _op = "adafactor_step"
     _state_keys = ("row_var", "col_var", "variance")
 

@@ -1,0 +1,363 @@
+"""fastopt.prune: masks against torch.nn.utils.prune and the NumPy reference, exact counts
+and the tie rule on every CPU backend, masks inside every optimizer, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import prune
+from conftest import CPU_BACKENDS, require_backend
+from test_optim_parity import CONFIGS, _ids
+
+torch = pytest.importorskip("torch")
+tprune = pytest.importorskip("torch.nn.utils.prune")
+
+
+def _distinct(rng, shape, dtype):
+    """Weights whose magnitudes are all different (so torch's topk order cannot matter)."""
+    n = math.prod(shape)
+    mags = (rng.permutation(n) + 1).astype(np.float64) / n
+    signs = rng.choice([-1.0, 1.0], n)
+    return (mags * signs).reshape(shape).astype(dtype)
+
+
+def _torch_l1(w, amount):
+    module = torch.nn.Linear(1, 1)
+    module.weight = torch.nn.Parameter(torch.from_numpy(w.copy()))
+    tprune.l1_unstructured(module, "weight", amount)
+    return module.weight_mask.numpy().astype(bool)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, amount", [((7,), 3), ((40, 30), 0.3), ((3, 5, 7, 11), 0.9),
+                                           ((100003,), 0.25), ((10,), 0.25), ((1,), 1.0),
+                                           ((12,), 0), ((12,), 12), ((64, 64), 0.5)])
+def test_magnitude_mask_matches_torch(backend, dtype, shape, amount):
+    require_backend(backend)
+    w = _distinct(np.random.default_rng(1), shape, dtype)
+    mask = prune.magnitude_mask(w, amount, backend=backend)
+    assert mask.dtype == bool and mask.shape == w.shape
+    np.testing.assert_array_equal(mask, _torch_l1(w, amount))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_global_masks_match_torch(backend):
+    require_backend(backend)
+    rng = np.random.default_rng(2)
+    shapes = [(30, 20), (17,), (5, 3, 3, 3), (0, 4), (2000,)]
+    flat = _distinct(rng, (sum(math.prod(s) for s in shapes),), np.float32)
+    ws, start = [], 0
+    for s in shapes:
+        ws.append(flat[start:start + math.prod(s)].reshape(s))
+        start += math.prod(s)
+    modules = [torch.nn.Linear(1, 1) for _ in ws]
+    for m, w in zip(modules, ws):
+        m.weight = torch.nn.Parameter(torch.from_numpy(w.copy()))
+    tprune.global_unstructured([(m, "weight") for m in modules], tprune.L1Unstructured,
+                               amount=0.45)
+    masks = prune.global_magnitude_masks(ws, 0.45, backend=backend)
+    for m, mask in zip(modules, masks):
+        np.testing.assert_array_equal(mask, m.weight_mask.numpy().astype(bool))
+
+
+def _tie_weights(rng, dtype):
+    """Many ties: values on a coarse grid, signed zeros, infinities, tiny denormals."""
+    w = rng.integers(-6, 7, 150001).astype(dtype) / 4
+    w[::13] = -0.0
+    w[5::101] = np.inf
+    w[7::211] = -np.inf
+    w[9::307] = np.finfo(dtype).tiny / 4
+    return w
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_ties_exact_count_and_rule(backend, dtype, n_threads):
+    require_backend(backend)
+    w = _tie_weights(np.random.default_rng(3), dtype)
+    keys = np.abs(w.astype(np.float64))
+    fastopt.set_num_threads(n_threads)
+    try:
+        for amount in (0, 1, 0.1, 0.5, 0.77, 0.999, len(w) - 1, len(w)):
+            mask = prune.magnitude_mask(w, amount, backend=backend)
+            k = amount if isinstance(amount, int) else round(amount * len(w))
+            assert (~mask).sum() == k
+            if 0 < k < len(w):
+                assert keys[~mask].max() <= keys[mask].min()
+                # the tie rule: at the threshold, the earlier entries are the pruned ones
+                thr = keys[~mask].max()
+                at = np.flatnonzero(keys == thr)
+                pruned_at = at[~mask[at]]
+                np.testing.assert_array_equal(pruned_at, at[:len(pruned_at)])
+            np.testing.assert_array_equal(mask, prune.magnitude_mask(w, amount, backend="numpy"))
+    finally:
+        fastopt.set_num_threads(2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ties_across_tensors_go_to_the_earlier_tensor(backend):
+    require_backend(backend)
+    ws = [np.full(40000, 0.5, np.float32), np.full(30000, -0.5, np.float32),
+          np.full(5, 0.25, np.float32)]
+    masks = prune.global_magnitude_masks(ws, 50005, backend=backend)
+    assert not masks[2].any()
+    assert not masks[0].any()
+    np.testing.assert_array_equal(masks[1], np.arange(30000) >= 10000)
+
+
+def test_amount_rounds_half_to_even_as_torch():
+    for n, amount in [(10, 0.25), (10, 0.35), (6, 0.25), (14, 0.25), (3, 0.5), (5, 0.5)]:
+        w = _distinct(np.random.default_rng(n), (n,), np.float32)
+        mask = prune.magnitude_mask(w, amount)
+        assert (~mask).sum() == round(amount * n)
+        np.testing.assert_array_equal(mask, _torch_l1(w, amount))
+
+
+def test_mask_dtype_and_frameworks():
+    w = _distinct(np.random.default_rng(4), (20, 10), np.float32)
+    expected = prune.magnitude_mask(w, 0.3)
+    m8 = prune.magnitude_mask(w, 0.3, dtype="uint8")
+    assert m8.dtype == np.uint8
+    np.testing.assert_array_equal(m8, expected)
+    mt = prune.magnitude_mask(torch.from_numpy(w), 0.3)
+    assert isinstance(mt, torch.Tensor) and mt.dtype == torch.bool
+    np.testing.assert_array_equal(mt.numpy(), expected)
+    jnp = pytest.importorskip("jax.numpy")
+    mj = prune.magnitude_mask(jnp.asarray(w), 0.3)
+    assert type(mj).__module__.startswith("jax") and mj.dtype == jnp.bool_
+    np.testing.assert_array_equal(np.asarray(mj), expected)
+    tf = pytest.importorskip("tensorflow")
+    mtf = prune.magnitude_mask(tf.constant(w), 0.3)
+    assert isinstance(mtf, tf.Tensor) and mtf.dtype == tf.bool
+    np.testing.assert_array_equal(mtf.numpy(), expected)
+    # a non-contiguous weight is read through a copy
+    np.testing.assert_array_equal(prune.magnitude_mask(w.T, 0.3),
+                                  prune.magnitude_mask(np.ascontiguousarray(w.T), 0.3))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_random_mask(backend):
+    require_backend(backend)
+    w = np.zeros((300, 101), np.float32)
+    mask = prune.random_mask(w, 0.3, seed=7, backend=backend)
+    assert (~mask).sum() == round(0.3 * w.size)
+    np.testing.assert_array_equal(mask, prune.random_mask(w, 0.3, seed=7, backend="numpy"))
+    assert (mask != prune.random_mask(w, 0.3, seed=8, backend=backend)).any()
+    # every position is pruned about as often as any other, over many seeds
+    small = np.zeros(20, np.float32)
+    counts = sum((~prune.random_mask(small, 5, seed=s, backend=backend)).astype(int)
+                 for s in range(400))
+    assert counts.sum() == 2000
+    assert np.all(np.abs(counts - 100) < 5 * math.sqrt(100 * 0.75))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, math.inf, -math.inf, "fro"])
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_ln_structured_matches_torch(n, dim):
+    w = np.random.default_rng(5).standard_normal((12, 9, 3)).astype(np.float32)
+    module = torch.nn.Linear(1, 1)
+    module.weight = torch.nn.Parameter(torch.from_numpy(w.copy()))
+    tprune.ln_structured(module, "weight", amount=0.4, n=n, dim=dim)
+    np.testing.assert_array_equal(prune.ln_structured_mask(w, 0.4, n=n, dim=dim),
+                                  module.weight_mask.numpy().astype(bool))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n, m, dim", [(2, 4, -1), (2, 4, 0), (1, 4, 1), (4, 8, -1), (0, 2, 0),
+                                       (3, 3, -1)])
+def test_nm_mask(dtype, n, m, dim):
+    rng = np.random.default_rng(6)
+    w = rng.integers(-4, 5, (16, 24, 24)).astype(dtype)  # many ties
+    mask = prune.nm_mask(w, n=n, m=m, dim=dim)
+    moved_w = np.moveaxis(np.abs(w), dim, -1)
+    moved_m = np.moveaxis(mask, dim, -1)
+    groups_w = moved_w.reshape(-1, m)
+    groups_m = moved_m.reshape(-1, m)
+    for gw, gm in zip(groups_w, groups_m):
+        order = np.argsort(gw, kind="stable")  # by magnitude, then index
+        expected = np.zeros(m, bool)
+        expected[order[m - n:]] = True
+        np.testing.assert_array_equal(gm, expected)
+    assert groups_m.sum(axis=1).tolist() == [n] * len(groups_m)
+
+
+def test_apply_mask():
+    w = np.array([1.0, np.nan, -np.inf, 4.0], np.float32)
+    mask = np.array([True, False, False, True])
+    assert prune.apply_mask_(w, mask) is w
+    np.testing.assert_array_equal(w, [1.0, 0.0, 0.0, 4.0])
+    assert not np.signbit(w[2])
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    prune.apply_mask_(p, torch.tensor([1, 0, 1], dtype=torch.uint8))
+    assert p.requires_grad and p.detach().tolist() == [1.0, 0.0, 3.0]
+    jnp = pytest.importorskip("jax.numpy")
+    x = jnp.asarray([1.0, 2.0], jnp.float32)
+    with pytest.raises(TypeError, match="immutable"):
+        prune.apply_mask_(x, np.array([True, False]))
+    y = prune.apply_mask(x, np.array([True, False]))
+    assert type(y).__module__.startswith("jax") and np.asarray(y).tolist() == [1.0, 0.0]
+
+
+def test_polynomial_sparsity():
+    s = [prune.polynomial_sparsity(t, 0.1, 0.9, 10, 110) for t in range(0, 130)]
+    assert s[0] == s[10] == 0.1 and s[110] == s[129] == 0.9
+    assert all(b >= a for a, b in zip(s, s[1:]))
+    t = 35
+    assert s[t] == pytest.approx(0.9 + (0.1 - 0.9) * (1 - (t - 10) / 100) ** 3, rel=1e-15)
+    assert prune.polynomial_sparsity(60, 0.0, 0.5, 10, 110, power=1) == pytest.approx(0.25)
+    assert prune.polynomial_sparsity(5, 0.0, 0.5, 5, 5) == 0.5
+
+
+BAD = [
+    (lambda w: prune.magnitude_mask(w, 1.5), ValueError, "amount"),
+    (lambda w: prune.magnitude_mask(w, -0.1), ValueError, "amount"),
+    (lambda w: prune.magnitude_mask(w, 13), ValueError, "amount=13"),
+    (lambda w: prune.magnitude_mask(w, -1), ValueError, "amount=-1"),
+    (lambda w: prune.magnitude_mask(w, True), TypeError, "amount"),
+    (lambda w: prune.magnitude_mask(w, float("nan")), ValueError, "amount"),
+    (lambda w: prune.magnitude_mask(w, 0.5, dtype="float32"), ValueError, "dtype"),
+    (lambda w: prune.magnitude_mask(w.astype(np.int32), 0.5), TypeError, "w: dtype int32"),
+    (lambda w: prune.global_magnitude_masks([w, w.astype(np.float64)], 0.5), ValueError,
+     r"ws\[1\]"),
+    (lambda w: prune.global_magnitude_masks([], 0.5), ValueError, "ws"),
+    (lambda w: prune.random_mask(w, 0.5, seed=-1), ValueError, "seed"),
+    (lambda w: prune.random_mask(w, 0.5, seed=2 ** 64), ValueError, "seed"),
+    (lambda w: prune.ln_structured_mask(w, 0.5, n=0, dim=0), ValueError, "n must"),
+    (lambda w: prune.ln_structured_mask(w, 0.5, n=2, dim=2), ValueError, "dim=2"),
+    (lambda w: prune.ln_structured_mask(w, 5, n=2, dim=0), ValueError, "amount=5"),
+    (lambda w: prune.nm_mask(w, n=3, m=2), ValueError, "n must be <= m"),
+    (lambda w: prune.nm_mask(w, n=2, m=5), ValueError, "multiple of m=5"),
+    (lambda w: prune.nm_mask(w, n=2, m=4, dim=3), ValueError, "dim=3"),
+    (lambda w: prune.apply_mask_(w, np.ones((4, 3), bool)), ValueError, "mask: shape"),
+    (lambda w: prune.apply_mask_(w, np.ones((3, 4), np.float32)), TypeError, "mask: dtype"),
+    (lambda w: prune.apply_mask_(w[:, ::2], np.ones((3, 2), bool)), ValueError, "contiguous"),
+    (lambda w: prune.polynomial_sparsity(5, 0.0, 1.5, 0, 10), ValueError, "final"),
+    (lambda w: prune.polynomial_sparsity(5, 0.0, 0.5, 10, 0), ValueError, "end must"),
+    (lambda w: prune.polynomial_sparsity(5, 0.0, 0.5, 0, 10, power=0), ValueError, "power"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", BAD)
+def test_bad_input(call, error, match):
+    w = np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5
+    before = w.copy()
+    with pytest.raises(error, match=match):
+        call(w)
+    np.testing.assert_array_equal(w, before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_weights_are_refused(backend):
+    require_backend(backend)
+    ws = [np.ones(5, np.float32), np.array([1.0, np.nan], np.float32)]
+    with pytest.raises(ValueError, match=r"ws\[1\]: holds NaN"):
+        prune.global_magnitude_masks(ws, 0.5, backend=backend)
+    for fn in (lambda w: prune.ln_structured_mask(w, 1, n=2, dim=0),
+               lambda w: prune.nm_mask(w, 1, 2)):
+        with pytest.raises(ValueError, match="NaN"):
+            fn(ws[1])
+
+
+# -- masks inside the optimizers
+
+MASK_SHAPES = [(37, 50), (100003,), (3, 4, 5), (7,)]
+
+
+def _masked_run(name, kw, backend, dtype, n_threads, steps=6, **opt_kw):
+    rng = np.random.default_rng(11)
+    params = [rng.standard_normal(s).astype(dtype) for s in MASK_SHAPES]
+    masks = [prune.magnitude_mask(params[0], 0.5), None,
+             prune.random_mask(params[2], 0.3, seed=1, dtype="uint8"),
+             prune.magnitude_mask(params[3], 7)]
+    opt = getattr(fastopt, name)(params, backend=backend, n_threads=n_threads, masks=masks,
+                                 **kw, **opt_kw)
+    for _ in range(steps):
+        grads = [rng.standard_normal(s).astype(dtype) for s in MASK_SHAPES]
+        for g, m in zip(grads, masks):
+            if m is not None:
+                g[m == 0] = np.nan  # never reaches a kept entry
+        opt.step(grads)
+    return params, masks, opt
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+def test_optimizer_masks(backend, config):
+    require_backend(backend)
+    name, kw = config
+    params, masks, opt = _masked_run(name, kw, backend, np.float32, 2)
+    for i, (p, m) in enumerate(zip(params, masks)):
+        if m is None:
+            assert np.isfinite(p).all()
+            continue
+        pruned = np.asarray(m) == 0
+        assert (p[pruned] == 0).all() and not np.signbit(p[pruned]).any()
+        assert np.isfinite(p[~pruned]).all()
+        for key, state in opt.state[i].items():
+            if getattr(state, "shape", None) == p.shape:
+                assert (state[pruned] == 0).all(), key
+    if backend != "numpy":
+        ref, _, _ = _masked_run(name, kw, "numpy", np.float32, 1)
+        for p, r in zip(params, ref):
+            np.testing.assert_array_equal(p, r)
+        one, _, _ = _masked_run(name, kw, backend, np.float32, 1)
+        for p, r in zip(params, one):
+            np.testing.assert_array_equal(p, r)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_masked_entries_count_as_zero_gradient_in_the_norm(backend):
+    require_backend(backend)
+    params, masks, _ = _masked_run("Adam", dict(lr=0.01), backend, np.float64, 2,
+                                   max_grad_norm=0.5, skip_nonfinite=True)
+    # NaN gradients in pruned entries neither skip the step nor poison the norm
+    assert all(np.isfinite(p).all() for p in params)
+
+
+def test_masked_elementwise_step_leaves_kept_entries_as_unmasked():
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal(1000).astype(np.float32)
+    mask = prune.magnitude_mask(w, 0.5)
+    a, b = w.copy(), w.copy()
+    opt_a = fastopt.AdamW([a], lr=0.01, weight_decay=0.1, masks=[mask])
+    opt_b = fastopt.AdamW([b], lr=0.01, weight_decay=0.1)
+    for _ in range(5):
+        g = rng.standard_normal(1000).astype(np.float32)
+        opt_a.step([g])
+        opt_b.step([g])
+    np.testing.assert_array_equal(a[mask], b[mask])
+    assert (a[~mask] == 0).all()
+    opt_a.set_masks(None)
+    opt_a.step([np.ones(1000, np.float32)])
+    assert (a[~mask] != 0).all()
+
+
+def test_optimizer_masks_torch_parameters():
+    w = torch.randn(50, 20)
+    mask = prune.magnitude_mask(w, 0.6)
+    assert mask.dtype == torch.bool
+    opt = fastopt.SGD([w], lr=0.1, momentum=0.9, masks=[mask])
+    opt.step([torch.randn(50, 20)])
+    assert (w[~mask] == 0).all()
+    assert (opt.state[0]["momentum_buffer"][~mask.numpy()] == 0).all()
+
+
+@pytest.mark.parametrize("masks, error, match", [
+    ([np.ones(3, bool)], ValueError, "expected 2 entries"),
+    ([np.ones(4, bool), None], ValueError, r"masks\[0\]: shape"),
+    ([None, np.ones(5, np.float32)], TypeError, r"masks\[1\]: dtype float32"),
+    (np.ones(3, bool), TypeError, "masks: expected a list"),
+])
+def test_bad_optimizer_masks(masks, error, match):
+    params = [np.ones(3, np.float32), np.ones(5, np.float32)]
+    opt = fastopt.Adam(params, lr=0.1, masks=[None, np.zeros(5, bool)])
+    with pytest.raises(error, match=match):
+        opt.set_masks(masks)
+    with pytest.raises(error, match=match):
+        fastopt.Adam(params, lr=0.1, masks=masks)
+    opt.step([np.ones(3, np.float32), np.ones(5, np.float32)])
+    assert (params[1] == 0).all() and (params[0] != 1).all()  # the old masks still hold
