@@ -90,7 +90,7 @@ def _check_array(x, name, dtypes=FLOAT_DTYPES):
         raise TypeError(f"{name}: expected an array (NumPy, PyTorch, JAX, TensorFlow or CuPy), "
                         f"got {type(x).__name__}")
     dtype = _dtype_name(x, fw)
-    if dtype not in dtypes:
+    if dtypes is not None and dtype not in dtypes:
         raise TypeError(f"{name}: dtype {dtype} is not supported here; expected "
                         f"{' or '.join(dtypes)}")
     device = _device(x, fw)
@@ -286,7 +286,7 @@ def new_array(shape, dtype, like):
                              f"got {like!r}")
         device = ("cuda", 0) if fw == "cupy" else _CPU
     else:
-        fw, device = _check_array(like, "like")
+        fw, device = _check_array(like, "like", dtypes=None)
     if device[0] == "cuda":
         import cupy
         with cupy.cuda.Device(device[1]):

@@ -60,6 +60,7 @@ OPS = {
     "weight_norm_sums": ("numpy", "cython", "numba", "cupy"),
     "weight_norm_apply": ("numpy", "cython", "numba", "cupy"),
     "magnitude_masks": ("numpy", "cython", "numba"),
+    "quant_loop": ("numpy", "cython"),
 }
 
 AUTO_ORDER = {"cpu": ("cython", "numba", "numpy"), "cuda": ("cupy",)}

@@ -15,7 +15,7 @@ import numpy as np
 
 from fastopt._backends import _select, _slices, _twopass
 from fastopt._backends._pack import pack, random_args
-from fastopt._cpu import _optim, _prune, _random, _wnorm
+from fastopt._cpu import _optim, _prune, _quant, _random, _wnorm
 from fastopt.optim import _scalars
 
 MASKS_IN_KERNELS = True  # the driver zeroes pruned entries inside each chunk's update
@@ -132,3 +132,9 @@ def prune_mask(arrays, masks, thr, tie_modes, n_threads):
 
 
 magnitude_masks = functools.partial(_select.magnitude_masks, sys.modules[__name__])
+
+
+def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signed, *,
+               n_threads):
+    return _quant.loop(op, x.reshape(-1), out.reshape(-1), None if gy is None else gy.reshape(-1),
+                       B, C, inv, zp, scale, qmin, qmax, fused, is_signed, n_threads)

@@ -15,15 +15,18 @@
 typedef void (*fo_chunk_fn)(char **ptr, ptrdiff_t lo, ptrdiff_t n, const void *args);
 
 /*
- * Function multi-versioning: each chunk function is compiled for AVX-512, AVX2 and the
- * x86-64 baseline, and the loader picks the best one the CPU has (GCC's ifunc). The build
- * runs on any x86-64; with SSE2 alone Adam is compute-bound (sqrt and divide) on 2 cores.
- * Results are identical on every path: sqrt and divide are correctly rounded and the build
- * forbids contracting a*b+c into an FMA (-ffp-contract=off).
+ * Function multi-versioning: each chunk function is compiled for the x86-64 levels v4
+ * (AVX-512), v3 (AVX2 with FMA) and the baseline, and the loader picks the best one the CPU
+ * has (GCC's ifunc). The build runs on any x86-64; with SSE2 alone Adam is compute-bound
+ * (sqrt and divide) on 2 cores. Results are identical on every path: sqrt and divide are
+ * correctly rounded, the build forbids contracting a*b+c into an FMA (-ffp-contract=off),
+ * and the one explicit fma (torch's per-tensor quantize) is correctly rounded too; the
+ * levels, rather than single features, give the vector paths FMA instructions for it.
  */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FO_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#define FO_CLONES "AVX-512, AVX2, x86-64 baseline"
+#define FO_MULTIVERSION \
+    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FO_CLONES "x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA), x86-64 baseline"
 #else
 #define FO_MULTIVERSION
 #define FO_CLONES "baseline only"
@@ -45,6 +48,35 @@ typedef void (*fo_chunk_fn)(char **ptr, ptrdiff_t lo, ptrdiff_t n, const void *a
             const T *restrict pin_ = (const T *)ptr[0] + lo;                              \
             T *restrict pout_ = (T *)ptr[1] + lo;                                         \
             for (i = 0; i < n; i++) pout_[i] = FN(pin_[i], __VA_ARGS__);                  \
+        }                                                                                 \
+    } while (0)
+
+/*
+ * Elements lo .. lo + n - 1 of an array viewed as (A, B, C) around one of its dims, with a
+ * factor per slice b of that dim (weight norm's per-slice factors, per-channel quantization
+ * parameters): element i_ belongs to slice b_ = (i_ / C) % B. With C == 1 consecutive
+ * elements are consecutive slices, otherwise runs of C share one; BODY handles element i_
+ * of slice b_, and each run's loop is contiguous, so it vectorizes.
+ */
+#define FO_SLICE_WALK(B_, C_, LO, N, BODY)                                                \
+    do {                                                                                  \
+        const ptrdiff_t B = (B_), C = (C_), end = (LO) + (N);                             \
+        ptrdiff_t i = (LO), i_;                                                           \
+        while (i < end) {                                                                 \
+            const ptrdiff_t row = i / C, b = row % B;                                     \
+            const ptrdiff_t run = C == 1 ? B - b : (row + 1) * C - i;                     \
+            const ptrdiff_t stop = i + run < end ? i + run : end;                         \
+            if (C == 1)                                                                   \
+                for (i_ = i; i_ < stop; i_++) {                                           \
+                    const ptrdiff_t b_ = b + (i_ - i);                                    \
+                    BODY;                                                                 \
+                }                                                                         \
+            else                                                                          \
+                for (i_ = i; i_ < stop; i_++) {                                           \
+                    const ptrdiff_t b_ = b;                                               \
+                    BODY;                                                                 \
+                }                                                                         \
+            i = stop;                                                                     \
         }                                                                                 \
     } while (0)
 

@@ -56,33 +56,14 @@ typedef struct {
         FO_WNORM_WALK(T, o[i_] = fo_wnorm_grad_##SFX(v[i_], gw[i_], k1[b_], k3[b_]))           \
     }
 
-/* Element i_ of the flattened (A, B, C) weight belongs to slice b_ = (i_ / C) % B: with
-   C == 1 consecutive elements are consecutive slices, otherwise runs of C share one. BODY
-   writes element i_ from the factors of slice b_. */
+/* BODY writes element i_ from the factors of slice b_ (FO_SLICE_WALK, chunks.h) */
 #define FO_WNORM_WALK(T, BODY)                                                            \
     const fo_wnorm_args *a = (const fo_wnorm_args *)args;                                 \
     const T *restrict k1 = (const T *)a->k1, *restrict k3 = (const T *)a->k3;             \
     T *restrict o = (T *)ptr[0];                                                          \
     const T *restrict v = (const T *)ptr[1];                                              \
-    const ptrdiff_t B = a->B, C = a->C, end = lo + n;                                     \
-    ptrdiff_t i = lo, i_;                                                                 \
     (void)k3;                                                                             \
-    while (i < end) {                                                                     \
-        const ptrdiff_t row = i / C, b = row % B;                                         \
-        const ptrdiff_t run = C == 1 ? B - b : (row + 1) * C - i;                         \
-        const ptrdiff_t stop = i + run < end ? i + run : end;                             \
-        if (C == 1)                                                                       \
-            for (i_ = i; i_ < stop; i_++) {                                               \
-                const ptrdiff_t b_ = b + (i_ - i);                                        \
-                BODY;                                                                     \
-            }                                                                             \
-        else                                                                              \
-            for (i_ = i; i_ < stop; i_++) {                                               \
-                const ptrdiff_t b_ = b;                                                   \
-                BODY;                                                                     \
-            }                                                                             \
-        i = stop;                                                                         \
-    }
+    FO_SLICE_WALK(a->B, a->C, lo, n, BODY);
 
 #define FO_DOT_TERM_f32(i) fo_dot_term_f32(x[i], y[i])
 #define FO_DOT_TERM_f64(i) fo_dot_term_f64(x[i], y[i])

@@ -1,0 +1,436 @@
+r"""Quantization: affine int8/uint8/int4/uint4 codes, their parameters, and fake
+quantization for quantization-aware training, with torch's rounding.
+
+.. math::
+    q = \mathrm{clamp}(\mathrm{round}(x / s) + z,\ q_{min},\ q_{max}),\qquad
+    \hat x = (q - z)\, s
+
+per tensor (one scale ``s`` and zero point ``z``) or per channel (one per index along
+``axis``). Rounding is half to even, in the dtype of ``x`` and in torch's order of
+operations, so int8/uint8 codes are bit-identical to ``torch.quantize_per_tensor`` /
+``torch.quantize_per_channel`` (x86 build): with ``inv = 1 / s`` rounded to float32 first,
+a float32 tensor per tensor rounds ``fma(x, inv, z)`` (FBGEMM's kernel), per channel
+``x * inv + z`` with two roundings. float64 tensors (which torch refuses) use the second
+form in float64. ``dequantize`` computes ``(q - z) * s`` in float64 and rounds once, with
+the scale first rounded to float32 per tensor, as torch does.
+
+Symmetric quantization is the special case ``z = 0`` (int) or the middle code (uint).
+Codes are returned as plain ``int8``/``uint8`` arrays of ``x``'s framework (not torch's
+quantized tensor type); 4-bit codes sit one per byte until ``pack_int4`` puts two in one.
+
+>>> import numpy as np, fastopt
+>>> x = np.array([-1.0, -0.05, 0.05, 0.15, 2.0], np.float32)
+>>> q = fastopt.quant.quantize(x, 0.1, 0)
+>>> q
+array([-10,   0,   0,   2,  20], dtype=int8)
+>>> fastopt.quant.dequantize(q, 0.1, 0)
+array([-1. ,  0. ,  0. ,  0.2,  2. ], dtype=float32)
+>>> fastopt.quant.unpack_int4(fastopt.quant.pack_int4(np.array([-8, 7, 3], np.int8)), 3)
+array([-8,  7,  3], dtype=int8)
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+from fastopt import _backends, _check, _interop
+from fastopt._config import get_num_threads
+
+__all__ = ["quantize", "dequantize", "fake_quantize", "fake_quantize_backward", "pack_int4",
+           "unpack_int4", "qparams", "MovingAverageObserver", "QDTYPES"]
+
+# name -> (qmin, qmax, code dtype)
+QDTYPES = {"int8": (-128, 127, np.int8), "uint8": (0, 255, np.uint8),
+           "int4": (-8, 7, np.int8), "uint4": (0, 15, np.uint8)}
+EPS = float(np.finfo(np.float32).eps)  # torch's observers' smallest scale
+
+
+def _qdtype(dtype):
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    return QDTYPES[_check.choice("dtype", name, tuple(QDTYPES))], name
+
+
+def _device(arr):
+    return "cpu" if isinstance(arr, np.ndarray) else "cuda"
+
+
+def _axis(axis, ndim):
+    if axis is None:
+        return None
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an int or None, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis={axis} is out of range for an array of {ndim} dims")
+    return int(axis) % ndim
+
+
+def _geometry(shape, axis):
+    """(B, C) of the array viewed as (A, B, C) around `axis` (B = 1 per tensor)."""
+    if axis is None:
+        return 1, max(math.prod(shape), 1)
+    return shape[axis], max(math.prod(shape[axis + 1:]), 1)
+
+
+def _host_values(value, name, count, axis):
+    """A parameter (a number, or one per channel) as a float64/int64 host array of `count`."""
+    if _interop.framework_of(value) is not None:
+        value = _interop._host(value)
+    arr = np.asarray(value)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number)
+                                   or arr.dtype == np.bool_):
+        raise TypeError(f"{name}: expected a number or an array of numbers, got {value!r}")
+    if axis is None:
+        if arr.size != 1:
+            raise ValueError(f"{name}: per-tensor quantization (axis=None) takes one value, "
+                             f"got {arr.size}")
+    elif arr.ndim != 1 or arr.size != count:
+        raise ValueError(f"{name}: per-channel quantization along axis {axis} takes "
+                         f"{count} values (one per channel), got shape {arr.shape}")
+    return arr.reshape(-1)
+
+
+def _scales(scale, count, axis):
+    s = _host_values(scale, "scale", count, axis)
+    if np.issubdtype(s.dtype, np.bool_):
+        raise TypeError("scale: expected real numbers, got bool")
+    s = s.astype(np.float64)
+    bad = ~(np.isfinite(s) & (s > 0))
+    if bad.any():
+        i = int(np.argmax(bad))
+        where = "" if axis is None else f"[{i}]"
+        raise ValueError(f"scale{where} must be finite and > 0, got {s[i]!r}")
+    return s
+
+
+def _zero_points(zero_point, count, axis, qmin, qmax):
+    z = _host_values(zero_point, "zero_point", count, axis)
+    if np.issubdtype(z.dtype, np.floating):
+        if not (np.isfinite(z).all() and (z == np.round(z)).all()):
+            raise TypeError(f"zero_point: expected integers, got {zero_point!r}")
+    elif not np.issubdtype(z.dtype, np.integer) or z.dtype == np.bool_:
+        raise TypeError(f"zero_point: expected integers, got {zero_point!r}")
+    z = z.astype(np.int64)
+    bad = (z < qmin) | (z > qmax)
+    if bad.any():
+        i = int(np.argmax(bad))
+        where = "" if axis is None else f"[{i}]"
+        raise ValueError(f"zero_point{where}={int(z[i])} is outside the code range "
+                         f"[{qmin}, {qmax}]")
+    return z
+
+
+def _inv(scales, dtype):
+    """1 / scale as torch computes it: the scale rounded to the dtype, then the division."""
+    s = scales.astype(dtype)
+    return (dtype.type(1) / s).astype(dtype)
+
+
+def _loop(backend, float_arr):
+    return _backends.resolve("quant_loop", backend, _device(float_arr), float_arr.dtype)
+
+
+def _refuse_nan(count, name):
+    if count:
+        raise ValueError(f"{name}: holds {count} NaN value(s), which have no quantized code")
+
+
+def quantize(x, scale, zero_point, dtype="int8", axis=None, *, backend="auto"):
+    """Codes of ``x`` (float32 or float64, any framework): ``int8``/``int4`` codes as an
+    int8 array, ``uint8``/``uint4`` as uint8, of ``x``'s framework and shape.
+
+    Args:
+        scale: a positive number (per tensor) or one per index of ``x.shape[axis]``.
+        zero_point: an integer in the code range, or one per channel.
+        dtype: ``"int8"`` (default), ``"uint8"``, ``"int4"`` (codes -8..7), ``"uint4"`` (0..15).
+        axis: None for per-tensor, else the channel axis.
+    """
+    (qmin, qmax, code), _ = _qdtype(dtype)
+    _backends.check_name(backend)
+    arr = _interop.import_input(x, "x").array
+    axis = _axis(axis, arr.ndim)
+    B, C = _geometry(arr.shape, axis)
+    scales = _scales(scale, B, axis)
+    zps = _zero_points(zero_point, B, axis, qmin, qmax)
+    out, finish = _interop.new_array(arr.shape, code, x)
+    if arr.size:
+        nan = _loop(backend, arr)(
+            "quantize", arr, out.view(np.uint8), None, B, C, _inv(scales, arr.dtype),
+            zps.astype(arr.dtype), None, qmin, qmax,
+            axis is None and arr.dtype == np.float32, qmin < 0, n_threads=get_num_threads())
+        _refuse_nan(nan, "x")
+    return finish()
+
+
+def dequantize(q, scale, zero_point, axis=None, *, dtype="float32", backend="auto"):
+    """``(q - zero_point) * scale`` of int8 or uint8 codes ``q`` (4-bit codes unpacked), as a
+    new ``dtype`` (float32, default, or float64) array of ``q``'s framework; computed in
+    float64 and rounded once, as ``torch.dequantize`` (a per-tensor scale rounded to float32
+    first, as torch's per-tensor kernel)."""
+    view = _interop.import_input(q, "q", ("int8", "uint8")).array
+    signed = view.dtype == np.int8
+    qmin, qmax = (-128, 127) if signed else (0, 255)
+    out_dtype = np.dtype(_check.choice("dtype", np.dtype(dtype).name, ("float32", "float64")))
+    _backends.check_name(backend)
+    axis = _axis(axis, view.ndim)
+    B, C = _geometry(view.shape, axis)
+    scales = _scales(scale, B, axis)
+    if axis is None and out_dtype == np.float32:
+        scales = scales.astype(np.float32).astype(np.float64)  # torch's per-tensor kernel
+    zps = _zero_points(zero_point, B, axis, qmin, qmax)
+    out, finish = _interop.new_array(view.shape, out_dtype, q)
+    if view.size:
+        _loop(backend, out)("dequantize", view.view(np.uint8), out, None, B, C, None,
+                            zps.astype(np.int32), scales, qmin, qmax, False, signed,
+                            n_threads=get_num_threads())
+    return finish()
+
+
+def _fake_args(x, scale, zero_point, qmin, qmax, axis, backend, named):
+    _backends.check_name(backend)
+    qmin = _check.integer("qmin", qmin, lo=-2 ** 31)
+    qmax = _check.integer("qmax", qmax, lo=-2 ** 31)
+    if not qmin <= qmax:
+        raise ValueError(f"qmin must be <= qmax, got qmin={qmin}, qmax={qmax}")
+    views = {name: _interop.import_input(a, name).array for name, a in named.items()}
+    arr = views["x"]
+    for name, v in views.items():
+        if v.shape != arr.shape or v.dtype != arr.dtype or _device(v) != _device(arr):
+            raise ValueError(f"{name}: expected x's shape {arr.shape} and dtype {arr.dtype} "
+                             f"on its device, got {v.shape}, {v.dtype}")
+    axis = _axis(axis, arr.ndim)
+    B, C = _geometry(arr.shape, axis)
+    scales = _scales(scale, B, axis)
+    zps = _zero_points(zero_point, B, axis, qmin, qmax)
+    return views, (B, C), scales.astype(np.float32).astype(arr.dtype), zps, qmin, qmax
+
+
+def fake_quantize(x, scale, zero_point, qmin, qmax, axis=None, *, backend="auto"):
+    r"""Quantize and dequantize in one pass, for quantization-aware training, as
+    ``torch.fake_quantize_per_tensor_affine`` (axis None) and
+    ``torch.fake_quantize_per_channel_affine``:
+    :math:`y = (\mathrm{clamp}(\mathrm{round}(x \cdot inv) + z, q_{min}, q_{max}) - z)\,s`,
+    with the scale rounded to float32 first, as torch's kernels take it. Returns a new
+    array of ``x``'s framework."""
+    views, (B, C), scales, zps, qmin, qmax = _fake_args(x, scale, zero_point, qmin, qmax, axis,
+                                                        backend, {"x": x})
+    arr = views["x"]
+    out, finish = _interop.new_array(arr.shape, arr.dtype, x)
+    if arr.size:
+        nan = _loop(backend, arr)("fake_quantize", arr, out, None, B, C, _inv(scales, arr.dtype),
+                                  zps.astype(arr.dtype), scales, qmin, qmax, False, False,
+                                  n_threads=get_num_threads())
+        _refuse_nan(nan, "x")
+    return finish()
+
+
+def fake_quantize_backward(grad_y, x, scale, zero_point, qmin, qmax, axis=None, *,
+                           backend="auto"):
+    """The gradient of ``fake_quantize`` with respect to ``x``, as torch's autograd: the
+    straight-through estimator, ``grad_y`` where ``round(x * inv) + z`` lies in
+    ``[qmin, qmax]``, 0 outside. Returns a new array of ``x``'s framework."""
+    views, (B, C), scales, zps, qmin, qmax = _fake_args(x, scale, zero_point, qmin, qmax, axis,
+                                                        backend, {"x": x, "grad_y": grad_y})
+    arr = views["x"]
+    out, finish = _interop.new_array(arr.shape, arr.dtype, x)
+    if arr.size:
+        nan = _loop(backend, arr)("fake_quantize_grad", arr, out, views["grad_y"], B, C,
+                                  _inv(scales, arr.dtype), zps.astype(arr.dtype), scales, qmin,
+                                  qmax, False, False, n_threads=get_num_threads())
+        _refuse_nan(nan, "x")
+    return finish()
+
+
+def pack_int4(q):
+    """Two 4-bit codes per byte: the codes of ``q`` (int8 in [-8, 7] or uint8 in [0, 15]),
+    flattened in C order, element 2i in the low nibble of byte i and 2i + 1 in the high
+    one (the last high nibble is 0 for an odd count). Returns a 1-D uint8 array of
+    ``ceil(q.size / 2)`` bytes of ``q``'s framework."""
+    view = _interop.import_input(q, "q", ("int8", "uint8")).array
+    xp = _interop.array_module(view)
+    flat = view.reshape(-1)
+    lo, hi = (-8, 7) if view.dtype == np.int8 else (0, 15)
+    if flat.size and bool(((flat < lo) | (flat > hi)).any()):
+        raise ValueError(f"q: holds values outside [{lo}, {hi}], the 4-bit codes of its dtype")
+    nibbles = flat.view(np.uint8) & 0xF
+    if flat.size % 2:
+        nibbles = xp.concatenate([nibbles, xp.zeros(1, np.uint8)])
+    out, finish = _interop.new_array((nibbles.size // 2,), np.uint8, q)
+    out[...] = nibbles[0::2] | (nibbles[1::2] << 4)
+    return finish()
+
+
+def unpack_int4(packed, n, *, signed=True):
+    """The first ``n`` 4-bit codes of ``pack_int4``'s bytes: int8 in [-8, 7] (``signed``,
+    default) or uint8 in [0, 15], a 1-D array of ``packed``'s framework."""
+    view = _interop.import_input(packed, "packed", ("uint8",)).array
+    n = _check.integer("n", n, lo=0)
+    if n > 2 * view.size:
+        raise ValueError(f"n={n} is more than the {2 * view.size} codes {view.size} bytes hold")
+    xp = _interop.array_module(view)
+    flat = view.reshape(-1)
+    nibbles = xp.stack([flat & 0xF, flat >> 4], axis=1).reshape(-1)[:n]
+    out, finish = _interop.new_array((n,), np.int8 if signed else np.uint8, packed)
+    if signed:
+        out[...] = ((nibbles ^ 8).astype(np.int8) - 8)
+    else:
+        out[...] = nibbles
+    return finish()
+
+
+# -- choosing the parameters
+
+def _minmax(arr, axis):
+    xp = _interop.array_module(arr)
+    if axis is None:
+        return xp.asarray(arr.min()).reshape(1), xp.asarray(arr.max()).reshape(1)
+    moved = xp.moveaxis(arr, axis, 0).reshape(arr.shape[axis], -1)
+    return moved.min(axis=1), moved.max(axis=1)
+
+
+def _qparams_from_range(lo, hi, qmin, qmax, symmetric):
+    """torch's _calculate_qparams (float32 arithmetic): (scale float64, zero_point int64)."""
+    f32 = np.float32
+    lo = np.minimum(np.asarray(lo, f32), f32(0))
+    hi = np.maximum(np.asarray(hi, f32), f32(0))
+    if symmetric:
+        hi = np.maximum(-lo, hi)
+        scale = np.maximum(hi / f32((qmax - qmin) / 2), f32(EPS))
+        zp = np.full(scale.shape, 0 if qmin < 0 else (qmin + qmax + 1) // 2, np.int64)
+    else:
+        scale = np.maximum((hi - lo) / f32(qmax - qmin), f32(EPS))
+        zp = qmin - np.round(lo / scale).astype(np.int64)
+        zp = np.clip(zp, qmin, qmax)
+    return scale.astype(np.float64), zp
+
+
+def _result(scale, zp, axis):
+    if axis is None:
+        return float(scale[0]), int(zp[0])
+    return scale, zp
+
+
+def qparams(x, dtype, axis=None, symmetric=False, method="minmax", *, percentile=99.99,
+            grid=100):
+    """``(scale, zero_point)`` for quantizing ``x`` to ``dtype``: floats for per tensor
+    (axis None), else float64 and int64 arrays with one value per channel.
+
+    Methods:
+        ``"minmax"``: the range [min(x, 0), max(x, 0)], with torch's formulas
+            (MinMaxObserver / PerChannelMinMaxObserver, float32 arithmetic, scale >= float32
+            eps; symmetric: zero point 0 for signed codes, the middle code for unsigned).
+        ``"percentile"``: the range between the ``100 - percentile`` and ``percentile``
+            percentiles of x (per channel), clipping outliers.
+        ``"mse"``: of ``grid`` candidate ranges, ``k / grid`` times the min-max range for
+            k = 1..grid, the one whose fake-quantized x has the least squared error.
+    """
+    (qmin, qmax, _), _ = _qdtype(dtype)
+    arr = _interop.import_input(x, "x").array
+    if arr.size == 0:
+        raise ValueError("x: empty; quantization parameters need values to observe")
+    axis = _axis(axis, arr.ndim)
+    method = _check.choice("method", method, ("minmax", "percentile", "mse"))
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
+    if not bool(_interop.array_module(arr).isfinite(arr).all()):
+        raise ValueError("x: holds NaN or inf; quantization parameters need finite values")
+    host = np.asarray(_interop._host(arr))
+    if method == "percentile":
+        p = _check.real("percentile", percentile, lo=50.0, hi=100.0)
+        moved = host.reshape(1, -1) if axis is None else \
+            np.moveaxis(host, axis, 0).reshape(host.shape[axis], -1)
+        lo = np.percentile(moved.astype(np.float64), 100.0 - p, axis=1)
+        hi = np.percentile(moved.astype(np.float64), p, axis=1)
+        return _result(*_qparams_from_range(lo, hi, qmin, qmax, symmetric), axis)
+    lo, hi = (np.asarray(v) for v in _minmax(host, axis))
+    if method == "minmax":
+        return _result(*_qparams_from_range(lo, hi, qmin, qmax, symmetric), axis)
+    grid = _check.integer("grid", grid, lo=1)
+    B, C = _geometry(host.shape, axis)
+    x3 = host.reshape(-1, B, C)
+    best = (np.full(B, np.inf), None, None)
+    for k in range(1, grid + 1):
+        scale, zp = _qparams_from_range(lo * (k / grid), hi * (k / grid), qmin, qmax, symmetric)
+        s = scale.astype(np.float32).astype(host.dtype).reshape(1, B, 1)
+        z = zp.astype(host.dtype).reshape(1, B, 1)
+        y = (np.clip(np.rint(x3 * (host.dtype.type(1) / s)) + z, qmin, qmax) - z) * s
+        err = ((y - x3).astype(np.float64) ** 2).sum(axis=(0, 2))
+        better = err < best[0]
+        best = (np.where(better, err, best[0]),
+                scale if best[1] is None else np.where(better, scale, best[1]),
+                zp if best[2] is None else np.where(better, zp, best[2]))
+    return _result(best[1], best[2], axis)
+
+
+class MovingAverageObserver:
+    """Calibration over batches: tracks the range of what it observes, then gives
+    ``qparams()``, as torch's observers (minmax formulas, see ``qparams``).
+
+    Args:
+        dtype: the codes' dtype (``"int8"``, ``"uint8"``, ``"int4"``, ``"uint4"``).
+        axis: None for one range (MovingAverageMinMaxObserver / MinMaxObserver), else the
+            channel axis (MovingAveragePerChannelMinMaxObserver / PerChannelMinMaxObserver).
+        symmetric: symmetric ranges (``per_tensor_symmetric`` / ``per_channel_symmetric``).
+        averaging_constant: c in ``min <- min + c (batch_min - min)`` (the first batch sets
+            the range); None keeps the running extremes instead (MinMaxObserver).
+
+    >>> import numpy as np, fastopt
+    >>> obs = fastopt.quant.MovingAverageObserver("uint8", averaging_constant=0.5)
+    >>> obs.observe(np.array([-1.0, 3.0])); obs.observe(np.array([1.0, 5.0]))
+    >>> obs.min_val, obs.max_val
+    (0.0, 4.0)
+    """
+
+    def __init__(self, dtype="uint8", axis=None, symmetric=False, averaging_constant=0.01):
+        (self._qmin, self._qmax, _), self.dtype = _qdtype(dtype)
+        self.axis = None if axis is None else _check.integer("axis", axis, lo=-2 ** 31)
+        if not isinstance(symmetric, bool):
+            raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
+        self.symmetric = symmetric
+        self.averaging_constant = None if averaging_constant is None else _check.real(
+            "averaging_constant", averaging_constant, lo=0.0, hi=1.0, lo_open=True)
+        self._min = self._max = None
+
+    def _value(self, v):
+        if v is None or self.axis is not None:
+            return v
+        return float(v[0])
+
+    @property
+    def min_val(self):
+        """The observed minimum (a float, or one float32 per channel); None before any."""
+        return self._value(self._min)
+
+    @property
+    def max_val(self):
+        """The observed maximum, as min_val."""
+        return self._value(self._max)
+
+    def observe(self, x):
+        """Take one batch into the range (float32 arithmetic, as torch's observers)."""
+        arr = _interop.import_input(x, "x").array
+        if arr.size == 0:
+            return
+        axis = _axis(self.axis, arr.ndim)
+        if not bool(_interop.array_module(arr).isfinite(arr).all()):
+            raise ValueError("x: holds NaN or inf; observers need finite values")
+        lo, hi = (np.asarray(_interop._host(v), np.float32) for v in _minmax(arr, axis))
+        if self._min is not None and self._min.shape != lo.shape:
+            raise ValueError(f"x: has {lo.size} channels along axis {self.axis}, earlier "
+                             f"batches had {self._min.size}")
+        c = self.averaging_constant
+        if self._min is None:
+            self._min, self._max = lo, hi
+        elif c is None:
+            self._min, self._max = np.minimum(self._min, lo), np.maximum(self._max, hi)
+        else:
+            c = np.float32(c)
+            self._min = self._min + c * (lo - self._min)
+            self._max = self._max + c * (hi - self._max)
+
+    def qparams(self):
+        """(scale, zero_point) for the range observed so far (see ``qparams``)."""
+        if self._min is None:
+            raise RuntimeError("observe() at least one non-empty batch before qparams()")
+        return _result(*_qparams_from_range(self._min, self._max, self._qmin, self._qmax,
+                                            self.symmetric), self.axis)
