@@ -1,10 +1,8 @@
 """Build of fastopt's compiled parts.
 
-- Cython extensions fastopt._cpu._optim, _random, _wnorm, _prune, _quant, _stream and
-  _runtime
-  from kernels/cpu, with
-  OpenMP, for any x86-64 CPU (no -march: the loops are memory-bound, and a baseline build
-  reaches the streaming limit; see README).
+- Cython extensions fastopt._cpu._optim, _random, _wnorm, _prune, _quant, _distill,
+  _stream and _runtime from kernels/cpu, with OpenMP, for any x86-64 CPU (no -march: the
+  loops are memory-bound, and a baseline build reaches the streaming limit; see README).
 - kernels/ (CUDA sources and shared headers) as the package data fastopt.kernels, so the
   CuPy backend finds them with importlib.resources, from a wheel as from a checkout.
 """
@@ -49,8 +47,8 @@ setup(
     package_data={"fastopt.kernels.cuda": ["*.cu"], "fastopt.kernels.include.fastopt": ["*.h"]},
     include_package_data=False,
     ext_modules=cythonize(
-        [cpu_extension(name) for name in ("_optim", "_random", "_wnorm", "_prune", "_quant", "_stream",
-                                           "_runtime")],
+        [cpu_extension(name) for name in ("_optim", "_random", "_wnorm", "_prune", "_quant",
+                                           "_distill", "_stream", "_runtime")],
         compiler_directives={"language_level": "3"},
         include_path=["kernels/cpu"],
     ),

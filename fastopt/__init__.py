@@ -10,7 +10,7 @@ reference). ``import fastopt`` imports none of those frameworks.
 >>> _ = opt.step([np.ones(4, np.float32)])
 """
 
-from fastopt import init, prune, quant, schedules
+from fastopt import distill, init, prune, quant, schedules
 from fastopt._config import get_num_threads, set_num_threads
 from fastopt._info import show_config
 from fastopt._io import load, save
@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
     "Lion", "Lamb", "Adafactor", "Optimizer", "clip_grad_norm_", "clip_grad_value_",
-    "get_num_threads", "set_num_threads", "show_config", "save", "load", "schedules", "init", "prune", "quant",
+    "get_num_threads", "set_num_threads", "show_config", "save", "load", "schedules", "init", "prune", "quant", "distill",
     "weight_norm", "weight_norm_backward",
     "__version__",
 ]

@@ -31,7 +31,7 @@ def test_readme_block_runs(index):
 @pytest.mark.parametrize("module", ["fastopt", "fastopt.optim.sgd", "fastopt.optim.adam",
                                     "fastopt.optim.adagrad", "fastopt.optim.lion",
                                     "fastopt.optim.adafactor", "fastopt.optim._clip", "fastopt.init",
-                                    "fastopt.prune", "fastopt.quant"])
+                                    "fastopt.prune", "fastopt.quant", "fastopt.distill"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0

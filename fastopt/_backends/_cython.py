@@ -15,7 +15,7 @@ import numpy as np
 
 from fastopt._backends import _select, _slices, _twopass
 from fastopt._backends._pack import pack, random_args
-from fastopt._cpu import _optim, _prune, _quant, _random, _wnorm
+from fastopt._cpu import _distill, _optim, _prune, _quant, _random, _wnorm
 from fastopt.optim import _scalars
 
 MASKS_IN_KERNELS = True  # the driver zeroes pruned entries inside each chunk's update
@@ -138,3 +138,7 @@ def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signe
                n_threads):
     return _quant.loop(op, x.reshape(-1), out.reshape(-1), None if gy is None else gy.reshape(-1),
                        B, C, inv, zp, scale, qmin, qmax, fused, is_signed, n_threads)
+
+
+def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads):
+    return _distill.kd_rows(s, t, g, labels, temperature, wk, wc, n_threads)

@@ -511,5 +511,6 @@ def weight_norm_apply(out, v, grad_w, k1, k3, shape, *, n_threads=1):
 # the compression operations' reference lives in its own module
 magnitude_masks = _numpy_compress.magnitude_masks
 quant_loop = _numpy_compress.quant_loop
+kd_rows = _numpy_compress.kd_rows
 
 wrap_steps(globals())  # pruning masks: the pruned entries zeroed after each elementwise step

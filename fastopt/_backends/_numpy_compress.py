@@ -87,3 +87,77 @@ def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signe
                 out.reshape(-1, B, C)[...] = np.where((q >= lo) & (q <= hi),
                                                       gy.reshape(-1, B, C), t(0))
     return int(np.isnan(x).sum())
+
+
+# -- knowledge distillation (kernels/include/fastopt/distill.h)
+
+_EXP_F32 = (1.0, 1.0, 0.5, 0.166666672, 0.0416666679, 0.00833333377, 0.00138888892,
+            0.000198412701)
+_EXP_F64 = (1.0, 1.0, 0.5, 0.16666666666666666, 0.041666666666666664, 0.008333333333333333,
+            0.001388888888888889, 0.0001984126984126984, 2.48015873015873e-05,
+            2.7557319223985893e-06, 2.755731922398589e-07, 2.505210838544172e-08,
+            2.08767569878681e-09, 1.6059043836821613e-10)
+
+
+def exp_neg(x):
+    """fo_exp_neg_<f32|f64>: exp of x <= 0 from +, -, *, rint and the exponent's bits."""
+    t = x.dtype.type
+    if x.dtype == np.float32:
+        log2e, hi, lo, coefficients, bias, shift, lowest = (
+            1.44269504, 0.693359375, -2.12194440e-4, _EXP_F32, 127, 23, -87.0)
+        itype, utype = np.int32, np.uint32
+    else:
+        log2e, hi, lo, coefficients, bias, shift, lowest = (
+            1.4426950408889634, 6.93147180369123816490e-01, 1.90821492927058770002e-10,
+            _EXP_F64, 1023, 52, -708.0)
+        itype, utype = np.int64, np.uint64
+    k = np.rint(x * t(log2e))
+    r = (x - k * t(hi)) - k * t(lo)
+    p = t(coefficients[-1])
+    for c in coefficients[-2::-1]:
+        p = t(c) + r * p
+    with np.errstate(invalid="ignore", over="ignore"):
+        codes = np.where(x < t(lowest), 0, k).astype(itype) + bias
+    scale = (codes.astype(utype) << utype(shift)).view(x.dtype)
+    return np.where(x < t(lowest), t(0), p * scale)
+
+
+def _lane_sums(terms, lanes=16):
+    """Row sums of float64 (B, C) terms in the CPU loops' order: element i into lane
+    i % lanes, in index order, then the lanes added in order."""
+    B, C = terms.shape
+    padded = np.zeros((B, -(-C // lanes) * lanes))
+    padded[:, :C] = terms
+    per_lane = np.add.accumulate(padded.reshape(B, -1, lanes), axis=1)[:, -1, :]
+    total = per_lane[:, 0]
+    for j in range(1, lanes):
+        total = total + per_lane[:, j]
+    return total
+
+
+def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads=1):
+    """Per row: the weighted gradient into g, and (KL_b, CE_b) as a (B, 2) float64 array
+    (fastopt/distill.h); labels None for no cross entropy."""
+    from fastopt._backends._numpy import _log
+    f = s.dtype.type
+    temp, wk, wc = f(temperature), f(wk), f(wc)
+    ms, mt = s.max(axis=1, keepdims=True), t.max(axis=1, keepdims=True)
+    zs, zt = s / temp, t / temp
+    mzs, mzt = ms / temp, mt / temp
+    es, et = exp_neg(zs - mzs), exp_neg(zt - mzt)
+    Ss, St = _lane_sums(es.astype(np.float64)), _lane_sums(et.astype(np.float64))
+    A = _lane_sums(et.astype(np.float64) * (zt.astype(np.float64) - zs.astype(np.float64)))
+    rows = np.zeros((s.shape[0], 2))
+    rows[:, 0] = A / St + (mzs[:, 0].astype(np.float64) + _log(Ss)) \
+        - (mzt[:, 0].astype(np.float64) + _log(St))
+    rs, rt = (1.0 / Ss).astype(s.dtype)[:, None], (1.0 / St).astype(s.dtype)[:, None]
+    grad = wk * (es * rs - et * rt)
+    if labels is not None:
+        ec = exp_neg(s - ms)
+        Sc = _lane_sums(ec.astype(np.float64))
+        grad = grad + wc * (ec * (1.0 / Sc).astype(s.dtype)[:, None])
+        at = (np.arange(s.shape[0]), labels)
+        grad[at] = grad[at] - wc
+        rows[:, 1] = (ms[:, 0].astype(np.float64) + _log(Sc)) - s[at].astype(np.float64)
+    g[...] = grad
+    return rows

@@ -1,0 +1,52 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Knowledge distillation on the CPU: the rows of distill_loops.h (fastopt/distill.h) in
+parallel. Arguments are validated by fastopt.distill."""
+
+include "_plan.pxi"
+
+cdef extern from "distill_loops.h" nogil:
+    void fo_cpu_kd_row_f32(const float *s, const float *t, float *g, Py_ssize_t C,
+                           Py_ssize_t label, float temp, float wk, float wc, double *out)
+    void fo_cpu_kd_row_f64(const double *s, const double *t, double *g, Py_ssize_t C,
+                           Py_ssize_t label, double temp, double wk, double wc, double *out)
+
+
+def kd_rows(cnp.ndarray s, cnp.ndarray t, cnp.ndarray g, object labels, double temp,
+            double wk, double wc, int n_threads):
+    """Per row b of the (B, C) logits: g[b] = the weighted gradient, and (KL_b, CE_b) as a
+    (B, 2) float64 array; labels (int64, B) or None for no cross entropy."""
+    import numpy as np
+    cdef Py_ssize_t B = cnp.PyArray_DIM(s, 0), C = cnp.PyArray_DIM(s, 1), b
+    cdef Py_ssize_t itemsize = cnp.PyArray_ITEMSIZE(s)
+    cdef const cnp.int64_t[::1] lab
+    cdef bint ce = labels is not None
+    for name, a in (("s", s), ("t", t), ("g", g)):
+        if (cnp.PyArray_NDIM(a) != 2 or cnp.PyArray_DIM(a, 0) != B or cnp.PyArray_DIM(a, 1) != C
+                or cnp.PyArray_ITEMSIZE(a) != itemsize or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
+            raise ValueError(f"{name}: expected a C-contiguous ({B}, {C}) array like s")
+    if C < 1:
+        raise ValueError("s: expected at least one class")
+    if ce:
+        lab = labels
+        if lab.shape[0] != B:
+            raise ValueError(f"labels: expected {B} values")
+        for b in range(B):
+            if not 0 <= lab[b] < C:
+                raise ValueError(f"labels[{b}] is outside [0, {C})")
+    cdef cnp.ndarray rows = np.zeros((B, 2), np.float64)
+    cdef double *r = <double *>cnp.PyArray_DATA(rows)
+    cdef char *ps = <char *>cnp.PyArray_DATA(s)
+    cdef char *pt = <char *>cnp.PyArray_DATA(t)
+    cdef char *pg = <char *>cnp.PyArray_DATA(g)
+    n_threads = max(1, min(n_threads, B, B * C // MIN_PER_THREAD))
+    with nogil:
+        for b in prange(B, num_threads=n_threads, schedule='static'):
+            if itemsize == 8:
+                fo_cpu_kd_row_f64(<double *>ps + b * C, <double *>pt + b * C,
+                                  <double *>pg + b * C, C, lab[b] if ce else -1, temp, wk,
+                                  wc, r + 2 * b)
+            else:
+                fo_cpu_kd_row_f32(<float *>ps + b * C, <float *>pt + b * C, <float *>pg + b * C,
+                                  C, lab[b] if ce else -1, <float>temp, <float>wk,
+                                  <float>wc, r + 2 * b)
+    return rows

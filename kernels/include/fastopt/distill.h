@@ -1,0 +1,55 @@
+/*
+ * fastopt/distill.h - the knowledge-distillation loss of one row of logits, shared by the
+ * CPU loops and CUDA: exp and log written from + - * / and bit moves only (log is
+ * fastopt/random.h's), so the NumPy reference spells out the same operations.
+ *
+ * Row b of student logits s and teacher logits t (C classes), temperature T:
+ *   zs = s / T, zt = t / T (divided, as torch's s / T), ms = max s, mt = max t (so that
+ *   max zs = ms / T: rounding is monotonic)
+ *   Ss = sum exp(zs - ms / T), St = sum exp(zt - mt / T), Sc = sum exp(s - ms),
+ *   A = sum exp(zt - mt / T) (zt - zs)                       (float64, fixed lane order)
+ *   KL_b = A / St + (ms / T + ln Ss) - (mt / T + ln St)      = KL(softmax zt || softmax zs)
+ *   CE_b = ms + ln Sc - s[label]
+ *   dL/ds_j = wk (exp(zs_j - ms / T) / Ss - exp(zt_j - mt / T) / St)
+ *           + wc (exp(s_j - ms) / Sc - [j == label])
+ * with wk = (the KL term's weight) / T and wc the cross entropy's. Every exponent is <= 0:
+ * nothing overflows, whatever the logits' size.
+ */
+#ifndef FASTOPT_DISTILL_H
+#define FASTOPT_DISTILL_H
+
+#include "fastopt/random.h"
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+FO_HD float fo_float_of(unsigned int b) { return __uint_as_float(b); }
+#else
+FO_HD float fo_float_of(uint32_t b) { float x; memcpy(&x, &b, 4); return x; }
+#endif
+
+/* exp(x) for x <= 0: x = k ln2 + r (ln2 in two parts, k*ln2_hi exact), |r| <= ln2 / 2,
+   Taylor series of exp r (to r^7 in float, r^13 in double), times 2^k from its bits;
+   0 below the smallest normal result */
+FO_HD float fo_exp_neg_f32(float x)
+{
+    const float k = rintf(x * 1.44269504f);
+    const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+    const float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.166666672f + r * (0.0416666679f
+                    + r * (0.00833333377f + r * (0.00138888892f + r * 0.000198412701f))))));
+    const float scale = fo_float_of((unsigned int)((int)k + 127) << 23);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+FO_HD double fo_exp_neg_f64(double x)
+{
+    const double k = rint(x * 1.4426950408889634);
+    const double r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
+    const double p = 1.0 + r * (1.0 + r * (0.5 + r * (0.16666666666666666
+        + r * (0.041666666666666664 + r * (0.008333333333333333 + r * (0.001388888888888889
+        + r * (0.0001984126984126984 + r * (2.48015873015873e-05 + r * (2.7557319223985893e-06
+        + r * (2.755731922398589e-07 + r * (2.505210838544172e-08 + r * (2.08767569878681e-09
+        + r * 1.6059043836821613e-10))))))))))));
+    const double scale = fo_double_of((fo_u64)((long long)k + 1023) << 52);
+    return x < -708.0 ? 0.0 : p * scale;
+}
+
+#endif /* FASTOPT_DISTILL_H */

@@ -1,0 +1,108 @@
+"""fastopt.distill.kd_loss against torch's loss and autograd gradient, bit-identity across
+backends, large logits, bad input."""
+
+import numpy as np
+import pytest
+
+from fastopt import _backends, distill
+from conftest import require_backend
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+BACKENDS = _backends.OPS["kd_rows"]
+# torch warns that kl_div's reduction="mean" (the reference for ours) will change meaning
+pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
+
+
+def _torch(s, t, labels, T, alpha, reduction):
+    ts = torch.from_numpy(s.copy()).requires_grad_()
+    log_s, log_t = F.log_softmax(ts / T, dim=1), F.log_softmax(torch.from_numpy(t) / T, dim=1)
+    if reduction == "none":
+        kl = F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(dim=1)
+    else:
+        kl = F.kl_div(log_s, log_t, reduction=reduction, log_target=True)
+    loss = alpha * T * T * kl
+    if labels is not None:
+        ce_red = "mean" if reduction == "batchmean" else reduction
+        loss = loss + (1 - alpha) * F.cross_entropy(ts, torch.from_numpy(labels),
+                                                    reduction=ce_red)
+    loss.sum().backward()
+    return loss.detach().numpy(), ts.grad.numpy()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 2e-5), (np.float64, 1e-12)])
+@pytest.mark.parametrize("reduction", distill.REDUCTIONS)
+@pytest.mark.parametrize("with_labels", [True, False])
+@pytest.mark.parametrize("scale, T, alpha, shape", [(1.0, 4.0, 0.9, (16, 1000)),
+                                                    (3.0, 3.0, 0.5, (7, 33)),
+                                                    (1e4, 2.5, 0.7, (9, 517)),
+                                                    (1e4, 1.0, 0.0, (4, 16)),
+                                                    (0.1, 0.5, 1.0, (3, 1))])
+def test_matches_torch(backend, dtype, rtol, reduction, with_labels, scale, T, alpha, shape):
+    require_backend(backend)
+    rng = np.random.default_rng(1)
+    s = (rng.standard_normal(shape) * scale).astype(dtype)
+    t = (rng.standard_normal(shape) * scale).astype(dtype)
+    labels = rng.integers(0, shape[1], shape[0]) if with_labels else None
+    loss, grad = distill.kd_loss(s, t, labels, T, alpha, reduction, backend=backend)
+    t_loss, t_grad = _torch(s, t, labels, T, alpha, reduction)
+    assert grad.dtype == dtype and grad.shape == shape
+    assert np.isfinite(grad).all() and np.isfinite(loss).all()
+    # the loss relative to its terms' size (KL is a difference of log-sum-exps)
+    size = np.abs(t_loss) + 1e-6 * np.abs(s).max()
+    assert np.all(np.abs(np.asarray(loss) - t_loss) <= rtol * size + 1e-300)
+    np.testing.assert_allclose(grad, t_grad, rtol=rtol, atol=rtol * np.abs(t_grad).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backends_bit_identical(dtype):
+    rng = np.random.default_rng(2)
+    s = (rng.standard_normal((33, 1531)) * 20).astype(dtype)
+    t = (rng.standard_normal((33, 1531)) * 20).astype(dtype)
+    labels = rng.integers(0, 1531, 33)
+    ref = distill.kd_loss(s, t, labels, 3.0, backend="numpy")
+    for backend in BACKENDS:
+        require_backend(backend)
+        loss, grad = distill.kd_loss(s, t, labels, 3.0, backend=backend)
+        assert loss == ref[0]
+        np.testing.assert_array_equal(grad, ref[1])
+
+
+def test_identical_logits_give_zero_kl_and_frameworks():
+    s = np.random.default_rng(3).standard_normal((5, 40)).astype(np.float32) * 1e4
+    loss, grad = distill.kd_loss(s, s, alpha=1.0)
+    assert loss == 0.0 and not grad.any()
+    ts = torch.from_numpy(s)
+    loss, grad = distill.kd_loss(ts, ts.clone(), torch.tensor([0, 1, 2, 3, 4]), reduction="none")
+    assert isinstance(loss, torch.Tensor) and loss.shape == (5,)
+    assert isinstance(grad, torch.Tensor) and grad.dtype == torch.float32
+    jnp = pytest.importorskip("jax.numpy")
+    _, jgrad = distill.kd_loss(jnp.asarray(s), jnp.asarray(s))
+    assert type(jgrad).__module__.startswith("jax")
+
+
+BAD = [
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(alpha=1.5), ValueError, "alpha"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(labels=np.array([0, 5])), ValueError, r"labels\[1\]=5 is outside"),
+    (dict(labels=np.array([0, -1])), ValueError, r"labels\[1\]"),
+    (dict(labels=np.array([0])), ValueError, r"labels: expected shape \(2,\)"),
+    (dict(labels=np.array([0.0, 1.0])), TypeError, "labels: dtype float64"),
+    (dict(teacher_logits=np.zeros((2, 4), np.float32)), ValueError, "teacher_logits"),
+    (dict(student_logits=np.zeros(5, np.float32)), ValueError, "student_logits"),
+    (dict(student_logits=np.array([[np.nan, 0, 0, 0, 0]] * 2, np.float32)), ValueError,
+     "student_logits: holds NaN"),
+    (dict(teacher_logits=np.array([[np.inf, 0, 0, 0, 0]] * 2, np.float32)), ValueError,
+     "teacher_logits: holds NaN or inf"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, match", BAD)
+def test_bad_input(kwargs, error, match):
+    args = dict(student_logits=np.zeros((2, 5), np.float32),
+                teacher_logits=np.zeros((2, 5), np.float32), labels=np.array([0, 4]))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        distill.kd_loss(**args)
