@@ -295,9 +295,10 @@ def main(argv=None):
                         help="also time these operations beside torch: comma-separated from "
                              f"{', '.join(list(ops.GROUPS) + list(ops.OPS))}, or 'all' "
                              "(default: none)")
-    parser.add_argument("--op-cases", default=",".join(ops.OP_CASES),
+    parser.add_argument("--op-cases", default="",
                         help="weights for --ops: RxC matrices or element counts (rows of "
-                             f"{MATRIX_COLS}) (default: {','.join(ops.OP_CASES)})")
+                             f"{MATRIX_COLS}) (default: each op's own, such as 4096x4096,50M "
+                             "for the initializers and 4096x32000 for kd_loss)")
     parser.add_argument("--json", default="bench-results.json",
                         help="where to write the results as JSON ('' for nowhere)")
     args = parser.parse_args(argv)
