@@ -1,0 +1,58 @@
+"""asv suite: pruning masks, quantization and the distillation loss per backend x dtype."""
+
+import numpy as np
+
+from fastopt import _backends, distill, prune, quant
+
+DTYPES = ["float32", "float64"]
+SHAPE = (4096, 1024)
+
+
+def _backends_of(op):
+    return [b for b in _backends.OPS[op] if b != "numpy" and _backends.available(b)]
+
+
+class MagnitudeMask:
+    params = (_backends_of("magnitude_masks"), DTYPES)
+    param_names = ["backend", "dtype"]
+
+    def setup(self, backend, dtype):
+        self.w = np.random.default_rng(0).standard_normal(SHAPE).astype(dtype)
+        prune.magnitude_mask(self.w, 0.5, backend=backend)  # compilation
+
+    def time_magnitude_mask(self, backend, dtype):
+        prune.magnitude_mask(self.w, 0.5, backend=backend)
+
+    def time_global_200(self, backend, dtype):
+        prune.global_magnitude_masks(np.array_split(self.w.reshape(-1), 200), 0.5,
+                                     backend=backend)
+
+
+class Quantize:
+    params = (_backends_of("quant_loop"), DTYPES, [None, 0])
+    param_names = ["backend", "dtype", "axis"]
+
+    def setup(self, backend, dtype, axis):
+        self.w = np.random.default_rng(0).standard_normal(SHAPE).astype(dtype)
+        self.scale, self.zp = quant.qparams(self.w, "int8", axis=axis, symmetric=True)
+        self.q = quant.quantize(self.w, self.scale, self.zp, axis=axis, backend=backend)
+
+    def time_quantize(self, backend, dtype, axis):
+        quant.quantize(self.w, self.scale, self.zp, axis=axis, backend=backend)
+
+    def time_dequantize(self, backend, dtype, axis):
+        quant.dequantize(self.q, self.scale, self.zp, axis=axis, backend=backend)
+
+
+class KDLoss:
+    params = (_backends_of("kd_rows"), DTYPES)
+    param_names = ["backend", "dtype"]
+
+    def setup(self, backend, dtype):
+        rng = np.random.default_rng(0)
+        self.s = rng.standard_normal((256, 32000)).astype(dtype)
+        self.t = rng.standard_normal((256, 32000)).astype(dtype)
+        self.labels = np.arange(256)
+
+    def time_kd_loss(self, backend, dtype):
+        distill.kd_loss(self.s, self.t, self.labels, backend=backend)
