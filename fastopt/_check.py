@@ -30,3 +30,12 @@ def choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def axis(name, value, ndim):
+    """`value` as a dim index in [0, ndim), if it is an int in [-ndim, ndim)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not -ndim <= value < ndim:
+        raise ValueError(f"{name}={value} is out of range for an array of {ndim} dims")
+    return int(value) % ndim

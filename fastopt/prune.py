@@ -169,14 +169,6 @@ def _norm_kind(n):
     return n
 
 
-def _axis(dim, ndim, name="dim"):
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {dim!r}")
-    if not -ndim <= dim < ndim:
-        raise ValueError(f"{name}={dim} is out of range for an array of {ndim} dims")
-    return int(dim) % ndim
-
-
 def _finite(arr, name):
     if not bool(_interop.array_module(arr).isfinite(arr).all()):
         raise ValueError(f"{name}: holds NaN or inf; pruning ranks finite magnitudes")
@@ -200,7 +192,7 @@ def ln_structured_mask(w, amount, n, dim, *, dtype="bool"):
     if arr.ndim < 1:
         raise ValueError("w: structured pruning needs an array with 1 or more dims")
     p = _norm_kind(n)
-    dim = _axis(dim, arr.ndim)
+    dim = _check.axis("dim", dim, arr.ndim)
     mask_dtype = _mask_dtype(dtype)
     k = n_to_prune(amount, arr.shape[dim])
     _finite(arr, "w")
@@ -233,7 +225,7 @@ def nm_mask(w, n=2, m=4, dim=-1, *, dtype="bool"):
     n = _check.integer("n", n, lo=0)
     if n > m:
         raise ValueError(f"n must be <= m, got n={n}, m={m}")
-    dim = _axis(dim, arr.ndim)
+    dim = _check.axis("dim", dim, arr.ndim)
     if arr.shape[dim] % m:
         raise ValueError(f"w: its dim {dim} has {arr.shape[dim]} entries, not a multiple of "
                          f"m={m}")

@@ -30,7 +30,6 @@ array([-8,  7,  3], dtype=int8)
 """
 
 import math
-import numbers
 
 import numpy as np
 
@@ -56,13 +55,7 @@ def _device(arr):
 
 
 def _axis(axis, ndim):
-    if axis is None:
-        return None
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis must be an int or None, got {axis!r}")
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"axis={axis} is out of range for an array of {ndim} dims")
-    return int(axis) % ndim
+    return None if axis is None else _check.axis("axis", axis, ndim)
 
 
 def _geometry(shape, axis):
