@@ -83,9 +83,6 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature=4.0, alpha=
     B, C = s.array.shape
     y = None if labels is None else _labels(labels, B, C)
     xp = _interop.array_module(s.array)
-    for name, view in (("student_logits", s), ("teacher_logits", t)):
-        if not bool(xp.isfinite(view.array).all()):
-            raise ValueError(f"{name}: holds NaN or inf; the loss needs finite logits")
     kl_weight = alpha * T * T
     ce_weight = 0.0 if y is None else 1.0 - alpha
     scale_kl, scale_ce = {"batchmean": (1 / B, 1 / B), "sum": (1.0, 1.0),
@@ -98,6 +95,12 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature=4.0, alpha=
         rows = _backends.resolve("kd_rows", backend, device, s.array.dtype)(
             s.array, t.array, grad, y, T, kl_weight * scale_kl / T,
             ce_weight * scale_ce, n_threads=get_num_threads())
+    if not np.isfinite(rows).all():
+        # a NaN or inf logit makes its row non-finite, so the inputs are scanned only then
+        # (finite logits too far apart for float64 overflow the loss, as in torch)
+        for name, view in (("student_logits", s), ("teacher_logits", t)):
+            if not bool(xp.isfinite(view.array).all()):
+                raise ValueError(f"{name}: holds NaN or inf; the loss needs finite logits")
     per_row = kl_weight * scale_kl * rows[:, 0] + ce_weight * scale_ce * rows[:, 1]
     if reduction == "none":
         out, done = _interop.new_array((B,), np.float64, student_logits)

@@ -56,15 +56,18 @@ def test_matches_torch(backend, dtype, rtol, reduction, with_labels, scale, T, a
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_backends_bit_identical(dtype):
+# the kernels multiply by 1 / T when T is a power of two and share exponentials at T = 1
+@pytest.mark.parametrize("T", [3.0, 4.0, 1.0, 0.5])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_backends_bit_identical(dtype, T, with_labels):
     rng = np.random.default_rng(2)
     s = (rng.standard_normal((33, 1531)) * 20).astype(dtype)
     t = (rng.standard_normal((33, 1531)) * 20).astype(dtype)
-    labels = rng.integers(0, 1531, 33)
-    ref = distill.kd_loss(s, t, labels, 3.0, backend="numpy")
+    labels = rng.integers(0, 1531, 33) if with_labels else None
+    ref = distill.kd_loss(s, t, labels, T, backend="numpy")
     for backend in BACKENDS:
         require_backend(backend)
-        loss, grad = distill.kd_loss(s, t, labels, 3.0, backend=backend)
+        loss, grad = distill.kd_loss(s, t, labels, T, backend=backend)
         assert loss == ref[0]
         np.testing.assert_array_equal(grad, ref[1])
 
@@ -97,6 +100,22 @@ BAD = [
     (dict(teacher_logits=np.array([[np.inf, 0, 0, 0, 0]] * 2, np.float32)), ValueError,
      "teacher_logits: holds NaN or inf"),
 ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["student_logits", "teacher_logits"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("at", [(0, 0), (2, 37), (4, 520)])
+@pytest.mark.parametrize("with_labels, T", [(True, 4.0), (True, 1.0), (False, 3.0)])
+def test_non_finite_logits_are_named(backend, which, value, at, with_labels, T):
+    require_backend(backend)
+    rng = np.random.default_rng(4)
+    logits = {name: rng.standard_normal((5, 521)).astype(np.float32)
+              for name in ("student_logits", "teacher_logits")}
+    logits[which][at] = value
+    labels = np.array([0, 37, 520, 3, 4]) if with_labels else None
+    with pytest.raises(ValueError, match=f"{which}: holds NaN or inf"):
+        distill.kd_loss(labels=labels, temperature=T, backend=backend, **logits)
 
 
 @pytest.mark.parametrize("kwargs, error, match", BAD)

@@ -135,9 +135,11 @@ def _lane_sums(terms, lanes=16):
     return total
 
 
+@np.errstate(invalid="ignore", over="ignore")
 def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads=1):
     """Per row: the weighted gradient into g, and (KL_b, CE_b) as a (B, 2) float64 array
-    (fastopt/distill.h); labels None for no cross entropy."""
+    (fastopt/distill.h); labels None for no cross entropy. A NaN or inf logit makes its
+    row's values non-finite (silently, as in the kernels), which is how kd_loss finds it."""
     from fastopt._backends._numpy import _log
     f = s.dtype.type
     temp, wk, wc = f(temperature), f(wk), f(wc)

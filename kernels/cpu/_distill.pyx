@@ -4,11 +4,15 @@ parallel. Arguments are validated by fastopt.distill."""
 
 include "_plan.pxi"
 
+from cython.parallel cimport threadid
+
 cdef extern from "distill_loops.h" nogil:
     void fo_cpu_kd_row_f32(const float *s, const float *t, float *g, Py_ssize_t C,
-                           Py_ssize_t label, float temp, float wk, float wc, double *out)
+                           Py_ssize_t label, float temp, float wk, float wc, double *out,
+                           float *work)
     void fo_cpu_kd_row_f64(const double *s, const double *t, double *g, Py_ssize_t C,
-                           Py_ssize_t label, double temp, double wk, double wc, double *out)
+                           Py_ssize_t label, double temp, double wk, double wc, double *out,
+                           double *work)
 
 
 def kd_rows(cnp.ndarray s, cnp.ndarray t, cnp.ndarray g, object labels, double temp,
@@ -39,14 +43,19 @@ def kd_rows(cnp.ndarray s, cnp.ndarray t, cnp.ndarray g, object labels, double t
     cdef char *pt = <char *>cnp.PyArray_DATA(t)
     cdef char *pg = <char *>cnp.PyArray_DATA(g)
     n_threads = max(1, min(n_threads, B, B * C // MIN_PER_THREAD))
+    # the rows' exponentials, 3 C values per thread (kept between a row's passes)
+    cdef cnp.ndarray work_arr = np.empty(n_threads * 3 * C, s.dtype)
+    cdef char *work = <char *>cnp.PyArray_DATA(work_arr)
+    cdef Py_ssize_t at
     with nogil:
         for b in prange(B, num_threads=n_threads, schedule='static'):
+            at = threadid() * 3 * C
             if itemsize == 8:
                 fo_cpu_kd_row_f64(<double *>ps + b * C, <double *>pt + b * C,
-                                  <double *>pg + b * C, C, lab[b] if ce else -1, temp, wk,
-                                  wc, r + 2 * b)
+                                  <double *>pg + b * C, C, lab[b] if ce else -1, temp, wk, wc,
+                                  r + 2 * b, <double *>work + at)
             else:
                 fo_cpu_kd_row_f32(<float *>ps + b * C, <float *>pt + b * C, <float *>pg + b * C,
-                                  C, lab[b] if ce else -1, <float>temp, <float>wk,
-                                  <float>wc, r + 2 * b)
+                                  C, lab[b] if ce else -1, <float>temp, <float>wk, <float>wc,
+                                  r + 2 * b, <float *>work + at)
     return rows

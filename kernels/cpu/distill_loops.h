@@ -1,100 +1,131 @@
 /*
  * distill_loops.h - one row of the knowledge-distillation loss and its gradient on the CPU
- * (fastopt/distill.h has the math): a pass for the maxima, one for the sums (in 16 float64
- * lanes, combined in lane order) and one writing the gradient; the row is read from memory
- * once and stays in cache for the later passes.
+ * (fastopt/distill.h has the math): a pass for the two maxima (16 lanes each, so it
+ * vectorizes), one computing the exponentials into the caller's per-thread row buffer
+ * `work` (3 C values) and their sums (16 float64 lanes, combined in lane order), and one
+ * writing the gradient from the kept exponentials; the row is read from memory once and
+ * stays in cache for the later passes.
+ *
+ * Two shortcuts that change no bit: z / T is z * (1 / T) when T is a power of two (both are
+ * the one rounding of the same real number), and at T = 1 the cross entropy's
+ * exponentials exp(s - ms) are the KL term's exp(zs - ms / T), so they are not computed
+ * twice.
  */
 #ifndef FASTOPT_CPU_DISTILL_LOOPS_H
 #define FASTOPT_CPU_DISTILL_LOOPS_H
 
+#include <math.h>
 #include <stddef.h>
 #include "chunks.h"
 #include "fastopt/distill.h"
 #include "fastopt/reduce.h"
 
-/* The row's four lane sums, a block of FO_KD_BLOCK elements at a time: the exponentials
-   go to small buffers in one loop, then into the float64 lanes in another (element i in
-   lane i % FO_NORM_LANES); each loop is simple enough to vectorize. CE is a constant per
-   call site. */
 #define FO_KD_BLOCK 512
-#define FO_KD_SUMS(T, SFX, CE)                                                            \
-    do {                                                                                  \
-        T es[FO_KD_BLOCK], et[FO_KD_BLOCK], ec[FO_KD_BLOCK];                              \
-        ptrdiff_t b0, k, n;                                                               \
-        for (b0 = 0; b0 < C; b0 += FO_KD_BLOCK) {                                         \
-            const T *restrict sb = s + b0, *restrict tb = t + b0;                         \
-            n = C - b0 < FO_KD_BLOCK ? C - b0 : FO_KD_BLOCK;                              \
-            for (k = 0; k < n; k++) {                                                     \
-                es[k] = fo_exp_neg_##SFX(sb[k] / temp - mzs);                             \
-                et[k] = fo_exp_neg_##SFX(tb[k] / temp - mzt);                             \
-                if (CE) ec[k] = fo_exp_neg_##SFX(sb[k] - ms);                             \
-            }                                                                             \
-            for (k = 0; k < n; k += FO_NORM_LANES) {                                      \
-                const ptrdiff_t m = n - k < FO_NORM_LANES ? n - k : FO_NORM_LANES;        \
-                if (m == FO_NORM_LANES)                                                   \
-                    for (j = 0; j < FO_NORM_LANES; j++) FO_KD_LANE(CE, k + j, j);         \
-                else                                                                      \
-                    for (j = 0; j < m; j++) FO_KD_LANE(CE, k + j, j);                     \
-            }                                                                             \
-        }                                                                                 \
-    } while (0)
-#define FO_KD_LANE(CE, k, j)                                                              \
-    do {                                                                                  \
-        ls[j] += (double)es[k];                                                           \
-        lt[j] += (double)et[k];                                                           \
-        la[j] += (double)et[k] * ((double)(tb[k] / temp) - (double)(sb[k] / temp));       \
-        if (CE) lc[j] += (double)ec[k];                                                   \
-    } while (0)
 
 #define FO_DEFINE_KD_ROW(T, SFX, SQRT, FABS)                                              \
-    /* out[0] = KL_b, out[1] = CE_b (label < 0: no cross entropy, out[1] = 0) */          \
-    FO_MULTIVERSION static void fo_cpu_kd_row_##SFX(                                      \
-        const T *restrict s, const T *restrict t, T *restrict g, ptrdiff_t C,             \
-        ptrdiff_t label, T temp, T wk, T wc, double *out)                                 \
+    /* max x[0:C], in lanes like fastopt/reduce.h's sums (the order does not change a     \
+       maximum; a NaN is skipped here, and its exponential makes the row's sums NaN).     \
+       Its own function: inlined into the row, gcc leaves this loop scalar */            \
+    FO_MULTIVERSION static T fo_kd_max_##SFX(const T *restrict x, ptrdiff_t C)            \
+    {                                                                                     \
+        T v[FO_NORM_LANES], m;                                                            \
+        ptrdiff_t i, j, full = C - C % FO_NORM_LANES;                                     \
+        for (j = 0; j < FO_NORM_LANES; j++) v[j] = -(T)INFINITY;                          \
+        for (i = 0; i < full; i += FO_NORM_LANES)                                         \
+            for (j = 0; j < FO_NORM_LANES; j++) v[j] = x[i + j] > v[j] ? x[i + j] : v[j]; \
+        for (j = 0; i + j < C; j++) v[j] = x[i + j] > v[j] ? x[i + j] : v[j];             \
+        m = v[0];                                                                         \
+        for (j = 1; j < FO_NORM_LANES; j++) m = v[j] > m ? v[j] : m;                      \
+        return m;                                                                         \
+    }                                                                                     \
+    /* the exponentials of s[0:n], t[0:n] into es, et (and ec: CE 1 computes it, CE 2 has \
+       it equal es) and their lane sums; n a multiple of FO_NORM_LANES, or the row's end */ \
+    static inline __attribute__((always_inline)) void fo_kd_block_##SFX(                  \
+        const T *restrict s, const T *restrict t, ptrdiff_t n, T temp, T rtemp, int pow2, \
+        T ms, T mzs, T mzt, T *restrict es, T *restrict et, T *restrict ec, int CE,       \
+        double *restrict ls, double *restrict lt, double *restrict la, double *restrict lc) \
+    {                                                                                     \
+        T zs[FO_KD_BLOCK], zt[FO_KD_BLOCK];                                               \
+        ptrdiff_t k, j;                                                                   \
+        if (pow2)                                                                         \
+            for (k = 0; k < n; k++) zs[k] = s[k] * rtemp, zt[k] = t[k] * rtemp;           \
+        else                                                                              \
+            for (k = 0; k < n; k++) zs[k] = s[k] / temp, zt[k] = t[k] / temp;             \
+        for (k = 0; k < n; k++) {                                                         \
+            es[k] = fo_exp_neg_##SFX(zs[k] - mzs);                                        \
+            et[k] = fo_exp_neg_##SFX(zt[k] - mzt);                                        \
+            if (CE == 1) ec[k] = fo_exp_neg_##SFX(s[k] - ms);                             \
+        }                                                                                 \
+        for (k = 0; k + FO_NORM_LANES <= n; k += FO_NORM_LANES)                           \
+            for (j = 0; j < FO_NORM_LANES; j++) {                                         \
+                ls[j] += (double)es[k + j];                                               \
+                lt[j] += (double)et[k + j];                                               \
+                la[j] += (double)et[k + j] * ((double)zt[k + j] - (double)zs[k + j]);     \
+                if (CE == 1) lc[j] += (double)ec[k + j];                                  \
+            }                                                                             \
+        for (j = 0; k + j < n; j++) {                                                     \
+            ls[j] += (double)es[k + j];                                                   \
+            lt[j] += (double)et[k + j];                                                   \
+            la[j] += (double)et[k + j] * ((double)zt[k + j] - (double)zs[k + j]);         \
+            if (CE == 1) lc[j] += (double)ec[k + j];                                      \
+        }                                                                                 \
+    }                                                                                     \
+    static inline __attribute__((always_inline)) void fo_kd_sums_##SFX(                   \
+        const T *restrict s, const T *restrict t, ptrdiff_t C, T temp, T rtemp, int pow2, \
+        T ms, T mzs, T mzt, T *restrict work, int CE, double *sums)                       \
     {                                                                                     \
         double ls[FO_NORM_LANES] = {0}, lt[FO_NORM_LANES] = {0};                          \
         double la[FO_NORM_LANES] = {0}, lc[FO_NORM_LANES] = {0};                          \
-        double Ss, St, A, Sc;                                                             \
-        T ms = s[0], mt = t[0], mzs, mzt, rs, rt, rc;                                     \
-        const int ce = label >= 0;                                                        \
-        ptrdiff_t i, j;                                                                   \
-        for (i = 1; i < C; i++) {                                                         \
-            ms = s[i] > ms ? s[i] : ms;                                                   \
-            mt = t[i] > mt ? t[i] : mt;                                                   \
-        }                                                                                 \
+        ptrdiff_t b0, j;                                                                  \
+        for (b0 = 0; b0 < C; b0 += FO_KD_BLOCK)                                           \
+            fo_kd_block_##SFX(s + b0, t + b0, C - b0 < FO_KD_BLOCK ? C - b0 : FO_KD_BLOCK, \
+                              temp, rtemp, pow2, ms, mzs, mzt, work + b0, work + C + b0,  \
+                              work + 2 * C + b0, CE, ls, lt, la, lc);                     \
+        sums[0] = ls[0], sums[1] = lt[0], sums[2] = la[0], sums[3] = lc[0];               \
+        for (j = 1; j < FO_NORM_LANES; j++)                                               \
+            sums[0] += ls[j], sums[1] += lt[j], sums[2] += la[j], sums[3] += lc[j];       \
+    }                                                                                     \
+    /* out[0] = KL_b, out[1] = CE_b (label < 0: no cross entropy, out[1] = 0); work: 3 C */ \
+    FO_MULTIVERSION static void fo_cpu_kd_row_##SFX(                                      \
+        const T *restrict s, const T *restrict t, T *restrict g, ptrdiff_t C,             \
+        ptrdiff_t label, T temp, T wk, T wc, double *out, T *restrict work)               \
+    {                                                                                     \
+        double S[4];                                                                      \
+        T ms, mt, mzs, mzt, rs, rt, rc;                                                   \
+        const T *ec = work + 2 * C;                                                       \
+        int e;                                                                            \
+        const int pow2 = frexp((double)temp, &e) == 0.5;                                  \
+        const T rtemp = (T)(1.0 / (double)temp);                                          \
+        ptrdiff_t i;                                                                      \
+        ms = fo_kd_max_##SFX(s, C);                                                       \
+        mt = fo_kd_max_##SFX(t, C);                                                       \
         mzs = ms / temp;                                                                  \
         mzt = mt / temp;                                                                  \
-        if (ce) FO_KD_SUMS(T, SFX, 1);                                                    \
-        else FO_KD_SUMS(T, SFX, 0);                                                       \
-        Ss = ls[0], St = lt[0], A = la[0], Sc = lc[0];                                    \
-        for (j = 1; j < FO_NORM_LANES; j++) {                                             \
-            Ss += ls[j];                                                                  \
-            St += lt[j];                                                                  \
-            A += la[j];                                                                   \
-            Sc += lc[j];                                                                  \
+        if (label < 0)                                                                    \
+            fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work, 0, S);       \
+        else if (temp != 1)                                                               \
+            fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work, 1, S);       \
+        else {                                                                            \
+            fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work, 2, S);       \
+            S[3] = S[0];                                                                  \
+            ec = work;                                                                    \
         }                                                                                 \
-        rs = (T)(1.0 / Ss);                                                               \
-        rt = (T)(1.0 / St);                                                               \
-        rc = ce ? (T)(1.0 / Sc) : (T)0;                                                   \
-        if (ce)                                                                           \
+        rs = (T)(1.0 / S[0]);                                                             \
+        rt = (T)(1.0 / S[1]);                                                             \
+        rc = label >= 0 ? (T)(1.0 / S[3]) : (T)0;                                         \
+        if (label >= 0)                                                                   \
             for (i = 0; i < C; i++)                                                       \
-                g[i] = wk * (fo_exp_neg_##SFX(s[i] / temp - mzs) * rs                     \
-                             - fo_exp_neg_##SFX(t[i] / temp - mzt) * rt)                  \
-                       + wc * (fo_exp_neg_##SFX(s[i] - ms) * rc);                         \
+                g[i] = wk * (work[i] * rs - work[C + i] * rt) + wc * (ec[i] * rc);        \
         else                                                                              \
-            for (i = 0; i < C; i++)                                                       \
-                g[i] = wk * (fo_exp_neg_##SFX(s[i] / temp - mzs) * rs                     \
-                             - fo_exp_neg_##SFX(t[i] / temp - mzt) * rt);                 \
-        out[0] = A / St + ((double)mzs + fo_log(Ss)) - ((double)mzt + fo_log(St));        \
+            for (i = 0; i < C; i++) g[i] = wk * (work[i] * rs - work[C + i] * rt);        \
+        out[0] = S[2] / S[1] + ((double)mzs + fo_log(S[0])) - ((double)mzt + fo_log(S[1])); \
         out[1] = 0;                                                                       \
-        if (ce) {                                                                         \
+        if (label >= 0) {                                                                 \
             g[label] = g[label] - wc;                                                     \
-            out[1] = ((double)ms + fo_log(Sc)) - (double)s[label];                        \
+            out[1] = ((double)ms + fo_log(S[3])) - (double)s[label];                      \
         }                                                                                 \
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_KD_ROW)
 #undef FO_DEFINE_KD_ROW
-#undef FO_KD_SUMS
-#undef FO_KD_LANE
 
 #endif /* FASTOPT_CPU_DISTILL_LOOPS_H */
