@@ -15,8 +15,8 @@ order is pruned first: C order inside a tensor, and tensor by tensor in the orde
 its masks agree with these wherever magnitudes are distinct.
 
 **Selection in linear time.** The threshold is found by a radix select over the magnitudes'
-bits (``kernels/include/fastopt/prune.h``): counting passes of 11-bit digits, most
-significant first (3 passes for float32, 6 for float64), parallel, across any number of
+bits (``kernels/include/fastopt/prune.h``): counting passes of 16-bit digits, most
+significant first (2 passes for float32, 4 for float64), parallel, across any number of
 tensors without concatenating them, then one pass writes the masks. NaN weights are
 refused (they have no magnitude order); inf is the largest magnitude.
 

@@ -27,7 +27,7 @@ def _scalar(value, keys):
 @njit(parallel=True, **_JIT)
 def _hist(keys, absmask, shift, dmask, pmask, prefix, n_blocks):
     n = keys.size
-    hist = np.zeros((n_blocks, BINS), np.int64)
+    hist = np.zeros((n_blocks, dmask + 1), np.int64)
     maxkey = np.zeros(n_blocks, keys.dtype)
     for b in prange(n_blocks):
         mx = keys.dtype.type(0)

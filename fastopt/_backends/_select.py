@@ -7,7 +7,7 @@ the compiled backends; each supplies its counting passes:
 - ``prune_mask(arrays, masks, thr, tie_modes, n_threads)``: the keep-masks.
 
 A radix select, most significant digit first: each counting pass narrows the k-th smallest
-key to one digit value, so float32 takes 3 passes and float64 6, whatever the data, plus
+key to one digit value, so float32 takes 2 passes and float64 4, whatever the data, plus
 one pass to write the masks (and one to count ties per chunk, only when the threshold's
 ties are split between pruned and kept). Counts are integers: no result depends on the
 thread count.
@@ -15,7 +15,7 @@ thread count.
 
 import numpy as np
 
-DIGIT_BITS = 11  # FO_DIGIT_BITS
+DIGIT_BITS = 16  # FO_DIGIT_BITS
 CHUNK = 16384  # FO_CHUNK: the chunks prune_ties reports
 
 

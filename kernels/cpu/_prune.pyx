@@ -7,10 +7,12 @@ include "_plan.pxi"
 
 from cython.parallel cimport parallel, threadid
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free
 
 cdef extern from "prune_loops.h" nogil:
     const int BINS "FO_DIGIT_BINS"
+    const int TABLES "FO_HIST_TABLES"
+    uint32_t *hist_tables "fo_cpu_hist_tables"()
+    uint64_t *hist_totals "fo_cpu_hist_totals"(uint32_t *tables)
     void fo_cpu_mag_hist_f32(const float *x, Py_ssize_t n, int shift, uint32_t pmask,
                              uint32_t prefix, uint32_t *h, uint32_t *maxkey)
     void fo_cpu_mag_hist_f64(const double *x, Py_ssize_t n, int shift, uint64_t pmask,
@@ -35,37 +37,49 @@ def hist(list arrays, int shift, uint64_t pmask, uint64_t prefix, int n_threads)
     import numpy as np
     cdef Plan pl
     cdef bint f64 = len(arrays) > 0 and cnp.PyArray_ITEMSIZE(<cnp.ndarray?>arrays[0]) == 8
-    cdef int nt, tid
-    cdef cnp.ndarray totals, maxkeys
+    cdef int nt, tid, k
+    cdef Py_ssize_t b
+    cdef uint64_t sum_
+    cdef cnp.ndarray maxkeys, totals, counts = np.empty(BINS, np.int64)
+    cdef uint64_t **tot
     plan_init(&pl, (arrays,), 8 if f64 else 4)
     try:
         nt = _threads(&pl, n_threads)
-        totals = np.zeros((nt, BINS), np.uint64)
         maxkeys = np.zeros(nt, np.uint64)
+        totals = np.zeros(nt, np.uintp)  # each thread's uint64 histogram (its own buffer)
+        tot = <uint64_t **>cnp.PyArray_DATA(totals)
         with nogil, parallel(num_threads=nt):
             tid = threadid()
-            _hist_thread(&pl, tid, nt, f64, shift, pmask, prefix,
-                         <uint64_t *>cnp.PyArray_DATA(totals) + tid * BINS,
+            _hist_thread(&pl, tid, nt, f64, shift, pmask, prefix, tot + tid,
                          <uint64_t *>cnp.PyArray_DATA(maxkeys) + tid)
+        if (maxkeys == np.uint64(2 ** 64 - 1)).any():
+            raise MemoryError("no memory for the select's histograms")
+        with nogil:  # written, never read first: no copy-on-write faults on fresh pages
+            for b in range(BINS):
+                sum_ = 0
+                for k in range(nt):
+                    sum_ += tot[k][b]
+                    tot[k][b] = 0
+                (<cnp.int64_t *>cnp.PyArray_DATA(counts))[b] = sum_
     finally:
         plan_free(&pl)
-    if (maxkeys == np.uint64(2 ** 64 - 1)).any():
-        raise MemoryError("no memory for the select's histograms")
-    return totals.sum(axis=0).astype(np.int64), int(maxkeys.max(initial=0))
+    return counts, int(maxkeys.max(initial=0))
 
 
 cdef void _hist_thread(const Plan *pl, int tid, int nt, bint f64, int shift, uint64_t pmask,
-                       uint64_t prefix, uint64_t *total, uint64_t *maxkey) noexcept nogil:
+                       uint64_t prefix, uint64_t **total, uint64_t *maxkey) noexcept nogil:
     """Thread tid's share of hist(): chunks tid, tid + nt, ... counted into its own
-    interleaved uint32 histograms, added to `total` before they could overflow."""
+    interleaved uint32 histograms, flushed into its uint64 histogram (`*total` on return)
+    before they could overflow and at the end."""
     cdef Py_ssize_t flush = <Py_ssize_t>1 << 31
-    cdef uint32_t *h = <uint32_t *>calloc(4 * BINS, sizeof(uint32_t))
+    cdef uint32_t *h = hist_tables()
     cdef uint32_t mx32 = 0
     cdef uint64_t mx64 = 0
     cdef Py_ssize_t c = tid, t, lo, n, done = 0
     if h == NULL:
         maxkey[0] = <uint64_t>-1
         return
+    total[0] = hist_totals(h)
     while c < pl.n_chunks:
         t, lo, n = pl.chunk[3 * c], pl.chunk[3 * c + 1], pl.chunk[3 * c + 2]
         if f64:
@@ -76,15 +90,14 @@ cdef void _hist_thread(const Plan *pl, int tid, int nt, bint f64, int shift, uin
         done += n
         c += nt
         if done >= flush or c >= pl.n_chunks:
-            _flush(h, total)
+            _flush(h, total[0])
             done = 0
     maxkey[0] = mx64 if f64 else mx32
-    free(h)
 
 
 cdef void _flush(uint32_t *h, uint64_t *total) noexcept nogil:
     cdef Py_ssize_t b, j
-    for j in range(4):
+    for j in range(TABLES):
         for b in range(BINS):
             total[b] += h[j * BINS + b]
             h[j * BINS + b] = 0

@@ -7,16 +7,39 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include "chunks.h"
 #include "fastopt/prune.h"
 
 /*
  * fo_cpu_mag_hist: count the digit (key >> shift) & (FO_DIGIT_BINS - 1) of every key with
- * (key & pmask) == prefix into h, four interleaved histograms of FO_DIGIT_BINS counts
- * (h[j * FO_DIGIT_BINS + digit] for element 4i + j): weights cluster in a few bins, and
- * four counters break the chain of increments to one address. *maxkey takes the largest
- * key seen (NaN shows as a key above inf's).
+ * (key & pmask) == prefix into h, FO_HIST_TABLES interleaved histograms of FO_DIGIT_BINS
+ * counts (h[j * FO_DIGIT_BINS + digit] for element FO_HIST_TABLES i + j): weights cluster
+ * in few bins, and separate counters break the chain of increments to one address.
+ * *maxkey takes the largest key seen (NaN shows as a key above inf's). After the first
+ * digit, matches are rare (a 16-bit prefix), so blocks of FO_HIST_BLOCK keys are first
+ * tested all at once, a loop that vectorizes, and only blocks with a match are counted.
  */
+#define FO_HIST_TABLES 2
+#define FO_HIST_BLOCK 64
+
+/* The calling thread's counting buffers: FO_HIST_TABLES uint32 histograms of FO_DIGIT_BINS
+   counts, then (at fo_cpu_hist_totals) one uint64 histogram they are flushed into, all
+   zero between passes (who empties one zeroes it). Allocated on the thread's first pass
+   and kept for its life (OpenMP pools its threads): fresh buffers per pass cost page
+   faults and TLB shootdowns that outweigh the pass. NULL: out of memory. */
+static uint32_t *fo_cpu_hist_tables(void)
+{
+    static __thread uint32_t *tables = NULL;
+    if (tables == NULL)
+        tables = (uint32_t *)calloc((FO_HIST_TABLES + 2) * FO_DIGIT_BINS, sizeof(uint32_t));
+    return tables;
+}
+static uint64_t *fo_cpu_hist_totals(uint32_t *tables)
+{
+    return (uint64_t *)(tables + FO_HIST_TABLES * FO_DIGIT_BINS);
+}
+
 #define FO_DEFINE_MAG_LOOPS(T, SFX, SQRT, FABS)                                           \
     FO_MULTIVERSION static void fo_cpu_mag_hist_##SFX(                                    \
         const T *restrict x, ptrdiff_t n, int shift, fo_key_##SFX pmask,                  \
@@ -26,18 +49,23 @@
         fo_key_##SFX mx = *maxkey;                                                        \
         ptrdiff_t i = 0, j;                                                               \
         if (pmask == 0) {                                                                 \
-            for (; i + 4 <= n; i += 4)                                                    \
-                for (j = 0; j < 4; j++) {                                                 \
+            for (; i + FO_HIST_TABLES <= n; i += FO_HIST_TABLES)                          \
+                for (j = 0; j < FO_HIST_TABLES; j++) {                                    \
                     const fo_key_##SFX k = fo_mag_key_##SFX(x[i + j]);                    \
                     h[j * FO_DIGIT_BINS + ((k >> shift) & dmask)]++;                      \
                     mx = k > mx ? k : mx;                                                 \
                 }                                                                         \
         } else {                                                                          \
-            for (; i + 4 <= n; i += 4)                                                    \
-                for (j = 0; j < 4; j++) {                                                 \
-                    const fo_key_##SFX k = fo_mag_key_##SFX(x[i + j]);                    \
-                    if ((k & pmask) == prefix) h[j * FO_DIGIT_BINS + ((k >> shift) & dmask)]++; \
-                }                                                                         \
+            for (; i + FO_HIST_BLOCK <= n; i += FO_HIST_BLOCK) {                          \
+                int any = 0;                                                              \
+                for (j = 0; j < FO_HIST_BLOCK; j++)                                       \
+                    any |= (fo_mag_key_##SFX(x[i + j]) & pmask) == prefix;                \
+                if (any)                                                                  \
+                    for (j = 0; j < FO_HIST_BLOCK; j++) {                                 \
+                        const fo_key_##SFX k = fo_mag_key_##SFX(x[i + j]);                \
+                        if ((k & pmask) == prefix) h[(k >> shift) & dmask]++;             \
+                    }                                                                     \
+            }                                                                             \
         }                                                                                 \
         for (; i < n; i++) {                                                              \
             const fo_key_##SFX k = fo_mag_key_##SFX(x[i]);                                \

@@ -41,8 +41,9 @@ FO_HD fo_key_f64 fo_mag_key_f64(double x)
 }
 #endif
 
-/* the radix select's digits: FO_DIGIT_BITS bits each, from the top of the key */
-#define FO_DIGIT_BITS 11
+/* the radix select's digits: FO_DIGIT_BITS bits each, from the top of the key (float32's
+   31-bit keys take two digits, float64's 63-bit keys four) */
+#define FO_DIGIT_BITS 16
 #define FO_DIGIT_BINS (1 << FO_DIGIT_BITS)
 
 #endif /* FASTOPT_PRUNE_H */
