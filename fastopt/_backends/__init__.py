@@ -61,7 +61,7 @@ OPS = {
     "weight_norm_apply": ("numpy", "cython", "numba", "cupy"),
     "magnitude_masks": ("numpy", "cython", "numba"),
     "quant_loop": ("numpy", "cython"),
-    "kd_rows": ("numpy", "cython"),
+    "kd_rows": ("numpy", "cython", "numba"),
 }
 
 AUTO_ORDER = {"cpu": ("cython", "numba", "numpy"), "cuda": ("cupy",)}

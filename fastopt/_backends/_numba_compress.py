@@ -1,13 +1,19 @@
-"""The Numba backend's kernels for fastopt.prune: the counting passes of the magnitude
-select (fastopt/prune.h), written out again in Numba, one parallel call per tensor; the
-select itself is fastopt._backends._select's, shared with the Cython backend. Re-exported
-by fastopt._backends._numba."""
+"""The Numba backend's kernels for fastopt.prune and fastopt.distill: the counting passes
+of the magnitude select (fastopt/prune.h), one parallel call per tensor, the select itself
+being fastopt._backends._select's, shared with the Cython backend; and the distillation
+rows of fastopt/distill.h, the same operations in the same order as the C loops (the tests
+compare them with the NumPy reference bit for bit). Re-exported by
+fastopt._backends._numba."""
+
+import math
 
 import numba
 import numpy as np
 from numba import njit, prange
 
+from fastopt._backends._numba_init import _log
 from fastopt._backends._numpy import CHUNK
+from fastopt._backends._numpy_compress import EXP_F32, EXP_F64
 from fastopt._backends._select import DIGIT_BITS, key_bits
 
 _JIT = dict(cache=True, error_model="numpy")
@@ -108,3 +114,76 @@ def prune_mask(arrays, masks, thr, tie_modes, n_threads):
         _threads(n_threads, a.size)
         _mask(keys, _absmask(keys), _scalar(thr, keys), tie_modes[start:start + n_chunks], m)
         start += n_chunks
+
+
+# -- knowledge distillation (fastopt/distill.h)
+
+@njit(inline="always", **_JIT)
+def _exp_neg(x, c):
+    """fo_exp_neg_<f32|f64> of x (typed like the logits); c: the dtype's constants (log2e,
+    ln2 high, ln2 low, lowest, then the polynomial's coefficients from degree 0).
+    p 2^k is rounded once, like the C product p * scale: exact in float64, then stored."""
+    if x < c[3]:
+        return 0.0
+    k = np.rint(x * c[0])
+    r = (x - k * c[1]) - k * c[2]
+    p = c[c.size - 1]
+    for i in range(c.size - 2, 3, -1):
+        p = c[i] + r * p
+    return math.ldexp(np.float64(p), int(k))
+
+
+@njit(parallel=True, **_JIT)
+def _kd_rows(s, t, g, labels, ce, c, sc, rows):
+    """Per row b of (B, C) logits: the gradient into g[b] and (KL_b, CE_b) into rows[b]
+    (sc: temperature, wk, wc in the logits' dtype); ce False: no cross entropy."""
+    B, C = s.shape
+    temp, wk, wc = sc[0], sc[1], sc[2]
+    for b in prange(B):
+        work = np.empty((3, C), s.dtype)  # es, et, ec; r: 1 / Ss, 1 / St, 1 / Sc
+        r = np.empty(3, s.dtype)
+        lanes = np.zeros((4, 16))
+        ms, mt = s[b, 0], t[b, 0]
+        for i in range(1, C):
+            ms = s[b, i] if s[b, i] > ms else ms
+            mt = t[b, i] if t[b, i] > mt else mt
+        mzs, mzt = ms / temp, mt / temp
+        for i in range(C):
+            zs, zt = s[b, i] / temp, t[b, i] / temp
+            work[0, i] = _exp_neg(zs - mzs, c)
+            work[1, i] = _exp_neg(zt - mzt, c)
+            j = i % 16
+            lanes[0, j] += np.float64(work[0, i])
+            lanes[1, j] += np.float64(work[1, i])
+            lanes[2, j] += np.float64(work[1, i]) * (np.float64(zt) - np.float64(zs))
+            if ce:
+                work[2, i] = _exp_neg(s[b, i] - ms, c)
+                lanes[3, j] += np.float64(work[2, i])
+        Ss, St, A, Sc = lanes[0, 0], lanes[1, 0], lanes[2, 0], lanes[3, 0]
+        for j in range(1, 16):
+            Ss += lanes[0, j]
+            St += lanes[1, j]
+            A += lanes[2, j]
+            Sc += lanes[3, j]
+        r[0], r[1], r[2] = 1.0 / Ss, 1.0 / St, (1.0 / Sc) if ce else 0.0
+        for i in range(C):
+            g[b, i] = wk * (work[0, i] * r[0] - work[1, i] * r[1])
+            if ce:
+                g[b, i] = g[b, i] + wc * (work[2, i] * r[2])
+        rows[b, 0] = A / St + (np.float64(mzs) + _log(Ss)) - (np.float64(mzt) + _log(St))
+        if ce:
+            y = labels[b]
+            g[b, y] = g[b, y] - wc
+            rows[b, 1] = (np.float64(ms) + _log(Sc)) - np.float64(s[b, y])
+
+
+def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads):
+    f32 = s.dtype == np.float32
+    c = np.array((1.44269504, 0.693359375, -2.12194440e-4, -87.0) + EXP_F32 if f32 else
+                 (1.4426950408889634, 6.93147180369123816490e-01, 1.90821492927058770002e-10,
+                  -708.0) + EXP_F64, s.dtype)
+    rows = np.zeros((s.shape[0], 2))
+    _threads(n_threads, s.size)
+    _kd_rows(s, t, g, np.zeros(1, np.int64) if labels is None else labels, labels is not None,
+             c, np.array((temperature, wk, wc), s.dtype), rows)
+    return rows
