@@ -628,6 +628,7 @@ random_fill = _numba_init.random_fill
 weight_norm_sums, weight_norm_apply = _numba_init.weight_norm_sums, _numba_init.weight_norm_apply
 # fastopt.prune's select: _select's driver over the counting passes of _numba_compress
 magnitude_masks = functools.partial(_select.magnitude_masks, _numba_compress)
+quant_loop = _numba_compress.quant_loop  # fastopt.quant's loops
 kd_rows = _numba_compress.kd_rows  # fastopt.distill's rows
 
 

@@ -1,15 +1,16 @@
-"""The Numba backend's kernels for fastopt.prune and fastopt.distill: the counting passes
-of the magnitude select (fastopt/prune.h), one parallel call per tensor, the select itself
-being fastopt._backends._select's, shared with the Cython backend; and the distillation
-rows of fastopt/distill.h, the same operations in the same order as the C loops (the tests
-compare them with the NumPy reference bit for bit). Re-exported by
-fastopt._backends._numba."""
+"""The Numba backend's kernels for fastopt.prune, fastopt.quant and fastopt.distill: the
+counting passes of the magnitude select (fastopt/prune.h), one parallel call per tensor,
+the select itself being fastopt._backends._select's, shared with the Cython backend; the
+quantization loops of fastopt/quant.h and the distillation rows of fastopt/distill.h, the
+same operations in the same order as the C loops (the tests compare them with the NumPy
+reference bit for bit). Re-exported by fastopt._backends._numba."""
 
 import math
 
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.extending import intrinsic
 
 from fastopt._backends._numba_init import _log
 from fastopt._backends._numpy import CHUNK
@@ -114,6 +115,75 @@ def prune_mask(arrays, masks, thr, tie_modes, n_threads):
         _threads(n_threads, a.size)
         _mask(keys, _absmask(keys), _scalar(thr, keys), tie_modes[start:start + n_chunks], m)
         start += n_chunks
+
+
+# -- quantization (fastopt/quant.h)
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """fma(a, b, c) rounded once (LLVM's fma: the instruction, or libm's where there is none)."""
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+    return a(a, b, c), codegen
+
+
+@njit(inline="always", **_JIT)
+def _qclamp(v, lim):
+    v = v if v > lim[0] else lim[0]  # NaN -> qmin
+    return v if v < lim[1] else lim[1]
+
+
+@njit(parallel=True, **_JIT)
+def _quant(kind, x, out, gy, B, C, inv, zp, scale, lim, fused):
+    """kind 0 quantize (out: the codes' bytes), 2 fake quantize, 3 its gradient (gy); per
+    slice b = (i // C) % B; returns the NaN count of x."""
+    n_chunks = (x.size + CHUNK - 1) // CHUNK
+    nan = 0
+    for c in prange(n_chunks):
+        for i in range(c * CHUNK, min((c + 1) * CHUNK, x.size)):
+            b = (i // C) % B
+            v = x[i]
+            if kind == 0:
+                q = _qclamp(np.rint(_fma(v, inv[b], zp[b]) if fused else v * inv[b] + zp[b]),
+                            lim)
+                out[i] = np.uint8(np.int64(q) & 255)
+            else:
+                q = np.rint(v * inv[b]) + zp[b]
+                if kind == 2:
+                    out[i] = (_qclamp(q, lim) - zp[b]) * scale[b]
+                else:
+                    out[i] = gy[i] if q >= lim[0] and q <= lim[1] else 0.0
+            nan += v != v
+    return nan
+
+
+@njit(parallel=True, **_JIT)
+def _dequant(codes, out, B, C, zp, scale):
+    n_chunks = (out.size + CHUNK - 1) // CHUNK
+    for c in prange(n_chunks):
+        for i in range(c * CHUNK, min((c + 1) * CHUNK, out.size)):
+            b = (i // C) % B
+            out[i] = np.float64(np.int64(codes[i]) - zp[b]) * scale[b]
+
+
+_QUANT_KINDS = {"quantize": 0, "fake_quantize": 2, "fake_quantize_grad": 3}
+
+
+def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signed, *,
+               n_threads):
+    """The loops of kernels/cpu/_quant.pyx (same arguments)."""
+    x, out = x.reshape(-1), out.reshape(-1)
+    _threads(n_threads, x.size)
+    if op == "dequantize":
+        _dequant(x.view(np.int8 if is_signed else np.uint8), out, B, C,
+                 np.asarray(zp, np.int64), np.asarray(scale, np.float64))
+        return 0
+    dtype = x.dtype
+    return int(_quant(_QUANT_KINDS[op], x, out.view(np.uint8) if op == "quantize" else out,
+                      x if gy is None else gy.reshape(-1), B, C, np.asarray(inv, dtype),
+                      np.asarray(zp, dtype), np.asarray(x[:0] if scale is None else scale,
+                                                        dtype),
+                      np.array((qmin, qmax), dtype), fused))
 
 
 # -- knowledge distillation (fastopt/distill.h)
