@@ -52,17 +52,18 @@ def hist(list arrays, int shift, uint64_t pmask, uint64_t prefix, int n_threads)
             tid = threadid()
             _hist_thread(&pl, tid, nt, f64, shift, pmask, prefix, tot + tid,
                          <uint64_t *>cnp.PyArray_DATA(maxkeys) + tid)
-        if (maxkeys == np.uint64(2 ** 64 - 1)).any():
-            raise MemoryError("no memory for the select's histograms")
         with nogil:  # written, never read first: no copy-on-write faults on fresh pages
             for b in range(BINS):
                 sum_ = 0
                 for k in range(nt):
-                    sum_ += tot[k][b]
-                    tot[k][b] = 0
+                    if tot[k] != NULL:  # NULL: that thread had no buffers
+                        sum_ += tot[k][b]
+                        tot[k][b] = 0
                 (<cnp.int64_t *>cnp.PyArray_DATA(counts))[b] = sum_
     finally:
         plan_free(&pl)
+    if (maxkeys == np.uint64(2 ** 64 - 1)).any():  # after the other threads' totals are zero
+        raise MemoryError("no memory for the select's histograms")
     return counts, int(maxkeys.max(initial=0))
 
 
