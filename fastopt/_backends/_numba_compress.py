@@ -7,18 +7,16 @@ reference bit for bit). Re-exported by fastopt._backends._numba."""
 
 import math
 
-import numba
 import numpy as np
 from numba import njit, prange
 from numba.extending import intrinsic
 
-from fastopt._backends._numba_init import _log
+from fastopt._backends._numba_init import _log, _threads
 from fastopt._backends._numpy import CHUNK
-from fastopt._backends._numpy_compress import EXP_F32, EXP_F64
+from fastopt._backends._numpy_compress import EXP_CONSTANTS
 from fastopt._backends._select import DIGIT_BITS, key_bits
 
 _JIT = dict(cache=True, error_model="numpy")
-MIN_PER_THREAD = 32768
 BINS = 2 ** DIGIT_BITS
 
 
@@ -73,12 +71,6 @@ def _mask(keys, absmask, thr, modes, mask):
                 tie = k == thr
                 mask[i] = k > thr or (tie and ties <= 0)
                 ties -= tie
-
-
-def _threads(n_threads, size):
-    n = max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS, size // MIN_PER_THREAD))
-    numba.set_num_threads(n)
-    return n
 
 
 def _absmask(keys):
@@ -190,8 +182,7 @@ def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signe
 
 @njit(inline="always", **_JIT)
 def _exp_neg(x, c):
-    """fo_exp_neg_<f32|f64> of x (typed like the logits); c: the dtype's constants (log2e,
-    ln2 high, ln2 low, lowest, then the polynomial's coefficients from degree 0).
+    """fo_exp_neg_<f32|f64> of x (typed like the logits); c: the dtype's EXP_CONSTANTS.
     p 2^k is rounded once, like the C product p * scale: exact in float64, then stored."""
     if x < c[3]:
         return 0.0
@@ -248,10 +239,7 @@ def _kd_rows(s, t, g, labels, ce, c, sc, rows):
 
 
 def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads):
-    f32 = s.dtype == np.float32
-    c = np.array((1.44269504, 0.693359375, -2.12194440e-4, -87.0) + EXP_F32 if f32 else
-                 (1.4426950408889634, 6.93147180369123816490e-01, 1.90821492927058770002e-10,
-                  -708.0) + EXP_F64, s.dtype)
+    c = np.array(EXP_CONSTANTS[s.dtype], s.dtype)
     rows = np.zeros((s.shape[0], 2))
     _threads(n_threads, s.size)
     _kd_rows(s, t, g, np.zeros(1, np.int64) if labels is None else labels, labels is not None,

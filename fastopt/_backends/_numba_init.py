@@ -233,5 +233,7 @@ def weight_norm_apply(out, v, grad_w, k1, k3, shape, *, n_threads):
 
 
 def _threads(n_threads, size):
-    numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS,
-                                     size // MIN_PER_THREAD)))
+    """Set and return the thread count for `size` elements (small calls use fewer)."""
+    n = max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS, size // MIN_PER_THREAD))
+    numba.set_num_threads(n)
+    return n

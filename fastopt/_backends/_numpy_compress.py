@@ -91,26 +91,30 @@ def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signe
 
 # -- knowledge distillation (kernels/include/fastopt/distill.h)
 
-EXP_F32 = (1.0, 1.0, 0.5, 0.166666672, 0.0416666679, 0.00833333377, 0.00138888892,
-            0.000198412701)
-EXP_F64 = (1.0, 1.0, 0.5, 0.16666666666666666, 0.041666666666666664, 0.008333333333333333,
-            0.001388888888888889, 0.0001984126984126984, 2.48015873015873e-05,
-            2.7557319223985893e-06, 2.755731922398589e-07, 2.505210838544172e-08,
-            2.08767569878681e-09, 1.6059043836821613e-10)
+# fo_exp_neg's constants per dtype: log2 e, ln 2 in two parts (high, low), the input below
+# which the result is 0, then the polynomial's coefficients from degree 0
+EXP_CONSTANTS = {
+    np.dtype(np.float32): (1.44269504, 0.693359375, -2.12194440e-4, -87.0,
+                           1.0, 1.0, 0.5, 0.166666672, 0.0416666679, 0.00833333377,
+                           0.00138888892, 0.000198412701),
+    np.dtype(np.float64): (1.4426950408889634, 6.93147180369123816490e-01,
+                           1.90821492927058770002e-10, -708.0,
+                           1.0, 1.0, 0.5, 0.16666666666666666, 0.041666666666666664,
+                           0.008333333333333333, 0.001388888888888889, 0.0001984126984126984,
+                           2.48015873015873e-05, 2.7557319223985893e-06,
+                           2.755731922398589e-07, 2.505210838544172e-08,
+                           2.08767569878681e-09, 1.6059043836821613e-10),
+}
 
 
 def exp_neg(x):
     """fo_exp_neg_<f32|f64>: exp of x <= 0 from +, -, *, rint and the exponent's bits."""
     t = x.dtype.type
+    log2e, hi, lo, lowest, *coefficients = EXP_CONSTANTS[x.dtype]
     if x.dtype == np.float32:
-        log2e, hi, lo, coefficients, bias, shift, lowest = (
-            1.44269504, 0.693359375, -2.12194440e-4, EXP_F32, 127, 23, -87.0)
-        itype, utype = np.int32, np.uint32
+        bias, shift, itype, utype = 127, 23, np.int32, np.uint32
     else:
-        log2e, hi, lo, coefficients, bias, shift, lowest = (
-            1.4426950408889634, 6.93147180369123816490e-01, 1.90821492927058770002e-10,
-            EXP_F64, 1023, 52, -708.0)
-        itype, utype = np.int64, np.uint64
+        bias, shift, itype, utype = 1023, 52, np.int64, np.uint64
     k = np.rint(x * t(log2e))
     r = (x - k * t(hi)) - k * t(lo)
     p = t(coefficients[-1])
