@@ -22,6 +22,14 @@
 
 #define FO_KD_BLOCK 512
 
+/* element i of a block into lane j of the row's four float64 lane sums */
+#define FO_KD_LANE(i, j)                                                                  \
+    do {                                                                                  \
+        ls[j] += (double)es[i];                                                           \
+        lt[j] += (double)et[i];                                                           \
+        la[j] += (double)et[i] * ((double)zt[i] - (double)zs[i]);                         \
+        if (CE == 1) lc[j] += (double)ec[i];                                              \
+    } while (0)
 #define FO_DEFINE_KD_ROW(T, SFX, SQRT, FABS)                                              \
     /* max x[0:C], in lanes like fastopt/reduce.h's sums (the order does not change a     \
        maximum; a NaN is skipped here, and its exponential makes the row's sums NaN).     \
@@ -56,19 +64,10 @@
             et[k] = fo_exp_neg_##SFX(zt[k] - mzt);                                        \
             if (CE == 1) ec[k] = fo_exp_neg_##SFX(s[k] - ms);                             \
         }                                                                                 \
+        /* full groups (a fixed trip count, so it vectorizes), then the row's last few */ \
         for (k = 0; k + FO_NORM_LANES <= n; k += FO_NORM_LANES)                           \
-            for (j = 0; j < FO_NORM_LANES; j++) {                                         \
-                ls[j] += (double)es[k + j];                                               \
-                lt[j] += (double)et[k + j];                                               \
-                la[j] += (double)et[k + j] * ((double)zt[k + j] - (double)zs[k + j]);     \
-                if (CE == 1) lc[j] += (double)ec[k + j];                                  \
-            }                                                                             \
-        for (j = 0; k + j < n; j++) {                                                     \
-            ls[j] += (double)es[k + j];                                                   \
-            lt[j] += (double)et[k + j];                                                   \
-            la[j] += (double)et[k + j] * ((double)zt[k + j] - (double)zs[k + j]);         \
-            if (CE == 1) lc[j] += (double)ec[k + j];                                      \
-        }                                                                                 \
+            for (j = 0; j < FO_NORM_LANES; j++) FO_KD_LANE(k + j, j);                     \
+        for (j = 0; k + j < n; j++) FO_KD_LANE(k + j, j);                                 \
     }                                                                                     \
     static inline __attribute__((always_inline)) void fo_kd_sums_##SFX(                   \
         const T *restrict s, const T *restrict t, ptrdiff_t C, T temp, T rtemp, int pow2, \
@@ -127,5 +126,6 @@
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_KD_ROW)
 #undef FO_DEFINE_KD_ROW
+#undef FO_KD_LANE
 
 #endif /* FASTOPT_CPU_DISTILL_LOOPS_H */
