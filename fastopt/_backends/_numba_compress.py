@@ -13,7 +13,7 @@ from numba.extending import intrinsic
 
 from fastopt._backends._numba_init import _log, _threads
 from fastopt._backends._numpy import CHUNK
-from fastopt._backends._numpy_compress import EXP_CONSTANTS
+from fastopt._backends._numpy_compress import CE_SQUARES, EXP_CONSTANTS
 from fastopt._backends._select import DIGIT_BITS, key_bits
 
 _JIT = dict(cache=True, error_model="numpy")
@@ -181,25 +181,32 @@ def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signe
 # -- knowledge distillation (fastopt/distill.h)
 
 @njit(inline="always", **_JIT)
-def _exp_neg(x, c):
-    """fo_exp_neg_<f32|f64> of x (typed like the logits); c: the dtype's EXP_CONSTANTS.
-    p 2^k is rounded once, like the C product p * scale: exact in float64, then stored."""
+def _exp_neg(x, c, fused):
+    """fo_exp_neg_<f32|f64> of x (typed like the logits); c: the dtype's EXP_CONSTANTS,
+    fused: float32's fma evaluation. p 2^k is rounded once, like the C product p * scale:
+    exact in float64, then stored."""
     if x < c[3]:
         return 0.0
     k = np.rint(x * c[0])
-    r = (x - k * c[1]) - k * c[2]
+    if fused:
+        r = _fma(-k, c[2], _fma(-k, c[1], x))
+    else:
+        r = (x - k * c[1]) - k * c[2]
     p = c[c.size - 1]
     for i in range(c.size - 2, 3, -1):
-        p = c[i] + r * p
+        p = _fma(p, r, c[i]) if fused else c[i] + r * p
     return math.ldexp(np.float64(p), int(k))
 
 
 @njit(parallel=True, **_JIT)
-def _kd_rows(s, t, g, labels, ce, c, sc, rows):
+def _kd_rows(s, t, g, labels, ce, squares, c, sc, rows):
     """Per row b of (B, C) logits: the gradient into g[b] and (KL_b, CE_b) into rows[b]
-    (sc: temperature, wk, wc in the logits' dtype); ce False: no cross entropy."""
+    (sc: temperature, wk, wc in the logits' dtype); ce False: no cross entropy; squares:
+    the cross entropy's exponentials are the KL term's squared this many times (else
+    computed)."""
     B, C = s.shape
     temp, wk, wc = sc[0], sc[1], sc[2]
+    fused = s.itemsize == 4  # float32
     for b in prange(B):
         work = np.empty((3, C), s.dtype)  # es, et, ec; r: 1 / Ss, 1 / St, 1 / Sc
         r = np.empty(3, s.dtype)
@@ -211,14 +218,20 @@ def _kd_rows(s, t, g, labels, ce, c, sc, rows):
         mzs, mzt = ms / temp, mt / temp
         for i in range(C):
             zs, zt = s[b, i] / temp, t[b, i] / temp
-            work[0, i] = _exp_neg(zs - mzs, c)
-            work[1, i] = _exp_neg(zt - mzt, c)
+            work[0, i] = _exp_neg(zs - mzs, c, fused)
+            work[1, i] = _exp_neg(zt - mzt, c, fused)
             j = i % 16
             lanes[0, j] += np.float64(work[0, i])
             lanes[1, j] += np.float64(work[1, i])
             lanes[2, j] += np.float64(work[1, i]) * (np.float64(zt) - np.float64(zs))
             if ce:
-                work[2, i] = _exp_neg(s[b, i] - ms, c)
+                if squares:
+                    e = work[0, i]
+                    for _ in range(squares):
+                        e = e * e
+                    work[2, i] = e
+                else:
+                    work[2, i] = _exp_neg(s[b, i] - ms, c, fused)
                 lanes[3, j] += np.float64(work[2, i])
         Ss, St, A, Sc = lanes[0, 0], lanes[1, 0], lanes[2, 0], lanes[3, 0]
         for j in range(1, 16):
@@ -242,6 +255,7 @@ def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads):
     c = np.array(EXP_CONSTANTS[s.dtype], s.dtype)
     rows = np.zeros((s.shape[0], 2))
     _threads(n_threads, s.size)
+    sc = np.array((temperature, wk, wc), s.dtype)
     _kd_rows(s, t, g, np.zeros(1, np.int64) if labels is None else labels, labels is not None,
-             c, np.array((temperature, wk, wc), s.dtype), rows)
+             CE_SQUARES.get(float(sc[0]), 0), c, sc, rows)
     return rows

@@ -9,7 +9,7 @@
  * Two shortcuts that change no bit: z / T is z * (1 / T) when T is a power of two (both are
  * the one rounding of the same real number), and at T = 1 the cross entropy's
  * exponentials exp(s - ms) are the KL term's exp(zs - ms / T), so they are not computed
- * twice.
+ * twice. At T = 2, 4 or 8 they are exp(zs - ms / T)^T, by squaring (fastopt/distill.h).
  */
 #ifndef FASTOPT_CPU_DISTILL_LOOPS_H
 #define FASTOPT_CPU_DISTILL_LOOPS_H
@@ -21,6 +21,14 @@
 #include "fastopt/reduce.h"
 
 #define FO_KD_BLOCK 512
+/* the cross entropy's exponentials ec (the rows' CE argument): none (no labels), computed,
+   equal to es (T = 1), or es^T by squaring es CE - FO_KD_CE_SQ times (T = 2, 4, 8: CE 3, 4,
+   5; a compile-time count, so the loop vectorizes) */
+#define FO_KD_CE_NONE 0
+#define FO_KD_CE_EXP 1
+#define FO_KD_CE_SAME 2
+#define FO_KD_CE_SQ 2
+#define FO_KD_CE_SQUARES(CE) ((CE) > FO_KD_CE_SAME ? (CE) - FO_KD_CE_SQ : 0)
 
 /* element i of a block into lane j of the row's four float64 lane sums */
 #define FO_KD_LANE(i, j)                                                                  \
@@ -28,7 +36,7 @@
         ls[j] += (double)es[i];                                                           \
         lt[j] += (double)et[i];                                                           \
         la[j] += (double)et[i] * ((double)zt[i] - (double)zs[i]);                         \
-        if (CE == 1) lc[j] += (double)ec[i];                                              \
+        if (CE != FO_KD_CE_NONE && CE != FO_KD_CE_SAME) lc[j] += (double)ec[i];           \
     } while (0)
 #define FO_DEFINE_KD_ROW(T, SFX, SQRT, FABS)                                              \
     /* max x[0:C], in lanes like fastopt/reduce.h's sums (the order does not change a     \
@@ -46,23 +54,30 @@
         for (j = 1; j < FO_NORM_LANES; j++) m = v[j] > m ? v[j] : m;                      \
         return m;                                                                         \
     }                                                                                     \
-    /* the exponentials of s[0:n], t[0:n] into es, et (and ec: CE 1 computes it, CE 2 has \
-       it equal es) and their lane sums; n a multiple of FO_NORM_LANES, or the row's end */ \
+    /* the exponentials of s[0:n], t[0:n] into es, et and ec (as CE says) and their lane  \
+       sums; n a multiple of FO_NORM_LANES, or the row's end */                           \
     static inline __attribute__((always_inline)) void fo_kd_block_##SFX(                  \
         const T *restrict s, const T *restrict t, ptrdiff_t n, T temp, T rtemp, int pow2, \
         T ms, T mzs, T mzt, T *restrict es, T *restrict et, T *restrict ec, int CE,       \
-        double *restrict ls, double *restrict lt, double *restrict la, double *restrict lc) \
+        double *restrict ls, double *restrict lt, double *restrict la,                    \
+        double *restrict lc)                                                              \
     {                                                                                     \
         T zs[FO_KD_BLOCK], zt[FO_KD_BLOCK];                                               \
         ptrdiff_t k, j;                                                                   \
+        int q;                                                                            \
         if (pow2)                                                                         \
             for (k = 0; k < n; k++) zs[k] = s[k] * rtemp, zt[k] = t[k] * rtemp;           \
         else                                                                              \
             for (k = 0; k < n; k++) zs[k] = s[k] / temp, zt[k] = t[k] / temp;             \
         for (k = 0; k < n; k++) {                                                         \
-            es[k] = fo_exp_neg_##SFX(zs[k] - mzs);                                        \
+            T e = fo_exp_neg_##SFX(zs[k] - mzs);                                          \
+            es[k] = e;                                                                    \
             et[k] = fo_exp_neg_##SFX(zt[k] - mzt);                                        \
-            if (CE == 1) ec[k] = fo_exp_neg_##SFX(s[k] - ms);                             \
+            if (CE == FO_KD_CE_EXP) ec[k] = fo_exp_neg_##SFX(s[k] - ms);                  \
+            if (FO_KD_CE_SQUARES(CE)) {                                                   \
+                for (q = 0; q < FO_KD_CE_SQUARES(CE); q++) e = e * e;                     \
+                ec[k] = e;                                                                \
+            }                                                                             \
         }                                                                                 \
         /* full groups (a fixed trip count, so it vectorizes), then the row's last few */ \
         for (k = 0; k + FO_NORM_LANES <= n; k += FO_NORM_LANES)                           \
@@ -101,14 +116,25 @@
         mzs = ms / temp;                                                                  \
         mzt = mt / temp;                                                                  \
         if (label < 0)                                                                    \
-            fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work, 0, S);       \
-        else if (temp != 1)                                                               \
-            fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work, 1, S);       \
-        else {                                                                            \
-            fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work, 2, S);       \
+            fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work,              \
+                             FO_KD_CE_NONE, S);                                           \
+        else if (temp == 1) {                                                             \
+            fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work,              \
+                             FO_KD_CE_SAME, S);                                           \
             S[3] = S[0];                                                                  \
             ec = work;                                                                    \
-        }                                                                                 \
+        } else if (temp == 2)                                                             \
+            fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work,              \
+                             FO_KD_CE_SQ + 1, S);                                         \
+        else if (temp == 4)                                                               \
+            fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work,              \
+                             FO_KD_CE_SQ + 2, S);                                         \
+        else if (temp == 8)                                                               \
+            fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work,              \
+                             FO_KD_CE_SQ + 3, S);                                         \
+        else                                                                              \
+            fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work,              \
+                             FO_KD_CE_EXP, S);                                            \
         rs = (T)(1.0 / S[0]);                                                             \
         rt = (T)(1.0 / S[1]);                                                             \
         rc = label >= 0 ? (T)(1.0 / S[3]) : (T)0;                                         \
@@ -127,5 +153,10 @@
 FO_DEFINE_FOR_REALS(FO_DEFINE_KD_ROW)
 #undef FO_DEFINE_KD_ROW
 #undef FO_KD_LANE
+#undef FO_KD_CE_NONE
+#undef FO_KD_CE_EXP
+#undef FO_KD_CE_SAME
+#undef FO_KD_CE_SQ
+#undef FO_KD_CE_SQUARES
 
 #endif /* FASTOPT_CPU_DISTILL_LOOPS_H */
