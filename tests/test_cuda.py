@@ -26,7 +26,8 @@ def _need(tool_ok, what):
 
 
 def test_there_are_cuda_sources():
-    assert {"optim.cu", "reduce.cu", "factored.cu", "random.cu"} <= set(CU_FILES)
+    assert {"optim.cu", "reduce.cu", "factored.cu", "random.cu", "wnorm.cu", "prune.cu",
+            "quant.cu", "distill.cu"} <= set(CU_FILES)
 
 
 @pytest.mark.parametrize("name", CU_FILES)
@@ -145,3 +146,86 @@ def test_cupy_fused_clipping_and_guard():
         assert opt.last_step_skipped == ref.last_step_skipped == (step == 2)
     for d, h in zip(dev, host):
         np.testing.assert_array_equal(cupy.asnumpy(d), h)
+
+
+# -- pruning, quantization, distillation: bit for bit the NumPy reference's --------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cupy_magnitude_masks_identical(dtype):
+    import cupy
+    rng = np.random.default_rng(5)
+    # rounded values: thousands of ties at the threshold, split across chunks and tensors
+    ws = [np.round(rng.standard_normal(n) * 4).astype(dtype) for n in (1, 16384 * 3 + 5, 70001)]
+    ws.append(rng.standard_normal((300, 257)).astype(dtype))
+    dev = [cupy.asarray(w) for w in ws]
+    for amount in (0, 1, 0.3, 0.5, 0.999, 1.0, 12345):
+        for mask_dtype in ("bool", "uint8"):
+            want = fastopt.prune.global_magnitude_masks(ws, amount, dtype=mask_dtype,
+                                                        backend="numpy")
+            got = fastopt.prune.global_magnitude_masks(dev, amount, dtype=mask_dtype)
+            for g, w in zip(got, want):
+                assert isinstance(g, cupy.ndarray) and g.dtype == w.dtype
+                np.testing.assert_array_equal(cupy.asnumpy(g), w)
+    dev[2][7] = np.nan
+    with pytest.raises(ValueError, match=r"ws\[2\]: holds NaN"):
+        fastopt.prune.global_magnitude_masks(dev, 0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("qdtype, qmin, qmax", [("int8", -128, 127), ("uint8", 0, 255),
+                                                ("int4", -8, 7)])
+@pytest.mark.parametrize("axis", [None, 0, 1])
+def test_cupy_quant_identical(dtype, qdtype, qmin, qmax, axis):
+    import cupy
+    from fastopt import quant
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((37, 1030)) * 3).astype(dtype)
+    gy = rng.standard_normal(x.shape).astype(dtype)
+    n = 1 if axis is None else x.shape[axis]
+    scale = 0.05 if axis is None else rng.uniform(0.01, 0.1, n)
+    zp = 2 if axis is None else rng.integers(0, 4, n)
+    dx, dgy = cupy.asarray(x), cupy.asarray(gy)
+    pairs = [(quant.quantize(x, scale, zp, qdtype, axis, backend="numpy"),
+              quant.quantize(dx, scale, zp, qdtype, axis))]
+    pairs.append((quant.dequantize(pairs[0][0], scale, zp, axis, dtype=dtype, backend="numpy"),
+                  quant.dequantize(pairs[0][1], scale, zp, axis, dtype=dtype)))
+    pairs.append((quant.fake_quantize(x, scale, zp, qmin, qmax, axis, backend="numpy"),
+                  quant.fake_quantize(dx, scale, zp, qmin, qmax, axis)))
+    pairs.append((quant.fake_quantize_backward(gy, x, scale, zp, qmin, qmax, axis,
+                                               backend="numpy"),
+                  quant.fake_quantize_backward(dgy, dx, scale, zp, qmin, qmax, axis)))
+    for want, got in pairs:
+        assert isinstance(got, cupy.ndarray) and got.dtype == want.dtype
+        np.testing.assert_array_equal(cupy.asnumpy(got), want)
+    dx[3, 5] = np.nan
+    with pytest.raises(ValueError, match="x: holds 1 NaN"):
+        quant.quantize(dx, scale, zp, qdtype, axis)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+# the cross entropy's exponentials: computed (3, 0.5), shared (1), squared (2, 4, 8)
+@pytest.mark.parametrize("T", [3.0, 0.5, 1.0, 2.0, 4.0, 8.0])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_cupy_kd_loss_identical(dtype, T, with_labels):
+    import cupy
+    from fastopt import distill
+    rng = np.random.default_rng(7)
+    s = (rng.standard_normal((33, 1531)) * 20).astype(dtype)
+    t = (rng.standard_normal((33, 1531)) * 20).astype(dtype)
+    labels = rng.integers(0, 1531, 33) if with_labels else None
+    ds, dt = cupy.asarray(s), cupy.asarray(t)
+    dlabels = None if labels is None else cupy.asarray(labels)
+    loss, grad = distill.kd_loss(ds, dt, dlabels, T)
+    want_loss, want_grad = distill.kd_loss(s, t, labels, T, backend="numpy")
+    assert isinstance(grad, cupy.ndarray) and loss == want_loss
+    np.testing.assert_array_equal(cupy.asnumpy(grad), want_grad)
+    rows, _ = distill.kd_loss(ds, dt, dlabels, T, reduction="none")
+    np.testing.assert_array_equal(
+        cupy.asnumpy(rows), distill.kd_loss(s, t, labels, T, reduction="none",
+                                            backend="numpy")[0])
+    ds[4, 9] = np.nan
+    with pytest.raises(ValueError, match="student_logits: holds NaN"):
+        distill.kd_loss(ds, dt, dlabels, T)

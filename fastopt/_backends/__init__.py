@@ -59,9 +59,9 @@ OPS = {
     "random_fill": ("numpy", "cython", "numba", "cupy"),
     "weight_norm_sums": ("numpy", "cython", "numba", "cupy"),
     "weight_norm_apply": ("numpy", "cython", "numba", "cupy"),
-    "magnitude_masks": ("numpy", "cython", "numba"),
-    "quant_loop": ("numpy", "cython", "numba"),
-    "kd_rows": ("numpy", "cython", "numba"),
+    "magnitude_masks": ("numpy", "cython", "numba", "cupy"),
+    "quant_loop": ("numpy", "cython", "numba", "cupy"),
+    "kd_rows": ("numpy", "cython", "numba", "cupy"),
 }
 
 AUTO_ORDER = {"cpu": ("cython", "numba", "numpy"), "cuda": ("cupy",)}

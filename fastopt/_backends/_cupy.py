@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fastopt._backends import _slices, _twopass
+from fastopt._backends import _select, _slices, _twopass
 from fastopt._backends._masked import wrap_steps
 from fastopt._backends._numpy import PER_GROUP
+from fastopt._backends._numpy_compress import CE_SQUARES
 from fastopt._backends._pack import pack, random_args
 from fastopt.optim import _scalars
 
@@ -245,6 +246,107 @@ def weight_norm_apply(out, v, grad_w, k1, k3, shape, *, n_threads):
             (min(-(-v.size // THREADS), 65536),), (THREADS,),
             (out, v, grad_w if grad_w is not None else np.uint64(0), k1, k3, np.int64(v.size),
              np.int64(shape[1]), np.int64(shape[2])))
+
+
+# -- fastopt.prune's select passes (kernels/cuda/prune.cu; _select drives them)
+
+PRUNE_THREADS = 256  # FO_PRUNE_THREADS
+
+
+def _key(dtype):
+    return np.uint64 if dtype == np.float64 else np.uint32
+
+
+def _prune_launch(kernel, operands, *args):
+    """One launch of fo_cuda_prune_<kernel>: a block per _select.CHUNK chunk of the
+    tensors."""
+    import cupy
+    table, n_chunks = _table(operands, _select.CHUNK)
+    if n_chunks:
+        name = f"fo_cuda_prune_{kernel}_{_suffix(operands[0][0].dtype)}"
+        _module("prune.cu").get_function(name)(
+            (n_chunks,), (PRUNE_THREADS,),
+            (cupy.asarray(table), np.int64(len(operands[0]))) + args)
+
+
+def prune_hist(arrays, shift, pmask, prefix, n_threads):
+    import cupy
+    key = _key(arrays[0].dtype)
+    with arrays[0].device:
+        counts = cupy.zeros(2 ** _select.DIGIT_BITS, np.uint64)
+        maxkey = cupy.zeros(1, key)
+        _prune_launch("hist", (arrays,), np.int32(shift), key(pmask), key(prefix), counts,
+                      maxkey)
+        return counts.get().astype(np.int64), int(maxkey.get()[0])
+
+
+def prune_ties(arrays, thr, n_threads):
+    import cupy
+    with arrays[0].device:
+        out = cupy.zeros(_select.n_chunks(arrays), np.int64)
+        _prune_launch("ties", (arrays,), _key(arrays[0].dtype)(thr), out)
+        return out.get()
+
+
+def prune_mask(arrays, masks, thr, tie_modes, n_threads):
+    import cupy
+    with arrays[0].device:
+        _prune_launch("mask", (arrays, masks), _key(arrays[0].dtype)(thr),
+                      cupy.asarray(np.asarray(tie_modes, np.int64)))
+
+
+magnitude_masks = functools.partial(_select.magnitude_masks, sys.modules[__name__])
+
+
+# -- fastopt.quant's loops (kernels/cuda/quant.cu)
+
+_QUANT_KINDS = {"quantize": 0, "fake_quantize": 2, "fake_quantize_grad": 3}  # FO_CUDA_*
+
+
+def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signed, *,
+               n_threads):
+    """The loops of kernels/cpu/_quant.pyx (same arguments) on device arrays; the
+    per-slice parameters come from the host."""
+    import cupy
+    x, out = x.reshape(-1), out.reshape(-1)
+    module = _module("quant.cu")
+    with x.device:
+        if op == "dequantize":
+            n = out.size
+            module.get_function(f"fo_cuda_dequant_{_suffix(out.dtype)}")(
+                (min(-(-n // THREADS), 65536),), (THREADS,),
+                (x, out, np.int64(n), np.int64(B), np.int64(C), cupy.asarray(zp, np.int32),
+                 cupy.asarray(scale, np.float64), np.int32(is_signed)))
+            return 0
+        dtype, n = x.dtype, x.size
+        inv, zp, scale = device([np.asarray(v, dtype) for v in
+                                 (inv, zp, inv if scale is None else scale)], x)
+        nan = cupy.zeros(1, np.uint64)
+        module.get_function(f"fo_cuda_quant_{_suffix(dtype)}")(
+            (min(-(-n // THREADS), 65536),), (THREADS,),
+            (np.int32(_QUANT_KINDS[op]), x, out, x if gy is None else gy.reshape(-1),
+             np.int64(n), np.int64(B), np.int64(C), inv, zp, scale, dtype.type(qmin),
+             dtype.type(qmax), np.int32(fused), nan))
+        return int(nan.get()[0])
+
+
+# -- fastopt.distill's rows (kernels/cuda/distill.cu)
+
+def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads):
+    """Per row: the weighted gradient into g, and (KL_b, CE_b) as a host (B, 2) float64
+    array; one block of NORM_LANES threads per row."""
+    import cupy
+    B, C = s.shape
+    f = s.dtype.type
+    temp = f(temperature)
+    with s.device:
+        rows = cupy.zeros((B, 2), np.float64)
+        labels = np.uint64(0) if labels is None else cupy.asarray(labels, np.int64)
+        _module("distill.cu").get_function(f"fo_cuda_kd_rows_{_suffix(s.dtype)}")(
+            (B,), (NORM_LANES,),
+            (s, t, g, np.int64(C), labels, temp, f(wk), f(wc),
+             np.int32(CE_SQUARES.get(float(temp), 0)), rows))
+        return rows.get()
 
 
 wrap_steps(globals())  # pruning masks: the pruned entries zeroed after each elementwise step

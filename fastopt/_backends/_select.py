@@ -57,19 +57,20 @@ def magnitude_masks(backend, arrays, masks, k, *, check_nan=True, n_threads):
         prefix |= digit << shift
         pmask |= (2 ** DIGIT_BITS - 1) << shift
     if k == 0:  # keep everything: keys >= 0
-        thr, modes = 0, np.zeros(_n_chunks(arrays), np.int64)
+        thr, modes = 0, np.zeros(n_chunks(arrays), np.int64)
     elif k == total:  # prune everything: no key is above the largest
-        thr, modes = 2 ** bits - 1, np.full(_n_chunks(arrays), -1, np.int64)
+        thr, modes = 2 ** bits - 1, np.full(n_chunks(arrays), -1, np.int64)
     else:
         thr = prefix
         all_ties = int(counts[prefix & (2 ** DIGIT_BITS - 1)])
         if rank == all_ties:
-            modes = np.full(_n_chunks(arrays), -1, np.int64)
+            modes = np.full(n_chunks(arrays), -1, np.int64)
         else:
             modes = tie_modes(backend.prune_ties(arrays, thr, n_threads), rank)
     backend.prune_mask(arrays, masks, thr, modes, n_threads)
     return True
 
 
-def _n_chunks(arrays):
+def n_chunks(arrays):
+    """How many FO_CHUNK chunks the arrays make, each cut separately."""
     return sum(-(-a.size // CHUNK) for a in arrays)

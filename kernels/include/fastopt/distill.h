@@ -62,4 +62,17 @@ FO_HD double fo_exp_neg_f64(double x)
     return x < -708.0 ? 0.0 : p * scale;
 }
 
+/* the cross entropy's exponential exp(s - ms): computed, or, at T = 2^squares (squares 1 to
+   3), the KL term's es = exp(zs - ms / T) squared `squares` times (used by CUDA; the CPU
+   loops square with the count known at compile time, which vectorizes) */
+#define FO_DEFINE_KD_CE_EXP(T, SFX, SQRT, FABS)                                           \
+    FO_HD T fo_kd_ce_exp_##SFX(T s, T ms, T es, int squares)                              \
+    {                                                                                     \
+        if (!squares) return fo_exp_neg_##SFX(s - ms);                                    \
+        for (int q = 0; q < squares; q++) es = es * es;                                   \
+        return es;                                                                        \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_KD_CE_EXP)
+#undef FO_DEFINE_KD_CE_EXP
+
 #endif /* FASTOPT_DISTILL_H */

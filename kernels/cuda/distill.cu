@@ -1,0 +1,95 @@
+/*
+ * distill.cu - fastopt.distill's rows on NVIDIA GPUs, compiled at run time by CuPy (NVRTC),
+ * equal to the CPU loops bit for bit (fastopt/distill.h has the math): one block of
+ * FO_NORM_LANES threads per row. Thread j takes the row's elements j, j + 16, ... in index
+ * order, so its float64 sums are the CPU loops' lane j; thread 0 adds the lanes in lane
+ * order. The exponentials are computed again for the gradient rather than kept.
+ *
+ * squares: at T = 2, 4, 8 (1, 2, 3) the cross entropy's exponentials are the KL term's
+ * squared that many times; 0: computed (T = 1: they are the KL term's).
+ */
+#include "fastopt/distill.h"
+#include "fastopt/reduce.h"
+
+typedef long long fo_i64;
+
+#define FO_DEFINE_CUDA_KD(T, SFX, SQRT, FABS)                                             \
+    extern "C" __global__ void fo_cuda_kd_rows_##SFX(                                     \
+        const T *s_all, const T *t_all, T *g_all, fo_i64 C, const fo_i64 *labels,         \
+        T temp, T wk, T wc, int squares, double *rows)                                    \
+    {                                                                                     \
+        __shared__ T top[2][FO_NORM_LANES];                                               \
+        __shared__ double lane[4][FO_NORM_LANES];                                         \
+        __shared__ double S[4];                                                           \
+        const fo_i64 row = blockIdx.x;                                                    \
+        const T *s = s_all + row * C, *t = t_all + row * C;                               \
+        T *g = g_all + row * C;                                                           \
+        const fo_i64 label = labels ? labels[row] : -1;                                   \
+        const int j = threadIdx.x, same = temp == (T)1;                                   \
+        const T ninf = (T)-fo_double_of(0x7ff0000000000000ull); /* no INFINITY in NVRTC */\
+        T ms = ninf, mt = ninf, mzs, mzt, rs, rt, rc;                                     \
+        double ls = 0, lt = 0, la = 0, lc = 0;                                            \
+        fo_i64 i;                                                                         \
+        /* the maxima (a NaN is skipped, as in the CPU loops; order does not matter) */   \
+        for (i = j; i < C; i += FO_NORM_LANES) {                                          \
+            ms = s[i] > ms ? s[i] : ms;                                                   \
+            mt = t[i] > mt ? t[i] : mt;                                                   \
+        }                                                                                 \
+        top[0][j] = ms;                                                                   \
+        top[1][j] = mt;                                                                   \
+        __syncthreads();                                                                  \
+        ms = mt = ninf; /* every thread folds the lanes in one order: the same maxima */   \
+        for (int k = 0; k < FO_NORM_LANES; k++) {                                         \
+            ms = top[0][k] > ms ? top[0][k] : ms;                                         \
+            mt = top[1][k] > mt ? top[1][k] : mt;                                         \
+        }                                                                                 \
+        mzs = ms / temp;                                                                  \
+        mzt = mt / temp;                                                                  \
+        for (i = j; i < C; i += FO_NORM_LANES) {                                          \
+            const T zs = s[i] / temp, zt = t[i] / temp;                                   \
+            const T es = fo_exp_neg_##SFX(zs - mzs), et = fo_exp_neg_##SFX(zt - mzt);     \
+            ls += (double)es;                                                             \
+            lt += (double)et;                                                             \
+            la += (double)et * ((double)zt - (double)zs);                                 \
+            if (label >= 0 && !same)                                                      \
+                lc += (double)fo_kd_ce_exp_##SFX(s[i], ms, es, squares);                  \
+        }                                                                                 \
+        lane[0][j] = ls;                                                                  \
+        lane[1][j] = lt;                                                                  \
+        lane[2][j] = la;                                                                  \
+        lane[3][j] = lc;                                                                  \
+        __syncthreads();                                                                  \
+        if (j == 0) {                                                                     \
+            for (int q = 0; q < 4; q++) {                                                 \
+                double sum = lane[q][0];                                                  \
+                for (int k = 1; k < FO_NORM_LANES; k++) sum += lane[q][k];                \
+                S[q] = sum;                                                               \
+            }                                                                             \
+            if (same) S[3] = S[0];                                                        \
+        }                                                                                 \
+        __syncthreads();                                                                  \
+        rs = (T)(1.0 / S[0]);                                                             \
+        rt = (T)(1.0 / S[1]);                                                             \
+        rc = label >= 0 ? (T)(1.0 / S[3]) : (T)0;                                         \
+        for (i = j; i < C; i += FO_NORM_LANES) {                                          \
+            const T es = fo_exp_neg_##SFX(s[i] / temp - mzs);                             \
+            const T et = fo_exp_neg_##SFX(t[i] / temp - mzt);                             \
+            if (label >= 0) {                                                             \
+                const T ec = same ? es : fo_kd_ce_exp_##SFX(s[i], ms, es, squares);       \
+                g[i] = wk * (es * rs - et * rt) + wc * (ec * rc);                         \
+            } else                                                                        \
+                g[i] = wk * (es * rs - et * rt);                                          \
+        }                                                                                 \
+        __syncthreads();                                                                  \
+        if (j == 0) {                                                                     \
+            rows[2 * row] = S[2] / S[1] + ((double)mzs + fo_log(S[0]))                    \
+                            - ((double)mzt + fo_log(S[1]));                               \
+            rows[2 * row + 1] = 0;                                                        \
+            if (label >= 0) {                                                             \
+                g[label] = g[label] - wc;                                                 \
+                rows[2 * row + 1] = ((double)ms + fo_log(S[3])) - (double)s[label];       \
+            }                                                                             \
+        }                                                                                 \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_CUDA_KD)
+#undef FO_DEFINE_CUDA_KD
