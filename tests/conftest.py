@@ -15,6 +15,15 @@ from fastopt import _backends  # noqa: E402
 CPU_BACKENDS = ("numpy", "cython", "numba")
 
 
+def kd_case(dtype, rows, with_labels, seed):
+    """Student and teacher logits (rows x 1531, spread 20) and labels or None, for the
+    distillation kernels' bit-identity tests."""
+    rng = np.random.default_rng(seed)
+    s = (rng.standard_normal((rows, 1531)) * 20).astype(dtype)
+    t = (rng.standard_normal((rows, 1531)) * 20).astype(dtype)
+    return s, t, rng.integers(0, 1531, rows) if with_labels else None
+
+
 def require_backend(name):
     """Skip unless the backend works here; CI installs every CPU backend, so only the GPU
     one is ever skipped there (test_ci_has_every_cpu_backend checks that)."""

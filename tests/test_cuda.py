@@ -64,6 +64,7 @@ def test_compiles_with_nvcc(name, tmp_path):
 
 # -- on a GPU -------------------------------------------------------------------------
 
+from conftest import kd_case  # noqa: E402
 from test_optim_parity import CONFIGS, SHAPES, SIZES, _ids, reference  # noqa: E402
 
 
@@ -212,10 +213,7 @@ def test_cupy_quant_identical(dtype, qdtype, qmin, qmax, axis):
 def test_cupy_kd_loss_identical(dtype, T, with_labels):
     import cupy
     from fastopt import distill
-    rng = np.random.default_rng(7)
-    s = (rng.standard_normal((33, 1531)) * 20).astype(dtype)
-    t = (rng.standard_normal((33, 1531)) * 20).astype(dtype)
-    labels = rng.integers(0, 1531, 33) if with_labels else None
+    s, t, labels = kd_case(dtype, 33, with_labels, seed=7)
     ds, dt = cupy.asarray(s), cupy.asarray(t)
     dlabels = None if labels is None else cupy.asarray(labels)
     loss, grad = distill.kd_loss(ds, dt, dlabels, T)

@@ -15,6 +15,7 @@ import pytest
 from fastopt._backends import _numpy_compress as ref
 from fastopt._backends import _select
 from fastopt._backends._numpy_compress import CE_SQUARES
+from conftest import kd_case
 
 HERE = Path(__file__).resolve().parent
 THREADS = 256  # the CuPy backend's block size (FO_PRUNE_THREADS, THREADS)
@@ -173,10 +174,7 @@ def test_quant_kernels(lib, dtype, B, C):
 @pytest.mark.parametrize("T", [3.0, 0.5, 1.0, 2.0, 4.0, 8.0])
 @pytest.mark.parametrize("with_labels", [True, False])
 def test_kd_kernel(lib, dtype, T, with_labels):
-    rng = np.random.default_rng(7)
-    s = (rng.standard_normal((9, 1531)) * 20).astype(dtype)
-    t = (rng.standard_normal((9, 1531)) * 20).astype(dtype)
-    labels = rng.integers(0, 1531, 9) if with_labels else None
+    s, t, labels = kd_case(dtype, 9, with_labels, seed=7)
     got, want = np.zeros_like(s), np.zeros_like(s)
     rows = Emulated(lib).kd_rows(s, t, got, labels, T, 0.3, 0.05, n_threads=1)
     np.testing.assert_array_equal(rows, ref.kd_rows(s, t, want, labels, T, 0.3, 0.05))

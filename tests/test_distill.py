@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fastopt import _backends, distill
-from conftest import CPU_BACKENDS, require_backend
+from conftest import CPU_BACKENDS, kd_case, require_backend
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -77,10 +77,7 @@ def test_exp_within_1_2_ulp(dtype, lowest):
 @pytest.mark.parametrize("T", [3.0, 4.0, 1.0, 0.5, 2.0, 8.0, 16.0])
 @pytest.mark.parametrize("with_labels", [True, False])
 def test_backends_bit_identical(dtype, T, with_labels):
-    rng = np.random.default_rng(2)
-    s = (rng.standard_normal((33, 1531)) * 20).astype(dtype)
-    t = (rng.standard_normal((33, 1531)) * 20).astype(dtype)
-    labels = rng.integers(0, 1531, 33) if with_labels else None
+    s, t, labels = kd_case(dtype, 33, with_labels, seed=2)
     ref = distill.kd_loss(s, t, labels, T, backend="numpy")
     for backend in BACKENDS:
         require_backend(backend)
