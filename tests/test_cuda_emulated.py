@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fastopt._backends import _cupy, _select
 from fastopt._backends import _numpy_compress as ref
-from fastopt._backends import _select
 from fastopt._backends._numpy_compress import CE_SQUARES
 from conftest import kd_case
 
 HERE = Path(__file__).resolve().parent
-THREADS = 256  # the CuPy backend's block size (FO_PRUNE_THREADS, THREADS)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +72,8 @@ class Emulated:
 
     def _prune(self, kernel, operands, *args):
         table, n_chunks = self._table(operands)
-        _run(self.lib, f"prune_{kernel}", operands[0][0].dtype, n_chunks, THREADS, _p(table),
+        _run(self.lib, f"prune_{kernel}", operands[0][0].dtype, n_chunks, _cupy.PRUNE_THREADS,
+             _p(table),
              ctypes.c_longlong(len(operands[0])), *args)
 
     def prune_hist(self, arrays, shift, pmask, prefix, n_threads):
@@ -96,10 +96,10 @@ class Emulated:
     def quant_loop(self, op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signed,
                    *, n_threads):
         x, out = x.reshape(-1), out.reshape(-1)
-        grid = min(-(-out.size // THREADS), 65536)
+        grid, block = _cupy._grid(out.size)[0], _cupy.THREADS
         i64 = ctypes.c_longlong
         if op == "dequantize":
-            _run(self.lib, "dequant", out.dtype, grid, THREADS, _p(x), _p(out), i64(out.size),
+            _run(self.lib, "dequant", out.dtype, grid, block, _p(x), _p(out), i64(out.size),
                  i64(B), i64(C), _p(np.asarray(zp, np.int32)), _p(np.asarray(scale, np.float64)),
                  ctypes.c_int(is_signed))
             return 0
@@ -108,7 +108,7 @@ class Emulated:
                   (inv, zp, inv if scale is None else scale)]
         nan = np.zeros(1, np.uint64)
         kind = {"quantize": 0, "fake_quantize": 2, "fake_quantize_grad": 3}[op]
-        _run(self.lib, "quant", x.dtype, grid, THREADS, ctypes.c_int(kind), _p(x), _p(out),
+        _run(self.lib, "quant", x.dtype, grid, block, ctypes.c_int(kind), _p(x), _p(out),
              _p(x if gy is None else gy.reshape(-1)), i64(x.size), i64(B), i64(C),
              *map(_p, params), real(qmin), real(qmax), ctypes.c_int(fused), _p(nan))
         return int(nan[0])
@@ -117,7 +117,7 @@ class Emulated:
         real = _real(s.dtype)
         temp = s.dtype.type(temperature)
         rows = np.zeros((s.shape[0], 2))
-        _run(self.lib, "kd_rows", s.dtype, s.shape[0], 16, _p(s), _p(t), _p(g),
+        _run(self.lib, "kd_rows", s.dtype, s.shape[0], _cupy.NORM_LANES, _p(s), _p(t), _p(g),
              ctypes.c_longlong(s.shape[1]),
              None if labels is None else _p(np.asarray(labels, np.int64)), real(temp),
              real(wk), real(wc), ctypes.c_int(CE_SQUARES.get(float(temp), 0)), _p(rows))

@@ -105,6 +105,11 @@ def norm_partials(grads, kind, *, n_threads):
         return out.get()
 
 
+def _grid(n):
+    """Blocks of THREADS for a grid-stride loop over n elements (at most 65536)."""
+    return (min(-(-n // THREADS), 65536),)
+
+
 def _suffix(dtype):
     return "f64" if dtype == np.float64 else "f32"
 
@@ -222,7 +227,7 @@ def random_fill(out, kind, reals, seed, stream, *, n_threads):
     sfx = {"float32": "f32", "float64": "f64", "uint32": "u32"}[out.dtype.name]
     with out.device:
         _module("random.cu").get_function(f"fo_cuda_{_FILLS[kind]}_{sfx}")(
-            (min(-(-groups // THREADS), 65536),), (THREADS,),
+            _grid(groups), (THREADS,),
             (flat, np.int64(flat.size), cupy.asarray(random_args(reals, seed, stream))))
 
 
@@ -243,7 +248,7 @@ def weight_norm_apply(out, v, grad_w, k1, k3, shape, *, n_threads):
     with v.device:
         k1, k3 = cupy.asarray(k1), cupy.asarray(k1 if k3 is None else k3)
         _module("wnorm.cu").get_function(f"fo_cuda_wnorm_apply_{_suffix(v.dtype)}")(
-            (min(-(-v.size // THREADS), 65536),), (THREADS,),
+            _grid(v.size), (THREADS,),
             (out, v, grad_w if grad_w is not None else np.uint64(0), k1, k3, np.int64(v.size),
              np.int64(shape[1]), np.int64(shape[2])))
 
@@ -314,7 +319,7 @@ def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signe
         if op == "dequantize":
             n = out.size
             module.get_function(f"fo_cuda_dequant_{_suffix(out.dtype)}")(
-                (min(-(-n // THREADS), 65536),), (THREADS,),
+                _grid(n), (THREADS,),
                 (x, out, np.int64(n), np.int64(B), np.int64(C), cupy.asarray(zp, np.int32),
                  cupy.asarray(scale, np.float64), np.int32(is_signed)))
             return 0
@@ -323,7 +328,7 @@ def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signe
                                  (inv, zp, inv if scale is None else scale)], x)
         nan = cupy.zeros(1, np.uint64)
         module.get_function(f"fo_cuda_quant_{_suffix(dtype)}")(
-            (min(-(-n // THREADS), 65536),), (THREADS,),
+            _grid(n), (THREADS,),
             (np.int32(_QUANT_KINDS[op]), x, out, x if gy is None else gy.reshape(-1),
              np.int64(n), np.int64(B), np.int64(C), inv, zp, scale, dtype.type(qmin),
              dtype.type(qmax), np.int32(fused), nan))
