@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import prune
+from fastopt import _backends, prune
 from conftest import CPU_BACKENDS, require_backend
 from test_optim_parity import CONFIGS, _ids
 
@@ -107,6 +107,48 @@ def test_ties_across_tensors_go_to_the_earlier_tensor(backend):
     assert not masks[2].any()
     assert not masks[0].any()
     np.testing.assert_array_equal(masks[1], np.arange(30000) >= 10000)
+
+
+def _planted_ties(rng, dtype):
+    """Three gaussian tensors whose median magnitude is repeated at 3000 positions spread
+    over all of them: the threshold's first digit leaves few keys undecided (the split
+    path), and the ties among them span tensors, chunks and both threads' halves."""
+    sizes = [70001, 5, 130000]
+    w = rng.standard_normal(sum(sizes)).astype(dtype)
+    v = np.median(np.abs(w)).astype(dtype)
+    at = rng.choice(w.size, 3000, replace=False)
+    w[at] = v * rng.choice([-1, 1], at.size)
+    return np.split(w, np.cumsum(sizes)[:-1]), v
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_split_path_ties_across_tensors(dtype, n_threads, monkeypatch):
+    """The Cython backend's split pass (the backend with prune_split): the masks equal the
+    reference's, with the threshold's ties pruned by position across the split."""
+    backend = "cython"
+    require_backend(backend)
+    ops = _backends.load(backend)[0]
+    calls = []
+
+    def split(*args):
+        calls.append(args[2:4])
+        return real_split(*args)
+    real_split = ops.prune_split
+    monkeypatch.setattr(ops, "prune_split", split)
+    ws, v = _planted_ties(np.random.default_rng(5), dtype)
+    mags = np.abs(np.concatenate(ws))
+    below, equal = int((mags < v).sum()), int((mags == v).sum())
+    fastopt.set_num_threads(n_threads)
+    try:
+        for k in (below - 1, below, below + 1, below + equal // 3, below + equal - 1,
+                  below + equal, below + equal + 1):
+            masks = prune.global_magnitude_masks(ws, k, backend=backend)
+            for got, want in zip(masks, prune.global_magnitude_masks(ws, k, backend="numpy")):
+                np.testing.assert_array_equal(got, want)
+    finally:
+        fastopt.set_num_threads(2)
+    assert len(calls) == 7  # every k took the split path
 
 
 def test_amount_rounds_half_to_even_as_torch():

@@ -131,6 +131,10 @@ def prune_mask(arrays, masks, thr, tie_modes, n_threads):
     _prune.mask(arrays, masks, thr, tie_modes, n_threads)
 
 
+def prune_split(arrays, masks, lo, hi, n_threads):
+    return _prune.split(arrays, masks, lo, hi, n_threads)
+
+
 magnitude_masks = functools.partial(_select.magnitude_masks, sys.modules[__name__])
 
 

@@ -6,7 +6,9 @@ fastopt.prune."""
 include "_plan.pxi"
 
 from cython.parallel cimport parallel, threadid
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy
 
 cdef extern from "prune_loops.h" nogil:
     const int BINS "FO_DIGIT_BINS"
@@ -19,6 +21,14 @@ cdef extern from "prune_loops.h" nogil:
                              uint64_t prefix, uint32_t *h, uint64_t *maxkey)
     Py_ssize_t fo_cpu_mag_ties_f32(const float *x, Py_ssize_t n, uint32_t thr)
     Py_ssize_t fo_cpu_mag_ties_f64(const double *x, Py_ssize_t n, uint64_t thr)
+    ctypedef struct fo_cands:
+        void *keys
+        int64_t *pos
+        Py_ssize_t n
+    int fo_cpu_mag_split_f32(const float *x, Py_ssize_t n, uint32_t lo, uint32_t hi,
+                             uint8_t *m, int64_t pos0, fo_cands *c)
+    int fo_cpu_mag_split_f64(const double *x, Py_ssize_t n, uint64_t lo, uint64_t hi,
+                             uint8_t *m, int64_t pos0, fo_cands *c)
     void fo_cpu_mag_mask_f32(const float *x, Py_ssize_t n, uint32_t thr, Py_ssize_t ties,
                              uint8_t *m)
     void fo_cpu_mag_mask_f64(const double *x, Py_ssize_t n, uint64_t thr, Py_ssize_t ties,
@@ -150,3 +160,71 @@ def mask(list arrays, list masks, uint64_t thr, const cnp.int64_t[::1] tie_modes
                                         tie_modes[c], <uint8_t *>pl.ptr[2 * t + 1] + lo)
     finally:
         plan_free(&pl)
+
+
+def split(list arrays, list masks, uint64_t lo, uint64_t hi, int n_threads):
+    """(keys, positions): write the keep-masks of every key outside [lo, hi] (1 above, 0
+    below; 0 for now inside), and return the keys inside with their flat positions across
+    `arrays` (tensor by tensor), in that order. Each thread takes one contiguous range of
+    chunks, so its candidates follow the previous thread's."""
+    import numpy as np
+    cdef Plan pl
+    cdef bint f64 = len(arrays) > 0 and cnp.PyArray_ITEMSIZE(<cnp.ndarray?>arrays[0]) == 8
+    cdef Py_ssize_t keysize = 8 if f64 else 4, total = 0, at = 0, t
+    cdef int nt, tid
+    cdef int[::1] failed
+    cdef fo_cands *cands = NULL
+    cdef int64_t[::1] starts
+    cdef cnp.ndarray keys, pos
+    plan_init(&pl, (arrays, masks), keysize, 0, 1)
+    try:
+        starts = np.cumsum([0] + [a.size for a in arrays], dtype=np.int64)
+        nt = _threads(&pl, n_threads)
+        cands = <fo_cands *>calloc(nt, sizeof(fo_cands))
+        if cands == NULL:
+            raise MemoryError("no memory for the select's candidates")
+        failed_ = np.zeros(nt, np.intc)  # per thread: the candidates could not grow
+        failed = failed_
+        with nogil, parallel(num_threads=nt):
+            tid = threadid()
+            failed[tid] = _split_thread(&pl, tid, nt, f64, lo, hi, &starts[0], cands + tid)
+        if failed_.any():
+            raise MemoryError("no memory for the select's candidates")
+        for tid in range(nt):
+            total += cands[tid].n
+        keys = np.empty(total, np.uint64 if f64 else np.uint32)
+        pos = np.empty(total, np.int64)
+        for tid in range(nt):
+            memcpy(<char *>cnp.PyArray_DATA(keys) + at * keysize, cands[tid].keys,
+                   cands[tid].n * keysize)
+            memcpy(<int64_t *>cnp.PyArray_DATA(pos) + at, cands[tid].pos,
+                   cands[tid].n * sizeof(int64_t))
+            at += cands[tid].n
+    finally:
+        if cands != NULL:
+            for tid in range(nt):
+                free(cands[tid].keys)
+                free(cands[tid].pos)
+            free(cands)
+        plan_free(&pl)
+    return keys, pos
+
+
+cdef int _split_thread(const Plan *pl, int tid, int nt, bint f64, uint64_t lo, uint64_t hi,
+                       const int64_t *starts, fo_cands *c) noexcept nogil:
+    """Thread tid's chunks of split(): the tid-th of nt contiguous ranges; -1 if out of
+    memory."""
+    cdef Py_ssize_t ch, t, off, n
+    cdef char *x
+    cdef uint8_t *m
+    for ch in range(tid * pl.n_chunks // nt, (tid + 1) * pl.n_chunks // nt):
+        t, off, n = pl.chunk[3 * ch], pl.chunk[3 * ch + 1], pl.chunk[3 * ch + 2]
+        x = pl.ptr[2 * t]
+        m = <uint8_t *>pl.ptr[2 * t + 1] + off
+        if f64:
+            if fo_cpu_mag_split_f64(<double *>x + off, n, lo, hi, m, starts[t] + off, c):
+                return -1
+        elif fo_cpu_mag_split_f32(<float *>x + off, n, <uint32_t>lo, <uint32_t>hi, m,
+                                  starts[t] + off, c):
+            return -1
+    return 0

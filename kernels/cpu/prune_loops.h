@@ -22,6 +22,7 @@
  */
 #define FO_HIST_TABLES 2
 #define FO_HIST_BLOCK 64
+#define FO_SPLIT_BLOCK 16
 
 /* The calling thread's counting buffers: FO_HIST_TABLES uint32 histograms of FO_DIGIT_BINS
    counts, then (at fo_cpu_hist_totals) one uint64 histogram they are flushed into, all
@@ -38,6 +39,32 @@ static uint32_t *fo_cpu_hist_tables(void)
 static uint64_t *fo_cpu_hist_totals(uint32_t *tables)
 {
     return (uint64_t *)(tables + FO_HIST_TABLES * FO_DIGIT_BINS);
+}
+
+/* A thread's candidates of the split pass (fo_cpu_mag_split): their keys (fo_key_f32 or
+   fo_key_f64) and flat positions, in the order found, in buffers that grow by doubling. */
+typedef struct {
+    void *keys;
+    int64_t *pos;
+    ptrdiff_t n, cap;
+} fo_cands;
+
+/* room for `more` candidates in c; -1 if out of memory (c unchanged, still valid) */
+static int fo_cands_reserve(fo_cands *c, ptrdiff_t more, size_t keysize)
+{
+    ptrdiff_t cap = c->cap ? c->cap : 4096;
+    void *keys;
+    int64_t *pos;
+    if (c->n + more <= c->cap) return 0;
+    while (cap < c->n + more) cap *= 2;
+    keys = realloc(c->keys, (size_t)cap * keysize);
+    if (keys == NULL) return -1;
+    c->keys = keys;
+    pos = (int64_t *)realloc(c->pos, (size_t)cap * sizeof(int64_t));
+    if (pos == NULL) return -1;
+    c->pos = pos;
+    c->cap = cap;
+    return 0;
 }
 
 #define FO_DEFINE_MAG_LOOPS(T, SFX, SQRT, FABS)                                           \
@@ -82,6 +109,53 @@ static uint64_t *fo_cpu_hist_totals(uint32_t *tables)
         ptrdiff_t i, c = 0;                                                               \
         for (i = 0; i < n; i++) c += fo_mag_key_##SFX(x[i]) == thr;                       \
         return c;                                                                         \
+    }                                                                                     \
+                                                                                          \
+    /* The split pass, when the first digit has left few keys undecided: m[i] = 1 for    \
+       keys above the bin [lo, hi] (kept), 0 for the others, and the keys in the bin     \
+       are appended to c with their positions pos0 + i (to be settled by a select over   \
+       them alone). Blocks of FO_SPLIT_BLOCK keys are tested in a loop that vectorizes;  \
+       a block with a key in the bin is copied out without branches (short blocks keep   \
+       those rare). -1 if c could not grow (the chunk is then incomplete). */            \
+    FO_MULTIVERSION static int fo_cpu_mag_split_##SFX(                                    \
+        const T *restrict x, ptrdiff_t n, fo_key_##SFX lo, fo_key_##SFX hi,              \
+        uint8_t *restrict m, int64_t pos0, fo_cands *c)                                   \
+    {                                                                                     \
+        ptrdiff_t i = 0, j, b;                                                            \
+        while (i < n) {                                                                   \
+            int any = 0;                                                                  \
+            b = n - i < FO_SPLIT_BLOCK ? n - i : FO_SPLIT_BLOCK;                          \
+            if (b == FO_SPLIT_BLOCK)                                                      \
+                for (j = 0; j < FO_SPLIT_BLOCK; j++) {                                    \
+                    const fo_key_##SFX k = fo_mag_key_##SFX(x[i + j]);                    \
+                    m[i + j] = k > hi;                                                    \
+                    any |= k - lo <= hi - lo;                                             \
+                }                                                                         \
+            else                                                                          \
+                for (j = 0; j < b; j++) {                                                 \
+                    const fo_key_##SFX k = fo_mag_key_##SFX(x[i + j]);                    \
+                    m[i + j] = k > hi;                                                    \
+                    any |= k - lo <= hi - lo;                                             \
+                }                                                                         \
+            if (any) {                                                                    \
+                fo_key_##SFX *restrict keys;                                              \
+                int64_t *restrict pos;                                                    \
+                ptrdiff_t got;                                                            \
+                if (fo_cands_reserve(c, b, sizeof(fo_key_##SFX))) return -1;              \
+                keys = (fo_key_##SFX *)c->keys;                                           \
+                pos = c->pos;                                                             \
+                got = c->n;                                                               \
+                for (j = 0; j < b; j++) { /* branch-free: write always, advance if in */  \
+                    const fo_key_##SFX k = fo_mag_key_##SFX(x[i + j]);                    \
+                    keys[got] = k;                                                        \
+                    pos[got] = pos0 + i + j;                                              \
+                    got += k - lo <= hi - lo;                                             \
+                }                                                                         \
+                c->n = got;                                                               \
+            }                                                                             \
+            i += b;                                                                       \
+        }                                                                                 \
+        return 0;                                                                         \
     }                                                                                     \
                                                                                           \
     /* m[i] = 1 to keep x[i], 0 to prune it: keys below thr are pruned, keys above kept;  \
