@@ -12,6 +12,7 @@ which is 2.5x cheaper per tensor than ``np.from_dlpack`` here) and go back the s
 No framework is imported here; an array's framework is read off its type's module.
 """
 
+import math
 import sys
 from typing import NamedTuple
 
@@ -52,12 +53,18 @@ def _device(x, fw):
     return ("cuda" if kind == "GPU" else kind.lower(), int(index or 0))
 
 
+_DTYPE_NAMES = {}  # NumPy dtype -> its name (dtype.name is computed in Python, ~2 us)
+
+
 def _dtype_name(x, fw):
     if fw == "torch":
         return str(x.dtype).removeprefix("torch.")
     if fw == "tensorflow":
         return x.dtype.name
-    return np.dtype(x.dtype).name
+    name = _DTYPE_NAMES.get(x.dtype)
+    if name is None:
+        name = _DTYPE_NAMES[x.dtype] = np.dtype(x.dtype).name
+    return name
 
 
 _NP_FLOATS = frozenset((np.dtype(np.float32), np.dtype(np.float64)))
@@ -215,7 +222,8 @@ def array_module(arr):
 def aligned_empty(shape, dtype):
     """np.empty whose data starts on a 64-byte boundary."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    nbytes = math.prod(int(n) for n in shape) * dtype.itemsize
     raw = np.empty(nbytes + ALIGN, np.uint8)
     offset = -raw.ctypes.data % ALIGN
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
