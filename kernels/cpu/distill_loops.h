@@ -22,13 +22,13 @@
 
 #define FO_KD_BLOCK 512
 /* the cross entropy's exponentials ec (the rows' CE argument): none (no labels), computed,
-   equal to es (T = 1), or es^T by squaring es CE - FO_KD_CE_SQ times (T = 2, 4, 8: CE 3, 4,
-   5; a compile-time count, so the loop vectorizes) */
+   equal to es (T = 1), or es^T by squaring es n times (FO_KD_CE_SQ(n) at T = 2^n, n = 1, 2,
+   3; a compile-time count, so the loop vectorizes) */
 #define FO_KD_CE_NONE 0
 #define FO_KD_CE_EXP 1
 #define FO_KD_CE_SAME 2
-#define FO_KD_CE_SQ 2
-#define FO_KD_CE_SQUARES(CE) ((CE) > FO_KD_CE_SAME ? (CE) - FO_KD_CE_SQ : 0)
+#define FO_KD_CE_SQ(n) (FO_KD_CE_SAME + (n))
+#define FO_KD_CE_SQUARES(CE) ((CE) > FO_KD_CE_SAME ? (CE) - FO_KD_CE_SAME : 0)
 
 /* element i of a block into lane j of the row's four float64 lane sums */
 #define FO_KD_LANE(i, j)                                                                  \
@@ -125,13 +125,13 @@
             ec = work;                                                                    \
         } else if (temp == 2)                                                             \
             fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work,              \
-                             FO_KD_CE_SQ + 1, S);                                         \
+                             FO_KD_CE_SQ(1), S);                                          \
         else if (temp == 4)                                                               \
             fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work,              \
-                             FO_KD_CE_SQ + 2, S);                                         \
+                             FO_KD_CE_SQ(2), S);                                          \
         else if (temp == 8)                                                               \
             fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work,              \
-                             FO_KD_CE_SQ + 3, S);                                         \
+                             FO_KD_CE_SQ(3), S);                                          \
         else                                                                              \
             fo_kd_sums_##SFX(s, t, C, temp, rtemp, pow2, ms, mzs, mzt, work,              \
                              FO_KD_CE_EXP, S);                                            \
