@@ -42,8 +42,10 @@ def test_per_tensor_matches_torch(backend, qdtype, tdtype, zp, scale):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("qdtype, tdtype", [("int8", torch.qint8), ("uint8", torch.quint8)])
+# (260, 100) and (3, 70, 100) cross the first 16384-element chunk inside a slice's run
 @pytest.mark.parametrize("shape, axis", [((64, 300), 0), ((300, 64), 1), ((3, 40, 5, 7), 1),
-                                         ((5, 7, 3), 2), ((1000,), 0)])
+                                         ((5, 7, 3), 2), ((1000,), 0), ((260, 100), 1),
+                                         ((3, 70, 100), 1)])
 def test_per_channel_matches_torch(backend, qdtype, tdtype, shape, axis):
     require_backend(backend)
     rng = np.random.default_rng(2)

@@ -125,27 +125,44 @@ def _qclamp(v, lim):
     return v if v < lim[1] else lim[1]
 
 
+@njit(inline="always", **_JIT)
+def _quant_one(kind, x, out, gy, i, b, inv, zp, scale, lim, fused):
+    """Element i of slice b (kind as _quant's); 1 if x[i] is NaN, else 0."""
+    v = x[i]
+    if kind == 0:
+        q = _qclamp(np.rint(_fma(v, inv[b], zp[b]) if fused else v * inv[b] + zp[b]), lim)
+        out[i] = np.uint8(np.int64(q) & 255)
+    else:
+        q = np.rint(v * inv[b]) + zp[b]
+        if kind == 2:
+            out[i] = (_qclamp(q, lim) - zp[b]) * scale[b]
+        else:
+            out[i] = gy[i] if q >= lim[0] and q <= lim[1] else 0.0
+    return v != v
+
+
 @njit(parallel=True, **_JIT)
 def _quant(kind, x, out, gy, B, C, inv, zp, scale, lim, fused):
     """kind 0 quantize (out: the codes' bytes), 2 fake quantize, 3 its gradient (gy); per
-    slice b = (i // C) % B; returns the NaN count of x."""
+    slice b = (i // C) % B, walked in runs that share a slice (C > 1) or step through the
+    slices (C = 1), as FO_SLICE_WALK: no division per element. Returns x's NaN count."""
     n_chunks = (x.size + CHUNK - 1) // CHUNK
     nan = 0
     for c in prange(n_chunks):
-        for i in range(c * CHUNK, min((c + 1) * CHUNK, x.size)):
-            b = (i // C) % B
-            v = x[i]
-            if kind == 0:
-                q = _qclamp(np.rint(_fma(v, inv[b], zp[b]) if fused else v * inv[b] + zp[b]),
-                            lim)
-                out[i] = np.uint8(np.int64(q) & 255)
+        i, end = c * CHUNK, min((c + 1) * CHUNK, x.size)
+        while i < end:
+            row = i // C
+            b = row % B
+            if C == 1:
+                stop = min(i + B - b, end)
+                for k in range(i, stop):
+                    nan += _quant_one(kind, x, out, gy, k, b + (k - i), inv, zp, scale, lim,
+                                      fused)
             else:
-                q = np.rint(v * inv[b]) + zp[b]
-                if kind == 2:
-                    out[i] = (_qclamp(q, lim) - zp[b]) * scale[b]
-                else:
-                    out[i] = gy[i] if q >= lim[0] and q <= lim[1] else 0.0
-            nan += v != v
+                stop = min((row + 1) * C, end)
+                for k in range(i, stop):
+                    nan += _quant_one(kind, x, out, gy, k, b, inv, zp, scale, lim, fused)
+            i = stop
     return nan
 
 
@@ -153,9 +170,19 @@ def _quant(kind, x, out, gy, B, C, inv, zp, scale, lim, fused):
 def _dequant(codes, out, B, C, zp, scale):
     n_chunks = (out.size + CHUNK - 1) // CHUNK
     for c in prange(n_chunks):
-        for i in range(c * CHUNK, min((c + 1) * CHUNK, out.size)):
-            b = (i // C) % B
-            out[i] = np.float64(np.int64(codes[i]) - zp[b]) * scale[b]
+        i, end = c * CHUNK, min((c + 1) * CHUNK, out.size)
+        while i < end:
+            row = i // C
+            b = row % B
+            if C == 1:
+                stop = min(i + B - b, end)
+                for k in range(i, stop):
+                    out[k] = np.float64(np.int64(codes[k]) - zp[b + k - i]) * scale[b + k - i]
+            else:
+                stop = min((row + 1) * C, end)
+                for k in range(i, stop):
+                    out[k] = np.float64(np.int64(codes[k]) - zp[b]) * scale[b]
+            i = stop
 
 
 _QUANT_KINDS = {"quantize": 0, "fake_quantize": 2, "fake_quantize_grad": 3}
