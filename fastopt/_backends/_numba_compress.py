@@ -5,10 +5,9 @@ quantization loops of fastopt/quant.h and the distillation rows of fastopt/disti
 same operations in the same order as the C loops (the tests compare them with the NumPy
 reference bit for bit). Re-exported by fastopt._backends._numba."""
 
-import math
-
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from fastopt._backends._numba_init import _log, _threads
@@ -119,6 +118,20 @@ def _fma(typingctx, a, b, c):
     return a(a, b, c), codegen
 
 
+@intrinsic
+def _pow2(typingctx, k, like):
+    """2^k in the float type of `like`, from its bits (k an int64 in the type's normal
+    exponent range): the C kernels' scale, where math.ldexp would be a libm call."""
+    width, bias, shift = (32, 127, 23) if like.bitwidth == 32 else (64, 1023, 52)
+
+    def codegen(context, builder, signature, args):
+        ity = ir.IntType(width)
+        e = builder.trunc(args[0], ity) if width < 64 else args[0]
+        bits = builder.shl(builder.add(e, ir.Constant(ity, bias)), ir.Constant(ity, shift))
+        return builder.bitcast(bits, context.get_value_type(like))
+    return like(types.int64, like), codegen
+
+
 @njit(inline="always", **_JIT)
 def _qclamp(v, lim):
     v = v if v > lim[0] else lim[0]  # NaN -> qmin
@@ -210,8 +223,7 @@ def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signe
 @njit(inline="always", **_JIT)
 def _exp_neg(x, c, fused):
     """fo_exp_neg_<f32|f64> of x (typed like the logits); c: the dtype's EXP_CONSTANTS,
-    fused: float32's fma evaluation. p 2^k is rounded once, like the C product p * scale:
-    exact in float64, then stored."""
+    fused: float32's fma evaluation."""
     if x < c[3]:
         return 0.0
     k = np.rint(x * c[0])
@@ -222,67 +234,77 @@ def _exp_neg(x, c, fused):
     p = c[c.size - 1]
     for i in range(c.size - 2, 3, -1):
         p = _fma(p, r, c[i]) if fused else c[i] + r * p
-    return math.ldexp(np.float64(p), int(k))
+    return p * _pow2(np.int64(k), p)
+
+
+@njit(inline="always", **_JIT)
+def _kd_row(s, t, g, b, y, ce, squares, c, temp, wk, wc, fused, work, lanes, rows):
+    """Row b (fo_cpu_kd_row): the gradient into g[b], (KL_b, CE_b) into rows[b]; work
+    (3, C) and lanes (4, 16) are the caller's scratch."""
+    C = s.shape[1]
+    lanes[:] = 0.0
+    ms, mt = s[b, 0], t[b, 0]
+    for i in range(1, C):
+        ms = s[b, i] if s[b, i] > ms else ms
+        mt = t[b, i] if t[b, i] > mt else mt
+    mzs, mzt = ms / temp, mt / temp
+    for i in range(C):
+        zs, zt = s[b, i] / temp, t[b, i] / temp
+        work[0, i] = _exp_neg(zs - mzs, c, fused)
+        work[1, i] = _exp_neg(zt - mzt, c, fused)
+        j = i % 16  # element i into lane i mod 16
+        lanes[0, j] += np.float64(work[0, i])
+        lanes[1, j] += np.float64(work[1, i])
+        lanes[2, j] += np.float64(work[1, i]) * (np.float64(zt) - np.float64(zs))
+        if ce:
+            if squares:
+                e = work[0, i]
+                for _ in range(squares):
+                    e = e * e
+                work[2, i] = e
+            else:
+                work[2, i] = _exp_neg(s[b, i] - ms, c, fused)
+            lanes[3, j] += np.float64(work[2, i])
+    Ss, St, A, Sc = lanes[0, 0], lanes[1, 0], lanes[2, 0], lanes[3, 0]
+    for j in range(1, 16):
+        Ss += lanes[0, j]
+        St += lanes[1, j]
+        A += lanes[2, j]
+        Sc += lanes[3, j]
+    rs, rt = s.dtype.type(1.0 / Ss), s.dtype.type(1.0 / St)
+    if ce:
+        rc = s.dtype.type(1.0 / Sc)
+        for i in range(C):
+            g[b, i] = wk * (work[0, i] * rs - work[1, i] * rt) + wc * (work[2, i] * rc)
+        g[b, y] = g[b, y] - wc
+        rows[b, 1] = (np.float64(ms) + _log(Sc)) - np.float64(s[b, y])
+    else:
+        for i in range(C):
+            g[b, i] = wk * (work[0, i] * rs - work[1, i] * rt)
+    rows[b, 0] = A / St + (np.float64(mzs) + _log(Ss)) - (np.float64(mzt) + _log(St))
 
 
 @njit(parallel=True, **_JIT)
-def _kd_rows(s, t, g, labels, ce, squares, c, sc, rows):
+def _kd_rows(s, t, g, labels, ce, squares, c, sc, rows, n_blocks):
     """Per row b of (B, C) logits: the gradient into g[b] and (KL_b, CE_b) into rows[b]
     (sc: temperature, wk, wc in the logits' dtype); ce False: no cross entropy; squares:
     the cross entropy's exponentials are the KL term's squared this many times (else
-    computed)."""
+    computed). The rows in n_blocks contiguous blocks, each with its own scratch."""
     B, C = s.shape
-    temp, wk, wc = sc[0], sc[1], sc[2]
     fused = s.itemsize == 4  # float32
-    for b in prange(B):
-        work = np.empty((3, C), s.dtype)  # es, et, ec; r: 1 / Ss, 1 / St, 1 / Sc
-        r = np.empty(3, s.dtype)
-        lanes = np.zeros((4, 16))
-        ms, mt = s[b, 0], t[b, 0]
-        for i in range(1, C):
-            ms = s[b, i] if s[b, i] > ms else ms
-            mt = t[b, i] if t[b, i] > mt else mt
-        mzs, mzt = ms / temp, mt / temp
-        for i in range(C):
-            zs, zt = s[b, i] / temp, t[b, i] / temp
-            work[0, i] = _exp_neg(zs - mzs, c, fused)
-            work[1, i] = _exp_neg(zt - mzt, c, fused)
-            j = i % 16
-            lanes[0, j] += np.float64(work[0, i])
-            lanes[1, j] += np.float64(work[1, i])
-            lanes[2, j] += np.float64(work[1, i]) * (np.float64(zt) - np.float64(zs))
-            if ce:
-                if squares:
-                    e = work[0, i]
-                    for _ in range(squares):
-                        e = e * e
-                    work[2, i] = e
-                else:
-                    work[2, i] = _exp_neg(s[b, i] - ms, c, fused)
-                lanes[3, j] += np.float64(work[2, i])
-        Ss, St, A, Sc = lanes[0, 0], lanes[1, 0], lanes[2, 0], lanes[3, 0]
-        for j in range(1, 16):
-            Ss += lanes[0, j]
-            St += lanes[1, j]
-            A += lanes[2, j]
-            Sc += lanes[3, j]
-        r[0], r[1], r[2] = 1.0 / Ss, 1.0 / St, (1.0 / Sc) if ce else 0.0
-        for i in range(C):
-            g[b, i] = wk * (work[0, i] * r[0] - work[1, i] * r[1])
-            if ce:
-                g[b, i] = g[b, i] + wc * (work[2, i] * r[2])
-        rows[b, 0] = A / St + (np.float64(mzs) + _log(Ss)) - (np.float64(mzt) + _log(St))
-        if ce:
-            y = labels[b]
-            g[b, y] = g[b, y] - wc
-            rows[b, 1] = (np.float64(ms) + _log(Sc)) - np.float64(s[b, y])
+    for blk in prange(n_blocks):
+        work = np.empty((3, C), s.dtype)  # es, et, ec
+        lanes = np.empty((4, 16))
+        for b in range(blk * B // n_blocks, (blk + 1) * B // n_blocks):
+            _kd_row(s, t, g, b, labels[b] if ce else 0, ce, squares, c, sc[0], sc[1], sc[2],
+                    fused, work, lanes, rows)
 
 
 def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads):
     c = np.array(EXP_CONSTANTS[s.dtype], s.dtype)
     rows = np.zeros((s.shape[0], 2))
-    _threads(n_threads, s.size)
+    n = _threads(n_threads, s.size)
     sc = np.array((temperature, wk, wc), s.dtype)
     _kd_rows(s, t, g, np.zeros(1, np.int64) if labels is None else labels, labels is not None,
-             CE_SQUARES.get(float(sc[0]), 0), c, sc, rows)
+             CE_SQUARES.get(float(sc[0]), 0), c, sc, rows, min(n, s.shape[0]))
     return rows
