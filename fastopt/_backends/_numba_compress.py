@@ -17,6 +17,9 @@ from fastopt._backends._select import DIGIT_BITS, key_bits
 
 _JIT = dict(cache=True, error_model="numpy")
 BINS = 2 ** DIGIT_BITS
+# The parallel loops index slices of their chunk from 0: an index Numba cannot prove
+# non-negative (range(lo, hi)) gets negative-index handling that keeps LLVM from
+# vectorizing (the mask pass: 11.7 ms over 4096x4096 float32 keys, 2.3 ms sliced).
 
 
 def _keys(a):
@@ -35,11 +38,25 @@ def _hist(keys, absmask, shift, dmask, pmask, prefix, n_blocks):
     maxkey = np.zeros(n_blocks, keys.dtype)
     for b in prange(n_blocks):
         mx = keys.dtype.type(0)
-        for i in range(b * n // n_blocks, (b + 1) * n // n_blocks):
-            k = keys[i] & absmask
-            if (k & pmask) == prefix:
+        kb = keys[b * n // n_blocks:(b + 1) * n // n_blocks]
+        if pmask == 0:
+            for i in range(kb.size):
+                k = kb[i] & absmask
                 hist[b, (k >> shift) & dmask] += 1
-            mx = max(mx, k)
+                mx = max(mx, k)
+        else:  # matches are rare: test blocks of 64 at once (a loop that vectorizes)
+            for i0 in range(0, kb.size, 64):
+                block = kb[i0:i0 + 64]
+                hit = 0
+                for i in range(block.size):
+                    k = block[i] & absmask
+                    hit |= (k & pmask) == prefix
+                    mx = max(mx, k)
+                if hit:
+                    for i in range(block.size):
+                        k = block[i] & absmask
+                        if (k & pmask) == prefix:
+                            hist[b, (k >> shift) & dmask] += 1
         maxkey[b] = mx
     return hist.sum(axis=0), maxkey.max()
 
@@ -50,8 +67,9 @@ def _ties(keys, absmask, thr):
     out = np.zeros(n_chunks, np.int64)
     for c in prange(n_chunks):
         count = 0
-        for i in range(c * CHUNK, min((c + 1) * CHUNK, keys.size)):
-            count += (keys[i] & absmask) == thr
+        kc = keys[c * CHUNK:(c + 1) * CHUNK]
+        for i in range(kc.size):
+            count += (kc[i] & absmask) == thr
         out[c] = count
     return out
 
@@ -60,15 +78,18 @@ def _ties(keys, absmask, thr):
 def _mask(keys, absmask, thr, modes, mask):
     for c in prange(modes.size):
         ties = modes[c]
-        for i in range(c * CHUNK, min((c + 1) * CHUNK, keys.size)):
-            k = keys[i] & absmask
-            if ties < 0:
-                mask[i] = k > thr
-            elif ties == 0:
-                mask[i] = k >= thr
-            else:
+        kc, mc = keys[c * CHUNK:(c + 1) * CHUNK], mask[c * CHUNK:(c + 1) * CHUNK]
+        if ties < 0:  # a loop per mode: the common two vectorize
+            for i in range(kc.size):
+                mc[i] = (kc[i] & absmask) > thr
+        elif ties == 0:
+            for i in range(kc.size):
+                mc[i] = (kc[i] & absmask) >= thr
+        else:
+            for i in range(kc.size):
+                k = kc[i] & absmask
                 tie = k == thr
-                mask[i] = k > thr or (tie and ties <= 0)
+                mc[i] = k > thr or (tie and ties <= 0)
                 ties -= tie
 
 
@@ -140,7 +161,8 @@ def _qclamp(v, lim):
 
 @njit(inline="always", **_JIT)
 def _quant_one(kind, x, out, gy, i, b, inv, zp, scale, lim, fused):
-    """Element i of slice b (kind as _quant's); 1 if x[i] is NaN, else 0."""
+    """Element i of slice b (kind as _quant's; x, out, gy: the run's slices); 1 if x[i]
+    is NaN, else 0."""
     v = x[i]
     if kind == 0:
         q = _qclamp(np.rint(_fma(v, inv[b], zp[b]) if fused else v * inv[b] + zp[b]), lim)
@@ -166,15 +188,15 @@ def _quant(kind, x, out, gy, B, C, inv, zp, scale, lim, fused):
         while i < end:
             row = i // C
             b = row % B
+            stop = min(i + B - b, end) if C == 1 else min((row + 1) * C, end)
+            xs, outs, gys = x[i:stop], out[i:stop], gy[i:stop]
             if C == 1:
-                stop = min(i + B - b, end)
-                for k in range(i, stop):
-                    nan += _quant_one(kind, x, out, gy, k, b + (k - i), inv, zp, scale, lim,
+                for k in range(xs.size):
+                    nan += _quant_one(kind, xs, outs, gys, k, b + k, inv, zp, scale, lim,
                                       fused)
             else:
-                stop = min((row + 1) * C, end)
-                for k in range(i, stop):
-                    nan += _quant_one(kind, x, out, gy, k, b, inv, zp, scale, lim, fused)
+                for k in range(xs.size):
+                    nan += _quant_one(kind, xs, outs, gys, k, b, inv, zp, scale, lim, fused)
             i = stop
     return nan
 
@@ -187,14 +209,14 @@ def _dequant(codes, out, B, C, zp, scale):
         while i < end:
             row = i // C
             b = row % B
+            stop = min(i + B - b, end) if C == 1 else min((row + 1) * C, end)
+            cs, outs = codes[i:stop], out[i:stop]
             if C == 1:
-                stop = min(i + B - b, end)
-                for k in range(i, stop):
-                    out[k] = np.float64(np.int64(codes[k]) - zp[b + k - i]) * scale[b + k - i]
+                for k in range(cs.size):
+                    outs[k] = np.float64(np.int64(cs[k]) - zp[b + k]) * scale[b + k]
             else:
-                stop = min((row + 1) * C, end)
-                for k in range(i, stop):
-                    out[k] = np.float64(np.int64(codes[k]) - zp[b]) * scale[b]
+                for k in range(cs.size):
+                    outs[k] = np.float64(np.int64(cs[k]) - zp[b]) * scale[b]
             i = stop
 
 
