@@ -244,49 +244,57 @@ def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signe
 
 @njit(inline="always", **_JIT)
 def _exp_neg(x, c, fused):
-    """fo_exp_neg_<f32|f64> of x (typed like the logits); c: the dtype's EXP_CONSTANTS,
-    fused: float32's fma evaluation."""
-    if x < c[3]:
-        return 0.0
+    """fo_exp_neg_<f32|f64> of x (typed like the logits); c: the dtype's EXP_CONSTANTS as
+    a tuple of that type (constants to LLVM: from an array, which stores might alias, they
+    would be reloaded, as gathers, for every element), fused: float32's fma evaluation.
+    Computed for every x, then 0 chosen below c[3]: no branch, so the loops vectorize."""
     k = np.rint(x * c[0])
     if fused:
         r = _fma(-k, c[2], _fma(-k, c[1], x))
     else:
         r = (x - k * c[1]) - k * c[2]
-    p = c[c.size - 1]
-    for i in range(c.size - 2, 3, -1):
+    p = c[len(c) - 1]
+    for i in range(len(c) - 2, 3, -1):
         p = _fma(p, r, c[i]) if fused else c[i] + r * p
-    return p * _pow2(np.int64(k), p)
+    v = p * _pow2(np.int64(k), p)
+    return c[3] - c[3] if x < c[3] else v
 
 
 @njit(inline="always", **_JIT)
-def _kd_row(s, t, g, b, y, ce, squares, c, temp, wk, wc, fused, work, lanes, rows):
-    """Row b (fo_cpu_kd_row): the gradient into g[b], (KL_b, CE_b) into rows[b]; work
-    (3, C) and lanes (4, 16) are the caller's scratch."""
-    C = s.shape[1]
-    lanes[:] = 0.0
-    ms, mt = s[b, 0], t[b, 0]
+def _kd_row(s, t, g, y, ce, squares, c, temp, wk, wc, fused, work, lanes):
+    """One row (fo_cpu_kd_row; s, t, g: its logits and gradient): the gradient into g,
+    returns (KL_b, CE_b); work (3, C) and lanes (4, 16) are the caller's scratch. As the C
+    loops: the maxima, the exponentials into work, their float64 lane sums (element i
+    into lane i mod 16, a fixed 16 per group), then the gradient."""
+    C = s.size
+    ms, mt = s[0], t[0]
     for i in range(1, C):
-        ms = s[b, i] if s[b, i] > ms else ms
-        mt = t[b, i] if t[b, i] > mt else mt
+        ms = s[i] if s[i] > ms else ms
+        mt = t[i] if t[i] > mt else mt
     mzs, mzt = ms / temp, mt / temp
+    es, et, ec = work[0], work[1], work[2]
     for i in range(C):
-        zs, zt = s[b, i] / temp, t[b, i] / temp
-        work[0, i] = _exp_neg(zs - mzs, c, fused)
-        work[1, i] = _exp_neg(zt - mzt, c, fused)
-        j = i % 16  # element i into lane i mod 16
-        lanes[0, j] += np.float64(work[0, i])
-        lanes[1, j] += np.float64(work[1, i])
-        lanes[2, j] += np.float64(work[1, i]) * (np.float64(zt) - np.float64(zs))
+        e = _exp_neg(s[i] / temp - mzs, c, fused)
+        es[i] = e
+        et[i] = _exp_neg(t[i] / temp - mzt, c, fused)
         if ce:
             if squares:
-                e = work[0, i]
                 for _ in range(squares):
                     e = e * e
-                work[2, i] = e
+                ec[i] = e
             else:
-                work[2, i] = _exp_neg(s[b, i] - ms, c, fused)
-            lanes[3, j] += np.float64(work[2, i])
+                ec[i] = _exp_neg(s[i] - ms, c, fused)
+    lanes[:] = 0.0
+    for i0 in range(0, C, 16):
+        n = min(16, C - i0)
+        for j in range(n):
+            i = i0 + j
+            lanes[0, j] += np.float64(es[i])
+            lanes[1, j] += np.float64(et[i])
+            lanes[2, j] += np.float64(et[i]) * (np.float64(t[i] / temp)
+                                                - np.float64(s[i] / temp))
+            if ce:
+                lanes[3, j] += np.float64(ec[i])
     Ss, St, A, Sc = lanes[0, 0], lanes[1, 0], lanes[2, 0], lanes[3, 0]
     for j in range(1, 16):
         Ss += lanes[0, j]
@@ -294,16 +302,16 @@ def _kd_row(s, t, g, b, y, ce, squares, c, temp, wk, wc, fused, work, lanes, row
         A += lanes[2, j]
         Sc += lanes[3, j]
     rs, rt = s.dtype.type(1.0 / Ss), s.dtype.type(1.0 / St)
-    if ce:
-        rc = s.dtype.type(1.0 / Sc)
+    kl = A / St + (np.float64(mzs) + _log(Ss)) - (np.float64(mzt) + _log(St))
+    if not ce:
         for i in range(C):
-            g[b, i] = wk * (work[0, i] * rs - work[1, i] * rt) + wc * (work[2, i] * rc)
-        g[b, y] = g[b, y] - wc
-        rows[b, 1] = (np.float64(ms) + _log(Sc)) - np.float64(s[b, y])
-    else:
-        for i in range(C):
-            g[b, i] = wk * (work[0, i] * rs - work[1, i] * rt)
-    rows[b, 0] = A / St + (np.float64(mzs) + _log(Ss)) - (np.float64(mzt) + _log(St))
+            g[i] = wk * (es[i] * rs - et[i] * rt)
+        return kl, 0.0
+    rc = s.dtype.type(1.0 / Sc)
+    for i in range(C):
+        g[i] = wk * (es[i] * rs - et[i] * rt) + wc * (ec[i] * rc)
+    g[y] = g[y] - wc
+    return kl, (np.float64(ms) + _log(Sc)) - np.float64(s[y])
 
 
 @njit(parallel=True, **_JIT)
@@ -318,12 +326,13 @@ def _kd_rows(s, t, g, labels, ce, squares, c, sc, rows, n_blocks):
         work = np.empty((3, C), s.dtype)  # es, et, ec
         lanes = np.empty((4, 16))
         for b in range(blk * B // n_blocks, (blk + 1) * B // n_blocks):
-            _kd_row(s, t, g, b, labels[b] if ce else 0, ce, squares, c, sc[0], sc[1], sc[2],
-                    fused, work, lanes, rows)
+            rows[b, 0], rows[b, 1] = _kd_row(s[b], t[b], g[b], labels[b] if ce else 0, ce,
+                                             squares, c, sc[0], sc[1], sc[2], fused, work,
+                                             lanes)
 
 
 def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads):
-    c = np.array(EXP_CONSTANTS[s.dtype], s.dtype)
+    c = tuple(s.dtype.type(v) for v in EXP_CONSTANTS[s.dtype])
     rows = np.zeros((s.shape[0], 2))
     n = _threads(n_threads, s.size)
     sc = np.array((temperature, wk, wc), s.dtype)
