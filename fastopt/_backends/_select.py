@@ -24,7 +24,7 @@ import numpy as np
 
 DIGIT_BITS = 16  # FO_DIGIT_BITS
 CHUNK = 16384  # FO_CHUNK: the chunks prune_ties reports
-SPLIT_SHARE = 16
+SPLIT_SHARE = 16  # prune_split when at most 1/16 of the keys share the first digit's bin
 
 
 def key_bits(dtype):

@@ -1,6 +1,9 @@
 /*
  * prune_loops.h - the passes of the magnitude select (fastopt/prune.h) over one chunk of
- * one tensor: a digit histogram, the count of keys equal to the threshold, and the mask.
+ * one tensor: a digit histogram, the count of keys equal to the threshold, the mask, and
+ * the split pass (the mask of the keys outside the threshold's first-digit bin, and those
+ * inside it collected into a buffer that grows: the one pass here that allocates, and may
+ * fail, driven by _prune.split rather than the chunk plan).
  */
 #ifndef FASTOPT_CPU_PRUNE_LOOPS_H
 #define FASTOPT_CPU_PRUNE_LOOPS_H
