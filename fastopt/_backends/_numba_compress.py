@@ -261,11 +261,12 @@ def _exp_neg(x, c, fused):
 
 
 @njit(inline="always", **_JIT)
-def _kd_row(s, t, g, y, ce, squares, c, temp, wk, wc, fused, work, lanes):
+def _kd_row(s, t, g, y, ce, squares, c, temp, wk, wc, fused, work, diff, lanes):
     """One row (fo_cpu_kd_row; s, t, g: its logits and gradient): the gradient into g,
-    returns (KL_b, CE_b); work (3, C) and lanes (4, 16) are the caller's scratch. As the C
-    loops: the maxima, the exponentials into work, their float64 lane sums (element i
-    into lane i mod 16, a fixed 16 per group), then the gradient."""
+    returns (KL_b, CE_b); work (3, C), diff (C, float64) and lanes (4, 16) are the
+    caller's scratch. As the C loops: the maxima, the exponentials into work (and
+    zt - zs into diff, so the divisions stay in the loop that vectorizes), their float64
+    lane sums (element i into lane i mod 16), then the gradient."""
     C = s.size
     ms, mt = s[0], t[0]
     for i in range(1, C):
@@ -274,16 +275,21 @@ def _kd_row(s, t, g, y, ce, squares, c, temp, wk, wc, fused, work, lanes):
     mzs, mzt = ms / temp, mt / temp
     es, et, ec = work[0], work[1], work[2]
     for i in range(C):
-        e = _exp_neg(s[i] / temp - mzs, c, fused)
-        es[i] = e
-        et[i] = _exp_neg(t[i] / temp - mzt, c, fused)
-        if ce:
-            if squares:
-                for _ in range(squares):
-                    e = e * e
-                ec[i] = e
-            else:
-                ec[i] = _exp_neg(s[i] - ms, c, fused)
+        zs, zt = s[i] / temp, t[i] / temp
+        es[i] = _exp_neg(zs - mzs, c, fused)
+        et[i] = _exp_neg(zt - mzt, c, fused)
+        diff[i] = np.float64(zt) - np.float64(zs)
+    # ec: es squared `squares` times, a loop per squaring (a trip count inside the
+    # element loop would keep it scalar), or its own exponentials
+    if ce and squares:
+        for i in range(C):
+            ec[i] = es[i] * es[i]
+        for _ in range(squares - 1):
+            for i in range(C):
+                ec[i] = ec[i] * ec[i]
+    elif ce:
+        for i in range(C):
+            ec[i] = _exp_neg(s[i] - ms, c, fused)
     lanes[:] = 0.0
     for i0 in range(0, C, 16):
         n = min(16, C - i0)
@@ -291,8 +297,7 @@ def _kd_row(s, t, g, y, ce, squares, c, temp, wk, wc, fused, work, lanes):
             i = i0 + j
             lanes[0, j] += np.float64(es[i])
             lanes[1, j] += np.float64(et[i])
-            lanes[2, j] += np.float64(et[i]) * (np.float64(t[i] / temp)
-                                                - np.float64(s[i] / temp))
+            lanes[2, j] += np.float64(et[i]) * diff[i]
             if ce:
                 lanes[3, j] += np.float64(ec[i])
     Ss, St, A, Sc = lanes[0, 0], lanes[1, 0], lanes[2, 0], lanes[3, 0]
@@ -324,11 +329,12 @@ def _kd_rows(s, t, g, labels, ce, squares, c, sc, rows, n_blocks):
     fused = s.itemsize == 4  # float32
     for blk in prange(n_blocks):
         work = np.empty((3, C), s.dtype)  # es, et, ec
+        diff = np.empty(C)
         lanes = np.empty((4, 16))
         for b in range(blk * B // n_blocks, (blk + 1) * B // n_blocks):
             rows[b, 0], rows[b, 1] = _kd_row(s[b], t[b], g[b], labels[b] if ce else 0, ce,
                                              squares, c, sc[0], sc[1], sc[2], fused, work,
-                                             lanes)
+                                             diff, lanes)
 
 
 def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads):
