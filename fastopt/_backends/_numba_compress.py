@@ -160,6 +160,15 @@ def _qclamp(v, lim):
 
 
 @njit(inline="always", **_JIT)
+def _slice_run(i, end, B, C):
+    """The run from element i (before `end`) that shares one slice (C > 1) or steps through
+    consecutive ones (C = 1): its first slice and where it stops."""
+    row = i // C
+    b = row % B
+    return b, (min(i + B - b, end) if C == 1 else min((row + 1) * C, end))
+
+
+@njit(inline="always", **_JIT)
 def _quant_one(kind, x, out, gy, i, b, inv, zp, scale, lim, fused):
     """Element i of slice b (kind as _quant's; x, out, gy: the run's slices); 1 if x[i]
     is NaN, else 0."""
@@ -186,9 +195,7 @@ def _quant(kind, x, out, gy, B, C, inv, zp, scale, lim, fused):
     for c in prange(n_chunks):
         i, end = c * CHUNK, min((c + 1) * CHUNK, x.size)
         while i < end:
-            row = i // C
-            b = row % B
-            stop = min(i + B - b, end) if C == 1 else min((row + 1) * C, end)
+            b, stop = _slice_run(i, end, B, C)
             xs, outs, gys = x[i:stop], out[i:stop], gy[i:stop]
             if C == 1:
                 for k in range(xs.size):
@@ -207,9 +214,7 @@ def _dequant(codes, out, B, C, zp, scale):
     for c in prange(n_chunks):
         i, end = c * CHUNK, min((c + 1) * CHUNK, out.size)
         while i < end:
-            row = i // C
-            b = row % B
-            stop = min(i + B - b, end) if C == 1 else min((row + 1) * C, end)
+            b, stop = _slice_run(i, end, B, C)
             cs, outs = codes[i:stop], out[i:stop]
             if C == 1:
                 for k in range(cs.size):
