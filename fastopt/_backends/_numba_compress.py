@@ -44,14 +44,13 @@ def _hist(keys, absmask, shift, dmask, pmask, prefix, n_blocks):
                 k = kb[i] & absmask
                 hist[b, (k >> shift) & dmask] += 1
                 mx = max(mx, k)
-        else:  # matches are rare: test blocks of 64 at once (a loop that vectorizes)
+        else:  # matches are rare: test blocks of 64 at once (a loop that vectorizes); the
+            # max key is the first pass's only
             for i0 in range(0, kb.size, 64):
                 block = kb[i0:i0 + 64]
                 hit = 0
                 for i in range(block.size):
-                    k = block[i] & absmask
-                    hit |= (k & pmask) == prefix
-                    mx = max(mx, k)
+                    hit |= (block[i] & absmask & pmask) == prefix
                 if hit:
                     for i in range(block.size):
                         k = block[i] & absmask

@@ -2,7 +2,8 @@
 the compiled backends; each supplies its counting passes:
 
 - ``prune_hist(arrays, shift, pmask, prefix, n_threads)`` -> (FO_DIGIT_BINS counts, max key):
-  the histogram of the digit at `shift` of the keys matching the prefix so far;
+  the histogram of the digit at `shift` of the keys matching the prefix so far, and, in the
+  first pass (pmask 0; later ones need not report it), the largest key;
 - ``prune_ties(arrays, thr, n_threads)`` -> how many keys equal `thr`, per FO_CHUNK chunk;
 - ``prune_mask(arrays, masks, thr, tie_modes, n_threads)``: the keep-masks;
 - optionally ``prune_split(arrays, masks, lo, hi, n_threads)`` -> (keys, positions): the
