@@ -9,8 +9,10 @@ per row of the (batch, classes) logits, reduced over the batch. The gradient wit
 to the student logits is
 :math:`\alpha T (\mathrm{softmax}(s/T) - \mathrm{softmax}(t/T)) + (1 - \alpha)(\mathrm{softmax}(s) - \mathrm{onehot}(y))`,
 times the reduction's factor. Every softmax is taken from its row's maximum (log-sum-exp),
-so logits of any size (1e4 and beyond) neither overflow nor lose the loss; sums run in
-float64 in a fixed order, the exponentials in the logits' dtype. It equals torch's
+so logits of any size (1e4 and beyond) neither overflow nor lose the loss. The
+exponentials run in the logits' dtype, and so do the sums over each block of 512 classes,
+which are then added in float64, in a fixed order (the same on every backend and thread
+count). It equals torch's
 ``alpha * T**2 * F.kl_div(F.log_softmax(s / T), F.log_softmax(t / T), reduction=...,
 log_target=True) + (1 - alpha) * F.cross_entropy(s, y, reduction=...)`` and its autograd
 gradient.

@@ -86,6 +86,28 @@ def test_backends_bit_identical(dtype, T, with_labels):
         np.testing.assert_array_equal(grad, ref[1])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("T, with_labels", [(4.0, True), (3.0, True), (1.0, False)])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_streamed_gradient_identical(dtype, T, with_labels, n_threads):
+    # a large gradient is written with non-temporal stores (kernels/cpu/distill_loops.h),
+    # forced here on a small one: rows of 1531 classes start off 16-byte boundaries, and
+    # so does the whole gradient (one element past a 64-byte boundary)
+    require_backend("cython")
+    from fastopt._backends._numpy_compress import kd_rows
+    from fastopt._cpu import _distill
+    from fastopt._interop import aligned_empty
+    s, t, labels = kd_case(dtype, 7, with_labels, seed=9)
+    want = np.empty_like(s)
+    want_rows = kd_rows(s, t, want, labels, T, 0.3, 0.05)
+    got = aligned_empty(s.size + 1, dtype)[1:].reshape(s.shape)
+    for stream in (True, False):
+        got[...] = np.nan
+        rows = _distill.kd_rows(s, t, got, labels, T, 0.3, 0.05, n_threads, stream=stream)
+        np.testing.assert_array_equal(rows, want_rows)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_identical_logits_give_zero_kl_and_frameworks():
     s = np.random.default_rng(3).standard_normal((5, 40)).astype(np.float32) * 1e4
     loss, grad = distill.kd_loss(s, s, alpha=1.0)

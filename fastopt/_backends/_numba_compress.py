@@ -12,7 +12,7 @@ from numba.extending import intrinsic
 
 from fastopt._backends._numba_init import _log, _threads
 from fastopt._backends._numpy import CHUNK
-from fastopt._backends._numpy_compress import CE_SQUARES, EXP_CONSTANTS
+from fastopt._backends._numpy_compress import CE_SQUARES, EXP_CONSTANTS, KD_BLOCK
 from fastopt._backends._select import DIGIT_BITS, key_bits
 
 _JIT = dict(cache=True, error_model="numpy")
@@ -265,12 +265,14 @@ def _exp_neg(x, c, fused):
 
 
 @njit(inline="always", **_JIT)
-def _kd_row(s, t, g, y, ce, squares, c, temp, wk, wc, fused, work, diff, lanes):
+def _kd_row(s, t, g, y, ce, squares, c, temp, wk, wc, fused, work, terms, part, lanes):
     """One row (fo_cpu_kd_row; s, t, g: its logits and gradient): the gradient into g,
-    returns (KL_b, CE_b); work (3, C), diff (C, float64) and lanes (4, 16) are the
-    caller's scratch. As the C loops: the maxima, the exponentials into work (and
-    zt - zs into diff, so the divisions stay in the loop that vectorizes), their float64
-    lane sums (element i into lane i mod 16), then the gradient."""
+    returns (KL_b, CE_b); work (3, C) and terms (C) in the logits' dtype, part (4, 16) of
+    that dtype and lanes (4, 16) float64 are the caller's scratch. As the C loops: the
+    maxima, the exponentials into work (and et (xt - xs) into terms, so the divisions
+    stay in the loop that vectorizes), their sums (per block of KD_BLOCK, element i into
+    lane i mod 16 in the logits' dtype, each block then added to float64 lanes), then the
+    gradient."""
     C = s.size
     ms, mt = s[0], t[0]
     for i in range(1, C):
@@ -279,10 +281,10 @@ def _kd_row(s, t, g, y, ce, squares, c, temp, wk, wc, fused, work, diff, lanes):
     mzs, mzt = ms / temp, mt / temp
     es, et, ec = work[0], work[1], work[2]
     for i in range(C):
-        zs, zt = s[i] / temp, t[i] / temp
-        es[i] = _exp_neg(zs - mzs, c, fused)
-        et[i] = _exp_neg(zt - mzt, c, fused)
-        diff[i] = np.float64(zt) - np.float64(zs)
+        xs, xt = s[i] / temp - mzs, t[i] / temp - mzt
+        es[i] = _exp_neg(xs, c, fused)
+        et[i] = _exp_neg(xt, c, fused)
+        terms[i] = et[i] * (xt - xs)
     # ec: es squared `squares` times, a loop per squaring (a trip count inside the
     # element loop would keep it scalar), or its own exponentials
     if ce and squares:
@@ -295,30 +297,35 @@ def _kd_row(s, t, g, y, ce, squares, c, temp, wk, wc, fused, work, diff, lanes):
         for i in range(C):
             ec[i] = _exp_neg(s[i] - ms, c, fused)
     lanes[:] = 0.0
-    for i0 in range(0, C, 16):
-        n = min(16, C - i0)
-        for j in range(n):
-            i = i0 + j
-            lanes[0, j] += np.float64(es[i])
-            lanes[1, j] += np.float64(et[i])
-            lanes[2, j] += np.float64(et[i]) * diff[i]
-            if ce:
-                lanes[3, j] += np.float64(ec[i])
+    for b0 in range(0, C, KD_BLOCK):
+        part[:] = 0
+        end = min(b0 + KD_BLOCK, C)
+        for i0 in range(b0, end, 16):
+            for j in range(min(16, end - i0)):
+                i = i0 + j
+                part[0, j] += es[i]
+                part[1, j] += et[i]
+                part[2, j] += terms[i]
+                if ce:
+                    part[3, j] += ec[i]
+        for q in range(4):
+            for j in range(16):
+                lanes[q, j] += np.float64(part[q, j])
     Ss, St, A, Sc = lanes[0, 0], lanes[1, 0], lanes[2, 0], lanes[3, 0]
     for j in range(1, 16):
         Ss += lanes[0, j]
         St += lanes[1, j]
         A += lanes[2, j]
         Sc += lanes[3, j]
-    rs, rt = s.dtype.type(1.0 / Ss), s.dtype.type(1.0 / St)
-    kl = A / St + (np.float64(mzs) + _log(Ss)) - (np.float64(mzt) + _log(St))
+    a, b = wk * s.dtype.type(1.0 / Ss), wk * s.dtype.type(1.0 / St)
+    kl = A / St + _log(Ss) - _log(St)
     if not ce:
         for i in range(C):
-            g[i] = wk * (es[i] * rs - et[i] * rt)
+            g[i] = es[i] * a - et[i] * b
         return kl, 0.0
-    rc = s.dtype.type(1.0 / Sc)
+    cc = wc * s.dtype.type(1.0 / Sc)
     for i in range(C):
-        g[i] = wk * (es[i] * rs - et[i] * rt) + wc * (ec[i] * rc)
+        g[i] = (es[i] * a - et[i] * b) + ec[i] * cc
     g[y] = g[y] - wc
     return kl, (np.float64(ms) + _log(Sc)) - np.float64(s[y])
 
@@ -333,12 +340,13 @@ def _kd_rows(s, t, g, labels, ce, squares, c, sc, rows, n_blocks):
     fused = s.itemsize == 4  # float32
     for blk in prange(n_blocks):
         work = np.empty((3, C), s.dtype)  # es, et, ec
-        diff = np.empty(C)
+        terms = np.empty(C, s.dtype)
+        part = np.empty((4, 16), s.dtype)
         lanes = np.empty((4, 16))
         for b in range(blk * B // n_blocks, (blk + 1) * B // n_blocks):
             rows[b, 0], rows[b, 1] = _kd_row(s[b], t[b], g[b], labels[b] if ce else 0, ce,
                                              squares, c, sc[0], sc[1], sc[2], fused, work,
-                                             diff, lanes)
+                                             terms, part, lanes)
 
 
 def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads):

@@ -9,16 +9,23 @@ from cython.parallel cimport threadid
 cdef extern from "distill_loops.h" nogil:
     void fo_cpu_kd_row_f32(const float *s, const float *t, float *g, Py_ssize_t C,
                            Py_ssize_t label, float temp, float wk, float wc, double *out,
-                           float *work)
+                           float *work, const float *next_s, const float *next_t, int stream)
     void fo_cpu_kd_row_f64(const double *s, const double *t, double *g, Py_ssize_t C,
                            Py_ssize_t label, double temp, double wk, double wc, double *out,
-                           double *work)
+                           double *work, const double *next_s, const double *next_t,
+                           int stream)
+
+
+# a gradient this large (bytes) is written with non-temporal stores: it would leave the
+# caches before anyone reads it, and they save reading its lines before writing them
+DEF STREAM_BYTES = 1 << 26
 
 
 def kd_rows(cnp.ndarray s, cnp.ndarray t, cnp.ndarray g, object labels, double temp,
-            double wk, double wc, int n_threads):
+            double wk, double wc, int n_threads, object stream=None):
     """Per row b of the (B, C) logits: g[b] = the weighted gradient, and (KL_b, CE_b) as a
-    (B, 2) float64 array; labels (int64, B) or None for no cross entropy."""
+    (B, 2) float64 array; labels (int64, B) or None for no cross entropy. stream: write g
+    with non-temporal stores (None: when it has STREAM_BYTES or more)."""
     import numpy as np
     cdef Py_ssize_t B = cnp.PyArray_DIM(s, 0), C = cnp.PyArray_DIM(s, 1), b
     cdef Py_ssize_t itemsize = cnp.PyArray_ITEMSIZE(s)
@@ -46,16 +53,23 @@ def kd_rows(cnp.ndarray s, cnp.ndarray t, cnp.ndarray g, object labels, double t
     # the rows' exponentials, 3 C values per thread (kept between a row's passes)
     cdef cnp.ndarray work_arr = np.empty(n_threads * 3 * C, s.dtype)
     cdef char *work = <char *>cnp.PyArray_DATA(work_arr)
-    cdef Py_ssize_t at
+    cdef Py_ssize_t at, nx
+    cdef int streamed = B * C * itemsize >= STREAM_BYTES if stream is None else bool(stream)
     with nogil:
         for b in prange(B, num_threads=n_threads, schedule='static'):
             at = threadid() * 3 * C
+            # the next row, prefetched while this one computes (none after the last)
+            nx = (b + 1) * C if b + 1 < B else -1
             if itemsize == 8:
                 fo_cpu_kd_row_f64(<double *>ps + b * C, <double *>pt + b * C,
                                   <double *>pg + b * C, C, lab[b] if ce else -1, temp, wk, wc,
-                                  r + 2 * b, <double *>work + at)
+                                  r + 2 * b, <double *>work + at,
+                                  <double *>ps + nx if nx >= 0 else NULL,
+                                  <double *>pt + nx if nx >= 0 else NULL, streamed)
             else:
                 fo_cpu_kd_row_f32(<float *>ps + b * C, <float *>pt + b * C, <float *>pg + b * C,
                                   C, lab[b] if ce else -1, <float>temp, <float>wk, <float>wc,
-                                  r + 2 * b, <float *>work + at)
+                                  r + 2 * b, <float *>work + at,
+                                  <float *>ps + nx if nx >= 0 else NULL,
+                                  <float *>pt + nx if nx >= 0 else NULL, streamed)
     return rows

@@ -2,7 +2,8 @@
  * distill.cu - fastopt.distill's rows on NVIDIA GPUs, compiled at run time by CuPy (NVRTC),
  * equal to the CPU loops bit for bit (fastopt/distill.h has the math): one block of
  * FO_NORM_LANES threads per row. Thread j takes the row's elements j, j + 16, ... in index
- * order, so its float64 sums are the CPU loops' lane j; thread 0 adds the lanes in lane
+ * order, summing each FO_KD_BLOCK of the row in the logits' dtype before adding it to its
+ * float64 sums, so that they are the CPU loops' lane j; thread 0 adds the lanes in lane
  * order. The exponentials are computed again for the gradient rather than kept.
  *
  * squares: at T = 2, 4, 8 (1, 2, 3) the cross entropy's exponentials are the KL term's
@@ -27,9 +28,9 @@ typedef long long fo_i64;
         const fo_i64 label = labels ? labels[row] : -1;                                   \
         const int j = threadIdx.x, same = temp == (T)1;                                   \
         const T ninf = (T)-fo_double_of(0x7ff0000000000000ull); /* no INFINITY in NVRTC */\
-        T ms = ninf, mt = ninf, mzs, mzt, rs, rt, rc;                                     \
+        T ms = ninf, mt = ninf, mzs, mzt, a, b, c;                                        \
         double ls = 0, lt = 0, la = 0, lc = 0;                                            \
-        fo_i64 i;                                                                         \
+        fo_i64 i, b0;                                                                     \
         /* the maxima (a NaN is skipped, as in the CPU loops; order does not matter) */   \
         for (i = j; i < C; i += FO_NORM_LANES) {                                          \
             ms = s[i] > ms ? s[i] : ms;                                                   \
@@ -38,21 +39,28 @@ typedef long long fo_i64;
         top[0][j] = ms;                                                                   \
         top[1][j] = mt;                                                                   \
         __syncthreads();                                                                  \
-        ms = mt = ninf; /* every thread folds the lanes in one order: the same maxima */   \
+        ms = mt = ninf; /* every thread folds the lanes in one order: the same maxima */  \
         for (int k = 0; k < FO_NORM_LANES; k++) {                                         \
             ms = top[0][k] > ms ? top[0][k] : ms;                                         \
             mt = top[1][k] > mt ? top[1][k] : mt;                                         \
         }                                                                                 \
         mzs = ms / temp;                                                                  \
         mzt = mt / temp;                                                                  \
-        for (i = j; i < C; i += FO_NORM_LANES) {                                          \
-            const T zs = s[i] / temp, zt = t[i] / temp;                                   \
-            const T es = fo_exp_neg_##SFX(zs - mzs), et = fo_exp_neg_##SFX(zt - mzt);     \
-            ls += (double)es;                                                             \
-            lt += (double)et;                                                             \
-            la += (double)et * ((double)zt - (double)zs);                                 \
-            if (label >= 0 && !same)                                                      \
-                lc += (double)fo_kd_ce_exp_##SFX(s[i], ms, es, squares);                  \
+        for (b0 = 0; b0 < C; b0 += FO_KD_BLOCK) {                                         \
+            const fo_i64 end = C - b0 < FO_KD_BLOCK ? C : b0 + FO_KD_BLOCK;               \
+            T ps = 0, pt = 0, pa = 0, pc = 0;                                             \
+            for (i = b0 + j; i < end; i += FO_NORM_LANES) {                               \
+                const T xs = s[i] / temp - mzs, xt = t[i] / temp - mzt;                   \
+                const T es = fo_exp_neg_##SFX(xs), et = fo_exp_neg_##SFX(xt);             \
+                ps += es;                                                                 \
+                pt += et;                                                                 \
+                pa += et * (xt - xs);                                                     \
+                if (label >= 0 && !same) pc += fo_kd_ce_exp_##SFX(s[i], ms, es, squares); \
+            }                                                                             \
+            ls += (double)ps;                                                             \
+            lt += (double)pt;                                                             \
+            la += (double)pa;                                                             \
+            lc += (double)pc;                                                             \
         }                                                                                 \
         lane[0][j] = ls;                                                                  \
         lane[1][j] = lt;                                                                  \
@@ -68,22 +76,21 @@ typedef long long fo_i64;
             if (same) S[3] = S[0];                                                        \
         }                                                                                 \
         __syncthreads();                                                                  \
-        rs = (T)(1.0 / S[0]);                                                             \
-        rt = (T)(1.0 / S[1]);                                                             \
-        rc = label >= 0 ? (T)(1.0 / S[3]) : (T)0;                                         \
+        a = wk * (T)(1.0 / S[0]);                                                         \
+        b = wk * (T)(1.0 / S[1]);                                                         \
+        c = label >= 0 ? wc * (T)(1.0 / S[3]) : (T)0;                                     \
         for (i = j; i < C; i += FO_NORM_LANES) {                                          \
             const T es = fo_exp_neg_##SFX(s[i] / temp - mzs);                             \
             const T et = fo_exp_neg_##SFX(t[i] / temp - mzt);                             \
             if (label >= 0) {                                                             \
                 const T ec = same ? es : fo_kd_ce_exp_##SFX(s[i], ms, es, squares);       \
-                g[i] = wk * (es * rs - et * rt) + wc * (ec * rc);                         \
+                g[i] = (es * a - et * b) + ec * c;                                        \
             } else                                                                        \
-                g[i] = wk * (es * rs - et * rt);                                          \
+                g[i] = es * a - et * b;                                                   \
         }                                                                                 \
         __syncthreads();                                                                  \
         if (j == 0) {                                                                     \
-            rows[2 * row] = S[2] / S[1] + ((double)mzs + fo_log(S[0]))                    \
-                            - ((double)mzt + fo_log(S[1]));                               \
+            rows[2 * row] = S[2] / S[1] + fo_log(S[0]) - fo_log(S[1]);                    \
             rows[2 * row + 1] = 0;                                                        \
             if (label >= 0) {                                                             \
                 g[label] = g[label] - wc;                                                 \

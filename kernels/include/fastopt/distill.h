@@ -4,24 +4,33 @@
  * fastopt/random.h's), so the NumPy reference spells out the same operations.
  *
  * Row b of student logits s and teacher logits t (C classes), temperature T:
- *   zs = s / T, zt = t / T (divided, as torch's s / T), ms = max s, mt = max t (so that
- *   max zs = ms / T: rounding is monotonic)
- *   Ss = sum exp(zs - ms / T), St = sum exp(zt - mt / T), Sc = sum exp(s - ms),
- *   A = sum exp(zt - mt / T) (zt - zs)                       (float64, fixed lane order)
- *   KL_b = A / St + (ms / T + ln Ss) - (mt / T + ln St)      = KL(softmax zt || softmax zs)
+ *   ms = max s, mt = max t, zs = s / T, zt = t / T (divided, as torch's s / T),
+ *   xs = zs - ms / T, xt = zt - mt / T (max zs = ms / T: rounding is monotonic)
+ *   es = exp(xs), et = exp(xt), ec = exp(s - ms)                       (the logits' dtype)
+ *   Ss = sum es, St = sum et, A = sum et (xt - xs), Sc = sum ec
+ *   KL_b = A / St + ln Ss - ln St                            = KL(softmax zt || softmax zs)
  *   CE_b = ms + ln Sc - s[label]
- *   dL/ds_j = wk (exp(zs_j - ms / T) / Ss - exp(zt_j - mt / T) / St)
- *           + wc (exp(s_j - ms) / Sc - [j == label])
- * with wk = (the KL term's weight) / T and wc the cross entropy's. Every exponent is <= 0:
- * nothing overflows, whatever the logits' size. At T = 2, 4 or 8, exp(s - ms) is taken as
- * exp(zs - ms / T)^T, by squaring (zs - ms / T is exactly (s - ms) / T there: scaling by a
- * power of two commutes with rounding), so each logit costs two exponentials, not three;
- * the squarings multiply the exponential's error by T (at most ~8 ulp).
+ *   dL/ds_j = (es_j a - et_j b) + ec_j c - wc [j == label],
+ *     a = wk (1 / Ss), b = wk (1 / St), c = wc (1 / Sc)                 (the logits' dtype)
+ * with wk = (the KL term's weight) / T and wc the cross entropy's. (A / St is the KL's
+ * sum pt (zt - zs) shifted by mt / T - ms / T, which the log-sum-exps' shifts cancel.)
+ * Every exponent is <= 0: nothing overflows, whatever the logits' size.
+ * The sums' order: a row is cut into blocks of FO_KD_BLOCK elements; inside a block,
+ * element i goes into lane i % FO_NORM_LANES, in the logits' dtype, in index order; at the
+ * block's end each lane is added to the row's float64 lane; the float64 lanes are added in
+ * lane order. (32 terms per lane and block keep float32's rounding at torch's level, and
+ * the float64 lanes carry the rest; converting every term cost a third of the row.)
+ * At T = 2, 4 or 8, exp(s - ms) is taken as exp(xs)^T, by squaring (xs is exactly
+ * (s - ms) / T there: scaling by a power of two commutes with rounding), so each logit
+ * costs two exponentials, not three; the squarings multiply the exponential's error by T
+ * (at most ~8 ulp).
  */
 #ifndef FASTOPT_DISTILL_H
 #define FASTOPT_DISTILL_H
 
 #include "fastopt/random.h"
+
+#define FO_KD_BLOCK 512
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 FO_HD float fo_float_of(unsigned int b) { return __uint_as_float(b); }
