@@ -62,6 +62,13 @@ static inline void fo_stream_fence(void)
 #endif
 }
 
+/* v = e squared FO_KD_CE_SQUARES(CE) times (e itself at T = 1), the cross entropy's
+   exponential where it is not computed */
+#define FO_KD_SQUARED(v, e)                                                               \
+    do {                                                                                  \
+        v = (e);                                                                          \
+        for (q = 0; q < FO_KD_CE_SQUARES(CE); q++) v = v * v;                             \
+    } while (0)
 /* one element of a block: its exponentials (the KL term's kept in es, et), added to the
    block's lanes j; x: the exponents xs, xt of the block */
 #define FO_KD_TERMS(T, SFX, i, j)                                                         \
@@ -78,21 +85,20 @@ static inline void fo_stream_fence(void)
             pc[j] += c;                                                                   \
         }                                                                                 \
         if (FO_KD_CE_SQUARES(CE)) {                                                       \
-            T c = e;                                                                      \
-            for (q = 0; q < FO_KD_CE_SQUARES(CE); q++) c = c * c;                         \
+            T c;                                                                          \
+            FO_KD_SQUARED(c, e);                                                          \
             pc[j] += c;                                                                   \
         }                                                                                 \
     } while (0)
 /* the gradient of element i from the kept exponentials */
 #define FO_KD_GRAD(T, i)                                                                  \
     do {                                                                                  \
-        T v = es[i] * a - et[i] * b;                                                      \
-        if (CE == FO_KD_CE_EXP) v = v + ec[i] * c;                                        \
-        if (CE == FO_KD_CE_SAME) v = v + es[i] * c;                                       \
-        if (FO_KD_CE_SQUARES(CE)) {                                                       \
-            T e = es[i];                                                                  \
-            for (q = 0; q < FO_KD_CE_SQUARES(CE); q++) e = e * e;                         \
-            v = v + e * c;                                                                \
+        T v = es[i] * a - et[i] * b, x;                                                   \
+        if (CE == FO_KD_CE_EXP)                                                           \
+            v = v + ec[i] * c;                                                            \
+        else if (CE != FO_KD_CE_NONE) {                                                   \
+            FO_KD_SQUARED(x, es[i]);                                                      \
+            v = v + x * c;                                                                \
         }                                                                                 \
         out[i] = v;                                                                       \
     } while (0)
@@ -239,6 +245,7 @@ static inline void fo_stream_fence(void)
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_KD_ROW)
 #undef FO_DEFINE_KD_ROW
+#undef FO_KD_SQUARED
 #undef FO_KD_TERMS
 #undef FO_KD_GRAD
 #undef FO_KD_CE_NONE
