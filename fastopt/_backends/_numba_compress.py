@@ -12,7 +12,8 @@ from numba.extending import intrinsic
 
 from fastopt._backends._numba_init import _log, _threads
 from fastopt._backends._numpy import CHUNK
-from fastopt._backends._numpy_compress import CE_SQUARES, EXP_CONSTANTS, KD_BLOCK
+from fastopt._backends._numpy_compress import (CE_SQUARES, EXP2_CONSTANTS, KD_BLOCK, LN2,
+                                               LOG2E)
 from fastopt._backends._select import DIGIT_BITS, key_bits
 
 _JIT = dict(cache=True, error_model="numpy")
@@ -139,17 +140,19 @@ def _fma(typingctx, a, b, c):
 
 
 @intrinsic
-def _pow2(typingctx, k, like):
-    """2^k in the float type of `like`, from its bits (k an int64 in the type's normal
-    exponent range): the C kernels' scale, where math.ldexp would be a libm call."""
-    width, bias, shift = (32, 127, 23) if like.bitwidth == 32 else (64, 1023, 52)
+def _exp2_bits(typingctx, p, r, keep):
+    """fo_exp2_neg's last step: the float whose bits are p's plus r's shifted to the
+    exponent field (p 2^k, with k in r's low bits), or 0 where keep is False; bit moves
+    the C kernels make with memcpy, which Numba cannot spell on scalars."""
+    width, shift = (32, 23) if p.bitwidth == 32 else (64, 52)
 
     def codegen(context, builder, signature, args):
         ity = ir.IntType(width)
-        e = builder.trunc(args[0], ity) if width < 64 else args[0]
-        bits = builder.shl(builder.add(e, ir.Constant(ity, bias)), ir.Constant(ity, shift))
-        return builder.bitcast(bits, context.get_value_type(like))
-    return like(types.int64, like), codegen
+        pb, rb = builder.bitcast(args[0], ity), builder.bitcast(args[1], ity)
+        bits = builder.add(pb, builder.shl(rb, ir.Constant(ity, shift)))
+        bits = builder.select(args[2], bits, ir.Constant(ity, 0))
+        return builder.bitcast(bits, context.get_value_type(p))
+    return p(p, p, types.boolean), codegen
 
 
 @njit(inline="always", **_JIT)
@@ -247,30 +250,26 @@ def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signe
 # -- knowledge distillation (fastopt/distill.h)
 
 @njit(inline="always", **_JIT)
-def _exp_neg(x, c, fused):
-    """fo_exp_neg_<f32|f64> of x (typed like the logits); c: the dtype's EXP_CONSTANTS as
+def _exp2_neg(u, c, fused):
+    """fo_exp2_neg_<f32|f64> of u (typed like the logits); c: the dtype's EXP2_CONSTANTS as
     a tuple of that type (constants to LLVM: from an array, which stores might alias, they
     would be reloaded, as gathers, for every element), fused: float32's fma evaluation.
-    Computed for every x, then 0 chosen below c[3]: no branch, so the loops vectorize."""
-    k = np.rint(x * c[0])
-    if fused:
-        r = _fma(-k, c[2], _fma(-k, c[1], x))
-    else:
-        r = (x - k * c[1]) - k * c[2]
+    Computed for every u, then 0 chosen below c[1]: no branch, so the loops vectorize."""
+    r = u + c[0]
+    f = u - (r - c[0])
     p = c[len(c) - 1]
-    for i in range(len(c) - 2, 3, -1):
-        p = _fma(p, r, c[i]) if fused else c[i] + r * p
-    v = p * _pow2(np.int64(k), p)
-    return c[3] - c[3] if x < c[3] else v
+    for i in range(len(c) - 2, 1, -1):
+        p = _fma(p, f, c[i]) if fused else c[i] + f * p
+    return _exp2_bits(p, r, not u < c[1])
 
 
 @njit(inline="always", **_JIT)
-def _kd_row(s, t, g, y, ce, squares, c, temp, wk, wc, fused, work, terms, part, lanes):
+def _kd_row(s, t, g, y, ce, squares, c, cs, cl, wk, wc, fused, work, terms, part, lanes):
     """One row (fo_cpu_kd_row; s, t, g: its logits and gradient): the gradient into g,
-    returns (KL_b, CE_b); work (3, C) and terms (C) in the logits' dtype, part (4, 16) of
-    that dtype and lanes (4, 16) float64 are the caller's scratch. As the C loops: the
-    maxima, the exponentials into work (and et (xt - xs) into terms, so the divisions
-    stay in the loop that vectorizes), their sums (per block of KD_BLOCK, element i into
+    returns (KL_b, CE_b); cs = L / T and cl = L in the logits' dtype; work (3, C) and
+    terms (C) in the logits' dtype, part (4, 16) of that dtype and lanes (4, 16) float64
+    are the caller's scratch. As the C loops: the maxima, the exponentials into work (and
+    et (ut - us) into terms), their sums (per block of KD_BLOCK, element i into
     lane i mod 16 in the logits' dtype, each block then added to float64 lanes), then the
     gradient."""
     C = s.size
@@ -278,13 +277,12 @@ def _kd_row(s, t, g, y, ce, squares, c, temp, wk, wc, fused, work, terms, part, 
     for i in range(1, C):
         ms = s[i] if s[i] > ms else ms
         mt = t[i] if t[i] > mt else mt
-    mzs, mzt = ms / temp, mt / temp
     es, et, ec = work[0], work[1], work[2]
     for i in range(C):
-        xs, xt = s[i] / temp - mzs, t[i] / temp - mzt
-        es[i] = _exp_neg(xs, c, fused)
-        et[i] = _exp_neg(xt, c, fused)
-        terms[i] = et[i] * (xt - xs)
+        us, ut = (s[i] - ms) * cs, (t[i] - mt) * cs
+        es[i] = _exp2_neg(us, c, fused)
+        et[i] = _exp2_neg(ut, c, fused)
+        terms[i] = et[i] * (ut - us)
     # ec: es squared `squares` times, a loop per squaring (a trip count inside the
     # element loop would keep it scalar), or its own exponentials
     if ce and squares:
@@ -295,7 +293,7 @@ def _kd_row(s, t, g, y, ce, squares, c, temp, wk, wc, fused, work, terms, part, 
                 ec[i] = ec[i] * ec[i]
     elif ce:
         for i in range(C):
-            ec[i] = _exp_neg(s[i] - ms, c, fused)
+            ec[i] = _exp2_neg((s[i] - ms) * cl, c, fused)
     lanes[:] = 0.0
     for b0 in range(0, C, KD_BLOCK):
         part[:] = 0
@@ -318,7 +316,7 @@ def _kd_row(s, t, g, y, ce, squares, c, temp, wk, wc, fused, work, terms, part, 
         A += lanes[2, j]
         Sc += lanes[3, j]
     a, b = wk * s.dtype.type(1.0 / Ss), wk * s.dtype.type(1.0 / St)
-    kl = A / St + _log(Ss) - _log(St)
+    kl = LN2 * (A / St) + _log(Ss) - _log(St)
     if not ce:
         for i in range(C):
             g[i] = es[i] * a - et[i] * b
@@ -333,7 +331,7 @@ def _kd_row(s, t, g, y, ce, squares, c, temp, wk, wc, fused, work, terms, part, 
 @njit(parallel=True, **_JIT)
 def _kd_rows(s, t, g, labels, ce, squares, c, sc, rows, n_blocks):
     """Per row b of (B, C) logits: the gradient into g[b] and (KL_b, CE_b) into rows[b]
-    (sc: temperature, wk, wc in the logits' dtype); ce False: no cross entropy; squares:
+    (sc: L / T, L, wk, wc in the logits' dtype); ce False: no cross entropy; squares:
     the cross entropy's exponentials are the KL term's squared this many times (else
     computed). The rows in n_blocks contiguous blocks, each with its own scratch."""
     B, C = s.shape
@@ -345,15 +343,16 @@ def _kd_rows(s, t, g, labels, ce, squares, c, sc, rows, n_blocks):
         lanes = np.empty((4, 16))
         for b in range(blk * B // n_blocks, (blk + 1) * B // n_blocks):
             rows[b, 0], rows[b, 1] = _kd_row(s[b], t[b], g[b], labels[b] if ce else 0, ce,
-                                             squares, c, sc[0], sc[1], sc[2], fused, work,
-                                             terms, part, lanes)
+                                             squares, c, sc[0], sc[1], sc[2], sc[3], fused,
+                                             work, terms, part, lanes)
 
 
 def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads):
-    c = tuple(s.dtype.type(v) for v in EXP_CONSTANTS[s.dtype])
+    c = tuple(s.dtype.type(v) for v in EXP2_CONSTANTS[s.dtype])
     rows = np.zeros((s.shape[0], 2))
     n = _threads(n_threads, s.size)
-    sc = np.array((temperature, wk, wc), s.dtype)
+    temp = s.dtype.type(temperature)
+    sc = np.array((LOG2E / float(temp), LOG2E, wk, wc), s.dtype)
     _kd_rows(s, t, g, np.zeros(1, np.int64) if labels is None else labels, labels is not None,
-             CE_SQUARES.get(float(sc[0]), 0), c, sc, rows, min(n, s.shape[0]))
+             CE_SQUARES.get(float(temp), 0), c, sc, rows, min(n, s.shape[0]))
     return rows

@@ -91,50 +91,46 @@ def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signe
 
 # -- knowledge distillation (kernels/include/fastopt/distill.h)
 
-# fo_exp_neg's constants per dtype: log2 e, ln 2 in two parts (high, low), the input below
-# which the result is 0, then the polynomial's coefficients from degree 0 (float32: a
-# minimax fit, evaluated with fma; float64: Taylor's, without)
-EXP_CONSTANTS = {
-    np.dtype(np.float32): (1.44269504, 6.931471825e-01, -1.904654212e-09, -87.0,
-                           1.0, 1.0, 4.999999106e-01, 1.666641980e-01, 4.166822508e-02,
-                           8.374815807e-03, 1.383684576e-03),
-    np.dtype(np.float64): (1.4426950408889634, 6.93147180369123816490e-01,
-                           1.90821492927058770002e-10, -708.0,
-                           1.0, 1.0, 0.5, 0.16666666666666666, 0.041666666666666664,
-                           0.008333333333333333, 0.001388888888888889, 0.0001984126984126984,
-                           2.48015873015873e-05, 2.7557319223985893e-06,
-                           2.755731922398589e-07, 2.505210838544172e-08,
-                           2.08767569878681e-09, 1.6059043836821613e-10),
+# log2 e and ln 2, the doubles nearest (FO_LOG2E, FO_LN2)
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
+
+# fo_exp2_neg's constants per dtype: the rounding constant 1.5 2^(mantissa bits), the input
+# below which the result is 0, then the polynomial's coefficients of 2^f from degree 0
+# (float32: a minimax fit, evaluated with fma; float64: Taylor's, ln2^n / n!, without)
+EXP2_CONSTANTS = {
+    np.dtype(np.float32): (12582912.0, -125.0, 1.0, 6.931471825e-01, 2.402264774e-01,
+                           5.550332367e-02, 9.618436918e-03, 1.339887502e-03,
+                           1.535336196e-04),
+    np.dtype(np.float64): (6755399441055744.0, -1021.0, 1.0, 0.6931471805599453,
+                           0.24022650695910072, 0.05550410866482158, 0.009618129107628477,
+                           0.0013333558146428443, 0.0001540353039338161,
+                           1.5252733804059841e-05, 1.321548679014431e-06,
+                           1.01780860092397e-07, 7.054911620801123e-09,
+                           4.4455382718708116e-10, 2.5678435993488206e-11,
+                           1.3691488853904128e-12),
 }
 
 
-@np.errstate(invalid="ignore")
-def exp_neg(x):
-    """fo_exp_neg_<f32|f64>: exp of x <= 0 from +, -, *, fma (float32), rint and the
-    exponent's bits (0 below the dtype's lowest input, -inf included)."""
-    t = x.dtype.type
-    log2e, hi, lo, lowest, *coefficients = EXP_CONSTANTS[x.dtype]
-    k = np.rint(x * t(log2e))
-    if x.dtype == np.float32:
-        bias, shift, itype, utype = 127, 23, np.int32, np.uint32
-        r = fma_f32(-k, t(lo), fma_f32(-k, t(hi), x))
-        p = t(coefficients[-1])
-        for c in coefficients[-2::-1]:
-            p = fma_f32(p, r, t(c))
-    else:
-        bias, shift, itype, utype = 1023, 52, np.int64, np.uint64
-        r = (x - k * t(hi)) - k * t(lo)
-        p = t(coefficients[-1])
-        for c in coefficients[-2::-1]:
-            p = t(c) + r * p
-    with np.errstate(invalid="ignore", over="ignore"):
-        codes = np.where(x < t(lowest), 0, k).astype(itype) + bias
-    scale = (codes.astype(utype) << utype(shift)).view(x.dtype)
-    return np.where(x < t(lowest), t(0), p * scale)
+@np.errstate(invalid="ignore", over="ignore")
+def exp2_neg(u):
+    """fo_exp2_neg_<f32|f64>: 2^u for u <= 0 from +, -, *, fma (float32) and the exponent's
+    bits: k = u rounded (by adding and subtracting the rounding constant), f = u - k,
+    2^f by the polynomial, 2^k added to its exponent field; 0 below the dtype's lowest
+    input, -inf included."""
+    t = u.dtype.type
+    magic, lowest, *coefficients = EXP2_CONSTANTS[u.dtype]
+    r = u + t(magic)
+    f = u - (r - t(magic))
+    p = np.full_like(u, coefficients[-1])
+    for c in coefficients[-2::-1]:
+        p = fma_f32(p, f, t(c)) if u.dtype == np.float32 else t(c) + f * p
+    utype, shift = (np.uint32, 23) if u.dtype == np.float32 else (np.uint64, 52)
+    bits = p.view(utype) + (r.view(utype) << utype(shift))
+    return np.where(u < t(lowest), utype(0), bits).view(u.dtype)
 
 
-# temperatures at which the cross entropy's exponentials exp(s - ms) are exp(zs - ms / T)^T,
-# by this many squarings (fastopt/distill.h)
+# temperatures at which the cross entropy's exponentials 2^uc are es^T, by this many
+# squarings (fastopt/distill.h)
 CE_SQUARES = {2.0: 1, 4.0: 2, 8.0: 3}
 
 
@@ -168,17 +164,19 @@ def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads=1):
     from fastopt._backends._numpy import _log
     f = s.dtype.type
     temp, wk, wc = f(temperature), f(wk), f(wc)
+    cs, cl = f(LOG2E / float(temp)), f(LOG2E)
     ms, mt = s.max(axis=1, keepdims=True), t.max(axis=1, keepdims=True)
-    xs, xt = s / temp - ms / temp, t / temp - mt / temp
-    es, et = exp_neg(xs), exp_neg(xt)
-    Ss, St, A = _lane_sums(es), _lane_sums(et), _lane_sums(et * (xt - xs))
+    ds = s - ms
+    us, ut = ds * cs, (t - mt) * cs
+    es, et = exp2_neg(us), exp2_neg(ut)
+    Ss, St, A = _lane_sums(es), _lane_sums(et), _lane_sums(et * (ut - us))
     rows = np.zeros((s.shape[0], 2))
-    rows[:, 0] = A / St + _log(Ss) - _log(St)
+    rows[:, 0] = LN2 * (A / St) + _log(Ss) - _log(St)
     a, b = wk * (1.0 / Ss).astype(s.dtype)[:, None], wk * (1.0 / St).astype(s.dtype)[:, None]
     grad = es * a - et * b
     if labels is not None:
         squares = CE_SQUARES.get(float(temp))
-        ec = es if squares else exp_neg(s - ms)
+        ec = es if squares else exp2_neg(ds * cl)
         for _ in range(squares or 0):
             ec = ec * ec
         Sc = _lane_sums(ec)

@@ -28,7 +28,8 @@ typedef long long fo_i64;
         const fo_i64 label = labels ? labels[row] : -1;                                   \
         const int j = threadIdx.x, same = temp == (T)1;                                   \
         const T ninf = (T)-fo_double_of(0x7ff0000000000000ull); /* no INFINITY in NVRTC */\
-        T ms = ninf, mt = ninf, mzs, mzt, a, b, c;                                        \
+        const T cs = (T)(FO_LOG2E / (double)temp), cl = (T)FO_LOG2E;                      \
+        T ms = ninf, mt = ninf, a, b, c;                                                  \
         double ls = 0, lt = 0, la = 0, lc = 0;                                            \
         fo_i64 i, b0;                                                                     \
         /* the maxima (a NaN is skipped, as in the CPU loops; order does not matter) */   \
@@ -44,18 +45,16 @@ typedef long long fo_i64;
             ms = top[0][k] > ms ? top[0][k] : ms;                                         \
             mt = top[1][k] > mt ? top[1][k] : mt;                                         \
         }                                                                                 \
-        mzs = ms / temp;                                                                  \
-        mzt = mt / temp;                                                                  \
         for (b0 = 0; b0 < C; b0 += FO_KD_BLOCK) {                                         \
             const fo_i64 end = C - b0 < FO_KD_BLOCK ? C : b0 + FO_KD_BLOCK;               \
             T ps = 0, pt = 0, pa = 0, pc = 0;                                             \
             for (i = b0 + j; i < end; i += FO_NORM_LANES) {                               \
-                const T xs = s[i] / temp - mzs, xt = t[i] / temp - mzt;                   \
-                const T es = fo_exp_neg_##SFX(xs), et = fo_exp_neg_##SFX(xt);             \
+                const T ds = s[i] - ms, us = ds * cs, ut = (t[i] - mt) * cs;              \
+                const T es = fo_exp2_neg_##SFX(us), et = fo_exp2_neg_##SFX(ut);           \
                 ps += es;                                                                 \
                 pt += et;                                                                 \
-                pa += et * (xt - xs);                                                     \
-                if (label >= 0 && !same) pc += fo_kd_ce_exp_##SFX(s[i], ms, es, squares); \
+                pa += et * (ut - us);                                                     \
+                if (label >= 0 && !same) pc += fo_kd_ce_exp_##SFX(ds, cl, es, squares);   \
             }                                                                             \
             ls += (double)ps;                                                             \
             lt += (double)pt;                                                             \
@@ -80,17 +79,18 @@ typedef long long fo_i64;
         b = wk * (T)(1.0 / S[1]);                                                         \
         c = label >= 0 ? wc * (T)(1.0 / S[3]) : (T)0;                                     \
         for (i = j; i < C; i += FO_NORM_LANES) {                                          \
-            const T es = fo_exp_neg_##SFX(s[i] / temp - mzs);                             \
-            const T et = fo_exp_neg_##SFX(t[i] / temp - mzt);                             \
+            const T ds = s[i] - ms;                                                       \
+            const T es = fo_exp2_neg_##SFX(ds * cs);                                      \
+            const T et = fo_exp2_neg_##SFX((t[i] - mt) * cs);                             \
             if (label >= 0) {                                                             \
-                const T ec = same ? es : fo_kd_ce_exp_##SFX(s[i], ms, es, squares);       \
+                const T ec = same ? es : fo_kd_ce_exp_##SFX(ds, cl, es, squares);         \
                 g[i] = (es * a - et * b) + ec * c;                                        \
             } else                                                                        \
                 g[i] = es * a - et * b;                                                   \
         }                                                                                 \
         __syncthreads();                                                                  \
         if (j == 0) {                                                                     \
-            rows[2 * row] = S[2] / S[1] + fo_log(S[0]) - fo_log(S[1]);                    \
+            rows[2 * row] = FO_LN2 * (S[2] / S[1]) + fo_log(S[0]) - fo_log(S[1]);         \
             rows[2 * row + 1] = 0;                                                        \
             if (label >= 0) {                                                             \
                 g[label] = g[label] - wc;                                                 \
