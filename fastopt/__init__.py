@@ -13,6 +13,7 @@ reference). ``import fastopt`` imports none of those frameworks.
 from fastopt import distill, init, prune, quant, schedules
 from fastopt._config import get_num_threads, set_num_threads
 from fastopt._info import show_config
+from fastopt._interop import empty_cache
 from fastopt._io import load, save
 from fastopt._weight_norm import weight_norm, weight_norm_backward
 from fastopt.optim import (SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Lamb, Lion,
@@ -24,7 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
     "Lion", "Lamb", "Adafactor", "Optimizer", "clip_grad_norm_", "clip_grad_value_",
-    "get_num_threads", "set_num_threads", "show_config", "save", "load", "schedules", "init", "prune", "quant", "distill",
+    "get_num_threads", "set_num_threads", "show_config", "empty_cache", "save", "load",
+    "schedules", "init", "prune", "quant", "distill",
     "weight_norm", "weight_norm_backward",
     "__version__",
 ]

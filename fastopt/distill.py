@@ -67,7 +67,9 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature=4.0, alpha=
             (one loss per row).
 
     Returns the loss (a float; for ``"none"`` a (batch,) float64 array of the logits'
-    framework) and the gradient of the (summed) loss, a new array like the logits.
+    framework) and the gradient of the (summed) loss, a new array like the logits. A large
+    gradient's buffer on the host is recycled once nothing refers to it any more
+    (``fastopt.empty_cache`` releases the ones kept).
     """
     _backends.check_name(backend)
     T = _check.real("temperature", temperature, lo=0.0, lo_open=True)
@@ -89,7 +91,7 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature=4.0, alpha=
     ce_weight = 0.0 if y is None else 1.0 - alpha
     scale_kl, scale_ce = {"batchmean": (1 / B, 1 / B), "sum": (1.0, 1.0),
                           "mean": (1 / (B * C), 1 / B), "none": (1.0, 1.0)}[reduction]
-    grad, finish = _interop.new_array((B, C), s.array.dtype, student_logits)
+    grad, finish = _interop.new_array((B, C), s.array.dtype, student_logits, reuse=True)
     if B == 0:
         rows = np.zeros((0, 2))
     else:

@@ -4,6 +4,7 @@ backends, large logits, bad input."""
 import numpy as np
 import pytest
 
+import fastopt
 from fastopt import _backends, distill
 from conftest import CPU_BACKENDS, kd_case, require_backend
 
@@ -122,6 +123,74 @@ def test_identical_logits_give_zero_kl_and_frameworks():
     jnp = pytest.importorskip("jax.numpy")
     _, jgrad = distill.kd_loss(jnp.asarray(s), jnp.asarray(s))
     assert type(jgrad).__module__.startswith("jax")
+
+
+@pytest.fixture
+def recycled(monkeypatch):
+    """Every host gradient recycled (not only those of REUSE_MIN_BYTES or more)."""
+    from fastopt import _interop
+    fastopt.empty_cache()
+    monkeypatch.setattr(_interop, "REUSE_MIN_BYTES", 0)
+    yield _interop._RECYCLER
+    fastopt.empty_cache()
+
+
+def _kd(seed, **kwargs):
+    s, t, labels = kd_case(np.float32, 3, True, seed)
+    return distill.kd_loss(s, t, labels, **kwargs)[1]
+
+
+def test_gradient_buffer_recycled_once_nothing_refers_to_it(recycled):
+    first = _kd(1)
+    at = first.ctypes.data
+    del first
+    again = _kd(2)  # the first buffer, free again
+    assert again.ctypes.data == at
+    np.testing.assert_array_equal(again, _kd(2, backend="numpy"))
+    kept = again.copy()
+    view = again[1:]
+    del again
+    held = [_kd(seed) for seed in (3, 4, 5)]  # the view keeps the buffer: never handed out
+    assert at not in [g.ctypes.data for g in held]
+    np.testing.assert_array_equal(view, kept[1:])
+    for seed, g in zip((3, 4, 5), held):
+        np.testing.assert_array_equal(g, _kd(seed, backend="numpy"))
+    assert len(recycled._buffers) == recycled.slots
+    fastopt.empty_cache()
+    assert recycled._buffers == []
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax.numpy", "tensorflow"])
+def test_recycled_buffer_kept_by_framework_arrays(recycled, framework):
+    # the gradient handed to a framework (zero-copy where it takes DLPack) keeps its buffer
+    fw = pytest.importorskip(framework)
+    convert = {"torch": torch.from_numpy, "jax.numpy": getattr(fw, "asarray", None),
+               "tensorflow": getattr(fw, "constant", None)}[framework]
+    s, t, _ = kd_case(np.float32, 3, False, 6)
+    grad = distill.kd_loss(convert(s), convert(t))[1]
+    before = np.array(grad)
+    for seed in (7, 8, 9):
+        _kd(seed)
+    np.testing.assert_array_equal(np.array(grad), before)
+
+
+def test_gradient_buffers_recycled_across_threads(recycled):
+    import threading
+    want = {seed: _kd(seed, backend="numpy") for seed in range(8)}
+    wrong = []
+
+    def work(seeds):
+        for _ in range(5):
+            for seed in seeds:
+                if not np.array_equal(_kd(seed), want[seed]):
+                    wrong.append(seed)
+
+    threads = [threading.Thread(target=work, args=(range(k, 8, 2),)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
 
 
 BAD = [
