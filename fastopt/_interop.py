@@ -222,7 +222,7 @@ def array_module(arr):
 
 # host buffers this large are recycled where new_array is asked to (reuse=True): smaller
 # ones the C allocator reuses itself, but each larger one is fresh pages from the OS, which
-# it clears on first touch (25-35 ms per 524 MB here, a first call up to ~800 ms when it
+# it clears on first touch (25-45 ms per 524 MB here, a first call up to ~800 ms when it
 # must compact memory for huge pages)
 REUSE_MIN_BYTES = 32 << 20
 
@@ -266,7 +266,7 @@ def empty_cache():
     ``fastopt.distill.kd_loss`` hands out its gradient in a buffer it takes again on a
     later call once every array and tensor viewing it is gone, so that a training loop
     does not pay for fresh pages from the OS on every step (for 4096 x 32000 float32
-    logits, ~30 ms of a ~90 ms call here). It keeps the last two buffers of 32 MiB or
+    logits, 25-45 ms of a ~100 ms call here). It keeps the last two buffers of 32 MiB or
     more: a loop that holds one gradient while computing the next needs both. This drops
     them; the next call allocates afresh."""
     _RECYCLER.clear()

@@ -164,11 +164,11 @@ def test_gradient_buffer_recycled_once_nothing_refers_to_it(recycled):
 def test_recycled_buffer_kept_by_framework_arrays(recycled, framework):
     # the gradient handed to a framework (zero-copy where it takes DLPack) keeps its buffer
     fw = pytest.importorskip(framework)
-    convert = {"torch": torch.from_numpy, "jax.numpy": getattr(fw, "asarray", None),
-               "tensorflow": getattr(fw, "constant", None)}[framework]
+    convert = getattr(fw, {"torch": "from_numpy", "jax.numpy": "asarray",
+                           "tensorflow": "constant"}[framework])
     s, t, _ = kd_case(np.float32, 3, False, 6)
     grad = distill.kd_loss(convert(s), convert(t))[1]
-    host = (lambda g: g.numpy()) if framework != "jax.numpy" else np.asarray
+    host = np.asarray if framework == "jax.numpy" else (lambda g: g.numpy())
     before = host(grad).copy()
     for seed in (7, 8, 9):
         _kd(seed)

@@ -35,14 +35,6 @@
 
 #define FO_KD_BLOCK 512
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-FO_HD float fo_float_of(fo_u32 b) { return __uint_as_float(b); }
-FO_HD fo_u32 fo_float_bits(float x) { return __float_as_uint(x); }
-#else
-FO_HD float fo_float_of(fo_u32 b) { float x; memcpy(&x, &b, 4); return x; }
-FO_HD fo_u32 fo_float_bits(float x) { fo_u32 b; memcpy(&b, &x, 4); return b; }
-#endif
-
 #define FO_LOG2E 1.4426950408889634 /* log2 e, the double nearest */
 #define FO_LN2 0.6931471805599453    /* ln 2, the double nearest */
 

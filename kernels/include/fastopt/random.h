@@ -32,6 +32,8 @@ typedef unsigned int fo_u32;
 typedef unsigned long long fo_u64;
 FO_HD fo_u64 fo_bits_of(double x) { return (fo_u64)__double_as_longlong(x); }
 FO_HD double fo_double_of(fo_u64 b) { return __longlong_as_double((long long)b); }
+FO_HD fo_u32 fo_float_bits(float x) { return __float_as_uint(x); }
+FO_HD float fo_float_of(fo_u32 b) { return __uint_as_float(b); }
 #else
 #include <stdint.h>
 #include <string.h>
@@ -39,6 +41,8 @@ typedef uint32_t fo_u32;
 typedef uint64_t fo_u64;
 FO_HD fo_u64 fo_bits_of(double x) { fo_u64 b; memcpy(&b, &x, 8); return b; }
 FO_HD double fo_double_of(fo_u64 b) { double x; memcpy(&x, &b, 8); return x; }
+FO_HD fo_u32 fo_float_bits(float x) { fo_u32 b; memcpy(&b, &x, 4); return b; }
+FO_HD float fo_float_of(fo_u32 b) { float x; memcpy(&x, &b, 4); return x; }
 #endif
 
 /* kinds of fill, shared with the Python side (fastopt._backends._random) */
