@@ -1,9 +1,13 @@
-"""Shared fixtures. Caches that would land in $HOME go to a temporary folder instead."""
+"""Shared fixtures. Caches that would land in $HOME go to a temporary folder instead,
+removed when the test process exits."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 _CACHE = tempfile.mkdtemp(prefix="fastopt-test-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("CUPY_CACHE_DIR", os.path.join(_CACHE, "cupy"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
