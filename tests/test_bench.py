@@ -82,6 +82,9 @@ def test_harness_operations(tmp_path, capsys):
     assert {r["rule"] for r in rows} == set(bench.ops.OPS)
     assert {r["case"] for r in rows} == {"64x96", "2K"}
     assert "fastopt cython" in {r["implementation"] for r in rows}
+    # kd_loss's arithmetic alone: its first 32 rows (all 64 of the matrix in two calls)
+    assert "fastopt cython, 32 rows in cache" in {
+        r["implementation"] for r in rows if r["rule"] == "kd_loss" and r["case"] == "64x96"}
     if importlib.util.find_spec("torch") is not None:
         assert "torch" in {r["implementation"] for r in rows}
     assert all(r["median_ms"] > 0 and r["pct_limit"] > 0 for r in rows)

@@ -99,8 +99,9 @@ def time_interleaved(fns, min_rounds=3, max_rounds=40, budget=1.0, pause=0.005, 
     Each round calls every function, a fast one several times in a row (about `slice_s`
     seconds' worth), so fast and slow implementations alike get many samples from the same
     stretch of time. Before every call a buffer twice the size of the last-level cache is
-    rewritten, so each call starts cold, as an optimizer step does after a backward pass. Each round starts one function later than the last, so none always runs
-    right after the same neighbour, and each function's turn waits `pause` seconds first:
+    rewritten, so each call starts cold, as an optimizer step does after a backward pass.
+    Each round starts one function later than the last, so none always runs right after
+    the same neighbour, and each function's turn waits `pause` seconds first:
     OpenMP worker threads (torch and fastopt each bring a runtime) spin for a while after a
     parallel region, and a call made during that spin shares the cores with them.
     """
