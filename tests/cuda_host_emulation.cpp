@@ -71,8 +71,9 @@ typedef unsigned long long u64;
     FO_RUN(dequant_##SFX, FO_P(const unsigned char *q, T *y, fo_i64 n, fo_i64 B,          \
                                fo_i64 C, const int *zp, const double *sc, int is_signed), \
            (q, y, n, B, C, zp, sc, is_signed))                                            \
-    FO_RUN(kd_rows_##SFX, FO_P(const T *s, const T *t, T *g, fo_i64 C, const fo_i64 *lab, \
-                               T temp, T wk, T wc, int squares, double *rows),            \
-           (s, t, g, C, lab, temp, wk, wc, squares, rows))
+    FO_RUN(kd_rows_##SFX, FO_P(const T *s, const T *t, T *g, fo_i64 B, fo_i64 C,         \
+                               const fo_i64 *lab, T temp, T wk, T wc, int squares,        \
+                               double *rows),                                             \
+           (s, t, g, B, C, lab, temp, wk, wc, squares, rows))
 FO_RUN_FOR(float, f32, fo_key_f32)
 FO_RUN_FOR(double, f64, fo_key_f64)

@@ -22,6 +22,7 @@ from fastopt.optim import _scalars
 CHUNK = 65536  # elements per thread block of the update kernels
 THREADS = 256
 NORM_LANES = 16  # FO_NORM_LANES of fastopt/reduce.h
+KD_ROWS = 8  # FO_KD_ROWS of kernels/cuda/distill.cu: rows per block, NORM_LANES threads each
 
 
 def kernel_dir():
@@ -339,7 +340,7 @@ def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signe
 
 def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads):
     """Per row: the weighted gradient into g, and (KL_b, CE_b) as a host (B, 2) float64
-    array; one block of NORM_LANES threads per row."""
+    array; NORM_LANES threads per row, KD_ROWS rows per block."""
     import cupy
     B, C = s.shape
     f = s.dtype.type
@@ -348,8 +349,8 @@ def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads):
         rows = cupy.zeros((B, 2), np.float64)
         labels = np.uint64(0) if labels is None else cupy.asarray(labels, np.int64)
         _module("distill.cu").get_function(f"fo_cuda_kd_rows_{_suffix(s.dtype)}")(
-            (B,), (NORM_LANES,),
-            (s, t, g, np.int64(C), labels, temp, f(wk), f(wc),
+            (-(-B // KD_ROWS),), (KD_ROWS * NORM_LANES,),
+            (s, t, g, np.int64(B), np.int64(C), labels, temp, f(wk), f(wc),
              np.int32(CE_SQUARES.get(float(temp), 0)), rows))
         return rows.get()
 
