@@ -195,7 +195,7 @@ def run_ops(names, cases, n_threads, budget, out):
             calls = -(-shape[0] // rows_in_cache)
             arrays = op.setup(weight[:rows_in_cache].copy())
 
-            def cached(a=arrays):
+            def cached(a=arrays, calls=calls):
                 for _ in range(calls):
                     op.fastopt(a, "cython")  # each result dropped, as in a training loop
             steps.append(cached)
