@@ -36,8 +36,9 @@ typedef long long fo_i64;
         const fo_i64 n = live ? C : 0; /* a thread past the last row loops over nothing */\
         T(*top)[FO_NORM_LANES] = tops[r];                                                 \
         double(*lane)[FO_NORM_LANES] = lanes[r], *S = sums[r];                            \
-        const T *s = s_all + (live ? row : 0) * C, *t = t_all + (live ? row : 0) * C;     \
-        T *g = g_all + (live ? row : 0) * C;                                              \
+        const fo_i64 at = (live ? row : 0) * C;                                           \
+        const T *s = s_all + at, *t = t_all + at;                                         \
+        T *g = g_all + at;                                                                \
         const fo_i64 label = labels && live ? labels[row] : -1;                           \
         const T ninf = (T)-fo_double_of(0x7ff0000000000000ull); /* no INFINITY in NVRTC */\
         const T cs = (T)(FO_LOG2E / (double)temp), cl = (T)FO_LOG2E;                      \
