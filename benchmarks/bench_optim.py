@@ -1,4 +1,5 @@
-"""asv suite: one optimizer step, per backend x size x dtype (regression tracking).
+"""asv suite: one optimizer step of every rule, per backend x size x dtype (regression
+tracking).
 
 Run against the current checkout (see README): the numbers are times of `opt.step(grads)`
 on NumPy arrays, one tensor or 200 tensors of the same total size. The comparison with
@@ -8,7 +9,7 @@ torch and the streaming limit lives in `python -m fastopt.bench`.
 import numpy as np
 
 import fastopt
-from fastopt import _backends
+from fastopt import _backends, _rules
 
 BACKENDS = [b for b in ("cython", "numba", "numpy") if _backends.available(b)]
 SIZES = ["1M", "10M", "200x50K"]
@@ -44,30 +45,11 @@ class _OptimizerStep:
         self.opt.step(self.g)
 
 
-class AdamStep(_OptimizerStep):
-    rule = "Adam"
-    hyper = dict(lr=1e-3)
-
-
-class AdamWStep(_OptimizerStep):
-    rule = "AdamW"
-    hyper = dict(lr=1e-3, weight_decay=1e-2)
-
-
-class SGDMomentumStep(_OptimizerStep):
-    rule = "SGD"
-    hyper = dict(lr=1e-3, momentum=0.9)
-
-
-class LambStep(_OptimizerStep):
-    rule = "Lamb"
-    hyper = dict(lr=1e-3)
-
-
-class AdafactorStep(_OptimizerStep):
-    rule = "Adafactor"
-    hyper = dict(lr=1e-2)
-    matrix = True
+# one class per rule of the table (fastopt._rules), with the harness's hyperparameters
+for _row in _rules.RULES:
+    globals()[f"{_row.name}Step"] = type(f"{_row.name}Step", (_OptimizerStep,), dict(
+        rule=_row.name, hyper=_row.bench, matrix=_row.matrix))
+del _row
 
 
 class StreamLimit:

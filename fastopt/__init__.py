@@ -16,15 +16,14 @@ from fastopt._info import show_config
 from fastopt._interop import empty_cache
 from fastopt._io import load, save
 from fastopt._weight_norm import weight_norm, weight_norm_backward
-from fastopt.optim import (SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Lamb, Lion,
-                           NAdam, Optimizer, RAdam, RMSprop)
+from fastopt.optim import *  # noqa: F403 - every rule of the table, and Optimizer
+from fastopt.optim import __all__ as _optimizers
 from fastopt.optim._clip import clip_grad_norm_, clip_grad_value_
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax", "NAdam", "RAdam",
-    "Lion", "Lamb", "Adafactor", "Optimizer", "clip_grad_norm_", "clip_grad_value_",
+__all__ = _optimizers + [
+    "clip_grad_norm_", "clip_grad_value_",
     "get_num_threads", "set_num_threads", "show_config", "empty_cache", "save", "load",
     "schedules", "init", "prune", "quant", "distill",
     "weight_norm", "weight_norm_backward",

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastopt._backends import _cupy, _select
+from fastopt._backends import _cupy, _layout, _select
 from fastopt._backends import _numpy_compress as ref
 from fastopt._backends._numpy_compress import CE_SQUARES
 from conftest import kd_case
@@ -72,7 +72,7 @@ class Emulated:
 
     def _prune(self, kernel, operands, *args):
         table, n_chunks = self._table(operands)
-        _run(self.lib, f"prune_{kernel}", operands[0][0].dtype, n_chunks, _cupy.PRUNE_THREADS,
+        _run(self.lib, f"prune_{kernel}", operands[0][0].dtype, n_chunks, _layout.PRUNE_THREADS,
              _p(table),
              ctypes.c_longlong(len(operands[0])), *args)
 
@@ -120,10 +120,10 @@ class Emulated:
         real = _real(s.dtype)
         temp = s.dtype.type(temperature)
         B, C = s.shape
-        rows = np.full((B + _cupy.KD_ROWS, 2), 7.0)
-        grad = np.full((B + _cupy.KD_ROWS, C), 7, g.dtype)
-        _run(self.lib, "kd_rows", s.dtype, -(-B // _cupy.KD_ROWS),
-             _cupy.KD_ROWS * _cupy.NORM_LANES, _p(s), _p(t), _p(grad), ctypes.c_longlong(B),
+        rows = np.full((B + _layout.KD_ROWS, 2), 7.0)
+        grad = np.full((B + _layout.KD_ROWS, C), 7, g.dtype)
+        _run(self.lib, "kd_rows", s.dtype, -(-B // _layout.KD_ROWS),
+             _layout.KD_ROWS * _layout.LANES, _p(s), _p(t), _p(grad), ctypes.c_longlong(B),
              ctypes.c_longlong(C),
              None if labels is None else _p(np.asarray(labels, np.int64)), real(temp),
              real(wk), real(wc), ctypes.c_int(CE_SQUARES.get(float(temp), 0)), _p(rows))

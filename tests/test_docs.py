@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fastopt import _rules
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
@@ -28,10 +30,9 @@ def test_readme_block_runs(index):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("module", ["fastopt", "fastopt.optim.sgd", "fastopt.optim.adam",
-                                    "fastopt.optim.adagrad", "fastopt.optim.lion",
-                                    "fastopt.optim.adafactor", "fastopt.optim._clip", "fastopt.init",
-                                    "fastopt.prune", "fastopt.quant", "fastopt.distill"])
+@pytest.mark.parametrize("module", ["fastopt", "fastopt.optim._clip", "fastopt.init",
+                                    "fastopt.prune", "fastopt.quant", "fastopt.distill"]
+                         + sorted({rule.module for rule in _rules.RULES}))
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0

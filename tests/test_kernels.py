@@ -1,45 +1,54 @@
-"""The contract between host and kernels: each rule's host scalars are its args struct."""
+"""The contract between the rule table, the host and the kernels: each Args of the table is
+its C struct (fields, order, types, byte layout), each rule's host scalars fill exactly
+those fields, the C kernel list is the table's, and the shared constants agree."""
 
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 
-from fastopt._backends import _cupy
-from fastopt._backends._pack import pack
-from fastopt.optim import _scalars
+from fastopt import _rules
+from fastopt._backends import _cupy, _layout
+from fastopt._cpu import _optim
 
-HEADER = (_cupy.kernel_dir() / "include" / "fastopt" / "optim.h").read_text()
+KERNELS_DIR = _cupy.kernel_dir()
+HEADER = (KERNELS_DIR / "include" / "fastopt" / "optim.h").read_text()
+ARGS = sorted({k.args for k in _rules.ALL_KERNELS.values()}, key=lambda a: a.name)
 
+# hyperparameters for each rule's scalars function (the values do not matter here)
 EXAMPLES = {
-    "sgd": dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
-                maximize=False, first=True),
-    "adam": dict(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
-                 decoupled=False, maximize=False),
-    "adagrad": dict(step=3, lr=0.1, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False),
-    "rmsprop": dict(lr=0.1, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                    centered=False, maximize=False),
-    "adadelta": dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False),
-    "adamax": dict(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
-                   maximize=False),
-    "nadam": dict(step=3, mu_product=0.5, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
-                  weight_decay=0.0, momentum_decay=4e-3, decoupled=False, maximize=False),
-    "radam": dict(step=9, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
-                  decoupled=False, maximize=False),
-    "lion": dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False),
-    "lamb": dict(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.0,
-                 maximize=False),
-    "adafactor": dict(step=3, lr=0.1, beta2_decay=-0.8, eps1=None, weight_decay=0.1,
+    "sgd_step": dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+                     maximize=False, first=True),
+    "adam_step": dict(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
+                      decoupled=False, maximize=False),
+    "adagrad_step": dict(step=3, lr=0.1, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
+                         maximize=False),
+    "rmsprop_step": dict(lr=0.1, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                         centered=False, maximize=False),
+    "adadelta_step": dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False),
+    "adamax_step": dict(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
+                        maximize=False),
+    "nadam_step": dict(step=3, mu_product=0.5, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+                       weight_decay=0.0, momentum_decay=4e-3, decoupled=False, maximize=False),
+    "radam_step": dict(step=9, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
+                       decoupled=False, maximize=False),
+    "lion_step": dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False),
+    "lamb_step": dict(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.0,
                       maximize=False),
+    "adafactor_step": dict(step=3, lr=0.1, beta2_decay=-0.8, eps1=None, weight_decay=0.1,
+                           maximize=False),
+    "adopt_step": dict(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1,
+                       decoupled=True, maximize=False),
 }
-TWO_PASS = ("lamb", "adafactor")  # (update struct, fo_scaled_apply's struct)
 
 
-def struct_fields(rule):
-    structs = dict((name, body) for body, name in
+def struct_fields(name):
+    """[(C type, field name)] of fo_<name>_args in optim.h."""
+    structs = dict((n, body) for body, n in
                    re.findall(r"typedef struct \{([^}]*)\} fo_(\w+)_args_##SFX;", HEADER))
-    body = structs[rule]
-    body = re.sub(r"/\*.*?\*/", "", body).replace("\\", "")
+    body = re.sub(r"/\*.*?\*/", "", structs[name]).replace("\\", "")
     fields = []
     for decl in body.split(";"):
         decl = decl.strip()
@@ -49,23 +58,107 @@ def struct_fields(rule):
     return fields
 
 
-@pytest.mark.parametrize("rule", EXAMPLES)
-def test_host_scalars_follow_the_struct(rule):
-    scalars = getattr(_scalars, f"{rule}_scalars")(np.float32, grad_scale=1.0,
-                                                    grad_clip=float("inf"), **EXAMPLES[rule])
-    if rule in TWO_PASS:
-        scalars, apply = scalars
-        assert [name for _, name in struct_fields("scaled_apply")] == list(apply)
-    fields = struct_fields(rule)
-    assert [name for _, name in fields] == list(scalars)
-    for kind, name in fields:
-        assert isinstance(scalars[name], bool) == (kind == "int"), name
-    kinds = [kind for kind, _ in fields]
-    assert kinds == sorted(kinds, key=lambda k: k == "int")  # reals first, then ints
+@pytest.mark.parametrize("args", ARGS, ids=[a.name for a in ARGS])
+def test_table_args_are_the_c_structs(args):
+    fields = struct_fields(args.name)
+    assert [name for _, name in fields] == list(args.fields)
+    assert [kind for kind, _ in fields] == ["T"] * len(args.reals) + ["int"] * len(args.flags)
 
 
-def test_pack_layout():
-    buf = pack(np.float64, {"a": 1.5, "b": -2.0, "flag": True})
-    assert buf.size == 24 and buf.size % 8 == 0
-    assert buf[:16].view(np.float64).tolist() == [1.5, -2.0]
-    assert buf[16:20].view(np.int32).tolist() == [1]
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_record_layout_is_the_c_layout(tmp_path):
+    """Every field's byte offset and every struct's size, compiled by the C compiler, equal
+    those of the NumPy record the backends pack."""
+    lines = []
+    for args in ARGS:
+        for sfx in ("f32", "f64"):
+            struct = f"fo_{args.name}_args_{sfx}"
+            lines.append(f'printf("{struct} sizeof %zu\\n", sizeof({struct}));')
+            lines += [f'printf("{struct} {f} %zu\\n", offsetof({struct}, {f}));'
+                      for f in args.fields]
+    source = tmp_path / "layout.c"
+    source.write_text("#include <stddef.h>\n#include <stdio.h>\n#include \"fastopt/optim.h\"\n"
+                      "int main(void) {\n" + "\n".join(lines) + "\nreturn 0;\n}\n")
+    exe = tmp_path / "layout"
+    subprocess.run(["cc", "-std=c99", f"-I{KERNELS_DIR / 'include'}", str(source), "-o",
+                    str(exe), "-lm"], check=True)
+    out = dict(line.rsplit(" ", 1) for line in
+               subprocess.run([str(exe)], check=True, capture_output=True,
+                              text=True).stdout.splitlines())
+    for args in ARGS:
+        for sfx, dtype in (("f32", np.float32), ("f64", np.float64)):
+            record = args.record(dtype, {f: 0 for f in args.fields})
+            struct = f"fo_{args.name}_args_{sfx}"
+            assert int(out[f"{struct} sizeof"]) == record.dtype.itemsize, struct
+            for f in args.fields:
+                assert int(out[f"{struct} {f}"]) == record.dtype.fields[f][1], (struct, f)
+
+
+@pytest.mark.parametrize("rule", _rules.RULES, ids=[r.name for r in _rules.RULES])
+def test_host_scalars_fill_the_struct(rule):
+    """Each rule's scalars function gives exactly its kernels' fields (for multi-pass rules,
+    the update pass's and fo_scaled_apply's), reals as floats and flags as bools."""
+    scalars = rule.scalars(np.float32, grad_scale=1.0, grad_clip=float("inf"),
+                           **EXAMPLES[rule.op])
+    passes = scalars if rule.driver else (scalars,)
+    kernels = [k for k in rule.kernels if k.name != "adafactor_factored"] if rule.driver \
+        else rule.kernels[:1]
+    for fields, kernel in zip(passes, kernels):
+        args = kernel.args
+        assert set(fields) == set(args.fields)
+        for name in args.reals:
+            assert isinstance(fields[name], float), name
+        for name in args.flags:
+            assert isinstance(fields[name], bool), name
+        record = args.record(np.float64, fields)
+        assert record.dtype.names == args.fields
+
+
+def test_every_rule_shares_the_gradient_prologue():
+    for args in ARGS:
+        if args.name != "scaled_apply":
+            assert args.fields[:2] == ("clip", "gscale"), args.name
+
+
+def test_c_kernel_list_is_the_table():
+    """FO_ELEMENTWISE_KERNELS in optim.h lists exactly the table's elementwise kernels,
+    each with its Args and number of state operands; the Cython module has a chunk function
+    for each kernel of the table (and the passes')."""
+    body = HEADER[HEADER.index("#define FO_ELEMENTWISE_KERNELS"):]
+    listed = re.findall(r"X\(T, SFX, (\w+), (\w+), (\d)\)", body)
+    assert {name: (args, int(n)) for name, args, n in listed} == {
+        name: (k.args.name, len(k.state)) for name, k in _rules.KERNELS.items()}
+    assert _optim.kernels() == {name: len(k.state) for name, k in _rules.ALL_KERNELS.items()}
+
+
+def test_table_rows_are_consistent():
+    names = [rule.name for rule in _rules.RULES]
+    assert len(set(names)) == len(names)
+    for rule in _rules.RULES:
+        assert rule.op.endswith("_step")
+        for kernel in rule.kernels:
+            if kernel not in _rules.PASS_KERNELS and rule.driver is None:
+                assert set(kernel.state) <= set(rule.state), (rule.name, kernel.name)
+        # rules sharing a registry operation share their kernels
+        assert _rules.BY_OP[rule.op].kernels == rule.kernels
+
+
+@pytest.mark.parametrize("name", sorted(_layout.C_NAMES))
+def test_layout_constants_match_the_sources(name):
+    path, c_name = _layout.C_NAMES[name]
+    text = (KERNELS_DIR / path).read_text()
+    found = re.findall(rf"^\s*(?:#define|DEF)\s+{c_name}\s*=?\s*(\d+)", text, re.M)
+    assert found == [str(getattr(_layout, name))]
+
+
+def test_pack_pads_to_eight_bytes():
+    args = _rules.Args("demo", ("a", "b", "c"), ("flag",))
+    record = args.record(np.float32, {"a": 1.5, "b": -2.0, "c": 0.25, "flag": True})
+    buf = _rules.pack(record)
+    assert record.dtype.itemsize == 16 and buf.size == 16
+    assert buf[:12].view(np.float32).tolist() == [1.5, -2.0, 0.25]
+    assert buf[12:16].view(np.int32).tolist() == [1]
+    odd = _rules.Args("odd", ("a",)).record(np.float32, {"a": 3.0})
+    assert _rules.pack(odd).size == 8 and _rules.pack(odd)[:4].view(np.float32)[0] == 3.0
+    with pytest.raises(ValueError, match="expected the fields"):
+        args.record(np.float32, {"a": 1.0})

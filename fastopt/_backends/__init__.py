@@ -1,17 +1,52 @@
 """The backend registry: which backend implements which operation, where, for which dtypes.
 
-Each backend is a module under fastopt._backends exposing the operations by their shared
-name (``adam_step`` in every backend). ``resolve(op, backend, device, dtype)`` returns the
-function; ``backend="auto"`` picks the first available backend in AUTO_ORDER for the device.
-Availability is probed once per process and cached; nothing optional is imported before a
-backend is asked for.
+Each backend is a module under fastopt._backends. What it implements is read from the module
+itself, never listed by hand:
+
+- an operation that is not an optimizer rule (``norm_partials``, ``random_fill``,
+  ``magnitude_masks``, ...) is a function of that name in the module;
+- an optimizer rule of the rule table (fastopt._rules) runs on a compiled backend (one with
+  an ``elementwise`` entry point, see :class:`Compiled`) when the backend has every kernel
+  the rule lists (its ``KERNELS``), through the generic step of fastopt._backends._steps
+  (or the rule's multi-pass driver in _twopass); on the NumPy reference, through the
+  reference function named after the rule's operation (``adam_step``).
+
+``resolve(op, backend, device, dtype)`` returns the function; ``backend="auto"`` picks the
+first available backend in AUTO_ORDER for the device. ``OPS`` maps each operation to the
+backends that implement it. Availability is probed once per process and cached; nothing
+optional is imported before a backend is asked for.
 """
 
 import functools
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+
+from fastopt import _rules
+from fastopt._backends import _steps, _twopass
+
+
+class Compiled(Protocol):
+    """What a compiled backend module provides for the optimizer rules."""
+    MASKS_IN_KERNELS: bool  # whether elementwise() zeroes pruned entries itself
+    KERNELS: dict  # kernel name of the rule table -> number of state operands
+
+    def elementwise(self, kernel, operands, record, n_threads, masks=None, n_aux=0):
+        """One pass of `kernel` over operand lists (param in, param out, grad, state...,
+        the last `n_aux` per-tensor auxiliaries), scalars in `record` (Args.record)."""
+
+    def norm_partials(self, arrays, kind, *, n_threads):
+        """fastopt/reduce.h's per-chunk partial norms, float64 on the host."""
+
+    def factors(self, grads, rows, cols, rmeans, rowparts, shape, items, slices, record,
+                n_threads):
+        """Adafactor's factors pass (see fastopt._backends._twopass)."""
+
+    def device(self, arrays, like):
+        """Host arrays as arrays beside `like`."""
 
 
 @dataclass(frozen=True)
@@ -42,27 +77,9 @@ BACKENDS = {
     )
 }
 
-# operation -> backends implementing it
-OPS = {
-    "sgd_step": ("numpy", "cython", "numba", "cupy"),
-    "adam_step": ("numpy", "cython", "numba", "cupy"),
-    "adagrad_step": ("numpy", "cython", "numba", "cupy"),
-    "rmsprop_step": ("numpy", "cython", "numba", "cupy"),
-    "adadelta_step": ("numpy", "cython", "numba", "cupy"),
-    "adamax_step": ("numpy", "cython", "numba", "cupy"),
-    "nadam_step": ("numpy", "cython", "numba", "cupy"),
-    "radam_step": ("numpy", "cython", "numba", "cupy"),
-    "lion_step": ("numpy", "cython", "numba", "cupy"),
-    "lamb_step": ("numpy", "cython", "numba", "cupy"),
-    "adafactor_step": ("numpy", "cython", "numba", "cupy"),
-    "norm_partials": ("numpy", "cython", "numba", "cupy"),
-    "random_fill": ("numpy", "cython", "numba", "cupy"),
-    "weight_norm_sums": ("numpy", "cython", "numba", "cupy"),
-    "weight_norm_apply": ("numpy", "cython", "numba", "cupy"),
-    "magnitude_masks": ("numpy", "cython", "numba", "cupy"),
-    "quant_loop": ("numpy", "cython", "numba", "cupy"),
-    "kd_rows": ("numpy", "cython", "numba", "cupy"),
-}
+# the operations that are not optimizer rules
+OPERATIONS = ("norm_partials", "random_fill", "weight_norm_sums", "weight_norm_apply",
+              "magnitude_masks", "quant_loop", "kd_rows")
 
 AUTO_ORDER = {"cpu": ("cython", "numba", "numpy"), "cuda": ("cupy",)}
 
@@ -72,6 +89,15 @@ def check_name(backend):
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name):
+    """The backend's module, imported (it may still be unavailable here), or None."""
+    try:
+        return importlib.import_module(BACKENDS[name].module)
+    except ImportError:
+        return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,19 +117,52 @@ def available(name):
 
 
 @functools.lru_cache(maxsize=None)
+def _implementation(name, op):
+    """The function of backend `name` that implements `op`, or None."""
+    module = _module(name)
+    if module is None:
+        return None
+    rule = _rules.BY_OP.get(op)
+    if rule is None or not hasattr(module, "elementwise"):
+        return getattr(module, op, None)
+    if any(k.name not in module.KERNELS for k in rule.kernels):
+        return None
+    if rule.driver is not None:
+        return functools.partial(getattr(_twopass, f"{rule.driver}_step"), module)
+    return functools.partial(_steps.rule_step, module, rule)
+
+
+class _Operations(Mapping):
+    """operation -> the backends implementing it (read from the modules on first use)."""
+
+    def __iter__(self):
+        return iter(tuple(_rules.BY_OP) + OPERATIONS)
+
+    def __len__(self):
+        return len(_rules.BY_OP) + len(OPERATIONS)
+
+    def __getitem__(self, op):
+        if op not in _rules.BY_OP and op not in OPERATIONS:
+            raise KeyError(op)
+        return tuple(name for name in BACKENDS if _implementation(name, op) is not None)
+
+
+OPS = _Operations()
+
+
+@functools.lru_cache(maxsize=None)
 def _resolve(op, backend, device, dtype):
     dtype = dtype.name
     if backend == "auto":
         for name in AUTO_ORDER.get(device, ()):
-            if op in _ops_of(name) and dtype in BACKENDS[name].dtypes and available(name):
-                return getattr(load(name)[0], op)
+            if dtype in BACKENDS[name].dtypes and available(name) \
+                    and _implementation(name, op) is not None:
+                return _implementation(name, op)
         names = AUTO_ORDER.get(device) or ("none",)
         raise RuntimeError(f"no available backend runs {op} on {device} arrays of {dtype}; "
                            f"tried {', '.join(names)}: "
                            + "; ".join(f"{n}: {BACKENDS[n].install}" for n in names if n in BACKENDS))
     spec = BACKENDS[backend]
-    if op not in OPS or backend not in OPS[op]:
-        raise ValueError(f"backend {backend!r} does not implement {op}")
     if spec.device != device:
         raise ValueError(f"backend {backend!r} runs on {spec.device} arrays, but the arrays are "
                          f"on {device}; use backend='auto' or a {device} backend "
@@ -113,11 +172,10 @@ def _resolve(op, backend, device, dtype):
     module, reason = load(backend)
     if module is None:
         raise RuntimeError(f"backend {backend!r} is not available ({reason}); {spec.install}")
-    return getattr(module, op)
-
-
-def _ops_of(name):
-    return [op for op, names in OPS.items() if name in names]
+    fn = _implementation(backend, op)
+    if fn is None:
+        raise ValueError(f"backend {backend!r} does not implement {op}")
+    return fn
 
 
 def resolve(op, backend, device, dtype):

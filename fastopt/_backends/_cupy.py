@@ -12,17 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
-from fastopt._backends import _select, _slices, _twopass
-from fastopt._backends._masked import wrap_steps
+from fastopt import _rules
+from fastopt._backends import _select, _slices
+from fastopt._backends._layout import CHUNK, DIGIT_BITS, KD_ROWS, LANES, PRUNE_THREADS
 from fastopt._backends._numpy import PER_GROUP
 from fastopt._backends._numpy_compress import CE_SQUARES
-from fastopt._backends._pack import pack, random_args
-from fastopt.optim import _scalars
+from fastopt._backends._pack import random_args
 
-CHUNK = 65536  # elements per thread block of the update kernels
+MASKS_IN_KERNELS = False  # pruned entries are zeroed after each pass (fastopt._backends._steps)
+# optim.cu has a kernel for each entry of fastopt/optim.h's list, which tests/test_kernels.py
+# holds to the rule table, and for each pass kernel
+KERNELS = {name: len(k.state) for name, k in _rules.ALL_KERNELS.items()}
+BLOCK_CHUNK = 65536  # elements per thread block of the update kernels
 THREADS = 256
-NORM_LANES = 16  # FO_NORM_LANES of fastopt/reduce.h
-KD_ROWS = 8  # FO_KD_ROWS of kernels/cuda/distill.cu: rows per block, NORM_LANES threads each
 
 
 def kernel_dir():
@@ -77,15 +79,15 @@ def _table(operands, chunk):
     return table, len(chunks)
 
 
-def _launch(kernel, operands, scalars):
+def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0):
     """One launch of fo_cuda_<kernel>_<f32|f64> over all tensors: the operand table, the
-    chunks and the packed fo_<rule>_args struct travel in one device array."""
+    chunks and the kernel's scalar struct travel in one device array."""
     import cupy
-    table, n_chunks = _table(operands, CHUNK)
+    table, n_chunks = _table(operands, BLOCK_CHUNK)
     if not n_chunks:
         return
     dtype = operands[0][0].dtype
-    args = pack(dtype, scalars).view(np.int64)
+    args = _rules.pack(record).view(np.int64)
     with operands[0][0].device:
         _module("optim.cu").get_function(f"fo_cuda_{kernel}_{_suffix(dtype)}")(
             (n_chunks,), (THREADS,),
@@ -95,13 +97,13 @@ def _launch(kernel, operands, scalars):
 
 def norm_partials(grads, kind, *, n_threads):
     import cupy
-    table, n_chunks = _table((grads,), _twopass.CHUNK)
+    table, n_chunks = _table((grads,), CHUNK)
     if not n_chunks:
         return np.empty(0)
     with grads[0].device:
         out = cupy.empty(n_chunks, np.float64)
         _module("reduce.cu").get_function(f"fo_cuda_norm_partials_{_suffix(grads[0].dtype)}")(
-            (n_chunks,), (NORM_LANES,), (cupy.asarray(table), np.int64(len(grads)),
+            (n_chunks,), (LANES,), (cupy.asarray(table), np.int64(len(grads)),
                                          np.int32(kind), out))
         return out.get()
 
@@ -115,76 +117,14 @@ def _suffix(dtype):
     return "f64" if dtype == np.float64 else "f32"
 
 
-def sgd_step(params, out, grads, momentum_buffers, *, n_threads, **hyper):
-    scalars = _scalars.sgd_scalars(params[0].dtype, **hyper)
-    if momentum_buffers is None:
-        _launch("sgd", (params, out, grads), scalars)
-    else:
-        _launch("sgd_momentum", (params, out, grads, momentum_buffers), scalars)
-
-
-def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, n_threads, **hyper):
-    scalars = _scalars.adam_scalars(params[0].dtype, **hyper)
-    if max_exp_avg_sqs is None:
-        _launch("adam", (params, out, grads, exp_avgs, exp_avg_sqs), scalars)
-    else:
-        _launch("adam_amsgrad", (params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs),
-                scalars)
-
-
-def adagrad_step(params, out, grads, state_sums, *, n_threads, **hyper):
-    _launch("adagrad", (params, out, grads, state_sums),
-            _scalars.adagrad_scalars(params[0].dtype, **hyper))
-
-
-def rmsprop_step(params, out, grads, square_avgs, grad_avgs, momentum_buffers, *, n_threads,
-                 **hyper):
-    operands = (params, out, grads, square_avgs) + tuple(
-        x for x in (grad_avgs, momentum_buffers) if x is not None)
-    _launch("rmsprop", operands, _scalars.rmsprop_scalars(params[0].dtype, **hyper))
-
-
-def adadelta_step(params, out, grads, square_avgs, acc_deltas, *, n_threads, **hyper):
-    _launch("adadelta", (params, out, grads, square_avgs, acc_deltas),
-            _scalars.adadelta_scalars(params[0].dtype, **hyper))
-
-
-def adamax_step(params, out, grads, exp_avgs, exp_infs, *, n_threads, **hyper):
-    _launch("adamax", (params, out, grads, exp_avgs, exp_infs),
-            _scalars.adamax_scalars(params[0].dtype, **hyper))
-
-
-def nadam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, n_threads, **hyper):
-    _launch("nadam", (params, out, grads, exp_avgs, exp_avg_sqs),
-            _scalars.nadam_scalars(params[0].dtype, **hyper))
-
-
-def radam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, n_threads, **hyper):
-    _launch("radam", (params, out, grads, exp_avgs, exp_avg_sqs),
-            _scalars.radam_scalars(params[0].dtype, **hyper))
-
-
-def lion_step(params, out, grads, exp_avgs, *, n_threads, **hyper):
-    _launch("lion", (params, out, grads, exp_avgs), _scalars.lion_scalars(params[0].dtype, **hyper))
-
-
-lamb_step, adafactor_step = _twopass.steps_for(sys.modules[__name__])
-
-
-# -- the passes _twopass drives
-
-def run(kernel, operands, scalars, n_threads, n_aux=0):
-    _launch(kernel, operands, scalars)
-
-
-def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, scalars, n_threads):
+def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, record, n_threads):
     """Adafactor's factors pass: three launches over one table (kernels/cuda/factored.cu)."""
     import cupy
     dtype = grads[0].dtype
     meta = np.array([[g.data.ptr, row.data.ptr, col.data.ptr, rmean.data.ptr, part.data.ptr]
                      for g, row, col, rmean, part in zip(grads, rows, cols, rmeans, rowparts)],
                     np.int64)
-    args = pack(dtype, scalars).view(np.int64)
+    args = _rules.pack(record).view(np.int64)
     # per tensor FO_META values: the five addresses, then B, R, C
     table = np.concatenate([np.concatenate([meta, shape], axis=1).ravel(), items.ravel(),
                             slices.ravel(), args])
@@ -197,7 +137,7 @@ def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, scalars, 
         module.get_function(f"fo_cuda_adafactor_cols_{sfx}")(
             (len(items),), (THREADS,), (table, n_t, args_at))
         module.get_function(f"fo_cuda_adafactor_rowparts_{sfx}")(
-            (len(items), min(int(shape[:, 1].max()), 65535)), (NORM_LANES,),
+            (len(items), min(int(shape[:, 1].max()), 65535)), (LANES,),
             (table, n_t, args_at))
         module.get_function(f"fo_cuda_adafactor_rows_{sfx}")(
             (-(-len(slices) // THREADS),), (THREADS,),
@@ -236,11 +176,11 @@ def weight_norm_sums(x, y, shape, *, n_threads):
     """Partials P[k, b] by one block of 16 threads per (b, k) (kernels/cuda/wnorm.cu)."""
     import cupy
     A, B, C = shape
-    K = max(-(-C // _twopass.CHUNK), 1)
+    K = max(-(-C // CHUNK), 1)
     with x.device:
         partials = cupy.empty((K, B), np.float64)
         _module("wnorm.cu").get_function(f"fo_cuda_slice_dot_{_suffix(x.dtype)}")(
-            (B, K), (NORM_LANES,), (x, y, np.int64(A), np.int64(B), np.int64(C), partials))
+            (B, K), (LANES,), (x, y, np.int64(A), np.int64(B), np.int64(C), partials))
         return _slices.total(partials.get())
 
 
@@ -256,7 +196,6 @@ def weight_norm_apply(out, v, grad_w, k1, k3, shape, *, n_threads):
 
 # -- fastopt.prune's select passes (kernels/cuda/prune.cu; _select drives them)
 
-PRUNE_THREADS = 256  # FO_PRUNE_THREADS
 
 
 def _key(dtype):
@@ -264,10 +203,10 @@ def _key(dtype):
 
 
 def _prune_launch(kernel, operands, *args):
-    """One launch of fo_cuda_prune_<kernel>: a block per _select.CHUNK chunk of the
+    """One launch of fo_cuda_prune_<kernel>: a block per CHUNK chunk of the
     tensors."""
     import cupy
-    table, n_chunks = _table(operands, _select.CHUNK)
+    table, n_chunks = _table(operands, CHUNK)
     if n_chunks:
         name = f"fo_cuda_prune_{kernel}_{_suffix(operands[0][0].dtype)}"
         _module("prune.cu").get_function(name)(
@@ -279,7 +218,7 @@ def prune_hist(arrays, shift, pmask, prefix, n_threads):
     import cupy
     key = _key(arrays[0].dtype)
     with arrays[0].device:
-        counts = cupy.zeros(2 ** _select.DIGIT_BITS, np.uint64)
+        counts = cupy.zeros(2 ** DIGIT_BITS, np.uint64)
         maxkey = cupy.zeros(1, key)
         _prune_launch("hist", (arrays,), np.int32(shift), key(pmask), key(prefix), counts,
                       maxkey)
@@ -340,7 +279,7 @@ def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signe
 
 def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads):
     """Per row: the weighted gradient into g, and (KL_b, CE_b) as a host (B, 2) float64
-    array; NORM_LANES threads per row, KD_ROWS rows per block."""
+    array; LANES threads per row, KD_ROWS rows per block."""
     import cupy
     B, C = s.shape
     f = s.dtype.type
@@ -349,10 +288,9 @@ def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads):
         rows = cupy.zeros((B, 2), np.float64)
         labels = np.uint64(0) if labels is None else cupy.asarray(labels, np.int64)
         _module("distill.cu").get_function(f"fo_cuda_kd_rows_{_suffix(s.dtype)}")(
-            (-(-B // KD_ROWS),), (KD_ROWS * NORM_LANES,),
+            (-(-B // KD_ROWS),), (KD_ROWS * LANES,),
             (s, t, g, np.int64(B), np.int64(C), labels, temp, f(wk), f(wc),
              np.int32(CE_SQUARES.get(float(temp), 0)), rows))
         return rows.get()
 
 
-wrap_steps(globals())  # pruning masks: the pruned entries zeroed after each elementwise step

@@ -10,11 +10,10 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from fastopt._backends._layout import CHUNK, DIGIT_BITS, KD_BLOCK
 from fastopt._backends._numba_init import _log, _threads
-from fastopt._backends._numpy import CHUNK
-from fastopt._backends._numpy_compress import (CE_SQUARES, EXP2_CONSTANTS, KD_BLOCK, LN2,
-                                               LOG2E)
-from fastopt._backends._select import DIGIT_BITS, key_bits
+from fastopt._backends._numpy_compress import CE_SQUARES, EXP2_CONSTANTS, LN2, LOG2E
+from fastopt._backends._select import key_bits
 
 _JIT = dict(cache=True, error_model="numpy")
 BINS = 2 ** DIGIT_BITS

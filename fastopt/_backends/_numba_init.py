@@ -10,10 +10,10 @@ import numpy as np
 from numba import njit, prange
 
 from fastopt._backends import _slices
-from fastopt._backends._numpy import BITS, CHUNK, LANES, NORMAL, PER_GROUP, TILE, UNIFORM
+from fastopt._backends._layout import CHUNK, LANES, MIN_PER_THREAD, TILE
+from fastopt._backends._numpy import BITS, NORMAL, PER_GROUP, UNIFORM
 
 _JIT = dict(cache=True, error_model="numpy")
-MIN_PER_THREAD = 32768
 _M32 = np.uint64(0xFFFFFFFF)
 _S5, _S6, _S8, _S32, _S52 = (np.uint64(k) for k in (5, 6, 8, 32, 52))
 _MANTISSA, _HALF = np.uint64(0x000FFFFFFFFFFFFF), np.uint64(0x3FE0000000000000)

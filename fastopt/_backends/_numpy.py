@@ -10,13 +10,10 @@ Operands, shared with every backend: `params` are read, the results written to `
 
 import numpy as np
 
+from fastopt import _scalars
 from fastopt._backends import _numpy_compress
+from fastopt._backends._layout import CHUNK, COLS, LANES, TILE
 from fastopt._backends._masked import wrap_steps, zero_pruned
-from fastopt.optim import _scalars
-
-
-CHUNK, LANES = 16384, 16  # FO_CHUNK, FO_NORM_LANES of fastopt/reduce.h
-COLS = 512  # FO_COLS of fastopt/reduce.h: the column blocks of the factored row sums
 
 
 def _clip_and_scale(g, grad_clip, grad_scale):
@@ -343,7 +340,6 @@ def _tensor_norm(x):
 # -- Philox-4x32-10 and the fills of fastopt.init (kernels/include/fastopt/random.h)
 
 UNIFORM, NORMAL, TRUNC_NORMAL, BITS = 0, 1, 2, 3  # FO_RANDOM_* of fastopt/random.h
-TILE = 16  # FO_TILE: groups per tile
 PER_GROUP = {(UNIFORM, "float32"): 4, (UNIFORM, "float64"): 2, (NORMAL, "float32"): 4,
              (NORMAL, "float64"): 2, (TRUNC_NORMAL, "float32"): 4, (TRUNC_NORMAL, "float64"): 2,
              (BITS, "uint32"): 4}

@@ -4,8 +4,8 @@ tested against."""
 
 import numpy as np
 
+from fastopt._backends._layout import KD_BLOCK
 from fastopt._backends._select import key_bits
-
 
 # -- pruning (kernels/include/fastopt/prune.h)
 
@@ -135,7 +135,6 @@ CE_SQUARES = {2.0: 1, 4.0: 2, 8.0: 3}
 
 
 # elements per block of a row's sums (FO_KD_BLOCK): 32 per lane
-KD_BLOCK = 512
 
 
 def _lane_sums(terms, lanes=16):

@@ -23,8 +23,8 @@ count.
 
 import numpy as np
 
-DIGIT_BITS = 16  # FO_DIGIT_BITS
-CHUNK = 16384  # FO_CHUNK: the chunks prune_ties reports
+from fastopt._backends._layout import CHUNK, DIGIT_BITS
+
 SPLIT_SHARE = 16  # prune_split when at most 1/16 of the keys share the first digit's bin
 
 

@@ -2,27 +2,21 @@
 the compiled backends (Cython, Numba, CuPy); each backend supplies the passes.
 
 A backend here is a module with:
-- ``run(kernel, operands, scalars, n_threads, n_aux=0, masks=None)``: one chunk-kernel pass
-  (kernels by their optim_loops.h names), the last `n_aux` operands per-tensor auxiliaries;
-  `masks` (pruning masks, one per tensor; passed only to a backend with
-  ``MASKS_IN_KERNELS = True``) zero the pruned entries of the written operand and the state;
+- ``elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0)``: one pass of a
+  kernel of the rule table (its passes run through fastopt._backends._steps.run_pass);
 - ``norm_partials(arrays, kind, n_threads=...)``: fastopt/reduce.h's chunk partials, on the host;
-- ``factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, scalars, n_threads)``:
+- ``factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, record, n_threads)``:
   Adafactor's factors pass over the work of ``factor_work(shape)``;
 - ``device(host_arrays, like)``: the host arrays as arrays beside `like` (CPU: themselves).
 The per-tensor scalars (norms, trust ratios, step factors) are computed on the host from the
-norm partials, in the order fastopt.optim._scalars fixes, so every backend gets the same.
+norm partials, in the order fastopt._scalars fixes, so every backend gets the same.
 """
-
-import functools
 
 import numpy as np
 
-from fastopt._backends._masked import zero_pruned
-from fastopt.optim import _scalars
-
-CHUNK = 16384  # FO_CHUNK of fastopt/reduce.h: the chunks norm_partials reports
-COLS = 512  # FO_COLS
+from fastopt import _rules, _scalars
+from fastopt._backends import _steps
+from fastopt._backends._layout import CHUNK, COLS
 
 
 def _norms(backend, params, updates, n_threads):
@@ -37,30 +31,15 @@ def _norms(backend, params, updates, n_threads):
 def _apply(backend, params, out, updates, factors, scalars, n_threads, masks):
     """p <- p decay + scale (u k) with k one value per tensor (fo_scaled_apply)."""
     factors = backend.device([factors[t:t + 1] for t in range(len(params))], params[0])
-    _run(backend, "scaled_apply", (params, out, updates, factors), scalars, n_threads, masks,
-         n_aux=1)
-
-
-def _run(backend, kernel, operands, scalars, n_threads, masks, n_aux=0):
-    """One pass; with pruning masks, the pruned entries of its written operand (1) and of
-    the state after the gradient become 0 before any norm reads them: inside the pass where
-    the backend can (MASKS_IN_KERNELS), else right after it."""
-    if masks is None:
-        backend.run(kernel, operands, scalars, n_threads, n_aux=n_aux)
-    elif getattr(backend, "MASKS_IN_KERNELS", False):
-        backend.run(kernel, operands, scalars, n_threads, n_aux=n_aux, masks=masks)
-    else:
-        backend.run(kernel, operands, scalars, n_threads, n_aux=n_aux)
-        states = operands[3:len(operands) - n_aux]
-        for t, mask in enumerate(masks):
-            zero_pruned(mask, [operands[1][t]] + [op[t] for op in states])
+    _steps.run_pass(backend, "scaled_apply", (params, out, updates, factors), scalars,
+                    n_threads, masks, n_aux=1)
 
 
 def lamb_step(backend, params, out, grads, exp_avgs, exp_avg_sqs, updates, *, n_threads,
               masks=None, **hyper):
     update, apply = _scalars.lamb_scalars(params[0].dtype, **hyper)
-    _run(backend, "lamb_update", (params, updates, grads, exp_avgs, exp_avg_sqs), update,
-         n_threads, masks)
+    _steps.run_pass(backend, "lamb_update", (params, updates, grads, exp_avgs, exp_avg_sqs),
+                    update, n_threads, masks)
     ratios = _scalars.lamb_trust_ratios(*_norms(backend, params, updates, n_threads),
                                         params[0].dtype)
     _apply(backend, params, out, updates, ratios, apply, n_threads, masks)
@@ -97,23 +76,18 @@ def adafactor_step(backend, params, out, grads, row_vars, col_vars, variances, u
         rmeans = backend.device([np.empty(b, dtype) for b in shape[:, 0]], like)
         rowparts = backend.device([np.empty(b * r * -(-c // COLS)) for b, r, c in shape], like)
         backend.factors(pick(grads), rows, cols, rmeans, rowparts, shape, *factor_work(shape),
-                        update, n_threads)
-        _run(backend, "adafactor_factored",
-             (pick(params), pick(updates), pick(grads), rows, cols, rmeans,
-              backend.device([row[1:] for row in shape], like)),
-             update, n_threads, None if masks is None else pick(masks), n_aux=4)
+                        _rules.ADAFACTOR_ARGS.record(dtype, update), n_threads)
+        _steps.run_pass(backend, "adafactor_factored",
+                        (pick(params), pick(updates), pick(grads), rows, cols, rmeans,
+                         backend.device([row[1:] for row in shape], like)),
+                        update, n_threads, None if masks is None else pick(masks), n_aux=4)
     if vectors:
         pick = lambda arrays: [arrays[i] for i in vectors]
-        _run(backend, "adafactor_vector",
-             (pick(params), pick(updates), pick(grads), pick(variances)), update, n_threads,
-             None if masks is None else pick(masks))
+        _steps.run_pass(backend, "adafactor_vector",
+                        (pick(params), pick(updates), pick(grads), pick(variances)), update,
+                        n_threads, None if masks is None else pick(masks))
     # ||p|| is taken before weight decay (as torch): decay happens in the apply pass
     coefficients = _scalars.adafactor_coefficients(
         *_norms(backend, params, updates, n_threads), [p.size for p in params], dtype,
         step=step, lr=lr, eps2=eps2, d=d)
     _apply(backend, params, out, updates, coefficients, apply, n_threads, masks)
-
-
-def steps_for(backend):
-    """(lamb_step, adafactor_step) of a backend module, as its registry entries."""
-    return functools.partial(lamb_step, backend), functools.partial(adafactor_step, backend)

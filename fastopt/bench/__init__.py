@@ -28,23 +28,25 @@ from typing import NamedTuple
 import numpy as np
 
 import fastopt
-from fastopt import _backends
+from fastopt import _backends, _rules
 from fastopt._interop import aligned_empty
 from fastopt.bench import ops
 
 
 class Rule(NamedTuple):
-    """A benchmarked rule: the optimizer class name in fastopt and torch.optim, its
-    hyperparameters, its state buffers per element, fastopt's max_grad_norm (torch: its
-    clip_grad_norm_ before the step), the element transfers of one fastopt step when it
-    is not one pass (reads + writes per element, every pass counted), and whether the
-    tensors are shaped as matrices (Adafactor factors them; 1-D tensors it does not)."""
+    """A benchmarked rule: the optimizer class name in fastopt, its hyperparameters, its
+    state buffers per element, fastopt's max_grad_norm (torch: its clip_grad_norm_ before
+    the step), the element transfers of one fastopt step when it is not one pass (reads +
+    writes per element, every pass counted), whether the tensors are shaped as matrices
+    (Adafactor factors them; 1-D tensors it does not), and torch.optim's class of the same
+    rule (None: torch has none)."""
     cls: str
     hyper: dict
     n_state: int
     clip: float = None
     passes_traffic: int = None
     matrix: bool = False
+    torch: str = None
 
     @property
     def traffic(self):
@@ -55,23 +57,30 @@ class Rule(NamedTuple):
         return 2 * (self.n_state + 1) + 1 + (self.clip is not None)
 
 
-RULES = {
-    "adam": Rule("Adam", dict(lr=1e-3), 2),
-    "adamw": Rule("AdamW", dict(lr=1e-3, weight_decay=1e-2), 2),
-    "sgd": Rule("SGD", dict(lr=1e-3, momentum=0.9), 1),
-    "adam+clip": Rule("Adam", dict(lr=1e-3), 2, clip=1.0),
-    "adagrad": Rule("Adagrad", dict(lr=1e-2), 1),
-    "rmsprop": Rule("RMSprop", dict(lr=1e-2), 1),
-    "adadelta": Rule("Adadelta", dict(lr=1.0), 2),
-    "adamax": Rule("Adamax", dict(lr=2e-3), 2),
-    "nadam": Rule("NAdam", dict(lr=2e-3), 2),
-    "radam": Rule("RAdam", dict(lr=1e-3), 2),
-    "lion": Rule("Lion", dict(lr=1e-4), 1),
-    # update pass (p, g, m, v read; m, v, u written), norms of p and u, apply (p, u; p)
-    "lamb": Rule("Lamb", dict(lr=1e-3), 2, passes_traffic=12),
-    # norm of p, factor sums (g), update pass (g; u), norm of u, apply (p, u; p)
-    "adafactor": Rule("Adafactor", dict(lr=1e-2), 1, passes_traffic=8, matrix=True),
-}
+def _state_arrays(row):
+    """How many state arrays the rule keeps per parameter with the harness's
+    hyperparameters, counted after one step of the reference."""
+    p = np.zeros((2, 2) if row.matrix else 2, np.float32)
+    opt = getattr(fastopt, row.name)([p], backend="numpy", **row.bench)
+    opt.step([np.ones_like(p)])
+    return sum(isinstance(v, np.ndarray) for v in opt.state[0].values())
+
+
+def _table_rules():
+    """The harness's rules, from the rule table (fastopt._rules), plus Adam with
+    max_grad_norm ('adam+clip')."""
+    rules = {}
+    for row in _rules.RULES:
+        torch_cls = row.reference.rsplit(".", 1)[1] \
+            if row.reference.startswith("torch.optim.") else None
+        rules[row.name.lower()] = Rule(row.name, row.bench, _state_arrays(row),
+                                       passes_traffic=row.traffic, matrix=row.matrix,
+                                       torch=torch_cls)
+    rules["adam+clip"] = rules["adam"]._replace(clip=1.0)
+    return rules
+
+
+RULES = _table_rules()
 DEFAULT_RULES = ("adam", "adamw", "sgd", "adam+clip")
 DEFAULT_CASES = ("1M", "10M", "50M", "200x50K")
 _EVICT_BYTES = 64 << 20  # twice this machine's 32 MiB L3; more than most servers' per-socket L3
@@ -181,7 +190,7 @@ def _torch_case(torch, rule, sizes, mode):
         p.grad = torch.from_numpy(g)
     flags = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True),
              "fused": dict(fused=True)}[mode]
-    opt = getattr(torch.optim, rule.cls)(params, **rule.hyper, **flags)
+    opt = getattr(torch.optim, rule.torch)(params, **rule.hyper, **flags)
     if rule.clip is None:
         return opt.step
 
@@ -208,7 +217,7 @@ def implementations(rule, sizes, n_threads, include_numpy):
         impls.append(("fastopt cython, torch tensors",
                       lambda: _fastopt_case(rule, sizes, "cython", n_threads,
                                             wrap=torch.from_numpy)))
-        for mode in ("for-loop", "foreach", "fused"):
+        for mode in ("for-loop", "foreach", "fused") if rule.torch is not None else ():
             impls.append((f"torch {mode}", lambda m=mode: _torch_case(torch, rule, sizes, m)))
     if include_numpy:
         impls.append(("numpy reference",

@@ -1,11 +1,13 @@
-"""Optimizer update rules: one module per family, kernels in every backend."""
+"""Optimizer update rules: one module per rule, the classes listed by the rule table
+(fastopt._rules), kernels in every backend."""
 
+import importlib
+
+from fastopt import _rules
 from fastopt.optim._base import Optimizer
-from fastopt.optim.adafactor import Adafactor
-from fastopt.optim.adagrad import Adadelta, Adagrad, RMSprop
-from fastopt.optim.adam import Adam, Adamax, AdamW, NAdam, RAdam
-from fastopt.optim.lion import Lamb, Lion
-from fastopt.optim.sgd import SGD
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adadelta", "Adamax",
-           "NAdam", "RAdam", "Lion", "Lamb", "Adafactor"]
+for _rule in _rules.RULES:
+    globals()[_rule.name] = getattr(importlib.import_module(_rule.module), _rule.name)
+del _rule
+
+__all__ = ["Optimizer"] + [rule.name for rule in _rules.RULES]

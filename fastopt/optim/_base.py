@@ -1,7 +1,8 @@
 """The machinery every optimizer shares: param groups, state, validation, dispatch.
 
-A rule (SGD, Adam, ...) subclasses Optimizer and supplies
-- ``_op``: the kernel's name in the backend registry; ``_state_keys``: its state arrays,
+A rule (SGD, Adam, ...) has a row in the rule table (fastopt._rules), found by its class
+name, which gives the class its registry operation (``_op``), state arrays (``_state_keys``)
+and state numbers (``_state_scalars``); the class supplies
 - ``_check_group(group, where)``: hyperparameter checks, raising errors that name them,
 - ``_bucket_key(group, state)``: what must be equal for params to share one kernel call
   (for example Adam's step count, or whether SGD's momentum buffer exists yet),
@@ -20,11 +21,10 @@ import math
 
 import numpy as np
 
-from fastopt import _backends, _interop
+from fastopt import _backends, _interop, _rules
 from fastopt._check import real
 from fastopt._config import check_threads, get_num_threads
 from fastopt.optim import _clip
-
 
 # param-group keys that fastopt.schedules adds (initial_lr, ...): accepted in a loaded state
 SCHEDULE_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum"})
@@ -58,6 +58,18 @@ def check_betas(group, where, *, closed=False):
         check_real({f"betas[{k}]": beta}, f"betas[{k}]", where, lo=0.0, hi=1.0,
                    hi_open=not closed)
         for k, beta in enumerate(betas))
+
+
+def check_adam_group(group, where):
+    """The hyperparameters of the Adam family (Adamax, NAdam, RAdam, ...): lr, betas, eps,
+    weight_decay, maximize, and decoupled_weight_decay where the rule has it."""
+    check_real(group, "lr", where, lo=0.0)
+    check_betas(group, where)
+    check_real(group, "eps", where, lo=0.0)
+    check_real(group, "weight_decay", where, lo=0.0)
+    check_bool(group, "maximize", where)
+    if "decoupled_weight_decay" in group:
+        check_bool(group, "decoupled_weight_decay", where)
 
 
 OPTIONS_DOC = """        backend, n_threads, max_grad_norm, grad_norm_type, max_grad_value, skip_nonfinite:
@@ -114,10 +126,17 @@ class Optimizer:
     ``last_grad_norm`` holds the gradients' total norm (None when nothing computed it).
     """
 
-    _op = None
+    _rule = None  # the rule's row of the table (set for each subclass named in it)
     _sums_gradients = False  # whether the rule sums gradients across entries (Adafactor)
-    _state_keys = ()  # names of the per-parameter state arrays (all shaped like the param)
-    _state_scalars = {"step": int}  # names and types of the per-parameter state numbers
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        rule = _rules.BY_NAME.get(cls.__name__)
+        if rule is not None and cls.__module__ == rule.module:
+            cls._rule = rule
+            cls._op = rule.op  # the registry operation
+            cls._state_keys = rule.state  # the per-parameter state arrays
+            cls._state_scalars = dict(rule.state_scalars)  # the per-parameter state numbers
 
     def __init__(self, params, defaults, *, backend="auto", n_threads=None, max_grad_norm=None,
                  grad_norm_type=2.0, max_grad_value=None, skip_nonfinite=False, masks=None):

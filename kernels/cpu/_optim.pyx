@@ -30,16 +30,31 @@ cdef extern from "optim_loops.h" nogil:
         const char *name
         fo_chunk_fn f32
         fo_chunk_fn f64
+        int n_state
     const fo_cpu_kernel *fo_cpu_kernels
 
 
-cdef fo_chunk_fn _kernel(str name, bint f64) except NULL:
-    """The chunk function fo_cpu_<name>_<f32|f64> of optim_loops.h."""
+def kernels():
+    """{name: number of state operands} of every chunk function in optim_loops.h."""
+    cdef const fo_cpu_kernel *k = fo_cpu_kernels
+    found = {}
+    while k.name != NULL:
+        found[k.name.decode()] = k.n_state
+        k += 1
+    return found
+
+
+cdef const fo_cpu_kernel *_kernel(str name, Py_ssize_t n_operands) except NULL:
+    """The chunk functions fo_cpu_<name>_<f32|f64> of optim_loops.h, checked to take
+    `n_operands` operands (param in, param out, grad, state...)."""
     cdef bytes key = name.encode()
     cdef const fo_cpu_kernel *k = fo_cpu_kernels
     while k.name != NULL:
         if strcmp(k.name, key) == 0:
-            return k.f64 if f64 else k.f32
+            if 3 + k.n_state != n_operands:
+                raise ValueError(f"CPU kernel {name!r} takes {3 + k.n_state} operands, got "
+                                 f"{n_operands}")
+            return k
         k += 1
     raise ValueError(f"no CPU kernel named {name!r}")
 
@@ -48,14 +63,14 @@ def step(str kernel, tuple operands, bint f64, cnp.ndarray args, int n_threads,
          Py_ssize_t n_aux=0, Py_ssize_t n_mask=0):
     """Run chunk function `kernel` over `operands` (a tuple of equally long lists of arrays:
     param in, param out, grad, state...). `args` (a C-contiguous array) holds the bytes of
-    its fo_<rule>_args struct: the float fields in the parameter's dtype, then the int
-    fields (fastopt._backends._pack.pack). The last `n_aux` operands are per-tensor
+    its fo_<rule>_args struct (fastopt._rules.Args.record). The last `n_aux` operands are per-tensor
     auxiliaries (any size: Lamb's trust ratio, Adafactor's factors; see _plan.pxi), followed
     by the pruning masks when `n_mask` is 1 (one byte per element; pruned entries of the
     written parameter and the state become 0, see chunks.h)."""
     if not cnp.PyArray_IS_C_CONTIGUOUS(args):
         raise ValueError("args: expected a C-contiguous array")
-    run(_kernel(kernel, f64), operands, 8 if f64 else 4, cnp.PyArray_DATA(args), n_threads,
+    cdef const fo_cpu_kernel *k = _kernel(kernel, len(operands) - n_mask)
+    run(k.f64 if f64 else k.f32, operands, 8 if f64 else 4, cnp.PyArray_DATA(args), n_threads,
         n_aux, n_mask)
 
 

@@ -38,22 +38,6 @@
         FO_PARAM_LOOP(T, fo_##FN##_##SFX, g[i], s1 + i, s2 + i, s3 + i, &a);              \
     }
 
-/* RMSprop: square_avg, then grad_avg if centered, then momentum_buffer if momentum > 0.
-   One loop per flag combination, each with the flags as constants. */
-#define FO_RMSPROP_LOOP(T, SFX, C, M)                                                     \
-    FO_PARAM_LOOP(T, fo_rmsprop_##SFX, g[i], sq + i, C ? gavg + i : NULL,                 \
-                  M ? buf + i : NULL, C, M, &a)
-#define FO_CHUNK_RMSPROP(T, SFX)                                                          \
-    FO_CHUNK_HEAD(T, SFX, rmsprop, rmsprop)                                               \
-        T *restrict sq = (T *)ptr[3] + lo;                                                \
-        T *restrict gavg = a.centered ? (T *)ptr[4] + lo : NULL;                          \
-        T *restrict buf = a.use_momentum ? (T *)ptr[4 + a.centered] + lo : NULL;          \
-        if (a.centered && a.use_momentum) FO_RMSPROP_LOOP(T, SFX, 1, 1);                  \
-        else if (a.centered) FO_RMSPROP_LOOP(T, SFX, 1, 0);                               \
-        else if (a.use_momentum) FO_RMSPROP_LOOP(T, SFX, 0, 1);                           \
-        else FO_RMSPROP_LOOP(T, SFX, 0, 0);                                               \
-    }
-
 /* Two-pass rules (Lamb, Adafactor): the update pass writes u to the "param out" slot (a
    scratch buffer; operand 0, the parameter, is read by Lamb only). The apply pass reads u
    in the gradient slot and the tensor's factor from operand 3, one element per tensor. */
@@ -103,35 +87,29 @@
         }                                                                                 \
     }
 
+/* one chunk function per kernel of fastopt/optim.h's list, N state operands each */
+#define FO_CPU_ELEMENTWISE(T, SFX, NAME, ARGS, N) FO_CHUNK##N(T, SFX, NAME, NAME, ARGS)
+
 #define FO_DEFINE_OPTIM_LOOPS(T, SFX, SQRT, FABS)                                         \
-    FO_CHUNK0(T, SFX, sgd, sgd, sgd)                       /* p, p_out, g */              \
-    FO_CHUNK1(T, SFX, sgd_momentum, sgd_momentum, sgd)     /* + momentum_buffer */        \
-    FO_CHUNK2(T, SFX, adam, adam, adam)                    /* + exp_avg, exp_avg_sq */    \
-    FO_CHUNK3(T, SFX, adam_amsgrad, adam_amsgrad, adam)    /* + max_exp_avg_sq */         \
-    FO_CHUNK1(T, SFX, adagrad, adagrad, adagrad)           /* + sum */                    \
-    FO_CHUNK_RMSPROP(T, SFX)                                                              \
-    FO_CHUNK2(T, SFX, adadelta, adadelta, adadelta)        /* + square_avg, acc_delta */  \
-    FO_CHUNK2(T, SFX, adamax, adamax, adamax)              /* + exp_avg, exp_inf */       \
-    FO_CHUNK2(T, SFX, nadam, nadam, nadam)                 /* + exp_avg, exp_avg_sq */    \
-    FO_CHUNK2(T, SFX, radam, radam, radam)                 /* + exp_avg, exp_avg_sq */    \
-    FO_CHUNK1(T, SFX, lion, lion, lion)                    /* + exp_avg */                \
-    FO_CHUNK2(T, SFX, lamb_update, lamb_update, lamb)      /* + exp_avg, exp_avg_sq */    \
+    FO_ELEMENTWISE_KERNELS(FO_CPU_ELEMENTWISE, T, SFX)                                    \
     FO_CHUNK_ADAFACTOR_VECTOR(T, SFX)                      /* p, u, g, variance */        \
     FO_CHUNK_ADAFACTOR_FACTORED(T, SFX)           /* p, u, g, row, col, rmean, shape */   \
     FO_CHUNK_SCALED_APPLY(T, SFX)                          /* p, p_out, u, factor */
 FO_DEFINE_FOR_REALS(FO_DEFINE_OPTIM_LOOPS)
 #undef FO_DEFINE_OPTIM_LOOPS
+#undef FO_CPU_ELEMENTWISE
 
-/* every chunk function by name, for the Cython driver; ends with a NULL name */
-typedef struct { const char *name; fo_chunk_fn f32, f64; } fo_cpu_kernel;
-#define FO_KERNEL(NAME) {#NAME, fo_cpu_##NAME##_f32, fo_cpu_##NAME##_f64}
+/* every chunk function by name, with its number of state (and auxiliary) operands after the
+   gradient, for the Cython driver; ends with a NULL name */
+typedef struct { const char *name; fo_chunk_fn f32, f64; int n_state; } fo_cpu_kernel;
+#define FO_KERNEL(NAME, N) {#NAME, fo_cpu_##NAME##_f32, fo_cpu_##NAME##_f64, N}
+#define FO_CPU_ENTRY(T, SFX, NAME, ARGS, N) FO_KERNEL(NAME, N),
 static const fo_cpu_kernel fo_cpu_kernels[] = {
-    FO_KERNEL(sgd), FO_KERNEL(sgd_momentum), FO_KERNEL(adam), FO_KERNEL(adam_amsgrad),
-    FO_KERNEL(adagrad), FO_KERNEL(rmsprop), FO_KERNEL(adadelta), FO_KERNEL(adamax),
-    FO_KERNEL(nadam), FO_KERNEL(radam), FO_KERNEL(lion), FO_KERNEL(lamb_update),
-    FO_KERNEL(adafactor_vector), FO_KERNEL(adafactor_factored), FO_KERNEL(scaled_apply),
-    {NULL, NULL, NULL},
+    FO_ELEMENTWISE_KERNELS(FO_CPU_ENTRY, _, _)
+    FO_KERNEL(adafactor_vector, 1), FO_KERNEL(adafactor_factored, 4), FO_KERNEL(scaled_apply, 1),
+    {NULL, NULL, NULL, 0},
 };
+#undef FO_CPU_ENTRY
 #undef FO_KERNEL
 
 #endif /* FASTOPT_CPU_OPTIM_LOOPS_H */

@@ -47,17 +47,6 @@ typedef long long fo_i64;
     FO_CUDA_LOOP(T, fo_##FN##_##SFX(p, g, FO_OP(T, 3) + i, FO_OP(T, 4) + i,               \
                                     FO_OP(T, 5) + i, &a))
 
-/* RMSprop: square_avg, then grad_avg if centered, then momentum_buffer if momentum > 0 */
-#define FO_CUDA_RMSPROP(T, SFX)                                                           \
-    FO_CUDA_HEAD(T, SFX, rmsprop, rmsprop)                                                \
-        const int n_ops = 4 + a.centered + a.use_momentum;                                \
-        FO_CUDA_CHUNK(n_ops)                                                              \
-        T *gavg = a.centered ? FO_OP(T, 4) : NULL;                                        \
-        T *buf = a.use_momentum ? FO_OP(T, 4 + a.centered) : NULL;                        \
-    FO_CUDA_LOOP(T, fo_rmsprop_##SFX(p, g, FO_OP(T, 3) + i, gavg ? gavg + i : NULL,       \
-                                     buf ? buf + i : NULL, a.centered, a.use_momentum,    \
-                                     &a))
-
 /* Two-pass rules (Lamb, Adafactor): the update pass writes u to operand 1; the apply pass
    reads u as operand 2 and the tensor's factor from operand 3 (one element) */
 #define FO_CUDA_SCALED_APPLY(T, SFX)                                                      \
@@ -87,19 +76,11 @@ typedef long long fo_i64;
         }                                                                                 \
     }
 
+/* one kernel per entry of fastopt/optim.h's list, N state operands each */
+#define FO_CUDA_ELEMENTWISE(T, SFX, NAME, ARGS, N) FO_CUDA##N(T, SFX, NAME, NAME, ARGS)
+
 #define FO_DEFINE_CUDA_OPTIM(T, SFX, SQRT, FABS)                                          \
-    FO_CUDA0(T, SFX, sgd, sgd, sgd)                                                       \
-    FO_CUDA1(T, SFX, sgd_momentum, sgd_momentum, sgd)                                     \
-    FO_CUDA2(T, SFX, adam, adam, adam)                                                    \
-    FO_CUDA3(T, SFX, adam_amsgrad, adam_amsgrad, adam)                                    \
-    FO_CUDA1(T, SFX, adagrad, adagrad, adagrad)                                           \
-    FO_CUDA_RMSPROP(T, SFX)                                                               \
-    FO_CUDA2(T, SFX, adadelta, adadelta, adadelta)                                        \
-    FO_CUDA2(T, SFX, adamax, adamax, adamax)                                              \
-    FO_CUDA2(T, SFX, nadam, nadam, nadam)                                                 \
-    FO_CUDA2(T, SFX, radam, radam, radam)                                                 \
-    FO_CUDA1(T, SFX, lion, lion, lion)                                                    \
-    FO_CUDA2(T, SFX, lamb_update, lamb_update, lamb)                                      \
+    FO_ELEMENTWISE_KERNELS(FO_CUDA_ELEMENTWISE, T, SFX)                                   \
     FO_CUDA_ADAFACTOR_VECTOR(T, SFX)                                                      \
     FO_CUDA_ADAFACTOR_FACTORED(T, SFX)                                                    \
     FO_CUDA_SCALED_APPLY(T, SFX)

@@ -168,19 +168,19 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ADAGRAD)
  *   v <- alpha v + (1 - alpha) g^2
  *   centered: gbar <- lerp(gbar, g, 1 - alpha);  r = sqrt(v - gbar^2) + eps, else sqrt(v) + eps
  *   momentum > 0: b <- momentum b + g / r;  p <- p - lr b;   else p <- p - lr g / r
- * Optional operands are NULL when their flag is off.
+ * One element function per set of state arrays (rmsprop, _centered, _momentum,
+ * _centered_momentum), each calling fo_rmsprop_any with its flags as constants, so that
+ * every loop is branch-free.
  */
 #define FO_DEFINE_RMSPROP(T, SFX, SQRT, FABS)                                             \
     typedef struct {                                                                      \
         T clip, gscale, weight_decay;                                                     \
         T alpha, one_minus_alpha, eps, momentum, neg_lr;                                  \
-        int centered, use_momentum, lerp_hi;                                              \
+        int lerp_hi;                                                                      \
     } fo_rmsprop_args_##SFX;                                                              \
                                                                                           \
-    /* `centered` and `use_momentum` are arguments, not read from `a`, so that a caller   \
-       passing constants gets a loop without branches (the CPU loops do) */              \
-    FO_HD T fo_rmsprop_##SFX(T p, T g, T *sq, T *gavg, T *buf, int centered,              \
-                             int use_momentum, const fo_rmsprop_args_##SFX *a)            \
+    FO_HD T fo_rmsprop_any_##SFX(T p, T g, T *sq, T *gavg, T *buf, int centered,          \
+                                 int use_momentum, const fo_rmsprop_args_##SFX *a)        \
     {                                                                                     \
         T s, r;                                                                           \
         g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
@@ -201,6 +201,26 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ADAGRAD)
             return p + a->neg_lr * b;                                                     \
         }                                                                                 \
         return p + a->neg_lr * g / r;                                                     \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_rmsprop_##SFX(T p, T g, T *sq, const fo_rmsprop_args_##SFX *a)             \
+    {                                                                                     \
+        return fo_rmsprop_any_##SFX(p, g, sq, NULL, NULL, 0, 0, a);                       \
+    }                                                                                     \
+    FO_HD T fo_rmsprop_centered_##SFX(T p, T g, T *sq, T *gavg,                           \
+                                      const fo_rmsprop_args_##SFX *a)                     \
+    {                                                                                     \
+        return fo_rmsprop_any_##SFX(p, g, sq, gavg, NULL, 1, 0, a);                       \
+    }                                                                                     \
+    FO_HD T fo_rmsprop_momentum_##SFX(T p, T g, T *sq, T *buf,                            \
+                                      const fo_rmsprop_args_##SFX *a)                     \
+    {                                                                                     \
+        return fo_rmsprop_any_##SFX(p, g, sq, NULL, buf, 0, 1, a);                        \
+    }                                                                                     \
+    FO_HD T fo_rmsprop_centered_momentum_##SFX(T p, T g, T *sq, T *gavg, T *buf,          \
+                                               const fo_rmsprop_args_##SFX *a)            \
+    {                                                                                     \
+        return fo_rmsprop_any_##SFX(p, g, sq, gavg, buf, 1, 1, a);                        \
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_RMSPROP)
 #undef FO_DEFINE_RMSPROP
@@ -429,5 +449,29 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ADAFACTOR)
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_SCALED_APPLY)
 #undef FO_DEFINE_SCALED_APPLY
+
+/*
+ * The elementwise kernels: X(T, SFX, NAME, ARGS, N) for each, with N state arrays after the
+ * gradient. The element function is fo_NAME_<sfx>(p, g, state pointers..., args) with args a
+ * const fo_ARGS_args_<sfx> *; it returns the new parameter. kernels/cpu/optim_loops.h and
+ * kernels/cuda/optim.cu make a loop over many tensors of each; fastopt/_rules.py lists the
+ * same kernels with their state (tests/test_kernels.py checks that they agree).
+ */
+#define FO_ELEMENTWISE_KERNELS(X, T, SFX)                                                 \
+    X(T, SFX, sgd, sgd, 0)                                                                \
+    X(T, SFX, sgd_momentum, sgd, 1)                                                       \
+    X(T, SFX, adam, adam, 2)                                                              \
+    X(T, SFX, adam_amsgrad, adam, 3)                                                      \
+    X(T, SFX, adagrad, adagrad, 1)                                                        \
+    X(T, SFX, rmsprop, rmsprop, 1)                                                        \
+    X(T, SFX, rmsprop_centered, rmsprop, 2)                                               \
+    X(T, SFX, rmsprop_momentum, rmsprop, 2)                                               \
+    X(T, SFX, rmsprop_centered_momentum, rmsprop, 3)                                      \
+    X(T, SFX, adadelta, adadelta, 2)                                                      \
+    X(T, SFX, adamax, adamax, 2)                                                          \
+    X(T, SFX, nadam, nadam, 2)                                                            \
+    X(T, SFX, radam, radam, 2)                                                            \
+    X(T, SFX, lion, lion, 1)                                                              \
+    X(T, SFX, lamb_update, lamb, 2)
 
 #endif /* FASTOPT_OPTIM_H */

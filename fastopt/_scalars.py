@@ -4,9 +4,10 @@ The compiled backends (Cython, Numba, CuPy) pass these to their kernels, which c
 the parameter's dtype; kernels never compute powers such as beta**t. The NumPy reference
 derives the same quantities itself, written as the textbook update.
 
-Each function returns the fields of the rule's fo_<rule>_args struct (fastopt/optim.h) in
-struct order: the real-valued fields (floats), then the flags (bools). tests/test_kernels.py
-checks the order against the header.
+Each function returns the fields of the rule's fo_<rule>_args struct (fastopt/optim.h): the
+real-valued fields as floats, the flags as bools. Their order is the struct's, as the rule
+table lists it (fastopt._rules.Args); tests/test_kernels.py checks that the table, these
+functions and the C header agree.
 """
 
 import numpy as np
@@ -68,8 +69,7 @@ def rmsprop_scalars(dtype, *, lr, alpha, eps, weight_decay, momentum, centered, 
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
                 weight_decay=float(weight_decay), alpha=float(alpha),
                 one_minus_alpha=1 - alpha, eps=float(eps), momentum=float(momentum),
-                neg_lr=-float(lr), centered=bool(centered), use_momentum=momentum > 0,
-                lerp_hi=_lerp_hi(dtype, 1 - alpha))
+                neg_lr=-float(lr), lerp_hi=_lerp_hi(dtype, 1 - alpha))
 
 
 def adadelta_scalars(dtype, *, lr, rho, eps, weight_decay, maximize, grad_scale, grad_clip):

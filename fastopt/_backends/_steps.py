@@ -1,0 +1,40 @@
+"""Any rule of the table on any compiled backend: the generic step the registry hands out.
+
+A compiled backend (fastopt._backends.Compiled) runs kernels of the rule table by name
+through ``elementwise``; ``rule_step`` turns an optimizer's call (its operands and
+hyperparameters) into that call: the kernel variant for the state present, the host scalars
+packed as the kernel's struct, and the pruning masks, zeroed inside the kernel where the
+backend can, else right after it. Multi-pass rules have drivers of their own
+(fastopt._backends._twopass), which run their passes through ``run_pass``.
+"""
+
+from fastopt import _rules
+from fastopt._backends._masked import zero_pruned
+
+
+def run_pass(backend, kernel, operands, scalars, n_threads, masks, n_aux=0):
+    """One pass of `kernel` (a name of the rule table) with host scalars `scalars` (a dict of
+    its Args fields); with pruning masks, the pruned entries of its written operand (1) and
+    of its state (not the `n_aux` per-tensor auxiliaries) become 0 before anything reads
+    them: inside the pass where the backend can (MASKS_IN_KERNELS), else right after it."""
+    args = _rules.ALL_KERNELS[kernel].args
+    record = args.record(operands[0][0].dtype, scalars)
+    if masks is not None and backend.MASKS_IN_KERNELS:
+        backend.elementwise(kernel, operands, record, n_threads, masks=masks, n_aux=n_aux)
+        return
+    backend.elementwise(kernel, operands, record, n_threads, n_aux=n_aux)
+    if masks is not None:
+        states = operands[3:len(operands) - n_aux]
+        for t, mask in enumerate(masks):
+            zero_pruned(mask, [operands[1][t]] + [op[t] for op in states])
+
+
+def rule_step(backend, rule, params, out, grads, *states, n_threads, masks=None, **hyper):
+    """One step of `rule` over tensors: `states` in the rule's state order (None for an
+    optional one that is off), the hyperparameters as the rule's scalars function takes
+    them."""
+    present = tuple(name for name, s in zip(rule.state, states) if s is not None)
+    kernel = rule.kernel(present)
+    operands = (params, out, grads) + tuple(s for s in states if s is not None)
+    run_pass(backend, kernel.name, operands, rule.scalars(params[0].dtype, **hyper), n_threads,
+             masks)

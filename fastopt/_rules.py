@@ -1,0 +1,197 @@
+"""The rule table: one row per optimizer, read by everything that is the same for every rule.
+
+A row (:class:`Rule`) names the optimizer class and where it lives, the registry operation
+its class calls, its state arrays, the elementwise kernels that implement it (one per set
+of state arrays present: Adam with and without AMSGrad), the function computing its host
+scalars, the reference it follows, and what the benchmark harness needs. From the table:
+
+- ``fastopt.optim`` and ``fastopt`` export the classes;
+- the optimizer base class takes each class's state keys and registry operation;
+- the compiled backends run any rule through one generic entry point (a kernel of the table,
+  its operands, the packed scalars); the registry derives which backend implements what;
+- the harness (``fastopt.bench``) and the asv suite build their rule lists;
+- ``tests/test_kernels.py`` checks every :class:`Args` against the C struct of
+  ``kernels/include/fastopt/optim.h`` and every :class:`Kernel` against its X-macro list.
+
+An :class:`Args` is the one ordered definition of a kernel's host scalars: the C struct
+``fo_<name>_args_<f32|f64>`` has these fields in this order, the packer lays the bytes out
+from it, Numba reads the fields by name from a record of this layout, and the CUDA kernels
+read the same bytes as the C loops.
+"""
+
+import functools
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+
+from fastopt import _scalars
+
+
+class Args(NamedTuple):
+    """The scalar struct ``fo_<name>_args_<sfx>`` of fastopt/optim.h: `reals` in the
+    parameter's dtype, then `flags` as C ints, in this order."""
+    name: str
+    reals: tuple
+    flags: tuple = ()
+
+    @property
+    def fields(self):
+        return self.reals + self.flags
+
+    def record(self, dtype, scalars):
+        """The struct as a one-element NumPy record array (C layout), from the host
+        scalars (a dict with exactly these fields)."""
+        if scalars.keys() != set(self.fields):
+            raise ValueError(f"fo_{self.name}_args: expected the fields {self.fields}, got "
+                             f"{tuple(scalars)}")
+        return np.array([tuple(scalars[f] for f in self.fields)], _record_dtype(self, dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _record_dtype(args, dtype):
+    real = np.dtype(dtype)
+    return np.dtype([(f, real) for f in args.reals] + [(f, np.int32) for f in args.flags],
+                    align=True)
+
+
+def pack(record):
+    """A record's bytes, zero-padded to a multiple of 8 (the CUDA kernels read the struct
+    from an int64 table)."""
+    raw = record.view(np.uint8)
+    return np.concatenate([raw, np.zeros(-raw.size % 8, np.uint8)]) if raw.size % 8 else raw
+
+
+class Kernel(NamedTuple):
+    """An elementwise kernel: the C loop ``fo_cpu_<name>_<sfx>``, the CUDA kernel
+    ``fo_cuda_<name>_<sfx>`` and the Numba driver all call the element function
+    ``fo_<name>_<sfx>(p, g, state..., args)`` over operands (param in, param out, grad,
+    `state`...)."""
+    name: str
+    args: Args
+    state: tuple = ()
+
+
+class Rule(NamedTuple):
+    """One optimizer. `kernels` are its elementwise variants, picked by which of `state`
+    are present at a step (for example AMSGrad's buffer); a rule with a `driver` runs
+    several passes with reductions between them (fastopt._backends._twopass) and lists
+    the kernels of its passes. `scalars(dtype, **hyper)` gives the kernel's struct fields
+    (for a driver: the update pass's and the apply pass's)."""
+    name: str                  # the class, as users know it
+    module: str                # where the class lives
+    op: str                    # registry operation; rules sharing a kernel share it
+    state: tuple               # state arrays, in operand order (the state_dict keys)
+    kernels: tuple             # Kernel variants
+    scalars: Callable
+    reference: str             # the implementation it follows (conformance tests)
+    bench: dict                # the harness's hyperparameters
+    state_scalars: tuple = (("step", int),)
+    driver: Optional[str] = None
+    traffic: Optional[int] = None  # element transfers of a step, when not one pass
+    matrix: bool = False       # benchmark the tensors as matrices (Adafactor factors them)
+
+    def kernel(self, present):
+        """The variant whose state operands are exactly `present` (names, in order)."""
+        for k in self.kernels:
+            if k.state == present:
+                return k
+        raise ValueError(f"{self.name}: no kernel takes the state {present}")
+
+
+# -- the scalar structs (fastopt/optim.h); every rule's starts with the gradient prologue
+
+_GRAD = ("clip", "gscale")
+SGD_ARGS = Args("sgd", _GRAD + ("weight_decay", "momentum", "one_minus_dampening", "neg_lr"),
+                ("first", "nesterov"))
+ADAM_ARGS = Args("adam", _GRAD + ("weight_decay", "decay", "one_minus_beta1", "beta2",
+                                  "one_minus_beta2", "bias_correction2_sqrt", "eps",
+                                  "neg_step_size"), ("lerp_hi",))
+ADAGRAD_ARGS = Args("adagrad", _GRAD + ("weight_decay", "neg_clr", "eps"))
+RMSPROP_ARGS = Args("rmsprop", _GRAD + ("weight_decay", "alpha", "one_minus_alpha", "eps",
+                                        "momentum", "neg_lr"), ("lerp_hi",))
+ADADELTA_ARGS = Args("adadelta", _GRAD + ("weight_decay", "rho", "one_minus_rho", "eps",
+                                          "neg_lr"))
+ADAMAX_ARGS = Args("adamax", _GRAD + ("weight_decay", "one_minus_beta1", "beta2", "eps",
+                                      "neg_clr"), ("lerp_hi",))
+NADAM_ARGS = Args("nadam", _GRAD + ("weight_decay", "decay", "one_minus_beta1", "beta2",
+                                    "one_minus_beta2", "bias_correction2", "eps", "grad_coef",
+                                    "avg_coef"), ("lerp_hi",))
+RADAM_ARGS = Args("radam", _GRAD + ("weight_decay", "decay", "one_minus_beta1", "beta2",
+                                    "one_minus_beta2", "bias_correction1", "lr",
+                                    "bias_correction2_sqrt", "eps", "rect"),
+                  ("lerp_hi", "rectify"))
+LION_ARGS = Args("lion", _GRAD + ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
+                                  "weight_decay", "neg_lr"))
+LAMB_ARGS = Args("lamb", _GRAD + ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
+                                  "bias_correction1", "bias_correction2", "eps",
+                                  "weight_decay"))
+ADAFACTOR_ARGS = Args("adafactor", _GRAD + ("w", "eps1", "eps1_sq"), ("lerp_hi",))
+SCALED_APPLY_ARGS = Args("scaled_apply", ("decay", "scale"))
+
+# the kernels of the multi-pass rules' passes that are not elementwise in the table's sense
+# (they read per-tensor factors): their loops are written out in optim_loops.h / optim.cu
+PASS_KERNELS = (
+    Kernel("adafactor_vector", ADAFACTOR_ARGS, ("variance",)),
+    Kernel("adafactor_factored", ADAFACTOR_ARGS, ("row_var", "col_var", "rmean", "shape")),
+    Kernel("scaled_apply", SCALED_APPLY_ARGS, ("factor",)),
+)
+
+_ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+RULES = (
+    Rule("SGD", "fastopt.optim.sgd", "sgd_step", ("momentum_buffer",),
+         (Kernel("sgd", SGD_ARGS), Kernel("sgd_momentum", SGD_ARGS, ("momentum_buffer",))),
+         _scalars.sgd_scalars, "torch.optim.SGD", dict(lr=1e-3, momentum=0.9)),
+    Rule("Adam", "fastopt.optim.adam", "adam_step", _ADAM_MOMENTS + ("max_exp_avg_sq",),
+         (Kernel("adam", ADAM_ARGS, _ADAM_MOMENTS),
+          Kernel("adam_amsgrad", ADAM_ARGS, _ADAM_MOMENTS + ("max_exp_avg_sq",))),
+         _scalars.adam_scalars, "torch.optim.Adam", dict(lr=1e-3)),
+    Rule("AdamW", "fastopt.optim.adam", "adam_step", _ADAM_MOMENTS + ("max_exp_avg_sq",),
+         (Kernel("adam", ADAM_ARGS, _ADAM_MOMENTS),
+          Kernel("adam_amsgrad", ADAM_ARGS, _ADAM_MOMENTS + ("max_exp_avg_sq",))),
+         _scalars.adam_scalars, "torch.optim.AdamW", dict(lr=1e-3, weight_decay=1e-2)),
+    Rule("Adagrad", "fastopt.optim.adagrad", "adagrad_step", ("sum",),
+         (Kernel("adagrad", ADAGRAD_ARGS, ("sum",)),),
+         _scalars.adagrad_scalars, "torch.optim.Adagrad", dict(lr=1e-2)),
+    Rule("RMSprop", "fastopt.optim.rmsprop", "rmsprop_step",
+         ("square_avg", "grad_avg", "momentum_buffer"),
+         (Kernel("rmsprop", RMSPROP_ARGS, ("square_avg",)),
+          Kernel("rmsprop_centered", RMSPROP_ARGS, ("square_avg", "grad_avg")),
+          Kernel("rmsprop_momentum", RMSPROP_ARGS, ("square_avg", "momentum_buffer")),
+          Kernel("rmsprop_centered_momentum", RMSPROP_ARGS,
+                 ("square_avg", "grad_avg", "momentum_buffer"))),
+         _scalars.rmsprop_scalars, "torch.optim.RMSprop", dict(lr=1e-2)),
+    Rule("Adadelta", "fastopt.optim.adadelta", "adadelta_step", ("square_avg", "acc_delta"),
+         (Kernel("adadelta", ADADELTA_ARGS, ("square_avg", "acc_delta")),),
+         _scalars.adadelta_scalars, "torch.optim.Adadelta", dict(lr=1.0)),
+    Rule("Adamax", "fastopt.optim.adamax", "adamax_step", ("exp_avg", "exp_inf"),
+         (Kernel("adamax", ADAMAX_ARGS, ("exp_avg", "exp_inf")),),
+         _scalars.adamax_scalars, "torch.optim.Adamax", dict(lr=2e-3)),
+    Rule("NAdam", "fastopt.optim.nadam", "nadam_step", _ADAM_MOMENTS,
+         (Kernel("nadam", NADAM_ARGS, _ADAM_MOMENTS),),
+         _scalars.nadam_scalars, "torch.optim.NAdam", dict(lr=2e-3),
+         state_scalars=(("step", int), ("mu_product", float))),
+    Rule("RAdam", "fastopt.optim.radam", "radam_step", _ADAM_MOMENTS,
+         (Kernel("radam", RADAM_ARGS, _ADAM_MOMENTS),),
+         _scalars.radam_scalars, "torch.optim.RAdam", dict(lr=1e-3)),
+    Rule("Lion", "fastopt.optim.lion", "lion_step", ("exp_avg",),
+         (Kernel("lion", LION_ARGS, ("exp_avg",)),),
+         _scalars.lion_scalars, "optax.lion", dict(lr=1e-4), state_scalars=()),
+    # update pass (p, g, m, v read; m, v, u written), norms of p and u, apply (p, u; p)
+    Rule("Lamb", "fastopt.optim.lamb", "lamb_step", _ADAM_MOMENTS,
+         (Kernel("lamb_update", LAMB_ARGS, _ADAM_MOMENTS), PASS_KERNELS[2]),
+         _scalars.lamb_scalars, "optax.lamb", dict(lr=1e-3), driver="lamb", traffic=12),
+    # norm of p, factor sums (g), update pass (g; u), norm of u, apply (p, u; p)
+    Rule("Adafactor", "fastopt.optim.adafactor", "adafactor_step",
+         ("row_var", "col_var", "variance"), PASS_KERNELS,
+         _scalars.adafactor_scalars, "torch.optim.Adafactor", dict(lr=1e-2),
+         driver="adafactor", traffic=8, matrix=True),
+)
+
+BY_NAME = {rule.name: rule for rule in RULES}
+BY_OP = {rule.op: rule for rule in RULES}  # rules sharing an op share their kernels
+
+# by name: the elementwise kernels (fastopt/optim.h's FO_ELEMENTWISE_KERNELS list), and
+# those with the passes' kernels
+KERNELS = {k.name: k for rule in RULES for k in rule.kernels if k not in PASS_KERNELS}
+ALL_KERNELS = {**KERNELS, **{k.name: k for k in PASS_KERNELS}}
