@@ -120,6 +120,9 @@ RADAM_ARGS = Args("radam", _GRAD + ("weight_decay", "decay", "one_minus_beta1", 
                                     "one_minus_beta2", "bias_correction1", "lr",
                                     "bias_correction2_sqrt", "eps", "rect"),
                   ("lerp_hi", "rectify"))
+ADOPT_ARGS = Args("adopt", _GRAD + ("weight_decay", "neg_lr_wd", "eps", "clamp",
+                                    "one_minus_beta1", "neg_lr", "beta2", "one_minus_beta2"),
+                  ("lerp_hi", "first", "decoupled"))
 LION_ARGS = Args("lion", _GRAD + ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
                                   "weight_decay", "neg_lr"))
 LAMB_ARGS = Args("lamb", _GRAD + ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
@@ -174,6 +177,9 @@ RULES = (
     Rule("RAdam", "fastopt.optim.radam", "radam_step", _ADAM_MOMENTS,
          (Kernel("radam", RADAM_ARGS, _ADAM_MOMENTS),),
          _scalars.radam_scalars, "torch.optim.RAdam", dict(lr=1e-3)),
+    Rule("ADOPT", "fastopt.optim.adopt", "adopt_step", _ADAM_MOMENTS,
+         (Kernel("adopt", ADOPT_ARGS, _ADAM_MOMENTS),),
+         _scalars.adopt_scalars, "adopt.ADOPT", dict(lr=1e-3)),
     Rule("Lion", "fastopt.optim.lion", "lion_step", ("exp_avg",),
          (Kernel("lion", LION_ARGS, ("exp_avg",)),),
          _scalars.lion_scalars, "optax.lion", dict(lr=1e-4), state_scalars=()),

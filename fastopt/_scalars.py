@@ -130,6 +130,19 @@ def radam_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, decoupled
                 lerp_hi=_lerp_hi(dtype, 1 - beta1), rectify=rectify)
 
 
+def adopt_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, decoupled, clip_value,
+                  maximize, grad_scale, grad_clip):
+    """ADOPT's fields; `clip_value` is clip_lambda(step - 1), None for no clipping."""
+    decoupled = bool(decoupled) and weight_decay != 0
+    return dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                weight_decay=0.0 if decoupled else float(weight_decay),
+                neg_lr_wd=-lr * weight_decay if decoupled else 0.0, eps=float(eps),
+                clamp=float("inf") if clip_value is None else float(clip_value),
+                one_minus_beta1=1 - beta1, neg_lr=-float(lr), beta2=float(beta2),
+                one_minus_beta2=1 - beta2, lerp_hi=_lerp_hi(dtype, 1 - beta1),
+                first=step == 1, decoupled=decoupled)
+
+
 def lion_scalars(dtype, *, lr, beta1, beta2, weight_decay, maximize, grad_scale, grad_clip):
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
                 beta1=float(beta1), one_minus_beta1=1 - beta1, beta2=float(beta2),

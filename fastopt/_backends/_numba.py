@@ -279,6 +279,22 @@ def _radam(p, g, m, v, i, a, one):
     return p - u
 
 
+@element("adopt")
+def _adopt(p, g, m, v, i, a, one):
+    d = _l2(_grad(g, a), p, a.weight_decay)
+    if a.first != 0:
+        v[i] = v[i] + d * d
+        return p
+    if a.decoupled != 0:
+        p = p + a.neg_lr_wd * p
+    n = d / _maximum(np.sqrt(v[i]), a.eps)
+    n = -a.clamp if n < -a.clamp else (a.clamp if n > a.clamp else n)
+    mm = _lerp(m[i], n, a.one_minus_beta1, a.lerp_hi, one)
+    m[i] = mm
+    v[i] = v[i] * a.beta2 + a.one_minus_beta2 * d * d
+    return p + a.neg_lr * mm
+
+
 @element("lion")
 def _lion(p, g, m, i, a, one):
     d = _grad(g, a)

@@ -227,6 +227,28 @@ def radam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, be
         out[i][...] = p + s(-1) * update
 
 
+def adopt_step(params, out, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
+               weight_decay, decoupled, clip_value, maximize, grad_scale=1.0,
+               grad_clip=float("inf"), n_threads=1):
+    """ADOPT as torch-adopt's single-tensor loop; `clip_value` is clip_lambda(step - 1)
+    (None: no clipping)."""
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        s = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0 if decoupled else weight_decay)
+        if step == 1:  # the first step only initializes v
+            v[...] = v + g * g
+            out[i][...] = p
+            continue
+        if decoupled and weight_decay != 0:
+            p = p + s(-lr * weight_decay) * p
+        normed = g / np.maximum(np.sqrt(v), s(eps))  # NaN propagates, as torch.clamp
+        if clip_value is not None:
+            normed = np.clip(normed, s(-clip_value), s(clip_value))
+        m[...] = _lerp(m, normed, s(1 - beta1))
+        out[i][...] = p + s(-lr) * m
+        v[...] = v * s(beta2) + s(1 - beta2) * g * g
+
+
 def lion_step(params, out, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize,
               grad_scale=1.0, grad_clip=float("inf"), n_threads=1):
     for i, (p, g, exp_avg) in enumerate(zip(params, grads, exp_avgs)):

@@ -61,8 +61,8 @@ def check_betas(group, where, *, closed=False):
 
 
 def check_adam_group(group, where):
-    """The hyperparameters of the Adam family (Adamax, NAdam, RAdam, ...): lr, betas, eps,
-    weight_decay, maximize, and decoupled_weight_decay where the rule has it."""
+    """The hyperparameters the Adam family shares: lr, betas, eps, weight_decay, maximize,
+    and decoupled_weight_decay where the rule has it."""
     check_real(group, "lr", where, lo=0.0)
     check_betas(group, where)
     check_real(group, "eps", where, lo=0.0)

@@ -40,7 +40,6 @@ class Adadelta(Optimizer):
         array([-0.3015])
     """
 
-
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False,
                  **options):
         defaults = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)

@@ -40,7 +40,6 @@ class Adagrad(Optimizer):
         array([-0.1,  0.1])
     """
 
-
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, maximize=False, **options):
         defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,

@@ -33,7 +33,6 @@ class Adamax(Optimizer):
         array([-0.1,  0.1])
     """
 
-
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  maximize=False, **options):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,

@@ -49,7 +49,6 @@ class Lamb(Optimizer):
         array([2.6464, 3.6464])
     """
 
-
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
                  maximize=False, **options):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,

@@ -40,7 +40,6 @@ class Lion(Optimizer):
         array([-0.1,  0.1,  0. ])
     """
 
-
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False,
                  **options):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)

@@ -46,7 +46,6 @@ class RMSprop(Optimizer):
         array([-0.02,  0.02])
     """
 
-
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, maximize=False, **options):
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,

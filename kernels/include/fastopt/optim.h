@@ -18,12 +18,10 @@
  * [-clip, clip]; clip = inf when off; NaN passes through, as torch.clamp), then the
  * clip_grad_norm_ coefficient and maximize folded into one factor, gscale = +-coefficient.
  */
-#define FO_DEFINE_GRAD(T, SFX, SQRT, FABS)                                                      \
-    FO_HD T fo_grad_##SFX(T g, T clip, T gscale)                                          \
-    {                                                                                     \
-        g = g < -clip ? -clip : (g > clip ? clip : g);                                    \
-        return gscale * g;                                                                \
-    }
+#define FO_DEFINE_GRAD(T, SFX, SQRT, FABS)                                                \
+    /* torch.clamp(x, -c, c): NaN passes */                                               \
+    FO_HD T fo_clamp_##SFX(T x, T c) { return x < -c ? -c : (x > c ? c : x); }            \
+    FO_HD T fo_grad_##SFX(T g, T clip, T gscale) { return gscale * fo_clamp_##SFX(g, clip); }
 FO_DEFINE_FOR_REALS(FO_DEFINE_GRAD)
 #undef FO_DEFINE_GRAD
 
@@ -326,6 +324,47 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_RADAM)
 #undef FO_DEFINE_RADAM
 
 /*
+ * ADOPT (Taniguchi et al. 2024, as the authors' torch-adopt ADOPT), step t:
+ *   g <- gscale * clamp(g, -clip, clip) (+ wd * p for the L2 form)
+ *   t = 1:  v <- v + g^2, and nothing else (p and m stay)
+ *   t > 1:  p <- p + (-lr wd) p             (decoupled weight decay)
+ *           n = clamp(g / max(sqrt(v), eps), -c, c),  c = clip_lambda(t - 1) (inf: none)
+ *           m <- lerp(m, n, 1 - beta1);  p <- p - lr m
+ *           v <- beta2 v + (1 - beta2) g^2   (after the parameter, from the old v above)
+ */
+#define FO_DEFINE_ADOPT(T, SFX, SQRT, FABS)                                               \
+    typedef struct {                                                                      \
+        T clip, gscale;                                                                   \
+        T weight_decay;   /* L2 coefficient; 0 when decoupled */                          \
+        T neg_lr_wd;      /* -lr * wd, decoupled */                                       \
+        T eps;                                                                            \
+        T clamp;          /* c = clip_lambda(t - 1), inf for none */                      \
+        T one_minus_beta1, neg_lr, beta2, one_minus_beta2;                                \
+        int lerp_hi;      /* 1 - beta1 >= 0.5: torch's second lerp formula */             \
+        int first;        /* step 1: only v <- v + g^2 */                                 \
+        int decoupled;    /* decoupled weight decay (wd != 0) */                          \
+    } fo_adopt_args_##SFX;                                                                \
+                                                                                          \
+    FO_HD T fo_adopt_##SFX(T p, T g, T *m, T *v, const fo_adopt_args_##SFX *a)            \
+    {                                                                                     \
+        T n, mm;                                                                          \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
+        if (a->first) {                                                                   \
+            *v = *v + g * g;                                                              \
+            return p;                                                                     \
+        }                                                                                 \
+        if (a->decoupled) p = p + a->neg_lr_wd * p;                                       \
+        n = fo_clamp_##SFX(g / fo_maximum_##SFX(SQRT(*v), a->eps), a->clamp);              \
+        mm = fo_lerp_##SFX(*m, n, a->one_minus_beta1, a->lerp_hi);                        \
+        *m = mm;                                                                          \
+        *v = *v * a->beta2 + a->one_minus_beta2 * g * g;                                  \
+        return p + a->neg_lr * mm;                                                        \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_ADOPT)
+#undef FO_DEFINE_ADOPT
+
+/*
  * Lion (Chen et al. 2023, as optax.lion):
  *   u = sign((1 - beta1) g + beta1 m) + wd p;  m <- (1 - beta2) g + beta2 m;  p <- p - lr u
  */
@@ -471,6 +510,7 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SCALED_APPLY)
     X(T, SFX, adamax, adamax, 2)                                                          \
     X(T, SFX, nadam, nadam, 2)                                                            \
     X(T, SFX, radam, radam, 2)                                                            \
+    X(T, SFX, adopt, adopt, 2)                                                            \
     X(T, SFX, lion, lion, 1)                                                              \
     X(T, SFX, lamb_update, lamb, 2)
 
