@@ -32,6 +32,10 @@ setup(
     packages=[
         "fastopt",
         "fastopt._backends",
+        "fastopt._backends._numpy",
+        "fastopt._backends._cython",
+        "fastopt._backends._numba",
+        "fastopt._backends._cupy",
         "fastopt._cpu",
         "fastopt.optim",
         "fastopt.bench",

@@ -15,12 +15,11 @@ from fastopt._config import get_num_threads, set_num_threads
 from fastopt._info import show_config
 from fastopt._interop import empty_cache
 from fastopt._io import load, save
+from fastopt._version import __version__
 from fastopt._weight_norm import weight_norm, weight_norm_backward
 from fastopt.optim import *  # noqa: F403 - every rule of the table, and Optimizer
 from fastopt.optim import __all__ as _optimizers
 from fastopt.optim._clip import clip_grad_norm_, clip_grad_value_
-
-__version__ = "0.1.0"
 
 __all__ = _optimizers + [
     "clip_grad_norm_", "clip_grad_value_",

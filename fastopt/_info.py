@@ -6,6 +6,7 @@ from importlib import metadata
 
 from fastopt import _backends
 from fastopt._config import get_num_threads
+from fastopt._version import __version__
 
 
 def _version(dist):
@@ -31,7 +32,6 @@ def _cpu_simd():
 
 def config():
     """show_config()'s facts as a dict."""
-    from fastopt import __version__
     info = {
         "fastopt": __version__,
         "python": sys.version.split()[0],

@@ -17,7 +17,7 @@ Two forms of each initializer:
   whose device is used too, or one of "numpy", "torch", "jax", "tensorflow", "cupy");
   its hyperparameters are keywords.
 
-Fans follow torch: for a weight of shape (out, in, *kernel), ``fan_in = in * prod(kernel)``
+Fans follow torch: for a weight of shape ``(out, in, *kernel)``, ``fan_in = in * prod(kernel)``
 and ``fan_out = out * prod(kernel)``; fan-based initializers need 2 or more dims.
 
 >>> import numpy as np, fastopt
@@ -36,7 +36,7 @@ import sys
 import numpy as np
 
 from fastopt import _backends, _check, _interop
-from fastopt._backends._numpy import BITS, NORMAL, TRUNC_NORMAL, UNIFORM
+from fastopt._backends._layout import BITS, NORMAL, TRUNC_NORMAL, UNIFORM
 from fastopt._config import get_num_threads
 
 __all__ = [
@@ -134,7 +134,7 @@ def _draw_trunc_normal(arr, mean, std, a, b, seed, backend):
 
 
 def uniform_(tensor, a=0.0, b=1.0, *, seed, backend="auto"):
-    r"""Fill with :math:`\mathcal U(a, b)`, as torch.nn.init.uniform_ (``a <= b``)."""
+    r"""Fill with :math:`\mathcal U(a, b)`, as ``torch.nn.init.uniform_`` (``a <= b``)."""
     arr, seed = _random_target(tensor, seed, backend)
     a, b = _check.real("a", a), _check.real("b", b)
     if a > b:
@@ -144,7 +144,7 @@ def uniform_(tensor, a=0.0, b=1.0, *, seed, backend="auto"):
 
 
 def normal_(tensor, mean=0.0, std=1.0, *, seed, backend="auto"):
-    r"""Fill with :math:`\mathcal N(\text{mean}, \text{std}^2)`, as torch.nn.init.normal_
+    r"""Fill with :math:`\mathcal N(\text{mean}, \text{std}^2)`, as ``torch.nn.init.normal_``
     (Box-Muller on Philox uniforms)."""
     arr, seed = _random_target(tensor, seed, backend)
     _draw_normal(arr, _check.real("mean", mean), _check.real("std", std, lo=0), seed, backend)
@@ -153,7 +153,7 @@ def normal_(tensor, mean=0.0, std=1.0, *, seed, backend="auto"):
 
 def trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, *, seed, backend="auto"):
     r"""Fill with :math:`\mathcal N(\text{mean}, \text{std}^2)` truncated to ``[a, b]``, as
-    torch.nn.init.trunc_normal_ (``a`` and ``b`` are absolute bounds, not in units of std).
+    ``torch.nn.init.trunc_normal_`` (``a`` and ``b`` are absolute bounds, not in units of std).
 
     Inverse-CDF sampling: :math:`x = \text{mean} + \text{std}\,\Phi^{-1}(u)` with ``u``
     uniform in :math:`[\Phi(\alpha), \Phi(\beta)]`, :math:`\alpha = (a - \text{mean}) /
@@ -171,25 +171,25 @@ def trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, *, seed, backend="au
 
 
 def constant_(tensor, val):
-    """Fill with the constant ``val``, as torch.nn.init.constant_."""
+    """Fill with the constant ``val``, as ``torch.nn.init.constant_``."""
     arr = _target(tensor)
     arr.fill(_check.real("val", val))
     return tensor
 
 
 def ones_(tensor):
-    """Fill with 1, as torch.nn.init.ones_."""
+    """Fill with 1, as ``torch.nn.init.ones_``."""
     return constant_(tensor, 1.0)
 
 
 def zeros_(tensor):
-    """Fill with 0, as torch.nn.init.zeros_."""
+    """Fill with 0, as ``torch.nn.init.zeros_``."""
     return constant_(tensor, 0.0)
 
 
 def eye_(tensor):
     """The identity matrix (a 2-D tensor; ones on the diagonal of non-square ones), as
-    torch.nn.init.eye_."""
+    ``torch.nn.init.eye_``."""
     arr = _target(tensor)
     if arr.ndim != 2:
         raise ValueError(f"tensor: eye_ takes a 2-D tensor, got shape {tuple(arr.shape)}")
@@ -201,7 +201,7 @@ def eye_(tensor):
 
 def dirac_(tensor, groups=1):
     """The Dirac delta (a 3-, 4- or 5-D convolution weight that preserves its input's
-    channels, in ``groups`` groups), as torch.nn.init.dirac_."""
+    channels, in ``groups`` groups), as ``torch.nn.init.dirac_``."""
     arr = _target(tensor)
     if arr.ndim not in (3, 4, 5):
         raise ValueError(f"tensor: dirac_ takes a 3-, 4- or 5-D tensor, got shape "
@@ -220,7 +220,7 @@ def dirac_(tensor, groups=1):
 
 
 def xavier_uniform_(tensor, gain=1.0, *, seed, backend="auto"):
-    r"""Glorot & Bengio (2010), as torch.nn.init.xavier_uniform_: :math:`\mathcal U(-b, b)`,
+    r"""Glorot & Bengio (2010), as ``torch.nn.init.xavier_uniform_``: :math:`\mathcal U(-b, b)`,
     :math:`b = \text{gain}\sqrt{6 / (\text{fan\_in} + \text{fan\_out})}`."""
     arr, seed = _random_target(tensor, seed, backend)
     fan_in, fan_out = _fans(arr.shape)
@@ -230,7 +230,7 @@ def xavier_uniform_(tensor, gain=1.0, *, seed, backend="auto"):
 
 
 def xavier_normal_(tensor, gain=1.0, *, seed, backend="auto"):
-    r"""Glorot & Bengio (2010), as torch.nn.init.xavier_normal_: :math:`\mathcal N(0,
+    r"""Glorot & Bengio (2010), as ``torch.nn.init.xavier_normal_``: :math:`\mathcal N(0,
     \sigma^2)`, :math:`\sigma = \text{gain}\sqrt{2 / (\text{fan\_in} + \text{fan\_out})}`."""
     arr, seed = _random_target(tensor, seed, backend)
     fan_in, fan_out = _fans(arr.shape)
@@ -246,7 +246,7 @@ def _kaiming_std(shape, a, mode, nonlinearity):
 
 def kaiming_uniform_(tensor, a=0.0, mode="fan_in", nonlinearity="leaky_relu", *, seed,
                      backend="auto"):
-    r"""He et al. (2015), as torch.nn.init.kaiming_uniform_: :math:`\mathcal U(-b, b)`,
+    r"""He et al. (2015), as ``torch.nn.init.kaiming_uniform_``: :math:`\mathcal U(-b, b)`,
     :math:`b = \text{gain}\sqrt{3 / \text{fan}}`, fan = fan_in or fan_out (``mode``), gain
     = calculate_gain(nonlinearity, a) (``a``: leaky_relu's negative slope)."""
     arr, seed = _random_target(tensor, seed, backend)
@@ -257,7 +257,7 @@ def kaiming_uniform_(tensor, a=0.0, mode="fan_in", nonlinearity="leaky_relu", *,
 
 def kaiming_normal_(tensor, a=0.0, mode="fan_in", nonlinearity="leaky_relu", *, seed,
                     backend="auto"):
-    r"""He et al. (2015), as torch.nn.init.kaiming_normal_: :math:`\mathcal N(0,
+    r"""He et al. (2015), as ``torch.nn.init.kaiming_normal_``: :math:`\mathcal N(0,
     \sigma^2)`, :math:`\sigma = \text{gain} / \sqrt{\text{fan}}`."""
     arr, seed = _random_target(tensor, seed, backend)
     _draw_normal(arr, 0.0, _kaiming_std(arr.shape, a, mode, nonlinearity), seed, backend)
@@ -284,7 +284,7 @@ def lecun_normal_(tensor, *, seed, backend="auto"):
 
 
 def orthogonal_(tensor, gain=1.0, *, seed, backend="auto"):
-    r"""A (semi-)orthogonal matrix, as torch.nn.init.orthogonal_ (Saxe et al. 2013): the
+    r"""A (semi-)orthogonal matrix, as ``torch.nn.init.orthogonal_`` (Saxe et al. 2013): the
     tensor viewed as (rows, cols) = (shape[0], rest) is :math:`\text{gain}\, Q` from the QR
     decomposition of a standard-normal matrix (of its transpose when rows < cols), with
     :math:`Q`'s columns signed so that :math:`R` has a positive diagonal. The normals come
@@ -309,7 +309,7 @@ def orthogonal_(tensor, gain=1.0, *, seed, backend="auto"):
 
 
 def sparse_(tensor, sparsity, std=0.01, *, seed, backend="auto"):
-    r"""A sparse 2-D matrix, as torch.nn.init.sparse_ (Martens 2010): :math:`\mathcal N(0,
+    r"""A sparse 2-D matrix, as ``torch.nn.init.sparse_`` (Martens 2010): :math:`\mathcal N(0,
     \text{std}^2)` entries, then in each column ``ceil(sparsity * rows)`` entries set to 0.
     The zeroed rows of a column are those with the smallest Philox keys (stream 1; ties
     broken by row), so they too depend on the seed alone."""
@@ -358,9 +358,9 @@ def _functional(inplace):
         f"Functional form of :func:`{inplace.__name__}`: a new array of ``shape`` and "
         f"``dtype`` (default: ``like``'s, else float32) of ``like``'s framework and device "
         f"(an array, or 'numpy', 'torch', 'jax', 'tensorflow', 'cupy'; default NumPy), "
-        f"filled as {inplace.__name__} fills it"
+        f"filled as ``{inplace.__name__}`` fills it"
         + (" (``seed`` required)" if takes_seed else "") + "; hyperparameters by keyword.\n\n"
-        + (inplace.__doc__ or ""))
+        + inspect.cleandoc(inplace.__doc__ or ""))
     return functional
 
 

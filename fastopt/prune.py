@@ -34,7 +34,7 @@ import numbers
 import numpy as np
 
 from fastopt import _backends, _check, _interop
-from fastopt._backends._numpy import BITS
+from fastopt._backends._layout import BITS
 from fastopt._config import get_num_threads
 
 __all__ = ["magnitude_mask", "global_magnitude_masks", "random_mask", "ln_structured_mask",

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import kd_case
 
 from fastopt._backends import _cupy, _layout, _select
-from fastopt._backends import _numpy_compress as ref
-from fastopt._backends._numpy_compress import CE_SQUARES
-from conftest import kd_case
+from fastopt._backends._layout import CE_SQUARES
+from fastopt._backends._numpy import compress as ref
 
 HERE = Path(__file__).resolve().parent
 
@@ -96,7 +96,7 @@ class Emulated:
     def quant_loop(self, op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signed,
                    *, n_threads):
         x, out = x.reshape(-1), out.reshape(-1)
-        grid, block = _cupy._grid(out.size)[0], _cupy.THREADS
+        grid, block = _cupy.grid(out.size)[0], _cupy.THREADS
         i64 = ctypes.c_longlong
         if op == "dequantize":
             _run(self.lib, "dequant", out.dtype, grid, block, _p(x), _p(out), i64(out.size),

@@ -3,10 +3,10 @@ backends, large logits, bad input."""
 
 import numpy as np
 import pytest
+from conftest import CPU_BACKENDS, kd_case, require_backend
 
 import fastopt
 from fastopt import _backends, distill
-from conftest import CPU_BACKENDS, kd_case, require_backend
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -63,7 +63,7 @@ def test_exp2_within_1_2_ulp(dtype, lowest):
     # the reference's 2^u (the kernels equal it bit for bit, tests below) against long
     # double exp2, densely where f = u - round(u) nears -1/2, the polynomial's edge;
     # measured: 0.946 ulp (float32), 1.133 (float64)
-    from fastopt._backends._numpy_compress import exp2_neg
+    from fastopt._backends._numpy.compress import exp2_neg
     rng = np.random.default_rng(5)
     u = np.concatenate([rng.uniform(lowest, 0, 500_000), rng.uniform(-1, 0, 200_000),
                         rng.uniform(-1.5, -1.49, 100_000), [0.0, -0.0, lowest, -0.5]])
@@ -98,7 +98,7 @@ def test_streamed_gradient_identical(dtype, T, with_labels, n_threads):
     # forced here on a small one: rows of 1531 classes start off 16-byte boundaries, and
     # so does the whole gradient (one element past a 64-byte boundary)
     require_backend("cython")
-    from fastopt._backends._numpy_compress import kd_rows
+    from fastopt._backends._numpy.compress import kd_rows
     from fastopt._cpu import _distill
     from fastopt._interop import aligned_empty
     s, t, labels = kd_case(dtype, 7, with_labels, seed=9)

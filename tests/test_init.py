@@ -9,7 +9,8 @@ from conftest import CPU_BACKENDS, require_backend
 
 import fastopt
 from fastopt import _backends
-from fastopt._backends import _numpy as ref
+from fastopt._backends import _layout
+from fastopt._backends._numpy import init as ref
 from fastopt.init import _fans, _kaiming_std
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -34,7 +35,7 @@ def test_raw_bits_are_philox(backend):
     0, 16, 32, 48 (the tile layout of fastopt/random.h)."""
     require_backend(backend)
     out = np.empty(64, np.uint32)
-    _backends.load(backend)[0].random_fill(out, ref.BITS, (0.0,) * 7, 0, 0, n_threads=1)
+    _backends.load(backend)[0].random_fill(out, _layout.BITS, (0.0,) * 7, 0, 0, n_threads=1)
     assert tuple(int(x) for x in out[::16]) == KAT[0][2]
 
 
@@ -44,12 +45,12 @@ def _trunc_reals(mean, std, a, b):
     return (mean, std, a, b, p, scipy_stats.norm.sf(lo), scipy_stats.norm.cdf(hi) - p)
 
 
-FILLS = [(ref.UNIFORM, "float32", (-1.5, 3.0)), (ref.UNIFORM, "float64", (-1.5, 3.0)),
-         (ref.NORMAL, "float32", (0.25, 2.0)), (ref.NORMAL, "float64", (0.25, 2.0)),
-         (ref.TRUNC_NORMAL, "float32", _trunc_reals(0.1, 2.0, -1.0, 3.0)),
-         (ref.TRUNC_NORMAL, "float64", _trunc_reals(0.1, 2.0, -1.0, 3.0)),
-         (ref.TRUNC_NORMAL, "float64", _trunc_reals(0.0, 1.0, -9.0, 9.0)),  # far tails
-         (ref.BITS, "uint32", ())]
+FILLS = [(_layout.UNIFORM, "float32", (-1.5, 3.0)), (_layout.UNIFORM, "float64", (-1.5, 3.0)),
+         (_layout.NORMAL, "float32", (0.25, 2.0)), (_layout.NORMAL, "float64", (0.25, 2.0)),
+         (_layout.TRUNC_NORMAL, "float32", _trunc_reals(0.1, 2.0, -1.0, 3.0)),
+         (_layout.TRUNC_NORMAL, "float64", _trunc_reals(0.1, 2.0, -1.0, 3.0)),
+         (_layout.TRUNC_NORMAL, "float64", _trunc_reals(0.0, 1.0, -9.0, 9.0)),  # far tails
+         (_layout.BITS, "uint32", ())]
 
 
 def _fill(backend, n, kind, dtype, reals, seed, n_threads):
@@ -73,10 +74,10 @@ def test_backends_bit_identical(backend, kind, dtype, reals, n):
 
 def test_values_depend_on_index_only():
     """A prefix of a longer fill is the shorter fill; another seed or stream differs."""
-    long = _fill("cython", 70001, ref.NORMAL, "float32", (0.0, 1.0), 5, 2)
-    short = _fill("cython", 1234, ref.NORMAL, "float32", (0.0, 1.0), 5, 1)
+    long = _fill("cython", 70001, _layout.NORMAL, "float32", (0.0, 1.0), 5, 2)
+    short = _fill("cython", 1234, _layout.NORMAL, "float32", (0.0, 1.0), 5, 1)
     np.testing.assert_array_equal(long[:1234], short)
-    assert not np.array_equal(short, _fill("cython", 1234, ref.NORMAL, "float32", (0.0, 1.0),
+    assert not np.array_equal(short, _fill("cython", 1234, _layout.NORMAL, "float32", (0.0, 1.0),
                                            6, 1))
 
 

@@ -40,7 +40,7 @@ EXAMPLES = {
     "adafactor_step": dict(step=3, lr=0.1, beta2_decay=-0.8, eps1=None, weight_decay=0.1,
                            maximize=False),
     "adopt_step": dict(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1,
-                       decoupled=True, maximize=False),
+                       decoupled=True, clip_value=1.5, maximize=False),
 }
 
 

@@ -4,9 +4,9 @@ observers, bad input."""
 
 import numpy as np
 import pytest
+from conftest import CPU_BACKENDS, require_backend
 
 from fastopt import _backends, quant
-from conftest import CPU_BACKENDS, require_backend
 
 torch = pytest.importorskip("torch")
 BACKENDS = [b for b in _backends.OPS["quant_loop"] if b in CPU_BACKENDS]  # GPU: test_cuda
@@ -96,8 +96,9 @@ def test_fake_quantize_matches_torch_and_autograd(backend, qmin, qmax, zp):
 def test_fused_rounding_reference():
     """The reference's float32 fma agrees with a correctly rounded fma on the hard cases:
     sums landing near halfway between two floats."""
-    from fastopt._backends._numpy_compress import fma_f32
     from fractions import Fraction
+
+    from fastopt._backends._numpy.compress import fma_f32
     rng = np.random.default_rng(4)
     a = rng.standard_normal(3000).astype(np.float32)
     b = np.float32(1) / np.float32(0.0137)

@@ -6,10 +6,11 @@ itself, never listed by hand:
 - an operation that is not an optimizer rule (``norm_partials``, ``random_fill``,
   ``magnitude_masks``, ...) is a function of that name in the module;
 - an optimizer rule of the rule table (fastopt._rules) runs on a compiled backend (one with
-  an ``elementwise`` entry point, see :class:`Compiled`) when the backend has every kernel
-  the rule lists (its ``KERNELS``), through the generic step of fastopt._backends._steps
-  (or the rule's multi-pass driver in _twopass); on the NumPy reference, through the
-  reference function named after the rule's operation (``adam_step``).
+  an ``elementwise`` entry point: fastopt._backends._contracts.Compiled) when the backend
+  has every kernel the rule lists (its ``KERNELS``), through the generic step of
+  fastopt._backends._steps (or the rule's multi-pass driver in _twopass); on the NumPy
+  reference, through the reference function named after the rule's operation
+  (``adam_step``).
 
 ``resolve(op, backend, device, dtype)`` returns the function; ``backend="auto"`` picks the
 first available backend in AUTO_ORDER for the device. ``OPS`` maps each operation to the
@@ -21,32 +22,11 @@ import functools
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from fastopt import _rules
 from fastopt._backends import _steps, _twopass
-
-
-class Compiled(Protocol):
-    """What a compiled backend module provides for the optimizer rules."""
-    MASKS_IN_KERNELS: bool  # whether elementwise() zeroes pruned entries itself
-    KERNELS: dict  # kernel name of the rule table -> number of state operands
-
-    def elementwise(self, kernel, operands, record, n_threads, masks=None, n_aux=0):
-        """One pass of `kernel` over operand lists (param in, param out, grad, state...,
-        the last `n_aux` per-tensor auxiliaries), scalars in `record` (Args.record)."""
-
-    def norm_partials(self, arrays, kind, *, n_threads):
-        """fastopt/reduce.h's per-chunk partial norms, float64 on the host."""
-
-    def factors(self, grads, rows, cols, rmeans, rowparts, shape, items, slices, record,
-                n_threads):
-        """Adafactor's factors pass (see fastopt._backends._twopass)."""
-
-    def device(self, arrays, like):
-        """Host arrays as arrays beside `like`."""
 
 
 @dataclass(frozen=True)
@@ -159,9 +139,9 @@ def _resolve(op, backend, device, dtype):
                     and _implementation(name, op) is not None:
                 return _implementation(name, op)
         names = AUTO_ORDER.get(device) or ("none",)
+        hints = "; ".join(f"{n}: {BACKENDS[n].install}" for n in names if n in BACKENDS)
         raise RuntimeError(f"no available backend runs {op} on {device} arrays of {dtype}; "
-                           f"tried {', '.join(names)}: "
-                           + "; ".join(f"{n}: {BACKENDS[n].install}" for n in names if n in BACKENDS))
+                           f"tried {', '.join(names)}: {hints}")
     spec = BACKENDS[backend]
     if spec.device != device:
         raise ValueError(f"backend {backend!r} runs on {spec.device} arrays, but the arrays are "

@@ -1,14 +1,8 @@
 """The magnitude select of fastopt.prune (kernels/include/fastopt/prune.h), written once for
-the compiled backends; each supplies its counting passes:
-
-- ``prune_hist(arrays, shift, pmask, prefix, n_threads)`` -> (FO_DIGIT_BINS counts, max key):
-  the histogram of the digit at `shift` of the keys matching the prefix so far, and, in the
-  first pass (pmask 0; later ones need not report it), the largest key;
-- ``prune_ties(arrays, thr, n_threads)`` -> how many keys equal `thr`, per FO_CHUNK chunk;
-- ``prune_mask(arrays, masks, thr, tie_modes, n_threads)``: the keep-masks;
-- optionally ``prune_split(arrays, masks, lo, hi, n_threads)`` -> (keys, positions): the
-  masks of every key outside [lo, hi] (1 above, 0 below), and the keys inside with their
-  flat positions across the arrays, in order.
+the compiled backends; each supplies its counting passes (the SelectPasses contract of
+fastopt._backends._contracts: prune_hist, prune_ties, prune_mask, and optionally prune_split,
+which writes the masks of every key outside [lo, hi] (1 above, 0 below) and returns the keys
+inside with their flat positions across the arrays, in order).
 
 A radix select, most significant digit first: each counting pass narrows the k-th smallest
 key to one digit value, so float32 takes 2 passes and float64 4, whatever the data, plus
@@ -23,6 +17,7 @@ count.
 
 import numpy as np
 
+from fastopt._backends._contracts import SelectPasses
 from fastopt._backends._layout import CHUNK, DIGIT_BITS
 
 SPLIT_SHARE = 16  # prune_split when at most 1/16 of the keys share the first digit's bin
@@ -46,7 +41,7 @@ def tie_modes(ties, r):
     return np.where((take == ties) & (ties > 0), -1, take).astype(np.int64)
 
 
-def magnitude_masks(backend, arrays, masks, k, *, check_nan=True, n_threads):
+def magnitude_masks(backend: SelectPasses, arrays, masks, k, *, check_nan=True, n_threads):
     """Write keep-masks pruning the k smallest magnitudes of `arrays` (one dtype), ties to
     the earlier element; False (masks unwritten) if check_nan and an array holds NaN."""
     bits, inf_key = key_bits(arrays[0].dtype)

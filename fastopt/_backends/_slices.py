@@ -3,7 +3,7 @@ backends: item (b0, b1, k) computes the partials P[k, b0:b1]."""
 
 import numpy as np
 
-from fastopt._backends._numpy import CHUNK  # FO_CHUNK
+from fastopt._backends._layout import CHUNK
 
 MIN_WORK = 16384  # elements per item, so that an item is worth a thread's while
 MIN_RUN = 64  # contiguous elements per row of an item (a cache line of float32 or more)

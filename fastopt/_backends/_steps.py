@@ -1,6 +1,6 @@
 """Any rule of the table on any compiled backend: the generic step the registry hands out.
 
-A compiled backend (fastopt._backends.Compiled) runs kernels of the rule table by name
+A compiled backend (fastopt._backends._contracts.Compiled) runs kernels of the rule table by name
 through ``elementwise``; ``rule_step`` turns an optimizer's call (its operands and
 hyperparameters) into that call: the kernel variant for the state present, the host scalars
 packed as the kernel's struct, and the pruning masks, zeroed inside the kernel where the
@@ -9,10 +9,11 @@ backend can, else right after it. Multi-pass rules have drivers of their own
 """
 
 from fastopt import _rules
+from fastopt._backends._contracts import Compiled
 from fastopt._backends._masked import zero_pruned
 
 
-def run_pass(backend, kernel, operands, scalars, n_threads, masks, n_aux=0):
+def run_pass(backend: Compiled, kernel, operands, scalars, n_threads, masks, n_aux=0):
     """One pass of `kernel` (a name of the rule table) with host scalars `scalars` (a dict of
     its Args fields); with pruning masks, the pruned entries of its written operand (1) and
     of its state (not the `n_aux` per-tensor auxiliaries) become 0 before anything reads
@@ -29,7 +30,7 @@ def run_pass(backend, kernel, operands, scalars, n_threads, masks, n_aux=0):
             zero_pruned(mask, [operands[1][t]] + [op[t] for op in states])
 
 
-def rule_step(backend, rule, params, out, grads, *states, n_threads, masks=None, **hyper):
+def rule_step(backend: Compiled, rule, params, out, grads, *states, n_threads, masks=None, **hyper):
     """One step of `rule` over tensors: `states` in the rule's state order (None for an
     optional one that is off), the hyperparameters as the rule's scalars function takes
     them."""

@@ -1,25 +1,22 @@
 """Rules with per-tensor reductions between their passes (Lamb, Adafactor), written once for
 the compiled backends (Cython, Numba, CuPy); each backend supplies the passes.
 
-A backend here is a module with:
-- ``elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0)``: one pass of a
-  kernel of the rule table (its passes run through fastopt._backends._steps.run_pass);
-- ``norm_partials(arrays, kind, n_threads=...)``: fastopt/reduce.h's chunk partials, on the host;
-- ``factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, record, n_threads)``:
-  Adafactor's factors pass over the work of ``factor_work(shape)``;
-- ``device(host_arrays, like)``: the host arrays as arrays beside `like` (CPU: themselves).
-The per-tensor scalars (norms, trust ratios, step factors) are computed on the host from the
-norm partials, in the order fastopt._scalars fixes, so every backend gets the same.
+A backend here is a Compiled module (fastopt._backends._contracts): each pass runs through
+fastopt._backends._steps.run_pass, Adafactor's factors pass through its ``factors`` over the
+work of ``factor_work(shape)``. The per-tensor scalars (norms, trust ratios, step factors)
+are computed on the host from the norm partials, in the order fastopt._scalars fixes, so
+every backend gets the same.
 """
 
 import numpy as np
 
 from fastopt import _rules, _scalars
 from fastopt._backends import _steps
+from fastopt._backends._contracts import Compiled
 from fastopt._backends._layout import CHUNK, COLS
 
 
-def _norms(backend, params, updates, n_threads):
+def _norms(backend: Compiled, params, updates, n_threads):
     """Per-tensor 2-norms of the parameters and of the updates, in one reduction call (the
     parameters are not written before the apply pass)."""
     arrays = params + updates
@@ -35,7 +32,7 @@ def _apply(backend, params, out, updates, factors, scalars, n_threads, masks):
                     n_threads, masks, n_aux=1)
 
 
-def lamb_step(backend, params, out, grads, exp_avgs, exp_avg_sqs, updates, *, n_threads,
+def lamb_step(backend: Compiled, params, out, grads, exp_avgs, exp_avg_sqs, updates, *, n_threads,
               masks=None, **hyper):
     update, apply = _scalars.lamb_scalars(params[0].dtype, **hyper)
     _steps.run_pass(backend, "lamb_update", (params, updates, grads, exp_avgs, exp_avg_sqs),
@@ -60,14 +57,15 @@ def factor_work(shape):
     return items.astype(np.int64), slices.astype(np.int64)
 
 
-def adafactor_step(backend, params, out, grads, row_vars, col_vars, variances, updates, *,
-                   n_threads, step, lr, eps2, d, masks=None, **hyper):
+def adafactor_step(backend: Compiled, params, out, grads, row_vars, col_vars, variances,
+                   updates, *, n_threads, step, lr, eps2, d, masks=None, **hyper):
     dtype = params[0].dtype
     update, apply = _scalars.adafactor_scalars(dtype, step=step, lr=lr, **hyper)
     factored = [i for i, p in enumerate(params) if p.ndim > 1 and p.size]
     vectors = [i for i, p in enumerate(params) if p.ndim <= 1 and p.size]
     if factored:
-        pick = lambda arrays: [arrays[i] for i in factored]
+        def pick(arrays):
+            return [arrays[i] for i in factored]
         rows = [row_vars[i].reshape(-1) for i in factored]
         cols = [col_vars[i].reshape(-1) for i in factored]
         shape = np.array([(params[i].size // (params[i].shape[-2] * params[i].shape[-1]),)
@@ -82,7 +80,8 @@ def adafactor_step(backend, params, out, grads, row_vars, col_vars, variances, u
                          backend.device([row[1:] for row in shape], like)),
                         update, n_threads, None if masks is None else pick(masks), n_aux=4)
     if vectors:
-        pick = lambda arrays: [arrays[i] for i in vectors]
+        def pick(arrays):
+            return [arrays[i] for i in vectors]
         _steps.run_pass(backend, "adafactor_vector",
                         (pick(params), pick(updates), pick(grads), pick(variances)), update,
                         n_threads, None if masks is None else pick(masks))

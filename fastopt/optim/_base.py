@@ -72,8 +72,9 @@ def check_adam_group(group, where):
         check_bool(group, "decoupled_weight_decay", where)
 
 
-OPTIONS_DOC = """        backend, n_threads, max_grad_norm, grad_norm_type, max_grad_value, skip_nonfinite:
-            keyword-only; see :class:`fastopt.optim.Optimizer`."""
+OPTIONS_DOC = """        **options: keyword-only ``backend``, ``n_threads``, ``max_grad_norm``,
+            ``grad_norm_type``, ``max_grad_value``, ``skip_nonfinite``, ``masks``; see
+            :class:`fastopt.optim.Optimizer`."""
 
 
 def ensure_state(states, name, likes, fill=0.0):

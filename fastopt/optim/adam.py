@@ -1,6 +1,7 @@
 """Adam and AdamW (torch.optim.Adam / torch.optim.AdamW semantics)."""
 
 from fastopt.optim._base import (
+    OPTIONS_DOC,
     Optimizer,
     advance_step,
     check_betas,
@@ -37,8 +38,7 @@ class Adam(Optimizer):
         weight_decay (float): L2 penalty :math:`\lambda \ge 0`, added to the gradient. Default 0.
         amsgrad (bool): keep the running maximum of :math:`v_t`. Default False.
         maximize (bool): ascend instead of descend. Default False.
-        backend, n_threads, max_grad_norm, grad_norm_type, max_grad_value, skip_nonfinite:
-            keyword-only; see :class:`fastopt.optim.Optimizer`.
+""" + OPTIONS_DOC + r"""
 
     State per parameter: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v), and
     ``max_exp_avg_sq`` with amsgrad.

@@ -4,7 +4,8 @@ from fastopt.optim._base import OPTIONS_DOC, Optimizer, advance_step, check_adam
 
 
 class Adamax(Optimizer):
-    __doc__ = r"""Adamax (Kingma & Ba: Adam with the infinity norm), following ``torch.optim.Adamax``.
+    __doc__ = r"""Adamax (Kingma & Ba: Adam with the infinity norm), following
+    ``torch.optim.Adamax``.
 
     With gradient :math:`g_t` (negated if maximize, plus :math:`\lambda p_t`) at step t:
 

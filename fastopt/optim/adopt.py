@@ -1,7 +1,13 @@
 """ADOPT (Taniguchi et al. 2024), with the semantics of the authors' torch-adopt package."""
 
-from fastopt.optim._base import (OPTIONS_DOC, Optimizer, advance_step, check_adam_group,
-                                 check_bool, ensure_state)
+from fastopt.optim._base import (
+    OPTIONS_DOC,
+    Optimizer,
+    advance_step,
+    check_adam_group,
+    check_bool,
+    ensure_state,
+)
 
 
 def quarter_power(step):
@@ -36,7 +42,7 @@ class ADOPT(Optimizer):
         lr (float): :math:`\gamma \ge 0`. Default 1e-3.
         betas (tuple): :math:`(\beta_1, \beta_2)`, each in [0, 1). Default (0.9, 0.9999).
         eps (float): :math:`\epsilon \ge 0`. Default 1e-6.
-        clip_lambda (callable or None): the clipping bound :math:`c` as a function of the
+        clip_lambda: the clipping bound :math:`c`, a function of the
             step count before this step (a Python float in, a number out), computed once
             per step on the host; None turns clipping off. Default ``step ** 0.25``. Like
             torch-adopt, it is an attribute of the optimizer, not of the param groups, and

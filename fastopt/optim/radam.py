@@ -15,7 +15,8 @@ class RAdam(Optimizer):
     .. math::
 
         p_{t+1} = p_t - \gamma \hat m_t \frac{\sqrt{1 - \beta_2^t}}{\sqrt{v_t} + \epsilon}
-            \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\rho_\infty}{(\rho_\infty - 4)(\rho_\infty - 2)\rho_t}}
+            \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\rho_\infty}
+                        {(\rho_\infty - 4)(\rho_\infty - 2)\rho_t}}
         \text{ if } \rho_t > 5, \text{ else } p_{t+1} = p_t - \gamma \hat m_t
 
     Args:

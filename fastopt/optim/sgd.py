@@ -1,6 +1,6 @@
 """Stochastic gradient descent with momentum (torch.optim.SGD's semantics)."""
 
-from fastopt.optim._base import Optimizer, check_bool, check_real, ensure_state
+from fastopt.optim._base import OPTIONS_DOC, Optimizer, check_bool, check_real, ensure_state
 
 
 class SGD(Optimizer):
@@ -25,8 +25,7 @@ class SGD(Optimizer):
         weight_decay (float): L2 penalty :math:`\lambda \ge 0`. Default 0.
         nesterov (bool): Nesterov momentum; needs momentum > 0 and dampening 0. Default False.
         maximize (bool): ascend instead of descend. Default False.
-        backend, n_threads, max_grad_norm, grad_norm_type, max_grad_value, skip_nonfinite:
-            keyword-only; see :class:`fastopt.optim.Optimizer`.
+""" + OPTIONS_DOC + r"""
 
     State per parameter: ``momentum_buffer`` (with momentum).
 

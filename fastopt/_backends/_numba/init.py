@@ -1,7 +1,7 @@
 """The Numba backend's kernels for fastopt.init and fastopt.weight_norm: the Philox fills
 of fastopt/random.h and the weight-norm passes of fastopt/wnorm.h, written out again in
 Numba (same operations, same order; the parity tests compare them with the NumPy reference
-bit for bit). Re-exported by fastopt._backends._numba."""
+bit for bit). """
 
 import math
 
@@ -10,8 +10,16 @@ import numpy as np
 from numba import njit, prange
 
 from fastopt._backends import _slices
-from fastopt._backends._layout import CHUNK, LANES, MIN_PER_THREAD, TILE
-from fastopt._backends._numpy import BITS, NORMAL, PER_GROUP, UNIFORM
+from fastopt._backends._layout import (
+    BITS,
+    CHUNK,
+    LANES,
+    MIN_PER_THREAD,
+    NORMAL,
+    PER_GROUP,
+    TILE,
+    UNIFORM,
+)
 
 _JIT = dict(cache=True, error_model="numpy")
 _M32 = np.uint64(0xFFFFFFFF)
@@ -89,8 +97,9 @@ def _normal_pair(u1, u2):
 @njit(inline="always", **_JIT)
 def _ndtri_tail(p):
     t = math.sqrt(-2.0 * _log(p + 1e-300))
-    return ((((((-7.784894002430293e-03 * t - 3.223964580411365e-01) * t - 2.400758277161838e+00)
-               * t - 2.549732539343734e+00) * t + 4.374664141464968e+00) * t + 2.938163982698783e+00)
+    return ((((((-7.784894002430293e-03 * t - 3.223964580411365e-01) * t
+                 - 2.400758277161838e+00) * t - 2.549732539343734e+00) * t
+               + 4.374664141464968e+00) * t + 2.938163982698783e+00)
             / ((((7.784695709041462e-03 * t + 3.224671290700398e-01) * t + 2.445134137142996e+00)
                 * t + 3.754408661907416e+00) * t + 1.0))
 
@@ -138,7 +147,8 @@ def _fill(out, kind, per, r, k0, k1, stream):
                 _store(out, i + 3 * TILE, w3)
             elif kind == UNIFORM and per == 4:
                 _store(out, i, r[0] + r[1] * (np.float64(w0 >> _S8) * 5.9604644775390625e-08))
-                _store(out, i + TILE, r[0] + r[1] * (np.float64(w1 >> _S8) * 5.9604644775390625e-08))
+                u1 = np.float64(w1 >> _S8) * 5.9604644775390625e-08
+                _store(out, i + TILE, r[0] + r[1] * u1)
                 _store(out, i + 2 * TILE,
                        r[0] + r[1] * (np.float64(w2 >> _S8) * 5.9604644775390625e-08))
                 _store(out, i + 3 * TILE,

@@ -1,4 +1,4 @@
-"""The Numba backend: @njit(parallel=True, cache=True) kernels over many tensors.
+"""The Numba backend's optimizer kernels: @njit(parallel=True, cache=True) over many tensors.
 
 The kernels get a table of data addresses (tensor x operand) and a chunk list, so a step
 over any number of tensors is one call and one parallel loop, as in the Cython backend.
@@ -25,7 +25,6 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fastopt import _rules
-from fastopt._backends import _numba_compress, _numba_init, _select
 from fastopt._backends._layout import CHUNK, COLS, LANES, MIN_PER_THREAD
 from fastopt._cpu._runtime import data_pointers
 
@@ -511,12 +510,3 @@ def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, record, n
 
 def device(arrays, like):
     return arrays
-
-
-# fastopt.init's and fastopt.weight_norm's operations live in their own module
-random_fill = _numba_init.random_fill
-weight_norm_sums, weight_norm_apply = _numba_init.weight_norm_sums, _numba_init.weight_norm_apply
-# fastopt.prune's select: _select's driver over the counting passes of _numba_compress
-magnitude_masks = functools.partial(_select.magnitude_masks, _numba_compress)
-quant_loop = _numba_compress.quant_loop  # fastopt.quant's loops
-kd_rows = _numba_compress.kd_rows  # fastopt.distill's rows

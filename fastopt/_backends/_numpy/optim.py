@@ -1,4 +1,5 @@
-"""The reference backend: each rule as plain NumPy, the spec every backend is tested against.
+"""The reference of the optimizer rules: each as plain NumPy, the spec every backend is
+tested against.
 
 Written for reading, not speed: one tensor at a time, the update exactly as torch.optim's
 single-tensor (for-loop) implementation orders it, with every scalar cast to the
@@ -11,8 +12,7 @@ Operands, shared with every backend: `params` are read, the results written to `
 import numpy as np
 
 from fastopt import _scalars
-from fastopt._backends import _numpy_compress
-from fastopt._backends._layout import CHUNK, COLS, LANES, TILE
+from fastopt._backends._layout import CHUNK, COLS, LANES
 from fastopt._backends._masked import wrap_steps, zero_pruned
 
 
@@ -359,176 +359,7 @@ def _tensor_norm(x):
     return _scalars.tensor_norms(norm_partials([x], 2), [x.size], CHUNK)[0]
 
 
-# -- Philox-4x32-10 and the fills of fastopt.init (kernels/include/fastopt/random.h)
-
-UNIFORM, NORMAL, TRUNC_NORMAL, BITS = 0, 1, 2, 3  # FO_RANDOM_* of fastopt/random.h
-PER_GROUP = {(UNIFORM, "float32"): 4, (UNIFORM, "float64"): 2, (NORMAL, "float32"): 4,
-             (NORMAL, "float64"): 2, (TRUNC_NORMAL, "float32"): 4, (TRUNC_NORMAL, "float64"): 2,
-             (BITS, "uint32"): 4}
-_U32 = np.uint64(0xFFFFFFFF)
-
-
-def philox_rounds(c0, c1, c2, c3, k0, k1):
-    """Philox-4x32-10 of counter (c0, c1, c2, c3) (uint64 arrays holding 32-bit words) and
-    key (k0, k1) (ints): the four output words."""
-    for _ in range(10):
-        p0, p1 = c0 * np.uint64(0xD2511F53), c2 * np.uint64(0xCD9E8D57)
-        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p1 & _U32,
-                          (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p0 & _U32)
-        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
-    return c0, c1, c2, c3
-
-
-def philox(groups, stream, seed):
-    """The words of counter (group, 0, stream) under key `seed` (fastopt/random.h)."""
-    return philox_rounds(groups & _U32, groups >> np.uint64(32), np.zeros_like(groups),
-                         np.full_like(groups, stream), seed & 0xFFFFFFFF, seed >> 32)
-
-
-def _unit53(hi, lo, plus=0.0):
-    return ((hi >> np.uint64(5)).astype(np.float64) * 67108864.0
-            + (lo >> np.uint64(6)).astype(np.float64) + plus) * 1.1102230246251565e-16
-
-
-def _horner(z, coefficients):
-    acc = coefficients[-1]
-    for c in coefficients[-2::-1]:
-        acc = c + z * acc
-    return acc
-
-
-def _log(x):
-    """fo_log: ln of positive normal doubles from +, -, *, / only."""
-    bits = x.view(np.uint64)
-    e = ((bits >> np.uint64(52)).astype(np.int64) - 1022).astype(np.float64)
-    m = ((bits & np.uint64(0x000FFFFFFFFFFFFF)) | np.uint64(0x3FE0000000000000)).view(np.float64)
-    low = m < 0.7071067811865476
-    m = np.where(low, m + m, m)
-    e = np.where(low, e - 1.0, e)
-    s = (m - 1.0) / (m + 1.0)
-    z = s * s
-    poly = _horner(z, [1 / (2 * k + 1) for k in range(1, 11)])
-    t = s + s
-    return e * 0.6931471803691238 + ((t + t * (z * poly)) + e * 1.9082149292705877e-10)
-
-
-_SIN = (-0.16666666666666666, 0.008333333333333333, -0.0001984126984126984,
-        2.7557319223985893e-06, -2.505210838544172e-08, 1.6059043836821613e-10,
-        -7.647163731819816e-13, 2.8114572543455206e-15)
-_COS = (-0.5, 0.041666666666666664, -0.001388888888888889, 2.48015873015873e-05,
-        -2.755731922398589e-07, 2.08767569878681e-09, -1.1470745597729725e-11,
-        4.779477332387385e-14)
-
-
-def _cos_sin_2pi(u):
-    t = 4.0 * u
-    k = (t + 0.5).astype(np.int64)
-    a = (t - k) * 1.5707963267948966
-    z = a * a
-    sa = a + a * (z * _horner(z, _SIN))
-    ca = 1.0 + z * _horner(z, _COS)
-    q = k & 3
-    return (np.select([q == 0, q == 1, q == 2], [ca, -sa, -ca], sa),
-            np.select([q == 0, q == 1, q == 2], [sa, ca, -sa], -ca))
-
-
-def _ndtri_tail(p):
-    t = np.sqrt(-2.0 * _log(p + 1e-300))
-    return ((((((-7.784894002430293e-03 * t - 3.223964580411365e-01) * t - 2.400758277161838e+00)
-               * t - 2.549732539343734e+00) * t + 4.374664141464968e+00) * t + 2.938163982698783e+00)
-            / ((((7.784695709041462e-03 * t + 3.224671290700398e-01) * t + 2.445134137142996e+00)
-                * t + 3.754408661907416e+00) * t + 1.0))
-
-
-def _ndtri(p, q):
-    """Acklam's inverse normal CDF, given p and q = 1 - p (as fo_ndtri)."""
-    r = p - 0.5
-    z = r * r
-    central = ((((((-3.969683028665376e+01 * z + 2.209460984245205e+02) * z - 2.759285104469687e+02)
-                  * z + 1.383577518672690e+02) * z - 3.066479806614716e+01) * z
-                + 2.506628277459239e+00) * r
-               / (((((-5.447609879822406e+01 * z + 1.615858368580409e+02) * z
-                     - 1.556989798598866e+02) * z + 6.680131188771972e+01) * z
-                   - 1.328068155288572e+01) * z + 1.0))
-    with np.errstate(invalid="ignore"):  # the tails are evaluated everywhere, used where due
-        return np.where(p < 0.02425, _ndtri_tail(p), np.where(q < 0.02425, -_ndtri_tail(q), central))
-
-
-def random_fill(out, kind, reals, seed, stream, *, n_threads=1):
-    """Fill the flat array `out` with Philox values (fastopt/random.h): `reals` are the
-    seven r0..r6 of fo_random_args, `seed` a uint64, `stream` a uint32. Output l of group
-    TILE * tile + j is element TILE * (per * tile + l) + j."""
-    per = PER_GROUP[kind, out.dtype.name]
-    groups = np.arange(-(-out.size // (per * TILE)) * TILE, dtype=np.uint64)
-    w = philox(groups, stream, seed)
-    r0, r1, r2, r3, r4, r5, r6 = reals
-    if kind == BITS:
-        values = np.stack(w, axis=1)
-    elif kind == UNIFORM and per == 4:
-        values = r0 + r1 * ((np.stack(w, axis=1) >> np.uint64(8)).astype(np.float64)
-                            * 5.9604644775390625e-08)
-    elif kind == UNIFORM:
-        values = r0 + r1 * np.stack([_unit53(w[0], w[1]), _unit53(w[2], w[3])], axis=1)
-    elif kind == NORMAL:
-        if per == 4:  # float32: two pairs from 32-bit uniforms
-            pairs = [((w[0] + 1.0) * 2.3283064365386963e-10, w[1] * 2.3283064365386963e-10),
-                     ((w[2] + 1.0) * 2.3283064365386963e-10, w[3] * 2.3283064365386963e-10)]
-        else:
-            pairs = [(_unit53(w[0], w[1], 1.0), _unit53(w[2], w[3]))]
-        z = []
-        for u1, u2 in pairs:
-            r = np.sqrt(-2.0 * _log(u1))
-            c, s = _cos_sin_2pi(u2)
-            z += [r * c, r * s]
-        values = r0 + r1 * np.stack(z, axis=1)
-    else:
-        u = ([x * 2.3283064365386963e-10 for x in w] if per == 4
-             else [_unit53(w[0], w[1]), _unit53(w[2], w[3])])
-        t = r6 * np.stack(u, axis=1)
-        x = r0 + r1 * _ndtri(r4 + t, r5 - t)
-        values = np.where(x < r2, r2, np.where(x > r3, r3, x))
-    tiles = values.reshape(-1, TILE, per).transpose(0, 2, 1)
-    out.reshape(-1)[...] = tiles.reshape(-1)[:out.size].astype(out.dtype)
-
-
-# -- weight normalization (kernels/include/fastopt/wnorm.h)
-
-def weight_norm_sums(x, y, shape, *, n_threads=1):
-    """Slice sums of x * y over the (A, B, C) view `shape`, float64, in wnorm.h's order:
-    partials P[k, b] (chunk k of every row (a, b), 16 lanes, rows added in a order from
-    0.0), then the partials added in k order."""
-    A, B, C = shape
-    prod = x.reshape(A, B, C).astype(np.float64) * y.reshape(A, B, C).astype(np.float64)
-    partials = np.zeros((max(-(-C // CHUNK), 1), B))
-    for k, lo in enumerate(range(0, C, CHUNK)):
-        seg = prod[:, :, lo:lo + CHUNK]
-        padded = np.zeros((A, B, -(-seg.shape[2] // LANES) * LANES))
-        padded[..., :seg.shape[2]] = seg
-        lanes = np.add.accumulate(padded.reshape(A, B, -1, LANES), axis=2)[:, :, -1, :]
-        row = lanes[..., 0]
-        for j in range(1, LANES):
-            row = row + lanes[..., j]
-        acc = np.zeros(B)
-        for a in range(A):
-            acc = acc + row[a]
-        partials[k] = acc
-    return np.add.accumulate(partials, axis=0)[-1]
-
-
-def weight_norm_apply(out, v, grad_w, k1, k3, shape, *, n_threads=1):
-    """out = k1[b] * v, or k1[b] * (grad_w - v * k3[b]) if grad_w is given (dtype math)."""
-    A, B, C = shape
-    v = v.reshape(A, B, C)
-    k1 = k1[None, :, None]
-    if grad_w is None:
-        out.reshape(A, B, C)[...] = k1 * v
-    else:
-        out.reshape(A, B, C)[...] = k1 * (grad_w.reshape(A, B, C) - v * k3[None, :, None])
-
-
-# the compression operations' reference lives in its own module
-magnitude_masks = _numpy_compress.magnitude_masks
-quant_loop = _numpy_compress.quant_loop
-kd_rows = _numpy_compress.kd_rows
-
 wrap_steps(globals())  # pruning masks: the pruned entries zeroed after each elementwise step
+
+# what the package exports: every rule's step (named after its registry operation) and the norm
+__all__ = ["norm_partials"] + [name for name in list(globals()) if name.endswith("_step")]

@@ -1,10 +1,10 @@
-"""The NumPy reference of the compression kernels (pruning, quantization, distillation),
-re-exported by fastopt._backends._numpy: plain NumPy, the spec the compiled backends are
-tested against."""
+"""The reference of the compression kernels (pruning, quantization, distillation): plain
+NumPy, the spec the compiled backends are tested against."""
 
 import numpy as np
 
-from fastopt._backends._layout import KD_BLOCK
+from fastopt._backends._layout import CE_SQUARES, EXP2_CONSTANTS, KD_BLOCK, LN2, LOG2E
+from fastopt._backends._numpy.init import _log
 from fastopt._backends._select import key_bits
 
 # -- pruning (kernels/include/fastopt/prune.h)
@@ -91,26 +91,6 @@ def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signe
 
 # -- knowledge distillation (kernels/include/fastopt/distill.h)
 
-# log2 e and ln 2, the doubles nearest (FO_LOG2E, FO_LN2)
-LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
-
-# fo_exp2_neg's constants per dtype: the rounding constant 1.5 2^(mantissa bits), the input
-# below which the result is 0, then the polynomial's coefficients of 2^f from degree 0
-# (float32: a minimax fit, evaluated with fma; float64: Taylor's, ln2^n / n!, without)
-EXP2_CONSTANTS = {
-    np.dtype(np.float32): (12582912.0, -125.0, 1.0, 6.931471825e-01, 2.402264774e-01,
-                           5.550332367e-02, 9.618436918e-03, 1.339887502e-03,
-                           1.535336196e-04),
-    np.dtype(np.float64): (6755399441055744.0, -1021.0, 1.0, 0.6931471805599453,
-                           0.24022650695910072, 0.05550410866482158, 0.009618129107628477,
-                           0.0013333558146428443, 0.0001540353039338161,
-                           1.5252733804059841e-05, 1.321548679014431e-06,
-                           1.01780860092397e-07, 7.054911620801123e-09,
-                           4.4455382718708116e-10, 2.5678435993488206e-11,
-                           1.3691488853904128e-12),
-}
-
-
 @np.errstate(invalid="ignore", over="ignore")
 def exp2_neg(u):
     """fo_exp2_neg_<f32|f64>: 2^u for u <= 0 from +, -, *, fma (float32) and the exponent's
@@ -118,7 +98,7 @@ def exp2_neg(u):
     2^f by the polynomial, 2^k added to its exponent field; 0 below the dtype's lowest
     input, -inf included."""
     t = u.dtype.type
-    magic, lowest, *coefficients = EXP2_CONSTANTS[u.dtype]
+    magic, lowest, *coefficients = EXP2_CONSTANTS[u.dtype.name]
     r = u + t(magic)
     f = u - (r - t(magic))
     p = np.full_like(u, coefficients[-1])
@@ -129,9 +109,6 @@ def exp2_neg(u):
     return np.where(u < t(lowest), utype(0), bits).view(u.dtype)
 
 
-# temperatures at which the cross entropy's exponentials 2^uc are es^T, by this many
-# squarings (fastopt/distill.h)
-CE_SQUARES = {2.0: 1, 4.0: 2, 8.0: 3}
 
 
 # elements per block of a row's sums (FO_KD_BLOCK): 32 per lane
@@ -160,7 +137,6 @@ def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads=1):
     """Per row: the weighted gradient into g, and (KL_b, CE_b) as a (B, 2) float64 array
     (fastopt/distill.h); labels None for no cross entropy. A NaN or inf logit makes its
     row's values non-finite (silently, as in the kernels), which is how kd_loss finds it."""
-    from fastopt._backends._numpy import _log
     f = s.dtype.type
     temp, wk, wc = f(temperature), f(wk), f(wc)
     cs, cl = f(LOG2E / float(temp)), f(LOG2E)

@@ -3,16 +3,23 @@ counting passes of the magnitude select (fastopt/prune.h), one parallel call per
 the select itself being fastopt._backends._select's, shared with the Cython backend; the
 quantization loops of fastopt/quant.h and the distillation rows of fastopt/distill.h, the
 same operations in the same order as the C loops (the tests compare them with the NumPy
-reference bit for bit). Re-exported by fastopt._backends._numba."""
+reference bit for bit)."""
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from fastopt._backends._layout import CHUNK, DIGIT_BITS, KD_BLOCK
-from fastopt._backends._numba_init import _log, _threads
-from fastopt._backends._numpy_compress import CE_SQUARES, EXP2_CONSTANTS, LN2, LOG2E
+from fastopt._backends._layout import (
+    CE_SQUARES,
+    CHUNK,
+    DIGIT_BITS,
+    EXP2_CONSTANTS,
+    KD_BLOCK,
+    LN2,
+    LOG2E,
+)
+from fastopt._backends._numba.init import _log, _threads
 from fastopt._backends._select import key_bits
 
 _JIT = dict(cache=True, error_model="numpy")
@@ -347,7 +354,7 @@ def _kd_rows(s, t, g, labels, ce, squares, c, sc, rows, n_blocks):
 
 
 def kd_rows(s, t, g, labels, temperature, wk, wc, *, n_threads):
-    c = tuple(s.dtype.type(v) for v in EXP2_CONSTANTS[s.dtype])
+    c = tuple(s.dtype.type(v) for v in EXP2_CONSTANTS[s.dtype.name])
     rows = np.zeros((s.shape[0], 2))
     n = _threads(n_threads, s.size)
     temp = s.dtype.type(temperature)

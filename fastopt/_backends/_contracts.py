@@ -1,0 +1,53 @@
+"""The contracts between the shared drivers and the backends, as typed Protocols.
+
+- :class:`Compiled`: what a compiled backend (Cython, Numba, CuPy) provides for the optimizer
+  rules; fastopt._backends._steps (elementwise rules) and fastopt._backends._twopass
+  (multi-pass rules) drive it.
+- :class:`SelectPasses`: the counting passes of the magnitude select, which
+  fastopt._backends._select drives (each compiled backend's ``compress`` module).
+
+The NumPy reference implements each operation in full instead (one function per rule, named
+after its registry operation), so it has no contract with the drivers.
+"""
+
+from typing import Protocol
+
+
+class Compiled(Protocol):
+    """A compiled backend, for the rules of the rule table (fastopt._rules)."""
+
+    MASKS_IN_KERNELS: bool  # whether elementwise() zeroes pruned entries itself
+    KERNELS: dict  # kernel name of the rule table -> number of state operands it takes
+
+    def elementwise(self, kernel, operands, record, n_threads, masks=None, n_aux=0):
+        """One pass of `kernel` over operand lists (param in, param out, grad, state...,
+        the last `n_aux` per-tensor auxiliaries of any size), its scalars in `record`
+        (fastopt._rules.Args.record); `masks` (one uint8 array per tensor) only where
+        MASKS_IN_KERNELS."""
+
+    def norm_partials(self, arrays, kind, *, n_threads):
+        """fastopt/reduce.h's partial norms, one float64 per FO_CHUNK chunk, on the host."""
+
+    def factors(self, grads, rows, cols, rmeans, rowparts, shape, items, slices, record,
+                n_threads):
+        """Adafactor's factors pass over the work of _twopass.factor_work(shape)."""
+
+    def device(self, arrays, like):
+        """Host arrays as arrays beside `like` (the CPU backends: themselves)."""
+
+
+class SelectPasses(Protocol):
+    """The counting passes of the magnitude select (see fastopt._backends._select)."""
+
+    def prune_hist(self, arrays, shift, pmask, prefix, n_threads):
+        """(FO_DIGIT_BINS counts, max key): the histogram of the digit at `shift` of the
+        keys matching the prefix so far, and, in the first pass (pmask 0), the largest key."""
+
+    def prune_ties(self, arrays, thr, n_threads):
+        """How many keys equal `thr`, per FO_CHUNK chunk."""
+
+    def prune_mask(self, arrays, masks, thr, tie_modes, n_threads):
+        """Write the keep-masks."""
+
+    # optional: prune_split(arrays, masks, lo, hi, n_threads) -> (keys, positions): the
+    # masks of every key outside [lo, hi], and the keys inside with their flat positions

@@ -1,0 +1,69 @@
+"""The CuPy backend's optimizer passes: kernels/cuda/optim.cu, one launch per pass over all
+tensors: a device table of operand addresses and chunks, one thread block per chunk."""
+
+import numpy as np
+
+from fastopt import _rules
+from fastopt._backends._cupy import _launch
+from fastopt._backends._layout import CHUNK, LANES
+
+MASKS_IN_KERNELS = False  # pruned entries are zeroed after each pass (fastopt._backends._steps)
+# optim.cu has a kernel for each entry of fastopt/optim.h's list, which tests/test_kernels.py
+# holds to the rule table, and for each pass kernel
+KERNELS = {name: len(k.state) for name, k in _rules.ALL_KERNELS.items()}
+
+
+def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0):
+    """One launch of fo_cuda_<kernel>_<f32|f64> over all tensors: the operand table, the
+    chunks and the kernel's scalar struct travel in one device array."""
+    import cupy
+    table, n_chunks = _launch.table(operands, _launch.BLOCK_CHUNK)
+    if not n_chunks:
+        return
+    dtype = operands[0][0].dtype
+    args = _rules.pack(record).view(np.int64)
+    with operands[0][0].device:
+        _launch.module("optim.cu").get_function(f"fo_cuda_{kernel}_{_launch.suffix(dtype)}")(
+            (n_chunks,), (_launch.THREADS,),
+            (cupy.asarray(np.concatenate([table, args])), np.int64(len(operands[0])),
+             np.int64(table.size)))
+
+
+def norm_partials(grads, kind, *, n_threads):
+    import cupy
+    table, n_chunks = _launch.table((grads,), CHUNK)
+    if not n_chunks:
+        return np.empty(0)
+    with grads[0].device:
+        out = cupy.empty(n_chunks, np.float64)
+        _launch.module("reduce.cu").get_function(f"fo_cuda_norm_partials_{_launch.suffix(grads[0].dtype)}")(
+            (n_chunks,), (LANES,), (cupy.asarray(table), np.int64(len(grads)),
+                                         np.int32(kind), out))
+        return out.get()
+
+
+def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, record, n_threads):
+    """Adafactor's factors pass: three launches over one table (kernels/cuda/factored.cu)."""
+    import cupy
+    dtype = grads[0].dtype
+    meta = np.array([[g.data.ptr, row.data.ptr, col.data.ptr, rmean.data.ptr, part.data.ptr]
+                     for g, row, col, rmean, part in zip(grads, rows, cols, rmeans, rowparts)],
+                    np.int64)
+    args = _rules.pack(record).view(np.int64)
+    # per tensor FO_META values: the five addresses, then B, R, C
+    table = np.concatenate([np.concatenate([meta, shape], axis=1).ravel(), items.ravel(),
+                            slices.ravel(), args])
+    args_at = np.int64(table.size - args.size)
+    n_t = np.int64(len(grads))
+    module = _launch.module("factored.cu")
+    sfx = _launch.suffix(dtype)
+    with grads[0].device:
+        table = cupy.asarray(table)
+        module.get_function(f"fo_cuda_adafactor_cols_{sfx}")(
+            (len(items),), (_launch.THREADS,), (table, n_t, args_at))
+        module.get_function(f"fo_cuda_adafactor_rowparts_{sfx}")(
+            (len(items), min(int(shape[:, 1].max()), 65535)), (LANES,),
+            (table, n_t, args_at))
+        module.get_function(f"fo_cuda_adafactor_rows_{sfx}")(
+            (-(-len(slices) // _launch.THREADS),), (_launch.THREADS,),
+            (table, n_t, np.int64(len(items)), np.int64(len(slices)), args_at))

@@ -1,0 +1,24 @@
+"""The Numba backend: @njit(parallel=True, cache=True) kernels. Its modules mirror the other
+backends': optim (the rules' kernels and the gradient norm), init (random fills, weight
+norm), compress (the select's counting passes, quantization, distillation)."""
+
+import functools
+
+from fastopt._backends import _select
+from fastopt._backends._numba import compress
+from fastopt._backends._numba.compress import kd_rows, quant_loop
+from fastopt._backends._numba.init import random_fill, weight_norm_apply, weight_norm_sums
+from fastopt._backends._numba.optim import (
+                                            KERNELS,
+                                            MASKS_IN_KERNELS,
+                                            device,
+                                            elementwise,
+                                            factors,
+                                            norm_partials,
+)
+
+magnitude_masks = functools.partial(_select.magnitude_masks, compress)
+
+__all__ = ["KERNELS", "MASKS_IN_KERNELS", "device", "elementwise", "factors", "norm_partials",
+           "random_fill", "weight_norm_sums", "weight_norm_apply", "magnitude_masks",
+           "quant_loop", "kd_rows"]
