@@ -147,7 +147,8 @@ def import_array(x, name):
         arr = x
         if not arr.flags.c_contiguous:
             raise ValueError(f"{name}: array is not C-contiguous, so it cannot be updated in "
-                             f"place; use a contiguous copy (np.ascontiguousarray) as the parameter")
+                             f"place; use a contiguous copy (np.ascontiguousarray) as the "
+                             f"parameter")
         if fw == "numpy" and not arr.flags.writeable:  # CuPy arrays are always writable
             raise ValueError(f"{name}: array is read-only, so it cannot be updated in place; "
                              f"pass a writable array (arr.copy())")

@@ -7,7 +7,8 @@ fused, numerically stable pass over the logits (Hinton et al., 2015).
 
 per row of the (batch, classes) logits, reduced over the batch. The gradient with respect
 to the student logits is
-:math:`\alpha T (\mathrm{softmax}(s/T) - \mathrm{softmax}(t/T)) + (1 - \alpha)(\mathrm{softmax}(s) - \mathrm{onehot}(y))`,
+:math:`\alpha T (\mathrm{softmax}(s/T) - \mathrm{softmax}(t/T)) +
+(1 - \alpha)(\mathrm{softmax}(s) - \mathrm{onehot}(y))`,
 times the reduction's factor. Every softmax is taken from its row's maximum (log-sum-exp),
 so logits of any size (1e4 and beyond) neither overflow nor lose the loss. The
 exponentials run in the logits' dtype, and so do the sums over each block of 512 classes,

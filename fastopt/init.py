@@ -109,9 +109,7 @@ def _target(tensor):
 
 def _fill(arr, kind, reals, seed, backend, stream=0):
     device = "cpu" if isinstance(arr, np.ndarray) else "cuda"
-    # the raw bits (uint32) go where float32 arrays of that device would
-    fill = _backends.resolve("random_fill", backend, device,
-                             np.float32 if kind == BITS else arr.dtype)
+    fill = _backends.resolve("random_fill", backend, device, arr.dtype)
     fill(arr, kind, tuple(reals) + (0.0,) * (7 - len(reals)), seed, stream,
          n_threads=get_num_threads())
 

@@ -150,7 +150,7 @@ def random_mask(w, amount, *, seed, dtype="bool", backend="auto"):
     if arr.size:
         device = _device(arr)
         keys = _interop.empty_like(arr, (arr.size,), np.uint32)
-        fill = _backends.resolve("random_fill", backend, device, np.float32)
+        fill = _backends.resolve("random_fill", backend, device, np.uint32)
         fill(keys, BITS, (0.0,) * 7, seed, RANDOM_STREAM, n_threads=get_num_threads())
         select = _backends.resolve("magnitude_masks", backend, device, np.float32)
         select([keys.view(np.float32)], [buf.reshape(-1).view(np.uint8)], k, check_nan=False,

@@ -19,9 +19,22 @@ from bisect import bisect_right
 from collections import Counter
 
 from fastopt._check import choice, integer, real
-from fastopt._closed_form import (Schedule, constant, cosine_decay, cyclic_triangular,
-                                  exponential_decay, join, linear, one_cycle, plot, polynomial,
-                                  sgdr, step_decay, warmup_cosine_decay, warmup_linear)
+from fastopt._closed_form import (
+    Schedule,
+    constant,
+    cosine_decay,
+    cyclic_triangular,
+    exponential_decay,
+    join,
+    linear,
+    one_cycle,
+    plot,
+    polynomial,
+    sgdr,
+    step_decay,
+    warmup_cosine_decay,
+    warmup_linear,
+)
 from fastopt.optim._base import Optimizer
 
 __all__ = ["LRScheduler", "LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR", "ConstantLR",

@@ -12,6 +12,9 @@ itself, never listed by hand:
   reference, through the reference function named after the rule's operation
   (``adam_step``).
 
+Each operation runs on the backend's dtypes (``Backend.dtypes``) unless its package says
+otherwise in ``DTYPES`` (op -> dtypes: the random fills also write raw uint32 bits).
+
 ``resolve(op, backend, device, dtype)`` returns the function; ``backend="auto"`` picks the
 first available backend in AUTO_ORDER for the device. ``OPS`` maps each operation to the
 backends that implement it. Availability is probed once per process and cached; nothing
@@ -112,6 +115,12 @@ def _implementation(name, op):
     return functools.partial(_steps.rule_step, module, rule)
 
 
+def dtypes(name, op):
+    """The dtypes backend `name` runs `op` on."""
+    module = _module(name)
+    return getattr(module, "DTYPES", {}).get(op, BACKENDS[name].dtypes)
+
+
 class _Operations(Mapping):
     """operation -> the backends implementing it (read from the modules on first use)."""
 
@@ -135,8 +144,8 @@ def _resolve(op, backend, device, dtype):
     dtype = dtype.name
     if backend == "auto":
         for name in AUTO_ORDER.get(device, ()):
-            if dtype in BACKENDS[name].dtypes and available(name) \
-                    and _implementation(name, op) is not None:
+            if available(name) and _implementation(name, op) is not None \
+                    and dtype in dtypes(name, op):
                 return _implementation(name, op)
         names = AUTO_ORDER.get(device) or ("none",)
         hints = "; ".join(f"{n}: {BACKENDS[n].install}" for n in names if n in BACKENDS)
@@ -147,14 +156,15 @@ def _resolve(op, backend, device, dtype):
         raise ValueError(f"backend {backend!r} runs on {spec.device} arrays, but the arrays are "
                          f"on {device}; use backend='auto' or a {device} backend "
                          f"({', '.join(AUTO_ORDER.get(device, ()))})")
-    if dtype not in spec.dtypes:
-        raise TypeError(f"backend {backend!r} does not support dtype {dtype}")
     module, reason = load(backend)
     if module is None:
         raise RuntimeError(f"backend {backend!r} is not available ({reason}); {spec.install}")
     fn = _implementation(backend, op)
     if fn is None:
         raise ValueError(f"backend {backend!r} does not implement {op}")
+    if dtype not in dtypes(backend, op):
+        raise TypeError(f"backend {backend!r} does not support dtype {dtype} for {op}; it "
+                        f"takes {', '.join(dtypes(backend, op))}")
     return fn
 
 
