@@ -1,15 +1,17 @@
 """The Numba backend's kernels for fastopt.init and fastopt.weight_norm: the Philox fills
-of fastopt/random.h and the weight-norm passes of fastopt/wnorm.h, written out again in
-Numba (same operations, same order; the parity tests compare them with the NumPy reference
-bit for bit). """
+of fastopt/random.h and the weight-norm passes of fastopt/wnorm.h. Philox and the
+polynomials are the NumPy reference's own (fastopt._backends._refmath, compiled here); the
+loops are written for Numba (same operations, same order; the parity tests compare them with
+the reference bit for bit)."""
 
 import math
+import types
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-from fastopt._backends import _slices
+from fastopt._backends import _refmath, _slices
 from fastopt._backends._layout import (
     BITS,
     CHUNK,
@@ -24,21 +26,32 @@ from fastopt._backends._layout import (
 _JIT = dict(cache=True, error_model="numpy")
 _M32 = np.uint64(0xFFFFFFFF)
 _S5, _S6, _S8, _S32, _S52 = (np.uint64(k) for k in (5, 6, 8, 32, 52))
-_MANTISSA, _HALF = np.uint64(0x000FFFFFFFFFFFFF), np.uint64(0x3FE0000000000000)
-_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-_W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
 _U32 = 2.3283064365386963e-10  # 2^-32
+
+
+
+
+def _compile_refmath():
+    """The functions of _refmath compiled by Numba, their calls to one another bound to the
+    compiled versions (each is rebuilt from its code over a namespace that holds them)."""
+    namespace = dict(vars(_refmath))
+    for name in ("horner", "philox_rounds", "log_reduced", "sin_cos_reduced",
+                 "ndtri_central", "ndtri_tail"):
+        fn = getattr(_refmath, name)
+        namespace[name] = njit(inline="always", **_JIT)(
+            types.FunctionType(fn.__code__, namespace, name))
+    return namespace
+
+
+_SHARED = _compile_refmath()
+_philox_rounds, _log_reduced = _SHARED["philox_rounds"], _SHARED["log_reduced"]
+_sin_cos_reduced = _SHARED["sin_cos_reduced"]
+_ndtri_central, _ndtri_tail_of = _SHARED["ndtri_central"], _SHARED["ndtri_tail"]
 
 
 @njit(inline="always", **_JIT)
 def _philox(group, stream, k0, k1):
-    c0, c1, c2, c3 = group & _M32, group >> _S32, np.uint64(0), stream
-    for _ in range(10):
-        p0, p1 = _M0 * c0, _M1 * c2
-        n0, n2 = (p1 >> _S32) ^ c1 ^ k0, (p0 >> _S32) ^ c3 ^ k1
-        c1, c3, c0, c2 = p1 & _M32, p0 & _M32, n0, n2
-        k0, k1 = (k0 + _W0) & _M32, (k1 + _W1) & _M32
-    return c0, c1, c2, c3
+    return _philox_rounds(group & _M32, group >> _S32, np.uint64(0), stream, k0, k1)
 
 
 @njit(inline="always", **_JIT)
@@ -51,32 +64,17 @@ def _unit53(hi, lo, plus):
 def _log(x):
     m, e = math.frexp(x)  # exact: x = m 2^e, m in [1/2, 1), as fo_log's bit fields
     e = np.float64(e)
-    if m < 0.7071067811865476:
+    if m < _refmath.SQRT_HALF:
         m = m + m
         e = e - 1.0
-    s = (m - 1.0) / (m + 1.0)
-    z = s * s
-    poly = (0.3333333333333333 + z * (0.2 + z * (0.14285714285714285 + z * (0.1111111111111111
-            + z * (0.09090909090909091 + z * (0.07692307692307693 + z * (0.06666666666666667
-            + z * (0.058823529411764705 + z * (0.05263157894736842
-            + z * 0.047619047619047616)))))))))
-    t = s + s
-    return e * 0.6931471803691238 + ((t + t * (z * poly)) + e * 1.9082149292705877e-10)
+    return _log_reduced(m, e)
 
 
 @njit(inline="always", **_JIT)
 def _cos_sin_2pi(u):
     t = 4.0 * u
     k = np.int64(t + 0.5)
-    a = (t - np.float64(k)) * 1.5707963267948966
-    z = a * a
-    sa = a + a * (z * (-0.16666666666666666 + z * (0.008333333333333333
-         + z * (-0.0001984126984126984 + z * (2.7557319223985893e-06 + z * (-2.505210838544172e-08
-         + z * (1.6059043836821613e-10 + z * (-7.647163731819816e-13
-         + z * 2.8114572543455206e-15))))))))
-    ca = 1.0 + z * (-0.5 + z * (0.041666666666666664 + z * (-0.001388888888888889
-         + z * (2.48015873015873e-05 + z * (-2.755731922398589e-07 + z * (2.08767569878681e-09
-         + z * (-1.1470745597729725e-11 + z * 4.779477332387385e-14)))))))
+    sa, ca = _sin_cos_reduced((t - np.float64(k)) * _refmath.HALF_PI)
     q = k & 3
     if q == 0:
         return ca, sa
@@ -96,31 +94,19 @@ def _normal_pair(u1, u2):
 
 @njit(inline="always", **_JIT)
 def _ndtri_tail(p):
-    t = math.sqrt(-2.0 * _log(p + 1e-300))
-    return ((((((-7.784894002430293e-03 * t - 3.223964580411365e-01) * t
-                 - 2.400758277161838e+00) * t - 2.549732539343734e+00) * t
-               + 4.374664141464968e+00) * t + 2.938163982698783e+00)
-            / ((((7.784695709041462e-03 * t + 3.224671290700398e-01) * t + 2.445134137142996e+00)
-                * t + 3.754408661907416e+00) * t + 1.0))
+    return _ndtri_tail_of(math.sqrt(-2.0 * _log(p + 1e-300)))
 
 
 @njit(inline="always", **_JIT)
 def _trunc_normal(u, r):
     t = r[6] * u
     p, q = r[4] + t, r[5] - t
-    if p < 0.02425:
+    if p < _refmath.NDTRI_LOW:
         z = _ndtri_tail(p)
-    elif q < 0.02425:
+    elif q < _refmath.NDTRI_LOW:
         z = -_ndtri_tail(q)
     else:
-        h = p - 0.5
-        y = h * h
-        z = ((((((-3.969683028665376e+01 * y + 2.209460984245205e+02) * y - 2.759285104469687e+02)
-                * y + 1.383577518672690e+02) * y - 3.066479806614716e+01) * y
-              + 2.506628277459239e+00) * h
-             / (((((-5.447609879822406e+01 * y + 1.615858368580409e+02) * y
-                   - 1.556989798598866e+02) * y + 6.680131188771972e+01) * y
-                 - 1.328068155288572e+01) * y + 1.0))
+        z = _ndtri_central(p)
     x = r[0] + r[1] * z
     return r[2] if x < r[2] else (r[3] if x > r[3] else x)
 

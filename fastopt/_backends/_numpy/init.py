@@ -4,26 +4,24 @@ fastopt/random.h and the weight-norm passes of fastopt/wnorm.h, as plain NumPy."
 import numpy as np
 
 from fastopt._backends._layout import BITS, CHUNK, LANES, NORMAL, PER_GROUP, TILE, UNIFORM
+from fastopt._backends._refmath import (
+    HALF_PI,
+    M32,
+    NDTRI_LOW,
+    SHIFT32,
+    SQRT_HALF,
+    log_reduced,
+    ndtri_central,
+    ndtri_tail,
+    philox_rounds,
+    sin_cos_reduced,
+)
 
 # -- Philox-4x32-10 and the fills of fastopt.init (kernels/include/fastopt/random.h)
 
-_U32 = np.uint64(0xFFFFFFFF)
-
-
-def philox_rounds(c0, c1, c2, c3, k0, k1):
-    """Philox-4x32-10 of counter (c0, c1, c2, c3) (uint64 arrays holding 32-bit words) and
-    key (k0, k1) (ints): the four output words."""
-    for _ in range(10):
-        p0, p1 = c0 * np.uint64(0xD2511F53), c2 * np.uint64(0xCD9E8D57)
-        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p1 & _U32,
-                          (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p0 & _U32)
-        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
-    return c0, c1, c2, c3
-
-
 def philox(groups, stream, seed):
     """The words of counter (group, 0, stream) under key `seed` (fastopt/random.h)."""
-    return philox_rounds(groups & _U32, groups >> np.uint64(32), np.zeros_like(groups),
+    return philox_rounds(groups & M32, groups >> SHIFT32, np.zeros_like(groups),
                          np.full_like(groups, stream), seed & 0xFFFFFFFF, seed >> 32)
 
 
@@ -32,70 +30,34 @@ def _unit53(hi, lo, plus=0.0):
             + (lo >> np.uint64(6)).astype(np.float64) + plus) * 1.1102230246251565e-16
 
 
-def _horner(z, coefficients):
-    acc = coefficients[-1]
-    for c in coefficients[-2::-1]:
-        acc = c + z * acc
-    return acc
-
-
 def _log(x):
-    """fo_log: ln of positive normal doubles from +, -, *, / only."""
+    """fo_log: ln of positive normal doubles from +, -, *, / only (the exponent and mantissa
+    from the bits)."""
     bits = x.view(np.uint64)
     e = ((bits >> np.uint64(52)).astype(np.int64) - 1022).astype(np.float64)
     m = ((bits & np.uint64(0x000FFFFFFFFFFFFF)) | np.uint64(0x3FE0000000000000)).view(np.float64)
-    low = m < 0.7071067811865476
-    m = np.where(low, m + m, m)
-    e = np.where(low, e - 1.0, e)
-    s = (m - 1.0) / (m + 1.0)
-    z = s * s
-    poly = _horner(z, [1 / (2 * k + 1) for k in range(1, 11)])
-    t = s + s
-    return e * 0.6931471803691238 + ((t + t * (z * poly)) + e * 1.9082149292705877e-10)
-
-
-_SIN = (-0.16666666666666666, 0.008333333333333333, -0.0001984126984126984,
-        2.7557319223985893e-06, -2.505210838544172e-08, 1.6059043836821613e-10,
-        -7.647163731819816e-13, 2.8114572543455206e-15)
-_COS = (-0.5, 0.041666666666666664, -0.001388888888888889, 2.48015873015873e-05,
-        -2.755731922398589e-07, 2.08767569878681e-09, -1.1470745597729725e-11,
-        4.779477332387385e-14)
+    low = m < SQRT_HALF
+    return log_reduced(np.where(low, m + m, m), np.where(low, e - 1.0, e))
 
 
 def _cos_sin_2pi(u):
     t = 4.0 * u
     k = (t + 0.5).astype(np.int64)
-    a = (t - k) * 1.5707963267948966
-    z = a * a
-    sa = a + a * (z * _horner(z, _SIN))
-    ca = 1.0 + z * _horner(z, _COS)
+    sa, ca = sin_cos_reduced((t - k) * HALF_PI)
     q = k & 3
     return (np.select([q == 0, q == 1, q == 2], [ca, -sa, -ca], sa),
             np.select([q == 0, q == 1, q == 2], [sa, ca, -sa], -ca))
 
 
 def _ndtri_tail(p):
-    t = np.sqrt(-2.0 * _log(p + 1e-300))
-    return ((((((-7.784894002430293e-03 * t - 3.223964580411365e-01) * t
-                 - 2.400758277161838e+00) * t - 2.549732539343734e+00) * t
-               + 4.374664141464968e+00) * t + 2.938163982698783e+00)
-            / ((((7.784695709041462e-03 * t + 3.224671290700398e-01) * t + 2.445134137142996e+00)
-                * t + 3.754408661907416e+00) * t + 1.0))
+    return ndtri_tail(np.sqrt(-2.0 * _log(p + 1e-300)))
 
 
 def _ndtri(p, q):
     """Acklam's inverse normal CDF, given p and q = 1 - p (as fo_ndtri)."""
-    r = p - 0.5
-    z = r * r
-    central = ((((((-3.969683028665376e+01 * z + 2.209460984245205e+02) * z - 2.759285104469687e+02)
-                  * z + 1.383577518672690e+02) * z - 3.066479806614716e+01) * z
-                + 2.506628277459239e+00) * r
-               / (((((-5.447609879822406e+01 * z + 1.615858368580409e+02) * z
-                     - 1.556989798598866e+02) * z + 6.680131188771972e+01) * z
-                   - 1.328068155288572e+01) * z + 1.0))
     with np.errstate(invalid="ignore"):  # the tails are evaluated everywhere, used where due
-        upper = np.where(q < 0.02425, -_ndtri_tail(q), central)
-        return np.where(p < 0.02425, _ndtri_tail(p), upper)
+        upper = np.where(q < NDTRI_LOW, -_ndtri_tail(q), ndtri_central(p))
+        return np.where(p < NDTRI_LOW, _ndtri_tail(p), upper)
 
 
 def random_fill(out, kind, reals, seed, stream, *, n_threads=1):
