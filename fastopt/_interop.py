@@ -97,6 +97,9 @@ def _check_array(x, name, dtypes=FLOAT_DTYPES):
     if fw is None:
         raise TypeError(f"{name}: expected an array (NumPy, PyTorch, JAX, TensorFlow or CuPy), "
                         f"got {type(x).__name__}")
+    if fw == "numpy" and not x.dtype.isnative:
+        raise TypeError(f"{name}: byte order of dtype {x.dtype.str!r} is not this machine's; "
+                        f"convert it first: arr.astype(arr.dtype.newbyteorder('='))")
     dtype = _dtype_name(x, fw)
     if dtypes is not None and dtype not in dtypes:
         raise TypeError(f"{name}: dtype {dtype} is not supported here; expected "

@@ -1,0 +1,57 @@
+"""Inputs that would be read wrong: refused with a TypeError naming the argument, before
+anything is written."""
+
+import numpy as np
+import pytest
+from conftest import CPU_BACKENDS, require_backend
+
+import fastopt
+
+
+def _big(a):
+    return a.astype(a.dtype.newbyteorder(">"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("which", ["param", "grad", "both"])
+def test_optimizer_refuses_non_native_byte_order(backend, dtype, which):
+    require_backend(backend)
+    w = np.linspace(-1, 1, 9).astype(dtype)
+    g = np.full(9, 6.0, dtype)
+    p = _big(w) if which in ("param", "both") else w
+    grad = _big(g) if which in ("grad", "both") else g
+    before = p.copy()
+    opt = fastopt.Adam([p], lr=0.1, backend=backend, max_grad_norm=1.0)
+    name = r"params\[0\]" if which in ("param", "both") else r"grads\[0\]"
+    with pytest.raises(TypeError, match=rf"{name}: byte order of dtype '>f[48]'"):
+        opt.step([grad])
+    np.testing.assert_array_equal(p, before)
+    assert opt.state == {} or all(not s for s in opt.state.values())
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda x: fastopt.clip_grad_norm_([x], 1.0), r"grads\[0\]"),
+    (lambda x: fastopt.clip_grad_value_([x], 1.0), r"grads\[0\]"),
+    (lambda x: fastopt.prune.magnitude_mask(x, 0.5), "w"),
+    (lambda x: fastopt.init.uniform_(x, seed=0), "tensor"),
+    (lambda x: fastopt.quant.quantize(x, 0.1, 0, "int8"), "x"),
+    (lambda x: fastopt.quant.qparams(x, "int8"), "x"),
+    (lambda x: fastopt.weight_norm(x.reshape(3, 4), np.ones((3, 1), x.dtype)), "v"),
+    (lambda x: fastopt.distill.kd_loss(x.reshape(3, 4), np.zeros((3, 4), np.float32)),
+     "student_logits"),
+], ids=["clip_grad_norm_", "clip_grad_value_", "magnitude_mask", "uniform_", "quantize",
+        "qparams", "weight_norm", "kd_loss"])
+def test_public_functions_refuse_non_native_byte_order(call, name):
+    x = _big(np.linspace(-3, 3, 12).astype(np.float32))
+    before = x.copy()
+    with pytest.raises(TypeError, match=rf"{name}: byte order of dtype '>f4' is not this"):
+        call(x)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_values_that_are_only_read_may_have_any_byte_order():
+    """Quantization parameters are values, read with their dtype: converted, not refused."""
+    q = np.array([1, 2, 3, 4], np.int8)
+    got = fastopt.quant.dequantize(q, np.array([0.5], ">f8"), np.array([1], ">i8"))
+    np.testing.assert_array_equal(got, fastopt.quant.dequantize(q, 0.5, 1))
