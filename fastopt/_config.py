@@ -1,7 +1,9 @@
 """Process-wide settings: how many CPU threads the kernels use."""
 
+import numbers
 import os
 
+MAX_THREADS = 2**31 - 1  # the native drivers take the count as a C int
 _num_threads = None
 
 
@@ -35,6 +37,9 @@ def set_num_threads(n):
 
 
 def check_threads(n, name):
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
-    return n
+    """`n` as an int, if it is an integer (Python's or NumPy's) in [1, MAX_THREADS]."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= 1, got {n!r}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"{name} must be an integer >= 1 (at most {MAX_THREADS}), got {n!r}")
+    return int(n)

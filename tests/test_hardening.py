@@ -55,3 +55,29 @@ def test_values_that_are_only_read_may_have_any_byte_order():
     q = np.array([1, 2, 3, 4], np.int8)
     got = fastopt.quant.dequantize(q, np.array([0.5], ">f8"), np.array([1], ">i8"))
     np.testing.assert_array_equal(got, fastopt.quant.dequantize(q, 0.5, 1))
+
+
+@pytest.mark.parametrize("bad, exc", [(0, ValueError), (2**31, ValueError), (-3, ValueError),
+                                      (1.5, TypeError), (True, TypeError), ("2", TypeError)])
+def test_thread_counts_are_checked_up_front(bad, exc):
+    w = np.zeros(3, np.float32)
+    with pytest.raises(exc, match="n_threads must be an integer >= 1"):
+        fastopt.Adam([w], n_threads=bad)
+    with pytest.raises(exc, match="n must be an integer >= 1"):
+        fastopt.set_num_threads(bad)
+    opt = fastopt.Adam([w], n_threads=np.int64(2))  # NumPy integers are integers
+    assert opt.n_threads == 2 and type(opt.n_threads) is int
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 10**400, 2**60, -1, 1.5, True,
+                                 "3", [3]])
+def test_loaded_step_counts_are_finite_integers(bad):
+    w = np.zeros(3)
+    opt = fastopt.Adam([w])
+    opt.step([np.ones(3)])
+    saved = opt.state_dict()
+    saved["state"][0] = dict(saved["state"][0], step=bad)
+    fresh = fastopt.Adam([np.zeros(3)])
+    with pytest.raises(ValueError, match=r"\['step'\]: expected an integer >= 0 \(at most "):
+        fresh.load_state_dict(saved)
+    assert fresh.state == {}

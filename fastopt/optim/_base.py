@@ -18,6 +18,7 @@ raises leaves every parameter and state buffer as it was.
 
 import functools
 import math
+import numbers
 
 import numpy as np
 
@@ -84,6 +85,22 @@ def ensure_state(states, name, likes, fill=0.0):
         if name not in state:
             state[name] = _interop.full_like(like, fill)
     return [state[name] for state in states]
+
+
+MAX_STEP = 2**53  # step counts stay exact as the float64 the host scalars take them as
+
+
+def _state_count(value, where):
+    """A loaded step count as an int: an integer (Python's, NumPy's, or an integral float)
+    in [0, MAX_STEP]."""
+    if isinstance(value, bool):
+        pass
+    elif isinstance(value, numbers.Integral):
+        if 0 <= value <= MAX_STEP:
+            return int(value)
+    elif isinstance(value, numbers.Real) and 0 <= value <= MAX_STEP and value == int(value):
+        return int(value)  # NaN fails the range test
+    raise ValueError(f"{where}: expected an integer >= 0 (at most {MAX_STEP}), got {value!r}")
 
 
 def advance_step(states):
@@ -338,12 +355,11 @@ class Optimizer:
         for key, value in entry.items():
             kind = self._state_scalars.get(key)
             if kind is int:
-                if isinstance(value, bool) or int(value) != value or value < 0:
-                    raise ValueError(f"{where}[{key!r}]: expected an integer >= 0, got {value!r}")
-                loaded[key] = int(value)
+                loaded[key] = _state_count(value, f"{where}[{key!r}]")
                 continue
             if kind is float:
-                if isinstance(value, bool) or not math.isfinite(float(value)):
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                        or not math.isfinite(value):
                     raise ValueError(f"{where}[{key!r}]: expected a finite number, got {value!r}")
                 loaded[key] = float(value)
                 continue
