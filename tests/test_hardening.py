@@ -81,3 +81,43 @@ def test_loaded_step_counts_are_finite_integers(bad):
     with pytest.raises(ValueError, match=r"\['step'\]: expected an integer >= 0 \(at most "):
         fresh.load_state_dict(saved)
     assert fresh.state == {}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_concurrent_steps_of_one_optimizer_serialize(backend):
+    """Two threads stepping one optimizer: the same as the steps one after the other."""
+    import threading
+    require_backend(backend)
+    rng = np.random.default_rng(3)
+    start = [rng.standard_normal(n).astype(np.float32) for n in (70001, 5)]
+    grads = [np.full_like(w, 0.5) for w in start]
+
+    def run(threads):
+        params = [w.copy() for w in start]
+        opt = fastopt.Adam(params, lr=1e-2, backend=backend)
+        barrier = threading.Barrier(threads)
+
+        def work():
+            barrier.wait()
+            for _ in range(40 // threads):
+                opt.step(grads)
+        workers = [threading.Thread(target=work) for _ in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        return params, opt.state
+
+    (got, got_state), (want, want_state) = run(2), run(1)
+    assert got_state[0]["step"] == want_state[0]["step"] == 40
+    for x, y in zip(got, want):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_optimizer_copies_get_their_own_lock():
+    import copy
+    w = np.zeros(3)
+    opt = fastopt.Adam([w], lr=0.1)
+    twin = copy.deepcopy(opt)
+    twin.step([np.ones(3)])
+    assert twin.state[0]["step"] == 1 and opt.state == {}

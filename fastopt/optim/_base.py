@@ -19,6 +19,7 @@ raises leaves every parameter and state buffer as it was.
 import functools
 import math
 import numbers
+import threading
 
 import numpy as np
 
@@ -181,6 +182,7 @@ class Optimizer:
         # says it is the same memory; see _interop.view_still_valid
         self._views = {}
         self._scratch = {}  # id of a state dict -> scratch buffer like its parameter
+        self._lock = threading.Lock()  # serializes step and load_state_dict
         if _interop.framework_of(params) is not None:
             raise TypeError("params: expected a list of arrays or of param-group dicts, got a "
                             "single array; wrap it in a list: [param]")
@@ -287,6 +289,13 @@ class Optimizer:
         return {"state": {i: dict(s) for i, s in self.state.items() if s},
                 "param_groups": groups}
 
+    def __getstate__(self):  # copy.deepcopy, pickle: a fresh lock, not the held one
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def load_state_dict(self, state_dict):
         """Load a ``state_dict()`` (of this rule, for the same parameters), by copy.
 
@@ -295,6 +304,10 @@ class Optimizer:
         as the unbroken run. Everything is checked before anything changes: the number of
         groups and of parameters per group, unknown keys, state array shapes and dtypes.
         """
+        with self._lock:
+            self._load_state_dict(state_dict)
+
+    def _load_state_dict(self, state_dict):
         where = "state_dict"
         if not isinstance(state_dict, dict) or set(state_dict) != {"state", "param_groups"}:
             raise ValueError(f"{where}: expected a dict with keys 'state' and 'param_groups'")
@@ -373,7 +386,14 @@ class Optimizer:
 
     def step(self, grads):
         """Apply one update with ``grads`` (one per parameter, flattened over groups, in
-        order; ``None`` skips that parameter). Returns ``self.params()``."""
+        order; ``None`` skips that parameter). Returns ``self.params()``.
+
+        Steps of one optimizer called from several threads at once run one after the other
+        (different optimizers run in parallel)."""
+        with self._lock:
+            return self._step(grads)
+
+    def _step(self, grads):
         plan = self._prepare(grads)
         if self._masks and (self._sums_gradients or self.max_grad_norm is not None
                             or self.skip_nonfinite):
