@@ -4,7 +4,7 @@ from fastopt.optim._base import OPTIONS_DOC, Optimizer, check_bool, check_real, 
 
 
 class SGD(Optimizer):
-    r"""Stochastic gradient descent, optionally with (Nesterov) momentum.
+    __doc__ = r"""Stochastic gradient descent, optionally with (Nesterov) momentum.
 
     Follows ``torch.optim.SGD``. With gradient :math:`g_t` of parameter :math:`p_t`:
 
