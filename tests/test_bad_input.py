@@ -3,30 +3,17 @@
 Each step-time case first runs two good steps (so state exists), then a bad step whose fault
 is in the last parameter, so a wrapper that wrote before checking everything would have
 changed the earlier ones.
+
+The rules, their configs and bad hyperparameters come from tests/cases.py.
 """
 
 import copy
-import math
 
 import numpy as np
 import pytest
+from cases import CASES, config_id, configs, spread, tiered
 
 import fastopt
-
-OPTIMIZERS = [
-    ("SGD", dict(lr=0.1, momentum=0.9)),
-    ("Adam", dict(lr=0.1, amsgrad=True)),
-    ("AdamW", dict(lr=0.1)),
-    ("Adagrad", dict(lr=0.1)),
-    ("RMSprop", dict(lr=0.1, centered=True, momentum=0.9)),
-    ("Adadelta", dict()),
-    ("Adamax", dict()),
-    ("NAdam", dict()),
-    ("RAdam", dict()),
-    ("Lion", dict()),
-    ("Lamb", dict()),
-    ("Adafactor", dict()),
-]
 
 
 def make(name, kw, backend="cython"):
@@ -77,12 +64,20 @@ STEP_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", STEP_CASES, ids=list(STEP_CASES))
-@pytest.mark.parametrize("name,kw", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
-def test_bad_grads(name, kw, case):
-    opt, params = make(name, kw)
+def _bad_grads_grid():
+    """Fast: every config with one bad-gradient case, every rule with every case."""
+    rows = [dict(case=case, kw=kw, config=config_id(case.name, kw), rule=case.name)
+            for case, kw in configs()]
+    fast = spread(rows, "fault", list(STEP_CASES), against=["rule"])
+    full = [dict(row, fault=fault) for row in rows for fault in STEP_CASES]
+    return tiered(full, fast, ["case", "kw", "fault"], lambda r: f"{r['config']}-{r['fault']}")
+
+
+@pytest.mark.parametrize("case,kw,fault", _bad_grads_grid())
+def test_bad_grads(case, kw, fault):
+    opt, params = make(case.name, kw)
     snap = snapshot(opt, params)
-    grads_of, exc, message = STEP_CASES[case]
+    grads_of, exc, message = STEP_CASES[fault]
     with pytest.raises(exc, match=message):
         opt.step(grads_of(params))
     assert_unchanged(opt, params, snap)
@@ -121,7 +116,8 @@ def test_torch_param_that_requires_grad():
     torch = pytest.importorskip("torch")
     w = torch.zeros(3, requires_grad=True)
     opt = fastopt.SGD([torch.zeros(2), w], lr=0.1)
-    with pytest.raises(TypeError, match=r"params\[1\]: torch tensor requires grad; pass p.detach\(\)"):
+    with pytest.raises(TypeError,
+                       match=r"params\[1\]: torch tensor requires grad; pass p.detach\(\)"):
         opt.step([torch.ones(2), torch.ones(3)])
     assert opt.params()[0].tolist() == [0, 0]
 
@@ -134,71 +130,33 @@ def test_torch_non_contiguous_param():
     assert not w.any()
 
 
-HYPER_CASES = [
-    ("SGD", dict(lr=-0.1), ValueError, r"lr must be a finite number in \[0, inf\], got -0.1"),
-    ("SGD", dict(lr=math.nan), ValueError, r"lr must be a finite number .* got nan"),
-    ("SGD", dict(lr=math.inf), ValueError, r"lr must be a finite number .* got inf"),
-    ("SGD", dict(lr="0.1"), TypeError, r"lr must be a real number"),
-    ("SGD", dict(momentum=-0.5), ValueError, r"momentum must be"),
-    ("SGD", dict(dampening=1.5, momentum=0.9), ValueError, r"dampening must be .* \[0, 1\]"),
-    ("SGD", dict(weight_decay=-1e-4), ValueError, r"weight_decay must be"),
-    ("SGD", dict(nesterov=True, momentum=0.0), ValueError, r"nesterov=True needs momentum > 0 and dampening = 0"),
-    ("SGD", dict(nesterov=True, momentum=0.9, dampening=0.1), ValueError, r"nesterov=True needs"),
-    ("SGD", dict(maximize=1), TypeError, r"maximize must be True or False"),
-    ("Adam", dict(lr=-1.0), ValueError, r"lr must be"),
-    ("Adam", dict(eps=-1e-8), ValueError, r"eps must be"),
-    ("Adam", dict(eps=math.nan), ValueError, r"eps must be"),
-    ("Adam", dict(betas=(1.0, 0.999)), ValueError, r"betas\[0\] must be a finite number in \[0, 1\), got 1.0"),
-    ("Adam", dict(betas=(0.9, -0.1)), ValueError, r"betas\[1\] must be"),
-    ("Adam", dict(betas=(0.9, math.nan)), ValueError, r"betas\[1\] must be"),
-    ("Adam", dict(betas=0.9), ValueError, r"betas must be a pair"),
-    ("Adam", dict(amsgrad="yes"), TypeError, r"amsgrad must be True or False"),
-    ("AdamW", dict(weight_decay=-0.01), ValueError, r"weight_decay must be"),
-    ("Adagrad", dict(lr_decay=-0.1), ValueError, r"lr_decay must be"),
-    ("Adagrad", dict(initial_accumulator_value=-1.0), ValueError, r"initial_accumulator_value must be"),
-    ("Adagrad", dict(eps=math.inf), ValueError, r"eps must be"),
-    ("RMSprop", dict(alpha=1.5), ValueError, r"alpha must be a finite number in \[0, 1\]"),
-    ("RMSprop", dict(momentum=-0.9), ValueError, r"momentum must be"),
-    ("RMSprop", dict(centered=None), TypeError, r"centered must be True or False"),
-    ("Adadelta", dict(rho=-0.1), ValueError, r"rho must be"),
-    ("Adadelta", dict(lr=math.nan), ValueError, r"lr must be"),
-    ("Adamax", dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\] must be"),
-    ("NAdam", dict(momentum_decay=-4e-3), ValueError, r"momentum_decay must be"),
-    ("NAdam", dict(decoupled_weight_decay="no"), TypeError, r"decoupled_weight_decay must be True or False"),
-    ("RAdam", dict(eps=-1.0), ValueError, r"eps must be"),
-    ("Lion", dict(betas=(1.1, 0.99)), ValueError, r"betas\[0\] must be a finite number in \[0, 1\]"),
-    ("Lion", dict(weight_decay=-1.0), ValueError, r"weight_decay must be"),
-    ("Lamb", dict(eps=-1e-6), ValueError, r"eps must be"),
-    ("Lamb", dict(betas=(0.9,)), ValueError, r"betas must be a pair"),
-    ("Adafactor", dict(beta2_decay=0.5), ValueError, r"beta2_decay must be"),
-    ("Adafactor", dict(eps=(None, -1.0)), ValueError, r"eps\[1\] must be"),
-    ("Adafactor", dict(eps=(-1e-3, 1e-3)), ValueError, r"eps\[0\] must be"),
-    ("Adafactor", dict(eps=1e-3), ValueError, r"eps must be a pair"),
-    ("Adafactor", dict(d=0.5), ValueError, r"d must be"),
-    ("Adafactor", dict(lr=float("nan")), ValueError, r"lr must be"),
-]
+HYPER_CASES = [pytest.param(case, bad, id=f"{name}-{i}-{config_id('', bad.kwargs)}")
+               for name, case in CASES.items() for i, bad in enumerate(case.bad)]
 
 
-@pytest.mark.parametrize("name,kw,exc,message", HYPER_CASES)
-def test_bad_hyperparameters_at_construction(name, kw, exc, message):
-    with pytest.raises(exc, match=r"param_groups\[0\]: " + message):
-        getattr(fastopt, name)([np.zeros(2)], **kw)
+@pytest.mark.parametrize("case,bad", HYPER_CASES)
+def test_bad_hyperparameters_at_construction(case, bad):
+    with pytest.raises(bad.exc, match=r"param_groups\[0\]: " + bad.match):
+        getattr(fastopt, case.name)([np.zeros(2)], **bad.kwargs)
 
 
-@pytest.mark.parametrize("name,kw,exc,message", HYPER_CASES)
-def test_bad_hyperparameters_set_later(name, kw, exc, message):
-    """A group changed after construction is checked before the step writes anything."""
-    opt, params = make(name, dict(OPTIMIZERS[[o[0] for o in OPTIMIZERS].index(name)][1]))
+@pytest.mark.parametrize("case,bad", HYPER_CASES)
+def test_bad_hyperparameters_set_later(case, bad):
+    """A group changed after construction is checked before the step writes anything (the
+    rule's config with the most state, all of it left as it was)."""
+    opt, params = make(case.name, dict(case.richest))
     opt.add_param_group({"params": [np.zeros(3, np.float32)]})
     snap = snapshot(opt, params)
-    opt.param_groups[1].update(kw)
-    with pytest.raises(exc, match=r"param_groups\[1\]: " + message):
+    opt.param_groups[1].update(bad.kwargs)
+    with pytest.raises(bad.exc, match=r"param_groups\[1\]: " + bad.match):
         opt.step(good_grads(params) + [np.ones(3, np.float32)])
     assert_unchanged(opt, params, snap)
 
 
 def test_bad_construction():
     w = np.zeros(3)
+    with pytest.raises(TypeError, match="clip_lambda must be a function of the step count"):
+        fastopt.ADOPT([w], clip_lambda=0.25)  # an optimizer attribute, not a group's
     with pytest.raises(TypeError, match="got a single array; wrap it in a list"):
         fastopt.SGD(w, lr=0.1)
     with pytest.raises(ValueError, match="empty parameter list"):
@@ -207,7 +165,8 @@ def test_bad_construction():
         fastopt.Adam([w, w])
     with pytest.raises(ValueError, match="appear more than once"):
         fastopt.Adam([{"params": [w]}, {"params": [w]}])
-    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\]: expected an array, got float"):
+    with pytest.raises(TypeError,
+                       match=r"param_groups\[0\]\['params'\]\[1\]: expected an array, got float"):
         fastopt.Adam([w, 1.0])
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         fastopt.Adam([w], backend="fortran")
@@ -224,7 +183,8 @@ def test_unavailable_backend_says_how_to_install(monkeypatch):
     try:
         w = np.zeros(3)
         opt = fastopt.SGD([w], lr=0.1, backend="numba")
-        with pytest.raises(RuntimeError, match=r"backend 'numba' is not available .*pip install 'fastopt\[numba\]'"):
+        with pytest.raises(RuntimeError, match=r"backend 'numba' is not available "
+                                               r".*pip install 'fastopt\[numba\]'"):
             opt.step([np.ones(3)])
         assert not w.any()
     finally:
@@ -236,7 +196,8 @@ def test_zero_dim_array_hyperparameters_are_accepted():
     torch = pytest.importorskip("torch")
     w = np.ones(2)
     opt = fastopt.Adam([w], lr=torch.tensor(0.1), betas=(np.array(0.9), 0.999))
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1) and isinstance(opt.param_groups[0]["lr"], float)
+    lr = opt.param_groups[0]["lr"]
+    assert lr == pytest.approx(0.1) and isinstance(lr, float)
     opt.step([np.ones(2)])
     np.testing.assert_allclose(w, 0.9)
     with pytest.raises(TypeError, match="lr must be a real number"):

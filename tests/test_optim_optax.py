@@ -1,36 +1,42 @@
-"""Rules torch does not have (Lion, Lamb), against optax: the NumPy reference, 200 steps.
+"""Rules torch does not have (Lion, Lamb), against optax: the NumPy reference, 200 steps,
+every config of every rule whose reference (tests/cases.py) is an optax transformation.
 
 Tolerances as in test_optim_torch.py: float64 to 1e-12 of the parameter scale; float32 to
-4e-6 (XLA may contract a*b+c into FMAs where fastopt rounds twice)."""
+4e-6 (XLA may contract a*b+c into FMAs where fastopt rounds twice). The fast tier runs two
+configs of each rule (its richest and another, one in each dtype), the slow tier every
+config in both dtypes."""
 
 import numpy as np
 import pytest
+from cases import reference_grid
 
 import fastopt
-
-optax = pytest.importorskip("optax")
-jax = pytest.importorskip("jax")
 
 STEPS = 200
 SHAPES = [(3,), (17, 5), (1000,)]
 TOLERANCE = {np.float64: 1e-12, np.float32: 4e-6}
+DTYPES = (np.float64, np.float32)
 
 
 @pytest.fixture
 def x64():
+    jax = pytest.importorskip("jax")
     previous = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", previous)
 
 
-def check_against_optax(name, kw, tx, dtype, seed):
-    """200 steps of fastopt's NumPy reference and of optax transformation `tx` (which has no
-    maximize: it gets negated gradients instead)."""
-    rng = np.random.default_rng(seed)
+@pytest.mark.parametrize("case,kw,dtype", reference_grid("optax", DTYPES))
+def test_reference_matches_optax(case, kw, dtype, x64):
+    """200 steps of fastopt's NumPy reference and of the case's optax transformation (which
+    has no maximize: it gets negated gradients instead)."""
+    tx = case.reference.build(None, kw)
+    jax, optax = pytest.importorskip("jax"), pytest.importorskip("optax")
+    rng = np.random.default_rng(case.reference.seed)
     params = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
     jparams = [jax.numpy.asarray(p.copy()) for p in params]
-    opt = getattr(fastopt, name)(params, backend="numpy", **kw)
+    opt = getattr(fastopt, case.name)(params, backend="numpy", **kw)
     state = tx.init(jparams)
     sign = -1 if kw.get("maximize") else 1
     for _ in range(STEPS):
@@ -43,32 +49,3 @@ def check_against_optax(name, kw, tx, dtype, seed):
         assert want.dtype == dtype
         np.testing.assert_allclose(p, want, rtol=0,
                                    atol=TOLERANCE[dtype] * max(1.0, np.abs(want).max()))
-
-
-def _ids(kw):
-    return ",".join(f"{k}={v}" for k, v in kw.items()) or "defaults"
-
-
-LION = [dict(), dict(lr=1e-3, weight_decay=0.1), dict(lr=3e-4, betas=(0.5, 0.9), maximize=True),
-        dict(lr=1e-3, betas=(0.95, 0.98), weight_decay=1.0)]
-
-
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("kw", LION, ids=_ids)
-def test_lion_matches_optax(kw, dtype, x64):
-    b1, b2 = kw.get("betas", (0.9, 0.99))
-    tx = optax.lion(learning_rate=kw.get("lr", 1e-4), b1=b1, b2=b2,
-                    weight_decay=kw.get("weight_decay", 0.0))
-    check_against_optax("Lion", kw, tx, dtype, seed=11)
-
-
-LAMB = [dict(), dict(lr=1e-2, weight_decay=0.1), dict(lr=1e-3, betas=(0.5, 0.9), eps=1e-4, maximize=True)]
-
-
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("kw", LAMB, ids=_ids)
-def test_lamb_matches_optax(kw, dtype, x64):
-    b1, b2 = kw.get("betas", (0.9, 0.999))
-    tx = optax.lamb(learning_rate=kw.get("lr", 1e-3), b1=b1, b2=b2, eps=kw.get("eps", 1e-6),
-                    weight_decay=kw.get("weight_decay", 0.0))
-    check_against_optax("Lamb", kw, tx, dtype, seed=12)

@@ -4,60 +4,44 @@ The compiled kernels follow the reference's operation order, cast scalars the sa
 and are built without FMA contraction (-ffp-contract=off, NVRTC --fmad=false), and every
 operation used (+, -, *, /, sqrt) is correctly rounded, so results must be identical, not
 merely close: any difference is a bug in operation order or scalar handling.
+
+The rules and their configs come from tests/cases.py. The fast tier runs every config in
+each dtype on each compiled backend at small sizes, thread counts 1 and 2 spread pairwise
+over them, plus per rule its richest config at full size on 2 threads (the large tensors
+split into chunks across threads) in float32 on each compiled backend; the slow tier runs
+every config at full size on 2 threads on each compiled backend, in one dtype (each rule
+in both).
 """
 
 import numpy as np
 import pytest
-
-import fastopt
+from cases import (
+    CASES,
+    SIZES,  # noqa: F401 (test_cuda.py imports it from here)
+    config_id,
+    configs,
+    spread,
+    tiered,
+)
 from conftest import CPU_BACKENDS, require_backend
 
-SIZES = (0, 1, 7, 1023, 100003)
-# Adafactor factors tensors of 2+ dims: 0-d and 1-d tensors, one column block, several
-# blocks and slices, a matrix large enough for both threads, a conv weight (many 3 x 3
-# slices), a column, and empty ones
-SHAPES = {"Adafactor": ((), 7, (33, 5), (2, 3, 700), (300, 1100), (64, 32, 3, 3), (9, 1),
-                        (0, 3), (4, 0, 2))}
-STEPS = 100
+import fastopt
 
-CONFIGS = [
-    ("SGD", dict(lr=0.05)),
-    ("SGD", dict(lr=0.05, weight_decay=0.01, maximize=True)),
-    ("SGD", dict(lr=0.05, momentum=0.9)),
-    ("SGD", dict(lr=0.02, momentum=0.8, dampening=0.3, weight_decay=1e-3)),
-    ("SGD", dict(lr=0.02, momentum=0.9, nesterov=True, weight_decay=1e-2)),
-    ("Adam", dict(lr=1e-2)),
-    ("Adam", dict(lr=1e-2, betas=(0.3, 0.9), eps=1e-6, weight_decay=0.1)),
-    ("Adam", dict(lr=1e-2, amsgrad=True, maximize=True)),
-    ("AdamW", dict(lr=1e-2)),
-    ("AdamW", dict(lr=3e-3, betas=(0.5, 0.99), weight_decay=0.2, amsgrad=True)),
-    ("Adagrad", dict(lr=0.05, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.1)),
-    ("RMSprop", dict(lr=0.01, maximize=True)),
-    ("RMSprop", dict(lr=0.01, alpha=0.3, centered=True, momentum=0.9, weight_decay=0.01)),
-    ("RMSprop", dict(lr=0.01, momentum=0.5)),
-    ("Adadelta", dict(lr=1.0, rho=0.8, weight_decay=0.01)),
-    ("Adamax", dict(lr=0.01, betas=(0.3, 0.9), weight_decay=0.1)),
-    ("NAdam", dict(lr=0.01, momentum_decay=0.01)),
-    ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True)),
-    ("RAdam", dict(lr=0.01, betas=(0.8, 0.95))),
-    ("RAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
-    ("Lion", dict(lr=1e-3, weight_decay=0.1)),
-    ("Lion", dict(lr=1e-3, betas=(0.5, 0.2), maximize=True)),
-    ("Lamb", dict(lr=1e-2)),
-    ("Lamb", dict(lr=1e-2, betas=(0.5, 0.9), eps=1e-3, weight_decay=0.1, maximize=True)),
-    ("Adafactor", dict(lr=1e-2)),
-    ("Adafactor", dict(lr=0.05, beta2_decay=-0.5, eps=(1e-20, 1e-2), d=2.0, weight_decay=0.1,
-                       maximize=True)),
-]
+STEPS = 100
+COMPILED = [b for b in CPU_BACKENDS if b != "numpy"]
+DTYPES = (np.float32, np.float64)
+
+# for the modules that run every config of every rule through this file's trajectory
+# (test_cuda.py, test_prune.py): (name, config) pairs, their ids, the full-size shapes
+CONFIGS = [(case.name, kw) for case, kw in configs()]
+SHAPES = {name: case.shapes for name, case in CASES.items() if case.shapes is not None}
 
 
 def _ids(config):
-    name, kw = config
-    return name + "-" + "-".join(f"{k}={v}" for k, v in kw.items())
+    return config_id(*config)
 
 
-def run_trajectory(name, kw, dtype, backend, n_threads, sizes=None, steps=STEPS, seed=0):
-    sizes = SHAPES.get(name, SIZES) if sizes is None else sizes
+def run_trajectory(name, kw, dtype, backend, n_threads, sizes, steps=STEPS, seed=0):
     rng = np.random.default_rng(seed)
     params = [np.asarray(rng.standard_normal(n), dtype) for n in sizes]
     opt = getattr(fastopt, name)(params, backend=backend, n_threads=n_threads, **kw)
@@ -72,22 +56,46 @@ def run_trajectory(name, kw, dtype, backend, n_threads, sizes=None, steps=STEPS,
 _reference_cache = {}
 
 
-def reference(name, kw, dtype):
-    key = (name, tuple(sorted(kw.items())), np.dtype(dtype).name)
+def reference(name, kw, dtype, sizes=None):
+    """The NumPy backend's trajectory (cached): at `sizes`, by default the rule's full-size
+    parity shapes."""
+    sizes = CASES[name].parity_shapes(large=True) if sizes is None else sizes
+    key = (name, config_id(name, kw), np.dtype(dtype).name, sizes)
     if key not in _reference_cache:
-        _reference_cache[key] = run_trajectory(name, kw, dtype, "numpy", 1)
+        if len(_reference_cache) >= 8:  # the tests of one reference run follow each other
+            _reference_cache.clear()
+        _reference_cache[key] = run_trajectory(name, kw, dtype, "numpy", 1, sizes)
     return _reference_cache[key]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n_threads", [1, 2])
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "numpy"])
-def test_backend_matches_reference(backend, n_threads, dtype, config):
+def _grid():
+    """Small sizes: every config x dtype x compiled backend, 1 and 2 threads spread pairwise
+    (fast). Full sizes on 2 threads: every config on each compiled backend, in one dtype
+    (each rule in both; the backends share the reference run) (slow), and each rule's
+    richest config in float32 on each backend (fast)."""
+    configs_ = [dict(case=case, kw=kw, config=config_id(case.name, kw), rule=case.name)
+                for case, kw in configs()]
+    rows = [dict(row, dtype=dtype, backend=backend, large=False)
+            for row in configs_ for dtype in DTYPES for backend in COMPILED]
+    small = spread(rows, "n_threads", [1, 2], against=["config", "dtype", "backend"])
+    chunked = [dict(row, dtype=np.float32, backend=backend, large=True, n_threads=2)
+               for row in configs_ if row["kw"] is row["case"].richest for backend in COMPILED]
+    full = [dict(row, backend=backend, large=True, n_threads=2)
+            for row in spread(configs_, "dtype", DTYPES, against=["rule"])
+            for backend in COMPILED]
+    full += [row for row in chunked if row not in full]
+    return tiered(small + full, small + chunked,
+                  ["backend", "n_threads", "dtype", "large", "case", "kw"],
+                  lambda r: f"{r['backend']}-{r['n_threads']}t-{np.dtype(r['dtype']).name}-"
+                            f"{'full' if r['large'] else 'small'}-{r['config']}")
+
+
+@pytest.mark.parametrize("backend,n_threads,dtype,large,case,kw", _grid())
+def test_backend_matches_reference(backend, n_threads, dtype, large, case, kw):
     require_backend(backend)
-    name, kw = config
-    ref_params, ref_state = reference(name, kw, dtype)
-    params, state = run_trajectory(name, kw, dtype, backend, n_threads)
+    sizes = case.parity_shapes(large)
+    ref_params, ref_state = reference(case.name, kw, dtype, sizes)
+    params, state = run_trajectory(case.name, kw, dtype, backend, n_threads, sizes)
     for i, (got, want) in enumerate(zip(params, ref_params)):
         assert got.dtype == dtype
         np.testing.assert_array_equal(got, want, err_msg=f"params[{i}]")
@@ -96,18 +104,32 @@ def test_backend_matches_reference(backend, n_threads, dtype, config):
             np.testing.assert_array_equal(state[i][key], value, err_msg=f"state[{i}][{key!r}]")
 
 
+def test_every_rule_has_a_case():
+    """A rule added to fastopt.optim needs its entry in tests/cases.py (configs, reference,
+    bad inputs, state keys); entries of rules that no longer exist are stale."""
+    rules = set(fastopt.optim.__all__) - {"Optimizer"}
+    assert sorted(rules - set(CASES)) == [], "rules without a case in tests/cases.py"
+    assert sorted(set(CASES) - rules) == [], "cases of rules fastopt.optim does not export"
+    for name, case in CASES.items():
+        assert getattr(fastopt, name) is getattr(fastopt.optim, name)
+        assert case.configs and case.bad and case.state, name
+        assert len({config_id(name, kw) for kw in case.configs}) == len(case.configs), name
+        assert case.reference.kind in ("torch", "optax"), name
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_reference_moves_parameters(backend):
     """Guard against a trajectory test that passes because nothing moved."""
     require_backend(backend)
-    params, _ = run_trajectory("Adam", dict(lr=1e-2), np.float32, backend, 2, steps=3)
+    sizes = CASES["Adam"].parity_shapes(large=True)
+    params, _ = run_trajectory("Adam", dict(lr=1e-2), np.float32, backend, 2, sizes, steps=3)
     rng = np.random.default_rng(0)
-    initial = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+    initial = [rng.standard_normal(n).astype(np.float32) for n in sizes]
     for got, start in zip(params[1:], initial[1:]):
         assert np.all(got != start)
 
 
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "numpy"])
+@pytest.mark.parametrize("backend", COMPILED)
 def test_groups_and_skipped_grads(backend):
     """Several param groups, and None grads that skip a parameter (its step count lags,
     so Adam's bias corrections differ between tensors of one group)."""

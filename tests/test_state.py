@@ -1,27 +1,15 @@
-"""Resumable state: state_dict / load_state_dict, fastopt.save / fastopt.load."""
+"""Resumable state: state_dict / load_state_dict, fastopt.save / fastopt.load; each rule's
+state keys. The rules, their configs and state keys come from tests/cases.py."""
 
 import copy
 
 import numpy as np
 import pytest
-
-import fastopt
+from cases import config_id, configs, spread, tiered
 from conftest import CPU_BACKENDS, require_backend
 
-CONFIGS = [
-    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
-    ("Adam", dict(lr=1e-2, amsgrad=True, weight_decay=0.1)),
-    ("AdamW", dict(lr=1e-2)),
-    ("Adagrad", dict(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1)),
-    ("RMSprop", dict(lr=0.01, centered=True, momentum=0.9)),
-    ("Adadelta", dict(lr=1.0)),
-    ("Adamax", dict(lr=0.01)),
-    ("NAdam", dict(lr=0.01)),
-    ("RAdam", dict(lr=0.01)),
-    ("Lion", dict(lr=1e-3, weight_decay=0.1)),
-    ("Lamb", dict(lr=1e-2, weight_decay=0.01)),
-    ("Adafactor", dict(lr=1e-2, weight_decay=0.01)),
-]
+import fastopt
+
 SIZES = (5, (33, 31), (40, 1000))  # Adafactor factors the matrices
 
 
@@ -31,18 +19,29 @@ def grads_at(step, dtype):
 
 
 def start(name, kw, backend, dtype=np.float32):
+    """Two groups, the second at half the first's learning rate."""
     rng = np.random.default_rng(0)
     params = [rng.standard_normal(n).astype(dtype) for n in SIZES]
-    groups = [{"params": params[:2]}, {"params": params[2:], "lr": kw["lr"] / 2}]
-    return params, getattr(fastopt, name)(groups, backend=backend, **kw)
+    opt = getattr(fastopt, name)([{"params": params[:2]}, {"params": params[2:]}],
+                                 backend=backend, **kw)
+    opt.param_groups[1]["lr"] = opt.param_groups[0]["lr"] / 2
+    return params, opt
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c[0] for c in CONFIGS])
-@pytest.mark.parametrize("resume_backend", CPU_BACKENDS)
-def test_resume_is_bit_identical(config, resume_backend, tmp_path):
+def _resume_grid():
+    """Fast: every config, resumed on one backend, each rule on every backend."""
+    rows = [dict(case=case, kw=kw, config=config_id(case.name, kw), rule=case.name)
+            for case, kw in configs()]
+    fast = spread(rows, "backend", CPU_BACKENDS, against=["rule"])
+    full = [dict(row, backend=backend) for row in rows for backend in CPU_BACKENDS]
+    return tiered(full, fast, ["case", "kw", "backend"], lambda r: f"{r['backend']}-{r['config']}")
+
+
+@pytest.mark.parametrize("case,kw,resume_backend", _resume_grid())
+def test_resume_is_bit_identical(case, kw, resume_backend, tmp_path):
     """Save after k steps, resume on another backend: the same trajectory as unbroken."""
     require_backend(resume_backend)
-    name, kw = config
+    name = case.name
     k, total = 7, 15
     ref_params, ref = start(name, kw, "cython")
     for step in range(total):
@@ -64,6 +63,27 @@ def test_resume_is_bit_identical(config, resume_backend, tmp_path):
         opt.step(grads_at(step, np.float32))
     for got, want in zip(params, ref_params):
         np.testing.assert_array_equal(got, want)
+
+
+KEY_SHAPES = ((), (5,), (4, 3), (2, 3, 4))
+
+
+@pytest.mark.parametrize("case,kw", [pytest.param(c, kw, id=config_id(c.name, kw))
+                                     for c, kw in configs()])
+def test_state_keys(case, kw):
+    """After a step, each parameter's state holds exactly the case's keys for this config
+    and shape, in opt.state and in state_dict() (which may leave out a parameter without
+    state); nothing exists before the first step."""
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal(s).astype(np.float32) for s in KEY_SHAPES]
+    opt = getattr(fastopt, case.name)(params, backend="cython", **kw)
+    assert not any(opt.state.values())
+    opt.step([rng.standard_normal(s).astype(np.float32) for s in KEY_SHAPES])
+    sd = opt.state_dict()
+    for i, shape in enumerate(KEY_SHAPES):
+        want = case.state_keys(kw, shape)
+        assert set(opt.state.get(i, {})) == want, (i, shape)
+        assert set(sd["state"].get(i, {})) == want, (i, shape)
 
 
 def test_state_dict_structure():
@@ -108,10 +128,13 @@ def test_load_state_dict_rejects_what_does_not_fit():
     cases = [
         (broken(lambda sd: sd["param_groups"].pop()), r"has 1 param groups, the optimizer has 2"),
         (broken(lambda sd: sd["param_groups"][0]["params"].pop()), r"holds 1 parameters"),
-        (broken(lambda sd: sd["param_groups"][0].update(momentum=0.9)), r"unknown keys \['momentum'\]"),
+        (broken(lambda sd: sd["param_groups"][0].update(momentum=0.9)),
+         r"unknown keys \['momentum'\]"),
         (broken(lambda sd: sd["param_groups"][1].update(lr=-1.0)), r"lr must be"),
-        (broken(lambda sd: sd["state"][1].update(exp_avg=np.zeros(3, np.float32))), r"shape \(3,\)"),
-        (broken(lambda sd: sd["state"][2].update(exp_avg_sq=sd["state"][2]["exp_avg_sq"].astype(np.float64))),
+        (broken(lambda sd: sd["state"][1].update(exp_avg=np.zeros(3, np.float32))),
+         r"shape \(3,\)"),
+        (broken(lambda sd: sd["state"][2].update(
+            exp_avg_sq=sd["state"][2]["exp_avg_sq"].astype(np.float64))),
          r"dtype float64 do not fit"),
         (broken(lambda sd: sd["state"][0].update(momentum_buffer=np.zeros(5, np.float32))),
          r"unknown keys \['momentum_buffer'\]"),
@@ -125,7 +148,8 @@ def test_load_state_dict_rejects_what_does_not_fit():
         for i, st in before.items():
             for key, value in st.items():
                 np.testing.assert_array_equal(opt.state[i][key], value)
-        assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == before_groups
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        assert groups == before_groups
 
 
 def test_state_scalars_are_checked():
@@ -171,7 +195,8 @@ def test_loaded_state_is_a_copy():
     sd = opt.state_dict()
     opt.load_state_dict(sd)
     assert opt.state[0]["momentum_buffer"] is not sd["state"][0]["momentum_buffer"]
-    np.testing.assert_array_equal(opt.state[0]["momentum_buffer"], sd["state"][0]["momentum_buffer"])
+    np.testing.assert_array_equal(opt.state[0]["momentum_buffer"],
+                                  sd["state"][0]["momentum_buffer"])
 
 
 def test_jax_resume():

@@ -1,0 +1,523 @@
+"""The optimizer case table: one :class:`Case` per update rule (in the spirit of torch's
+``optim_db`` and optax's ``_OPTIMIZERS_UNDER_TEST``).
+
+A case holds everything the per-rule tests need:
+
+- ``configs``: hyperparameter dicts. Every test that runs a rule runs each of them (the
+  parity, torch/optax conformance, resume and bad-gradient tests), in the fast tier or the
+  ``slow`` one (see :func:`spread`);
+- ``reference``: the implementation it must agree with (:class:`Reference`: a
+  torch.optim-style class, or an optax transformation with its argument adapter);
+- ``bad``: hyperparameters it must refuse (:class:`Bad`: kwargs, exception type, message);
+- ``state``: its per-parameter state keys, each with the condition under which it appears
+  (:func:`keys`);
+- ``shapes``: the parameter shapes of the backend parity test, where the rule needs others
+  than :data:`SIZES` (Adafactor factors tensors of 2+ dims);
+- ``unchecked``: (config, dtype, reason) that the reference comparison skips, with why.
+
+Read by tests/test_optim_parity.py (backend parity, and the check that every rule of
+``fastopt.optim`` has a case), test_optim_torch.py and test_optim_optax.py (conformance),
+test_bad_input.py and test_state.py. A new rule's tests are one entry in :data:`CASES`.
+"""
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+
+# the parity test's parameter sizes: empty, one element, a SIMD remainder, several vectors,
+# and a large one that the threads split into chunks
+SIZES = (0, 1, 7, 1023, 100003)
+SMALL = 5000  # the fast tier's parity runs leave out tensors of more elements than this
+
+
+# --- the record ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Bad:
+    """Hyperparameters `kwargs` make the rule raise `exc`, with a message matching `match`
+    (a regular expression; the test prefixes the group's name, ``param_groups[i]: ``)."""
+    kwargs: dict
+    exc: type
+    match: str
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The implementation a rule follows, at `target` (a dotted path).
+
+    kind "torch": a torch.optim-style class, built as ``cls(params, foreach=False, **kw)``
+    with the fastopt config unchanged (so the defaults must agree too), e.g.
+    "torch.optim.Adam" or "adopt.ADOPT". kind "optax": a function returning an optax
+    transformation, called with ``adapt(kw)`` (fastopt's names and defaults turned into its
+    arguments; optax has no maximize, the test negates the gradients instead).
+    `seed` seeds the conformance test's parameters and gradients."""
+    kind: str
+    target: str
+    adapt: Optional[Callable[[dict], dict]] = None
+    seed: int = 2024
+
+    def load(self):
+        """The class or function, or pytest.skip when its framework is not installed."""
+        for framework in {"torch": ("torch",), "optax": ("jax", "optax")}[self.kind]:
+            pytest.importorskip(framework)
+        module, _, attr = self.target.rpartition(".")
+        return getattr(pytest.importorskip(module), attr)
+
+    def build(self, params, kw):
+        """The reference optimizer (torch: over `params`) or transformation (optax)."""
+        if self.kind == "torch":
+            return self.load()(params, foreach=False, **kw)
+        return self.load()(**self.adapt(kw))
+
+
+def keys(*always, **optional):
+    """State keys: `always` present; each of `optional` where its condition, called with the
+    config and the parameter's shape, holds."""
+    return {**{k: None for k in always}, **optional}
+
+
+def flag(name):
+    """The key appears when the boolean hyperparameter `name` (default False) is set."""
+    def when(kw, shape):
+        return bool(kw.get(name, False))
+    when.__qualname__ = f"flag({name!r})"
+    return when
+
+
+def positive(name):
+    """The key appears when the hyperparameter `name` (default 0) is > 0."""
+    def when(kw, shape):
+        return kw.get(name, 0.0) > 0
+    when.__qualname__ = f"positive({name!r})"
+    return when
+
+
+def ndim_at_least(n, appears=True):
+    """The key appears for parameters of at least `n` dimensions (or, appears=False, fewer)."""
+    def when(kw, shape):
+        return (len(shape) >= n) == appears
+    when.__qualname__ = f"ndim_at_least({n}, appears={appears})"
+    return when
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    name: str  # the class name: fastopt.<name>
+    configs: tuple  # hyperparameter dicts
+    reference: Reference
+    bad: tuple  # Bad
+    state: dict  # state key -> None (always there) or when(kw, shape) -> bool; see keys()
+    shapes: Optional[tuple] = None  # parity test shapes, if not SIZES
+    unchecked: tuple = ()  # (config, dtype, reason): skipped by the reference comparison
+
+    def state_keys(self, kw, shape):
+        """The state keys of a parameter of `shape` after a step under config `kw`."""
+        return {k for k, when in self.state.items() if when is None or when(kw, tuple(shape))}
+
+    @property
+    def richest(self):
+        """The config with the most state (the first of those): for tests that need one
+        config per rule, such as the bad-input tests that check nothing was written."""
+        return max(self.configs, key=lambda kw: len(self.state_keys(kw, (4, 2))))
+
+    def parity_shapes(self, large):
+        """The parity test's shapes: all, or (large=False) those of at most SMALL elements."""
+        shapes = SIZES if self.shapes is None else self.shapes
+        return tuple(s for s in shapes if large or math.prod(np.atleast_1d(s)) <= SMALL)
+
+
+def config_id(name, kw):
+    return name + "(" + ",".join(f"{k}={v}" for k, v in kw.items()) + ")"
+
+
+# --- optax argument adapters ----------------------------------------------------------------
+
+def _lion_args(kw):
+    b1, b2 = kw.get("betas", (0.9, 0.99))
+    return dict(learning_rate=kw.get("lr", 1e-4), b1=b1, b2=b2,
+                weight_decay=kw.get("weight_decay", 0.0))
+
+
+def _lamb_args(kw):
+    b1, b2 = kw.get("betas", (0.9, 0.999))
+    return dict(learning_rate=kw.get("lr", 1e-3), b1=b1, b2=b2, eps=kw.get("eps", 1e-6),
+                weight_decay=kw.get("weight_decay", 0.0))
+
+
+def torch_optim(name):
+    return Reference("torch", f"torch.optim.{name}")
+
+
+# --- the table ------------------------------------------------------------------------------
+
+_ADAM_STATE = keys("step", "exp_avg", "exp_avg_sq", max_exp_avg_sq=flag("amsgrad"))
+
+CASES = {case.name: case for case in [
+    Case(
+        "SGD",
+        configs=(
+            dict(lr=0.05),
+            dict(lr=0.05, weight_decay=0.01, maximize=True),
+            dict(lr=0.05, momentum=0.9),
+            dict(lr=0.02, momentum=0.8, dampening=0.3, weight_decay=1e-3),
+            dict(lr=0.02, momentum=0.9, nesterov=True, weight_decay=1e-2),
+            dict(lr=0.01),
+            dict(lr=0.01, maximize=True, weight_decay=0.05),
+            dict(lr=0.01, momentum=0.9),
+            dict(lr=0.005, momentum=0.5, dampening=0.5, weight_decay=1e-3),
+            dict(lr=0.005, momentum=0.99, nesterov=True),
+            dict(lr=0.003, momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True),
+            dict(lr=0.05, momentum=0.9, nesterov=True),
+            dict(lr=0.1, momentum=0.9),
+        ),
+        reference=torch_optim("SGD"),
+        bad=(
+            Bad(dict(lr=-0.1), ValueError, r"lr must be a finite number in \[0, inf\], got -0.1"),
+            Bad(dict(lr=math.nan), ValueError, r"lr must be a finite number .* got nan"),
+            Bad(dict(lr=math.inf), ValueError, r"lr must be a finite number .* got inf"),
+            Bad(dict(lr="0.1"), TypeError, r"lr must be a real number"),
+            Bad(dict(momentum=-0.5), ValueError, r"momentum must be"),
+            Bad(dict(dampening=1.5, momentum=0.9), ValueError, r"dampening must be .* \[0, 1\]"),
+            Bad(dict(weight_decay=-1e-4), ValueError, r"weight_decay must be"),
+            Bad(dict(nesterov=True, momentum=0.0), ValueError,
+                r"nesterov=True needs momentum > 0 and dampening = 0"),
+            Bad(dict(nesterov=True, momentum=0.9, dampening=0.1), ValueError,
+                r"nesterov=True needs"),
+            Bad(dict(maximize=1), TypeError, r"maximize must be True or False"),
+        ),
+        state=keys(momentum_buffer=positive("momentum")),
+    ),
+    Case(
+        "Adam",
+        configs=(
+            dict(lr=1e-2),
+            dict(lr=1e-2, betas=(0.3, 0.9), eps=1e-6, weight_decay=0.1),
+            dict(lr=1e-2, amsgrad=True, maximize=True),
+            dict(),
+            dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6),
+            dict(lr=1e-2, betas=(0.2, 0.5)),
+            dict(lr=5e-3, weight_decay=0.1),
+            dict(lr=5e-3, amsgrad=True),
+            dict(lr=5e-3, amsgrad=True, weight_decay=0.01, maximize=True),
+            dict(lr=1e-3, betas=(0.0, 0.0), eps=0.0),
+            dict(lr=1e-2, amsgrad=True, weight_decay=0.1),
+            dict(lr=0.1, amsgrad=True),
+        ),
+        reference=torch_optim("Adam"),
+        bad=(
+            Bad(dict(lr=-1.0), ValueError, r"lr must be"),
+            Bad(dict(eps=-1e-8), ValueError, r"eps must be"),
+            Bad(dict(eps=math.nan), ValueError, r"eps must be"),
+            Bad(dict(betas=(1.0, 0.999)), ValueError,
+                r"betas\[0\] must be a finite number in \[0, 1\), got 1.0"),
+            Bad(dict(betas=(0.9, -0.1)), ValueError, r"betas\[1\] must be"),
+            Bad(dict(betas=(0.9, math.nan)), ValueError, r"betas\[1\] must be"),
+            Bad(dict(betas=0.9), ValueError, r"betas must be a pair"),
+            Bad(dict(amsgrad="yes"), TypeError, r"amsgrad must be True or False"),
+        ),
+        state=_ADAM_STATE,
+    ),
+    Case(
+        "AdamW",
+        configs=(
+            dict(lr=1e-2),
+            dict(lr=3e-3, betas=(0.5, 0.99), weight_decay=0.2, amsgrad=True),
+            dict(),
+            dict(lr=1e-2, weight_decay=0.3),
+            dict(lr=1e-2, betas=(0.5, 0.9), amsgrad=True, maximize=True),
+            dict(lr=2e-3, weight_decay=0.0, eps=1e-4),
+            dict(lr=0.1),
+        ),
+        reference=torch_optim("AdamW"),
+        bad=(
+            Bad(dict(weight_decay=-0.01), ValueError, r"weight_decay must be"),
+        ),
+        state=_ADAM_STATE,
+    ),
+    Case(
+        "Adagrad",
+        configs=(
+            dict(lr=0.05, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.1),
+            dict(),
+            dict(lr=0.05, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.1,
+                 eps=1e-6, maximize=True),
+            dict(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1),
+            dict(lr=0.1),
+        ),
+        reference=torch_optim("Adagrad"),
+        bad=(
+            Bad(dict(lr_decay=-0.1), ValueError, r"lr_decay must be"),
+            Bad(dict(initial_accumulator_value=-1.0), ValueError,
+                r"initial_accumulator_value must be"),
+            Bad(dict(eps=math.inf), ValueError, r"eps must be"),
+        ),
+        state=keys("step", "sum"),
+    ),
+    Case(
+        "RMSprop",
+        configs=(
+            dict(lr=0.01, maximize=True),
+            dict(lr=0.01, alpha=0.3, centered=True, momentum=0.9, weight_decay=0.01),
+            dict(lr=0.01, momentum=0.5),
+            dict(),
+            dict(lr=3e-3, alpha=0.9, momentum=0.9, weight_decay=1e-2),
+            dict(lr=1e-3, alpha=0.99, centered=True, maximize=True),
+            dict(lr=1e-3, alpha=0.5, centered=True, momentum=0.5, eps=1e-6),
+            dict(lr=0.01, centered=True, momentum=0.9),
+            dict(lr=0.1, centered=True, momentum=0.9),
+        ),
+        reference=torch_optim("RMSprop"),
+        bad=(
+            Bad(dict(alpha=1.5), ValueError, r"alpha must be a finite number in \[0, 1\]"),
+            Bad(dict(momentum=-0.9), ValueError, r"momentum must be"),
+            Bad(dict(centered=None), TypeError, r"centered must be True or False"),
+        ),
+        state=keys("step", "square_avg", grad_avg=flag("centered"),
+                   momentum_buffer=positive("momentum")),
+        unchecked=(
+            (dict(lr=0.01, alpha=0.3, centered=True, momentum=0.9, weight_decay=0.01),
+             np.float32,
+             "ill-conditioned in float32: centered with alpha=0.3, v - gbar^2 cancels; over "
+             "200 steps torch's float32 run ends 3.8e-5 from float64, fastopt's 1.0e-5, "
+             "beyond the 4e-6 tolerance"),
+        ),
+    ),
+    Case(
+        "Adadelta",
+        configs=(
+            dict(lr=1.0, rho=0.8, weight_decay=0.01),
+            dict(),
+            dict(lr=0.5, rho=0.7, eps=1e-4, weight_decay=0.05, maximize=True),
+            dict(lr=1.0),
+        ),
+        reference=torch_optim("Adadelta"),
+        bad=(
+            Bad(dict(rho=-0.1), ValueError, r"rho must be"),
+            Bad(dict(lr=math.nan), ValueError, r"lr must be"),
+        ),
+        state=keys("step", "square_avg", "acc_delta"),
+    ),
+    Case(
+        "Adamax",
+        configs=(
+            dict(lr=0.01, betas=(0.3, 0.9), weight_decay=0.1),
+            dict(),
+            dict(lr=1e-2, betas=(0.3, 0.9), eps=1e-5, weight_decay=0.1),
+            dict(lr=0.01),
+        ),
+        reference=torch_optim("Adamax"),
+        bad=(
+            Bad(dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\] must be"),
+        ),
+        state=keys("step", "exp_avg", "exp_inf"),
+    ),
+    Case(
+        "NAdam",
+        configs=(
+            dict(lr=0.01, momentum_decay=0.01),
+            dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+            dict(),
+            dict(lr=1e-2, betas=(0.8, 0.99), momentum_decay=1e-2, weight_decay=0.1),
+            dict(lr=0.01),
+        ),
+        reference=torch_optim("NAdam"),
+        bad=(
+            Bad(dict(momentum_decay=-4e-3), ValueError, r"momentum_decay must be"),
+            Bad(dict(decoupled_weight_decay="no"), TypeError,
+                r"decoupled_weight_decay must be True or False"),
+        ),
+        state=keys("step", "mu_product", "exp_avg", "exp_avg_sq"),
+    ),
+    Case(
+        "RAdam",
+        configs=(
+            dict(lr=0.01, betas=(0.8, 0.95)),
+            dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+            dict(),
+            dict(lr=1e-2, betas=(0.8, 0.9), weight_decay=0.1),
+            dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True),
+            dict(lr=0.01),
+        ),
+        reference=torch_optim("RAdam"),
+        bad=(
+            Bad(dict(eps=-1.0), ValueError, r"eps must be"),
+        ),
+        state=keys("step", "exp_avg", "exp_avg_sq"),
+    ),
+    Case(
+        "ADOPT",
+        configs=(
+            dict(),
+            dict(lr=1e-2, betas=(0.5, 0.99), eps=1e-8),
+            dict(lr=1e-2, weight_decay=0.1),
+            dict(lr=1e-2, weight_decay=0.1, decouple=True, maximize=True),
+            dict(lr=1e-2, clip_lambda=None),
+            dict(lr=3e-3, betas=(0.8, 0.95), maximize=True),
+        ),
+        reference=Reference("torch", "adopt.ADOPT"),
+        bad=(
+            Bad(dict(lr=-1e-3), ValueError, r"lr must be a finite number in \[0, inf\]"),
+            Bad(dict(betas=(0.9, 1.0)), ValueError,
+                r"betas\[1\] must be a finite number in \[0, 1\)"),
+            Bad(dict(eps=-1e-6), ValueError, r"eps must be"),
+            Bad(dict(weight_decay=-0.1), ValueError, r"weight_decay must be"),
+            Bad(dict(decouple=1), TypeError, r"decouple must be True or False"),
+        ),
+        state=keys("step", "exp_avg", "exp_avg_sq"),
+    ),
+    Case(
+        "Lion",
+        configs=(
+            dict(lr=1e-3, weight_decay=0.1),
+            dict(lr=1e-3, betas=(0.5, 0.2), maximize=True),
+            dict(),
+            dict(lr=3e-4, betas=(0.5, 0.9), maximize=True),
+            dict(lr=1e-3, betas=(0.95, 0.98), weight_decay=1.0),
+        ),
+        reference=Reference("optax", "optax.lion", _lion_args, seed=11),
+        bad=(
+            Bad(dict(betas=(1.1, 0.99)), ValueError,
+                r"betas\[0\] must be a finite number in \[0, 1\]"),
+            Bad(dict(weight_decay=-1.0), ValueError, r"weight_decay must be"),
+        ),
+        state=keys("exp_avg"),  # no step count
+    ),
+    Case(
+        "Lamb",
+        configs=(
+            dict(lr=1e-2),
+            dict(lr=1e-2, betas=(0.5, 0.9), eps=1e-3, weight_decay=0.1, maximize=True),
+            dict(),
+            dict(lr=1e-2, weight_decay=0.1),
+            dict(lr=1e-3, betas=(0.5, 0.9), eps=1e-4, maximize=True),
+            dict(lr=1e-2, weight_decay=0.01),
+        ),
+        reference=Reference("optax", "optax.lamb", _lamb_args, seed=12),
+        bad=(
+            Bad(dict(eps=-1e-6), ValueError, r"eps must be"),
+            Bad(dict(betas=(0.9,)), ValueError, r"betas must be a pair"),
+        ),
+        state=keys("step", "exp_avg", "exp_avg_sq"),
+    ),
+    Case(
+        "Adafactor",
+        configs=(
+            dict(lr=1e-2),
+            dict(lr=0.05, beta2_decay=-0.5, eps=(1e-20, 1e-2), d=2.0, weight_decay=0.1,
+                 maximize=True),
+            dict(),
+            dict(lr=1e-3, beta2_decay=0.0, eps=(1e-3, 0.0), weight_decay=0.5),
+            dict(lr=1e-2, weight_decay=0.01),
+        ),
+        reference=torch_optim("Adafactor"),
+        bad=(
+            Bad(dict(beta2_decay=0.5), ValueError, r"beta2_decay must be"),
+            Bad(dict(eps=(None, -1.0)), ValueError, r"eps\[1\] must be"),
+            Bad(dict(eps=(-1e-3, 1e-3)), ValueError, r"eps\[0\] must be"),
+            Bad(dict(eps=1e-3), ValueError, r"eps must be a pair"),
+            Bad(dict(d=0.5), ValueError, r"d must be"),
+            Bad(dict(lr=float("nan")), ValueError, r"lr must be"),
+        ),
+        # row and column factors for 2+ dims (the last two), as torch
+        state=keys("step", variance=ndim_at_least(2, appears=False),
+                   row_var=ndim_at_least(2), col_var=ndim_at_least(2)),
+        # 0-d and 1-d tensors, one column block, several blocks and slices, a matrix large
+        # enough for both threads, a conv weight (many 3 x 3 slices), a column, empty ones
+        shapes=((), 7, (33, 5), (2, 3, 700), (300, 1100), (64, 32, 3, 3), (9, 1), (0, 3),
+                (4, 0, 2)),
+    ),
+]}
+
+
+def configs(kind=None, richest_first=False):
+    """(case, config) of every case (of reference kind `kind`), in table order (with
+    richest_first, each rule's richest config first)."""
+    out = []
+    for case in CASES.values():
+        if kind is None or case.reference.kind == kind:
+            first = [case.richest] if richest_first else []
+            out += [(case, kw) for kw in first + [kw for kw in case.configs if kw not in first]]
+    return out
+
+
+# --- tiers ----------------------------------------------------------------------------------
+
+def _key(value):
+    return repr(value)
+
+
+def spread(rows, name, values, against):
+    """Give every row (a dict) a value of factor `name`, so that each value meets each value
+    of every factor in `against` at least once: a pairwise covering of those factors
+    instead of their full product. Greedy, in row order: a row takes the value that covers
+    the most pairs not yet covered, among those the one whose pairs occurred least, then
+    the one used least (the first such), which keeps the values balanced. Where the rows
+    do not suffice, copies of them are appended with the missing values. Returns the new
+    rows."""
+    seen, used, out = Counter(), Counter(), []
+
+    def pairs(row, value):
+        return [(f, _key(row[f]), _key(value)) for f in against]
+
+    for row in rows:
+        value = max(values, key=lambda v: (sum(p not in seen for p in pairs(row, v)),
+                                           -sum(seen[p] for p in pairs(row, v)),
+                                           -used[_key(v)]))
+        seen.update(pairs(row, value))
+        used[_key(value)] += 1
+        out.append({**row, name: value})
+    for row in list(out):
+        for value in values:
+            if any(p not in seen for p in pairs(row, value)):
+                seen.update(pairs(row, value))
+                out.append({**row, name: value})
+    return out
+
+
+def firsts(rows, *factors):
+    """The first row of each combination of `factors` that occurs in `rows`."""
+    out = {}
+    for row in rows:
+        out.setdefault(tuple(_key(row[f]) for f in factors), row)
+    return list(out.values())
+
+
+def tiered(rows, fast, args, ident, marks=lambda row: []):
+    """pytest params for `rows` (dicts): those equal to one of `fast` as they are, the others
+    marked slow. Each param holds the row's `args` in this order; `ident(row)` is its id,
+    `marks(row)` a list of further marks."""
+    fast = {_key(sorted(r.items())) for r in fast}
+    return [pytest.param(*(row[a] for a in args), id=ident(row),
+                         marks=marks(row) + ([] if _key(sorted(row.items())) in fast
+                                             else [pytest.mark.slow]))
+            for row in rows]
+
+
+def _unchecked(row):
+    for kw, dtype, reason in row["case"].unchecked:
+        if kw == row["kw"] and dtype is row["dtype"]:
+            return reason
+    return None
+
+
+def reference_grid(kind, dtypes):
+    """(case, kw, dtype) params of the conformance test against references of `kind`: every
+    config in every dtype; fast: two configs of each rule (its richest and another, one in
+    each dtype). Combinations in a case's `unchecked` are skipped, with their reason."""
+    rows = [dict(case=case, kw=kw, config=config_id(case.name, kw), rule=case.name)
+            for case, kw in configs(kind, richest_first=True)]
+    full = [dict(row, dtype=dtype) for row in rows for dtype in dtypes]
+    spread_rows = spread(rows, "dtype", dtypes, against=["rule"])
+    fast = firsts([r for r in spread_rows + full if not _unchecked(r)], "rule", "dtype")
+    return tiered(full, fast, ["case", "kw", "dtype"],
+                  lambda r: f"{r['config']}-{np.dtype(r['dtype']).name}",
+                  lambda r: [pytest.mark.skip(reason=_unchecked(r))] if _unchecked(r) else [])
+
+
+def count(rows, *factors):
+    """How often each combination of `factors` occurs in `rows` (for checking coverage)."""
+    return Counter(tuple(_key(row[f]) for f in factors) for row in rows)
