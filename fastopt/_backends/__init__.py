@@ -12,8 +12,9 @@ itself, never listed by hand:
   reference, through the reference function named after the rule's operation
   (``adam_step``).
 
-Each operation runs on the backend's dtypes (``Backend.dtypes``) unless its package says
-otherwise in ``DTYPES`` (op -> dtypes: the random fills also write raw uint32 bits).
+Each operation runs on the backend's dtypes (``Backend.dtypes``), except those that
+OP_DTYPES lists (the random fills also write raw uint32 bits), and a backend package may
+narrow or widen an operation's dtypes in its own ``DTYPES`` (op -> dtypes).
 
 ``resolve(op, backend, device, dtype)`` returns the function; ``backend="auto"`` picks the
 first available backend in AUTO_ORDER for the device. ``OPS`` maps each operation to the
@@ -63,6 +64,9 @@ BACKENDS = {
 # the operations that are not optimizer rules
 OPERATIONS = ("norm_partials", "random_fill", "weight_norm_sums", "weight_norm_apply",
               "magnitude_masks", "quant_loop", "kd_rows")
+
+# operations whose dtypes are not the backend's floats
+OP_DTYPES = {"random_fill": ("float32", "float64", "uint32")}
 
 AUTO_ORDER = {"cpu": ("cython", "numba", "numpy"), "cuda": ("cupy",)}
 
@@ -118,7 +122,7 @@ def _implementation(name, op):
 def dtypes(name, op):
     """The dtypes backend `name` runs `op` on."""
     module = _module(name)
-    return getattr(module, "DTYPES", {}).get(op, BACKENDS[name].dtypes)
+    return getattr(module, "DTYPES", {}).get(op, OP_DTYPES.get(op, BACKENDS[name].dtypes))
 
 
 class _Operations(Mapping):

@@ -32,6 +32,3 @@ __all__ = ["KERNELS", "MASKS_IN_KERNELS", "device", "elementwise", "factors", "n
            "random_fill", "weight_norm_sums", "weight_norm_apply", "magnitude_masks",
            "quant_loop", "kd_rows", "THREADS", "compile_options", "grid", "kernel_dir",
            "source", "unavailable_reason"]
-
-# the fills also write raw bits (fastopt.prune's random keys)
-DTYPES = {"random_fill": ("float32", "float64", "uint32")}

@@ -23,6 +23,3 @@ magnitude_masks = functools.partial(_select.magnitude_masks, compress)
 __all__ = ["KERNELS", "MASKS_IN_KERNELS", "device", "elementwise", "factors", "norm_partials",
            "random_fill", "weight_norm_sums", "weight_norm_apply", "magnitude_masks",
            "quant_loop", "kd_rows"]
-
-# the fills also write raw bits (fastopt.prune's random keys)
-DTYPES = {"random_fill": ("float32", "float64", "uint32")}

@@ -10,6 +10,3 @@ from fastopt._backends._numpy.optim import __all__ as _optim_all
 
 __all__ = _optim_all + ["random_fill", "weight_norm_sums", "weight_norm_apply",
                         "magnitude_masks", "quant_loop", "kd_rows"]
-
-# the fills also write raw bits (fastopt.prune's random keys)
-DTYPES = {"random_fill": ("float32", "float64", "uint32")}
