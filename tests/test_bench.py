@@ -1,9 +1,10 @@
-"""The comparison harness and the asv suite run (tiny sizes here; speed is not asserted)."""
+"""The comparison harness and the asv suite run: tiny sizes and budgets here; the numbers
+are checked for consistency (each row's GB/s and % of limit follow from its time), and one
+torch row is checked against the same step timed in a fresh process."""
 
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,34 +24,119 @@ def test_parse_case():
     assert min(sizes) < 30_000 < 70_000 < max(sizes)  # uneven, like a network's layers
 
 
-def test_harness_end_to_end(tmp_path, capsys):
+@pytest.fixture
+def quick(monkeypatch):
+    """Smoke-test timing: a 1 MiB cache-eviction buffer instead of 64 MiB (the tiny cases
+    here are in cache anyway; rewriting 64 MiB before every call was most of these tests'
+    time)."""
+    monkeypatch.setattr(bench._timing, "EVICT_BYTES", 1 << 20)
+
+
+def assert_numbers(rows, traffic):
+    """Every row has a positive time, its GB/s is its traffic (elements x 4 bytes x
+    traffic(row)) over its time, and its % of limit is its GB/s over the stream limit's
+    GB/s in the same rule and case (equivalently the limit's time over its own)."""
+    limits = {(r["rule"], r["case"]): r for r in rows
+              if r["implementation"] == "stream limit (C kernel)"}
+    assert limits
+    for r in rows:
+        assert r["median_ms"] > 0, r
+        assert r["gbps"] == pytest.approx(
+            r["elements"] * 4 * traffic(r) / (r["median_ms"] * 1e-3) / 1e9, rel=1e-9), r
+        limit = limits[r["rule"], r["case"]]
+        assert r["pct_limit"] == pytest.approx(100 * r["gbps"] / limit["gbps"], rel=1e-9), r
+        assert r["pct_limit"] == pytest.approx(
+            100 * limit["median_ms"] / r["median_ms"], rel=1e-9), r
+    for limit in limits.values():
+        assert limit["pct_limit"] == pytest.approx(100)
+
+
+def rule_traffic(row):
+    return bench.RULES[row["rule"]].traffic
+
+
+def test_harness_end_to_end(tmp_path, capsys, quick):
     out = tmp_path / "results.json"
-    assert bench.main(["--cases", "20K,3x5K", "--budget", "0", "--json", str(out)]) == 0
+    assert bench.main(["--cases", "20K,3x5K", "--budget", "0", "--no-check",
+                       "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert {r["rule"] for r in rows} == set(bench.DEFAULT_RULES)
     assert {r["case"] for r in rows} == {"20K", "3x5K"}
+    assert {(r["case"], r["tensors"], r["elements"]) for r in rows} == {
+        ("20K", 1, 20_000), ("3x5K", 3, 15_000)}
     names = {r["implementation"] for r in rows}
     assert {"stream limit (C kernel)", "fastopt cython", "numpy reference"} <= names
     if bench._backends.available("numba"):
         assert "fastopt numba" in names
     if importlib.util.find_spec("torch") is not None:
         assert {"torch for-loop", "torch foreach", "torch fused"} <= names
+    assert_numbers(rows, rule_traffic)
+    # the printed table holds the same numbers
     for r in rows:
-        assert r["median_ms"] > 0 and r["gbps"] > 0 and r["pct_limit"] > 0
-        if r["implementation"].startswith("stream limit"):
-            assert r["pct_limit"] == pytest.approx(100)
-    assert "% limit" in printed and "fastopt cython" in printed
+        assert (f"{r['rule']:<6} {r['case']:<9} {r['implementation']:<30} "
+                f"{r['median_ms']:>10.2f} {r['gbps']:>7.1f} {r['pct_limit']:>7.0f}%") in printed
+    assert result["fresh_process_check"] is None  # --no-check
+    assert result["machine"]["threads"] >= 1 and result["machine"]["processor"]
 
 
-def test_harness_every_rule(tmp_path):
+def test_harness_every_rule(tmp_path, quick):
     out = tmp_path / "all.json"
-    assert bench.main(["--rules", "all", "--cases", "3x3K", "--budget", "0",
+    assert bench.main(["--rules", "all", "--cases", "3x3K", "--budget", "0", "--no-check",
                        "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {r["rule"] for r in rows} == set(bench.RULES)
-    assert all(r["median_ms"] > 0 for r in rows)
+    for rule in bench.RULES:  # every rule ran on fastopt's own backend
+        assert any(r["rule"] == rule and r["implementation"] == "fastopt cython"
+                   for r in rows), rule
+    assert_numbers(rows, rule_traffic)
+
+
+def test_harness_agrees_with_a_fresh_process(tmp_path):
+    """A torch.optim row timed inside the harness (the CLI's process: fastopt's OpenMP
+    extensions and Numba's threading layer loaded before torch) agrees within 1.5x with
+    the same step timed alone in a fresh process. It did not before the harness undid
+    Numba's nested-parallelism setting: torch's for-loop Adam was 20-40x slower in the
+    harness. 4 tensors of 50K-150K elements: large enough for torch to run its ops in
+    parallel regions, where the difference was."""
+    pytest.importorskip("torch")
+    out = tmp_path / "check.json"
+    # `python -m fastopt.bench`'s order of imports (fastopt.bench first, torch when the
+    # torch rows are built), with the quick fixture's eviction buffer
+    code = ("import sys, fastopt.bench as b; b._timing.EVICT_BYTES = 1 << 20; "
+            "sys.exit(b.main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "--rules", "adam", "--cases", "4x100K",
+                           "--budget", "0", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    check = json.loads(out.read_text())["fresh_process_check"]
+    assert check["rule"] == "adam" and check["case"] == "4x100K"
+    assert check["implementation"] == "torch for-loop"
+    assert check["harness_ms"] > 0 and check["fresh_ms"] > 0
+    assert check["ratio"] == pytest.approx(check["harness_ms"] / check["fresh_ms"])
+    assert check["agree"], proc.stdout
+    assert "check: torch for-loop adam 4x100K" in proc.stdout
+    assert "WARNING" not in proc.stdout
+
+
+def test_fresh_check_reports_a_disagreement(capsys, monkeypatch):
+    """The check's verdict and its warning line (the timings replaced: a 3x gap)."""
+    monkeypatch.setattr(bench, "time_against_fresh",
+                        lambda *a, **k: ([0.003, 0.004], [0.001, 0.002]))
+    result = bench._fresh_check("adam", "4x100K", bench.RULES["adam"], [1], 1, 0,
+                                lambda: None, 0.003, sys.stdout)
+    printed = capsys.readouterr().out
+    assert not result["agree"] and result["ratio"] == pytest.approx(3)
+    assert printed.startswith("WARNING: torch for-loop adam 4x100K takes 3.00 ms here but "
+                              "1.00 ms alone in a fresh process")
+    assert "note:" not in printed  # the row's 3 ms is the step's median while checked
+    # a row far from the step's time while checked: the load changed (a note, no warning)
+    result = bench._fresh_check("adam", "4x100K", bench.RULES["adam"], [1], 1, 0,
+                                lambda: None, 0.035, sys.stdout)
+    printed = capsys.readouterr().out
+    assert result["row_drift"] == pytest.approx(10)
+    assert "note: the torch for-loop adam 4x100K row's median, 35.00 ms, is 10.00x" in printed
 
 
 def test_harness_rejects_unknown_rule():
@@ -63,7 +149,7 @@ def test_matrix_sizes():
 
 
 def test_asv_suite_is_valid(tmp_path):
-    if shutil.which("asv") is None and not os.environ.get("CI"):
+    if importlib.util.find_spec("asv") is None:
         pytest.skip("asv is not installed (pip install 'fastopt[bench]')")
     env = dict(os.environ, HOME=str(tmp_path))  # asv's machine file goes to $HOME
     asv = [sys.executable, "-m", "asv", "--config", str(ROOT / "benchmarks" / "asv.conf.json")]
@@ -74,7 +160,7 @@ def test_asv_suite_is_valid(tmp_path):
     assert "No problems found" in proc.stdout
 
 
-def test_harness_operations(tmp_path, capsys):
+def test_harness_operations(tmp_path, quick):
     out = tmp_path / "ops.json"
     assert bench.main(["--rules", "none", "--ops", "all", "--op-cases", "64x96,2K",
                        "--budget", "0", "--json", str(out)]) == 0
@@ -87,6 +173,6 @@ def test_harness_operations(tmp_path, capsys):
         r["implementation"] for r in rows if r["rule"] == "kd_loss" and r["case"] == "64x96"}
     if importlib.util.find_spec("torch") is not None:
         assert "torch" in {r["implementation"] for r in rows}
-    assert all(r["median_ms"] > 0 and r["pct_limit"] > 0 for r in rows)
+    assert_numbers(rows, lambda r: bench.ops.OPS[r["rule"]].traffic)
     with pytest.raises(SystemExit):
         bench.main(["--rules", "none", "--ops", "dropout", "--json", ""])

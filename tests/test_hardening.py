@@ -121,3 +121,25 @@ def test_optimizer_copies_get_their_own_lock():
     twin = copy.deepcopy(opt)
     twin.step([np.ones(3)])
     assert twin.state[0]["step"] == 1 and opt.state == {}
+
+
+def test_numba_backend_leaves_openmp_unnested():
+    """Numba's OpenMP layer turns nesting on in the libgomp that a fastopt extension loaded
+    first and torch then shares (torch's per-tensor steps went 20-40x slower); loading the
+    backend turns it off again."""
+    import subprocess
+    import sys
+    require_backend("numba")
+    code = ("import ctypes\n"
+            "from fastopt._cpu import _stream\n"  # loads the system libgomp first
+            "from fastopt import _backends, _config\n"
+            "assert _backends.available('numba')\n"
+            "levels = [ctypes.CDLL(p).omp_get_max_active_levels()\n"
+            "          for p in _config.openmp_runtimes() if 'libgomp' in p]\n"
+            "print(levels)\n"
+            "assert levels and all(level == 1 for level in levels), levels\n")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("OMP_NESTED", "OMP_MAX_ACTIVE_LEVELS")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

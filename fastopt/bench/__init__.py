@@ -13,6 +13,17 @@ step moves its data as fast as the machine can stream it.
 The implementations of one case are timed in interleaved rounds (each round calls each once),
 not one after the other: on a shared machine the available bandwidth drifts over seconds, and
 back-to-back blocks of timings then differ by more than the implementations do.
+
+All of them run in one process, so what one leaves behind must not reach the others' rows:
+Numba's OpenMP threading layer turns nested parallelism on in the OpenMP runtime that torch
+shares here, which made torch's for-loop and foreach Adam 20-40x slower than for a user of
+torch alone; the Numba backend turns it back off when it loads (for users as for the
+harness: fastopt._config.keep_openmp_unnested), and the harness frees a 16 MiB
+block first, so that malloc serves torch's per-op temporaries from its heap as in any
+training loop, not from fresh pages (_warm_allocator). And it checks: one
+torch.optim row is timed again against the same step alone in a fresh process, in turns,
+and a disagreement beyond 1.5x prints a WARNING line and sets 'agree' false under
+'fresh_process_check' in the JSON (--no-check skips it).
 """
 
 import argparse
@@ -21,16 +32,20 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from typing import NamedTuple
 
 import numpy as np
 
 import fastopt
-from fastopt import _backends, _rules
+from fastopt import _backends, _config, _rules
 from fastopt._interop import aligned_empty
-from fastopt.bench import ops
+from fastopt.bench import _timing, ops
+from fastopt.bench._timing import MATRIX_COLS, matrix_sizes, parse_case, time_interleaved
 
 
 class Rule(NamedTuple):
@@ -83,58 +98,6 @@ def _table_rules():
 RULES = _table_rules()
 DEFAULT_RULES = ("adam", "adamw", "sgd", "adam+clip")
 DEFAULT_CASES = ("1M", "10M", "50M", "200x50K")
-_EVICT_BYTES = 64 << 20  # twice this machine's 32 MiB L3; more than most servers' per-socket L3
-
-
-def parse_case(text):
-    """'10M' -> [10_000_000]; '200x50K' -> 200 tensors totalling 10M, of uneven sizes."""
-    def number(s):
-        scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(s[-1:].upper(), 1)
-        return int(float(s[:-1] if scale > 1 else s) * scale)
-    if "x" in text:
-        count, each = text.split("x")
-        count, each = int(count), number(each)
-        # sizes from 0.5x to 1.5x the mean (like the layers of a network), same total
-        sizes = np.linspace(0.5, 1.5, count) * each
-        sizes = np.floor(sizes).astype(np.int64)
-        sizes[-1] += count * each - sizes.sum()
-        return [int(s) for s in sizes]
-    return [number(text)]
-
-
-def time_interleaved(fns, min_rounds=3, max_rounds=40, budget=1.0, pause=0.005, slice_s=0.03):
-    """Median seconds of each function, timed in interleaved rounds.
-
-    Each round calls every function, a fast one several times in a row (about `slice_s`
-    seconds' worth), so fast and slow implementations alike get many samples from the same
-    stretch of time. Before every call a buffer twice the size of the last-level cache is
-    rewritten, so each call starts cold, as an optimizer step does after a backward pass.
-    Each round starts one function later than the last, so none always runs right after
-    the same neighbour, and each function's turn waits `pause` seconds first:
-    OpenMP worker threads (torch and fastopt each bring a runtime) spin for a while after a
-    parallel region, and a call made during that spin shares the cores with them.
-    """
-    evict = np.ones(_EVICT_BYTES // 8)
-    repeats = []
-    for fn in fns:
-        fn()  # warm-up: first touch, compilation, state allocation
-        t0 = time.perf_counter()
-        fn()
-        repeats.append(max(1, min(20, int(slice_s / (time.perf_counter() - t0)))))
-    times = [[] for _ in fns]
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < budget):
-        for k in range(len(fns)):
-            index = (rounds + k) % len(fns)
-            time.sleep(pause)
-            for _ in range(repeats[index]):
-                evict += 1.0
-                t0 = time.perf_counter()
-                fns[index]()
-                times[index].append(time.perf_counter() - t0)
-        rounds += 1
-    return [statistics.median(record) for record in times]
 
 
 @functools.lru_cache(maxsize=8)
@@ -148,15 +111,6 @@ def _arrays(sizes, dtype, seed, matrix=False):
     base = _draw(max(sizes, default=0), seed)
     return [base[:n].astype(dtype).reshape((n // MATRIX_COLS, MATRIX_COLS) if matrix else n)
             for n in sizes]
-
-
-MATRIX_COLS = 1024
-
-
-def matrix_sizes(sizes):
-    """Sizes rounded down to whole rows of MATRIX_COLS (at least one row), for rules that
-    treat 2-D parameters differently (Adafactor): the layers of a network are matrices."""
-    return [max(MATRIX_COLS, n - n % MATRIX_COLS) for n in sizes]
 
 
 def _stream_case(sizes, n_state, n_threads):
@@ -225,11 +179,195 @@ def implementations(rule, sizes, n_threads, include_numpy):
     return impls
 
 
+_WARM_BYTES = 16 << 20
+
+
+def _warm_allocator():
+    """Allocate and free one 16 MiB block, as a training loop frees its activations.
+
+    glibc's malloc maps fresh pages for each block above its mmap threshold (128 KiB at
+    first) and raises the threshold to the largest such block freed so far (up to 32 MiB).
+    Until a process has freed one, the temporaries of torch.optim's for-loop step (one per
+    op and tensor, 100-600 KiB here) each cost a round of page faults: 2x the time of the
+    step on 4 tensors of 100K, in some fresh processes and not others. After this, every
+    process times the step as a training loop runs it."""
+    np.ones(_WARM_BYTES // 8)
+
+
+FRESH_TOLERANCE = 1.5  # the fresh-process check: harness / fresh within [1/this, this]
+
+# One torch.optim step in a new process that imports only NumPy and torch, on the harness's
+# tensors, its allocator warmed like the harness's: after "ready", each line N on stdin times
+# N steps with time_interleaved's protocol (a pause, then N calls, each on a cold cache) and
+# answers their seconds as a JSON list; 0 ends.
+_FRESH_STEP = r"""
+import json, sys, time
+import numpy as np
+import torch
+a = json.loads(sys.argv[1])
+torch.set_num_threads(a["threads"])
+np.ones(a["warm_bytes"] // 8)  # malloc as after a training loop's first step (_warm_allocator)
+def tensors(seed):
+    base = np.random.default_rng(seed).standard_normal(max(a["sizes"]), dtype=np.float32)
+    return [torch.from_numpy(base[:n].copy().reshape((n // a["cols"], a["cols"])
+                                                      if a["cols"] else n))
+            for n in a["sizes"]]
+params = tensors(1)
+for p, g in zip(params, tensors(2)):
+    p.grad = g
+opt = getattr(torch.optim, a["cls"])(params, **a["hyper"], **a["flags"])
+def step():
+    if a["clip"] is not None:
+        torch.nn.utils.clip_grad_norm_(params, a["clip"], foreach=a["foreach_clip"])
+    opt.step()
+evict = np.ones(a["evict_bytes"] // 8)
+step()
+print("ready", flush=True)
+for line in sys.stdin:
+    times = []
+    time.sleep(a["pause"])
+    for _ in range(int(line)):
+        evict += 1.0
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    if not times:
+        break
+    print(json.dumps(times), flush=True)
+"""
+
+
+def time_against_fresh(step, rule, sizes, mode, n_threads, budget=1.0, min_calls=20,
+                       max_rounds=100, pause=0.005, slice_s=0.03, max_calls=5, max_s=30,
+                       timeout=300):
+    """Seconds of each call of `step` (torch.optim's `mode` step of `rule` on `sizes`,
+    built in this process) and of the same step in a fresh Python process (see
+    _FRESH_STEP): two lists, timed in interleaved rounds like time_interleaved, so the two
+    never run at once and a drift in the machine's load reaches both alike. Rounds go on
+    for `budget` seconds and until each side has `min_calls` calls (or `max_s` passed)."""
+    flags = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True),
+             "fused": dict(fused=True)}[mode]
+    args = dict(threads=n_threads, sizes=list(sizes), cols=MATRIX_COLS if rule.matrix else 0,
+                cls=rule.torch, hyper=rule.hyper, flags=flags, clip=rule.clip,
+                foreach_clip=mode != "for-loop", evict_bytes=_timing.EVICT_BYTES, pause=pause,
+                warm_bytes=_WARM_BYTES)
+    evict = np.ones(_timing.EVICT_BYTES // 8)
+    step()
+    fastest = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        step()
+        fastest = min(fastest, time.perf_counter() - t0)
+    calls = max(1, min(max_calls, int(slice_s / fastest)))  # calls per turn
+    here, fresh = [], []
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _FRESH_STEP, json.dumps(args)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                text=True)
+        watchdog = threading.Timer(timeout, proc.kill)  # a hung child ends the check
+        watchdog.start()
+        try:
+            def ask(line):
+                proc.stdin.write(line)
+                proc.stdin.flush()
+                answer = proc.stdout.readline()
+                if not answer:
+                    err.seek(0)
+                    raise RuntimeError(f"the fresh process failed: {err.read()[-2000:]}")
+                return answer
+            ask("")  # wait for "ready"
+            start = time.perf_counter()
+            rounds = 0
+            while True:
+                elapsed = time.perf_counter() - start
+                if not ((len(here) < min_calls and elapsed < max_s)
+                        or (rounds < max_rounds and elapsed < budget)):
+                    break
+                for side in (0, 1) if rounds % 2 == 0 else (1, 0):
+                    if side == 1:
+                        fresh += json.loads(ask(f"{calls}\n"))
+                        continue
+                    time.sleep(pause)
+                    for _ in range(calls):
+                        evict += 1.0
+                        t0 = time.perf_counter()
+                        step()
+                        here.append(time.perf_counter() - t0)
+                rounds += 1
+            proc.stdin.write("0\n")
+            proc.stdin.flush()
+            proc.wait(timeout)
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return here, fresh
+
+
+def _check_target(rules, cases):
+    """(rule, case) of the fresh-process check: the case with the most tensors (a step of
+    many small tensors is the most sensitive to thread-pool trouble) and the first rule
+    that torch.optim has; None if none has."""
+    with_torch = [r for r in rules if RULES[r].torch is not None]
+    if not with_torch or not cases:
+        return None
+    case = max(cases, key=lambda c: len(parse_case(c)))  # first of the most
+    return with_torch[0], case
+
+
+def _fresh_check(rule, case, spec, sizes, n_threads, budget, step, row_s, out):
+    """Time the harness's 'torch for-loop' step against the same step alone in a fresh
+    process (time_against_fresh) and compare the fastest call of each: load from other
+    processes only ever adds time (on a busy machine a step of many small parallel regions
+    varies 20x from call to call), so the fastest call is each process's own cost. A
+    disagreement is measured once more before it is reported."""
+    mode = "for-loop"
+    for _ in range(2):
+        here, fresh = time_against_fresh(step, spec, sizes, mode, n_threads, budget)
+        ratio = min(here) / min(fresh)
+        agree = 1 / FRESH_TOLERANCE <= ratio <= FRESH_TOLERANCE
+        if agree:
+            break
+    result = dict(rule=rule, case=case, implementation=f"torch {mode}", row_ms=row_s * 1e3,
+                  harness_ms=min(here) * 1e3, fresh_ms=min(fresh) * 1e3,
+                  harness_median_ms=statistics.median(here) * 1e3,
+                  fresh_median_ms=statistics.median(fresh) * 1e3, calls=len(here),
+                  ratio=ratio, tolerance=FRESH_TOLERANCE, agree=agree)
+    timing = (f"torch {mode} {rule} {case} takes {result['harness_ms']:.2f} ms here "
+              f"{'and' if agree else 'but'} {result['fresh_ms']:.2f} ms alone in a fresh "
+              f"process (fastest of {len(here)} calls each, in turns: {ratio:.2f}x")
+    if agree:
+        print(f"check: {timing}, within {FRESH_TOLERANCE}x)", file=out, flush=True)
+    else:
+        print(f"WARNING: {timing}, beyond {FRESH_TOLERANCE}x): this process's rows are not "
+              f"what a user would see", file=out, flush=True)
+    # the row's own median against the medians of the same step a moment later: a gap
+    # that the fresh process shares is the machine's load changing, not this process
+    drift = row_s / statistics.median(here)
+    result["row_drift"] = drift
+    if not 1 / FRESH_TOLERANCE <= drift <= FRESH_TOLERANCE:
+        print(f"note: the torch {mode} {rule} {case} row's median, {result['row_ms']:.2f} ms, "
+              f"is {drift:.2f}x its median while checked ({result['harness_median_ms']:.2f} ms "
+              f"here, {result['fresh_median_ms']:.2f} ms fresh): the machine's load changed "
+              f"during the run", file=out, flush=True)
+    return result
+
+
 def run(rules=DEFAULT_RULES, cases=DEFAULT_CASES, n_threads=None, numpy_max=10**7,
-        budget=1.0, out=None):
-    """Measure everything; print the table to `out` (stdout) as it goes; return the results."""
+        budget=1.0, out=None, check=True):
+    """Measure everything; print the table to `out` (stdout) as it goes; return the results.
+
+    With `check`, one torch row (see _check_target) is timed again against the same step
+    alone in a fresh process (_fresh_check); the result goes into the output under
+    'fresh_process_check' (None: nothing checked), and a disagreement beyond
+    FRESH_TOLERANCE prints a WARNING line."""
     out = out or sys.stdout
     n_threads = n_threads or fastopt.get_num_threads()
+    _backends.available("numba")  # loading it keeps OpenMP unnested (fastopt._config)
+    _warm_allocator()
+    check_at = _check_target(rules, cases) if check else None
+    fresh_check = None
     rows = []
     header = (f"{'rule':<6} {'case':<9} {'implementation':<30} {'median ms':>10} {'GB/s':>7} "
               f"{'% limit':>8}")
@@ -254,7 +392,6 @@ def run(rules=DEFAULT_RULES, cases=DEFAULT_CASES, n_threads=None, numpy_max=10**
                     # torch has no such rule (Lion), or no fused/foreach form of it
                     print(f"{rule:<6} {case:<9} {name:<30} skipped: {exc}", file=out)
             medians = time_interleaved(steps, budget=budget)
-            del steps
             _draw.cache_clear()
             # the ceiling: the streaming kernel's bandwidth for the rule's traffic (with
             # clipping or several passes, more than the kernel itself moves)
@@ -266,12 +403,26 @@ def run(rules=DEFAULT_RULES, cases=DEFAULT_CASES, n_threads=None, numpy_max=10**
                 rows.append(row)
                 print(f"{rule:<6} {case:<9} {name:<30} {row['median_ms']:>10.2f} "
                       f"{row['gbps']:>7.1f} {row['pct_limit']:>7.0f}%", file=out, flush=True)
+            if (rule, case) == check_at and "torch for-loop" in names:
+                # checked while the step still exists, right after its rows were timed
+                at = names.index("torch for-loop")
+                try:
+                    fresh_check = _fresh_check(rule, case, spec, sizes, n_threads, budget,
+                                               steps[at], medians[at], out)
+                except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+                    fresh_check = dict(rule=rule, case=case, implementation="torch for-loop",
+                                       agree=None, error=str(exc))
+                    print(f"WARNING: the fresh-process check could not run: {exc}", file=out,
+                          flush=True)
+            del steps
     return {
         "fastopt": fastopt.__version__,
         "machine": {"platform": platform.platform(), "processor": _cpu_name(),
-                    "threads": n_threads, "cpu_count": os.cpu_count()},
+                    "threads": n_threads, "cpu_count": os.cpu_count(),
+                    "openmp_runtimes": [os.path.basename(p) for p in _config.openmp_runtimes()]},
         "dtype": "float32",
         "rows": rows,
+        "fresh_process_check": fresh_check,
     }
 
 
@@ -311,6 +462,9 @@ def main(argv=None):
                              "for the initializers and 4096x32000 for kd_loss)")
     parser.add_argument("--json", default="bench-results.json",
                         help="where to write the results as JSON ('' for nowhere)")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="skip timing one torch row again alone in a fresh process "
+                             f"(it should agree within {FRESH_TOLERANCE}x; default: check)")
     args = parser.parse_args(argv)
     rules = [r.strip().lower() for r in args.rules.split(",") if r.strip()]
     rules = list(RULES) if rules == ["all"] else [] if rules == ["none"] else rules
@@ -325,8 +479,10 @@ def main(argv=None):
         parser.error(f"unknown op(s) {unknown}; choose from "
                      f"{list(ops.GROUPS) + list(ops.OPS)}, all")
     result = run(rules, [c.strip() for c in args.cases.split(",") if c.strip()],
-                 args.threads, int(args.numpy_max), args.budget)
+                 args.threads, int(args.numpy_max), args.budget, check=args.check)
     if names:
+        _backends.available("numba")  # loading it keeps OpenMP unnested (fastopt._config)
+        _warm_allocator()
         print("\noperations, float32, one weight each; GB/s counts fastopt's transfers")
         result["rows"] += ops.run_ops(names, [c.strip() for c in args.op_cases.split(",")
                                               if c.strip()],

@@ -16,6 +16,7 @@ import numpy as np
 import fastopt
 from fastopt import _backends
 from fastopt._interop import aligned_empty
+from fastopt.bench._timing import MATRIX_COLS, parse_case, time_interleaved
 
 
 class Op(NamedTuple):
@@ -145,7 +146,6 @@ GROUPS = {"init": ("kaiming_uniform", "xavier_normal", "trunc_normal"),
 
 def shape_of(case):
     """'4096x4096' -> that matrix; '50M' -> 50M elements as rows of 1024."""
-    from fastopt.bench import MATRIX_COLS, parse_case
     if "x" in case and "M" not in case and "K" not in case:
         rows, cols = case.split("x")
         return int(rows), int(cols)
@@ -156,7 +156,6 @@ def shape_of(case):
 def run_ops(names, cases, n_threads, budget, out):
     """Time each named op on `cases` (None: each op's own default cases)."""
     from fastopt._cpu import _stream
-    from fastopt.bench import time_interleaved
     try:
         import torch
         torch.set_num_threads(n_threads)

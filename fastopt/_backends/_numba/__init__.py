@@ -4,6 +4,9 @@ norm), compress (the select's counting passes, quantization, distillation)."""
 
 import functools
 
+import numba
+
+from fastopt import _config
 from fastopt._backends import _select
 from fastopt._backends._numba import compress
 from fastopt._backends._numba.compress import kd_rows, quant_loop
@@ -18,6 +21,11 @@ from fastopt._backends._numba.optim import (
 )
 
 magnitude_masks = functools.partial(_select.magnitude_masks, compress)
+
+# Numba's OpenMP layer turns nesting on when it launches its threads; launch them now and
+# turn it off, so that torch sharing the runtime does not nest (fastopt._config)
+numba.get_num_threads()
+_config.keep_openmp_unnested()
 
 __all__ = ["KERNELS", "MASKS_IN_KERNELS", "device", "elementwise", "factors", "norm_partials",
            "random_fill", "weight_norm_sums", "weight_norm_apply", "magnitude_masks",

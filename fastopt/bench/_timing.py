@@ -1,0 +1,69 @@
+"""What the harness's optimizer rows and its other operations' rows share: the cases'
+sizes and how a set of implementations is timed."""
+
+import statistics
+import time
+
+import numpy as np
+
+EVICT_BYTES = 64 << 20  # twice this machine's 32 MiB L3; more than most servers' per-socket L3
+
+
+def parse_case(text):
+    """'10M' -> [10_000_000]; '200x50K' -> 200 tensors totalling 10M, of uneven sizes."""
+    def number(s):
+        scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(s[-1:].upper(), 1)
+        return int(float(s[:-1] if scale > 1 else s) * scale)
+    if "x" in text:
+        count, each = text.split("x")
+        count, each = int(count), number(each)
+        # sizes from 0.5x to 1.5x the mean (like the layers of a network), same total
+        sizes = np.linspace(0.5, 1.5, count) * each
+        sizes = np.floor(sizes).astype(np.int64)
+        sizes[-1] += count * each - sizes.sum()
+        return [int(s) for s in sizes]
+    return [number(text)]
+
+
+def time_interleaved(fns, min_rounds=3, max_rounds=40, budget=1.0, pause=0.005, slice_s=0.03):
+    """Median seconds of each function, timed in interleaved rounds.
+
+    Each round calls every function, a fast one several times in a row (about `slice_s`
+    seconds' worth), so fast and slow implementations alike get many samples from the same
+    stretch of time. Before every call a buffer twice the size of the last-level cache is
+    rewritten, so each call starts cold, as an optimizer step does after a backward pass.
+    Each round starts one function later than the last, so none always runs right after
+    the same neighbour, and each function's turn waits `pause` seconds first:
+    OpenMP worker threads (torch and fastopt each bring a runtime) spin for a while after a
+    parallel region, and a call made during that spin shares the cores with them.
+    """
+    evict = np.ones(EVICT_BYTES // 8)
+    repeats = []
+    for fn in fns:
+        fn()  # warm-up: first touch, compilation, state allocation
+        t0 = time.perf_counter()
+        fn()
+        repeats.append(max(1, min(20, int(slice_s / (time.perf_counter() - t0)))))
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (rounds < max_rounds and time.perf_counter() - start < budget):
+        for k in range(len(fns)):
+            index = (rounds + k) % len(fns)
+            time.sleep(pause)
+            for _ in range(repeats[index]):
+                evict += 1.0
+                t0 = time.perf_counter()
+                fns[index]()
+                times[index].append(time.perf_counter() - t0)
+        rounds += 1
+    return [statistics.median(record) for record in times]
+
+
+MATRIX_COLS = 1024
+
+
+def matrix_sizes(sizes):
+    """Sizes rounded down to whole rows of MATRIX_COLS (at least one row), for rules that
+    treat 2-D parameters differently (Adafactor): the layers of a network are matrices."""
+    return [max(MATRIX_COLS, n - n % MATRIX_COLS) for n in sizes]
