@@ -48,3 +48,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+# The frameworks a test compares with, each asked for by the tests that need it (so that
+# the others run where it is not installed): a test taking `torch` skips without torch.
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch")
+
+
+@pytest.fixture
+def scipy_stats():
+    return pytest.importorskip("scipy.stats")

@@ -64,13 +64,25 @@ def test_compiles_with_nvcc(name, tmp_path):
 
 # -- on a GPU -------------------------------------------------------------------------
 
+from cases import config_id, spread, tiered  # noqa: E402
 from conftest import kd_case  # noqa: E402
-from test_optim_parity import CONFIGS, SHAPES, SIZES, _ids, reference  # noqa: E402
+from test_optim_parity import CONFIGS, SHAPES, SIZES, reference  # noqa: E402
+
+DTYPES = [np.float32, np.float64]
+
+
+def _reference_grid():
+    """Full: every config in each dtype. Fast: every config in one dtype, each rule in
+    both."""
+    rows = [dict(config=(name, kw), rule=name) for name, kw in CONFIGS]
+    full = [dict(row, dtype=dtype) for dtype in DTYPES for row in rows]
+    fast = spread(rows, "dtype", DTYPES, against=["rule"])
+    return tiered(full, fast, ["config", "dtype"],
+                  lambda r: f"{np.dtype(r['dtype']).name}-{config_id(*r['config'])}")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("config, dtype", _reference_grid())
 def test_cupy_matches_reference(config, dtype):
     import cupy
     name, kw = config
@@ -122,6 +134,7 @@ def test_cupy_many_tensors_one_launch_large():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cupy_norm_is_identical(kind, dtype):
     import cupy
+
     from fastopt.optim import _clip
     rng = np.random.default_rng(3)
     host = [rng.standard_normal(n).astype(dtype) for n in (0, 1, 7, 1023, 100003, 40000)]
@@ -173,13 +186,27 @@ def test_cupy_magnitude_masks_identical(dtype):
         fastopt.prune.global_magnitude_masks(dev, 0.5)
 
 
+def _quant_grid():
+    """Full: every dtype x code type x axis. Fast: every code type on every axis, the
+    dtypes spread pairwise over them."""
+    rows = [dict(q=q, axis=axis) for q in [("int8", -128, 127), ("uint8", 0, 255),
+                                           ("int4", -8, 7)] for axis in (None, 0, 1)]
+    full = [dict(row, dtype=dtype) for dtype in DTYPES for row in rows]
+    fast = spread(rows, "dtype", DTYPES, against=["q", "axis"])
+
+    def flat(r):
+        qdtype, qmin, qmax = r["q"]
+        return dict(dtype=r["dtype"], qdtype=qdtype, qmin=qmin, qmax=qmax, axis=r["axis"])
+    return tiered([flat(r) for r in full], [flat(r) for r in fast],
+                  ["dtype", "qdtype", "qmin", "qmax", "axis"],
+                  lambda r: f"{np.dtype(r['dtype']).name}-{r['qdtype']}-axis{r['axis']}")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("qdtype, qmin, qmax", [("int8", -128, 127), ("uint8", 0, 255),
-                                                ("int4", -8, 7)])
-@pytest.mark.parametrize("axis", [None, 0, 1])
+@pytest.mark.parametrize("dtype, qdtype, qmin, qmax, axis", _quant_grid())
 def test_cupy_quant_identical(dtype, qdtype, qmin, qmax, axis):
     import cupy
+
     from fastopt import quant
     rng = np.random.default_rng(6)
     x = (rng.standard_normal((37, 1030)) * 3).astype(dtype)
@@ -205,13 +232,23 @@ def test_cupy_quant_identical(dtype, qdtype, qmin, qmax, axis):
         quant.quantize(dx, scale, zp, qdtype, axis)
 
 
+def _kd_grid():
+    """Full: every dtype x T x labels. Fast: every T with and without labels, the dtypes
+    spread pairwise over them."""
+    # the cross entropy's exponentials: computed (3, 0.5), shared (1), squared (2, 4, 8)
+    rows = [dict(T=T, with_labels=wl) for T in (3.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+            for wl in (True, False)]
+    full = [dict(row, dtype=dtype) for dtype in DTYPES for row in rows]
+    fast = spread(rows, "dtype", DTYPES, against=["T", "with_labels"])
+    return tiered(full, fast, ["dtype", "T", "with_labels"],
+                  lambda r: f"{np.dtype(r['dtype']).name}-{r['T']}-{r['with_labels']}")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-# the cross entropy's exponentials: computed (3, 0.5), shared (1), squared (2, 4, 8)
-@pytest.mark.parametrize("T", [3.0, 0.5, 1.0, 2.0, 4.0, 8.0])
-@pytest.mark.parametrize("with_labels", [True, False])
+@pytest.mark.parametrize("dtype, T, with_labels", _kd_grid())
 def test_cupy_kd_loss_identical(dtype, T, with_labels):
     import cupy
+
     from fastopt import distill
     s, t, labels = kd_case(dtype, 33, with_labels, seed=7)
     ds, dt = cupy.asarray(s), cupy.asarray(t)

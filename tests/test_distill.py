@@ -3,19 +3,20 @@ backends, large logits, bad input."""
 
 import numpy as np
 import pytest
+from cases import spread, tiered
 from conftest import CPU_BACKENDS, kd_case, require_backend
 
 import fastopt
 from fastopt import _backends, distill
 
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
 BACKENDS = [b for b in _backends.OPS["kd_rows"] if b in CPU_BACKENDS]  # GPU: test_cuda
 # torch warns that kl_div's reduction="mean" (the reference for ours) will change meaning
 pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
 
 
 def _torch(s, t, labels, T, alpha, reduction):
+    import torch
+    F = torch.nn.functional
     ts = torch.from_numpy(s.copy()).requires_grad_()
     log_s, log_t = F.log_softmax(ts / T, dim=1), F.log_softmax(torch.from_numpy(t) / T, dim=1)
     if reduction == "none":
@@ -31,18 +32,40 @@ def _torch(s, t, labels, T, alpha, reduction):
     return loss.detach().numpy(), ts.grad.numpy()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype, rtol", [(np.float32, 2e-5), (np.float64, 1e-12)])
-@pytest.mark.parametrize("reduction", distill.REDUCTIONS)
-@pytest.mark.parametrize("with_labels", [True, False])
-@pytest.mark.parametrize("scale, T, alpha, shape", [(1.0, 4.0, 0.9, (16, 1000)),
-                                                    (3.0, 3.0, 0.5, (7, 33)),
-                                                    (1e4, 2.5, 0.7, (9, 517)),
-                                                    (1e4, 1.0, 0.0, (4, 16)),
-                                                    (30.0, 2.0, 0.4, (6, 700)),
-                                                    (1e4, 8.0, 0.3, (5, 300)),
-                                                    (0.1, 0.5, 1.0, (3, 1))])
-def test_matches_torch(backend, dtype, rtol, reduction, with_labels, scale, T, alpha, shape):
+KD_CASES = [(1.0, 4.0, 0.9, (16, 1000)), (3.0, 3.0, 0.5, (7, 33)), (1e4, 2.5, 0.7, (9, 517)),
+            (1e4, 1.0, 0.0, (4, 16)), (30.0, 2.0, 0.4, (6, 700)), (1e4, 8.0, 0.3, (5, 300)),
+            (0.1, 0.5, 1.0, (3, 1))]  # (scale, T, alpha, shape)
+TOLERANCES = [(np.float32, 2e-5), (np.float64, 1e-12)]  # (dtype, rtol)
+
+
+def _flat(row):
+    """A grid row with its case and tolerance unpacked into the test's arguments."""
+    scale, T, alpha, shape = row["case"]
+    dtype, rtol = row["tol"]
+    return dict(backend=row["backend"], dtype=dtype, rtol=rtol, reduction=row["reduction"],
+                with_labels=row["with_labels"], scale=scale, T=T, alpha=alpha, shape=shape)
+
+
+def _torch_grid():
+    """Full: every case x reduction x labels x dtype x backend. Fast: every case with every
+    reduction, the labels, dtype and backend spread pairwise over them."""
+    full = [dict(case=case, reduction=red, with_labels=wl, tol=tol, backend=backend)
+            for backend in BACKENDS for tol in TOLERANCES for red in distill.REDUCTIONS
+            for wl in (True, False) for case in KD_CASES]
+    rows = [dict(case=case, reduction=red) for case in KD_CASES for red in distill.REDUCTIONS]
+    rows = spread(rows, "with_labels", [True, False], against=["case", "reduction"])
+    rows = spread(rows, "tol", TOLERANCES, against=["case", "reduction", "with_labels"])
+    fast = spread(rows, "backend", BACKENDS, against=["case", "reduction", "with_labels", "tol"])
+    args = ["backend", "dtype", "rtol", "reduction", "with_labels", "scale", "T", "alpha", "shape"]
+    return tiered([_flat(r) for r in full], [_flat(r) for r in fast], args,
+                  lambda r: "-".join(str(r[a]) if a != "dtype" else np.dtype(r[a]).name
+                                     for a in args))
+
+
+@pytest.mark.parametrize(
+    "backend, dtype, rtol, reduction, with_labels, scale, T, alpha, shape", _torch_grid())
+def test_matches_torch(backend, dtype, rtol, reduction, with_labels, scale, T, alpha, shape,
+                       torch):
     require_backend(backend)
     rng = np.random.default_rng(1)
     s = (rng.standard_normal(shape) * scale).astype(dtype)
@@ -76,10 +99,19 @@ def test_exp2_within_1_2_ulp(dtype, lowest):
     assert special.tolist() == [1.0, 2.0 ** lowest, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def _identity_grid():
+    """Full: every dtype x T x labels. Fast: every T with and without labels, the dtypes
+    spread pairwise over them."""
+    rows = [dict(T=T, with_labels=wl) for T in (3.0, 4.0, 1.0, 0.5, 2.0, 8.0, 16.0)
+            for wl in (True, False)]
+    full = [dict(row, dtype=dtype) for dtype in (np.float32, np.float64) for row in rows]
+    fast = spread(rows, "dtype", [np.float32, np.float64], against=["T", "with_labels"])
+    return tiered(full, fast, ["dtype", "T", "with_labels"],
+                  lambda r: f"{r['with_labels']}-{r['T']}-{np.dtype(r['dtype']).name}")
+
+
 # the kernels share exponentials at T = 1 and square them at T = 2, 4, 8
-@pytest.mark.parametrize("T", [3.0, 4.0, 1.0, 0.5, 2.0, 8.0, 16.0])
-@pytest.mark.parametrize("with_labels", [True, False])
+@pytest.mark.parametrize("dtype, T, with_labels", _identity_grid())
 def test_backends_bit_identical(dtype, T, with_labels):
     s, t, labels = kd_case(dtype, 33, with_labels, seed=2)
     ref = distill.kd_loss(s, t, labels, T, backend="numpy")
@@ -116,6 +148,7 @@ def test_identical_logits_give_zero_kl_and_frameworks():
     s = np.random.default_rng(3).standard_normal((5, 40)).astype(np.float32) * 1e4
     loss, grad = distill.kd_loss(s, s, alpha=1.0)
     assert loss == 0.0 and not grad.any()
+    torch = pytest.importorskip("torch")
     ts = torch.from_numpy(s)
     loss, grad = distill.kd_loss(ts, ts.clone(), torch.tensor([0, 1, 2, 3, 4]), reduction="none")
     assert isinstance(loss, torch.Tensor) and loss.shape == (5,)
@@ -211,11 +244,26 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("which", ["student_logits", "teacher_logits"])
-@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("at", [(0, 0), (2, 37), (4, 520)])
-@pytest.mark.parametrize("with_labels, T", [(True, 4.0), (True, 1.0), (False, 3.0)])
+def _non_finite_grid():
+    """Full: every backend x logits x value x position x (labels, T). Fast: each logits
+    array with each value at each position, the (labels, T) pairs and the backends spread
+    pairwise over them."""
+    lt = [(True, 4.0), (True, 1.0), (False, 3.0)]
+    rows = [dict(which=which, value=value, at=at) for which in ("student_logits", "teacher_logits")
+            for value in (np.nan, np.inf, -np.inf) for at in ((0, 0), (2, 37), (4, 520))]
+    full = [dict(row, lt=x, backend=b) for b in BACKENDS for x in lt for row in rows]
+    fast = spread(spread(rows, "lt", lt, against=["which", "value", "at"]), "backend", BACKENDS,
+                  against=["which", "value", "at", "lt"])
+
+    def flat(r):
+        return dict(backend=r["backend"], which=r["which"], value=r["value"], at=r["at"],
+                    with_labels=r["lt"][0], T=r["lt"][1])
+    args = ["backend", "which", "value", "at", "with_labels", "T"]
+    return tiered([flat(r) for r in full], [flat(r) for r in fast], args,
+                  lambda r: "-".join(str(r[a]) for a in args))
+
+
+@pytest.mark.parametrize("backend, which, value, at, with_labels, T", _non_finite_grid())
 def test_non_finite_logits_are_named(backend, which, value, at, with_labels, T):
     require_backend(backend)
     rng = np.random.default_rng(4)

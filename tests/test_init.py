@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from cases import spread, tiered
 from conftest import CPU_BACKENDS, require_backend
 
 import fastopt
@@ -12,9 +13,6 @@ from fastopt import _backends
 from fastopt._backends import _layout
 from fastopt._backends._numpy import init as ref
 from fastopt.init import _fans, _kaiming_std
-
-scipy_stats = pytest.importorskip("scipy.stats")
-torch = pytest.importorskip("torch")
 
 # Random123's published known answers for Philox-4x32-10: (counter, key, output)
 KAT = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
@@ -39,18 +37,33 @@ def test_raw_bits_are_philox(backend):
     assert tuple(int(x) for x in out[::16]) == KAT[0][2]
 
 
-def _trunc_reals(mean, std, a, b):
+def _trunc_reals(scipy_stats, mean, std, a, b):
     lo, hi = (a - mean) / std, (b - mean) / std
     p = scipy_stats.norm.cdf(lo)
     return (mean, std, a, b, p, scipy_stats.norm.sf(lo), scipy_stats.norm.cdf(hi) - p)
 
 
+# the truncated normal's reals: mean, std, a, b, then Phi(lo), 1 - Phi(lo) and the mass
+# between the bounds, as scipy.stats computes them (test_trunc_reals_are_scipys), written
+# out so that the backend tests run without scipy
+TRUNC = (0.1, 2.0, -1.0, 3.0, 0.29115968678834636, 0.7088403132116536, 0.6353110536020052)
+TRUNC_TAILS = (0.0, 1.0, -9.0, 9.0, 1.1285884059538324e-19, 1.0, 1.0)
+
 FILLS = [(_layout.UNIFORM, "float32", (-1.5, 3.0)), (_layout.UNIFORM, "float64", (-1.5, 3.0)),
          (_layout.NORMAL, "float32", (0.25, 2.0)), (_layout.NORMAL, "float64", (0.25, 2.0)),
-         (_layout.TRUNC_NORMAL, "float32", _trunc_reals(0.1, 2.0, -1.0, 3.0)),
-         (_layout.TRUNC_NORMAL, "float64", _trunc_reals(0.1, 2.0, -1.0, 3.0)),
-         (_layout.TRUNC_NORMAL, "float64", _trunc_reals(0.0, 1.0, -9.0, 9.0)),  # far tails
+         (_layout.TRUNC_NORMAL, "float32", TRUNC),
+         (_layout.TRUNC_NORMAL, "float64", TRUNC),
+         (_layout.TRUNC_NORMAL, "float64", TRUNC_TAILS),  # far tails
          (_layout.BITS, "uint32", ())]
+FILL_IDS = [f"{name}-{dtype}" for name, dtype in
+            [("uniform", "float32"), ("uniform", "float64"), ("normal", "float32"),
+             ("normal", "float64"), ("trunc", "float32"), ("trunc", "float64"),
+             ("trunc_tails", "float64"), ("bits", "uint32")]]
+
+
+def test_trunc_reals_are_scipys(scipy_stats):
+    assert _trunc_reals(scipy_stats, *TRUNC[:4]) == TRUNC
+    assert _trunc_reals(scipy_stats, *TRUNC_TAILS[:4]) == TRUNC_TAILS
 
 
 def _fill(backend, n, kind, dtype, reals, seed, n_threads):
@@ -60,9 +73,23 @@ def _fill(backend, n, kind, dtype, reals, seed, n_threads):
     return out
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS[1:])
-@pytest.mark.parametrize("kind, dtype, reals", FILLS)
-@pytest.mark.parametrize("n", [0, 1, 5, 63, 64, 65, 16385, 100003])
+def _fill_grid():
+    """Full: every compiled backend x fill x size. Fast: every fill at every size, the
+    backends spread pairwise over them."""
+    rows = [dict(fill=i, n=n) for i in range(len(FILLS))
+            for n in (0, 1, 5, 63, 64, 65, 16385, 100003)]
+    full = [dict(row, backend=b) for b in CPU_BACKENDS[1:] for row in rows]
+    fast = spread(rows, "backend", CPU_BACKENDS[1:], against=["fill", "n"])
+
+    def flat(r):
+        kind, dtype, reals = FILLS[r["fill"]]
+        return dict(backend=r["backend"], kind=kind, dtype=dtype, reals=reals, n=r["n"],
+                    id=f"{r['backend']}-{FILL_IDS[r['fill']]}-{r['n']}")
+    return tiered([flat(r) for r in full], [flat(r) for r in fast],
+                  ["backend", "kind", "dtype", "reals", "n"], lambda r: r["id"])
+
+
+@pytest.mark.parametrize("backend, kind, dtype, reals, n", _fill_grid())
 def test_backends_bit_identical(backend, kind, dtype, reals, n):
     require_backend(backend)
     seed = 2 ** 63 + 12345
@@ -107,7 +134,7 @@ SHAPES = [(5, 3), (7, 4, 3), (6, 3, 3, 3), (4, 2, 3, 2, 5), (1, 9)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fans_equal_torch(shape):
+def test_fans_equal_torch(shape, torch):
     assert _fans(shape) == torch.nn.init._calculate_fan_in_and_fan_out(torch.empty(shape))
 
 
@@ -116,16 +143,29 @@ def test_fans_equal_torch(shape):
     ("conv_transpose1d", None), ("conv_transpose2d", None), ("conv_transpose3d", None),
     ("sigmoid", None), ("tanh", None), ("relu", None), ("selu", None),
     ("leaky_relu", None), ("leaky_relu", 0.2), ("leaky_relu", 3)])
-def test_gain_equals_torch(nonlinearity, param):
+def test_gain_equals_torch(nonlinearity, param, torch):
     assert fastopt.init.calculate_gain(nonlinearity, param) == pytest.approx(
         torch.nn.init.calculate_gain(nonlinearity, param), rel=1e-15)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("mode", ["fan_in", "fan_out"])
-@pytest.mark.parametrize("nonlinearity, a", [("leaky_relu", 0.0), ("leaky_relu", 0.3),
-                                             ("relu", 0.0), ("tanh", 0.0), ("selu", 0.0)])
-def test_kaiming_scale_equals_torch(shape, mode, nonlinearity, a):
+def _kaiming_grid():
+    """Full: every shape x mode x nonlinearity. Fast: every shape with every nonlinearity,
+    the modes spread pairwise over them."""
+    rows = [dict(shape=shape, nl=nl) for shape in SHAPES
+            for nl in [("leaky_relu", 0.0), ("leaky_relu", 0.3), ("relu", 0.0), ("tanh", 0.0),
+                       ("selu", 0.0)]]
+    full = [dict(row, mode=mode) for mode in ("fan_in", "fan_out") for row in rows]
+    fast = spread(rows, "mode", ["fan_in", "fan_out"], against=["shape", "nl"])
+
+    def flat(r):
+        return dict(shape=r["shape"], mode=r["mode"], nonlinearity=r["nl"][0], a=r["nl"][1])
+    args = ["shape", "mode", "nonlinearity", "a"]
+    return tiered([flat(r) for r in full], [flat(r) for r in fast], args,
+                  lambda r: "-".join(str(r[k]) for k in args))
+
+
+@pytest.mark.parametrize("shape, mode, nonlinearity, a", _kaiming_grid())
+def test_kaiming_scale_equals_torch(shape, mode, nonlinearity, a, torch):
     t = torch.empty(shape)
     expected = (torch.nn.init.calculate_gain(nonlinearity, a)
                 / math.sqrt(torch.nn.init._calculate_correct_fan(t, mode)))
@@ -134,6 +174,7 @@ def test_kaiming_scale_equals_torch(shape, mode, nonlinearity, a):
 
 def _bound_and_std(name, shape, kwargs):
     """The uniform bound or normal std torch's initializer uses for this shape."""
+    import torch
     fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(torch.empty(shape))
     if name.startswith("xavier"):
         std = kwargs.get("gain", 1.0) * math.sqrt(2.0 / (fan_in + fan_out))
@@ -150,7 +191,7 @@ def _bound_and_std(name, shape, kwargs):
     ("xavier_uniform_", dict(gain=0.7)), ("kaiming_uniform_", dict(a=0.1, mode="fan_out")),
     ("kaiming_uniform_", {}), ("lecun_uniform_", {})])
 @pytest.mark.parametrize("shape", [(300, 200), (64, 32, 3, 3), (20, 10, 3, 3, 3)])
-def test_uniform_family_bounds_and_distribution(name, kwargs, shape):
+def test_uniform_family_bounds_and_distribution(name, kwargs, shape, torch, scipy_stats):
     w = np.empty(shape, np.float64)
     getattr(fastopt.init, name)(w, **kwargs, seed=1)
     bound, _ = _bound_and_std(name, shape, kwargs)
@@ -162,7 +203,7 @@ def test_uniform_family_bounds_and_distribution(name, kwargs, shape):
     ("xavier_normal_", dict(gain=1.3)), ("kaiming_normal_", dict(mode="fan_out")),
     ("kaiming_normal_", dict(nonlinearity="relu"))])
 @pytest.mark.parametrize("shape", [(300, 200), (64, 32, 3, 3)])
-def test_normal_family_distribution(name, kwargs, shape):
+def test_normal_family_distribution(name, kwargs, shape, torch, scipy_stats):
     w = np.empty(shape, np.float64)
     getattr(fastopt.init, name)(w, **kwargs, seed=2)
     _, std = _bound_and_std(name, shape, kwargs)
@@ -175,7 +216,7 @@ def test_normal_family_distribution(name, kwargs, shape):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("mean, std, a, b", [(0.0, 1.0, -2.0, 2.0), (1.0, 0.5, 0.0, 3.0),
                                              (0.0, 1.0, 1.5, 4.0), (0.0, 1.0, -6.0, -5.0)])
-def test_trunc_normal_distribution(dtype, mean, std, a, b):
+def test_trunc_normal_distribution(dtype, mean, std, a, b, scipy_stats):
     w = np.empty(200_000, dtype)
     fastopt.init.trunc_normal_(w, mean, std, a, b, seed=3)
     assert w.min() >= np.asarray(a, dtype) and w.max() <= np.asarray(b, dtype)
@@ -183,7 +224,7 @@ def test_trunc_normal_distribution(dtype, mean, std, a, b):
     assert scipy_stats.kstest(w.astype(np.float64), dist.cdf).pvalue > 1e-3
 
 
-def test_lecun_normal_is_jax_truncated_normal():
+def test_lecun_normal_is_jax_truncated_normal(scipy_stats):
     w = np.empty((400, 500), np.float64)
     fastopt.init.lecun_normal_(w, seed=4)
     std = math.sqrt(1 / 500) / 0.87962566103423978
@@ -197,7 +238,7 @@ def test_lecun_normal_is_jax_truncated_normal():
     ("normal_", dict(mean=0.5, std=2.0), "normal_"), ("uniform_", dict(a=-3.0, b=1.0), "uniform_"),
     ("trunc_normal_", dict(std=1.5, a=-1.0, b=2.0), "trunc_normal_"),
     ("kaiming_normal_", dict(nonlinearity="relu"), "kaiming_normal_")])
-def test_same_distribution_as_torch(name, kwargs, fn):
+def test_same_distribution_as_torch(name, kwargs, fn, torch, scipy_stats):
     """Two-sample KS test against torch's own initializer on the same shape."""
     ours = np.empty((512, 256), np.float32)
     getattr(fastopt.init, name)(ours, **kwargs, seed=5)
@@ -221,19 +262,20 @@ def test_sparse_zeros_per_column():
     fastopt.init.sparse_(w, 0.25, std=0.5, seed=8)
     assert ((w == 0).sum(axis=0) == math.ceil(0.25 * 101)).all()
     kept = w[w != 0]
+    scipy_stats = pytest.importorskip("scipy.stats")
     assert scipy_stats.kstest(kept.astype(np.float64), "norm", args=(0, 0.5)).pvalue > 1e-3
 
 
 @pytest.mark.parametrize("shape, groups", [((4, 2, 3), 1), ((6, 3, 3, 3), 2), ((4, 4, 3, 3, 3), 4),
                                            ((2, 5, 2, 2), 1)])
-def test_dirac_equals_torch(shape, groups):
+def test_dirac_equals_torch(shape, groups, torch):
     w = np.empty(shape, np.float32)
     fastopt.init.dirac_(w, groups)
     np.testing.assert_array_equal(w, torch.nn.init.dirac_(torch.empty(shape), groups).numpy())
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (5, 3), (4, 4)])
-def test_eye_constant_ones_zeros_equal_torch(shape):
+def test_eye_constant_ones_zeros_equal_torch(shape, torch):
     for name, args in [("eye_", ()), ("ones_", ()), ("zeros_", ()), ("constant_", (0.3,))]:
         w = np.empty(shape, np.float32)
         getattr(fastopt.init, name)(w, *args)
@@ -241,7 +283,7 @@ def test_eye_constant_ones_zeros_equal_torch(shape):
         np.testing.assert_array_equal(w, expected)
 
 
-def test_torch_parameter_is_filled_in_place():
+def test_torch_parameter_is_filled_in_place(torch):
     layer = torch.nn.Linear(30, 20)
     before = layer.weight.data_ptr()
     fastopt.init.xavier_uniform_(layer.weight, seed=0)
@@ -253,6 +295,8 @@ def test_torch_parameter_is_filled_in_place():
 
 @pytest.mark.parametrize("like", [None, "numpy", "torch", "jax", "tensorflow", "tf"])
 def test_functional_returns_the_framework(like):
+    if like == "torch":
+        pytest.importorskip("torch")
     if like in ("jax",):
         pytest.importorskip("jax")
     if like in ("tensorflow", "tf"):
@@ -266,7 +310,7 @@ def test_functional_returns_the_framework(like):
     np.testing.assert_array_equal(np.asarray(w), expected)
 
 
-def test_functional_takes_dtype_and_device_from_like():
+def test_functional_takes_dtype_and_device_from_like(torch):
     w = fastopt.init.ones(3, like=torch.zeros(1, dtype=torch.float64))
     assert isinstance(w, torch.Tensor) and w.dtype == torch.float64
     assert fastopt.init.zeros((2, 2), dtype=torch.float32).dtype == np.float32

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import CPU_BACKENDS, require_backend
 
 import fastopt
-from conftest import CPU_BACKENDS, require_backend
 
 SHAPES = [(4, 3), (7,), (0,), (2, 2, 2)]
 
@@ -127,7 +127,8 @@ def test_tensorflow_variables_are_read_not_written():
 
 def test_torch_cpu_tensor_on_cupy_backend_is_refused():
     torch = pytest.importorskip("torch")
-    with pytest.raises(ValueError, match="backend 'cupy' runs on cuda arrays, but the arrays are on cpu"):
+    with pytest.raises(ValueError,
+                       match="backend 'cupy' runs on cuda arrays, but the arrays are on cpu"):
         fastopt.SGD([torch.zeros(2)], lr=0.1, backend="cupy").step([torch.zeros(2)])
 
 
@@ -143,7 +144,8 @@ def test_torch_parameter_memory_replaced_between_steps():
     adam = fastopt.Adam([p], lr=1.0)
     adam.step([torch.ones(4)])
     p.set_(torch.zeros(6))  # another shape: its state no longer fits
-    with pytest.raises(ValueError, match=r"params\[0\]: shape \(6,\), dtype float32 no longer matches its state"):
+    with pytest.raises(ValueError, match=r"params\[0\]: shape \(6,\), dtype float32 no longer "
+                                         r"matches its state"):
         adam.step([torch.ones(6)])
     p.requires_grad_(True)
     with pytest.raises(TypeError, match="requires grad"):

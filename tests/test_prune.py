@@ -5,14 +5,12 @@ import math
 
 import numpy as np
 import pytest
+from cases import config_id, spread, tiered
 from conftest import CPU_BACKENDS, require_backend
-from test_optim_parity import CONFIGS, _ids
+from test_optim_parity import CONFIGS
 
 import fastopt
 from fastopt import _backends, prune
-
-torch = pytest.importorskip("torch")
-tprune = pytest.importorskip("torch.nn.utils.prune")
 
 
 def _distinct(rng, shape, dtype):
@@ -24,18 +22,34 @@ def _distinct(rng, shape, dtype):
 
 
 def _torch_l1(w, amount):
+    import torch
+    from torch.nn.utils import prune as tprune
     module = torch.nn.Linear(1, 1)
     module.weight = torch.nn.Parameter(torch.from_numpy(w.copy()))
     tprune.l1_unstructured(module, "weight", amount)
     return module.weight_mask.numpy().astype(bool)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape, amount", [((7,), 3), ((40, 30), 0.3), ((3, 5, 7, 11), 0.9),
-                                           ((100003,), 0.25), ((10,), 0.25), ((1,), 1.0),
-                                           ((12,), 0), ((12,), 12), ((64, 64), 0.5)])
-def test_magnitude_mask_matches_torch(backend, dtype, shape, amount):
+def _torch_grid():
+    """Full: every backend x dtype x (shape, amount). Fast: every case in each dtype, the
+    backends spread pairwise over them."""
+    cases = [((7,), 3), ((40, 30), 0.3), ((3, 5, 7, 11), 0.9), ((100003,), 0.25),
+             ((10,), 0.25), ((1,), 1.0), ((12,), 0), ((12,), 12), ((64, 64), 0.5)]
+    rows = [dict(case=case, dtype=dtype) for dtype in (np.float32, np.float64) for case in cases]
+    full = [dict(row, backend=b) for b in CPU_BACKENDS for row in rows]
+    fast = spread(rows, "backend", CPU_BACKENDS, against=["case", "dtype"])
+
+    def flat(r):
+        return dict(backend=r["backend"], dtype=r["dtype"], shape=r["case"][0],
+                    amount=r["case"][1])
+    return tiered([flat(r) for r in full], [flat(r) for r in fast],
+                  ["backend", "dtype", "shape", "amount"],
+                  lambda r: "-".join([r["backend"], np.dtype(r["dtype"]).name, str(r["shape"]),
+                                      str(r["amount"])]))
+
+
+@pytest.mark.parametrize("backend, dtype, shape, amount", _torch_grid())
+def test_magnitude_mask_matches_torch(backend, dtype, shape, amount, torch):
     require_backend(backend)
     w = _distinct(np.random.default_rng(1), shape, dtype)
     mask = prune.magnitude_mask(w, amount, backend=backend)
@@ -44,7 +58,8 @@ def test_magnitude_mask_matches_torch(backend, dtype, shape, amount):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_global_masks_match_torch(backend):
+def test_global_masks_match_torch(backend, torch):
+    from torch.nn.utils import prune as tprune
     require_backend(backend)
     rng = np.random.default_rng(2)
     shapes = [(30, 20), (17,), (5, 3, 3, 3), (0, 4), (2000,)]
@@ -73,9 +88,17 @@ def _tie_weights(rng, dtype):
     return w
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n_threads", [1, 2])
+def _ties_grid():
+    """Full: every backend x dtype x thread count. Fast: every backend in each dtype, the
+    thread counts spread pairwise over them."""
+    rows = [dict(backend=b, dtype=d) for b in CPU_BACKENDS for d in (np.float32, np.float64)]
+    full = [dict(row, n_threads=n) for n in (1, 2) for row in rows]
+    fast = spread(rows, "n_threads", [1, 2], against=["backend", "dtype"])
+    return tiered(full, fast, ["backend", "dtype", "n_threads"],
+                  lambda r: f"{r['backend']}-{np.dtype(r['dtype']).name}-{r['n_threads']}t")
+
+
+@pytest.mark.parametrize("backend, dtype, n_threads", _ties_grid())
 def test_ties_exact_count_and_rule(backend, dtype, n_threads):
     require_backend(backend)
     w = _tie_weights(np.random.default_rng(3), dtype)
@@ -151,7 +174,7 @@ def test_split_path_ties_across_tensors(dtype, n_threads, monkeypatch):
     assert len(calls) == 7  # every k took the split path
 
 
-def test_amount_rounds_half_to_even_as_torch():
+def test_amount_rounds_half_to_even_as_torch(torch):
     for n, amount in [(10, 0.25), (10, 0.35), (6, 0.25), (14, 0.25), (3, 0.5), (5, 0.5)]:
         w = _distinct(np.random.default_rng(n), (n,), np.float32)
         mask = prune.magnitude_mask(w, amount)
@@ -165,6 +188,10 @@ def test_mask_dtype_and_frameworks():
     m8 = prune.magnitude_mask(w, 0.3, dtype="uint8")
     assert m8.dtype == np.uint8
     np.testing.assert_array_equal(m8, expected)
+    # a non-contiguous weight is read through a copy
+    np.testing.assert_array_equal(prune.magnitude_mask(w.T, 0.3),
+                                  prune.magnitude_mask(np.ascontiguousarray(w.T), 0.3))
+    torch = pytest.importorskip("torch")
     mt = prune.magnitude_mask(torch.from_numpy(w), 0.3)
     assert isinstance(mt, torch.Tensor) and mt.dtype == torch.bool
     np.testing.assert_array_equal(mt.numpy(), expected)
@@ -176,9 +203,6 @@ def test_mask_dtype_and_frameworks():
     mtf = prune.magnitude_mask(tf.constant(w), 0.3)
     assert isinstance(mtf, tf.Tensor) and mtf.dtype == tf.bool
     np.testing.assert_array_equal(mtf.numpy(), expected)
-    # a non-contiguous weight is read through a copy
-    np.testing.assert_array_equal(prune.magnitude_mask(w.T, 0.3),
-                                  prune.magnitude_mask(np.ascontiguousarray(w.T), 0.3))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -199,7 +223,8 @@ def test_random_mask(backend):
 
 @pytest.mark.parametrize("n", [1, 2, 3, math.inf, -math.inf, "fro"])
 @pytest.mark.parametrize("dim", [0, 1, -1])
-def test_ln_structured_matches_torch(n, dim):
+def test_ln_structured_matches_torch(n, dim, torch):
+    from torch.nn.utils import prune as tprune
     w = np.random.default_rng(5).standard_normal((12, 9, 3)).astype(np.float32)
     module = torch.nn.Linear(1, 1)
     module.weight = torch.nn.Parameter(torch.from_numpy(w.copy()))
@@ -233,6 +258,7 @@ def test_apply_mask():
     assert prune.apply_mask_(w, mask) is w
     np.testing.assert_array_equal(w, [1.0, 0.0, 0.0, 4.0])
     assert not np.signbit(w[2])
+    torch = pytest.importorskip("torch")
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
     prune.apply_mask_(p, torch.tensor([1, 0, 1], dtype=torch.uint8))
     assert p.requires_grad and p.detach().tolist() == [1.0, 0.0, 3.0]
@@ -326,8 +352,17 @@ def _masked_run(name, kw, backend, dtype, n_threads, steps=6, **opt_kw):
     return params, masks, opt
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+def _masks_grid():
+    """Full: every config on every backend. Fast: every config on one backend, the
+    backends spread over each rule's configs (each rule on every backend)."""
+    rows = [dict(config=(name, kw), rule=name) for name, kw in CONFIGS]
+    full = [dict(row, backend=b) for b in CPU_BACKENDS for row in rows]
+    fast = spread(rows, "backend", CPU_BACKENDS, against=["rule"])
+    return tiered(full, fast, ["backend", "config"],
+                  lambda r: f"{r['backend']}-{config_id(*r['config'])}")
+
+
+@pytest.mark.parametrize("backend, config", _masks_grid())
 def test_optimizer_masks(backend, config):
     require_backend(backend)
     name, kw = config
@@ -378,7 +413,7 @@ def test_masked_elementwise_step_leaves_kept_entries_as_unmasked():
     assert (a[~mask] != 0).all()
 
 
-def test_optimizer_masks_torch_parameters():
+def test_optimizer_masks_torch_parameters(torch):
     w = torch.randn(50, 20)
     mask = prune.magnitude_mask(w, 0.6)
     assert mask.dtype == torch.bool

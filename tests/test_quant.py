@@ -4,11 +4,11 @@ observers, bad input."""
 
 import numpy as np
 import pytest
+from cases import spread, tiered
 from conftest import CPU_BACKENDS, require_backend
 
 from fastopt import _backends, quant
 
-torch = pytest.importorskip("torch")
 BACKENDS = [b for b in _backends.OPS["quant_loop"] if b in CPU_BACKENDS]  # GPU: test_cuda
 # torch 2.13 deprecates its quantized tensor types, the reference these tests compare with
 pytestmark = pytest.mark.filterwarnings("ignore:.*quantized tensor creation:UserWarning")
@@ -25,12 +25,28 @@ def _halfway(rng, shape, scales, axis):
     return np.where(rng.random(shape) < 0.5, x, noise).astype(np.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("qdtype, tdtype, zp", [("int8", torch.qint8, -3), ("uint8", torch.quint8, 130),
-                                                ("int8", torch.qint8, 0)])
-@pytest.mark.parametrize("scale", [0.0137, 0.1, 3e-3])
-def test_per_tensor_matches_torch(backend, qdtype, tdtype, zp, scale):
+def _per_tensor_grid():
+    """Full: every backend x (dtype, zero point) x scale. Fast: every (dtype, zero point)
+    with every scale, the backends spread pairwise over them."""
+    rows = [dict(q=q, scale=scale) for q in [("int8", "qint8", -3), ("uint8", "quint8", 130),
+                                             ("int8", "qint8", 0)]
+            for scale in (0.0137, 0.1, 3e-3)]
+    full = [dict(row, backend=b) for b in BACKENDS for row in rows]
+    fast = spread(rows, "backend", BACKENDS, against=["q", "scale"])
+
+    def flat(r):
+        qdtype, tdtype, zp = r["q"]
+        return dict(backend=r["backend"], qdtype=qdtype, tdtype=tdtype, zp=zp, scale=r["scale"])
+    args = ["backend", "qdtype", "tdtype", "zp", "scale"]
+    return tiered([flat(r) for r in full], [flat(r) for r in fast], args,
+                  lambda r: "-".join(str(r[a]) for a in args))
+
+
+# tdtype: the name of torch's quantized dtype (torch.qint8, ...)
+@pytest.mark.parametrize("backend, qdtype, tdtype, zp, scale", _per_tensor_grid())
+def test_per_tensor_matches_torch(backend, qdtype, tdtype, zp, scale, torch):
     require_backend(backend)
+    tdtype = getattr(torch, tdtype)
     x = _halfway(np.random.default_rng(1), (200003,), scale, None)
     q = quant.quantize(x, scale, zp, qdtype, backend=backend)
     tq = torch.quantize_per_tensor(torch.from_numpy(x), scale, zp, tdtype)
@@ -40,14 +56,29 @@ def test_per_tensor_matches_torch(backend, qdtype, tdtype, zp, scale):
                                   tq.dequantize().numpy())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("qdtype, tdtype", [("int8", torch.qint8), ("uint8", torch.quint8)])
-# (260, 100) and (3, 70, 100) cross the first 16384-element chunk inside a slice's run
-@pytest.mark.parametrize("shape, axis", [((64, 300), 0), ((300, 64), 1), ((3, 40, 5, 7), 1),
-                                         ((5, 7, 3), 2), ((1000,), 0), ((260, 100), 1),
-                                         ((3, 70, 100), 1)])
-def test_per_channel_matches_torch(backend, qdtype, tdtype, shape, axis):
+def _per_channel_grid():
+    """Full: every backend x dtype x (shape, axis). Fast: every (shape, axis) on every
+    backend, the dtypes spread pairwise over them."""
+    # (260, 100) and (3, 70, 100) cross the first 16384-element chunk inside a slice's run
+    cases = [((64, 300), 0), ((300, 64), 1), ((3, 40, 5, 7), 1), ((5, 7, 3), 2), ((1000,), 0),
+             ((260, 100), 1), ((3, 70, 100), 1)]
+    qdtypes = [("int8", "qint8"), ("uint8", "quint8")]
+    rows = [dict(case=case, backend=b) for b in BACKENDS for case in cases]
+    full = [dict(row, q=q) for q in qdtypes for row in rows]
+    fast = spread(rows, "q", qdtypes, against=["case", "backend"])
+
+    def flat(r):
+        return dict(backend=r["backend"], qdtype=r["q"][0], tdtype=r["q"][1],
+                    shape=r["case"][0], axis=r["case"][1])
+    args = ["backend", "qdtype", "tdtype", "shape", "axis"]
+    return tiered([flat(r) for r in full], [flat(r) for r in fast], args,
+                  lambda r: "-".join(str(r[a]) for a in args))
+
+
+@pytest.mark.parametrize("backend, qdtype, tdtype, shape, axis", _per_channel_grid())
+def test_per_channel_matches_torch(backend, qdtype, tdtype, shape, axis, torch):
     require_backend(backend)
+    tdtype = getattr(torch, tdtype)
     rng = np.random.default_rng(2)
     scales = np.abs(rng.standard_normal(shape[axis])) * 0.02 + 1e-3
     zps = rng.integers(-10, 10, shape[axis]) + (128 if qdtype == "uint8" else 0)
@@ -62,7 +93,7 @@ def test_per_channel_matches_torch(backend, qdtype, tdtype, shape, axis):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("qmin, qmax, zp", [(-128, 127, 2), (0, 255, 128), (-8, 7, 0), (0, 15, 3)])
-def test_fake_quantize_matches_torch_and_autograd(backend, qmin, qmax, zp):
+def test_fake_quantize_matches_torch_and_autograd(backend, qmin, qmax, zp, torch):
     require_backend(backend)
     rng = np.random.default_rng(3)
     scale = 0.021
@@ -132,6 +163,7 @@ def test_float64_and_frameworks(backend):
     assert q.dtype == np.int8
     y = quant.dequantize(q, 0.05, 3, dtype="float64", backend=backend)
     np.testing.assert_array_equal(y, (expected - 3) * 0.05)
+    torch = pytest.importorskip("torch")
     tq = quant.quantize(torch.from_numpy(x), 0.05, 3, "uint8", backend=backend)
     assert isinstance(tq, torch.Tensor) and tq.dtype == torch.uint8
     jnp = pytest.importorskip("jax.numpy")
@@ -153,22 +185,25 @@ def test_pack_int4_roundtrip(n):
         out = quant.unpack_int4(packed, n, signed=codes.dtype == np.int8)
         np.testing.assert_array_equal(out, codes)
         assert out.dtype == codes.dtype
+    torch = pytest.importorskip("torch")
     tq = quant.pack_int4(torch.tensor([1, -2, 3], dtype=torch.int8))
     assert isinstance(tq, torch.Tensor) and tq.tolist() == [0xE1, 0x03]
 
 
+# tdtype and scheme: the names of torch's quantized dtype and quantization scheme
 ObserverCases = [
-    ("uint8", None, False, torch.quint8, torch.per_tensor_affine),
-    ("int8", None, True, torch.qint8, torch.per_tensor_symmetric),
-    ("uint8", None, True, torch.quint8, torch.per_tensor_symmetric),
-    ("int8", 0, False, torch.qint8, torch.per_channel_affine),
-    ("uint8", 1, True, torch.quint8, torch.per_channel_symmetric),
+    ("uint8", None, False, "quint8", "per_tensor_affine"),
+    ("int8", None, True, "qint8", "per_tensor_symmetric"),
+    ("uint8", None, True, "quint8", "per_tensor_symmetric"),
+    ("int8", 0, False, "qint8", "per_channel_affine"),
+    ("uint8", 1, True, "quint8", "per_channel_symmetric"),
 ]
 
 
 @pytest.mark.parametrize("qdtype, axis, symmetric, tdtype, scheme", ObserverCases)
-def test_qparams_minmax_matches_torch_observers(qdtype, axis, symmetric, tdtype, scheme):
+def test_qparams_minmax_matches_torch_observers(qdtype, axis, symmetric, tdtype, scheme, torch):
     from torch.ao.quantization import observer as tobs
+    tdtype, scheme = getattr(torch, tdtype), getattr(torch, scheme)
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((32, 24)) * 3 + 0.7).astype(np.float32)
     if axis is None:
@@ -184,8 +219,9 @@ def test_qparams_minmax_matches_torch_observers(qdtype, axis, symmetric, tdtype,
 
 @pytest.mark.parametrize("qdtype, axis, symmetric, tdtype, scheme", ObserverCases)
 @pytest.mark.parametrize("c", [0.01, 0.3, None])
-def test_observer_over_batches_matches_torch(qdtype, axis, symmetric, tdtype, scheme, c):
+def test_observer_over_batches_matches_torch(qdtype, axis, symmetric, tdtype, scheme, c, torch):
     from torch.ao.quantization import observer as tobs
+    tdtype, scheme = getattr(torch, tdtype), getattr(torch, scheme)
     kw = dict(dtype=tdtype, qscheme=scheme)
     if axis is None:
         obs = (tobs.MinMaxObserver(**kw) if c is None

@@ -10,8 +10,6 @@ import pytest
 import fastopt
 from fastopt import schedules
 
-torch = pytest.importorskip("torch")
-
 STEPS = 1000
 LRS = (0.1, 0.02, 0.5)
 
@@ -62,14 +60,25 @@ CASES = [
 ]
 
 
-def make_pair(kind):
-    groups = lambda ps: [{"params": [p], "lr": lr} for p, lr in zip(ps, LRS)]
+def _groups(params):
+    return [{"params": [p], "lr": lr} for p, lr in zip(params, LRS)]
+
+
+def make_opt(kind):
+    """A fastopt optimizer of three param groups: "sgd" (with momentum) or "adam"."""
     params = [np.zeros(2) for _ in LRS]
+    if kind == "sgd":
+        return fastopt.SGD(_groups(params), lr=0.1, momentum=0.9)
+    return fastopt.Adam(_groups(params), lr=0.1)
+
+
+def make_pair(kind):
+    """make_opt's optimizer and torch's like it."""
+    import torch
     tparams = [torch.zeros(2) for _ in LRS]
     if kind == "sgd":
-        return (fastopt.SGD(groups(params), lr=0.1, momentum=0.9),
-                torch.optim.SGD(groups(tparams), lr=0.1, momentum=0.9))
-    return (fastopt.Adam(groups(params), lr=0.1), torch.optim.Adam(groups(tparams), lr=0.1))
+        return make_opt(kind), torch.optim.SGD(_groups(tparams), lr=0.1, momentum=0.9)
+    return make_opt(kind), torch.optim.Adam(_groups(tparams), lr=0.1)
 
 
 def assert_groups_match(opt, topt, where):
@@ -88,7 +97,7 @@ def _ids(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
-def test_matches_torch(case):
+def test_matches_torch(case, torch):
     name, kw, kind = case
     opt, topt = make_pair(kind)
     with warnings.catch_warnings():
@@ -106,7 +115,7 @@ def test_matches_torch(case):
     assert len(moved) > 1 or name == "ConstantLR"
 
 
-def test_sequential_and_chained_match_torch():
+def test_sequential_and_chained_match_torch(torch):
     for build in (
         lambda m, o: m.SequentialLR(o, [m.LinearLR(o, start_factor=0.1, total_iters=50),
                                         m.CosineAnnealingLR(o, T_max=400),
@@ -136,7 +145,7 @@ def test_sequential_and_chained_match_torch():
     dict(threshold_mode="abs", threshold=0.05, patience=0, eps=1e-2, min_lr=1e-4),
     dict(mode="max", threshold_mode="abs", factor=0.0, patience=20),
 ])
-def test_reduce_on_plateau_matches_torch(kw):
+def test_reduce_on_plateau_matches_torch(kw, torch):
     opt, topt = make_pair("sgd")
     sched = schedules.ReduceLROnPlateau(opt, **kw)
     tsched = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, **kw)
@@ -154,7 +163,7 @@ def test_reduce_on_plateau_matches_torch(kw):
 def test_state_dict_resumes_exactly():
     def build(o):
         return schedules.OneCycleLR(o, max_lr=0.1, total_steps=300, three_phase=True)
-    opt, _ = make_pair("adam")
+    opt = make_opt("adam")
     sched = build(opt)
     for _ in range(120):
         sched.step()
@@ -163,7 +172,7 @@ def test_state_dict_resumes_exactly():
     for _ in range(100):
         sched.step()
         want.append((sched.get_last_lr(), opt.param_groups[0]["betas"]))
-    opt2, _ = make_pair("adam")
+    opt2 = make_opt("adam")
     sched2 = build(opt2)
     opt2.load_state_dict(saved_opt)
     sched2.load_state_dict(saved)
@@ -180,7 +189,7 @@ def test_state_survives_save_and_load(tmp_path):
     def build(o):
         first = schedules.MultiStepLR(o, milestones=[3, 3, 9], gamma=0.5)
         return schedules.SequentialLR(o, [first, schedules.StepLR(o, 4)], milestones=[12])
-    opt, _ = make_pair("sgd")
+    opt = make_opt("sgd")
     sched = build(opt)
     for _ in range(5):
         sched.step()
@@ -189,7 +198,7 @@ def test_state_survives_save_and_load(tmp_path):
     for _ in range(20):
         sched.step()
         want.append(sched.get_last_lr())
-    opt2, _ = make_pair("sgd")
+    opt2 = make_opt("sgd")
     sched2 = build(opt2)
     saved = fastopt.load(tmp_path / "s.npz")
     opt2.load_state_dict(saved["opt"])
@@ -244,7 +253,7 @@ BAD = [
 
 @pytest.mark.parametrize("name,kw,exc,message", BAD, ids=[f"{b[0]}-{b[3]}" for b in BAD])
 def test_bad_arguments_raise_at_construction(name, kw, exc, message):
-    opt, _ = make_pair("sgd")
+    opt = make_opt("sgd")
     before = copy.deepcopy(opt.param_groups)
     with pytest.raises(exc, match=message):
         getattr(schedules, name)(opt, **kw)
@@ -253,7 +262,7 @@ def test_bad_arguments_raise_at_construction(name, kw, exc, message):
 
 
 def test_misuse():
-    opt, _ = make_pair("adam")
+    opt = make_opt("adam")
     with pytest.raises(TypeError, match="must be a fastopt optimizer"):
         schedules.StepLR(object(), step_size=3)
     with pytest.raises(ValueError, match="neither momentum nor betas"):
@@ -273,7 +282,7 @@ def test_misuse():
 
 # -- closed-form schedules --------------------------------------------------------------
 
-def test_closed_forms_match_torch_schedulers():
+def test_closed_forms_match_torch_schedulers(torch):
     steps = np.arange(STEPS)
     pairs = [
         (schedules.step_decay(0.1, step_size=30, gamma=0.5), "StepLR",
@@ -318,7 +327,8 @@ def test_closed_forms_match_optax():
     pairs = [
         (schedules.linear(0.1, 0.01, 500, transition_begin=100),
          optax.linear_schedule(0.1, 0.01, 500, transition_begin=100)),
-        (schedules.polynomial(0.1, 0.001, 2.0, 800), optax.polynomial_schedule(0.1, 0.001, 2.0, 800)),
+        (schedules.polynomial(0.1, 0.001, 2.0, 800),
+         optax.polynomial_schedule(0.1, 0.001, 2.0, 800)),
         (schedules.exponential_decay(0.1, 100, 0.5, transition_begin=50, staircase=True,
                                      end_value=0.01),
          optax.exponential_decay(0.1, 100, 0.5, transition_begin=50, staircase=True,
