@@ -8,9 +8,11 @@ of float32 ulps per operation and step; the differences then add up over the tra
 random walk. Over these configs and 200 steps the largest difference seen in parameters and
 state was 6.5e-7 of the scale (about 5 ulps; float64: 4.6e-15), except for centered RMSprop,
 whose v - gbar^2 cancels: up to 3.1e-6 (lr=0.1), and 1.7e-5 with alpha=0.3, which is too
-ill-conditioned for float32 and skipped there (its `unchecked` entry in tests/cases.py;
-fastopt's float32 run stays closer to the float64 one than torch's). The float32 tolerance
-is 4e-6 of the scale, about 34 ulps, far below any real discrepancy in the rule.
+ill-conditioned for float32 to compare directly (its `unchecked` entry in tests/cases.py).
+There the test compares through float64: fastopt's float32 run must end at least as close to
+the float64 trajectory as torch's float32 run ends to torch's float64 one (measured: 1.0e-5
+against 3.8e-5). The float32 tolerance is 4e-6 of the scale, about 34 ulps, far below any
+real discrepancy in the rule.
 
 The fast tier runs two configs of each rule (its richest and another, one in each dtype),
 the slow tier every config in both dtypes.
@@ -34,9 +36,43 @@ def assert_close(got, want, dtype, what):
     np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE[dtype] * scale, err_msg=what)
 
 
+def _ill_conditioned(case, kw, dtype):
+    return any(ckw == kw and cdtype is dtype for ckw, cdtype, _ in case.unchecked)
+
+
+def _trajectories(torch, case, kw, dtype):
+    """fastopt's (NumPy reference) and the reference's parameters after STEPS steps."""
+    rng = np.random.default_rng(case.reference.seed)
+    params = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    tparams = [torch.tensor(p.copy()) for p in params]
+    opt = getattr(fastopt, case.name)(params, backend="numpy", **kw)
+    topt = case.reference.build(tparams, kw)
+    for _ in range(STEPS):
+        grads = [np.asarray(0.5 * p + rng.standard_normal(p.shape), dtype) for p in params]
+        for tp, g in zip(tparams, grads):
+            tp.grad = torch.from_numpy(g.copy())
+        opt.step(grads)
+        topt.step()
+    return params, [tp.numpy() for tp in tparams]
+
+
+def _distance(a, b):
+    """Largest difference of two parameter lists, relative to the scale of b."""
+    scale = max(1.0, max(float(np.max(np.abs(y))) for y in b if y.size))
+    return max(float(np.max(np.abs(x.astype(np.float64) - y))) for x, y in zip(a, b) if x.size) \
+        / scale
+
+
 @pytest.mark.parametrize("case,kw,dtype", reference_grid("torch", DTYPES))
 def test_reference_matches_torch(case, kw, dtype):
     torch = pytest.importorskip("torch")
+    if _ill_conditioned(case, kw, dtype):
+        ours, theirs = _trajectories(torch, case, kw, dtype)
+        ours64, theirs64 = _trajectories(torch, case, kw, np.float64)
+        for i, (p, tp) in enumerate(zip(ours64, theirs64)):
+            assert_close(p, tp, np.float64, f"params[{i}] in float64")
+        assert _distance(ours, ours64) <= _distance(theirs, theirs64)
+        return
     rng = np.random.default_rng(case.reference.seed)
     params = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
     tparams = [torch.tensor(p.copy()) for p in params]
