@@ -40,19 +40,27 @@ def _ill_conditioned(case, kw, dtype):
     return any(ckw == kw and cdtype is dtype for ckw, cdtype, _ in case.unchecked)
 
 
-def _trajectories(torch, case, kw, dtype):
-    """fastopt's (NumPy reference) and the reference's parameters after STEPS steps."""
+def _run(torch, case, kw, dtype):
+    """fastopt's optimizer (NumPy reference) and the reference's, over their parameters,
+    after STEPS steps with the same gradients."""
     rng = np.random.default_rng(case.reference.seed)
     params = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
     tparams = [torch.tensor(p.copy()) for p in params]
     opt = getattr(fastopt, case.name)(params, backend="numpy", **kw)
     topt = case.reference.build(tparams, kw)
     for _ in range(STEPS):
+        # gradients of a quadratic bowl plus noise: a realistic, non-stationary signal
         grads = [np.asarray(0.5 * p + rng.standard_normal(p.shape), dtype) for p in params]
         for tp, g in zip(tparams, grads):
             tp.grad = torch.from_numpy(g.copy())
         opt.step(grads)
         topt.step()
+    return opt, topt, params, tparams
+
+
+def _trajectories(torch, case, kw, dtype):
+    """fastopt's and the reference's parameters after STEPS steps."""
+    _, _, params, tparams = _run(torch, case, kw, dtype)
     return params, [tp.numpy() for tp in tparams]
 
 
@@ -73,18 +81,7 @@ def test_reference_matches_torch(case, kw, dtype):
             assert_close(p, tp, np.float64, f"params[{i}] in float64")
         assert _distance(ours, ours64) <= _distance(theirs, theirs64)
         return
-    rng = np.random.default_rng(case.reference.seed)
-    params = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
-    tparams = [torch.tensor(p.copy()) for p in params]
-    opt = getattr(fastopt, case.name)(params, backend="numpy", **kw)
-    topt = case.reference.build(tparams, kw)
-    for _ in range(STEPS):
-        # gradients of a quadratic bowl plus noise: a realistic, non-stationary signal
-        grads = [np.asarray(0.5 * p + rng.standard_normal(p.shape), dtype) for p in params]
-        for tp, g in zip(tparams, grads):
-            tp.grad = torch.from_numpy(g.copy())
-        opt.step(grads)
-        topt.step()
+    opt, topt, params, tparams = _run(torch, case, kw, dtype)
     for i, (p, tp) in enumerate(zip(params, tparams)):
         assert_close(p, tp.numpy(), dtype, f"params[{i}]")
         tstate = topt.state[tp]
