@@ -94,13 +94,10 @@ MAX_STEP = 2**53  # step counts stay exact as the float64 the host scalars take 
 def _state_count(value, where):
     """A loaded step count as an int: an integer (Python's, NumPy's, or an integral float)
     in [0, MAX_STEP]."""
-    if isinstance(value, bool):
-        pass
-    elif isinstance(value, numbers.Integral):
-        if 0 <= value <= MAX_STEP:
-            return int(value)
-    elif isinstance(value, numbers.Real) and 0 <= value <= MAX_STEP and value == int(value):
-        return int(value)  # NaN fails the range test
+    # the range test comes first: it fails NaN, inf and 10**400 before int() could raise
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) \
+            and 0 <= value <= MAX_STEP and value == int(value):
+        return int(value)
     raise ValueError(f"{where}: expected an integer >= 0 (at most {MAX_STEP}), got {value!r}")
 
 
