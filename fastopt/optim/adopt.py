@@ -83,10 +83,12 @@ class ADOPT(Optimizer):
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         beta1, beta2 = group["betas"]
-        step = states[0].get("step", 0) + 1
+        # the user's clip_lambda runs before the step count moves, so that a clip_lambda
+        # that raises leaves the optimizer as it was
+        done = states[0].get("step", 0)  # steps before this one: clip_lambda's argument
         clip_value = None
-        if self.clip_lambda is not None and step > 1:
-            clip_value = float(self.clip_lambda(float(step - 1)))
+        if self.clip_lambda is not None and done > 0:
+            clip_value = float(self.clip_lambda(float(done)))
         kernel(params, out, grads, ensure_state(states, "exp_avg", params),
                ensure_state(states, "exp_avg_sq", params), step=advance_step(states),
                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
