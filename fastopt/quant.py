@@ -14,6 +14,12 @@ a float32 tensor per tensor rounds ``fma(x, inv, z)`` (FBGEMM's kernel), per cha
 form in float64. ``dequantize`` computes ``(q - z) * s`` in float64 and rounds once, with
 the scale first rounded to float32 per tensor, as torch does.
 
+A scale is checked in the dtype it is used in: ``x``'s dtype in ``quantize``, float32 in
+``fake_quantize`` (as torch's kernels take it) and in a per-tensor ``dequantize`` to float32,
+float64 in the other ``dequantize`` forms. One that rounds to 0 or inf there, or whose
+reciprocal overflows (float32: outside [2.938737e-39, 3.4028235e+38]), is refused with a
+ValueError, where torch's kernels give wrong codes (0.0 to 127) or NaN values.
+
 Symmetric quantization is the special case ``z = 0`` (int) or the middle code (uint).
 Codes are returned as plain ``int8``/``uint8`` arrays of ``x``'s framework (not torch's
 quantized tensor type); 4-bit codes sit one per byte until ``pack_int4`` puts two in one.
@@ -83,17 +89,42 @@ def _host_values(value, name, count, axis):
     return arr.reshape(-1)
 
 
-def _scales(scale, count, axis):
+def _smallest_invertible(dtype):
+    """The least positive `dtype` value whose reciprocal is finite (a subnormal)."""
+    t = dtype.type
+    with np.errstate(over="ignore", divide="ignore"):
+        lo = t(1) / np.finfo(t).max
+        while np.isfinite(t(1) / np.nextafter(lo, t(0))):
+            lo = np.nextafter(lo, t(0))
+        while not np.isfinite(t(1) / lo):
+            lo = np.nextafter(lo, t(1))
+    return lo
+
+
+# dtype -> the scales usable in it: positive, finite, with a finite reciprocal
+_SCALE_RANGE = {np.dtype(t): (_smallest_invertible(np.dtype(t)), np.finfo(t).max)
+               for t in (np.float32, np.float64)}
+
+
+def _scales(scale, count, axis, dtype):
+    """The scales as `dtype`, the dtype the arithmetic uses them in, if each lies in
+    ``_SCALE_RANGE[dtype]`` there (a scale that rounds to 0 or inf in it, or whose reciprocal
+    overflows, would make codes of NaN)."""
     s = _host_values(scale, "scale", count, axis)
     if np.issubdtype(s.dtype, np.bool_):
         raise TypeError("scale: expected real numbers, got bool")
     s = s.astype(np.float64)
-    bad = ~(np.isfinite(s) & (s > 0))
+    lo, hi = _SCALE_RANGE[dtype]
+    with np.errstate(over="ignore", under="ignore"):
+        used = s.astype(dtype)
+    bad = ~((used >= lo) & (used <= hi))
     if bad.any():
         i = int(np.argmax(bad))
         where = "" if axis is None else f"[{i}]"
-        raise ValueError(f"scale{where} must be finite and > 0, got {s[i]!r}")
-    return s
+        raise ValueError(f"scale{where} must be finite and > 0 in {dtype.name}, the dtype it "
+                         f"is used in, with a finite reciprocal: a value in [{lo!s}, {hi!s}], "
+                         f"got {float(s[i])!r}")
+    return used
 
 
 def _zero_points(zero_point, count, axis, qmin, qmax):
@@ -113,10 +144,9 @@ def _zero_points(zero_point, count, axis, qmin, qmax):
     return z
 
 
-def _inv(scales, dtype):
-    """1 / scale as torch computes it: the scale rounded to the dtype, then the division."""
-    s = scales.astype(dtype)
-    return (dtype.type(1) / s).astype(dtype)
+def _inv(scales):
+    """1 / scale as torch computes it: in the dtype the scales were rounded to."""
+    return scales.dtype.type(1) / scales
 
 
 def _loop(backend, float_arr):
@@ -133,7 +163,8 @@ def quantize(x, scale, zero_point, dtype="int8", axis=None, *, backend="auto"):
     int8 array, ``uint8``/``uint4`` as uint8, of ``x``'s framework and shape.
 
     Args:
-        scale: a positive number (per tensor) or one per index of ``x.shape[axis]``.
+        scale: a positive number (per tensor) or one per index of ``x.shape[axis]``, which
+            with its reciprocal stays finite and > 0 in ``x``'s dtype.
         zero_point: an integer in the code range, or one per channel.
         dtype: ``"int8"`` (default), ``"uint8"``, ``"int4"`` (codes -8..7), ``"uint4"`` (0..15).
         axis: None for per-tensor, else the channel axis.
@@ -143,12 +174,12 @@ def quantize(x, scale, zero_point, dtype="int8", axis=None, *, backend="auto"):
     arr = _interop.import_input(x, "x").array
     axis = _axis(axis, arr.ndim)
     B, C = _geometry(arr.shape, axis)
-    scales = _scales(scale, B, axis)
+    scales = _scales(scale, B, axis, arr.dtype)
     zps = _zero_points(zero_point, B, axis, qmin, qmax)
     out, finish = _interop.new_array(arr.shape, code, x)
     if arr.size:
         nan = _loop(backend, arr)(
-            "quantize", arr, out.view(np.uint8), None, B, C, _inv(scales, arr.dtype),
+            "quantize", arr, out.view(np.uint8), None, B, C, _inv(scales),
             zps.astype(arr.dtype), None, qmin, qmax,
             axis is None and arr.dtype == np.float32, qmin < 0, n_threads=get_num_threads())
         _refuse_nan(nan, "x")
@@ -159,7 +190,9 @@ def dequantize(q, scale, zero_point, axis=None, *, dtype="float32", backend="aut
     """``(q - zero_point) * scale`` of int8 or uint8 codes ``q`` (4-bit codes unpacked), as a
     new ``dtype`` (float32, default, or float64) array of ``q``'s framework; computed in
     float64 and rounded once, as ``torch.dequantize`` (a per-tensor scale rounded to float32
-    first, as torch's per-tensor kernel)."""
+    first, as torch's per-tensor kernel, when the result is float32). The scale, with its
+    reciprocal, must stay finite and > 0 in the dtype it is used in (see the module's
+    introduction)."""
     view = _interop.import_input(q, "q", ("int8", "uint8")).array
     signed = view.dtype == np.int8
     qmin, qmax = (-128, 127) if signed else (0, 255)
@@ -167,9 +200,9 @@ def dequantize(q, scale, zero_point, axis=None, *, dtype="float32", backend="aut
     _backends.check_name(backend)
     axis = _axis(axis, view.ndim)
     B, C = _geometry(view.shape, axis)
-    scales = _scales(scale, B, axis)
-    if axis is None and out_dtype == np.float32:
-        scales = scales.astype(np.float32).astype(np.float64)  # torch's per-tensor kernel
+    # float64 arithmetic, with a per-tensor scale rounded to float32 first as torch's kernel
+    used = np.dtype(np.float32 if axis is None and out_dtype == np.float32 else np.float64)
+    scales = _scales(scale, B, axis, used).astype(np.float64)
     zps = _zero_points(zero_point, B, axis, qmin, qmax)
     out, finish = _interop.new_array(view.shape, out_dtype, q)
     if view.size:
@@ -193,9 +226,9 @@ def _fake_args(x, scale, zero_point, qmin, qmax, axis, backend, named):
                              f"on its device, got {v.shape}, {v.dtype}")
     axis = _axis(axis, arr.ndim)
     B, C = _geometry(arr.shape, axis)
-    scales = _scales(scale, B, axis)
+    scales = _scales(scale, B, axis, np.dtype(np.float32))  # as torch's kernels take it
     zps = _zero_points(zero_point, B, axis, qmin, qmax)
-    return views, (B, C), scales.astype(np.float32).astype(arr.dtype), zps, qmin, qmax
+    return views, (B, C), scales.astype(arr.dtype), zps, qmin, qmax
 
 
 def fake_quantize(x, scale, zero_point, qmin, qmax, axis=None, *, backend="auto"):
@@ -203,14 +236,14 @@ def fake_quantize(x, scale, zero_point, qmin, qmax, axis=None, *, backend="auto"
     ``torch.fake_quantize_per_tensor_affine`` (axis None) and
     ``torch.fake_quantize_per_channel_affine``:
     :math:`y = (\mathrm{clamp}(\mathrm{round}(x \cdot inv) + z, q_{min}, q_{max}) - z)\,s`,
-    with the scale rounded to float32 first, as torch's kernels take it. Returns a new
-    array of ``x``'s framework."""
+    with the scale rounded to float32 first, as torch's kernels take it (it and its
+    reciprocal must stay finite and > 0 there). Returns a new array of ``x``'s framework."""
     views, (B, C), scales, zps, qmin, qmax = _fake_args(x, scale, zero_point, qmin, qmax, axis,
                                                         backend, {"x": x})
     arr = views["x"]
     out, finish = _interop.new_array(arr.shape, arr.dtype, x)
     if arr.size:
-        nan = _loop(backend, arr)("fake_quantize", arr, out, None, B, C, _inv(scales, arr.dtype),
+        nan = _loop(backend, arr)("fake_quantize", arr, out, None, B, C, _inv(scales),
                                   zps.astype(arr.dtype), scales, qmin, qmax, False, False,
                                   n_threads=get_num_threads())
         _refuse_nan(nan, "x")
@@ -228,7 +261,7 @@ def fake_quantize_backward(grad_y, x, scale, zero_point, qmin, qmax, axis=None, 
     out, finish = _interop.new_array(arr.shape, arr.dtype, x)
     if arr.size:
         nan = _loop(backend, arr)("fake_quantize_grad", arr, out, views["grad_y"], B, C,
-                                  _inv(scales, arr.dtype), zps.astype(arr.dtype), scales, qmin,
+                                  _inv(scales), zps.astype(arr.dtype), scales, qmin,
                                   qmax, False, False, n_threads=get_num_threads())
         _refuse_nan(nan, "x")
     return finish()
@@ -281,17 +314,36 @@ def _minmax(arr, axis):
     return moved.min(axis=1), moved.max(axis=1)
 
 
+def _float32_range(v):
+    """`v` (a range's ends) as float32, the dtype torch's observers keep ranges in, if it
+    fits there."""
+    with np.errstate(over="ignore"):
+        f = np.asarray(v, np.float32)
+    out = ~np.isfinite(f)
+    if out.any():
+        end = float(np.asarray(v, np.float64).reshape(-1)[np.argmax(out.reshape(-1))])
+        raise ValueError(f"x: its range reaches {end:g}, beyond float32's (magnitudes up to "
+                         f"{np.finfo(np.float32).max!s}), in which quantization parameters are "
+                         f"computed as by torch's observers; scale x into that range first")
+    return f
+
+
 def _qparams_from_range(lo, hi, qmin, qmax, symmetric):
-    """torch's _calculate_qparams (float32 arithmetic): (scale float64, zero_point int64)."""
+    """torch's _calculate_qparams (float32 arithmetic): (scale float64, zero_point int64).
+    Where torch's ``hi - lo`` overflows (a range wider than float32's max), the two ends are
+    divided first, so the scale stays finite."""
     f32 = np.float32
-    lo = np.minimum(np.asarray(lo, f32), f32(0))
-    hi = np.maximum(np.asarray(hi, f32), f32(0))
+    lo = np.minimum(_float32_range(lo), f32(0))
+    hi = np.maximum(_float32_range(hi), f32(0))
     if symmetric:
         hi = np.maximum(-lo, hi)
         scale = np.maximum(hi / f32((qmax - qmin) / 2), f32(EPS))
         zp = np.full(scale.shape, 0 if qmin < 0 else (qmin + qmax + 1) // 2, np.int64)
     else:
-        scale = np.maximum((hi - lo) / f32(qmax - qmin), f32(EPS))
+        n = f32(qmax - qmin)
+        with np.errstate(over="ignore"):
+            scale = (hi - lo) / n
+        scale = np.maximum(np.where(np.isfinite(scale), scale, hi / n - lo / n), f32(EPS))
         zp = qmin - np.round(lo / scale).astype(np.int64)
         zp = np.clip(zp, qmin, qmax)
     return scale.astype(np.float64), zp
@@ -312,10 +364,16 @@ def qparams(x, dtype, axis=None, symmetric=False, method="minmax", *, percentile
         ``"minmax"``: the range [min(x, 0), max(x, 0)], with torch's formulas
             (MinMaxObserver / PerChannelMinMaxObserver, float32 arithmetic, scale >= float32
             eps; symmetric: zero point 0 for signed codes, the middle code for unsigned).
+            Where ``max - min`` overflows float32 (torch's scale is then inf), the two are
+            divided first, so the scale is the finite one of that range.
         ``"percentile"``: the range between the ``100 - percentile`` and ``percentile``
             percentiles of x (per channel), clipping outliers.
         ``"mse"``: of ``grid`` candidate ranges, ``k / grid`` times the min-max range for
             k = 1..grid, the one whose fake-quantized x has the least squared error.
+
+    Ranges are kept in float32, as by torch's observers: a float64 ``x`` whose range (the
+    ends a method uses) reaches beyond float32's is refused with a ValueError. The scales
+    returned are ones ``quantize``, ``dequantize`` and ``fake_quantize`` accept.
     """
     (qmin, qmax, _), _ = _qdtype(dtype)
     arr = _interop.import_input(x, "x").array
@@ -339,6 +397,7 @@ def qparams(x, dtype, axis=None, symmetric=False, method="minmax", *, percentile
     if method == "minmax":
         return _result(*_qparams_from_range(lo, hi, qmin, qmax, symmetric), axis)
     grid = _check.integer("grid", grid, lo=1)
+    lo, hi = _float32_range(lo), _float32_range(hi)  # the widest candidate's, checked first
     B, C = _geometry(host.shape, axis)
     x3 = host.reshape(-1, B, C)
     best = (np.full(B, np.inf), None, None)
@@ -346,13 +405,24 @@ def qparams(x, dtype, axis=None, symmetric=False, method="minmax", *, percentile
         scale, zp = _qparams_from_range(lo * (k / grid), hi * (k / grid), qmin, qmax, symmetric)
         s = scale.astype(np.float32).astype(host.dtype).reshape(1, B, 1)
         z = zp.astype(host.dtype).reshape(1, B, 1)
-        y = (np.clip(np.rint(x3 * (host.dtype.type(1) / s)) + z, qmin, qmax) - z) * s
-        err = ((y - x3).astype(np.float64) ** 2).sum(axis=(0, 2))
+        with np.errstate(over="ignore"):  # a code's value beyond the dtype: an inf error
+            y = (np.clip(np.rint(x3 * (host.dtype.type(1) / s)) + z, qmin, qmax) - z) * s
+            err = ((y - x3).astype(np.float64) ** 2).sum(axis=(0, 2))
         better = err < best[0]
         best = (np.where(better, err, best[0]),
                 scale if best[1] is None else np.where(better, scale, best[1]),
                 zp if best[2] is None else np.where(better, zp, best[2]))
     return _result(best[1], best[2], axis)
+
+
+def _toward(old, new, c):
+    """``old + c (new - old)`` in float32, as torch's moving averages; where the difference
+    of two ends of opposite sign overflows float32, in float64 (the average lies between
+    them, so it fits float32 again)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        step = old + np.float32(c) * (new - old)
+    wide = old.astype(np.float64) + float(np.float32(c)) * (new.astype(np.float64) - old)
+    return np.where(np.isfinite(step), step, wide.astype(np.float32))
 
 
 class MovingAverageObserver:
@@ -400,14 +470,16 @@ class MovingAverageObserver:
         return self._value(self._max)
 
     def observe(self, x):
-        """Take one batch into the range (float32 arithmetic, as torch's observers)."""
+        """Take one batch into the range (float32 arithmetic, as torch's observers; a batch
+        whose range goes beyond float32's is refused, and a moving average whose float32
+        difference overflows is taken in float64, where torch's turns inf)."""
         arr = _interop.import_input(x, "x").array
         if arr.size == 0:
             return
         axis = _axis(self.axis, arr.ndim)
         if not bool(_interop.array_module(arr).isfinite(arr).all()):
             raise ValueError("x: holds NaN or inf; observers need finite values")
-        lo, hi = (np.asarray(_interop._host(v), np.float32) for v in _minmax(arr, axis))
+        lo, hi = (_float32_range(_interop._host(v)) for v in _minmax(arr, axis))
         if self._min is not None and self._min.shape != lo.shape:
             raise ValueError(f"x: has {lo.size} channels along axis {self.axis}, earlier "
                              f"batches had {self._min.size}")
@@ -417,9 +489,7 @@ class MovingAverageObserver:
         elif c is None:
             self._min, self._max = np.minimum(self._min, lo), np.maximum(self._max, hi)
         else:
-            c = np.float32(c)
-            self._min = self._min + c * (lo - self._min)
-            self._max = self._max + c * (hi - self._max)
+            self._min, self._max = _toward(self._min, lo, c), _toward(self._max, hi, c)
 
     def qparams(self):
         """(scale, zero_point) for the range observed so far (see ``qparams``)."""
