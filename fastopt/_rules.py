@@ -144,7 +144,8 @@ _ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 RULES = (
     Rule("SGD", "fastopt.optim.sgd", "sgd_step", ("momentum_buffer",),
          (Kernel("sgd", SGD_ARGS), Kernel("sgd_momentum", SGD_ARGS, ("momentum_buffer",))),
-         _scalars.sgd_scalars, "torch.optim.SGD", dict(lr=1e-3, momentum=0.9)),
+         _scalars.sgd_scalars, "torch.optim.SGD", dict(lr=1e-3, momentum=0.9),
+         state_scalars=()),
     Rule("Adam", "fastopt.optim.adam", "adam_step", _ADAM_MOMENTS + ("max_exp_avg_sq",),
          (Kernel("adam", ADAM_ARGS, _ADAM_MOMENTS),
           Kernel("adam_amsgrad", ADAM_ARGS, _ADAM_MOMENTS + ("max_exp_avg_sq",))),

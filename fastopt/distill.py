@@ -25,6 +25,8 @@ gradient.
 (0.0, True)
 """
 
+import math
+
 import numpy as np
 
 from fastopt import _backends, _check, _interop
@@ -70,7 +72,9 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature=4.0, alpha=
     Returns the loss (a float; for ``"none"`` a (batch,) float64 array of the logits'
     framework) and the gradient of the (summed) loss, a new array like the logits. A large
     gradient's buffer on the host is recycled once nothing refers to it any more
-    (``fastopt.empty_cache`` releases the ones kept).
+    (``fastopt.empty_cache`` releases the ones kept). An empty batch (0 rows) gives torch's
+    results: a loss of 0.0 for ``"sum"``, NaN for ``"batchmean"`` and ``"mean"`` (a mean
+    over no rows), an empty array for ``"none"``; the gradient is (0, classes).
     """
     _backends.check_name(backend)
     T = _check.real("temperature", temperature, lo=0.0, lo_open=True)
@@ -79,27 +83,29 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature=4.0, alpha=
     s = _interop.import_input(student_logits, "student_logits")
     t = _interop.import_input(teacher_logits, "teacher_logits")
     if s.array.ndim != 2 or s.array.shape[1] < 1:
-        raise ValueError(f"student_logits: expected a (batch, classes) array, got shape "
-                         f"{s.array.shape}")
+        raise ValueError(f"student_logits: expected a (batch, classes) array with at least "
+                         f"one class, got shape {s.array.shape}")
     if t.array.shape != s.array.shape or t.array.dtype != s.array.dtype or t.device != s.device:
         raise ValueError(f"teacher_logits: expected the student's shape {s.array.shape} and "
                          f"dtype {s.array.dtype} on its device, got {t.array.shape}, "
                          f"{t.array.dtype}")
     B, C = s.array.shape
     y = None if labels is None else _labels(labels, B, C)
+    grad, finish = _interop.new_array((B, C), s.array.dtype, student_logits, reuse=True)
+    if B == 0:  # as torch: a sum over no rows is 0, a mean over them NaN (0 / 0)
+        if reduction == "none":
+            _, done = _interop.new_array((0,), np.float64, student_logits)
+            return done(), finish()
+        return (0.0 if reduction == "sum" else math.nan), finish()
     xp = _interop.array_module(s.array)
     kl_weight = alpha * T * T
     ce_weight = 0.0 if y is None else 1.0 - alpha
     scale_kl, scale_ce = {"batchmean": (1 / B, 1 / B), "sum": (1.0, 1.0),
                           "mean": (1 / (B * C), 1 / B), "none": (1.0, 1.0)}[reduction]
-    grad, finish = _interop.new_array((B, C), s.array.dtype, student_logits, reuse=True)
-    if B == 0:
-        rows = np.zeros((0, 2))
-    else:
-        device = "cpu" if isinstance(s.array, np.ndarray) else "cuda"
-        rows = _backends.resolve("kd_rows", backend, device, s.array.dtype)(
-            s.array, t.array, grad, y, T, kl_weight * scale_kl / T,
-            ce_weight * scale_ce, n_threads=get_num_threads())
+    device = "cpu" if isinstance(s.array, np.ndarray) else "cuda"
+    rows = _backends.resolve("kd_rows", backend, device, s.array.dtype)(
+        s.array, t.array, grad, y, T, kl_weight * scale_kl / T, ce_weight * scale_ce,
+        n_threads=get_num_threads())
     if not np.isfinite(rows).all():
         # a NaN or inf logit makes its row non-finite, so the inputs are scanned only then
         # (finite logits too far apart for float64 overflow the loss, as in torch)

@@ -494,6 +494,7 @@ class MovingAverageObserver:
     def qparams(self):
         """(scale, zero_point) for the range observed so far (see ``qparams``)."""
         if self._min is None:
-            raise RuntimeError("observe() at least one non-empty batch before qparams()")
+            raise ValueError("qparams: nothing observed yet; observe() at least one non-empty "
+                             "batch first")
         return _result(*_qparams_from_range(self._min, self._max, self._qmin, self._qmax,
                                             self.symmetric), self.axis)

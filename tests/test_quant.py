@@ -292,7 +292,7 @@ BAD = [
     (lambda x: quant.qparams(np.where(x > 3, np.inf, x), "int8"), ValueError, "NaN or inf"),
     (lambda x: quant.MovingAverageObserver("int8", averaging_constant=0), ValueError,
      "averaging_constant"),
-    (lambda x: quant.MovingAverageObserver("int8").qparams(), RuntimeError, "observe"),
+    (lambda x: quant.MovingAverageObserver("int8").qparams(), ValueError, "nothing observed"),
 ]
 
 

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from fastopt import _backends, _interop
+from fastopt._check import real
 from fastopt._config import get_num_threads
 
 _KINDS = {1.0: 1, 2.0: 2, math.inf: 0}  # norm type -> kind in fastopt/reduce.h
@@ -131,8 +132,11 @@ def clip_grad_value_(grads, clip_value):
 
 
 def _positive(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a positive number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
+    """`value` as a float, if it is a finite real number > 0 (see fastopt._check.real)."""
+    try:
+        number = real(name, value)
+    except ValueError:  # NaN, inf, or an int too large for a float such as 10**400
+        number = math.nan
+    if not number > 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return number

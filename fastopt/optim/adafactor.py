@@ -1,7 +1,13 @@
 """Adafactor: a second moment factored into row and column statistics (torch's semantics)."""
 
-from fastopt import _interop
-from fastopt.optim._base import OPTIONS_DOC, Optimizer, advance_step, check_bool, check_real
+from fastopt.optim._base import (
+    OPTIONS_DOC,
+    Optimizer,
+    advance_step,
+    check_bool,
+    check_real,
+    ensure_state,
+)
 
 
 def _row_shape(p):
@@ -93,14 +99,11 @@ class Adafactor(Optimizer):
         return {"variance": tuple(param.shape)}
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
-        for state, p in zip(states, params):
-            for name, shape in self._state_shapes(p).items():
-                if name not in state:
-                    state[name] = _interop.full_like(p, 0, shape)
+        row, col, var = (ensure_state(states, name, params, 0.0,
+                                      lambda p, name=name: self._state_shapes(p).get(name))
+                         for name in self._state_keys)
         eps1, eps2 = group["eps"]
-        kernel(params, out, grads, [s.get("row_var") for s in states],
-               [s.get("col_var") for s in states], [s.get("variance") for s in states],
-               self._scratch_like(states, params), step=advance_step(states), lr=group["lr"],
-               beta2_decay=group["beta2_decay"], eps1=eps1, eps2=eps2, d=group["d"],
-               weight_decay=group["weight_decay"], maximize=group["maximize"],
-               n_threads=n_threads, **grad)
+        kernel(params, out, grads, row, col, var, self._scratch_like(states, params),
+               step=advance_step(states), lr=group["lr"], beta2_decay=group["beta2_decay"],
+               eps1=eps1, eps2=eps2, d=group["d"], weight_decay=group["weight_decay"],
+               maximize=group["maximize"], n_threads=n_threads, **grad)

@@ -68,6 +68,9 @@ class Adam(Optimizer):
         check_bool(group, "amsgrad", where)
         check_bool(group, "maximize", where)
 
+    def _state_names(self, group):
+        return self._state_keys if group["amsgrad"] else self._state_keys[:2]
+
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         step = advance_step(states)
         beta1, beta2 = group["betas"]

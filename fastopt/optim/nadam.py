@@ -8,6 +8,7 @@ from fastopt.optim._base import (
     check_adam_group,
     check_real,
     ensure_state,
+    set_number,
 )
 
 
@@ -69,8 +70,7 @@ class NAdam(Optimizer):
         _, _, mu_product = _scalars.nadam_coefficients(
             step, states[0].get("mu_product", 1.0), beta1=beta1,
             momentum_decay=group["momentum_decay"])
-        for state in states:
-            state["mu_product"] = mu_product
+        set_number(states, "mu_product", mu_product)
         kernel(params, out, grads, ensure_state(states, "exp_avg", params),
                ensure_state(states, "exp_avg_sq", params), step=step, mu_product=mu_product,
                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],

@@ -60,6 +60,10 @@ class RMSprop(Optimizer):
         check_bool(group, "centered", where)
         check_bool(group, "maximize", where)
 
+    def _state_names(self, group):
+        return ("square_avg",) + (("grad_avg",) if group["centered"] else ()) + (
+            ("momentum_buffer",) if group["momentum"] > 0 else ())
+
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         advance_step(states)
         kernel(params, out, grads, ensure_state(states, "square_avg", params),

@@ -60,6 +60,9 @@ class SGD(Optimizer):
     def _bucket_key(self, group, state):
         return "momentum_buffer" in state
 
+    def _state_names(self, group):
+        return self._state_keys if group["momentum"] != 0 else ()
+
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         momentum = group["momentum"]
         first = momentum != 0 and "momentum_buffer" not in states[0]  # same in the bucket

@@ -78,3 +78,37 @@ def data_pointers(tuple operands, Py_ssize_t itemsize, Py_ssize_t n_aux=0):
                                  f"of {size} elements of {itemsize} bytes")
             pp[t * n_ops + op] = <cnp.int64_t>cnp.PyArray_DATA(a)
     return ptrs, sizes
+
+
+def first_read_overlap(const cnp.int64_t[::1] los, const cnp.int64_t[::1] his, list arrays,
+                       const cnp.int64_t[::1] allowed):
+    """Index of the first of `arrays` (C-contiguous ndarrays a call only reads) whose bytes
+    overlap one of the spans [los[j], his[j]) it writes (sorted, disjoint), other than
+    span allowed[k] where array k is exactly that span (a gradient that is its own
+    parameter); -1 if none. The C form of fastopt._interop.WrittenSpans._search."""
+    cdef Py_ssize_t k, j, lo_j, hi_j, mid, n = los.shape[0]
+    cdef cnp.int64_t lo, hi
+    cdef cnp.ndarray a
+    if allowed.shape[0] != len(arrays):
+        raise ValueError(f"allowed has {allowed.shape[0]} entries for {len(arrays)} arrays")
+    for k in range(len(arrays)):
+        a = <cnp.ndarray?>arrays[k]
+        if cnp.PyArray_SIZE(a) == 0:
+            continue
+        if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+            raise ValueError(f"array {k} is not C-contiguous")
+        lo = <cnp.int64_t>cnp.PyArray_DATA(a)
+        hi = lo + cnp.PyArray_NBYTES(a)
+        lo_j, hi_j = 0, n  # j: the number of spans that start before hi
+        while lo_j < hi_j:
+            mid = (lo_j + hi_j) // 2
+            if los[mid] < hi:
+                lo_j = mid + 1
+            else:
+                hi_j = mid
+        j = lo_j
+        while j > 0 and his[j - 1] > lo:
+            j -= 1
+            if not (j == allowed[k] and los[j] == lo and his[j] == hi):
+                return k
+    return -1
