@@ -50,13 +50,52 @@ def real(name, value, *, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False
     return value
 
 
-def integer(name, value, *, lo):
-    """`value` as an int, if it is an integer >= lo."""
+def integer(name, value, *, lo, hi=None):
+    """`value` as an int, if it is an integer (Python's or NumPy's, not a bool) in [lo, hi]
+    (hi None: no upper bound)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     if value < lo:
         raise ValueError(f"{name} must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {_short(value)}")
     return int(value)
+
+
+MAX_COUNT = 2**53  # step and iteration counts stay exact as float64
+
+
+def count(name, value, *, lo=0):
+    """`value` as an int, if it is a step or iteration count: an integer in [lo, 2**53]
+    (larger ones would not be exact as the floats the schedules compute with)."""
+    return integer(name, value, lo=lo, hi=MAX_COUNT)
+
+
+def number(name, value):
+    """`value` as a float, if it is a real number (inf and NaN included): a Python or NumPy
+    number or a 0-d array of a real dtype; never a bool nor a complex number."""
+    if _interop.framework_of(value) is not None:
+        return _scalar(name, value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float64's range, such as 10**400
+        raise ValueError(f"{name} must be a real number in float64's range, got a number "
+                         f"too large for a float") from None
+
+
+def flag(name, value):
+    """`value` as a bool, if it is one (Python's or NumPy's); 1, "yes" or arrays are refused."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__}")
+
+
+def _short(value):
+    """repr of an int, shortened where it is huge (10**400)."""
+    text = repr(value)
+    return text if len(text) <= 30 else f"{text[:10]}...({len(text)} digits)"
 
 
 def choice(name, value, choices):

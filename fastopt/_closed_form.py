@@ -9,7 +9,7 @@ import numbers
 
 import numpy as np
 
-from fastopt._check import choice, integer, real
+from fastopt._check import choice, count, flag, real
 
 
 class Schedule:
@@ -43,8 +43,8 @@ def linear(init_value, end_value, transition_steps, transition_begin=0):
     """From init_value to end_value linearly over transition_steps, starting at
     transition_begin; constant outside (optax.linear_schedule)."""
     init_value, end_value = real("init_value", init_value), real("end_value", end_value)
-    n = integer("transition_steps", transition_steps, lo=1)
-    begin = integer("transition_begin", transition_begin, lo=0)
+    n = count("transition_steps", transition_steps, lo=1)
+    begin = count("transition_begin", transition_begin, lo=0)
 
     def fn(t):
         frac = 1 - np.clip(t - begin, 0, n) / n
@@ -57,8 +57,8 @@ def polynomial(init_value, end_value, power, transition_steps, transition_begin=
     clipped to [0, n] (optax.polynomial_schedule)."""
     init_value, end_value = real("init_value", init_value), real("end_value", end_value)
     power = real("power", power, lo=0.0)
-    n = integer("transition_steps", transition_steps, lo=1)
-    begin = integer("transition_begin", transition_begin, lo=0)
+    n = count("transition_steps", transition_steps, lo=1)
+    begin = count("transition_begin", transition_begin, lo=0)
 
     def fn(t):
         frac = 1 - np.clip(t - begin, 0, n) / n
@@ -69,7 +69,7 @@ def polynomial(init_value, end_value, power, transition_steps, transition_begin=
 def step_decay(init_value, step_size, gamma=0.1):
     """``init_value * gamma ** (step // step_size)`` (torch's StepLR)."""
     init_value = real("init_value", init_value)
-    step_size = integer("step_size", step_size, lo=1)
+    step_size = count("step_size", step_size, lo=1)
     gamma = real("gamma", gamma, lo=0.0, lo_open=True)
     return Schedule(lambda t: init_value * gamma ** np.floor(t / step_size), "step_decay")
 
@@ -80,10 +80,11 @@ def exponential_decay(init_value, transition_steps, decay_rate, transition_begin
     transition_begin on (floored with staircase), bounded by end_value
     (optax.exponential_decay)."""
     init_value = real("init_value", init_value)
-    n = integer("transition_steps", transition_steps, lo=1)
+    n = count("transition_steps", transition_steps, lo=1)
     rate = real("decay_rate", decay_rate, lo=0.0, lo_open=True)
-    begin = integer("transition_begin", transition_begin, lo=0)
+    begin = count("transition_begin", transition_begin, lo=0)
     end = None if end_value is None else real("end_value", end_value)
+    staircase = flag("staircase", staircase)
 
     def fn(t):
         p = (t - begin) / n
@@ -105,7 +106,7 @@ def cosine_decay(init_value, decay_steps, alpha=0.0, exponent=1.0):
     """``init_value ((1 - alpha) c ** exponent + alpha)`` with
     ``c = (1 + cos(pi min(step, decay_steps) / decay_steps)) / 2`` (optax.cosine_decay_schedule)."""
     init_value = real("init_value", init_value)
-    n = integer("decay_steps", decay_steps, lo=1)
+    n = count("decay_steps", decay_steps, lo=1)
     alpha, exponent = real("alpha", alpha), real("exponent", exponent, lo=0.0)
     return Schedule(lambda t: init_value * _cosine(t, n, alpha, exponent), "cosine_decay")
 
@@ -113,7 +114,7 @@ def cosine_decay(init_value, decay_steps, alpha=0.0, exponent=1.0):
 def join(schedules, boundaries):
     """Schedule i from boundaries[i - 1] on, called with the steps since that boundary
     (optax.join_schedules): any warmup can precede any decay."""
-    schedules, boundaries = list(schedules), [integer(f"boundaries[{i}]", b, lo=0)
+    schedules, boundaries = list(schedules), [count(f"boundaries[{i}]", b, lo=0)
                                               for i, b in enumerate(boundaries)]
     if len(boundaries) != len(schedules) - 1:
         raise ValueError(f"boundaries: expected {len(schedules) - 1} (one fewer than the "
@@ -135,8 +136,8 @@ def join(schedules, boundaries):
 def warmup_linear(init_value, peak_value, warmup_steps, decay_steps, end_value=0.0):
     """Linear warmup from init_value to peak_value over warmup_steps, then linear decay to
     end_value at decay_steps (counted from step 0, warmup included)."""
-    warmup = integer("warmup_steps", warmup_steps, lo=0)
-    total = integer("decay_steps", decay_steps, lo=warmup + 1)
+    warmup = count("warmup_steps", warmup_steps, lo=0)
+    total = count("decay_steps", decay_steps, lo=warmup + 1)
     return join([linear(init_value, peak_value, max(warmup, 1)),
                  linear(peak_value, end_value, total - warmup)], [warmup])
 
@@ -145,8 +146,8 @@ def warmup_cosine_decay(init_value, peak_value, warmup_steps, decay_steps, end_v
                         exponent=1.0):
     """Linear warmup to peak_value, then cosine decay to end_value at decay_steps (warmup
     included), as optax.warmup_cosine_decay_schedule."""
-    warmup = integer("warmup_steps", warmup_steps, lo=0)
-    total = integer("decay_steps", decay_steps, lo=warmup + 1)
+    warmup = count("warmup_steps", warmup_steps, lo=0)
+    total = count("decay_steps", decay_steps, lo=warmup + 1)
     peak = real("peak_value", peak_value, lo=0.0, lo_open=True)
     alpha = real("end_value", end_value) / peak
     return join([linear(init_value, peak, max(warmup, 1)),
@@ -158,9 +159,9 @@ def cyclic_triangular(base_value, max_value, step_size_up, step_size_down=None,
     """torch's CyclicLR in closed form (modes triangular, triangular2, exp_range); its
     ``momentum`` schedule moves inversely between max_momentum and base_momentum."""
     base, high = real("base_value", base_value, lo=0.0), real("max_value", max_value, lo=0.0)
-    up = float(integer("step_size_up", step_size_up, lo=1))
+    up = float(count("step_size_up", step_size_up, lo=1))
     down = up if step_size_down is None else float(
-        integer("step_size_down", step_size_down, lo=1))
+        count("step_size_down", step_size_down, lo=1))
     choice("mode", mode, ("triangular", "triangular2", "exp_range"))
     gamma = real("gamma", gamma, lo=0.0, lo_open=True)
     m_low = real("base_momentum", base_momentum, lo=0.0, hi=1.0)
@@ -183,7 +184,7 @@ def cyclic_triangular(base_value, max_value, step_size_up, step_size_down=None,
 def one_cycle(total_steps, max_value, pct_start=0.3, anneal_strategy="cos", div_factor=25.0,
               final_div_factor=1e4, three_phase=False, base_momentum=0.85, max_momentum=0.95):
     """torch's OneCycleLR in closed form, with its ``momentum`` schedule."""
-    total = integer("total_steps", total_steps, lo=1)
+    total = count("total_steps", total_steps, lo=1)
     high = real("max_value", max_value, lo=0.0, lo_open=True)
     pct = real("pct_start", pct_start, lo=0.0, hi=1.0)
     choice("anneal_strategy", anneal_strategy, ("cos", "linear"))
@@ -192,7 +193,7 @@ def one_cycle(total_steps, max_value, pct_start=0.3, anneal_strategy="cos", div_
     m_low = real("base_momentum", base_momentum, lo=0.0, hi=1.0)
     m_high = real("max_momentum", max_momentum, lo=0.0, hi=1.0)
     up_end = float(pct * total) - 1
-    if three_phase:
+    if flag("three_phase", three_phase):
         phases = [(up_end, start, high, m_high, m_low),
                   (float(2 * pct * total) - 2, high, start, m_low, m_high),
                   (total - 1, start, low, m_high, m_high)]
@@ -224,7 +225,7 @@ def sgdr(init_value, T_0, T_mult=1, eta_min=0.0):
     """Cosine annealing with warm restarts (torch's CosineAnnealingWarmRestarts): cycles of
     T_0, T_0 T_mult, ... steps, each from init_value down toward eta_min."""
     init_value = real("init_value", init_value)
-    T_0, T_mult = integer("T_0", T_0, lo=1), integer("T_mult", T_mult, lo=1)
+    T_0, T_mult = count("T_0", T_0, lo=1), count("T_mult", T_mult, lo=1)
     eta_min = real("eta_min", eta_min, lo=0.0)
 
     def fn(t):
@@ -255,7 +256,7 @@ def plot(schedule, steps, path):
     if not callable(schedule):
         raise TypeError(f"schedule must be a schedule (a function of the step), got "
                         f"{type(schedule).__name__}")
-    steps = np.arange(integer("steps", steps, lo=1)) if isinstance(steps, numbers.Integral) \
+    steps = np.arange(count("steps", steps, lo=1)) if isinstance(steps, numbers.Integral) \
         else np.asarray(steps)
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
     ax.plot(steps, schedule(steps), color="tab:blue", label="learning rate")

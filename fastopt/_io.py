@@ -25,18 +25,23 @@ def save(obj, path):
     """Write `obj` (for example ``opt.state_dict()``) to `path`, a single .npz file."""
     arrays = {}
 
-    def encode(x):
+    def encode(x, where="obj"):
         if isinstance(x, dict):
-            return {"dict": [[encode(k), encode(v)] for k, v in x.items()]}
+            return {"dict": [[encode(k, f"{where} key"), encode(v, f"{where}[{k!r}]")]
+                             for k, v in x.items()]}
         if isinstance(x, (list, tuple)):
-            return {"list" if isinstance(x, list) else "tuple": [encode(v) for v in x]}
+            return {"list" if isinstance(x, list) else "tuple":
+                    [encode(v, f"{where}[{i}]") for i, v in enumerate(x)]}
         if x is None or isinstance(x, (bool, int, str)):
             return {"value": x}
         if isinstance(x, float):
             return {"float": repr(x)}  # repr round-trips exactly, inf and nan included
         if isinstance(x, np.generic):
-            return encode(x.item())
+            return encode(x.item(), where)
         if _interop.framework_of(x) is not None:
+            # refused, naming the entry, where it has no readable memory (torch's meta device)
+            if not isinstance(x, np.ndarray):  # only read: any byte order will do
+                _interop._check_array(x, f"save: {where}", dtypes=None)
             name = f"a{len(arrays)}"
             arrays[name] = np.ascontiguousarray(_interop._host(x))
             return {"array": name}

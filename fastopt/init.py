@@ -31,6 +31,7 @@ True
 
 import inspect
 import math
+import numbers
 import sys
 
 import numpy as np
@@ -63,6 +64,9 @@ def calculate_gain(nonlinearity, param=None):
     leaky_relu: :math:`\sqrt{2 / (1 + s^2)}` with negative slope ``param`` (default 0.01);
     selu: 3/4.
     """
+    if not isinstance(nonlinearity, str):
+        raise TypeError(f"nonlinearity must be a str (one of {', '.join(sorted(_GAINS))}, "
+                        f"leaky_relu), got {type(nonlinearity).__name__}")
     if nonlinearity in _GAINS:
         return _GAINS[nonlinearity]
     if nonlinearity == "leaky_relu":
@@ -70,6 +74,22 @@ def calculate_gain(nonlinearity, param=None):
         return math.sqrt(2.0 / (1 + slope ** 2))
     raise ValueError(f"nonlinearity must be one of {', '.join(sorted(_GAINS))}, leaky_relu; "
                      f"got {nonlinearity!r}")
+
+
+MAX_ELEMENTS = 2**62  # beyond any memory; np.empty's own limit is 2**63 bytes
+
+
+def _shape(shape):
+    """A shape argument (an int, or a tuple or list of them) as a tuple of ints."""
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape must be an int or a tuple of ints, got {type(shape).__name__}")
+    shape = tuple(_check.integer(f"shape[{i}]", n, lo=0, hi=MAX_ELEMENTS)
+                  for i, n in enumerate(shape))
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise ValueError(f"shape {shape} has more than 2**62 elements")
+    return shape
 
 
 def _fans(shape):
@@ -343,8 +363,7 @@ def _functional(inplace):
     takes_seed = "seed" in inspect.signature(inplace).parameters
 
     def functional(shape, dtype=None, *, like=None, **kwargs):
-        shape = tuple(_check.integer("shape", n, lo=0) for n in (
-            (shape,) if isinstance(shape, (int, np.integer)) else shape))
+        shape = _shape(shape)
         if dtype is None:
             dtype = like.dtype if _interop.framework_of(like) else "float32"
         buf, finish = _interop.new_array(shape, _float_dtype(dtype), like)

@@ -163,7 +163,11 @@ def _norm_kind(n):
         return 2.0
     if isinstance(n, bool) or not isinstance(n, numbers.Real):
         raise TypeError(f"n must be a positive number, inf, -inf or 'fro', got {n!r}")
-    n = float(n)
+    try:
+        n = float(n)
+    except OverflowError:  # an int beyond float64's range, such as 10**400
+        raise ValueError("n must be a positive number, inf, -inf or 'fro', got a number too "
+                         "large for a float") from None
     if math.isnan(n) or (n <= 0 and n != -math.inf):
         raise ValueError(f"n must be a positive number, inf, -inf or 'fro', got {n!r}")
     return n

@@ -48,11 +48,23 @@ __all__ = ["quantize", "dequantize", "fake_quantize", "fake_quantize_backward", 
 # name -> (qmin, qmax, code dtype)
 QDTYPES = {"int8": (-128, 127, np.int8), "uint8": (0, 255, np.uint8),
            "int4": (-8, 7, np.int8), "uint4": (0, 15, np.uint8)}
+MAX_GRID = 10_000  # qparams(method="mse") tries `grid` ranges, one pass over x each
 EPS = float(np.finfo(np.float32).eps)  # torch's observers' smallest scale
 
 
+def _dtype_name(dtype, name="dtype"):
+    """The NumPy name of a dtype argument (a str is kept as it is)."""
+    if isinstance(dtype, str):
+        return dtype
+    try:
+        return np.dtype(dtype).name
+    except TypeError:  # not something NumPy takes as a dtype
+        raise TypeError(f"{name} must be a dtype or its name, got {type(dtype).__name__}") \
+            from None
+
+
 def _qdtype(dtype):
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    name = _dtype_name(dtype)
     return QDTYPES[_check.choice("dtype", name, tuple(QDTYPES))], name
 
 
@@ -74,11 +86,21 @@ def _geometry(shape, axis):
 def _host_values(value, name, count, axis):
     """A parameter (a number, or one per channel) as a float64/int64 host array of `count`."""
     if _interop.framework_of(value) is not None:
+        # refused, naming the argument, where it has no readable memory (torch's meta device);
+        # a NumPy array is only read, so any byte order will do
+        if not isinstance(value, np.ndarray):
+            _interop._check_array(value, name, dtypes=None)
         value = _interop._host(value)
-    arr = np.asarray(value)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number)
-                                   or arr.dtype == np.bool_):
-        raise TypeError(f"{name}: expected a number or an array of numbers, got {value!r}")
+    elif isinstance(value, complex):
+        raise TypeError(f"{name}: expected a real number or an array of real numbers, got "
+                        f"{value!r}")
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError, OverflowError):  # ragged lists, 10**400
+        arr = np.asarray(None)
+    if arr.dtype.kind not in "iuf":  # not bool, complex, object, str
+        raise TypeError(f"{name}: expected a real number or an array of real numbers, got "
+                        f"{value!r:.80}")
     if axis is None:
         if arr.size != 1:
             raise ValueError(f"{name}: per-tensor quantization (axis=None) takes one value, "
@@ -196,7 +218,7 @@ def dequantize(q, scale, zero_point, axis=None, *, dtype="float32", backend="aut
     view = _interop.import_input(q, "q", ("int8", "uint8")).array
     signed = view.dtype == np.int8
     qmin, qmax = (-128, 127) if signed else (0, 255)
-    out_dtype = np.dtype(_check.choice("dtype", np.dtype(dtype).name, ("float32", "float64")))
+    out_dtype = np.dtype(_check.choice("dtype", _dtype_name(dtype), ("float32", "float64")))
     _backends.check_name(backend)
     axis = _axis(axis, view.ndim)
     B, C = _geometry(view.shape, axis)
@@ -214,8 +236,8 @@ def dequantize(q, scale, zero_point, axis=None, *, dtype="float32", backend="aut
 
 def _fake_args(x, scale, zero_point, qmin, qmax, axis, backend, named):
     _backends.check_name(backend)
-    qmin = _check.integer("qmin", qmin, lo=-2 ** 31)
-    qmax = _check.integer("qmax", qmax, lo=-2 ** 31)
+    qmin = _check.integer("qmin", qmin, lo=-2 ** 31, hi=2 ** 31 - 1)
+    qmax = _check.integer("qmax", qmax, lo=-2 ** 31, hi=2 ** 31 - 1)
     if not qmin <= qmax:
         raise ValueError(f"qmin must be <= qmax, got qmin={qmin}, qmax={qmax}")
     views = {name: _interop.import_input(a, name).array for name, a in named.items()}
@@ -291,6 +313,7 @@ def unpack_int4(packed, n, *, signed=True):
     default) or uint8 in [0, 15], a 1-D array of ``packed``'s framework."""
     view = _interop.import_input(packed, "packed", ("uint8",)).array
     n = _check.integer("n", n, lo=0)
+    signed = _check.flag("signed", signed)
     if n > 2 * view.size:
         raise ValueError(f"n={n} is more than the {2 * view.size} codes {view.size} bytes hold")
     xp = _interop.array_module(view)
@@ -369,7 +392,8 @@ def qparams(x, dtype, axis=None, symmetric=False, method="minmax", *, percentile
         ``"percentile"``: the range between the ``100 - percentile`` and ``percentile``
             percentiles of x (per channel), clipping outliers.
         ``"mse"``: of ``grid`` candidate ranges, ``k / grid`` times the min-max range for
-            k = 1..grid, the one whose fake-quantized x has the least squared error.
+            k = 1..grid, the one whose fake-quantized x has the least squared error;
+            ``grid`` is an integer in [1, 10000] (each candidate is one pass over x).
 
     Ranges are kept in float32, as by torch's observers: a float64 ``x`` whose range (the
     ends a method uses) reaches beyond float32's is refused with a ValueError. The scales
@@ -396,7 +420,7 @@ def qparams(x, dtype, axis=None, symmetric=False, method="minmax", *, percentile
     lo, hi = (np.asarray(v) for v in _minmax(host, axis))
     if method == "minmax":
         return _result(*_qparams_from_range(lo, hi, qmin, qmax, symmetric), axis)
-    grid = _check.integer("grid", grid, lo=1)
+    grid = _check.integer("grid", grid, lo=1, hi=MAX_GRID)
     lo, hi = _float32_range(lo), _float32_range(hi)  # the widest candidate's, checked first
     B, C = _geometry(host.shape, axis)
     x3 = host.reshape(-1, B, C)

@@ -14,11 +14,11 @@ Every scheduler checks its arguments when it is created and raises ``ValueError`
 """
 
 import math
-import numbers
 from bisect import bisect_right
 from collections import Counter
+from collections.abc import Mapping
 
-from fastopt._check import choice, integer, real
+from fastopt._check import choice, count, flag, number, real
 from fastopt._closed_form import (
     Schedule,
     constant,
@@ -76,12 +76,12 @@ class LRScheduler:
     def __init__(self, optimizer, last_epoch=-1):
         _check_optimizer(optimizer)
         self.optimizer = optimizer
-        last_epoch = integer("last_epoch", last_epoch, lo=-1)
+        last_epoch = count("last_epoch", last_epoch, lo=-1)
         for i, group in enumerate(optimizer.param_groups):
             if last_epoch == -1:
                 group.setdefault("initial_lr", group["lr"])
             elif "initial_lr" not in group:
-                raise KeyError(f"param_groups[{i}] has no 'initial_lr': resuming a schedule "
+                raise ValueError(f"param_groups[{i}] has no 'initial_lr': resuming a schedule "
                                f"(last_epoch={last_epoch}) needs the optimizer's state as it "
                                f"was saved with the scheduler")
         self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
@@ -134,13 +134,89 @@ class LRScheduler:
                 if k != "optimizer" and not callable(v) and k not in self._unsaved}
 
     def load_state_dict(self, state_dict):
-        unknown = set(state_dict) - set(self.state_dict())
-        if unknown:
-            raise ValueError(f"state_dict: unknown keys {sorted(unknown)} for "
-                             f"{type(self).__name__}")
-        vars(self).update(state_dict)
+        """Load what ``state_dict()`` gave; each value is checked against the kind of the
+        current one first, and nothing changes if any is refused."""
+        self._apply_state(self._checked_state(state_dict))
+
+    def _checked_state(self, state_dict):
+        current = _state_mapping(state_dict, self.state_dict(), type(self).__name__)
+        return {key: _state_value(f"state_dict[{key!r}]", current[key], value,
+                                  self._count_low(key))
+                for key, value in state_dict.items()}
+
+    def _apply_state(self, checked):
+        vars(self).update(checked)
+
+    def _count_low(self, key):
+        """The least value an int entry of the state may take."""
+        if key in ("last_epoch", "T_cur"):
+            return -1
+        if key in _POSITIVE_COUNTS or (key == "total_iters" and not isinstance(self, ConstantLR)):
+            return 1
+        return 0
 
     _unsaved = ("lr_lambdas",)
+
+
+# state entries that the schedules divide by
+_POSITIVE_COUNTS = ("step_size", "T_max", "T_0", "T_i", "T_mult", "total_steps")
+
+
+def _state_mapping(state_dict, current, owner):
+    """The current state, once `state_dict` is known to be a dict of its keys."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict (from {owner}.state_dict()), got "
+                        f"{type(state_dict).__name__}")
+    bad = [key for key in state_dict if not isinstance(key, str)]
+    unknown = sorted(map(repr, bad)) + sorted(set(state_dict) - set(current) - set(bad))
+    if unknown:
+        raise ValueError(f"state_dict: unknown keys {unknown} for {owner}")
+    return current
+
+
+def _state_count(name, value, lo):
+    """A loaded count: an integer (or an integral float, as JSON gives) in [lo, 2**53]."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        value = int(value)
+    return count(name, value, lo=lo)
+
+
+def _state_value(name, like, value, lo):
+    """`value` checked to be of the kind of `like`, the current value of that entry."""
+    if isinstance(like, bool):
+        return flag(name, value)
+    if isinstance(like, int):
+        return _state_count(name, value, lo)
+    if isinstance(like, float):
+        number_ = number(name, value)
+        if not math.isfinite(number_) and math.isfinite(like) and name != "state_dict['best']":
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        return number_
+    if isinstance(like, str):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+        return value
+    if isinstance(like, Mapping):  # MultiStepLR's milestones: {step: count}
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
+        return Counter({_state_count(f"{name} key", int(k) if isinstance(k, str)
+                                     and k.isdigit() else k, 0):
+                        _state_count(f"{name}[{k!r}]", v, 1) for k, v in value.items()})
+    if isinstance(like, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a list, got {type(value).__name__}")
+        if len(value) != len(like):
+            raise ValueError(f"{name}: expected {len(like)} entries, got {len(value)}")
+        items = [_state_value(f"{name}[{i}]", a, b, lo)
+                 for i, (a, b) in enumerate(zip(like, value))]
+        return type(like)(items)
+    if like is None:
+        if value is not None:
+            raise TypeError(f"{name} must be None, got {type(value).__name__}")
+        return None
+    if type(value) is not type(like):
+        raise TypeError(f"{name} must be a {type(like).__name__}, got {type(value).__name__}")
+    return value
 
 
 class LambdaLR(LRScheduler):
@@ -197,7 +273,7 @@ class StepLR(LRScheduler):
     """
 
     def __init__(self, optimizer, step_size, gamma=0.1, last_epoch=-1):
-        self.step_size = integer("step_size", step_size, lo=1)
+        self.step_size = count("step_size", step_size, lo=1)
         self.gamma = real("gamma", gamma, lo=0.0, lo_open=True)
         super().__init__(optimizer, last_epoch)
 
@@ -219,7 +295,7 @@ class MultiStepLR(LRScheduler):
     """
 
     def __init__(self, optimizer, milestones, gamma=0.1, last_epoch=-1):
-        self.milestones = Counter(integer(f"milestones[{i}]", m, lo=0)
+        self.milestones = Counter(count(f"milestones[{i}]", m, lo=0)
                                   for i, m in enumerate(milestones))
         self.gamma = real("gamma", gamma, lo=0.0, lo_open=True)
         super().__init__(optimizer, last_epoch)
@@ -230,10 +306,6 @@ class MultiStepLR(LRScheduler):
             return self._lrs()
         return [lr * self.gamma ** hits for lr in self._lrs()]
 
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        # a Counter comes back from fastopt.load (or JSON) as a plain dict
-        self.milestones = Counter({int(k): int(v) for k, v in self.milestones.items()})
 
     def _closed_form(self):
         passed = bisect_right(sorted(self.milestones.elements()), self.last_epoch)
@@ -250,7 +322,7 @@ class ConstantLR(LRScheduler):
 
     def __init__(self, optimizer, factor=1.0 / 3, total_iters=5, last_epoch=-1):
         self.factor = real("factor", factor, lo=0.0, hi=1.0)
-        self.total_iters = integer("total_iters", total_iters, lo=0)
+        self.total_iters = count("total_iters", total_iters, lo=0)
         super().__init__(optimizer, last_epoch)
 
     def _next_lrs(self):
@@ -279,7 +351,7 @@ class LinearLR(LRScheduler):
                  last_epoch=-1):
         self.start_factor = real("start_factor", start_factor, lo=0.0, hi=1.0, lo_open=True)
         self.end_factor = real("end_factor", end_factor, lo=0.0, hi=1.0)
-        self.total_iters = integer("total_iters", total_iters, lo=1)
+        self.total_iters = count("total_iters", total_iters, lo=1)
         super().__init__(optimizer, last_epoch)
 
     def _next_lrs(self):
@@ -326,7 +398,7 @@ class PolynomialLR(LRScheduler):
     """
 
     def __init__(self, optimizer, total_iters=5, power=1.0, last_epoch=-1):
-        self.total_iters = integer("total_iters", total_iters, lo=1)
+        self.total_iters = count("total_iters", total_iters, lo=1)
         self.power = real("power", power, lo=0.0)
         super().__init__(optimizer, last_epoch)
 
@@ -357,7 +429,7 @@ class CosineAnnealingLR(LRScheduler):
     """
 
     def __init__(self, optimizer, T_max, eta_min=0.0, last_epoch=-1):
-        self.T_max = integer("T_max", T_max, lo=1)
+        self.T_max = count("T_max", T_max, lo=1)
         self.eta_min = real("eta_min", eta_min, lo=0.0)
         super().__init__(optimizer, last_epoch)
 
@@ -390,8 +462,8 @@ class CosineAnnealingWarmRestarts(LRScheduler):
     """
 
     def __init__(self, optimizer, T_0, T_mult=1, eta_min=0.0, last_epoch=-1):
-        self.T_0 = self.T_i = integer("T_0", T_0, lo=1)
-        self.T_mult = integer("T_mult", T_mult, lo=1)
+        self.T_0 = self.T_i = count("T_0", T_0, lo=1)
+        self.T_mult = count("T_mult", T_mult, lo=1)
         self.eta_min = real("eta_min", eta_min, lo=0.0)
         self.T_cur = last_epoch
         super().__init__(optimizer, last_epoch)
@@ -452,9 +524,9 @@ class CyclicLR(LRScheduler):
         _check_optimizer(optimizer)
         base_lrs = _per_group("base_lr", optimizer, base_lr, lo=0.0)
         self.max_lrs = _per_group("max_lr", optimizer, max_lr, lo=0.0)
-        up = float(integer("step_size_up", step_size_up, lo=1))
+        up = float(count("step_size_up", step_size_up, lo=1))
         down = up if step_size_down is None else float(
-            integer("step_size_down", step_size_down, lo=1))
+            count("step_size_down", step_size_down, lo=1))
         self.total_size = up + down
         self.step_ratio = up / self.total_size
         self.gamma = real("gamma", gamma, lo=0.0, lo_open=True)
@@ -468,7 +540,7 @@ class CyclicLR(LRScheduler):
             self.scale_mode = choice("scale_mode", scale_mode, ("cycle", "iterations"))
         self.scale_fn = scale_fn
         self.cycle_momentum = bool(cycle_momentum)
-        last_epoch = integer("last_epoch", last_epoch, lo=-1)
+        last_epoch = count("last_epoch", last_epoch, lo=-1)
         if last_epoch == -1:
             for lr, group in zip(base_lrs, optimizer.param_groups):
                 group["lr"] = lr
@@ -535,13 +607,15 @@ class OneCycleLR(LRScheduler):
                  last_epoch=-1):
         _check_optimizer(optimizer)
         if total_steps is not None:
-            self.total_steps = integer("total_steps", total_steps, lo=1)
+            self.total_steps = count("total_steps", total_steps, lo=1)
         elif epochs is not None and steps_per_epoch is not None:
-            self.total_steps = (integer("epochs", epochs, lo=1)
-                                * integer("steps_per_epoch", steps_per_epoch, lo=1))
+            self.total_steps = count(
+                "epochs * steps_per_epoch",
+                count("epochs", epochs, lo=1) * count("steps_per_epoch", steps_per_epoch, lo=1),
+                lo=1)
         else:
             raise ValueError("OneCycleLR needs total_steps, or epochs and steps_per_epoch")
-        last_epoch = integer("last_epoch", last_epoch, lo=-1)
+        last_epoch = count("last_epoch", last_epoch, lo=-1)
         if last_epoch >= self.total_steps:
             raise ValueError(f"last_epoch {last_epoch} is past total_steps {self.total_steps}")
         pct_start = real("pct_start", pct_start, lo=0.0, hi=1.0)
@@ -551,7 +625,7 @@ class OneCycleLR(LRScheduler):
         up_end = float(pct_start * self.total_steps) - 1
         last = self.total_steps - 1
         # (end step, lr from, lr to, momentum from, momentum to), by param-group key
-        if three_phase:
+        if flag("three_phase", three_phase):
             self.phases = [(up_end, "initial_lr", "max_lr", "max_momentum", "base_momentum"),
                            (float(2 * pct_start * self.total_steps) - 2, "max_lr",
                             "initial_lr", "base_momentum", "max_momentum"),
@@ -616,7 +690,7 @@ class SequentialLR(LRScheduler):
     def __init__(self, optimizer, schedulers, milestones, last_epoch=-1):
         _check_optimizer(optimizer)
         schedulers = _check_schedulers(optimizer, schedulers)
-        milestones = [integer(f"milestones[{i}]", m, lo=1) for i, m in enumerate(milestones)]
+        milestones = [count(f"milestones[{i}]", m, lo=1) for i, m in enumerate(milestones)]
         if len(milestones) != len(schedulers) - 1:
             raise ValueError(f"milestones: expected {len(schedulers) - 1} (one fewer than the "
                              f"schedulers), got {len(milestones)}")
@@ -625,7 +699,7 @@ class SequentialLR(LRScheduler):
         self.optimizer = optimizer
         self._schedulers = schedulers
         self._milestones = milestones
-        self.last_epoch = integer("last_epoch", last_epoch, lo=-1) + 1
+        self.last_epoch = count("last_epoch", last_epoch, lo=-1) + 1
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"]
         for scheduler in schedulers:  # undo the step each took when it was created
@@ -650,11 +724,33 @@ class SequentialLR(LRScheduler):
         return state
 
     def load_state_dict(self, state_dict):
-        state = dict(state_dict)
-        inner = state.pop("_schedulers")
-        vars(self).update(state)
-        for scheduler, saved in zip(self._schedulers, inner):
-            scheduler.load_state_dict(saved)
+        """Load what ``state_dict()`` gave (the inner schedulers' states included); nothing
+        changes if any value is refused."""
+        self._apply_state(self._checked_state(state_dict))
+
+    def _checked_state(self, state_dict):
+        current = _state_mapping(state_dict, self.state_dict(), type(self).__name__)
+        state = {key: _state_value(f"state_dict[{key!r}]", current[key], value,
+                                   -1 if key == "last_epoch" else 1)
+                 for key, value in state_dict.items() if key != "_schedulers"}
+        inner = state_dict.get("_schedulers", [{}] * len(self._schedulers))
+        if not isinstance(inner, (list, tuple)) or len(inner) != len(self._schedulers):
+            raise ValueError(f"state_dict['_schedulers'] must be a list of "
+                             f"{len(self._schedulers)} scheduler states, got {inner!r:.80}")
+        checked = []
+        for i, (scheduler, saved) in enumerate(zip(self._schedulers, inner)):
+            try:
+                checked.append(scheduler._checked_state(saved))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"state_dict['_schedulers'][{i}]: {e}") from None
+        state["_schedulers"] = checked
+        return state
+
+    def _apply_state(self, checked):
+        checked = dict(checked)
+        for scheduler, saved in zip(self._schedulers, checked.pop("_schedulers")):
+            scheduler._apply_state(saved)
+        vars(self).update(checked)
 
 
 def _rewind(scheduler):
@@ -693,11 +789,13 @@ class ChainedScheduler(LRScheduler):
         schedulers = list(schedulers)
         if not schedulers:
             raise ValueError("schedulers: expected at least one scheduler")
+        for i, scheduler in enumerate(schedulers):
+            if not isinstance(scheduler, LRScheduler):
+                raise TypeError(f"schedulers[{i}] is not a fastopt scheduler, got "
+                                f"{type(scheduler).__name__}")
         optimizer = schedulers[0].optimizer if optimizer is None else optimizer
         _check_optimizer(optimizer)
         for i, scheduler in enumerate(schedulers):
-            if not isinstance(scheduler, LRScheduler):
-                raise TypeError(f"schedulers[{i}] is not a fastopt scheduler")
             if scheduler.optimizer is not optimizer:
                 raise ValueError(f"schedulers[{i}] belongs to another optimizer")
         self.optimizer = optimizer
@@ -711,6 +809,8 @@ class ChainedScheduler(LRScheduler):
 
     state_dict = SequentialLR.state_dict
     load_state_dict = SequentialLR.load_state_dict
+    _checked_state = SequentialLR._checked_state
+    _apply_state = SequentialLR._apply_state
 
 
 class ReduceLROnPlateau(LRScheduler):
@@ -733,10 +833,10 @@ class ReduceLROnPlateau(LRScheduler):
         self.optimizer = optimizer
         self.mode = choice("mode", mode, ("min", "max"))
         self.factor = real("factor", factor, lo=0.0, hi=1.0, hi_open=True)
-        self.patience = integer("patience", patience, lo=0)
+        self.patience = count("patience", patience, lo=0)
         self.threshold = real("threshold", threshold, lo=0.0)
         self.threshold_mode = choice("threshold_mode", threshold_mode, ("rel", "abs"))
-        self.cooldown = integer("cooldown", cooldown, lo=0)
+        self.cooldown = count("cooldown", cooldown, lo=0)
         self.min_lrs = _per_group("min_lr", optimizer, min_lr, lo=0.0)
         self.eps = real("eps", eps, lo=0.0)
         self.last_epoch = 0
@@ -756,12 +856,7 @@ class ReduceLROnPlateau(LRScheduler):
 
     def step(self, metrics):
         """Record this step's metric (a real number); reduce the lr if it has plateaued."""
-        if isinstance(metrics, bool) or not isinstance(metrics, numbers.Real):
-            try:
-                metrics = float(metrics)  # a 0-d array of any framework
-            except (TypeError, ValueError):
-                raise TypeError(f"metrics must be a real number, got {metrics!r}") from None
-        current = float(metrics)
+        current = number("metrics", metrics)  # or a 0-d array of any framework
         self.last_epoch += 1
         if self._is_better(current):
             self.best = current

@@ -73,6 +73,9 @@ AUTO_ORDER = {"cpu": ("cython", "numba", "numpy"), "cuda": ("cupy",)}
 
 def check_name(backend):
     """Validate a backend argument ('auto' or a registered name)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be 'auto' or one of {sorted(BACKENDS)} (a str), got "
+                        f"{type(backend).__name__}")
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     return backend

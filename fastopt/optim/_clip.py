@@ -12,20 +12,32 @@ import math
 import numpy as np
 
 from fastopt import _backends, _interop
-from fastopt._check import real
-from fastopt._config import get_num_threads
+from fastopt._check import flag, number, real
+from fastopt._config import check_threads, get_num_threads
 
 _KINDS = {1.0: 1, 2.0: 2, math.inf: 0}  # norm type -> kind in fastopt/reduce.h
 
 
 def norm_kind(norm_type, name="norm_type"):
-    """The reduction kind of a norm type (1, 2 or inf)."""
-    try:
-        value = float(norm_type)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be 1, 2 or inf, got {norm_type!r}") from None
+    """The reduction kind of a norm type: 1, 2 or inf (a real number, or the string "inf");
+    never a bool (True is not the 1-norm) nor a complex number."""
+    if isinstance(norm_type, str):
+        try:
+            value = float(norm_type)
+        except ValueError:
+            value = math.nan
+        if value != math.inf:
+            raise ValueError(f"{name} must be 1, 2 or inf, got {norm_type!r}")
+    else:
+        try:
+            value = number(name, norm_type)
+        except TypeError:
+            raise TypeError(f"{name} must be 1, 2 or inf, got {norm_type!r:.80}") from None
+        except ValueError:  # 10**400
+            raise ValueError(f"{name} must be 1, 2 or inf, got a number too large for a "
+                             f"float") from None
     if value not in _KINDS:
-        raise ValueError(f"{name} must be 1, 2 or inf, got {norm_type!r}")
+        raise ValueError(f"{name} must be 1, 2 or inf, got {norm_type!r:.80}")
     return _KINDS[value]
 
 
@@ -50,10 +62,11 @@ def clip_coefficient(max_norm, norm, dtype):
 
 
 def _mutable_grads(grads, what):
+    # a single array (nested torch tensors included) is refused before list() iterates it
     if _interop.framework_of(grads) is not None or isinstance(grads, (dict, set)):
-        raise TypeError(f"{what}: expected a list of arrays")
+        raise TypeError(f"{what}: expected a list of arrays, got {type(grads).__name__}")
     views = []
-    for i, g in enumerate(grads):
+    for i, g in enumerate(list(grads)):
         view = _interop.import_param(g, "grads", i)
         if view.framework not in _interop.MUTABLE:
             raise TypeError(f"grads[{i}]: {view.framework} arrays are immutable and cannot be "
@@ -94,17 +107,19 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False, *,
     """
     kind = norm_kind(norm_type)
     max_norm = _positive(max_norm, "max_norm")
+    error_if_nonfinite = flag("error_if_nonfinite", error_if_nonfinite)
+    n_threads = get_num_threads() if n_threads is None else check_threads(n_threads, "n_threads")
     _backends.check_name(backend)
-    views = _mutable_grads(list(grads), "grads")
+    views = _mutable_grads(grads, "grads")
     if not views:
         return 0.0
     by_dtype = {}
     for v in views:
         by_dtype.setdefault(v.array.dtype, []).append(v.array)
-    norm = total_norm(by_dtype, kind, backend, views[0].device[0],
-                      n_threads or get_num_threads())
+    norm = total_norm(by_dtype, kind, backend, views[0].device[0], n_threads)
     if error_if_nonfinite and not math.isfinite(norm):
-        raise RuntimeError(f"The total norm of order {float(norm_type)} of the gradients is "
+        order = {1: 1.0, 2: 2.0, 0: math.inf}[kind]
+        raise RuntimeError(f"The total norm of order {order} of the gradients is "
                            f"non-finite, so it cannot be clipped; pass "
                            f"error_if_nonfinite=False to clip anyway")
     for dtype, arrays in by_dtype.items():
@@ -126,7 +141,7 @@ def clip_grad_value_(grads, clip_value):
         array([-1. ,  0.5,  1. ])
     """
     clip_value = _positive(clip_value, "clip_value")
-    for v in _mutable_grads(list(grads), "grads"):
+    for v in _mutable_grads(grads, "grads"):
         s = v.array.dtype.type
         v.array.clip(s(-clip_value), s(clip_value), out=v.array)
 
