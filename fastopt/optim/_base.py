@@ -31,7 +31,7 @@ import types
 import numpy as np
 
 from fastopt import _backends, _interop, _rules
-from fastopt._check import real
+from fastopt._check import MAX_COUNT, real
 from fastopt._config import check_threads, get_num_threads
 from fastopt.optim import _clip
 
@@ -116,17 +116,14 @@ def ensure_state(states, name, likes, fill=0.0, shape=None):
     return [state.get(name) for state in states]
 
 
-MAX_STEP = 2**53  # step counts stay exact as the float64 the host scalars take them as
-
-
 def _state_count(value, where):
     """A loaded step count as an int: an integer (Python's, NumPy's, or an integral float)
-    in [0, MAX_STEP]."""
+    in [0, MAX_COUNT] (exact as the float64 the host scalars take it as)."""
     # the range test comes first: it fails NaN, inf and 10**400 before int() could raise
     if isinstance(value, numbers.Real) and not isinstance(value, bool) \
-            and 0 <= value <= MAX_STEP and value == int(value):
+            and 0 <= value <= MAX_COUNT and value == int(value):
         return int(value)
-    raise ValueError(f"{where}: expected an integer >= 0 (at most {MAX_STEP}), got {value!r}")
+    raise ValueError(f"{where}: expected an integer >= 0 (at most {MAX_COUNT}), got {value!r}")
 
 
 def _state_number(kind, value, where):
@@ -144,7 +141,10 @@ _NO_STATE = types.MappingProxyType({})  # the state of a parameter not stepped y
 class _State(dict):
     """One parameter's state: a dict that notes any change made through it (a buffer added,
     replaced or removed, a step count edited), so that a step checks the state again only
-    after it changed. The optimizer's own writes during a step leave it checked."""
+    after it changed. The optimizer's own writes during a step leave it checked.
+
+    ``checked``: False after a change; else true: the (shape, dtype, device) of the
+    parameter view it was checked for, or True for a state made empty by the optimizer."""
 
     checked = False
 
@@ -705,9 +705,9 @@ class Optimizer:
                             and (state is None or state.__class__ is _State and state.checked)):
                         pv = cached[1]
                     else:
-                        pv = self._import_checked(flat, p, state)
+                        pv, renewed = self._import_checked(flat, p, state)
                         state = self.state.get(flat)  # now a checked _State
-                        changed = True
+                        changed = changed or renewed
                     gv = _interop.import_grad(g, "grads", flat)
                     if first is None:
                         first = (flat, pv.framework, pv.device)
@@ -738,16 +738,24 @@ class Optimizer:
         return [(group, items, device) for group, items in plan], dtypes
 
     def _import_checked(self, i, p, state):
-        """The checked view of parameter i, its state checked against it (the state then a
-        checked _State); cached for the next steps where the framework is mutable."""
+        """(view, changed): the checked view of parameter i, its state checked against it
+        (the state then a checked _State), and whether what the step writes may have
+        changed. The view is cached for the next steps where the framework is mutable; an
+        immutable one (JAX, TensorFlow: a new array each step) is imported each step, its
+        state checked again only if it changed or no longer fits the parameter's shape,
+        dtype and device."""
         pv = _interop.import_param(p, "params", i)
-        if state is not None:
+        mutable = pv.framework in _interop.MUTABLE
+        fits = (pv.array.shape, pv.array.dtype, pv.device)
+        recheck = state is not None and not (state.__class__ is _State
+                                             and state.checked == fits)
+        if recheck:
             self._check_state(i, pv, state)
-        if pv.framework in _interop.MUTABLE:
+        if mutable:
             self._views[i] = (p, pv, _interop.view_token(p, pv))
         else:
             self._views.pop(i, None)
-        return pv
+        return pv, mutable or recheck
 
     def _check_memory(self, plan, stepped, grads, changed, host):
         """Refuse a step whose parameters or state buffers share memory, or whose gradients
@@ -796,7 +804,7 @@ class Optimizer:
         """Check the state of parameter i (view pv) as a loaded one is checked: known keys,
         step counts and numbers in range, and arrays the kernels can write for it (of the
         kernels' array type, on its device, of its dtype and their shape, C-contiguous,
-        writable). Leaves it a checked _State."""
+        writable). Leaves it a _State, checked for the parameter's shape, dtype and device."""
         where = f"state[{i}]"
         if not isinstance(state, dict):
             raise TypeError(f"{where}: expected a dict, got {type(state).__name__}")
@@ -816,7 +824,7 @@ class Optimizer:
         if state.__class__ is not _State:
             state = self.state[i] = _State(state)
         dict.update(state, numbers_)  # the numbers as int and float
-        state.checked = True
+        state.checked = (p.shape, p.dtype, pv.device)
 
     def _stage(self, kernel, group, bucket, n_threads, grad):
         """The first half of a kernel call: the rule's bookkeeping (state created, step
