@@ -229,13 +229,6 @@ _SHARED = ("{} and {} share memory, so an update would change both; give each pa
            "gradient and state buffer its own memory (a copy)")
 
 
-def _check_disjoint(written):
-    """Refuse memory that is written more than once (see _interop.WrittenSpans)."""
-    clash = _interop.WrittenSpans(written).clash
-    if clash is not None:
-        raise ValueError(_SHARED.format(*clash))
-
-
 class Optimizer:
     """Base class of fastopt's optimizers (torch.optim's structure, arrays of any framework).
 
@@ -442,8 +435,6 @@ class Optimizer:
                              f"{type(self).__name__}; its hyperparameters are "
                              f"{sorted(self.defaults)}")
 
-    def _param_spans(self):
-        return [(_interop.extent(p), f"params[{i}]") for i, p in enumerate(self.params())]
 
     def params(self):
         """The current parameters, flattened over groups (new arrays for JAX/TF after a step)."""
@@ -779,7 +770,8 @@ class Optimizer:
         a parameter or state was checked anew or other parameters are stepped; the
         gradients are new arrays each step and checked each step."""
         if changed or self._spans is None or self._spans[0] != stepped:
-            written = self._param_spans()
+            written = [(_interop.extent(p), f"params[{i}]")
+                       for i, p in enumerate(self.params())]
             for _, items in plan:
                 for flat, _, pv, _, _ in items:
                     if pv.framework in _interop.MUTABLE:  # else written to a new buffer
