@@ -26,6 +26,7 @@ except ImportError:  # not built: the checks that use it go through Python
     _runtime = None
 
 FLOAT_DTYPES = ("float32", "float64")
+PARAM_DTYPES = FLOAT_DTYPES + ("bfloat16", "float16")  # optimizer parameters and gradients
 ALIGN = 64  # TF aborts on DLPack buffers with less alignment; 64 also suits AVX-512
 _ROOTS = {"torch": "torch", "jax": "jax", "jaxlib": "jax", "tensorflow": "tensorflow",
           "keras": "tensorflow", "cupy": "cupy"}
@@ -218,13 +219,13 @@ def import_param(x, role, index):
         arr = _plain_cpu_torch(x)
         if arr is not None:
             return _new_view(View, (arr, "torch", _CPU))
-    return import_array(x, f"{role}[{index}]")
+    return import_array(x, f"{role}[{index}]", PARAM_DTYPES)
 
 
-def import_array(x, name):
-    """View of array argument `name` for the kernels, checked; writable if its framework
-    is mutable."""
-    fw, device = _check_array(x, name)
+def import_array(x, name, dtypes=FLOAT_DTYPES):
+    """View of array argument `name` (of one of `dtypes`) for the kernels, checked;
+    writable if its framework is mutable."""
+    fw, device = _check_array(x, name, dtypes)
     if fw == "torch":
         if x.requires_grad:
             raise TypeError(f"{name}: torch tensor requires grad; pass p.detach() (or p.data) "
@@ -235,7 +236,7 @@ def import_array(x, name):
         if not x.is_contiguous():
             raise ValueError(f"{name}: torch tensor is not contiguous, so it cannot be updated "
                              f"in place; make the parameter contiguous first")
-        arr = x.numpy() if device[0] == "cpu" else _from_dlpack(x, device)
+        arr = _torch_view(x, device, name)
     elif fw in ("numpy", "cupy"):
         arr = x
         if not arr.flags.c_contiguous:
@@ -246,8 +247,42 @@ def import_array(x, name):
             raise ValueError(f"{name}: array is read-only, so it cannot be updated in place; "
                              f"pass a writable array (arr.copy())")
     else:
-        arr = _from_dlpack(_tf_tensor(x) if fw == "tensorflow" else x, device)
+        arr = _immutable_view(x, fw, device, name)
     return View(arr, fw, device)
+
+
+def bfloat16():
+    """NumPy's bfloat16 dtype (ml_dtypes', as JAX's)."""
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _bfloat16(x, fw):
+    return _dtype_name(x, fw) == "bfloat16"
+
+
+def _no_cuda_bfloat16(name):
+    return TypeError(f"{name}: bfloat16 arrays on CUDA are not supported yet (CuPy has no "
+                     f"bfloat16); keep them on the CPU or use float16/float32")
+
+
+def _torch_view(x, device, name):
+    """The NumPy (CPU) or CuPy view of a dense torch tensor; bfloat16, which NumPy has no
+    DLPack code for, as ml_dtypes' bfloat16 over the same memory."""
+    if _bfloat16(x, "torch"):
+        if device[0] != "cpu":
+            raise _no_cuda_bfloat16(name)
+        return x.view(sys.modules["torch"].int16).numpy().view(bfloat16())
+    return x.numpy() if device[0] == "cpu" else _from_dlpack(x, device)
+
+
+def _immutable_view(x, fw, device, name):
+    """A read-only view of a JAX or TensorFlow array (bfloat16: a host copy may be made)."""
+    if _bfloat16(x, fw):
+        if device[0] != "cpu":
+            raise _no_cuda_bfloat16(name)
+        return np.asarray(x.numpy() if fw == "tensorflow" else x)
+    return _from_dlpack(_tf_tensor(x) if fw == "tensorflow" else x, device)
 
 
 def import_grad(x, role, index):
@@ -260,7 +295,7 @@ def import_grad(x, role, index):
         arr = _plain_cpu_torch(x)
         if arr is not None:
             return _new_view(View, (arr, "torch", _CPU))
-    return import_input(x, f"{role}[{index}]")
+    return import_input(x, f"{role}[{index}]", PARAM_DTYPES)
 
 
 def import_input(x, name, dtypes=FLOAT_DTYPES):
@@ -271,11 +306,11 @@ def import_input(x, name, dtypes=FLOAT_DTYPES):
         x = x.detach()
         if x.is_neg() or x.is_conj():
             x = x.resolve_neg().resolve_conj()
-        arr = x.numpy() if device[0] == "cpu" else _from_dlpack(x, device)
+        arr = _torch_view(x, device, name)
     elif fw in ("numpy", "cupy"):
         arr = x
     else:
-        arr = _from_dlpack(_tf_tensor(x) if fw == "tensorflow" else x, device)
+        arr = _immutable_view(x, fw, device, name)
     if not arr.flags.c_contiguous:
         arr = arr.copy(order="C")
     return View(arr, fw, device)
@@ -487,9 +522,10 @@ def empty_like(arr, shape=None, dtype=None):
         return cupy.empty(shape, dtype)
 
 
-def copy_to_like(value, like, shape=None):
-    """A new buffer like `like` (same device, `shape` if given), holding array `value`."""
-    out = empty_like(like, shape)
+def copy_to_like(value, like, shape=None, dtype=None):
+    """A new buffer like `like` (same device, `shape` and `dtype` if given), holding array
+    `value`."""
+    out = empty_like(like, shape, dtype)
     if isinstance(out, np.ndarray):
         out[...] = value if isinstance(value, np.ndarray) else np.asarray(_host(value))
     else:
@@ -503,12 +539,12 @@ def _host(value):
     if framework_of(value) == "cupy":
         return value.get()
     if framework_of(value) == "torch":
-        return value.detach().cpu().numpy()
+        return _torch_view(value.detach().cpu().contiguous(), _CPU, "value")
     return value
 
 
-def full_like(arr, value, shape=None):
-    out = empty_like(arr, shape)
+def full_like(arr, value, shape=None, dtype=None):
+    out = empty_like(arr, shape, dtype)
     out.fill(value)
     return out
 
@@ -517,9 +553,13 @@ def export(arr, framework):
     """Hand a buffer fastopt will not write again to an immutable framework, zero-copy."""
     if framework == "jax":
         import jax.dlpack
+        if arr.dtype.name == "bfloat16":  # no NumPy DLPack code: a copy
+            return jax.numpy.asarray(arr)
         return jax.dlpack.from_dlpack(arr)
     if framework == "tensorflow":
         import tensorflow as tf
+        if arr.dtype.name == "bfloat16":
+            return tf.convert_to_tensor(arr)
         capsule = arr.__dlpack__() if isinstance(arr, np.ndarray) else arr.toDlpack()
         return tf.experimental.dlpack.from_dlpack(capsule)
     raise ValueError(f"export: {framework} arrays are updated in place, not exported")

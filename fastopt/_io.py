@@ -44,6 +44,9 @@ def save(obj, path):
                 _interop._check_array(x, f"save: {where}", dtypes=None)
             name = f"a{len(arrays)}"
             arrays[name] = np.ascontiguousarray(_interop._host(x))
+            if arrays[name].dtype.name == "bfloat16":  # .npy has no code for it: its bits
+                arrays[name] = arrays[name].view(np.uint16)
+                return {"bfloat16": name}
             return {"array": name}
         raise TypeError(f"save: cannot store a {type(x).__name__}; use dicts, lists, tuples, "
                         f"numbers, strings and arrays")
@@ -181,7 +184,7 @@ class _Reader:
                 raise self.fail(f"its structure holds the float {reprlib.repr(value)}") from e
         if kind == "value" and (value is None or isinstance(value, (bool, int, str))):
             return value
-        if kind == "array" and isinstance(value, str) and not key:
+        if kind in ("array", "bfloat16") and isinstance(value, str) and not key:
             if value == _STRUCTURE or value not in self.members:
                 raise self.fail(f"its structure names the array member "
                                 f"{reprlib.repr(value)}, which it does not hold")
@@ -191,5 +194,11 @@ class _Reader:
                                     f"{reprlib.repr(value)} twice (save writes each array "
                                     f"once)")
                 taken.add(value)
-            return read(value)
+            array = read(value)
+            if kind == "bfloat16" and array is not None:
+                if array.dtype != np.uint16:
+                    raise self.fail(f"its bfloat16 member {value!r} holds {array.dtype}, not "
+                                    f"the uint16 bits of bfloat16")
+                array = array.view(_interop.bfloat16())
+            return array
         raise self.fail(f"its structure holds {reprlib.repr(node)}, which save does not write")

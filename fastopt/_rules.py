@@ -195,6 +195,13 @@ RULES = (
          driver="adafactor", traffic=8, matrix=True),
 )
 
+# the state arrays that can be negative: 8-bit state (state_dtype="int8") keeps them with the
+# signed dynamic map, the others (second moments, sums, maxima) with the unsigned one
+SIGNED_STATE = frozenset({"exp_avg", "momentum_buffer", "grad_avg"})
+# the state arrays kept in 8 bits with state_dtype="int8": those shaped like their parameter
+# (Adafactor's factored state, which is not, stays float32)
+QUANTIZABLE_STATE = frozenset(name for rule in RULES if not rule.matrix for name in rule.state)
+
 BY_NAME = {rule.name: rule for rule in RULES}
 BY_OP = {rule.op: rule for rule in RULES}  # rules sharing an op share their kernels
 

@@ -60,7 +60,7 @@ STEP_CASES = {
     "complex grad": (lambda ps: good_grads(ps)[:2] + [np.ones(5, np.complex64)], TypeError,
                      r"grads\[2\]: dtype complex64 is not supported"),
     "float16 grad": (lambda ps: good_grads(ps)[:2] + [np.ones(5, np.float16)], TypeError,
-                     r"grads\[2\]: dtype float16 is not supported"),
+                     r"grads\[2\]: dtype float16 does not match params\[2\] dtype float32"),
 }
 
 

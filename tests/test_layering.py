@@ -1,7 +1,7 @@
 """The import graph of fastopt points downward: no module imports itself through others
 (also through imports inside functions), no package cycle, and code outside the backends
-reaches a backend only through the registry (fastopt._backends) and the shared constants
-(fastopt._backends._layout)."""
+reaches a backend only through the registry (fastopt._backends), the shared constants
+(fastopt._backends._layout) and the storage formats' contract (fastopt._backends._formats)."""
 
 import ast
 from pathlib import Path
@@ -10,7 +10,7 @@ import fastopt
 
 ROOT = Path(fastopt.__file__).parent
 # what may be imported from outside fastopt._backends
-BACKEND_ENTRY = {"fastopt._backends", "fastopt._backends._layout"}
+BACKEND_ENTRY = {"fastopt._backends", "fastopt._backends._layout", "fastopt._backends._formats"}
 
 
 def _modules():

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastopt import _rules
-from fastopt._backends import _steps, _twopass
+from fastopt._backends import _formats, _steps, _twopass
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,9 @@ def _implementation(name, op):
         return getattr(module, op, None)
     if any(k.name not in module.KERNELS for k in rule.kernels):
         return None
-    if rule.driver is not None:
-        return functools.partial(getattr(_twopass, f"{rule.driver}_step"), module)
+    if rule.driver is not None:  # storage formats: whole arrays converted around the passes
+        return _formats.formatted(functools.partial(getattr(_twopass, f"{rule.driver}_step"),
+                                                    module))
     return functools.partial(_steps.rule_step, module, rule)
 
 

@@ -9,33 +9,51 @@ backend can, else right after it. Multi-pass rules have drivers of their own
 """
 
 from fastopt import _rules
+from fastopt._backends import _formats
 from fastopt._backends._contracts import Compiled
 from fastopt._backends._masked import zero_pruned
 
 
-def run_pass(backend: Compiled, kernel, operands, scalars, n_threads, masks, n_aux=0):
+def run_pass(backend: Compiled, kernel, operands, scalars, n_threads, masks, n_aux=0,
+             formats=None):
     """One pass of `kernel` (a name of the rule table) with host scalars `scalars` (a dict of
     its Args fields); with pruning masks, the pruned entries of its written operand (1) and
     of its state (not the `n_aux` per-tensor auxiliaries) become 0 before anything reads
-    them: inside the pass where the backend can (MASKS_IN_KERNELS), else right after it."""
-    args = _rules.ALL_KERNELS[kernel].args
-    record = args.record(operands[0][0].dtype, scalars)
-    if masks is not None and backend.MASKS_IN_KERNELS:
-        backend.elementwise(kernel, operands, record, n_threads, masks=masks, n_aux=n_aux)
+    them: inside the pass where the backend can (MASKS_IN_KERNELS), else right after it.
+    With `formats` (fastopt._backends._formats.Formats), the operands are stored in those
+    formats (the shadow, if any, after the state): converted inside the pass where the
+    backend converts each of them (its FORMATS: the storage codes it handles), else around
+    it, over whole arrays."""
+    dtype = operands[0][0].dtype if formats is None else formats.compute
+    record = _rules.ALL_KERNELS[kernel].args.record(dtype, scalars)
+    if formats is not None and not set(formats.storage) <= getattr(backend, "FORMATS", set()):
+        def inner(*wide, masks):
+            run_pass(backend, kernel, wide, scalars, n_threads, masks, n_aux)
+        _formats.around(inner, operands[:len(operands) - n_aux], formats, masks=masks,
+                        rest=operands[len(operands) - n_aux:])
         return
-    backend.elementwise(kernel, operands, record, n_threads, n_aux=n_aux)
+    extra = {} if formats is None else {"formats": formats}
+    if masks is not None and backend.MASKS_IN_KERNELS:
+        backend.elementwise(kernel, operands, record, n_threads, masks=masks, n_aux=n_aux,
+                            **extra)
+        return
+    backend.elementwise(kernel, operands, record, n_threads, n_aux=n_aux, **extra)
     if masks is not None:
-        states = operands[3:len(operands) - n_aux]
+        written = operands[3:len(operands) - n_aux]  # the state and the shadow
         for t, mask in enumerate(masks):
-            zero_pruned(mask, [operands[1][t]] + [op[t] for op in states])
+            zero_pruned(mask, [operands[1][t]] + [op[t] for op in written])
 
 
-def rule_step(backend: Compiled, rule, params, out, grads, *states, n_threads, masks=None, **hyper):
+def rule_step(backend: Compiled, rule, params, out, grads, *states, n_threads, masks=None,
+              formats=None, shadow=None, **hyper):
     """One step of `rule` over tensors: `states` in the rule's state order (None for an
     optional one that is off), the hyperparameters as the rule's scalars function takes
-    them."""
+    them; `formats` and `shadow` as fastopt._backends._formats.formatted takes them."""
     present = tuple(name for name, s in zip(rule.state, states) if s is not None)
     kernel = rule.kernel(present)
     operands = (params, out, grads) + tuple(s for s in states if s is not None)
-    run_pass(backend, kernel.name, operands, rule.scalars(params[0].dtype, **hyper), n_threads,
-             masks)
+    if shadow is not None:
+        operands += (shadow,)
+    dtype = params[0].dtype if formats is None else formats.compute
+    run_pass(backend, kernel.name, operands, rule.scalars(dtype, **hyper), n_threads, masks,
+             formats=formats)

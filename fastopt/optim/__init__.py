@@ -5,9 +5,10 @@ import importlib
 
 from fastopt import _rules
 from fastopt.optim._base import Optimizer
+from fastopt.optim._convert import convert_state
 
 for _rule in _rules.RULES:
     globals()[_rule.name] = getattr(importlib.import_module(_rule.module), _rule.name)
 del _rule
 
-__all__ = ["Optimizer"] + [rule.name for rule in _rules.RULES]
+__all__ = ["Optimizer", "convert_state"] + [rule.name for rule in _rules.RULES]

@@ -32,7 +32,8 @@ import types
 import numpy as np
 
 from fastopt import _backends, _interop, _rules
-from fastopt._check import MAX_COUNT, real
+from fastopt._backends import _formats
+from fastopt._check import MAX_COUNT, integer, real
 from fastopt._config import check_threads, get_num_threads
 from fastopt.optim import _clip
 
@@ -84,16 +85,29 @@ def check_adam_group(group, where):
 
 
 OPTIONS_DOC = """        **options: keyword-only ``backend``, ``n_threads``, ``max_grad_norm``,
-            ``grad_norm_type``, ``max_grad_value``, ``skip_nonfinite``, ``masks``; see
+            ``grad_norm_type``, ``max_grad_value``, ``skip_nonfinite``, ``masks``,
+            ``state_dtype``, ``stochastic_rounding``, ``master_weights``, ``seed``; see
             :class:`fastopt.optim.Optimizer`."""
+
+MASTER = "master_param"  # the float32 copy of a low-precision parameter (master_weights)
+STATE_DTYPES = (None, "float32", "bfloat16", "int8")
+ABSMAX = "_absmax"  # suffix of the block scales of a state array kept in 8 bits
+_U8 = np.dtype(np.uint8)
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
+def compute_dtype(dtype):
+    """The dtype the kernels compute in for parameters of `dtype`."""
+    return _F64 if dtype == _F64 else _F32
 
 
 class _Bucket(list):
     """The states of one kernel call (a list), with what undoes the changes its rule makes
     to them (``undo``: step counts, numbers, new buffers) should the call fail: they are
-    made through ensure_state, advance_step and set_number only."""
+    made through ensure_state, advance_step and set_number only. ``dtype``: the dtype of
+    the state arrays it creates (None: the parameter's)."""
 
-    __slots__ = ("undo",)
+    __slots__ = ("undo", "dtype")
 
 
 def ensure_state(states, name, likes, fill=0.0, shape=None):
@@ -106,15 +120,36 @@ def ensure_state(states, name, likes, fill=0.0, shape=None):
         except KeyError:
             pass
     created = []
+    quantized = states.dtype == _U8 and shape is None
     for k, (state, like) in enumerate(zip(states, likes)):
         if name not in state:
             size = None if shape is None else shape(like)
-            if shape is None or size is not None:
-                dict.__setitem__(state, name, _interop.full_like(like, fill, size))
+            if quantized:
+                codes, absmax = _quantized_full(like, fill, name)
+                dict.__setitem__(state, name, codes)
+                dict.__setitem__(state, name + ABSMAX, absmax)
+                created.append(k)
+            elif shape is None or size is not None:
+                dict.__setitem__(state, name, _interop.full_like(
+                    like, fill, size, _F32 if states.dtype == _U8 else states.dtype))
                 created.append(k)
     if created:
         states.undo.append((name, created))
+        if quantized:
+            states.undo.append((name + ABSMAX, created))
     return [state.get(name) for state in states]
+
+
+def _quantized_full(like, fill, name):
+    """(codes, absmax) of 8-bit state `name` holding `fill` everywhere, for parameter `like`."""
+    codes = _interop.empty_like(like, dtype=_U8)
+    absmax = _interop.empty_like(like, (-(-like.size // _formats.BLOCK),), _F32)
+    _formats.q8_store(codes, absmax, np.full(like.shape, fill, np.float32), _q8_code(name))
+    return codes, absmax
+
+
+def _q8_code(name):
+    return _formats.Q8S if name in _rules.SIGNED_STATE else _formats.Q8U
 
 
 def _state_count(value, where):
@@ -179,6 +214,21 @@ def advance_step(states):
     return step
 
 
+def _ensure_master(states, params):
+    """The float32 copies of low-precision parameters (``state["master_param"]``), created
+    from the parameters where missing (noted in the bucket's undo list)."""
+    created = []
+    for k, (state, p) in enumerate(zip(states, params)):
+        if MASTER not in state:
+            master = _interop.empty_like(p, dtype=_F32)
+            master[...] = _formats.load(p, _formats.code_of(p.dtype))
+            dict.__setitem__(state, MASTER, master)
+            created.append(k)
+    if created:
+        states.undo.append((MASTER, created))
+    return [state[MASTER] for state in states]
+
+
 def _undo(states):
     """Take back what the rule's call changed in its bucket's states (see _Bucket)."""
     for key, before in reversed(states.undo):
@@ -198,17 +248,18 @@ def _group_ends(groups):
     return itertools.accumulate(len(g["params"]) for g in groups)
 
 
-def _check_buffer(buf, pv, shape, where):
+def _check_buffer(buf, pv, shape, dtype, where):
     """A state array the kernels can write for parameter view pv: of the kernels' array
-    type, on its device, of its dtype and `shape`, C-contiguous and writable."""
+    type, on its device, of `dtype` and `shape`, C-contiguous and writable."""
     p = pv.array
     if not isinstance(buf, type(p)):
         raise TypeError(f"{where}: expected a {type(p).__module__}.{type(p).__name__} like "
                         f"its parameter's kernel view, got {_interop.describe(buf)}")
-    if buf.dtype != p.dtype or buf.shape != shape:
+    if buf.dtype != dtype or buf.shape != shape:
         raise ValueError(f"{where}: dtype {buf.dtype} and shape {tuple(buf.shape)} do not fit "
-                         f"its parameter ({p.dtype} and {shape} expected, parameter shape "
-                         f"{tuple(p.shape)}); was the parameter or the state replaced?")
+                         f"its parameter ({dtype} and {shape} expected, parameter shape "
+                         f"{tuple(p.shape)} and dtype {p.dtype}); was the parameter or the "
+                         f"state replaced, or the optimizer's state_dtype changed?")
     if not buf.flags.c_contiguous:
         raise ValueError(f"{where}: not C-contiguous; the kernels write it in place")
     if isinstance(buf, np.ndarray):
@@ -258,6 +309,27 @@ class Optimizer:
             Cython backend zeroes the pruned entries inside the update loop, the others
             right after each pass. Change the masks with ``set_masks``.
 
+        state_dtype: the dtype of the state arrays: None (default: float32 for bfloat16 and
+            float16 parameters, the parameter's dtype otherwise), ``"float32"`` or
+            ``"bfloat16"`` (for float32, bfloat16 and float16 parameters; float64
+            parameters keep float64 state). The kernels compute in float32 for every
+            parameter but float64 ones, loading each operand from its dtype and rounding
+            what they write back.
+        stochastic_rounding (bool or None): how values are rounded to bfloat16/float16
+            (parameters, and state with ``state_dtype="bfloat16"``): stochastically (up
+            with probability equal to the discarded fraction, taken to 16 bits, from
+            Philox-4x32-10 keyed by ``seed``, the parameter, the step count and the element,
+            so that every backend and thread count gives the same bits) or to nearest even.
+            Default: stochastic unless ``master_weights``.
+        master_weights (bool): keep a float32 copy of each bfloat16/float16 parameter in its
+            state (``"master_param"``), update it in float32 and write the parameter as its
+            rounded value. Default False.
+        seed (int): the seed of stochastic rounding, in [0, 2**64). Default 0.
+
+    Gradients have their parameter's dtype, or float32 for a bfloat16/float16 parameter.
+    Rules without a step count (SGD, Lion) count steps in ``state["step"]`` for the parameters
+    they round stochastically.
+
     After each step, ``last_step_skipped`` says whether it was skipped and
     ``last_grad_norm`` holds the gradients' total norm (None when nothing computed it).
     """
@@ -273,10 +345,27 @@ class Optimizer:
             cls._op = rule.op  # the registry operation
             cls._state_keys = rule.state  # the per-parameter state arrays
             cls._state_scalars = dict(rule.state_scalars)  # the per-parameter state numbers
+            # the numbers a state may hold: also a step count for stochastic rounding
+            cls._state_numbers = {"step": int, **cls._state_scalars}
 
     def __init__(self, params, defaults, *, backend="auto", n_threads=None, max_grad_norm=None,
-                 grad_norm_type=2.0, max_grad_value=None, skip_nonfinite=False, masks=None):
+                 grad_norm_type=2.0, max_grad_value=None, skip_nonfinite=False, masks=None,
+                 state_dtype=None, stochastic_rounding=None, master_weights=False, seed=0):
         self.defaults = dict(defaults)
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be None, 'float32', 'bfloat16' or 'int8', got "
+                             f"{state_dtype!r}")
+        self.state_dtype = state_dtype
+        if stochastic_rounding is not None and not isinstance(stochastic_rounding, bool):
+            raise TypeError(f"stochastic_rounding must be True, False or None, got "
+                            f"{stochastic_rounding!r}")
+        if not isinstance(master_weights, bool):
+            raise TypeError(f"master_weights must be True or False, got {master_weights!r}")
+        self.master_weights = master_weights
+        self.stochastic_rounding = (not master_weights if stochastic_rounding is None
+                                    else stochastic_rounding)
+        self.seed = integer("seed", seed, lo=0, hi=2 ** 64 - 1)
+        self._keys = {}  # flat parameter index -> its Philox key for stochastic rounding
         self.backend = _backends.check_name(backend)
         self.n_threads = None if n_threads is None else check_threads(n_threads, "n_threads")
         self._norm_kind = _clip.norm_kind(grad_norm_type, "grad_norm_type")
@@ -343,7 +432,7 @@ class Optimizer:
         sources = {}
         for i, (mask, p) in enumerate(zip(masks, params)):
             if mask is not None:
-                pv = _interop._check_array(p, f"params[{i}]")
+                pv = _interop._check_array(p, f"params[{i}]", _interop.PARAM_DTYPES)
                 sources[i] = self._import_mask(i, mask, tuple(p.shape), pv[1])
         self._mask_sources = sources
         self._masks = {i: source[1].array.view(np.uint8) for i, source in sources.items()}
@@ -546,6 +635,46 @@ class Optimizer:
         shaped like the parameter (Adafactor's factors) override this."""
         return {name: tuple(param.shape) for name in self._state_keys}
 
+    def _array_shapes(self, param):
+        """Name -> shape of every state array a parameter may have (with master weights,
+        also its float32 copy; with 8-bit state, each array's block scales)."""
+        shapes = self._state_shapes(param)
+        if self._state_dtype(param.dtype, param.size) == _U8:
+            blocks = (-(-param.size // _formats.BLOCK),)
+            shapes.update({name + ABSMAX: blocks for name in list(shapes)})
+        if self._has_master(param.dtype):
+            shapes[MASTER] = tuple(param.shape)
+        return shapes
+
+    def _numbers(self, dtype):
+        """The numbers the state of a parameter of `dtype` may hold: the rule's, and a step
+        count where it is rounded stochastically (for rules that have none)."""
+        if self.stochastic_rounding and (dtype.itemsize == 2
+                                         or self._state_dtype(dtype, 0).itemsize == 2):
+            return self._state_numbers
+        return self._state_scalars
+
+    def _has_master(self, dtype):
+        return self.master_weights and dtype.name in _formats.LOW
+
+    def _state_dtype(self, dtype, size):
+        """The dtype of the state arrays of a parameter of `dtype` (NumPy dtypes) and `size`
+        elements: uint8 for the codes of 8-bit state (of the rules that keep their state
+        shaped like the parameter, for tensors of MIN_QUANTIZED elements or more)."""
+        if dtype == _F64 or self.state_dtype is None and dtype == _F32:
+            return dtype
+        if self.state_dtype == "bfloat16":
+            return _interop.bfloat16()
+        if (self.state_dtype == "int8" and size >= _formats.MIN_QUANTIZED
+                and type(self)._state_shapes is Optimizer._state_shapes):
+            return _U8
+        return _F32
+
+    def _buffer_dtype(self, key, dtype, size):
+        if key == MASTER or key.endswith(ABSMAX):
+            return _F32
+        return self._state_dtype(dtype, size)
+
     def _state_names(self, group):
         """The state arrays a step with `group`'s hyperparameters keeps (rules with optional
         state, such as Adam's ``max_exp_avg_sq`` with amsgrad, override this)."""
@@ -556,32 +685,38 @@ class Optimizer:
         (every array and number a step with `group` uses) unless empty."""
         if not isinstance(entry, dict):
             raise TypeError(f"{where}: expected a dict, got {type(entry).__name__}")
-        shapes = self._state_shapes(like)
-        known = set(shapes) | set(self._state_scalars)
+        shapes = self._array_shapes(like)
+        known_numbers = self._numbers(like.dtype)
+        known = set(shapes) | set(known_numbers)
         unknown = set(entry) - known
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)} for "
                              f"{type(self).__name__}; expected some of {sorted(known)}")
-        needed = (set(shapes) & set(self._state_names(group))) | set(self._state_scalars)
+        names = set(self._state_names(group))
+        names |= {name + ABSMAX for name in names}
+        needed = (set(shapes) & names) | set(self._state_scalars)
         missing = needed - set(entry) if entry else ()
         if missing:
             raise ValueError(f"{where}: incomplete, missing {sorted(missing)} (a state entry "
                              f"holds all of {sorted(needed)}, or is empty)")
         loaded = _State()
         for key, value in entry.items():
-            kind = self._state_scalars.get(key)
+            kind = known_numbers.get(key)
             if kind is not None:
                 loaded[key] = _state_number(kind, value, f"{where}[{key!r}]")
                 continue
             if not _is_array(value):
                 raise TypeError(f"{where}[{key!r}]: expected an array, got "
                                 f"{type(value).__name__}")
-            if tuple(value.shape) != shapes[key] or str(value.dtype) != str(like.dtype):
+            dtype = self._buffer_dtype(key, like.dtype, like.size)
+            if tuple(value.shape) != shapes[key] or str(value.dtype) != str(dtype).removeprefix(
+                    "torch."):
                 raise ValueError(f"{where}[{key!r}]: shape {tuple(value.shape)} and dtype "
                                  f"{value.dtype} do not fit the parameter's "
-                                 f"({shapes[key]}, {like.dtype}); parameter shape "
-                                 f"{tuple(like.shape)}")
-            loaded[key] = _interop.copy_to_like(value, like, shapes[key])
+                                 f"({shapes[key]}, {dtype}); parameter shape "
+                                 f"{tuple(like.shape)} and dtype {like.dtype} (convert "
+                                 f"another state_dtype's state with fastopt.convert_state)")
+            loaded[key] = _interop.copy_to_like(value, like, shapes[key], dtype)
         return loaded
 
     def step(self, grads):
@@ -608,19 +743,22 @@ class Optimizer:
             masks = self._masks
             # the default bucket key (the step count) inline: 200 method calls cost 15 us
             by_step = type(self)._bucket_key is Optimizer._bucket_key
+            int8 = self.state_dtype == "int8"  # small tensors keep float32 state
             for group, items, device in plan:
                 buckets = {}
                 for item in items:
                     state = item[4] or _NO_STATE
-                    key = (item[2].array.dtype, item[0] in masks,
+                    key = (item[2].array.dtype, item[3].array.dtype, item[0] in masks,
+                           int8 and item[2].array.size >= _formats.MIN_QUANTIZED,
                            state.get("step", 0) if by_step else self._bucket_key(group, state))
                     bucket = buckets.get(key)
                     if bucket is None:
                         buckets[key] = [item]
                     else:
                         bucket.append(item)
-                for (dtype, masked, _), bucket in buckets.items():
-                    kernel = _backends.resolve(self._op, self.backend, device, dtype)
+                for (dtype, _, masked, _, _), bucket in buckets.items():
+                    kernel = _backends.resolve(self._op, self.backend, device,
+                                               compute_dtype(dtype))
                     if masked:
                         kernel = functools.partial(
                             kernel, masks=[self._masks[item[0]] for item in bucket])
@@ -667,7 +805,10 @@ class Optimizer:
             by_dtype = {}
             for _, items, _ in plan:
                 for item in items:
-                    by_dtype.setdefault(item[3].array.dtype, []).append(item[3].array)
+                    g = item[3].array
+                    if g.dtype.itemsize == 2:  # the norm passes read float32 and float64
+                        g = _formats.load(g, _formats.code_of(g.dtype))
+                    by_dtype.setdefault(g.dtype, []).append(g)
             norm = _clip.total_norm(by_dtype, self._norm_kind, self.backend, plan[0][2],
                                     n_threads)
             if self.skip_nonfinite and not math.isfinite(norm):
@@ -676,7 +817,7 @@ class Optimizer:
         if norm is not None and self.max_grad_norm is not None:
             for dtype in dtypes:
                 args[dtype]["grad_scale"] = _clip.clip_coefficient(self.max_grad_norm, norm,
-                                                                   dtype)
+                                                                   compute_dtype(dtype))
         return args, norm
 
     # -- internals --------------------------------------------------------------------
@@ -719,7 +860,8 @@ class Optimizer:
                     pa, ga = pv.array, gv.array
                     if (pv.framework != first[1] or gv.framework != first[1]
                             or pv.device != first[2] or gv.device != first[2]
-                            or pa.shape != ga.shape or pa.dtype != ga.dtype):
+                            or pa.shape != ga.shape or pa.dtype != ga.dtype
+                            and not (ga.dtype == _F32 and pa.dtype.itemsize == 2)):
                         self._pair_error(flat, pv, gv, first)
                     if pa.dtype is not last_dtype:
                         last_dtype = pa.dtype
@@ -737,9 +879,12 @@ class Optimizer:
             self._refresh_masks(plan)
         device = first[2][0]
         for dtype in dtypes:
-            _backends.resolve(self._op, self.backend, device, dtype)
+            if dtype.itemsize == 2 and device != "cpu":
+                raise TypeError(f"{dtype} parameters on {device} are not supported yet; "
+                                f"use float32 or float64 there, or CPU arrays")
+            _backends.resolve(self._op, self.backend, device, compute_dtype(dtype))
             if self.max_grad_norm is not None or self.skip_nonfinite:
-                _backends.resolve("norm_partials", self.backend, device, dtype)
+                _backends.resolve("norm_partials", self.backend, device, compute_dtype(dtype))
         return [(group, items, device) for group, items in plan], dtypes
 
     def _import_checked(self, i, p, state):
@@ -777,7 +922,7 @@ class Optimizer:
                     if pv.framework in _interop.MUTABLE:  # else written to a new buffer
                         written[flat] = (_interop.extent(pv.array), f"params[{flat}]")
                     for name, buf in self.state.get(flat, {}).items():
-                        if name not in self._state_scalars:
+                        if name not in self._state_numbers:
                             written.append((_interop.extent(buf), f"state[{flat}][{name!r}]"))
             spans = _interop.WrittenSpans(written, [f"params[{i}]" for i in stepped])
             if spans.clash is not None:
@@ -804,7 +949,9 @@ class Optimizer:
         if g.shape != p.shape:
             raise ValueError(f"grads[{i}]: shape {tuple(g.shape)} does not match params[{i}] "
                              f"shape {tuple(p.shape)}")
-        raise TypeError(f"grads[{i}]: dtype {g.dtype} does not match params[{i}] dtype {p.dtype}")
+        raise TypeError(f"grads[{i}]: dtype {g.dtype} does not match params[{i}] dtype {p.dtype}"
+                        + ("; a bfloat16/float16 parameter also takes float32 gradients"
+                           if p.dtype.itemsize == 2 else ""))
 
     def _check_state(self, i, pv, state):
         """Check the state of parameter i (view pv) as a loaded one is checked: known keys,
@@ -815,18 +962,20 @@ class Optimizer:
         if not isinstance(state, dict):
             raise TypeError(f"{where}: expected a dict, got {type(state).__name__}")
         p = pv.array
-        shapes = self._state_shapes(p)
+        shapes = self._array_shapes(p)
+        known_numbers = self._numbers(p.dtype)
         numbers_ = {}
         for key, value in state.items():
-            kind = self._state_scalars.get(key)
+            kind = known_numbers.get(key)
             if kind is not None:
                 numbers_[key] = _state_number(kind, value, f"{where}[{key!r}]")
             elif key not in shapes:
                 raise ValueError(f"{where}: unknown key {key!r} for {type(self).__name__} "
                                  f"and parameter shape {tuple(p.shape)}; expected some of "
-                                 f"{sorted(set(shapes) | set(self._state_scalars))}")
+                                 f"{sorted(set(shapes) | set(known_numbers))}")
             else:
-                _check_buffer(value, pv, shapes[key], f"{where}[{key!r}]")
+                _check_buffer(value, pv, shapes[key],
+                              self._buffer_dtype(key, p.dtype, p.size), f"{where}[{key!r}]")
         if state.__class__ is not _State:
             state = self.state[i] = _State(state)
         dict.update(state, numbers_)  # the numbers as int and float
@@ -848,15 +997,56 @@ class Optimizer:
                 state = self.state[flat] = _State()
                 state.checked = True
             states.append(state)
+        dtype = params[0].dtype
+        states.dtype = state_dtype = self._state_dtype(dtype, params[0].size)
+        master = self._has_master(dtype)
         calls = []
         try:
+            if master:  # the kernels update the float32 copies; the parameters get them rounded
+                shadow = out
+                params = out = _ensure_master(states, params)
+            rounds = dtype.itemsize == 2 or state_dtype.itemsize == 2
+            if rounds and self.stochastic_rounding and "step" not in self._state_scalars:
+                advance_step(states)  # the step count of the random bits
             self._update(lambda *args, **kwargs: calls.append((args, kwargs)), group, params,
                          out, grads, states, n_threads, grad)
         except BaseException:
             self._undo([(None, (bucket, states, group, out))])
             raise
         (args, kwargs), = calls
+        if master or grads[0].dtype != compute_dtype(dtype) or rounds or state_dtype == _U8:
+            kwargs["formats"] = self._formats(bucket, args, states, master)
+            if master:
+                kwargs["shadow"] = out = shadow
         return functools.partial(kernel, *args, **kwargs), (bucket, states, group, out)
+
+    def _formats(self, bucket, args, states, master):
+        """How the operands of a kernel call are stored (fastopt._backends._formats):
+        `args` are the call's (params, out, grads, state lists...)."""
+        codes, scales = [], []
+        names = {id(value): key for key, value in states[0].items()}
+        for arrays in args:
+            if arrays is None:
+                continue
+            like = next((a for a in arrays if a is not None), None)
+            if like is None:
+                codes.append(_formats.F32)
+            elif like.dtype == _U8:  # 8-bit state: codes, and the block scales beside them
+                name = names[id(arrays[0])]
+                codes.append(_q8_code(name))
+                scales.append([state[name + ABSMAX] for state in states])
+            else:
+                codes.append(_formats.code_of(like.dtype))
+        if master:
+            codes.append(_formats.code_of(bucket[0][2].array.dtype))
+        keys = np.empty((len(bucket), 2), np.uint32)
+        for t, item in enumerate(bucket):
+            key = self._keys.get(item[0])
+            if key is None:
+                key = self._keys[item[0]] = _formats.tensor_key(self.seed, item[0])
+            keys[t] = key
+        return _formats.Formats(tuple(codes), self.stochastic_rounding,
+                                states[0].get("step", 0), keys, master, tuple(scales))
 
     def _undo(self, staged):
         """Take back the bookkeeping of staged kernel calls (see _Bucket)."""
@@ -877,14 +1067,16 @@ class Optimizer:
                     group["params"][j] = _interop.export(result, pv.framework)
 
     def _scratch_like(self, states, params):
-        """One scratch buffer per parameter, kept between steps (two-pass rules such as Lamb
-        write their update there before scaling it per tensor)."""
+        """One scratch buffer per parameter, in the compute dtype, kept between steps
+        (two-pass rules such as Lamb write their update there before scaling it per
+        tensor)."""
         buffers = []
         for state, p in zip(states, params):
             buf = self._scratch.get(id(state))
-            if (buf is None or buf.shape != p.shape or buf.dtype != p.dtype
+            dtype = compute_dtype(p.dtype)
+            if (buf is None or buf.shape != p.shape or buf.dtype != dtype
                     or type(buf) is not type(p)):
-                buf = self._scratch[id(state)] = _interop.empty_like(p)
+                buf = self._scratch[id(state)] = _interop.empty_like(p, dtype=dtype)
             buffers.append(buf)
         return buffers
 

@@ -12,6 +12,7 @@ Operands, shared with every backend: `params` are read, the results written to `
 import numpy as np
 
 from fastopt import _scalars
+from fastopt._backends._formats import formatted
 from fastopt._backends._layout import CHUNK, COLS, LANES
 from fastopt._backends._masked import wrap_steps, zero_pruned
 
@@ -360,6 +361,8 @@ def _tensor_norm(x):
 
 
 wrap_steps(globals())  # pruning masks: the pruned entries zeroed after each elementwise step
+for _name in [name for name in globals() if name.endswith("_step")]:
+    globals()[_name] = formatted(globals()[_name])  # storage formats: around whole arrays
 
 # what the package exports: every rule's step (named after its registry operation) and the norm
 __all__ = ["norm_partials"] + [name for name in list(globals()) if name.endswith("_step")]

@@ -67,12 +67,14 @@ typedef struct {
     fo_u32 w0, w1, w2, w3;
 } fo_words;
 
-FO_HD fo_words fo_philox(fo_u64 group, fo_u32 stream, fo_u32 key0, fo_u32 key1)
+/* Philox-4x32-10 of the counter (c0, c1, c2, c3) and the key (key0, key1) */
+FO_HD fo_words fo_philox4(fo_u32 w0, fo_u32 w1, fo_u32 w2, fo_u32 w3, fo_u32 key0,
+                          fo_u32 key1)
 {
     /* 32-bit words kept in 64-bit variables: the products are then 32 x 32 -> 64-bit
        multiplies of the low halves, which vectorize as such (vpmuludq) */
     const fo_u64 lo = 0xFFFFFFFFull;
-    fo_u64 c0 = group & lo, c1 = group >> 32, c2 = 0, c3 = stream, k0 = key0, k1 = key1;
+    fo_u64 c0 = w0, c1 = w1, c2 = w2, c3 = w3, k0 = key0, k1 = key1;
     for (int r = 0; r < 10; r++) {
         const fo_u64 p0 = (c0 & lo) * 0xD2511F53ull, p1 = (c2 & lo) * 0xCD9E8D57ull;
         c0 = (p1 >> 32) ^ c1 ^ k0;
@@ -84,6 +86,12 @@ FO_HD fo_words fo_philox(fo_u64 group, fo_u32 stream, fo_u32 key0, fo_u32 key1)
     }
     fo_words w = {(fo_u32)c0, (fo_u32)c1, (fo_u32)c2, (fo_u32)c3};
     return w;
+}
+
+/* the fills' counter: (group, 0, stream) */
+FO_HD fo_words fo_philox(fo_u64 group, fo_u32 stream, fo_u32 key0, fo_u32 key1)
+{
+    return fo_philox4((fo_u32)group, (fo_u32)(group >> 32), 0, stream, key0, key1);
 }
 
 /* k * 2^-53 in [0, 1) from the top 27 bits of hi and 26 bits of lo */
