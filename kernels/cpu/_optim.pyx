@@ -74,6 +74,81 @@ def step(str kernel, tuple operands, bint f64, cnp.ndarray args, int n_threads,
         n_aux, n_mask)
 
 
+cdef extern from "format_loops.h" nogil:
+    enum: FORMAT_OPS "FO_FORMAT_OPS"
+    ctypedef struct fo_format_args:
+        fo_chunk_fn fn
+        const void *args
+        const cnp.uint32_t *keys
+        cnp.uint64_t step
+        int n_ops, shadow, mask, stochastic
+        int code[FORMAT_OPS + 1]
+    void fo_cpu_format_chunk(char **ptr, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t n,
+                             const fo_format_args *fa)
+
+# storage formats (fastopt._backends._formats.CODES) -> bytes per element
+_ITEMSIZE = {0: 4, 2: 2, 3: 2}
+
+
+def step_formats(str kernel, tuple operands, cnp.ndarray args, int n_threads, tuple storage,
+                 bint shadow, bint stochastic, cnp.uint64_t step_count,
+                 const cnp.uint32_t[:, ::1] keys, list masks=None):
+    """Run elementwise kernel `kernel` in float32 over `operands` (param in, param out, grad,
+    state..., then the shadow when `shadow`) stored in the formats `storage` (a code per
+    operand: 0 float32, 2 bfloat16, 3 float16; see format_loops.h). `args` holds its
+    fo_<rule>_args_f32 struct; written operands in a low format are rounded stochastically
+    (the bits of tensor t from its key keys[t] and `step_count`) or to nearest even; the
+    pruned entries (`masks`) of the written ones become 0 before they are rounded."""
+    cdef Py_ssize_t n_conv = len(operands), n_ops = n_conv - shadow, op, c
+    cdef Py_ssize_t itemsizes[FORMAT_OPS + 1]
+    cdef fo_format_args fa
+    cdef Plan pl
+    if not cnp.PyArray_IS_C_CONTIGUOUS(args):
+        raise ValueError("args: expected a C-contiguous array")
+    cdef const fo_cpu_kernel *k = _kernel(kernel, n_ops)
+    if len(storage) != n_conv:
+        raise ValueError(f"expected a storage format per operand ({n_conv}), got {len(storage)}")
+    if n_ops > FORMAT_OPS:
+        raise ValueError(f"kernel {kernel!r}: at most {FORMAT_OPS} operands take formats")
+    if keys.shape[0] < len(operands[0]) or keys.shape[1] != 2:
+        raise ValueError(f"keys: expected ({len(operands[0])}, 2) uint32, got "
+                         f"({keys.shape[0]}, {keys.shape[1]})")
+    for op in range(n_conv):
+        if storage[op] not in _ITEMSIZE:
+            raise ValueError(f"operand {op}: no storage format {storage[op]!r} in float32 "
+                             f"kernels")
+        fa.code[op] = storage[op]
+        itemsizes[op] = _ITEMSIZE[storage[op]]
+    if shadow and storage[n_ops] == 0:
+        raise ValueError("the shadow: expected bfloat16 or float16 storage, not float32")
+    fa.fn = k.f32
+    fa.args = cnp.PyArray_DATA(args)
+    fa.keys = &keys[0, 0] if keys.shape[0] else NULL
+    fa.step = step_count
+    fa.n_ops = n_ops
+    fa.shadow = shadow
+    fa.mask = masks is not None
+    fa.stochastic = stochastic
+    try:
+        plan_init(&pl, operands + (masks,) if fa.mask else operands, 4, 0, fa.mask, itemsizes)
+        with nogil:
+            n_threads = plan_threads(&pl, n_threads)
+            if n_threads <= 1 or pl.n_chunks <= 1:
+                for c in range(pl.n_chunks):
+                    _format_chunk(&pl, &fa, c)
+            else:
+                for c in prange(pl.n_chunks, num_threads=n_threads, schedule='static'):
+                    _format_chunk(&pl, &fa, c)
+    finally:
+        plan_free(&pl)
+
+
+cdef inline void _format_chunk(const Plan *pl, const fo_format_args *fa,
+                               Py_ssize_t c) noexcept nogil:
+    cdef Py_ssize_t t = pl.chunk[3 * c]
+    fo_cpu_format_chunk(pl.ptr + t * pl.n_ops, t, pl.chunk[3 * c + 1], pl.chunk[3 * c + 2], fa)
+
+
 def norm_partials(list grads, bint f64, int kind, int n_threads):
     """Each chunk's partial of the gradient norm (fastopt/reduce.h), as float64 array."""
     import numpy as np
@@ -85,7 +160,7 @@ def norm_partials(list grads, bint f64, int kind, int n_threads):
     try:
         out = np.empty(pl.n_chunks, np.float64)
         o = <double *>cnp.PyArray_DATA(out)
-        n_threads = min(n_threads, pl.n_elements // MIN_PER_THREAD)
+        n_threads = plan_threads(&pl, n_threads)
         with nogil:
             for c in prange(pl.n_chunks, num_threads=max(n_threads, 1), schedule='static'):
                 t = pl.chunk[3 * c]

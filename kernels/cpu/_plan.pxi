@@ -37,19 +37,21 @@ cdef struct Plan:
 
 
 cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize,
-                   Py_ssize_t n_aux=0, Py_ssize_t n_mask=0) except -1:
+                   Py_ssize_t n_aux=0, Py_ssize_t n_mask=0,
+                   const Py_ssize_t *itemsizes=NULL) except -1:
     """Fill `pl` from a tuple of equally long lists of C-contiguous ndarrays.
 
     Every array of tensor t must hold as many elements as operands[0][t] and have the given
-    itemsize, except the last `n_mask` operands, of one byte per element (masks), and the
-    `n_aux` operands before those: per-tensor auxiliaries of any size and itemsize (a
-    per-tensor scalar such as Lamb's trust ratio, Adafactor's factors), which chunk
-    functions index themselves; the backend that builds them guarantees their sizes.
+    itemsize (operand op: itemsizes[op] when `itemsizes` is given, for operands stored in
+    formats of their own), except the last `n_mask` operands, of one byte per element
+    (masks), and the `n_aux` operands before those: per-tensor auxiliaries of any size and
+    itemsize (a per-tensor scalar such as Lamb's trust ratio, Adafactor's factors), which
+    chunk functions index themselves; the backend that builds them guarantees their sizes.
     The Python wrappers validate user input; this guards memory safety where it can.
     """
     cdef list first = operands[0]
     cdef Py_ssize_t n_ops = len(operands), n_t = len(first), t, op, size, n_chunks = 0
-    cdef Py_ssize_t lo, k = 0
+    cdef Py_ssize_t lo, k = 0, want = itemsize
     cdef cnp.ndarray a
     pl.ptr = NULL
     pl.chunk = NULL
@@ -77,10 +79,13 @@ cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize,
                 if cnp.PyArray_SIZE(a) == 0 or not cnp.PyArray_IS_C_CONTIGUOUS(a):
                     raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous, "
                                      f"non-empty array")
-            elif (cnp.PyArray_SIZE(a) != size or cnp.PyArray_ITEMSIZE(a) != itemsize
-                    or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
-                raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous array "
-                                 f"of {size} elements of {itemsize} bytes")
+            else:
+                if itemsizes != NULL:
+                    want = itemsizes[op]
+                if (cnp.PyArray_SIZE(a) != size or cnp.PyArray_ITEMSIZE(a) != want
+                        or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
+                    raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous "
+                                     f"array of {size} elements of {want} bytes")
             pl.ptr[t * n_ops + op] = <char *>cnp.PyArray_DATA(a)
     pl.n_chunks = n_chunks
     pl.n_elements = 0
@@ -119,11 +124,16 @@ cdef inline void plan_chunk(const Plan *pl, fo_chunk_fn fn, const void *args,
                           <const unsigned char *>ptr[pl.n_ops - 1] + lo)
 
 
+cdef inline int plan_threads(const Plan *pl, int n_threads) noexcept nogil:
+    """The threads a run of the plan gets (fewer for small steps)."""
+    return min(n_threads, pl.n_elements // MIN_PER_THREAD)
+
+
 cdef void plan_run(const Plan *pl, fo_chunk_fn fn, const void *args, int n_threads) noexcept nogil:
     cdef Py_ssize_t c
     if pl.n_chunks == 0:
         return
-    n_threads = min(n_threads, pl.n_elements // MIN_PER_THREAD)
+    n_threads = plan_threads(pl, n_threads)
     if n_threads <= 1 or pl.n_chunks == 1:
         for c in range(pl.n_chunks):
             plan_chunk(pl, fn, args, c)

@@ -10,6 +10,7 @@ from fastopt._backends._cython import compress
 from fastopt._backends._cython.compress import kd_rows, quant_loop
 from fastopt._backends._cython.init import random_fill, weight_norm_apply, weight_norm_sums
 from fastopt._backends._cython.optim import (
+                                             FORMATS,
                                              KERNELS,
                                              MASKS_IN_KERNELS,
                                              device,
@@ -20,6 +21,6 @@ from fastopt._backends._cython.optim import (
 
 magnitude_masks = functools.partial(_select.magnitude_masks, compress)
 
-__all__ = ["KERNELS", "MASKS_IN_KERNELS", "device", "elementwise", "factors", "norm_partials",
-           "random_fill", "weight_norm_sums", "weight_norm_apply", "magnitude_masks",
-           "quant_loop", "kd_rows"]
+__all__ = ["FORMATS", "KERNELS", "MASKS_IN_KERNELS", "device", "elementwise", "factors",
+           "norm_partials", "random_fill", "weight_norm_sums", "weight_norm_apply",
+           "magnitude_masks", "quant_loop", "kd_rows"]

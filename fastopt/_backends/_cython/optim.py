@@ -5,18 +5,35 @@ Every kernel of the rule table runs through one entry point, ``elementwise``: th
 function's name (optim_loops.h), the operand lists, and the kernel's scalar struct
 (fastopt._rules.Args.record); Adafactor's factors pass has its own (``factors``). Pruning
 masks (``masks=``, one per tensor) travel as the last operand: the driver zeroes the pruned
-entries of each chunk right after its update.
+entries of each chunk right after its update. Storage formats (``formats=``,
+fastopt._backends._formats.Formats: bfloat16 or float16 parameters, gradients, state) are
+converted inside each chunk, block by block around the float32 kernel
+(kernels/cpu/format_loops.h).
 """
 
 import numpy as np
 
+from fastopt import _rules
+from fastopt._backends import _formats
 from fastopt._cpu import _optim
 
 MASKS_IN_KERNELS = True  # the driver zeroes pruned entries inside each chunk's update
+# the storage codes elementwise() converts inside each chunk (fastopt._backends._formats)
+FORMATS = frozenset((_formats.F32, _formats.BF16, _formats.F16))
 KERNELS = _optim.kernels()  # chunk function name -> number of state operands
 
 
-def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0):
+def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0, formats=None):
+    if formats is not None:
+        if n_aux or kernel not in _rules.KERNELS:
+            raise ValueError(f"storage formats: {kernel!r} is not an elementwise kernel")
+        if formats.compute != np.float32:
+            raise ValueError(f"storage formats: kernels compute in float32, not "
+                             f"{formats.compute}")
+        _optim.step_formats(kernel, operands, record, n_threads, tuple(formats.storage),
+                            formats.shadow, formats.stochastic, formats.step,
+                            np.ascontiguousarray(formats.keys, np.uint32), masks)
+        return
     dtype = operands[0][0].dtype
     if masks is not None:
         operands += (masks,)
