@@ -12,6 +12,7 @@ from fastopt._backends._numba import compress
 from fastopt._backends._numba.compress import kd_rows, quant_loop
 from fastopt._backends._numba.init import random_fill, weight_norm_apply, weight_norm_sums
 from fastopt._backends._numba.optim import (
+                                            FORMATS,
                                             KERNELS,
                                             MASKS_IN_KERNELS,
                                             device,
@@ -27,6 +28,6 @@ magnitude_masks = functools.partial(_select.magnitude_masks, compress)
 numba.get_num_threads()
 _config.keep_openmp_unnested()
 
-__all__ = ["KERNELS", "MASKS_IN_KERNELS", "device", "elementwise", "factors", "norm_partials",
-           "random_fill", "weight_norm_sums", "weight_norm_apply", "magnitude_masks",
-           "quant_loop", "kd_rows"]
+__all__ = ["FORMATS", "KERNELS", "MASKS_IN_KERNELS", "device", "elementwise", "factors",
+           "norm_partials", "random_fill", "weight_norm_sums", "weight_norm_apply",
+           "magnitude_masks", "quant_loop", "kd_rows"]

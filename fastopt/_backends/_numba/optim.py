@@ -13,6 +13,14 @@ has one loop, with the parameter itself as the destination of an in-place update
 vectorizes a loop only after checking at run time that its arrays do not overlap, and a
 distinct destination view of the same memory would send every chunk down the scalar path.
 Element math is written here on its own; the parity tests hold it to the NumPy reference.
+
+Storage formats (fastopt._backends._formats): with ``formats=``, the operands of an
+elementwise kernel may be stored as bfloat16 or float16 while it computes in float32. A
+second template (_FORMATTED) compiles one more driver per kernel: per chunk, it loads each
+low-precision operand into float32 scratch, runs the element function over the chunk, and
+stores the written ones back rounded (fastopt/lowp.h, spelled out below). The storage codes
+are read per chunk, not compiled in: a parallel driver takes 2-3 s to compile, and one per
+combination of formats would multiply that; the per-chunk dispatch costs nothing measurable.
 """
 
 import collections
@@ -26,10 +34,14 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fastopt import _rules
+from fastopt._backends._formats import BF16, F16, F32
 from fastopt._backends._layout import CHUNK, COLS, LANES, MIN_PER_THREAD
+from fastopt._backends._refmath import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
 from fastopt._cpu._runtime import data_pointers
 
 MASKS_IN_KERNELS = False  # pruned entries are zeroed after each pass (fastopt._backends._steps)
+# the storage formats (_formats.CODES) that elementwise(formats=) converts inside its chunks
+FORMATS = frozenset((F32, BF16, F16))
 _JIT = dict(cache=True, error_model="numpy")  # numpy error model: no branch per division
 
 
@@ -68,11 +80,15 @@ def _one(like):
     return np.ones(1, like.dtype)[0]
 
 
+def _set_threads(n_threads, sizes):
+    n_threads = min(n_threads, numba.config.NUMBA_NUM_THREADS, int(sizes.sum()) // MIN_PER_THREAD)
+    numba.set_num_threads(max(1, n_threads))
+
+
 def _setup(operands, n_threads, n_aux=0):
     dtype = operands[0][0].dtype
     ptrs, sizes = data_pointers(operands, dtype.itemsize, n_aux)
-    n_threads = min(n_threads, numba.config.NUMBA_NUM_THREADS, int(sizes.sum()) // MIN_PER_THREAD)
-    numba.set_num_threads(max(1, n_threads))
+    _set_threads(n_threads, sizes)
     return dtype, ptrs, _chunks(sizes)
 
 
@@ -124,9 +140,14 @@ def _driver(name):
     return njit(parallel=True, **_JIT)(namespace[f"_drive_{name}"])
 
 
-def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0):
+def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0, formats=None):
     """Run kernel `kernel` (a name of the rule table) over `operands` (param in, param out,
-    grad, state..., the last `n_aux` per-tensor auxiliaries) with scalars `record`."""
+    grad, state..., the last `n_aux` per-tensor auxiliaries) with scalars `record`; with
+    `formats` (fastopt._backends._formats.Formats) the operands are stored as it says and
+    `record` is in float32 (see _formatted)."""
+    if formats is not None:
+        _formatted(kernel, operands, record, n_threads, n_aux, formats)
+        return
     dtype, ptrs, chunks = _setup(operands, n_threads, n_aux)
     fn = _PASSES.get(kernel) or _driver(kernel)
     fn(ptrs, chunks, record, np.empty(0, dtype))
@@ -135,7 +156,8 @@ def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0):
 @njit(inline="always", **_JIT)
 def _grad(g, a):
     """The gradient prologue: clamp to [-clip, clip] (NaN passes), then the signed scale."""
-    g = -a.clip if g < -a.clip else (a.clip if g > a.clip else g)
+    clip = a.clip  # read once, not in a branch: a load LLVM cannot hoist, vectorized as gathers
+    g = -clip if g < -clip else (clip if g > clip else g)
     return a.gscale * g
 
 
@@ -314,6 +336,281 @@ def _lamb_update(p, g, m, v, i, a, one):
     m[i] = mm
     v[i] = vv
     return mm / a.bias_correction1 / (np.sqrt(vv / a.bias_correction2) + a.eps) + a.weight_decay * p
+
+
+# -- storage formats: fastopt/lowp.h's conversions, and the drivers that apply them per chunk
+
+_WIDTH = {F32: 4, BF16: 2, F16: 2}  # the itemsize of each format of FORMATS
+_NO_KEYS = np.zeros((0, 2), np.uint32)
+
+
+# The bit operations: Numba widens arithmetic on integers narrower than 64 bits to 64 bits
+# (and mixing uint64 with int64 turns float64), so each step is cut back to int32, which
+# lets LLVM vectorize 16 lanes wide, not 8 (2x faster for float16).
+
+@njit(inline="always", **_JIT)
+def _bits_of(x):
+    return np.float32(x).view(np.int32)
+
+
+@njit(inline="always", **_JIT)
+def _float_of(bits):
+    return np.int32(bits).view(np.float32)
+
+
+@njit(inline="always", **_JIT)
+def _f16_load(h):
+    h = np.int32(h)
+    sign, e, m = np.int32((h & 0x8000) << 16), np.int32((h >> 10) & 0x1F), np.int32(h & 0x3FF)
+    sub = _bits_of(np.float32(m) * np.float32(5.9604644775390625e-08))  # m 2^-24, exact
+    body = np.int32((0x7F800000 if e == 31 else (e + 112) << 23) | (m << 13))  # inf, NaN
+    return _float_of((sub if e == 0 else body) | sign)
+
+
+@njit(inline="always", **_JIT)
+def _bf16_round(x, r, stochastic):
+    """bfloat16 of x: stochastic with 16 random bits r, else to nearest even."""
+    bits = _bits_of(x)
+    if (bits & 0x7FFFFFFF) > 0x7F800000:  # NaN: quiet, sign kept
+        return np.uint16((bits >> 16) | 0x40)
+    add = np.int32(r) if stochastic else np.int32(0x7FFF + ((bits >> 16) & 1))
+    return np.uint16(np.int32(bits + add) >> 16)
+
+
+@njit(inline="always", **_JIT)
+def _f16_round(x, r, stochastic):
+    """float16 of x: stochastic with 16 random bits r, else to nearest even. Every case is
+    computed and one picked (as _formats._f16), which LLVM vectorizes."""
+    bits = _bits_of(x)
+    a, sign = np.int32(bits & 0x7FFFFFFF), np.int32((bits >> 16) & 0x8000)
+    e = np.int32(a >> 23)
+    # float16's normal range and above: 13 bits go; 2^16 and above: inf
+    h = np.int32(a - (112 << 23))
+    add = np.int32(np.int32(r) >> 3) if stochastic else np.int32(0xFFF + ((h >> 13) & 1))
+    normal = np.int32(0x7C00) if e >= 143 else np.int32(min(np.int32(h + add) >> 13, 0x7C00))
+    # below: in units of 2^-24, s >= 14 bits go; s > 40 (below 2^-64) rounds to zero
+    m = np.int64((a & 0x7FFFFF) | 0x800000) if e != 0 else np.int64(a)
+    s = min(np.int32(126 - e) if e != 0 else np.int32(125), 41)
+    if stochastic:
+        up = np.int64(r) << (s - 16) if s >= 16 else np.int64(r) >> (16 - s)
+    else:
+        up = (np.int64(1) << (s - 1)) - 1 + ((m >> s) & 1)
+    sub = np.int32((m + up) >> s) if s <= 40 else np.int32(0)
+    out = normal if e >= 113 else sub
+    return np.uint16((np.int32(0x7E00) if a > 0x7F800000 else out) | sign)  # NaN
+
+
+# the loads of uint16 h into new float32 arrays, and the stores of float32 x into h (each
+# store takes the random bits r, unread to nearest)
+
+@njit(**_JIT)
+def _load_bf16(h):
+    x = np.empty(h.size, np.float32)
+    for i in range(h.size):
+        x[i] = _float_of(np.int32(h[i]) << 16)
+    return x
+
+
+@njit(**_JIT)
+def _load_f16(h):
+    x = np.empty(h.size, np.float32)
+    for i in range(h.size):
+        x[i] = _f16_load(h[i])
+    return x
+
+
+@njit(**_JIT)
+def _store_bf16_rne(x, h, r):
+    for i in range(x.size):
+        h[i] = _bf16_round(x[i], 0, False)
+
+
+@njit(**_JIT)
+def _store_bf16_sr(x, h, r):
+    for i in range(x.size):
+        h[i] = _bf16_round(x[i], r[i], True)
+
+
+@njit(**_JIT)
+def _store_f16_rne(x, h, r):
+    for i in range(x.size):
+        h[i] = _f16_round(x[i], 0, False)
+
+
+@njit(**_JIT)
+def _store_f16_sr(x, h, r):
+    for i in range(x.size):
+        h[i] = _f16_round(x[i], r[i], True)
+
+
+_W0, _W1 = np.uint32(PHILOX_W0), np.uint32(PHILOX_W1)
+_S32 = np.uint64(32)
+
+
+@njit(inline="always", **_JIT)
+def _philox32(c0, c1, c2, c3, k0, k1):
+    """_refmath.philox_rounds on uint32 words: each round's words cut back to 32 bits, so
+    that LLVM vectorizes a loop of them (12x faster than the uint64 form, AMD EPYC)."""
+    for _ in range(10):
+        p0, p1 = np.uint64(c0) * PHILOX_M0, np.uint64(c2) * PHILOX_M1
+        c0, c1, c2, c3 = (np.uint32(p1 >> _S32) ^ c1 ^ k0, np.uint32(p1),
+                          np.uint32(p0 >> _S32) ^ c3 ^ k1, np.uint32(p0))
+        k0, k1 = np.uint32(k0 + _W0), np.uint32(k1 + _W1)
+    return c0, c1, c2, c3
+
+
+@njit(**_JIT)
+def _round_bits(lo, n, stream, step, key):
+    """The 16 random bits of elements lo .. lo + n - 1 (lo a multiple of 8) of array `stream`
+    (fo_round_words, one Philox per block of 8): element lo + i takes half i & 1 of word
+    i >> 1, so the words' uint16 view (little-endian) holds its bits at index i."""
+    words = np.empty(((n + 7) >> 3) * 4, np.uint32)
+    c1 = np.uint32(stream << 24)
+    c2, c3 = np.uint32(step), np.uint32(step >> _S32)
+    k0, k1 = key[0], key[1]
+    b0 = np.uint64(lo >> 3)
+    for j in range(words.size >> 2):
+        b = b0 + np.uint64(j)
+        w0, w1, w2, w3 = _philox32(np.uint32(b), np.uint32(b >> _S32) | c1, c2, c3, k0, k1)
+        words[4 * j], words[4 * j + 1], words[4 * j + 2], words[4 * j + 3] = w0, w1, w2, w3
+    return words.view(np.uint16)
+
+
+# The chunk's helpers take its addresses and codes as values read from arrays: an integer
+# literal argument (an operand's index) would compile a specialization of each per value.
+
+@njit(**_JIT)
+def _load(address, lo, n, code):
+    """The chunk of the operand at `address` in float32: its own memory (float32), else new
+    scratch loaded from its storage."""
+    if code == F32:
+        return numba.carray(_as_pointer(address + 4 * lo), (n,), np.float32)
+    h = numba.carray(_as_pointer(address + 2 * lo), (n,), np.uint16)
+    return _load_bf16(h) if code == BF16 else _load_f16(h)
+
+
+@njit(**_JIT)
+def _out(address, lo, n, code):
+    """Where the chunk's new parameter goes in float32: param out's memory (float32), else
+    new scratch."""
+    if code == F32:
+        return numba.carray(_as_pointer(address + 4 * lo), (n,), np.float32)
+    return np.empty(n, np.float32)
+
+
+@njit(**_JIT)
+def _store(x, address, lo, n, code, stochastic, stream, step, keys, t):
+    """Float32 values x of the chunk into the operand at `address` stored as `code`
+    (float32: nothing, x is its memory), rounded with random stream `stream` of tensor t."""
+    if code == F32:
+        return
+    h = numba.carray(_as_pointer(address + 2 * lo), (n,), np.uint16)
+    if not stochastic:
+        if code == BF16:
+            _store_bf16_rne(x, h, h)
+        else:
+            _store_f16_rne(x, h, h)
+        return
+    r = _round_bits(lo, n, stream, step, keys[t])
+    if code == BF16:
+        _store_bf16_sr(x, h, r)
+    else:
+        _store_f16_sr(x, h, r)
+
+
+# Per chunk: x<op> is operand op in float32 (its memory, or scratch loaded from its storage),
+# x1 the new parameter (x0 itself in place); the written low-precision operands are stored
+# back from them, each with its random stream. The parameter's stores (param out, the
+# shadow) come right after its loop in each branch: a loop that ends an if's branch, merged
+# by an assignment after the if (x1 = x0), compiled scalar. The storage is read per chunk
+# (not compiled in), so that one driver per kernel serves every combination of formats.
+_FORMATTED = """
+def {name}(ptrs, chunks, rec, storage, streams, shadow, stochastic, step, keys):
+    one = np.float32(1)
+    last = ptrs.shape[1] - 1
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        {loads}
+        if ptrs[t, 0] == ptrs[t, 1]:
+            for i in range(n):
+                x0[i] = element(x0[i], x2[i], {states}i, rec[0], one)
+            {stores_x0}
+        else:
+            x1 = _out(ptrs[t, 1], lo, n, storage[1])
+            for i in range(n):
+                x1[i] = element(x0[i], x2[i], {states}i, rec[0], one)
+            {stores_x1}
+        {stores}
+"""
+_STORE = ("_store(x{x}, ptrs[t, {op}], lo, n, storage[{op}], stochastic, streams[{op}], step, "
+          "keys, t)")
+
+
+@functools.lru_cache(maxsize=None)
+def _formatted_driver(name):
+    """The parallel driver of elementwise kernel `name` with storage formats."""
+    ops = range(3, 3 + len(_rules.KERNELS[name].state))
+
+    def param(x):  # param out's store, and the shadow's
+        return (_STORE.format(x=x, op=1) + "\n            if shadow:\n                "
+                + _STORE.format(x=x, op="last"))
+    source = _FORMATTED.format(
+        name=f"_drive_formats_{name}", states="".join(f"x{op}, " for op in ops),
+        loads="\n        ".join(f"x{op} = _load(ptrs[t, {op}], lo, n, storage[{op}])"
+                                for op in (0, 2, *ops)),
+        stores_x0=param(0), stores_x1=param(1),
+        stores="\n        ".join(_STORE.format(x=op, op=op) for op in ops))
+    namespace = {"__name__": __name__, "np": np, "prange": prange, "_load": _load,
+                 "_out": _out, "_store": _store, "element": _ELEMENTS[name]}
+    exec(compile(source, __file__, "exec"), namespace)
+    return njit(parallel=True, **_JIT)(namespace[f"_drive_formats_{name}"])
+
+
+def _format_pointers(operands, storage):
+    """data_pointers over operands of mixed widths: (addresses [tensor, operand], sizes)."""
+    ptrs = sizes = None
+    for width in (4, 2):
+        ops = [op for op, code in enumerate(storage) if _WIDTH[code] == width]
+        if not ops:
+            continue
+        p, s = data_pointers(tuple(operands[op] for op in ops), width)
+        if ptrs is None:
+            ptrs, sizes = np.empty((len(s), len(storage)), np.int64), s
+        elif len(s) != len(sizes) or np.any(s != sizes):
+            raise ValueError("storage formats: the operands' tensors differ in number or size")
+        ptrs[:, ops] = p
+    return ptrs, sizes
+
+
+def _formatted(kernel, operands, record, n_threads, n_aux, formats):
+    """elementwise() over operands (param in, param out, grad, state..., the shadow last if
+    formats.shadow) stored as formats.storage says, computing in float32: the same bits as
+    fastopt._backends._formats.around over the float32 kernel."""
+    storage, shadow = tuple(formats.storage), bool(formats.shadow)
+    if n_aux or kernel not in _ELEMENTS:
+        raise ValueError(f"storage formats: {kernel!r} is not an elementwise kernel of the "
+                         f"rule table")
+    n_ops = 3 + len(_rules.KERNELS[kernel].state) + shadow
+    if len(operands) != n_ops or len(storage) != n_ops:
+        raise ValueError(f"storage formats: {kernel!r} takes {n_ops} operands, got "
+                         f"{len(operands)} and {len(storage)} formats")
+    if not set(storage) <= FORMATS or (shadow and storage[-1] == F32):
+        raise ValueError(f"storage formats: {storage} (float32, bfloat16 and float16; the "
+                         f"shadow bfloat16 or float16)")
+    if record.dtype[0] != np.float32:
+        raise ValueError(f"storage formats: the scalars are {record.dtype[0]}, not float32")
+    ptrs, sizes = _format_pointers(operands, storage)
+    keys = _NO_KEYS
+    if formats.stochastic:
+        keys = np.ascontiguousarray(formats.keys, np.uint32)
+        if keys.ndim != 2 or keys.shape[1] != 2 or keys.shape[0] < len(sizes):
+            raise ValueError(f"storage formats: keys of shape {keys.shape} for {len(sizes)} "
+                             f"tensors, expected (n_tensors, 2)")
+    streams = np.array([formats.stream(op) for op in range(n_ops)], np.int64)
+    _set_threads(n_threads, sizes)
+    _formatted_driver(kernel)(ptrs, _chunks(sizes), record, np.array(storage, np.int64),
+                              streams, shadow, bool(formats.stochastic),
+                              np.uint64(formats.step), keys)
 
 
 # -- the gradient norm, fastopt/reduce.h's order
@@ -542,8 +839,7 @@ KERNELS = {**{name: len(_rules.KERNELS[name].state) for name in _ELEMENTS},
 def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, record, n_threads):
     dtype = grads[0].dtype
     ptrs, sizes = data_pointers((grads, rows, cols, rmeans, rowparts), dtype.itemsize, 4)
-    numba.set_num_threads(max(1, min(n_threads, numba.config.NUMBA_NUM_THREADS,
-                                     int(sizes.sum()) // MIN_PER_THREAD)))
+    _set_threads(n_threads, sizes)
     _adafactor_factors(ptrs, shape, items, slices, record, np.empty(0, dtype))
 
 
