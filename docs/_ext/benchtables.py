@@ -16,8 +16,9 @@ later harness writes one, takes precedence). The directive ::
        :kind: all
 
 renders, for each matching file (newest first), a line naming the machine and date, then a
-table per kind of row: optimizer steps (rules of ``fastopt.bench.RULES``) and other
-operations (``--ops``). Rows are (rule, case); columns are the implementations in the order
+table per kind of row: optimizer steps (rules of ``fastopt.bench.RULES``), other
+operations (``--ops``) and storage formats (``--formats``: rows with a
+``bytes_per_element``, each against the limit of its own bytes). Rows are (rule, case); columns are the implementations in the order
 the harness ran them; each cell is the percent of the streaming limit and the median time.
 Nothing in the tables is typed by hand: rerun the harness and replace the JSON to update them.
 """
@@ -94,12 +95,13 @@ def _table(title, rows):
 
 
 def _kind(value):
-    return directives.choice(value, ("all", "steps", "ops"))
+    return directives.choice(value, ("all", "steps", "ops", "formats"))
 
 
 class BenchResults(SphinxDirective):
     """``.. bench-results::`` with options ``:files:`` (a glob relative to the source
-    folder; default ``_data/bench-*.json``), ``:kind:`` (all, steps, ops) and ``:latest:``
+    folder; default ``_data/bench-*.json``), ``:kind:`` (all, steps, ops, formats) and
+    ``:latest:``
     (only the newest file)."""
 
     has_content = False
@@ -147,8 +149,10 @@ class BenchResults(SphinxDirective):
                 f"(``docs/{rel}``).",
                 "",
             ]
-            steps = [r for r in data["rows"] if rules is None or r["rule"] in rules]
-            ops = [r for r in data["rows"] if rules is not None and r["rule"] not in rules]
+            formats = [r for r in data["rows"] if "bytes_per_element" in r]
+            rest = [r for r in data["rows"] if "bytes_per_element" not in r]
+            steps = [r for r in rest if rules is None or r["rule"] in rules]
+            ops = [r for r in rest if rules is not None and r["rule"] not in rules]
             shown = 0
             if steps and kind in ("all", "steps"):
                 text += _table(
@@ -157,6 +161,10 @@ class BenchResults(SphinxDirective):
                 shown += 1
             if ops and kind in ("all", "ops"):
                 text += _table(f"Operations, {date}: % of the streaming limit (median time)", ops)
+                shown += 1
+            if formats and kind in ("all", "formats"):
+                text += _table(f"Storage formats, {date}: one AdamW step, % of the streaming "
+                               f"limit of each format's bytes (median time)", formats)
                 shown += 1
             if not shown:
                 text += [f"*(this run has no rows of kind {kind!r})*", ""]

@@ -26,7 +26,10 @@ def run_pass(backend: Compiled, kernel, operands, scalars, n_threads, masks, n_a
     it, over whole arrays."""
     dtype = operands[0][0].dtype if formats is None else formats.compute
     record = _rules.ALL_KERNELS[kernel].args.record(dtype, scalars)
-    if formats is not None and not set(formats.storage) <= getattr(backend, "FORMATS", set()):
+    if formats is not None and (
+            not set(formats.storage) <= getattr(backend, "FORMATS", set())
+            # pruned entries of 8-bit state are zeroed before their block is quantized
+            or formats.scales and masks is not None and not backend.MASKS_IN_KERNELS):
         def inner(*wide, masks):
             run_pass(backend, kernel, wide, scalars, n_threads, masks, n_aux)
         _formats.around(inner, operands[:len(operands) - n_aux], formats, masks=masks,

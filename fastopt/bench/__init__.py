@@ -44,7 +44,7 @@ import numpy as np
 import fastopt
 from fastopt import _backends, _config, _rules
 from fastopt._interop import aligned_empty
-from fastopt.bench import _timing, ops
+from fastopt.bench import _timing, formats, ops
 from fastopt.bench._timing import MATRIX_COLS, matrix_sizes, parse_case, time_interleaved
 
 
@@ -460,6 +460,10 @@ def main(argv=None):
                         help="weights for --ops: RxC matrices or element counts (rows of "
                              f"{MATRIX_COLS}) (default: each op's own, such as 4096x4096,50M "
                              "for the initializers and 4096x32000 for kd_loss)")
+    parser.add_argument("--formats", default="",
+                        help="also time AdamW with each storage format (bfloat16 parameters, "
+                             "bfloat16 state, master weights) beside torch's fused bfloat16 "
+                             "AdamW, on these comma-separated cases (default: none)")
     parser.add_argument("--json", default="bench-results.json",
                         help="where to write the results as JSON ('' for nowhere)")
     parser.add_argument("--no-check", dest="check", action="store_false",
@@ -488,6 +492,11 @@ def main(argv=None):
                                               if c.strip()],
                                       args.threads or fastopt.get_num_threads(), args.budget,
                                       sys.stdout)
+    format_cases = [c.strip() for c in args.formats.split(",") if c.strip()]
+    if format_cases:
+        result["rows"] += formats.run_formats(format_cases,
+                                              args.threads or fastopt.get_num_threads(),
+                                              args.budget, sys.stdout, _stream_case)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
