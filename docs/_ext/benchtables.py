@@ -18,9 +18,10 @@ later harness writes one, takes precedence). The directive ::
 renders, for each matching file (newest first), a line naming the machine and date, then a
 table per kind of row: optimizer steps (rules of ``fastopt.bench.RULES``), other
 operations (``--ops``) and storage formats (``--formats``: rows with a
-``bytes_per_element``, each against the limit of its own bytes). Rows are (rule, case); columns are the implementations in the order
-the harness ran them; each cell is the percent of the streaming limit and the median time.
-Nothing in the tables is typed by hand: rerun the harness and replace the JSON to update them.
+``bytes_per_element``, each against the limit of its own bytes). Rows are (rule, case);
+columns are the implementations in the order the harness ran them; each cell is the
+percent of the streaming limit and the median time. Nothing in the tables is typed by
+hand: rerun the harness and replace the JSON to update them.
 """
 
 import glob
