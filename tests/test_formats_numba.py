@@ -9,8 +9,12 @@ each format, master weights with a low-precision shadow, stochastic and nearest 
 each in place and out of place, on 1 and 2 threads, over a few steps, on tensors of odd
 sizes; then NaN, inf, float16 subnormals and values out of float16's range (a NaN may come
 out as another NaN there, see run_both), and the conversions on their own, bit for bit, on
-every 16-bit pattern and on float32 values around every rounding boundary. One driver per
-kernel serves every combination, so the grid costs one compilation per kernel.
+every 16-bit pattern and on float32 values around every rounding boundary. Blockwise 8-bit
+state (codes and block scales carried from step to step) meets every kernel with state in
+the same way, alone and beside other state formats, with NaN and inf in some blocks; its
+quantizer gives q8_store's code on each side of every step of the code and of every bucket
+of its lookup table. One driver per kernel serves every combination, so the grid costs one
+compilation per kernel.
 """
 
 from typing import NamedTuple
@@ -22,12 +26,18 @@ pytest.importorskip("numba")
 nb = pytest.importorskip("fastopt._backends._numba.optim")
 
 from fastopt import _rules  # noqa: E402
-from fastopt._backends import _formats, _steps, resolve  # noqa: E402
+from fastopt._backends import _formats, _layout, _steps, resolve  # noqa: E402
 
 # 66433 elements: two threads' worth (a thread takes 32768 at least), and tensors that end
 # inside a group of 8, a chunk, and after several chunks
 SIZES = (0, 1, 7, 8, 9, 1023, 16385, 40000, 9000)
 STEPS = (1, 2, 9)  # SGD's and ADOPT's first step, RAdam without and with its rectification
+# a state format of Config: blockwise 8-bit, with the signed map for first moments and momenta
+# (_rules.SIGNED_STATE), else the unsigned one
+Q8 = "int8"
+# tensors of 8-bit state: none, in one partial block, a block and around it, around
+# MIN_QUANTIZED, past a chunk (ending in a partial block); 74290 elements, two threads' worth
+Q8_SIZES = (0, 1, 255, 256, 257, 4095, 4096, 16385, 40000, 9000)
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": _formats.bfloat16(),
           "float16": np.dtype(np.float16)}
 # each kernel's rule (Lamb's update pass: a pass of a multi-pass rule, no reference of its own)
@@ -38,7 +48,7 @@ RULE_OF = {k.name: rule for rule in _rules.RULES for k in rule.kernels
 class Config(NamedTuple):
     param: str       # the parameter's storage (the shadow's, with master weights)
     grad: str        # "param" (the parameter's format) or a format
-    state: str
+    state: str       # a format (or Q8), or several, comma-separated, for state 0, 1, ...
     master: bool     # float32 params (the master copy) and a shadow in `param`
     stochastic: bool
 
@@ -63,6 +73,20 @@ CONFIGS = (
     Config("float16", "param", "bfloat16", False, False),
 )
 PER_KERNEL = 4  # configs per kernel in the grid
+Q8_CONFIGS = (
+    Config("float32", "param", Q8, False, False),
+    Config("bfloat16", "param", Q8, True, True),
+    Config("float16", "float32", Q8, True, False),
+    Config("bfloat16", "param", f"{Q8},bfloat16", False, True),
+    Config("float32", "param", f"float32,{Q8}", False, False),
+    Config("float16", "param", f"bfloat16,{Q8}", True, True),
+)
+
+
+def state_format(config, k):
+    """The format of state operand k: config.state's formats, in turn."""
+    formats = config.state.split(",")
+    return formats[k % len(formats)]
 
 
 def hyper(kernel, step):
@@ -123,45 +147,66 @@ SPECIALS = np.array([np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 6e-8, -3e-5, 6
                      -1e-40, 65504.0, 65520.0, -7e4, 3e38], np.float32)
 
 
-def values(rng, n, dtype, scale=1.0, positive=False, special=False, low=0.0):
+def values(rng, n, dtype, scale=1.0, positive=False, special=0.0, low=0.0):
+    """Normal values (their magnitudes plus `low` when `positive`), a `special` fraction of
+    them SPECIALS."""
     x = rng.standard_normal(n).astype(np.float32) * np.float32(scale)
     if positive:
         x = np.abs(x) + np.float32(low)
     if special and n:
-        at = rng.random(n) < 0.2
+        at = rng.random(n) < special
         x[at] = rng.choice(SPECIALS, int(at.sum()))
     return x.astype(dtype)
 
 
-def problem(kernel, config, sizes, seed, in_place, special=False):
+def quantized(wide, code):
+    """Float32 arrays `wide` as 8-bit state of map `code`: (codes, block scales)."""
+    codes = [np.empty(x.size, np.uint8) for x in wide]
+    absmax = [np.empty(-(-x.size // _formats.BLOCK), np.float32) for x in wide]
+    for c, a, x in zip(codes, absmax, wide):
+        _formats.q8_store(c, a, x, code)
+    return codes, absmax
+
+
+def problem(kernel, config, sizes, seed, in_place, special=0.0):
     """The operands of `kernel` stored as `config` says, and their Formats (step 0)."""
     rng = np.random.default_rng(seed)
     p_type = DTYPES["float32" if config.master else config.param]
     g_type = DTYPES[config.param if config.grad == "param" else config.grad]
-    s_type = DTYPES[config.state]
     params = [values(rng, n, p_type, special=special) for n in sizes]
     out = params if in_place else [np.zeros(n, p_type) for n in sizes]
     grads = [values(rng, n, g_type, special=special) for n in sizes]
-    # a centered RMSprop's grad_avg small beside its square_avg: real square roots
-    states = tuple([values(rng, n, s_type, 0.1 if name == "grad_avg" else 0.5, positive=True,
-                           special=special, low=0.2 if name == "square_avg" else 0.0)
-                    for n in sizes]
-                   for name in _rules.KERNELS[kernel].state)
+    codes = [_formats.code_of(p_type)] * 2 + [_formats.code_of(g_type)]
+    states, scales = (), ()
+    for k, name in enumerate(_rules.KERNELS[kernel].state):
+        fmt = state_format(config, k)
+        signed = fmt == Q8 and name in _rules.SIGNED_STATE
+        # a centered RMSprop's grad_avg small beside its square_avg: real square roots
+        wide = [values(rng, n, np.float32 if fmt == Q8 else DTYPES[fmt],
+                       0.1 if name == "grad_avg" else 0.5, positive=not signed,
+                       special=special, low=0.2 if name == "square_avg" else 0.0)
+                for n in sizes]
+        if fmt == Q8:
+            codes.append(_formats.Q8S if signed else _formats.Q8U)
+            wide, absmax = quantized(wide, codes[-1])
+            scales += (absmax,)
+        else:
+            codes.append(_formats.code_of(wide[0].dtype))
+        states += (wide,)
     operands = (params, out, grads) + states
-    types = (p_type, p_type, g_type) + (s_type,) * len(states)
     if config.master:
         operands += ([np.zeros(n, DTYPES[config.param]) for n in sizes],)
-        types += (DTYPES[config.param],)
+        codes.append(_formats.code_of(DTYPES[config.param]))
     keys = np.array([_formats.tensor_key(seed, t) for t in range(len(sizes))], np.uint32)
-    formats = _formats.Formats(tuple(_formats.code_of(t) for t in types), config.stochastic,
-                               0, keys, config.master)
+    formats = _formats.Formats(tuple(codes), config.stochastic, 0, keys, config.master,
+                               scales)
     return operands, formats
 
 
 def copy(operands):
     """A deep copy that keeps operand 1 the same arrays as operand 0 when it is."""
     copies = [[a.copy() for a in arrays] for arrays in operands]
-    if operands[1] is operands[0]:
+    if len(operands) > 1 and operands[1] is operands[0]:
         copies[1] = copies[0]
     return tuple(copies)
 
@@ -181,16 +226,18 @@ def assert_same(got, want, what, nan_sign=True):
                 f"at {mismatch[0]}: {g[mismatch[0]]!r} != {w[mismatch[0]]!r}")
 
 
-def run_both(kernel, config, sizes, seed, in_place, n_threads, special=False):
+def run_both(kernel, config, sizes, seed, in_place, n_threads, special=0.0):
     """Steps of `kernel` with formats on Numba and through _formats.around over the
-    reference, from equal operands (fresh gradients each step; out of place, the result
-    becomes the next step's input): equal after every step. With special values, a NaN may
-    come out as a NaN of another sign or payload: which of two NaN operands an operation
-    passes on depends on how the compiler ordered it (NumPy, LLVM, and two Numba
-    compilations of one element function differ there); test_conversions holds the
-    conversions themselves to the reference, NaN bits included."""
+    reference, from equal operands and block scales (fresh gradients each step; out of
+    place, the result becomes the next step's input): equal after every step. With special
+    values (this fraction of them), a NaN may come out as a NaN of another sign or payload:
+    which of two NaN operands an operation passes on depends on how the compiler ordered it
+    (NumPy, LLVM, and two Numba compilations of one element function differ there);
+    test_conversions holds the conversions themselves to the reference, NaN bits included
+    (8-bit state has one NaN: code 0, or a NaN block scale)."""
     operands, formats = problem(kernel, config, sizes, seed, in_place, special)
     got, want = copy(operands), copy(operands)
+    got_scales, want_scales = copy(formats.scales), copy(formats.scales)
     g_type = operands[2][0].dtype
     rng = np.random.default_rng(seed + 1)
     for step in STEPS:
@@ -198,10 +245,11 @@ def run_both(kernel, config, sizes, seed, in_place, n_threads, special=False):
         formats = formats._replace(step=step)
         grads = [values(rng, n, g_type, special=special) for n in sizes]
         got, want = ((ops[:2] + ([g.copy() for g in grads],) + ops[3:]) for ops in (got, want))
-        nb.elementwise(kernel, got, record(kernel, h), n_threads, formats=formats)
-        _formats.around(reference(kernel, h), want, formats)
+        nb.elementwise(kernel, got, record(kernel, h), n_threads,
+                       formats=formats._replace(scales=got_scales))
+        _formats.around(reference(kernel, h), want, formats._replace(scales=want_scales))
         what = f"{kernel} {config} {'in place' if in_place else 'out of place'} step {step}"
-        assert_same(got, want, what, nan_sign=not special)
+        assert_same(got + got_scales, want + want_scales, what, nan_sign=not special)
         if not in_place:
             got, want = ((ops[1], ops[0]) + ops[2:] for ops in (got, want))
 
@@ -239,7 +287,93 @@ def test_special_values(kernel):
                              (Config("bfloat16", "float32", "bfloat16", False, False), False),
                              (Config("float16", "float32", "float32", True, False), True)):
         run_both(kernel, config, (1, 9, 1100), seed=7, in_place=in_place, n_threads=1,
-                 special=True)
+                 special=0.2)
+
+
+def _q8_grid():
+    """For each kernel with state, the two configs of Q8_CONFIGS that waited longest among
+    those that leave it some 8-bit state."""
+    cases, queue = [], list(Q8_CONFIGS)
+    for kernel in sorted(_rules.KERNELS):
+        n_state = len(_rules.KERNELS[kernel].state)
+        fitting = [config for config in queue
+                   if any(state_format(config, k) == Q8 for k in range(n_state))]
+        for config in fitting[:2]:
+            queue.remove(config)
+            queue.append(config)
+            cases.append(pytest.param(kernel, config, id=f"{kernel}-{config}"))
+    return cases
+
+
+def test_every_q8_config_meets_several_kernels():
+    counts = {config: 0 for config in Q8_CONFIGS}
+    for case in _q8_grid():
+        counts[case.values[1]] += 1
+    assert min(counts.values()) >= 3
+
+
+@pytest.mark.parametrize("kernel,config", _q8_grid())
+def test_int8_state_matches_around_the_reference(kernel, config):
+    """Codes and block scales too, in place on 2 threads and out of place on 1."""
+    seed = sorted(_rules.KERNELS).index(kernel)
+    run_both(kernel, config, Q8_SIZES, seed, in_place=True, n_threads=2)
+    run_both(kernel, config, Q8_SIZES, seed, in_place=False, n_threads=1)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN and inf in the reference
+@pytest.mark.parametrize("kernel", [k for k in sorted(_rules.KERNELS) if _rules.KERNELS[k].state])
+def test_int8_state_special_values(kernel):
+    """Special values in a few elements: blocks with NaN (a NaN block scale), with inf (an
+    infinite one: the block's finite values at the code of 0), and clean ones beside them."""
+    for config, in_place in ((Config("float32", "param", Q8, False, False), True),
+                             (Config("bfloat16", "float32", f"{Q8},bfloat16", True, True),
+                              False)):
+        run_both(kernel, config, (1, 9, 1100, 4096), seed=8, in_place=in_place, n_threads=1,
+                 special=0.002)
+
+
+def _q8_cases(code):
+    """Values x in blocks whose scale is 1 (255 values and 1.0, so q = x): each side of every
+    step of the code (its least q, nb._Q8_KEYS) and of every bucket of the lookup table; then
+    blocks of every magnitude (those below 1e-12 divided by SCALE_MIN), of zeros, some with
+    a NaN or an inf, and a partial block at the end."""
+    top = (np.arange(nb._Q8_SIDE, dtype=np.int64) << 16) + nb._Q8_FLOOR
+    buckets = np.concatenate([top, -1 - (top | 0xFFFF)])  # their least keys, as _q8_table's
+    keys = np.concatenate([nb._Q8_KEYS[code], buckets])[:, None] + np.arange(-2, 3)
+    bits = np.where(keys < 0, (-1 - keys) | 0x80000000, keys).astype(np.uint32)
+    q = bits.view(np.float32).ravel()
+    q = np.concatenate([q[(q >= -1) & (q <= 1)], np.float32([0.0, -0.0, 1.0, -1.0, 1e-45])])
+    q = np.pad(q, (0, -q.size % 255))
+    ones = np.concatenate([q.reshape(-1, 255), np.ones((q.size // 255, 1), np.float32)],
+                          axis=1)
+    rng = np.random.default_rng(code)
+    scaled = (rng.standard_normal((80, 256)) * np.logspace(-45, 38, 80)[:, None]
+              ).astype(np.float32)
+    scaled[:4] = 0.0
+    for row, special in zip(scaled[10::9], (np.nan, -np.nan, np.inf, -np.inf) * 2):
+        row[rng.integers(256)] = special
+    return np.concatenate([ones.ravel(), scaled.ravel(),
+                           rng.standard_normal(300).astype(np.float32)])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN and inf in the reference
+@pytest.mark.parametrize("code", [_formats.Q8S, _formats.Q8U], ids=["signed", "unsigned"])
+def test_int8_quantizer(code):
+    """The chunks' 8-bit stores and loads against _formats.q8_store and q8_load, bit for bit:
+    the quantizer's lookup on _q8_cases (it was checked against q8_store's binary search on
+    all 2^32 float32 values when written), every code loaded with block scales of every
+    kind; blocks never straddle chunks."""
+    assert _layout.CHUNK % _formats.BLOCK == 0
+    x = _q8_cases(code)
+    got = np.empty(x.size, np.uint8), np.empty(-(-x.size // _formats.BLOCK), np.float32)
+    want = np.empty_like(got[0]), np.empty_like(got[1])
+    nb._store_q8(x, *got, code)
+    _formats.q8_store(*want, x, code)
+    assert_same([got], [want], "q8_store")
+    codes = np.tile(np.arange(256, dtype=np.uint8), 8)
+    absmax = np.array([1.0, 1e-12, 3e38, 0.37, np.inf, np.nan, 6e-39, 2.5], np.float32)
+    assert_same([[nb._load_q8(codes, absmax, code)]], [[_formats.q8_load(codes, absmax, code)]],
+                "q8_load")
 
 
 def test_master_weights_shadow_is_the_rounded_parameter():
@@ -265,20 +399,29 @@ def test_round_bits_are_the_references(lo, stream, step):
     np.testing.assert_array_equal(got, want)
 
 
-def test_through_the_generic_step():
+@pytest.mark.parametrize("config, sizes, masked", [
+    (CONFIGS[6], SIZES, False),
+    (Config("bfloat16", "param", f"{Q8},{Q8},bfloat16", True, True), Q8_SIZES, False),
+    (Config("float16", "param", Q8, True, False), Q8_SIZES, True)])
+def test_through_the_generic_step(config, sizes, masked):
     """_steps.rule_step hands formats to this module's elementwise (FORMATS: the storage
     codes it converts): its Adam step with AMSGrad and master weights equals the NumPy
-    one, which runs through _formats.around."""
-    assert nb.FORMATS == {_formats.F32, _formats.BF16, _formats.F16}
-    operands, formats = problem("adam_amsgrad", CONFIGS[6], SIZES, seed=11, in_place=True)
+    one, which runs through _formats.around; with pruning masks too."""
+    assert nb.FORMATS == {_formats.F32, _formats.BF16, _formats.F16, _formats.Q8S,
+                          _formats.Q8U}
+    operands, formats = problem("adam_amsgrad", config, sizes, seed=11, in_place=True)
     got, want = copy(operands), copy(operands)
+    got_scales, want_scales = copy(formats.scales), copy(formats.scales)
+    rng = np.random.default_rng(12)
+    masks = [(rng.random(n) < 0.7).astype(np.uint8) for n in sizes] if masked else None
     h = hyper("adam_amsgrad", 2)
     formats = formats._replace(step=2)
-    _steps.rule_step(nb, _rules.BY_NAME["Adam"], *got[:6], n_threads=2, formats=formats,
-                     shadow=got[6], **h)
-    resolve("adam_step", "numpy", "cpu", np.float32)(*want[:6], n_threads=1, formats=formats,
-                                                      shadow=want[6], **h)
-    assert_same(got, want, "adam_step")
+    _steps.rule_step(nb, _rules.BY_NAME["Adam"], *got[:6], n_threads=2, masks=masks,
+                     formats=formats._replace(scales=got_scales), shadow=got[6], **h)
+    resolve("adam_step", "numpy", "cpu", np.float32)(
+        *want[:6], n_threads=1, masks=masks, formats=formats._replace(scales=want_scales),
+        shadow=want[6], **h)
+    assert_same(got + got_scales, want + want_scales, "adam_step")
 
 
 def conversion_cases(rng, n=100_000):
@@ -323,9 +466,9 @@ def test_conversions(code):
                                   f"{got[differ[0]]:#x} != {want[differ[0]]:#x}")
 
 
-def _call(kernel="adam", n_aux=0, record_dtype=np.float32, **changes):
-    operands, formats = problem("adam", Config("bfloat16", "param", "float32", False, True),
-                                (5, 9), seed=0, in_place=True)
+def _call(kernel="adam", n_aux=0, record_dtype=np.float32, state="float32", **changes):
+    operands, formats = problem("adam", Config("bfloat16", "param", state, False, True),
+                                (5, 300), seed=0, in_place=True)
     operands = changes.pop("operands", operands)
     args = _rules.KERNELS["adam"].args
     rec = args.record(record_dtype, {f: 0 for f in args.fields})
@@ -337,7 +480,16 @@ def _call(kernel="adam", n_aux=0, record_dtype=np.float32, **changes):
     (lambda: _call(kernel="adafactor_vector"), "not an elementwise kernel"),
     (lambda: _call(n_aux=1), "not an elementwise kernel"),
     (lambda: _call(storage=(1,) * 5), "float32, bfloat16 and float16"),
-    (lambda: _call(storage=(2, 2, 2, 0, 4)), "float32, bfloat16 and float16"),
+    (lambda: _call(storage=(2, 2, 2, 0, 6)), "float32, bfloat16 and float16"),
+    (lambda: _call(storage=(4, 2, 2, 0, 0)), "state also 8-bit"),
+    (lambda: _call(storage=(2, 2, 5, 0, 0)), "state also 8-bit"),
+    (lambda: _call(storage=(2, 2, 2, 0, 4)), "elements of 1 bytes"),
+    (lambda: _call(state=Q8, scales=()), "0 lists of block scales for 2"),
+    (lambda: _call(state=Q8, storage=(2, 2, 2, 4, 0)), "elements of 4 bytes"),
+    (lambda: _call(state=Q8, scales=([np.zeros(1, np.float32)] * 2,) * 2),
+     "operand 3's block scales"),
+    (lambda: _call(state=Q8, scales=([np.zeros(1, np.float32), np.zeros(2, np.float64)],) * 2),
+     "elements of 4 bytes"),
     (lambda: _call(storage=(2, 2, 2, 0)), "takes 5 operands"),
     (lambda: _call(shadow=True), "takes 6 operands"),
     (lambda: _call(storage=(2, 2, 0, 0, 0)), "elements of 4 bytes"),

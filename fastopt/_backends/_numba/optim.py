@@ -21,6 +21,9 @@ low-precision operand into float32 scratch, runs the element function over the c
 stores the written ones back rounded (fastopt/lowp.h, spelled out below). The storage codes
 are read per chunk, not compiled in: a parallel driver takes 2-3 s to compile, and one per
 combination of formats would multiply that; the per-chunk dispatch costs nothing measurable.
+State may also be blockwise 8-bit (Q8S, Q8U: one uint8 code per element, a float32 absmax per
+BLOCK elements); a chunk holds whole blocks (CHUNK is a multiple of BLOCK), so its state is
+loaded and quantized back within the chunk, as _formats.q8_load and q8_store do.
 """
 
 import collections
@@ -34,14 +37,14 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fastopt import _rules
-from fastopt._backends._formats import BF16, F16, F32
+from fastopt._backends._formats import BF16, BLOCK, F16, F32, Q8S, Q8U, QMAPS, SCALE_MIN
 from fastopt._backends._layout import CHUNK, COLS, LANES, MIN_PER_THREAD
 from fastopt._backends._refmath import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
 from fastopt._cpu._runtime import data_pointers
 
 MASKS_IN_KERNELS = False  # pruned entries are zeroed after each pass (fastopt._backends._steps)
 # the storage formats (_formats.CODES) that elementwise(formats=) converts inside its chunks
-FORMATS = frozenset((F32, BF16, F16))
+FORMATS = frozenset((F32, BF16, F16, Q8S, Q8U))
 _JIT = dict(cache=True, error_model="numpy")  # numpy error model: no branch per division
 
 
@@ -340,7 +343,7 @@ def _lamb_update(p, g, m, v, i, a, one):
 
 # -- storage formats: fastopt/lowp.h's conversions, and the drivers that apply them per chunk
 
-_WIDTH = {F32: 4, BF16: 2, F16: 2}  # the itemsize of each format of FORMATS
+_WIDTH = {F32: 4, BF16: 2, F16: 2, Q8S: 1, Q8U: 1}  # the itemsize of each format of FORMATS
 _NO_KEYS = np.zeros((0, 2), np.uint32)
 
 
@@ -476,15 +479,145 @@ def _round_bits(lo, n, stream, step, key):
     return words.view(np.uint16)
 
 
+# Blockwise 8-bit state. A load looks each code up in its map. A store quantizes as
+# _formats.q8_store does, whose binary search takes nine lookups an element, each a vector
+# gather (6.4 ns an element on AMD EPYC, Zen 4); here one (0.75 ns). q8_store's code of
+# q = x / absmax rises by one at each of 255 thresholds (the least q of each code above 0),
+# so it is the count of thresholds at or below q. q lies in [-1, 1] or is NaN (code 0); its
+# magnitude bits, clamped to [_Q8_FLOOR, 1.0], pick a bucket of 2^16 float32 values (per
+# sign and map) that holds one threshold at most: its entry (_q8_table) is the count below
+# the bucket (bits 17 up) and the threshold's rank in it (0x10000: none). It gave the binary
+# search's code for all 2^32 float32 values when written; the tests check both sides of
+# every threshold and bucket edge.
+
+def _key(q):
+    """float32 -> int64, in the order of the values (-0.0 just below +0.0)."""
+    b = np.asarray(q, np.float32).view(np.int32).astype(np.int64)
+    return np.where(b < 0, -1 - (b & 0x7FFFFFFF), b)
+
+
+def _q8_thresholds(qmap):
+    """The least float32 q of each code k > 0 of map `qmap` in q8_store: q >= m[k], or
+    q >= m[k-1] and q - m[k-1] >= (m[k] - m[k-1]) / 2 (in float32); found by bisection over
+    the keys of [m[k-1], m[k]], where it holds at m[k] and not at m[k-1]. Their keys."""
+    lo, hi = qmap[:-1], qmap[1:]
+    half = (hi - lo) * np.float32(0.5)
+    below, at = _key(lo), _key(hi)  # the predicate is false at `below`, true at `at`
+    while np.any(at - below > 1):
+        mid = (below + at) // 2
+        b = np.where(mid < 0, (-1 - mid) | 0x80000000, mid).astype(np.uint32)
+        q = b.view(np.float32)
+        holds = (q >= hi) | ((q >= lo) & (q - lo >= half))
+        below, at = np.where(holds, below, mid), np.where(holds, mid, at)
+    return at
+
+
+_Q8_KEYS = {code: _q8_thresholds(qmap) for code, qmap in QMAPS.items()}
+# the magnitude bits from which the buckets start: one bucket of none below every threshold
+_Q8_FLOOR = int((min(np.where(k < 0, -1 - k, k).min() for k in _Q8_KEYS.values()) >> 16) - 1
+                ) << 16
+_Q8_SIDE = ((0x3F800000 - _Q8_FLOOR) >> 16) + 1  # buckets per sign, up to 1.0
+
+
+def _q8_table(keys):
+    """The buckets of one map's threshold keys: positive q by magnitude, then negative q."""
+    top = (np.arange(_Q8_SIDE, dtype=np.int64) << 16) + _Q8_FLOOR
+    starts = np.concatenate([top, -1 - (top | 0xFFFF)])  # each bucket's least key
+    below = np.searchsorted(keys, starts)
+    inside = np.searchsorted(keys, starts + 0x10000) - below
+    assert inside.max() <= 1, "8-bit state: two thresholds in one bucket"
+    rank = np.where(inside == 1, keys[np.minimum(below, keys.size - 1)] - starts, 0x10000)
+    return ((below << 17) | rank).astype(np.int32)
+
+
+_Q8S_TABLE, _Q8U_TABLE = _q8_table(_Q8_KEYS[Q8S]), _q8_table(_Q8_KEYS[Q8U])
+_Q8S_MAP, _Q8U_MAP = QMAPS[Q8S], QMAPS[Q8U]
+
+
+@njit(inline="always", **_JIT)
+def _q8_code(q, table):
+    """q8_store's code of q (x / absmax) with a map's table."""
+    bits = _bits_of(q)
+    neg = np.int32(bits >> 31)  # -1 for negative q: its rank counts from the bucket's top
+    a = np.int32(min(max(np.int32(bits & 0x7FFFFFFF), _Q8_FLOOR), 0x3F800000))  # NaN: 1.0
+    entry = table[np.uint16(((a - _Q8_FLOOR) >> 16) + (_Q8_SIDE & neg))]
+    rank = np.int32((a & 0xFFFF) ^ (neg & 0xFFFF))
+    code = np.int32((entry >> 17) + (1 if rank >= (entry & 0x1FFFF) else 0))
+    return np.uint8(code if q == q else 0)
+
+
+@njit(inline="always", **_JIT)
+def _q8_scale(x):
+    """A block's absmax: the largest magnitude (over the bits, which order them, NaN above
+    inf), NaN if there is one, at least SCALE_MIN."""
+    top = np.int32(0)
+    for i in range(x.size):
+        top = max(top, np.int32(_bits_of(x[i]) & 0x7FFFFFFF))
+    if top > 0x7F800000:
+        return np.float32(np.nan)
+    return max(_float_of(top), SCALE_MIN)
+
+
+# The tables are globals, which Numba compiles in as constants: a loop gathers from them
+# vectorized only where it names one (an array chosen at run time might alias its stores).
+
+@njit(inline="always", **_JIT)
+def _dequantize(codes, absmax, x, qmap):
+    for b in range(absmax.size):
+        c, xb, scale = codes[b * BLOCK:(b + 1) * BLOCK], x[b * BLOCK:(b + 1) * BLOCK], absmax[b]
+        for i in range(c.size):
+            xb[i] = qmap[c[i]] * scale
+
+
+@njit(**_JIT)
+def _load_q8(codes, absmax, code):
+    """8-bit state (codes, and the absmax of each block) as new float32 values."""
+    x = np.empty(codes.size, np.float32)
+    if code == Q8S:
+        _dequantize(codes, absmax, x, _Q8S_MAP)
+    else:
+        _dequantize(codes, absmax, x, _Q8U_MAP)
+    return x
+
+
+@njit(inline="always", **_JIT)
+def _quantize(x, codes, absmax, table):
+    for b in range(absmax.size):
+        xb, c = x[b * BLOCK:(b + 1) * BLOCK], codes[b * BLOCK:(b + 1) * BLOCK]
+        scale = _q8_scale(xb)
+        absmax[b] = scale
+        for i in range(xb.size):
+            c[i] = _q8_code(xb[i] / scale, table)
+
+
+@njit(**_JIT)
+def _store_q8(x, codes, absmax, code):
+    """Float32 values x quantized into codes and absmax (q8_store)."""
+    if code == Q8S:
+        _quantize(x, codes, absmax, _Q8S_TABLE)
+    else:
+        _quantize(x, codes, absmax, _Q8U_TABLE)
+
+
 # The chunk's helpers take its addresses and codes as values read from arrays: an integer
 # literal argument (an operand's index) would compile a specialization of each per value.
 
+@njit(inline="always", **_JIT)
+def _absmax(scales, lo, n):
+    """The chunk's block scales in the float32 array at address `scales`."""
+    return numba.carray(_as_pointer(scales + 4 * (lo // BLOCK)), ((n + BLOCK - 1) // BLOCK,),
+                        np.float32)
+
+
 @njit(**_JIT)
-def _load(address, lo, n, code):
-    """The chunk of the operand at `address` in float32: its own memory (float32), else new
-    scratch loaded from its storage."""
+def _load(address, scales, lo, n, code):
+    """The chunk of the operand at `address` (with its block scales at `scales` if 8-bit) in
+    float32: its own memory (float32), else new scratch loaded from its storage."""
     if code == F32:
         return numba.carray(_as_pointer(address + 4 * lo), (n,), np.float32)
+    if code == Q8S or code == Q8U:
+        return _load_q8(numba.carray(_as_pointer(address + lo), (n,), np.uint8),
+                        _absmax(scales, lo, n), code)
     h = numba.carray(_as_pointer(address + 2 * lo), (n,), np.uint16)
     return _load_bf16(h) if code == BF16 else _load_f16(h)
 
@@ -499,10 +632,15 @@ def _out(address, lo, n, code):
 
 
 @njit(**_JIT)
-def _store(x, address, lo, n, code, stochastic, stream, step, keys, t):
+def _store(x, address, scales, lo, n, code, stochastic, stream, step, keys, t):
     """Float32 values x of the chunk into the operand at `address` stored as `code`
-    (float32: nothing, x is its memory), rounded with random stream `stream` of tensor t."""
+    (float32: nothing, x is its memory), rounded with random stream `stream` of tensor t
+    (8-bit: quantized, with new block scales at `scales`)."""
     if code == F32:
+        return
+    if code == Q8S or code == Q8U:
+        _store_q8(x, numba.carray(_as_pointer(address + lo), (n,), np.uint8),
+                  _absmax(scales, lo, n), code)
         return
     h = numba.carray(_as_pointer(address + 2 * lo), (n,), np.uint16)
     if not stochastic:
@@ -525,7 +663,7 @@ def _store(x, address, lo, n, code, stochastic, stream, step, keys, t):
 # by an assignment after the if (x1 = x0), compiled scalar. The storage is read per chunk
 # (not compiled in), so that one driver per kernel serves every combination of formats.
 _FORMATTED = """
-def {name}(ptrs, chunks, rec, storage, streams, shadow, stochastic, step, keys):
+def {name}(ptrs, scales, chunks, rec, storage, streams, shadow, stochastic, step, keys):
     one = np.float32(1)
     last = ptrs.shape[1] - 1
     for c in prange(chunks.shape[0]):
@@ -542,8 +680,8 @@ def {name}(ptrs, chunks, rec, storage, streams, shadow, stochastic, step, keys):
             {stores_x1}
         {stores}
 """
-_STORE = ("_store(x{x}, ptrs[t, {op}], lo, n, storage[{op}], stochastic, streams[{op}], step, "
-          "keys, t)")
+_STORE = ("_store(x{x}, ptrs[t, {op}], scales[t, {op}], lo, n, storage[{op}], stochastic, "
+          "streams[{op}], step, keys, t)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -556,8 +694,8 @@ def _formatted_driver(name):
                 + _STORE.format(x=x, op="last"))
     source = _FORMATTED.format(
         name=f"_drive_formats_{name}", states="".join(f"x{op}, " for op in ops),
-        loads="\n        ".join(f"x{op} = _load(ptrs[t, {op}], lo, n, storage[{op}])"
-                                for op in (0, 2, *ops)),
+        loads="\n        ".join(f"x{op} = _load(ptrs[t, {op}], scales[t, {op}], lo, n, "
+                                f"storage[{op}])" for op in (0, 2, *ops)),
         stores_x0=param(0), stores_x1=param(1),
         stores="\n        ".join(_STORE.format(x=op, op=op) for op in ops))
     namespace = {"__name__": __name__, "np": np, "prange": prange, "_load": _load,
@@ -569,7 +707,7 @@ def _formatted_driver(name):
 def _format_pointers(operands, storage):
     """data_pointers over operands of mixed widths: (addresses [tensor, operand], sizes)."""
     ptrs = sizes = None
-    for width in (4, 2):
+    for width in (4, 2, 1):
         ops = [op for op, code in enumerate(storage) if _WIDTH[code] == width]
         if not ops:
             continue
@@ -582,10 +720,29 @@ def _format_pointers(operands, storage):
     return ptrs, sizes
 
 
+def _scale_pointers(scales, storage, sizes):
+    """The addresses [tensor, operand] of the block scales of each 8-bit operand (0 for the
+    others): `scales` holds a list of float32 arrays per 8-bit operand, in order."""
+    q8 = [op for op, code in enumerate(storage) if code in (Q8S, Q8U)]
+    if len(scales) != len(q8):
+        raise ValueError(f"storage formats: {len(scales)} lists of block scales for {len(q8)} "
+                         f"8-bit operands")
+    table = np.zeros((len(sizes), len(storage)), np.int64)
+    blocks = (sizes + BLOCK - 1) // BLOCK
+    for op, absmax in zip(q8, scales):
+        p, s = data_pointers((list(absmax),), 4)
+        if len(s) != len(blocks) or np.any(s != blocks):
+            raise ValueError(f"storage formats: operand {op}'s block scales are not one "
+                             f"float32 per {BLOCK} elements of each tensor")
+        table[:, op] = p[:, 0]
+    return table
+
+
 def _formatted(kernel, operands, record, n_threads, n_aux, formats):
     """elementwise() over operands (param in, param out, grad, state..., the shadow last if
-    formats.shadow) stored as formats.storage says, computing in float32: the same bits as
-    fastopt._backends._formats.around over the float32 kernel."""
+    formats.shadow) stored as formats.storage says (8-bit state with its block scales in
+    formats.scales), computing in float32: the same bits as fastopt._backends._formats.around
+    over the float32 kernel."""
     storage, shadow = tuple(formats.storage), bool(formats.shadow)
     if n_aux or kernel not in _ELEMENTS:
         raise ValueError(f"storage formats: {kernel!r} is not an elementwise kernel of the "
@@ -594,12 +751,15 @@ def _formatted(kernel, operands, record, n_threads, n_aux, formats):
     if len(operands) != n_ops or len(storage) != n_ops:
         raise ValueError(f"storage formats: {kernel!r} takes {n_ops} operands, got "
                          f"{len(operands)} and {len(storage)} formats")
-    if not set(storage) <= FORMATS or (shadow and storage[-1] == F32):
-        raise ValueError(f"storage formats: {storage} (float32, bfloat16 and float16; the "
-                         f"shadow bfloat16 or float16)")
+    wide = storage[:3] + storage[n_ops - shadow:]  # the operands that are not state
+    if (not set(storage) <= FORMATS or (shadow and storage[-1] == F32)
+            or Q8S in wide or Q8U in wide):
+        raise ValueError(f"storage formats: {storage} (float32, bfloat16 and float16; state "
+                         f"also 8-bit; the shadow bfloat16 or float16)")
     if record.dtype[0] != np.float32:
         raise ValueError(f"storage formats: the scalars are {record.dtype[0]}, not float32")
     ptrs, sizes = _format_pointers(operands, storage)
+    scales = _scale_pointers(formats.scales, storage, sizes)
     keys = _NO_KEYS
     if formats.stochastic:
         keys = np.ascontiguousarray(formats.keys, np.uint32)
@@ -608,7 +768,7 @@ def _formatted(kernel, operands, record, n_threads, n_aux, formats):
                              f"tensors, expected (n_tensors, 2)")
     streams = np.array([formats.stream(op) for op in range(n_ops)], np.int64)
     _set_threads(n_threads, sizes)
-    _formatted_driver(kernel)(ptrs, _chunks(sizes), record, np.array(storage, np.int64),
+    _formatted_driver(kernel)(ptrs, scales, _chunks(sizes), record, np.array(storage, np.int64),
                               streams, shadow, bool(formats.stochastic),
                               np.uint64(formats.step), keys)
 
