@@ -10,9 +10,10 @@ out on NumPy arrays: the reference every backend is tested against).
 With master weights, operands 0 and 1 are the float32 master copy (a state array) and a
 last converted operand, the *shadow*, receives the rounded new parameter.
 
-A compiled backend that handles formats inside its chunks sets ``FORMATS = True`` and takes
-``formats=`` in ``elementwise``; every other path (the NumPy reference, the multi-pass
-rules) goes through :func:`around`: whole arrays converted before and after the step.
+A compiled backend that converts formats inside its chunks lists the storage codes it
+handles in ``FORMATS`` and takes ``formats=`` in ``elementwise``; every other path (the NumPy
+reference, the multi-pass rules, a code the backend does not list) goes through
+:func:`around`: whole arrays converted before and after the step.
 """
 
 import functools

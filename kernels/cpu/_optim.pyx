@@ -76,30 +76,60 @@ def step(str kernel, tuple operands, bint f64, cnp.ndarray args, int n_threads,
 
 cdef extern from "format_loops.h" nogil:
     enum: FORMAT_OPS "FO_FORMAT_OPS"
+    enum: _Q8_BLOCK "FO_Q8_BLOCK"
+    enum: Q8_TABLE "FO_Q8_TABLE"
     ctypedef struct fo_format_args:
         fo_chunk_fn fn
         const void *args
         const cnp.uint32_t *keys
         cnp.uint64_t step
-        int n_ops, shadow, mask, stochastic
+        const float *qmaps
+        const cnp.uint32_t *qtables
+        int n_ops, shadow, mask, stochastic, vbmi
         int code[FORMAT_OPS + 1]
+        int scales[FORMAT_OPS]
     void fo_cpu_format_chunk(char **ptr, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t n,
                              const fo_format_args *fa)
+    int fo_q8_table(const float *qmap, cnp.uint32_t *table)
+    void fo_q8_planes(fo_format_args *fa)
+    bint fo_q8_vbmi()
 
-# storage formats (fastopt._backends._formats.CODES) -> bytes per element
-_ITEMSIZE = {0: 4, 2: 2, 3: 2}
+# storage formats (fastopt._backends._formats.CODES, Q8S, Q8U) -> bytes per element
+_ITEMSIZE = {0: 4, 2: 2, 3: 2, 4: 1, 5: 1}
+_Q8 = (4, 5)
+Q8_BLOCK = _Q8_BLOCK  # elements per block scale of 8-bit state
+VBMI = fo_q8_vbmi()  # whether 8-bit state is loaded with AVX-512 VBMI byte permutes
+
+
+def q8_table(const float[::1] qmap):
+    """The quantizer's lookup table (fo_q8_table in format_loops.h) of a dynamic map of
+    8-bit state (256 increasing float32 values), as uint32."""
+    if qmap.shape[0] != 256:
+        raise ValueError(f"qmap: expected 256 values, got {qmap.shape[0]}")
+    table = cnp.PyArray_EMPTY(1, [Q8_TABLE], cnp.NPY_UINT32, 0)
+    if fo_q8_table(&qmap[0], <cnp.uint32_t *>cnp.PyArray_DATA(table)) != 0:
+        raise ValueError("qmap: expected increasing values, at most one code step in each "
+                         "bucket of the lookup (a dynamic map)")
+    return table
 
 
 def step_formats(str kernel, tuple operands, cnp.ndarray args, int n_threads, tuple storage,
                  bint shadow, bint stochastic, cnp.uint64_t step_count,
-                 const cnp.uint32_t[:, ::1] keys, list masks=None):
+                 const cnp.uint32_t[:, ::1] keys, list masks=None, tuple scales=(),
+                 const float[:, ::1] qmaps=None, const cnp.uint32_t[:, ::1] qtables=None,
+                 bint vbmi=True):
     """Run elementwise kernel `kernel` in float32 over `operands` (param in, param out, grad,
     state..., then the shadow when `shadow`) stored in the formats `storage` (a code per
-    operand: 0 float32, 2 bfloat16, 3 float16; see format_loops.h). `args` holds its
-    fo_<rule>_args_f32 struct; written operands in a low format are rounded stochastically
-    (the bits of tensor t from its key keys[t] and `step_count`) or to nearest even; the
-    pruned entries (`masks`) of the written ones become 0 before they are rounded."""
-    cdef Py_ssize_t n_conv = len(operands), n_ops = n_conv - shadow, op, c
+    operand: 0 float32, 2 bfloat16, 3 float16, and for state 4 or 5, blockwise 8-bit with
+    the signed or unsigned map; see format_loops.h). `args` holds its fo_<rule>_args_f32
+    struct; written operands in a low format are rounded stochastically (the bits of tensor
+    t from its key keys[t] and `step_count`) or to nearest even; the pruned entries
+    (`masks`) of the written ones become 0 before they are rounded or quantized. With 8-bit
+    state, `scales` holds each 8-bit operand's list of block scales (float32, one per
+    Q8_BLOCK elements), `qmaps` the two maps (signed, unsigned: 256 increasing float32
+    each) and `qtables` their q8_table; `vbmi`: load it with AVX-512 VBMI where the CPU has
+    it (VBMI), else (tests) with the portable loops, to the same bits."""
+    cdef Py_ssize_t n_conv = len(operands), n_ops = n_conv - shadow, op, c, n_q8 = 0
     cdef Py_ssize_t itemsizes[FORMAT_OPS + 1]
     cdef fo_format_args fa
     cdef Plan pl
@@ -119,18 +149,36 @@ def step_formats(str kernel, tuple operands, cnp.ndarray args, int n_threads, tu
                              f"kernels")
         fa.code[op] = storage[op]
         itemsizes[op] = _ITEMSIZE[storage[op]]
+        if storage[op] in _Q8:
+            if not 3 <= op < n_ops:
+                raise ValueError(f"operand {op}: 8-bit storage is for state only")
+            fa.scales[op] = n_conv + n_q8
+            n_q8 += 1
     if shadow and storage[n_ops] == 0:
         raise ValueError("the shadow: expected bfloat16 or float16 storage, not float32")
+    if len(scales) != n_q8:
+        raise ValueError(f"scales: expected block scales for each of the {n_q8} 8-bit "
+                         f"operands, got {len(scales)}")
+    if n_q8 and (qmaps is None or qmaps.shape[0] != 2 or qmaps.shape[1] != 256
+                 or qtables is None or qtables.shape[0] != 2 or qtables.shape[1] != Q8_TABLE):
+        raise ValueError(f"qmaps, qtables: expected (2, 256) float32 and (2, {Q8_TABLE}) "
+                         f"uint32 arrays with 8-bit state")
     fa.fn = k.f32
     fa.args = cnp.PyArray_DATA(args)
     fa.keys = &keys[0, 0] if keys.shape[0] else NULL
     fa.step = step_count
+    fa.qmaps = &qmaps[0, 0] if n_q8 else NULL
+    fa.qtables = &qtables[0, 0] if n_q8 else NULL
     fa.n_ops = n_ops
     fa.shadow = shadow
-    fa.mask = masks is not None
+    fa.mask = n_conv + n_q8 if masks is not None else 0
     fa.stochastic = stochastic
+    fa.vbmi = vbmi and VBMI
+    if n_q8:
+        fo_q8_planes(&fa)
     try:
-        plan_init(&pl, operands + (masks,) if fa.mask else operands, 4, 0, fa.mask, itemsizes)
+        plan_init(&pl, operands + scales + ((masks,) if fa.mask else ()), 4, 0, fa.mask != 0,
+                  itemsizes, n_q8, _Q8_BLOCK)
         with nogil:
             n_threads = plan_threads(&pl, n_threads)
             if n_threads <= 1 or pl.n_chunks <= 1:

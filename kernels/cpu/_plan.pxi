@@ -38,20 +38,23 @@ cdef struct Plan:
 
 cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize,
                    Py_ssize_t n_aux=0, Py_ssize_t n_mask=0,
-                   const Py_ssize_t *itemsizes=NULL) except -1:
+                   const Py_ssize_t *itemsizes=NULL, Py_ssize_t n_scale=0,
+                   Py_ssize_t scale_block=1) except -1:
     """Fill `pl` from a tuple of equally long lists of C-contiguous ndarrays.
 
     Every array of tensor t must hold as many elements as operands[0][t] and have the given
     itemsize (operand op: itemsizes[op] when `itemsizes` is given, for operands stored in
     formats of their own), except the last `n_mask` operands, of one byte per element
-    (masks), and the `n_aux` operands before those: per-tensor auxiliaries of any size and
+    (masks), the `n_aux` operands before those: per-tensor auxiliaries of any size and
     itemsize (a per-tensor scalar such as Lamb's trust ratio, Adafactor's factors), which
-    chunk functions index themselves; the backend that builds them guarantees their sizes.
+    chunk functions index themselves; the backend that builds them guarantees their sizes,
+    and the `n_scale` operands before those: block scales (8-bit state's absmax), a float32
+    per `scale_block` elements (the last block may be partial).
     The Python wrappers validate user input; this guards memory safety where it can.
     """
     cdef list first = operands[0]
     cdef Py_ssize_t n_ops = len(operands), n_t = len(first), t, op, size, n_chunks = 0
-    cdef Py_ssize_t lo, k = 0, want = itemsize
+    cdef Py_ssize_t lo, k = 0, want = itemsize, n_blocks
     cdef cnp.ndarray a
     pl.ptr = NULL
     pl.chunk = NULL
@@ -79,6 +82,12 @@ cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize,
                 if cnp.PyArray_SIZE(a) == 0 or not cnp.PyArray_IS_C_CONTIGUOUS(a):
                     raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous, "
                                      f"non-empty array")
+            elif op >= n_ops - n_mask - n_aux - n_scale:
+                n_blocks = (size + scale_block - 1) // scale_block
+                if cnp.PyArray_SIZE(a) != n_blocks or cnp.PyArray_ITEMSIZE(a) != 4 \
+                        or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+                    raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous "
+                                     f"array of {n_blocks} block scales of 4 bytes")
             else:
                 if itemsizes != NULL:
                     want = itemsizes[op]

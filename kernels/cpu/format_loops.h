@@ -3,24 +3,26 @@
  * fastopt/lowp.h and fastopt._backends._formats).
  *
  * The operands (0 param in, 1 param out, 2 grad, then the state) may be stored as float32,
- * bfloat16 or float16 while the kernel computes in float32. A chunk is cut into blocks of
- * FO_FORMAT_BLOCK elements; per block, every operand stored in a low format and read by the
- * kernel is loaded into float32 scratch on the stack (float32 operands are used where they
- * are), the kernel's float32 chunk function runs on a pointer table of the block, the
- * pruned entries of the written operands become +0 (masks), and every written operand in a
- * low format (1 and the state; the grad is never written) is rounded back, as is operand
- * 1's value into the shadow with master weights. A parameter updated in place (operand 1
- * the same memory as operand 0, in the same format) is loaded once and stored once; else
- * operand 0 is read and operand 1 written. The result is the same, bit for bit, as
- * loading whole arrays, running the kernel and storing them (_formats.around): the kernel
- * is elementwise, and the random bits of stochastic rounding depend on the element's index
- * in its tensor only.
+ * bfloat16 or float16, and the state also as blockwise 8-bit codes, while the kernel
+ * computes in float32. A chunk is cut into blocks of FO_FORMAT_BLOCK elements; per block,
+ * every operand stored in a low format and read by the kernel is loaded into float32
+ * scratch on the stack (float32 operands are used where they are), the kernel's float32
+ * chunk function runs on a pointer table of the block, the pruned entries of the written
+ * operands become +0 (masks), and every written operand in a low format (1 and the state;
+ * the grad is never written) is rounded or quantized back, as is operand 1's value into the
+ * shadow with master weights. A parameter updated in place (operand 1 the same memory as
+ * operand 0, in the same format) is loaded once and stored once; else operand 0 is read
+ * and operand 1 written. The result is the same, bit for bit, as loading whole arrays,
+ * running the kernel and storing them (_formats.around): the kernel is elementwise, the
+ * random bits of stochastic rounding depend on the element's index in its tensor only, and
+ * each block of 8-bit state (with its absmax) lies inside one block here.
  */
 #ifndef FASTOPT_CPU_FORMAT_LOOPS_H
 #define FASTOPT_CPU_FORMAT_LOOPS_H
 
 #include "chunks.h"
 #include "fastopt/lowp.h"
+#include "fastopt/reduce.h"
 
 /* the most operands of a kernel: param in, param out, grad and 3 state operands */
 #define FO_FORMAT_OPS 6
@@ -32,17 +34,37 @@
    elements, which share a Philox call per rounded array. */
 #define FO_FORMAT_BLOCK 256
 
-/* One call's formats: operand op of a tensor is stored as code[op] (FO_FMT_F32, _BF16 or
-   _F16); with `shadow`, operand n_ops (code[n_ops]) receives operand 1 rounded; with
-   `mask`, the next operand holds one byte per element, 0 for a pruned entry. */
+/* Blockwise 8-bit state (fastopt._backends._formats: Q8S, Q8U; torchao's and bitsandbytes'
+   8-bit optimizers): element i of a tensor is map[code_i] * absmax[i / FO_Q8_BLOCK], with
+   one of two dynamic maps of 256 increasing values in [-1, 1] (signed, for first moments)
+   or [0, 1] (unsigned). */
+#define FO_FMT_Q8S 4
+#define FO_FMT_Q8U 5
+#define FO_Q8_BLOCK 256
+/* chunks (_plan.pxi) start at multiples of FO_CHUNK in their tensor, and blocks here at
+   multiples of FO_FORMAT_BLOCK in their chunk: each block of 8-bit state lies inside one
+   block here, which loads and stores it whole */
+_Static_assert(FO_CHUNK % FO_FORMAT_BLOCK == 0 && FO_FORMAT_BLOCK % FO_Q8_BLOCK == 0,
+               "a block of 8-bit state must lie inside one block of a chunk");
+
+/* One call's formats: operand op of a tensor is stored as code[op] (FO_FMT_F32, _BF16,
+   _F16, or for state FO_FMT_Q8S, _Q8U: codes, with their block scales in operand
+   scales[op], float32); with `shadow`, operand n_ops (code[n_ops]) receives operand 1
+   rounded; with `mask` (else 0), that operand holds one byte per element, 0 for a pruned
+   entry. */
 typedef struct {
     fo_chunk_fn fn;          /* the kernel's float32 chunk function */
     const void *args;        /* its fo_<rule>_args_f32 */
     const fo_u32 *keys;      /* each tensor's Philox key (key0, key1) */
     fo_u64 step;             /* the step count in the random bits */
+    const float *qmaps;      /* the maps of FO_FMT_Q8S and _Q8U, 256 values each */
+    const fo_u32 *qtables;   /* their fo_q8_table tables, FO_Q8_TABLE each */
     int n_ops;               /* the kernel's operands: 3 + its state */
     int shadow, mask, stochastic;
+    int vbmi;                /* load 8-bit state with fo_q8_load_vbmi (fo_q8_vbmi()) */
     int code[FO_FORMAT_OPS + 1];
+    int scales[FO_FORMAT_OPS];
+    uint8_t qplanes[2][4][256]; /* byte k of value c of map j: qplanes[j][k][c] */
 } fo_format_args;
 
 /* `#pragma omp simd` (the build has -fopenmp) on a conversion loop: it lets GCC if-convert
@@ -109,6 +131,192 @@ static inline void fo_format_store(char *base, const float *restrict x, int code
     }
 }
 
+/* -- 8-bit state: the quantizer (_formats.q8_store, torchao's quantize_8bit_with_qmap).
+   An element's code is that of q = x / absmax (a float32 division) by a binary search of
+   the map: c = q >= m[128] ? 128 : 0, then for step 64, 32 .. 1, c += q >= m[c + step] ?
+   step : 0; then the upper code from half the gap up: c + 1 (at most 255) where
+   q - m[c] >= (m[c + 1] - m[c]) * 0.5f. */
+static int fo_q8_search(const float *m, float q)
+{
+    int c = q >= m[128] ? 128 : 0, step, up;
+    for (step = 64; step; step >>= 1) c += q >= m[c + step] ? step : 0;
+    up = c < 255 ? c + 1 : 255;
+    return q - m[c] >= (m[up] - m[c]) * 0.5f ? up : c;
+}
+
+/* The search takes 10 dependent lookups an element; the code is a function of q alone,
+   non-decreasing in q for an increasing map (NaN: 0), so one lookup on q's bits does:
+   magnitudes are clamped to [FO_Q8_LO, FO_Q8_HI] (2^-23 and 1: the code is the same below
+   and above them), cut into buckets of 2^FO_Q8_SHIFT float32 values (a binade's 128th),
+   and table[sign * FO_Q8_BUCKETS + bucket] holds the code at the bucket's start (bits 24
+   and up) and the offset in the bucket from which it is one more (q >= 0) or one less
+   (q < 0), or 2^FO_Q8_SHIFT where it does not change. */
+#define FO_Q8_LO 0x34000000u
+#define FO_Q8_HI 0x3F800000u
+#define FO_Q8_SHIFT 16
+#define FO_Q8_BUCKETS (((FO_Q8_HI - FO_Q8_LO) >> FO_Q8_SHIFT) + 1)
+#define FO_Q8_TABLE (2 * FO_Q8_BUCKETS)
+
+/* The table of map `m` from the search itself; -1 (and the table undefined) unless the map
+   increases and every bucket holds at most one step of the code, as in both dynamic maps
+   (where the whole float32 range gives the search's codes). */
+static int fo_q8_table(const float *m, fo_u32 *table)
+{
+    const fo_u32 width = 1u << FO_Q8_SHIFT;
+    fo_u32 s, j;
+    int k;
+    for (k = 0; k < 255; k++)
+        if (!(m[k] < m[k + 1])) return -1;
+    for (s = 0; s < 2; s++) {
+        const fo_u32 sign = s << 31;
+        const float zero = fo_float_of(sign), inf = fo_float_of(sign | 0x7F800000u);
+        /* the clamps keep the codes: 0 and inf have those of FO_Q8_LO and FO_Q8_HI */
+        if (fo_q8_search(m, zero) != fo_q8_search(m, fo_float_of(sign | FO_Q8_LO))
+            || fo_q8_search(m, inf) != fo_q8_search(m, fo_float_of(sign | FO_Q8_HI)))
+            return -1;
+        for (j = 0; j < FO_Q8_BUCKETS; j++) {
+            const fo_u32 start = sign | (FO_Q8_LO + (j << FO_Q8_SHIFT));
+            const fo_u32 last = j + 1 < FO_Q8_BUCKETS ? width - 1 : 0; /* the top: 1 only */
+            const int c0 = fo_q8_search(m, fo_float_of(start));
+            const int c1 = fo_q8_search(m, fo_float_of(start + last));
+            fo_u32 lo = 0, hi = last;
+            if (c1 == c0)
+                hi = width;
+            else if (c1 != (s ? c0 - 1 : c0 + 1))
+                return -1;
+            while (hi < width && hi - lo > 1) { /* the first offset with another code */
+                const fo_u32 mid = lo + (hi - lo) / 2;
+                if (fo_q8_search(m, fo_float_of(start + mid)) == c0) lo = mid;
+                else hi = mid;
+            }
+            table[s * FO_Q8_BUCKETS + j] = (fo_u32)c0 << 24 | hi;
+        }
+    }
+    return 0;
+}
+
+static inline uint8_t fo_q8_code(float q, const fo_u32 *restrict table)
+{
+    const fo_u32 bits = fo_float_bits(q), a = bits & 0x7FFFFFFFu;
+    const fo_u32 neg = 0u - (bits >> 31); /* all ones for q < 0 */
+    const fo_u32 d = (a < FO_Q8_LO ? FO_Q8_LO : (a > FO_Q8_HI ? FO_Q8_HI : a)) - FO_Q8_LO;
+    const fo_u32 e = table[(neg & FO_Q8_BUCKETS) + (d >> FO_Q8_SHIFT)];
+    const fo_u32 step = (d & ((1u << FO_Q8_SHIFT) - 1)) >= (e & 0xFFFFFFu);
+    return a > 0x7F800000u ? 0 : (uint8_t)((e >> 24) + ((step ^ neg) - neg));
+}
+
+/* x[0 .. n) (n up to a block, a multiple of FO_Q8_BLOCK but for a tensor's last) from its
+   codes and absmax; `m` the map */
+static inline void fo_q8_load(float *restrict x, const uint8_t *restrict codes,
+                              const float *restrict absmax, const float *restrict m,
+                              ptrdiff_t n)
+{
+    ptrdiff_t b, i;
+    for (b = 0; b < n; b += FO_Q8_BLOCK) {
+        const ptrdiff_t k = n - b < FO_Q8_BLOCK ? n - b : FO_Q8_BLOCK;
+        const float scale = absmax[b / FO_Q8_BLOCK];
+        for (i = 0; i < k; i++) x[b + i] = m[codes[b + i]] * scale;
+    }
+}
+
+/* the maps' byte planes (fo_format_args.qplanes) */
+static void fo_q8_planes(fo_format_args *fa)
+{
+    int j, k, c;
+    for (j = 0; j < 2; j++)
+        for (c = 0; c < 256; c++) {
+            const fo_u32 bits = fo_float_bits(fa->qmaps[256 * j + c]);
+            for (k = 0; k < 4; k++) fa->qplanes[j][k][c] = (uint8_t)(bits >> 8 * k);
+        }
+}
+
+/* With AVX-512 VBMI (Ice Lake, Zen 4 and later), fo_q8_load's lookups are byte permutes:
+   the map's 4 byte planes sit in 16 registers, and 64 codes at a time pick their values'
+   bytes from them (vpermi2b: 128 entries, the code's top bit choosing the half), which
+   interleave into floats again (3 times as fast as GCC's gathers on Zen 4). The unpacks
+   interleave within 128-bit lanes, so the codes are permuted first: the 4 values that lane
+   L of float vector j receives, elements 16 j + 4 L + 0 .. 3, come from bytes 16 L + 4 j +
+   0 .. 3. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#define FO_Q8_VBMI 1
+
+static int fo_q8_vbmi(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+           && __builtin_cpu_supports("avx512vbmi");
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vbmi")))
+static void fo_q8_load_vbmi(float *restrict x, const uint8_t *restrict codes,
+                            const float *restrict absmax, const uint8_t (*planes)[256],
+                            ptrdiff_t n)
+{
+    static const uint8_t order[64] = {
+        0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51,
+        4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55,
+        8, 9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59,
+        12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+    const __m512i perm = _mm512_loadu_si512(order);
+    __m512i table[4][4];
+    ptrdiff_t i;
+    int k;
+    for (k = 0; k < 16; k++)
+        table[k / 4][k % 4] = _mm512_loadu_si512(planes[k / 4] + 64 * (k % 4));
+    for (i = 0; i < n; i += 64) {
+        const __mmask64 valid = n - i >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (n - i)) - 1;
+        const __m512 scale = _mm512_set1_ps(absmax[i / FO_Q8_BLOCK]);
+        const __m512i c =
+            _mm512_permutexvar_epi8(perm, _mm512_maskz_loadu_epi8(valid, codes + i));
+        const __mmask64 top = _mm512_movepi8_mask(c);
+        __m512i b[4], w[4];
+        for (k = 0; k < 4; k++)
+            b[k] = _mm512_mask_blend_epi8(
+                top, _mm512_permutex2var_epi8(table[k][0], c, table[k][1]),
+                _mm512_permutex2var_epi8(table[k][2], c, table[k][3]));
+        w[0] = _mm512_unpacklo_epi8(b[0], b[1]);
+        w[1] = _mm512_unpacklo_epi8(b[2], b[3]);
+        w[2] = _mm512_unpackhi_epi8(b[0], b[1]);
+        w[3] = _mm512_unpackhi_epi8(b[2], b[3]);
+        b[0] = _mm512_unpacklo_epi16(w[0], w[1]);
+        b[1] = _mm512_unpackhi_epi16(w[0], w[1]);
+        b[2] = _mm512_unpacklo_epi16(w[2], w[3]);
+        b[3] = _mm512_unpackhi_epi16(w[2], w[3]);
+        for (k = 0; k < 4; k++)
+            _mm512_mask_storeu_ps(x + i + 16 * k, (__mmask16)(valid >> 16 * k),
+                                  _mm512_mul_ps(_mm512_castsi512_ps(b[k]), scale));
+    }
+}
+#else
+static int fo_q8_vbmi(void) { return 0; }
+#endif
+
+/* x[0 .. n) into codes and absmax: per block, the absmax is the largest |x| (compared as
+   integers, where NaN comes above inf: then NaN), at least 1e-12. The codes go through
+   `q` on the stack: GCC vectorizes the lookups only where no store may alias the table. */
+static inline void fo_q8_store(uint8_t *restrict codes, float *restrict absmax,
+                               const float *restrict x, const fo_u32 *restrict table,
+                               ptrdiff_t n)
+{
+    uint8_t q[FO_Q8_BLOCK];
+    ptrdiff_t b, i;
+    for (b = 0; b < n; b += FO_Q8_BLOCK) {
+        const ptrdiff_t k = n - b < FO_Q8_BLOCK ? n - b : FO_Q8_BLOCK;
+        fo_u32 top = 0;
+        float scale;
+        for (i = 0; i < k; i++) {
+            const fo_u32 a = fo_float_bits(x[b + i]) & 0x7FFFFFFFu;
+            top = a > top ? a : top;
+        }
+        scale = top > 0x7F800000u ? fo_float_of(0x7FC00000u)
+                                  : (fo_float_of(top) > 1e-12f ? fo_float_of(top) : 1e-12f);
+        absmax[b / FO_Q8_BLOCK] = scale;
+        for (i = 0; i < k; i++) q[i] = fo_q8_code(x[b + i] / scale, table);
+        memcpy(codes + b, q, (size_t)k);
+    }
+}
+
 /* elements lo .. lo + n - 1 of tensor t, whose operand pointers are ptr[0 ..] */
 FO_MULTIVERSION static void fo_cpu_format_chunk(char **ptr, ptrdiff_t t, ptrdiff_t lo,
                                                 ptrdiff_t n, const fo_format_args *fa)
@@ -132,18 +340,38 @@ FO_MULTIVERSION static void fo_cpu_format_chunk(char **ptr, ptrdiff_t t, ptrdiff
                 local[op] = (char *)((float *)ptr[op] + i0);
             } else {
                 local[op] = (char *)scratch[op];
-                if (op != 1) /* param out is written only */
+                if (code[op] >= FO_FMT_Q8S) {
+                    const int map = code[op] - FO_FMT_Q8S;
+                    const uint8_t *codes = (const uint8_t *)ptr[op] + i0;
+                    const float *absmax =
+                        (const float *)ptr[fa->scales[op]] + i0 / FO_Q8_BLOCK;
+#ifdef FO_Q8_VBMI
+                    if (fa->vbmi)
+                        fo_q8_load_vbmi(scratch[op], codes, absmax, fa->qplanes[map], m);
+                    else
+#endif
+                        fo_q8_load(scratch[op], codes, absmax, fa->qmaps + 256 * map, m);
+                } else if (op != 1) { /* param out is written only */
                     fo_format_load(scratch[op], (const fo_u16 *)ptr[op] + i0, code[op], m);
+                }
             }
         }
         fa->fn(local, 0, m, fa->args);
         if (fa->mask)
             fo_cpu_mask_chunk(local, 0, m, 4, n_ops - 3,
-                              (const uint8_t *)ptr[n_ops + fa->shadow] + i0);
-        for (op = 1; op < n_ops; op++)
-            if (op != 2 && code[op] != FO_FMT_F32)
+                              (const uint8_t *)ptr[fa->mask] + i0);
+        for (op = 1; op < n_ops; op++) {
+            if (op == 2 || code[op] == FO_FMT_F32)
+                continue;
+            if (code[op] >= FO_FMT_Q8S)
+                fo_q8_store((uint8_t *)ptr[op] + i0,
+                            (float *)ptr[fa->scales[op]] + i0 / FO_Q8_BLOCK,
+                            (const float *)local[op],
+                            fa->qtables + FO_Q8_TABLE * (code[op] - FO_FMT_Q8S), m);
+            else
                 fo_format_store(ptr[op], (const float *)local[op], code[op], fa, key0, key1,
                                 op == 1 ? 0 : (fo_u32)(op - 2), i0, m, w);
+        }
         if (fa->shadow)
             fo_format_store(ptr[n_ops], (const float *)local[1], code[n_ops], fa, key0, key1,
                             0, i0, m, w);

@@ -6,9 +6,9 @@ function's name (optim_loops.h), the operand lists, and the kernel's scalar stru
 (fastopt._rules.Args.record); Adafactor's factors pass has its own (``factors``). Pruning
 masks (``masks=``, one per tensor) travel as the last operand: the driver zeroes the pruned
 entries of each chunk right after its update. Storage formats (``formats=``,
-fastopt._backends._formats.Formats: bfloat16 or float16 parameters, gradients, state) are
-converted inside each chunk, block by block around the float32 kernel
-(kernels/cpu/format_loops.h).
+fastopt._backends._formats.Formats: bfloat16 or float16 parameters, gradients, state, and
+blockwise 8-bit state) are converted inside each chunk, block by block around the float32
+kernel (kernels/cpu/format_loops.h).
 """
 
 import numpy as np
@@ -19,8 +19,11 @@ from fastopt._cpu import _optim
 
 MASKS_IN_KERNELS = True  # the driver zeroes pruned entries inside each chunk's update
 # the storage codes elementwise() converts inside each chunk (fastopt._backends._formats)
-FORMATS = frozenset((_formats.F32, _formats.BF16, _formats.F16))
+FORMATS = frozenset((_formats.F32, _formats.BF16, _formats.F16, _formats.Q8S, _formats.Q8U))
 KERNELS = _optim.kernels()  # chunk function name -> number of state operands
+# the dynamic maps of 8-bit state (signed, unsigned) and the quantizer's lookup tables
+_QMAPS = np.stack([_formats.QMAPS[_formats.Q8S], _formats.QMAPS[_formats.Q8U]])
+_QTABLES = np.stack([_optim.q8_table(qmap) for qmap in _QMAPS])
 
 
 def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0, formats=None):
@@ -32,7 +35,8 @@ def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0, format
                              f"{formats.compute}")
         _optim.step_formats(kernel, operands, record, n_threads, tuple(formats.storage),
                             formats.shadow, formats.stochastic, formats.step,
-                            np.ascontiguousarray(formats.keys, np.uint32), masks)
+                            np.ascontiguousarray(formats.keys, np.uint32), masks,
+                            tuple(list(s) for s in formats.scales), _QMAPS, _QTABLES)
         return
     dtype = operands[0][0].dtype
     if masks is not None:
