@@ -18,12 +18,18 @@ class Compiled(Protocol):
 
     MASKS_IN_KERNELS: bool  # whether elementwise() zeroes pruned entries itself
     KERNELS: dict  # kernel name of the rule table -> number of state operands it takes
+    # the storage codes (fastopt._backends._formats) elementwise() converts inside its
+    # passes; optional (none: every low-precision call goes through _formats.around)
+    FORMATS: frozenset
 
-    def elementwise(self, kernel, operands, record, n_threads, masks=None, n_aux=0):
+    def elementwise(self, kernel, operands, record, n_threads, masks=None, n_aux=0,
+                    formats=None):
         """One pass of `kernel` over operand lists (param in, param out, grad, state...,
         the last `n_aux` per-tensor auxiliaries of any size), its scalars in `record`
         (fastopt._rules.Args.record); `masks` (one uint8 array per tensor) only where
-        MASKS_IN_KERNELS."""
+        MASKS_IN_KERNELS. With `formats` (a _formats.Formats of codes in FORMATS), the
+        operands are stored in those formats (the shadow after the state), `record` is in
+        the compute dtype, and the bits equal _formats.around's."""
 
     def norm_partials(self, arrays, kind, *, n_threads):
         """fastopt/reduce.h's partial norms, one float64 per FO_CHUNK chunk, on the host."""
