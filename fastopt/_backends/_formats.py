@@ -28,7 +28,6 @@ from fastopt._interop import bfloat16  # noqa: F401 - the formats' dtype, here w
 F32, F64, BF16, F16 = 0, 1, 2, 3  # fastopt/lowp.h's FO_FMT_*
 Q8S, Q8U = 4, 5  # blockwise 8-bit: codes of the signed / unsigned dynamic map (_qmaps)
 CODES = {"float32": F32, "float64": F64, "bfloat16": BF16, "float16": F16}
-LOW = ("bfloat16", "float16")  # the low-precision storage formats
 BLOCK = 256  # elements per absmax of 8-bit state
 MIN_QUANTIZED = 4096  # smaller tensors keep float32 state (as bitsandbytes and torchao)
 SCALE_MIN = np.float32(1e-12)  # an absmax is at least this (torchao's clip)
@@ -97,8 +96,8 @@ def round_bits(n, stream, step, key, lo=0):
 
 
 def load(a, code):
-    """Array `a` of storage format `code` as float32 (float64 arrays are returned as they
-    are)."""
+    """Array `a` of storage format `code` as float32: a new array for bfloat16 and float16
+    (float32 and float64 arrays are returned as they are)."""
     if code in (F32, F64):
         return a
     h = a.reshape(-1).view(np.uint16).astype(np.uint32)  # 1-d: operators keep arrays
@@ -229,8 +228,8 @@ def around(fn, operands, formats, *, masks=None, rest=(), **kwargs):
 
 
 def _loaded(a, code):
-    """Array a (or None) in the compute dtype: a copy for a low-precision one."""
-    return a if a is None or code in (F32, F64) else load(a, code).copy()
+    """Array a (or None) in the compute dtype: a new array for a low-precision one."""
+    return a if a is None or code in (F32, F64) else load(a, code)
 
 
 def formatted(step):

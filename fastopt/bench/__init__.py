@@ -27,7 +27,6 @@ and a disagreement beyond 1.5x prints a WARNING line and sets 'agree' false unde
 """
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -43,9 +42,16 @@ import numpy as np
 
 import fastopt
 from fastopt import _backends, _config, _rules
-from fastopt._interop import aligned_empty
 from fastopt.bench import _timing, formats, ops
-from fastopt.bench._timing import MATRIX_COLS, matrix_sizes, parse_case, time_interleaved
+from fastopt.bench._timing import (
+    MATRIX_COLS,
+    arrays,
+    draw,
+    matrix_sizes,
+    parse_case,
+    stream_case,
+    time_interleaved,
+)
 
 
 class Rule(NamedTuple):
@@ -100,37 +106,9 @@ DEFAULT_RULES = ("adam", "adamw", "sgd", "adam+clip")
 DEFAULT_CASES = ("1M", "10M", "50M", "200x50K")
 
 
-@functools.lru_cache(maxsize=8)
-def _draw(n, seed):
-    return np.random.default_rng(seed).standard_normal(n, dtype=np.float32)
-
-
-def _arrays(sizes, dtype, seed, matrix=False):
-    """New arrays of the given sizes holding standard normal values (one draw, copied);
-    with `matrix`, shaped (n / MATRIX_COLS, MATRIX_COLS) (see matrix_sizes)."""
-    base = _draw(max(sizes, default=0), seed)
-    return [base[:n].astype(dtype).reshape((n // MATRIX_COLS, MATRIX_COLS) if matrix else n)
-            for n in sizes]
-
-
-def _stream_case(sizes, n_state, n_threads):
-    """The streaming kernel with an optimizer's access pattern: the gradient read, the param
-    and n_state buffers read and written in place."""
-    from fastopt._cpu import _stream
-
-    def aligned(arrays):  # the ceiling is measured at its best: 64-byte-aligned buffers
-        out = [aligned_empty(a.shape, a.dtype) for a in arrays]
-        for o, a in zip(out, arrays):
-            o[...] = a
-        return out
-    src = aligned(_arrays(sizes, np.float32, 0))
-    rw = [aligned(_arrays(sizes, np.float32, k + 1)) for k in range(n_state + 1)]
-    return lambda: _stream.stream_rw(src, rw, False, n_threads)
-
-
 def _fastopt_case(rule, sizes, backend, n_threads, wrap=None):
-    params = _arrays(sizes, np.float32, 1, rule.matrix)
-    grads = _arrays(sizes, np.float32, 2, rule.matrix)
+    params = arrays(sizes, np.float32, 1, rule.matrix)
+    grads = arrays(sizes, np.float32, 2, rule.matrix)
     if wrap is not None:
         params, grads = [wrap(p) for p in params], [wrap(g) for g in grads]
     opt = getattr(fastopt, rule.cls)(params, backend=backend, n_threads=n_threads,
@@ -139,8 +117,8 @@ def _fastopt_case(rule, sizes, backend, n_threads, wrap=None):
 
 
 def _torch_case(torch, rule, sizes, mode):
-    params = [torch.from_numpy(p) for p in _arrays(sizes, np.float32, 1, rule.matrix)]
-    for p, g in zip(params, _arrays(sizes, np.float32, 2, rule.matrix)):
+    params = [torch.from_numpy(p) for p in arrays(sizes, np.float32, 1, rule.matrix)]
+    for p, g in zip(params, arrays(sizes, np.float32, 2, rule.matrix)):
         p.grad = torch.from_numpy(g)
     flags = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True),
              "fused": dict(fused=True)}[mode]
@@ -383,7 +361,7 @@ def run(rules=DEFAULT_RULES, cases=DEFAULT_CASES, n_threads=None, numpy_max=10**
             n = sum(sizes)
             nbytes = n * 4 * spec.traffic
             names = ["stream limit (C kernel)"]
-            steps = [_stream_case(sizes, spec.n_state, n_threads)]
+            steps = [stream_case(sizes, spec.n_state, n_threads)]
             for name, factory in implementations(spec, sizes, n_threads, n <= numpy_max):
                 try:
                     steps.append(factory())
@@ -392,7 +370,7 @@ def run(rules=DEFAULT_RULES, cases=DEFAULT_CASES, n_threads=None, numpy_max=10**
                     # torch has no such rule (Lion), or no fused/foreach form of it
                     print(f"{rule:<6} {case:<9} {name:<30} skipped: {exc}", file=out)
             medians = time_interleaved(steps, budget=budget)
-            _draw.cache_clear()
+            draw.cache_clear()
             # the ceiling: the streaming kernel's bandwidth for the rule's traffic (with
             # clipping or several passes, more than the kernel itself moves)
             limit = medians[0] * nbytes / (n * 4 * (2 * (spec.n_state + 1) + 1))
@@ -496,7 +474,7 @@ def main(argv=None):
     if format_cases:
         result["rows"] += formats.run_formats(format_cases,
                                               args.threads or fastopt.get_num_threads(),
-                                              args.budget, sys.stdout, _stream_case)
+                                              args.budget, sys.stdout)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,10 +1,14 @@
 """What the harness's optimizer rows and its other operations' rows share: the cases'
-sizes and how a set of implementations is timed."""
+sizes, their arrays, the streaming kernel's step, and how a set of implementations is
+timed."""
 
+import functools
 import statistics
 import time
 
 import numpy as np
+
+from fastopt._interop import aligned_empty
 
 EVICT_BYTES = 64 << 20  # twice this machine's 32 MiB L3; more than most servers' per-socket L3
 
@@ -67,3 +71,31 @@ def matrix_sizes(sizes):
     """Sizes rounded down to whole rows of MATRIX_COLS (at least one row), for rules that
     treat 2-D parameters differently (Adafactor): the layers of a network are matrices."""
     return [max(MATRIX_COLS, n - n % MATRIX_COLS) for n in sizes]
+
+
+@functools.lru_cache(maxsize=8)
+def draw(n, seed):
+    return np.random.default_rng(seed).standard_normal(n, dtype=np.float32)
+
+
+def arrays(sizes, dtype, seed, matrix=False):
+    """New arrays of the given sizes holding standard normal values (one draw, copied);
+    with `matrix`, shaped (n / MATRIX_COLS, MATRIX_COLS) (see matrix_sizes)."""
+    base = draw(max(sizes, default=0), seed)
+    return [base[:n].astype(dtype).reshape((n // MATRIX_COLS, MATRIX_COLS) if matrix else n)
+            for n in sizes]
+
+
+def stream_case(sizes, n_state, n_threads):
+    """The streaming kernel with an optimizer's access pattern: the gradient read, the param
+    and n_state buffers read and written in place."""
+    from fastopt._cpu import _stream
+
+    def aligned(values):  # the ceiling is measured at its best: 64-byte-aligned buffers
+        out = [aligned_empty(a.shape, a.dtype) for a in values]
+        for o, a in zip(out, values):
+            o[...] = a
+        return out
+    src = aligned(arrays(sizes, np.float32, 0))
+    rw = [aligned(arrays(sizes, np.float32, k + 1)) for k in range(n_state + 1)]
+    return lambda: _stream.stream_rw(src, rw, False, n_threads)

@@ -51,9 +51,7 @@ FORMATS = (
 
 
 def _arrays(sizes, dtype, seed):
-    dtype = bfloat16() if dtype == "bfloat16" else np.dtype(dtype)
-    base = np.random.default_rng(seed).standard_normal(max(sizes, default=0), np.float32)
-    return [base[:n].astype(dtype) for n in sizes]
+    return _timing.arrays(sizes, bfloat16() if dtype == "bfloat16" else np.dtype(dtype), seed)
 
 
 def _step(fmt, sizes, n_threads):
@@ -73,9 +71,8 @@ def _step(fmt, sizes, n_threads):
     return lambda: opt.step(grads)
 
 
-def run_formats(cases, n_threads, budget, out, stream_case):
-    """Time every format of FORMATS on each case; print the table to `out`; return rows.
-    `stream_case(sizes, n_state, n_threads)` builds the streaming kernel's step."""
+def run_formats(cases, n_threads, budget, out):
+    """Time every format of FORMATS on each case; print the table to `out`; return rows."""
     try:
         import torch
         torch.set_num_threads(n_threads)
@@ -93,7 +90,7 @@ def run_formats(cases, n_threads, budget, out, stream_case):
     for case in cases:
         sizes = _timing.parse_case(case)
         n = sum(sizes)
-        steps = [stream_case(sizes, 2, n_threads)]  # Adam's pattern in float32: 28 B
+        steps = [_timing.stream_case(sizes, 2, n_threads)]  # Adam's pattern in float32: 28 B
         steps += [_step(f, sizes, n_threads) for f in formats]
         medians = _timing.time_interleaved(steps, budget=budget)
         stream_bps = 28 * n / medians[0]

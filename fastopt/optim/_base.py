@@ -655,7 +655,7 @@ class Optimizer:
         return self._state_scalars
 
     def _has_master(self, dtype):
-        return self.master_weights and dtype.name in _formats.LOW
+        return self.master_weights and dtype.itemsize == 2  # bfloat16, float16
 
     def _state_dtype(self, dtype, size):
         """The dtype of the state arrays of a parameter of `dtype` (NumPy dtypes) and `size`
@@ -1024,7 +1024,6 @@ class Optimizer:
         """How the operands of a kernel call are stored (fastopt._backends._formats):
         `args` are the call's (params, out, grads, state lists...)."""
         codes, scales = [], []
-        names = {id(value): key for key, value in states[0].items()}
         for arrays in args:
             if arrays is None:
                 continue
@@ -1032,7 +1031,7 @@ class Optimizer:
             if like is None:
                 codes.append(_formats.F32)
             elif like.dtype == _U8:  # 8-bit state: codes, and the block scales beside them
-                name = names[id(arrays[0])]
+                name = next(key for key, value in states[0].items() if value is arrays[0])
                 codes.append(_q8_code(name))
                 scales.append([state[name + ABSMAX] for state in states])
             else:

@@ -78,5 +78,5 @@ def _wide(key, array, entry, where):
         return _formats.q8_load(array, np.asarray(_interop._host(absmax), np.float32),
                                 _code(key))
     if array.dtype.name in ("bfloat16", "float16"):
-        return _formats.load(array, _formats.code_of(array.dtype)).copy()
+        return _formats.load(array, _formats.code_of(array.dtype))
     return array
