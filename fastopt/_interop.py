@@ -328,9 +328,10 @@ def view_token(x, view):
     return (x.shape, x.dtype)  # numpy: the memory of an array object cannot move
 
 
-def view_still_valid(x, view, token, writable=True):
+def view_still_valid(x, view, token, writable=True, leaf=False):
     """Whether a view checked at an earlier step still stands for array x: the checks a
-    fresh import would make, at a tenth of its cost (0.1-0.4 us instead of 0.5-2)."""
+    fresh import would make, at a tenth of its cost (0.1-0.4 us instead of 0.5-2).
+    `leaf`: a torch x may require grad (fastopt.torch updates autograd leaves in place)."""
     fw = view.framework
     if fw == "numpy":
         if not writable:  # a read-only view of x's memory: in-place changes of x leave it
@@ -338,7 +339,7 @@ def view_still_valid(x, view, token, writable=True):
         # carray: C-contiguous, aligned, writable (an unaligned parameter is imported anew)
         return x.shape == token[0] and x.dtype is token[1] and x.flags.carray
     if fw == "torch":
-        return ((not writable or not x.requires_grad) and x.data_ptr() == token[0]
+        return ((leaf or not writable or not x.requires_grad) and x.data_ptr() == token[0]
                 and x.shape == token[1] and x.stride() == token[2] and x.dtype is token[3])
     if fw == "cupy":
         return (x.data.ptr == token[0] and x.shape == token[1] and x.strides == token[2]

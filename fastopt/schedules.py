@@ -1,6 +1,7 @@
-"""Learning-rate schedules: scheduler classes bound to a fastopt optimizer
-(torch.optim.lr_scheduler's API), and closed-form schedules of the step (``linear``,
-``cosine_decay``, ``join``, ...; see fastopt._closed_form) with ``plot``.
+"""Learning-rate schedules: scheduler classes bound to an optimizer (torch.optim.lr_scheduler's
+API, for fastopt's optimizers of the array API or of fastopt.torch, and torch.optim's own),
+and closed-form schedules of the step (``linear``, ``cosine_decay``, ``join``, ...; see
+fastopt._closed_form) with ``plot``.
 
 Each scheduler writes ``group["lr"]`` (and, for CyclicLR / OneCycleLR with momentum cycling,
 ``group["momentum"]`` or ``group["betas"][0]``) of the optimizer's param groups when it is
@@ -14,6 +15,7 @@ Every scheduler checks its arguments when it is created and raises ``ValueError`
 """
 
 import math
+import sys
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Mapping
@@ -56,8 +58,12 @@ def _per_group(name, optimizer, value, **limits):
 
 
 def _check_optimizer(optimizer):
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a fastopt optimizer, got {type(optimizer).__name__}")
+    torch = sys.modules.get("torch")
+    if not isinstance(optimizer, Optimizer) and not (
+            torch is not None and isinstance(optimizer, torch.optim.Optimizer)):
+        raise TypeError(f"optimizer must be a fastopt optimizer (fastopt.AdamW, "
+                        f"fastopt.torch.AdamW, ...) or a torch.optim optimizer, got "
+                        f"{type(optimizer).__name__}")
 
 
 class LRScheduler:

@@ -336,6 +336,11 @@ class Optimizer:
 
     _rule = None  # the rule's row of the table (set for each subclass named in it)
     _sums_gradients = False  # whether the rule sums gradients across entries (Adafactor)
+    # whether torch parameters may require grad: fastopt.torch's optimizers update autograd
+    # leaves in place, as torch.optim does under no_grad
+    _leaves = False
+    # combines the gradient norm's partial total with other processes' (see _clip.total_norm)
+    _norm_reduce = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -617,7 +622,7 @@ class Optimizer:
             if saved_id not in index_of:
                 raise ValueError(f"{swhere}: no parameter has this index")
             i = index_of[saved_id]
-            view = _interop.import_param(params[i], "params", i).array
+            view = self._import_param(params[i], i).array
             group = new_groups[next(g for g, n in enumerate(_group_ends(self.param_groups))
                                     if i < n)]
             loaded = self._load_state_entry(entry, view, group, swhere)
@@ -728,13 +733,15 @@ class Optimizer:
         with self._lock:
             return self._step(grads)
 
-    def _step(self, grads):
+    def _step(self, grads, unscale=1.0):
+        """The step; `unscale` multiplies the gradients first (the inverse of an AMP loss
+        scale, folded into the update pass: see fastopt.torch)."""
         plan, dtypes = self._prepare(grads)
         if self._masks and (self._sums_gradients or self.max_grad_norm is not None
                             or self.skip_nonfinite):
             plan = self._masked_grads(plan)
         n_threads = self.n_threads or get_num_threads()
-        grad_args, norm = self._grad_args(plan, dtypes, n_threads)
+        grad_args, norm = self._grad_args(plan, dtypes, n_threads, unscale)
         if grad_args is None:
             self.last_grad_norm, self.last_step_skipped = norm, True
             return self.params()
@@ -794,12 +801,14 @@ class Optimizer:
             masked.append((group, new_items, device))
         return masked
 
-    def _grad_args(self, plan, dtypes, n_threads):
+    def _grad_args(self, plan, dtypes, n_threads, unscale=1.0):
         """(args, norm): per dtype (of `dtypes`, those of the plan), the gradient prologue's
         arguments (clip_grad_norm_'s coefficient and clip_grad_value_'s bound) for the
         kernels, None if the step is to be skipped; and the gradients' total norm where one
-        was computed, else None."""
-        clip = math.inf if self.max_grad_value is None else self.max_grad_value
+        was computed, else None. The kernels clamp, then scale: with gradients to be
+        multiplied by `unscale` first, the bound is divided by it and the scale multiplied
+        (both exact for the powers of two that loss scales are)."""
+        clip = math.inf if self.max_grad_value is None else self.max_grad_value / unscale
         norm = None
         if plan and (self.max_grad_norm is not None or self.skip_nonfinite):
             by_dtype = {}
@@ -810,14 +819,14 @@ class Optimizer:
                         g = _formats.load(g, _formats.code_of(g.dtype))
                     by_dtype.setdefault(g.dtype, []).append(g)
             norm = _clip.total_norm(by_dtype, self._norm_kind, self.backend, plan[0][2],
-                                    n_threads)
+                                    n_threads, self._norm_reduce) * unscale
             if self.skip_nonfinite and not math.isfinite(norm):
                 return None, norm
-        args = {dtype: dict(grad_scale=1.0, grad_clip=clip) for dtype in dtypes}
+        args = {dtype: dict(grad_scale=unscale, grad_clip=clip) for dtype in dtypes}
         if norm is not None and self.max_grad_norm is not None:
             for dtype in dtypes:
-                args[dtype]["grad_scale"] = _clip.clip_coefficient(self.max_grad_norm, norm,
-                                                                   compute_dtype(dtype))
+                args[dtype]["grad_scale"] = unscale * _clip.clip_coefficient(
+                    self.max_grad_norm, norm, compute_dtype(dtype))
         return args, norm
 
     # -- internals --------------------------------------------------------------------
@@ -847,7 +856,8 @@ class Optimizer:
                     state = self.state.get(flat)
                     cached = self._views.get(flat)
                     if (cached is not None and cached[0] is p
-                            and _interop.view_still_valid(p, cached[1], cached[2])
+                            and _interop.view_still_valid(p, cached[1], cached[2],
+                                                          leaf=self._leaves)
                             and (state is None or state.__class__ is _State and state.checked)):
                         pv = cached[1]
                     else:
@@ -894,7 +904,7 @@ class Optimizer:
         immutable one (JAX, TensorFlow: a new array each step) is imported each step, its
         state checked again only if it changed or no longer fits the parameter's shape,
         dtype and device."""
-        pv = _interop.import_param(p, "params", i)
+        pv = self._import_param(p, i)
         mutable = pv.framework in _interop.MUTABLE
         fits = (pv.array.shape, pv.array.dtype, pv.device)
         recheck = state is not None and not (state.__class__ is _State
@@ -906,6 +916,12 @@ class Optimizer:
         else:
             self._views.pop(i, None)
         return pv, mutable or recheck
+
+    def _import_param(self, p, i):
+        """The checked kernel view of parameter i."""
+        if self._leaves and p.requires_grad:
+            p = p.detach()
+        return _interop.import_param(p, "params", i)
 
     def _check_memory(self, plan, stepped, grads, changed, host):
         """Refuse a step whose parameters or state buffers share memory, or whose gradients

@@ -41,18 +41,22 @@ def norm_kind(norm_type, name="norm_type"):
     return _KINDS[value]
 
 
-def total_norm(arrays_by_dtype, kind, backend, device, n_threads):
-    """The norm over every array, from each backend's per-chunk partials added in order."""
+def total_norm(arrays_by_dtype, kind, backend, device, n_threads, reduce=None):
+    """The norm over every array, from each backend's per-chunk partials added in order.
+    `reduce(total, kind)`, if given, combines this process's total (of absolute values, of
+    squares, or the largest absolute value for kind 0) with those of the others holding
+    shards of the same arrays (fastopt.torch under FSDP2)."""
     partials = [_backends.resolve("norm_partials", backend, device, dtype)(
                     arrays, kind, n_threads=n_threads)
                 for dtype, arrays in arrays_by_dtype.items()]
     partials = np.concatenate(partials) if partials else np.zeros(0)
-    if partials.size == 0:
-        return 0.0
     if kind == 0:
-        return float(np.max(partials))
-    total = float(np.cumsum(partials)[-1])  # left to right, not pairwise
-    return total if kind == 1 else math.sqrt(total)
+        total = float(np.max(partials)) if partials.size else 0.0
+    else:  # left to right, not pairwise
+        total = float(np.cumsum(partials)[-1]) if partials.size else 0.0
+    if reduce is not None:
+        total = reduce(total, kind)
+    return math.sqrt(total) if kind == 2 else total
 
 
 def clip_coefficient(max_norm, norm, dtype):

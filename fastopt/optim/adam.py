@@ -38,6 +38,8 @@ class Adam(Optimizer):
         weight_decay (float): L2 penalty :math:`\lambda \ge 0`, added to the gradient. Default 0.
         amsgrad (bool): keep the running maximum of :math:`v_t`. Default False.
         maximize (bool): ascend instead of descend. Default False.
+        decoupled_weight_decay (bool): decay the parameter as :class:`AdamW` does instead of
+            adding :math:`\lambda p_t` to the gradient (torch's option). Default False.
 """ + OPTIONS_DOC + r"""
 
     State per parameter: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v), and
@@ -55,9 +57,10 @@ class Adam(Optimizer):
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, maximize=False, **options):
+                 amsgrad=False, maximize=False, decoupled_weight_decay=False, **options):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, maximize=maximize)
+                        amsgrad=amsgrad, maximize=maximize,
+                        decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, **options)
 
     def _check_group(self, group, where):
@@ -67,6 +70,8 @@ class Adam(Optimizer):
         check_real(group, "weight_decay", where, lo=0.0)
         check_bool(group, "amsgrad", where)
         check_bool(group, "maximize", where)
+        if not self._decoupled:
+            check_bool(group, "decoupled_weight_decay", where)
 
     def _state_names(self, group):
         return self._state_keys if group["amsgrad"] else self._state_keys[:2]
@@ -78,7 +83,8 @@ class Adam(Optimizer):
                ensure_state(states, "exp_avg_sq", params),
                ensure_state(states, "max_exp_avg_sq", params) if group["amsgrad"] else None,
                step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-               weight_decay=group["weight_decay"], decoupled=self._decoupled,
+               weight_decay=group["weight_decay"],
+               decoupled=self._decoupled or group["decoupled_weight_decay"],
                maximize=group["maximize"], n_threads=n_threads, **grad)
 
 
@@ -105,5 +111,6 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, maximize=False, **options):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize, **options)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize)
+        Optimizer.__init__(self, params, defaults, **options)
