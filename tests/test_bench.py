@@ -176,3 +176,25 @@ def test_harness_operations(tmp_path, quick):
     assert_numbers(rows, lambda r: bench.ops.OPS[r["rule"]].traffic)
     with pytest.raises(SystemExit):
         bench.main(["--rules", "none", "--ops", "dropout", "--json", ""])
+
+
+def test_harness_training_loop(tmp_path, capsys):
+    pytest.importorskip("torch")
+    out = tmp_path / "train.json"
+    assert bench.main(["--rules", "adamw,lion", "--cases", "none", "--train", "3x32",
+                       "--budget", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    names = {rule: [r["implementation"] for r in rows if r["rule"] == rule]
+             for rule in ("adamw", "lion")}
+    assert names["adamw"] == list(bench.training.IMPLEMENTATIONS)
+    assert names["lion"] == ["fastopt.torch", "fastopt array API"]  # torch has no Lion
+    elements = 3 * 32 * 33
+    foreach = next(r for r in rows if r["implementation"] == "torch foreach")["median_ms"]
+    for r in rows:
+        assert r["case"] == "train 3x32" and r["tensors"] == 6 and r["elements"] == elements
+        assert r["fwd_bwd_ms"] > 0 and r["median_ms"] > 0
+        assert r["gbps"] == pytest.approx(
+            elements * 4 * rule_traffic(r) / (r["median_ms"] * 1e-3) / 1e9, rel=1e-9)
+        if r["rule"] == "adamw":
+            assert r["vs_foreach"] == pytest.approx(foreach / r["median_ms"], rel=1e-9)
+    assert "training loop" in capsys.readouterr().out

@@ -17,8 +17,9 @@ later harness writes one, takes precedence). The directive ::
 
 renders, for each matching file (newest first), a line naming the machine and date, then a
 table per kind of row: optimizer steps (rules of ``fastopt.bench.RULES``), other
-operations (``--ops``) and storage formats (``--formats``: rows with a
-``bytes_per_element``, each against the limit of its own bytes). Rows are (rule, case);
+operations (``--ops``), storage formats (``--formats``: rows with a
+``bytes_per_element``, each against the limit of its own bytes) and training loops
+(``--train``: rows with a ``fwd_bwd_ms``). Rows are (rule, case);
 columns are the implementations in the order the harness ran them; each cell is the
 percent of the streaming limit and the median time. Nothing in the tables is typed by
 hand: rerun the harness and replace the JSON to update them.
@@ -62,8 +63,17 @@ def _case_label(row):
     return row["case"]
 
 
-def _table(title, rows):
-    """reST list-table lines: one row per (rule, case), one column per implementation."""
+def _training_cell(row, name):
+    if row is None:
+        return "-"
+    ratio = "" if row.get("vs_foreach") is None else f", {row['vs_foreach']:.2f}x foreach"
+    return (f"step {row['median_ms']:.2f} ms ({row['pct_limit']:.0f}%{ratio}); "
+            f"fwd+bwd {row['fwd_bwd_ms']:.1f} ms")
+
+
+def _table(title, rows, cell=None):
+    """reST list-table lines: one row per (rule, case), one column per implementation;
+    `cell(row, implementation)` (default: % of the limit and the time) fills each."""
     impls, keys, cells = [], [], {}
     for row in rows:
         key = (row["rule"], _case_label(row))
@@ -77,12 +87,13 @@ def _table(title, rows):
     # others (torch, the NumPy reference), each group in the order the harness ran them
     impls.sort(key=lambda name: (name != LIMIT, not name.startswith("fastopt")))
 
-    def cell(row, name):
+    def default_cell(row, name):
         if row is None:
             return "-"
         if name == LIMIT:
             return f"{row['median_ms']:.2f} ms, {row['gbps']:.1f} GB/s"
         return f"{row['pct_limit']:.0f}% ({row['median_ms']:.2f} ms)"
+    cell = cell or default_cell
 
     lines = [f".. list-table:: {title}", "   :header-rows: 1", "   :stub-columns: 2", ""]
     header = ["operation", "case"] + impls
@@ -96,12 +107,12 @@ def _table(title, rows):
 
 
 def _kind(value):
-    return directives.choice(value, ("all", "steps", "ops", "formats"))
+    return directives.choice(value, ("all", "steps", "ops", "formats", "training"))
 
 
 class BenchResults(SphinxDirective):
     """``.. bench-results::`` with options ``:files:`` (a glob relative to the source
-    folder; default ``_data/bench-*.json``), ``:kind:`` (all, steps, ops, formats) and
+    folder; default ``_data/bench-*.json``), ``:kind:`` (all, steps, ops, formats, training) and
     ``:latest:``
     (only the newest file)."""
 
@@ -151,7 +162,9 @@ class BenchResults(SphinxDirective):
                 "",
             ]
             formats = [r for r in data["rows"] if "bytes_per_element" in r]
-            rest = [r for r in data["rows"] if "bytes_per_element" not in r]
+            training = [r for r in data["rows"] if "fwd_bwd_ms" in r]
+            rest = [r for r in data["rows"]
+                    if "bytes_per_element" not in r and "fwd_bwd_ms" not in r]
             steps = [r for r in rest if rules is None or r["rule"] in rules]
             ops = [r for r in rest if rules is not None and r["rule"] not in rules]
             shown = 0
@@ -166,6 +179,11 @@ class BenchResults(SphinxDirective):
             if formats and kind in ("all", "formats"):
                 text += _table(f"Storage formats, {date}: one AdamW step, % of the streaming "
                                f"limit of each format's bytes (median time)", formats)
+                shown += 1
+            if training and kind in ("all", "training"):
+                text += _table(f"Training loop, {date}: the optimizer step's time (% of the "
+                               f"streaming limit, speed-up over torch's foreach) and the "
+                               f"forward+backward pass's", training, _training_cell)
                 shown += 1
             if not shown:
                 text += [f"*(this run has no rows of kind {kind!r})*", ""]

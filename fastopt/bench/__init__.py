@@ -42,7 +42,7 @@ import numpy as np
 
 import fastopt
 from fastopt import _backends, _config, _rules
-from fastopt.bench import _timing, formats, ops
+from fastopt.bench import _timing, formats, ops, training
 from fastopt.bench._timing import (
     MATRIX_COLS,
     arrays,
@@ -423,7 +423,7 @@ def main(argv=None):
                              f"(default: {','.join(DEFAULT_RULES)})")
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
                         help="comma-separated sizes: 10M is one tensor, 200x50K is 200 tensors "
-                             f"averaging 50K (default: {','.join(DEFAULT_CASES)})")
+                             f"averaging 50K, or 'none' (default: {','.join(DEFAULT_CASES)})")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: fastopt.get_num_threads())")
     parser.add_argument("--numpy-max", type=float, default=1e7,
@@ -442,6 +442,11 @@ def main(argv=None):
                         help="also time AdamW with each storage format (bfloat16 parameters, "
                              "bfloat16 state, master weights) beside torch's fused bfloat16 "
                              "AdamW, on these comma-separated cases (default: none)")
+    parser.add_argument("--train", default="",
+                        help="also time a training loop (forward+backward and the step) of "
+                             "these comma-separated models, LxW: L Linear(W, W) layers, with "
+                             "fastopt.torch beside torch, for the --rules torch has "
+                             "(for example 20x512,100x256; default: none)")
     parser.add_argument("--json", default="bench-results.json",
                         help="where to write the results as JSON ('' for nowhere)")
     parser.add_argument("--no-check", dest="check", action="store_false",
@@ -460,7 +465,8 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown op(s) {unknown}; choose from "
                      f"{list(ops.GROUPS) + list(ops.OPS)}, all")
-    result = run(rules, [c.strip() for c in args.cases.split(",") if c.strip()],
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    result = run(rules, [] if cases == ["none"] else cases,
                  args.threads, int(args.numpy_max), args.budget, check=args.check)
     if names:
         _backends.available("numba")  # loading it keeps OpenMP unnested (fastopt._config)
@@ -475,6 +481,11 @@ def main(argv=None):
         result["rows"] += formats.run_formats(format_cases,
                                               args.threads or fastopt.get_num_threads(),
                                               args.budget, sys.stdout)
+    models = [m.strip() for m in args.train.split(",") if m.strip()]
+    if models:
+        result["rows"] += training.run_training(models, rules, RULES,
+                                                args.threads or fastopt.get_num_threads(),
+                                                args.budget, sys.stdout)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
