@@ -24,8 +24,11 @@ back in torch's form (``step`` as a float32 tensor).
 """
 
 import inspect
+import itertools
 import re
+import weakref
 from collections import defaultdict
+from typing import Optional
 
 import numpy as np
 import torch
@@ -212,6 +215,8 @@ class Optimizer(torch.optim.Optimizer):
         # for DTensor parameters: (their local tensors, the norm's all-reduce)
         self._sharded = None
         self._mask_of = {}
+        self._handle = next(_HANDLES)  # names the optimizer to the compiled op
+        _LIVE[self._handle] = self
         super().__init__(params, defaults)
         self.state = _StateTable(dict)
         if options.get("masks") is not None:
@@ -331,18 +336,38 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            # one opaque op in the graph: it reads the hyperparameters when it runs, so a
+            # scheduler changing them recompiles nothing
+            params = [p for group in self.param_groups for p in group["params"]]
+            torch.ops.fastopt.step(self._handle, params, [p.grad for p in params])
+        else:
+            self._run()
+        return loss
+
+    def _run(self, params=None, grads=None):
+        """The step, eagerly; `params` and `grads` (flattened over groups), where given, are
+        the tensors to update and read in place of the parameters and their ``.grad`` (the
+        compiled op's arguments, which may be other tensors over the same memory)."""
         found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step
         if found_inf is not None and float(found_inf) != 0.0:
-            return loss  # torch's fused optimizers skip the whole step
+            return  # torch's fused optimizers skip the whole step
         grad_scale = getattr(self, "grad_scale", None)
         kernels = self._take_in()
-        grads = [p.grad for p in self._flat]
+        if params is None:
+            grads = [p.grad for p in self._flat]
+        else:
+            flat = 0
+            for projected in kernels.param_groups:
+                views = projected["params"]
+                for j in range(len(views)):
+                    views[j] = _local(params[flat])
+                    flat += 1
         if self._sharded is not None:
             grads = [None if g is None else _local(g) for g in grads]
         with kernels._lock:
             kernels._step(grads, 1.0 if grad_scale is None else 1.0 / float(grad_scale))
         self._give_out(kernels, grads)
-        return loss
 
     def _take_in(self):
         """The array API's optimizer with the param groups' current hyperparameters (which
@@ -514,9 +539,29 @@ class Optimizer(torch.optim.Optimizer):
             self.state = _StateTable(dict, self.state)
         self._kernels, self._layout, self._flat, self._seen = None, None, [], None
         self._sharded = None
+        self._handle = next(_HANDLES)
+        _LIVE[self._handle] = self
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+
+_LIVE = weakref.WeakValueDictionary()  # handle -> optimizer, for the compiled op
+_HANDLES = itertools.count()
+
+
+@torch.library.custom_op("fastopt::step", mutates_args=("params",))
+def _compiled_step(handle: int, params: list[torch.Tensor],
+                   grads: list[Optional[torch.Tensor]]) -> None:
+    """A fastopt.torch optimizer's step as one operator for torch.compile: opaque to the
+    compiler, it runs the eager step (reading the hyperparameters and state as they are),
+    writing `params` and the state in place."""
+    _LIVE[handle]._run(params, grads)
+
+
+@_compiled_step.register_fake
+def _(handle, params, grads):
+    return None
 
 
 def _doc(rule, kernels_cls, torch_keys):

@@ -511,3 +511,30 @@ def test_bad_state_dict_changes_nothing():
     for i, entry in good["state"].items():
         for key, value in entry.items():
             assert torch.equal(after["state"][i][key], value)
+
+
+# -- torch.compile -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_step(backend):
+    """opt.step() compiles with fullgraph=True into one custom op (fastopt::step): no graph
+    break, the same bits as eager, and the learning rate read when the op runs, so a
+    scheduler changing it every step recompiles once (dynamo then treats it as dynamic)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    params, twins = params_like(torch.float32), params_like(torch.float32)
+    opt, ref = ft.AdamW(params, lr=0.01), ft.AdamW(twins, lr=0.01)
+    compiled = torch.compile(lambda: opt.step(), fullgraph=True, backend=backend)
+    for t in range(6):
+        grads = grads_for(params, t)
+        set_grads(params, grads)
+        set_grads(twins, grads)
+        compiled()
+        ref.step()
+        for o in (opt, ref):
+            o.param_groups[0]["lr"] *= 0.9
+    assert_same(params, twins)
+    assert opt.state[params[0]]["step"] == 6
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] <= 2
