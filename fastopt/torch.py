@@ -154,6 +154,7 @@ class _Entry(_base._State):
     through the dict; the next step then takes the entry in again."""
 
     kernel = None
+    owner = None  # (handle of the optimizer, flat index of the parameter) it was made for
 
     def __reduce_ex__(self, protocol):  # copy, deepcopy, pickle: a plain dict of tensors
         return dict, (dict(self),)
@@ -208,7 +209,8 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"{key}=True is not supported by fastopt.torch; leave it False")
         self._options = {k: v for k, v in options.items() if k != "masks"}
         self._kernels = None  # the array API's optimizer, built from the param groups
-        self._layout = None  # (group, its params list, length) the kernels were built for
+        # (group, its params list, its parameters) of each group the kernels were built for
+        self._layout = None
         self._flat = []  # the parameters, flattened over groups
         self._entries = []  # their state entries (or None) as of the last step
         self._seen = None  # (state table, its version) after the last step
@@ -263,15 +265,16 @@ class Optimizer(torch.optim.Optimizer):
         if self._mask_of:
             kernels.set_masks([self._mask_of.get(p) for p in self._flat])
         self._kernels = kernels
-        self._layout = tuple((g, g["params"], len(g["params"])) for g in groups)
+        self._layout = tuple((g, g["params"], tuple(g["params"])) for g in groups)
         self._seen = None
 
     def _current(self):
         """The array API's optimizer, rebuilt if the param groups changed."""
         layout, groups = self._layout, self.param_groups
         if (layout is None or len(layout) != len(groups)
-                or any(g is not lg or g["params"] is not lp or len(lp) != n
-                       for g, (lg, lp, n) in zip(groups, layout))
+                or any(g is not lg or g["params"] is not lp or len(lp) != len(ps)
+                       or any(p is not q for p, q in zip(lp, ps))
+                       for g, (lg, lp, ps) in zip(groups, layout))
                 or self._sharded is not None and any(
                     _local(p) is not q for p, q in zip(self._flat, self._sharded[0]))):
             self._build()
@@ -337,8 +340,8 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if torch.compiler.is_compiling():
-            # one opaque op in the graph: it reads the hyperparameters when it runs, so a
-            # scheduler changing them recompiles nothing
+            # one opaque op in the graph: it reads the hyperparameters when it runs (a
+            # learning rate changed between steps recompiles once: dynamo's float guard)
             params = [p for group in self.param_groups for p in group["params"]]
             torch.ops.fastopt.step(self._handle, params, [p.grad for p in params])
         else:
@@ -349,25 +352,42 @@ class Optimizer(torch.optim.Optimizer):
         """The step, eagerly; `params` and `grads` (flattened over groups), where given, are
         the tensors to update and read in place of the parameters and their ``.grad`` (the
         compiled op's arguments, which may be other tensors over the same memory)."""
+        kernels = self._take_in()
         found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step
         if found_inf is not None and float(found_inf) != 0.0:
-            return  # torch's fused optimizers skip the whole step
+            # torch's fused optimizers skip the whole step
+            kernels.last_step_skipped, kernels.last_grad_norm = True, None
+            return
         grad_scale = getattr(self, "grad_scale", None)
-        kernels = self._take_in()
-        if params is None:
-            grads = [p.grad for p in self._flat]
-        else:
-            flat = 0
-            for projected in kernels.param_groups:
-                views = projected["params"]
-                for j in range(len(views)):
-                    views[j] = _local(params[flat])
-                    flat += 1
+        own = params is None
+        if own:
+            params, grads = self._flat, [p.grad for p in self._flat]
         if self._sharded is not None:
             grads = [None if g is None else _local(g) for g in grads]
-        with kernels._lock:
-            kernels._step(grads, 1.0 if grad_scale is None else 1.0 / float(grad_scale))
+        if not own:
+            self._point(kernels, params)
+        try:
+            with kernels._lock:
+                kernels._step(grads, 1.0 if grad_scale is None else 1.0 / float(grad_scale))
+        finally:
+            if not own:
+                self._point(kernels, self._flat)
         self._give_out(kernels, grads)
+        # as torch's in-place updates do: autograd refuses a backward through a graph that
+        # saved a parameter's old value
+        stepped = [_local(p) for p, g in zip(params, grads) if g is not None]
+        if stepped:
+            torch.autograd.graph.increment_version(stepped)
+
+    @staticmethod
+    def _point(kernels, params):
+        """Point the array API's groups at `params` (flattened; their local tensors)."""
+        flat = 0
+        for projected in kernels.param_groups:
+            views = projected["params"]
+            for j in range(len(views)):
+                views[j] = _local(params[flat])
+                flat += 1
 
     def _take_in(self):
         """The array API's optimizer with the param groups' current hyperparameters (which
@@ -377,6 +397,8 @@ class Optimizer(torch.optim.Optimizer):
             for key in self._hyper:
                 projected[key] = group[key]
         state = self.state
+        if not isinstance(state, _StateTable):  # replaced: opt.state = defaultdict(dict)
+            state = self.state = _StateTable(dict, state)
         # nothing written through torch since the last step: no entry to look up again
         if (self._seen is not None and self._seen[0] is state
                 and self._seen[1] == state.version
@@ -387,7 +409,8 @@ class Optimizer(torch.optim.Optimizer):
             entry = dict.get(state, p)
             if entry is None:
                 kernel_state.pop(i, None)
-            elif entry.__class__ is _Entry and entry.checked:
+            elif (entry.__class__ is _Entry and entry.checked
+                  and entry.owner == (self._handle, i)):
                 if kernel_state.get(i) is not entry.kernel:
                     kernel_state[i] = entry.kernel
             else:
@@ -395,7 +418,7 @@ class Optimizer(torch.optim.Optimizer):
                 kernel_state[i] = entry.kernel
             entries.append(entry)
         self._entries = entries
-        self._seen = (state, getattr(state, "version", None))
+        self._seen = (state, state.version)
         return kernels
 
     def _adopt(self, kernels, entry, p, i):
@@ -422,7 +445,7 @@ class Optimizer(torch.optim.Optimizer):
                 value = value.detach().to(device=_local(p).device).contiguous()
                 value = _to_kernel(value)
             dict.__setitem__(kernel_state, key, value)  # anything else: the kernels refuse it
-        return self._entry(kernel_state, numbers, p)
+        return self._entry(kernel_state, numbers, p, (self._handle, i))
 
     def _give_out(self, kernels, grads):
         """After a step: torch's view of new state buffers, and the new step counts."""
@@ -433,22 +456,24 @@ class Optimizer(torch.optim.Optimizer):
             if g is None:
                 continue
             # the kernels replace no state they were given; they add buffers to it, or
-            # create the state of a parameter stepped for the first time
-            if entry is not None and len(entry) == len(entry.kernel):
-                ks = entry.kernel
+            # create the state of a parameter stepped for the first time (or again, after a
+            # failed first step took back the one they had made)
+            ks = kernel_state.get(i)
+            if ks is None:
+                continue
+            if entry is not None and entry.kernel is ks and len(entry) == len(ks):
                 for key in numbers:
                     if key in ks:
                         setitem(entry, key, ks[key])
             else:
-                ks = kernel_state.get(i)
-                if ks is not None:
-                    p = self._flat[i]
-                    state[p] = entries[i] = self._entry(ks, numbers, p)
-        self._seen = (state, getattr(state, "version", None))
+                p = self._flat[i]
+                state[p] = entries[i] = self._entry(ks, numbers, p, (self._handle, i))
+        self._seen = (state, state.version)
 
     @staticmethod
-    def _entry(kernel_state, numbers, p):
-        """The _Entry of parameter p over `kernel_state` (arrays of p's local tensor)."""
+    def _entry(kernel_state, numbers, p, owner):
+        """The _Entry of parameter p over `kernel_state` (arrays of p's local tensor), of
+        `owner` (the optimizer's handle, p's flat index)."""
         entry = _Entry()
         for key, value in kernel_state.items():
             if key not in numbers and _interop.framework_of(value) is not None:
@@ -456,7 +481,7 @@ class Optimizer(torch.optim.Optimizer):
                 if value.shape == _local(p).shape:  # not 8-bit state's block scales
                     value = _like_param(value, p)
             dict.__setitem__(entry, key, value)
-        entry.kernel, entry.checked = kernel_state, True
+        entry.kernel, entry.checked, entry.owner = kernel_state, True, owner
         return entry
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -464,8 +489,15 @@ class Optimizer(torch.optim.Optimizer):
     def state_dict(self):
         """torch's ``state_dict()``: ``{"state": {index: {...}}, "param_groups": [...]}``,
         the state tensors the optimizer's own (not copies), step counts as float32 tensors
-        and other numbers as float64 tensors, as torch keeps them."""
-        saved = super().state_dict()
+        as torch keeps them, other numbers (NAdam's ``mu_product``, which torch keeps in
+        float32) as float64 tensors that hold fastopt's value exactly. The state dict hooks
+        run as in torch; the post-hooks see the tensors."""
+        post_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = type(post_hooks)()
+        try:
+            saved = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
         numbers = self._kernels_cls._state_numbers
         saved["state"] = {
             index: {key: (torch.tensor(float(value), dtype=torch.float32) if key == "step"
@@ -473,6 +505,10 @@ class Optimizer(torch.optim.Optimizer):
                           else value)
                     for key, value in entry.items()}
             for index, entry in saved["state"].items()}
+        for hook in post_hooks.values():
+            result = hook(self, saved)
+            if result is not None:
+                saved = result
         return saved
 
     def load_state_dict(self, state_dict):
@@ -482,6 +518,9 @@ class Optimizer(torch.optim.Optimizer):
         order, load hooks run. Floating state is cast to the optimizer's state dtype (float32
         state of bfloat16 parameters stays float32), checked and copied before anything
         changes."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
+        state_dict = state_dict.copy()  # as torch: the hooks may change this one
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -489,21 +528,34 @@ class Optimizer(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
             raise ValueError("state_dict: expected a dict with keys 'state' and 'param_groups'")
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_groups, (list, tuple)) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), (list, tuple))
+                for g in saved_groups):
+            raise TypeError("state_dict['param_groups']: expected a list of dicts, each with a "
+                            "list of parameter indices under 'params'")
+        if not isinstance(saved_state, dict):
+            raise TypeError(f"state_dict['state']: expected a dict, got "
+                            f"{type(saved_state).__name__}")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict: has {len(saved_groups)} param groups, the optimizer "
                              f"has {len(self.param_groups)}")
         kernels = self._current()
         groups, param_of = [], {}
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            where = f"state_dict['param_groups'][{gi}]"
             if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"state_dict['param_groups'][{gi}]: holds "
-                                 f"{len(saved['params'])} parameters, the optimizer's group "
-                                 f"{len(group['params'])}")
+                raise ValueError(f"{where}: holds {len(saved['params'])} parameters, the "
+                                 f"optimizer's group {len(group['params'])}")
+            for key in _REFUSED:
+                if saved.get(key):
+                    raise ValueError(f"{where}: {key}=True is not supported by fastopt.torch")
+            if len(set(saved["params"]) | set(param_of)) != len(param_of) + len(saved["params"]):
+                raise ValueError(f"{where}['params']: parameter indices appear more than once")
             new = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
             new["params"] = group["params"]
             if "param_names" in group and "param_names" not in saved:
                 new["param_names"] = group["param_names"]
-            kernels._check_group(self._projection(new), f"state_dict['param_groups'][{gi}]")
+            kernels._check_group(self._projection(new), where)
             groups.append(new)
             param_of.update(zip(saved["params"], group["params"]))
         state = {}
@@ -520,7 +572,7 @@ class Optimizer(torch.optim.Optimizer):
                                                kernels._import_param(_local(p), i).array,
                                                self._projection(groups[gi]), where)
             if loaded:
-                state[p] = self._entry(loaded, kernels._state_numbers, p)
+                state[p] = self._entry(loaded, kernels._state_numbers, p, (self._handle, i))
         self.__setstate__({"state": _StateTable(dict, state), "param_groups": groups})
         self._layout = None
         for hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -539,8 +591,9 @@ class Optimizer(torch.optim.Optimizer):
             self.state = _StateTable(dict, self.state)
         self._kernels, self._layout, self._flat, self._seen = None, None, [], None
         self._sharded = None
-        self._handle = next(_HANDLES)
-        _LIVE[self._handle] = self
+        if "_handle" not in self.__dict__:  # unpickled or copied: a handle of its own
+            self._handle = next(_HANDLES)
+            _LIVE[self._handle] = self
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -590,13 +643,24 @@ def _make(rule):
     torch_keys, fixed = (), {}
     if rule.reference.startswith("torch.optim."):
         torch_cls = getattr(torch.optim, rule.reference.removeprefix("torch.optim."))
-        torch_keys = tuple(name for name in inspect.signature(torch_cls.__init__).parameters
-                           if name in _IMPLEMENTATION)
+        torch_params = inspect.signature(torch_cls.__init__).parameters
+        torch_keys = tuple(name for name in torch_params if name in _IMPLEMENTATION)
         # group keys torch's class sets without an argument (AdamW's decoupled_weight_decay)
         fixed = {k: v for k, v in torch_cls([torch.zeros(1)]).defaults.items()
                  if k not in hyper and k not in torch_keys}
+        # torch's positional arguments in its order; the others keyword-only, as torch has
+        # them (RMSprop(p, lr, alpha, eps, weight_decay, momentum, centered, capturable))
+        positional = [name for name, p in torch_params.items()
+                      if p.kind is p.POSITIONAL_OR_KEYWORD and name not in ("self", "params")]
+        by_name = {p.name: p for p in parameters}
+        parameters = [by_name[name] if name in by_name else inspect.Parameter(
+                          name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          default=_IMPLEMENTATION[name])
+                      for name in positional] + [
+            p.replace(kind=p.KEYWORD_ONLY) for p in parameters if p.name not in positional]
     parameters += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY,
-                                     default=_IMPLEMENTATION[k]) for k in torch_keys]
+                                     default=_IMPLEMENTATION[k])
+                   for k in torch_keys if k not in [p.name for p in parameters]]
     arguments = inspect.Signature(parameters)
 
     def __init__(self, params, *args, **kwargs):

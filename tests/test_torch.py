@@ -538,3 +538,136 @@ def test_compiled_step(backend):
     assert opt.state[params[0]]["step"] == 6
     assert not counters["graph_break"]
     assert counters["stats"]["unique_graphs"] <= 2
+
+
+def test_compiled_then_eager_steps():
+    """Eager steps after compiled ones update the parameters themselves (the compiled op may
+    hand the step other tensors over the same memory, or copies)."""
+    torch._dynamo.reset()
+    params, twins = params_like(torch.float32), params_like(torch.float32)
+    opt, ref = ft.Adam(params, lr=0.01), ft.Adam(twins, lr=0.01)
+    compiled = torch.compile(lambda: opt.step(), fullgraph=True, backend="aot_eager")
+    for t in range(4):
+        grads = grads_for(params, t)
+        set_grads(params, grads)
+        set_grads(twins, grads)
+        compiled() if t < 2 else opt.step()
+        ref.step()
+    assert_same(params, twins)
+
+
+# -- what torch code does to an optimizer ----------------------------------------------------
+
+def test_parameter_replaced_in_its_group():
+    """Model surgery: a parameter swapped for another in its group, its state moved."""
+    params, twins = params_like(), params_like()
+    opt, ref = ft.Adam(params, lr=0.01), torch.optim.Adam(twins, lr=0.01, foreach=False)
+    for o, ps in ((opt, params), (ref, twins)):
+        train(o, ps, 2)
+        new = torch.nn.Parameter(ps[0].detach().clone())
+        o.state[new] = o.state.pop(ps[0])
+        o.param_groups[0]["params"][0] = ps[0] = new
+        train(o, ps, 2, start=2)
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    assert opt.state[params[0]]["step"] == 4
+
+
+def test_state_table_reset():
+    params, twins = params_like(), params_like()
+    opt, ref = ft.Adam(params, lr=0.01), ft.Adam(twins, lr=0.01)
+    train(opt, params, 2)
+    train(ref, twins, 2)
+    opt.state = __import__("collections").defaultdict(dict)  # a common reset idiom
+    ref.state.clear()
+    train(opt, params, 3, start=2)
+    train(ref, twins, 3, start=2)
+    assert_same(params, twins)
+    assert opt.state[params[0]]["step"] == 3
+
+
+def test_step_bumps_the_version_counter():
+    """As torch's in-place update: a backward through a graph that saved the parameter's
+    old value is refused after a step."""
+    w = torch.nn.Parameter(torch.ones(3))
+    x = torch.nn.Parameter(torch.ones(3))
+    opt = ft.SGD([w], lr=0.1)
+    loss = (w * x).sum()
+    loss.backward(retain_graph=True)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_grad_scaler_skip_is_reported():
+    params = params_like(torch.float32)
+    opt = ft.AdamW(params, lr=0.01, skip_nonfinite=True)
+    scaler = torch.amp.GradScaler("cpu")
+    grads = grads_for(params, 0)
+    scaler.scale(sum((p * g).sum() for p, g in zip(params, grads))).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert not opt.last_step_skipped
+    opt.zero_grad()
+    grads[0][0, 0] = math.inf
+    scaler.scale(sum((p * g).sum() for p, g in zip(params, grads))).backward()
+    scaler.step(opt)
+    assert opt.last_step_skipped and opt.last_grad_norm is None
+
+
+def test_state_moved_from_another_optimizer_is_checked():
+    params = params_like(torch.float32, shapes=[(80, 64)])
+    a = ft.Adam(params, lr=0.01, state_dtype="int8")
+    train(a, params, 1)
+    b = ft.Adam(params, lr=0.01)
+    b.state[params[0]] = a.state[params[0]]
+    before = params[0].detach().clone()
+    with pytest.raises(ValueError, match=r"state\[0\]\['exp_avg'\]: dtype uint8"):
+        train(b, params, 1, start=1)
+    assert torch.equal(before, params[0].detach())
+
+
+def test_hooks_see_what_torch_hooks_see():
+    params = params_like()
+    opt = ft.Adam(params, lr=0.01)
+    train(opt, params, 1)
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append(sd["state"][0]["step"]))
+    saved = opt.state_dict()
+    assert isinstance(seen[0], torch.Tensor) and seen[0].item() == 1
+
+    def pre(o, sd):
+        sd["param_groups"] = [dict(g, lr=0.5) for g in sd["param_groups"]]
+    opt.register_load_state_dict_pre_hook(pre)
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 0.5 and saved["param_groups"][0]["lr"] == 0.01
+
+
+def test_malformed_state_dicts():
+    params = params_like()
+    opt = ft.Adam(params, lr=0.01)
+    train(opt, params, 1)
+    good = opt.state_dict()
+    cases = [
+        ([], TypeError, "state_dict: expected a dict"),
+        ({"state": {}}, ValueError, "keys 'state' and 'param_groups'"),
+        ({"state": [], "param_groups": good["param_groups"]}, TypeError,
+         r"state_dict\['state'\]: expected a dict"),
+        ({"state": {}, "param_groups": {"params": []}}, TypeError, "a list of dicts"),
+        ({"state": {}, "param_groups": [{"lr": 0.1}]}, TypeError, "under 'params'"),
+        ({"state": {}, "param_groups": [dict(good["param_groups"][0], params=[0, 0, 1, 2])]},
+         ValueError, "more than once"),
+        ({"state": {}, "param_groups": [dict(good["param_groups"][0], capturable=True)]},
+         ValueError, "capturable=True"),
+    ]
+    for bad, error, match in cases:
+        with pytest.raises(error, match=match):
+            opt.load_state_dict(bad)
+
+
+def test_positional_arguments_follow_torch():
+    params = params_like()
+    opt = ft.Adagrad(params, 0.1, 0.0, 0.0, 0.0, 1e-10, None)  # foreach, as torch's
+    assert opt.param_groups[0]["maximize"] is False
+    with pytest.raises(TypeError, match="Adam: too many positional arguments"):
+        ft.Adam(params, 1e-3, (0.9, 0.999), 1e-8, 0.0, False, True)
