@@ -1,8 +1,10 @@
 """Build of fastopt's compiled parts.
 
 - Cython extensions fastopt._cpu._optim, _random, _wnorm, _prune, _quant, _distill,
-  _stream and _runtime from kernels/cpu, with OpenMP, for any x86-64 CPU (no -march: the
-  loops are memory-bound, and a baseline build reaches the streaming limit; see README).
+  _stream, _runtime and _xla from kernels/cpu, with OpenMP, for any x86-64 CPU (no -march:
+  the loops are memory-bound, and a baseline build reaches the streaming limit; see README).
+  _xla holds the optimizer loops as XLA FFI handlers for jax.jit; it declares the FFI's C
+  interface itself (kernels/include/fastopt/xla_ffi.h), so it is built with or without jax.
 - kernels/ (CUDA sources and shared headers) as the package data fastopt.kernels, so the
   CuPy backend finds them with importlib.resources, from a wheel as from a checkout.
 """
@@ -52,7 +54,7 @@ setup(
     include_package_data=False,
     ext_modules=cythonize(
         [cpu_extension(name) for name in ("_optim", "_random", "_wnorm", "_prune", "_quant",
-                                           "_distill", "_stream", "_runtime")],
+                                           "_distill", "_stream", "_runtime", "_xla")],
         compiler_directives={"language_level": "3"},
         include_path=["kernels/cpu"],
     ),

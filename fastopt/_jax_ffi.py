@@ -1,0 +1,207 @@
+"""fastopt's C optimizer kernels inside ``jax.jit``, through XLA's FFI (private).
+
+The handler (kernels/cpu/xla_loops.h, built into fastopt._cpu._xla) runs one elementwise
+kernel of the rule table over many tensors in one OpenMP pass, as the Cython backend does,
+with bit-identical results. Here it is registered with jax and staged as one
+``jax.ffi.ffi_call`` per step, each parameter and state array aliased to its result: a
+jitted step that donates them updates them in place, without copies.
+
+The front end that turns optimizer hyperparameters into the scalar struct and walks pytrees
+builds on these functions; jax is imported only inside them, so importing this module (and
+fastopt) loads no framework.
+"""
+
+import functools
+import operator
+import threading
+
+import numpy as np
+
+from fastopt import _rules
+from fastopt._cpu import _xla
+
+TARGET = _xla.ELEMENTWISE  # "fastopt_elementwise_v1"
+KERNELS = _xla.KERNELS     # {kernel name: number of state arrays}
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_register_lock = threading.Lock()
+_registered = False
+
+
+def register():
+    """Register fastopt's FFI handlers with jax for the CPU platform (XLA's typed FFI).
+
+    Once per process: later calls return at once, and concurrent first calls register once.
+    The CPU backend is started first: jax hands a registration made before that to the
+    backend's start, where a refused handler (an XLA whose FFI version range excludes the
+    handler's, fastopt/xla_ffi.h) would stop the whole backend from starting; made after, a
+    refusal raises here, as a RuntimeError naming the target, and leaves jax usable.
+    """
+    global _registered
+    if _registered:
+        return
+    with _register_lock:
+        if _registered:
+            return
+        import jax
+        try:
+            jax.devices("cpu")
+        except RuntimeError as e:
+            raise RuntimeError(f"fastopt's XLA FFI handlers run on jax's CPU backend, which "
+                               f"is not available: {e}") from e
+        for name, capsule in _xla.targets().items():
+            try:
+                jax.ffi.register_ffi_target(name, capsule, platform="cpu", api_version=1)
+            except RuntimeError as e:  # jax.errors.JaxRuntimeError, with XLA's reason
+                raise RuntimeError(f"jax refused fastopt's XLA FFI handler {name!r}: {e}") from e
+        _registered = True
+
+
+def record_bytes(args, dtype, scalars):
+    """The scalar struct of a kernel (`args`, a fastopt._rules.Args) for parameters of
+    `dtype` (float32 or float64), from its host scalars (a dict of exactly its fields, as
+    the fastopt._scalars functions give them), packed as the handler reads it: a 1-D uint8
+    NumPy array, zero-padded to a multiple of 8 bytes."""
+    if not isinstance(args, _rules.Args):
+        raise TypeError(f"args: expected a fastopt._rules.Args, got {type(args).__name__}")
+    dtype = _float_dtype(dtype, "dtype")
+    return np.ascontiguousarray(_rules.pack(args.record(dtype, scalars)))
+
+
+def elementwise(kernel, record, params, grads, states, n_threads):
+    """One step of elementwise kernel `kernel` over many tensors, as one XLA custom call on
+    jax's CPU backend; works eagerly and inside ``jax.jit`` (and ``jax.vmap``, one call per
+    batch element).
+
+    Args:
+        kernel: a kernel name of the rule table (fastopt._rules.KERNELS, e.g. "adam",
+            "sgd_momentum"); see KERNELS for each one's number of state arrays.
+        record: its scalar struct as packed bytes, a 1-D uint8 array: concrete
+            (record_bytes) or computed inside the jitted function.
+        params, grads: lists of float32 or float64 arrays, all of one dtype, each gradient
+            shaped like its parameter.
+        states: per tensor, the list of the kernel's state arrays in the kernel's order
+            (fastopt._rules.KERNELS[kernel].state), each shaped like its parameter.
+        n_threads: the OpenMP threads the step may use (small steps take fewer).
+
+    Returns:
+        (new_params, new_states): lists shaped as `params` and `states`. For "lamb_update"
+        (the first pass of Lamb) the "new parameter" is the update direction u, which the
+        caller scales per tensor and applies.
+
+    Each parameter and state array is aliased to its result: when a jitted function donates
+    them, XLA updates their buffers in place; otherwise it gives the results new buffers.
+    """
+    import jax
+
+    name = _kernel_name(kernel)
+    n_state = KERNELS[name]
+    params = _array_list(params, "params")
+    grads = _array_list(grads, "grads")
+    if not isinstance(states, (list, tuple)):
+        raise TypeError(f"states: expected a list (per tensor) of lists of state arrays, got "
+                        f"{type(states).__name__}")
+    states = [_array_list(s, f"states[{t}]") for t, s in enumerate(states)]
+    n = len(params)
+    if len(grads) != n or len(states) != n:
+        raise ValueError(f"params, grads, states: expected one entry per tensor, got "
+                         f"{n}, {len(grads)} and {len(states)}")
+    n_threads = _threads(n_threads)
+    if n == 0:
+        return [], []
+
+    dtype = _float_dtype(params[0].dtype, "params[0]")
+    if dtype == np.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("params: float64 tensors need jax_enable_x64 (jax would compute "
+                         "them in float32)")
+    for t in range(n):
+        shape = tuple(params[t].shape)
+        if len(states[t]) != n_state:
+            raise ValueError(f"states[{t}]: kernel {name!r} takes {n_state} state arrays "
+                             f"{_rules.KERNELS[name].state}, got {len(states[t])}")
+        for what, x in ((f"params[{t}]", params[t]), (f"grads[{t}]", grads[t]),
+                        *((f"states[{t}][{k}]", s) for k, s in enumerate(states[t]))):
+            if np.dtype(x.dtype) != dtype:
+                raise TypeError(f"{what}: expected {dtype} as params[0], got {x.dtype}")
+            if tuple(x.shape) != shape:
+                raise ValueError(f"{what}: expected the shape of params[{t}], {shape}, got "
+                                 f"{tuple(x.shape)}")
+    record = _record(record, name, dtype)
+
+    register()
+    operands, results, aliases = [record], [], {}
+    for p, g, ss in zip(params, grads, states):
+        for i, x in enumerate((p, g, *ss)):
+            if i != 1:  # the gradient is read only
+                aliases[len(operands)] = len(results)
+                results.append(jax.ShapeDtypeStruct(x.shape, dtype))
+            operands.append(x)
+    out = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases,
+                           vmap_method="sequential")(
+        *operands, kernel=name, n_tensors=np.int64(n), n_threads=np.int64(n_threads))
+    step = 1 + n_state
+    return ([out[t * step] for t in range(n)],
+            [list(out[t * step + 1:(t + 1) * step]) for t in range(n)])
+
+
+def _kernel_name(kernel):
+    if not isinstance(kernel, str):
+        raise TypeError(f"kernel: expected a kernel name (str), got {type(kernel).__name__}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: no elementwise kernel named {kernel!r}; expected one of "
+                         f"{', '.join(sorted(KERNELS))}")
+    return kernel
+
+
+def _threads(n):
+    """`n` as an OpenMP thread count (a C int >= 1); NumPy integers count, bools do not."""
+    if isinstance(n, bool):
+        raise TypeError("n_threads: expected an integer >= 1, got a bool")
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"n_threads: expected an integer >= 1, got {type(n).__name__}") from None
+    if not 1 <= n < 2**31:
+        raise ValueError(f"n_threads: expected an integer >= 1 (and < 2**31), got {n}")
+    return n
+
+
+def _float_dtype(dtype, what):
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{what}: expected float32 or float64, got {dtype!r}") from None
+    if dtype not in _FLOATS:
+        raise TypeError(f"{what}: expected float32 or float64, got {dtype}")
+    return dtype
+
+
+def _array_list(xs, what):
+    if not isinstance(xs, (list, tuple)):
+        raise TypeError(f"{what}: expected a list of arrays, got {type(xs).__name__}")
+    for i, x in enumerate(xs):
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise TypeError(f"{what}[{i}]: expected an array, got {type(x).__name__}")
+    return list(xs)
+
+
+def _record(record, kernel, dtype):
+    """`record` checked to be the packed struct of `kernel` for `dtype`."""
+    if isinstance(record, (bytes, bytearray)):
+        record = np.frombuffer(record, np.uint8)
+    if not (hasattr(record, "shape") and hasattr(record, "dtype")):
+        raise TypeError(f"record: expected a uint8 array, got {type(record).__name__}")
+    size = _record_size(kernel, dtype)
+    if np.dtype(record.dtype) != np.uint8 or tuple(record.shape) != (size,):
+        raise ValueError(f"record: expected the packed {dtype} struct of kernel {kernel!r}, "
+                         f"a 1-D uint8 array of {size} bytes, got {record.dtype} of shape "
+                         f"{tuple(record.shape)}")
+    return record
+
+
+@functools.lru_cache(maxsize=None)
+def _record_size(kernel, dtype):
+    """The length in bytes of `kernel`'s packed struct for `dtype`, as record_bytes makes it
+    and the handler checks it."""
+    args = _rules.KERNELS[kernel].args
+    return _rules.pack(args.record(dtype, dict.fromkeys(args.fields, 0))).size

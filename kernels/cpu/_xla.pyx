@@ -1,0 +1,45 @@
+# cython: language_level=3
+"""XLA FFI custom-call handlers (xla_loops.h), handed to jax by fastopt._jax_ffi.
+
+The handlers speak XLA's FFI C interface through fastopt's own declarations
+(fastopt/xla_ffi.h), so this module builds and imports without jax. Its only entry points
+are the handlers' addresses, as the PyCapsules jax.ffi.register_ffi_target takes, and the
+list of kernels they run.
+"""
+
+from cpython.pycapsule cimport PyCapsule_New
+
+cdef extern from "xla_loops.h" nogil:
+    const char *ELEMENTWISE_TARGET "FO_XLA_ELEMENTWISE_TARGET"
+    ctypedef struct fo_xla_call_frame:
+        pass
+    ctypedef struct fo_xla_error:
+        pass
+    ctypedef struct fo_xla_kernel:
+        const char *name
+        int n_state
+    const fo_xla_kernel *fo_xla_kernels
+    fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
+
+
+def _kernels():
+    cdef const fo_xla_kernel *k = fo_xla_kernels
+    found = {}
+    while k.name != NULL:
+        found[k.name.decode()] = k.n_state
+        k += 1
+    return found
+
+
+# the custom-call target of the elementwise handler
+ELEMENTWISE = ELEMENTWISE_TARGET.decode()
+# {kernel name: number of state arrays} of every kernel the elementwise handler runs: the
+# elementwise kernels of fastopt/optim.h (FO_ELEMENTWISE_KERNELS)
+KERNELS = _kernels()
+
+
+def targets():
+    """{target name: PyCapsule of its XLA FFI handler (a bare function pointer, as
+    jax.ffi.pycapsule makes them)} for jax.ffi.register_ffi_target(name, capsule,
+    platform="cpu", api_version=1)."""
+    return {ELEMENTWISE: PyCapsule_New(<void *>fo_xla_elementwise, NULL, NULL)}

@@ -1,0 +1,374 @@
+/*
+ * xla_loops.h - fastopt's elementwise optimizer kernels as an XLA FFI custom call on the
+ * CPU, so that a step runs inside jax.jit (fastopt/_jax_ffi.py stages the call).
+ *
+ * One call updates many tensors with one kernel of FO_ELEMENTWISE_KERNELS (fastopt/optim.h):
+ *   attributes  kernel (string, its name), n_tensors (int64), n_threads (int64: OpenMP
+ *               threads at most; small steps take fewer, as the Cython driver does)
+ *   arguments   0: the kernel's fo_<args>_args_<f32|f64> struct as bytes (1-D uint8,
+ *               zero-padded to a multiple of 8: fastopt._rules.pack), then per tensor:
+ *               param, grad, then its n_state state arrays
+ *   results     per tensor: the new param, then its n_state new state arrays
+ * All tensors float32 or float64 (the struct's dtype); a tensor's operands and results hold
+ * equally many elements, in any shapes (the update is elementwise, and XLA hands over
+ * row-major buffers). The caller aliases each param and state input to its result, so a
+ * donated buffer is updated in place; without donation XLA passes separate result buffers,
+ * and the state is copied into its result chunk by chunk before the kernel updates it there.
+ *
+ * The handler is stateless (XLA may run several calls at once, from any thread) and checks
+ * everything before touching memory: a bad call returns an INVALID_ARGUMENT error naming the
+ * problem, which jax raises as a Python exception. Results are bit-identical to the Cython
+ * driver's for any chunking and thread count, since every kernel is elementwise.
+ */
+#ifndef FASTOPT_CPU_XLA_LOOPS_H
+#define FASTOPT_CPU_XLA_LOOPS_H
+
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* chunks.h also defines the Cython driver's pruning-mask helper, unused here */
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#endif
+#include "chunks.h"
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+#include "fastopt/reduce.h" /* FO_CHUNK, the Cython driver's chunk length */
+#include "fastopt/xla_ffi.h"
+#include "optim_loops.h"
+
+#define FO_XLA_ELEMENTWISE_TARGET "fastopt_elementwise_v1"
+/* as the Cython driver (_plan.pxi): a thread costs about as much as ~30K elements */
+#define FO_XLA_MIN_PER_THREAD 32768
+/* the largest packed struct, rounded up to 8 (checked per kernel below) */
+#define FO_XLA_ARGS_MAX 256
+
+/* the elementwise kernels: chunk functions, state count, struct size per dtype */
+typedef struct {
+    const char *name;
+    fo_chunk_fn fn[2];     /* f32, f64 */
+    size_t args_size[2];   /* sizeof fo_<args>_args_<f32|f64> */
+    int n_state;
+} fo_xla_kernel;
+
+#define FO_XLA_ENTRY(T, SFX, NAME, ARGS, N)                                               \
+    {#NAME, {fo_cpu_##NAME##_f32, fo_cpu_##NAME##_f64},                                   \
+     {sizeof(fo_##ARGS##_args_f32), sizeof(fo_##ARGS##_args_f64)}, N},
+static const fo_xla_kernel fo_xla_kernels[] = {
+    FO_ELEMENTWISE_KERNELS(FO_XLA_ENTRY, _, _)
+    {NULL, {NULL, NULL}, {0, 0}, 0},
+};
+#undef FO_XLA_ENTRY
+
+/* every struct fits the handler's aligned copy (C99 has no static assert: a negative array
+   size fails the build) */
+#define FO_XLA_FITS(T, SFX, NAME, ARGS, N)                                                \
+    typedef char fo_xla_fits_##NAME[sizeof(fo_##ARGS##_args_f64) <= FO_XLA_ARGS_MAX ? 1 : -1];
+FO_ELEMENTWISE_KERNELS(FO_XLA_FITS, _, _)
+#undef FO_XLA_FITS
+
+/* the struct's length as fastopt._rules.pack lays it out */
+static size_t fo_xla_packed_size(size_t size) { return (size + 7) / 8 * 8; }
+
+static const char *fo_xla_dtype_name(fo_xla_dtype dtype)
+{
+    switch (dtype) {
+    case FO_XLA_S32: return "int32";
+    case FO_XLA_S64: return "int64";
+    case FO_XLA_U8: return "uint8";
+    case FO_XLA_F16: return "float16";
+    case FO_XLA_F32: return "float32";
+    case FO_XLA_F64: return "float64";
+    case FO_XLA_BF16: return "bfloat16";
+    }
+    return "another type";
+}
+
+/* an error for XLA to raise, its message printf-formatted and prefixed with the target */
+static fo_xla_error *fo_xla_fail(const fo_xla_api *api, fo_xla_error_code code,
+                                 const char *fmt, ...)
+{
+    char msg[512];
+    int len;
+    va_list ap;
+    fo_xla_error_create_args e;
+    len = snprintf(msg, sizeof msg, "%s: ", FO_XLA_ELEMENTWISE_TARGET);
+    va_start(ap, fmt);
+    vsnprintf(msg + len, sizeof msg - (size_t)len, fmt, ap);
+    va_end(ap);
+    e.struct_size = FO_XLA_STRUCT_SIZE(fo_xla_error_create_args, errc);
+    e.extension_start = NULL;
+    e.message = msg;
+    e.errc = code;
+    return api->error_create(&e);
+}
+#define FO_XLA_INVALID(api, ...) fo_xla_fail(api, FO_XLA_ERROR_INVALID_ARGUMENT, __VA_ARGS__)
+
+/* the registration-time call: report the API version and no traits. When XLA's structs are
+   too small to hold them (an incompatible XLA), they stay unset and XLA refuses the handler
+   for its version; the frame has no API to report an error through. */
+static void fo_xla_metadata_fill(fo_xla_metadata_extension *ext)
+{
+    fo_xla_metadata *m = ext->metadata;
+    if (ext->extension_base.struct_size < FO_XLA_STRUCT_SIZE(fo_xla_metadata_extension, metadata)
+        || m == NULL || m->struct_size < FO_XLA_STRUCT_SIZE(fo_xla_metadata, traits))
+        return;
+    m->api_version.struct_size = FO_XLA_STRUCT_SIZE(fo_xla_api_version, minor_version);
+    m->api_version.extension_start = NULL;
+    m->api_version.major_version = FO_XLA_API_MAJOR;
+    m->api_version.minor_version = FO_XLA_API_MINOR;
+    m->traits = 0;
+}
+
+static int fo_xla_name_is(const fo_xla_bytespan *s, const char *name)
+{
+    return s->len == strlen(name) && memcmp(s->ptr, name, s->len) == 0;
+}
+
+/* an int64 scalar attribute into *out, or an error */
+static fo_xla_error *fo_xla_int_attr(const fo_xla_call_frame *call, int64_t i, int64_t *out)
+{
+    const fo_xla_scalar *s = (const fo_xla_scalar *)call->attrs.attrs[i];
+    const fo_xla_bytespan *name = call->attrs.names[i];
+    if (call->attrs.types[i] != FO_XLA_ATTR_SCALAR || s->dtype != FO_XLA_S64)
+        return FO_XLA_INVALID(call->api, "attribute %.*s: expected an int64 scalar",
+                              (int)name->len, name->ptr);
+    *out = *(const int64_t *)s->value;
+    return NULL;
+}
+
+/* operand `role` (param, grad, state k, ...) of tensor t, for messages */
+static const char *fo_xla_role(char *buf, size_t size, int64_t t, const char *role, int k)
+{
+    if (k < 0) snprintf(buf, size, "tensor %lld, %s", (long long)t, role);
+    else snprintf(buf, size, "tensor %lld, %s %d", (long long)t, role, k);
+    return buf;
+}
+
+/*
+ * Checks a buffer: of `dtype`, well formed, and holding `want` elements (any count when
+ * want < 0). Its element count goes to *n; returns NULL or the error naming `role`.
+ */
+static fo_xla_error *fo_xla_check(const fo_xla_call_frame *call, const fo_xla_buffer *b,
+                                  fo_xla_dtype dtype, ptrdiff_t want, int64_t t,
+                                  const char *role, int k, ptrdiff_t *n)
+{
+    char name[64];
+    int64_t d, count = 1;
+    if (b->dtype != dtype)
+        return FO_XLA_INVALID(call->api, "%s: expected %s, got %s",
+                              fo_xla_role(name, sizeof name, t, role, k),
+                              fo_xla_dtype_name(dtype), fo_xla_dtype_name(b->dtype));
+    if (b->rank < 0 || (b->rank > 0 && b->dims == NULL))
+        return FO_XLA_INVALID(call->api, "%s: malformed buffer of rank %lld",
+                              fo_xla_role(name, sizeof name, t, role, k), (long long)b->rank);
+    for (d = 0; d < b->rank; d++) {
+        if (b->dims[d] < 0 || (b->dims[d] > 0 && count > (PTRDIFF_MAX / 8) / b->dims[d]))
+            return FO_XLA_INVALID(call->api, "%s: bad dimension %lld",
+                                  fo_xla_role(name, sizeof name, t, role, k),
+                                  (long long)b->dims[d]);
+        count *= b->dims[d];
+    }
+    if (want >= 0 && count != want)
+        return FO_XLA_INVALID(call->api, "%s: expected %lld elements, as the param, got %lld",
+                              fo_xla_role(name, sizeof name, t, role, k), (long long)want,
+                              (long long)count);
+    if (count > 0 && b->data == NULL)
+        return FO_XLA_INVALID(call->api, "%s: no data",
+                              fo_xla_role(name, sizeof name, t, role, k));
+    *n = (ptrdiff_t)count;
+    return NULL;
+}
+
+/* the attributes: the kernel and the two counts, nothing else (XLA passes a dictionary:
+   each name once, sorted) */
+static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_xla_kernel **k,
+                                       int64_t *n_tensors, int64_t *n_threads)
+{
+    int64_t i;
+    fo_xla_error *err;
+    *k = NULL;
+    *n_tensors = *n_threads = -1;
+    for (i = 0; i < call->attrs.size; i++) {
+        const fo_xla_bytespan *name = call->attrs.names[i];
+        if (fo_xla_name_is(name, "kernel")) {
+            const fo_xla_bytespan *v = (const fo_xla_bytespan *)call->attrs.attrs[i];
+            const fo_xla_kernel *e = fo_xla_kernels;
+            if (call->attrs.types[i] != FO_XLA_ATTR_STRING)
+                return FO_XLA_INVALID(call->api, "attribute kernel: expected a string");
+            while (e->name != NULL && !fo_xla_name_is(v, e->name)) e++;
+            if (e->name == NULL)
+                return FO_XLA_INVALID(call->api, "no elementwise kernel named '%.*s'",
+                                      (int)(v->len < 64 ? v->len : 64), v->ptr);
+            *k = e;
+        } else if (fo_xla_name_is(name, "n_tensors")) {
+            if ((err = fo_xla_int_attr(call, i, n_tensors)) != NULL) return err;
+        } else if (fo_xla_name_is(name, "n_threads")) {
+            if ((err = fo_xla_int_attr(call, i, n_threads)) != NULL) return err;
+        } else {
+            return FO_XLA_INVALID(call->api, "unexpected attribute '%.*s' (it takes kernel, "
+                                  "n_tensors and n_threads)",
+                                  (int)(name->len < 64 ? name->len : 64), name->ptr);
+        }
+    }
+    if (*k == NULL || *n_tensors < 0 || *n_threads < 1 || *n_threads > INT_MAX)
+        return FO_XLA_INVALID(call->api, "expected the attributes kernel (a kernel name), "
+                              "n_tensors >= 0 and n_threads in [1, %d]", INT_MAX);
+    return NULL;
+}
+
+/*
+ * Chunk c of the plan: `chunk` holds (tensor, lo, n) triples, `ptr` per tensor the kernel's
+ * 3 + S operand pointers (param in, param out, grad, the S state results) followed by the S
+ * state inputs, copied into the results first where XLA gave separate buffers.
+ */
+static void fo_xla_run_chunk(fo_chunk_fn fn, const void *args, char **ptr,
+                             const ptrdiff_t *chunk, int n_state, size_t itemsize, ptrdiff_t c)
+{
+    char **p = ptr + chunk[3 * c] * (3 + 2 * n_state);
+    const ptrdiff_t lo = chunk[3 * c + 1], n = chunk[3 * c + 2];
+    int s;
+    for (s = 0; s < n_state; s++)
+        if (p[3 + s] != p[3 + n_state + s])
+            memcpy(p[3 + s] + lo * itemsize, p[3 + n_state + s] + lo * itemsize, n * itemsize);
+    fn(p, lo, n, args);
+}
+
+/* the FFI handler of target FO_XLA_ELEMENTWISE_TARGET */
+static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
+{
+    const fo_xla_kernel *k;
+    const fo_xla_buffer *rec;
+    const fo_xla_extension_base *ext;
+    double args[FO_XLA_ARGS_MAX / 8]; /* the struct, copied to aligned storage */
+    fo_xla_error *err;
+    fo_xla_dtype dtype;
+    int64_t i, t, n_tensors, n_threads, n_args, n_rets, n_chunks = 0, total = 0;
+    int n_state, f64, s, nt;
+    size_t itemsize;
+    ptrdiff_t size, n, c, lo, *count, *chunk;
+    char **ptr;
+
+    for (ext = call->extension_start; ext != NULL; ext = ext->next)
+        if (ext->type == FO_XLA_EXTENSION_METADATA) {
+            fo_xla_metadata_fill((fo_xla_metadata_extension *)ext);
+            return NULL;
+        }
+    if (call->struct_size < FO_XLA_STRUCT_SIZE(fo_xla_call_frame, attrs))
+        return FO_XLA_INVALID(call->api, "call frame of %zu bytes, expected %zu or more "
+                              "(an incompatible XLA)", call->struct_size,
+                              FO_XLA_STRUCT_SIZE(fo_xla_call_frame, attrs));
+    if (call->stage != FO_XLA_STAGE_EXECUTE)
+        return NULL;
+    if ((err = fo_xla_attributes(call, &k, &n_tensors, &n_threads)) != NULL)
+        return err;
+
+    /* operand counts and kinds */
+    n_state = k->n_state;
+    if (n_tensors > call->args.size)
+        return FO_XLA_INVALID(call->api, "n_tensors is %lld, but the call has %lld arguments",
+                              (long long)n_tensors, (long long)call->args.size);
+    n_args = 1 + n_tensors * (2 + n_state);
+    n_rets = n_tensors * (1 + n_state);
+    if (call->args.size != n_args || call->rets.size != n_rets)
+        return FO_XLA_INVALID(call->api, "kernel %s over %lld tensors takes %lld arguments (the "
+                              "struct, then per tensor param, grad and %d state) and gives "
+                              "%lld results, got %lld and %lld", k->name, (long long)n_tensors,
+                              (long long)n_args, n_state, (long long)n_rets,
+                              (long long)call->args.size, (long long)call->rets.size);
+    for (i = 0; i < n_args; i++)
+        if (call->args.types[i] != FO_XLA_ARG_BUFFER)
+            return FO_XLA_INVALID(call->api, "argument %lld: expected a buffer", (long long)i);
+    for (i = 0; i < n_rets; i++)
+        if (call->rets.types[i] != FO_XLA_RET_BUFFER)
+            return FO_XLA_INVALID(call->api, "result %lld: expected a buffer", (long long)i);
+
+    /* the struct: bytes of the first param's dtype's struct */
+    rec = (const fo_xla_buffer *)call->args.args[0];
+    if (rec->dtype != FO_XLA_U8 || rec->rank != 1)
+        return FO_XLA_INVALID(call->api, "argument 0 (kernel %s's packed struct): expected a "
+                              "1-D uint8 array, got %s of rank %lld", k->name,
+                              fo_xla_dtype_name(rec->dtype), (long long)rec->rank);
+    if (n_tensors == 0)
+        return NULL;
+    dtype = ((const fo_xla_buffer *)call->args.args[1])->dtype;
+    if (dtype != FO_XLA_F32 && dtype != FO_XLA_F64)
+        return FO_XLA_INVALID(call->api, "tensor 0, param: expected float32 or float64, got %s",
+                              fo_xla_dtype_name(dtype));
+    f64 = dtype == FO_XLA_F64;
+    itemsize = f64 ? 8 : 4;
+    size = (ptrdiff_t)fo_xla_packed_size(k->args_size[f64]);
+    n = rec->dims != NULL ? (ptrdiff_t)rec->dims[0] : -1;
+    if (n != size || rec->data == NULL)
+        return FO_XLA_INVALID(call->api, "argument 0: expected the %lld bytes of kernel %s's "
+                              "packed %s struct, got %lld bytes", (long long)size, k->name,
+                              f64 ? "float64" : "float32", (long long)n);
+    memcpy(args, rec->data, (size_t)size);
+
+    /* every tensor's operands: dtype and element count, then their pointers */
+    count = (ptrdiff_t *)malloc((size_t)n_tensors
+                                * (sizeof(ptrdiff_t) + (3 + 2 * n_state) * sizeof(char *)));
+    if (count == NULL)
+        return fo_xla_fail(call->api, FO_XLA_ERROR_RESOURCE_EXHAUSTED, "out of memory");
+    ptr = (char **)(count + n_tensors);
+    for (t = 0; t < n_tensors; t++) {
+        fo_xla_buffer *const *a = (fo_xla_buffer *const *)call->args.args + 1 + t * (2 + n_state);
+        fo_xla_buffer *const *r = (fo_xla_buffer *const *)call->rets.rets + t * (1 + n_state);
+        char **p = ptr + t * (3 + 2 * n_state);
+        if ((err = fo_xla_check(call, a[0], dtype, -1, t, "param", -1, &n)) != NULL
+            || (err = fo_xla_check(call, a[1], dtype, n, t, "grad", -1, &n)) != NULL
+            || (err = fo_xla_check(call, r[0], dtype, n, t, "new param", -1, &n)) != NULL)
+            goto fail;
+        for (s = 0; s < n_state; s++)
+            if ((err = fo_xla_check(call, a[2 + s], dtype, n, t, "state", s, &n)) != NULL
+                || (err = fo_xla_check(call, r[1 + s], dtype, n, t, "new state", s, &n)) != NULL)
+                goto fail;
+        p[0] = (char *)a[0]->data;
+        p[1] = (char *)r[0]->data;
+        p[2] = (char *)a[1]->data;
+        for (s = 0; s < n_state; s++) {
+            p[3 + s] = (char *)r[1 + s]->data;
+            p[3 + n_state + s] = (char *)a[2 + s]->data;
+        }
+        count[t] = n;
+        n_chunks += (n + FO_CHUNK - 1) / FO_CHUNK;
+        total += n;
+    }
+
+    /* the plan, (tensor, lo, n) per chunk, run in one parallel loop; small steps take fewer
+       threads, as in the Cython driver */
+    chunk = (ptrdiff_t *)malloc((size_t)(n_chunks > 0 ? n_chunks : 1) * 3 * sizeof(ptrdiff_t));
+    if (chunk == NULL) {
+        err = fo_xla_fail(call->api, FO_XLA_ERROR_RESOURCE_EXHAUSTED, "out of memory");
+        goto fail;
+    }
+    for (t = 0, c = 0; t < n_tensors; t++)
+        for (lo = 0; lo < count[t]; lo += FO_CHUNK, c++) {
+            chunk[3 * c] = (ptrdiff_t)t;
+            chunk[3 * c + 1] = lo;
+            chunk[3 * c + 2] = count[t] - lo < FO_CHUNK ? count[t] - lo : FO_CHUNK;
+        }
+    nt = total / FO_XLA_MIN_PER_THREAD < n_threads ? (int)(total / FO_XLA_MIN_PER_THREAD)
+                                                   : (int)n_threads;
+    {
+        const fo_chunk_fn fn = k->fn[f64];
+        const ptrdiff_t nc = (ptrdiff_t)n_chunks;
+#pragma omp parallel for schedule(static) num_threads(nt > 1 ? nt : 1) if (nt > 1 && nc > 1)
+        for (c = 0; c < nc; c++)
+            fo_xla_run_chunk(fn, args, ptr, chunk, n_state, itemsize, c);
+    }
+    free(chunk);
+    free(count);
+    return NULL;
+
+fail:
+    free(count);
+    return err;
+}
+
+#endif /* FASTOPT_CPU_XLA_LOOPS_H */

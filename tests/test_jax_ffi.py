@@ -1,0 +1,560 @@
+"""fastopt's kernels inside jax.jit through XLA's FFI (fastopt._jax_ffi, kernels/cpu/xla_loops.h):
+the FFI declarations against jaxlib's header, bit-identity with the Cython backend, in-place
+steps with donation, errors from the Python checks and from the C handler, concurrency."""
+
+import math
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+from fastopt import _jax_ffi, _rules, _scalars  # noqa: E402
+from fastopt._backends import _cython  # noqa: E402
+
+KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
+INF = math.inf
+# a multi-chunk tensor (16384 elements a chunk) that takes two threads, a small one, a 0-d
+# one and an empty one
+SHAPES = ((70001,), (3, 5, 7), (), (0, 4))
+
+
+def _hyper(kernel, dtype):
+    """Host scalars of `kernel` with the features that change its arithmetic turned on."""
+    grad = dict(maximize=False, grad_scale=0.75, grad_clip=2.5)
+    adam = dict(step=3, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, **grad)
+    if kernel in ("sgd", "sgd_momentum"):
+        return _scalars.sgd_scalars(dtype, lr=0.1, momentum=0.9, dampening=0.1,
+                                    weight_decay=0.01, nesterov=True, first=False, **grad)
+    if kernel in ("adam", "adam_amsgrad"):
+        return _scalars.adam_scalars(dtype, weight_decay=0.01, decoupled=True, **adam)
+    if kernel == "adagrad":
+        return _scalars.adagrad_scalars(dtype, step=3, lr=0.1, lr_decay=0.01, weight_decay=0.01,
+                                        eps=1e-10, **grad)
+    if kernel.startswith("rmsprop"):
+        return _scalars.rmsprop_scalars(dtype, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.01,
+                                        momentum=0.9, centered="centered" in kernel, **grad)
+    if kernel == "adadelta":
+        return _scalars.adadelta_scalars(dtype, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.01,
+                                         **grad)
+    if kernel == "adamax":
+        return _scalars.adamax_scalars(dtype, weight_decay=0.01, **adam)
+    if kernel == "nadam":
+        return _scalars.nadam_scalars(dtype, mu_product=0.5, weight_decay=0.01,
+                                      momentum_decay=4e-3, decoupled=False, **adam)
+    if kernel == "radam":
+        return _scalars.radam_scalars(dtype, **{**adam, "step": 10}, weight_decay=0.01,
+                                      decoupled=True)
+    if kernel == "adopt":
+        return _scalars.adopt_scalars(dtype, weight_decay=0.01, decoupled=True, clip_value=2.0,
+                                      **adam)
+    if kernel == "lion":
+        return _scalars.lion_scalars(dtype, lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.01,
+                                     **grad)
+    if kernel == "lamb_update":
+        return _scalars.lamb_scalars(dtype, weight_decay=0.01, **adam)[0]
+    raise AssertionError(f"no scalars for {kernel}")
+
+
+def _case(kernel, dtype, shapes=SHAPES, seed=0):
+    """Parameters, gradients and (non-negative: some are second moments) state."""
+    rng = np.random.default_rng(seed)
+    n_state = _jax_ffi.KERNELS[kernel]
+    params = [np.asarray(rng.standard_normal(s), dtype) for s in shapes]
+    grads = [np.asarray(rng.standard_normal(s), dtype) for s in shapes]
+    states = [[np.asarray(np.abs(rng.standard_normal(s)), dtype) for _ in range(n_state)]
+              for s in shapes]
+    return params, grads, states
+
+
+def _reference(kernel, scalars, params, grads, states):
+    """The Cython backend's step on copies: (params, states)."""
+    dtype = params[0].dtype
+    p = [x.copy() for x in params]
+    s = [[x.copy() for x in ss] for ss in states]
+    operands = (p, p, list(grads)) + tuple([ss[k] for ss in s]
+                                           for k in range(_jax_ffi.KERNELS[kernel]))
+    _cython.elementwise(kernel, operands, _rules.KERNELS[kernel].args.record(dtype, scalars), 1)
+    return p, s
+
+
+def _assert_bits(got, want):
+    got = np.asarray(got)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    word = np.uint32 if want.dtype == np.float32 else np.uint64
+    np.testing.assert_array_equal(got.view(word), want.view(word))
+
+
+def _assert_step(got, want):
+    (gp, gs), (wp, ws) = got, want
+    assert len(gp) == len(wp) and len(gs) == len(ws)
+    for x, y in zip(gp, wp):
+        _assert_bits(x, y)
+    for xs, ys in zip(gs, ws):
+        assert len(xs) == len(ys)
+        for x, y in zip(xs, ys):
+            _assert_bits(x, y)
+
+
+@pytest.fixture
+def x64():
+    """float64 in jax for one test, restored after it."""
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", before)
+
+
+# -- the declarations of fastopt/xla_ffi.h are XLA's ABI --------------------------------
+
+# (ours, XLA's, members (a name, or (ours, XLA's) where they differ), what we declare):
+# "all" of a struct XLA gives no counted size; "counted": all of it, XLA's counted size
+# ending at our last member; "prefix": its leading members (XLA_FFI_Api, up to the one
+# function called); "counted prefix": exactly the members XLA's counted size covers
+ABI_STRUCTS = (
+    ("fo_xla_extension_base", "XLA_FFI_Extension_Base",
+     ("struct_size", "type", "next"), "counted"),
+    ("fo_xla_api_version", "XLA_FFI_Api_Version",
+     ("struct_size", "extension_start", "major_version", "minor_version"), "counted"),
+    ("fo_xla_error_create_args", "XLA_FFI_Error_Create_Args",
+     ("struct_size", "extension_start", "message", "errc"), "counted"),
+    ("fo_xla_api", "XLA_FFI_Api",
+     ("struct_size", "extension_start", "api_version", "internal_api",
+      ("error_create", "XLA_FFI_Error_Create")), "prefix"),
+    ("fo_xla_buffer", "XLA_FFI_Buffer",
+     ("struct_size", "extension_start", "dtype", "data", "rank", "dims"), "counted"),
+    ("fo_xla_bytespan", "XLA_FFI_ByteSpan", ("ptr", "len"), "all"),
+    ("fo_xla_scalar", "XLA_FFI_Scalar", ("dtype", "value"), "all"),
+    ("fo_xla_args", "XLA_FFI_Args",
+     ("struct_size", "extension_start", "size", "types", "args"), "counted"),
+    ("fo_xla_rets", "XLA_FFI_Rets",
+     ("struct_size", "extension_start", "size", "types", "rets"), "counted"),
+    ("fo_xla_attrs", "XLA_FFI_Attrs",
+     ("struct_size", "extension_start", "size", "types", "names", "attrs"), "counted"),
+    ("fo_xla_call_frame", "XLA_FFI_CallFrame",
+     ("struct_size", "extension_start", "api", "ctx", "stage", "args", "rets", "attrs"),
+     "counted prefix"),
+    ("fo_xla_metadata", "XLA_FFI_Metadata",
+     ("struct_size", "api_version", "traits"), "counted prefix"),
+    ("fo_xla_metadata_extension", "XLA_FFI_Metadata_Extension",
+     ("extension_base", "metadata"), "counted"),
+)
+ABI_VALUES = (
+    ("FO_XLA_API_MAJOR", "XLA_FFI_API_MAJOR"),
+    ("FO_XLA_API_MINOR", "XLA_FFI_API_MINOR"),
+    ("FO_XLA_EXTENSION_METADATA", "XLA_FFI_Extension_Metadata"),
+    ("FO_XLA_ERROR_INVALID_ARGUMENT", "XLA_FFI_Error_Code_INVALID_ARGUMENT"),
+    ("FO_XLA_ERROR_RESOURCE_EXHAUSTED", "XLA_FFI_Error_Code_RESOURCE_EXHAUSTED"),
+    *((f"FO_XLA_{t}", f"XLA_FFI_DataType_{t}")
+      for t in ("S32", "S64", "U8", "F16", "F32", "F64", "BF16")),
+    ("FO_XLA_ARG_BUFFER", "XLA_FFI_ArgType_BUFFER"),
+    ("FO_XLA_RET_BUFFER", "XLA_FFI_RetType_BUFFER"),
+    ("FO_XLA_ATTR_SCALAR", "XLA_FFI_AttrType_SCALAR"),
+    ("FO_XLA_ATTR_STRING", "XLA_FFI_AttrType_STRING"),
+    *((f"FO_XLA_STAGE_{s}", f"XLA_FFI_ExecutionStage_{s}")
+      for s in ("INSTANTIATE", "PREPARE", "INITIALIZE", "EXECUTE")),
+)
+
+
+def test_declarations_match_jaxlib_header(tmp_path):
+    """Compiled next to jaxlib's xla/ffi/api/c_api.h: every struct we declare has XLA's
+    member offsets and sizes, and its size or counted size as ABI_STRUCTS says; every enum
+    value and version number is XLA's; no name clashes."""
+    if not (Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "c_api.h").is_file():
+        pytest.skip("jaxlib ships no XLA FFI headers")
+    if shutil.which("cc") is None:
+        pytest.skip("needs a C compiler")
+    checks = []
+    for ours, theirs, members, declared in ABI_STRUCTS:
+        pairs = [m if isinstance(m, tuple) else (m, m) for m in members]
+        for a, b in pairs:
+            checks.append(f"offsetof({ours}, {a}) == offsetof({theirs}, {b}) && "
+                          f"sizeof((({ours} *)0)->{a}) == sizeof((({theirs} *)0)->{b})")
+        if declared == "all" or declared == "counted":
+            checks.append(f"sizeof({ours}) == sizeof({theirs})")
+        if "counted" in declared:
+            checks.append(f"FO_XLA_STRUCT_SIZE({ours}, {pairs[-1][0]}) == {theirs}_STRUCT_SIZE")
+    checks += [f"(long long){a} == (long long){b}" for a, b in ABI_VALUES]
+    source = tmp_path / "abi.c"
+    source.write_text("#include <stddef.h>\n#include \"xla/ffi/api/c_api.h\"\n"
+                      "#include \"fastopt/xla_ffi.h\"\n"
+                      + "".join(f"_Static_assert({c}, \"{c}\");\n" for c in checks))
+    proc = subprocess.run(["cc", "-std=c11", "-fsyntax-only", "-Wall", "-Werror",
+                           f"-I{jax.ffi.include_dir()}", f"-I{KERNELS_DIR / 'include'}",
+                           str(source)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+HARNESS = r"""
+#include <stdio.h>
+#include "xla_loops.h"
+/* a frame that only the metadata check or the stage check may read */
+static int check(fo_xla_call_frame *call) { return fo_xla_elementwise(call) == NULL; }
+int main(void)
+{
+    fo_xla_metadata m = {FO_XLA_STRUCT_SIZE(fo_xla_metadata, traits), {0}, 7};
+    fo_xla_metadata_extension ext = {{FO_XLA_STRUCT_SIZE(fo_xla_metadata_extension, metadata),
+                                      FO_XLA_EXTENSION_METADATA, NULL}, &m};
+    fo_xla_call_frame call;
+    int ok;
+    memset(&call, 0, sizeof call);
+    call.struct_size = FO_XLA_STRUCT_SIZE(fo_xla_call_frame, attrs);
+    call.extension_start = &ext.extension_base;
+    ok = check(&call);
+    printf("metadata %d %d.%d traits %u sized %d\n", ok,
+           m.api_version.major_version, m.api_version.minor_version, m.traits,
+           m.api_version.struct_size == FO_XLA_STRUCT_SIZE(fo_xla_api_version, minor_version));
+    m.struct_size = 8; /* too small for the version: left unset, XLA then refuses it */
+    m.api_version.minor_version = -1;
+    ok = check(&call);
+    printf("small %d %d\n", ok, m.api_version.minor_version);
+    call.extension_start = NULL;
+    call.args.size = -5; /* would be an error if read */
+    call.stage = FO_XLA_STAGE_PREPARE;
+    printf("prepare %d\n", check(&call));
+    call.stage = FO_XLA_STAGE_INSTANTIATE;
+    printf("instantiate %d\n", check(&call));
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_handler_metadata_and_other_stages(tmp_path):
+    """The registration-time metadata call fills in the API version (0.3, no traits) without
+    touching the rest of the frame, and the handler does nothing outside the execute stage;
+    no jax involved."""
+    source = tmp_path / "harness.c"
+    source.write_text(HARNESS)
+    exe = tmp_path / "harness"
+    subprocess.run(["cc", "-std=c99", "-O1", f"-I{KERNELS_DIR / 'include'}",
+                    f"-I{KERNELS_DIR / 'cpu'}", str(source), "-o", str(exe), "-lm"], check=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    assert out.splitlines() == [
+        "metadata 1 0.3 traits 0 sized 1", "small 1 -1", "prepare 1", "instantiate 1"]
+
+
+# -- the handler computes what the Cython backend computes -----------------------------
+
+def test_kernel_list_is_the_table():
+    assert _jax_ffi.KERNELS == {name: len(k.state) for name, k in _rules.KERNELS.items()}
+
+
+@pytest.mark.parametrize("kernel", sorted(_jax_ffi.KERNELS))
+def test_jit_step_is_bitwise_cython_f32(kernel):
+    scalars = _hyper(kernel, np.float32)
+    params, grads, states = _case(kernel, np.float32)
+    record = _jax_ffi.record_bytes(_rules.KERNELS[kernel].args, np.float32, scalars)
+    step = jax.jit(lambda r, p, g, s: _jax_ffi.elementwise(kernel, r, p, g, s, 2))
+    got = step(jnp.asarray(record), [jnp.asarray(x) for x in params],
+               [jnp.asarray(x) for x in grads], [[jnp.asarray(x) for x in s] for s in states])
+    _assert_step(got, _reference(kernel, scalars, params, grads, states))
+
+
+@pytest.mark.parametrize("kernel", sorted(_jax_ffi.KERNELS))
+def test_jit_step_is_bitwise_cython_f64(kernel, x64):
+    scalars = _hyper(kernel, np.float64)
+    params, grads, states = _case(kernel, np.float64, seed=1)
+    record = _jax_ffi.record_bytes(_rules.KERNELS[kernel].args, np.float64, scalars)
+    step = jax.jit(lambda r, p, g, s: _jax_ffi.elementwise(kernel, r, p, g, s, 2))
+    got = step(record, params, grads, states)
+    assert got[0][0].dtype == jnp.float64
+    _assert_step(got, _reference(kernel, scalars, params, grads, states))
+
+
+def test_eager_call_leaves_its_inputs_alone():
+    """Without donation, XLA gives the aliased results buffers of their own: the inputs keep
+    their values (and a one-thread step gives the same bits)."""
+    kernel = "rmsprop_centered_momentum"
+    scalars = _hyper(kernel, np.float32)
+    params, grads, states = _case(kernel, np.float32, seed=2)
+    jp = [jnp.asarray(x) for x in params]
+    js = [[jnp.asarray(x) for x in s] for s in states]
+    record = _jax_ffi.record_bytes(_rules.KERNELS[kernel].args, np.float32, scalars)
+    got = _jax_ffi.elementwise(kernel, bytes(record), jp, grads, js, 1)
+    _assert_step(got, _reference(kernel, scalars, params, grads, states))
+    _assert_step((jp, js), (params, states))
+
+
+def test_record_computed_inside_jit():
+    """The struct may be a traced value: SGD's built from a traced learning rate."""
+    def sgd_record(lr):
+        reals = jnp.stack([jnp.float32(INF), jnp.float32(1), jnp.float32(0), jnp.float32(0.9),
+                           jnp.float32(1), -lr])  # clip, gscale, wd, momentum, 1 - damp, -lr
+        flags = jnp.array([0, 1], jnp.int32)  # first, nesterov
+        return jnp.concatenate([jax.lax.bitcast_convert_type(reals, jnp.uint8).reshape(-1),
+                                jax.lax.bitcast_convert_type(flags, jnp.uint8).reshape(-1)])
+
+    @jax.jit
+    def step(lr, p, g, s):
+        record = sgd_record(lr)
+        return record, _jax_ffi.elementwise("sgd_momentum", record, p, g, s, 2)
+
+    params, grads, states = _case("sgd_momentum", np.float32, seed=3)
+    record, got = step(jnp.float32(0.05), params, grads, states)
+    scalars = _scalars.sgd_scalars(np.float32, lr=0.05, momentum=0.9, dampening=0.0,
+                                   weight_decay=0.0, nesterov=True, first=False, maximize=False,
+                                   grad_scale=1.0, grad_clip=INF)
+    want = _jax_ffi.record_bytes(_rules.SGD_ARGS, np.float32, scalars)
+    np.testing.assert_array_equal(np.asarray(record), want)
+    _assert_step(got, _reference("sgd_momentum", scalars, params, grads, states))
+
+
+def test_vmap_runs_one_call_per_batch_element():
+    kernel = "adam"
+    scalars = _hyper(kernel, np.float32)
+    params, grads, states = _case(kernel, np.float32, shapes=((2, 7),), seed=4)
+    record = _jax_ffi.record_bytes(_rules.KERNELS[kernel].args, np.float32, scalars)
+    got = jax.vmap(lambda p, g, m, v: _jax_ffi.elementwise(kernel, record, [p], [g], [[m, v]], 1))(
+        params[0], grads[0], *states[0])
+    _assert_step(got, _reference(kernel, scalars, params, grads, states))
+
+
+def test_no_tensors():
+    assert _jax_ffi.elementwise("adam", np.zeros(3, np.uint8), [], [], [], 1) == ([], [])
+
+
+# -- donated buffers are updated in place --------------------------------------------------
+
+def test_donated_steps_update_in_place():
+    """Steps of a jitted loop that donates the parameters and the state: every result lives
+    in its input's buffer, the compiled program copies nothing, and the bits after 5 steps
+    are the Cython backend's."""
+    kernel = "adam_amsgrad"
+    shapes = ((70001,), (3, 5, 7), ())
+    params, grads, states = _case(kernel, np.float32, shapes=shapes, seed=5)
+    step = jax.jit(lambda r, p, g, s: _jax_ffi.elementwise(kernel, r, p, g, s, 2),
+                   donate_argnums=(1, 3))
+
+    def record(t):
+        scalars = _scalars.adam_scalars(np.float32, step=t, lr=1e-2, beta1=0.9, beta2=0.999,
+                                        eps=1e-8, weight_decay=0.01, decoupled=False,
+                                        maximize=False, grad_scale=1.0, grad_clip=INF)
+        return scalars, _jax_ffi.record_bytes(_rules.ADAM_ARGS, np.float32, scalars)
+
+    jp = [jnp.asarray(x) for x in params]
+    jg = [jnp.asarray(x) for x in grads]
+    js = [[jnp.asarray(x) for x in s] for s in states]
+    text = step.lower(jnp.asarray(record(1)[1]), jp, jg, js).compile().as_text()
+    assert "custom_call_target=\"fastopt_elementwise_v1\"" in text
+    assert not re.search(r"\scopy(-start)?\(", text), text
+    buffers = [x.unsafe_buffer_pointer() for x in jp + [s for ss in js for s in ss]]
+    want = params, states
+    for t in range(1, 6):
+        scalars, rec = record(t)
+        jp, js = step(jnp.asarray(rec), jp, jg, js)
+        assert [x.unsafe_buffer_pointer() for x in jp + [s for ss in js for s in ss]] == buffers
+        want = _reference(kernel, scalars, want[0], grads, want[1])
+    _assert_step((jp, js), want)
+
+
+# -- errors ------------------------------------------------------------------------------
+
+def _python_case():
+    params, grads, states = _case("adam", np.float32, shapes=((4, 3), (5,)), seed=6)
+    record = _jax_ffi.record_bytes(_rules.ADAM_ARGS, np.float32, _hyper("adam", np.float32))
+    return dict(kernel="adam", record=record, params=params, grads=grads, states=states,
+                n_threads=1)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(kernel="adamw"), ValueError, "no elementwise kernel named 'adamw'"),
+    (dict(kernel=3), TypeError, "kernel: expected a kernel name"),
+    (dict(grads=lambda c: [c["grads"][0].T, c["grads"][1]]), ValueError,
+     r"grads\[0\]: expected the shape of params\[0\], \(4, 3\), got \(3, 4\)"),
+    (dict(states=lambda c: [c["states"][0][:1], c["states"][1]]), ValueError,
+     r"states\[0\]: kernel 'adam' takes 2 state arrays \('exp_avg', 'exp_avg_sq'\), got 1"),
+    (dict(grads=lambda c: c["grads"][:1]), ValueError, "expected one entry per tensor"),
+    (dict(params=lambda c: np.stack(c["params"][1:] * 2)), TypeError,
+     "params: expected a list of arrays"),
+    (dict(grads=lambda c: [c["grads"][0], 1.0]), TypeError, r"grads\[1\]: expected an array"),
+    (dict(states=lambda c: [c["states"][0], [c["states"][1][0].astype(np.float16)] * 2]),
+     TypeError, r"states\[1\]\[0\]: expected float32 as params\[0\], got float16"),
+    (dict(params=lambda c: [x.astype(np.int32) for x in c["params"]]), TypeError,
+     r"params\[0\]: expected float32 or float64, got int32"),
+    (dict(params=lambda c: [x.astype(np.float64) for x in c["params"]]), ValueError,
+     "float64 tensors need jax_enable_x64"),
+    (dict(record=lambda c: c["record"][:-8]), ValueError,
+     "record: expected the packed float32 struct of kernel 'adam', a 1-D uint8 array of 48 "
+     r"bytes, got uint8 of shape \(40,\)"),
+    (dict(record=lambda c: c["record"].view(np.int32)), ValueError, "got int32 of shape"),
+    (dict(record=[0] * 48), TypeError, "record: expected a uint8 array"),
+    (dict(n_threads=0), ValueError, "n_threads: expected an integer >= 1"),
+    (dict(n_threads=2.0), TypeError, "n_threads: expected an integer >= 1, got float"),
+    (dict(n_threads=True), TypeError, "n_threads: expected an integer >= 1, got a bool"),
+])
+def test_python_checks(change, error, match):
+    if jax.config.jax_enable_x64 and "jax_enable_x64" in match:
+        pytest.skip("x64 is on in this process")
+    case = _python_case()
+    case.update({k: v(case) if callable(v) else v for k, v in change.items()})
+    with pytest.raises(error, match=match):
+        _jax_ffi.elementwise(**case)
+
+
+def _raw_call(n_results, *operands, **attributes):
+    """The handler called directly, past the Python checks."""
+    _jax_ffi.register()
+    results = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in operands[1:1 + n_results]]
+    attrs = dict(kernel="sgd", n_tensors=np.int64(1), n_threads=np.int64(1))
+    attrs.update(attributes)
+    out = jax.ffi.ffi_call(_jax_ffi.TARGET, results, vmap_method="sequential")(*operands,
+                                                                               **attrs)
+    return [np.asarray(x) for x in out]
+
+
+P3 = np.arange(3, dtype=np.float32)
+SGD_RECORD = np.zeros(32, np.uint8)
+
+
+@pytest.mark.parametrize("operands, n_results, attributes, match", [
+    ((np.zeros(40, np.uint8), P3, P3), 1, {},
+     "argument 0: expected the 32 bytes of kernel sgd's packed float32 struct, got 40 bytes"),
+    ((SGD_RECORD.reshape(4, 8), P3, P3), 1, {},
+     "argument 0 .*: expected a 1-D uint8 array, got uint8 of rank 2"),
+    ((SGD_RECORD, P3, P3), 1, dict(kernel="nope"), "no elementwise kernel named 'nope'"),
+    ((SGD_RECORD, P3, P3), 1, dict(kernel="adafactor_vector"),
+     "no elementwise kernel named 'adafactor_vector'"),
+    ((SGD_RECORD, P3, np.ones(4, np.float32)), 1, {},
+     "tensor 0, grad: expected 3 elements, as the param, got 4"),
+    ((SGD_RECORD, P3, P3), 1, dict(n_tensors=np.int64(2)),
+     "kernel sgd over 2 tensors takes 5 arguments .* and gives 2 results, got 3 and 1"),
+    ((SGD_RECORD, P3, P3, P3), 2, dict(kernel="adam"),
+     "kernel adam over 1 tensors takes 5 arguments .* and gives 3 results, got 4 and 2"),
+    ((SGD_RECORD, P3.astype(np.float16), P3.astype(np.float16)), 1, {},
+     "tensor 0, param: expected float32 or float64, got float16"),
+    ((SGD_RECORD, P3, P3, P3.astype(np.int32)), 2, dict(kernel="sgd_momentum"),
+     "tensor 0, state 0: expected float32, got int32"),
+    ((SGD_RECORD, P3, P3), 1, dict(n_threads=np.int32(3)),  # (jax caches by value: 3 is new)
+     "attribute n_threads: expected an int64 scalar"),
+    ((SGD_RECORD, P3, P3), 1, dict(n_threads=np.int64(0)),
+     r"expected the attributes kernel .* and n_threads in \[1, 2147483647\]"),
+    ((SGD_RECORD, P3, P3), 1, dict(kernel=np.int64(1)), "attribute kernel: expected a string"),
+    ((SGD_RECORD, P3, P3), 1, dict(lr=np.float32(1)), "unexpected attribute 'lr'"),
+])
+def test_handler_checks(operands, n_results, attributes, match):
+    """A bad call reaching the C handler raises jax's error with the handler's message,
+    and the next good call works."""
+    with pytest.raises(jax.errors.JaxRuntimeError,
+                       match=f"INVALID_ARGUMENT: fastopt_elementwise_v1: {match}"):
+        _raw_call(n_results, *operands, **attributes)
+    record = _jax_ffi.record_bytes(_rules.SGD_ARGS, np.float32, _hyper("sgd", np.float32))
+    (got,) = _raw_call(1, record, P3, np.ones(3, np.float32))
+    _assert_bits(got, _reference("sgd", _hyper("sgd", np.float32), [P3],
+                                 [np.ones(3, np.float32)], [[]])[0][0])
+
+
+def test_record_bytes():
+    scalars = _hyper("radam", np.float64)
+    got = _jax_ffi.record_bytes(_rules.RADAM_ARGS, np.float64, scalars)
+    assert got.dtype == np.uint8 and got.ndim == 1 and got.size % 8 == 0
+    np.testing.assert_array_equal(got, _rules.pack(_rules.RADAM_ARGS.record(np.float64,
+                                                                            scalars)))
+    with pytest.raises(TypeError, match="args: expected a fastopt._rules.Args"):
+        _jax_ffi.record_bytes("radam", np.float64, scalars)
+    with pytest.raises(TypeError, match="dtype: expected float32 or float64, got float16"):
+        _jax_ffi.record_bytes(_rules.RADAM_ARGS, np.float16, scalars)
+
+
+# -- concurrency, registration, import ---------------------------------------------------
+
+def test_concurrent_calls_from_two_threads():
+    """XLA may run custom calls concurrently: two threads stepping different kernels at the
+    same time, each with two OpenMP threads, get their own exact results."""
+    jobs = []
+    for kernel, seed in (("adam", 7), ("lion", 8)):
+        scalars = _hyper(kernel, np.float32)
+        case = _case(kernel, np.float32, shapes=((300001,), (17,)), seed=seed)
+        record = _jax_ffi.record_bytes(_rules.KERNELS[kernel].args, np.float32, scalars)
+        step = jax.jit(lambda r, p, g, s, kernel=kernel: _jax_ffi.elementwise(
+            kernel, r, p, g, s, 2))
+        jax.block_until_ready(step(record, *case))  # compiled before the race
+        jobs.append((step, record, case, _reference(kernel, scalars, *case)))
+    barrier = threading.Barrier(len(jobs))
+    results = [[] for _ in jobs]
+
+    def run(i):
+        step, record, case, _ = jobs[i]
+        barrier.wait()
+        for _ in range(6):
+            results[i].append(jax.block_until_ready(step(record, *case)))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (_, _, _, want), got in zip(jobs, results):
+        assert len(got) == 6
+        for step_result in got:
+            _assert_step(step_result, want)
+
+
+def test_register_is_idempotent_and_thread_safe():
+    errors = []
+
+    def run():
+        try:
+            _jax_ffi.register()
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _jax_ffi.register()
+    assert errors == [] and _jax_ffi._registered
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_refused_handler_raises_and_leaves_jax_working(tmp_path, monkeypatch):
+    """A handler that XLA refuses (here: one reporting a future FFI major version) makes
+    register() raise with XLA's reason, and jax's CPU backend keeps working."""
+    import ctypes
+    source = tmp_path / "future.c"
+    source.write_text(
+        "#include \"fastopt/xla_ffi.h\"\n"
+        "fo_xla_error *handler(fo_xla_call_frame *call) {\n"
+        "    fo_xla_metadata *m = ((fo_xla_metadata_extension *)call->extension_start)"
+        "->metadata;\n"
+        "    m->api_version.struct_size = FO_XLA_STRUCT_SIZE(fo_xla_api_version, "
+        "minor_version);\n"
+        "    m->api_version.major_version = FO_XLA_API_MAJOR + 1;\n"
+        "    m->api_version.minor_version = 0;\n"
+        "    m->traits = 0;\n"
+        "    return 0;\n"
+        "}\n")
+    lib = tmp_path / "future.so"
+    subprocess.run(["cc", "-shared", "-fPIC", f"-I{KERNELS_DIR / 'include'}", str(source), "-o",
+                    str(lib)], check=True)
+    capsule = jax.ffi.pycapsule(ctypes.CDLL(str(lib)).handler)
+
+    class Future:
+        @staticmethod
+        def targets():
+            return {"fastopt_test_future_v1": capsule}
+
+    monkeypatch.setattr(_jax_ffi, "_xla", Future)
+    monkeypatch.setattr(_jax_ffi, "_registered", False)
+    with pytest.raises(RuntimeError, match="jax refused fastopt's XLA FFI handler "
+                                           "'fastopt_test_future_v1': .*API version"):
+        _jax_ffi.register()
+    assert not _jax_ffi._registered
+    assert float(jax.jit(lambda x: x + 1)(jnp.float32(1))) == 2.0
+
+
+def test_module_imports_jax_lazily():
+    code = ("import sys, fastopt._jax_ffi\n"
+            "print('jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
