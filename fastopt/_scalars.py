@@ -5,7 +5,9 @@ the parameter's dtype; kernels never compute powers such as beta**t. The NumPy r
 derives the same quantities itself, written as the textbook update.
 
 Each function returns the fields of the rule's fo_<rule>_args struct (fastopt/optim.h): the
-real-valued fields as floats, the flags as bools. Their order is the struct's, as the rule
+real-valued fields as floats, the flags as bools. The learning rate and the step count enter
+through arithmetic only, so that they may also be traced JAX values (a schedule's learning
+rate inside jax.jit). Their order is the struct's, as the rule
 table lists it (fastopt._rules.Args); tests/test_kernels.py checks that the table, these
 functions and the C header agree.
 """
@@ -23,7 +25,7 @@ def sgd_scalars(dtype, *, lr, momentum, dampening, weight_decay, nesterov, maxim
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
                 weight_decay=float(weight_decay),
                 momentum=float(momentum), one_minus_dampening=1.0 - dampening,
-                neg_lr=-float(lr), first=bool(first), nesterov=bool(nesterov))
+                neg_lr=-lr, first=bool(first), nesterov=bool(nesterov))
 
 
 def adam_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, decoupled, maximize,
@@ -69,13 +71,13 @@ def rmsprop_scalars(dtype, *, lr, alpha, eps, weight_decay, momentum, centered, 
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
                 weight_decay=float(weight_decay), alpha=float(alpha),
                 one_minus_alpha=1 - alpha, eps=float(eps), momentum=float(momentum),
-                neg_lr=-float(lr), lerp_hi=_lerp_hi(dtype, 1 - alpha))
+                neg_lr=-lr, lerp_hi=_lerp_hi(dtype, 1 - alpha))
 
 
 def adadelta_scalars(dtype, *, lr, rho, eps, weight_decay, maximize, grad_scale, grad_clip):
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
                 weight_decay=float(weight_decay), rho=float(rho), one_minus_rho=1 - rho,
-                eps=float(eps), neg_lr=-float(lr))
+                eps=float(eps), neg_lr=-lr)
 
 
 def adamax_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
@@ -125,7 +127,7 @@ def radam_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, decoupled
     rectify, rect = radam_rectification(step, beta2)
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
                 weight_decay=wd, decay=decay, one_minus_beta1=1 - beta1, beta2=float(beta2),
-                one_minus_beta2=1 - beta2, bias_correction1=1 - beta1 ** step, lr=float(lr),
+                one_minus_beta2=1 - beta2, bias_correction1=1 - beta1 ** step, lr=lr,
                 bias_correction2_sqrt=(1 - beta2 ** step) ** 0.5, eps=float(eps), rect=rect,
                 lerp_hi=_lerp_hi(dtype, 1 - beta1), rectify=rectify)
 
@@ -138,7 +140,7 @@ def adopt_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, decoupled
                 weight_decay=0.0 if decoupled else float(weight_decay),
                 neg_lr_wd=-lr * weight_decay if decoupled else 0.0, eps=float(eps),
                 clamp=float("inf") if clip_value is None else float(clip_value),
-                one_minus_beta1=1 - beta1, neg_lr=-float(lr), beta2=float(beta2),
+                one_minus_beta1=1 - beta1, neg_lr=-lr, beta2=float(beta2),
                 one_minus_beta2=1 - beta2, lerp_hi=_lerp_hi(dtype, 1 - beta1),
                 first=step == 1, decoupled=decoupled)
 
@@ -146,7 +148,7 @@ def adopt_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, decoupled
 def lion_scalars(dtype, *, lr, beta1, beta2, weight_decay, maximize, grad_scale, grad_clip):
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
                 beta1=float(beta1), one_minus_beta1=1 - beta1, beta2=float(beta2),
-                one_minus_beta2=1 - beta2, weight_decay=float(weight_decay), neg_lr=-float(lr))
+                one_minus_beta2=1 - beta2, weight_decay=float(weight_decay), neg_lr=-lr)
 
 
 def lamb_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
