@@ -129,6 +129,8 @@ LAMB_ARGS = Args("lamb", _GRAD + ("beta1", "one_minus_beta1", "beta2", "one_minu
                                   "bias_correction1", "bias_correction2", "eps",
                                   "weight_decay"))
 ADAFACTOR_ARGS = Args("adafactor", _GRAD + ("w", "eps1", "eps1_sq"), ("lerp_hi",))
+RPROP_ARGS = Args("rprop", _GRAD + ("etaminus", "etaplus", "step_size_min", "step_size_max"))
+ASGD_ARGS = Args("asgd", _GRAD + ("weight_decay", "decay", "neg_eta", "mu"), ("average",))
 SCALED_APPLY_ARGS = Args("scaled_apply", ("decay", "scale"))
 
 # the kernels of the multi-pass rules' passes that are not elementwise in the table's sense
@@ -193,11 +195,18 @@ RULES = (
          ("row_var", "col_var", "variance"), PASS_KERNELS,
          _scalars.adafactor_scalars, "torch.optim.Adafactor", dict(lr=1e-2),
          driver="adafactor", traffic=8, matrix=True),
+    Rule("Rprop", "fastopt.optim.rprop", "rprop_step", ("prev", "step_size"),
+         (Kernel("rprop", RPROP_ARGS, ("prev", "step_size")),),
+         _scalars.rprop_scalars, "torch.optim.Rprop", dict(lr=1e-2)),
+    Rule("ASGD", "fastopt.optim.asgd", "asgd_step", ("ax",),
+         (Kernel("asgd", ASGD_ARGS, ("ax",)),),
+         _scalars.asgd_scalars, "torch.optim.ASGD", dict(lr=1e-2),
+         state_scalars=(("step", int), ("eta", float), ("mu", float))),
 )
 
 # the state arrays that can be negative: 8-bit state (state_dtype="int8") keeps them with the
 # signed dynamic map, the others (second moments, sums, maxima) with the unsigned one
-SIGNED_STATE = frozenset({"exp_avg", "momentum_buffer", "grad_avg"})
+SIGNED_STATE = frozenset({"exp_avg", "momentum_buffer", "grad_avg", "prev", "ax"})
 # the state arrays kept in 8 bits with state_dtype="int8": those shaped like their parameter
 # (Adafactor's factored state, which is not, stays float32)
 QUANTIZABLE_STATE = frozenset(name for rule in RULES if not rule.matrix for name in rule.state)

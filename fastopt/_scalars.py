@@ -151,6 +151,27 @@ def lion_scalars(dtype, *, lr, beta1, beta2, weight_decay, maximize, grad_scale,
                 one_minus_beta2=1 - beta2, weight_decay=float(weight_decay), neg_lr=-lr)
 
 
+def rprop_scalars(dtype, *, etaminus, etaplus, step_size_min, step_size_max, maximize,
+                  grad_scale, grad_clip):
+    return dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                etaminus=float(etaminus), etaplus=float(etaplus),
+                step_size_min=float(step_size_min), step_size_max=float(step_size_max))
+
+
+def asgd_scalars(dtype, *, eta, mu, lambd, weight_decay, maximize, grad_scale, grad_clip):
+    """eta and mu: the values torch keeps in float32 tensors, as Python floats."""
+    return dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                weight_decay=float(weight_decay), decay=1 - lambd * eta, neg_eta=-eta,
+                mu=mu, average=mu != 1)
+
+
+def asgd_next(lr, lambd, alpha, t0, step):
+    """(eta, mu) after step `step`, rounded to float32 as torch's state tensors hold them."""
+    f32 = np.float32
+    return (float(f32(lr / ((1 + lambd * lr * step) ** alpha))),
+            float(f32(1 / max(1, step - t0))))
+
+
 def lamb_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
                  grad_clip):
     """(update pass, apply pass) struct fields of Lamb."""

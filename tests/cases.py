@@ -30,6 +30,8 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 
+from fastopt import _rules
+
 # the parity test's parameter sizes: empty, one element, a SIMD remainder, several vectors,
 # and a large one that the threads split into chunks
 SIZES = (0, 1, 7, 1023, 100003)
@@ -152,6 +154,52 @@ def _lamb_args(kw):
 
 def torch_optim(name):
     return Reference("torch", f"torch.optim.{name}")
+
+
+# --- kernel-level examples ----------------------------------------------------------------
+
+# each elementwise kernel's rule (Lamb's update pass included)
+RULE_OF = {k.name: rule for rule in _rules.RULES for k in rule.kernels
+           if k.name in _rules.KERNELS}
+
+
+def kernel_hyper(kernel, step, rule=None):
+    """Example hyperparameters of `kernel`'s rule (of the table, or a pass kernel), as its
+    scalars function and NumPy reference take them, at `step`: with the features that change
+    its arithmetic on (the kernel's state decides momentum, centering, amsgrad) and the
+    gradient prologue's clip and scale. `rule`: the kernel's rule where it is a pass kernel
+    (Adafactor's). The one table the kernel-level tests share: a new rule adds its entry
+    here."""
+    state = _rules.ALL_KERNELS[kernel].state
+    common = dict(grad_scale=0.9, grad_clip=2.5)
+    adam = dict(step=step, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    by_op = {
+        "sgd_step": dict(lr=0.05, momentum=0.9 if state else 0.0, dampening=0.1,
+                         weight_decay=0.01, nesterov=bool(state), maximize=False,
+                         first=step == 1),
+        "adam_step": dict(adam, decoupled=kernel == "adam", maximize=False),
+        "adagrad_step": dict(step=step, lr=0.05, lr_decay=0.01, weight_decay=0.01, eps=1e-10,
+                             maximize=True),
+        "rmsprop_step": dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.01,
+                             momentum=0.9 if "momentum_buffer" in state else 0.0,
+                             centered="grad_avg" in state, maximize=False),
+        "adadelta_step": dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.01, maximize=False),
+        "adamax_step": dict(adam, maximize=False),
+        "nadam_step": dict(adam, mu_product=0.5, momentum_decay=4e-3, decoupled=False,
+                           maximize=True),
+        "radam_step": dict(adam, decoupled=True, maximize=False),
+        "adopt_step": dict(adam, eps=1e-6, decoupled=True, clip_value=1.5, maximize=False),
+        "lion_step": dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.01, maximize=False),
+        "lamb_step": dict(adam, eps=1e-6, maximize=False),
+        "adafactor_step": dict(step=step, lr=0.01, beta2_decay=-0.8, eps1=None,
+                               weight_decay=0.01, maximize=False),
+        "rprop_step": dict(etaminus=0.5, etaplus=1.2, step_size_min=1e-3, step_size_max=2.0,
+                           maximize=True),
+        "asgd_step": dict(eta=0.01, mu=0.5 if step > 1 else 1.0, lambd=1e-3, weight_decay=0.01,
+                          maximize=False),
+    }
+    return dict(by_op[(rule or RULE_OF[kernel]).op], **common)
+
 
 
 # --- the table ------------------------------------------------------------------------------
@@ -431,6 +479,48 @@ CASES = {case.name: case for case in [
         # enough for both threads, a conv weight (many 3 x 3 slices), a column, empty ones
         shapes=((), 7, (33, 5), (2, 3, 700), (300, 1100), (64, 32, 3, 3), (9, 1), (0, 3),
                 (4, 0, 2)),
+    ),
+    Case(
+        "Rprop",
+        configs=(
+            dict(lr=0.05, etas=(0.3, 1.5), step_sizes=(1e-3, 0.2), maximize=True),
+            dict(),
+            dict(lr=0.05),
+            dict(lr=0.01, etas=(0.5, 1.1), step_sizes=(0.0, 1.0)),
+            dict(lr=0.2, step_sizes=(0.05, 0.1)),
+        ),
+        reference=torch_optim("Rprop"),
+        bad=(
+            Bad(dict(lr=-0.1), ValueError, r"lr must be"),
+            Bad(dict(etas=(1.2, 0.5)), ValueError, r"etas must satisfy 0 < etaminus < 1 < etaplus"),
+            Bad(dict(etas=(0.5, 1.0)), ValueError, r"etas must satisfy"),
+            Bad(dict(etas=0.5), ValueError, r"etas must be a pair"),
+            Bad(dict(step_sizes=(1.0, 0.1)), ValueError,
+                r"step_sizes must be \(min, max\) with min <= max"),
+            Bad(dict(step_sizes=(-1.0, 0.1)), ValueError, r"step_sizes\[0\] must be"),
+            Bad(dict(step_sizes=(0.0, math.nan)), ValueError, r"step_sizes\[1\] must be"),
+            Bad(dict(maximize=0), TypeError, r"maximize must be True or False"),
+        ),
+        state=keys("step", "prev", "step_size"),
+    ),
+    Case(
+        "ASGD",
+        configs=(
+            dict(lr=0.05, lambd=1e-2, alpha=0.5, t0=20, weight_decay=0.1, maximize=True),
+            dict(),
+            dict(lr=0.05, t0=3),
+            dict(lr=0.01, lambd=0.1, alpha=1.0, t0=0.0),
+            dict(lr=0.02, weight_decay=0.01, t0=50),
+        ),
+        reference=torch_optim("ASGD"),
+        bad=(
+            Bad(dict(lr=math.inf), ValueError, r"lr must be"),
+            Bad(dict(lambd=-1e-4), ValueError, r"lambd must be"),
+            Bad(dict(alpha=math.nan), ValueError, r"alpha must be"),
+            Bad(dict(t0="10"), TypeError, r"t0 must be a real number"),
+            Bad(dict(weight_decay=-0.1), ValueError, r"weight_decay must be"),
+        ),
+        state=keys("step", "eta", "mu", "ax"),
     ),
 ]}
 

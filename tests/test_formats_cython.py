@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import pytest
+from cases import RULE_OF, kernel_hyper
 
 from fastopt import _rules
 from fastopt._backends import _formats, resolve
@@ -37,10 +38,6 @@ Q8 = "int8"
 # tensors of 8-bit state: none, in one partial block, a block and around it, around
 # MIN_QUANTIZED, past a chunk; 74291 elements, two threads' worth
 Q8_SIZES = (0, 1, 255, 256, 257, 4095, 4096, 16385, 40000, 9000)
-# each kernel's rule: the kernels of a rule with a multi-pass driver (Lamb's update pass)
-# have no NumPy reference of their own
-RULE_OF = {k.name: rule for rule in _rules.RULES for k in rule.kernels
-           if k.name in _rules.KERNELS}
 
 
 class Config(NamedTuple):
@@ -89,34 +86,6 @@ def state_format(config, k):
     """The format of state operand k: config.state's formats, in turn."""
     formats = config.state.split(",")
     return formats[k % len(formats)]
-
-
-def hyper(kernel, step):
-    """Hyperparameters of `kernel`'s rule (as its reference and scalars take them) at
-    `step`, with the gradient prologue's clip and scale on."""
-    state = _rules.KERNELS[kernel].state
-    common = dict(grad_scale=0.9, grad_clip=2.5)
-    adam = dict(step=step, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
-    by_op = {
-        "sgd_step": dict(lr=0.05, momentum=0.9 if state else 0.0, dampening=0.1,
-                         weight_decay=0.01, nesterov=bool(state), maximize=False,
-                         first=step == 1),
-        "adam_step": dict(adam, decoupled=kernel == "adam", maximize=False),
-        "adagrad_step": dict(step=step, lr=0.05, lr_decay=0.01, weight_decay=0.01, eps=1e-10,
-                             maximize=True),
-        "rmsprop_step": dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.01,
-                             momentum=0.9 if "momentum_buffer" in state else 0.0,
-                             centered="grad_avg" in state, maximize=False),
-        "adadelta_step": dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.01, maximize=False),
-        "adamax_step": dict(adam, maximize=False),
-        "nadam_step": dict(adam, mu_product=0.5, momentum_decay=4e-3, decoupled=False,
-                           maximize=True),
-        "radam_step": dict(adam, decoupled=True, maximize=False),
-        "adopt_step": dict(adam, eps=1e-6, decoupled=True, clip_value=1.5, maximize=False),
-        "lion_step": dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.01, maximize=False),
-        "lamb_step": dict(adam, eps=1e-6, maximize=False),
-    }
-    return dict(by_op[RULE_OF[kernel].op], **common)
 
 
 def record(kernel, hyper_):
@@ -251,7 +220,7 @@ def run_both(kernel, config, sizes, seed, special=0.0):
     g_type = prob.operands[2][0].dtype
     rng = np.random.default_rng(seed + 1)
     for step in STEPS:
-        h = hyper(kernel, step)
+        h = kernel_hyper(kernel, step)
         grads = [values(rng, n, g_type, special=special) for n in sizes]
         runs = [(ops[:2] + ([g.copy() for g in grads],) + ops[3:], scales)
                 for ops, scales in runs]
@@ -309,7 +278,7 @@ def test_special_values(kernel, config):
 
 def test_master_weights_shadow_is_the_rounded_parameter():
     prob = problem("adam", CONFIGS[6], (1100,), seed=3)
-    h = hyper("adam", 1)
+    h = kernel_hyper("adam", 1)
     cy.elementwise("adam", prob.operands, record("adam", h), 1, masks=prob.masks,
                    formats=prob.formats._replace(step=1))
     params, shadow = prob.operands[0][0], prob.operands[-1][0]
@@ -434,7 +403,7 @@ def test_q8_codes_next_to_every_code_step(code):
     operands = (params, params, grads, codes)
     formats = _formats.Formats((0, 0, 0, code), False, 1, np.zeros((1, 2), np.uint32),
                                scales=(absmax,))
-    h = dict(hyper("sgd_momentum", 1), grad_scale=1.0, weight_decay=0.0)
+    h = dict(kernel_hyper("sgd_momentum", 1), grad_scale=1.0, weight_decay=0.0)
     want = copy(operands), copy(formats.scales)
     cy.elementwise("sgd_momentum", operands, record("sgd_momentum", h), 2, formats=formats)
     _formats.around(reference("sgd_momentum", h), want[0], formats._replace(scales=want[1]))
@@ -462,7 +431,7 @@ def test_through_the_generic_step(config):
     prob = problem("adam_amsgrad", config, SIZES, seed=11)
     got, want = copy(prob.operands), copy(prob.operands)
     got_scales, want_scales = copy(prob.formats.scales), copy(prob.formats.scales)
-    h = hyper("adam_amsgrad", 2)
+    h = kernel_hyper("adam_amsgrad", 2)
     for backend, ops, scales in (("cython", got, got_scales), ("numpy", want, want_scales)):
         fn = resolve("adam_step", backend, "cpu", np.float32)
         shadow = ops[6] if config.master else None
@@ -501,8 +470,8 @@ def test_refused(changes, match):
         operands += ([np.ones(n, DTYPES[shadow_type]) for n in (5, 9)],)
     before = copy(operands)
     with pytest.raises(ValueError, match=match):
-        cy.elementwise(kernel, operands, record("adam", hyper("adam", 1)), 1, n_aux=n_aux,
-                       formats=prob.formats._replace(**changes))
+        cy.elementwise(kernel, operands, record("adam", kernel_hyper("adam", 1)), 1,
+                       n_aux=n_aux, formats=prob.formats._replace(**changes))
     assert_same(operands, before, "refused")
 
 
@@ -530,6 +499,6 @@ def test_q8_refused(changes, match):
     }.get(changes.get("scales"), changes.get("scales", scales))
     before = copy(prob.operands), copy(scales)
     with pytest.raises(ValueError, match=match):
-        cy.elementwise("adam", prob.operands, record("adam", hyper("adam", 1)), 1,
+        cy.elementwise("adam", prob.operands, record("adam", kernel_hyper("adam", 1)), 1,
                        formats=prob.formats._replace(**changes))
     assert_same(prob.operands + scales, before[0] + before[1], "refused")

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+from cases import RULE_OF, kernel_hyper
 
 pytest.importorskip("numba")
 nb = pytest.importorskip("fastopt._backends._numba.optim")
@@ -40,9 +41,6 @@ Q8 = "int8"
 Q8_SIZES = (0, 1, 255, 256, 257, 4095, 4096, 16385, 40000, 9000)
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": _formats.bfloat16(),
           "float16": np.dtype(np.float16)}
-# each kernel's rule (Lamb's update pass: a pass of a multi-pass rule, no reference of its own)
-RULE_OF = {k.name: rule for rule in _rules.RULES for k in rule.kernels
-           if k.name in _rules.KERNELS}
 
 
 class Config(NamedTuple):
@@ -87,33 +85,6 @@ def state_format(config, k):
     """The format of state operand k: config.state's formats, in turn."""
     formats = config.state.split(",")
     return formats[k % len(formats)]
-
-
-def hyper(kernel, step):
-    """Hyperparameters of `kernel`'s rule (as its reference and scalars take them) at
-    `step`, with the gradient prologue's clip and scale on."""
-    state = _rules.KERNELS[kernel].state
-    adam = dict(step=step, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
-    by_op = {
-        "sgd_step": dict(lr=0.05, momentum=0.9 if state else 0.0, dampening=0.1,
-                         weight_decay=0.01, nesterov=bool(state), maximize=False,
-                         first=step == 1),
-        "adam_step": dict(adam, decoupled=kernel == "adam", maximize=False),
-        "adagrad_step": dict(step=step, lr=0.05, lr_decay=0.01, weight_decay=0.01, eps=1e-10,
-                             maximize=True),
-        "rmsprop_step": dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.01,
-                             momentum=0.9 if "momentum_buffer" in state else 0.0,
-                             centered="grad_avg" in state, maximize=False),
-        "adadelta_step": dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.01, maximize=False),
-        "adamax_step": dict(adam, maximize=False),
-        "nadam_step": dict(adam, mu_product=0.5, momentum_decay=4e-3, decoupled=False,
-                           maximize=True),
-        "radam_step": dict(adam, decoupled=True, maximize=False),
-        "adopt_step": dict(adam, eps=1e-6, decoupled=True, clip_value=1.5, maximize=False),
-        "lion_step": dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.01, maximize=False),
-        "lamb_step": dict(adam, eps=1e-6, maximize=False),
-    }
-    return dict(by_op[RULE_OF[kernel].op], grad_scale=0.9, grad_clip=2.5)
 
 
 def record(kernel, hyper_):
@@ -241,7 +212,7 @@ def run_both(kernel, config, sizes, seed, in_place, n_threads, special=0.0):
     g_type = operands[2][0].dtype
     rng = np.random.default_rng(seed + 1)
     for step in STEPS:
-        h = hyper(kernel, step)
+        h = kernel_hyper(kernel, step)
         formats = formats._replace(step=step)
         grads = [values(rng, n, g_type, special=special) for n in sizes]
         got, want = ((ops[:2] + ([g.copy() for g in grads],) + ops[3:]) for ops in (got, want))
@@ -378,7 +349,7 @@ def test_int8_quantizer(code):
 
 def test_master_weights_shadow_is_the_rounded_parameter():
     operands, formats = problem("adam", CONFIGS[6], (1100,), seed=3, in_place=True)
-    nb.elementwise("adam", operands, record("adam", hyper("adam", 1)), 1,
+    nb.elementwise("adam", operands, record("adam", kernel_hyper("adam", 1)), 1,
                    formats=formats._replace(step=1))
     params, shadow = operands[0][0], operands[-1][0]
     assert shadow.dtype == DTYPES["bfloat16"] and params.dtype == np.float32
@@ -414,7 +385,7 @@ def test_through_the_generic_step(config, sizes, masked):
     got_scales, want_scales = copy(formats.scales), copy(formats.scales)
     rng = np.random.default_rng(12)
     masks = [(rng.random(n) < 0.7).astype(np.uint8) for n in sizes] if masked else None
-    h = hyper("adam_amsgrad", 2)
+    h = kernel_hyper("adam_amsgrad", 2)
     formats = formats._replace(step=2)
     _steps.rule_step(nb, _rules.BY_NAME["Adam"], *got[:6], n_threads=2, masks=masks,
                      formats=formats._replace(scales=got_scales), shadow=got[6], **h)

@@ -8,6 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from cases import kernel_hyper
 
 from fastopt import _rules
 from fastopt._backends import _cupy, _layout
@@ -16,33 +17,6 @@ from fastopt._cpu import _optim
 KERNELS_DIR = _cupy.kernel_dir()
 HEADER = (KERNELS_DIR / "include" / "fastopt" / "optim.h").read_text()
 ARGS = sorted({k.args for k in _rules.ALL_KERNELS.values()}, key=lambda a: a.name)
-
-# hyperparameters for each rule's scalars function (the values do not matter here)
-EXAMPLES = {
-    "sgd_step": dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
-                     maximize=False, first=True),
-    "adam_step": dict(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
-                      decoupled=False, maximize=False),
-    "adagrad_step": dict(step=3, lr=0.1, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
-                         maximize=False),
-    "rmsprop_step": dict(lr=0.1, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                         centered=False, maximize=False),
-    "adadelta_step": dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False),
-    "adamax_step": dict(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
-                        maximize=False),
-    "nadam_step": dict(step=3, mu_product=0.5, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
-                       weight_decay=0.0, momentum_decay=4e-3, decoupled=False, maximize=False),
-    "radam_step": dict(step=9, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
-                       decoupled=False, maximize=False),
-    "lion_step": dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False),
-    "lamb_step": dict(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.0,
-                      maximize=False),
-    "adafactor_step": dict(step=3, lr=0.1, beta2_decay=-0.8, eps1=None, weight_decay=0.1,
-                           maximize=False),
-    "adopt_step": dict(step=3, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1,
-                       decoupled=True, clip_value=1.5, maximize=False),
-}
-
 
 def struct_fields(name):
     """[(C type, field name)] of fo_<name>_args in optim.h."""
@@ -98,8 +72,7 @@ def test_record_layout_is_the_c_layout(tmp_path):
 def test_host_scalars_fill_the_struct(rule):
     """Each rule's scalars function gives exactly its kernels' fields (for multi-pass rules,
     the update pass's and fo_scaled_apply's), reals as floats and flags as bools."""
-    scalars = rule.scalars(np.float32, grad_scale=1.0, grad_clip=float("inf"),
-                           **EXAMPLES[rule.op])
+    scalars = rule.scalars(np.float32, **kernel_hyper(rule.kernels[0].name, 3, rule))
     passes = scalars if rule.driver else (scalars,)
     kernels = [k for k in rule.kernels if k.name != "adafactor_factored"] if rule.driver \
         else rule.kernels[:1]

@@ -148,9 +148,11 @@ def test_resume_is_bit_identical(backend, fmt, tmp_path):
     assert_same((resumed_params, resumed.state), (params, opt.state))
 
 
-# the learning rate that moves each rule's parameters by about 1e-4 per step (Adadelta's
-# update is scaled by sqrt(eps) / rms(g), Adafactor's by the parameters' RMS)
-DRIFT_LR = {"Adadelta": 0.1, "Adagrad": 3e-4, "RAdam": 3e-4}
+# the hyperparameters that move each rule's parameters by about 1e-4 per step (default: lr
+# 1e-4; Adadelta's update is scaled by sqrt(eps) / rms(g), Adafactor's by the parameters'
+# RMS, Rprop's step size grows while the gradient keeps its sign: capped here)
+DRIFT_KW = {"Adadelta": dict(lr=0.1), "Adagrad": dict(lr=3e-4), "RAdam": dict(lr=3e-4),
+            "Rprop": dict(lr=1e-4, step_sizes=(0.0, 1e-4))}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -162,7 +164,7 @@ def test_stochastic_rounding_does_not_stall(name):
     shape = (256, 64) if CASES[name].shapes is not None else 16384
     start = (1 + rng.random(shape)).astype(BF16)  # [1, 2): ulp 2**-7
     direction = np.where(rng.random(shape) < 0.5, -1.0, 1.0)
-    kw = dict(lr=DRIFT_LR.get(name, 1e-4))
+    kw = DRIFT_KW.get(name, dict(lr=1e-4))
 
     def moved(dtype, **options):
         """Each weight's move against its gradient."""

@@ -329,6 +329,32 @@ def _lion(p, g, m, i, a, one):
     return p + a.neg_lr * (u + a.weight_decay * p)
 
 
+@element("rprop")
+def _rprop(p, g, prev, step_size, i, a, one):
+    d = _grad(g, a)
+    t = d * prev[i]
+    f = a.etaplus if t > 0 else (a.etaminus if t < 0 else one)
+    h = step_size[i] * f
+    h = a.step_size_min if h < a.step_size_min else (a.step_size_max if h > a.step_size_max
+                                                     else h)
+    step_size[i] = h
+    if f == a.etaminus:
+        d = one - one
+    prev[i] = d
+    return p + (-one * (one if d > 0 else (-one if d < 0 else one - one))) * h
+
+
+@element("asgd")
+def _asgd(p, g, ax, i, a, one):
+    d = _grad(g, a)
+    if a.weight_decay != 0:
+        d = d + a.weight_decay * p
+    q = p * a.decay
+    q = q + a.neg_eta * d
+    ax[i] = ax[i] + (q - ax[i]) * a.mu if a.average else q
+    return q
+
+
 @element("lamb_update")
 def _lamb_update(p, g, m, v, i, a, one):
     """Lamb's update pass: returns u (written to the scratch buffer in the "param out"

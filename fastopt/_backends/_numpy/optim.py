@@ -260,6 +260,40 @@ def lion_step(params, out, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, m
         out[i][...] = p + s(-lr) * (update + s(weight_decay) * p)
 
 
+def _torch_sign(x):
+    """torch.sign: -1, 1, or 0 for zeros and NaN."""
+    one = x.dtype.type(1)
+    return np.where(x > 0, one, np.where(x < 0, -one, x.dtype.type(0)))
+
+
+def rprop_step(params, out, grads, prevs, step_sizes, *, etaminus, etaplus, step_size_min,
+               step_size_max, maximize, grad_scale=1.0, grad_clip=float("inf"), n_threads=1):
+    for i, (p, g, prev, step_size) in enumerate(zip(params, grads, prevs, step_sizes)):
+        s = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
+        sign = _torch_sign(g * prev)
+        factor = np.where(sign > 0, s(etaplus), np.where(sign < 0, s(etaminus), s(1)))
+        # torch.clamp_: NaN passes
+        step_size[...] = np.minimum(np.maximum(step_size * factor, s(step_size_min)),
+                                    s(step_size_max))
+        g = np.where(factor == s(etaminus), s(0), g)
+        prev[...] = g
+        out[i][...] = p + (s(-1) * _torch_sign(g)) * step_size
+
+
+def asgd_step(params, out, grads, axs, *, eta, mu, lambd, weight_decay, maximize,
+              grad_scale=1.0, grad_clip=float("inf"), n_threads=1):
+    """`eta`, `mu`: this step's values (torch's per-parameter float32 tensors, before it
+    writes the next ones)."""
+    for i, (p, g, ax) in enumerate(zip(params, grads, axs)):
+        s = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, weight_decay)
+        p = p * s(1 - lambd * eta)
+        p = p + s(-eta) * g
+        ax[...] = ax + (p - ax) * s(mu) if mu != 1 else p
+        out[i][...] = p
+
+
 def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, step, lr, beta1, beta2, eps,
               weight_decay, maximize, grad_scale=1.0, grad_clip=float("inf"), n_threads=1,
               masks=None):

@@ -387,6 +387,59 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_LION)
 #undef FO_DEFINE_LION
 
 /*
+ * Rprop (torch.optim.Rprop, its single-tensor path), with torch.sign (0 for zeros and NaN):
+ *   f = etaplus, etaminus or 1 as sign(g * prev) is 1, -1 or 0
+ *   step_size <- clamp(step_size * f, step_size_min, step_size_max)
+ *   g <- 0 where f == etaminus;  p <- p + (-1 * sign(g)) * step_size;  prev <- g
+ */
+#define FO_DEFINE_RPROP(T, SFX, SQRT, FABS)                                               \
+    typedef struct {                                                                      \
+        T clip, gscale;                                                                   \
+        T etaminus, etaplus, step_size_min, step_size_max;                                \
+    } fo_rprop_args_##SFX;                                                                \
+                                                                                          \
+    FO_HD T fo_rprop_##SFX(T p, T g, T *prev, T *step_size, const fo_rprop_args_##SFX *a) \
+    {                                                                                     \
+        T t, f, h;                                                                        \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        t = g * *prev;                                                                    \
+        f = t > (T)0 ? a->etaplus : (t < (T)0 ? a->etaminus : (T)1);                      \
+        h = *step_size * f; /* torch.clamp: NaN passes */                                 \
+        h = h < a->step_size_min ? a->step_size_min                                       \
+                                 : (h > a->step_size_max ? a->step_size_max : h);         \
+        *step_size = h;                                                                   \
+        if (f == a->etaminus) g = (T)0;                                                   \
+        *prev = g;                                                                        \
+        return p + ((T)(-1) * (g > (T)0 ? (T)1 : (g < (T)0 ? (T)(-1) : (T)0))) * h;       \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_RPROP)
+#undef FO_DEFINE_RPROP
+
+/*
+ * ASGD (torch.optim.ASGD, its single-tensor path); eta and mu are the step's host scalars:
+ *   g <- g + wd * p;  p <- p * (1 - lambd * eta);  p <- p + (-eta) * g
+ *   ax <- ax + (p - ax) * mu   (ax <- p while mu is 1)
+ */
+#define FO_DEFINE_ASGD(T, SFX, SQRT, FABS)                                                \
+    typedef struct {                                                                      \
+        T clip, gscale;                                                                   \
+        T weight_decay, decay, neg_eta, mu;                                               \
+        int average;      /* mu != 1: average into ax, else copy the parameter */         \
+    } fo_asgd_args_##SFX;                                                                 \
+                                                                                          \
+    FO_HD T fo_asgd_##SFX(T p, T g, T *ax, const fo_asgd_args_##SFX *a)                   \
+    {                                                                                     \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
+        p = p * a->decay;                                                                 \
+        p = p + a->neg_eta * g;                                                           \
+        *ax = a->average ? *ax + (p - *ax) * a->mu : p;                                   \
+        return p;                                                                         \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_ASGD)
+#undef FO_DEFINE_ASGD
+
+/*
  * Lamb (You et al. 2019, as optax.lamb), step t, in two passes with a per-tensor reduction
  * between them:
  *   update pass:  m <- (1 - beta1) g + beta1 m;  v <- (1 - beta2) g^2 + beta2 v
@@ -512,6 +565,8 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SCALED_APPLY)
     X(T, SFX, radam, radam, 2)                                                            \
     X(T, SFX, adopt, adopt, 2)                                                            \
     X(T, SFX, lion, lion, 1)                                                              \
-    X(T, SFX, lamb_update, lamb, 2)
+    X(T, SFX, lamb_update, lamb, 2)                                                       \
+    X(T, SFX, rprop, rprop, 2)                                                            \
+    X(T, SFX, asgd, asgd, 1)
 
 #endif /* FASTOPT_OPTIM_H */
