@@ -131,6 +131,10 @@ LAMB_ARGS = Args("lamb", _GRAD + ("beta1", "one_minus_beta1", "beta2", "one_minu
 ADAFACTOR_ARGS = Args("adafactor", _GRAD + ("w", "eps1", "eps1_sq"), ("lerp_hi",))
 RPROP_ARGS = Args("rprop", _GRAD + ("etaminus", "etaplus", "step_size_min", "step_size_max"))
 ASGD_ARGS = Args("asgd", _GRAD + ("weight_decay", "decay", "neg_eta", "mu"), ("average",))
+ADEMAMIX_ARGS = Args("ademamix", _GRAD + ("beta1", "one_minus_beta1", "beta3", "one_minus_beta3",
+                                          "beta2", "one_minus_beta2", "bias_correction1",
+                                          "bias_correction2_sqrt", "alpha", "eps",
+                                          "weight_decay", "neg_lr"))
 SCALED_APPLY_ARGS = Args("scaled_apply", ("decay", "scale"))
 
 # the kernels of the multi-pass rules' passes that are not elementwise in the table's sense
@@ -202,11 +206,17 @@ RULES = (
          (Kernel("asgd", ASGD_ARGS, ("ax",)),),
          _scalars.asgd_scalars, "torch.optim.ASGD", dict(lr=1e-2),
          state_scalars=(("step", int), ("eta", float), ("mu", float))),
+    Rule("AdEMAMix", "fastopt.optim.ademamix", "ademamix_step",
+         ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq"),
+         (Kernel("ademamix", ADEMAMIX_ARGS, ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")),
+          Kernel("ademamix_nofast", ADEMAMIX_ARGS, ("exp_avg_slow", "exp_avg_sq"))),
+         _scalars.ademamix_scalars, "reference_impls.AdEMAMix", dict(lr=1e-3)),
 )
 
 # the state arrays that can be negative: 8-bit state (state_dtype="int8") keeps them with the
 # signed dynamic map, the others (second moments, sums, maxima) with the unsigned one
-SIGNED_STATE = frozenset({"exp_avg", "momentum_buffer", "grad_avg", "prev", "ax"})
+SIGNED_STATE = frozenset({"exp_avg", "momentum_buffer", "grad_avg", "prev", "ax",
+                          "exp_avg_fast", "exp_avg_slow"})
 # the state arrays kept in 8 bits with state_dtype="int8": those shaped like their parameter
 # (Adafactor's factored state, which is not, stays float32)
 QUANTIZABLE_STATE = frozenset(name for rule in RULES if not rule.matrix for name in rule.state)

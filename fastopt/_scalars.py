@@ -12,6 +12,8 @@ table lists it (fastopt._rules.Args); tests/test_kernels.py checks that the tabl
 functions and the C header agree.
 """
 
+import math
+
 import numpy as np
 
 
@@ -170,6 +172,31 @@ def asgd_next(lr, lambd, alpha, t0, step):
     f32 = np.float32
     return (float(f32(lr / ((1 + lambd * lr * step) ** alpha))),
             float(f32(1 / max(1, step - t0))))
+
+
+def ademamix_scalars(dtype, *, step, lr, beta1, beta2, beta3, alpha, eps, weight_decay,
+                     maximize, grad_scale, grad_clip):
+    """`beta3` and `alpha`: this step's (after warmup, ademamix_warmup)."""
+    return dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                beta1=float(beta1), one_minus_beta1=1 - beta1, beta3=float(beta3),
+                one_minus_beta3=1 - beta3, beta2=float(beta2), one_minus_beta2=1 - beta2,
+                bias_correction1=1 - beta1 ** step,
+                bias_correction2_sqrt=math.sqrt(1 - beta2 ** step),
+                alpha=float(alpha), eps=float(eps), weight_decay=float(weight_decay), neg_lr=-lr)
+
+
+def ademamix_warmup(step, beta1, beta3, alpha, t_alpha_beta3):
+    """(beta3, alpha) at `step` (from 1): the reference's linear warmup of alpha from 0 and
+    of beta3's half-life from beta1's, over `t_alpha_beta3` steps (None: none)."""
+    if t_alpha_beta3 is None or step >= t_alpha_beta3:
+        return beta3, alpha
+
+    def half_life(beta, eps=1e-8):
+        return math.log(0.5) / math.log(beta + eps) - 1
+
+    a = step / float(t_alpha_beta3)
+    return (math.pow(0.5, 1 / ((1.0 - a) * half_life(beta1) + a * half_life(beta3) + 1)),
+            a * alpha)
 
 
 def lamb_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,

@@ -197,6 +197,7 @@ def kernel_hyper(kernel, step, rule=None):
                            maximize=True),
         "asgd_step": dict(eta=0.01, mu=0.5 if step > 1 else 1.0, lambd=1e-3, weight_decay=0.01,
                           maximize=False),
+        "ademamix_step": dict(adam, beta3=0.999, alpha=5.0, maximize=True),
     }
     return dict(by_op[(rule or RULE_OF[kernel]).op], **common)
 
@@ -521,6 +522,27 @@ CASES = {case.name: case for case in [
             Bad(dict(weight_decay=-0.1), ValueError, r"weight_decay must be"),
         ),
         state=keys("step", "eta", "mu", "ax"),
+    ),
+    Case(
+        "AdEMAMix",
+        configs=(
+            dict(lr=0.01, betas=(0.8, 0.99, 0.999), alpha=5.0, weight_decay=0.1, maximize=True),
+            dict(),
+            dict(lr=0.01, t_alpha_beta3=50),
+            dict(lr=0.01, betas=(0.0, 0.99, 0.999), alpha=1.0, eps=1e-6),
+            dict(lr=0.005, t_alpha_beta3=500, weight_decay=0.01),
+        ),
+        reference=Reference("torch", "reference_impls.AdEMAMix"),
+        bad=(
+            Bad(dict(betas=(0.9, 0.999)), ValueError, r"betas must be a triple"),
+            Bad(dict(betas=(0.9, 0.999, 1.0)), ValueError, r"betas\[2\] must be"),
+            Bad(dict(alpha=-1.0), ValueError, r"alpha must be"),
+            Bad(dict(t_alpha_beta3=0), ValueError, r"t_alpha_beta3 must be >= 1"),
+            Bad(dict(t_alpha_beta3=2.5), TypeError, r"t_alpha_beta3 must be an integer"),
+            Bad(dict(eps=-1.0), ValueError, r"eps must be"),
+        ),
+        state=keys("step", "exp_avg_slow", "exp_avg_sq",
+                   exp_avg_fast=lambda kw, shape: kw.get("betas", (0.9,))[0] != 0),
     ),
 ]}
 

@@ -355,6 +355,29 @@ def _asgd(p, g, ax, i, a, one):
     return q
 
 
+@element("ademamix")
+def _ademamix(p, g, m1, m2, v, i, a, one):
+    d = _grad(g, a)
+    m1[i] = m1[i] * a.beta1 + a.one_minus_beta1 * d
+    return _ademamix_tail(p, d, m1[i], m2, v, i, a)
+
+
+@element("ademamix_nofast")
+def _ademamix_nofast(p, g, m2, v, i, a, one):
+    d = _grad(g, a)
+    return _ademamix_tail(p, d, d, m2, v, i, a)
+
+
+@njit(inline="always", **_JIT)
+def _ademamix_tail(p, d, m1, m2, v, i, a):
+    m2[i] = m2[i] * a.beta3 + a.one_minus_beta3 * d
+    v[i] = v[i] * a.beta2 + a.one_minus_beta2 * d * d
+    u = (m1 / a.bias_correction1 + a.alpha * m2[i]) / (np.sqrt(v[i]) / a.bias_correction2_sqrt
+                                                       + a.eps)
+    u = u + a.weight_decay * p
+    return p + a.neg_lr * u
+
+
 @element("lamb_update")
 def _lamb_update(p, g, m, v, i, a, one):
     """Lamb's update pass: returns u (written to the scratch buffer in the "param out"

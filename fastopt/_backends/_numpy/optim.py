@@ -9,6 +9,8 @@ Operands, shared with every backend: `params` are read, the results written to `
 (the same arrays for in-place updates); the state lists are updated in place.
 """
 
+import math
+
 import numpy as np
 
 from fastopt import _scalars
@@ -292,6 +294,29 @@ def asgd_step(params, out, grads, axs, *, eta, mu, lambd, weight_decay, maximize
         p = p + s(-eta) * g
         ax[...] = ax + (p - ax) * s(mu) if mu != 1 else p
         out[i][...] = p
+
+
+def ademamix_step(params, out, grads, fasts, slows, sqs, *, step, lr, beta1, beta2, beta3,
+                  alpha, eps, weight_decay, maximize, grad_scale=1.0, grad_clip=float("inf"),
+                  n_threads=1):
+    """`fasts` None when beta1 is 0 (the first moment is then the gradient itself);
+    `beta3`, `alpha`: this step's."""
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    for i, (p, g, slow, sq) in enumerate(zip(params, grads, slows, sqs)):
+        s = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
+        if fasts is None:
+            fast = g
+        else:
+            fast = fasts[i]
+            fast[...] = fast * s(beta1) + s(1 - beta1) * g
+        slow[...] = slow * s(beta3) + s(1 - beta3) * g
+        sq[...] = sq * s(beta2) + s(1 - beta2) * g * g
+        denom = np.sqrt(sq) / s(math.sqrt(bias_correction2)) + s(eps)
+        update = (fast / s(bias_correction1) + s(alpha) * slow) / denom
+        update = update + s(weight_decay) * p
+        out[i][...] = p + s(-lr) * update
 
 
 def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, step, lr, beta1, beta2, eps,

@@ -440,6 +440,48 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ASGD)
 #undef FO_DEFINE_ASGD
 
 /*
+ * AdEMAMix (Pagliardini et al. 2024, as the authors' apple/ml-ademamix pytorch/ademamix.py):
+ *   m1 <- beta1 m1 + (1 - beta1) g   (m1 = g, no state, when beta1 = 0)
+ *   m2 <- beta3 m2 + (1 - beta3) g;  v <- beta2 v + (1 - beta2) g g
+ *   u = (m1 / bc1 + alpha m2) / (sqrt(v) / sqrt(bc2) + eps) + wd p;  p <- p + (-lr) u
+ */
+#define FO_DEFINE_ADEMAMIX(T, SFX, SQRT, FABS)                                            \
+    typedef struct {                                                                      \
+        T clip, gscale;                                                                   \
+        T beta1, one_minus_beta1, beta3, one_minus_beta3, beta2, one_minus_beta2;         \
+        T bias_correction1, bias_correction2_sqrt, alpha, eps, weight_decay, neg_lr;      \
+    } fo_ademamix_args_##SFX;                                                             \
+                                                                                          \
+    FO_HD T fo_ademamix_tail_##SFX(T p, T g, T m1, T *m2, T *v,                           \
+                                   const fo_ademamix_args_##SFX *a)                       \
+    {                                                                                     \
+        T u;                                                                              \
+        *m2 = *m2 * a->beta3 + a->one_minus_beta3 * g;                                    \
+        *v = *v * a->beta2 + a->one_minus_beta2 * g * g;                                  \
+        u = (m1 / a->bias_correction1 + a->alpha * *m2)                                   \
+            / (SQRT(*v) / a->bias_correction2_sqrt + a->eps);                             \
+        u = u + a->weight_decay * p;                                                      \
+        return p + a->neg_lr * u;                                                         \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_ademamix_##SFX(T p, T g, T *m1, T *m2, T *v,                               \
+                              const fo_ademamix_args_##SFX *a)                            \
+    {                                                                                     \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        *m1 = *m1 * a->beta1 + a->one_minus_beta1 * g;                                    \
+        return fo_ademamix_tail_##SFX(p, g, *m1, m2, v, a);                               \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_ademamix_nofast_##SFX(T p, T g, T *m2, T *v,                               \
+                                     const fo_ademamix_args_##SFX *a)                     \
+    {                                                                                     \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        return fo_ademamix_tail_##SFX(p, g, g, m2, v, a);                                 \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_ADEMAMIX)
+#undef FO_DEFINE_ADEMAMIX
+
+/*
  * Lamb (You et al. 2019, as optax.lamb), step t, in two passes with a per-tensor reduction
  * between them:
  *   update pass:  m <- (1 - beta1) g + beta1 m;  v <- (1 - beta2) g^2 + beta2 v
@@ -567,6 +609,8 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SCALED_APPLY)
     X(T, SFX, lion, lion, 1)                                                              \
     X(T, SFX, lamb_update, lamb, 2)                                                       \
     X(T, SFX, rprop, rprop, 2)                                                            \
-    X(T, SFX, asgd, asgd, 1)
+    X(T, SFX, asgd, asgd, 1)                                                              \
+    X(T, SFX, ademamix, ademamix, 3)                                                      \
+    X(T, SFX, ademamix_nofast, ademamix, 2)
 
 #endif /* FASTOPT_OPTIM_H */

@@ -1,0 +1,66 @@
+"""Reference implementations for the conformance tests, for rules whose authors' code is not
+on PyPI: each follows the authors' code path operation by operation (source and commit
+named in its docstring), as plain torch, with fastopt's argument names (the conformance
+test builds them like torch.optim classes, ``cls(params, foreach=False, **config)``)."""
+
+import math
+
+import torch
+
+
+class AdEMAMix(torch.optim.Optimizer):
+    """AdEMAMix as apple/ml-ademamix's ``pytorch/ademamix.py`` (commit c3d73c0) computes it,
+    with ``t_alpha_beta3`` for both of its warmups and ``maximize`` as a negated gradient."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0,
+                 t_alpha_beta3=None, eps=1e-8, weight_decay=0.0, maximize=False,
+                 foreach=None):
+        super().__init__(params, dict(lr=lr, betas=betas, alpha=alpha,
+                                      t_alpha_beta3=t_alpha_beta3, eps=eps,
+                                      weight_decay=weight_decay, maximize=maximize))
+
+    @staticmethod
+    def _warmup(step, beta1, beta3, alpha, warmup):
+        if warmup is None or step >= warmup:
+            return beta3, alpha
+        frac = step / float(warmup)
+
+        def half_life(beta):
+            return math.log(0.5) / math.log(beta + 1e-8) - 1
+
+        t = (1.0 - frac) * half_life(beta1) + frac * half_life(beta3)
+        return math.pow(0.5, 1 / (t + 1)), (1.0 - frac) * 0 + frac * alpha
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2, beta3_final = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = -p.grad if group["maximize"] else p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    if beta1 != 0.0:
+                        state["exp_avg_fast"] = torch.zeros_like(p)
+                    state["exp_avg_slow"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                step = state["step"]
+                bias_correction1 = 1 - beta1 ** step
+                bias_correction2 = 1 - beta2 ** step
+                beta3, alpha = self._warmup(step, beta1, beta3_final, group["alpha"],
+                                            group["t_alpha_beta3"])
+                if beta1 != 0.0:
+                    fast = state["exp_avg_fast"]
+                    fast.mul_(beta1).add_(grad, alpha=1 - beta1)
+                else:
+                    fast = grad
+                state["exp_avg_slow"].mul_(beta3).add_(grad, alpha=1 - beta3)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bias_correction2)).add_(
+                    group["eps"])
+                update = (fast.div(bias_correction1) + alpha * state["exp_avg_slow"]) / denom
+                update.add_(p, alpha=group["weight_decay"])
+                p.add_(-group["lr"] * update)
