@@ -135,6 +135,10 @@ ADEMAMIX_ARGS = Args("ademamix", _GRAD + ("beta1", "one_minus_beta1", "beta3", "
                                           "beta2", "one_minus_beta2", "bias_correction1",
                                           "bias_correction2_sqrt", "alpha", "eps",
                                           "weight_decay", "neg_lr"))
+ADAN_ARGS = Args("adan", _GRAD + ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
+                                  "beta3", "one_minus_beta3", "bias_correction3_sqrt", "eps",
+                                  "neg_step_size", "neg_step_size_diff", "decay", "prox"),
+                 ("first", "no_prox"))
 SCALED_APPLY_ARGS = Args("scaled_apply", ("decay", "scale"))
 
 # the kernels of the multi-pass rules' passes that are not elementwise in the table's sense
@@ -211,12 +215,16 @@ RULES = (
          (Kernel("ademamix", ADEMAMIX_ARGS, ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")),
           Kernel("ademamix_nofast", ADEMAMIX_ARGS, ("exp_avg_slow", "exp_avg_sq"))),
          _scalars.ademamix_scalars, "reference_impls.AdEMAMix", dict(lr=1e-3)),
+    Rule("Adan", "fastopt.optim.adan", "adan_step",
+         ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"),
+         (Kernel("adan", ADAN_ARGS, ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")),),
+         _scalars.adan_scalars, "reference_impls.Adan", dict(lr=1e-3)),
 )
 
 # the state arrays that can be negative: 8-bit state (state_dtype="int8") keeps them with the
 # signed dynamic map, the others (second moments, sums, maxima) with the unsigned one
 SIGNED_STATE = frozenset({"exp_avg", "momentum_buffer", "grad_avg", "prev", "ax",
-                          "exp_avg_fast", "exp_avg_slow"})
+                          "exp_avg_fast", "exp_avg_slow", "exp_avg_diff", "neg_pre_grad"})
 # the state arrays kept in 8 bits with state_dtype="int8": those shaped like their parameter
 # (Adafactor's factored state, which is not, stays float32)
 QUANTIZABLE_STATE = frozenset(name for rule in RULES if not rule.matrix for name in rule.state)

@@ -199,6 +199,18 @@ def ademamix_warmup(step, beta1, beta3, alpha, t_alpha_beta3):
             a * alpha)
 
 
+def adan_scalars(dtype, *, step, lr, beta1, beta2, beta3, eps, weight_decay, no_prox,
+                 maximize, grad_scale, grad_clip):
+    return dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                beta1=float(beta1), one_minus_beta1=1 - beta1, beta2=float(beta2),
+                one_minus_beta2=1 - beta2, beta3=float(beta3), one_minus_beta3=1 - beta3,
+                bias_correction3_sqrt=math.sqrt(1.0 - beta3 ** step), eps=float(eps),
+                neg_step_size=-(lr / (1.0 - beta1 ** step)),
+                neg_step_size_diff=-(lr * beta2 / (1.0 - beta2 ** step)),
+                decay=1 - lr * weight_decay, prox=1 + lr * weight_decay, first=step == 1,
+                no_prox=bool(no_prox))
+
+
 def lamb_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
                  grad_clip):
     """(update pass, apply pass) struct fields of Lamb."""

@@ -198,6 +198,7 @@ def kernel_hyper(kernel, step, rule=None):
         "asgd_step": dict(eta=0.01, mu=0.5 if step > 1 else 1.0, lambd=1e-3, weight_decay=0.01,
                           maximize=False),
         "ademamix_step": dict(adam, beta3=0.999, alpha=5.0, maximize=True),
+        "adan_step": dict(adam, beta3=0.99, no_prox=step % 2 == 0, maximize=False),
     }
     return dict(by_op[(rule or RULE_OF[kernel]).op], **common)
 
@@ -543,6 +544,25 @@ CASES = {case.name: case for case in [
         ),
         state=keys("step", "exp_avg_slow", "exp_avg_sq",
                    exp_avg_fast=lambda kw, shape: kw.get("betas", (0.9,))[0] != 0),
+    ),
+    Case(
+        "Adan",
+        configs=(
+            dict(lr=0.01, betas=(0.9, 0.8, 0.95), weight_decay=0.1, no_prox=True,
+                 maximize=True),
+            dict(),
+            dict(lr=0.01, weight_decay=0.05),
+            dict(lr=0.005, betas=(0.98, 0.92, 0.999), eps=1e-6),
+            dict(lr=0.02),
+        ),
+        reference=Reference("torch", "reference_impls.Adan"),
+        bad=(
+            Bad(dict(betas=(0.9, 0.9)), ValueError, r"betas must be a triple"),
+            Bad(dict(betas=(0.98, 1.0, 0.99)), ValueError, r"betas\[1\] must be"),
+            Bad(dict(weight_decay=-0.1), ValueError, r"weight_decay must be"),
+            Bad(dict(no_prox="yes"), TypeError, r"no_prox must be True or False"),
+        ),
+        state=keys("step", "exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"),
     ),
 ]}
 

@@ -64,3 +64,49 @@ class AdEMAMix(torch.optim.Optimizer):
                 update = (fast.div(bias_correction1) + alpha * state["exp_avg_slow"]) / denom
                 update.add_(p, alpha=group["weight_decay"])
                 p.add_(-group["lr"] * update)
+
+
+class Adan(torch.optim.Optimizer):
+    """Adan as sail-sg/Adan's ``adan.py`` (commit 2c65bea) computes it on its single-tensor
+    path (foreach=False, no fused kernel, max_grad_norm 0), with ``maximize`` as a negated
+    gradient. Its step count is the param group's, as the reference keeps it."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.0,
+                 no_prox=False, maximize=False, foreach=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      no_prox=no_prox, maximize=maximize))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2, beta3 = group["betas"]
+            group["step"] = group.get("step", 0) + 1
+            step, lr, wd = group["step"], group["lr"], group["weight_decay"]
+            bias_correction3_sqrt = math.sqrt(1.0 - beta3 ** step)
+            step_size_diff = lr * beta2 / (1.0 - beta2 ** step)
+            step_size = lr / (1.0 - beta1 ** step)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = (-p.grad if group["maximize"] else p.grad).clone()
+                state = self.state[p]
+                if not state:
+                    for key in ("exp_avg", "exp_avg_sq", "exp_avg_diff"):
+                        state[key] = torch.zeros_like(p)
+                state["step"] = step  # the group's count, mirrored for the state comparison
+                if "neg_pre_grad" not in state or step == 1:
+                    state["neg_pre_grad"] = grad.clone().mul_(-1.0)
+                diff_now = state["neg_pre_grad"]
+                diff_now.add_(grad)
+                state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+                state["exp_avg_diff"].mul_(beta2).add_(diff_now, alpha=1 - beta2)
+                diff_now.mul_(beta2).add_(grad)
+                state["exp_avg_sq"].mul_(beta3).addcmul_(diff_now, diff_now, value=1 - beta3)
+                denom = (state["exp_avg_sq"].sqrt() / bias_correction3_sqrt).add_(group["eps"])
+                if group["no_prox"]:
+                    p.mul_(1 - lr * wd)
+                p.addcdiv_(state["exp_avg"], denom, value=-step_size)
+                p.addcdiv_(state["exp_avg_diff"], denom, value=-step_size_diff)
+                if not group["no_prox"]:
+                    p.div_(1 + lr * wd)
+                diff_now.zero_().add_(grad, alpha=-1.0)

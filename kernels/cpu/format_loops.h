@@ -24,9 +24,9 @@
 #include "fastopt/lowp.h"
 #include "fastopt/reduce.h"
 
-/* the most operands of a kernel: param in, param out, grad and 3 state operands */
-#define FO_FORMAT_OPS 6
-/* elements per block: a block's scratch (6 x 1 KiB at most) and the low-precision lines it
+/* the most operands of a kernel: param in, param out, grad and 4 state operands (Adan) */
+#define FO_FORMAT_OPS 7
+/* elements per block: a block's scratch (7 x 1 KiB at most) and the low-precision lines it
    converts stay in L1, and the hardware prefetchers keep ahead of blocks this small (a 10M
    element Adam step in bfloat16 took 1.3 to 2 times as long with blocks of 1024, as long
    with 128).

@@ -37,6 +37,11 @@
         FO_STATE(T, 1) FO_STATE(T, 2) FO_STATE(T, 3)                                      \
         FO_PARAM_LOOP(T, fo_##FN##_##SFX, g[i], s1 + i, s2 + i, s3 + i, &a);              \
     }
+#define FO_CHUNK4(T, SFX, NAME, FN, ARGS)                                                 \
+    FO_CHUNK_HEAD(T, SFX, NAME, ARGS)                                                     \
+        FO_STATE(T, 1) FO_STATE(T, 2) FO_STATE(T, 3) FO_STATE(T, 4)                       \
+        FO_PARAM_LOOP(T, fo_##FN##_##SFX, g[i], s1 + i, s2 + i, s3 + i, s4 + i, &a);      \
+    }
 
 /* Two-pass rules (Lamb, Adafactor): the update pass writes u to the "param out" slot (a
    scratch buffer; operand 0, the parameter, is read by Lamb only). The apply pass reads u

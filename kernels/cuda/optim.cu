@@ -46,6 +46,10 @@ typedef long long fo_i64;
     FO_CUDA_HEAD(T, SFX, NAME, ARGS) FO_CUDA_CHUNK(6)                                     \
     FO_CUDA_LOOP(T, fo_##FN##_##SFX(p, g, FO_OP(T, 3) + i, FO_OP(T, 4) + i,               \
                                     FO_OP(T, 5) + i, &a))
+#define FO_CUDA4(T, SFX, NAME, FN, ARGS)                                                  \
+    FO_CUDA_HEAD(T, SFX, NAME, ARGS) FO_CUDA_CHUNK(7)                                     \
+    FO_CUDA_LOOP(T, fo_##FN##_##SFX(p, g, FO_OP(T, 3) + i, FO_OP(T, 4) + i,               \
+                                    FO_OP(T, 5) + i, FO_OP(T, 6) + i, &a))
 
 /* Two-pass rules (Lamb, Adafactor): the update pass writes u to operand 1; the apply pass
    reads u as operand 2 and the tensor's factor from operand 3 (one element) */

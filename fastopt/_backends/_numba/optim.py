@@ -378,6 +378,24 @@ def _ademamix_tail(p, d, m1, m2, v, i, a):
     return p + a.neg_lr * u
 
 
+@element("adan")
+def _adan(p, g, m, n, diff, neg_pre, i, a, one):
+    d = _grad(g, a)
+    e = (-d if a.first else neg_pre[i]) + d
+    m[i] = m[i] * a.beta1 + a.one_minus_beta1 * d
+    diff[i] = diff[i] * a.beta2 + a.one_minus_beta2 * e
+    e = e * a.beta2 + d
+    n[i] = n[i] * a.beta3 + a.one_minus_beta3 * e * e
+    den = np.sqrt(n[i]) / a.bias_correction3_sqrt + a.eps
+    q = p * a.decay if a.no_prox else p
+    q = q + a.neg_step_size * m[i] / den
+    q = q + a.neg_step_size_diff * diff[i] / den
+    if not a.no_prox:
+        q = q / a.prox
+    neg_pre[i] = (one - one) + (-one) * d
+    return q
+
+
 @element("lamb_update")
 def _lamb_update(p, g, m, v, i, a, one):
     """Lamb's update pass: returns u (written to the scratch buffer in the "param out"

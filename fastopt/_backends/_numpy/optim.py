@@ -319,6 +319,34 @@ def ademamix_step(params, out, grads, fasts, slows, sqs, *, step, lr, beta1, bet
         out[i][...] = p + s(-lr) * update
 
 
+def adan_step(params, out, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, *,
+              step, lr, beta1, beta2, beta3, eps, weight_decay, no_prox, maximize,
+              grad_scale=1.0, grad_clip=float("inf"), n_threads=1):
+    """`neg_pre_grads` hold minus the previous gradient (at the first step the difference
+    of the gradients is 0)."""
+    step_size = lr / (1.0 - beta1 ** step)
+    step_size_diff = lr * beta2 / (1.0 - beta2 ** step)
+    bias_correction3_sqrt = math.sqrt(1.0 - beta3 ** step)
+    for i, (p, g, m, n, diff, neg_pre) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs,
+                                                        exp_avg_diffs, neg_pre_grads)):
+        s = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
+        d = (-g if step == 1 else neg_pre) + g
+        m[...] = m * s(beta1) + s(1 - beta1) * g
+        diff[...] = diff * s(beta2) + s(1 - beta2) * d
+        d = d * s(beta2) + g
+        n[...] = n * s(beta3) + s(1 - beta3) * d * d
+        denom = np.sqrt(n) / s(bias_correction3_sqrt) + s(eps)
+        if no_prox:
+            p = p * s(1 - lr * weight_decay)
+        p = p + s(-step_size) * m / denom
+        p = p + s(-step_size_diff) * diff / denom
+        if not no_prox:
+            p = p / s(1 + lr * weight_decay)
+        neg_pre[...] = s(0) + s(-1) * g
+        out[i][...] = p
+
+
 def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, step, lr, beta1, beta2, eps,
               weight_decay, maximize, grad_scale=1.0, grad_clip=float("inf"), n_threads=1,
               masks=None):
