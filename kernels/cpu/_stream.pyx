@@ -9,17 +9,21 @@ cdef extern from "stream.h" nogil:
     void fo_stream_rw2_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
     void fo_stream_rw3_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
     void fo_stream_rw4_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
+    void fo_stream_rw5_f32(char **, Py_ssize_t, Py_ssize_t, const void *)
     void fo_stream_rw1_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
     void fo_stream_rw2_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
     void fo_stream_rw3_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
     void fo_stream_rw4_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
+    void fo_stream_rw5_f64(char **, Py_ssize_t, Py_ssize_t, const void *)
 
-cdef fo_chunk_fn[4] _F32 = [fo_stream_rw1_f32, fo_stream_rw2_f32, fo_stream_rw3_f32, fo_stream_rw4_f32]
-cdef fo_chunk_fn[4] _F64 = [fo_stream_rw1_f64, fo_stream_rw2_f64, fo_stream_rw3_f64, fo_stream_rw4_f64]
+cdef fo_chunk_fn[5] _F32 = [fo_stream_rw1_f32, fo_stream_rw2_f32, fo_stream_rw3_f32,
+                            fo_stream_rw4_f32, fo_stream_rw5_f32]
+cdef fo_chunk_fn[5] _F64 = [fo_stream_rw1_f64, fo_stream_rw2_f64, fo_stream_rw3_f64,
+                            fo_stream_rw4_f64, fo_stream_rw5_f64]
 
 
 def stream_rw(list src, list rw, bint f64, int n_threads):
-    """x += 0 * src for each list x in `rw` (1 to 4 lists of arrays shaped like `src`).
+    """x += 0 * src for each list x in `rw` (1 to 5 lists of arrays shaped like `src`).
 
     Reads len(rw) + 1 streams and writes len(rw) in place, like an optimizer step with
     len(rw) - 1 state buffers; values are left as they were.
@@ -27,8 +31,8 @@ def stream_rw(list src, list rw, bint f64, int n_threads):
     cdef float c32 = 0
     cdef double c64 = 0
     cdef Py_ssize_t k = len(rw)
-    if not 1 <= k <= 4:
-        raise ValueError(f"rw: expected 1 to 4 read-write operands, got {k}")
+    if not 1 <= k <= 5:
+        raise ValueError(f"rw: expected 1 to 5 read-write operands, got {k}")
     ops = (src,) + tuple(rw)
     if f64:
         run(_F64[k - 1], ops, 8, &c64, n_threads)

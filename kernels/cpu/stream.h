@@ -22,8 +22,9 @@
         T *restrict x2 = (T *)ptr[K >= 2 ? 2 : 1] + lo;                                   \
         T *restrict x3 = (T *)ptr[K >= 3 ? 3 : 1] + lo;                                   \
         T *restrict x4 = (T *)ptr[K >= 4 ? 4 : 1] + lo;                                   \
+        T *restrict x5 = (T *)ptr[K >= 5 ? 5 : 1] + lo;                                   \
         ptrdiff_t i;                                                                      \
-        (void)x2; (void)x3; (void)x4;                                                     \
+        (void)x2; (void)x3; (void)x4; (void)x5;                                           \
         for (i = 0; i < n; i++) { BODY }                                                  \
     } while (0)
 
@@ -51,6 +52,11 @@
     {                                                                                     \
         FO_STREAM_RW(T, 4, x1[i] += c * g[i]; x2[i] += c * g[i]; x3[i] += c * g[i];       \
                            x4[i] += c * g[i];);                                           \
+    }                                                                                     \
+    FO_MULTIVERSION static void fo_stream_rw5_##SFX(char **ptr, ptrdiff_t lo, ptrdiff_t n, const void *args)\
+    {                                                                                     \
+        FO_STREAM_RW(T, 5, x1[i] += c * g[i]; x2[i] += c * g[i]; x3[i] += c * g[i];       \
+                           x4[i] += c * g[i]; x5[i] += c * g[i];);                        \
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_STREAM)
 #undef FO_DEFINE_STREAM
