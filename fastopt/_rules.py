@@ -44,7 +44,9 @@ class Args(NamedTuple):
         if scalars.keys() != set(self.fields):
             raise ValueError(f"fo_{self.name}_args: expected the fields {self.fields}, got "
                              f"{tuple(scalars)}")
-        return np.array([tuple(scalars[f] for f in self.fields)], _record_dtype(self, dtype))
+        record = np.zeros(1, _record_dtype(self, dtype))  # padding bytes 0: the same bytes
+        record[0] = tuple(scalars[f] for f in self.fields)  # for the same scalars, always
+        return record
 
 
 @functools.lru_cache(maxsize=None)
