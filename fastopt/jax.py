@@ -1,0 +1,575 @@
+r"""fastopt's optimizer kernels inside ``jax.jit``: optax transformations and a fused step.
+
+>>> import jax, jax.numpy as jnp, numpy as np
+>>> import fastopt.jax
+>>> opt = fastopt.jax.adamw(learning_rate=0.1, weight_decay=0.0)
+>>> params = {"w": jnp.zeros(2)}
+>>> state = opt.init(params)
+>>> params, state = jax.jit(opt.step)(params, {"w": jnp.array([1.0, -1.0])}, state)
+>>> np.asarray(params["w"]).round(4)
+array([-0.1,  0.1], dtype=float32)
+
+Each factory (:func:`adam`, :func:`adamw`, :func:`sgd`, :func:`lion`) takes optax's name,
+arguments and defaults and returns a :class:`FusedTransformation`: an optax
+``GradientTransformationExtraArgs`` (its ``init`` and ``update`` work in ``optax.chain``,
+``optax.MultiSteps`` and any optax training loop) whose update is one call of fastopt's
+compiled kernel over every leaf of the parameter pytree (the XLA FFI handler of
+``fastopt._jax_ffi``, run on jax's CPU backend), and which also offers ``step``: the same
+update written into the parameters and the state in place when ``jax.jit`` donates them.
+
+Inside the jitted function the step count and the learning rate (a constant or an optax
+schedule of the count) are traced values: the kernel's scalar struct (bias corrections,
+step size, the clipping coefficient) is computed and packed there, so a schedule changes
+nothing in the compiled program. The other hyperparameters are fixed when the
+transformation is made.
+"""
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:
+    import optax
+except ImportError as e:  # a clear message: fastopt.jax's objects are optax transformations
+    raise ImportError("fastopt.jax needs optax (pip install optax, or fastopt[jax])") from e
+
+from fastopt import _jax_ffi, _rules, _scalars
+from fastopt._check import flag, real
+from fastopt._config import check_threads, get_num_threads
+
+__all__ = ["adam", "adamw", "sgd", "lion", "FusedTransformation", "AdamState", "SGDState",
+           "LionState"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class AdamState(NamedTuple):
+    """The state of :func:`adam` and :func:`adamw`: the step count (an int32 scalar) and
+    the moments m and v, each a pytree shaped like the parameters (fastopt's and torch's
+    names; optax calls them ``mu`` and ``nu``)."""
+    count: Any
+    exp_avg: Any
+    exp_avg_sq: Any
+
+
+class SGDState(NamedTuple):
+    """The state of :func:`sgd`: the step count (an int32 scalar) and, with momentum, the
+    momentum buffer, a pytree shaped like the parameters (optax's ``trace``); None
+    without momentum."""
+    count: Any
+    momentum_buffer: Any = None
+
+
+class LionState(NamedTuple):
+    """The state of :func:`lion`: the step count (an int32 scalar) and the momentum m, a
+    pytree shaped like the parameters (optax's ``mu``)."""
+    count: Any
+    exp_avg: Any
+
+
+class FusedTransformation(optax.GradientTransformationExtraArgs):
+    """An optax ``GradientTransformationExtraArgs`` computed by one fastopt kernel call,
+    with a fused in-place step. Made by the factories (:func:`adamw`, ...), not directly.
+
+    - ``init(params) -> state``: the rule's state (:class:`AdamState`, ...), zeros shaped
+      like `params` and a step count of 0.
+    - ``update(updates, state, params, **extra_args) -> (updates, state)``: optax's
+      interface. `updates` are the gradients; `params` is required. The kernel computes
+      the new parameters, and the returned updates are their difference from `params`, so
+      ``optax.apply_updates(params, updates)`` gives them (exactly where a parameter
+      changes by less than half its magnitude, else within one rounding). Extra keyword
+      arguments (``optax.chain`` passes them on) are ignored. Since the old and the new
+      parameters coexist, this path costs a parameter-sized buffer and two more passes
+      than ``step``.
+    - ``step(params, grads, state) -> (params, state)``: the fused update, see
+      :attr:`step`.
+
+    `params` is any pytree of float32 arrays, or of float64 arrays with
+    ``jax_enable_x64``; all of one dtype.
+    """
+    __slots__ = ()
+
+    @property
+    def step(self):
+        """``step(params, grads, state) -> (params, state)``: one optimizer step, the new
+        parameters computed by the kernel and returned (no update tree, no
+        ``apply_updates``).
+
+        Jitted with ``donate_argnums=(0, 2)`` (`params` and `state` donated, `grads` not)
+        it writes the parameters and the state in place: the results live in the donated
+        buffers and the compiled program copies nothing. Without donation it returns new
+        arrays and leaves its inputs alone.
+
+        >>> import jax, jax.numpy as jnp, fastopt.jax
+        >>> opt = fastopt.jax.sgd(learning_rate=0.5, momentum=0.9)
+        >>> params = [jnp.ones(3)]
+        >>> state = opt.init(params)
+        >>> step = jax.jit(opt.step, donate_argnums=(0, 2))
+        >>> params, state = step(params, [jnp.ones(3)], state)
+        >>> params[0]
+        Array([0.5, 0.5, 0.5], dtype=float32)
+        """
+        fused = getattr(self.update, "__self__", None)
+        if not isinstance(fused, _Fused):
+            raise TypeError("step: this FusedTransformation was not made by a fastopt.jax "
+                            "factory (fastopt.jax.adamw, ...)")
+        return fused.step
+
+
+class _Fused:
+    """The configuration of one factory call: which kernel, how its scalar struct follows
+    from the step count and the learning rate, and the options. FusedTransformation's
+    `init` and `update` are bound methods of it, `step` another."""
+
+    def __init__(self, name, kernel, state_cls, scalars, learning_rate, hyper, max_grad_norm,
+                 n_threads):
+        self.name = name
+        self.kernel = _rules.KERNELS[kernel]
+        self.state_cls = state_cls
+        self.scalars = scalars  # (dtype, *, step, lr, grad_scale) -> the struct's fields
+        self.learning_rate = learning_rate
+        self.max_grad_norm = max_grad_norm
+        self.n_threads = n_threads
+        self.hyper = dict(learning_rate=learning_rate, **hyper, max_grad_norm=max_grad_norm,
+                          n_threads=n_threads)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
+        return f"fastopt.jax.{self.name}({args})"
+
+    def transformation(self):
+        return FusedTransformation(self.init, self.update)
+
+    def init(self, params):
+        params, _, _ = _params(params)
+        zeros = {name: jax.tree.map(jnp.zeros_like, params) for name in self.kernel.state}
+        return self.state_cls(count=jnp.zeros([], jnp.int32), **zeros)
+
+    def update(self, updates, state, params=None, **extra_args):
+        del extra_args  # optax.chain hands them to every transformation
+        if params is None:
+            raise ValueError(f"params: fastopt.jax.{self.name}'s update needs the parameters, "
+                             f"update(updates, state, params): its kernel computes the new "
+                             f"parameters")
+        treedef, old, new, state = self._apply(params, updates, state, "updates")
+        return treedef.unflatten([n - o for n, o in zip(new, old)]), state
+
+    def step(self, params, grads, state):
+        treedef, _, new, state = self._apply(params, grads, state, "grads")
+        return treedef.unflatten(new), state
+
+    def _apply(self, params, grads, state, grads_name):
+        """(treedef, parameter leaves, their new values, the new state)."""
+        _, (paths, leaves, treedef), dtype = _params(params)
+        grads = _like(grads, grads_name, paths, leaves, treedef)
+        count, states = self._state(state, paths, leaves, treedef)
+        step = optax.safe_increment(count)  # t, as optax: it stops at int32's maximum
+        if not leaves:
+            return treedef, [], [], state._replace(count=step)
+        # the schedule sees the count before the step, as optax's. It is read as step - 1,
+        # equal to count short of the maximum: the donated count buffer then has a single
+        # reader and XLA writes the new count into it without copying the old one
+        lr = self.learning_rate(step - 1) if callable(self.learning_rate) else self.learning_rate
+        if jnp.shape(lr) != ():
+            raise ValueError(f"learning_rate: the schedule returned a value of shape "
+                             f"{jnp.shape(lr)}, expected a scalar")
+        grad_scale = 1.0
+        if self.max_grad_norm is not None:
+            grad_scale = _clip_coefficient(self.max_grad_norm, grads)
+        fields = self.scalars(dtype, step=step, lr=lr, grad_scale=grad_scale)
+        record = _record(self.kernel.args, dtype, fields)
+        new, new_states = _kernel_call(self.name, self.kernel.name, self.n_threads, record,
+                                       leaves, grads, [list(s) for s in zip(*states)]
+                                       if states else [[] for _ in leaves])
+        new_state = self.state_cls(count=step, **{
+            name: treedef.unflatten([s[k] for s in new_states])
+            for k, name in enumerate(self.kernel.state)})
+        return treedef, leaves, new, new_state
+
+    def _state(self, state, paths, leaves, treedef):
+        """The step count and, per state array of the kernel, its leaves, checked against
+        the parameters'."""
+        cls = self.state_cls
+        if not isinstance(state, cls):
+            raise TypeError(f"state: expected the {cls.__name__} that fastopt.jax.{self.name}'s "
+                            f"init returns, got {type(state).__name__}")
+        count = state.count
+        if not (hasattr(count, "dtype") and jnp.shape(count) == ()
+                and jnp.issubdtype(count.dtype, jnp.integer)):
+            raise TypeError(f"state.count: expected an integer scalar array, got {count!r:.80}")
+        for name in cls._fields[1:]:
+            if name not in self.kernel.state and getattr(state, name) is not None:
+                raise ValueError(f"state.{name}: expected None (fastopt.jax.{self.name} keeps "
+                                 f"no {name} here), got a value: is this another "
+                                 f"transformation's state?")
+        states = [_like(getattr(state, name), f"state.{name}", paths, leaves, treedef)
+                  for name in self.kernel.state]
+        return count, states
+
+
+def _params(params):
+    """`params` with every leaf a jax array, (paths, leaves, treedef) and their dtype,
+    checked: float32 or float64 arrays, all of one dtype."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [jax.tree_util.keystr(path) for path, _ in flat]
+    leaves = [_array(leaf, f"params{path}") for path, (_, leaf) in zip(paths, flat)]
+    dtype = None
+    for path, leaf in zip(paths, leaves):
+        if np.dtype(leaf.dtype) not in _FLOATS:
+            raise TypeError(f"params{path}: expected float32 or float64 arrays, got "
+                            f"{leaf.dtype} (other dtypes and mixed precision are not "
+                            f"supported yet)")
+        if dtype is None:
+            dtype, first = np.dtype(leaf.dtype), path
+        elif leaf.dtype != dtype:
+            raise TypeError(f"params{path}: expected {dtype}, as params{first}: the parameters "
+                            f"must share one dtype (mixed dtypes are not supported yet), got "
+                            f"{leaf.dtype}")
+    return treedef.unflatten(leaves), (paths, leaves, treedef), dtype
+
+
+def _like(tree, name, paths, leaves, treedef):
+    """The leaves of `tree` (gradients or a state array), checked to have the parameters'
+    tree structure, and each its parameter's shape and dtype."""
+    flat, other = jax.tree.flatten(tree)
+    if other != treedef:
+        raise ValueError(f"{name}: expected the tree structure of params, {treedef}, got "
+                         f"{other}")
+    out = []
+    for path, param, leaf in zip(paths, leaves, flat):
+        leaf = _array(leaf, f"{name}{path}")
+        if leaf.dtype != param.dtype:
+            raise TypeError(f"{name}{path}: expected {param.dtype}, as params{path}, got "
+                            f"{leaf.dtype}")
+        if leaf.shape != param.shape:
+            raise ValueError(f"{name}{path}: expected the shape of params{path}, "
+                             f"{param.shape}, got {leaf.shape}")
+        out.append(leaf)
+    return out
+
+
+def _array(x, what):
+    try:
+        return jnp.asarray(x)
+    except TypeError:
+        raise TypeError(f"{what}: expected an array, got {type(x).__name__}") from None
+
+
+def _clip_coefficient(max_norm, grads):
+    """torch's clip_grad_norm_ coefficient min(1, max_norm / (norm + 1e-6)) over all
+    gradients, in their dtype (NaN where the norm is NaN or infinite, as torch's)."""
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in grads))
+    return jnp.minimum(max_norm / (norm + 1e-6), 1.0)
+
+
+def _record(args, dtype, fields):
+    """The kernel's scalar struct (fastopt._rules.Args `args`, for parameters of `dtype`)
+    packed as the FFI handler reads it, from `fields` (traced or Python values): each real
+    field cast to `dtype`, each flag to int32, at the offsets of the C layout, zero-padded
+    to a multiple of 8 bytes. The same bytes as fastopt._jax_ffi.record_bytes."""
+    layout = _rules._record_dtype(args, dtype)
+    pieces, end = [], 0
+    for name in args.fields:
+        field, offset = layout.fields[name][:2]
+        if offset > end:
+            pieces.append(jnp.zeros(offset - end, jnp.uint8))
+        pieces.append(jax.lax.bitcast_convert_type(jnp.asarray(fields[name], field),
+                                                   jnp.uint8))
+        end = offset + field.itemsize
+    size = -(-layout.itemsize // 8) * 8
+    if size > end:
+        pieces.append(jnp.zeros(size - end, jnp.uint8))
+    return jnp.concatenate(pieces)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _kernel_call(name, kernel, n_threads, record, params, grads, states):
+    """The FFI call, with a derivative rule that says why there is none."""
+    return _jax_ffi.elementwise(kernel, record, params, grads, states, n_threads)
+
+
+@_kernel_call.defjvp
+def _no_derivative(name, kernel, n_threads, primals, tangents):
+    raise ValueError(f"fastopt.jax.{name}: an optimizer step cannot be differentiated "
+                     f"(fastopt's fused kernel has no derivative rule). Differentiate the loss "
+                     f"and pass its gradients to update or step; to differentiate through the "
+                     f"update itself, use optax.{name}")
+
+
+# -- hyperparameters ------------------------------------------------------------------------
+
+def _learning_rate(value):
+    """A float >= 0, or a schedule: a callable of the step count."""
+    if callable(value):
+        return value
+    return real("learning_rate", value, lo=0.0)
+
+
+def _weight_decay(value):
+    if callable(value):
+        raise TypeError("weight_decay: a schedule is not supported yet; pass a number")
+    return real("weight_decay", value, lo=0.0)
+
+
+def _unsupported(name, value, default, why):
+    """Refuses an optax argument that fastopt does not implement yet unless it has its
+    default."""
+    if value is default or (default is not None and value == default):
+        return
+    raise ValueError(f"{name}={value!r:.60} is not supported yet by fastopt.jax ({why})")
+
+
+def _options(max_grad_norm, n_threads):
+    if max_grad_norm is not None:
+        max_grad_norm = real("max_grad_norm", max_grad_norm, lo=0.0, lo_open=True)
+    n_threads = get_num_threads() if n_threads is None else check_threads(n_threads,
+                                                                          "n_threads")
+    return max_grad_norm, n_threads
+
+
+def _make(name, kernel, state_cls, scalars, learning_rate, hyper, max_grad_norm, n_threads):
+    max_grad_norm, n_threads = _options(max_grad_norm, n_threads)
+    return _Fused(name, kernel, state_cls, scalars, learning_rate, hyper, max_grad_norm,
+                  n_threads).transformation()
+
+
+def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
+         nesterov=False, max_grad_norm=None, n_threads=None):
+    r"""Adam (Kingma & Ba 2014) as an optax transformation run by fastopt's fused kernel.
+
+    Follows ``optax.adam`` (its arguments, defaults and update). With gradient :math:`g_t`
+    at step :math:`t = 1, 2, \ldots` and learning rate :math:`\gamma_t` (the schedule's
+    value at count :math:`t - 1`, as optax's):
+
+    .. math::
+
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+        p_{t+1} &= p_t - \gamma_t \frac{m_t / (1 - \beta_1^t)}
+            {\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
+
+    The kernel (:class:`fastopt.Adam`'s) evaluates this in torch's operation order:
+    :math:`m_t = m_{t-1} + (1 - \beta_1)(g_t - m_{t-1})`,
+    :math:`v_t = \beta_2 v_{t-1} + ((1 - \beta_2) g_t) g_t`, and the denominator
+    :math:`\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon` and step size
+    :math:`\gamma_t / (1 - \beta_1^t)` once per step; it computes the bias corrections
+    :math:`1 - \beta^t` as optax does, in the count's floating type (float32 unless
+    ``jax_enable_x64``). Its results differ from ``optax.adam``'s by rounding only, a
+    fraction of an ulp of the parameters per step, in float32 as in float64.
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule (a function of
+            the step count, evaluated inside the jitted step).
+        b1 (float): :math:`\beta_1` in [0, 1). Default 0.9.
+        b2 (float): :math:`\beta_2` in [0, 1). Default 0.999.
+        eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
+        eps_root: optax's; only 0.0 is supported yet.
+        mu_dtype: optax's; only None is supported yet (the state has the parameters'
+            dtype).
+        nesterov (bool): optax's; only False is supported yet.
+        max_grad_norm (float or None): clip the gradients' total 2-norm :math:`N` to this:
+            every gradient is scaled by :math:`\min(1, \text{max\_grad\_norm} / (N +
+            10^{-6}))`, ``torch.nn.utils.clip_grad_norm_``'s coefficient (optax's
+            ``clip_by_global_norm`` has no :math:`10^{-6}`). Default None.
+        n_threads (int or None): CPU threads for the kernel; default
+            ``fastopt.get_num_threads()`` when the transformation is made.
+
+    Returns:
+        FusedTransformation: with state :class:`AdamState`.
+    """
+    learning_rate = _learning_rate(learning_rate)
+    b1 = real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
+    b2 = real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
+    eps = real("eps", eps, lo=0.0)
+    _unsupported("eps_root", real("eps_root", eps_root, lo=0.0), 0.0,
+                 "the kernel adds eps outside the square root only")
+    _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
+    _unsupported("nesterov", flag("nesterov", nesterov), False, "see optax.nadam")
+    return _make("adam", "adam", AdamState,
+                 _adam_scalars(b1, b2, eps, weight_decay=0.0), learning_rate,
+                 dict(b1=b1, b2=b2, eps=eps), max_grad_norm, n_threads)
+
+
+def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
+          weight_decay=1e-4, mask=None, *, nesterov=False, max_grad_norm=None, n_threads=None):
+    r"""AdamW (Loshchilov & Hutter 2019) as an optax transformation run by fastopt's fused
+    kernel.
+
+    Follows ``optax.adamw`` (its arguments, defaults and update): Adam's update plus the
+    decoupled weight decay :math:`\lambda p_t`, both scaled by the learning rate. With
+    gradient :math:`g_t` at step :math:`t = 1, 2, \ldots` and learning rate
+    :math:`\gamma_t` (the schedule's value at count :math:`t - 1`):
+
+    .. math::
+
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+        p_{t+1} &= p_t - \gamma_t \left(\frac{m_t / (1 - \beta_1^t)}
+            {\sqrt{v_t / (1 - \beta_2^t)} + \epsilon} + \lambda p_t\right)
+
+    The kernel (:class:`fastopt.AdamW`'s) evaluates this in torch's operation order: the
+    decay first, as :math:`p_t (1 - \gamma_t \lambda)`, then
+    :math:`m_t = m_{t-1} + (1 - \beta_1)(g_t - m_{t-1})`,
+    :math:`v_t = \beta_2 v_{t-1} + ((1 - \beta_2) g_t) g_t`, and the denominator
+    :math:`\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon` and step size
+    :math:`\gamma_t / (1 - \beta_1^t)` once per step; it computes the bias corrections
+    :math:`1 - \beta^t` as optax does, in the count's floating type (float32 unless
+    ``jax_enable_x64``). Its results differ from ``optax.adamw``'s by rounding only: a
+    fraction of an ulp of the parameters per step, plus, where :math:`\lambda \ne 0`, the
+    rounding of the factor :math:`1 - \gamma_t \lambda` to the parameters' dtype, up to
+    half an ulp of the parameters per step, of one sign for a constant learning rate.
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule (a function of
+            the step count, evaluated inside the jitted step).
+        b1 (float): :math:`\beta_1` in [0, 1). Default 0.9.
+        b2 (float): :math:`\beta_2` in [0, 1). Default 0.999.
+        eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
+        eps_root: optax's; only 0.0 is supported yet.
+        mu_dtype: optax's; only None is supported yet (the state has the parameters'
+            dtype).
+        weight_decay (float): :math:`\lambda \ge 0`, a number. Default 1e-4.
+        mask: optax's; only None is supported yet (the decay applies to every parameter).
+        nesterov (bool): optax's; only False is supported yet.
+        max_grad_norm (float or None): clip the gradients' total 2-norm, as
+            :func:`adam`'s. Default None.
+        n_threads (int or None): CPU threads for the kernel; default
+            ``fastopt.get_num_threads()`` when the transformation is made.
+
+    Returns:
+        FusedTransformation: with state :class:`AdamState`.
+    """
+    learning_rate = _learning_rate(learning_rate)
+    b1 = real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
+    b2 = real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
+    eps = real("eps", eps, lo=0.0)
+    weight_decay = _weight_decay(weight_decay)
+    _unsupported("eps_root", real("eps_root", eps_root, lo=0.0), 0.0,
+                 "the kernel adds eps outside the square root only")
+    _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
+    _unsupported("mask", mask, None, "weight decay applies to every parameter")
+    _unsupported("nesterov", flag("nesterov", nesterov), False, "see optax.nadamw")
+    return _make("adamw", "adam", AdamState,
+                 _adam_scalars(b1, b2, eps, weight_decay=weight_decay), learning_rate,
+                 dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay), max_grad_norm,
+                 n_threads)
+
+
+def _adam_scalars(b1, b2, eps, weight_decay):
+    def scalars(dtype, *, step, lr, grad_scale):
+        return _scalars.adam_scalars(dtype, step=step, lr=lr, beta1=b1, beta2=b2, eps=eps,
+                                     weight_decay=weight_decay,
+                                     decoupled=weight_decay != 0,
+                                     maximize=False, grad_scale=grad_scale,
+                                     grad_clip=math.inf)
+    return scalars
+
+
+def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
+        max_grad_norm=None, n_threads=None):
+    r"""Stochastic gradient descent, with optional (Nesterov) momentum, as an optax
+    transformation run by fastopt's fused kernel.
+
+    Follows ``optax.sgd`` (its arguments, defaults and update). With gradient :math:`g_t`
+    and learning rate :math:`\gamma_t` (the schedule's value at count :math:`t - 1`):
+
+    .. math::
+
+        b_t &= \mu b_{t-1} + g_t \quad (b_0 = 0) \\
+        d_t &= g_t + \mu b_t \text{ with nesterov, else } b_t
+            \text{ (} g_t \text{ without momentum)} \\
+        p_{t+1} &= p_t - \gamma_t d_t
+
+    This is ``torch.optim.SGD``'s kernel (:class:`fastopt.SGD`) with dampening 0 and the
+    buffer starting at zero; it evaluates optax's expressions in optax's order. Results
+    differ from ``optax.sgd``'s only where XLA compiles optax's :math:`a b + c` into one
+    fused multiply-add (its CPU backend does), which the kernel rounds twice: by a
+    fraction of an ulp of the parameters per step.
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule (a function of
+            the step count, evaluated inside the jitted step).
+        momentum (float or None): :math:`\mu \ge 0`; None (the default) keeps no buffer.
+        nesterov (bool): Nesterov momentum (no effect without momentum, as optax's).
+            Default False.
+        accumulator_dtype: optax's; only None is supported yet (the state has the
+            parameters' dtype).
+        max_grad_norm (float or None): clip the gradients' total 2-norm, as
+            :func:`adam`'s. Default None.
+        n_threads (int or None): CPU threads for the kernel; default
+            ``fastopt.get_num_threads()`` when the transformation is made.
+
+    Returns:
+        FusedTransformation: with state :class:`SGDState`.
+    """
+    learning_rate = _learning_rate(learning_rate)
+    if momentum is not None:
+        momentum = real("momentum", momentum, lo=0.0)
+    nesterov = flag("nesterov", nesterov)
+    _unsupported("accumulator_dtype", accumulator_dtype, None,
+                 "the state has the parameters' dtype")
+
+    def scalars(dtype, *, step, lr, grad_scale):
+        return _scalars.sgd_scalars(dtype, lr=lr, momentum=momentum or 0.0, dampening=0.0,
+                                    weight_decay=0.0, nesterov=nesterov, maximize=False,
+                                    first=False, grad_scale=grad_scale, grad_clip=math.inf)
+
+    return _make("sgd", "sgd" if momentum is None else "sgd_momentum", SGDState, scalars,
+                 learning_rate, dict(momentum=momentum, nesterov=nesterov), max_grad_norm,
+                 n_threads)
+
+
+def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None, *,
+         max_grad_norm=None, n_threads=None):
+    r"""Lion (Chen et al. 2023) as an optax transformation run by fastopt's fused kernel.
+
+    Follows ``optax.lion`` (its arguments, defaults and update). With gradient
+    :math:`g_t` and learning rate :math:`\gamma_t` (the schedule's value at count
+    :math:`t - 1`):
+
+    .. math::
+
+        u_t &= \operatorname{sign}((1 - \beta_1) g_t + \beta_1 m_{t-1}) + \lambda p_t \\
+        m_t &= (1 - \beta_2) g_t + \beta_2 m_{t-1} \\
+        p_{t+1} &= p_t - \gamma_t u_t
+
+    The kernel (:class:`fastopt.Lion`'s) evaluates optax's expressions in optax's order.
+    Results differ from ``optax.lion``'s only where XLA compiles optax's :math:`a b + c`
+    into one fused multiply-add (its CPU backend does), which the kernel rounds twice: by
+    a fraction of an ulp of the parameters per step.
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule (a function of
+            the step count, evaluated inside the jitted step).
+        b1 (float): :math:`\beta_1` in [0, 1]. Default 0.9.
+        b2 (float): :math:`\beta_2` in [0, 1]. Default 0.99.
+        mu_dtype: optax's; only None is supported yet (the state has the parameters'
+            dtype).
+        weight_decay (float): decoupled :math:`\lambda \ge 0`, a number. Default 1e-3.
+        mask: optax's; only None is supported yet (the decay applies to every parameter).
+        max_grad_norm (float or None): clip the gradients' total 2-norm, as
+            :func:`adam`'s. Default None.
+        n_threads (int or None): CPU threads for the kernel; default
+            ``fastopt.get_num_threads()`` when the transformation is made.
+
+    Returns:
+        FusedTransformation: with state :class:`LionState`.
+    """
+    learning_rate = _learning_rate(learning_rate)
+    b1 = real("b1", b1, lo=0.0, hi=1.0)
+    b2 = real("b2", b2, lo=0.0, hi=1.0)
+    weight_decay = _weight_decay(weight_decay)
+    _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
+    _unsupported("mask", mask, None, "weight decay applies to every parameter")
+
+    def scalars(dtype, *, step, lr, grad_scale):
+        return _scalars.lion_scalars(dtype, lr=lr, beta1=b1, beta2=b2,
+                                     weight_decay=weight_decay, maximize=False,
+                                     grad_scale=grad_scale, grad_clip=math.inf)
+
+    return _make("lion", "lion", LionState, scalars, learning_rate,
+                 dict(b1=b1, b2=b2, weight_decay=weight_decay), max_grad_norm, n_threads)
