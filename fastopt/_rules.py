@@ -140,7 +140,7 @@ ADEMAMIX_ARGS = Args("ademamix", _GRAD + ("beta1", "one_minus_beta1", "beta3", "
 ADAN_ARGS = Args("adan", _GRAD + ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
                                   "beta3", "one_minus_beta3", "bias_correction3_sqrt", "eps",
                                   "neg_step_size", "neg_step_size_diff", "decay", "prox"),
-                 ("first", "no_prox"))
+                 ("first",))
 SCALED_APPLY_ARGS = Args("scaled_apply", ("decay", "scale"))
 
 # the kernels of the multi-pass rules' passes that are not elementwise in the table's sense

@@ -207,8 +207,8 @@ def adan_scalars(dtype, *, step, lr, beta1, beta2, beta3, eps, weight_decay, no_
                 bias_correction3_sqrt=math.sqrt(1.0 - beta3 ** step), eps=float(eps),
                 neg_step_size=-(lr / (1.0 - beta1 ** step)),
                 neg_step_size_diff=-(lr * beta2 / (1.0 - beta2 ** step)),
-                decay=1 - lr * weight_decay, prox=1 + lr * weight_decay, first=step == 1,
-                no_prox=bool(no_prox))
+                decay=1 - lr * weight_decay if no_prox else 1.0,
+                prox=1.0 if no_prox else 1 + lr * weight_decay, first=step == 1)
 
 
 def lamb_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,

@@ -387,11 +387,10 @@ def _adan(p, g, m, n, diff, neg_pre, i, a, one):
     e = e * a.beta2 + d
     n[i] = n[i] * a.beta3 + a.one_minus_beta3 * e * e
     den = np.sqrt(n[i]) / a.bias_correction3_sqrt + a.eps
-    q = p * a.decay if a.no_prox else p
+    q = p * a.decay  # decay and prox: 1 where they do not apply (no bit changes)
     q = q + a.neg_step_size * m[i] / den
     q = q + a.neg_step_size_diff * diff[i] / den
-    if not a.no_prox:
-        q = q / a.prox
+    q = q / a.prox
     neg_pre[i] = (one - one) + (-one) * d
     return q
 

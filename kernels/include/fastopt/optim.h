@@ -486,8 +486,10 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ADEMAMIX)
  * state keeps -g_prev (at the first step -g: the difference is 0, NaN for inf):
  *   d = g - g_prev;  m <- b1 m + (1 - b1) g;  diff <- b2 diff + (1 - b2) d
  *   d <- b2 d + g;   n <- b3 n + (1 - b3) d d;  den = sqrt(n) / sqrt(bc3) + eps
- *   p <- p + ((-lr / bc1) m) / den + ((-lr b2 / bc2) diff) / den, then p / (1 + lr wd)
- *   (no_prox: p (1 - lr wd) first instead);  -g_prev <- 0 + (-1) g
+ *   p <- p decay + ((-lr / bc1) m) / den + ((-lr b2 / bc2) diff) / den, then p / prox
+ *   with decay = 1, prox = 1 + lr wd (no_prox: decay = 1 - lr wd, prox = 1: a factor of 1
+ *   changes no bit, and the loop has no branch to keep it from vectorizing)
+ *   -g_prev <- 0 + (-1) g
  */
 #define FO_DEFINE_ADAN(T, SFX, SQRT, FABS)                                                \
     typedef struct {                                                                      \
@@ -495,24 +497,23 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ADEMAMIX)
         T beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3;         \
         T bias_correction3_sqrt, eps, neg_step_size, neg_step_size_diff, decay, prox;     \
         int first;        /* the previous gradient is this one */                         \
-        int no_prox;                                                                      \
     } fo_adan_args_##SFX;                                                                 \
                                                                                           \
     FO_HD T fo_adan_##SFX(T p, T g, T *m, T *n, T *diff, T *neg_prev,                     \
                           const fo_adan_args_##SFX *a)                                    \
     {                                                                                     \
-        T d, den;                                                                         \
+        T d, den, prev = *neg_prev;                                                       \
         g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
-        d = (a->first ? -g : *neg_prev) + g;                                              \
+        d = (a->first ? -g : prev) + g;                                                   \
         *m = *m * a->beta1 + a->one_minus_beta1 * g;                                      \
         *diff = *diff * a->beta2 + a->one_minus_beta2 * d;                                \
         d = d * a->beta2 + g;                                                             \
         *n = *n * a->beta3 + a->one_minus_beta3 * d * d;                                  \
         den = SQRT(*n) / a->bias_correction3_sqrt + a->eps;                               \
-        if (a->no_prox) p = p * a->decay;                                                 \
+        p = p * a->decay;                                                                 \
         p = p + a->neg_step_size * *m / den;                                              \
         p = p + a->neg_step_size_diff * *diff / den;                                      \
-        if (!a->no_prox) p = p / a->prox;                                                 \
+        p = p / a->prox;                                                                  \
         *neg_prev = (T)0 + (T)(-1) * g;                                                   \
         return p;                                                                         \
     }
