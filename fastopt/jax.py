@@ -337,6 +337,19 @@ def _make(name, kernel, state_cls, scalars, learning_rate, hyper, max_grad_norm,
                   n_threads).transformation()
 
 
+def _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, nesterov_rule):
+    """(b1, b2, eps) of adam and adamw, checked; their optax arguments that fastopt does
+    not support yet refused unless at their defaults."""
+    b1 = real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
+    b2 = real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
+    eps = real("eps", eps, lo=0.0)
+    _unsupported("eps_root", real("eps_root", eps_root, lo=0.0), 0.0,
+                 "the kernel adds eps outside the square root only")
+    _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
+    _unsupported("nesterov", flag("nesterov", nesterov), False, f"see {nesterov_rule}")
+    return b1, b2, eps
+
+
 def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
          nesterov=False, max_grad_norm=None, n_threads=None):
     r"""Adam (Kingma & Ba 2014) as an optax transformation run by fastopt's fused kernel.
@@ -382,13 +395,7 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
         FusedTransformation: with state :class:`AdamState`.
     """
     learning_rate = _learning_rate(learning_rate)
-    b1 = real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
-    b2 = real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
-    eps = real("eps", eps, lo=0.0)
-    _unsupported("eps_root", real("eps_root", eps_root, lo=0.0), 0.0,
-                 "the kernel adds eps outside the square root only")
-    _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
-    _unsupported("nesterov", flag("nesterov", nesterov), False, "see optax.nadam")
+    b1, b2, eps = _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, "optax.nadam")
     return _make("adam", "adam", AdamState,
                  _adam_scalars(b1, b2, eps, weight_decay=0.0), learning_rate,
                  dict(b1=b1, b2=b2, eps=eps), max_grad_norm, n_threads)
@@ -444,15 +451,9 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None
         FusedTransformation: with state :class:`AdamState`.
     """
     learning_rate = _learning_rate(learning_rate)
-    b1 = real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
-    b2 = real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
-    eps = real("eps", eps, lo=0.0)
+    b1, b2, eps = _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, "optax.nadamw")
     weight_decay = _weight_decay(weight_decay)
-    _unsupported("eps_root", real("eps_root", eps_root, lo=0.0), 0.0,
-                 "the kernel adds eps outside the square root only")
-    _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
     _unsupported("mask", mask, None, "weight decay applies to every parameter")
-    _unsupported("nesterov", flag("nesterov", nesterov), False, "see optax.nadamw")
     return _make("adamw", "adam", AdamState,
                  _adam_scalars(b1, b2, eps, weight_decay=weight_decay), learning_rate,
                  dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay), max_grad_norm,

@@ -61,11 +61,13 @@ def check_bool(group, key, where):
     return value
 
 
-def check_betas(group, where, *, closed=False):
-    """group["betas"] as a tuple of two floats in [0, 1) (or [0, 1] with closed=True)."""
+def check_betas(group, where, *, closed=False, count=2):
+    """group["betas"] as a tuple of `count` floats (2 or 3) in [0, 1) (or [0, 1] with
+    closed=True)."""
     betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != count:
+        kind = "a pair (beta1, beta2)" if count == 2 else "a triple (beta1, beta2, beta3)"
+        raise ValueError(f"{where}: betas must be {kind}, got {betas!r}")
     group["betas"] = tuple(
         check_real({f"betas[{k}]": beta}, f"betas[{k}]", where, lo=0.0, hi=1.0,
                    hi_open=not closed)

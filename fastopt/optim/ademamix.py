@@ -6,6 +6,7 @@ from fastopt.optim._base import (
     OPTIONS_DOC,
     Optimizer,
     advance_step,
+    check_betas,
     check_bool,
     check_real,
     ensure_state,
@@ -66,14 +67,7 @@ class AdEMAMix(Optimizer):
 
     def _check_group(self, group, where):
         check_real(group, "lr", where, lo=0.0)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 3:
-            raise ValueError(f"{where}: betas must be a triple (beta1, beta2, beta3), got "
-                             f"{betas!r}")
-        group["betas"] = tuple(
-            check_real({f"betas[{k}]": beta}, f"betas[{k}]", where, lo=0.0, hi=1.0,
-                       hi_open=True)
-            for k, beta in enumerate(betas))
+        check_betas(group, where, count=3)
         check_real(group, "alpha", where, lo=0.0)
         if group["t_alpha_beta3"] is not None:
             group["t_alpha_beta3"] = integer(f"{where}: t_alpha_beta3", group["t_alpha_beta3"],
