@@ -70,7 +70,8 @@ class LRScheduler:
     """Base class: ``step()``, ``get_last_lr()``, ``state_dict()``, ``load_state_dict()``.
 
     Args:
-        optimizer: a fastopt optimizer.
+        optimizer: a fastopt optimizer (``fastopt.AdamW``, ``fastopt.torch.AdamW``, ...) or a
+            torch.optim one.
         last_epoch (int): the index of the last step taken; -1 (default) starts a schedule
             (and records each group's ``initial_lr``); >= 0 resumes one whose param groups
             already hold ``initial_lr``.
