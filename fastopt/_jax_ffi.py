@@ -90,7 +90,8 @@ def elementwise(kernel, record, params, grads, states, n_threads):
         caller scales per tensor and applies.
 
     Each parameter and state array is aliased to its result: when a jitted function donates
-    them, XLA updates their buffers in place; otherwise it gives the results new buffers.
+    them, XLA updates their buffers in place; otherwise it copies them first (a pass over the
+    parameters and the state) and the kernel updates the copies.
     """
     import jax
 

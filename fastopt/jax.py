@@ -117,7 +117,7 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
         if not isinstance(fused, _Fused):
             raise TypeError("step: this FusedTransformation was not made by a fastopt.jax "
                             "factory (fastopt.jax.adamw, ...)")
-        return fused.step
+        return fused.bound_step
 
 
 class _Fused:
@@ -136,6 +136,9 @@ class _Fused:
         self.n_threads = n_threads
         self.hyper = dict(learning_rate=learning_rate, **hyper, max_grad_norm=max_grad_norm,
                           n_threads=n_threads)
+        # one bound method, handed out at every opt.step: jax.jit caches its traces by the
+        # function object, so jax.jit(opt.step) in a loop compiles once
+        self.bound_step = self.step
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
@@ -366,7 +369,8 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
             {\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
 
     The kernel (:class:`fastopt.Adam`'s) evaluates this in torch's operation order:
-    :math:`m_t = m_{t-1} + (1 - \beta_1)(g_t - m_{t-1})`,
+    :math:`m_t = m_{t-1} + (1 - \beta_1)(g_t - m_{t-1})` (torch's lerp; for
+    :math:`\beta_1 \le 0.5` its other form, :math:`g_t - (g_t - m_{t-1}) \beta_1`),
     :math:`v_t = \beta_2 v_{t-1} + ((1 - \beta_2) g_t) g_t`, and the denominator
     :math:`\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon` and step size
     :math:`\gamma_t / (1 - \beta_1^t)` once per step; it computes the bias corrections
@@ -420,7 +424,8 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None
 
     The kernel (:class:`fastopt.AdamW`'s) evaluates this in torch's operation order: the
     decay first, as :math:`p_t (1 - \gamma_t \lambda)`, then
-    :math:`m_t = m_{t-1} + (1 - \beta_1)(g_t - m_{t-1})`,
+    :math:`m_t = m_{t-1} + (1 - \beta_1)(g_t - m_{t-1})` (torch's lerp; for
+    :math:`\beta_1 \le 0.5` its other form, :math:`g_t - (g_t - m_{t-1}) \beta_1`),
     :math:`v_t = \beta_2 v_{t-1} + ((1 - \beta_2) g_t) g_t`, and the denominator
     :math:`\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon` and step size
     :math:`\gamma_t / (1 - \beta_1^t)` once per step; it computes the bias corrections

@@ -463,3 +463,19 @@ def test_bad_state_and_calls():
     with pytest.raises(TypeError, match="step: this FusedTransformation was not made by a "
                                         "fastopt.jax factory"):
         fjax.FusedTransformation(tx.init, lambda u, s, p=None: (u, s)).step
+
+
+def test_jit_of_step_compiles_once(monkeypatch):
+    """opt.step is one function object, so jax.jit(opt.step) written in a loop hits jax's
+    cache instead of tracing and compiling again at every step."""
+    opt = fjax.adam(1e-2)
+    assert opt.step is opt.step
+    traces = []
+    apply = fjax._Fused._apply
+    monkeypatch.setattr(fjax._Fused, "_apply",
+                        lambda self, *a, **k: traces.append(1) or apply(self, *a, **k))
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    for _ in range(3):
+        params, state = jax.jit(opt.step)(params, {"w": jnp.ones(3)}, state)
+    assert len(traces) == 1

@@ -12,8 +12,9 @@
  * All tensors float32 or float64 (the struct's dtype); a tensor's operands and results hold
  * equally many elements, in any shapes (the update is elementwise, and XLA hands over
  * row-major buffers). The caller aliases each param and state input to its result, so a
- * donated buffer is updated in place; without donation XLA passes separate result buffers,
- * and the state is copied into its result chunk by chunk before the kernel updates it there.
+ * donated buffer is updated in place (without donation XLA copies the inputs into the
+ * results before the call). A call made without the aliases gets separate result buffers:
+ * the state is then copied into its result chunk by chunk before the kernel updates it.
  *
  * The handler is stateless (XLA may run several calls at once, from any thread) and checks
  * everything before touching memory: a bad call returns an INVALID_ARGUMENT error naming the
