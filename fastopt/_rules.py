@@ -141,6 +141,14 @@ ADAN_ARGS = Args("adan", _GRAD + ("beta1", "one_minus_beta1", "beta2", "one_minu
                                   "beta3", "one_minus_beta3", "bias_correction3_sqrt", "eps",
                                   "neg_step_size", "neg_step_size_diff", "decay", "prox"),
                  ("first",))
+SGD_SCHEDULEFREE_ARGS = Args("sgd_schedulefree", _GRAD + ("weight_decay", "ckp1", "y_coef",
+                                                          "neg_lr"), ("lerp_hi",))
+ADAMW_SCHEDULEFREE_ARGS = Args("adamw_schedulefree",
+                               SGD_SCHEDULEFREE_ARGS.reals + ("beta2", "one_minus_beta2",
+                                                              "bias_correction2", "eps"),
+                               ("lerp_hi",))
+MUON_ARGS = Args("muon", _GRAD + ("one_minus_momentum", "momentum"),
+                 ("lerp_hi", "nesterov_hi", "nesterov"))
 SCALED_APPLY_ARGS = Args("scaled_apply", ("decay", "scale"))
 
 # the kernels of the multi-pass rules' passes that are not elementwise in the table's sense
@@ -152,6 +160,9 @@ PASS_KERNELS = (
 )
 
 _ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+# Schedule-Free's numbers: the step count, the largest warmed-up learning rate so far and
+# the sum of the averaging weights (the reference keeps them per param group)
+_SCHEDULEFREE_NUMBERS = (("step", int), ("lr_max", float), ("weight_sum", float))
 
 RULES = (
     Rule("SGD", "fastopt.optim.sgd", "sgd_step", ("momentum_buffer",),
@@ -221,12 +232,27 @@ RULES = (
          ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"),
          (Kernel("adan", ADAN_ARGS, ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")),),
          _scalars.adan_scalars, "reference_impls.Adan", dict(lr=1e-3)),
+    Rule("SGDScheduleFree", "fastopt.optim.schedulefree", "sgd_schedulefree_step", ("z",),
+         (Kernel("sgd_schedulefree", SGD_SCHEDULEFREE_ARGS, ("z",)),),
+         _scalars.sgd_schedulefree_scalars, "reference_impls.SGDScheduleFree", dict(lr=1e-2),
+         state_scalars=_SCHEDULEFREE_NUMBERS),
+    Rule("AdamWScheduleFree", "fastopt.optim.schedulefree", "adamw_schedulefree_step",
+         ("z", "exp_avg_sq"),
+         (Kernel("adamw_schedulefree", ADAMW_SCHEDULEFREE_ARGS, ("z", "exp_avg_sq")),),
+         _scalars.adamw_schedulefree_scalars, "reference_impls.AdamWScheduleFree",
+         dict(lr=2.5e-3), state_scalars=_SCHEDULEFREE_NUMBERS),
+    # momentum pass (g, B read; B, O written), norm of O, Newton-Schulz (GEMMs), apply (p,
+    # O read; p written); param groups with use_muon=False run AdamW's kernels
+    Rule("Muon", "fastopt.optim.muon", "muon_step", ("momentum_buffer",) + _ADAM_MOMENTS,
+         (Kernel("muon_momentum", MUON_ARGS, ("momentum_buffer",)), PASS_KERNELS[2]),
+         _scalars.muon_scalars, "reference_impls.Muon", dict(lr=1e-3), driver="muon",
+         traffic=8, matrix=True),
 )
 
 # the state arrays that can be negative: 8-bit state (state_dtype="int8") keeps them with the
 # signed dynamic map, the others (second moments, sums, maxima) with the unsigned one
 SIGNED_STATE = frozenset({"exp_avg", "momentum_buffer", "grad_avg", "prev", "ax",
-                          "exp_avg_fast", "exp_avg_slow", "exp_avg_diff", "neg_pre_grad"})
+                          "exp_avg_fast", "exp_avg_slow", "exp_avg_diff", "neg_pre_grad", "z"})
 # the state arrays kept in 8 bits with state_dtype="int8": those shaped like their parameter
 # (Adafactor's factored state, which is not, stays float32)
 QUANTIZABLE_STATE = frozenset(name for rule in RULES if not rule.matrix for name in rule.state)

@@ -211,6 +211,58 @@ def adan_scalars(dtype, *, step, lr, beta1, beta2, beta3, eps, weight_decay, no_
                 prox=1.0 if no_prox else 1 + lr * weight_decay, first=step == 1)
 
 
+def schedulefree_weights(step, lr, warmup_steps, r, weight_lr_power, lr_max, weight_sum):
+    """Schedule-Free's host state at step `step` (from 1), as the reference advances it:
+    (lr_k, lr_max, weight_sum, ckp1): the warmed-up learning rate, the largest so far, the
+    sum of the averaging weights and this step's share of it (0 while the sum is 0)."""
+    sched = step / warmup_steps if step - 1 < warmup_steps else 1.0
+    lr_k = lr * sched
+    lr_max = max(lr_k, lr_max)
+    weight = (step ** r) * (lr_max ** weight_lr_power)
+    weight_sum = weight_sum + weight
+    return lr_k, lr_max, weight_sum, weight / weight_sum if weight_sum != 0 else 0.0
+
+
+def sgd_schedulefree_scalars(dtype, *, lr, ckp1, momentum, weight_decay, maximize, grad_scale,
+                             grad_clip):
+    """`lr`: this step's warmed-up learning rate; `ckp1`: its averaging weight
+    (schedulefree_weights)."""
+    return dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                weight_decay=float(weight_decay), ckp1=float(ckp1),
+                y_coef=lr * (momentum * (1 - ckp1) - 1), neg_lr=-lr,
+                lerp_hi=_lerp_hi(dtype, ckp1))
+
+
+def adamw_schedulefree_scalars(dtype, *, step, lr, ckp1, beta1, beta2, eps, weight_decay,
+                               maximize, grad_scale, grad_clip):
+    return dict(**sgd_schedulefree_scalars(dtype, lr=lr, ckp1=ckp1, momentum=beta1,
+                                           weight_decay=weight_decay, maximize=maximize,
+                                           grad_scale=grad_scale, grad_clip=grad_clip),
+                beta2=float(beta2), one_minus_beta2=1 - beta2,
+                bias_correction2=1 - beta2 ** step, eps=float(eps))
+
+
+def muon_scalars(dtype, *, lr, weight_decay, momentum, nesterov, maximize, grad_scale,
+                 grad_clip, **newton_schulz):
+    """(momentum pass, apply pass) struct fields of Muon; the apply pass's per-tensor factor
+    is -lr times muon_lr_ratio. `newton_schulz`: the iteration's arguments, which no struct
+    holds."""
+    update = dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                  one_minus_momentum=1 - momentum, momentum=float(momentum),
+                  lerp_hi=_lerp_hi(dtype, 1 - momentum), nesterov_hi=_lerp_hi(dtype, momentum),
+                  nesterov=bool(nesterov))
+    return update, dict(decay=1 - lr * weight_decay, scale=1.0)
+
+
+def muon_lr_ratio(shape, adjust_lr_fn):
+    """torch.optim.Muon's learning-rate factor for an (A, B) matrix: sqrt(max(1, A / B))
+    ("original", the default) or 0.2 sqrt(max(A, B)) ("match_rms_adamw")."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1, rows / cols)) if cols else 1.0  # no columns: no update
+    return 0.2 * math.sqrt(max(rows, cols))
+
+
 def lamb_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
                  grad_clip):
     """(update pass, apply pass) struct fields of Lamb."""

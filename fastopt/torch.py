@@ -633,13 +633,31 @@ def _doc(rule, kernels_cls, torch_keys):
             f"torch's optimizers.{flags}\n{rest}\n")
 
 
+_MODES = ("train", "eval")  # methods that move the parameters between a rule's two points
+
+
+def _mode_switch(mode, method):
+    def switch(self):
+        kernels = self._take_in()
+        method(kernels)
+        for group, projected in zip(self.param_groups, kernels.param_groups):
+            group["train_mode"] = projected["train_mode"]
+        # the parameters changed in place, as a torch.optim step changes them
+        torch.autograd.graph.increment_version([_local(p) for p in self._flat])
+
+    switch.__name__ = switch.__qualname__ = mode
+    switch.__doc__ = method.__doc__.replace(" Returns ``self.params()``.", "")
+    return switch
+
+
 def _make(rule):
     """The fastopt.torch class of a rule of the table."""
     kernels_cls = getattr(_optim, rule.name)
     parameters = [p for name, p in inspect.signature(kernels_cls.__init__).parameters.items()
                   if p.kind is p.POSITIONAL_OR_KEYWORD and name not in ("self", "params")]
     # the param-group keys; the other arguments (ADOPT's clip_lambda) are the optimizer's
-    hyper = tuple(kernels_cls([np.zeros(1)]).defaults)
+    kernel_defaults = kernels_cls([np.zeros((1, 1))]).defaults  # a matrix: any rule takes it
+    hyper = tuple(kernel_defaults)
     torch_keys, fixed = (), {}
     if rule.reference.startswith("torch.optim."):
         torch_cls = getattr(torch.optim, rule.reference.removeprefix("torch.optim."))
@@ -662,6 +680,8 @@ def _make(rule):
                                      default=_IMPLEMENTATION[k])
                    for k in torch_keys if k not in [p.name for p in parameters]]
     arguments = inspect.Signature(parameters)
+    # group keys that are no argument (Schedule-Free's train_mode): the array API's defaults
+    fixed.update((k, v) for k, v in kernel_defaults.items() if k not in arguments.parameters)
 
     def __init__(self, params, *args, **kwargs):
         options = {k: kwargs.pop(k) for k in OPTIONS if k in kwargs}
@@ -684,6 +704,9 @@ def _make(rule):
     namespace = dict(__init__=__init__, __doc__=_doc(rule, kernels_cls, torch_keys),
                      __module__=__name__, __qualname__=rule.name,
                      _kernels_cls=kernels_cls, _hyper=hyper)
+    for mode in _MODES:  # Schedule-Free's train() and eval()
+        if hasattr(kernels_cls, mode):
+            namespace[mode] = _mode_switch(mode, getattr(kernels_cls, mode))
     return type(rule.name, (Optimizer,), namespace)
 
 

@@ -117,6 +117,16 @@ class Case:
     state: dict  # state key -> None (always there) or when(kw, shape) -> bool; see keys()
     shapes: Optional[tuple] = None  # parity test shapes, if not SIZES
     unchecked: tuple = ()  # (config, dtype, reason): compared through float64, not directly
+    matrices: bool = False  # the rule updates matrices only (Muon): see shaped()
+
+    def shaped(self, shapes):
+        """`shapes` as this rule's parameters take them: unchanged, or for a rule of
+        matrices each made 2-D (its elements kept: () -> (1, 1), (n,) -> (1, n), more
+        dimensions folded into the rows)."""
+        if not self.matrices:
+            return shapes
+        return [(1, 1) if s in ((), 1) else (1, s) if isinstance(s, int) else
+                (1, s[0]) if len(s) == 1 else (math.prod(s[:-1]), s[-1]) for s in shapes]
 
     def state_keys(self, kw, shape):
         """The state keys of a parameter of `shape` after a step under config `kw`."""
@@ -131,7 +141,14 @@ class Case:
     def parity_shapes(self, large):
         """The parity test's shapes: all, or (large=False) those of at most SMALL elements."""
         shapes = SIZES if self.shapes is None else self.shapes
-        return tuple(s for s in shapes if large or math.prod(np.atleast_1d(s)) <= SMALL)
+        return tuple(self.shaped([s for s in shapes
+                                  if large or math.prod(np.atleast_1d(s)) <= SMALL]))
+
+
+def shaped(name, shapes):
+    """`shapes` as rule `name`'s parameters take them (Case.shaped; unchanged for a name
+    the table does not list)."""
+    return CASES[name].shaped(shapes) if name in CASES else list(shapes)
 
 
 def config_id(name, kw):
@@ -199,6 +216,14 @@ def kernel_hyper(kernel, step, rule=None):
                           maximize=False),
         "ademamix_step": dict(adam, beta3=0.999, alpha=5.0, maximize=True),
         "adan_step": dict(adam, beta3=0.99, no_prox=step % 2 == 0, maximize=False),
+        # ckp1 >= 0.5 at the first step, below it after: both of torch's lerp formulas
+        "sgd_schedulefree_step": dict(lr=0.05, ckp1=1.0 / step, momentum=0.9,
+                                      weight_decay=0.01, maximize=True),
+        "adamw_schedulefree_step": dict(adam, ckp1=1.0 / step, maximize=False),
+        "muon_step": dict(lr=0.02, weight_decay=0.1, momentum=0.95 if step % 2 else 0.3,
+                          nesterov=step % 3 != 0, ns_coefficients=(3.4445, -4.7750, 2.0315),
+                          ns_steps=5, eps=1e-7, adjust_lr_fn="match_rms_adamw",
+                          ns_dtype=None, maximize=False),
     }
     return dict(by_op[(rule or RULE_OF[kernel]).op], **common)
 
@@ -563,6 +588,72 @@ CASES = {case.name: case for case in [
             Bad(dict(no_prox="yes"), TypeError, r"no_prox must be True or False"),
         ),
         state=keys("step", "exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"),
+    ),
+    Case(
+        "SGDScheduleFree",
+        configs=(
+            dict(lr=0.05, momentum=0.8, weight_decay=0.01, warmup_steps=20, r=0.5),
+            dict(),
+            dict(lr=0.1, warmup_steps=5),
+            dict(lr=0.02, momentum=0.95, weight_lr_power=0.0),
+            dict(lr=0.05, warmup_steps=300, weight_decay=0.1),
+        ),
+        reference=Reference("torch", "reference_impls.SGDScheduleFree"),
+        bad=(
+            Bad(dict(momentum=0.0), ValueError, r"momentum must be"),
+            Bad(dict(momentum=1.0), ValueError, r"momentum must be"),
+            Bad(dict(warmup_steps=-1), ValueError, r"warmup_steps must be >= 0"),
+            Bad(dict(warmup_steps=2.5), TypeError, r"warmup_steps must be an integer"),
+            Bad(dict(r=math.nan), ValueError, r"r must be"),
+            Bad(dict(weight_lr_power="2"), TypeError, r"weight_lr_power must be a real"),
+        ),
+        state=keys("step", "lr_max", "weight_sum", "z"),
+    ),
+    Case(
+        "AdamWScheduleFree",
+        configs=(
+            dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, warmup_steps=20, r=0.5),
+            dict(),
+            dict(lr=0.02, warmup_steps=10, eps=1e-6),
+            dict(lr=0.005, betas=(0.95, 0.9), weight_lr_power=1.0),
+            dict(lr=0.01, warmup_steps=500, weight_decay=0.01),
+        ),
+        reference=Reference("torch", "reference_impls.AdamWScheduleFree"),
+        bad=(
+            Bad(dict(betas=(0.0, 0.999)), ValueError, r"betas\[0\] must be in \(0, 1\)"),
+            Bad(dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\] must be"),
+            Bad(dict(eps=-1.0), ValueError, r"eps must be"),
+            Bad(dict(warmup_steps=-3), ValueError, r"warmup_steps must be >= 0"),
+            Bad(dict(lr=-0.1), ValueError, r"lr must be"),
+        ),
+        state=keys("step", "lr_max", "weight_sum", "z", "exp_avg_sq"),
+    ),
+    Case(
+        "Muon",
+        configs=(
+            dict(lr=0.02, weight_decay=0.05, momentum=0.9, adjust_lr_fn="match_rms_adamw"),
+            dict(),
+            dict(lr=0.01, nesterov=False, ns_steps=3),
+            dict(lr=0.02, momentum=0.3, eps=1e-3, ns_coefficients=(2.0, -1.5, 0.5)),
+            dict(lr=0.005, weight_decay=0.0, adjust_lr_fn="original", maximize=True),
+        ),
+        reference=Reference("torch", "reference_impls.Muon"),
+        bad=(
+            Bad(dict(momentum=-0.1), ValueError, r"momentum must be"),
+            Bad(dict(ns_steps=100), ValueError, r"ns_steps must be"),
+            Bad(dict(ns_steps=2.0), TypeError, r"ns_steps must be an integer"),
+            Bad(dict(ns_coefficients=(1.0, 2.0)), ValueError, r"ns_coefficients must be a "
+                                                              r"triple"),
+            Bad(dict(ns_coefficients=(1.0, math.nan, 2.0)), ValueError,
+                r"ns_coefficients\[1\] must be"),
+            Bad(dict(adjust_lr_fn="rms"), ValueError, r"adjust_lr_fn must be one of"),
+            Bad(dict(ns_dtype="float16"), ValueError, r"ns_dtype must be one of"),
+            Bad(dict(adam_betas=(0.9,)), ValueError, r"adam_betas must be a pair"),
+            Bad(dict(adam_eps=-1.0), ValueError, r"adam_eps must be"),
+            Bad(dict(nesterov=1), TypeError, r"nesterov must be True or False"),
+        ),
+        state=keys("step", "momentum_buffer"),
+        matrices=True,
     ),
 ]}
 

@@ -1,10 +1,13 @@
 """Reference implementations for the conformance tests, for rules whose authors' code is not
 on PyPI: each follows the authors' code path operation by operation (source and commit
 named in its docstring), as plain torch, with fastopt's argument names (the conformance
-test builds them like torch.optim classes, ``cls(params, foreach=False, **config)``)."""
+test builds them like torch.optim classes, ``cls(params, foreach=False, **config)``).
+Where the authors' code is on PyPI (schedulefree), a thin subclass only adapts how it is
+built."""
 
 import math
 
+import schedulefree
 import torch
 
 
@@ -110,3 +113,60 @@ class Adan(torch.optim.Optimizer):
                 if not group["no_prox"]:
                     p.div_(1 + lr * wd)
                 diff_now.zero_().add_(grad, alpha=-1.0)
+
+
+
+def _train_mode(cls):
+    """The authors' Schedule-Free class, put in train mode once built (the reference
+    starts in eval mode and refuses a step there; fastopt's classes start in train mode)."""
+    class Reference(cls):
+        def __init__(self, params, foreach=False, **kwargs):
+            super().__init__(params, foreach=foreach, **kwargs)
+            self.train()
+
+    Reference.__name__ = Reference.__qualname__ = cls.__name__
+    Reference.__doc__ = f"schedulefree.{cls.__name__} (schedulefree 1.4.1), in train mode."
+    return Reference
+
+
+AdamWScheduleFree = _train_mode(schedulefree.AdamWScheduleFree)
+SGDScheduleFree = _train_mode(schedulefree.SGDScheduleFree)
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with fastopt's extra arguments: ``ns_dtype`` None (fastopt's
+    default) runs the Newton-Schulz iteration in the parameter's dtype, as the same
+    operations as torch's bfloat16 run, ``"bfloat16"`` is torch's own; ``maximize``
+    negates the gradients. ``foreach`` is accepted and ignored (torch's Muon has only its
+    single-tensor path)."""
+
+    def __init__(self, params, foreach=False, ns_dtype=None, maximize=False, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype, self.maximize = ns_dtype, maximize
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.optim import _muon
+        own = _muon._zeropower_via_newtonschulz
+        if self.ns_dtype != "bfloat16":
+            _muon._zeropower_via_newtonschulz = _newton_schulz_in_dtype
+        if self.maximize:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.neg_()
+        try:
+            return super().step(closure)
+        finally:
+            _muon._zeropower_via_newtonschulz = own
+
+
+def _newton_schulz_in_dtype(grad, ns_coefficients, ns_steps, eps):
+    """torch.optim.Muon's Newton-Schulz iteration, its operations in the gradient's dtype."""
+    a, b, c = ns_coefficients
+    x = grad.T if grad.size(0) > grad.size(1) else grad
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if grad.size(0) > grad.size(1) else x

@@ -8,17 +8,19 @@ The rules, their configs and bad hyperparameters come from tests/cases.py.
 """
 
 import copy
+import re
 
 import numpy as np
 import pytest
-from cases import CASES, config_id, configs, spread, tiered
+from cases import CASES, config_id, configs, shaped, spread, tiered
 
 import fastopt
 
 
 def make(name, kw, backend="cython"):
     rng = np.random.default_rng(0)
-    params = [rng.standard_normal(s).astype(np.float32) for s in ((3,), (4, 2), (5,))]
+    params = [rng.standard_normal(s).astype(np.float32)
+              for s in shaped(name, ((3,), (4, 2), (5,)))]
     opt = getattr(fastopt, name)(params, backend=backend, **kw)
     for _ in range(2):
         opt.step([rng.standard_normal(p.shape).astype(np.float32) for p in params])
@@ -44,6 +46,13 @@ def good_grads(params):
     return [np.ones_like(p) for p in params]
 
 
+def _last(ps, dtype):
+    """Ones shaped like the last parameter, of `dtype`."""
+    return np.ones(ps[2].shape, dtype)
+
+
+# fault -> (grads of the parameters, exception, message: a regular expression, or one made
+# from the parameters)
 STEP_CASES = {
     "too few grads": (lambda ps: good_grads(ps)[:2], ValueError, r"grads: expected 3 arrays"),
     "too many grads": (lambda ps: good_grads(ps) + [np.ones(1, np.float32)], ValueError,
@@ -52,14 +61,15 @@ STEP_CASES = {
     "grad not an array": (lambda ps: good_grads(ps)[:2] + [[1.0] * 5], TypeError,
                           r"grads\[2\]: expected an array"),
     "shape mismatch": (lambda ps: good_grads(ps)[:2] + [np.ones(6, np.float32)], ValueError,
-                       r"grads\[2\]: shape \(6,\) does not match params\[2\] shape \(5,\)"),
-    "dtype mismatch": (lambda ps: good_grads(ps)[:2] + [np.ones(5, np.float64)], TypeError,
+                       lambda ps: r"grads\[2\]: shape \(6,\) does not match params\[2\] "
+                                  + re.escape(f"shape {ps[2].shape}")),
+    "dtype mismatch": (lambda ps: good_grads(ps)[:2] + [_last(ps, np.float64)], TypeError,
                        r"grads\[2\]: dtype float64 does not match params\[2\] dtype float32"),
-    "integer grad": (lambda ps: good_grads(ps)[:2] + [np.ones(5, np.int32)], TypeError,
+    "integer grad": (lambda ps: good_grads(ps)[:2] + [_last(ps, np.int32)], TypeError,
                      r"grads\[2\]: dtype int32 is not supported"),
-    "complex grad": (lambda ps: good_grads(ps)[:2] + [np.ones(5, np.complex64)], TypeError,
+    "complex grad": (lambda ps: good_grads(ps)[:2] + [_last(ps, np.complex64)], TypeError,
                      r"grads\[2\]: dtype complex64 is not supported"),
-    "float16 grad": (lambda ps: good_grads(ps)[:2] + [np.ones(5, np.float16)], TypeError,
+    "float16 grad": (lambda ps: good_grads(ps)[:2] + [_last(ps, np.float16)], TypeError,
                      r"grads\[2\]: dtype float16 does not match params\[2\] dtype float32"),
 }
 
@@ -78,7 +88,7 @@ def test_bad_grads(case, kw, fault):
     opt, params = make(case.name, kw)
     snap = snapshot(opt, params)
     grads_of, exc, message = STEP_CASES[fault]
-    with pytest.raises(exc, match=message):
+    with pytest.raises(exc, match=message(params) if callable(message) else message):
         opt.step(grads_of(params))
     assert_unchanged(opt, params, snap)
 
@@ -145,11 +155,12 @@ def test_bad_hyperparameters_set_later(case, bad):
     """A group changed after construction is checked before the step writes anything (the
     rule's config with the most state, all of it left as it was)."""
     opt, params = make(case.name, dict(case.richest))
-    opt.add_param_group({"params": [np.zeros(3, np.float32)]})
+    extra, = shaped(case.name, [(3,)])
+    opt.add_param_group({"params": [np.zeros(extra, np.float32)]})
     snap = snapshot(opt, params)
     opt.param_groups[1].update(bad.kwargs)
     with pytest.raises(bad.exc, match=r"param_groups\[1\]: " + bad.match):
-        opt.step(good_grads(params) + [np.ones(3, np.float32)])
+        opt.step(good_grads(params) + [np.ones(extra, np.float32)])
     assert_unchanged(opt, params, snap)
 
 

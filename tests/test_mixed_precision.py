@@ -41,7 +41,7 @@ def _dtype(name):
 
 
 def _shapes(case):
-    return case.shapes if case.shapes is not None else SIZES
+    return case.shaped(case.shapes if case.shapes is not None else SIZES)
 
 
 def run(name, kw, fmt, backend, n_threads, steps=STEPS, seed=0, masks=None, **extra):
@@ -152,6 +152,7 @@ def test_resume_is_bit_identical(backend, fmt, tmp_path):
 # 1e-4; Adadelta's update is scaled by sqrt(eps) / rms(g), Adafactor's by the parameters'
 # RMS, Rprop's step size grows while the gradient keeps its sign: capped here)
 DRIFT_KW = {"Adadelta": dict(lr=0.1), "Adagrad": dict(lr=3e-4), "RAdam": dict(lr=3e-4),
+            "Muon": dict(lr=5e-4, weight_decay=0.0),
             "Rprop": dict(lr=1e-4, step_sizes=(0.0, 1e-4))}
 
 
@@ -161,7 +162,7 @@ def test_stochastic_rounding_does_not_stall(name):
     half an ulp (2**-9), so rounding to nearest never moves them, while stochastic rounding
     moves them by the float64 run's distance on average."""
     rng = np.random.default_rng(5)
-    shape = (256, 64) if CASES[name].shapes is not None else 16384
+    shape = (256, 64) if CASES[name].shapes is not None or CASES[name].matrices else 16384
     start = (1 + rng.random(shape)).astype(BF16)  # [1, 2): ulp 2**-7
     direction = np.where(rng.random(shape) < 0.5, -1.0, 1.0)
     kw = DRIFT_KW.get(name, dict(lr=1e-4))

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from cases import config_id, spread, tiered
+from cases import config_id, shaped, spread, tiered
 from conftest import CPU_BACKENDS, require_backend
 from test_optim_parity import CONFIGS
 
@@ -337,14 +337,15 @@ MASK_SHAPES = [(37, 50), (100003,), (3, 4, 5), (7,)]
 
 def _masked_run(name, kw, backend, dtype, n_threads, steps=6, **opt_kw):
     rng = np.random.default_rng(11)
-    params = [rng.standard_normal(s).astype(dtype) for s in MASK_SHAPES]
+    shapes = shaped(name, MASK_SHAPES)
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
     masks = [prune.magnitude_mask(params[0], 0.5), None,
              prune.random_mask(params[2], 0.3, seed=1, dtype="uint8"),
              prune.magnitude_mask(params[3], 7)]
     opt = getattr(fastopt, name)(params, backend=backend, n_threads=n_threads, masks=masks,
                                  **kw, **opt_kw)
     for _ in range(steps):
-        grads = [rng.standard_normal(s).astype(dtype) for s in MASK_SHAPES]
+        grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
         for g, m in zip(grads, masks):
             if m is not None:
                 g[m == 0] = np.nan  # never reaches a kept entry

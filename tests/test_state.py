@@ -5,7 +5,7 @@ import copy
 
 import numpy as np
 import pytest
-from cases import config_id, configs, spread, tiered
+from cases import config_id, configs, shaped, spread, tiered
 from conftest import CPU_BACKENDS, require_backend
 
 import fastopt
@@ -13,15 +13,15 @@ import fastopt
 SIZES = (5, (33, 31), (40, 1000))  # Adafactor factors the matrices
 
 
-def grads_at(step, dtype):
+def grads_at(step, dtype, name=None):
     rng = np.random.default_rng(1000 + step)
-    return [rng.standard_normal(n).astype(dtype) for n in SIZES]
+    return [rng.standard_normal(n).astype(dtype) for n in shaped(name, SIZES)]
 
 
 def start(name, kw, backend, dtype=np.float32):
     """Two groups, the second at half the first's learning rate."""
     rng = np.random.default_rng(0)
-    params = [rng.standard_normal(n).astype(dtype) for n in SIZES]
+    params = [rng.standard_normal(n).astype(dtype) for n in shaped(name, SIZES)]
     opt = getattr(fastopt, name)([{"params": params[:2]}, {"params": params[2:]}],
                                  backend=backend, **kw)
     opt.param_groups[1]["lr"] = opt.param_groups[0]["lr"] / 2
@@ -45,11 +45,11 @@ def test_resume_is_bit_identical(case, kw, resume_backend, tmp_path):
     k, total = 7, 15
     ref_params, ref = start(name, kw, "cython")
     for step in range(total):
-        ref.step(grads_at(step, np.float32))
+        ref.step(grads_at(step, np.float32, name))
 
     params, opt = start(name, kw, "cython")
     for step in range(k):
-        opt.step(grads_at(step, np.float32))
+        opt.step(grads_at(step, np.float32, name))
     fastopt.save({"optimizer": opt.state_dict(), "params": params}, tmp_path / "ckpt.npz")
     del opt, params
 
@@ -60,7 +60,7 @@ def test_resume_is_bit_identical(case, kw, resume_backend, tmp_path):
     opt.param_groups[1]["params"][:] = params[2:]
     opt.load_state_dict(ckpt["optimizer"])
     for step in range(k, total):
-        opt.step(grads_at(step, np.float32))
+        opt.step(grads_at(step, np.float32, name))
     for got, want in zip(params, ref_params):
         np.testing.assert_array_equal(got, want)
 
@@ -75,12 +75,13 @@ def test_state_keys(case, kw):
     and shape, in opt.state and in state_dict() (which may leave out a parameter without
     state); nothing exists before the first step."""
     rng = np.random.default_rng(0)
-    params = [rng.standard_normal(s).astype(np.float32) for s in KEY_SHAPES]
+    shapes = case.shaped(KEY_SHAPES)
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     opt = getattr(fastopt, case.name)(params, backend="cython", **kw)
     assert not any(opt.state.values())
-    opt.step([rng.standard_normal(s).astype(np.float32) for s in KEY_SHAPES])
+    opt.step([rng.standard_normal(s).astype(np.float32) for s in shapes])
     sd = opt.state_dict()
-    for i, shape in enumerate(KEY_SHAPES):
+    for i, shape in enumerate(shapes):
         want = case.state_keys(kw, shape)
         assert set(opt.state.get(i, {})) == want, (i, shape)
         assert set(sd["state"].get(i, {})) == want, (i, shape)

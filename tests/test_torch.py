@@ -62,7 +62,7 @@ def test_same_as_array_api(name, dtype):
     """fastopt.torch.X on nn.Parameters = fastopt.X on NumPy copies: parameters and every
     state array, bit for bit, also with groups and parameters skipped (no .grad)."""
     kw = richest(name)
-    params = params_like(dtype)
+    params = params_like(dtype, shapes=CASES[name].shaped(SHAPES))
     arrays = [p.detach().numpy().copy() for p in params]
     opt = getattr(ft, name)([{"params": params[:2]}, {"params": params[2:], "lr": 0.5 *
                                                        kw.get("lr", 1e-3)}], **kw)
@@ -373,7 +373,9 @@ def test_checkpoints_cross_load(name):
 @pytest.mark.parametrize("name", [r.name for r in _rules.RULES])
 def test_resume_exact(name):
     kw = richest(name)
-    unbroken, params = params_like(torch.float32), params_like(torch.float32)
+    shapes = CASES[name].shaped(SHAPES)
+    unbroken = params_like(torch.float32, shapes=shapes)
+    params = params_like(torch.float32, shapes=shapes)
     ref = getattr(ft, name)(unbroken, **kw)
     train(ref, unbroken, 8)
     opt = getattr(ft, name)(params, **kw)

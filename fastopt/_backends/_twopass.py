@@ -1,4 +1,4 @@
-"""Rules with per-tensor reductions between their passes (Lamb, Adafactor), written once for
+"""Rules with per-tensor reductions between their passes (Lamb, Adafactor, Muon), written once for
 the compiled backends (Cython, Numba, CuPy); each backend supplies the passes.
 
 A backend here is a Compiled module (fastopt._backends._contracts): each pass runs through
@@ -11,7 +11,7 @@ every backend gets the same.
 import numpy as np
 
 from fastopt import _rules, _scalars
-from fastopt._backends import _steps
+from fastopt._backends import _orthogonalize, _steps
 from fastopt._backends._contracts import Compiled
 from fastopt._backends._layout import CHUNK, COLS
 
@@ -40,6 +40,25 @@ def lamb_step(backend: Compiled, params, out, grads, exp_avgs, exp_avg_sqs, upda
     ratios = _scalars.lamb_trust_ratios(*_norms(backend, params, updates, n_threads),
                                         params[0].dtype)
     _apply(backend, params, out, updates, ratios, apply, n_threads, masks)
+
+
+def muon_step(backend: Compiled, params, out, grads, bufs, updates, *, n_threads, lr,
+              weight_decay, ns_coefficients, ns_steps, eps, adjust_lr_fn, ns_dtype,
+              masks=None, **hyper):
+    dtype = params[0].dtype
+    update, apply = _scalars.muon_scalars(dtype, lr=lr, weight_decay=weight_decay,
+                                          adjust_lr_fn=adjust_lr_fn, **hyper)
+    _steps.run_pass(backend, "muon_momentum", (params, updates, grads, bufs), update,
+                    n_threads, masks)
+    inputs = [_orthogonalize.ns_input(u, ns_dtype) for u in updates]
+    norms = _scalars.tensor_norms(backend.norm_partials(inputs, 2, n_threads=n_threads),
+                                  [u.size for u in inputs], CHUNK)
+    orthogonal = [_orthogonalize.newton_schulz(x, norm, ns_coefficients, ns_steps, eps,
+                                               ns_dtype == "bfloat16", dtype)
+                  for x, norm in zip(inputs, norms)]
+    factors = np.array([-lr * _scalars.muon_lr_ratio(p.shape, adjust_lr_fn) for p in params],
+                       dtype)
+    _apply(backend, params, out, orthogonal, factors, apply, n_threads, masks)
 
 
 def factor_work(shape):

@@ -61,15 +61,15 @@ def check_bool(group, key, where):
     return value
 
 
-def check_betas(group, where, *, closed=False, count=2):
-    """group["betas"] as a tuple of `count` floats (2 or 3) in [0, 1) (or [0, 1] with
+def check_betas(group, where, *, closed=False, count=2, key="betas"):
+    """group[key] as a tuple of `count` floats (2 or 3) in [0, 1) (or [0, 1] with
     closed=True)."""
-    betas = group["betas"]
+    betas = group[key]
     if not isinstance(betas, (tuple, list)) or len(betas) != count:
         kind = "a pair (beta1, beta2)" if count == 2 else "a triple (beta1, beta2, beta3)"
-        raise ValueError(f"{where}: betas must be {kind}, got {betas!r}")
-    group["betas"] = tuple(
-        check_real({f"betas[{k}]": beta}, f"betas[{k}]", where, lo=0.0, hi=1.0,
+        raise ValueError(f"{where}: {key} must be {kind}, got {betas!r}")
+    group[key] = tuple(
+        check_real({f"{key}[{k}]": beta}, f"{key}[{k}]", where, lo=0.0, hi=1.0,
                    hi_open=not closed)
         for k, beta in enumerate(betas))
 
@@ -112,10 +112,12 @@ class _Bucket(list):
     __slots__ = ("undo", "dtype")
 
 
-def ensure_state(states, name, likes, fill=0.0, shape=None):
+def ensure_state(states, name, likes, fill=0.0, shape=None, copy=False):
     """``state[name]`` of each state, created filled with `fill` where missing, shaped like
     the parameter or as ``shape(param)`` (None: the state has no such array, and its entry
-    of the list is None): the list the kernel takes."""
+    of the list is None): the list the kernel takes. ``copy=True``: created as a copy of
+    the parameter's value instead (`likes`, as the kernels take them), rounded to the
+    state's dtype to nearest even."""
     if shape is None:
         try:
             return [state[name] for state in states]  # after the first step
@@ -127,13 +129,20 @@ def ensure_state(states, name, likes, fill=0.0, shape=None):
         if name not in state:
             size = None if shape is None else shape(like)
             if quantized:
-                codes, absmax = _quantized_full(like, fill, name)
+                codes, absmax = _quantized_full(like, _formats.load(
+                    like, _formats.code_of(like.dtype)) if copy else fill, name)
                 dict.__setitem__(state, name, codes)
                 dict.__setitem__(state, name + ABSMAX, absmax)
                 created.append(k)
             elif shape is None or size is not None:
-                dict.__setitem__(state, name, _interop.full_like(
-                    like, fill, size, _F32 if states.dtype == _U8 else states.dtype))
+                dtype = _F32 if states.dtype == _U8 else states.dtype
+                if copy:
+                    buf = _interop.empty_like(like, dtype=dtype)
+                    _formats.store(buf, _formats.load(like, _formats.code_of(like.dtype)),
+                                   _formats.code_of(dtype), stochastic=False)
+                else:
+                    buf = _interop.full_like(like, fill, size, dtype)
+                dict.__setitem__(state, name, buf)
                 created.append(k)
     if created:
         states.undo.append((name, created))
@@ -142,12 +151,23 @@ def ensure_state(states, name, likes, fill=0.0, shape=None):
     return [state.get(name) for state in states]
 
 
-def _quantized_full(like, fill, name):
-    """(codes, absmax) of 8-bit state `name` holding `fill` everywhere, for parameter `like`."""
+def _quantized_full(like, values, name):
+    """(codes, absmax) of 8-bit state `name` holding `values` (an array of the shape of
+    parameter `like`, or one number everywhere)."""
     codes = _interop.empty_like(like, dtype=_U8)
     absmax = _interop.empty_like(like, (-(-like.size // _formats.BLOCK),), _F32)
-    _formats.q8_store(codes, absmax, np.full(like.shape, fill, np.float32), _q8_code(name))
+    _formats.q8_store(codes, absmax, np.broadcast_to(np.float32(values), like.shape),
+                      _q8_code(name))
     return codes, absmax
+
+
+def load_state(state, name):
+    """State array `name` as the kernels compute with it (float32 or float64): bfloat16
+    and 8-bit state loaded (a new array), float32 and float64 as they are."""
+    buf = state[name]
+    if buf.dtype == _U8:
+        return _formats.q8_load(buf, state[name + ABSMAX], _q8_code(name))
+    return _formats.load(buf, _formats.code_of(buf.dtype))
 
 
 def _q8_code(name):
@@ -765,9 +785,9 @@ class Optimizer:
                         buckets[key] = [item]
                     else:
                         bucket.append(item)
+                op = self._op_of(group)
                 for (dtype, _, masked, _, _), bucket in buckets.items():
-                    kernel = _backends.resolve(self._op, self.backend, device,
-                                               compute_dtype(dtype))
+                    kernel = _backends.resolve(op, self.backend, device, compute_dtype(dtype))
                     if masked:
                         kernel = functools.partial(
                             kernel, masks=[self._masks[item[0]] for item in bucket])
@@ -1102,6 +1122,10 @@ class Optimizer:
 
     def _bucket_key(self, group, state):
         return state.get("step", 0)  # rules whose host scalars depend on the step count
+
+    def _op_of(self, group):
+        """The registry operation that updates `group` (Muon's AdamW groups run another)."""
+        return self._op
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         raise NotImplementedError

@@ -395,6 +395,38 @@ def _adan(p, g, m, n, diff, neg_pre, i, a, one):
     return q
 
 
+@element("sgd_schedulefree")
+def _sgd_schedulefree(p, g, z, i, a, one):
+    return _schedulefree_tail(p, _grad(g, a), z, i, a, one)
+
+
+@element("adamw_schedulefree")
+def _adamw_schedulefree(p, g, z, v, i, a, one):
+    d = _grad(g, a)
+    v[i] = v[i] * a.beta2 + a.one_minus_beta2 * d * d
+    d = d / (np.sqrt(v[i] / a.bias_correction2) + a.eps)
+    return _schedulefree_tail(p, d, z, i, a, one)
+
+
+@njit(inline="always", **_JIT)
+def _schedulefree_tail(y, d, z, i, a, one):
+    zz = z[i]
+    d = _l2(d, y, a.weight_decay)
+    q = _lerp(y, zz, a.ckp1, a.lerp_hi, one)
+    q = q + a.y_coef * d
+    z[i] = zz + a.neg_lr * d
+    return q
+
+
+@element("muon_momentum")
+def _muon_momentum(p, g, buf, i, a, one):
+    """Muon's momentum pass: returns the update to orthogonalize; the buffer updated."""
+    d = _grad(g, a)
+    b = _lerp(buf[i], d, a.one_minus_momentum, a.lerp_hi, one)
+    buf[i] = b
+    return _lerp(d, b, a.momentum, a.nesterov_hi, one) if a.nesterov else b
+
+
 @element("lamb_update")
 def _lamb_update(p, g, m, v, i, a, one):
     """Lamb's update pass: returns u (written to the scratch buffer in the "param out"

@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from fastopt import _scalars
+from fastopt._backends import _orthogonalize
 from fastopt._backends._formats import formatted
 from fastopt._backends._layout import CHUNK, COLS, LANES
 from fastopt._backends._masked import wrap_steps, zero_pruned
@@ -374,6 +375,29 @@ def lamb_step(params, out, grads, exp_avgs, exp_avg_sqs, updates, *, step, lr, b
     _zero_pruned(masks, out)
 
 
+def muon_step(params, out, grads, bufs, updates, *, lr, weight_decay, momentum, nesterov,
+              ns_coefficients, ns_steps, eps, adjust_lr_fn, ns_dtype, maximize,
+              grad_scale=1.0, grad_clip=float("inf"), n_threads=1, masks=None):
+    """torch.optim.Muon's single-tensor loop; `updates` are scratch buffers shaped like the
+    parameters (the momentum pass writes the update to orthogonalize there). The
+    Newton-Schulz iteration is fastopt._backends._orthogonalize's, in `ns_dtype`."""
+    for p, g, b, u in zip(params, grads, bufs, updates):
+        s = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
+        b[...] = _lerp(b, g, s(1 - momentum))
+        u[...] = _lerp(g, b, s(momentum)) if nesterov else b
+    _zero_pruned(masks, updates, bufs)
+    inputs = [_orthogonalize.ns_input(u, ns_dtype) for u in updates]
+    norms = _scalars.tensor_norms(norm_partials(inputs, 2), [u.size for u in inputs], CHUNK)
+    for i, (p, x, norm) in enumerate(zip(params, inputs, norms)):
+        s = p.dtype.type
+        o = _orthogonalize.newton_schulz(x, norm, ns_coefficients, ns_steps, eps,
+                                         ns_dtype == "bfloat16", p.dtype)
+        p = p * s(1 - lr * weight_decay)
+        out[i][...] = p + o * s(-lr * _scalars.muon_lr_ratio(p.shape, adjust_lr_fn))
+    _zero_pruned(masks, out)
+
+
 def _zero_pruned(masks, *lists):
     """Pruned entries (mask byte 0) of tensor t set to +0 in each list's array t."""
     for t, mask in enumerate(masks or ()):
@@ -440,6 +464,39 @@ def adafactor_step(params, out, grads, row_vars, col_vars, variances, updates, *
         p = p * s(1 - lr * weight_decay) if weight_decay != 0 else p
         out[i][...] = p + s(-alpha / denom) * u
     _zero_pruned(masks, out)
+
+
+def sgd_schedulefree_step(params, out, grads, zs, *, lr, ckp1, momentum, weight_decay,
+                          maximize, grad_scale=1.0, grad_clip=float("inf"), n_threads=1):
+    """`lr`: this step's warmed-up learning rate; `ckp1`: its weight in the average
+    (fastopt._scalars.schedulefree_weights). The parameters hold y."""
+    for i, (p, g, z) in enumerate(zip(params, grads, zs)):
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
+        out[i][...] = _schedulefree_tail(p, g, z, lr, ckp1, momentum, weight_decay)
+
+
+def adamw_schedulefree_step(params, out, grads, zs, exp_avg_sqs, *, step, lr, ckp1, beta1,
+                            beta2, eps, weight_decay, maximize, grad_scale=1.0,
+                            grad_clip=float("inf"), n_threads=1):
+    """As sgd_schedulefree_step, the gradient first normalized as Adam's."""
+    bias_correction2 = 1 - beta2 ** step
+    for i, (p, g, z, v) in enumerate(zip(params, grads, zs, exp_avg_sqs)):
+        s = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
+        v[...] = v * s(beta2) + s(1 - beta2) * g * g
+        g = g / (np.sqrt(v / s(bias_correction2)) + s(eps))
+        out[i][...] = _schedulefree_tail(p, g, z, lr, ckp1, beta1, weight_decay)
+
+
+def _schedulefree_tail(y, g, z, lr, ckp1, beta1, weight_decay):
+    """Schedule-Free's step from the (normalized) gradient: z updated, the new y returned."""
+    s = y.dtype.type
+    if weight_decay != 0:
+        g = g + s(weight_decay) * y
+    y = _lerp(y, z, s(ckp1))
+    y = y + s(lr * (beta1 * (1 - ckp1) - 1)) * g
+    z[...] = z + s(-lr) * g
+    return y
 
 
 def _tensor_norm(x):

@@ -521,6 +521,84 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ADAN)
 #undef FO_DEFINE_ADAN
 
 /*
+ * Schedule-Free AdamW and SGD (Defazio et al. 2024, as facebookresearch/schedule_free's
+ * AdamWScheduleFree and SGDScheduleFree): the parameter holds y, the state z (and v for
+ * AdamW); c (the weight of this step in the average) and lr_k (the warmed-up learning rate)
+ * are the step's host scalars:
+ *   AdamW only:  v <- b2 v + (1 - b2) g g;  g <- g / (sqrt(v / bc2) + eps)
+ *   g <- g + wd y;  y <- lerp(y, z, c);  y <- y + (lr_k (b1 (1 - c) - 1)) g;  z <- z + (-lr_k) g
+ */
+#define FO_DEFINE_SCHEDULEFREE(T, SFX, SQRT, FABS)                                        \
+    typedef struct {                                                                      \
+        T clip, gscale, weight_decay, ckp1, y_coef, neg_lr;                               \
+        int lerp_hi;      /* c >= 0.5: torch's second lerp formula */                     \
+    } fo_sgd_schedulefree_args_##SFX;                                                     \
+                                                                                          \
+    typedef struct {                                                                      \
+        T clip, gscale, weight_decay, ckp1, y_coef, neg_lr;                               \
+        T beta2, one_minus_beta2, bias_correction2, eps;                                  \
+        int lerp_hi;                                                                      \
+    } fo_adamw_schedulefree_args_##SFX;                                                   \
+                                                                                          \
+    FO_HD T fo_schedulefree_tail_##SFX(T y, T g, T *z, T weight_decay, T ckp1, T y_coef,  \
+                                       T neg_lr, int lerp_hi)                             \
+    {                                                                                     \
+        T zz = *z;                                                                        \
+        if (weight_decay != (T)0) g = g + weight_decay * y;                               \
+        y = fo_lerp_##SFX(y, zz, ckp1, lerp_hi);                                          \
+        y = y + y_coef * g;                                                               \
+        *z = zz + neg_lr * g;                                                             \
+        return y;                                                                         \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_sgd_schedulefree_##SFX(T p, T g, T *z,                                     \
+                                      const fo_sgd_schedulefree_args_##SFX *a)            \
+    {                                                                                     \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        return fo_schedulefree_tail_##SFX(p, g, z, a->weight_decay, a->ckp1, a->y_coef,   \
+                                          a->neg_lr, a->lerp_hi);                         \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_adamw_schedulefree_##SFX(T p, T g, T *z, T *v,                             \
+                                        const fo_adamw_schedulefree_args_##SFX *a)        \
+    {                                                                                     \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        *v = *v * a->beta2 + a->one_minus_beta2 * g * g;                                  \
+        g = g / (SQRT(*v / a->bias_correction2) + a->eps);                                \
+        return fo_schedulefree_tail_##SFX(p, g, z, a->weight_decay, a->ckp1, a->y_coef,   \
+                                          a->neg_lr, a->lerp_hi);                         \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_SCHEDULEFREE)
+#undef FO_DEFINE_SCHEDULEFREE
+
+/*
+ * Muon (torch.optim.Muon), its elementwise passes around the Newton-Schulz iteration (which
+ * runs on the array library's BLAS):
+ *   momentum pass:  B <- lerp(B, g, 1 - mu);  O = lerp(g, B, mu) (nesterov) | B, written out
+ *   apply pass:     p <- p (1 - lr wd) + (-lr ratio) NS(O)  (fo_scaled_apply: scale 1)
+ */
+#define FO_DEFINE_MUON(T, SFX, SQRT, FABS)                                                \
+    typedef struct {                                                                      \
+        T clip, gscale, one_minus_momentum, momentum;                                     \
+        int lerp_hi;      /* 1 - mu >= 0.5: torch's second lerp formula */                \
+        int nesterov_hi;  /* mu >= 0.5: the same for the Nesterov lerp */                 \
+        int nesterov;                                                                     \
+    } fo_muon_args_##SFX;                                                                 \
+                                                                                          \
+    /* returns the update to orthogonalize; the momentum buffer updated */               \
+    FO_HD T fo_muon_momentum_##SFX(T p, T g, T *buf, const fo_muon_args_##SFX *a)         \
+    {                                                                                     \
+        T b;                                                                              \
+        (void)p;                                                                          \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        b = fo_lerp_##SFX(*buf, g, a->one_minus_momentum, a->lerp_hi);                    \
+        *buf = b;                                                                         \
+        return a->nesterov ? fo_lerp_##SFX(g, b, a->momentum, a->nesterov_hi) : b;        \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_MUON)
+#undef FO_DEFINE_MUON
+
+/*
  * Lamb (You et al. 2019, as optax.lamb), step t, in two passes with a per-tensor reduction
  * between them:
  *   update pass:  m <- (1 - beta1) g + beta1 m;  v <- (1 - beta2) g^2 + beta2 v
@@ -651,6 +729,9 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SCALED_APPLY)
     X(T, SFX, asgd, asgd, 1)                                                              \
     X(T, SFX, ademamix, ademamix, 3)                                                      \
     X(T, SFX, ademamix_nofast, ademamix, 2)                                               \
-    X(T, SFX, adan, adan, 4)
+    X(T, SFX, adan, adan, 4)                                                              \
+    X(T, SFX, sgd_schedulefree, sgd_schedulefree, 1)                                      \
+    X(T, SFX, adamw_schedulefree, adamw_schedulefree, 2)                                  \
+    X(T, SFX, muon_momentum, muon, 1)
 
 #endif /* FASTOPT_OPTIM_H */
