@@ -12,6 +12,7 @@ reference). ``import fastopt`` imports none of those frameworks.
 
 from fastopt import distill, init, prune, quant, schedules
 from fastopt._config import get_num_threads, set_num_threads
+from fastopt._ema import ema_update_
 from fastopt._info import show_config
 from fastopt._interop import empty_cache
 from fastopt._io import load, save
@@ -22,7 +23,7 @@ from fastopt.optim import __all__ as _optimizers
 from fastopt.optim._clip import clip_grad_norm_, clip_grad_value_
 
 __all__ = _optimizers + [
-    "clip_grad_norm_", "clip_grad_value_",
+    "clip_grad_norm_", "clip_grad_value_", "ema_update_",
     "get_num_threads", "set_num_threads", "show_config", "empty_cache", "save", "load",
     "schedules", "init", "prune", "quant", "distill",
     "weight_norm", "weight_norm_backward",

@@ -149,6 +149,7 @@ ADAMW_SCHEDULEFREE_ARGS = Args("adamw_schedulefree",
                                ("lerp_hi",))
 MUON_ARGS = Args("muon", _GRAD + ("one_minus_momentum", "momentum"),
                  ("lerp_hi", "nesterov_hi", "nesterov"))
+EMA_ARGS = Args("ema", ("weight",), ("lerp_hi",))
 SCALED_APPLY_ARGS = Args("scaled_apply", ("decay", "scale"))
 
 # the kernels of the multi-pass rules' passes that are not elementwise in the table's sense
@@ -260,7 +261,12 @@ QUANTIZABLE_STATE = frozenset(name for rule in RULES if not rule.matrix for name
 BY_NAME = {rule.name: rule for rule in RULES}
 BY_OP = {rule.op: rule for rule in RULES}  # rules sharing an op share their kernels
 
+# elementwise kernels that belong to no rule: operation -> its kernel (the weight EMA of
+# fastopt.ema_update_ and the optimizers' ema_decay, the average in the parameter slots)
+UTILITY_OPS = {"ema_update": (Kernel("ema", EMA_ARGS), _scalars.ema_scalars)}
+
 # by name: the elementwise kernels (fastopt/optim.h's FO_ELEMENTWISE_KERNELS list), and
 # those with the passes' kernels
-KERNELS = {k.name: k for rule in RULES for k in rule.kernels if k not in PASS_KERNELS}
+KERNELS = {**{k.name: k for rule in RULES for k in rule.kernels if k not in PASS_KERNELS},
+           **{k.name: k for k, _ in UTILITY_OPS.values()}}
 ALL_KERNELS = {**KERNELS, **{k.name: k for k in PASS_KERNELS}}

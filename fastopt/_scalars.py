@@ -263,6 +263,11 @@ def muon_lr_ratio(shape, adjust_lr_fn):
     return 0.2 * math.sqrt(max(rows, cols))
 
 
+def ema_scalars(dtype, *, decay):
+    """The weight EMA's struct fields: torch's lerp toward the parameter by 1 - decay."""
+    return dict(weight=1 - decay, lerp_hi=_lerp_hi(dtype, 1 - decay))
+
+
 def lamb_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
                  grad_clip):
     """(update pass, apply pass) struct fields of Lamb."""

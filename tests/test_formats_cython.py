@@ -20,7 +20,7 @@ from typing import NamedTuple
 import format_cases
 import numpy as np
 import pytest
-from cases import kernel_hyper
+from cases import RULE_OF, kernel_hyper
 from format_cases import (
     DTYPES,
     Q8,
@@ -137,7 +137,7 @@ def run_both(kernel, config, sizes, seed, special=0.0):
 
 def _grid():
     cases = []
-    for i, kernel in enumerate(sorted(_rules.KERNELS)):
+    for i, kernel in enumerate(sorted(RULE_OF)):
         for j in range(3):
             config = CONFIGS[(3 * i + j) % len(CONFIGS)]
             cases.append(pytest.param(kernel, config, id=f"{kernel}-{config}"))
@@ -153,11 +153,11 @@ def test_every_config_meets_several_kernels():
 
 @pytest.mark.parametrize("kernel,config", _grid())
 def test_formats_match_around_the_reference(kernel, config):
-    run_both(kernel, config, SIZES, seed=sorted(_rules.KERNELS).index(kernel))
+    run_both(kernel, config, SIZES, seed=sorted(RULE_OF).index(kernel))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN and inf in the reference
-@pytest.mark.parametrize("kernel", sorted(_rules.KERNELS))
+@pytest.mark.parametrize("kernel", sorted(RULE_OF))
 @pytest.mark.parametrize("config", [
     Config("float16", "param", "float16", False, True, True, True, 1),
     Config("bfloat16", "float32", "bfloat16", False, False, False, False, 1),
@@ -187,7 +187,7 @@ def _q8_grid():
     """For each kernel with state, the two configs of Q8_CONFIGS that waited longest among
     those that leave it 8-bit state."""
     cases, queue = [], list(Q8_CONFIGS)
-    for kernel in sorted(_rules.KERNELS):
+    for kernel in sorted(RULE_OF):
         n_state = len(_rules.KERNELS[kernel].state)
         fitting = [config for config in queue
                    if any(state_format(config, k) == Q8 for k in range(n_state))]
@@ -210,7 +210,7 @@ def test_every_q8_config_meets_several_kernels():
 def test_q8_state_matches_around_the_reference(kernel, config):
     """8-bit state, codes and block scales, over several steps; the pruned entries' codes
     are the map's 0 (127 in the signed map, 0 in the unsigned one)."""
-    seed = sorted(_rules.KERNELS).index(kernel)
+    seed = sorted(RULE_OF).index(kernel)
     operands, scales = run_both(kernel, config, Q8_SIZES, seed)
     if config.masks:
         masks = problem(kernel, config, Q8_SIZES, seed).masks

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import format_cases
 import numpy as np
 import pytest
-from cases import kernel_hyper
+from cases import RULE_OF, kernel_hyper
 from format_cases import (
     DTYPES,
     Q8,
@@ -123,7 +123,7 @@ def run_both(kernel, config, sizes, seed, in_place, n_threads, special=0.0):
 
 def _grid():
     cases = []
-    for i, kernel in enumerate(sorted(_rules.KERNELS)):
+    for i, kernel in enumerate(sorted(RULE_OF)):
         for j in range(PER_KERNEL):
             config = CONFIGS[(PER_KERNEL * i + j) % len(CONFIGS)]
             cases.append(pytest.param(kernel, config, id=f"{kernel}-{config}"))
@@ -140,13 +140,13 @@ def test_every_config_meets_several_kernels():
 @pytest.mark.parametrize("kernel,config", _grid())
 def test_formats_match_around_the_reference(kernel, config):
     """Each case in place on 2 threads and out of place on 1 (one driver serves both)."""
-    seed = sorted(_rules.KERNELS).index(kernel)
+    seed = sorted(RULE_OF).index(kernel)
     run_both(kernel, config, SIZES, seed, in_place=True, n_threads=2)
     run_both(kernel, config, SIZES, seed, in_place=False, n_threads=1)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN and inf in the reference
-@pytest.mark.parametrize("kernel", sorted(_rules.KERNELS))
+@pytest.mark.parametrize("kernel", sorted(RULE_OF))
 def test_special_values(kernel):
     """NaN (either sign), inf, zeros of either sign, float16 subnormals, float32 values
     below float16's range and beyond it, in every operand."""
@@ -161,7 +161,7 @@ def _q8_grid():
     """For each kernel with state, the two configs of Q8_CONFIGS that waited longest among
     those that leave it some 8-bit state."""
     cases, queue = [], list(Q8_CONFIGS)
-    for kernel in sorted(_rules.KERNELS):
+    for kernel in sorted(RULE_OF):
         n_state = len(_rules.KERNELS[kernel].state)
         fitting = [config for config in queue
                    if any(state_format(config, k) == Q8 for k in range(n_state))]
@@ -182,13 +182,13 @@ def test_every_q8_config_meets_several_kernels():
 @pytest.mark.parametrize("kernel,config", _q8_grid())
 def test_int8_state_matches_around_the_reference(kernel, config):
     """Codes and block scales too, in place on 2 threads and out of place on 1."""
-    seed = sorted(_rules.KERNELS).index(kernel)
+    seed = sorted(RULE_OF).index(kernel)
     run_both(kernel, config, Q8_SIZES, seed, in_place=True, n_threads=2)
     run_both(kernel, config, Q8_SIZES, seed, in_place=False, n_threads=1)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN and inf in the reference
-@pytest.mark.parametrize("kernel", [k for k in sorted(_rules.KERNELS) if _rules.KERNELS[k].state])
+@pytest.mark.parametrize("kernel", [k for k in sorted(RULE_OF) if _rules.KERNELS[k].state])
 def test_int8_state_special_values(kernel):
     """Special values in a few elements: blocks with NaN (a NaN block scale), with inf (an
     infinite one: the block's finite values at the code of 0), and clean ones beside them."""

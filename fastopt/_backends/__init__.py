@@ -113,6 +113,11 @@ def _implementation(name, op):
     if module is None:
         return None
     rule = _rules.BY_OP.get(op)
+    utility = _rules.UTILITY_OPS.get(op)
+    if utility is not None and hasattr(module, "elementwise"):
+        kernel, scalars = utility
+        return (functools.partial(_steps.utility_step, module, kernel.name, scalars)
+                if kernel.name in module.KERNELS else None)
     if rule is None or not hasattr(module, "elementwise"):
         return getattr(module, op, None)
     if any(k.name not in module.KERNELS for k in rule.kernels):

@@ -47,6 +47,16 @@ def run_pass(backend: Compiled, kernel, operands, scalars, n_threads, masks, n_a
             zero_pruned(mask, [operands[1][t]] + [op[t] for op in written])
 
 
+def utility_step(backend: Compiled, kernel, scalars, averages, params, *, n_threads,
+                 masks=None, formats=None, **hyper):
+    """A pass of a kernel of no rule (fastopt._rules.UTILITY_OPS, the weight EMA): the
+    `averages` in the parameter slots, updated in place from `params` in the gradient
+    slot; `scalars(dtype, **hyper)` its struct's fields."""
+    dtype = averages[0].dtype if formats is None else formats.compute
+    run_pass(backend, kernel, (averages, averages, params), scalars(dtype, **hyper), n_threads,
+             masks, formats=formats)
+
+
 def rule_step(backend: Compiled, rule, params, out, grads, *states, n_threads, masks=None,
               formats=None, shadow=None, **hyper):
     """One step of `rule` over tensors: `states` in the rule's state order (None for an

@@ -31,7 +31,7 @@ import types
 
 import numpy as np
 
-from fastopt import _backends, _interop, _rules
+from fastopt import _backends, _ema, _interop, _rules
 from fastopt._backends import _formats
 from fastopt._check import MAX_COUNT, integer, real
 from fastopt._config import check_threads, get_num_threads
@@ -88,10 +88,11 @@ def check_adam_group(group, where):
 
 OPTIONS_DOC = """        **options: keyword-only ``backend``, ``n_threads``, ``max_grad_norm``,
             ``grad_norm_type``, ``max_grad_value``, ``skip_nonfinite``, ``masks``,
-            ``state_dtype``, ``stochastic_rounding``, ``master_weights``, ``seed``; see
-            :class:`fastopt.optim.Optimizer`."""
+            ``state_dtype``, ``stochastic_rounding``, ``master_weights``, ``seed``,
+            ``ema_decay``; see :class:`fastopt.optim.Optimizer`."""
 
 MASTER = "master_param"  # the float32 copy of a low-precision parameter (master_weights)
+EMA = "ema"  # the moving average of a parameter (ema_decay)
 STATE_DTYPES = (None, "float32", "bfloat16", "int8")
 ABSMAX = "_absmax"  # suffix of the block scales of a state array kept in 8 bits
 _U8 = np.dtype(np.uint8)
@@ -347,6 +348,12 @@ class Optimizer:
             state (``"master_param"``), update it in float32 and write the parameter as its
             rounded value. Default False.
         seed (int): the seed of stochastic rounding, in [0, 2**64). Default 0.
+        ema_decay (float or None): keep an exponential moving average of each parameter in
+            its state (``state["ema"]``; float32 for bfloat16 and float16 parameters, of
+            the master weights where there are some): a copy of the parameter after its
+            first step, then after each step moved toward it by ``1 - ema_decay``, as
+            :func:`fastopt.ema_update_` and torch's ``AveragedModel`` with
+            ``get_ema_multi_avg_fn(ema_decay)`` do. A skipped step leaves it. Default None.
 
     Gradients have their parameter's dtype, or float32 for a bfloat16/float16 parameter.
     Rules without a step count (SGD, Lion) count steps in ``state["step"]`` for the parameters
@@ -377,8 +384,10 @@ class Optimizer:
 
     def __init__(self, params, defaults, *, backend="auto", n_threads=None, max_grad_norm=None,
                  grad_norm_type=2.0, max_grad_value=None, skip_nonfinite=False, masks=None,
-                 state_dtype=None, stochastic_rounding=None, master_weights=False, seed=0):
+                 state_dtype=None, stochastic_rounding=None, master_weights=False, seed=0,
+                 ema_decay=None):
         self.defaults = dict(defaults)
+        self.ema_decay = None if ema_decay is None else _ema.check_decay(ema_decay, "ema_decay")
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be None, 'float32', 'bfloat16' or 'int8', got "
                              f"{state_dtype!r}")
@@ -671,6 +680,8 @@ class Optimizer:
             shapes.update({name + ABSMAX: blocks for name in list(shapes)})
         if self._has_master(param.dtype):
             shapes[MASTER] = tuple(param.shape)
+        if self.ema_decay is not None:
+            shapes[EMA] = tuple(param.shape)
         return shapes
 
     def _numbers(self, dtype):
@@ -698,6 +709,8 @@ class Optimizer:
         return _F32
 
     def _buffer_dtype(self, key, dtype, size):
+        if key == EMA:
+            return compute_dtype(dtype)
         if key == MASTER or key.endswith(ABSMAX):
             return _F32
         return self._state_dtype(dtype, size)
@@ -803,6 +816,8 @@ class Optimizer:
                 self._undo(staged[k:])
                 raise
         self._finish(staged)
+        if self.ema_decay is not None:
+            self._update_ema(staged, n_threads)
         self.last_grad_norm, self.last_step_skipped = norm, False
         return self.params()
 
@@ -1102,6 +1117,28 @@ class Optimizer:
             for (_, j, pv, *_), result in zip(bucket, out):
                 if pv.framework not in _interop.MUTABLE:
                     group["params"][j] = _interop.export(result, pv.framework)
+
+    def _update_ema(self, staged, n_threads):
+        """After the update: each stepped parameter's average moved toward its new value
+        (of the master weights, if any), or made a copy of it after its first step."""
+        for _, (bucket, states, _, out) in staged:
+            averages, values, flats = [], [], []
+            for (flat, *_), state, o in zip(bucket, states, out):
+                value = state[MASTER] if MASTER in state else _formats.load(
+                    o, _formats.code_of(o.dtype))
+                if EMA in state:
+                    averages.append(state[EMA])
+                    values.append(value)
+                    flats.append(flat)
+                else:
+                    dict.__setitem__(state, EMA, _interop.copy_to_like(value, value))
+                    self._spans = None  # memory the next steps write
+            if averages:
+                masks = ([self._masks[flat] for flat in flats]
+                         if flats[0] in self._masks else None)
+                _backends.resolve("ema_update", self.backend, bucket[0][2].device[0],
+                                  averages[0].dtype)(averages, values, decay=self.ema_decay,
+                                                     n_threads=n_threads, masks=masks)
 
     def _scratch_like(self, states, params):
         """One scratch buffer per parameter, in the compute dtype, kept between steps

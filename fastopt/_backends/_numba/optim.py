@@ -427,6 +427,11 @@ def _muon_momentum(p, g, buf, i, a, one):
     return _lerp(d, b, a.momentum, a.nesterov_hi, one) if a.nesterov else b
 
 
+@element("ema")
+def _ema(e, p, i, a, one):
+    return _lerp(e, p, a.weight, a.lerp_hi, one)
+
+
 @element("lamb_update")
 def _lamb_update(p, g, m, v, i, a, one):
     """Lamb's update pass: returns u (written to the scratch buffer in the "param out"

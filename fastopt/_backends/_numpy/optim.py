@@ -499,6 +499,14 @@ def _schedulefree_tail(y, g, z, lr, ckp1, beta1, weight_decay):
     return y
 
 
+def ema_update(averages, params, *, decay, n_threads=1, masks=None):
+    """The weight EMA, as torch.optim.swa_utils.get_ema_multi_avg_fn: each average lerped
+    toward its parameter by 1 - decay, in place."""
+    for e, p in zip(averages, params):
+        e[...] = _lerp(e, p, e.dtype.type(1 - decay))
+    _zero_pruned(masks, averages)
+
+
 def _tensor_norm(x):
     """The 2-norm of one tensor, from its chunk partials added in order (as every backend)."""
     return _scalars.tensor_norms(norm_partials([x], 2), [x.size], CHUNK)[0]
@@ -509,4 +517,5 @@ for _name in [name for name in globals() if name.endswith("_step")]:
     globals()[_name] = formatted(globals()[_name])  # storage formats: around whole arrays
 
 # what the package exports: every rule's step (named after its registry operation) and the norm
-__all__ = ["norm_partials"] + [name for name in list(globals()) if name.endswith("_step")]
+__all__ = ["norm_partials", "ema_update"] + [name for name in list(globals())
+                                           if name.endswith("_step")]

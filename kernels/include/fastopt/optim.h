@@ -599,6 +599,24 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_MUON)
 #undef FO_DEFINE_MUON
 
 /*
+ * Weight EMA (torch.optim.swa_utils.get_ema_multi_avg_fn): e <- lerp(e, p, 1 - decay), run
+ * as an elementwise kernel with the average in the parameter slots and the parameter in the
+ * gradient slot.
+ */
+#define FO_DEFINE_EMA(T, SFX, SQRT, FABS)                                                 \
+    typedef struct {                                                                      \
+        T weight;         /* 1 - decay */                                                 \
+        int lerp_hi;                                                                      \
+    } fo_ema_args_##SFX;                                                                  \
+                                                                                          \
+    FO_HD T fo_ema_##SFX(T e, T p, const fo_ema_args_##SFX *a)                            \
+    {                                                                                     \
+        return fo_lerp_##SFX(e, p, a->weight, a->lerp_hi);                                \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_EMA)
+#undef FO_DEFINE_EMA
+
+/*
  * Lamb (You et al. 2019, as optax.lamb), step t, in two passes with a per-tensor reduction
  * between them:
  *   update pass:  m <- (1 - beta1) g + beta1 m;  v <- (1 - beta2) g^2 + beta2 v
@@ -732,6 +750,7 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SCALED_APPLY)
     X(T, SFX, adan, adan, 4)                                                              \
     X(T, SFX, sgd_schedulefree, sgd_schedulefree, 1)                                      \
     X(T, SFX, adamw_schedulefree, adamw_schedulefree, 2)                                  \
-    X(T, SFX, muon_momentum, muon, 1)
+    X(T, SFX, muon_momentum, muon, 1)                                                     \
+    X(T, SFX, ema, ema, 0)
 
 #endif /* FASTOPT_OPTIM_H */
