@@ -150,6 +150,9 @@ ADAMW_SCHEDULEFREE_ARGS = Args("adamw_schedulefree",
 MUON_ARGS = Args("muon", _GRAD + ("one_minus_momentum", "momentum"),
                  ("lerp_hi", "nesterov_hi", "nesterov"))
 EMA_ARGS = Args("ema", ("weight",), ("lerp_hi",))
+PRODIGY_ARGS = Args("prodigy", _GRAD + ("weight_decay", "beta1", "m_coef", "beta2", "v_coef",
+                                        "beta3", "s_coef", "neg_decay", "d_eps", "neg_dlr",
+                                        "neg_dlr_d"))
 SCALED_APPLY_ARGS = Args("scaled_apply", ("decay", "scale"))
 
 # the kernels of the multi-pass rules' passes that are not elementwise in the table's sense
@@ -248,12 +251,23 @@ RULES = (
          (Kernel("muon_momentum", MUON_ARGS, ("momentum_buffer",)), PASS_KERNELS[2]),
          _scalars.muon_scalars, "reference_impls.Muon", dict(lr=1e-3), driver="muon",
          traffic=8, matrix=True),
+    # update pass (p, g, s, p0, m, v read; s, m, v and the dot's terms written), the sums
+    # of the terms and of |s| over every tensor, apply pass (p, m, v read; p written)
+    Rule("Prodigy", "fastopt.optim.prodigy", "prodigy_step",
+         ("s", "p0") + _ADAM_MOMENTS,
+         (Kernel("prodigy_update", PRODIGY_ARGS, ("s", "p0") + _ADAM_MOMENTS),
+          Kernel("prodigy_update_nom", PRODIGY_ARGS, ("s", "p0", "exp_avg_sq")),
+          Kernel("prodigy_apply", PRODIGY_ARGS, _ADAM_MOMENTS),
+          Kernel("prodigy_apply_nom", PRODIGY_ARGS, ("exp_avg_sq",))),
+         _scalars.prodigy_scalars, "prodigyopt.Prodigy", dict(lr=1.0), driver="prodigy",
+         traffic=16),
 )
 
 # the state arrays that can be negative: 8-bit state (state_dtype="int8") keeps them with the
 # signed dynamic map, the others (second moments, sums, maxima) with the unsigned one
 SIGNED_STATE = frozenset({"exp_avg", "momentum_buffer", "grad_avg", "prev", "ax",
-                          "exp_avg_fast", "exp_avg_slow", "exp_avg_diff", "neg_pre_grad", "z"})
+                          "exp_avg_fast", "exp_avg_slow", "exp_avg_diff", "neg_pre_grad", "z",
+                          "s", "p0"})
 # the state arrays kept in 8 bits with state_dtype="int8": those shaped like their parameter
 # (Adafactor's factored state, which is not, stays float32)
 QUANTIZABLE_STATE = frozenset(name for rule in RULES if not rule.matrix for name in rule.state)

@@ -268,6 +268,29 @@ def ema_scalars(dtype, *, decay):
     return dict(weight=1 - decay, lerp_hi=_lerp_hi(dtype, 1 - decay))
 
 
+def prodigy_scalars(dtype, *, d, dlr, d_next, beta1, beta2, beta3, eps, weight_decay,
+                    decouple, d0, safeguard_warmup, maximize, grad_scale, grad_clip):
+    """(update pass, apply pass) struct fields of Prodigy: the step's estimate `d`, `dlr` =
+    d lr bc of it, and `d_next`, the estimate the update pass led to (which only the apply
+    pass reads), each product as the reference computes it."""
+    fields = dict(**grad_scalars(grad_scale, grad_clip, maximize),
+                  weight_decay=0.0 if decouple else float(weight_decay), beta1=float(beta1),
+                  m_coef=d * (1 - beta1), beta2=float(beta2), v_coef=d * d * (1 - beta2),
+                  beta3=float(beta3), s_coef=(d / d0) * (d if safeguard_warmup else dlr),
+                  neg_decay=-weight_decay * dlr if decouple else 0.0, d_eps=d_next * eps,
+                  neg_dlr=-dlr, neg_dlr_d=-dlr * d_next)
+    return fields, fields
+
+
+def tensor_sums(partials, sizes, chunk):
+    """Per-tensor sums from norm_partials' per-chunk partials (kinds 1 and 3), each added
+    left to right: the same on every backend."""
+    counts = [-(-size // chunk) for size in sizes]
+    ends = np.cumsum(counts)
+    return [float(np.cumsum(partials[end - count:end])[-1]) if count else 0.0
+            for end, count in zip(ends, counts)]
+
+
 def lamb_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
                  grad_clip):
     """(update pass, apply pass) struct fields of Lamb."""
@@ -282,13 +305,7 @@ def lamb_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, 
 def tensor_norms(partials, sizes, chunk):
     """Per-tensor 2-norms from norm_partials' per-chunk sums of squares (tensors in order,
     ceil(size / chunk) chunks each), each added left to right: the same on every backend."""
-    counts = [-(-size // chunk) for size in sizes]
-    ends = np.cumsum(counts)
-    norms = []
-    for end, count in zip(ends, counts):
-        segment = partials[end - count:end]
-        norms.append(float(np.cumsum(segment)[-1]) ** 0.5 if count else 0.0)
-    return norms
+    return [total ** 0.5 for total in tensor_sums(partials, sizes, chunk)]
 
 
 def lamb_trust_ratios(param_norms, update_norms, dtype):

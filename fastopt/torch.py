@@ -373,11 +373,18 @@ class Optimizer(torch.optim.Optimizer):
             if not own:
                 self._point(kernels, self._flat)
         self._give_out(kernels, grads)
+        self._give_back_groups(kernels)
         # as torch's in-place updates do: autograd refuses a backward through a graph that
         # saved a parameter's old value
         stepped = [_local(p) for p, g in zip(params, grads) if g is not None]
         if stepped:
             torch.autograd.graph.increment_version(stepped)
+
+    def _give_back_groups(self, kernels):
+        """The param-group keys the rule updates itself (Prodigy's d), into torch's groups."""
+        for key in kernels._group_state:
+            for group, projected in zip(self.param_groups, kernels.param_groups):
+                group[key] = projected[key]
 
     @staticmethod
     def _point(kernels, params):
@@ -640,8 +647,7 @@ def _mode_switch(mode, method):
     def switch(self):
         kernels = self._take_in()
         method(kernels)
-        for group, projected in zip(self.param_groups, kernels.param_groups):
-            group["train_mode"] = projected["train_mode"]
+        self._give_back_groups(kernels)
         # the parameters changed in place, as a torch.optim step changes them
         torch.autograd.graph.increment_version([_local(p) for p in self._flat])
 
@@ -680,8 +686,8 @@ def _make(rule):
                                      default=_IMPLEMENTATION[k])
                    for k in torch_keys if k not in [p.name for p in parameters]]
     arguments = inspect.Signature(parameters)
-    # group keys that are no argument (Schedule-Free's train_mode): the array API's defaults
-    fixed.update((k, v) for k, v in kernel_defaults.items() if k not in arguments.parameters)
+    # group keys that are no argument (Schedule-Free's train_mode, Prodigy's estimate)
+    derived = [k for k in hyper if k not in arguments.parameters]
 
     def __init__(self, params, *args, **kwargs):
         options = {k: kwargs.pop(k) for k in OPTIONS if k in kwargs}
@@ -695,6 +701,10 @@ def _make(rule):
         for key in set(defaults) - set(hyper) - set(torch_keys):
             options[key] = defaults.pop(key)
         defaults.update(fixed)
+        if derived:  # as the array API's class sets them for these arguments (d = d0)
+            made = kernels_cls([np.zeros((1, 1))], **{k: defaults[k] for k in hyper
+                                                     if k in defaults}).defaults
+            defaults.update((k, made[k]) for k in derived)
         Optimizer.__init__(self, params, defaults, options)
 
     __init__.__signature__ = inspect.Signature(

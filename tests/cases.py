@@ -22,6 +22,7 @@ Read by tests/test_optim_parity.py (backend parity, and the check that every rul
 test_bad_input.py and test_state.py. A new rule's tests are one entry in :data:`CASES`.
 """
 
+import inspect
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -118,6 +119,16 @@ class Case:
     shapes: Optional[tuple] = None  # parity test shapes, if not SIZES
     unchecked: tuple = ()  # (config, dtype, reason): compared through float64, not directly
     matrices: bool = False  # the rule updates matrices only (Muon): see shaped()
+    # the hyperparameter a second param group halves in the tests of groups (Prodigy's
+    # groups share one lr)
+    group_key: str = "lr"
+
+    def second_group(self, kw):
+        """The hyperparameters of a second param group beside one of config `kw`: its
+        group_key halved (from the class's default where `kw` does not set it)."""
+        import fastopt
+        default = inspect.signature(getattr(fastopt, self.name)).parameters[self.group_key]
+        return {self.group_key: 0.5 * kw.get(self.group_key, default.default)}
 
     def shaped(self, shapes):
         """`shapes` as this rule's parameters take them: unchanged, or for a rule of
@@ -220,6 +231,9 @@ def kernel_hyper(kernel, step, rule=None):
         "sgd_schedulefree_step": dict(lr=0.05, ckp1=1.0 / step, momentum=0.9,
                                       weight_decay=0.01, maximize=True),
         "adamw_schedulefree_step": dict(adam, ckp1=1.0 / step, maximize=False),
+        "prodigy_step": dict(d=2e-3, dlr=2e-3, beta1=0.9, beta2=0.999, beta3=0.95, eps=1e-8,
+                             weight_decay=0.01, decouple=step % 2 == 0, d0=1e-3,
+                             safeguard_warmup=step % 3 == 0, d_next=3e-3, maximize=False),
         "muon_step": dict(lr=0.02, weight_decay=0.1, momentum=0.95 if step % 2 else 0.3,
                           nesterov=step % 3 != 0, ns_coefficients=(3.4445, -4.7750, 2.0315),
                           ns_steps=5, eps=1e-7, adjust_lr_fn="match_rms_adamw",
@@ -654,6 +668,28 @@ CASES = {case.name: case for case in [
         ),
         state=keys("step", "momentum_buffer"),
         matrices=True,
+    ),
+    Case(
+        "Prodigy",
+        configs=(
+            dict(lr=1.0, weight_decay=0.1, use_bias_correction=True, d0=1e-4),
+            dict(),
+            dict(betas=(0.0, 0.99), decouple=False, weight_decay=0.01, safeguard_warmup=True),
+            dict(beta3=0.9, d_coef=0.5, growth_rate=1.1, eps=1e-6),
+            dict(lr=0.5, betas=(0.95, 0.98), maximize=True),
+        ),
+        reference=Reference("torch", "reference_impls.Prodigy"),
+        bad=(
+            Bad(dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\] must be"),
+            Bad(dict(beta3=1.0), ValueError, r"beta3 must be"),
+            Bad(dict(d0=0.0), ValueError, r"d0 must be"),
+            Bad(dict(d_coef=-1.0), ValueError, r"d_coef must be"),
+            Bad(dict(growth_rate=0.0), ValueError, r"growth_rate must be"),
+            Bad(dict(decouple="yes"), TypeError, r"decouple must be True or False"),
+        ),
+        state=keys("step", "s", "p0", "exp_avg_sq",
+                   exp_avg=lambda kw, shape: kw.get("betas", (0.9,))[0] != 0),
+        group_key="d0",
     ),
 ]}
 

@@ -5,8 +5,11 @@ test builds them like torch.optim classes, ``cls(params, foreach=False, **config
 Where the authors' code is on PyPI (schedulefree), a thin subclass only adapts how it is
 built."""
 
+import contextlib
+import io
 import math
 
+import prodigyopt
 import schedulefree
 import torch
 
@@ -170,3 +173,23 @@ def _newton_schulz_in_dtype(grad, ns_coefficients, ns_steps, eps):
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.T if grad.size(0) > grad.size(1) else x
+
+
+class Prodigy(prodigyopt.Prodigy):
+    """prodigyopt.Prodigy (prodigyopt 1.1.2, the authors' package) with fastopt's extra
+    arguments: ``maximize`` negates the gradients, ``foreach`` is accepted and ignored (it
+    has one loop); its note on decoupled decay is not printed."""
+
+    def __init__(self, params, foreach=False, maximize=False, **kwargs):
+        with contextlib.redirect_stdout(io.StringIO()):
+            super().__init__(params, **kwargs)
+        self.maximize = maximize
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.maximize:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.neg_()
+        return super().step(closure)

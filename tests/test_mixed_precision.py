@@ -153,6 +153,7 @@ def test_resume_is_bit_identical(backend, fmt, tmp_path):
 # RMS, Rprop's step size grows while the gradient keeps its sign: capped here)
 DRIFT_KW = {"Adadelta": dict(lr=0.1), "Adagrad": dict(lr=3e-4), "RAdam": dict(lr=3e-4),
             "Muon": dict(lr=5e-4, weight_decay=0.0),
+            "Prodigy": dict(lr=1.0, d0=2e-5, growth_rate=1.0),  # d fixed after the first step
             "Rprop": dict(lr=1e-4, step_sizes=(0.0, 1e-4))}
 
 

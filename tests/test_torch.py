@@ -64,10 +64,10 @@ def test_same_as_array_api(name, dtype):
     kw = richest(name)
     params = params_like(dtype, shapes=CASES[name].shaped(SHAPES))
     arrays = [p.detach().numpy().copy() for p in params]
-    opt = getattr(ft, name)([{"params": params[:2]}, {"params": params[2:], "lr": 0.5 *
-                                                       kw.get("lr", 1e-3)}], **kw)
-    ref = getattr(fastopt, name)([{"params": arrays[:2]}, {"params": arrays[2:], "lr": 0.5 *
-                                                           kw.get("lr", 1e-3)}], **kw)
+    second = CASES[name].second_group(kw)
+    opt = getattr(ft, name)([{"params": params[:2]}, {"params": params[2:], **second}], **kw)
+    ref = getattr(fastopt, name)([{"params": arrays[:2]}, {"params": arrays[2:], **second}],
+                                 **kw)
     for t in range(12):
         grads = grads_for(params, t)
         grads[1] = None if t % 3 == 0 else grads[1]

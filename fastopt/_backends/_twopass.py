@@ -61,6 +61,27 @@ def muon_step(backend: Compiled, params, out, grads, bufs, updates, *, n_threads
     _apply(backend, params, out, orthogonal, factors, apply, n_threads, masks)
 
 
+def prodigy_step(backend: Compiled, params, out, grads, s, p0, m, v, terms, *, phase,
+                 n_threads, masks=None, **hyper):
+    """One of Prodigy's passes: phase "update" writes the dot product's terms to `terms`
+    and returns the per-tensor sums (of g . (p0 - p), of |s|); "apply" updates the
+    parameters with the new estimate, d_next."""
+    update, apply = _scalars.prodigy_scalars(params[0].dtype, **hyper)
+    nom = "" if m is not None else "_nom"
+    moments = (m, v) if m is not None else (v,)
+    if phase == "update":
+        _steps.run_pass(backend, "prodigy_update" + nom, (params, terms, grads, s, p0) + moments,
+                        update, n_threads, masks)
+        sizes = [p.size for p in params]
+        return (_scalars.tensor_sums(backend.norm_partials(terms, 3, n_threads=n_threads),
+                                     sizes, CHUNK),
+                _scalars.tensor_sums(backend.norm_partials(s, 1, n_threads=n_threads),
+                                     sizes, CHUNK))
+    _steps.run_pass(backend, "prodigy_apply" + nom, (params, out, grads) + moments, apply,
+                    n_threads, masks)
+    return None
+
+
 def factor_work(shape):
     """The factors pass's work for tensors of `shape` rows (B slices, R rows, C columns):
     items (tensor, slice, column block of COLS) and slices (tensor, slice), int64."""

@@ -370,6 +370,9 @@ class Optimizer:
     _leaves = False
     # combines the gradient norm's partial total with other processes' (see _clip.total_norm)
     _norm_reduce = None
+    # param-group keys the rule updates itself (Prodigy's estimate, Schedule-Free's mode),
+    # which fastopt.torch copies back into torch's param groups
+    _group_state = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -809,17 +812,24 @@ class Optimizer:
         except BaseException:
             self._undo(staged)
             raise
-        for k, (call, bucket) in enumerate(staged):
-            try:
-                call()
-            except BaseException:  # the calls before it wrote their parameters and state
-                self._undo(staged[k:])
-                raise
+        self._run_staged(staged)
         self._finish(staged)
         if self.ema_decay is not None:
             self._update_ema(staged, n_threads)
         self.last_grad_norm, self.last_step_skipped = norm, False
         return self.params()
+
+    def _run_staged(self, staged):
+        """Run the staged kernel calls, one per bucket; a call that fails takes back its
+        own bookkeeping and that of the calls after it (those before it wrote their
+        parameters and state). Rules with a reduction over every bucket between passes
+        (Prodigy) override this."""
+        for k, (call, _) in enumerate(staged):
+            try:
+                call()
+            except BaseException:
+                self._undo(staged[k:])
+                raise
 
     def _masked_grads(self, plan):
         """The plan with each masked gradient replaced by a copy whose pruned entries are 0

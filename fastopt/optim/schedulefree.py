@@ -71,6 +71,8 @@ class _ScheduleFree(Optimizer):
     """What both Schedule-Free rules share: the averaging weights, kept per parameter as
     state numbers, and the train/eval swap of the parameters."""
 
+    _group_state = ("train_mode",)
+
     def _beta(self, group):
         raise NotImplementedError
 

@@ -37,6 +37,7 @@
     {                                                                                     \
         if (kind == 2) return fo_norm_lanes_##SFX(g, n, 2);                               \
         if (kind == 1) return fo_norm_lanes_##SFX(g, n, 1);                               \
+        if (kind == 3) return fo_norm_lanes_##SFX(g, n, 3);                               \
         return fo_norm_lanes_##SFX(g, n, 0);                                              \
     }
 #define FO_NORM_TERM_f32(i) fo_norm_term_f32(g[i], kind)

@@ -432,6 +432,47 @@ def _ema(e, p, i, a, one):
     return _lerp(e, p, a.weight, a.lerp_hi, one)
 
 
+@njit(inline="always", **_JIT)
+def _prodigy_grad(p, g, a):
+    d = _grad(g, a)
+    return d + a.weight_decay * p if a.weight_decay != 0 else d
+
+
+@njit(inline="always", **_JIT)
+def _prodigy_tail(p, d, s, p0, v, i, a):
+    v[i] = v[i] * a.beta2 + a.v_coef * d * d
+    s[i] = s[i] * a.beta3 + a.s_coef * d
+    return d * (p0[i] - p)
+
+
+@element("prodigy_update")
+def _prodigy_update(p, g, s, p0, m, v, i, a, one):
+    """Prodigy's update pass: returns the dot product's term; s, m, v updated."""
+    d = _prodigy_grad(p, g, a)
+    m[i] = m[i] * a.beta1 + a.m_coef * d
+    return _prodigy_tail(p, d, s, p0, v, i, a)
+
+
+@element("prodigy_update_nom")
+def _prodigy_update_nom(p, g, s, p0, v, i, a, one):
+    return _prodigy_tail(p, _prodigy_grad(p, g, a), s, p0, v, i, a)
+
+
+@element("prodigy_apply")
+def _prodigy_apply(p, g, m, v, i, a, one):
+    denom = np.sqrt(v[i]) + a.d_eps
+    q = p + a.neg_decay * p if a.neg_decay != 0 else p
+    return q + a.neg_dlr * (m[i] / denom)
+
+
+@element("prodigy_apply_nom")
+def _prodigy_apply_nom(p, g, v, i, a, one):
+    denom = np.sqrt(v[i]) + a.d_eps
+    d = _prodigy_grad(p, g, a)
+    q = p + a.neg_decay * p if a.neg_decay != 0 else p
+    return q + a.neg_dlr_d * (d / denom)
+
+
 @element("lamb_update")
 def _lamb_update(p, g, m, v, i, a, one):
     """Lamb's update pass: returns u (written to the scratch buffer in the "param out"
@@ -888,7 +929,7 @@ def _norm_acc(acc, term, kind):
 @njit(inline="always", **_JIT)
 def _norm_term(g, kind):
     x = np.float64(g)
-    return x * x if kind == 2 else abs(x)
+    return x * x if kind == 2 else (x if kind == 3 else abs(x))
 
 
 # Each chunk's partial in fastopt/reduce.h's fixed order: element i of a chunk goes to lane
@@ -919,7 +960,7 @@ def _norm_partials_{kind}(ptrs, chunks, like):
 
 
 def _norm_kernel(kind):
-    """The norm pass of kind 0 (inf), 1 or 2, from _NORM."""
+    """The norm pass of kind 0 (inf), 1, 2 or 3 (the signed sum), from _NORM."""
     lanes = range(LANES)
     acc = f"l{{j}} = _norm_acc(l{{j}}, _norm_term({{g}}[{{at}}], {kind}), {kind})"
     source = _NORM.format(
@@ -935,7 +976,7 @@ def _norm_kernel(kind):
     return njit(parallel=True, **_JIT)(namespace[f"_norm_partials_{kind}"])
 
 
-_NORM_KERNELS = {kind: _norm_kernel(kind) for kind in (0, 1, 2)}
+_NORM_KERNELS = {kind: _norm_kernel(kind) for kind in (0, 1, 2, 3)}
 
 
 @contextlib.contextmanager

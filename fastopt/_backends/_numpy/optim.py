@@ -36,7 +36,7 @@ def norm_partials(grads, kind, *, n_threads=1):
     partials = []
     for g in grads:
         flat = g.reshape(-1).astype(np.float64)
-        terms = flat * flat if kind == 2 else np.abs(flat)
+        terms = flat * flat if kind == 2 else (flat if kind == 3 else np.abs(flat))
         for lo in range(0, terms.size, CHUNK):
             chunk = terms[lo:lo + CHUNK]
             lanes = np.zeros((-(-chunk.size // LANES), LANES))
@@ -396,6 +396,44 @@ def muon_step(params, out, grads, bufs, updates, *, lr, weight_decay, momentum, 
         p = p * s(1 - lr * weight_decay)
         out[i][...] = p + o * s(-lr * _scalars.muon_lr_ratio(p.shape, adjust_lr_fn))
     _zero_pruned(masks, out)
+
+
+def prodigy_step(params, out, grads, s_list, p0_list, m_list, v_list, terms, *, phase, d, dlr,
+                 d_next, beta1, beta2, beta3, eps, weight_decay, decouple, d0,
+                 safeguard_warmup, maximize, grad_scale=1.0, grad_clip=float("inf"), n_threads=1,
+                 masks=None):
+    """One pass of prodigyopt 1.1.2's step (its two loops over the parameters), with `d`
+    and `dlr` the step's estimate and d lr bc; phase "update" writes g (p0 - p) to `terms`
+    and returns the per-tensor sums (of g . (p0 - p), of |s|); "apply" takes `d_next`.
+    `m_list` None when beta1 is 0."""
+    coupled = 0.0 if decouple else weight_decay
+    sizes = [p.size for p in params]
+    for i, (p, g) in enumerate(zip(params, grads)):
+        t = p.dtype.type
+        g = _prologue(p, g, grad_clip, grad_scale, maximize, coupled)
+        v = v_list[i]
+        if phase == "update":
+            terms[i][...] = g * (p0_list[i] - p)
+            if m_list is not None:
+                m_list[i][...] = m_list[i] * t(beta1) + t(d * (1 - beta1)) * g
+            v[...] = v * t(beta2) + t(d * d * (1 - beta2)) * g * g
+            s = s_list[i]
+            s[...] = s * t(beta3) + t((d / d0) * (d if safeguard_warmup else dlr)) * g
+            continue
+        denom = np.sqrt(v) + t(d_next * eps)
+        neg_decay = -weight_decay * dlr if decouple else 0.0
+        if neg_decay != 0:
+            p = p + t(neg_decay) * p
+        if m_list is not None:
+            out[i][...] = p + t(-dlr) * (m_list[i] / denom)
+        else:
+            out[i][...] = p + t(-dlr * d_next) * (g / denom)
+    if phase == "update":
+        _zero_pruned(masks, terms, s_list, p0_list, v_list, *([m_list] if m_list else []))
+        return (_scalars.tensor_sums(norm_partials(terms, 3), sizes, CHUNK),
+                _scalars.tensor_sums(norm_partials(s_list, 1), sizes, CHUNK))
+    _zero_pruned(masks, out)
+    return None
 
 
 def _zero_pruned(masks, *lists):

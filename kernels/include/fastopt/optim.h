@@ -599,6 +599,71 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_MUON)
 #undef FO_DEFINE_MUON
 
 /*
+ * Prodigy (Mishchenko & Defazio 2023, as konstmish/prodigy, prodigyopt 1.1.2), in two passes
+ * with a reduction over every tensor between them (the host then updates d; lambda_c is the
+ * coupled weight decay, 0 when decoupled):
+ *   update pass:  g <- g + lambda_c p;  t = g (p0 - p), written out for the sum of g . (p0 - p)
+ *                 m <- b1 m + (d (1 - b1)) g;  v <- b2 v + (d^2 (1 - b2)) g g
+ *                 s <- b3 s + (d / d0 * dlr) g     (sum |s| reduced after the pass)
+ *   apply pass:   p <- p + (-lambda dlr) p (decoupled);  p <- p + (-dlr) m / (sqrt(v) + d eps)
+ *                 (without m, beta1 = 0: p <- p + (-dlr d) g / (sqrt(v) + d eps))
+ * with dlr from the step's old d and d eps from its new one, as the reference computes them.
+ */
+#define FO_DEFINE_PRODIGY(T, SFX, SQRT, FABS)                                             \
+    typedef struct {                                                                      \
+        T clip, gscale, weight_decay;                                                     \
+        T beta1, m_coef, beta2, v_coef, beta3, s_coef;                                    \
+        T neg_decay, d_eps, neg_dlr, neg_dlr_d;                                           \
+    } fo_prodigy_args_##SFX;                                                              \
+                                                                                          \
+    FO_HD T fo_prodigy_grad_##SFX(T p, T g, const fo_prodigy_args_##SFX *a)               \
+    {                                                                                     \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        return a->weight_decay != (T)0 ? g + a->weight_decay * p : g;                     \
+    }                                                                                     \
+                                                                                          \
+    /* the update pass after the gradient: v and s updated; returns the dot's term */     \
+    FO_HD T fo_prodigy_tail_##SFX(T p, T g, T *s, T p0, T *v,                             \
+                                  const fo_prodigy_args_##SFX *a)                         \
+    {                                                                                     \
+        *v = *v * a->beta2 + a->v_coef * g * g;                                           \
+        *s = *s * a->beta3 + a->s_coef * g;                                               \
+        return g * (p0 - p);                                                              \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_prodigy_update_nom_##SFX(T p, T g, T *s, T *p0, T *v,                      \
+                                        const fo_prodigy_args_##SFX *a)                   \
+    {                                                                                     \
+        return fo_prodigy_tail_##SFX(p, fo_prodigy_grad_##SFX(p, g, a), s, *p0, v, a);    \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_prodigy_update_##SFX(T p, T g, T *s, T *p0, T *m, T *v,                    \
+                                    const fo_prodigy_args_##SFX *a)                       \
+    {                                                                                     \
+        g = fo_prodigy_grad_##SFX(p, g, a);                                               \
+        *m = *m * a->beta1 + a->m_coef * g;                                               \
+        return fo_prodigy_tail_##SFX(p, g, s, *p0, v, a);                                 \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_prodigy_apply_##SFX(T p, T g, T *m, T *v, const fo_prodigy_args_##SFX *a)  \
+    {                                                                                     \
+        const T denom = SQRT(*v) + a->d_eps;                                              \
+        (void)g;                                                                          \
+        if (a->neg_decay != (T)0) p = p + a->neg_decay * p;                               \
+        return p + a->neg_dlr * (*m / denom);                                             \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_prodigy_apply_nom_##SFX(T p, T g, T *v, const fo_prodigy_args_##SFX *a)    \
+    {                                                                                     \
+        const T denom = SQRT(*v) + a->d_eps;                                              \
+        g = fo_prodigy_grad_##SFX(p, g, a);                                               \
+        if (a->neg_decay != (T)0) p = p + a->neg_decay * p;                               \
+        return p + a->neg_dlr_d * (g / denom);                                            \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_PRODIGY)
+#undef FO_DEFINE_PRODIGY
+
+/*
  * Weight EMA (torch.optim.swa_utils.get_ema_multi_avg_fn): e <- lerp(e, p, 1 - decay), run
  * as an elementwise kernel with the average in the parameter slots and the parameter in the
  * gradient slot.
@@ -751,6 +816,10 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SCALED_APPLY)
     X(T, SFX, sgd_schedulefree, sgd_schedulefree, 1)                                      \
     X(T, SFX, adamw_schedulefree, adamw_schedulefree, 2)                                  \
     X(T, SFX, muon_momentum, muon, 1)                                                     \
-    X(T, SFX, ema, ema, 0)
+    X(T, SFX, ema, ema, 0)                                                                \
+    X(T, SFX, prodigy_update, prodigy, 4)                                                 \
+    X(T, SFX, prodigy_update_nom, prodigy, 3)                                             \
+    X(T, SFX, prodigy_apply, prodigy, 2)                                                  \
+    X(T, SFX, prodigy_apply_nom, prodigy, 1)
 
 #endif /* FASTOPT_OPTIM_H */

@@ -5,7 +5,8 @@
  * summation order is fixed: tensors are cut into chunks of FO_CHUNK elements; inside a
  * chunk, element i is accumulated (in float64, in index order) into lane i % FO_NORM_LANES;
  * the lanes are added in lane order; the chunks' partials are added in chunk order by the
- * host. Norm kinds: 1 (sum |g|), 2 (sum g^2), 0 (max |g|, NaN propagating).
+ * host. Norm kinds: 1 (sum |g|), 2 (sum g^2), 0 (max |g|, NaN propagating), 3 (sum g:
+ * Prodigy's dot products, whose terms its update pass writes out).
  *
  * Factored sums (Adafactor's row and column statistics of a slice of R x C, row-major):
  * a column's sum adds its rows in index order; a row is cut into blocks of FO_COLS
@@ -25,7 +26,7 @@
     FO_HD double fo_norm_term_##SFX(T g, int kind)                                        \
     {                                                                                     \
         double x = (double)g;                                                             \
-        return kind == 2 ? x * x : (x < 0 ? -x : x);                                      \
+        return kind == 2 ? x * x : (kind == 3 ? x : (x < 0 ? -x : x));                                      \
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_NORM_TERM)
 #undef FO_DEFINE_NORM_TERM

@@ -1,0 +1,89 @@
+"""Prodigy's estimate d against the authors' prodigyopt, over param groups (one shared d,
+groups frozen with lr 0, per-group d0), its refusals and its no-progress step. The update
+itself is tested as every rule's is (tests/cases.py)."""
+
+import numpy as np
+import pytest
+
+import fastopt
+
+torch = pytest.importorskip("torch")
+reference_impls = pytest.importorskip("reference_impls")
+
+SHAPES = [(40,), (6, 7), (3,)]
+
+
+def _run(dtype, groups_kw, steps=60, **kw):
+    """fastopt's and the reference's optimizers after `steps` steps on the same gradients,
+    over three parameters in two groups (the first two, then the last)."""
+    rng = np.random.default_rng(4)
+    params = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    tparams = [torch.tensor(p.copy()) for p in params]
+    opt = fastopt.Prodigy([{"params": params[:2]}, {"params": params[2:], **groups_kw}], **kw)
+    ref = reference_impls.Prodigy([{"params": tparams[:2]}, {"params": tparams[2:],
+                                                             **groups_kw}], **kw)
+    for _ in range(steps):
+        grads = [np.asarray(0.5 * p + rng.standard_normal(p.shape), dtype) for p in params]
+        for t, g in zip(tparams, grads):
+            t.grad = torch.tensor(g)
+        opt.step(grads)
+        ref.step()
+    return opt, ref, params, tparams
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+@pytest.mark.parametrize("groups_kw, kw", [
+    (dict(d0=5e-7), dict(weight_decay=0.05, use_bias_correction=True)),
+    (dict(lr=0.0), dict(growth_rate=1.02)),
+])
+def test_estimate_matches_reference(dtype, rtol, groups_kw, kw):
+    opt, ref, params, tparams = _run(dtype, groups_kw, **kw)
+    for key in ("d", "d_max", "d_numerator", "d_hat", "d_denom", "k"):
+        for group, tgroup in zip(opt.param_groups, ref.param_groups):
+            assert group[key] == pytest.approx(tgroup[key], rel=rtol, abs=1e-300), key
+    atol = 1e-14 if dtype is np.float64 else 2e-6
+    for p, t in zip(params, tparams):
+        np.testing.assert_allclose(p, t.numpy(), rtol=0, atol=atol)
+
+
+def test_groups_share_one_lr_or_are_frozen():
+    p, q = np.zeros(3), np.zeros(2)
+    opt = fastopt.Prodigy([{"params": [p]}, {"params": [q], "lr": 0.5}])
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: lr 0.5 differs from the "
+                                         r"largest, 1.0; .* must be it or 0"):
+        opt.step([np.ones(3), np.ones(2)])
+    assert not opt.state and p.tolist() == [0, 0, 0]
+
+
+def test_zero_gradients_change_nothing_as_the_reference():
+    """Every gradient 0: |s| sums to 0; the reference returns before its apply loop, so the
+    parameters and d stay, and so does fastopt."""
+    p = np.array([1.0, -2.0])
+    t = torch.tensor(p.copy())
+    opt = fastopt.Prodigy([p])
+    ref = reference_impls.Prodigy([t])
+    t.grad = torch.zeros(2, dtype=torch.float64)
+    opt.step([np.zeros(2)])
+    ref.step()
+    assert p.tolist() == t.tolist() == [1.0, -2.0]
+    assert opt.param_groups[0]["d"] == ref.param_groups[0]["d"] == 1e-6
+    assert opt.param_groups[0]["k"] == ref.param_groups[0]["k"] == 0
+
+
+def test_torch_drop_in_reports_the_estimate():
+    import fastopt.torch as ftorch
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    arrays = [p.detach().numpy().copy() for p in model.parameters()]
+    opt = ftorch.Prodigy(model.parameters(), d0=1e-5)
+    twin = fastopt.Prodigy(arrays, d0=1e-5)
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    for _ in range(10):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        twin.step([p.grad.numpy().copy() for p in model.parameters()])
+        opt.step()
+    assert opt.param_groups[0]["d"] == twin.param_groups[0]["d"] > 1e-5
+    assert opt.state_dict()["param_groups"][0]["k"] == 10
+    for p, a in zip(model.parameters(), arrays):
+        np.testing.assert_array_equal(p.detach().numpy(), a)
