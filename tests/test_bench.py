@@ -198,3 +198,27 @@ def test_harness_training_loop(tmp_path, capsys):
         if r["rule"] == "adamw":
             assert r["vs_foreach"] == pytest.approx(foreach / r["median_ms"], rel=1e-9)
     assert "training loop" in capsys.readouterr().out
+
+
+def test_harness_muon_table(tmp_path, capsys):
+    pytest.importorskip("torch")
+    out = tmp_path / "muon.json"
+    assert bench.main(["--rules", "none", "--cases", "none", "--muon", "2x48x32,16x64",
+                       "--budget", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["case"], r["implementation"]) for r in rows] == [
+        (case, name) for case in ("2x48x32", "16x64")
+        for name in ("fastopt (float32 NS)", "fastopt (bfloat16 NS)", "torch.optim.Muon")]
+    torch_ms = {r["case"]: r["median_ms"] for r in rows if r["implementation"].startswith("torch")}
+    for r in rows:
+        assert r["elements"] == (2 * 48 * 32 if r["case"] == "2x48x32" else 16 * 64)
+        assert r["median_ms"] > 0
+        assert r["vs_torch"] == pytest.approx(torch_ms[r["case"]] / r["median_ms"], rel=1e-9)
+        if r["implementation"].startswith("fastopt"):
+            assert r["gemm_share"] == pytest.approx(1 - r["elementwise_ms"] / r["median_ms"],
+                                                    rel=1e-9)
+            assert r["gbps"] == pytest.approx(r["elements"] * 4 * 8 / r["elementwise_ms"] / 1e6,
+                                              rel=1e-9)
+    assert "GEMM share" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--rules", "none", "--cases", "none", "--muon", "4", "--json", ""])

@@ -42,7 +42,7 @@ import numpy as np
 
 import fastopt
 from fastopt import _backends, _config, _rules
-from fastopt.bench import _timing, formats, ops, training
+from fastopt.bench import _timing, formats, muon, ops, training
 from fastopt.bench._timing import (
     MATRIX_COLS,
     arrays,
@@ -447,6 +447,11 @@ def main(argv=None):
                              "these comma-separated models, LxW: L Linear(W, W) layers, with "
                              "fastopt.torch beside torch, for the --rules torch has "
                              "(for example 20x512,100x256; default: none)")
+    parser.add_argument("--muon", default="",
+                        help="also time Muon's step, its elementwise part and its GEMMs' "
+                             "share beside torch.optim.Muon, on these comma-separated cases: "
+                             "NxRxC is N matrices of R x C (for example 4x1024x1024,4096x1024; "
+                             "default: none)")
     parser.add_argument("--json", default="bench-results.json",
                         help="where to write the results as JSON ('' for nowhere)")
     parser.add_argument("--no-check", dest="check", action="store_false",
@@ -465,6 +470,12 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown op(s) {unknown}; choose from "
                      f"{list(ops.GROUPS) + list(ops.OPS)}, all")
+    muon_cases = [c.strip() for c in args.muon.split(",") if c.strip()]
+    for case in muon_cases:
+        try:
+            muon.parse_case(case)
+        except ValueError:
+            parser.error(f"--muon: {case!r} is no NxRxC or RxC case")
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     result = run(rules, [] if cases == ["none"] else cases,
                  args.threads, int(args.numpy_max), args.budget, check=args.check)
@@ -486,6 +497,9 @@ def main(argv=None):
         result["rows"] += training.run_training(models, rules, RULES,
                                                 args.threads or fastopt.get_num_threads(),
                                                 args.budget, sys.stdout)
+    if muon_cases:
+        result["rows"] += muon.run_muon(muon_cases, args.threads or fastopt.get_num_threads(),
+                                        args.budget, sys.stdout)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
