@@ -11,6 +11,8 @@ from test_optim_parity import CONFIGS
 
 import fastopt
 from fastopt import _backends, prune
+from fastopt._backends._layout import DIGIT_BITS
+from fastopt._backends._select import _shifts, key_bits
 
 
 def _distinct(rng, shape, dtype):
@@ -172,6 +174,40 @@ def test_split_path_ties_across_tensors(dtype, n_threads, monkeypatch):
     finally:
         fastopt.set_num_threads(2)
     assert len(calls) == 7  # every k took the split path
+
+
+@pytest.mark.parametrize("backend", ["cython", "numba"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_counting_passes_count_each_key_once(backend, dtype):
+    """The select's counting passes against np.bincount: weights starting at every offset
+    in a cache line (the Cython loop counts blocks from a 64-byte boundary, the rest key
+    by key) and of lengths that leave a tail, 60% zeros (one crowded bin: the interleaved
+    counters) beside spread keys, and after the first digit prefixes that most keys match
+    or few (both loops count the others into a sink that must never reach a bin)."""
+    require_backend(backend)
+    passes = _backends.load(backend)[0].compress
+    bits, _ = key_bits(dtype)
+    shifts = _shifts(bits)
+    utype = np.uint64 if bits == 63 else np.uint32
+    rng = np.random.default_rng(8)
+    base = rng.standard_normal(40000).astype(dtype)
+    base[rng.random(base.size) < 0.6] = 0
+    spread_key = int(base[np.flatnonzero(base)[0]].view(utype) & utype(2 ** bits - 1))
+    top = (2 ** DIGIT_BITS - 1) << shifts[0]
+    for start in range(64 // base.itemsize):
+        w = base[start:start + 1000 + 37 * start]
+        if start == 1:
+            w = base[start:]  # several chunks
+        keys = w.view(utype) & utype(2 ** bits - 1)
+        for shift, pmask, prefix in ((shifts[0], 0, 0), (shifts[1], top, 0),
+                                     (shifts[1], top, spread_key & top)):
+            counts, maxkey = passes.prune_hist([w], shift, pmask, prefix, 2)
+            match = keys[(keys & utype(pmask)) == utype(prefix)]
+            want = np.bincount((match >> utype(shift)) & utype(2 ** DIGIT_BITS - 1),
+                               minlength=2 ** DIGIT_BITS)
+            np.testing.assert_array_equal(counts, want)
+            if pmask == 0:
+                assert maxkey == int(keys.max())
 
 
 def test_amount_rounds_half_to_even_as_torch(torch):

@@ -16,32 +16,48 @@
 
 /*
  * fo_cpu_mag_hist: count the digit (key >> shift) & (FO_DIGIT_BINS - 1) of every key with
- * (key & pmask) == prefix into h, FO_HIST_TABLES interleaved histograms of FO_DIGIT_BINS
- * counts (h[j * FO_DIGIT_BINS + digit] for element FO_HIST_TABLES i + j): weights cluster
- * in few bins, and separate counters break the chain of increments to one address.
- * *maxkey takes the largest key seen (NaN shows as a key above inf's). After the first
- * digit, matches are rare (a 16-bit prefix), so blocks of FO_HIST_BLOCK keys are first
- * tested all at once, a loop that vectorizes, and only blocks with a match are counted.
+ * (key & pmask) == prefix into h: FO_HIST_TABLES interleaved histograms of FO_DIGIT_BINS
+ * counts, key j of a block of FO_HIST_BLOCK into h[FO_HIST_AT(j, digit)]. *maxkey takes
+ * the largest key seen (NaN shows as a key above inf's). The increments bound the pass
+ * (a load and a store per key, at random), so nothing else may stall them:
+ * - Weights cluster in few bins (the zeros of pruned weights in one), and an increment of
+ *   the bin just incremented waits for that store to be forwarded: separate counters break
+ *   the chain. Two, as the hot bins of two tables still fit L1 and those of four do not
+ *   (four: a third slower on normal weights, and no faster on mostly zero ones).
+ * - A maximum taken key by key beside the increment is a chain of compare-and-selects, a
+ *   cycle per key; so a block's counter indices and maximum are computed first, in a loop
+ *   that vectorizes, and the increments then run alone. Its vector loads must not straddle
+ *   cache lines (numpy's buffers start 16 bytes past one; uniform keys took 1.8 times as
+ *   long): the blocks start on a 64-byte boundary.
+ * - After the first digit, the keys that count (those matching the prefix) are rare, so a
+ *   block's keys are first tested all at once and only blocks with a match are counted,
+ *   or common (the threshold's bin holds many keys, such as the zeros of pruned weights),
+ *   where a branch per key mispredicts: every key of a block with a match is counted,
+ *   those that do not match into the sink, FO_HIST_BLOCK counters never read, one per
+ *   position in the block so that they form no chain either.
  */
 #define FO_HIST_TABLES 2
 #define FO_HIST_BLOCK 64
+#define FO_HIST_SINK (FO_HIST_TABLES * FO_DIGIT_BINS)
+#define FO_HIST_AT(j, digit) ((uint32_t)((j) % FO_HIST_TABLES * FO_DIGIT_BINS + (digit)))
 #define FO_SPLIT_BLOCK 16
 
 /* The calling thread's counting buffers: FO_HIST_TABLES uint32 histograms of FO_DIGIT_BINS
-   counts, then (at fo_cpu_hist_totals) one uint64 histogram they are flushed into, all
-   zero between passes (who empties one zeroes it). Allocated on the thread's first pass
-   and kept for its life (OpenMP pools its threads): fresh buffers per pass cost page
-   faults and TLB shootdowns that outweigh the pass. NULL: out of memory. */
+   counts and the sink, then (at fo_cpu_hist_totals) one uint64 histogram they are flushed
+   into, the histograms zero between passes (who empties one zeroes it). Allocated on the
+   thread's first pass and kept for its life (OpenMP pools its threads): fresh buffers per
+   pass cost page faults and TLB shootdowns that outweigh the pass. NULL: out of memory. */
 static uint32_t *fo_cpu_hist_tables(void)
 {
     static __thread uint32_t *tables = NULL;
     if (tables == NULL)
-        tables = (uint32_t *)calloc((FO_HIST_TABLES + 2) * FO_DIGIT_BINS, sizeof(uint32_t));
+        tables = (uint32_t *)calloc(FO_HIST_SINK + FO_HIST_BLOCK + 2 * FO_DIGIT_BINS,
+                                    sizeof(uint32_t));
     return tables;
 }
 static uint64_t *fo_cpu_hist_totals(uint32_t *tables)
 {
-    return (uint64_t *)(tables + FO_HIST_TABLES * FO_DIGIT_BINS);
+    return (uint64_t *)(tables + FO_HIST_SINK + FO_HIST_BLOCK);
 }
 
 /* A thread's candidates of the split pass (fo_cpu_mag_split): their keys (fo_key_f32 or
@@ -71,37 +87,56 @@ static int fo_cands_reserve(fo_cands *c, ptrdiff_t more, size_t keysize)
 }
 
 #define FO_DEFINE_MAG_LOOPS(T, SFX, SQRT, FABS)                                           \
+    /* fo_cpu_mag_hist key by key over x[a:b), into the first table */                    \
+    static inline void fo_cpu_mag_hist_keys_##SFX(                                        \
+        const T *restrict x, ptrdiff_t a, ptrdiff_t b, int shift, fo_key_##SFX pmask,     \
+        fo_key_##SFX prefix, uint32_t *restrict h, fo_key_##SFX *maxkey)                  \
+    {                                                                                     \
+        fo_key_##SFX mx = *maxkey;                                                        \
+        for (; a < b; a++) {                                                              \
+            const fo_key_##SFX k = fo_mag_key_##SFX(x[a]);                                \
+            if ((k & pmask) == prefix) h[(k >> shift) & (FO_DIGIT_BINS - 1)]++;           \
+            mx = k > mx ? k : mx;                                                         \
+        }                                                                                 \
+        *maxkey = mx;                                                                     \
+    }                                                                                     \
+                                                                                          \
     FO_MULTIVERSION static void fo_cpu_mag_hist_##SFX(                                    \
         const T *restrict x, ptrdiff_t n, int shift, fo_key_##SFX pmask,                  \
         fo_key_##SFX prefix, uint32_t *restrict h, fo_key_##SFX *maxkey)                  \
     {                                                                                     \
         const fo_key_##SFX dmask = FO_DIGIT_BINS - 1;                                     \
+        const ptrdiff_t skip = (ptrdiff_t)(-(uintptr_t)x % 64 / sizeof(T));               \
+        const ptrdiff_t lo = skip < n ? skip : n;                                         \
+        const ptrdiff_t hi = lo + (n - lo) / FO_HIST_BLOCK * FO_HIST_BLOCK;               \
+        uint32_t at[FO_HIST_BLOCK];                                                       \
         fo_key_##SFX mx = *maxkey;                                                        \
-        ptrdiff_t i = 0, j;                                                               \
+        ptrdiff_t i, j;                                                                   \
+        fo_cpu_mag_hist_keys_##SFX(x, 0, lo, shift, pmask, prefix, h, &mx);               \
         if (pmask == 0) {                                                                 \
-            for (; i + FO_HIST_TABLES <= n; i += FO_HIST_TABLES)                          \
-                for (j = 0; j < FO_HIST_TABLES; j++) {                                    \
+            for (i = lo; i < hi; i += FO_HIST_BLOCK) {                                    \
+                for (j = 0; j < FO_HIST_BLOCK; j++) {                                     \
                     const fo_key_##SFX k = fo_mag_key_##SFX(x[i + j]);                    \
-                    h[j * FO_DIGIT_BINS + ((k >> shift) & dmask)]++;                      \
+                    at[j] = FO_HIST_AT(j, (k >> shift) & dmask);                          \
                     mx = k > mx ? k : mx;                                                 \
                 }                                                                         \
+                for (j = 0; j < FO_HIST_BLOCK; j++) h[at[j]]++;                           \
+            }                                                                             \
         } else {                                                                          \
-            for (; i + FO_HIST_BLOCK <= n; i += FO_HIST_BLOCK) {                          \
+            for (i = lo; i < hi; i += FO_HIST_BLOCK) {                                    \
                 int any = 0;                                                              \
                 for (j = 0; j < FO_HIST_BLOCK; j++)                                       \
                     any |= (fo_mag_key_##SFX(x[i + j]) & pmask) == prefix;                \
-                if (any)                                                                  \
-                    for (j = 0; j < FO_HIST_BLOCK; j++) {                                 \
-                        const fo_key_##SFX k = fo_mag_key_##SFX(x[i + j]);                \
-                        if ((k & pmask) == prefix) h[(k >> shift) & dmask]++;             \
-                    }                                                                     \
+                if (!any) continue;                                                       \
+                for (j = 0; j < FO_HIST_BLOCK; j++) {                                     \
+                    const fo_key_##SFX k = fo_mag_key_##SFX(x[i + j]);                    \
+                    at[j] = (k & pmask) == prefix ? FO_HIST_AT(j, (k >> shift) & dmask)   \
+                                                  : (uint32_t)(FO_HIST_SINK + j);         \
+                }                                                                         \
+                for (j = 0; j < FO_HIST_BLOCK; j++) h[at[j]]++;                           \
             }                                                                             \
         }                                                                                 \
-        for (; i < n; i++) {                                                              \
-            const fo_key_##SFX k = fo_mag_key_##SFX(x[i]);                                \
-            if ((k & pmask) == prefix) h[(k >> shift) & dmask]++;                         \
-            mx = k > mx ? k : mx;                                                         \
-        }                                                                                 \
+        fo_cpu_mag_hist_keys_##SFX(x, hi, n, shift, pmask, prefix, h, &mx);               \
         *maxkey = mx;                                                                     \
     }                                                                                     \
                                                                                           \
