@@ -1,4 +1,5 @@
-"""asv suite: pruning masks, quantization and the distillation loss per backend x dtype."""
+"""asv suite: pruning masks, quantization, fake quantization and the distillation loss per
+backend x dtype."""
 
 import numpy as np
 
@@ -9,7 +10,9 @@ SHAPE = (4096, 1024)
 
 
 def _backends_of(op):
-    return [b for b in _backends.OPS[op] if b != "numpy" and _backends.available(b)]
+    """The compiled backends for NumPy arrays that implement `op`."""
+    return [b for b in _backends.OPS[op]
+            if b != "numpy" and _backends.BACKENDS[b].device == "cpu" and _backends.available(b)]
 
 
 class MagnitudeMask:
@@ -28,6 +31,18 @@ class MagnitudeMask:
                                      backend=backend)
 
 
+class RandomMask:
+    params = (_backends_of("random_fill"),)
+    param_names = ["backend"]
+
+    def setup(self, backend):
+        self.w = np.empty(SHAPE, np.float32)  # only its size counts
+        prune.random_mask(self.w, 0.5, seed=0, backend=backend)  # compilation
+
+    def time_random_mask(self, backend):
+        prune.random_mask(self.w, 0.5, seed=1, backend=backend)
+
+
 class Quantize:
     params = (_backends_of("quant_loop"), DTYPES, [None, 0])
     param_names = ["backend", "dtype", "axis"]
@@ -36,12 +51,20 @@ class Quantize:
         self.w = np.random.default_rng(0).standard_normal(SHAPE).astype(dtype)
         self.scale, self.zp = quant.qparams(self.w, "int8", axis=axis, symmetric=True)
         self.q = quant.quantize(self.w, self.scale, self.zp, axis=axis, backend=backend)
+        self.grad_y = np.ones(SHAPE, dtype)
 
     def time_quantize(self, backend, dtype, axis):
         quant.quantize(self.w, self.scale, self.zp, axis=axis, backend=backend)
 
     def time_dequantize(self, backend, dtype, axis):
         quant.dequantize(self.q, self.scale, self.zp, axis=axis, backend=backend)
+
+    def time_fake_quantize(self, backend, dtype, axis):
+        quant.fake_quantize(self.w, self.scale, self.zp, -128, 127, axis=axis, backend=backend)
+
+    def time_fake_quantize_backward(self, backend, dtype, axis):
+        quant.fake_quantize_backward(self.grad_y, self.w, self.scale, self.zp, -128, 127,
+                                     axis=axis, backend=backend)
 
 
 class KDLoss:
