@@ -70,6 +70,8 @@ class Prodigy(Optimizer):
 
     State per parameter: ``step``, ``s``, ``p0`` (the parameter at its first step),
     ``exp_avg`` (:math:`m`; none when :math:`\beta_1 = 0`), ``exp_avg_sq`` (:math:`v`).
+    ``state_dtype="int8"`` quantizes ``p0`` too, and :math:`p_0 - p` is then mostly
+    quantization error early on: keep Prodigy's state in float32 or bfloat16.
 
     Example:
         >>> import numpy as np, fastopt

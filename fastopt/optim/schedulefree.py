@@ -42,6 +42,8 @@ _MATH = r"""
     :math:`\max \gamma` and :math:`\sum w` per param group, fastopt keeps them per
     parameter (the same when every parameter gets a gradient at every step). In
     low-precision parameters, :meth:`eval` and :meth:`train` round to nearest even.
+    ``state_dtype="int8"`` quantizes :math:`z`, a copy of the weights, to 8 bits per entry
+    of a block's range: keep the state in float32 or bfloat16.
 """
 
 _ARGS = r"""
