@@ -87,3 +87,35 @@ def test_torch_drop_in_reports_the_estimate():
     assert opt.state_dict()["param_groups"][0]["k"] == 10
     for p, a in zip(model.parameters(), arrays):
         np.testing.assert_array_equal(p.detach().numpy(), a)
+
+
+def test_no_progress_leaves_immutable_parameters():
+    """JAX parameters get new arrays each step: a step without progress (every gradient 0,
+    or every lr 0) hands back their values, not unwritten memory, and counts no step."""
+    jnp = pytest.importorskip("jax.numpy")
+    for lr, grad in ((1.0, jnp.zeros(4)), (0.0, jnp.ones(4))):
+        opt = fastopt.Prodigy([jnp.ones(4)], lr=lr, ema_decay=0.5)
+        (w,) = opt.step([grad])
+        np.testing.assert_array_equal(np.asarray(w), np.ones(4))
+        np.testing.assert_array_equal(opt.state[0]["ema"], np.ones(4))
+        assert opt.state[0]["step"] == 0 and opt.param_groups[0]["k"] == 0
+
+
+def test_first_group_decides_momentum_as_the_reference():
+    """prodigyopt reads beta1 once, from the first group: a later group with betas[0] = 0
+    still keeps exp_avg and uses the first group's momentum."""
+    rng = np.random.default_rng(8)
+    a, b = rng.standard_normal(5), rng.standard_normal(4)
+    ta, tb = torch.tensor(a.copy()), torch.tensor(b.copy())
+    groups = [{"params": [a]}, {"params": [b], "betas": (0.0, 0.999)}]
+    opt = fastopt.Prodigy(groups)
+    ref = reference_impls.Prodigy([{"params": [ta]}, {"params": [tb], "betas": (0.0, 0.999)}])
+    for _ in range(20):
+        grads = [rng.standard_normal(5), rng.standard_normal(4)]
+        ta.grad, tb.grad = torch.tensor(grads[0]), torch.tensor(grads[1])
+        opt.step(grads)
+        ref.step()
+    assert "exp_avg" in opt.state[1]
+    np.testing.assert_allclose(a, ta.numpy(), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(b, tb.numpy(), rtol=0, atol=1e-14)
+    assert opt.param_groups[0]["d"] == pytest.approx(ref.param_groups[0]["d"], rel=1e-12)

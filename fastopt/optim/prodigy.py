@@ -114,8 +114,13 @@ class Prodigy(Optimizer):
             group[key] = number(f"{where}: {key}", group[key])
         group["k"] = integer(f"{where}: k", group["k"], lo=0)
 
+    def _momentum(self):
+        """Whether the rule keeps a first moment: from the first group's beta1, as the
+        reference decides it once for every group."""
+        return self.param_groups[0]["betas"][0] > 0
+
     def _state_names(self, group):
-        return self._state_keys if group["betas"][0] > 0 else ("s", "p0", "exp_avg_sq")
+        return self._state_keys if self._momentum() else ("s", "p0", "exp_avg_sq")
 
     def _step(self, grads, unscale=1.0):
         lr = max(group["lr"] for group in self.param_groups)
@@ -128,7 +133,7 @@ class Prodigy(Optimizer):
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         advance_step(states)
-        m = ensure_state(states, "exp_avg", params) if group["betas"][0] > 0 else None
+        m = ensure_state(states, "exp_avg", params) if self._momentum() else None
         kernel(params, out, grads, ensure_state(states, "s", params),
                ensure_state(states, "p0", params, copy=True), m,
                ensure_state(states, "exp_avg_sq", params), self._scratch_like(states, params),
@@ -160,13 +165,19 @@ class Prodigy(Optimizer):
         except BaseException:
             self._undo(staged)
             raise
-        if denominator == 0:
-            return  # no progress: the reference leaves the parameters and d as they were
+        if denominator == 0:  # no progress: the reference changes no parameter, nor d, nor
+            for _, (bucket, states, _, out) in staged:  # its step counts
+                for (_, _, pv, *_), state, o in zip(bucket, states, out):
+                    if o is not pv.array:  # a new array for an immutable framework
+                        o[...] = pv.array
+                    dict.__setitem__(state, "step", state["step"] - 1)
+            return
         numerator += delta
         d_hat = d
         if lr > 0:
             d_hat = first["d_coef"] * numerator / denominator
-            if d == first["d0"]:
+            # the reference compares with the d0 of its loop's last group
+            if d == self.param_groups[-1]["d0"]:
                 d = max(d, d_hat)
             d_max = max(d_max, d_hat)
             d = min(d_max, d * first["growth_rate"])
