@@ -283,8 +283,9 @@ def prodigy_scalars(dtype, *, d, dlr, d_next, beta1, beta2, beta3, eps, weight_d
 
 
 def tensor_sums(partials, sizes, chunk):
-    """Per-tensor sums from norm_partials' per-chunk partials (kinds 1 and 3), each added
-    left to right: the same on every backend."""
+    """Per-tensor sums from norm_partials' per-chunk partials (of the kinds that sum: 1, 2,
+    3; tensors in order, ceil(size / chunk) chunks each), each added left to right: the
+    same on every backend."""
     counts = [-(-size // chunk) for size in sizes]
     ends = np.cumsum(counts)
     return [float(np.cumsum(partials[end - count:end])[-1]) if count else 0.0

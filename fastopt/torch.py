@@ -662,8 +662,7 @@ def _make(rule):
     parameters = [p for name, p in inspect.signature(kernels_cls.__init__).parameters.items()
                   if p.kind is p.POSITIONAL_OR_KEYWORD and name not in ("self", "params")]
     # the param-group keys; the other arguments (ADOPT's clip_lambda) are the optimizer's
-    kernel_defaults = kernels_cls([np.zeros((1, 1))]).defaults  # a matrix: any rule takes it
-    hyper = tuple(kernel_defaults)
+    hyper = tuple(kernels_cls([np.zeros((1, 1))]).defaults)  # a matrix: any rule takes it
     torch_keys, fixed = (), {}
     if rule.reference.startswith("torch.optim."):
         torch_cls = getattr(torch.optim, rule.reference.removeprefix("torch.optim."))

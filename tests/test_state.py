@@ -24,8 +24,7 @@ def start(name, kw, backend, dtype=np.float32):
     params = [rng.standard_normal(n).astype(dtype) for n in shaped(name, SIZES)]
     opt = getattr(fastopt, name)([{"params": params[:2]}, {"params": params[2:]}],
                                  backend=backend, **kw)
-    opt.param_groups[1].update(CASES[name].second_group(kw) if name in CASES else
-                               {"lr": opt.param_groups[0]["lr"] / 2})
+    opt.param_groups[1].update(CASES[name].second_group(kw))
     return params, opt
 
 

@@ -8,6 +8,9 @@ share NumPy's and so agree bit for bit, CuPy's cuBLAS agrees to rounding.
 
 import numpy as np
 
+from fastopt import _scalars
+from fastopt._backends._layout import CHUNK
+
 _BF16_MASK = np.uint32(0xFFFF0000)
 
 
@@ -52,6 +55,17 @@ def newton_schulz(x, norm, coefficients, steps, eps, bf16, dtype):
         gram = stored(b * gram + c * (gram @ gram))
         x = stored(a * x + gram @ x)
     return xp.ascontiguousarray((x.T if tall else x).astype(dtype, copy=False))
+
+
+def orthogonalized(updates, norm_partials, coefficients, steps, eps, ns_dtype):
+    """Each of `updates` (matrices) through newton_schulz in `ns_dtype`, back in its own
+    dtype, divided by its Frobenius norm in the fixed summation order: `norm_partials(arrays)`
+    is the backend's per-chunk sums of squares (the NumPy reference's, or a compiled
+    backend's, which give the same)."""
+    inputs = [ns_input(u, ns_dtype) for u in updates]
+    norms = _scalars.tensor_norms(norm_partials(inputs), [x.size for x in inputs], CHUNK)
+    return [newton_schulz(x, norm, coefficients, steps, eps, ns_dtype == "bfloat16", u.dtype)
+            for u, x, norm in zip(updates, inputs, norms)]
 
 
 def _xp(x):

@@ -50,12 +50,9 @@ def muon_step(backend: Compiled, params, out, grads, bufs, updates, *, n_threads
                                           adjust_lr_fn=adjust_lr_fn, **hyper)
     _steps.run_pass(backend, "muon_momentum", (params, updates, grads, bufs), update,
                     n_threads, masks)
-    inputs = [_orthogonalize.ns_input(u, ns_dtype) for u in updates]
-    norms = _scalars.tensor_norms(backend.norm_partials(inputs, 2, n_threads=n_threads),
-                                  [u.size for u in inputs], CHUNK)
-    orthogonal = [_orthogonalize.newton_schulz(x, norm, ns_coefficients, ns_steps, eps,
-                                               ns_dtype == "bfloat16", dtype)
-                  for x, norm in zip(inputs, norms)]
+    orthogonal = _orthogonalize.orthogonalized(
+        updates, lambda arrays: backend.norm_partials(arrays, 2, n_threads=n_threads),
+        ns_coefficients, ns_steps, eps, ns_dtype)
     factors = np.array([-lr * _scalars.muon_lr_ratio(p.shape, adjust_lr_fn) for p in params],
                        dtype)
     _apply(backend, params, out, orthogonal, factors, apply, n_threads, masks)

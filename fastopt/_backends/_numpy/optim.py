@@ -387,12 +387,10 @@ def muon_step(params, out, grads, bufs, updates, *, lr, weight_decay, momentum, 
         b[...] = _lerp(b, g, s(1 - momentum))
         u[...] = _lerp(g, b, s(momentum)) if nesterov else b
     _zero_pruned(masks, updates, bufs)
-    inputs = [_orthogonalize.ns_input(u, ns_dtype) for u in updates]
-    norms = _scalars.tensor_norms(norm_partials(inputs, 2), [u.size for u in inputs], CHUNK)
-    for i, (p, x, norm) in enumerate(zip(params, inputs, norms)):
+    orthogonal = _orthogonalize.orthogonalized(updates, lambda arrays: norm_partials(arrays, 2),
+                                               ns_coefficients, ns_steps, eps, ns_dtype)
+    for i, (p, o) in enumerate(zip(params, orthogonal)):
         s = p.dtype.type
-        o = _orthogonalize.newton_schulz(x, norm, ns_coefficients, ns_steps, eps,
-                                         ns_dtype == "bfloat16", p.dtype)
         p = p * s(1 - lr * weight_decay)
         out[i][...] = p + o * s(-lr * _scalars.muon_lr_ratio(p.shape, adjust_lr_fn))
     _zero_pruned(masks, out)
