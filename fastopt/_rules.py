@@ -67,10 +67,23 @@ class Kernel(NamedTuple):
     """An elementwise kernel: the C loop ``fo_cpu_<name>_<sfx>``, the CUDA kernel
     ``fo_cuda_<name>_<sfx>`` and the Numba driver all call the element function
     ``fo_<name>_<sfx>(p, g, state..., args)`` over operands (param in, param out, grad,
-    `state`...)."""
+    `state`...). The last `aux` of `state` are per-tensor operands (any size) that the
+    element function gets by value (a cautious step's factor), not arrays updated in
+    place."""
     name: str
     args: Args
     state: tuple = ()
+    aux: int = 0
+
+
+class Caution(NamedTuple):
+    """The cautious variant of elementwise kernel `base` (the ``cautious=`` option): the
+    `count` pass writes the agreement mask K to the "param out" slot (a scratch buffer)
+    without writing the state, the `step` kernel updates like `base`, with each tensor's
+    factor 1 / max(mean K, 1e-3) as its last operand."""
+    base: str
+    count: Kernel
+    step: Kernel
 
 
 class Rule(NamedTuple):
@@ -91,6 +104,7 @@ class Rule(NamedTuple):
     driver: Optional[str] = None
     traffic: Optional[int] = None  # element transfers of a step, when not one pass
     matrix: bool = False       # benchmark the tensors as matrices (Adafactor factors them)
+    cautious: tuple = ()       # Caution variants of its kernels (the cautious= option)
 
     def kernel(self, present):
         """The variant whose state operands are exactly `present` (names, in order)."""
@@ -98,6 +112,13 @@ class Rule(NamedTuple):
             if k.state == present:
                 return k
         raise ValueError(f"{self.name}: no kernel takes the state {present}")
+
+    def caution(self, kernel):
+        """The Caution of elementwise kernel `kernel` (a name)."""
+        for c in self.cautious:
+            if c.base == kernel:
+                return c
+        raise ValueError(f"{self.name}: kernel {kernel!r} has no cautious variant")
 
 
 # -- the scalar structs (fastopt/optim.h); every rule's starts with the gradient prologue
@@ -159,11 +180,25 @@ SCALED_APPLY_ARGS = Args("scaled_apply", ("decay", "scale"))
 # (they read per-tensor factors): their loops are written out in optim_loops.h / optim.cu
 PASS_KERNELS = (
     Kernel("adafactor_vector", ADAFACTOR_ARGS, ("variance",)),
-    Kernel("adafactor_factored", ADAFACTOR_ARGS, ("row_var", "col_var", "rmean", "shape")),
-    Kernel("scaled_apply", SCALED_APPLY_ARGS, ("factor",)),
+    Kernel("adafactor_factored", ADAFACTOR_ARGS, ("row_var", "col_var", "rmean", "shape"),
+           aux=4),
+    Kernel("scaled_apply", SCALED_APPLY_ARGS, ("factor",), aux=1),
 )
 
 _ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+CAUTION = "caution"  # the per-tensor operand of a cautious step: 1 / max(mean K, 1e-3)
+
+
+def _caution(base, args, state, count_state):
+    """The Caution of kernel `base` (with `state`); its count pass reads `count_state`."""
+    return Caution(base, Kernel(base + "_caution", args, count_state),
+                   Kernel(base + "_cautious", args, state + (CAUTION,), aux=1))
+
+
+_ADAM_CAUTIOUS = (_caution("adam", ADAM_ARGS, _ADAM_MOMENTS, ("exp_avg",)),
+                  Caution("adam_amsgrad", Kernel("adam_caution", ADAM_ARGS, ("exp_avg",)),
+                          Kernel("adam_amsgrad_cautious", ADAM_ARGS,
+                                 _ADAM_MOMENTS + ("max_exp_avg_sq", CAUTION), aux=1)))
 # Schedule-Free's numbers: the step count, the largest warmed-up learning rate so far and
 # the sum of the averaging weights (the reference keeps them per param group)
 _SCHEDULEFREE_NUMBERS = (("step", int), ("lr_max", float), ("weight_sum", float))
@@ -176,11 +211,12 @@ RULES = (
     Rule("Adam", "fastopt.optim.adam", "adam_step", _ADAM_MOMENTS + ("max_exp_avg_sq",),
          (Kernel("adam", ADAM_ARGS, _ADAM_MOMENTS),
           Kernel("adam_amsgrad", ADAM_ARGS, _ADAM_MOMENTS + ("max_exp_avg_sq",))),
-         _scalars.adam_scalars, "torch.optim.Adam", dict(lr=1e-3)),
+         _scalars.adam_scalars, "torch.optim.Adam", dict(lr=1e-3), cautious=_ADAM_CAUTIOUS),
     Rule("AdamW", "fastopt.optim.adam", "adam_step", _ADAM_MOMENTS + ("max_exp_avg_sq",),
          (Kernel("adam", ADAM_ARGS, _ADAM_MOMENTS),
           Kernel("adam_amsgrad", ADAM_ARGS, _ADAM_MOMENTS + ("max_exp_avg_sq",))),
-         _scalars.adam_scalars, "torch.optim.AdamW", dict(lr=1e-3, weight_decay=1e-2)),
+         _scalars.adam_scalars, "torch.optim.AdamW", dict(lr=1e-3, weight_decay=1e-2),
+         cautious=_ADAM_CAUTIOUS),
     Rule("Adagrad", "fastopt.optim.adagrad", "adagrad_step", ("sum",),
          (Kernel("adagrad", ADAGRAD_ARGS, ("sum",)),),
          _scalars.adagrad_scalars, "torch.optim.Adagrad", dict(lr=1e-2)),
@@ -207,10 +243,12 @@ RULES = (
          _scalars.radam_scalars, "torch.optim.RAdam", dict(lr=1e-3)),
     Rule("ADOPT", "fastopt.optim.adopt", "adopt_step", _ADAM_MOMENTS,
          (Kernel("adopt", ADOPT_ARGS, _ADAM_MOMENTS),),
-         _scalars.adopt_scalars, "adopt.ADOPT", dict(lr=1e-3)),
+         _scalars.adopt_scalars, "adopt.ADOPT", dict(lr=1e-3),
+         cautious=(_caution("adopt", ADOPT_ARGS, _ADAM_MOMENTS, _ADAM_MOMENTS),)),
     Rule("Lion", "fastopt.optim.lion", "lion_step", ("exp_avg",),
          (Kernel("lion", LION_ARGS, ("exp_avg",)),),
-         _scalars.lion_scalars, "optax.lion", dict(lr=1e-4), state_scalars=()),
+         _scalars.lion_scalars, "optax.lion", dict(lr=1e-4), state_scalars=(),
+         cautious=(_caution("lion", LION_ARGS, ("exp_avg",), ("exp_avg",)),)),
     # update pass (p, g, m, v read; m, v, u written), norms of p and u, apply (p, u; p)
     Rule("Lamb", "fastopt.optim.lamb", "lamb_step", _ADAM_MOMENTS,
          (Kernel("lamb_update", LAMB_ARGS, _ADAM_MOMENTS), PASS_KERNELS[2]),
@@ -231,7 +269,12 @@ RULES = (
          ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq"),
          (Kernel("ademamix", ADEMAMIX_ARGS, ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq")),
           Kernel("ademamix_nofast", ADEMAMIX_ARGS, ("exp_avg_slow", "exp_avg_sq"))),
-         _scalars.ademamix_scalars, "reference_impls.AdEMAMix", dict(lr=1e-3)),
+         _scalars.ademamix_scalars, "reference_impls.AdEMAMix", dict(lr=1e-3),
+         cautious=(_caution("ademamix", ADEMAMIX_ARGS,
+                            ("exp_avg_fast", "exp_avg_slow", "exp_avg_sq"),
+                            ("exp_avg_fast", "exp_avg_slow")),
+                   _caution("ademamix_nofast", ADEMAMIX_ARGS, ("exp_avg_slow", "exp_avg_sq"),
+                            ("exp_avg_slow",)))),
     Rule("Adan", "fastopt.optim.adan", "adan_step",
          ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"),
          (Kernel("adan", ADAN_ARGS, ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")),),
@@ -279,8 +322,10 @@ BY_OP = {rule.op: rule for rule in RULES}  # rules sharing an op share their ker
 # fastopt.ema_update_ and the optimizers' ema_decay, the average in the parameter slots)
 UTILITY_OPS = {"ema_update": (Kernel("ema", EMA_ARGS), _scalars.ema_scalars)}
 
-# by name: the elementwise kernels (fastopt/optim.h's FO_ELEMENTWISE_KERNELS list), and
-# those with the passes' kernels
+# by name: the elementwise kernels (fastopt/optim.h's FO_ELEMENTWISE_KERNELS list), the
+# cautious steps (its FO_CAUTIOUS_KERNELS), and all of them with the passes' kernels
 KERNELS = {**{k.name: k for rule in RULES for k in rule.kernels if k not in PASS_KERNELS},
-           **{k.name: k for k, _ in UTILITY_OPS.values()}}
-ALL_KERNELS = {**KERNELS, **{k.name: k for k in PASS_KERNELS}}
+           **{k.name: k for k, _ in UTILITY_OPS.values()},
+           **{c.count.name: c.count for rule in RULES for c in rule.cautious}}
+CAUTIOUS_KERNELS = {c.step.name: c.step for rule in RULES for c in rule.cautious}
+ALL_KERNELS = {**KERNELS, **CAUTIOUS_KERNELS, **{k.name: k for k in PASS_KERNELS}}

@@ -292,6 +292,15 @@ def tensor_sums(partials, sizes, chunk):
             for end, count in zip(ends, counts)]
 
 
+def caution_factor(count, size, dtype):
+    """A cautious step's factor for a tensor of `size` elements where `count` agree (the
+    count pass's K): 1 / max(mean K, 1e-3), as timm computes it in the parameter's dtype
+    (the mean rounded to it once, then the clamp and the division in it)."""
+    real = np.dtype(dtype).type
+    mean = real(count / size) if size else real(1)
+    return real(1) / max(mean, real(1e-3))
+
+
 def lamb_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
                  grad_clip):
     """(update pass, apply pass) struct fields of Lamb."""

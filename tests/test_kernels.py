@@ -96,12 +96,20 @@ def test_every_rule_shares_the_gradient_prologue():
 
 def test_c_kernel_list_is_the_table():
     """FO_ELEMENTWISE_KERNELS in optim.h lists exactly the table's elementwise kernels,
-    each with its Args and number of state operands; the Cython module has a chunk function
-    for each kernel of the table (and the passes')."""
-    body = HEADER[HEADER.index("#define FO_ELEMENTWISE_KERNELS"):]
-    listed = re.findall(r"X\(T, SFX, (\w+), (\w+), (\d)\)", body)
-    assert {name: (args, int(n)) for name, args, n in listed} == {
+    each with its Args and number of state operands, FO_CAUTIOUS_KERNELS its cautious steps
+    (their per-tensor factor not counted); the Cython module has a chunk function for each
+    kernel of the table (and the passes')."""
+    elementwise, cautious = HEADER[HEADER.index("#define FO_ELEMENTWISE_KERNELS"):].split(
+        "#define FO_CAUTIOUS_KERNELS")
+
+    def listed(body):
+        return {name: (args, int(n))
+                for name, args, n in re.findall(r"X\(T, SFX, (\w+), (\w+), (\d)\)", body)}
+    assert listed(elementwise) == {
         name: (k.args.name, len(k.state)) for name, k in _rules.KERNELS.items()}
+    assert listed(cautious) == {
+        name: (k.args.name, len(k.state) - k.aux)
+        for name, k in _rules.CAUTIOUS_KERNELS.items()}
     assert _optim.kernels() == {name: len(k.state) for name, k in _rules.ALL_KERNELS.items()}
 
 
@@ -115,6 +123,11 @@ def test_table_rows_are_consistent():
                 assert set(kernel.state) <= set(rule.state), (rule.name, kernel.name)
         # rules sharing a registry operation share their kernels
         assert _rules.BY_OP[rule.op].kernels == rule.kernels
+        assert _rules.BY_OP[rule.op].cautious == rule.cautious
+        for caution in rule.cautious:  # the variant of a kernel of the rule, its state first
+            base = next(k for k in rule.kernels if k.name == caution.base)
+            assert caution.step.state == base.state + (_rules.CAUTION,)
+            assert set(caution.count.state) <= set(base.state)
 
 
 @pytest.mark.parametrize("name", sorted(_layout.C_NAMES))

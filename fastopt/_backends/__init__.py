@@ -120,7 +120,8 @@ def _implementation(name, op):
                 if kernel.name in module.KERNELS else None)
     if rule is None or not hasattr(module, "elementwise"):
         return getattr(module, op, None)
-    if any(k.name not in module.KERNELS for k in rule.kernels):
+    needed = rule.kernels + tuple(k for c in rule.cautious for k in (c.count, c.step))
+    if any(k.name not in module.KERNELS for k in needed):
         return None
     if rule.driver is not None:  # storage formats: whole arrays converted around the passes
         return _formats.formatted(functools.partial(getattr(_twopass, f"{rule.driver}_step"),

@@ -8,9 +8,14 @@ backend can, else right after it. Multi-pass rules have drivers of their own
 (fastopt._backends._twopass), which run their passes through ``run_pass``.
 """
 
-from fastopt import _rules
+import functools
+
+import numpy as np
+
+from fastopt import _rules, _scalars
 from fastopt._backends import _formats
 from fastopt._backends._contracts import Compiled
+from fastopt._backends._layout import CHUNK
 from fastopt._backends._masked import zero_pruned
 
 
@@ -58,10 +63,19 @@ def utility_step(backend: Compiled, kernel, scalars, averages, params, *, n_thre
 
 
 def rule_step(backend: Compiled, rule, params, out, grads, *states, n_threads, masks=None,
-              formats=None, shadow=None, **hyper):
+              formats=None, shadow=None, caution=None, **hyper):
     """One step of `rule` over tensors: `states` in the rule's state order (None for an
     optional one that is off), the hyperparameters as the rule's scalars function takes
-    them; `formats` and `shadow` as fastopt._backends._formats.formatted takes them."""
+    them; `formats` and `shadow` as fastopt._backends._formats.formatted takes them. With
+    `caution` (scratch arrays like the parameters, in the compute dtype), the cautious
+    step (see cautious_step)."""
+    if caution is not None:
+        if formats is not None:  # whole arrays converted around the passes
+            return _formats.formatted(functools.partial(cautious_step, backend, rule))(
+                params, out, grads, *states, n_threads=n_threads, masks=masks,
+                formats=formats, shadow=shadow, caution=caution, **hyper)
+        return cautious_step(backend, rule, params, out, grads, *states, n_threads=n_threads,
+                             masks=masks, caution=caution, **hyper)
     present = tuple(name for name, s in zip(rule.state, states) if s is not None)
     kernel = rule.kernel(present)
     operands = (params, out, grads) + tuple(s for s in states if s is not None)
@@ -70,3 +84,28 @@ def rule_step(backend: Compiled, rule, params, out, grads, *states, n_threads, m
     dtype = params[0].dtype if formats is None else formats.compute
     run_pass(backend, kernel.name, operands, rule.scalars(dtype, **hyper), n_threads, masks,
              formats=formats)
+
+
+def cautious_step(backend: Compiled, rule, params, out, grads, *states, n_threads, caution,
+                  masks=None, **hyper):
+    """A cautious step of `rule` (its Caution of the kernel for the state present): the
+    count pass writes each element's agreement K to the scratch arrays `caution`, their
+    per-tensor sums (exact: they are counts) give each tensor's factor, and the step kernel
+    takes it as its last operand. The count reads every element, pruned ones too, as the
+    NumPy reference does."""
+    named = {name: s for name, s in zip(rule.state, states) if s is not None}
+    present = tuple(named)
+    variant = rule.caution(rule.kernel(present).name)
+    dtype = params[0].dtype
+    scalars = rule.scalars(dtype, **hyper)
+    run_pass(backend, variant.count.name,
+             (params, caution, grads) + tuple(named[name] for name in variant.count.state),
+             scalars, n_threads, None)
+    counts = _scalars.tensor_sums(backend.norm_partials(caution, 1, n_threads=n_threads),
+                                  [p.size for p in params], CHUNK)
+    factors = backend.device(
+        [np.array([_scalars.caution_factor(c, p.size, dtype)], dtype)
+         for c, p in zip(counts, params)], params[0])
+    run_pass(backend, variant.step.name,
+             (params, out, grads) + tuple(named.values()) + (factors,), scalars, n_threads,
+             masks, n_aux=1)

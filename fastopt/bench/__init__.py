@@ -89,7 +89,8 @@ def _state_arrays(row):
 
 def _table_rules():
     """The harness's rules, from the rule table (fastopt._rules), plus Adam with
-    max_grad_norm ('adam+clip')."""
+    max_grad_norm ('adam+clip') and the cautious variants ('adamw+cautious', ...; torch has
+    none)."""
     rules = {}
     for row in _rules.RULES:
         torch_cls = row.reference.rsplit(".", 1)[1] \
@@ -98,6 +99,15 @@ def _table_rules():
                                        passes_traffic=row.traffic, matrix=row.matrix,
                                        torch=torch_cls)
     rules["adam+clip"] = rules["adam"]._replace(clip=1.0)
+    for row in _rules.RULES:
+        if row.cautious and row.name != "Adam":  # Adam's is AdamW's
+            plain = rules[row.name.lower()]
+            # the count pass (g and the first moments read, K written; Adam's and ADOPT's
+            # also read p, for an L2 decay, which this does not count), K's sums, the step
+            count = 2 + len(row.cautious[0].count.state)
+            rules[f"{row.name.lower()}+cautious"] = plain._replace(
+                hyper={**plain.hyper, "cautious": True},
+                passes_traffic=count + 1 + plain.traffic, torch=None)
     return rules
 
 

@@ -91,6 +91,16 @@ OPTIONS_DOC = """        **options: keyword-only ``backend``, ``n_threads``, ``m
             ``state_dtype``, ``stochastic_rounding``, ``master_weights``, ``seed``,
             ``ema_decay``; see :class:`fastopt.optim.Optimizer`."""
 
+def cautious_doc(direction):
+    """The Args entry of the ``cautious`` argument, `direction` naming what it masks."""
+    return r"""        cautious (bool): the cautious variant (C-Optim, Liang et al. 2024, as
+            timm's ``caution=True``): with :math:`u_t` """ + direction + r""", the step
+            uses :math:`u_t K_t / \max(\operatorname{mean}(K_t), 10^{-3})` in its place,
+            where :math:`K_t = 1[u_t g_t > 0]` elementwise and the mean is over each tensor
+            (the stored state is unchanged). Costs a counting pass over the gradient and
+            state before the step. Default False.
+"""
+
 MASTER = "master_param"  # the float32 copy of a low-precision parameter (master_weights)
 EMA = "ema"  # the moving average of a parameter (ema_decay)
 STATE_DTYPES = (None, "float32", "bfloat16", "int8")
@@ -1163,6 +1173,11 @@ class Optimizer:
                 buf = self._scratch[id(state)] = _interop.empty_like(p, dtype=dtype)
             buffers.append(buf)
         return buffers
+
+    def _caution(self, group, states, params):
+        """The cautious step's scratch arrays (its counting pass writes there) when the
+        group is cautious, else None: the kernel's ``caution=``."""
+        return self._scratch_like(states, params) if group["cautious"] else None
 
     def _check_group(self, group, where):
         raise NotImplementedError

@@ -4,6 +4,7 @@ from fastopt.optim._base import (
     OPTIONS_DOC,
     Optimizer,
     advance_step,
+    cautious_doc,
     check_betas,
     check_bool,
     check_real,
@@ -25,6 +26,9 @@ _MATH = r"""
 """
 
 
+# what the cautious option masks
+_DIRECTION = r"the first moment :math:`m_t`"
+
 class Adam(Optimizer):
     __doc__ = r"""Adam (Kingma & Ba), with optional AMSGrad and L2 weight decay.
 
@@ -40,7 +44,7 @@ class Adam(Optimizer):
         maximize (bool): ascend instead of descend. Default False.
         decoupled_weight_decay (bool): decay the parameter as :class:`AdamW` does instead of
             adding :math:`\lambda p_t` to the gradient (torch's option). Default False.
-""" + OPTIONS_DOC + r"""
+""" + cautious_doc(_DIRECTION) + OPTIONS_DOC + r"""
 
     State per parameter: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v), and
     ``max_exp_avg_sq`` with amsgrad.
@@ -57,10 +61,11 @@ class Adam(Optimizer):
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, maximize=False, decoupled_weight_decay=False, **options):
+                 amsgrad=False, maximize=False, decoupled_weight_decay=False, cautious=False,
+                 **options):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize,
-                        decoupled_weight_decay=decoupled_weight_decay)
+                        decoupled_weight_decay=decoupled_weight_decay, cautious=cautious)
         super().__init__(params, defaults, **options)
 
     def _check_group(self, group, where):
@@ -70,6 +75,7 @@ class Adam(Optimizer):
         check_real(group, "weight_decay", where, lo=0.0)
         check_bool(group, "amsgrad", where)
         check_bool(group, "maximize", where)
+        check_bool(group, "cautious", where)
         if not self._decoupled:
             check_bool(group, "decoupled_weight_decay", where)
 
@@ -85,7 +91,8 @@ class Adam(Optimizer):
                step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                weight_decay=group["weight_decay"],
                decoupled=self._decoupled or group["decoupled_weight_decay"],
-               maximize=group["maximize"], n_threads=n_threads, **grad)
+               maximize=group["maximize"], caution=self._caution(group, states, params),
+               n_threads=n_threads, **grad)
 
 
 class AdamW(Adam):
@@ -110,7 +117,7 @@ class AdamW(Adam):
     _decoupled = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, maximize=False, **options):
+                 amsgrad=False, maximize=False, cautious=False, **options):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        amsgrad=amsgrad, maximize=maximize)
+                        amsgrad=amsgrad, maximize=maximize, cautious=cautious)
         Optimizer.__init__(self, params, defaults, **options)

@@ -6,12 +6,15 @@ from fastopt.optim._base import (
     OPTIONS_DOC,
     Optimizer,
     advance_step,
+    cautious_doc,
     check_betas,
     check_bool,
     check_real,
     ensure_state,
 )
 
+# what the cautious option masks
+_DIRECTION = r"the numerator :math:`m^{(1)}_t / (1 - \beta_1^t) + \alpha m^{(2)}_t`"
 
 class AdEMAMix(Optimizer):
     __doc__ = r"""AdEMAMix: Adam with a second, slow exponential moving average of the
@@ -46,7 +49,7 @@ class AdEMAMix(Optimizer):
         weight_decay (float): decoupled :math:`\lambda \ge 0` (added to the update, as
             the reference). Default 0.
         maximize (bool): ascend instead of descend. Default False.
-""" + OPTIONS_DOC + r"""
+""" + cautious_doc(_DIRECTION) + OPTIONS_DOC + r"""
 
     State per parameter: ``step``, ``exp_avg_fast`` (:math:`m^{(1)}`; none when
     :math:`\beta_1 = 0`), ``exp_avg_slow`` (:math:`m^{(2)}`), ``exp_avg_sq`` (:math:`v`).
@@ -60,9 +63,10 @@ class AdEMAMix(Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0,
-                 t_alpha_beta3=None, eps=1e-8, weight_decay=0.0, maximize=False, **options):
+                 t_alpha_beta3=None, eps=1e-8, weight_decay=0.0, maximize=False,
+                 cautious=False, **options):
         defaults = dict(lr=lr, betas=betas, alpha=alpha, t_alpha_beta3=t_alpha_beta3, eps=eps,
-                        weight_decay=weight_decay, maximize=maximize)
+                        weight_decay=weight_decay, maximize=maximize, cautious=cautious)
         super().__init__(params, defaults, **options)
 
     def _check_group(self, group, where):
@@ -75,6 +79,7 @@ class AdEMAMix(Optimizer):
         check_real(group, "eps", where, lo=0.0)
         check_real(group, "weight_decay", where, lo=0.0)
         check_bool(group, "maximize", where)
+        check_bool(group, "cautious", where)
 
     def _state_names(self, group):
         return self._state_keys if group["betas"][0] != 0 else self._state_keys[1:]
@@ -90,4 +95,5 @@ class AdEMAMix(Optimizer):
                ensure_state(states, "exp_avg_sq", params),
                step=step, lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha,
                eps=group["eps"], weight_decay=group["weight_decay"],
-               maximize=group["maximize"], n_threads=n_threads, **grad)
+               maximize=group["maximize"], caution=self._caution(group, states, params),
+               n_threads=n_threads, **grad)

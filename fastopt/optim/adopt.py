@@ -4,6 +4,7 @@ from fastopt.optim._base import (
     OPTIONS_DOC,
     Optimizer,
     advance_step,
+    cautious_doc,
     check_adam_group,
     check_bool,
     ensure_state,
@@ -14,6 +15,9 @@ def quarter_power(step):
     """ADOPT's default clipping bound, ``step ** 0.25``."""
     return step ** 0.25
 
+
+# what the cautious option masks
+_DIRECTION = r"the first moment :math:`m_t` (:math:`g_t` with its L2 decay)"
 
 class ADOPT(Optimizer):
     __doc__ = r"""ADOPT (Taniguchi et al. 2024: adaptive gradient method with the optimal
@@ -50,7 +54,7 @@ class ADOPT(Optimizer):
         weight_decay (float): :math:`\lambda \ge 0`. Default 0.
         decouple (bool): decoupled (AdamW-style) weight decay. Default False.
         maximize (bool): ascend instead of descend. Default False.
-""" + OPTIONS_DOC + r"""
+""" + cautious_doc(_DIRECTION) + OPTIONS_DOC + r"""
 
     State per parameter: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v).
 
@@ -68,18 +72,19 @@ class ADOPT(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6,
                  clip_lambda=quarter_power, weight_decay=0.0, decouple=False, maximize=False,
-                 **options):
+                 cautious=False, **options):
         if clip_lambda is not None and not callable(clip_lambda):
             raise TypeError(f"clip_lambda must be a function of the step count or None, got "
                             f"{clip_lambda!r}")
         self.clip_lambda = clip_lambda
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        decouple=decouple, maximize=maximize)
+                        decouple=decouple, maximize=maximize, cautious=cautious)
         super().__init__(params, defaults, **options)
 
     def _check_group(self, group, where):
         check_adam_group(group, where)
         check_bool(group, "decouple", where)
+        check_bool(group, "cautious", where)
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
         beta1, beta2 = group["betas"]
@@ -93,4 +98,5 @@ class ADOPT(Optimizer):
                ensure_state(states, "exp_avg_sq", params), step=advance_step(states),
                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                weight_decay=group["weight_decay"], decoupled=group["decouple"],
-               clip_value=clip_value, maximize=group["maximize"], n_threads=n_threads, **grad)
+               clip_value=clip_value, maximize=group["maximize"],
+               caution=self._caution(group, states, params), n_threads=n_threads, **grad)

@@ -43,6 +43,25 @@
         FO_PARAM_LOOP(T, fo_##FN##_##SFX, g[i], s1 + i, s2 + i, s3 + i, s4 + i, &a);      \
     }
 
+/* The cautious steps (fastopt/optim.h's FO_CAUTIOUS_KERNELS): N state operands, then the
+   tensor's factor k (operand 3 + N, one element) */
+#define FO_FACTOR(T, N) const T k = *(const T *)ptr[3 + N];
+#define FO_CAUTIOUS1(T, SFX, NAME, ARGS)                                                  \
+    FO_CHUNK_HEAD(T, SFX, NAME, ARGS)                                                     \
+        FO_STATE(T, 1) FO_FACTOR(T, 1)                                                    \
+        FO_PARAM_LOOP(T, fo_##NAME##_##SFX, g[i], s1 + i, k, &a);                         \
+    }
+#define FO_CAUTIOUS2(T, SFX, NAME, ARGS)                                                  \
+    FO_CHUNK_HEAD(T, SFX, NAME, ARGS)                                                     \
+        FO_STATE(T, 1) FO_STATE(T, 2) FO_FACTOR(T, 2)                                     \
+        FO_PARAM_LOOP(T, fo_##NAME##_##SFX, g[i], s1 + i, s2 + i, k, &a);                 \
+    }
+#define FO_CAUTIOUS3(T, SFX, NAME, ARGS)                                                  \
+    FO_CHUNK_HEAD(T, SFX, NAME, ARGS)                                                     \
+        FO_STATE(T, 1) FO_STATE(T, 2) FO_STATE(T, 3) FO_FACTOR(T, 3)                      \
+        FO_PARAM_LOOP(T, fo_##NAME##_##SFX, g[i], s1 + i, s2 + i, s3 + i, k, &a);         \
+    }
+
 /* Two-pass rules (Lamb, Adafactor): the update pass writes u to the "param out" slot (a
    scratch buffer; operand 0, the parameter, is read by Lamb only). The apply pass reads u
    in the gradient slot and the tensor's factor from operand 3, one element per tensor. */
@@ -94,27 +113,33 @@
 
 /* one chunk function per kernel of fastopt/optim.h's list, N state operands each */
 #define FO_CPU_ELEMENTWISE(T, SFX, NAME, ARGS, N) FO_CHUNK##N(T, SFX, NAME, NAME, ARGS)
+#define FO_CPU_CAUTIOUS(T, SFX, NAME, ARGS, N) FO_CAUTIOUS##N(T, SFX, NAME, ARGS)
 
 #define FO_DEFINE_OPTIM_LOOPS(T, SFX, SQRT, FABS)                                         \
     FO_ELEMENTWISE_KERNELS(FO_CPU_ELEMENTWISE, T, SFX)                                    \
+    FO_CAUTIOUS_KERNELS(FO_CPU_CAUTIOUS, T, SFX)                 /* ..., state, k */      \
     FO_CHUNK_ADAFACTOR_VECTOR(T, SFX)                      /* p, u, g, variance */        \
     FO_CHUNK_ADAFACTOR_FACTORED(T, SFX)           /* p, u, g, row, col, rmean, shape */   \
     FO_CHUNK_SCALED_APPLY(T, SFX)                          /* p, p_out, u, factor */
 FO_DEFINE_FOR_REALS(FO_DEFINE_OPTIM_LOOPS)
 #undef FO_DEFINE_OPTIM_LOOPS
 #undef FO_CPU_ELEMENTWISE
+#undef FO_CPU_CAUTIOUS
 
 /* every chunk function by name, with its number of state (and auxiliary) operands after the
    gradient, for the Cython driver; ends with a NULL name */
 typedef struct { const char *name; fo_chunk_fn f32, f64; int n_state; } fo_cpu_kernel;
 #define FO_KERNEL(NAME, N) {#NAME, fo_cpu_##NAME##_f32, fo_cpu_##NAME##_f64, N}
 #define FO_CPU_ENTRY(T, SFX, NAME, ARGS, N) FO_KERNEL(NAME, N),
+#define FO_CPU_CAUTIOUS_ENTRY(T, SFX, NAME, ARGS, N) FO_KERNEL(NAME, N + 1),
 static const fo_cpu_kernel fo_cpu_kernels[] = {
     FO_ELEMENTWISE_KERNELS(FO_CPU_ENTRY, _, _)
+    FO_CAUTIOUS_KERNELS(FO_CPU_CAUTIOUS_ENTRY, _, _)
     FO_KERNEL(adafactor_vector, 1), FO_KERNEL(adafactor_factored, 4), FO_KERNEL(scaled_apply, 1),
     {NULL, NULL, NULL, 0},
 };
 #undef FO_CPU_ENTRY
+#undef FO_CPU_CAUTIOUS_ENTRY
 #undef FO_KERNEL
 
 #endif /* FASTOPT_CPU_OPTIM_LOOPS_H */

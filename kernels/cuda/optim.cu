@@ -51,6 +51,20 @@ typedef long long fo_i64;
     FO_CUDA_LOOP(T, fo_##FN##_##SFX(p, g, FO_OP(T, 3) + i, FO_OP(T, 4) + i,               \
                                     FO_OP(T, 5) + i, FO_OP(T, 6) + i, &a))
 
+/* The cautious steps (FO_CAUTIOUS_KERNELS): N state operands, then the tensor's factor k
+   (operand 3 + N, one element) */
+#define FO_CUDA_FACTOR(T, N) const T k = *(const T *)ops[3 + N];
+#define FO_CUDA_CAUTIOUS1(T, SFX, NAME, ARGS)                                             \
+    FO_CUDA_HEAD(T, SFX, NAME, ARGS) FO_CUDA_CHUNK(5) FO_CUDA_FACTOR(T, 1)                \
+    FO_CUDA_LOOP(T, fo_##NAME##_##SFX(p, g, FO_OP(T, 3) + i, k, &a))
+#define FO_CUDA_CAUTIOUS2(T, SFX, NAME, ARGS)                                             \
+    FO_CUDA_HEAD(T, SFX, NAME, ARGS) FO_CUDA_CHUNK(6) FO_CUDA_FACTOR(T, 2)                \
+    FO_CUDA_LOOP(T, fo_##NAME##_##SFX(p, g, FO_OP(T, 3) + i, FO_OP(T, 4) + i, k, &a))
+#define FO_CUDA_CAUTIOUS3(T, SFX, NAME, ARGS)                                             \
+    FO_CUDA_HEAD(T, SFX, NAME, ARGS) FO_CUDA_CHUNK(7) FO_CUDA_FACTOR(T, 3)                \
+    FO_CUDA_LOOP(T, fo_##NAME##_##SFX(p, g, FO_OP(T, 3) + i, FO_OP(T, 4) + i,             \
+                                      FO_OP(T, 5) + i, k, &a))
+
 /* Two-pass rules (Lamb, Adafactor): the update pass writes u to operand 1; the apply pass
    reads u as operand 2 and the tensor's factor from operand 3 (one element) */
 #define FO_CUDA_SCALED_APPLY(T, SFX)                                                      \
@@ -82,9 +96,11 @@ typedef long long fo_i64;
 
 /* one kernel per entry of fastopt/optim.h's list, N state operands each */
 #define FO_CUDA_ELEMENTWISE(T, SFX, NAME, ARGS, N) FO_CUDA##N(T, SFX, NAME, NAME, ARGS)
+#define FO_CUDA_CAUTIOUS(T, SFX, NAME, ARGS, N) FO_CUDA_CAUTIOUS##N(T, SFX, NAME, ARGS)
 
 #define FO_DEFINE_CUDA_OPTIM(T, SFX, SQRT, FABS)                                          \
     FO_ELEMENTWISE_KERNELS(FO_CUDA_ELEMENTWISE, T, SFX)                                   \
+    FO_CAUTIOUS_KERNELS(FO_CUDA_CAUTIOUS, T, SFX)                                         \
     FO_CUDA_ADAFACTOR_VECTOR(T, SFX)                                                      \
     FO_CUDA_ADAFACTOR_FACTORED(T, SFX)                                                    \
     FO_CUDA_SCALED_APPLY(T, SFX)

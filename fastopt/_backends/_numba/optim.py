@@ -118,6 +118,7 @@ def {name}(ptrs, chunks, rec, like):
         t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         p, g = _view(ptrs, t, 0, lo, n, like), _view(ptrs, t, 2, lo, n, like)
         {views}
+        {factor}
         if ptrs[t, 0] == ptrs[t, 1]:
             for i in range(n):
                 p[i] = element(p[i], g[i], {states}i, rec[0], one)
@@ -130,15 +131,18 @@ def {name}(ptrs, chunks, rec, like):
 
 @functools.lru_cache(maxsize=None)
 def _driver(name):
-    """The parallel driver of elementwise kernel `name` (see the module docstring)."""
-    kernel = _rules.KERNELS[name]
-    n = len(kernel.state)
+    """The parallel driver of elementwise kernel `name` (see the module docstring); a
+    cautious step's (fastopt._rules.CAUTIOUS_KERNELS) passes its tensor's factor k, its
+    last operand, after the state."""
+    kernel = _rules.ALL_KERNELS[name]
+    n = len(kernel.state) - kernel.aux
     namespace = {"__name__": __name__, "prange": prange, "_view": _view, "_one": _one,
                  "element": _ELEMENTS[name]}
     source = _DRIVER.format(
         name=f"_drive_{name}",
         views="; ".join(f"s{k} = _view(ptrs, t, {k + 2}, lo, n, like)" for k in range(1, n + 1)),
-        states="".join(f"s{k}, " for k in range(1, n + 1)))
+        factor=f"k = _view(ptrs, t, {n + 3}, 0, 1, like)[0]" if kernel.aux else "",
+        states="".join(f"s{k}, " for k in range(1, n + 1)) + ("k, " if kernel.aux else ""))
     exec(compile(source, __file__, "exec"), namespace)
     return njit(parallel=True, **_JIT)(namespace[f"_drive_{name}"])
 
@@ -206,6 +210,18 @@ def _moments(p, g, m, v, i, a, one):
     return p, d, mm, vv
 
 
+@njit(inline="always", **_JIT)
+def _agrees(u, d, one):
+    """The cautious option's K: 1 where the step's direction u agrees with the gradient."""
+    return one if u * d > 0 else one - one
+
+
+@njit(inline="always", **_JIT)
+def _cautious(u, d, k, one):
+    """u K k: u where it agrees with the gradient, times the tensor's factor k, else 0."""
+    return u * (k if u * d > 0 else one - one)
+
+
 @element("adam")
 def _adam(p, g, m, v, i, a, one):
     p, d, mm, vv = _moments(p, g, m, v, i, a, one)
@@ -218,6 +234,28 @@ def _adam_amsgrad(p, g, m, v, vmax, i, a, one):
     vv = _maximum(vmax[i], vv)
     vmax[i] = vv
     return p + a.neg_step_size * mm / (np.sqrt(vv) / a.bias_correction2_sqrt + a.eps)
+
+
+@element("adam_caution")
+def _adam_caution(p, g, m, i, a, one):
+    d = _l2(_grad(g, a), p * a.decay, a.weight_decay)
+    return _agrees(_lerp(m[i], d, a.one_minus_beta1, a.lerp_hi, one), d, one)
+
+
+@element("adam_cautious")
+def _adam_cautious(p, g, m, v, k, i, a, one):
+    p, d, mm, vv = _moments(p, g, m, v, i, a, one)
+    return p + a.neg_step_size * _cautious(mm, d, k, one) / (np.sqrt(vv) / a.bias_correction2_sqrt
+                                                             + a.eps)
+
+
+@element("adam_amsgrad_cautious")
+def _adam_amsgrad_cautious(p, g, m, v, vmax, k, i, a, one):
+    p, d, mm, vv = _moments(p, g, m, v, i, a, one)
+    vv = _maximum(vmax[i], vv)
+    vmax[i] = vv
+    return p + a.neg_step_size * _cautious(mm, d, k, one) / (np.sqrt(vv) / a.bias_correction2_sqrt
+                                                             + a.eps)
 
 
 @element("adagrad")
@@ -304,29 +342,77 @@ def _radam(p, g, m, v, i, a, one):
     return p - u
 
 
-@element("adopt")
-def _adopt(p, g, m, v, i, a, one):
+@njit(inline="always", **_JIT)
+def _adopt_normed(d, v, a):
+    n = d / _maximum(np.sqrt(v), a.eps)
+    return -a.clamp if n < -a.clamp else (a.clamp if n > a.clamp else n)
+
+
+@njit(inline="always", **_JIT)
+def _adopt_any(p, g, m, v, k, cautious, i, a, one):
+    """ADOPT's step; with `cautious`, m K k in place of m."""
     d = _l2(_grad(g, a), p, a.weight_decay)
     if a.first != 0:
         v[i] = v[i] + d * d
         return p
     if a.decoupled != 0:
         p = p + a.neg_lr_wd * p
-    n = d / _maximum(np.sqrt(v[i]), a.eps)
-    n = -a.clamp if n < -a.clamp else (a.clamp if n > a.clamp else n)
-    mm = _lerp(m[i], n, a.one_minus_beta1, a.lerp_hi, one)
+    mm = _lerp(m[i], _adopt_normed(d, v[i], a), a.one_minus_beta1, a.lerp_hi, one)
     m[i] = mm
     v[i] = v[i] * a.beta2 + a.one_minus_beta2 * d * d
-    return p + a.neg_lr * mm
+    return p + a.neg_lr * (_cautious(mm, d, k, one) if cautious else mm)
+
+
+@element("adopt")
+def _adopt(p, g, m, v, i, a, one):
+    return _adopt_any(p, g, m, v, one, False, i, a, one)
+
+
+@element("adopt_cautious")
+def _adopt_cautious(p, g, m, v, k, i, a, one):
+    return _adopt_any(p, g, m, v, k, True, i, a, one)
+
+
+@element("adopt_caution")
+def _adopt_caution(p, g, m, v, i, a, one):
+    d = _l2(_grad(g, a), p, a.weight_decay)
+    if a.first != 0:
+        return one - one
+    return _agrees(_lerp(m[i], _adopt_normed(d, v[i], a), a.one_minus_beta1, a.lerp_hi, one),
+                   d, one)
+
+
+@njit(inline="always", **_JIT)
+def _lion_sign(d, m, a, one):
+    c = a.one_minus_beta1 * d + a.beta1 * m
+    return one if c > 0 else (-one if c < 0 else c)
+
+
+@njit(inline="always", **_JIT)
+def _lion_any(p, g, m, k, cautious, i, a, one):
+    """Lion's step; with `cautious`, the sign times K k."""
+    d = _grad(g, a)
+    u = _lion_sign(d, m[i], a, one)
+    if cautious:
+        u = _cautious(u, d, k, one)
+    m[i] = a.one_minus_beta2 * d + a.beta2 * m[i]
+    return p + a.neg_lr * (u + a.weight_decay * p)
 
 
 @element("lion")
 def _lion(p, g, m, i, a, one):
+    return _lion_any(p, g, m, one, False, i, a, one)
+
+
+@element("lion_cautious")
+def _lion_cautious(p, g, m, k, i, a, one):
+    return _lion_any(p, g, m, k, True, i, a, one)
+
+
+@element("lion_caution")
+def _lion_caution(p, g, m, i, a, one):
     d = _grad(g, a)
-    c = a.one_minus_beta1 * d + a.beta1 * m[i]
-    u = one if c > 0 else (-one if c < 0 else c)
-    m[i] = a.one_minus_beta2 * d + a.beta2 * m[i]
-    return p + a.neg_lr * (u + a.weight_decay * p)
+    return _agrees(_lion_sign(d, m[i], a, one), d, one)
 
 
 @element("rprop")
@@ -359,21 +445,52 @@ def _asgd(p, g, ax, i, a, one):
 def _ademamix(p, g, m1, m2, v, i, a, one):
     d = _grad(g, a)
     m1[i] = m1[i] * a.beta1 + a.one_minus_beta1 * d
-    return _ademamix_tail(p, d, m1[i], m2, v, i, a)
+    return _ademamix_tail(p, d, m1[i], m2, v, one, False, i, a, one)
 
 
 @element("ademamix_nofast")
 def _ademamix_nofast(p, g, m2, v, i, a, one):
     d = _grad(g, a)
-    return _ademamix_tail(p, d, d, m2, v, i, a)
+    return _ademamix_tail(p, d, d, m2, v, one, False, i, a, one)
+
+
+@element("ademamix_cautious")
+def _ademamix_cautious(p, g, m1, m2, v, k, i, a, one):
+    d = _grad(g, a)
+    m1[i] = m1[i] * a.beta1 + a.one_minus_beta1 * d
+    return _ademamix_tail(p, d, m1[i], m2, v, k, True, i, a, one)
+
+
+@element("ademamix_nofast_cautious")
+def _ademamix_nofast_cautious(p, g, m2, v, k, i, a, one):
+    d = _grad(g, a)
+    return _ademamix_tail(p, d, d, m2, v, k, True, i, a, one)
+
+
+@element("ademamix_caution")
+def _ademamix_caution(p, g, m1, m2, i, a, one):
+    d = _grad(g, a)
+    fast = m1[i] * a.beta1 + a.one_minus_beta1 * d
+    return _agrees(fast / a.bias_correction1 + a.alpha * (m2[i] * a.beta3 + a.one_minus_beta3 * d),
+                   d, one)
+
+
+@element("ademamix_nofast_caution")
+def _ademamix_nofast_caution(p, g, m2, i, a, one):
+    d = _grad(g, a)
+    return _agrees(d / a.bias_correction1 + a.alpha * (m2[i] * a.beta3 + a.one_minus_beta3 * d),
+                   d, one)
 
 
 @njit(inline="always", **_JIT)
-def _ademamix_tail(p, d, m1, m2, v, i, a):
+def _ademamix_tail(p, d, m1, m2, v, k, cautious, i, a, one):
+    """AdEMAMix after its fast moment; with `cautious`, the numerator times K k."""
     m2[i] = m2[i] * a.beta3 + a.one_minus_beta3 * d
     v[i] = v[i] * a.beta2 + a.one_minus_beta2 * d * d
-    u = (m1 / a.bias_correction1 + a.alpha * m2[i]) / (np.sqrt(v[i]) / a.bias_correction2_sqrt
-                                                       + a.eps)
+    u = m1 / a.bias_correction1 + a.alpha * m2[i]
+    if cautious:
+        u = _cautious(u, d, k, one)
+    u = u / (np.sqrt(v[i]) / a.bias_correction2_sqrt + a.eps)
     u = u + a.weight_decay * p
     return p + a.neg_lr * u
 
@@ -1136,7 +1253,7 @@ def _adafactor_vector(ptrs, chunks, rec, like):
 _PASSES = {"scaled_apply": _scaled_apply, "adafactor_vector": _adafactor_vector,
            "adafactor_factored": _adafactor_factored}
 # the kernels this backend runs: every element function and the passes
-KERNELS = {**{name: len(_rules.KERNELS[name].state) for name in _ELEMENTS},
+KERNELS = {**{name: len(_rules.ALL_KERNELS[name].state) for name in _ELEMENTS},
            **{k.name: len(k.state) for k in _rules.PASS_KERNELS}}
 
 

@@ -93,9 +93,21 @@ def _adam_moments(p, g, exp_avg, exp_avg_sq, *, lr, beta1, beta2, weight_decay, 
     return p, g
 
 
+def _cautious(u, g, caution):
+    """The step direction u of a tensor with the cautious option (when `caution` is not
+    None): u K / max(mean K, 1e-3), K = 1[u g > 0] (timm's caution=True); else u."""
+    if caution is None:
+        return u
+    agree = u * g > 0
+    k = _scalars.caution_factor(int(np.count_nonzero(agree)), u.size, u.dtype)
+    return u * np.where(agree, k, u.dtype.type(0))
+
+
 def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step, lr, beta1,
               beta2, eps, weight_decay, decoupled, maximize, grad_scale=1.0,
-              grad_clip=float("inf"), n_threads=1):
+              grad_clip=float("inf"), n_threads=1, caution=None):
+    """With `caution` (scratch arrays: the compiled backends' count pass writes there),
+    the cautious step."""
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     step_size = lr / bias_correction1
@@ -109,7 +121,7 @@ def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, ste
             np.maximum(max_exp_avg_sqs[i], v, out=max_exp_avg_sqs[i])
             v = max_exp_avg_sqs[i]
         denom = np.sqrt(v) / s(bias_correction2_sqrt) + s(eps)
-        out[i][...] = p + s(-step_size) * m / denom
+        out[i][...] = p + s(-step_size) * _cautious(m, g, caution) / denom
 
 
 def _sign(x):
@@ -233,9 +245,9 @@ def radam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, be
 
 def adopt_step(params, out, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
                weight_decay, decoupled, clip_value, maximize, grad_scale=1.0,
-               grad_clip=float("inf"), n_threads=1):
+               grad_clip=float("inf"), n_threads=1, caution=None):
     """ADOPT as torch-adopt's single-tensor loop; `clip_value` is clip_lambda(step - 1)
-    (None: no clipping)."""
+    (None: no clipping); `caution` as adam_step's."""
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         s = p.dtype.type
         g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0 if decoupled else weight_decay)
@@ -249,16 +261,17 @@ def adopt_step(params, out, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, be
         if clip_value is not None:
             normed = np.clip(normed, s(-clip_value), s(clip_value))
         m[...] = _lerp(m, normed, s(1 - beta1))
-        out[i][...] = p + s(-lr) * m
+        out[i][...] = p + s(-lr) * _cautious(m, g, caution)
         v[...] = v * s(beta2) + s(1 - beta2) * g * g
 
 
 def lion_step(params, out, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize,
-              grad_scale=1.0, grad_clip=float("inf"), n_threads=1):
+              grad_scale=1.0, grad_clip=float("inf"), n_threads=1, caution=None):
+    """`caution` as adam_step's: the sign is the step direction it masks."""
     for i, (p, g, exp_avg) in enumerate(zip(params, grads, exp_avgs)):
         s = p.dtype.type
         g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
-        update = _sign(s(1 - beta1) * g + s(beta1) * exp_avg)
+        update = _cautious(_sign(s(1 - beta1) * g + s(beta1) * exp_avg), g, caution)
         exp_avg[...] = s(1 - beta2) * g + s(beta2) * exp_avg
         out[i][...] = p + s(-lr) * (update + s(weight_decay) * p)
 
@@ -299,9 +312,9 @@ def asgd_step(params, out, grads, axs, *, eta, mu, lambd, weight_decay, maximize
 
 def ademamix_step(params, out, grads, fasts, slows, sqs, *, step, lr, beta1, beta2, beta3,
                   alpha, eps, weight_decay, maximize, grad_scale=1.0, grad_clip=float("inf"),
-                  n_threads=1):
+                  n_threads=1, caution=None):
     """`fasts` None when beta1 is 0 (the first moment is then the gradient itself);
-    `beta3`, `alpha`: this step's."""
+    `beta3`, `alpha`: this step's; `caution` as adam_step's, on the update's numerator."""
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     for i, (p, g, slow, sq) in enumerate(zip(params, grads, slows, sqs)):
@@ -315,7 +328,7 @@ def ademamix_step(params, out, grads, fasts, slows, sqs, *, step, lr, beta1, bet
         slow[...] = slow * s(beta3) + s(1 - beta3) * g
         sq[...] = sq * s(beta2) + s(1 - beta2) * g * g
         denom = np.sqrt(sq) / s(math.sqrt(bias_correction2)) + s(eps)
-        update = (fast / s(bias_correction1) + s(alpha) * slow) / denom
+        update = _cautious(fast / s(bias_correction1) + s(alpha) * slow, g, caution) / denom
         update = update + s(weight_decay) * p
         out[i][...] = p + s(-lr) * update
 

@@ -32,6 +32,22 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_MAXIMUM)
 #undef FO_DEFINE_MAXIMUM
 
 /*
+ * The cautious option (C-Optim, Liang et al. 2024, as timm's caution=True), on Adam/AdamW,
+ * ADOPT, Lion and AdEMAMix. With u the direction the rule steps along (the new first moment,
+ * Lion's sign, AdEMAMix's numerator) and g the gradient after the prologue and L2 decay:
+ *   K = 1[u g > 0];  k = 1 / max(mean(K), 1e-3) per tensor (the host's, from the count pass)
+ *   the step uses u K k in place of u; the stored moment stays u.
+ * The count pass (<rule>_caution kernels) writes K to the "param out" slot, a scratch buffer
+ * whose per-tensor sum the host takes; the apply kernels (<rule>_cautious) read k as a
+ * per-tensor operand after their state.
+ */
+#define FO_DEFINE_CAUTION(T, SFX, SQRT, FABS)                                             \
+    FO_HD T fo_agrees_##SFX(T u, T g) { return u * g > (T)0 ? (T)1 : (T)0; }              \
+    FO_HD T fo_cautious_##SFX(T u, T g, T k) { return u * (u * g > (T)0 ? k : (T)0); }
+FO_DEFINE_FOR_REALS(FO_DEFINE_CAUTION)
+#undef FO_DEFINE_CAUTION
+
+/*
  * SGD (torch.optim.SGD):
  *   g <- gscale * clamp(g, -clip, clip) (+ wd * p)
  *   b <- g                              at the first step with momentum
@@ -101,14 +117,21 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SGD)
         int lerp_hi;      /* 1 - beta1 >= 0.5: torch's second lerp formula */             \
     } fo_adam_args_##SFX;                                                                 \
                                                                                           \
+    /* the gradient after the prologue and L2 decay; p decayed (AdamW) */                \
+    FO_HD T fo_adam_grad_##SFX(T *p, T g, T clip, T gscale, T weight_decay, T decay)      \
+    {                                                                                     \
+        g = fo_grad_##SFX(g, clip, gscale);                                               \
+        *p = *p * decay;                                                                  \
+        if (weight_decay != (T)0) g = g + weight_decay * *p;                              \
+        return g;                                                                         \
+    }                                                                                     \
+                                                                                          \
     /* the moments; returns the gradient after the prologue and weight decay */          \
     FO_HD T fo_adam_moments_##SFX(T *p, T g, T *m, T *v, T clip, T gscale,                \
                                   T weight_decay, T decay, T one_minus_beta1, T beta2,    \
                                   T one_minus_beta2, int lerp_hi)                         \
     {                                                                                     \
-        g = fo_grad_##SFX(g, clip, gscale);                                               \
-        *p = *p * decay;                                                                  \
-        if (weight_decay != (T)0) g = g + weight_decay * *p;                              \
+        g = fo_adam_grad_##SFX(p, g, clip, gscale, weight_decay, decay);                  \
         *m = fo_lerp_##SFX(*m, g, one_minus_beta1, lerp_hi);                              \
         *v = *v * beta2 + one_minus_beta2 * g * g;                                        \
         return g;                                                                         \
@@ -134,6 +157,30 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SGD)
         vhat = fo_maximum_##SFX(*vmax, *v);                                               \
         *vmax = vhat;                                                                     \
         return fo_adam_apply_##SFX(p, *m, vhat, a);                                       \
+    }                                                                                     \
+                                                                                          \
+    /* cautious: the count pass (K of the new m; nothing written) and the step */         \
+    FO_HD T fo_adam_caution_##SFX(T p, T g, T *m, const fo_adam_args_##SFX *a)            \
+    {                                                                                     \
+        g = fo_adam_grad_##SFX(&p, g, a->clip, a->gscale, a->weight_decay, a->decay);     \
+        return fo_agrees_##SFX(fo_lerp_##SFX(*m, g, a->one_minus_beta1, a->lerp_hi), g);  \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_adam_cautious_##SFX(T p, T g, T *m, T *v, T k,                             \
+                                   const fo_adam_args_##SFX *a)                           \
+    {                                                                                     \
+        g = FO_ADAM_MOMENTS(SFX, &p, g, m, v, a);                                         \
+        return fo_adam_apply_##SFX(p, fo_cautious_##SFX(*m, g, k), *v, a);               \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_adam_amsgrad_cautious_##SFX(T p, T g, T *m, T *v, T *vmax, T k,            \
+                                           const fo_adam_args_##SFX *a)                   \
+    {                                                                                     \
+        T vhat;                                                                           \
+        g = FO_ADAM_MOMENTS(SFX, &p, g, m, v, a);                                         \
+        vhat = fo_maximum_##SFX(*vmax, *v);                                               \
+        *vmax = vhat;                                                                     \
+        return fo_adam_apply_##SFX(p, fo_cautious_##SFX(*m, g, k), vhat, a);              \
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_ADAM)
 #undef FO_DEFINE_ADAM
@@ -345,21 +392,43 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_RADAM)
         int decoupled;    /* decoupled weight decay (wd != 0) */                          \
     } fo_adopt_args_##SFX;                                                                \
                                                                                           \
-    FO_HD T fo_adopt_##SFX(T p, T g, T *m, T *v, const fo_adopt_args_##SFX *a)            \
+    /* the step; with `cautious`, m K k (per-tensor k) in place of m. Both results     \
+       computed and one kept, m and v stored on every path: a store behind the           \
+       first-step flag kept GCC from vectorizing the loop (4x slower) */                  \
+    FO_HD T fo_adopt_any_##SFX(T p, T g, T *m, T *v, T k, int cautious,                   \
+                               const fo_adopt_args_##SFX *a)                              \
     {                                                                                     \
-        T n, mm;                                                                          \
+        T n, mm, q;                                                                       \
         g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
         if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
-        if (a->first) {                                                                   \
-            *v = *v + g * g;                                                              \
-            return p;                                                                     \
-        }                                                                                 \
-        if (a->decoupled) p = p + a->neg_lr_wd * p;                                       \
+        q = a->decoupled ? p + a->neg_lr_wd * p : p;                                      \
         n = fo_clamp_##SFX(g / fo_maximum_##SFX(SQRT(*v), a->eps), a->clamp);              \
         mm = fo_lerp_##SFX(*m, n, a->one_minus_beta1, a->lerp_hi);                        \
-        *m = mm;                                                                          \
-        *v = *v * a->beta2 + a->one_minus_beta2 * g * g;                                  \
-        return p + a->neg_lr * mm;                                                        \
+        q = q + a->neg_lr * (cautious ? fo_cautious_##SFX(mm, g, k) : mm);                \
+        *m = a->first ? *m : mm;                                                          \
+        *v = a->first ? *v + g * g : *v * a->beta2 + a->one_minus_beta2 * g * g;          \
+        return a->first ? p : q;                                                          \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_adopt_##SFX(T p, T g, T *m, T *v, const fo_adopt_args_##SFX *a)            \
+    {                                                                                     \
+        return fo_adopt_any_##SFX(p, g, m, v, (T)1, 0, a);                                \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_adopt_cautious_##SFX(T p, T g, T *m, T *v, T k,                            \
+                                    const fo_adopt_args_##SFX *a)                         \
+    {                                                                                     \
+        return fo_adopt_any_##SFX(p, g, m, v, k, 1, a);                                   \
+    }                                                                                     \
+                                                                                          \
+    /* the count pass: K of the new m (unused at the first step) */                       \
+    FO_HD T fo_adopt_caution_##SFX(T p, T g, T *m, T *v, const fo_adopt_args_##SFX *a)    \
+    {                                                                                     \
+        T n;                                                                              \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
+        n = fo_clamp_##SFX(g / fo_maximum_##SFX(SQRT(*v), a->eps), a->clamp);              \
+        return fo_agrees_##SFX(fo_lerp_##SFX(*m, n, a->one_minus_beta1, a->lerp_hi), g);  \
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_ADOPT)
 #undef FO_DEFINE_ADOPT
@@ -374,14 +443,39 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ADOPT)
         T beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay, neg_lr;           \
     } fo_lion_args_##SFX;                                                                 \
                                                                                           \
-    FO_HD T fo_lion_##SFX(T p, T g, T *m, const fo_lion_args_##SFX *a)                    \
+    /* sign((1 - beta1) g + beta1 m): 0 and NaN stay */                                 \
+    FO_HD T fo_lion_sign_##SFX(T g, T m, const fo_lion_args_##SFX *a)                     \
     {                                                                                     \
-        T c, u;                                                                           \
+        const T c = a->one_minus_beta1 * g + a->beta1 * m;                                \
+        return c > (T)0 ? (T)1 : (c < (T)0 ? (T)(-1) : c);                                \
+    }                                                                                     \
+                                                                                          \
+    /* the step; with `cautious`, the sign times K k (per-tensor k) */                    \
+    FO_HD T fo_lion_any_##SFX(T p, T g, T *m, T k, int cautious,                          \
+                              const fo_lion_args_##SFX *a)                                \
+    {                                                                                     \
+        T u;                                                                              \
         g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
-        c = a->one_minus_beta1 * g + a->beta1 * *m;                                       \
-        u = c > (T)0 ? (T)1 : (c < (T)0 ? (T)(-1) : c); /* sign; 0 and NaN stay */        \
+        u = fo_lion_sign_##SFX(g, *m, a);                                                 \
+        if (cautious) u = fo_cautious_##SFX(u, g, k);                                     \
         *m = a->one_minus_beta2 * g + a->beta2 * *m;                                      \
         return p + a->neg_lr * (u + a->weight_decay * p);                                 \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_lion_##SFX(T p, T g, T *m, const fo_lion_args_##SFX *a)                    \
+    {                                                                                     \
+        return fo_lion_any_##SFX(p, g, m, (T)1, 0, a);                                    \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_lion_cautious_##SFX(T p, T g, T *m, T k, const fo_lion_args_##SFX *a)      \
+    {                                                                                     \
+        return fo_lion_any_##SFX(p, g, m, k, 1, a);                                       \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_lion_caution_##SFX(T p, T g, T *m, const fo_lion_args_##SFX *a)            \
+    {                                                                                     \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        return fo_agrees_##SFX(fo_lion_sign_##SFX(g, *m, a), g);                          \
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_LION)
 #undef FO_DEFINE_LION
@@ -452,14 +546,32 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ASGD)
         T bias_correction1, bias_correction2_sqrt, alpha, eps, weight_decay, neg_lr;      \
     } fo_ademamix_args_##SFX;                                                             \
                                                                                           \
-    FO_HD T fo_ademamix_tail_##SFX(T p, T g, T m1, T *m2, T *v,                           \
+    FO_HD T fo_ademamix_fast_##SFX(T m1, T g, const fo_ademamix_args_##SFX *a)            \
+    {                                                                                     \
+        return m1 * a->beta1 + a->one_minus_beta1 * g;                                    \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_ademamix_slow_##SFX(T m2, T g, const fo_ademamix_args_##SFX *a)            \
+    {                                                                                     \
+        return m2 * a->beta3 + a->one_minus_beta3 * g;                                    \
+    }                                                                                     \
+                                                                                          \
+    /* the numerator m1 / bc1 + alpha m2 */                                               \
+    FO_HD T fo_ademamix_mix_##SFX(T m1, T m2, const fo_ademamix_args_##SFX *a)            \
+    {                                                                                     \
+        return m1 / a->bias_correction1 + a->alpha * m2;                                  \
+    }                                                                                     \
+                                                                                          \
+    /* the step after m1; with `cautious`, the numerator times K k (per-tensor k) */      \
+    FO_HD T fo_ademamix_tail_##SFX(T p, T g, T m1, T *m2, T *v, T k, int cautious,        \
                                    const fo_ademamix_args_##SFX *a)                       \
     {                                                                                     \
         T u;                                                                              \
-        *m2 = *m2 * a->beta3 + a->one_minus_beta3 * g;                                    \
+        *m2 = fo_ademamix_slow_##SFX(*m2, g, a);                                          \
         *v = *v * a->beta2 + a->one_minus_beta2 * g * g;                                  \
-        u = (m1 / a->bias_correction1 + a->alpha * *m2)                                   \
-            / (SQRT(*v) / a->bias_correction2_sqrt + a->eps);                             \
+        u = fo_ademamix_mix_##SFX(m1, *m2, a);                                            \
+        if (cautious) u = fo_cautious_##SFX(u, g, k);                                     \
+        u = u / (SQRT(*v) / a->bias_correction2_sqrt + a->eps);                           \
         u = u + a->weight_decay * p;                                                      \
         return p + a->neg_lr * u;                                                         \
     }                                                                                     \
@@ -468,15 +580,48 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ASGD)
                               const fo_ademamix_args_##SFX *a)                            \
     {                                                                                     \
         g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
-        *m1 = *m1 * a->beta1 + a->one_minus_beta1 * g;                                    \
-        return fo_ademamix_tail_##SFX(p, g, *m1, m2, v, a);                               \
+        *m1 = fo_ademamix_fast_##SFX(*m1, g, a);                                          \
+        return fo_ademamix_tail_##SFX(p, g, *m1, m2, v, (T)1, 0, a);                      \
     }                                                                                     \
                                                                                           \
     FO_HD T fo_ademamix_nofast_##SFX(T p, T g, T *m2, T *v,                               \
                                      const fo_ademamix_args_##SFX *a)                     \
     {                                                                                     \
         g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
-        return fo_ademamix_tail_##SFX(p, g, g, m2, v, a);                                 \
+        return fo_ademamix_tail_##SFX(p, g, g, m2, v, (T)1, 0, a);                        \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_ademamix_cautious_##SFX(T p, T g, T *m1, T *m2, T *v, T k,                 \
+                                       const fo_ademamix_args_##SFX *a)                   \
+    {                                                                                     \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        *m1 = fo_ademamix_fast_##SFX(*m1, g, a);                                          \
+        return fo_ademamix_tail_##SFX(p, g, *m1, m2, v, k, 1, a);                         \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_ademamix_nofast_cautious_##SFX(T p, T g, T *m2, T *v, T k,                 \
+                                              const fo_ademamix_args_##SFX *a)            \
+    {                                                                                     \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        return fo_ademamix_tail_##SFX(p, g, g, m2, v, k, 1, a);                           \
+    }                                                                                     \
+                                                                                          \
+    /* the count passes: K of the new numerator */                                        \
+    FO_HD T fo_ademamix_caution_##SFX(T p, T g, T *m1, T *m2,                             \
+                                      const fo_ademamix_args_##SFX *a)                    \
+    {                                                                                     \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        return fo_agrees_##SFX(fo_ademamix_mix_##SFX(fo_ademamix_fast_##SFX(*m1, g, a),   \
+                                                     fo_ademamix_slow_##SFX(*m2, g, a),   \
+                                                     a), g);                              \
+    }                                                                                     \
+                                                                                          \
+    FO_HD T fo_ademamix_nofast_caution_##SFX(T p, T g, T *m2,                             \
+                                             const fo_ademamix_args_##SFX *a)             \
+    {                                                                                     \
+        g = fo_grad_##SFX(g, a->clip, a->gscale);                                         \
+        return fo_agrees_##SFX(fo_ademamix_mix_##SFX(g, fo_ademamix_slow_##SFX(*m2, g, a), \
+                                                     a), g);                              \
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_ADEMAMIX)
 #undef FO_DEFINE_ADEMAMIX
@@ -820,6 +965,24 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SCALED_APPLY)
     X(T, SFX, prodigy_update, prodigy, 4)                                                 \
     X(T, SFX, prodigy_update_nom, prodigy, 3)                                             \
     X(T, SFX, prodigy_apply, prodigy, 2)                                                  \
-    X(T, SFX, prodigy_apply_nom, prodigy, 1)
+    X(T, SFX, prodigy_apply_nom, prodigy, 1)                                              \
+    X(T, SFX, adam_caution, adam, 1)                                                      \
+    X(T, SFX, adopt_caution, adopt, 2)                                                    \
+    X(T, SFX, lion_caution, lion, 1)                                                      \
+    X(T, SFX, ademamix_caution, ademamix, 2)                                              \
+    X(T, SFX, ademamix_nofast_caution, ademamix, 1)
+
+/*
+ * The cautious steps: X(T, SFX, NAME, ARGS, N) as above, the element function taking the
+ * tensor's factor k after the N state pointers (fo_NAME_<sfx>(p, g, state..., k, args)); the
+ * loops read k from the operand after the state, one value per tensor.
+ */
+#define FO_CAUTIOUS_KERNELS(X, T, SFX)                                                    \
+    X(T, SFX, adam_cautious, adam, 2)                                                     \
+    X(T, SFX, adam_amsgrad_cautious, adam, 3)                                             \
+    X(T, SFX, adopt_cautious, adopt, 2)                                                   \
+    X(T, SFX, lion_cautious, lion, 1)                                                     \
+    X(T, SFX, ademamix_cautious, ademamix, 3)                                             \
+    X(T, SFX, ademamix_nofast_cautious, ademamix, 2)
 
 #endif /* FASTOPT_OPTIM_H */
