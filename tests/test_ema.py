@@ -111,6 +111,44 @@ def test_ema_decay_option_is_ema_update_after_each_step(name, backend):
         np.testing.assert_array_equal(opt.state[i]["ema"], a)
 
 
+def test_ema_decay_fused_into_the_cython_update_pass(monkeypatch):
+    """On the Cython backend an elementwise rule moves the average inside its update pass
+    (no pass of the ema kernel after the first step), pruning masks and the cautious
+    variant included: the same bits as the NumPy reference's separate pass."""
+    require_backend("cython")
+    from fastopt._backends import _cython
+    calls = []
+    run = _cython.elementwise
+
+    def spy(kernel, *args, **kwargs):
+        calls.append((kernel, "ema" in kwargs))
+        return run(kernel, *args, **kwargs)
+    monkeypatch.setattr(_cython, "elementwise", spy)
+    rng = np.random.default_rng(4)
+    shapes = [(40000,), (7,), (1023,)]
+    keep = [rng.random(s) > 0.3 for s in shapes]
+    results = {}
+    for backend in ("numpy", "cython"):
+        for cautious in (False, True):
+            params = [np.random.default_rng(5).standard_normal(s).astype(np.float32)
+                      for s in shapes]
+            opt = fastopt.AdamW(params, lr=0.01, backend=backend, ema_decay=0.9,
+                                cautious=cautious, masks=keep)
+            grads = np.random.default_rng(6)
+            calls.clear()
+            for _ in range(4):
+                opt.step([grads.standard_normal(s).astype(np.float32) for s in shapes])
+            results[backend, cautious] = [opt.state[i]["ema"].copy() for i in range(3)]
+            if backend == "cython":
+                steps = [c for c in calls if c[0] != "ema"]
+                assert [c for c in calls if c[0] == "ema"] == []
+                assert [fused for _, fused in steps] == [False] * (1 + cautious) + (
+                    [False] * cautious + [True]) * 3
+    for cautious in (False, True):
+        for a, b in zip(results["numpy", cautious], results["cython", cautious]):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_ema_decay_with_master_weights_masks_skips_and_resume():
     """bfloat16 parameters with master weights: the float32 average of the master copy;
     pruned entries stay +0; a skipped step leaves the average; a checkpoint resumes it."""

@@ -129,6 +129,12 @@ def _implementation(name, op):
     return functools.partial(_steps.rule_step, module, rule)
 
 
+def takes_ema(fn):
+    """Whether `fn` (a rule's step from resolve) takes ``ema=`` (the weight EMA in its
+    update pass): the generic step of the compiled backends does."""
+    return getattr(fn, "func", None) is _steps.rule_step
+
+
 def dtypes(name, op):
     """The dtypes backend `name` runs `op` on."""
     module = _module(name)

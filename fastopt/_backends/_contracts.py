@@ -21,15 +21,21 @@ class Compiled(Protocol):
     # the storage codes (fastopt._backends._formats) elementwise() converts inside its
     # passes; optional (none: every low-precision call goes through _formats.around)
     FORMATS: frozenset
+    # optional: whether elementwise() takes ema= (none: the weight EMA runs as a pass of
+    # its own after the update, fastopt._backends._steps.run_pass)
+    FUSES_EMA: bool
 
     def elementwise(self, kernel, operands, record, n_threads, masks=None, n_aux=0,
-                    formats=None):
+                    formats=None, ema=None):
         """One pass of `kernel` over operand lists (param in, param out, grad, state...,
         the last `n_aux` per-tensor auxiliaries of any size), its scalars in `record`
         (fastopt._rules.Args.record); `masks` (one uint8 array per tensor) only where
         MASKS_IN_KERNELS. With `formats` (a _formats.Formats of codes in FORMATS), the
         operands are stored in those formats (the shadow after the state), `record` is in
-        the compute dtype, and the bits equal _formats.around's."""
+        the compute dtype, and the bits equal _formats.around's. With `ema` (where
+        FUSES_EMA; not with `formats`): (averages, their fo_ema_args record), each
+        parameter's weight EMA moved toward its written value in the same pass, the bits
+        of a pass of the ``ema`` kernel after it."""
 
     def norm_partials(self, arrays, kind, *, n_threads):
         """fastopt/reduce.h's partial norms, one float64 per FO_CHUNK chunk, on the host."""

@@ -20,7 +20,7 @@ from fastopt._backends._masked import zero_pruned
 
 
 def run_pass(backend: Compiled, kernel, operands, scalars, n_threads, masks, n_aux=0,
-             formats=None):
+             formats=None, ema=None):
     """One pass of `kernel` (a name of the rule table) with host scalars `scalars` (a dict of
     its Args fields); with pruning masks, the pruned entries of its written operand (1) and
     of its state (not the `n_aux` per-tensor auxiliaries) become 0 before anything reads
@@ -28,8 +28,19 @@ def run_pass(backend: Compiled, kernel, operands, scalars, n_threads, masks, n_a
     With `formats` (fastopt._backends._formats.Formats), the operands are stored in those
     formats (the shadow, if any, after the state): converted inside the pass where the
     backend converts each of them (its FORMATS: the storage codes it handles), else around
-    it, over whole arrays."""
+    it, over whole arrays. With `ema` ((averages, decay); not with `formats`), each written
+    parameter's weight EMA moves toward it: in the same pass where the backend can
+    (FUSES_EMA), else in a pass of its own right after."""
     dtype = operands[0][0].dtype if formats is None else formats.compute
+    if ema is not None:
+        averages, decay = ema
+        if not getattr(backend, "FUSES_EMA", False):
+            run_pass(backend, kernel, operands, scalars, n_threads, masks, n_aux)
+            utility_step(backend, "ema", _scalars.ema_scalars, averages, operands[1],
+                         n_threads=n_threads, masks=masks, decay=decay)
+            return
+        ema = (averages, _rules.EMA_ARGS.record(dtype, _scalars.ema_scalars(dtype,
+                                                                            decay=decay)))
     record = _rules.ALL_KERNELS[kernel].args.record(dtype, scalars)
     if formats is not None and (
             not set(formats.storage) <= getattr(backend, "FORMATS", set())
@@ -41,6 +52,8 @@ def run_pass(backend: Compiled, kernel, operands, scalars, n_threads, masks, n_a
                         rest=operands[len(operands) - n_aux:])
         return
     extra = {} if formats is None else {"formats": formats}
+    if ema is not None:
+        extra["ema"] = ema
     if masks is not None and backend.MASKS_IN_KERNELS:
         backend.elementwise(kernel, operands, record, n_threads, masks=masks, n_aux=n_aux,
                             **extra)
@@ -49,7 +62,8 @@ def run_pass(backend: Compiled, kernel, operands, scalars, n_threads, masks, n_a
     if masks is not None:
         written = operands[3:len(operands) - n_aux]  # the state and the shadow
         for t, mask in enumerate(masks):
-            zero_pruned(mask, [operands[1][t]] + [op[t] for op in written])
+            zero_pruned(mask, [operands[1][t]] + [op[t] for op in written]
+                        + ([ema[0][t]] if ema is not None else []))
 
 
 def utility_step(backend: Compiled, kernel, scalars, averages, params, *, n_threads,
@@ -63,19 +77,20 @@ def utility_step(backend: Compiled, kernel, scalars, averages, params, *, n_thre
 
 
 def rule_step(backend: Compiled, rule, params, out, grads, *states, n_threads, masks=None,
-              formats=None, shadow=None, caution=None, **hyper):
+              formats=None, shadow=None, caution=None, ema=None, **hyper):
     """One step of `rule` over tensors: `states` in the rule's state order (None for an
     optional one that is off), the hyperparameters as the rule's scalars function takes
     them; `formats` and `shadow` as fastopt._backends._formats.formatted takes them. With
     `caution` (scratch arrays like the parameters, in the compute dtype), the cautious
-    step (see cautious_step)."""
+    step (see cautious_step); with `ema` ((averages, decay); not with `formats`), the
+    weight EMA of the new parameters (see run_pass)."""
     if caution is not None:
         if formats is not None:  # whole arrays converted around the passes
             return _formats.formatted(functools.partial(cautious_step, backend, rule))(
                 params, out, grads, *states, n_threads=n_threads, masks=masks,
                 formats=formats, shadow=shadow, caution=caution, **hyper)
         return cautious_step(backend, rule, params, out, grads, *states, n_threads=n_threads,
-                             masks=masks, caution=caution, **hyper)
+                             masks=masks, caution=caution, ema=ema, **hyper)
     present = tuple(name for name, s in zip(rule.state, states) if s is not None)
     kernel = rule.kernel(present)
     operands = (params, out, grads) + tuple(s for s in states if s is not None)
@@ -83,11 +98,11 @@ def rule_step(backend: Compiled, rule, params, out, grads, *states, n_threads, m
         operands += (shadow,)
     dtype = params[0].dtype if formats is None else formats.compute
     run_pass(backend, kernel.name, operands, rule.scalars(dtype, **hyper), n_threads, masks,
-             formats=formats)
+             formats=formats, ema=ema)
 
 
 def cautious_step(backend: Compiled, rule, params, out, grads, *states, n_threads, caution,
-                  masks=None, **hyper):
+                  masks=None, ema=None, **hyper):
     """A cautious step of `rule` (its Caution of the kernel for the state present): the
     count pass writes each element's agreement K to the scratch arrays `caution`, their
     per-tensor sums (exact: they are counts) give each tensor's factor, and the step kernel
@@ -108,4 +123,4 @@ def cautious_step(backend: Compiled, rule, params, out, grads, *states, n_thread
          for c, p in zip(counts, params)], params[0])
     run_pass(backend, variant.step.name,
              (params, out, grads) + tuple(named.values()) + (factors,), scalars, n_threads,
-             masks, n_aux=1)
+             masks, n_aux=1, ema=ema)

@@ -118,9 +118,10 @@ class _Bucket(list):
     """The states of one kernel call (a list), with what undoes the changes its rule makes
     to them (``undo``: step counts, numbers, new buffers) should the call fail: they are
     made through ensure_state, advance_step and set_number only. ``dtype``: the dtype of
-    the state arrays it creates (None: the parameter's)."""
+    the state arrays it creates (None: the parameter's). ``ema``: whether the call moves the
+    weight EMA itself (ema_decay, in its update pass)."""
 
-    __slots__ = ("undo", "dtype")
+    __slots__ = ("undo", "dtype", "ema")
 
 
 def ensure_state(states, name, likes, fill=0.0, shape=None, copy=False):
@@ -814,11 +815,12 @@ class Optimizer:
                 op = self._op_of(group)
                 for (dtype, _, masked, _, _), bucket in buckets.items():
                     kernel = _backends.resolve(op, self.backend, device, compute_dtype(dtype))
+                    fuse_ema = self.ema_decay is not None and _backends.takes_ema(kernel)
                     if masked:
                         kernel = functools.partial(
                             kernel, masks=[self._masks[item[0]] for item in bucket])
                     staged.append(self._stage(kernel, group, bucket, n_threads,
-                                              grad_args[dtype]))
+                                              grad_args[dtype], fuse_ema))
         except BaseException:
             self._undo(staged)
             raise
@@ -1054,13 +1056,16 @@ class Optimizer:
         dict.update(state, numbers_)  # the numbers as int and float
         state.checked = (p.shape, p.dtype, pv.device)
 
-    def _stage(self, kernel, group, bucket, n_threads, grad):
+    def _stage(self, kernel, group, bucket, n_threads, grad, fuse_ema=False):
         """The first half of a kernel call: the rule's bookkeeping (state created, step
         counts advanced, arguments made), so that a failure there leaves every parameter
         as it was. Returns (call, bucket): the kernel call, ready to run, and the bucket with
-        its states (a _Bucket, which _undo takes back)."""
+        its states (a _Bucket, which _undo takes back). `fuse_ema`: the kernel takes the
+        weight EMA (``ema=``), which it then gets when every parameter of the bucket has one
+        and nothing is stored in a low-precision format."""
         params, out, grads, states = [], [], [], _Bucket()
         states.undo = []
+        states.ema = False
         for flat, _, pv, gv, state in bucket:
             params.append(pv.array)
             mutable = pv.framework in _interop.MUTABLE
@@ -1091,6 +1096,9 @@ class Optimizer:
             kwargs["formats"] = self._formats(bucket, args, states, master)
             if master:
                 kwargs["shadow"] = out = shadow
+        elif fuse_ema and all(EMA in state for state in states):
+            kwargs["ema"] = ([state[EMA] for state in states], self.ema_decay)
+            states.ema = True
         return functools.partial(kernel, *args, **kwargs), (bucket, states, group, out)
 
     def _formats(self, bucket, args, states, master):
@@ -1142,6 +1150,8 @@ class Optimizer:
         """After the update: each stepped parameter's average moved toward its new value
         (of the master weights, if any), or made a copy of it after its first step."""
         for _, (bucket, states, _, out) in staged:
+            if states.ema:  # moved by the kernel call
+                continue
             averages, values, flats = [], [], []
             for (flat, *_), state, o in zip(bucket, states, out):
                 value = state[MASTER] if MASTER in state else _formats.load(

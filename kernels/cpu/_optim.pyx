@@ -60,18 +60,27 @@ cdef const fo_cpu_kernel *_kernel(str name, Py_ssize_t n_operands) except NULL:
 
 
 def step(str kernel, tuple operands, bint f64, cnp.ndarray args, int n_threads,
-         Py_ssize_t n_aux=0, Py_ssize_t n_mask=0):
+         Py_ssize_t n_aux=0, Py_ssize_t n_mask=0, cnp.ndarray ema_args=None):
     """Run chunk function `kernel` over `operands` (a tuple of equally long lists of arrays:
     param in, param out, grad, state...). `args` (a C-contiguous array) holds the bytes of
     its fo_<rule>_args struct (fastopt._rules.Args.record). The last `n_aux` operands are per-tensor
-    auxiliaries (any size: Lamb's trust ratio, Adafactor's factors; see _plan.pxi), followed
-    by the pruning masks when `n_mask` is 1 (one byte per element; pruned entries of the
-    written parameter and the state become 0, see chunks.h)."""
+    auxiliaries (any size: Lamb's trust ratio, Adafactor's factors; see _plan.pxi), followed,
+    with `ema_args` (an fo_ema_args struct), by the weight EMA of each parameter, moved
+    toward the written parameter chunk by chunk, and by the pruning masks when `n_mask` is 1
+    (one byte per element; pruned entries of the written parameter, the state and the EMA
+    become 0, see chunks.h)."""
+    cdef bint with_ema = ema_args is not None
     if not cnp.PyArray_IS_C_CONTIGUOUS(args):
         raise ValueError("args: expected a C-contiguous array")
-    cdef const fo_cpu_kernel *k = _kernel(kernel, len(operands) - n_mask)
+    cdef const fo_cpu_kernel *k = _kernel(kernel, len(operands) - n_mask - with_ema)
+    cdef const fo_cpu_kernel *e = NULL
+    if with_ema:
+        if not cnp.PyArray_IS_C_CONTIGUOUS(ema_args):
+            raise ValueError("ema_args: expected a C-contiguous array")
+        e = _kernel("ema", 3)
     run(k.f64 if f64 else k.f32, operands, 8 if f64 else 4, cnp.PyArray_DATA(args), n_threads,
-        n_aux, n_mask)
+        n_aux, n_mask, NULL if e == NULL else (e.f64 if f64 else e.f32),
+        NULL if e == NULL else cnp.PyArray_DATA(ema_args))
 
 
 cdef extern from "format_loops.h" nogil:

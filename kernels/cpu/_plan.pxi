@@ -28,7 +28,10 @@ DEF MIN_PER_THREAD = 32768
 cdef struct Plan:
     Py_ssize_t n_ops
     Py_ssize_t n_mask       # trailing operands of one byte per element (masks)
-    Py_ssize_t n_aux        # per-tensor auxiliaries before the masks
+    Py_ssize_t n_ema        # 0 or 1: the weight EMA before the masks (see plan_chunk)
+    Py_ssize_t n_aux        # per-tensor auxiliaries before those
+    fo_chunk_fn ema_fn      # the EMA's chunk function (fo_cpu_ema_<sfx>) and its struct
+    const void *ema_args
     Py_ssize_t itemsize
     Py_ssize_t n_chunks
     Py_ssize_t n_elements
@@ -39,13 +42,14 @@ cdef struct Plan:
 cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize,
                    Py_ssize_t n_aux=0, Py_ssize_t n_mask=0,
                    const Py_ssize_t *itemsizes=NULL, Py_ssize_t n_scale=0,
-                   Py_ssize_t scale_block=1) except -1:
+                   Py_ssize_t scale_block=1, Py_ssize_t n_ema=0) except -1:
     """Fill `pl` from a tuple of equally long lists of C-contiguous ndarrays.
 
     Every array of tensor t must hold as many elements as operands[0][t] and have the given
     itemsize (operand op: itemsizes[op] when `itemsizes` is given, for operands stored in
     formats of their own), except the last `n_mask` operands, of one byte per element
-    (masks), the `n_aux` operands before those: per-tensor auxiliaries of any size and
+    (masks), the `n_ema` before those (the weight EMA: elements as the parameter's), the
+    `n_aux` operands before those: per-tensor auxiliaries of any size and
     itemsize (a per-tensor scalar such as Lamb's trust ratio, Adafactor's factors), which
     chunk functions index themselves; the backend that builds them guarantees their sizes,
     and the `n_scale` operands before those: block scales (8-bit state's absmax), a float32
@@ -60,6 +64,9 @@ cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize,
     pl.chunk = NULL
     pl.n_ops = n_ops
     pl.n_mask = n_mask
+    pl.n_ema = n_ema
+    pl.ema_fn = NULL
+    pl.ema_args = NULL
     pl.n_aux = n_aux
     pl.itemsize = itemsize
     for op in range(n_ops):
@@ -78,11 +85,16 @@ cdef int plan_init(Plan *pl, tuple operands, Py_ssize_t itemsize,
                         or not cnp.PyArray_IS_C_CONTIGUOUS(a):
                     raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous "
                                      f"array of {size} one-byte elements")
-            elif op >= n_ops - n_mask - n_aux:
+            elif op >= n_ops - n_mask - n_ema:
+                if (cnp.PyArray_SIZE(a) != size or cnp.PyArray_ITEMSIZE(a) != itemsize
+                        or not cnp.PyArray_IS_C_CONTIGUOUS(a)):
+                    raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous "
+                                     f"array of {size} elements of {itemsize} bytes")
+            elif op >= n_ops - n_mask - n_ema - n_aux:
                 if cnp.PyArray_SIZE(a) == 0 or not cnp.PyArray_IS_C_CONTIGUOUS(a):
                     raise ValueError(f"operand {op}, tensor {t}: expected a C-contiguous, "
                                      f"non-empty array")
-            elif op >= n_ops - n_mask - n_aux - n_scale:
+            elif op >= n_ops - n_mask - n_ema - n_aux - n_scale:
                 n_blocks = (size + scale_block - 1) // scale_block
                 if cnp.PyArray_SIZE(a) != n_blocks or cnp.PyArray_ITEMSIZE(a) != 4 \
                         or not cnp.PyArray_IS_C_CONTIGUOUS(a):
@@ -124,13 +136,25 @@ cdef void plan_free(Plan *pl) noexcept:
 cdef inline void plan_chunk(const Plan *pl, fo_chunk_fn fn, const void *args,
                             Py_ssize_t c) noexcept nogil:
     """Chunk c; with a mask operand (an optimizer step with pruning masks), the entries it
-    prunes are then zeroed in the written parameter and the state, still in cache."""
+    prunes are then zeroed in the written parameter and the state, still in cache; with an
+    EMA operand, the average then moves toward the written parameter (pl.ema_fn over
+    (average, average, parameter)), its pruned entries zeroed too: the same values as a
+    pass of the EMA after the step, without reading the parameter from memory again."""
     cdef char **ptr = pl.ptr + pl.chunk[3 * c] * pl.n_ops
     cdef Py_ssize_t lo = pl.chunk[3 * c + 1], n = pl.chunk[3 * c + 2]
+    cdef char *ema[3]
+    cdef const unsigned char *mask = NULL
     fn(ptr, lo, n, args)
     if pl.n_mask:
-        fo_cpu_mask_chunk(ptr, lo, n, pl.itemsize, pl.n_ops - 3 - pl.n_aux - pl.n_mask,
-                          <const unsigned char *>ptr[pl.n_ops - 1] + lo)
+        mask = <const unsigned char *>ptr[pl.n_ops - 1] + lo
+        fo_cpu_mask_chunk(ptr, lo, n, pl.itemsize,
+                          pl.n_ops - 3 - pl.n_aux - pl.n_ema - pl.n_mask, mask)
+    if pl.n_ema:
+        ema[0] = ema[1] = ptr[pl.n_ops - pl.n_mask - 1]
+        ema[2] = ptr[1]
+        pl.ema_fn(ema, lo, n, pl.ema_args)
+        if pl.n_mask:
+            fo_cpu_mask_chunk(ema, lo, n, pl.itemsize, 0, mask)
 
 
 cdef inline int plan_threads(const Plan *pl, int n_threads) noexcept nogil:
@@ -152,10 +176,15 @@ cdef void plan_run(const Plan *pl, fo_chunk_fn fn, const void *args, int n_threa
 
 
 cdef int run(fo_chunk_fn fn, tuple operands, Py_ssize_t itemsize, const void *args,
-             int n_threads, Py_ssize_t n_aux=0, Py_ssize_t n_mask=0) except -1:
+             int n_threads, Py_ssize_t n_aux=0, Py_ssize_t n_mask=0,
+             fo_chunk_fn ema_fn=NULL, const void *ema_args=NULL) except -1:
+    """Run `fn` over the plan of `operands`; with `ema_fn`, the operand before the masks
+    is the weight EMA (see plan_chunk)."""
     cdef Plan pl
     try:
-        plan_init(&pl, operands, itemsize, n_aux, n_mask)
+        plan_init(&pl, operands, itemsize, n_aux, n_mask, NULL, 0, 1, ema_fn != NULL)
+        pl.ema_fn = ema_fn
+        pl.ema_args = ema_args
         with nogil:
             plan_run(&pl, fn, args, n_threads)
     finally:

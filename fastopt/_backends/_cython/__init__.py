@@ -11,6 +11,7 @@ from fastopt._backends._cython.compress import kd_rows, quant_loop
 from fastopt._backends._cython.init import random_fill, weight_norm_apply, weight_norm_sums
 from fastopt._backends._cython.optim import (
                                              FORMATS,
+                                             FUSES_EMA,
                                              KERNELS,
                                              MASKS_IN_KERNELS,
                                              device,
@@ -21,6 +22,6 @@ from fastopt._backends._cython.optim import (
 
 magnitude_masks = functools.partial(_select.magnitude_masks, compress)
 
-__all__ = ["FORMATS", "KERNELS", "MASKS_IN_KERNELS", "device", "elementwise", "factors",
-           "norm_partials", "random_fill", "weight_norm_sums", "weight_norm_apply",
+__all__ = ["FORMATS", "FUSES_EMA", "KERNELS", "MASKS_IN_KERNELS", "device", "elementwise",
+           "factors", "norm_partials", "random_fill", "weight_norm_sums", "weight_norm_apply",
            "magnitude_masks", "quant_loop", "kd_rows"]

@@ -18,6 +18,7 @@ from fastopt._backends import _formats
 from fastopt._cpu import _optim
 
 MASKS_IN_KERNELS = True  # the driver zeroes pruned entries inside each chunk's update
+FUSES_EMA = True  # elementwise(ema=) moves the weight EMA chunk by chunk after the update
 # the storage codes elementwise() converts inside each chunk (fastopt._backends._formats)
 FORMATS = frozenset((_formats.F32, _formats.BF16, _formats.F16, _formats.Q8S, _formats.Q8U))
 KERNELS = _optim.kernels()  # chunk function name -> number of state operands
@@ -26,8 +27,13 @@ _QMAPS = np.stack([_formats.QMAPS[_formats.Q8S], _formats.QMAPS[_formats.Q8U]])
 _QTABLES = np.stack([_optim.q8_table(qmap) for qmap in _QMAPS])
 
 
-def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0, formats=None):
+def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0, formats=None,
+                ema=None):
+    """`ema`: (averages, their fo_ema_args record), the weight EMA of each parameter
+    updated from the written parameter chunk by chunk (not with `formats`)."""
     if formats is not None:
+        if ema is not None:
+            raise ValueError("storage formats: the weight EMA runs as a pass of its own")
         if n_aux or kernel not in _rules.KERNELS:
             raise ValueError(f"storage formats: {kernel!r} is not an elementwise kernel")
         if formats.compute != np.float32:
@@ -39,10 +45,12 @@ def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0, format
                             tuple(list(s) for s in formats.scales), _QMAPS, _QTABLES)
         return
     dtype = operands[0][0].dtype
+    if ema is not None:
+        operands += (ema[0],)
     if masks is not None:
         operands += (masks,)
     _optim.step(kernel, operands, dtype == np.float64, record, n_threads, n_aux,
-                masks is not None)
+                masks is not None, None if ema is None else ema[1])
 
 
 def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, record, n_threads):
