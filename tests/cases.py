@@ -171,7 +171,7 @@ def config_id(name, kw):
 def _lion_args(kw):
     b1, b2 = kw.get("betas", (0.9, 0.99))
     return dict(learning_rate=kw.get("lr", 1e-4), b1=b1, b2=b2,
-                weight_decay=kw.get("weight_decay", 0.0))
+                weight_decay=kw.get("weight_decay", 0.0), cautious=kw.get("cautious", False))
 
 
 def _lamb_args(kw):
@@ -285,6 +285,8 @@ CASES = {case.name: case for case in [
     Case(
         "Adam",
         configs=(
+            # cautious: the mask's gradient is the one after maximize and the L2 decay
+            dict(lr=1e-2, weight_decay=0.1, maximize=True, cautious=True),
             dict(lr=1e-2),
             dict(lr=1e-2, betas=(0.3, 0.9), eps=1e-6, weight_decay=0.1),
             dict(lr=1e-2, amsgrad=True, maximize=True),
@@ -298,7 +300,7 @@ CASES = {case.name: case for case in [
             dict(lr=1e-2, amsgrad=True, weight_decay=0.1),
             dict(lr=0.1, amsgrad=True),
         ),
-        reference=torch_optim("Adam"),
+        reference=Reference("torch", "reference_impls.Adam"),  # torch's, unless cautious
         bad=(
             Bad(dict(lr=-1.0), ValueError, r"lr must be"),
             Bad(dict(eps=-1e-8), ValueError, r"eps must be"),
@@ -309,12 +311,14 @@ CASES = {case.name: case for case in [
             Bad(dict(betas=(0.9, math.nan)), ValueError, r"betas\[1\] must be"),
             Bad(dict(betas=0.9), ValueError, r"betas must be a pair"),
             Bad(dict(amsgrad="yes"), TypeError, r"amsgrad must be True or False"),
+            Bad(dict(cautious="yes"), TypeError, r"cautious must be True or False"),
         ),
         state=_ADAM_STATE,
     ),
     Case(
         "AdamW",
         configs=(
+            dict(lr=1e-2, weight_decay=0.1, cautious=True),
             dict(lr=1e-2),
             dict(lr=3e-3, betas=(0.5, 0.99), weight_decay=0.2, amsgrad=True),
             dict(),
@@ -322,10 +326,12 @@ CASES = {case.name: case for case in [
             dict(lr=1e-2, betas=(0.5, 0.9), amsgrad=True, maximize=True),
             dict(lr=2e-3, weight_decay=0.0, eps=1e-4),
             dict(lr=0.1),
+            dict(lr=1e-2, betas=(0.5, 0.9), amsgrad=True, maximize=True, cautious=True),
         ),
-        reference=torch_optim("AdamW"),
+        reference=Reference("torch", "reference_impls.AdamW"),  # torch's, unless cautious
         bad=(
             Bad(dict(weight_decay=-0.01), ValueError, r"weight_decay must be"),
+            Bad(dict(cautious="yes"), TypeError, r"cautious must be True or False"),
         ),
         state=_ADAM_STATE,
     ),
@@ -443,13 +449,15 @@ CASES = {case.name: case for case in [
         "ADOPT",
         configs=(
             dict(),
+            # cautious: the mask's gradient includes the (not decoupled) weight decay
+            dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1, maximize=True, cautious=True),
             dict(lr=1e-2, betas=(0.5, 0.99), eps=1e-8),
             dict(lr=1e-2, weight_decay=0.1),
             dict(lr=1e-2, weight_decay=0.1, decouple=True, maximize=True),
             dict(lr=1e-2, clip_lambda=None),
             dict(lr=3e-3, betas=(0.8, 0.95), maximize=True),
         ),
-        reference=Reference("torch", "adopt.ADOPT"),
+        reference=Reference("torch", "reference_impls.ADOPT"),  # adopt.ADOPT, unless cautious
         bad=(
             Bad(dict(lr=-1e-3), ValueError, r"lr must be a finite number in \[0, inf\]"),
             Bad(dict(betas=(0.9, 1.0)), ValueError,
@@ -457,6 +465,7 @@ CASES = {case.name: case for case in [
             Bad(dict(eps=-1e-6), ValueError, r"eps must be"),
             Bad(dict(weight_decay=-0.1), ValueError, r"weight_decay must be"),
             Bad(dict(decouple=1), TypeError, r"decouple must be True or False"),
+            Bad(dict(cautious="yes"), TypeError, r"cautious must be True or False"),
         ),
         state=keys("step", "exp_avg", "exp_avg_sq"),
     ),
@@ -464,16 +473,19 @@ CASES = {case.name: case for case in [
         "Lion",
         configs=(
             dict(lr=1e-3, weight_decay=0.1),
+            dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, maximize=True, cautious=True),
             dict(lr=1e-3, betas=(0.5, 0.2), maximize=True),
             dict(),
             dict(lr=3e-4, betas=(0.5, 0.9), maximize=True),
             dict(lr=1e-3, betas=(0.95, 0.98), weight_decay=1.0),
         ),
-        reference=Reference("optax", "optax.lion", _lion_args, seed=11),
+        # optax.lion, unless cautious
+        reference=Reference("optax", "reference_impls.lion", _lion_args, seed=11),
         bad=(
             Bad(dict(betas=(1.1, 0.99)), ValueError,
                 r"betas\[0\] must be a finite number in \[0, 1\]"),
             Bad(dict(weight_decay=-1.0), ValueError, r"weight_decay must be"),
+            Bad(dict(cautious="yes"), TypeError, r"cautious must be True or False"),
         ),
         state=keys("exp_avg"),  # no step count
     ),
@@ -567,6 +579,7 @@ CASES = {case.name: case for case in [
         "AdEMAMix",
         configs=(
             dict(lr=0.01, betas=(0.8, 0.99, 0.999), alpha=5.0, weight_decay=0.1, maximize=True),
+            dict(lr=0.01, t_alpha_beta3=50, weight_decay=0.1, maximize=True, cautious=True),
             dict(),
             dict(lr=0.01, t_alpha_beta3=50),
             dict(lr=0.01, betas=(0.0, 0.99, 0.999), alpha=1.0, eps=1e-6),
@@ -580,6 +593,7 @@ CASES = {case.name: case for case in [
             Bad(dict(t_alpha_beta3=0), ValueError, r"t_alpha_beta3 must be >= 1"),
             Bad(dict(t_alpha_beta3=2.5), TypeError, r"t_alpha_beta3 must be an integer"),
             Bad(dict(eps=-1.0), ValueError, r"eps must be"),
+            Bad(dict(cautious="yes"), TypeError, r"cautious must be True or False"),
         ),
         state=keys("step", "exp_avg_slow", "exp_avg_sq",
                    exp_avg_fast=lambda kw, shape: kw.get("betas", (0.9,))[0] != 0),

@@ -101,6 +101,7 @@ def test_c_kernel_list_is_the_table():
     kernel of the table (and the passes')."""
     elementwise, cautious = HEADER[HEADER.index("#define FO_ELEMENTWISE_KERNELS"):].split(
         "#define FO_CAUTIOUS_KERNELS")
+    cautious, counts = cautious.split("#define FO_CAUTION_COUNTS")
 
     def listed(body):
         return {name: (args, int(n))
@@ -110,6 +111,9 @@ def test_c_kernel_list_is_the_table():
     assert listed(cautious) == {
         name: (k.args.name, len(k.state) - k.aux)
         for name, k in _rules.CAUTIOUS_KERNELS.items()}
+    assert listed(counts) == {  # the count kernels, which the CPU loops also sum in the pass
+        c.count.name: (c.count.args.name, len(c.count.state))
+        for rule in _rules.RULES for c in rule.cautious}
     assert _optim.kernels() == {name: len(k.state) for name, k in _rules.ALL_KERNELS.items()}
 
 

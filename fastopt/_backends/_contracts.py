@@ -37,6 +37,10 @@ class Compiled(Protocol):
         parameter's weight EMA moved toward its written value in the same pass, the bits
         of a pass of the ``ema`` kernel after it."""
 
+    # optional: caution_counts(kernel, operands, record, n_threads) -> per-tensor counts of
+    # a cautious count kernel's K, summed in its pass (none: K is written to scratch arrays
+    # and summed with norm_partials, fastopt._backends._steps.cautious_step)
+
     def norm_partials(self, arrays, kind, *, n_threads):
         """fastopt/reduce.h's partial norms, one float64 per FO_CHUNK chunk, on the host."""
 

@@ -81,9 +81,10 @@ def rule_step(backend: Compiled, rule, params, out, grads, *states, n_threads, m
     """One step of `rule` over tensors: `states` in the rule's state order (None for an
     optional one that is off), the hyperparameters as the rule's scalars function takes
     them; `formats` and `shadow` as fastopt._backends._formats.formatted takes them. With
-    `caution` (scratch arrays like the parameters, in the compute dtype), the cautious
-    step (see cautious_step); with `ema` ((averages, decay); not with `formats`), the
-    weight EMA of the new parameters (see run_pass)."""
+    `caution` (a function returning scratch arrays like the parameters, in the compute
+    dtype, where the backend needs them), the cautious step (see cautious_step); with `ema`
+    ((averages, decay); not with `formats`), the weight EMA of the new parameters (see
+    run_pass)."""
     if caution is not None:
         if formats is not None:  # whole arrays converted around the passes
             return _formats.formatted(functools.partial(cautious_step, backend, rule))(
@@ -104,20 +105,27 @@ def rule_step(backend: Compiled, rule, params, out, grads, *states, n_threads, m
 def cautious_step(backend: Compiled, rule, params, out, grads, *states, n_threads, caution,
                   masks=None, ema=None, **hyper):
     """A cautious step of `rule` (its Caution of the kernel for the state present): the
-    count pass writes each element's agreement K to the scratch arrays `caution`, their
-    per-tensor sums (exact: they are counts) give each tensor's factor, and the step kernel
-    takes it as its last operand. The count reads every element, pruned ones too, as the
-    NumPy reference does."""
+    count pass finds each element's agreement K, whose per-tensor sums (exact: they are
+    counts) give each tensor's factor, and the step kernel takes it as its last operand.
+    A backend with ``caution_counts`` sums K in the count pass; the others write it to the
+    scratch arrays ``caution()`` returns and sum those. The count reads every element,
+    pruned ones too, as the NumPy reference does."""
     named = {name: s for name, s in zip(rule.state, states) if s is not None}
     present = tuple(named)
     variant = rule.caution(rule.kernel(present).name)
     dtype = params[0].dtype
     scalars = rule.scalars(dtype, **hyper)
-    run_pass(backend, variant.count.name,
-             (params, caution, grads) + tuple(named[name] for name in variant.count.state),
-             scalars, n_threads, None)
-    counts = _scalars.tensor_sums(backend.norm_partials(caution, 1, n_threads=n_threads),
-                                  [p.size for p in params], CHUNK)
+    counted = tuple(named[name] for name in variant.count.state)
+    if hasattr(backend, "caution_counts"):
+        counts = backend.caution_counts(
+            variant.count.name, (params, params, grads) + counted,
+            variant.count.args.record(dtype, scalars), n_threads)
+    else:
+        scratch = caution()
+        run_pass(backend, variant.count.name, (params, scratch, grads) + counted, scalars,
+                 n_threads, None)
+        counts = _scalars.tensor_sums(backend.norm_partials(scratch, 1, n_threads=n_threads),
+                                      [p.size for p in params], CHUNK)
     factors = backend.device(
         [np.array([_scalars.caution_factor(c, p.size, dtype)], dtype)
          for c, p in zip(counts, params)], params[0])

@@ -102,12 +102,13 @@ def _table_rules():
     for row in _rules.RULES:
         if row.cautious and row.name != "Adam":  # Adam's is AdamW's
             plain = rules[row.name.lower()]
-            # the count pass (g and the first moments read, K written; Adam's and ADOPT's
-            # also read p, for an L2 decay, which this does not count), K's sums, the step
-            count = 2 + len(row.cautious[0].count.state)
+            # the count pass (g and the first moments read; Adam's and ADOPT's also read p,
+            # for an L2 decay, which this does not count), then the step. The backends
+            # without caution_counts (Numba, CuPy) also write K and read it back.
             rules[f"{row.name.lower()}+cautious"] = plain._replace(
                 hyper={**plain.hyper, "cautious": True},
-                passes_traffic=count + 1 + plain.traffic, torch=None)
+                passes_traffic=1 + len(row.cautious[0].count.state) + plain.traffic,
+                torch=None)
     return rules
 
 

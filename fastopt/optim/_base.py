@@ -1185,9 +1185,12 @@ class Optimizer:
         return buffers
 
     def _caution(self, group, states, params):
-        """The cautious step's scratch arrays (its counting pass writes there) when the
-        group is cautious, else None: the kernel's ``caution=``."""
-        return self._scratch_like(states, params) if group["cautious"] else None
+        """The kernel's ``caution=`` when the group is cautious, else None: a function
+        returning the cautious step's scratch arrays (made on first use and kept: a
+        backend that counts in its pass needs none)."""
+        if not group["cautious"]:
+            return None
+        return functools.partial(self._scratch_like, states, params)
 
     def _check_group(self, group, where):
         raise NotImplementedError

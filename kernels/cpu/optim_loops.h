@@ -62,6 +62,33 @@
         FO_PARAM_LOOP(T, fo_##NAME##_##SFX, g[i], s1 + i, s2 + i, s3 + i, k, &a);         \
     }
 
+/* The cautious count kernels (FO_CAUTION_COUNTS) summed in the pass: how many of the chunk's
+   elements agree (the element function's K is 1), nothing written; an int per chunk (at
+   most FO_CHUNK), so that the sum vectorizes */
+typedef int (*fo_count_fn)(char **ptr, ptrdiff_t lo, ptrdiff_t n, const void *args);
+#define FO_COUNT_HEAD(T, SFX, NAME, ARGS)                                                 \
+    FO_MULTIVERSION static int fo_cpu_count_##NAME##_##SFX(char **ptr, ptrdiff_t lo,       \
+                                                           ptrdiff_t n, const void *args) \
+    {                                                                                     \
+        const fo_##ARGS##_args_##SFX a = *(const fo_##ARGS##_args_##SFX *)args;           \
+        const T *restrict p = (const T *)ptr[0] + lo;                                     \
+        const T *restrict g = (const T *)ptr[2] + lo;                                     \
+        int c = 0;                                                                        \
+        ptrdiff_t i;
+#define FO_COUNT1(T, SFX, NAME, ARGS)                                                     \
+    FO_COUNT_HEAD(T, SFX, NAME, ARGS)                                                     \
+        FO_STATE(T, 1)                                                                    \
+        for (i = 0; i < n; i++) c += fo_##NAME##_##SFX(p[i], g[i], s1 + i, &a) != (T)0;   \
+        return c;                                                                         \
+    }
+#define FO_COUNT2(T, SFX, NAME, ARGS)                                                     \
+    FO_COUNT_HEAD(T, SFX, NAME, ARGS)                                                     \
+        FO_STATE(T, 1) FO_STATE(T, 2)                                                     \
+        for (i = 0; i < n; i++)                                                           \
+            c += fo_##NAME##_##SFX(p[i], g[i], s1 + i, s2 + i, &a) != (T)0;               \
+        return c;                                                                         \
+    }
+
 /* Two-pass rules (Lamb, Adafactor): the update pass writes u to the "param out" slot (a
    scratch buffer; operand 0, the parameter, is read by Lamb only). The apply pass reads u
    in the gradient slot and the tensor's factor from operand 3, one element per tensor. */
@@ -114,10 +141,12 @@
 /* one chunk function per kernel of fastopt/optim.h's list, N state operands each */
 #define FO_CPU_ELEMENTWISE(T, SFX, NAME, ARGS, N) FO_CHUNK##N(T, SFX, NAME, NAME, ARGS)
 #define FO_CPU_CAUTIOUS(T, SFX, NAME, ARGS, N) FO_CAUTIOUS##N(T, SFX, NAME, ARGS)
+#define FO_CPU_COUNT(T, SFX, NAME, ARGS, N) FO_COUNT##N(T, SFX, NAME, ARGS)
 
 #define FO_DEFINE_OPTIM_LOOPS(T, SFX, SQRT, FABS)                                         \
     FO_ELEMENTWISE_KERNELS(FO_CPU_ELEMENTWISE, T, SFX)                                    \
     FO_CAUTIOUS_KERNELS(FO_CPU_CAUTIOUS, T, SFX)                 /* ..., state, k */      \
+    FO_CAUTION_COUNTS(FO_CPU_COUNT, T, SFX)                                               \
     FO_CHUNK_ADAFACTOR_VECTOR(T, SFX)                      /* p, u, g, variance */        \
     FO_CHUNK_ADAFACTOR_FACTORED(T, SFX)           /* p, u, g, row, col, rmean, shape */   \
     FO_CHUNK_SCALED_APPLY(T, SFX)                          /* p, p_out, u, factor */
@@ -125,6 +154,7 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_OPTIM_LOOPS)
 #undef FO_DEFINE_OPTIM_LOOPS
 #undef FO_CPU_ELEMENTWISE
 #undef FO_CPU_CAUTIOUS
+#undef FO_CPU_COUNT
 
 /* every chunk function by name, with its number of state (and auxiliary) operands after the
    gradient, for the Cython driver; ends with a NULL name */
@@ -140,6 +170,16 @@ static const fo_cpu_kernel fo_cpu_kernels[] = {
 };
 #undef FO_CPU_ENTRY
 #undef FO_CPU_CAUTIOUS_ENTRY
+
+/* the counting functions by kernel name, for the Cython driver; ends with a NULL name */
+typedef struct { const char *name; fo_count_fn f32, f64; int n_state; } fo_cpu_count;
+#define FO_CPU_COUNT_ENTRY(T, SFX, NAME, ARGS, N)                                         \
+    {#NAME, fo_cpu_count_##NAME##_f32, fo_cpu_count_##NAME##_f64, N},
+static const fo_cpu_count fo_cpu_counts[] = {
+    FO_CAUTION_COUNTS(FO_CPU_COUNT_ENTRY, _, _)
+    {NULL, NULL, NULL, 0},
+};
+#undef FO_CPU_COUNT_ENTRY
 #undef FO_KERNEL
 
 #endif /* FASTOPT_CPU_OPTIM_LOOPS_H */

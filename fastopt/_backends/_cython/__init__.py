@@ -14,6 +14,7 @@ from fastopt._backends._cython.optim import (
                                              FUSES_EMA,
                                              KERNELS,
                                              MASKS_IN_KERNELS,
+                                             caution_counts,
                                              device,
                                              elementwise,
                                              factors,
@@ -22,6 +23,6 @@ from fastopt._backends._cython.optim import (
 
 magnitude_masks = functools.partial(_select.magnitude_masks, compress)
 
-__all__ = ["FORMATS", "FUSES_EMA", "KERNELS", "MASKS_IN_KERNELS", "device", "elementwise",
-           "factors", "norm_partials", "random_fill", "weight_norm_sums", "weight_norm_apply",
-           "magnitude_masks", "quant_loop", "kd_rows"]
+__all__ = ["FORMATS", "FUSES_EMA", "KERNELS", "MASKS_IN_KERNELS", "caution_counts", "device",
+           "elementwise", "factors", "norm_partials", "random_fill", "weight_norm_sums",
+           "weight_norm_apply", "magnitude_masks", "quant_loop", "kd_rows"]

@@ -53,6 +53,13 @@ def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0, format
                 masks is not None, None if ema is None else ema[1])
 
 
+def caution_counts(kernel, operands, record, n_threads):
+    """Per tensor, how many elements the cautious count kernel `kernel` finds agreeing,
+    counted in its pass (kernels/cpu/optim_loops.h): no K written, nor read back."""
+    return _optim.caution_counts(kernel, operands, operands[0][0].dtype == np.float64, record,
+                                 n_threads).tolist()
+
+
 def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, record, n_threads):
     _optim.adafactor_factors(grads, rows, cols, rmeans, rowparts, shape, items, slices,
                              grads[0].dtype == np.float64, record, n_threads)

@@ -106,8 +106,8 @@ def _cautious(u, g, caution):
 def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step, lr, beta1,
               beta2, eps, weight_decay, decoupled, maximize, grad_scale=1.0,
               grad_clip=float("inf"), n_threads=1, caution=None):
-    """With `caution` (scratch arrays: the compiled backends' count pass writes there),
-    the cautious step."""
+    """With `caution` (not None: the compiled backends' scratch arrays), the cautious
+    step."""
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     step_size = lr / bias_correction1

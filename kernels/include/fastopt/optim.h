@@ -985,4 +985,13 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SCALED_APPLY)
     X(T, SFX, ademamix_cautious, ademamix, 3)                                             \
     X(T, SFX, ademamix_nofast_cautious, ademamix, 2)
 
+/* The count kernels of FO_ELEMENTWISE_KERNELS again: the CPU loops also sum their K per
+   chunk in the pass, without writing it (kernels/cpu/optim_loops.h) */
+#define FO_CAUTION_COUNTS(X, T, SFX)                                                      \
+    X(T, SFX, adam_caution, adam, 1)                                                      \
+    X(T, SFX, adopt_caution, adopt, 2)                                                    \
+    X(T, SFX, lion_caution, lion, 1)                                                      \
+    X(T, SFX, ademamix_caution, ademamix, 2)                                              \
+    X(T, SFX, ademamix_nofast_caution, ademamix, 1)
+
 #endif /* FASTOPT_OPTIM_H */
