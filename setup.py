@@ -30,18 +30,20 @@ LINK_ARGS = ["-fopenmp"]
 # that would need more than 10 checks (its default): Adan's 7 streams ran 3.5x slower,
 # unvectorized. A compiler without the parameter (clang) does not get it.
 GCC_ARGS = ["--param", "vect-max-version-for-alias-checks=40"]
+# the CPUs this process may use (a container's limit, where the OS says), for parallel builds
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class BuildExt(build_ext):
     """build_ext, adding GCC_ARGS where the compiler accepts them, and compiling the
-    extensions in parallel (one per CPU) unless told otherwise (``--parallel``/``-j``):
-    pip and ``python -m build`` pass no -j, and a serial build of the nine took 1.6x as
-    long on 2 cores."""
+    extensions in parallel (threads, one per CPU) unless told otherwise
+    (``--parallel``/``-j``): pip and ``python -m build`` pass no -j, and a serial build of
+    the nine took 1.6x as long on 2 cores."""
 
     def finalize_options(self):
         super().finalize_options()
         if not self.parallel:
-            self.parallel = True  # os.cpu_count() workers
+            self.parallel = CPUS
 
     def build_extensions(self):
         extra = GCC_ARGS if self._accepts(GCC_ARGS) else []
@@ -100,7 +102,6 @@ setup(
                                            "_distill", "_stream", "_runtime", "_xla")],
         compiler_directives={"language_level": "3"},
         include_path=["kernels/cpu"],
-        nthreads=os.cpu_count() or 1,
     ),
     cmdclass={"build_ext": BuildExt},
     zip_safe=False,

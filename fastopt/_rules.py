@@ -67,9 +67,9 @@ class Kernel(NamedTuple):
     """An elementwise kernel: the C loop ``fo_cpu_<name>_<sfx>``, the CUDA kernel
     ``fo_cuda_<name>_<sfx>`` and the Numba driver all call the element function
     ``fo_<name>_<sfx>(p, g, state..., args)`` over operands (param in, param out, grad,
-    `state`...). The last `aux` of `state` are per-tensor operands (any size) that the
-    element function gets by value (a cautious step's factor), not arrays updated in
-    place."""
+    `state`...). The last `aux` of `state` are per-tensor operands of any size (a cautious
+    step's factor, which its element function gets by value; Adafactor's factors), not
+    arrays updated element by element."""
     name: str
     args: Args
     state: tuple = ()

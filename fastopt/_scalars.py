@@ -294,8 +294,9 @@ def tensor_sums(partials, sizes, chunk):
 
 def caution_factor(count, size, dtype):
     """A cautious step's factor for a tensor of `size` elements where `count` agree (the
-    count pass's K): 1 / max(mean K, 1e-3), as timm computes it in the parameter's dtype
-    (the mean rounded to it once, then the clamp and the division in it)."""
+    count pass's K): 1 / max(mean K, 1e-3) in `dtype`, the compute dtype, as timm computes
+    it in the parameter's (the mean rounded to it once, then the clamp and the division in
+    it)."""
     real = np.dtype(dtype).type
     mean = real(count / size) if size else real(1)
     return real(1) / max(mean, real(1e-3))

@@ -441,6 +441,46 @@ def test_a_kernel_failing_after_another_ran_leaves_each_state_matching_its_param
     np.testing.assert_array_equal(opt.state[1]["exp_avg"], before[1][1]["exp_avg"])
 
 
+@pytest.mark.parametrize("backend", ["cython", "numba"])
+def test_a_kernel_failing_after_another_ran_settles_the_first_call(monkeypatch, backend):
+    """As above, with JAX parameters (the kernel writes new arrays, which the optimizer
+    hands back after the calls) and a weight EMA (moved inside the Cython update pass, after
+    the calls elsewhere): the first call's parameter is handed back and its average moved,
+    as a step of that parameter alone does; the second call's are as they were."""
+    jnp = pytest.importorskip("jax.numpy")
+    import importlib
+    require_backend(backend)
+    module = importlib.import_module(f"fastopt._backends._{backend}")
+    rng = np.random.default_rng(2)
+    values = [rng.standard_normal(s).astype(np.float32) for s in ((30,), (7,))]
+    grads = [jnp.full(v.shape, 0.5, jnp.float32) for v in values]
+
+    def problem():
+        opt = fastopt.AdamW([jnp.asarray(v) for v in values], backend=backend, ema_decay=0.9)
+        opt.step([grads[0], None])  # parameter 0 a step ahead: two kernel calls per step
+        opt.step([grads[0], None])  # and an average to move
+        return opt
+    opt, ref = problem(), problem()
+    real, calls = module.elementwise, []
+
+    def failing(kernel, *args, **kwargs):
+        calls.append(kernel)
+        if calls.count("adam") == 2:  # the second call's update (Numba: after call 1's EMA)
+            raise Injected()
+        return real(kernel, *args, **kwargs)
+    monkeypatch.setattr(module, "elementwise", failing)
+    with pytest.raises(Injected):
+        opt.step(grads)
+    monkeypatch.setattr(module, "elementwise", real)
+    ref.step([grads[0], None])
+    ours, theirs = opt.param_groups[0]["params"], ref.param_groups[0]["params"]
+    np.testing.assert_array_equal(np.asarray(ours[0]), np.asarray(theirs[0]))
+    assert opt.state[0]["step"] == 3
+    np.testing.assert_array_equal(opt.state[0]["ema"], ref.state[0]["ema"])
+    np.testing.assert_array_equal(np.asarray(ours[1]), values[1])
+    assert 1 not in opt.state
+
+
 # -- class 5: overlapping memory --------------------------------------------------------------
 
 @pytest.mark.parametrize("views", [

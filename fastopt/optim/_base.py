@@ -825,23 +825,30 @@ class Optimizer:
             self._undo(staged)
             raise
         self._run_staged(staged)
-        self._finish(staged)
-        if self.ema_decay is not None:
-            self._update_ema(staged, n_threads)
+        self._settle(staged)
         self.last_grad_norm, self.last_step_skipped = norm, False
         return self.params()
 
     def _run_staged(self, staged):
         """Run the staged kernel calls, one per bucket; a call that fails takes back its
         own bookkeeping and that of the calls after it (those before it wrote their
-        parameters and state). Rules with a reduction over every bucket between passes
-        (Prodigy) override this."""
+        parameters and state, which are settled: handed to immutable frameworks, their
+        averages moved). Rules with a reduction over every bucket between passes (Prodigy)
+        override this."""
         for k, (call, _) in enumerate(staged):
             try:
                 call()
             except BaseException:
                 self._undo(staged[k:])
+                self._settle(staged[:k])
                 raise
+
+    def _settle(self, staged):
+        """After staged kernel calls ran: their new arrays handed to immutable frameworks,
+        their weight EMA moved where the calls did not move it themselves."""
+        self._finish(staged)
+        if self.ema_decay is not None:
+            self._update_ema(staged, self.n_threads or get_num_threads())
 
     def _masked_grads(self, plan):
         """The plan with each masked gradient replaced by a copy whose pruned entries are 0
