@@ -292,14 +292,15 @@ def tensor_sums(partials, sizes, chunk):
             for end, count in zip(ends, counts)]
 
 
-def caution_factor(count, size, dtype):
-    """A cautious step's factor for a tensor of `size` elements where `count` agree (the
-    count pass's K): 1 / max(mean K, 1e-3) in `dtype`, the compute dtype, as timm computes
-    it in the parameter's (the mean rounded to it once, then the clamp and the division in
-    it)."""
+def caution_factors(counts, sizes, dtype):
+    """A cautious step's factor for each tensor of `sizes` elements where `counts` agree
+    (the count pass's K): 1 / max(mean K, 1e-3) in `dtype`, the compute dtype, as timm
+    computes it in the parameter's (the mean rounded to it once, then the clamp and the
+    division in it), as an array of `dtype`; 1 for an empty tensor."""
     real = np.dtype(dtype).type
-    mean = real(count / size) if size else real(1)
-    return real(1) / max(mean, real(1e-3))
+    counts, sizes = np.asarray(counts, np.float64), np.asarray(sizes, np.float64)
+    mean = np.divide(counts, sizes, out=np.ones_like(counts), where=sizes > 0).astype(real)
+    return real(1) / np.maximum(mean, real(1e-3))
 
 
 def lamb_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,

@@ -10,8 +10,6 @@ backend can, else right after it. Multi-pass rules have drivers of their own
 
 import functools
 
-import numpy as np
-
 from fastopt import _rules, _scalars
 from fastopt._backends import _formats
 from fastopt._backends._contracts import Compiled
@@ -126,9 +124,8 @@ def cautious_step(backend: Compiled, rule, params, out, grads, *states, n_thread
                  n_threads, None)
         counts = _scalars.tensor_sums(backend.norm_partials(scratch, 1, n_threads=n_threads),
                                       [p.size for p in params], CHUNK)
-    factors = backend.device(
-        [np.array([_scalars.caution_factor(c, p.size, dtype)], dtype)
-         for c, p in zip(counts, params)], params[0])
+    factors = _scalars.caution_factors(counts, [p.size for p in params], dtype)
+    factors = backend.device([factors[t:t + 1] for t in range(len(params))], params[0])
     run_pass(backend, variant.step.name,
              (params, out, grads) + tuple(named.values()) + (factors,), scalars, n_threads,
              masks, n_aux=1, ema=ema)

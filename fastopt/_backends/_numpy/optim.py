@@ -99,7 +99,7 @@ def _cautious(u, g, caution):
     if caution is None:
         return u
     agree = u * g > 0
-    k = _scalars.caution_factor(int(np.count_nonzero(agree)), u.size, u.dtype)
+    k = _scalars.caution_factors([np.count_nonzero(agree)], [u.size], u.dtype)[0]
     return u * np.where(agree, k, u.dtype.type(0))
 
 
