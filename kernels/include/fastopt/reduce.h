@@ -33,8 +33,10 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_NORM_TERM)
 
 FO_HD double fo_norm_acc(double acc, double term, int kind)
 {
-    if (kind == 0)
-        return (term > acc || term != term) ? term : acc; /* NaN sticks once in */
+    if (kind == 0) { /* NaN sticks once in; two selects, which vectorize (an || did not) */
+        const double larger = term > acc ? term : acc;
+        return term != term ? term : larger;
+    }
     return acc + term;
 }
 
