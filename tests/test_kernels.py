@@ -95,10 +95,11 @@ def test_every_rule_shares_the_gradient_prologue():
 
 
 def test_c_kernel_list_is_the_table():
-    """FO_ELEMENTWISE_KERNELS in optim.h lists exactly the table's elementwise kernels,
-    each with its Args and number of state operands, FO_CAUTIOUS_KERNELS its cautious steps
-    (their per-tensor factor not counted); the Cython module has a chunk function for each
-    kernel of the table (and the passes')."""
+    """FO_ELEMENTWISE_KERNELS in optim.h lists exactly the table's elementwise kernels
+    (the cautious count kernels through FO_CAUTION_COUNTS), each with its Args and number
+    of state operands, FO_CAUTIOUS_KERNELS its cautious steps (their per-tensor factor not
+    counted); the Cython module has a chunk function for each kernel of the table (and the
+    passes')."""
     elementwise, cautious = HEADER[HEADER.index("#define FO_ELEMENTWISE_KERNELS"):].split(
         "#define FO_CAUTIOUS_KERNELS")
     cautious, counts = cautious.split("#define FO_CAUTION_COUNTS")
@@ -106,7 +107,8 @@ def test_c_kernel_list_is_the_table():
     def listed(body):
         return {name: (args, int(n))
                 for name, args, n in re.findall(r"X\(T, SFX, (\w+), (\w+), (\d)\)", body)}
-    assert listed(elementwise) == {
+    assert "FO_CAUTION_COUNTS(X, T, SFX)" in elementwise  # the count kernels are elementwise
+    assert {**listed(elementwise), **listed(counts)} == {
         name: (k.args.name, len(k.state)) for name, k in _rules.KERNELS.items()}
     assert listed(cautious) == {
         name: (k.args.name, len(k.state) - k.aux)

@@ -57,7 +57,7 @@ def caution_counts(kernel, operands, record, n_threads):
     """Per tensor, how many elements the cautious count kernel `kernel` finds agreeing,
     counted in its pass (kernels/cpu/optim_loops.h): no K written, nor read back."""
     return _optim.caution_counts(kernel, operands, operands[0][0].dtype == np.float64, record,
-                                 n_threads).tolist()
+                                 n_threads)
 
 
 def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, record, n_threads):

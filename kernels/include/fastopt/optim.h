@@ -966,11 +966,7 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SCALED_APPLY)
     X(T, SFX, prodigy_update_nom, prodigy, 3)                                             \
     X(T, SFX, prodigy_apply, prodigy, 2)                                                  \
     X(T, SFX, prodigy_apply_nom, prodigy, 1)                                              \
-    X(T, SFX, adam_caution, adam, 1)                                                      \
-    X(T, SFX, adopt_caution, adopt, 2)                                                    \
-    X(T, SFX, lion_caution, lion, 1)                                                      \
-    X(T, SFX, ademamix_caution, ademamix, 2)                                              \
-    X(T, SFX, ademamix_nofast_caution, ademamix, 1)
+    FO_CAUTION_COUNTS(X, T, SFX)
 
 /*
  * The cautious steps: X(T, SFX, NAME, ARGS, N) as above, the element function taking the
@@ -985,8 +981,9 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_SCALED_APPLY)
     X(T, SFX, ademamix_cautious, ademamix, 3)                                             \
     X(T, SFX, ademamix_nofast_cautious, ademamix, 2)
 
-/* The count kernels of FO_ELEMENTWISE_KERNELS again: the CPU loops also sum their K per
-   chunk in the pass, without writing it (kernels/cpu/optim_loops.h) */
+/* The cautious count kernels, elementwise kernels of the list above (which expands this
+   one); the CPU loops also sum their K per chunk in the pass, without writing it
+   (kernels/cpu/optim_loops.h) */
 #define FO_CAUTION_COUNTS(X, T, SFX)                                                      \
     X(T, SFX, adam_caution, adam, 1)                                                      \
     X(T, SFX, adopt_caution, adopt, 2)                                                    \
