@@ -17,6 +17,12 @@ import math
 import numpy as np
 
 
+def _sqrt(x):
+    """math.sqrt of a Python number; of a traced JAX value (fastopt.jax's step count enters
+    here), which math.sqrt refuses, its power 0.5."""
+    return math.sqrt(x) if isinstance(x, (int, float)) else x ** 0.5
+
+
 def grad_scalars(grad_scale, grad_clip, maximize):
     """The gradient prologue shared by every rule: clamp bound and signed scale factor."""
     return dict(clip=float(grad_clip), gscale=-grad_scale if maximize else grad_scale)
@@ -141,7 +147,7 @@ def adopt_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, decoupled
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
                 weight_decay=0.0 if decoupled else float(weight_decay),
                 neg_lr_wd=-lr * weight_decay if decoupled else 0.0, eps=float(eps),
-                clamp=float("inf") if clip_value is None else float(clip_value),
+                clamp=math.inf if clip_value is None else clip_value,
                 one_minus_beta1=1 - beta1, neg_lr=-lr, beta2=float(beta2),
                 one_minus_beta2=1 - beta2, lerp_hi=_lerp_hi(dtype, 1 - beta1),
                 first=step == 1, decoupled=decoupled)
@@ -176,13 +182,14 @@ def asgd_next(lr, lambd, alpha, t0, step):
 
 def ademamix_scalars(dtype, *, step, lr, beta1, beta2, beta3, alpha, eps, weight_decay,
                      maximize, grad_scale, grad_clip):
-    """`beta3` and `alpha`: this step's (after warmup, ademamix_warmup)."""
+    """`beta3` and `alpha`: this step's (after warmup, ademamix_warmup), Python floats or
+    traced values (fastopt.jax's schedules)."""
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                beta1=float(beta1), one_minus_beta1=1 - beta1, beta3=float(beta3),
+                beta1=float(beta1), one_minus_beta1=1 - beta1, beta3=beta3,
                 one_minus_beta3=1 - beta3, beta2=float(beta2), one_minus_beta2=1 - beta2,
                 bias_correction1=1 - beta1 ** step,
-                bias_correction2_sqrt=math.sqrt(1 - beta2 ** step),
-                alpha=float(alpha), eps=float(eps), weight_decay=float(weight_decay), neg_lr=-lr)
+                bias_correction2_sqrt=_sqrt(1 - beta2 ** step),
+                alpha=alpha, eps=float(eps), weight_decay=float(weight_decay), neg_lr=-lr)
 
 
 def ademamix_warmup(step, beta1, beta3, alpha, t_alpha_beta3):
@@ -204,7 +211,7 @@ def adan_scalars(dtype, *, step, lr, beta1, beta2, beta3, eps, weight_decay, no_
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
                 beta1=float(beta1), one_minus_beta1=1 - beta1, beta2=float(beta2),
                 one_minus_beta2=1 - beta2, beta3=float(beta3), one_minus_beta3=1 - beta3,
-                bias_correction3_sqrt=math.sqrt(1.0 - beta3 ** step), eps=float(eps),
+                bias_correction3_sqrt=_sqrt(1.0 - beta3 ** step), eps=float(eps),
                 neg_step_size=-(lr / (1.0 - beta1 ** step)),
                 neg_step_size_diff=-(lr * beta2 / (1.0 - beta2 ** step)),
                 decay=1 - lr * weight_decay if no_prox else 1.0,

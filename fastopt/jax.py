@@ -9,7 +9,8 @@ r"""fastopt's optimizer kernels inside ``jax.jit``: optax transformations and a 
 >>> np.asarray(params["w"]).round(4)
 array([-0.1,  0.1], dtype=float32)
 
-Each factory (:func:`adam`, :func:`adamw`, :func:`sgd`, :func:`lion`) takes optax's name,
+Each factory (:func:`adam`, :func:`adamw`, :func:`sgd`, :func:`lion`, :func:`adamax`,
+:func:`adadelta`, :func:`adopt`, :func:`ademamix`, :func:`adan`) takes optax's name,
 arguments and defaults and returns a :class:`FusedTransformation`: an optax
 ``GradientTransformationExtraArgs`` (its ``init`` and ``update`` work in ``optax.chain``,
 ``optax.MultiSteps`` and any optax training loop) whose update is one call of fastopt's
@@ -41,16 +42,17 @@ from fastopt import _jax_ffi, _rules, _scalars
 from fastopt._check import flag, real
 from fastopt._config import check_threads, get_num_threads
 
-__all__ = ["adam", "adamw", "sgd", "lion", "FusedTransformation", "AdamState", "SGDState",
-           "LionState"]
+__all__ = ["adam", "adamw", "sgd", "lion", "adamax", "adadelta", "adopt", "ademamix", "adan",
+           "FusedTransformation", "AdamState", "SGDState", "LionState", "AdamaxState",
+           "AdadeltaState", "AdEMAMixState", "AdanState"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class AdamState(NamedTuple):
-    """The state of :func:`adam` and :func:`adamw`: the step count (an int32 scalar) and
-    the moments m and v, each a pytree shaped like the parameters (fastopt's and torch's
-    names; optax calls them ``mu`` and ``nu``)."""
+    """The state of :func:`adam`, :func:`adamw` and :func:`adopt`: the step count (an int32
+    scalar) and the moments m and v, each a pytree shaped like the parameters (fastopt's
+    and torch's names; optax calls them ``mu`` and ``nu``)."""
     count: Any
     exp_avg: Any
     exp_avg_sq: Any
@@ -579,3 +581,357 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
 
     return _make("lion", "lion", LionState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, weight_decay=weight_decay), max_grad_norm, n_threads)
+
+
+class AdamaxState(NamedTuple):
+    """The state of :func:`adamax`: the step count (an int32 scalar), the first moment m
+    and the infinity moment u, each a pytree shaped like the parameters (torch's names;
+    optax calls them ``mu`` and ``nu``)."""
+    count: Any
+    exp_avg: Any
+    exp_inf: Any
+
+
+def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None, n_threads=None):
+    r"""Adamax (Kingma & Ba 2014, the infinity-norm variant of Adam) as an optax
+    transformation run by fastopt's fused kernel.
+
+    Follows ``optax.adamax`` (its arguments, defaults and update), which is also
+    ``torch.optim.Adamax``'s. With gradient :math:`g_t` at step :math:`t = 1, 2, \ldots` and
+    learning rate :math:`\gamma_t` (the schedule's value at count :math:`t - 1`):
+
+    .. math::
+
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+        u_t &= \max(\beta_2 u_{t-1}, |g_t| + \epsilon) \\
+        p_{t+1} &= p_t - \frac{\gamma_t}{1 - \beta_1^t} \frac{m_t}{u_t}
+
+    The kernel (:class:`fastopt.Adamax`'s) updates :math:`m_t` as torch's lerp and applies
+    the step size :math:`\gamma_t / (1 - \beta_1^t)`, computed once per step (in the count's
+    floating type, as optax's bias correction), to :math:`m_t / u_t`: its results differ
+    from ``optax.adamax``'s by rounding only.
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule (a function of
+            the step count, evaluated inside the jitted step).
+        b1 (float): :math:`\beta_1` in [0, 1). Default 0.9.
+        b2 (float): :math:`\beta_2` in [0, 1). Default 0.999.
+        eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
+        max_grad_norm (float or None): clip the gradients' total 2-norm, as
+            :func:`adam`'s. Default None.
+        n_threads (int or None): CPU threads for the kernel; default
+            ``fastopt.get_num_threads()`` when the transformation is made.
+
+    Returns:
+        FusedTransformation: with state :class:`AdamaxState`.
+    """
+    learning_rate = _learning_rate(learning_rate)
+    b1 = real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
+    b2 = real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
+    eps = real("eps", eps, lo=0.0)
+
+    def scalars(dtype, *, step, lr, grad_scale):
+        return _scalars.adamax_scalars(dtype, step=step, lr=lr, beta1=b1, beta2=b2, eps=eps,
+                                       weight_decay=0.0, maximize=False,
+                                       grad_scale=grad_scale, grad_clip=math.inf)
+
+    return _make("adamax", "adamax", AdamaxState, scalars, learning_rate,
+                 dict(b1=b1, b2=b2, eps=eps), max_grad_norm, n_threads)
+
+
+class AdadeltaState(NamedTuple):
+    """The state of :func:`adadelta`: the step count (an int32 scalar), the running
+    averages of the squared gradients and of the squared updates, each a pytree shaped
+    like the parameters (torch's names; optax calls them ``e_g`` and ``e_x``)."""
+    count: Any
+    square_avg: Any
+    acc_delta: Any
+
+
+def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_decay_mask=None, *,
+             max_grad_norm=None, n_threads=None):
+    r"""Adadelta (Zeiler 2012) as an optax transformation run by fastopt's fused kernel.
+
+    Follows ``optax.adadelta`` (its arguments and update, which are also
+    ``torch.optim.Adadelta``'s), except that ``learning_rate`` defaults to 1.0, torch's:
+    optax's default, None, skips its learning-rate scaling and with it the sign flip, so
+    that ``optax.apply_updates`` ascends. With gradient :math:`g_t` plus the L2 term
+    :math:`\lambda p_t` and learning rate :math:`\gamma_t` (the schedule's value at count
+    :math:`t - 1`):
+
+    .. math::
+
+        v_t &= \rho v_{t-1} + (1 - \rho) g_t^2 \\
+        \Delta_t &= \frac{\sqrt{u_{t-1} + \epsilon}}{\sqrt{v_t + \epsilon}} g_t \\
+        u_t &= \rho u_{t-1} + (1 - \rho) \Delta_t^2 \\
+        p_{t+1} &= p_t - \gamma_t \Delta_t
+
+    The kernel (:class:`fastopt.Adadelta`'s) evaluates torch's expressions: its results
+    differ from ``optax.adadelta``'s by rounding only.
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule (a function of
+            the step count, evaluated inside the jitted step). Default 1.0.
+        rho (float): :math:`\rho` in [0, 1]. Default 0.9.
+        eps (float): :math:`\epsilon \ge 0`. Default 1e-6.
+        weight_decay (float): the L2 coefficient :math:`\lambda \ge 0`, added to the
+            gradient, a number. Default 0.
+        weight_decay_mask: optax's; only None is supported yet (the decay applies to every
+            parameter).
+        max_grad_norm (float or None): clip the gradients' total 2-norm, as
+            :func:`adam`'s. Default None.
+        n_threads (int or None): CPU threads for the kernel; default
+            ``fastopt.get_num_threads()`` when the transformation is made.
+
+    Returns:
+        FusedTransformation: with state :class:`AdadeltaState`.
+    """
+    if learning_rate is None:
+        raise ValueError("learning_rate: expected a number or a schedule; optax's None (no "
+                         "scaling, and so no descent) is not offered: pass 1.0 for "
+                         "Adadelta without a learning rate")
+    learning_rate = _learning_rate(learning_rate)
+    rho = real("rho", rho, lo=0.0, hi=1.0)
+    eps = real("eps", eps, lo=0.0)
+    weight_decay = _weight_decay(weight_decay)
+    _unsupported("weight_decay_mask", weight_decay_mask, None,
+                 "weight decay applies to every parameter")
+
+    def scalars(dtype, *, step, lr, grad_scale):
+        return _scalars.adadelta_scalars(dtype, lr=lr, rho=rho, eps=eps,
+                                         weight_decay=weight_decay, maximize=False,
+                                         grad_scale=grad_scale, grad_clip=math.inf)
+
+    return _make("adadelta", "adadelta", AdadeltaState, scalars, learning_rate,
+                 dict(rho=rho, eps=eps, weight_decay=weight_decay), max_grad_norm, n_threads)
+
+
+def _quarter_power(count):
+    return count ** 0.25
+
+
+def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov=False,
+          use_clipping=True, clip_value_fn=_quarter_power, max_grad_norm=None,
+          n_threads=None):
+    r"""ADOPT (Taniguchi et al. 2024) as an optax transformation run by fastopt's fused
+    kernel.
+
+    Follows ``optax.contrib.adopt`` (its arguments, defaults and update), which is also
+    the authors' (``iShohei220/adopt``, as :class:`fastopt.ADOPT`). The first step only
+    sets :math:`v_1 = g_1^2`. With gradient :math:`g_t` at step :math:`t \ge 2` and learning
+    rate :math:`\gamma_t` (the schedule's value at count :math:`t - 1`):
+
+    .. math::
+
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1)
+            \operatorname{clip}\left(\frac{g_t}{\max(\sqrt{v_{t-1}}, \epsilon)},
+            -c_t, c_t\right) \\
+        p_{t+1} &= p_t - \gamma_t m_t \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2) g_t^2
+
+    with :math:`c_t` = ``clip_value_fn(t - 1)`` (:math:`(t - 1)^{1/4}` by default; no
+    clipping without ``use_clipping``). The kernel updates :math:`m_t` as torch's lerp:
+    its results differ from optax's by rounding only.
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule (a function of
+            the step count, evaluated inside the jitted step).
+        b1 (float): :math:`\beta_1` in [0, 1). Default 0.9.
+        b2 (float): :math:`\beta_2` in [0, 1). Default 0.9999.
+        eps (float): :math:`\epsilon \ge 0`. Default 1e-6.
+        mu_dtype: optax's; only None is supported yet (the state has the parameters'
+            dtype).
+        nesterov (bool): optax's; only False is supported yet.
+        use_clipping (bool): clip the normalized gradient to :math:`\pm c_t`. Default True.
+        clip_value_fn: :math:`c_t` as a function of the count :math:`t - 1`, traced inside
+            the jitted step. Default :math:`x^{1/4}`, optax's.
+        max_grad_norm (float or None): clip the gradients' total 2-norm, as
+            :func:`adam`'s. Default None.
+        n_threads (int or None): CPU threads for the kernel; default
+            ``fastopt.get_num_threads()`` when the transformation is made.
+
+    Returns:
+        FusedTransformation: with state :class:`AdamState`.
+    """
+    learning_rate = _learning_rate(learning_rate)
+    b1 = real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
+    b2 = real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
+    eps = real("eps", eps, lo=0.0)
+    _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
+    _unsupported("nesterov", flag("nesterov", nesterov), False,
+                 "the kernel keeps one first moment")
+    use_clipping = flag("use_clipping", use_clipping)
+    if use_clipping and not callable(clip_value_fn):
+        raise TypeError(f"clip_value_fn: expected a function of the step count, got "
+                        f"{type(clip_value_fn).__name__}")
+
+    def scalars(dtype, *, step, lr, grad_scale):
+        clip_value = clip_value_fn(step - 1) if use_clipping else None
+        return _scalars.adopt_scalars(dtype, step=step, lr=lr, beta1=b1, beta2=b2, eps=eps,
+                                      weight_decay=0.0, decoupled=False,
+                                      clip_value=clip_value, maximize=False,
+                                      grad_scale=grad_scale, grad_clip=math.inf)
+
+    return _make("adopt", "adopt", AdamState, scalars, learning_rate,
+                 dict(b1=b1, b2=b2, eps=eps, use_clipping=use_clipping), max_grad_norm,
+                 n_threads)
+
+
+class AdEMAMixState(NamedTuple):
+    """The state of :func:`ademamix`: the step count (an int32 scalar), the fast and the
+    slow first moments and the second moment, each a pytree shaped like the parameters
+    (fastopt's names; optax calls them ``m1``, ``m2`` and ``nu``)."""
+    count: Any
+    exp_avg_fast: Any
+    exp_avg_slow: Any
+    exp_avg_sq: Any
+
+
+def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, eps_root=0.0,
+             mu_dtype=None, weight_decay=0.0, mask=None, *, max_grad_norm=None,
+             n_threads=None):
+    r"""AdEMAMix (Pagliardini, Ablin & Grangier 2024) as an optax transformation run by
+    fastopt's fused kernel.
+
+    Follows ``optax.contrib.ademamix`` (its arguments, defaults and update; its
+    :math:`\alpha` defaults to 5.0, the authors' and :class:`fastopt.AdEMAMix`'s to 2.0).
+    With gradient :math:`g_t` at step :math:`t = 1, 2, \ldots` and learning rate
+    :math:`\gamma_t` (the schedule's value at count :math:`t - 1`):
+
+    .. math::
+
+        m^{(1)}_t &= \beta_1 m^{(1)}_{t-1} + (1 - \beta_1) g_t \\
+        m^{(2)}_t &= \beta_3 m^{(2)}_{t-1} + (1 - \beta_3) g_t \\
+        v_t &= \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+        p_{t+1} &= p_t - \gamma_t \left(\frac{m^{(1)}_t / (1 - \beta_1^t)
+            + \alpha m^{(2)}_t}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
+            + \lambda p_t\right)
+
+    :math:`\beta_3` and :math:`\alpha` may be schedules, functions of the count
+    :math:`t - 1` (optax's warmups), traced inside the jitted step. The kernel
+    (:class:`fastopt.AdEMAMix`'s) updates the moments as torch's lerp and divides by
+    :math:`\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon`: its results differ from optax's by
+    rounding only.
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule (a function of
+            the step count, evaluated inside the jitted step).
+        b1 (float): :math:`\beta_1` in [0, 1). Default 0.9.
+        b2 (float): :math:`\beta_2` in [0, 1). Default 0.999.
+        b3: :math:`\beta_3` in [0, 1), or a schedule of the count. Default 0.9999.
+        alpha: :math:`\alpha \ge 0`, or a schedule of the count. Default 5.0.
+        eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
+        eps_root: optax's; only 0.0 is supported yet.
+        mu_dtype: optax's; only None is supported yet (the state has the parameters'
+            dtype).
+        weight_decay (float): decoupled :math:`\lambda \ge 0`, a number. Default 0.
+        mask: optax's; only None is supported yet (the decay applies to every parameter).
+        max_grad_norm (float or None): clip the gradients' total 2-norm, as
+            :func:`adam`'s. Default None.
+        n_threads (int or None): CPU threads for the kernel; default
+            ``fastopt.get_num_threads()`` when the transformation is made.
+
+    Returns:
+        FusedTransformation: with state :class:`AdEMAMixState`.
+    """
+    learning_rate = _learning_rate(learning_rate)
+    b1 = real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
+    b2 = real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
+    if not callable(b3):
+        b3 = real("b3", b3, lo=0.0, hi=1.0, hi_open=True)
+    if not callable(alpha):
+        alpha = real("alpha", alpha, lo=0.0)
+    eps = real("eps", eps, lo=0.0)
+    _unsupported("eps_root", real("eps_root", eps_root, lo=0.0), 0.0,
+                 "the kernel adds eps outside the square root only")
+    _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
+    weight_decay = _weight_decay(weight_decay)
+    _unsupported("mask", mask, None, "weight decay applies to every parameter")
+
+    def scalars(dtype, *, step, lr, grad_scale):
+        return _scalars.ademamix_scalars(
+            dtype, step=step, lr=lr, beta1=b1, beta2=b2,
+            beta3=b3(step - 1) if callable(b3) else b3,
+            alpha=alpha(step - 1) if callable(alpha) else alpha, eps=eps,
+            weight_decay=weight_decay, maximize=False, grad_scale=grad_scale,
+            grad_clip=math.inf)
+
+    return _make("ademamix", "ademamix", AdEMAMixState, scalars, learning_rate,
+                 dict(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, weight_decay=weight_decay),
+                 max_grad_norm, n_threads)
+
+
+class AdanState(NamedTuple):
+    """The state of :func:`adan`: the step count (an int32 scalar) and, each a pytree shaped
+    like the parameters, the averages of the gradient, of the squared Nesterov combination
+    and of the gradient's change, and the negated previous gradient (the authors' and
+    :class:`fastopt.Adan`'s names)."""
+    count: Any
+    exp_avg: Any
+    exp_avg_sq: Any
+    exp_avg_diff: Any
+    neg_pre_grad: Any
+
+
+def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *,
+         no_prox=False, max_grad_norm=None, n_threads=None):
+    r"""Adan (Xie et al. 2022) as an optax transformation run by fastopt's fused kernel.
+
+    Follows the authors' reference (``sail-sg/Adan``), as :class:`fastopt.Adan` does, with
+    optax's argument names and defaults; not ``optax.adan`` 0.2.8, which weights the
+    difference term by :math:`1 - \beta_2` where the reference uses :math:`\beta_2` and adds
+    an ``eps_root`` (this factory has none). With gradient :math:`g_t` at step
+    :math:`t = 1, 2, \ldots` (:math:`g_0 = g_1`) and learning rate :math:`\gamma_t` (the
+    schedule's value at count :math:`t - 1`):
+
+    .. math::
+
+        d_t &= g_t - g_{t-1} \\
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+        \delta_t &= \beta_2 \delta_{t-1} + (1 - \beta_2) d_t \\
+        n_t &= \beta_3 n_{t-1} + (1 - \beta_3) (g_t + \beta_2 d_t)^2 \\
+        u_t &= \frac{\gamma_t}{1 - \beta_1^t} \frac{m_t}{\eta_t}
+            + \frac{\gamma_t \beta_2}{1 - \beta_2^t} \frac{\delta_t}{\eta_t}, \qquad
+            \eta_t = \sqrt{n_t} / \sqrt{1 - \beta_3^t} + \epsilon \\
+        p_{t+1} &= (p_t - u_t) / (1 + \gamma_t \lambda)
+            \quad (\text{no\_prox: } p_t (1 - \gamma_t \lambda) - u_t)
+
+    The step sizes and bias corrections are computed in the count's floating type (float32
+    unless ``jax_enable_x64``), so the results differ from :class:`fastopt.Adan`'s (which
+    computes them in float64 on the host) by rounding only.
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule (a function of
+            the step count, evaluated inside the jitted step).
+        b1 (float): :math:`\beta_1` in [0, 1). Default 0.98.
+        b2 (float): :math:`\beta_2` in [0, 1). Default 0.92.
+        b3 (float): :math:`\beta_3` in [0, 1). Default 0.99.
+        eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
+        weight_decay (float): decoupled :math:`\lambda \ge 0`, a number. Default 0.
+        no_prox (bool): decay the parameter before the step instead of the proximal
+            division after it. Default False.
+        max_grad_norm (float or None): clip the gradients' total 2-norm, as
+            :func:`adam`'s. Default None.
+        n_threads (int or None): CPU threads for the kernel; default
+            ``fastopt.get_num_threads()`` when the transformation is made.
+
+    Returns:
+        FusedTransformation: with state :class:`AdanState`.
+    """
+    learning_rate = _learning_rate(learning_rate)
+    b1 = real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
+    b2 = real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
+    b3 = real("b3", b3, lo=0.0, hi=1.0, hi_open=True)
+    eps = real("eps", eps, lo=0.0)
+    weight_decay = _weight_decay(weight_decay)
+    no_prox = flag("no_prox", no_prox)
+
+    def scalars(dtype, *, step, lr, grad_scale):
+        return _scalars.adan_scalars(dtype, step=step, lr=lr, beta1=b1, beta2=b2, beta3=b3,
+                                     eps=eps, weight_decay=weight_decay, no_prox=no_prox,
+                                     maximize=False, grad_scale=grad_scale,
+                                     grad_clip=math.inf)
+
+    return _make("adan", "adan", AdanState, scalars, learning_rate,
+                 dict(b1=b1, b2=b2, b3=b3, eps=eps, weight_decay=weight_decay,
+                      no_prox=no_prox), max_grad_norm, n_threads)

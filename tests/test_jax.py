@@ -14,6 +14,7 @@ jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 
+import fastopt  # noqa: E402
 import fastopt.jax as fjax  # noqa: E402
 from fastopt import _jax_ffi, _rules, _scalars  # noqa: E402
 
@@ -32,10 +33,48 @@ CONFIGS = [
     ("sgd", dict(learning_rate=1e-2, momentum=0.8, nesterov=True)),
     ("lion", dict(learning_rate=1e-3)),
     ("lion", dict(learning_rate=1e-2, b1=0.5, b2=0.9, weight_decay=0.1)),
+    ("adamax", dict(learning_rate=1e-2)),
+    ("adamax", dict(learning_rate=2e-3, b1=0.4, b2=0.9, eps=1e-3)),  # torch's other lerp
+    ("adadelta", dict(learning_rate=1.0)),
+    ("adadelta", dict(learning_rate=0.5, rho=0.5, eps=1e-4, weight_decay=0.1)),
+    ("adopt", dict(learning_rate=1e-2)),
+    ("adopt", dict(learning_rate=1e-3, b1=0.4, b2=0.99, eps=1e-4, use_clipping=False)),
+    ("adopt", dict(learning_rate=1e-3, clip_value_fn=lambda count: 0.1 + count / 50)),
+    ("ademamix", dict(learning_rate=1e-2, weight_decay=0.1)),
+    ("ademamix", dict(learning_rate=1e-3, b1=0.4, b2=0.9, alpha=2.0, eps=1e-6)),
+    # optax's warmups of b3 and alpha: schedules of the count
+    ("ademamix", dict(learning_rate=1e-2, b3=optax.linear_schedule(0.9, 0.999, 100),
+                      alpha=optax.linear_schedule(0.0, 5.0, 100))),
 ]
 CONFIG_IDS = [f"{name}-{k}" for k, (name, _) in enumerate(CONFIGS)]
-# fastopt's state names -> those of optax's first transformation in each rule's chain
-OPTAX_NAMES = {"exp_avg": "mu", "exp_avg_sq": "nu", "momentum_buffer": "trace"}
+# fastopt's state names -> those of optax's transformation that keeps them
+OPTAX_NAMES = {"exp_avg": "mu", "exp_avg_sq": "nu", "momentum_buffer": "trace",
+               "exp_inf": "nu", "square_avg": "e_g", "acc_delta": "e_x", "exp_avg_fast": "m1",
+               "exp_avg_slow": "m2"}
+
+
+def _optax(name):
+    """optax's rule of that name (adopt and ademamix are in optax.contrib)."""
+    return getattr(optax, name, None) or getattr(optax.contrib, name)
+
+
+def _optax_run(name, hyper, params, grads, dtype):
+    """(params, state) after optax's `name` with `hyper` ran `grads`. ADOPT's float32 run is
+    made in float64 and rounded: optax computes its 1 - b2 in float32 (b2 is a traced
+    jnp.where), 1.7e-4 off for b2 = 0.9999, and the second moment with it; the kernel
+    takes 1 - b2 rounded once, as for every rule."""
+    if name != "adopt" or dtype != "float32":
+        return _run_update(_optax(name)(**hyper), params, grads)
+    with jax.enable_x64(True):
+        wide = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), (params, grads))
+        out = _run_update(_optax(name)(**hyper), *wide)
+        return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32)
+                            if jnp.issubdtype(x.dtype, jnp.floating) else x, out)
+
+
+def _optax_state(state, field):
+    """The array tree that optax's chain state `state` keeps under `field`."""
+    return next(getattr(s, field) for s in state if hasattr(s, field))
 
 
 def _tree(shapes, rng, dtype, lead=()):
@@ -109,7 +148,8 @@ def test_docstring_examples():
     assert result.attempted > 0 and result.failed == 0
 
 
-@pytest.mark.parametrize("name, dtype", [(n, d) for n in ("adam", "sgd", "sgd_momentum", "lion")
+@pytest.mark.parametrize("name, dtype", [(n, d) for n in ("adam", "sgd", "sgd_momentum", "lion",
+                                                       "adopt", "adan")
                                          for d in ("float32", "float64")])
 def test_record_is_the_handlers_struct(name, dtype):
     """The struct packed inside jit from traced step and learning rate has the bytes
@@ -128,6 +168,14 @@ def test_record_is_the_handlers_struct(name, dtype):
         "lion": lambda t, lr: _scalars.lion_scalars(
             dtype, lr=lr, beta1=0.9, beta2=0.99, weight_decay=1e-3, maximize=True,
             grad_scale=1.0, grad_clip=math.inf),
+        "adopt": lambda t, lr: _scalars.adopt_scalars(  # a traced flag (first) and clamp
+            dtype, step=t - 6, lr=lr, beta1=0.9, beta2=0.9999, eps=1e-6, weight_decay=0.1,
+            decoupled=True, clip_value=(t - 7) ** 0.25, maximize=False, grad_scale=1.0,
+            grad_clip=math.inf),
+        "adan": lambda t, lr: _scalars.adan_scalars(
+            dtype, step=t, lr=lr, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8,
+            weight_decay=0.02, no_prox=False, maximize=False, grad_scale=1.0,
+            grad_clip=math.inf),
     }[name]
     with jax.enable_x64(dtype == "float64"):
         step, lr = jnp.int32(7), jnp.asarray(3e-3, dtype)
@@ -153,7 +201,7 @@ def test_matches_optax(name, hyper, dtype):
     """200 jitted steps on a pytree, through update + apply_updates and through step."""
     with jax.enable_x64(dtype == "float64"):
         params, grads = _case(dtype)
-        want_params, want_state = _run_update(getattr(optax, name)(**hyper), params, grads)
+        want_params, want_state = _optax_run(name, hyper, params, grads, dtype)
         tx = getattr(fjax, name)(**hyper)
         for run in (_run_update, _run_step):
             got_params, got_state = run(tx, params, grads)
@@ -162,7 +210,37 @@ def test_matches_optax(name, hyper, dtype):
         for field in got_state._fields[1:]:  # the state arrays, as optax names them
             if getattr(got_state, field) is not None:
                 _assert_close(getattr(got_state, field),
-                              getattr(want_state[0], OPTAX_NAMES[field]), STEPS)
+                              _optax_state(want_state, OPTAX_NAMES[field]), STEPS)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("hyper", [dict(learning_rate=1e-2),
+                                   dict(learning_rate=1e-3, b1=0.9, b2=0.5, b3=0.999, eps=1e-6,
+                                        weight_decay=0.1),
+                                   dict(learning_rate=1e-2, weight_decay=0.05, no_prox=True)],
+                         ids=["defaults", "betas", "no_prox"])
+def test_adan_matches_the_array_api(hyper, dtype):
+    """fastopt.jax.adan follows the authors' Adan as fastopt.Adan does (optax.adan differs):
+    200 jitted steps against fastopt.Adan on NumPy arrays, the same kernel with its step
+    sizes computed in float64 on the host, so equal to rounding."""
+    hyper = dict(hyper)
+    with jax.enable_x64(dtype == "float64"):
+        params, grads = _case(dtype)
+        tx = fjax.adan(**hyper)
+        got = [_run_update(tx, params, grads), _run_step(tx, params, grads)]
+    leaves = [np.array(p) for p in jax.tree.leaves(params)]
+    lr = hyper.pop("learning_rate")
+    betas = tuple(hyper.pop(b, d) for b, d in (("b1", 0.98), ("b2", 0.92), ("b3", 0.99)))
+    opt = fastopt.Adan(leaves, lr=lr, betas=betas, **hyper)
+    for t in range(STEPS):
+        opt.step([np.array(g[t]) for g in jax.tree.leaves(grads)])
+    want = jax.tree.unflatten(jax.tree.structure(params), leaves)
+    for got_params, got_state in got:
+        _assert_close(got_params, want, STEPS)
+        for field in got_state._fields[1:]:
+            _assert_close(getattr(got_state, field), jax.tree.unflatten(
+                jax.tree.structure(params), [opt.state[i][field] for i in range(len(leaves))]),
+                STEPS)
 
 
 @pytest.mark.parametrize("name, hyper, schedule", [
@@ -184,7 +262,7 @@ def test_schedule_inside_jit_without_recompiles(name, hyper, schedule):
     for t in range(25):
         p, s = jitted(p, jax.tree.map(lambda g: g[t], grads), s)
     assert len(traces) == 1 and jitted._cache_size() == 1
-    want, _ = _run_update(getattr(optax, name)(schedule, **hyper), params, grads)
+    want, _ = _run_update(_optax(name)(schedule, **hyper), params, grads)
     _assert_close(p, want, 25)
 
 
@@ -193,7 +271,8 @@ def test_schedule_inside_jit_without_recompiles(name, hyper, schedule):
     fjax.sgd(0.1, momentum=0.9),
     fjax.sgd(0.1),
     fjax.lion(1e-3),
-], ids=["adamw", "sgd_momentum", "sgd", "lion"])
+    fjax.adan(1e-3, weight_decay=0.02),
+], ids=["adamw", "sgd_momentum", "sgd", "lion", "adan"])
 def test_donated_step_updates_in_place(tx):
     """jit(step, donate_argnums=(0, 2)): the results live in the donated buffers and the
     compiled program copies nothing."""
@@ -392,6 +471,22 @@ def test_no_parameters():
      r"max_grad_norm must be a finite number in \(0, inf\], got 0.0"),
     ("lion", dict(learning_rate=1e-3, n_threads=0), ValueError, "n_threads must be an integer"),
     ("lion", dict(learning_rate=1e-3, n_threads=1.5), TypeError, "n_threads must be an integer"),
+    ("adadelta", dict(learning_rate=None), ValueError,
+     r"learning_rate: expected a number or a schedule; optax's None"),
+    ("adadelta", dict(rho=1.5), ValueError, r"rho must be a finite number in \[0, 1\]"),
+    ("adadelta", dict(weight_decay_mask={"w": True}), ValueError,
+     "weight_decay_mask=.* is not supported yet"),
+    ("adamax", dict(learning_rate=1e-3, b2=1.0), ValueError, "b2 must be a finite number"),
+    ("adopt", dict(learning_rate=1e-3, nesterov=True), ValueError,
+     "nesterov=True is not supported yet"),
+    ("adopt", dict(learning_rate=1e-3, clip_value_fn=0.5), TypeError,
+     "clip_value_fn: expected a function of the step count, got float"),
+    ("ademamix", dict(learning_rate=1e-3, b3=1.0), ValueError, "b3 must be a finite number"),
+    ("ademamix", dict(learning_rate=1e-3, alpha=-1.0), ValueError, "alpha must be"),
+    ("ademamix", dict(learning_rate=1e-3, eps_root=1e-8), ValueError,
+     "eps_root=1e-08 is not supported yet"),
+    ("adan", dict(learning_rate=1e-3, no_prox=1), TypeError, "no_prox must be a bool"),
+    ("adan", dict(learning_rate=1e-3, b3=-0.1), ValueError, "b3 must be a finite number"),
 ])
 def test_bad_hyperparameters(factory, kwargs, error, match):
     with pytest.raises(error, match=match):
