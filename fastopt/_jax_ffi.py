@@ -68,7 +68,7 @@ def record_bytes(args, dtype, scalars):
     return np.ascontiguousarray(_rules.pack(args.record(dtype, scalars)))
 
 
-def elementwise(kernel, record, params, grads, states, n_threads):
+def elementwise(kernel, record, params, grads, states, n_threads, delta=False):
     """One step of elementwise kernel `kernel` over many tensors, as one XLA custom call on
     jax's CPU backend; works eagerly and inside ``jax.jit`` (and ``jax.vmap``, one call per
     batch element).
@@ -83,15 +83,20 @@ def elementwise(kernel, record, params, grads, states, n_threads):
         states: per tensor, the list of the kernel's state arrays in the kernel's order
             (fastopt._rules.KERNELS[kernel].state), each shaped like its parameter.
         n_threads: the OpenMP threads the step may use (small steps take fewer).
+        delta: return each new parameter's difference from the parameter (optax's updates:
+            new - old, rounded once to the dtype) in place of the new parameter, computed
+            chunk by chunk in the same pass.
 
     Returns:
-        (new_params, new_states): lists shaped as `params` and `states`. For "lamb_update"
-        (the first pass of Lamb) the "new parameter" is the update direction u, which the
-        caller scales per tensor and applies.
+        (new_params, new_states): lists shaped as `params` and `states` (with `delta`, the
+        differences in place of the new parameters). For "lamb_update" (the first pass of
+        Lamb) the "new parameter" is the update direction u, which the caller scales per
+        tensor and applies.
 
-    Each parameter and state array is aliased to its result: when a jitted function donates
-    them, XLA updates their buffers in place; otherwise it copies them first (a pass over the
-    parameters and the state) and the kernel updates the copies.
+    Each state array is aliased to its result, and each parameter too unless `delta`: when a
+    jitted function donates them, XLA updates their buffers in place; otherwise it copies
+    them first (a pass over the parameters and the state) and the kernel updates the copies.
+    With `delta` the differences go to new buffers and the parameters are only read.
     """
     import jax
 
@@ -108,6 +113,8 @@ def elementwise(kernel, record, params, grads, states, n_threads):
         raise ValueError(f"params, grads, states: expected one entry per tensor, got "
                          f"{n}, {len(grads)} and {len(states)}")
     n_threads = _threads(n_threads)
+    if not isinstance(delta, (bool, np.bool_)):
+        raise TypeError(f"delta: expected a bool, got {type(delta).__name__}")
     if n == 0:
         return [], []
 
@@ -133,13 +140,15 @@ def elementwise(kernel, record, params, grads, states, n_threads):
     operands, results, aliases = [record], [], {}
     for p, g, ss in zip(params, grads, states):
         for i, x in enumerate((p, g, *ss)):
-            if i != 1:  # the gradient is read only
-                aliases[len(operands)] = len(results)
+            if i != 1:  # the gradient is read only; the others have results
+                if i > 1 or not delta:  # with delta the parameter's is a new buffer
+                    aliases[len(operands)] = len(results)
                 results.append(jax.ShapeDtypeStruct(x.shape, dtype))
             operands.append(x)
     out = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases,
                            vmap_method="sequential")(
-        *operands, kernel=name, n_tensors=np.int64(n), n_threads=np.int64(n_threads))
+        *operands, kernel=name, n_tensors=np.int64(n), n_threads=np.int64(n_threads),
+        delta=np.int64(bool(delta)))
     step = 1 + n_state
     return ([out[t * step] for t in range(n)],
             [list(out[t * step + 1:(t + 1) * step]) for t in range(n)])

@@ -81,12 +81,13 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
       like `params` and a step count of 0.
     - ``update(updates, state, params, **extra_args) -> (updates, state)``: optax's
       interface. `updates` are the gradients; `params` is required. The kernel computes
-      the new parameters, and the returned updates are their difference from `params`, so
-      ``optax.apply_updates(params, updates)`` gives them (exactly where a parameter
-      changes by less than half its magnitude, else within one rounding). Extra keyword
-      arguments (``optax.chain`` passes them on) are ignored. Since the old and the new
-      parameters coexist, this path costs a parameter-sized buffer and two more passes
-      than ``step``.
+      the new parameters and writes their difference from `params` (rounded once) as the
+      returned updates, in the same pass, so ``optax.apply_updates(params, updates)``
+      gives them (exactly where a parameter changes by less than half its magnitude, else
+      within one rounding). Extra keyword arguments (``optax.chain`` passes them on) are
+      ignored. This path writes the updates to a new buffer and ``apply_updates`` makes
+      one more pass (reading the parameters and the updates, writing the parameters),
+      as with optax's own rules; ``step`` has neither.
     - ``step(params, grads, state) -> (params, state)``: the fused update, see
       :attr:`step`.
 
@@ -160,21 +161,22 @@ class _Fused:
             raise ValueError(f"params: fastopt.jax.{self.name}'s update needs the parameters, "
                              f"update(updates, state, params): its kernel computes the new "
                              f"parameters")
-        treedef, old, new, state = self._apply(params, updates, state, "updates")
-        return treedef.unflatten([n - o for n, o in zip(new, old)]), state
+        treedef, deltas, state = self._apply(params, updates, state, "updates", delta=True)
+        return treedef.unflatten(deltas), state
 
     def step(self, params, grads, state):
-        treedef, _, new, state = self._apply(params, grads, state, "grads")
+        treedef, new, state = self._apply(params, grads, state, "grads", delta=False)
         return treedef.unflatten(new), state
 
-    def _apply(self, params, grads, state, grads_name):
-        """(treedef, parameter leaves, their new values, the new state)."""
+    def _apply(self, params, grads, state, grads_name, delta):
+        """(treedef, the new parameter leaves, or with `delta` their differences from the
+        parameters, the new state)."""
         _, (paths, leaves, treedef), dtype = _params(params)
         grads = _like(grads, grads_name, paths, leaves, treedef)
         count, states = self._state(state, paths, leaves, treedef)
         step = optax.safe_increment(count)  # t, as optax: it stops at int32's maximum
         if not leaves:
-            return treedef, [], [], state._replace(count=step)
+            return treedef, [], state._replace(count=step)
         # the schedule sees the count before the step, as optax's. It is read as step - 1,
         # equal to count short of the maximum: the donated count buffer then has a single
         # reader and XLA writes the new count into it without copying the old one
@@ -187,13 +189,13 @@ class _Fused:
             grad_scale = _clip_coefficient(self.max_grad_norm, grads)
         fields = self.scalars(dtype, step=step, lr=lr, grad_scale=grad_scale)
         record = _record(self.kernel.args, dtype, fields)
-        new, new_states = _kernel_call(self.name, self.kernel.name, self.n_threads, record,
-                                       leaves, grads, [list(s) for s in zip(*states)]
+        new, new_states = _kernel_call(self.name, self.kernel.name, self.n_threads, delta,
+                                       record, leaves, grads, [list(s) for s in zip(*states)]
                                        if states else [[] for _ in leaves])
         new_state = self.state_cls(count=step, **{
             name: treedef.unflatten([s[k] for s in new_states])
             for k, name in enumerate(self.kernel.state)})
-        return treedef, leaves, new, new_state
+        return treedef, new, new_state
 
     def _state(self, state, paths, leaves, treedef):
         """The step count and, per state array of the kernel, its leaves, checked against
@@ -291,14 +293,14 @@ def _record(args, dtype, fields):
     return jnp.concatenate(pieces)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def _kernel_call(name, kernel, n_threads, record, params, grads, states):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
+def _kernel_call(name, kernel, n_threads, delta, record, params, grads, states):
     """The FFI call, with a derivative rule that says why there is none."""
-    return _jax_ffi.elementwise(kernel, record, params, grads, states, n_threads)
+    return _jax_ffi.elementwise(kernel, record, params, grads, states, n_threads, delta=delta)
 
 
 @_kernel_call.defjvp
-def _no_derivative(name, kernel, n_threads, primals, tangents):
+def _no_derivative(name, kernel, n_threads, delta, primals, tangents):
     raise ValueError(f"fastopt.jax.{name}: an optimizer step cannot be differentiated "
                      f"(fastopt's fused kernel has no derivative rule). Differentiate the loss "
                      f"and pass its gradients to update or step; to differentiate through the "

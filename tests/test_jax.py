@@ -296,6 +296,29 @@ def test_donated_step_updates_in_place(tx):
     assert int(state.count) == 3
 
 
+def test_update_path_writes_the_updates_without_copies():
+    """update + apply_updates jitted with the parameters and the state donated: the kernel
+    writes the updates to a buffer of their own (the parameters are only read), so the
+    compiled program copies nothing; the updates are step's new parameters minus the
+    parameters, bit for bit."""
+    tx = fjax.adamw(1e-2, weight_decay=0.1)
+    params = {"big": jnp.asarray(np.random.default_rng(8).standard_normal((300, 250)),
+                                 jnp.float32), "small": jnp.ones(7, jnp.float32)}
+    grads = jax.tree.map(lambda x: 0.1 * x + 0.01, params)
+
+    def through_update(p, g, s):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+    state = tx.init(params)
+    text = jax.jit(through_update, donate_argnums=(0, 2)).lower(
+        params, grads, state).compile().as_text()
+    assert 'custom_call_target="fastopt_elementwise_v1"' in text
+    assert not re.search(r"\scopy(-start)?\(", text), text
+    updates, _ = jax.jit(tx.update)(grads, state, params)
+    new, _ = jax.jit(tx.step)(params, grads, state)
+    _assert_equal(updates, jax.tree.map(lambda n, p: np.asarray(n) - np.asarray(p), new, params))
+
+
 # -- optax's combinators ----------------------------------------------------------------------
 
 def test_in_optax_chain():

@@ -240,6 +240,24 @@ def test_jit_step_is_bitwise_cython_f64(kernel, x64):
     _assert_step(got, _reference(kernel, scalars, params, grads, states))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_delta_is_the_new_param_minus_the_param(dtype, x64):
+    """With delta the param results are the new params minus the params, rounded once (as
+    XLA's subtraction): bit for bit, on a multi-chunk two-thread tensor too; the params
+    stay as they were and the state is updated as without delta."""
+    kernel = "adam"
+    scalars = _hyper(kernel, dtype)
+    params, grads, states = _case(kernel, dtype, seed=4)
+    record = _jax_ffi.record_bytes(_rules.KERNELS[kernel].args, dtype, scalars)
+    jp = [jnp.asarray(x) for x in params]
+    deltas, new_states = jax.jit(lambda r, p, g, s: _jax_ffi.elementwise(
+        kernel, r, p, g, s, 2, delta=True))(record, jp, grads, states)
+    want, want_states = _reference(kernel, scalars, params, grads, states)
+    _assert_step(([np.asarray(d) for d in deltas], new_states),
+                 ([w - p for w, p in zip(want, params)], want_states))
+    _assert_step((jp, []), (params, []))
+
+
 def test_eager_call_leaves_its_inputs_alone():
     """Without donation, XLA gives the aliased results buffers of their own: the inputs keep
     their values (and a one-thread step gives the same bits)."""
@@ -360,6 +378,7 @@ def _python_case():
     (dict(n_threads=0), ValueError, "n_threads: expected an integer >= 1"),
     (dict(n_threads=2.0), TypeError, "n_threads: expected an integer >= 1, got float"),
     (dict(n_threads=True), TypeError, "n_threads: expected an integer >= 1, got a bool"),
+    (dict(delta=1), TypeError, "delta: expected a bool, got int"),
 ])
 def test_python_checks(change, error, match):
     before = jax.config.jax_enable_x64
@@ -379,8 +398,9 @@ def _raw_call(n_results, *operands, **attributes):
     results = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in operands[1:1 + n_results]]
     attrs = dict(kernel="sgd", n_tensors=np.int64(1), n_threads=np.int64(1))
     attrs.update(attributes)
-    out = jax.ffi.ffi_call(_jax_ffi.TARGET, results, vmap_method="sequential")(*operands,
-                                                                               **attrs)
+    aliases = attrs.pop("aliases", None)
+    out = jax.ffi.ffi_call(_jax_ffi.TARGET, results, input_output_aliases=aliases,
+                           vmap_method="sequential")(*operands, **attrs)
     return [np.asarray(x) for x in out]
 
 
@@ -412,6 +432,12 @@ SGD_RECORD = np.zeros(32, np.uint8)
      r"expected the attributes kernel .* and n_threads in \[1, 2147483647\]"),
     ((SGD_RECORD, P3, P3), 1, dict(kernel=np.int64(1)), "attribute kernel: expected a string"),
     ((SGD_RECORD, P3, P3), 1, dict(lr=np.float32(1)), "unexpected attribute 'lr'"),
+    ((SGD_RECORD, P3, P3), 1, dict(delta=np.int64(2)),
+     "attribute delta: expected 0 or 1, got 2"),
+    ((SGD_RECORD, P3, P3), 1, dict(delta=np.int32(1)),
+     "attribute delta: expected an int64 scalar"),
+    ((SGD_RECORD, P3, P3), 1, dict(delta=np.int64(1), aliases={1: 0}),
+     "tensor 0: with delta the new param must not alias the param"),
 ])
 def test_handler_checks(operands, n_results, attributes, match):
     """A bad call reaching the C handler raises jax's error with the handler's message,

@@ -5,7 +5,9 @@ its bandwidth (the rule's nominal traffic: each element's reads and writes, divi
 time) and its percent of this machine's streaming limit for that same access pattern,
 measured by a C kernel shipped with fastopt (kernels/cpu/stream.h). Side by side: every
 available fastopt backend, fastopt driven with torch tensors, torch.optim's for-loop,
-foreach and fused implementations, and the NumPy reference.
+foreach and fused implementations and the NumPy reference; then, in a process of their own,
+fastopt.jax's fused step and update beside optax's rule (jitted, parameters and state
+donated).
 
 Optimizer steps are memory-bound, so "% of limit" is the figure of merit: 100% means the
 step moves its data as fast as the machine can stream it.
@@ -23,7 +25,11 @@ block first, so that malloc serves torch's per-op temporaries from its heap as i
 training loop, not from fresh pages (_warm_allocator). And it checks: one
 torch.optim row is timed again against the same step alone in a fresh process, in turns,
 and a disagreement beyond 1.5x prints a WARNING line and sets 'agree' false under
-'fresh_process_check' in the JSON (--no-check skips it).
+'fresh_process_check' in the JSON (--no-check skips it). The check is why the JAX rows run in
+a process of their own (fastopt.bench.jaxrows): fastopt's kernel inside jax.jit starts an
+OpenMP team on one of XLA's threads, and from then on the OpenMP runtime counts more threads
+than cores and stops spinning, so every later parallel region of torch's pays a wake-up
+(torch's for-loop Adam on 4 tensors of 100K, 2 threads: 0.43 ms -> 1.02 ms).
 """
 
 import argparse
@@ -42,13 +48,15 @@ import numpy as np
 
 import fastopt
 from fastopt import _backends, _config, _rules
-from fastopt.bench import _timing, formats, muon, ops, training
+from fastopt.bench import _timing, formats, jaxrows, muon, ops, training
 from fastopt.bench._timing import (
     MATRIX_COLS,
     arrays,
+    case_rows,
     draw,
     matrix_sizes,
     parse_case,
+    row_line,
     stream_case,
     time_interleaved,
 )
@@ -344,13 +352,14 @@ def _fresh_check(rule, case, spec, sizes, n_threads, budget, step, row_s, out):
 
 
 def run(rules=DEFAULT_RULES, cases=DEFAULT_CASES, n_threads=None, numpy_max=10**7,
-        budget=1.0, out=None, check=True):
+        budget=1.0, out=None, check=True, jax=True):
     """Measure everything; print the table to `out` (stdout) as it goes; return the results.
 
     With `check`, one torch row (see _check_target) is timed again against the same step
     alone in a fresh process (_fresh_check); the result goes into the output under
     'fresh_process_check' (None: nothing checked), and a disagreement beyond
-    FRESH_TOLERANCE prints a WARNING line."""
+    FRESH_TOLERANCE prints a WARNING line. With `jax` (and jax and optax installed), the
+    JAX rows follow, timed in a process of their own (fastopt.bench.jaxrows)."""
     out = out or sys.stdout
     n_threads = n_threads or fastopt.get_num_threads()
     _backends.available("numba")  # loading it keeps OpenMP unnested (fastopt._config)
@@ -370,7 +379,6 @@ def run(rules=DEFAULT_RULES, cases=DEFAULT_CASES, n_threads=None, numpy_max=10**
             sizes = parse_case(case)
             sizes = matrix_sizes(sizes) if spec.matrix else sizes
             n = sum(sizes)
-            nbytes = n * 4 * spec.traffic
             names = ["stream limit (C kernel)"]
             steps = [stream_case(sizes, spec.n_state, n_threads)]
             for name, factory in implementations(spec, sizes, n_threads, n <= numpy_max):
@@ -382,16 +390,9 @@ def run(rules=DEFAULT_RULES, cases=DEFAULT_CASES, n_threads=None, numpy_max=10**
                     print(f"{rule:<6} {case:<9} {name:<30} skipped: {exc}", file=out)
             medians = time_interleaved(steps, budget=budget)
             draw.cache_clear()
-            # the ceiling: the streaming kernel's bandwidth for the rule's traffic (with
-            # clipping or several passes, more than the kernel itself moves)
-            limit = medians[0] * nbytes / (n * 4 * (2 * (spec.n_state + 1) + 1))
-            for name, seconds in zip(names, [limit] + medians[1:]):
-                row = dict(rule=rule, case=case, tensors=len(sizes), elements=n,
-                           implementation=name, median_ms=seconds * 1e3,
-                           gbps=nbytes / seconds / 1e9, pct_limit=100 * limit / seconds)
+            for row in case_rows(rule, case, spec, sizes, names, medians):
                 rows.append(row)
-                print(f"{rule:<6} {case:<9} {name:<30} {row['median_ms']:>10.2f} "
-                      f"{row['gbps']:>7.1f} {row['pct_limit']:>7.0f}%", file=out, flush=True)
+                print(row_line(row), file=out, flush=True)
             if (rule, case) == check_at and "torch for-loop" in names:
                 # checked while the step still exists, right after its rows were timed
                 at = names.index("torch for-loop")
@@ -404,6 +405,8 @@ def run(rules=DEFAULT_RULES, cases=DEFAULT_CASES, n_threads=None, numpy_max=10**
                     print(f"WARNING: the fresh-process check could not run: {exc}", file=out,
                           flush=True)
             del steps
+    if jax:
+        rows += jaxrows.run_isolated(rules, cases, n_threads, budget, out)
     return {
         "fastopt": fastopt.__version__,
         "machine": {"platform": platform.platform(), "processor": _cpu_name(),
@@ -463,6 +466,9 @@ def main(argv=None):
                              "share beside torch.optim.Muon, on these comma-separated cases: "
                              "NxRxC is N matrices of R x C (for example 4x1024x1024,4096x1024; "
                              "default: none)")
+    parser.add_argument("--no-jax", dest="jax", action="store_false",
+                        help="skip the JAX rows (fastopt.jax and optax, timed in a process of "
+                             "their own; default: where jax and optax are installed)")
     parser.add_argument("--json", default="bench-results.json",
                         help="where to write the results as JSON ('' for nowhere)")
     parser.add_argument("--no-check", dest="check", action="store_false",
@@ -489,7 +495,8 @@ def main(argv=None):
             parser.error(f"--muon: {case!r} is no NxRxC or RxC case")
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     result = run(rules, [] if cases == ["none"] else cases,
-                 args.threads, int(args.numpy_max), args.budget, check=args.check)
+                 args.threads, int(args.numpy_max), args.budget, check=args.check,
+                 jax=args.jax)
     if names:
         _backends.available("numba")  # loading it keeps OpenMP unnested (fastopt._config)
         _warm_allocator()

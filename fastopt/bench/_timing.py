@@ -99,3 +99,23 @@ def stream_case(sizes, n_state, n_threads):
     src = aligned(arrays(sizes, np.float32, 0))
     rw = [aligned(arrays(sizes, np.float32, k + 1)) for k in range(n_state + 1)]
     return lambda: _stream.stream_rw(src, rw, False, n_threads)
+
+
+def case_rows(rule, case, spec, sizes, names, medians):
+    """The table's rows of one rule and case: `medians` of the implementations `names`, the
+    first of them the streaming kernel, whose bandwidth for the rule's traffic (with clipping
+    or several passes, more than the kernel itself moves) is the ceiling: its row is that
+    limit, and every row's percent is of it."""
+    n = sum(sizes)
+    nbytes = n * 4 * spec.traffic
+    limit = medians[0] * nbytes / (n * 4 * (2 * (spec.n_state + 1) + 1))
+    return [dict(rule=rule, case=case, tensors=len(sizes), elements=n, implementation=name,
+                 median_ms=seconds * 1e3, gbps=nbytes / seconds / 1e9,
+                 pct_limit=100 * limit / seconds)
+            for name, seconds in zip(names, [limit] + list(medians[1:]))]
+
+
+def row_line(row):
+    """A row as the table prints it."""
+    return (f"{row['rule']:<6} {row['case']:<9} {row['implementation']:<30} "
+            f"{row['median_ms']:>10.2f} {row['gbps']:>7.1f} {row['pct_limit']:>7.0f}%")

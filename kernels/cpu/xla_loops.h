@@ -4,17 +4,21 @@
  *
  * One call updates many tensors with one kernel of FO_ELEMENTWISE_KERNELS (fastopt/optim.h):
  *   attributes  kernel (string, its name), n_tensors (int64), n_threads (int64: OpenMP
- *               threads at most; small steps take fewer, as the Cython driver does)
+ *               threads at most; small steps take fewer, as the Cython driver does), and
+ *               optionally delta (int64, 0 or 1; default 0)
  *   arguments   0: the kernel's fo_<args>_args_<f32|f64> struct as bytes (1-D uint8,
  *               zero-padded to a multiple of 8: fastopt._rules.pack), then per tensor:
  *               param, grad, then its n_state state arrays
- *   results     per tensor: the new param, then its n_state new state arrays
+ *   results     per tensor: the new param (with delta: the new param minus the param, in
+ *               the param's dtype, as optax's updates), then its n_state new state arrays
  * All tensors float32 or float64 (the struct's dtype); a tensor's operands and results hold
  * equally many elements, in any shapes (the update is elementwise, and XLA hands over
  * row-major buffers). The caller aliases each param and state input to its result, so a
  * donated buffer is updated in place (without donation XLA copies the inputs into the
  * results before the call). A call made without the aliases gets separate result buffers:
  * the state is then copied into its result chunk by chunk before the kernel updates it.
+ * With delta the param result must be a buffer of its own (the param is read after the
+ * kernel wrote its result, chunk by chunk, while both are in cache).
  *
  * The handler is stateless (XLA may run several calls at once, from any thread) and checks
  * everything before touching memory: a bad call returns an INVALID_ARGUMENT error naming the
@@ -186,15 +190,16 @@ static fo_xla_error *fo_xla_check(const fo_xla_call_frame *call, const fo_xla_bu
     return NULL;
 }
 
-/* the attributes: the kernel and the two counts, nothing else (XLA passes a dictionary:
-   each name once, sorted) */
+/* the attributes: the kernel, the two counts and the optional delta flag, nothing else (XLA
+   passes a dictionary: each name once, sorted) */
 static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_xla_kernel **k,
-                                       int64_t *n_tensors, int64_t *n_threads)
+                                       int64_t *n_tensors, int64_t *n_threads, int64_t *delta)
 {
     int64_t i;
     fo_xla_error *err;
     *k = NULL;
     *n_tensors = *n_threads = -1;
+    *delta = 0;
     for (i = 0; i < call->attrs.size; i++) {
         const fo_xla_bytespan *name = call->attrs.names[i];
         if (fo_xla_name_is(name, "kernel")) {
@@ -211,9 +216,14 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
             if ((err = fo_xla_int_attr(call, i, n_tensors)) != NULL) return err;
         } else if (fo_xla_name_is(name, "n_threads")) {
             if ((err = fo_xla_int_attr(call, i, n_threads)) != NULL) return err;
+        } else if (fo_xla_name_is(name, "delta")) {
+            if ((err = fo_xla_int_attr(call, i, delta)) != NULL) return err;
+            if (*delta != 0 && *delta != 1)
+                return FO_XLA_INVALID(call->api, "attribute delta: expected 0 or 1, got %lld",
+                                      (long long)*delta);
         } else {
             return FO_XLA_INVALID(call->api, "unexpected attribute '%.*s' (it takes kernel, "
-                                  "n_tensors and n_threads)",
+                                  "n_tensors, n_threads and delta)",
                                   (int)(name->len < 64 ? name->len : 64), name->ptr);
         }
     }
@@ -223,13 +233,30 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
     return NULL;
 }
 
+/* out[i] -= in[i] over a chunk: the new param minus the param (the delta attribute) */
+static void fo_xla_subtract(char *out, const char *in, ptrdiff_t lo, ptrdiff_t n, int f64)
+{
+    ptrdiff_t i;
+    if (f64) {
+        double *o = (double *)out + lo;
+        const double *x = (const double *)in + lo;
+        for (i = 0; i < n; i++) o[i] = o[i] - x[i];
+    } else {
+        float *o = (float *)out + lo;
+        const float *x = (const float *)in + lo;
+        for (i = 0; i < n; i++) o[i] = o[i] - x[i];
+    }
+}
+
 /*
  * Chunk c of the plan: `chunk` holds (tensor, lo, n) triples, `ptr` per tensor the kernel's
  * 3 + S operand pointers (param in, param out, grad, the S state results) followed by the S
- * state inputs, copied into the results first where XLA gave separate buffers.
+ * state inputs, copied into the results first where XLA gave separate buffers. With `delta`
+ * the param result becomes its difference from the param.
  */
 static void fo_xla_run_chunk(fo_chunk_fn fn, const void *args, char **ptr,
-                             const ptrdiff_t *chunk, int n_state, size_t itemsize, ptrdiff_t c)
+                             const ptrdiff_t *chunk, int n_state, size_t itemsize, int delta,
+                             ptrdiff_t c)
 {
     char **p = ptr + chunk[3 * c] * (3 + 2 * n_state);
     const ptrdiff_t lo = chunk[3 * c + 1], n = chunk[3 * c + 2];
@@ -238,6 +265,7 @@ static void fo_xla_run_chunk(fo_chunk_fn fn, const void *args, char **ptr,
         if (p[3 + s] != p[3 + n_state + s])
             memcpy(p[3 + s] + lo * itemsize, p[3 + n_state + s] + lo * itemsize, n * itemsize);
     fn(p, lo, n, args);
+    if (delta) fo_xla_subtract(p[1], p[0], lo, n, itemsize == 8);
 }
 
 /* the FFI handler of target FO_XLA_ELEMENTWISE_TARGET */
@@ -249,7 +277,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     double args[FO_XLA_ARGS_MAX / 8]; /* the struct, copied to aligned storage */
     fo_xla_error *err;
     fo_xla_dtype dtype;
-    int64_t i, t, n_tensors, n_threads, n_args, n_rets, n_chunks = 0, total = 0;
+    int64_t i, t, n_tensors, n_threads, delta, n_args, n_rets, n_chunks = 0, total = 0;
     int n_state, f64, s, nt;
     size_t itemsize;
     ptrdiff_t size, n, c, lo, *count, *chunk;
@@ -266,7 +294,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
                               FO_XLA_STRUCT_SIZE(fo_xla_call_frame, attrs));
     if (call->stage != FO_XLA_STAGE_EXECUTE)
         return NULL;
-    if ((err = fo_xla_attributes(call, &k, &n_tensors, &n_threads)) != NULL)
+    if ((err = fo_xla_attributes(call, &k, &n_tensors, &n_threads, &delta)) != NULL)
         return err;
 
     /* operand counts and kinds */
@@ -329,6 +357,11 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
             if ((err = fo_xla_check(call, a[2 + s], dtype, n, t, "state", s, &n)) != NULL
                 || (err = fo_xla_check(call, r[1 + s], dtype, n, t, "new state", s, &n)) != NULL)
                 goto fail;
+        if (delta && n > 0 && a[0]->data == r[0]->data) {
+            err = FO_XLA_INVALID(call->api, "tensor %lld: with delta the new param must not "
+                                 "alias the param", (long long)t);
+            goto fail;
+        }
         p[0] = (char *)a[0]->data;
         p[1] = (char *)r[0]->data;
         p[2] = (char *)a[1]->data;
@@ -361,7 +394,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         const ptrdiff_t nc = (ptrdiff_t)n_chunks;
 #pragma omp parallel for schedule(static) num_threads(nt > 1 ? nt : 1) if (nt > 1 && nc > 1)
         for (c = 0; c < nc; c++)
-            fo_xla_run_chunk(fn, args, ptr, chunk, n_state, itemsize, c);
+            fo_xla_run_chunk(fn, args, ptr, chunk, n_state, itemsize, (int)delta, c);
     }
     free(chunk);
     free(count);
