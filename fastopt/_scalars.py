@@ -5,9 +5,10 @@ the parameter's dtype; kernels never compute powers such as beta**t. The NumPy r
 derives the same quantities itself, written as the textbook update.
 
 Each function returns the fields of the rule's fo_<rule>_args struct (fastopt/optim.h): the
-real-valued fields as floats, the flags as bools. The learning rate and the step count enter
-through arithmetic only, so that they may also be traced JAX values (a schedule's learning
-rate inside jax.jit). Their order is the struct's, as the rule
+real-valued fields as floats, the flags as bools. The learning rate, the step count and the
+numeric hyperparameters enter through arithmetic only, so that they may also be traced JAX
+values (a schedule's learning rate inside jax.jit, optax.inject_hyperparams' values): then
+the fields are traced values too. Their order is the struct's, as the rule
 table lists it (fastopt._rules.Args); tests/test_kernels.py checks that the table, these
 functions and the C header agree.
 """
@@ -15,6 +16,12 @@ functions and the C header agree.
 import math
 
 import numpy as np
+
+
+def _real(x):
+    """A hyperparameter as a Python float; a JAX value as it is (fastopt.jax traces the
+    hyperparameters that optax.inject_hyperparams injects)."""
+    return x if hasattr(x, "aval") else float(x)
 
 
 def _sqrt(x):
@@ -25,14 +32,14 @@ def _sqrt(x):
 
 def grad_scalars(grad_scale, grad_clip, maximize):
     """The gradient prologue shared by every rule: clamp bound and signed scale factor."""
-    return dict(clip=float(grad_clip), gscale=-grad_scale if maximize else grad_scale)
+    return dict(clip=_real(grad_clip), gscale=-grad_scale if maximize else grad_scale)
 
 
 def sgd_scalars(dtype, *, lr, momentum, dampening, weight_decay, nesterov, maximize, first,
                 grad_scale, grad_clip):
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                weight_decay=float(weight_decay),
-                momentum=float(momentum), one_minus_dampening=1.0 - dampening,
+                weight_decay=_real(weight_decay),
+                momentum=_real(momentum), one_minus_dampening=1.0 - dampening,
                 neg_lr=-lr, first=bool(first), nesterov=bool(nesterov))
 
 
@@ -43,20 +50,23 @@ def adam_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, decoupled,
     one_minus_beta1 = 1 - beta1
     return dict(
         **grad_scalars(grad_scale, grad_clip, maximize),
-        weight_decay=0.0 if decoupled else float(weight_decay),
+        weight_decay=0.0 if decoupled else _real(weight_decay),
         decay=1 - lr * weight_decay if decoupled else 1.0,
         one_minus_beta1=one_minus_beta1,
-        beta2=float(beta2),
+        beta2=_real(beta2),
         one_minus_beta2=1 - beta2,
         bias_correction2_sqrt=bias_correction2 ** 0.5,
-        eps=float(eps),
+        eps=_real(eps),
         neg_step_size=-(lr / bias_correction1),
         lerp_hi=_lerp_hi(dtype, one_minus_beta1),
     )
 
 
 def _lerp_hi(dtype, weight):
-    """torch picks its lerp formula on the weight as cast to the tensor's dtype."""
+    """torch picks its lerp formula on the weight as cast to the tensor's dtype (a traced
+    JAX weight gives a traced flag)."""
+    if hasattr(weight, "aval"):
+        return abs(weight.astype(dtype)) >= 0.5
     return bool(abs(np.dtype(dtype).type(weight)) >= 0.5)
 
 
@@ -64,35 +74,35 @@ def _decoupled(lr, weight_decay, decoupled):
     """(L2 coefficient added to the gradient, factor applied to the parameter)."""
     if decoupled:
         return 0.0, 1 - lr * weight_decay
-    return float(weight_decay), 1.0
+    return _real(weight_decay), 1.0
 
 
 def adagrad_scalars(dtype, *, step, lr, lr_decay, weight_decay, eps, maximize, grad_scale,
                     grad_clip):
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                weight_decay=float(weight_decay),
-                neg_clr=-(lr / (1 + (step - 1) * lr_decay)), eps=float(eps))
+                weight_decay=_real(weight_decay),
+                neg_clr=-(lr / (1 + (step - 1) * lr_decay)), eps=_real(eps))
 
 
 def rmsprop_scalars(dtype, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
                     grad_scale, grad_clip):
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                weight_decay=float(weight_decay), alpha=float(alpha),
-                one_minus_alpha=1 - alpha, eps=float(eps), momentum=float(momentum),
+                weight_decay=_real(weight_decay), alpha=_real(alpha),
+                one_minus_alpha=1 - alpha, eps=_real(eps), momentum=_real(momentum),
                 neg_lr=-lr, lerp_hi=_lerp_hi(dtype, 1 - alpha))
 
 
 def adadelta_scalars(dtype, *, lr, rho, eps, weight_decay, maximize, grad_scale, grad_clip):
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                weight_decay=float(weight_decay), rho=float(rho), one_minus_rho=1 - rho,
-                eps=float(eps), neg_lr=-lr)
+                weight_decay=_real(weight_decay), rho=_real(rho), one_minus_rho=1 - rho,
+                eps=_real(eps), neg_lr=-lr)
 
 
 def adamax_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
                    grad_clip):
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                weight_decay=float(weight_decay), one_minus_beta1=1 - beta1,
-                beta2=float(beta2), eps=float(eps), neg_clr=-(lr / (1 - beta1 ** step)),
+                weight_decay=_real(weight_decay), one_minus_beta1=1 - beta1,
+                beta2=_real(beta2), eps=_real(eps), neg_clr=-(lr / (1 - beta1 ** step)),
                 lerp_hi=_lerp_hi(dtype, 1 - beta1))
 
 
@@ -111,8 +121,8 @@ def nadam_scalars(dtype, *, step, mu_product, lr, beta1, beta2, eps, weight_deca
     mu, mu_next, _ = nadam_coefficients(step, 1.0, beta1=beta1, momentum_decay=momentum_decay)
     wd, decay = _decoupled(lr, weight_decay, decoupled)
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                weight_decay=wd, decay=decay, one_minus_beta1=1 - beta1, beta2=float(beta2),
-                one_minus_beta2=1 - beta2, bias_correction2=1 - beta2 ** step, eps=float(eps),
+                weight_decay=wd, decay=decay, one_minus_beta1=1 - beta1, beta2=_real(beta2),
+                one_minus_beta2=1 - beta2, bias_correction2=1 - beta2 ** step, eps=_real(eps),
                 grad_coef=-lr * (1.0 - mu) / (1.0 - mu_product),
                 avg_coef=(-lr * mu_next) / (1.0 - mu_product * mu_next),
                 lerp_hi=_lerp_hi(dtype, 1 - beta1))
@@ -134,9 +144,9 @@ def radam_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, decoupled
     wd, decay = _decoupled(lr, weight_decay, decoupled)
     rectify, rect = radam_rectification(step, beta2)
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                weight_decay=wd, decay=decay, one_minus_beta1=1 - beta1, beta2=float(beta2),
+                weight_decay=wd, decay=decay, one_minus_beta1=1 - beta1, beta2=_real(beta2),
                 one_minus_beta2=1 - beta2, bias_correction1=1 - beta1 ** step, lr=lr,
-                bias_correction2_sqrt=(1 - beta2 ** step) ** 0.5, eps=float(eps), rect=rect,
+                bias_correction2_sqrt=(1 - beta2 ** step) ** 0.5, eps=_real(eps), rect=rect,
                 lerp_hi=_lerp_hi(dtype, 1 - beta1), rectify=rectify)
 
 
@@ -145,31 +155,31 @@ def adopt_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, decoupled
     """ADOPT's fields; `clip_value` is clip_lambda(step - 1), None for no clipping."""
     decoupled = bool(decoupled) and weight_decay != 0
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                weight_decay=0.0 if decoupled else float(weight_decay),
-                neg_lr_wd=-lr * weight_decay if decoupled else 0.0, eps=float(eps),
+                weight_decay=0.0 if decoupled else _real(weight_decay),
+                neg_lr_wd=-lr * weight_decay if decoupled else 0.0, eps=_real(eps),
                 clamp=math.inf if clip_value is None else clip_value,
-                one_minus_beta1=1 - beta1, neg_lr=-lr, beta2=float(beta2),
+                one_minus_beta1=1 - beta1, neg_lr=-lr, beta2=_real(beta2),
                 one_minus_beta2=1 - beta2, lerp_hi=_lerp_hi(dtype, 1 - beta1),
                 first=step == 1, decoupled=decoupled)
 
 
 def lion_scalars(dtype, *, lr, beta1, beta2, weight_decay, maximize, grad_scale, grad_clip):
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                beta1=float(beta1), one_minus_beta1=1 - beta1, beta2=float(beta2),
-                one_minus_beta2=1 - beta2, weight_decay=float(weight_decay), neg_lr=-lr)
+                beta1=_real(beta1), one_minus_beta1=1 - beta1, beta2=_real(beta2),
+                one_minus_beta2=1 - beta2, weight_decay=_real(weight_decay), neg_lr=-lr)
 
 
 def rprop_scalars(dtype, *, etaminus, etaplus, step_size_min, step_size_max, maximize,
                   grad_scale, grad_clip):
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                etaminus=float(etaminus), etaplus=float(etaplus),
-                step_size_min=float(step_size_min), step_size_max=float(step_size_max))
+                etaminus=_real(etaminus), etaplus=_real(etaplus),
+                step_size_min=_real(step_size_min), step_size_max=_real(step_size_max))
 
 
 def asgd_scalars(dtype, *, eta, mu, lambd, weight_decay, maximize, grad_scale, grad_clip):
     """eta and mu: the values torch keeps in float32 tensors, as Python floats."""
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                weight_decay=float(weight_decay), decay=1 - lambd * eta, neg_eta=-eta,
+                weight_decay=_real(weight_decay), decay=1 - lambd * eta, neg_eta=-eta,
                 mu=mu, average=mu != 1)
 
 
@@ -185,11 +195,11 @@ def ademamix_scalars(dtype, *, step, lr, beta1, beta2, beta3, alpha, eps, weight
     """`beta3` and `alpha`: this step's (after warmup, ademamix_warmup), Python floats or
     traced values (fastopt.jax's schedules)."""
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                beta1=float(beta1), one_minus_beta1=1 - beta1, beta3=beta3,
-                one_minus_beta3=1 - beta3, beta2=float(beta2), one_minus_beta2=1 - beta2,
+                beta1=_real(beta1), one_minus_beta1=1 - beta1, beta3=beta3,
+                one_minus_beta3=1 - beta3, beta2=_real(beta2), one_minus_beta2=1 - beta2,
                 bias_correction1=1 - beta1 ** step,
                 bias_correction2_sqrt=_sqrt(1 - beta2 ** step),
-                alpha=alpha, eps=float(eps), weight_decay=float(weight_decay), neg_lr=-lr)
+                alpha=alpha, eps=_real(eps), weight_decay=_real(weight_decay), neg_lr=-lr)
 
 
 def ademamix_warmup(step, beta1, beta3, alpha, t_alpha_beta3):
@@ -209,9 +219,9 @@ def ademamix_warmup(step, beta1, beta3, alpha, t_alpha_beta3):
 def adan_scalars(dtype, *, step, lr, beta1, beta2, beta3, eps, weight_decay, no_prox,
                  maximize, grad_scale, grad_clip):
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                beta1=float(beta1), one_minus_beta1=1 - beta1, beta2=float(beta2),
-                one_minus_beta2=1 - beta2, beta3=float(beta3), one_minus_beta3=1 - beta3,
-                bias_correction3_sqrt=_sqrt(1.0 - beta3 ** step), eps=float(eps),
+                beta1=_real(beta1), one_minus_beta1=1 - beta1, beta2=_real(beta2),
+                one_minus_beta2=1 - beta2, beta3=_real(beta3), one_minus_beta3=1 - beta3,
+                bias_correction3_sqrt=_sqrt(1.0 - beta3 ** step), eps=_real(eps),
                 neg_step_size=-(lr / (1.0 - beta1 ** step)),
                 neg_step_size_diff=-(lr * beta2 / (1.0 - beta2 ** step)),
                 decay=1 - lr * weight_decay if no_prox else 1.0,
@@ -235,7 +245,7 @@ def sgd_schedulefree_scalars(dtype, *, lr, ckp1, momentum, weight_decay, maximiz
     """`lr`: this step's warmed-up learning rate; `ckp1`: its averaging weight
     (schedulefree_weights)."""
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                weight_decay=float(weight_decay), ckp1=float(ckp1),
+                weight_decay=_real(weight_decay), ckp1=_real(ckp1),
                 y_coef=lr * (momentum * (1 - ckp1) - 1), neg_lr=-lr,
                 lerp_hi=_lerp_hi(dtype, ckp1))
 
@@ -245,8 +255,8 @@ def adamw_schedulefree_scalars(dtype, *, step, lr, ckp1, beta1, beta2, eps, weig
     return dict(**sgd_schedulefree_scalars(dtype, lr=lr, ckp1=ckp1, momentum=beta1,
                                            weight_decay=weight_decay, maximize=maximize,
                                            grad_scale=grad_scale, grad_clip=grad_clip),
-                beta2=float(beta2), one_minus_beta2=1 - beta2,
-                bias_correction2=1 - beta2 ** step, eps=float(eps))
+                beta2=_real(beta2), one_minus_beta2=1 - beta2,
+                bias_correction2=1 - beta2 ** step, eps=_real(eps))
 
 
 def muon_scalars(dtype, *, lr, weight_decay, momentum, nesterov, maximize, grad_scale,
@@ -255,7 +265,7 @@ def muon_scalars(dtype, *, lr, weight_decay, momentum, nesterov, maximize, grad_
     is -lr times muon_lr_ratio. `newton_schulz`: the iteration's arguments, which no struct
     holds."""
     update = dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                  one_minus_momentum=1 - momentum, momentum=float(momentum),
+                  one_minus_momentum=1 - momentum, momentum=_real(momentum),
                   lerp_hi=_lerp_hi(dtype, 1 - momentum), nesterov_hi=_lerp_hi(dtype, momentum),
                   nesterov=bool(nesterov))
     return update, dict(decay=1 - lr * weight_decay, scale=1.0)
@@ -281,9 +291,9 @@ def prodigy_scalars(dtype, *, d, dlr, d_next, beta1, beta2, beta3, eps, weight_d
     d lr bc of it, and `d_next`, the estimate the update pass led to (which only the apply
     pass reads), each product as the reference computes it."""
     fields = dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                  weight_decay=0.0 if decouple else float(weight_decay), beta1=float(beta1),
-                  m_coef=d * (1 - beta1), beta2=float(beta2), v_coef=d * d * (1 - beta2),
-                  beta3=float(beta3), s_coef=(d / d0) * (d if safeguard_warmup else dlr),
+                  weight_decay=0.0 if decouple else _real(weight_decay), beta1=_real(beta1),
+                  m_coef=d * (1 - beta1), beta2=_real(beta2), v_coef=d * d * (1 - beta2),
+                  beta3=_real(beta3), s_coef=(d / d0) * (d if safeguard_warmup else dlr),
                   neg_decay=-weight_decay * dlr if decouple else 0.0, d_eps=d_next * eps,
                   neg_dlr=-dlr, neg_dlr_d=-dlr * d_next)
     return fields, fields
@@ -314,10 +324,10 @@ def lamb_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, 
                  grad_clip):
     """(update pass, apply pass) struct fields of Lamb."""
     update = dict(**grad_scalars(grad_scale, grad_clip, maximize),
-                  beta1=float(beta1), one_minus_beta1=1 - beta1, beta2=float(beta2),
+                  beta1=_real(beta1), one_minus_beta1=1 - beta1, beta2=_real(beta2),
                   one_minus_beta2=1 - beta2, bias_correction1=1 - beta1 ** step,
-                  bias_correction2=1 - beta2 ** step, eps=float(eps),
-                  weight_decay=float(weight_decay))
+                  bias_correction2=1 - beta2 ** step, eps=_real(eps),
+                  weight_decay=_real(weight_decay))
     return update, dict(decay=1.0, scale=-float(lr))
 
 

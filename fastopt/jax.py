@@ -309,17 +309,31 @@ def _no_derivative(name, kernel, n_threads, delta, primals, tangents):
 
 # -- hyperparameters ------------------------------------------------------------------------
 
+def _real(name, value, **bounds):
+    """A numeric hyperparameter: a finite real number within `bounds`
+    (fastopt._check.real), or a traced scalar: optax.inject_hyperparams passes every
+    numeric argument of a factory as one inside jax.jit, whose range is checked when the
+    transformation is made outside jit (its init)."""
+    if isinstance(value, jax.core.Tracer):
+        if jnp.shape(value) != () or not (jnp.issubdtype(value.dtype, jnp.floating)
+                                          or jnp.issubdtype(value.dtype, jnp.integer)):
+            raise TypeError(f"{name} must be a real number, got a traced {value.dtype} value "
+                            f"of shape {jnp.shape(value)}")
+        return value
+    return real(name, value, **bounds)
+
+
 def _learning_rate(value):
-    """A float >= 0, or a schedule: a callable of the step count."""
+    """A float >= 0, a traced scalar (_real), or a schedule: a callable of the step count."""
     if callable(value):
         return value
-    return real("learning_rate", value, lo=0.0)
+    return _real("learning_rate", value, lo=0.0)
 
 
 def _weight_decay(value):
     if callable(value):
         raise TypeError("weight_decay: a schedule is not supported yet; pass a number")
-    return real("weight_decay", value, lo=0.0)
+    return _real("weight_decay", value, lo=0.0)
 
 
 def _unsupported(name, value, default, why):
@@ -332,7 +346,11 @@ def _unsupported(name, value, default, why):
 
 def _options(max_grad_norm, n_threads):
     if max_grad_norm is not None:
-        max_grad_norm = real("max_grad_norm", max_grad_norm, lo=0.0, lo_open=True)
+        max_grad_norm = _real("max_grad_norm", max_grad_norm, lo=0.0, lo_open=True)
+    if isinstance(n_threads, jax.Array):
+        raise TypeError("n_threads: expected a Python int, got a jax array (optax."
+                        "inject_hyperparams injects numeric arguments: pass "
+                        "static_args=('n_threads',))")
     n_threads = get_num_threads() if n_threads is None else check_threads(n_threads,
                                                                           "n_threads")
     return max_grad_norm, n_threads
@@ -344,20 +362,27 @@ def _make(name, kernel, state_cls, scalars, learning_rate, hyper, max_grad_norm,
                   n_threads).transformation()
 
 
+def _eps_root(value):
+    """Refuses an optax eps_root other than 0 (None, the default, means 0: a number default
+    would be traced by optax.inject_hyperparams and could not be checked)."""
+    if value is not None:
+        _unsupported("eps_root", real("eps_root", value, lo=0.0), 0.0,
+                     "the kernel adds eps outside the square root only")
+
+
 def _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, nesterov_rule):
     """(b1, b2, eps) of adam and adamw, checked; their optax arguments that fastopt does
     not support yet refused unless at their defaults."""
-    b1 = real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
-    b2 = real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
-    eps = real("eps", eps, lo=0.0)
-    _unsupported("eps_root", real("eps_root", eps_root, lo=0.0), 0.0,
-                 "the kernel adds eps outside the square root only")
+    b1 = _real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
+    b2 = _real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
+    eps = _real("eps", eps, lo=0.0)
+    _eps_root(eps_root)
     _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
     _unsupported("nesterov", flag("nesterov", nesterov), False, f"see {nesterov_rule}")
     return b1, b2, eps
 
 
-def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
+def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None, *,
          nesterov=False, max_grad_norm=None, n_threads=None):
     r"""Adam (Kingma & Ba 2014) as an optax transformation run by fastopt's fused kernel.
 
@@ -388,7 +413,7 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
         b1 (float): :math:`\beta_1` in [0, 1). Default 0.9.
         b2 (float): :math:`\beta_2` in [0, 1). Default 0.999.
         eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
-        eps_root: optax's; only 0.0 is supported yet.
+        eps_root: optax's; only 0 is supported yet (None, the default, is 0).
         mu_dtype: optax's; only None is supported yet (the state has the parameters'
             dtype).
         nesterov (bool): optax's; only False is supported yet.
@@ -405,11 +430,11 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
     learning_rate = _learning_rate(learning_rate)
     b1, b2, eps = _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, "optax.nadam")
     return _make("adam", "adam", AdamState,
-                 _adam_scalars(b1, b2, eps, weight_decay=0.0), learning_rate,
+                 _adam_scalars(b1, b2, eps, weight_decay=0.0, decoupled=False), learning_rate,
                  dict(b1=b1, b2=b2, eps=eps), max_grad_norm, n_threads)
 
 
-def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
+def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None,
           weight_decay=1e-4, mask=None, *, nesterov=False, max_grad_norm=None, n_threads=None):
     r"""AdamW (Loshchilov & Hutter 2019) as an optax transformation run by fastopt's fused
     kernel.
@@ -445,7 +470,7 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None
         b1 (float): :math:`\beta_1` in [0, 1). Default 0.9.
         b2 (float): :math:`\beta_2` in [0, 1). Default 0.999.
         eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
-        eps_root: optax's; only 0.0 is supported yet.
+        eps_root: optax's; only 0 is supported yet (None, the default, is 0).
         mu_dtype: optax's; only None is supported yet (the state has the parameters'
             dtype).
         weight_decay (float): :math:`\lambda \ge 0`, a number. Default 1e-4.
@@ -464,16 +489,17 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None
     weight_decay = _weight_decay(weight_decay)
     _unsupported("mask", mask, None, "weight decay applies to every parameter")
     return _make("adamw", "adam", AdamState,
-                 _adam_scalars(b1, b2, eps, weight_decay=weight_decay), learning_rate,
-                 dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay), max_grad_norm,
-                 n_threads)
+                 _adam_scalars(b1, b2, eps, weight_decay=weight_decay, decoupled=True),
+                 learning_rate, dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+                 max_grad_norm, n_threads)
 
 
-def _adam_scalars(b1, b2, eps, weight_decay):
+def _adam_scalars(b1, b2, eps, weight_decay, decoupled):
+    """Adam's (decoupled False, no decay) or AdamW's struct fields; AdamW's decay factor
+    1 - lr * wd is exactly 1 for wd = 0, so a traced wd needs no branch."""
     def scalars(dtype, *, step, lr, grad_scale):
         return _scalars.adam_scalars(dtype, step=step, lr=lr, beta1=b1, beta2=b2, eps=eps,
-                                     weight_decay=weight_decay,
-                                     decoupled=weight_decay != 0,
+                                     weight_decay=weight_decay, decoupled=decoupled,
                                      maximize=False, grad_scale=grad_scale,
                                      grad_clip=math.inf)
     return scalars
@@ -518,15 +544,17 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
     """
     learning_rate = _learning_rate(learning_rate)
     if momentum is not None:
-        momentum = real("momentum", momentum, lo=0.0)
+        momentum = _real("momentum", momentum, lo=0.0)
     nesterov = flag("nesterov", nesterov)
     _unsupported("accumulator_dtype", accumulator_dtype, None,
                  "the state has the parameters' dtype")
 
     def scalars(dtype, *, step, lr, grad_scale):
-        return _scalars.sgd_scalars(dtype, lr=lr, momentum=momentum or 0.0, dampening=0.0,
-                                    weight_decay=0.0, nesterov=nesterov, maximize=False,
-                                    first=False, grad_scale=grad_scale, grad_clip=math.inf)
+        return _scalars.sgd_scalars(dtype, lr=lr,
+                                    momentum=0.0 if momentum is None else momentum,
+                                    dampening=0.0, weight_decay=0.0, nesterov=nesterov,
+                                    maximize=False, first=False, grad_scale=grad_scale,
+                                    grad_clip=math.inf)
 
     return _make("sgd", "sgd" if momentum is None else "sgd_momentum", SGDState, scalars,
                  learning_rate, dict(momentum=momentum, nesterov=nesterov), max_grad_norm,
@@ -570,8 +598,8 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
         FusedTransformation: with state :class:`LionState`.
     """
     learning_rate = _learning_rate(learning_rate)
-    b1 = real("b1", b1, lo=0.0, hi=1.0)
-    b2 = real("b2", b2, lo=0.0, hi=1.0)
+    b1 = _real("b1", b1, lo=0.0, hi=1.0)
+    b2 = _real("b2", b2, lo=0.0, hi=1.0)
     weight_decay = _weight_decay(weight_decay)
     _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
     _unsupported("mask", mask, None, "weight decay applies to every parameter")
@@ -628,9 +656,9 @@ def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None, n_t
         FusedTransformation: with state :class:`AdamaxState`.
     """
     learning_rate = _learning_rate(learning_rate)
-    b1 = real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
-    b2 = real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
-    eps = real("eps", eps, lo=0.0)
+    b1 = _real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
+    b2 = _real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
+    eps = _real("eps", eps, lo=0.0)
 
     def scalars(dtype, *, step, lr, grad_scale):
         return _scalars.adamax_scalars(dtype, step=step, lr=lr, beta1=b1, beta2=b2, eps=eps,
@@ -693,8 +721,8 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_deca
                          "scaling, and so no descent) is not offered: pass 1.0 for "
                          "Adadelta without a learning rate")
     learning_rate = _learning_rate(learning_rate)
-    rho = real("rho", rho, lo=0.0, hi=1.0)
-    eps = real("eps", eps, lo=0.0)
+    rho = _real("rho", rho, lo=0.0, hi=1.0)
+    eps = _real("eps", eps, lo=0.0)
     weight_decay = _weight_decay(weight_decay)
     _unsupported("weight_decay_mask", weight_decay_mask, None,
                  "weight decay applies to every parameter")
@@ -756,9 +784,9 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
         FusedTransformation: with state :class:`AdamState`.
     """
     learning_rate = _learning_rate(learning_rate)
-    b1 = real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
-    b2 = real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
-    eps = real("eps", eps, lo=0.0)
+    b1 = _real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
+    b2 = _real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
+    eps = _real("eps", eps, lo=0.0)
     _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
     _unsupported("nesterov", flag("nesterov", nesterov), False,
                  "the kernel keeps one first moment")
@@ -789,7 +817,7 @@ class AdEMAMixState(NamedTuple):
     exp_avg_sq: Any
 
 
-def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, eps_root=0.0,
+def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, eps_root=None,
              mu_dtype=None, weight_decay=0.0, mask=None, *, max_grad_norm=None,
              n_threads=None):
     r"""AdEMAMix (Pagliardini, Ablin & Grangier 2024) as an optax transformation run by
@@ -823,7 +851,7 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
         b3: :math:`\beta_3` in [0, 1), or a schedule of the count. Default 0.9999.
         alpha: :math:`\alpha \ge 0`, or a schedule of the count. Default 5.0.
         eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
-        eps_root: optax's; only 0.0 is supported yet.
+        eps_root: optax's; only 0 is supported yet (None, the default, is 0).
         mu_dtype: optax's; only None is supported yet (the state has the parameters'
             dtype).
         weight_decay (float): decoupled :math:`\lambda \ge 0`, a number. Default 0.
@@ -837,15 +865,14 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
         FusedTransformation: with state :class:`AdEMAMixState`.
     """
     learning_rate = _learning_rate(learning_rate)
-    b1 = real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
-    b2 = real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
+    b1 = _real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
+    b2 = _real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
     if not callable(b3):
-        b3 = real("b3", b3, lo=0.0, hi=1.0, hi_open=True)
+        b3 = _real("b3", b3, lo=0.0, hi=1.0, hi_open=True)
     if not callable(alpha):
-        alpha = real("alpha", alpha, lo=0.0)
-    eps = real("eps", eps, lo=0.0)
-    _unsupported("eps_root", real("eps_root", eps_root, lo=0.0), 0.0,
-                 "the kernel adds eps outside the square root only")
+        alpha = _real("alpha", alpha, lo=0.0)
+    eps = _real("eps", eps, lo=0.0)
+    _eps_root(eps_root)
     _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
     weight_decay = _weight_decay(weight_decay)
     _unsupported("mask", mask, None, "weight decay applies to every parameter")
@@ -921,10 +948,10 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
         FusedTransformation: with state :class:`AdanState`.
     """
     learning_rate = _learning_rate(learning_rate)
-    b1 = real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
-    b2 = real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
-    b3 = real("b3", b3, lo=0.0, hi=1.0, hi_open=True)
-    eps = real("eps", eps, lo=0.0)
+    b1 = _real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
+    b2 = _real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
+    b3 = _real("b3", b3, lo=0.0, hi=1.0, hi_open=True)
+    eps = _real("eps", eps, lo=0.0)
     weight_decay = _weight_decay(weight_decay)
     no_prox = flag("no_prox", no_prox)
 

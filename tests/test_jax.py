@@ -342,6 +342,47 @@ def test_in_optax_multisteps():
     assert int(state.inner_opt_state.count) == 10
 
 
+@pytest.mark.parametrize("name, hyper", [
+    ("adamw", dict(learning_rate=1e-2, weight_decay=0.1)),
+    ("adam", dict(learning_rate=optax.linear_schedule(1e-2, 1e-3, 30))),
+    ("sgd", dict(learning_rate=1e-2, momentum=0.9, nesterov=True)),
+    ("adadelta", dict(learning_rate=1.0, rho=0.8)),
+])
+def test_in_optax_inject_hyperparams(name, hyper):
+    """optax.inject_hyperparams traces every numeric argument (the defaults too) inside
+    jit: the struct is built from them there, as optax builds its update from them, so the
+    results match optax's own rule under inject_hyperparams; and a learning rate changed in
+    the state takes effect (0 leaves the parameters as they are)."""
+    params, grads = _case("float32", seed=9, steps=40)
+    got, state = _run_update(optax.inject_hyperparams(getattr(fjax, name))(**hyper), params,
+                             grads)
+    want, _ = _run_update(optax.inject_hyperparams(getattr(optax, name))(**hyper), params,
+                          grads)
+    _assert_close(got, want, 40)
+    assert "learning_rate" in state.hyperparams and int(state.inner_state.count) == 40
+    tx = optax.inject_hyperparams(getattr(fjax, name))(**hyper)
+    state = tx.init(params)
+    state.hyperparams["learning_rate"] = jnp.float32(0.0)
+    update = jax.jit(tx.update)
+    for t in range(3):
+        updates, state = update(jax.tree.map(lambda g: g[t], grads), state, params)
+        if "learning_rate" in state.hyperparams_states:  # a schedule: evaluated each step
+            break
+        assert not any(np.asarray(u).any() for u in jax.tree.leaves(updates))
+
+
+def test_inject_hyperparams_refuses_what_must_be_static():
+    params, grads = _case("float32", seed=9, steps=1)
+    grads = jax.tree.map(lambda g: g[0], grads)
+    tx = optax.inject_hyperparams(fjax.adam)(learning_rate=1e-3, n_threads=2)
+    with pytest.raises(TypeError, match=r"n_threads: expected a Python int, got a jax array "
+                                        r".*static_args=\('n_threads',\)"):
+        tx.init(params)
+    tx = optax.inject_hyperparams(fjax.adam, static_args=("n_threads",))(learning_rate=1e-3,
+                                                                         n_threads=2)
+    jax.jit(tx.update)(grads, tx.init(params), params)
+
+
 def test_mlp_training_matches_optax():
     """A small MLP trained 200 jitted steps (fused step with donation vs optax's adamw):
     the loss curves agree to 1e-3 relative. Here the parameters feed back into the
