@@ -268,9 +268,25 @@ def _array(x, what):
 
 def _clip_coefficient(max_norm, grads):
     """torch's clip_grad_norm_ coefficient min(1, max_norm / (norm + 1e-6)) over all
-    gradients, in their dtype (NaN where the norm is NaN or infinite, as torch's)."""
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in grads))
-    return jnp.minimum(max_norm / (norm + 1e-6), 1.0)
+    gradients, in their dtype (NaN where the norm is NaN or infinite, as torch's). Inside
+    shard_map a gradient holds this device's shard: its sum of squares is summed (psum)
+    over the mesh axes along which it varies, so that the norm is the global one; a
+    gradient replicated over an axis is counted once."""
+    total = 0.0
+    for g in grads:
+        squares = jnp.sum(jnp.square(g))
+        axes = _varying_axes(squares)
+        total = total + (jax.lax.psum(squares, axes) if axes else squares)
+    return jnp.minimum(max_norm / (jnp.sqrt(total) + 1e-6), 1.0)
+
+
+def _varying_axes(x):
+    """The shard_map mesh axes along which traced `x` varies (jax tracks them with
+    shard_map's check_vma, the default); () outside shard_map."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; earlier versions: vma
+    varying = manual.varying if manual is not None else getattr(aval, "vma", ())
+    return tuple(sorted(varying, key=str))
 
 
 def _record(args, dtype, fields):

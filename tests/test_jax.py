@@ -6,6 +6,8 @@ clipping, vmap, and the errors."""
 import doctest
 import math
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -501,6 +503,77 @@ def test_no_parameters():
     tx = fjax.adam(1e-3)
     params, state = jax.jit(tx.step)({}, {}, tx.init({}))
     assert params == {} and int(state.count) == 1
+
+
+_SHARDED = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, jax.numpy as jnp, numpy as np
+from jax import shard_map
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import fastopt.jax as fjax
+
+assert len(jax.devices()) == 2, jax.devices()
+mesh = Mesh(np.array(jax.devices()), ("d",))
+rng = np.random.default_rng(0)
+params = {"w": jnp.asarray(rng.standard_normal((8, 6)), jnp.float32),
+          "b": jnp.asarray(rng.standard_normal(6), jnp.float32)}
+grads = jax.tree.map(lambda x: 3 * x + 1, params)  # a norm of about 30: clipping acts
+
+
+def same(got, want, exact=True):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        g, w = np.asarray(g), np.asarray(w)
+        if exact:
+            np.testing.assert_array_equal(g, w)
+        else:  # the norm's sum in another order: a rounding of the clip coefficient
+            np.testing.assert_allclose(g, w, rtol=4e-7, atol=4e-7)
+
+
+for clip in (None, 1.0):
+    tx = fjax.adamw(1e-2, weight_decay=0.1, max_grad_norm=clip)
+    state = tx.init(params)
+    want = jax.jit(tx.step)(params, grads, state)
+    # FSDP-like: w sharded over d, b replicated
+    spec = {"w": P("d"), "b": P()}
+    put = lambda t, s: jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, s)
+    sp, sg = put(params, spec), put(grads, spec)
+    ss = tx.init(sp)
+    same(jax.jit(tx.step)(sp, sg, ss), want)  # plain jit on sharded arrays
+    state_spec = fjax.AdamState(count=P(), exp_avg=spec, exp_avg_sq=spec)
+    local = jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(spec, spec, state_spec),
+                              out_specs=(spec, state_spec)))
+    got = local(sp, sg, ss)
+    same(got, want, exact=clip is None)
+    assert got[0]["w"].sharding.spec == P("d")  # each device updated its own shard
+    # data parallel: replicated parameters, each device's gradient of its half of the batch,
+    # averaged with pmean before the step (then the norm counts each gradient once)
+    halves = jax.tree.map(lambda g: jnp.stack([g - 0.5, g + 0.5]), grads)
+
+    def data_parallel(p, g, s):
+        g = jax.lax.pmean(jax.tree.map(lambda x: x[0], g), "d")
+        return tx.step(p, g, s)
+    rep = {"w": P(), "b": P()}
+    dp = jax.jit(shard_map(data_parallel, mesh=mesh,
+                           in_specs=(rep, {"w": P("d"), "b": P("d")},
+                                     fjax.AdamState(count=P(), exp_avg=rep, exp_avg_sq=rep)),
+                           out_specs=(rep, fjax.AdamState(count=P(), exp_avg=rep,
+                                                          exp_avg_sq=rep))))
+    mean = jax.tree.map(lambda h: (h[0] + h[1]) / 2, halves)  # pmean's sum, then division
+    same(dp(params, halves, state), jax.jit(tx.step)(params, mean, state), exact=clip is None)
+print("ok")
+"""
+
+
+def test_sharded_arrays_and_shard_map():
+    """On a CPU mesh of 2 host devices (its own process: the device count is fixed when
+    jax starts): plain jit on sharded arrays gives the unsharded step's bits; under
+    shard_map each device updates its shard, with max_grad_norm's norm summed over the
+    mesh for sharded gradients and counted once for replicated ones (FSDP-like and data
+    parallel layouts)."""
+    proc = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
 # -- errors -----------------------------------------------------------------------------------
