@@ -129,16 +129,17 @@ class _Fused:
     `init` and `update` are bound methods of it, `step` another."""
 
     def __init__(self, name, kernel, state_cls, scalars, learning_rate, hyper, max_grad_norm,
-                 n_threads):
+                 skip_nonfinite, n_threads):
         self.name = name
         self.kernel = _rules.KERNELS[kernel]
         self.state_cls = state_cls
         self.scalars = scalars  # (dtype, *, step, lr, grad_scale) -> the struct's fields
         self.learning_rate = learning_rate
         self.max_grad_norm = max_grad_norm
+        self.skip_nonfinite = skip_nonfinite
         self.n_threads = n_threads
         self.hyper = dict(learning_rate=learning_rate, **hyper, max_grad_norm=max_grad_norm,
-                          n_threads=n_threads)
+                          skip_nonfinite=skip_nonfinite, n_threads=n_threads)
         # one bound method, handed out at every opt.step: jax.jit caches its traces by the
         # function object, so jax.jit(opt.step) in a loop compiles once
         self.bound_step = self.step
@@ -189,9 +190,21 @@ class _Fused:
             grad_scale = _clip_coefficient(self.max_grad_norm, grads)
         fields = self.scalars(dtype, step=step, lr=lr, grad_scale=grad_scale)
         record = _record(self.kernel.args, dtype, fields)
-        new, new_states = _kernel_call(self.name, self.kernel.name, self.n_threads, delta,
-                                       record, leaves, grads, [list(s) for s in zip(*states)]
-                                       if states else [[] for _ in leaves])
+        operands = (record, leaves, grads, [list(s) for s in zip(*states)] if states
+                    else [[] for _ in leaves])
+
+        def run(record, params, grads, states):
+            return _kernel_call(self.name, self.kernel.name, self.n_threads, delta, record,
+                                params, grads, states)
+
+        if self.skip_nonfinite:
+            def skip(record, params, grads, states):  # nothing changes
+                return [jnp.zeros_like(p) for p in params] if delta else params, states
+            finite = _count_nonfinite(grads) == 0
+            new, new_states = jax.lax.cond(finite, run, skip, *operands)
+            step = jnp.where(finite, step, count)
+        else:
+            new, new_states = run(*operands)
         new_state = self.state_cls(count=step, **{
             name: treedef.unflatten([s[k] for s in new_states])
             for k, name in enumerate(self.kernel.state)})
@@ -280,6 +293,17 @@ def _clip_coefficient(max_norm, grads):
     return jnp.minimum(max_norm / (jnp.sqrt(total) + 1e-6), 1.0)
 
 
+def _count_nonfinite(grads):
+    """How many gradient entries are NaN or infinite, over every leaf (inside shard_map,
+    summed over the mesh axes along which each leaf varies, as _clip_coefficient's norm)."""
+    total = 0
+    for g in grads:
+        bad = jnp.sum(~jnp.isfinite(g), dtype=jnp.int32)
+        axes = _varying_axes(bad)
+        total = total + (jax.lax.psum(bad, axes) if axes else bad)
+    return total
+
+
 def _varying_axes(x):
     """The shard_map mesh axes along which traced `x` varies (jax tracks them with
     shard_map's check_vma, the default); () outside shard_map."""
@@ -360,7 +384,8 @@ def _unsupported(name, value, default, why):
     raise ValueError(f"{name}={value!r:.60} is not supported yet by fastopt.jax ({why})")
 
 
-def _options(max_grad_norm, n_threads):
+def _options(max_grad_norm, skip_nonfinite, n_threads):
+    skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
     if max_grad_norm is not None:
         max_grad_norm = _real("max_grad_norm", max_grad_norm, lo=0.0, lo_open=True)
     if isinstance(n_threads, jax.Array):
@@ -369,13 +394,13 @@ def _options(max_grad_norm, n_threads):
                         "static_args=('n_threads',))")
     n_threads = get_num_threads() if n_threads is None else check_threads(n_threads,
                                                                           "n_threads")
-    return max_grad_norm, n_threads
+    return max_grad_norm, skip_nonfinite, n_threads
 
 
-def _make(name, kernel, state_cls, scalars, learning_rate, hyper, max_grad_norm, n_threads):
-    max_grad_norm, n_threads = _options(max_grad_norm, n_threads)
-    return _Fused(name, kernel, state_cls, scalars, learning_rate, hyper, max_grad_norm,
-                  n_threads).transformation()
+def _make(name, kernel, state_cls, scalars, learning_rate, hyper, max_grad_norm,
+          skip_nonfinite, n_threads):
+    return _Fused(name, kernel, state_cls, scalars, learning_rate, hyper,
+                  *_options(max_grad_norm, skip_nonfinite, n_threads)).transformation()
 
 
 def _eps_root(value):
@@ -399,7 +424,7 @@ def _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, nesterov_rule):
 
 
 def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None, *,
-         nesterov=False, max_grad_norm=None, n_threads=None):
+         nesterov=False, max_grad_norm=None, skip_nonfinite=False, n_threads=None):
     r"""Adam (Kingma & Ba 2014) as an optax transformation run by fastopt's fused kernel.
 
     Follows ``optax.adam`` (its arguments, defaults and update). With gradient :math:`g_t`
@@ -437,6 +462,9 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
             every gradient is scaled by :math:`\min(1, \text{max\_grad\_norm} / (N +
             10^{-6}))`, ``torch.nn.utils.clip_grad_norm_``'s coefficient (optax's
             ``clip_by_global_norm`` has no :math:`10^{-6}`). Default None.
+        skip_nonfinite (bool): skip a step whose gradients hold NaN or inf: the parameters,
+            the state and the count stay as they were (``update`` returns zero updates),
+            as :class:`fastopt.Adam`'s option. Default False.
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -447,11 +475,12 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
     b1, b2, eps = _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, "optax.nadam")
     return _make("adam", "adam", AdamState,
                  _adam_scalars(b1, b2, eps, weight_decay=0.0, decoupled=False), learning_rate,
-                 dict(b1=b1, b2=b2, eps=eps), max_grad_norm, n_threads)
+                 dict(b1=b1, b2=b2, eps=eps), max_grad_norm, skip_nonfinite, n_threads)
 
 
 def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None,
-          weight_decay=1e-4, mask=None, *, nesterov=False, max_grad_norm=None, n_threads=None):
+          weight_decay=1e-4, mask=None, *, nesterov=False, max_grad_norm=None,
+          skip_nonfinite=False, n_threads=None):
     r"""AdamW (Loshchilov & Hutter 2019) as an optax transformation run by fastopt's fused
     kernel.
 
@@ -494,6 +523,8 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
         nesterov (bool): optax's; only False is supported yet.
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
+            Default False.
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -507,7 +538,7 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
     return _make("adamw", "adam", AdamState,
                  _adam_scalars(b1, b2, eps, weight_decay=weight_decay, decoupled=True),
                  learning_rate, dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
-                 max_grad_norm, n_threads)
+                 max_grad_norm, skip_nonfinite, n_threads)
 
 
 def _adam_scalars(b1, b2, eps, weight_decay, decoupled):
@@ -522,7 +553,7 @@ def _adam_scalars(b1, b2, eps, weight_decay, decoupled):
 
 
 def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
-        max_grad_norm=None, n_threads=None):
+        max_grad_norm=None, skip_nonfinite=False, n_threads=None):
     r"""Stochastic gradient descent, with optional (Nesterov) momentum, as an optax
     transformation run by fastopt's fused kernel.
 
@@ -552,6 +583,8 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
             parameters' dtype).
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
+            Default False.
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -574,11 +607,11 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
 
     return _make("sgd", "sgd" if momentum is None else "sgd_momentum", SGDState, scalars,
                  learning_rate, dict(momentum=momentum, nesterov=nesterov), max_grad_norm,
-                 n_threads)
+                 skip_nonfinite, n_threads)
 
 
 def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None, *,
-         max_grad_norm=None, n_threads=None):
+         max_grad_norm=None, skip_nonfinite=False, n_threads=None):
     r"""Lion (Chen et al. 2023) as an optax transformation run by fastopt's fused kernel.
 
     Follows ``optax.lion`` (its arguments, defaults and update). With gradient
@@ -607,6 +640,8 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
         mask: optax's; only None is supported yet (the decay applies to every parameter).
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
+            Default False.
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -626,7 +661,8 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
                                      grad_scale=grad_scale, grad_clip=math.inf)
 
     return _make("lion", "lion", LionState, scalars, learning_rate,
-                 dict(b1=b1, b2=b2, weight_decay=weight_decay), max_grad_norm, n_threads)
+                 dict(b1=b1, b2=b2, weight_decay=weight_decay), max_grad_norm, skip_nonfinite,
+                 n_threads)
 
 
 class AdamaxState(NamedTuple):
@@ -638,7 +674,8 @@ class AdamaxState(NamedTuple):
     exp_inf: Any
 
 
-def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None, n_threads=None):
+def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None,
+           skip_nonfinite=False, n_threads=None):
     r"""Adamax (Kingma & Ba 2014, the infinity-norm variant of Adam) as an optax
     transformation run by fastopt's fused kernel.
 
@@ -665,6 +702,8 @@ def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None, n_t
         eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
+            Default False.
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -682,7 +721,7 @@ def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None, n_t
                                        grad_scale=grad_scale, grad_clip=math.inf)
 
     return _make("adamax", "adamax", AdamaxState, scalars, learning_rate,
-                 dict(b1=b1, b2=b2, eps=eps), max_grad_norm, n_threads)
+                 dict(b1=b1, b2=b2, eps=eps), max_grad_norm, skip_nonfinite, n_threads)
 
 
 class AdadeltaState(NamedTuple):
@@ -695,7 +734,7 @@ class AdadeltaState(NamedTuple):
 
 
 def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_decay_mask=None, *,
-             max_grad_norm=None, n_threads=None):
+             max_grad_norm=None, skip_nonfinite=False, n_threads=None):
     r"""Adadelta (Zeiler 2012) as an optax transformation run by fastopt's fused kernel.
 
     Follows ``optax.adadelta`` (its arguments and update, which are also
@@ -726,6 +765,8 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_deca
             parameter).
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
+            Default False.
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -749,7 +790,8 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_deca
                                          grad_scale=grad_scale, grad_clip=math.inf)
 
     return _make("adadelta", "adadelta", AdadeltaState, scalars, learning_rate,
-                 dict(rho=rho, eps=eps, weight_decay=weight_decay), max_grad_norm, n_threads)
+                 dict(rho=rho, eps=eps, weight_decay=weight_decay), max_grad_norm,
+                 skip_nonfinite, n_threads)
 
 
 def _quarter_power(count):
@@ -758,7 +800,7 @@ def _quarter_power(count):
 
 def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov=False,
           use_clipping=True, clip_value_fn=_quarter_power, max_grad_norm=None,
-          n_threads=None):
+          skip_nonfinite=False, n_threads=None):
     r"""ADOPT (Taniguchi et al. 2024) as an optax transformation run by fastopt's fused
     kernel.
 
@@ -793,6 +835,8 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
             the jitted step. Default :math:`x^{1/4}`, optax's.
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
+            Default False.
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -820,7 +864,7 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
 
     return _make("adopt", "adopt", AdamState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, eps=eps, use_clipping=use_clipping), max_grad_norm,
-                 n_threads)
+                 skip_nonfinite, n_threads)
 
 
 class AdEMAMixState(NamedTuple):
@@ -835,7 +879,7 @@ class AdEMAMixState(NamedTuple):
 
 def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, eps_root=None,
              mu_dtype=None, weight_decay=0.0, mask=None, *, max_grad_norm=None,
-             n_threads=None):
+             skip_nonfinite=False, n_threads=None):
     r"""AdEMAMix (Pagliardini, Ablin & Grangier 2024) as an optax transformation run by
     fastopt's fused kernel.
 
@@ -874,6 +918,8 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
         mask: optax's; only None is supported yet (the decay applies to every parameter).
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
+            Default False.
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -903,7 +949,7 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
 
     return _make("ademamix", "ademamix", AdEMAMixState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, weight_decay=weight_decay),
-                 max_grad_norm, n_threads)
+                 max_grad_norm, skip_nonfinite, n_threads)
 
 
 class AdanState(NamedTuple):
@@ -919,7 +965,7 @@ class AdanState(NamedTuple):
 
 
 def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *,
-         no_prox=False, max_grad_norm=None, n_threads=None):
+         no_prox=False, max_grad_norm=None, skip_nonfinite=False, n_threads=None):
     r"""Adan (Xie et al. 2022) as an optax transformation run by fastopt's fused kernel.
 
     Follows the authors' reference (``sail-sg/Adan``), as :class:`fastopt.Adan` does, with
@@ -957,6 +1003,8 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
             division after it. Default False.
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
+            Default False.
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -979,4 +1027,4 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
 
     return _make("adan", "adan", AdanState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, b3=b3, eps=eps, weight_decay=weight_decay,
-                      no_prox=no_prox), max_grad_norm, n_threads)
+                      no_prox=no_prox), max_grad_norm, skip_nonfinite, n_threads)

@@ -451,6 +451,30 @@ def test_max_grad_norm_is_torchs_clip(name, hyper):
                   _run_step(getattr(fjax, name)(**hyper), params, small))
 
 
+@pytest.mark.parametrize("name, hyper", [CONFIGS[2], CONFIGS[5], CONFIGS[18]],
+                         ids=["adamw", "sgd_momentum", "ademamix"])
+def test_skip_nonfinite_leaves_everything(name, hyper):
+    """skip_nonfinite: a step whose gradients hold a NaN or an inf changes no parameter,
+    state array or count (update returns zeros), so the run equals one without the bad
+    steps, bit for bit; with max_grad_norm too."""
+    params, grads = _case("float32", seed=10, steps=12)
+    bad = {3: np.nan, 7: np.inf, 8: -np.inf}
+    poisoned = jax.tree.map(lambda g: g, grads)
+    for t, value in bad.items():
+        poisoned["deep"]["x"] = poisoned["deep"]["x"].at[t, 1, 0, 1].set(value)
+    keep = [t for t in range(12) if t not in bad]
+    clean = jax.tree.map(lambda g: g[np.array(keep)], grads)
+    for clip in ({}, dict(max_grad_norm=0.5)):
+        tx = getattr(fjax, name)(**hyper, **clip, skip_nonfinite=True)
+        for run in (_run_update, _run_step):
+            got = run(tx, params, poisoned)
+            _assert_equal(got, run(tx, params, clean))
+            assert int(got[1].count) == len(keep)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(lambda g: g[3], poisoned), tx.init(params),
+                                    params)
+    assert not any(np.asarray(u).any() for u in jax.tree.leaves(updates))
+
+
 def test_n_threads_gives_the_same_bits():
     params, grads = _case("float32", seed=7, steps=3)
     params["big"], grads["big"] = jnp.ones(100003), jnp.full((3, 100003), 0.25)
