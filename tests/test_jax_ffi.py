@@ -258,6 +258,29 @@ def test_delta_is_the_new_param_minus_the_param(dtype, x64):
     _assert_step((jp, []), (params, []))
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_subnormals_are_not_flushed(n_threads):
+    """XLA runs the handler on threads that flush subnormals to zero; the kernel runs with
+    IEEE subnormals, as the Cython driver: the same bits. And the OpenMP workers of that
+    pass, handed later to the process's other teams, do not flush the Cython driver's
+    results afterwards (they did: its second thread's half came out 0)."""
+    n = 3 * 16384 + 5  # several chunks: a two-thread pass
+    p, g = np.full(n, 1e-38, np.float32), np.full(n, 1e-38, np.float32)
+    scalars = _scalars.sgd_scalars(np.float32, lr=0.5, momentum=0.0, dampening=0.0,
+                                   weight_decay=0.0, nesterov=False, maximize=False,
+                                   first=False, grad_scale=1.0, grad_clip=INF)
+    record = _jax_ffi.record_bytes(_rules.SGD_ARGS, np.float32, scalars)
+    (got,), _ = jax.jit(lambda r, p, g: _jax_ffi.elementwise("sgd", r, p, g, [[]], n_threads))(
+        record, [jnp.asarray(p)], [jnp.asarray(g)])
+    want = _reference("sgd", scalars, [p], [g], [[]])[0][0]
+    assert want[0] == np.float32(5e-39) and want[-1] == want[0]  # subnormal
+    _assert_bits(got, want)
+    again = p.copy()
+    _cython.elementwise("sgd", ([again], [again], [g]), _rules.SGD_ARGS.record(np.float32,
+                                                                              scalars), 2)
+    _assert_bits(again, want)
+
+
 def test_eager_call_leaves_its_inputs_alone():
     """Without donation, XLA gives the aliased results buffers of their own: the inputs keep
     their values (and a one-thread step gives the same bits)."""

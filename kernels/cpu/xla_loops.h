@@ -20,6 +20,13 @@
  * With delta the param result must be a buffer of its own (the param is read after the
  * kernel wrote its result, chunk by chunk, while both are in cache).
  *
+ * XLA runs the handler on its own threads, with subnormal numbers flushed to zero (MXCSR's
+ * FTZ and DAZ); the kernels run with IEEE subnormals, as everywhere else, so that the results
+ * are the Cython driver's bits: each thread of the pass clears both flags, and the calling
+ * thread sets them back at the end. The OpenMP workers, which were created by (and inherited
+ * the flags of) an XLA thread, keep them cleared: the OpenMP runtime hands the same threads
+ * to other teams of the process (fastopt's, torch's), which would otherwise flush too.
+ *
  * The handler is stateless (XLA may run several calls at once, from any thread) and checks
  * everything before touching memory: a bad call returns an INVALID_ARGUMENT error naming the
  * problem, which jax raises as a Python exception. Results are bit-identical to the Cython
@@ -33,6 +40,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__SSE__) || defined(_M_X64)
+#include <xmmintrin.h>
+/* MXCSR's flush-to-zero (bit 15) and denormals-are-zero (bit 6) */
+#define FO_XLA_FLUSH_BITS 0x8040u
+#endif
 
 /* chunks.h also defines the Cython driver's pruning-mask helper, unused here */
 #if defined(__GNUC__)
@@ -392,9 +407,22 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     {
         const fo_chunk_fn fn = k->fn[f64];
         const ptrdiff_t nc = (ptrdiff_t)n_chunks;
-#pragma omp parallel for schedule(static) num_threads(nt > 1 ? nt : 1) if (nt > 1 && nc > 1)
-        for (c = 0; c < nc; c++)
-            fo_xla_run_chunk(fn, args, ptr, chunk, n_state, itemsize, (int)delta, c);
+#pragma omp parallel num_threads(nt > 1 ? nt : 1) if (nt > 1 && nc > 1)
+        {
+#ifdef FO_XLA_FLUSH_BITS
+            const unsigned int mxcsr = _mm_getcsr();
+            _mm_setcsr(mxcsr & ~FO_XLA_FLUSH_BITS);
+#endif
+#pragma omp for schedule(static)
+            for (c = 0; c < nc; c++)
+                fo_xla_run_chunk(fn, args, ptr, chunk, n_state, itemsize, (int)delta, c);
+#ifdef FO_XLA_FLUSH_BITS
+#ifdef _OPENMP
+            if (omp_get_thread_num() == 0)
+#endif
+                _mm_setcsr(mxcsr); /* the caller (XLA's thread) gets its mode back */
+#endif
+        }
     }
     free(chunk);
     free(count);
