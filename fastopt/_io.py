@@ -34,8 +34,8 @@ def save(obj, path):
                     [encode(v, f"{where}[{i}]") for i, v in enumerate(x)]}
         if x is None or isinstance(x, (bool, int, str)):
             return {"value": x}
-        if isinstance(x, float):
-            return {"float": repr(x)}  # repr round-trips exactly, inf and nan included
+        if isinstance(x, float):  # float(): NumPy 2 reprs np.float64(2.0) as such
+            return {"float": repr(float(x))}  # repr round-trips exactly, inf and nan too
         if isinstance(x, np.generic):
             return encode(x.item(), where)
         if _interop.framework_of(x) is not None:
@@ -43,7 +43,8 @@ def save(obj, path):
             if not isinstance(x, np.ndarray):  # only read: any byte order will do
                 _interop._check_array(x, f"save: {where}", dtypes=None)
             name = f"a{len(arrays)}"
-            arrays[name] = np.ascontiguousarray(_interop._host(x))
+            host = _interop._host(x)  # (ascontiguousarray makes a 0-d array 1-d)
+            arrays[name] = np.ascontiguousarray(host).reshape(np.shape(host))
             if arrays[name].dtype.name == "bfloat16":  # .npy has no code for it: its bits
                 arrays[name] = arrays[name].view(np.uint16)
                 return {"bfloat16": name}

@@ -101,10 +101,13 @@ def test_state_dict_structure():
 
 def test_save_load_round_trip(tmp_path):
     obj = {"a": [1, 2.5, float("inf"), None, True, "x"], 3: (np.arange(4.0), {"b": np.float32(2)}),
-           "nan": float("nan")}
+           "nan": float("nan"), "f64": np.float64(0.1), "0-d": np.array(1.5, np.float32)}
     fastopt.save(obj, tmp_path / "x.npz")
     back = fastopt.load(tmp_path / "x.npz")
     assert back["a"] == [1, 2.5, float("inf"), None, True, "x"]
+    # a NumPy float64 (a float subclass) as a float, a 0-d array with its shape
+    assert type(back["f64"]) is float and back["f64"] == 0.1
+    assert back["0-d"].shape == () and back["0-d"].dtype == np.float32 and back["0-d"] == 1.5
     assert isinstance(back[3], tuple) and back[3][1] == {"b": 2.0}
     np.testing.assert_array_equal(back[3][0], np.arange(4.0))
     assert np.isnan(back["nan"])
