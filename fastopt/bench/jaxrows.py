@@ -18,6 +18,7 @@ import sys
 import numpy as np
 
 from fastopt.bench import _timing
+from fastopt.bench._table import RULES
 from fastopt.bench._timing import (
     arrays,
     case_rows,
@@ -52,7 +53,7 @@ def available():
 
 
 def implementations(spec, sizes, n_threads):
-    """(name, factory) pairs for the rule of `spec` (a fastopt.bench.Rule) on tensors of
+    """(name, factory) pairs for the rule of `spec` (a fastopt.bench._table.Rule) on tensors of
     `sizes`: [] when fastopt.jax has no factory for the rule (or not its options)."""
     import jax
     import optax
@@ -113,8 +114,6 @@ def time_rows(rules, cases, n_threads, budget):
     """The JAX rows of `rules` x `cases`, timed in this process, each case's interleaved
     with the streaming kernel: its row is left out (the harness has its own), its time is
     each row's 'limit_ms', of which the row's percent is."""
-    from fastopt.bench import RULES
-
     rows = []
     for case in cases:
         for rule in rules:
