@@ -116,11 +116,44 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
         >>> params[0]
         Array([0.5, 0.5, 0.5], dtype=float32)
         """
+        return self._fused("step").bound_step
+
+    def state_dict(self, state):
+        """The state as the array API's ``state_dict()`` holds it (NumPy arrays), for
+        :class:`fastopt.AdamW` and its kin: ``{"state": {i: {"step": count, name: array}},
+        "param_groups": [{"params": [0, ..., n - 1], hyperparameters}]}``, the parameters
+        numbered in ``jax.tree.leaves`` order, the hyperparameters under the class's names
+        (the learning rate only when it is a number). ``fastopt.save`` writes it;
+        ``load_state_dict`` of the array API's class (or of this transformation) resumes
+        from it, so a run can move between JAX and NumPy, PyTorch or CuPy. The classes of
+        SGD and Lion keep no step count (neither is written).
+
+        >>> import jax.numpy as jnp, numpy as np, fastopt, fastopt.jax
+        >>> opt = fastopt.jax.adamw(1e-2)
+        >>> params = [jnp.zeros(2)]
+        >>> _, state = opt.step(params, [jnp.ones(2)], opt.init(params))
+        >>> saved = opt.state_dict(state)
+        >>> saved["state"][0]["step"], saved["param_groups"][0]["betas"]
+        (1, (0.9, 0.999))
+        >>> twin = fastopt.AdamW([np.zeros(2, np.float32)])
+        >>> twin.load_state_dict(saved)
+        """
+        return self._fused("state_dict").state_dict(state)
+
+    def load_state_dict(self, state_dict, params):
+        """This transformation's state for `params` from an array API ``state_dict()`` (or
+        ``state_dict``'s): its per-parameter state, the parameters in ``jax.tree.leaves``
+        order; its hyperparameters are not read (this transformation's apply). The count is
+        the entries' step (all equal), 0 where none is kept (SGD, Lion: pass the count
+        with ``state._replace(count=...)`` where a schedule needs it)."""
+        return self._fused("load_state_dict").load_state_dict(state_dict, params)
+
+    def _fused(self, what):
         fused = getattr(self.update, "__self__", None)
         if not isinstance(fused, _Fused):
-            raise TypeError("step: this FusedTransformation was not made by a fastopt.jax "
-                            "factory (fastopt.jax.adamw, ...)")
-        return fused.bound_step
+            raise TypeError(f"{what}: this FusedTransformation was not made by a fastopt.jax "
+                            f"factory (fastopt.jax.adamw, ...)")
+        return fused
 
 
 class _Fused:
@@ -128,9 +161,10 @@ class _Fused:
     from the step count and the learning rate, and the options. FusedTransformation's
     `init` and `update` are bound methods of it, `step` another."""
 
-    def __init__(self, name, kernel, state_cls, scalars, learning_rate, hyper, max_grad_norm,
-                 skip_nonfinite, n_threads):
+    def __init__(self, name, kernel, state_cls, scalars, learning_rate, hyper, group,
+                 max_grad_norm, skip_nonfinite, n_threads):
         self.name = name
+        self.group = group  # the array API class and its group's hyperparameters
         self.kernel = _rules.KERNELS[kernel]
         self.state_cls = state_cls
         self.scalars = scalars  # (dtype, *, step, lr, grad_scale) -> the struct's fields
@@ -209,6 +243,58 @@ class _Fused:
             name: treedef.unflatten([s[k] for s in new_states])
             for k, name in enumerate(self.kernel.state)})
         return treedef, new, new_state
+
+    def state_dict(self, state):
+        cls, group = self.group
+        steps = dict(_rules.BY_NAME[cls].state_scalars).get("step") is not None
+        if not isinstance(state, self.state_cls):
+            raise TypeError(f"state: expected the {self.state_cls.__name__} that "
+                            f"fastopt.jax.{self.name}'s init returns, got "
+                            f"{type(state).__name__}")
+        arrays = {name: jax.tree.leaves(getattr(state, name)) for name in self.kernel.state}
+        n = len(next(iter(arrays.values()))) if arrays else 0
+        if not arrays:  # SGD without momentum: no state, the count of parameters unknown
+            raise ValueError(f"state_dict: fastopt.jax.{self.name} keeps no per-parameter "
+                             f"state here (SGD without momentum); nothing to convert")
+        entries = {i: {**({"step": int(state.count)} if steps else {}),
+                       **{name: np.asarray(leaves[i]) for name, leaves in arrays.items()}}
+                   for i in range(n)}
+        if not callable(self.learning_rate):
+            group = dict(lr=self.learning_rate, **group)
+        return {"state": entries, "param_groups": [dict(group, params=list(range(n)))]}
+
+    def load_state_dict(self, state_dict, params):
+        _, (paths, leaves, treedef), _ = _params(params)
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
+            raise TypeError("state_dict: expected a dict with a 'state' dict, as the array "
+                            "API's state_dict() returns")
+        saved = state_dict["state"]
+        unknown = set(saved) - set(range(len(leaves)))
+        if unknown:
+            raise ValueError(f"state_dict['state']: no parameter has the indices "
+                             f"{sorted(unknown, key=repr)[:5]} (params has {len(leaves)})")
+        steps = {int(e["step"]) for e in saved.values() if isinstance(e, dict) and "step" in e}
+        if len(steps) > 1:
+            raise ValueError(f"state_dict['state']: the parameters have different step "
+                             f"counts {sorted(steps)}; fastopt.jax keeps one count")
+        arrays = {}
+        for name in self.kernel.state:
+            out = []
+            for i, (path, leaf) in enumerate(zip(paths, leaves)):
+                entry = saved.get(i, {})
+                value = entry.get(name) if isinstance(entry, dict) else None
+                if value is None:  # not stepped yet: zeros, as init
+                    out.append(jnp.zeros_like(leaf))
+                    continue
+                value = jnp.asarray(np.asarray(value))
+                if value.shape != leaf.shape or value.dtype != leaf.dtype:
+                    raise ValueError(f"state_dict['state'][{i}][{name!r}]: expected "
+                                     f"{leaf.dtype} of the shape of params{path}, "
+                                     f"{leaf.shape}, got {value.dtype} {value.shape}")
+                out.append(value)
+            arrays[name] = treedef.unflatten(out)
+        return self.state_cls(count=jnp.asarray(steps.pop() if steps else 0, jnp.int32),
+                              **arrays)
 
     def _state(self, state, paths, leaves, treedef):
         """The step count and, per state array of the kernel, its leaves, checked against
@@ -397,9 +483,12 @@ def _options(max_grad_norm, skip_nonfinite, n_threads):
     return max_grad_norm, skip_nonfinite, n_threads
 
 
-def _make(name, kernel, state_cls, scalars, learning_rate, hyper, max_grad_norm,
+def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, max_grad_norm,
           skip_nonfinite, n_threads):
-    return _Fused(name, kernel, state_cls, scalars, learning_rate, hyper,
+    """The transformation of factory `name`: its elementwise `kernel`, state NamedTuple,
+    struct fields (`scalars`), checked hyperparameters (`hyper`, for the repr) and `group`,
+    (the array API's class, its param group's hyperparameters but lr) for state_dict."""
+    return _Fused(name, kernel, state_cls, scalars, learning_rate, hyper, group,
                   *_options(max_grad_norm, skip_nonfinite, n_threads)).transformation()
 
 
@@ -475,7 +564,9 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
     b1, b2, eps = _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, "optax.nadam")
     return _make("adam", "adam", AdamState,
                  _adam_scalars(b1, b2, eps, weight_decay=0.0, decoupled=False), learning_rate,
-                 dict(b1=b1, b2=b2, eps=eps), max_grad_norm, skip_nonfinite, n_threads)
+                 dict(b1=b1, b2=b2, eps=eps),
+                 ("Adam", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)), max_grad_norm,
+                 skip_nonfinite, n_threads)
 
 
 def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None,
@@ -538,6 +629,7 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
     return _make("adamw", "adam", AdamState,
                  _adam_scalars(b1, b2, eps, weight_decay=weight_decay, decoupled=True),
                  learning_rate, dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+                 ("AdamW", dict(betas=(b1, b2), eps=eps, weight_decay=weight_decay)),
                  max_grad_norm, skip_nonfinite, n_threads)
 
 
@@ -606,8 +698,10 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
                                     grad_clip=math.inf)
 
     return _make("sgd", "sgd" if momentum is None else "sgd_momentum", SGDState, scalars,
-                 learning_rate, dict(momentum=momentum, nesterov=nesterov), max_grad_norm,
-                 skip_nonfinite, n_threads)
+                 learning_rate, dict(momentum=momentum, nesterov=nesterov),
+                 ("SGD", dict(momentum=0.0 if momentum is None else momentum, dampening=0.0,
+                              weight_decay=0.0, nesterov=nesterov)),
+                 max_grad_norm, skip_nonfinite, n_threads)
 
 
 def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None, *,
@@ -661,8 +755,9 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
                                      grad_scale=grad_scale, grad_clip=math.inf)
 
     return _make("lion", "lion", LionState, scalars, learning_rate,
-                 dict(b1=b1, b2=b2, weight_decay=weight_decay), max_grad_norm, skip_nonfinite,
-                 n_threads)
+                 dict(b1=b1, b2=b2, weight_decay=weight_decay),
+                 ("Lion", dict(betas=(b1, b2), weight_decay=weight_decay)), max_grad_norm,
+                 skip_nonfinite, n_threads)
 
 
 class AdamaxState(NamedTuple):
@@ -721,7 +816,9 @@ def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None,
                                        grad_scale=grad_scale, grad_clip=math.inf)
 
     return _make("adamax", "adamax", AdamaxState, scalars, learning_rate,
-                 dict(b1=b1, b2=b2, eps=eps), max_grad_norm, skip_nonfinite, n_threads)
+                 dict(b1=b1, b2=b2, eps=eps),
+                 ("Adamax", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)), max_grad_norm,
+                 skip_nonfinite, n_threads)
 
 
 class AdadeltaState(NamedTuple):
@@ -790,8 +887,9 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_deca
                                          grad_scale=grad_scale, grad_clip=math.inf)
 
     return _make("adadelta", "adadelta", AdadeltaState, scalars, learning_rate,
-                 dict(rho=rho, eps=eps, weight_decay=weight_decay), max_grad_norm,
-                 skip_nonfinite, n_threads)
+                 dict(rho=rho, eps=eps, weight_decay=weight_decay),
+                 ("Adadelta", dict(rho=rho, eps=eps, weight_decay=weight_decay)),
+                 max_grad_norm, skip_nonfinite, n_threads)
 
 
 def _quarter_power(count):
@@ -863,7 +961,8 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
                                       grad_scale=grad_scale, grad_clip=math.inf)
 
     return _make("adopt", "adopt", AdamState, scalars, learning_rate,
-                 dict(b1=b1, b2=b2, eps=eps, use_clipping=use_clipping), max_grad_norm,
+                 dict(b1=b1, b2=b2, eps=eps, use_clipping=use_clipping),
+                 ("ADOPT", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)), max_grad_norm,
                  skip_nonfinite, n_threads)
 
 
@@ -947,9 +1046,14 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
             weight_decay=weight_decay, maximize=False, grad_scale=grad_scale,
             grad_clip=math.inf)
 
+    group = dict(eps=eps, weight_decay=weight_decay)  # schedules have no class key
+    if not callable(b3):
+        group["betas"] = (b1, b2, b3)
+    if not callable(alpha):
+        group["alpha"] = alpha
     return _make("ademamix", "ademamix", AdEMAMixState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, weight_decay=weight_decay),
-                 max_grad_norm, skip_nonfinite, n_threads)
+                 ("AdEMAMix", group), max_grad_norm, skip_nonfinite, n_threads)
 
 
 class AdanState(NamedTuple):
@@ -1027,4 +1131,6 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
 
     return _make("adan", "adan", AdanState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, b3=b3, eps=eps, weight_decay=weight_decay,
-                      no_prox=no_prox), max_grad_norm, skip_nonfinite, n_threads)
+                      no_prox=no_prox),
+                 ("Adan", dict(betas=(b1, b2, b3), eps=eps, weight_decay=weight_decay,
+                               no_prox=no_prox)), max_grad_norm, skip_nonfinite, n_threads)
