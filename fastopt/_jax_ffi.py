@@ -21,7 +21,8 @@ from fastopt import _rules
 from fastopt._cpu import _xla
 
 TARGET = _xla.ELEMENTWISE  # "fastopt_elementwise_v1"
-KERNELS = _xla.KERNELS     # {kernel name: number of state arrays}
+KERNELS = _xla.KERNELS     # {kernel name: number of state operands (a factor included)}
+COUNTS = _xla.COUNTS       # the same of the cautious count kernels
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _register_lock = threading.Lock()
@@ -75,13 +76,16 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False):
 
     Args:
         kernel: a kernel name of the rule table (fastopt._rules.KERNELS, e.g. "adam",
-            "sgd_momentum"); see KERNELS for each one's number of state arrays.
+            "sgd_momentum", or a cautious step of fastopt._rules.CAUTIOUS_KERNELS, e.g.
+            "adam_cautious"); see KERNELS for each one's number of state operands.
         record: its scalar struct as packed bytes, a 1-D uint8 array: concrete
             (record_bytes) or computed inside the jitted function.
         params, grads: lists of float32 or float64 arrays, all of one dtype, each gradient
             shaped like its parameter.
         states: per tensor, the list of the kernel's state arrays in the kernel's order
-            (fastopt._rules.KERNELS[kernel].state), each shaped like its parameter.
+            (fastopt._rules.ALL_KERNELS[kernel].state), each shaped like its parameter; a
+            cautious step's last is the tensor's factor, one element (not updated, so not
+            among the results).
         n_threads: the OpenMP threads the step may use (small steps take fewer).
         delta: return each new parameter's difference from the parameter (optax's updates:
             new - old, rounded once to the dtype) in place of the new parameter, computed
@@ -100,8 +104,64 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False):
     """
     import jax
 
-    name = _kernel_name(kernel)
-    n_state = KERNELS[name]
+    name = _kernel_name(kernel, KERNELS, "elementwise")
+    n_state, n_aux = KERNELS[name], _rules.ALL_KERNELS[name].aux
+    params, grads, states, dtype = _operands(name, n_state, n_aux, params, grads, states)
+    n_threads = _threads(n_threads)
+    if not isinstance(delta, (bool, np.bool_)):
+        raise TypeError(f"delta: expected a bool, got {type(delta).__name__}")
+    n = len(params)
+    if n == 0:
+        return [], []
+    record = _record(record, name, dtype)
+
+    register()
+    operands, results, aliases = [record], [], {}
+    for p, g, ss in zip(params, grads, states):
+        for i, x in enumerate((p, g, *ss)):
+            if i != 1 and i < 2 + n_state - n_aux:  # the gradient and a factor are read only
+                if i > 1 or not delta:  # with delta the parameter's is a new buffer
+                    aliases[len(operands)] = len(results)
+                results.append(jax.ShapeDtypeStruct(x.shape, dtype))
+            operands.append(x)
+    out = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases,
+                           vmap_method="sequential")(
+        *operands, kernel=name, n_tensors=np.int64(n), n_threads=np.int64(n_threads),
+        delta=np.int64(bool(delta)))
+    step = 1 + n_state - n_aux
+    return ([out[t * step] for t in range(n)],
+            [list(out[t * step + 1:(t + 1) * step]) for t in range(n)])
+
+
+def caution_counts(kernel, record, params, grads, states, n_threads):
+    """The cautious option's count pass as one XLA custom call: per tensor, how many of its
+    elements agree (K = 1), an int32 array of one count per tensor; nothing is written.
+    `kernel` is a cautious count kernel (COUNTS, e.g. "adam_caution"); the other arguments
+    as elementwise's (the state: the arrays the count reads, fastopt._rules' Caution.count
+    .state)."""
+    import jax
+    import jax.numpy as jnp
+
+    name = _kernel_name(kernel, COUNTS, "cautious count")
+    params, grads, states, dtype = _operands(name, COUNTS[name], 0, params, grads, states)
+    n_threads = _threads(n_threads)
+    if not params:
+        return jnp.zeros(0, jnp.int32)
+    record = _record(record, name, dtype)
+    register()
+    operands = [record] + [x for p, g, ss in zip(params, grads, states) for x in (p, g, *ss)]
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((len(params),), jnp.int32),
+                            vmap_method="sequential")(
+        *operands, kernel=name, n_tensors=np.int64(len(params)),
+        n_threads=np.int64(n_threads), count=np.int64(1))
+
+
+def _operands(name, n_state, n_aux, params, grads, states):
+    """(params, grads, states, dtype), checked: lists of one dtype's arrays, one entry per
+    tensor, each tensor's `n_state` state operands its parameter's shape but the last
+    `n_aux` (one element each)."""
+    import jax
+
     params = _array_list(params, "params")
     grads = _array_list(grads, "grads")
     if not isinstance(states, (list, tuple)):
@@ -112,11 +172,8 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False):
     if len(grads) != n or len(states) != n:
         raise ValueError(f"params, grads, states: expected one entry per tensor, got "
                          f"{n}, {len(grads)} and {len(states)}")
-    n_threads = _threads(n_threads)
-    if not isinstance(delta, (bool, np.bool_)):
-        raise TypeError(f"delta: expected a bool, got {type(delta).__name__}")
     if n == 0:
-        return [], []
+        return params, grads, states, None
 
     dtype = _float_dtype(params[0].dtype, "params[0]")
     if dtype == np.float64 and not jax.config.jax_enable_x64:
@@ -126,40 +183,27 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False):
         shape = tuple(params[t].shape)
         if len(states[t]) != n_state:
             raise ValueError(f"states[{t}]: kernel {name!r} takes {n_state} state arrays "
-                             f"{_rules.KERNELS[name].state}, got {len(states[t])}")
-        for what, x in ((f"params[{t}]", params[t]), (f"grads[{t}]", grads[t]),
-                        *((f"states[{t}][{k}]", s) for k, s in enumerate(states[t]))):
+                             f"{_rules.ALL_KERNELS[name].state}, got {len(states[t])}")
+        for k, x in enumerate((params[t], grads[t], *states[t])):
+            what = (f"params[{t}]", f"grads[{t}]")[k] if k < 2 else f"states[{t}][{k - 2}]"
             if np.dtype(x.dtype) != dtype:
                 raise TypeError(f"{what}: expected {dtype} as params[0], got {x.dtype}")
-            if tuple(x.shape) != shape:
+            if k >= 2 + n_state - n_aux:  # a factor
+                if int(np.prod(x.shape)) != 1:
+                    raise ValueError(f"{what}: expected the tensor's factor, one element, got "
+                                     f"shape {tuple(x.shape)}")
+            elif tuple(x.shape) != shape:
                 raise ValueError(f"{what}: expected the shape of params[{t}], {shape}, got "
                                  f"{tuple(x.shape)}")
-    record = _record(record, name, dtype)
-
-    register()
-    operands, results, aliases = [record], [], {}
-    for p, g, ss in zip(params, grads, states):
-        for i, x in enumerate((p, g, *ss)):
-            if i != 1:  # the gradient is read only; the others have results
-                if i > 1 or not delta:  # with delta the parameter's is a new buffer
-                    aliases[len(operands)] = len(results)
-                results.append(jax.ShapeDtypeStruct(x.shape, dtype))
-            operands.append(x)
-    out = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases,
-                           vmap_method="sequential")(
-        *operands, kernel=name, n_tensors=np.int64(n), n_threads=np.int64(n_threads),
-        delta=np.int64(bool(delta)))
-    step = 1 + n_state
-    return ([out[t * step] for t in range(n)],
-            [list(out[t * step + 1:(t + 1) * step]) for t in range(n)])
+    return params, grads, states, dtype
 
 
-def _kernel_name(kernel):
+def _kernel_name(kernel, table, kind):
     if not isinstance(kernel, str):
         raise TypeError(f"kernel: expected a kernel name (str), got {type(kernel).__name__}")
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel: no elementwise kernel named {kernel!r}; expected one of "
-                         f"{', '.join(sorted(KERNELS))}")
+    if kernel not in table:
+        raise ValueError(f"kernel: no {kind} kernel named {kernel!r}; expected one of "
+                         f"{', '.join(sorted(table))}")
     return kernel
 
 
@@ -213,5 +257,5 @@ def _record(record, kernel, dtype):
 def _record_size(kernel, dtype):
     """The length in bytes of `kernel`'s packed struct for `dtype`, as record_bytes makes it
     and the handler checks it."""
-    args = _rules.KERNELS[kernel].args
+    args = _rules.ALL_KERNELS[kernel].args
     return _rules.pack(args.record(dtype, dict.fromkeys(args.fields, 0))).size

@@ -161,9 +161,10 @@ class _Fused:
     from the step count and the learning rate, and the options. FusedTransformation's
     `init` and `update` are bound methods of it, `step` another."""
 
-    def __init__(self, name, kernel, state_cls, scalars, learning_rate, hyper, group,
+    def __init__(self, name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
                  max_grad_norm, skip_nonfinite, n_threads):
         self.name = name
+        self.caution = caution  # a fastopt._rules.Caution: the cautious option; or None
         self.group = group  # the array API class and its group's hyperparameters
         self.kernel = _rules.KERNELS[kernel]
         self.state_cls = state_cls
@@ -227,9 +228,15 @@ class _Fused:
         operands = (record, leaves, grads, [list(s) for s in zip(*states)] if states
                     else [[] for _ in leaves])
 
+        kernel = self.kernel.name
+        if self.caution is not None:  # the count pass's kernel and the state it reads
+            kernel = (self.caution.count.name,
+                      tuple(self.kernel.state.index(name) for name in self.caution.count.state),
+                      self.caution.step.name)
+
         def run(record, params, grads, states):
-            return _kernel_call(self.name, self.kernel.name, self.n_threads, delta, record,
-                                params, grads, states)
+            return _kernel_call(self.name, kernel, self.n_threads, delta, record, params,
+                                grads, states)
 
         if self.skip_nonfinite:
             def skip(record, params, grads, states):  # nothing changes
@@ -421,8 +428,24 @@ def _record(args, dtype, fields):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
 def _kernel_call(name, kernel, n_threads, delta, record, params, grads, states):
-    """The FFI call, with a derivative rule that says why there is none."""
-    return _jax_ffi.elementwise(kernel, record, params, grads, states, n_threads, delta=delta)
+    """The FFI call, with a derivative rule that says why there is none. `kernel` is the
+    elementwise kernel's name, or for the cautious option (the count kernel, the indices of
+    the state arrays it reads, the cautious step): the count pass, each tensor's factor
+    1 / max(mean K, 1e-3) in the parameters' dtype (fastopt._scalars.caution_factors'
+    formula), then the step with it."""
+    if isinstance(kernel, str):
+        return _jax_ffi.elementwise(kernel, record, params, grads, states, n_threads,
+                                    delta=delta)
+    count, reads, cautious = kernel
+    counts = _jax_ffi.caution_counts(count, record, params, grads,
+                                     [[s[i] for i in reads] for s in states], n_threads)
+    dtype = params[0].dtype
+    sizes = jnp.asarray([p.size for p in params], dtype)
+    mean = jnp.where(sizes > 0, counts.astype(dtype) / jnp.maximum(sizes, 1), 1)
+    factors = 1 / jnp.maximum(mean, jnp.asarray(1e-3, dtype))
+    return _jax_ffi.elementwise(cautious, record, params, grads,
+                                [list(s) + [factors[t:t + 1]] for t, s in enumerate(states)],
+                                n_threads, delta=delta)
 
 
 @_kernel_call.defjvp
@@ -484,11 +507,17 @@ def _options(max_grad_norm, skip_nonfinite, n_threads):
 
 
 def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, max_grad_norm,
-          skip_nonfinite, n_threads):
+          skip_nonfinite, n_threads, cautious=False):
     """The transformation of factory `name`: its elementwise `kernel`, state NamedTuple,
     struct fields (`scalars`), checked hyperparameters (`hyper`, for the repr) and `group`,
-    (the array API's class, its param group's hyperparameters but lr) for state_dict."""
-    return _Fused(name, kernel, state_cls, scalars, learning_rate, hyper, group,
+    (the array API's class, its param group's hyperparameters but lr) for state_dict; with
+    `cautious`, the kernel's cautious variant of the rule table."""
+    caution = None
+    if flag("cautious", cautious):
+        caution = _rules.BY_NAME[group[0]].caution(kernel)
+        hyper = dict(hyper, cautious=True)
+        group = (group[0], dict(group[1], cautious=True))
+    return _Fused(name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
                   *_options(max_grad_norm, skip_nonfinite, n_threads)).transformation()
 
 
@@ -513,7 +542,8 @@ def _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, nesterov_rule):
 
 
 def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None, *,
-         nesterov=False, max_grad_norm=None, skip_nonfinite=False, n_threads=None):
+         nesterov=False, cautious=False, max_grad_norm=None, skip_nonfinite=False,
+         n_threads=None):
     r"""Adam (Kingma & Ba 2014) as an optax transformation run by fastopt's fused kernel.
 
     Follows ``optax.adam`` (its arguments, defaults and update). With gradient :math:`g_t`
@@ -547,6 +577,11 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
         mu_dtype: optax's; only None is supported yet (the state has the parameters'
             dtype).
         nesterov (bool): optax's; only False is supported yet.
+        cautious (bool): the cautious variant (C-Optim, Liang et al. 2024), as
+            :class:`fastopt.Adam`'s option: per tensor, the update's entries whose sign
+            disagrees with the gradient's are zeroed and the rest scaled by
+            1 / max(mean agreement, 1e-3); one more pass (a count) before the step.
+            Default False.
         max_grad_norm (float or None): clip the gradients' total 2-norm :math:`N` to this:
             every gradient is scaled by :math:`\min(1, \text{max\_grad\_norm} / (N +
             10^{-6}))`, ``torch.nn.utils.clip_grad_norm_``'s coefficient (optax's
@@ -566,11 +601,11 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
                  _adam_scalars(b1, b2, eps, weight_decay=0.0, decoupled=False), learning_rate,
                  dict(b1=b1, b2=b2, eps=eps),
                  ("Adam", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)), max_grad_norm,
-                 skip_nonfinite, n_threads)
+                 skip_nonfinite, n_threads, cautious)
 
 
 def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None,
-          weight_decay=1e-4, mask=None, *, nesterov=False, max_grad_norm=None,
+          weight_decay=1e-4, mask=None, *, nesterov=False, cautious=False, max_grad_norm=None,
           skip_nonfinite=False, n_threads=None):
     r"""AdamW (Loshchilov & Hutter 2019) as an optax transformation run by fastopt's fused
     kernel.
@@ -612,6 +647,11 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
         weight_decay (float): :math:`\lambda \ge 0`, a number. Default 1e-4.
         mask: optax's; only None is supported yet (the decay applies to every parameter).
         nesterov (bool): optax's; only False is supported yet.
+        cautious (bool): the cautious variant (C-Optim, Liang et al. 2024), as
+            :class:`fastopt.AdamW`'s option: per tensor, the update's entries whose sign
+            disagrees with the gradient's are zeroed and the rest scaled by
+            1 / max(mean agreement, 1e-3); one more pass (a count) before the step.
+            Default False.
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
@@ -630,7 +670,7 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
                  _adam_scalars(b1, b2, eps, weight_decay=weight_decay, decoupled=True),
                  learning_rate, dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
                  ("AdamW", dict(betas=(b1, b2), eps=eps, weight_decay=weight_decay)),
-                 max_grad_norm, skip_nonfinite, n_threads)
+                 max_grad_norm, skip_nonfinite, n_threads, cautious)
 
 
 def _adam_scalars(b1, b2, eps, weight_decay, decoupled):
@@ -705,7 +745,7 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
 
 
 def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None, *,
-         max_grad_norm=None, skip_nonfinite=False, n_threads=None):
+         cautious=False, max_grad_norm=None, skip_nonfinite=False, n_threads=None):
     r"""Lion (Chen et al. 2023) as an optax transformation run by fastopt's fused kernel.
 
     Follows ``optax.lion`` (its arguments, defaults and update). With gradient
@@ -732,6 +772,11 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
             dtype).
         weight_decay (float): decoupled :math:`\lambda \ge 0`, a number. Default 1e-3.
         mask: optax's; only None is supported yet (the decay applies to every parameter).
+        cautious (bool): the cautious variant (C-Optim, Liang et al. 2024), as
+            :class:`fastopt.Lion`'s option: per tensor, the update's entries whose sign
+            disagrees with the gradient's are zeroed and the rest scaled by
+            1 / max(mean agreement, 1e-3); one more pass (a count) before the step.
+            Default False.
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
@@ -757,7 +802,7 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
     return _make("lion", "lion", LionState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, weight_decay=weight_decay),
                  ("Lion", dict(betas=(b1, b2), weight_decay=weight_decay)), max_grad_norm,
-                 skip_nonfinite, n_threads)
+                 skip_nonfinite, n_threads, cautious)
 
 
 class AdamaxState(NamedTuple):
@@ -897,7 +942,7 @@ def _quarter_power(count):
 
 
 def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov=False,
-          use_clipping=True, clip_value_fn=_quarter_power, max_grad_norm=None,
+          use_clipping=True, clip_value_fn=_quarter_power, cautious=False, max_grad_norm=None,
           skip_nonfinite=False, n_threads=None):
     r"""ADOPT (Taniguchi et al. 2024) as an optax transformation run by fastopt's fused
     kernel.
@@ -931,6 +976,11 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
         use_clipping (bool): clip the normalized gradient to :math:`\pm c_t`. Default True.
         clip_value_fn: :math:`c_t` as a function of the count :math:`t - 1`, traced inside
             the jitted step. Default :math:`x^{1/4}`, optax's.
+        cautious (bool): the cautious variant (C-Optim, Liang et al. 2024), as
+            :class:`fastopt.ADOPT`'s option: per tensor, the update's entries whose sign
+            disagrees with the gradient's are zeroed and the rest scaled by
+            1 / max(mean agreement, 1e-3); one more pass (a count) before the step.
+            Default False.
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
@@ -963,7 +1013,7 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
     return _make("adopt", "adopt", AdamState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, eps=eps, use_clipping=use_clipping),
                  ("ADOPT", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)), max_grad_norm,
-                 skip_nonfinite, n_threads)
+                 skip_nonfinite, n_threads, cautious)
 
 
 class AdEMAMixState(NamedTuple):
@@ -977,7 +1027,7 @@ class AdEMAMixState(NamedTuple):
 
 
 def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, eps_root=None,
-             mu_dtype=None, weight_decay=0.0, mask=None, *, max_grad_norm=None,
+             mu_dtype=None, weight_decay=0.0, mask=None, *, cautious=False, max_grad_norm=None,
              skip_nonfinite=False, n_threads=None):
     r"""AdEMAMix (Pagliardini, Ablin & Grangier 2024) as an optax transformation run by
     fastopt's fused kernel.
@@ -1015,6 +1065,11 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
             dtype).
         weight_decay (float): decoupled :math:`\lambda \ge 0`, a number. Default 0.
         mask: optax's; only None is supported yet (the decay applies to every parameter).
+        cautious (bool): the cautious variant (C-Optim, Liang et al. 2024), as
+            :class:`fastopt.AdEMAMix`'s option: per tensor, the update's entries whose sign
+            disagrees with the gradient's are zeroed and the rest scaled by
+            1 / max(mean agreement, 1e-3); one more pass (a count) before the step.
+            Default False.
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
@@ -1053,7 +1108,7 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
         group["alpha"] = alpha
     return _make("ademamix", "ademamix", AdEMAMixState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, weight_decay=weight_decay),
-                 ("AdEMAMix", group), max_grad_norm, skip_nonfinite, n_threads)
+                 ("AdEMAMix", group), max_grad_norm, skip_nonfinite, n_threads, cautious)
 
 
 class AdanState(NamedTuple):

@@ -525,6 +525,41 @@ def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
         _assert_close(p10, want, 10)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name, hyper", [
+    ("adamw", dict(learning_rate=1e-2, weight_decay=0.1)),
+    ("adam", dict(learning_rate=1e-2)),
+    ("lion", dict(learning_rate=1e-3, weight_decay=0.1)),
+    ("adopt", dict(learning_rate=1e-2)),
+    ("ademamix", dict(learning_rate=1e-2, alpha=2.0, weight_decay=0.1)),
+])
+def test_cautious_matches_the_array_api(name, hyper, dtype):
+    """cautious=True: 30 jitted steps (both paths, with skip_nonfinite's cond too) equal
+    the array API's class with cautious=True (tested against timm's C-Optim), to rounding:
+    the same count and step kernels, the step sizes and the factors computed in the
+    parameters' dtype inside jit."""
+    with jax.enable_x64(dtype == "float64"):
+        params, grads = _case(dtype, seed=12, steps=30)
+        tx = getattr(fjax, name)(**hyper, cautious=True)
+        runs = [_run_update(tx, params, grads), _run_step(tx, params, grads),
+                _run_step(getattr(fjax, name)(**hyper, cautious=True, skip_nonfinite=True),
+                          params, grads)]
+        plain, _ = _run_step(getattr(fjax, name)(**hyper), params, grads)
+        saved = tx.state_dict(tx.init(params))
+    leaves = [np.array(p) for p in jax.tree.leaves(params)]
+    opt = getattr(fastopt, {"adamw": "AdamW", "adam": "Adam", "lion": "Lion", "adopt": "ADOPT",
+                            "ademamix": "AdEMAMix"}[name])(leaves)
+    opt.load_state_dict(dict(saved, state={}))  # the hyperparameters, cautious=True
+    assert opt.param_groups[0]["cautious"] is True
+    for t in range(30):
+        opt.step([np.array(g[t]) for g in jax.tree.leaves(grads)])
+    want = jax.tree.unflatten(jax.tree.structure(params), leaves)
+    for got, _ in runs:
+        _assert_close(got, want, 30)
+    assert any(not np.allclose(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(plain), leaves))  # caution changed the run
+
+
 def test_n_threads_gives_the_same_bits():
     params, grads = _case("float32", seed=7, steps=3)
     params["big"], grads["big"] = jnp.ones(100003), jnp.full((3, 100003), 0.25)

@@ -215,7 +215,48 @@ def test_handler_metadata_and_other_stages(tmp_path):
 # -- the handler computes what the Cython backend computes -----------------------------
 
 def test_kernel_list_is_the_table():
-    assert _jax_ffi.KERNELS == {name: len(k.state) for name, k in _rules.KERNELS.items()}
+    assert _jax_ffi.KERNELS == {name: len(k.state) for name, k in
+                                {**_rules.KERNELS, **_rules.CAUTIOUS_KERNELS}.items()}
+    assert _jax_ffi.COUNTS == {c.count.name: len(c.count.state) for rule in _rules.RULES
+                               for c in rule.cautious}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("caution", [c for rule in _rules.RULES for c in rule.cautious
+                                     if rule.name != "AdamW"],  # AdamW's are Adam's
+                         ids=lambda c: c.base)
+def test_cautious_count_and_step_are_the_cython_drivers(caution, dtype, x64):
+    """The count pass (count=1: an int32 count per tensor, nothing written) and the
+    cautious step with each tensor's factor as its last operand: the Cython driver's
+    counts and bits, on 1 and 2 threads."""
+    base = _rules.KERNELS[caution.base]
+    scalars = _hyper(caution.base, dtype)
+    params, grads, states = _case(caution.base, dtype, seed=5)
+    states = [[np.asarray(s - 0.5) for s in ss] for ss in states]  # both signs: K varies
+    record = _jax_ffi.record_bytes(base.args, dtype, scalars)
+    reads = [base.state.index(name) for name in caution.count.state]
+    counted = [[ss[i] for i in reads] for ss in states]
+    want_counts = _cython.caution_counts(
+        caution.count.name, (params, params, grads) + tuple(
+            [ss[k] for ss in counted] for k in range(len(reads))),
+        caution.count.args.record(dtype, scalars), 1)
+    assert 0 < sum(want_counts) < sum(p.size for p in params)
+    factors = _scalars.caution_factors(want_counts, [p.size for p in params], dtype)
+    aux = [factors[t:t + 1] for t in range(len(params))]
+    want_p = [x.copy() for x in params]
+    want_s = [[x.copy() for x in ss] for ss in states]
+    _cython.elementwise(caution.step.name, (want_p, want_p, grads) + tuple(
+        [ss[k] for ss in want_s] for k in range(len(base.state))) + (aux,),
+        caution.step.args.record(dtype, scalars), 1, n_aux=1)
+    for n_threads in (1, 2):
+        counts = jax.jit(lambda r, p, g, s: _jax_ffi.caution_counts(
+            caution.count.name, r, p, g, s, n_threads))(record, params, grads, counted)
+        assert counts.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(counts), want_counts)
+        got = jax.jit(lambda r, p, g, s: _jax_ffi.elementwise(
+            caution.step.name, r, p, g, s, n_threads))(
+            record, params, grads, [list(ss) + [a] for ss, a in zip(states, aux)])
+        _assert_step(got, (want_p, want_s))
 
 
 @pytest.mark.parametrize("kernel", sorted(RULE_OF))
@@ -457,6 +498,10 @@ SGD_RECORD = np.zeros(32, np.uint8)
     ((SGD_RECORD, P3, P3), 1, dict(lr=np.float32(1)), "unexpected attribute 'lr'"),
     ((SGD_RECORD, P3, P3), 1, dict(delta=np.int64(2)),
      "attribute delta: expected 0 or 1, got 2"),
+    ((SGD_RECORD, P3, P3), 1, dict(count=np.int64(1)),
+     "no cautious count kernel named 'sgd'"),
+    ((SGD_RECORD, P3, P3), 1, dict(kernel="adam_caution", count=np.int64(1), delta=np.int64(1)),
+     "attributes count and delta: not both"),
     ((SGD_RECORD, P3, P3), 1, dict(delta=np.int32(1)),
      "attribute delta: expected an int64 scalar"),
     ((SGD_RECORD, P3, P3), 1, dict(delta=np.int64(1), aliases={1: 0}),

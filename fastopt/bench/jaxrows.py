@@ -61,10 +61,15 @@ def implementations(spec, sizes, n_threads):
     import fastopt.jax as fjax
 
     name = spec.cls.lower()
-    if name not in fjax.__all__ or spec.hyper.keys() - {"lr", "weight_decay", "momentum"}:
+    if name not in fjax.__all__ or spec.hyper.keys() - {"lr", "weight_decay", "momentum",
+                                                        "cautious"}:
         return []
     hyper = _hyper(spec)
-    clip = {} if spec.clip is None else {"max_grad_norm": spec.clip}
+    # fastopt.jax's options: clipping, the cautious variant (optax has none: no optax row)
+    options = {} if spec.clip is None else {"max_grad_norm": spec.clip}
+    cautious = spec.hyper.get("cautious", False)
+    if cautious:
+        options["cautious"] = True
 
     def data():
         params = [jax.numpy.asarray(a) for a in arrays(sizes, np.float32, 1, spec.matrix)]
@@ -72,7 +77,7 @@ def implementations(spec, sizes, n_threads):
         return params, grads
 
     def fused():
-        tx = getattr(fjax, name)(**hyper, **clip, n_threads=n_threads)
+        tx = getattr(fjax, name)(**hyper, **options, n_threads=n_threads)
         params, grads = data()
         return _donated(jax, jax.jit(tx.step, donate_argnums=(0, 2)), params, grads,
                         tx.init(params))
@@ -93,10 +98,10 @@ def implementations(spec, sizes, n_threads):
             tx = optax.chain(optax.clip_by_global_norm(spec.clip), tx)
         return tx
 
-    return [("fastopt.jax step", fused),
+    rows = [("fastopt.jax step", fused),
             ("fastopt.jax update",
-             lambda: through_update(getattr(fjax, name)(**hyper, **clip, n_threads=n_threads))),
-            (label, lambda: through_update(optax_tx()))]
+             lambda: through_update(getattr(fjax, name)(**hyper, **options, n_threads=n_threads)))]
+    return rows if cautious else rows + [(label, lambda: through_update(optax_tx()))]
 
 
 def _donated(jax, step, params, grads, state):

@@ -18,24 +18,28 @@ cdef extern from "xla_loops.h" nogil:
     ctypedef struct fo_xla_kernel:
         const char *name
         int n_state
+        int n_aux
     const fo_xla_kernel *fo_xla_kernels
+    const fo_xla_kernel *fo_xla_counts
     fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
 
 
-def _kernels():
-    cdef const fo_xla_kernel *k = fo_xla_kernels
+cdef dict _kernels(const fo_xla_kernel *k):
     found = {}
     while k.name != NULL:
-        found[k.name.decode()] = k.n_state
+        found[k.name.decode()] = k.n_state + k.n_aux
         k += 1
     return found
 
 
 # the custom-call target of the elementwise handler
 ELEMENTWISE = ELEMENTWISE_TARGET.decode()
-# {kernel name: number of state arrays} of every kernel the elementwise handler runs: the
-# elementwise kernels of fastopt/optim.h (FO_ELEMENTWISE_KERNELS)
-KERNELS = _kernels()
+# {kernel name: number of state operands} of every kernel the elementwise handler runs: the
+# elementwise kernels of fastopt/optim.h (FO_ELEMENTWISE_KERNELS) and the cautious steps
+# (FO_CAUTIOUS_KERNELS), whose last operand is the tensor's factor
+KERNELS = _kernels(fo_xla_kernels)
+# the same of the cautious count kernels (FO_CAUTION_COUNTS) it counts with (count=1)
+COUNTS = _kernels(fo_xla_counts)
 
 
 def targets():

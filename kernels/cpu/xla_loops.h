@@ -2,15 +2,20 @@
  * xla_loops.h - fastopt's elementwise optimizer kernels as an XLA FFI custom call on the
  * CPU, so that a step runs inside jax.jit (fastopt/_jax_ffi.py stages the call).
  *
- * One call updates many tensors with one kernel of FO_ELEMENTWISE_KERNELS (fastopt/optim.h):
+ * One call updates many tensors with one kernel of FO_ELEMENTWISE_KERNELS or
+ * FO_CAUTIOUS_KERNELS (fastopt/optim.h):
  *   attributes  kernel (string, its name), n_tensors (int64), n_threads (int64: OpenMP
  *               threads at most; small steps take fewer, as the Cython driver does), and
- *               optionally delta (int64, 0 or 1; default 0)
+ *               optionally delta and count (int64, 0 or 1; default 0)
  *   arguments   0: the kernel's fo_<args>_args_<f32|f64> struct as bytes (1-D uint8,
  *               zero-padded to a multiple of 8: fastopt._rules.pack), then per tensor:
- *               param, grad, then its n_state state arrays
+ *               param, grad, then its n_state state arrays, then (a cautious step) its
+ *               factor: one element of the param's dtype
  *   results     per tensor: the new param (with delta: the new param minus the param, in
  *               the param's dtype, as optax's updates), then its n_state new state arrays
+ * With count the kernel is a cautious count kernel (FO_CAUTION_COUNTS): nothing is written
+ * but the one result, an int32 array holding per tensor how many of its elements agree (the
+ * cautious option's K summed, as the Cython driver's caution_counts).
  * All tensors float32 or float64 (the struct's dtype); a tensor's operands and results hold
  * equally many elements, in any shapes (the update is elementwise, and XLA hands over
  * row-major buffers). The caller aliases each param and state input to its result, so a
@@ -68,22 +73,39 @@
 /* the largest packed struct, rounded up to 8 (checked per kernel below) */
 #define FO_XLA_ARGS_MAX 256
 
-/* the elementwise kernels: chunk functions, state count, struct size per dtype */
+/* the kernels: chunk functions, counting functions (count kernels only), struct size per
+   dtype, state arrays, one-element operands after them (a cautious step's factor) */
 typedef struct {
     const char *name;
     fo_chunk_fn fn[2];     /* f32, f64 */
+    fo_count_fn count[2];  /* FO_CAUTION_COUNTS' (the count attribute); NULL otherwise */
     size_t args_size[2];   /* sizeof fo_<args>_args_<f32|f64> */
-    int n_state;
+    int n_state, n_aux;
 } fo_xla_kernel;
 
 #define FO_XLA_ENTRY(T, SFX, NAME, ARGS, N)                                               \
-    {#NAME, {fo_cpu_##NAME##_f32, fo_cpu_##NAME##_f64},                                   \
-     {sizeof(fo_##ARGS##_args_f32), sizeof(fo_##ARGS##_args_f64)}, N},
+    {#NAME, {fo_cpu_##NAME##_f32, fo_cpu_##NAME##_f64}, {NULL, NULL},                     \
+     {sizeof(fo_##ARGS##_args_f32), sizeof(fo_##ARGS##_args_f64)}, N, 0},
+#define FO_XLA_CAUTIOUS_ENTRY(T, SFX, NAME, ARGS, N)                                      \
+    {#NAME, {fo_cpu_##NAME##_f32, fo_cpu_##NAME##_f64}, {NULL, NULL},                     \
+     {sizeof(fo_##ARGS##_args_f32), sizeof(fo_##ARGS##_args_f64)}, N, 1},
 static const fo_xla_kernel fo_xla_kernels[] = {
     FO_ELEMENTWISE_KERNELS(FO_XLA_ENTRY, _, _)
-    {NULL, {NULL, NULL}, {0, 0}, 0},
+    FO_CAUTIOUS_KERNELS(FO_XLA_CAUTIOUS_ENTRY, _, _)
+    {NULL, {NULL, NULL}, {NULL, NULL}, {0, 0}, 0, 0},
 };
 #undef FO_XLA_ENTRY
+#undef FO_XLA_CAUTIOUS_ENTRY
+
+#define FO_XLA_COUNT_ENTRY(T, SFX, NAME, ARGS, N)                                         \
+    {#NAME, {fo_cpu_##NAME##_f32, fo_cpu_##NAME##_f64},                                   \
+     {fo_cpu_count_##NAME##_f32, fo_cpu_count_##NAME##_f64},                              \
+     {sizeof(fo_##ARGS##_args_f32), sizeof(fo_##ARGS##_args_f64)}, N, 0},
+static const fo_xla_kernel fo_xla_counts[] = {
+    FO_CAUTION_COUNTS(FO_XLA_COUNT_ENTRY, _, _)
+    {NULL, {NULL, NULL}, {NULL, NULL}, {0, 0}, 0, 0},
+};
+#undef FO_XLA_COUNT_ENTRY
 
 /* every struct fits the handler's aligned copy (C99 has no static assert: a negative array
    size fails the build) */
@@ -205,43 +227,63 @@ static fo_xla_error *fo_xla_check(const fo_xla_call_frame *call, const fo_xla_bu
     return NULL;
 }
 
-/* the attributes: the kernel, the two counts and the optional delta flag, nothing else (XLA
-   passes a dictionary: each name once, sorted) */
+/* a 0/1 int64 attribute */
+static fo_xla_error *fo_xla_flag_attr(const fo_xla_call_frame *call, int64_t i, int64_t *out)
+{
+    fo_xla_error *err;
+    const fo_xla_bytespan *name = call->attrs.names[i];
+    if ((err = fo_xla_int_attr(call, i, out)) != NULL) return err;
+    if (*out != 0 && *out != 1)
+        return FO_XLA_INVALID(call->api, "attribute %.*s: expected 0 or 1, got %lld",
+                              (int)name->len, name->ptr, (long long)*out);
+    return NULL;
+}
+
+/* the attributes: the kernel, the two counts and the optional delta and count flags, nothing
+   else (XLA passes a dictionary: each name once, sorted; so the kernel, found in the table
+   the count flag picks, is looked up after the loop) */
 static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_xla_kernel **k,
-                                       int64_t *n_tensors, int64_t *n_threads, int64_t *delta)
+                                       int64_t *n_tensors, int64_t *n_threads, int64_t *delta,
+                                       int64_t *count)
 {
     int64_t i;
     fo_xla_error *err;
+    const fo_xla_bytespan *v = NULL;
+    const fo_xla_kernel *e;
     *k = NULL;
     *n_tensors = *n_threads = -1;
-    *delta = 0;
+    *delta = *count = 0;
     for (i = 0; i < call->attrs.size; i++) {
         const fo_xla_bytespan *name = call->attrs.names[i];
         if (fo_xla_name_is(name, "kernel")) {
-            const fo_xla_bytespan *v = (const fo_xla_bytespan *)call->attrs.attrs[i];
-            const fo_xla_kernel *e = fo_xla_kernels;
             if (call->attrs.types[i] != FO_XLA_ATTR_STRING)
                 return FO_XLA_INVALID(call->api, "attribute kernel: expected a string");
-            while (e->name != NULL && !fo_xla_name_is(v, e->name)) e++;
-            if (e->name == NULL)
-                return FO_XLA_INVALID(call->api, "no elementwise kernel named '%.*s'",
-                                      (int)(v->len < 64 ? v->len : 64), v->ptr);
-            *k = e;
+            v = (const fo_xla_bytespan *)call->attrs.attrs[i];
         } else if (fo_xla_name_is(name, "n_tensors")) {
             if ((err = fo_xla_int_attr(call, i, n_tensors)) != NULL) return err;
         } else if (fo_xla_name_is(name, "n_threads")) {
             if ((err = fo_xla_int_attr(call, i, n_threads)) != NULL) return err;
         } else if (fo_xla_name_is(name, "delta")) {
-            if ((err = fo_xla_int_attr(call, i, delta)) != NULL) return err;
-            if (*delta != 0 && *delta != 1)
-                return FO_XLA_INVALID(call->api, "attribute delta: expected 0 or 1, got %lld",
-                                      (long long)*delta);
+            if ((err = fo_xla_flag_attr(call, i, delta)) != NULL) return err;
+        } else if (fo_xla_name_is(name, "count")) {
+            if ((err = fo_xla_flag_attr(call, i, count)) != NULL) return err;
         } else {
             return FO_XLA_INVALID(call->api, "unexpected attribute '%.*s' (it takes kernel, "
-                                  "n_tensors, n_threads and delta)",
+                                  "n_tensors, n_threads, delta and count)",
                                   (int)(name->len < 64 ? name->len : 64), name->ptr);
         }
     }
+    if (v != NULL) {
+        for (e = *count ? fo_xla_counts : fo_xla_kernels; e->name != NULL; e++)
+            if (fo_xla_name_is(v, e->name)) break;
+        if (e->name == NULL)
+            return FO_XLA_INVALID(call->api, "no %s kernel named '%.*s'",
+                                  *count ? "cautious count" : "elementwise",
+                                  (int)(v->len < 64 ? v->len : 64), v->ptr);
+        *k = e;
+    }
+    if (*count && *delta)
+        return FO_XLA_INVALID(call->api, "attributes count and delta: not both");
     if (*k == NULL || *n_tensors < 0 || *n_threads < 1 || *n_threads > INT_MAX)
         return FO_XLA_INVALID(call->api, "expected the attributes kernel (a kernel name), "
                               "n_tensors >= 0 and n_threads in [1, %d]", INT_MAX);
@@ -265,36 +307,45 @@ static void fo_xla_subtract(char *out, const char *in, ptrdiff_t lo, ptrdiff_t n
 
 /*
  * Chunk c of the plan: `chunk` holds (tensor, lo, n) triples, `ptr` per tensor the kernel's
- * 3 + S operand pointers (param in, param out, grad, the S state results) followed by the S
- * state inputs, copied into the results first where XLA gave separate buffers. With `delta`
- * the param result becomes its difference from the param.
+ * 3 + S + A operand pointers (param in, param out, grad, the S state results, the A
+ * one-element operands) followed by the S state inputs, copied into the results first where
+ * XLA gave separate buffers. With `delta` the param result becomes its difference from the
+ * param; with a counting function `cfn` the chunk's agreeing elements are counted into
+ * `counted[c]` and nothing is written.
  */
-static void fo_xla_run_chunk(fo_chunk_fn fn, const void *args, char **ptr,
-                             const ptrdiff_t *chunk, int n_state, size_t itemsize, int delta,
+static void fo_xla_run_chunk(const fo_xla_kernel *k, int f64, const void *args, char **ptr,
+                             const ptrdiff_t *chunk, int delta, fo_count_fn cfn, int *counted,
                              ptrdiff_t c)
 {
-    char **p = ptr + chunk[3 * c] * (3 + 2 * n_state);
+    const int n_state = k->n_state, width = 3 + 2 * k->n_state + k->n_aux;
+    const size_t itemsize = f64 ? 8 : 4;
+    char **p = ptr + chunk[3 * c] * width;
     const ptrdiff_t lo = chunk[3 * c + 1], n = chunk[3 * c + 2];
     int s;
+    if (cfn != NULL) {
+        counted[c] = cfn(p, lo, n, args);
+        return;
+    }
     for (s = 0; s < n_state; s++)
-        if (p[3 + s] != p[3 + n_state + s])
-            memcpy(p[3 + s] + lo * itemsize, p[3 + n_state + s] + lo * itemsize, n * itemsize);
-    fn(p, lo, n, args);
-    if (delta) fo_xla_subtract(p[1], p[0], lo, n, itemsize == 8);
+        if (p[3 + s] != p[width - n_state + s])
+            memcpy(p[3 + s] + lo * itemsize, p[width - n_state + s] + lo * itemsize,
+                   n * itemsize);
+    k->fn[f64](p, lo, n, args);
+    if (delta) fo_xla_subtract(p[1], p[0], lo, n, f64);
 }
 
 /* the FFI handler of target FO_XLA_ELEMENTWISE_TARGET */
 static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
 {
     const fo_xla_kernel *k;
-    const fo_xla_buffer *rec;
+    const fo_xla_buffer *rec, *out = NULL;
     const fo_xla_extension_base *ext;
     double args[FO_XLA_ARGS_MAX / 8]; /* the struct, copied to aligned storage */
     fo_xla_error *err;
     fo_xla_dtype dtype;
-    int64_t i, t, n_tensors, n_threads, delta, n_args, n_rets, n_chunks = 0, total = 0;
-    int n_state, f64, s, nt;
-    size_t itemsize;
+    int64_t i, t, n_tensors, n_threads, delta, counting, n_args, n_rets, n_chunks = 0,
+        total = 0;
+    int n_state, n_aux, width, f64, s, nt, *counted = NULL;
     ptrdiff_t size, n, c, lo, *count, *chunk;
     char **ptr;
 
@@ -309,28 +360,38 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
                               FO_XLA_STRUCT_SIZE(fo_xla_call_frame, attrs));
     if (call->stage != FO_XLA_STAGE_EXECUTE)
         return NULL;
-    if ((err = fo_xla_attributes(call, &k, &n_tensors, &n_threads, &delta)) != NULL)
+    if ((err = fo_xla_attributes(call, &k, &n_tensors, &n_threads, &delta, &counting)) != NULL)
         return err;
 
     /* operand counts and kinds */
     n_state = k->n_state;
+    n_aux = k->n_aux;
+    width = 3 + 2 * n_state + n_aux;
     if (n_tensors > call->args.size)
         return FO_XLA_INVALID(call->api, "n_tensors is %lld, but the call has %lld arguments",
                               (long long)n_tensors, (long long)call->args.size);
-    n_args = 1 + n_tensors * (2 + n_state);
-    n_rets = n_tensors * (1 + n_state);
+    n_args = 1 + n_tensors * (2 + n_state + n_aux);
+    n_rets = counting ? 1 : n_tensors * (1 + n_state);
     if (call->args.size != n_args || call->rets.size != n_rets)
         return FO_XLA_INVALID(call->api, "kernel %s over %lld tensors takes %lld arguments (the "
-                              "struct, then per tensor param, grad and %d state) and gives "
-                              "%lld results, got %lld and %lld", k->name, (long long)n_tensors,
-                              (long long)n_args, n_state, (long long)n_rets,
-                              (long long)call->args.size, (long long)call->rets.size);
+                              "struct, then per tensor param, grad, %d state and %d factor) "
+                              "and gives %lld results, got %lld and %lld", k->name,
+                              (long long)n_tensors, (long long)n_args, n_state, n_aux,
+                              (long long)n_rets, (long long)call->args.size,
+                              (long long)call->rets.size);
     for (i = 0; i < n_args; i++)
         if (call->args.types[i] != FO_XLA_ARG_BUFFER)
             return FO_XLA_INVALID(call->api, "argument %lld: expected a buffer", (long long)i);
     for (i = 0; i < n_rets; i++)
         if (call->rets.types[i] != FO_XLA_RET_BUFFER)
             return FO_XLA_INVALID(call->api, "result %lld: expected a buffer", (long long)i);
+    if (counting) { /* one int32 count per tensor */
+        out = (const fo_xla_buffer *)call->rets.rets[0];
+        if (out->dtype != FO_XLA_S32 || out->rank != 1 || out->dims == NULL
+            || out->dims[0] != n_tensors || (n_tensors > 0 && out->data == NULL))
+            return FO_XLA_INVALID(call->api, "result 0 (the counts): expected int32 of shape "
+                                  "(%lld,)", (long long)n_tensors);
+    }
 
     /* the struct: bytes of the first param's dtype's struct */
     rec = (const fo_xla_buffer *)call->args.args[0];
@@ -345,7 +406,6 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         return FO_XLA_INVALID(call->api, "tensor 0, param: expected float32 or float64, got %s",
                               fo_xla_dtype_name(dtype));
     f64 = dtype == FO_XLA_F64;
-    itemsize = f64 ? 8 : 4;
     size = (ptrdiff_t)fo_xla_packed_size(k->args_size[f64]);
     n = rec->dims != NULL ? (ptrdiff_t)rec->dims[0] : -1;
     if (n != size || rec->data == NULL)
@@ -354,36 +414,53 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
                               f64 ? "float64" : "float32", (long long)n);
     memcpy(args, rec->data, (size_t)size);
 
-    /* every tensor's operands: dtype and element count, then their pointers */
+    /* every tensor's operands: dtype and element count, then their pointers (counting, the
+       state results are the state inputs: nothing is written) */
     count = (ptrdiff_t *)malloc((size_t)n_tensors
-                                * (sizeof(ptrdiff_t) + (3 + 2 * n_state) * sizeof(char *)));
+                                * (sizeof(ptrdiff_t) + (size_t)width * sizeof(char *)));
     if (count == NULL)
         return fo_xla_fail(call->api, FO_XLA_ERROR_RESOURCE_EXHAUSTED, "out of memory");
     ptr = (char **)(count + n_tensors);
     for (t = 0; t < n_tensors; t++) {
-        fo_xla_buffer *const *a = (fo_xla_buffer *const *)call->args.args + 1 + t * (2 + n_state);
+        fo_xla_buffer *const *a =
+            (fo_xla_buffer *const *)call->args.args + 1 + t * (2 + n_state + n_aux);
         fo_xla_buffer *const *r = (fo_xla_buffer *const *)call->rets.rets + t * (1 + n_state);
-        char **p = ptr + t * (3 + 2 * n_state);
+        char **p = ptr + t * width;
         if ((err = fo_xla_check(call, a[0], dtype, -1, t, "param", -1, &n)) != NULL
             || (err = fo_xla_check(call, a[1], dtype, n, t, "grad", -1, &n)) != NULL
-            || (err = fo_xla_check(call, r[0], dtype, n, t, "new param", -1, &n)) != NULL)
+            || (!counting
+                && (err = fo_xla_check(call, r[0], dtype, n, t, "new param", -1, &n)) != NULL))
             goto fail;
         for (s = 0; s < n_state; s++)
             if ((err = fo_xla_check(call, a[2 + s], dtype, n, t, "state", s, &n)) != NULL
-                || (err = fo_xla_check(call, r[1 + s], dtype, n, t, "new state", s, &n)) != NULL)
+                || (!counting && (err = fo_xla_check(call, r[1 + s], dtype, n, t, "new state",
+                                                     s, &n)) != NULL))
                 goto fail;
+        for (s = 0; s < n_aux; s++) {
+            ptrdiff_t one;
+            if ((err = fo_xla_check(call, a[2 + n_state + s], dtype, 1, t, "factor", -1,
+                                    &one)) != NULL)
+                goto fail;
+        }
         if (delta && n > 0 && a[0]->data == r[0]->data) {
             err = FO_XLA_INVALID(call->api, "tensor %lld: with delta the new param must not "
                                  "alias the param", (long long)t);
             goto fail;
         }
+        if (counting && n > INT_MAX) {
+            err = FO_XLA_INVALID(call->api, "tensor %lld: %lld elements, more than an int32 "
+                                 "count holds", (long long)t, (long long)n);
+            goto fail;
+        }
         p[0] = (char *)a[0]->data;
-        p[1] = (char *)r[0]->data;
+        p[1] = counting ? NULL : (char *)r[0]->data;
         p[2] = (char *)a[1]->data;
         for (s = 0; s < n_state; s++) {
-            p[3 + s] = (char *)r[1 + s]->data;
-            p[3 + n_state + s] = (char *)a[2 + s]->data;
+            p[3 + s] = (char *)(counting ? a[2 + s] : r[1 + s])->data;
+            p[width - n_state + s] = (char *)a[2 + s]->data;
         }
+        for (s = 0; s < n_aux; s++)
+            p[3 + n_state + s] = (char *)a[2 + n_state + s]->data;
         count[t] = n;
         n_chunks += (n + FO_CHUNK - 1) / FO_CHUNK;
         total += n;
@@ -392,7 +469,10 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     /* the plan, (tensor, lo, n) per chunk, run in one parallel loop; small steps take fewer
        threads, as in the Cython driver */
     chunk = (ptrdiff_t *)malloc((size_t)(n_chunks > 0 ? n_chunks : 1) * 3 * sizeof(ptrdiff_t));
-    if (chunk == NULL) {
+    if (counting && chunk != NULL)
+        counted = (int *)malloc((size_t)(n_chunks > 0 ? n_chunks : 1) * sizeof(int));
+    if (chunk == NULL || (counting && counted == NULL)) {
+        free(chunk);
         err = fo_xla_fail(call->api, FO_XLA_ERROR_RESOURCE_EXHAUSTED, "out of memory");
         goto fail;
     }
@@ -405,7 +485,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     nt = total / FO_XLA_MIN_PER_THREAD < n_threads ? (int)(total / FO_XLA_MIN_PER_THREAD)
                                                    : (int)n_threads;
     {
-        const fo_chunk_fn fn = k->fn[f64];
+        const fo_count_fn cfn = counting ? k->count[f64] : NULL;
         const ptrdiff_t nc = (ptrdiff_t)n_chunks;
 #pragma omp parallel num_threads(nt > 1 ? nt : 1) if (nt > 1 && nc > 1)
         {
@@ -415,7 +495,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
 #endif
 #pragma omp for schedule(static)
             for (c = 0; c < nc; c++)
-                fo_xla_run_chunk(fn, args, ptr, chunk, n_state, itemsize, (int)delta, c);
+                fo_xla_run_chunk(k, f64, args, ptr, chunk, (int)delta, cfn, counted, c);
 #ifdef FO_XLA_FLUSH_BITS
 #ifdef _OPENMP
             if (omp_get_thread_num() == 0)
@@ -423,6 +503,12 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
                 _mm_setcsr(mxcsr); /* the caller (XLA's thread) gets its mode back */
 #endif
         }
+    }
+    if (counting) { /* each tensor's chunks, summed in order (integers: any order would do) */
+        int32_t *sums = (int32_t *)out->data;
+        for (t = 0; t < n_tensors; t++) sums[t] = 0;
+        for (c = 0; c < (ptrdiff_t)n_chunks; c++) sums[chunk[3 * c]] += counted[c];
+        free(counted);
     }
     free(chunk);
     free(count);
