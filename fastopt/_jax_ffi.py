@@ -69,7 +69,7 @@ def record_bytes(args, dtype, scalars):
     return np.ascontiguousarray(_rules.pack(args.record(dtype, scalars)))
 
 
-def elementwise(kernel, record, params, grads, states, n_threads, delta=False):
+def elementwise(kernel, record, params, grads, states, n_threads, delta=False, masks=None):
     """One step of elementwise kernel `kernel` over many tensors, as one XLA custom call on
     jax's CPU backend; works eagerly and inside ``jax.jit`` (and ``jax.vmap``, one call per
     batch element).
@@ -90,6 +90,8 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False):
         delta: return each new parameter's difference from the parameter (optax's updates:
             new - old, rounded once to the dtype) in place of the new parameter, computed
             chunk by chunk in the same pass.
+        masks: None, or per tensor a pruning mask (bool or uint8 of the parameter's shape; 0
+            prunes an entry: its new parameter and state are +0) or None (no mask).
 
     Returns:
         (new_params, new_states): lists shaped as `params` and `states` (with `delta`, the
@@ -110,6 +112,7 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False):
     n_threads = _threads(n_threads)
     if not isinstance(delta, (bool, np.bool_)):
         raise TypeError(f"delta: expected a bool, got {type(delta).__name__}")
+    masks = _masks(masks, params)
     n = len(params)
     if n == 0:
         return [], []
@@ -117,17 +120,19 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False):
 
     register()
     operands, results, aliases = [record], [], {}
-    for p, g, ss in zip(params, grads, states):
+    for t, (p, g, ss) in enumerate(zip(params, grads, states)):
         for i, x in enumerate((p, g, *ss)):
             if i != 1 and i < 2 + n_state - n_aux:  # the gradient and a factor are read only
                 if i > 1 or not delta:  # with delta the parameter's is a new buffer
                     aliases[len(operands)] = len(results)
                 results.append(jax.ShapeDtypeStruct(x.shape, dtype))
             operands.append(x)
+        if masks is not None:
+            operands.append(masks[t])
     out = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases,
                            vmap_method="sequential")(
         *operands, kernel=name, n_tensors=np.int64(n), n_threads=np.int64(n_threads),
-        delta=np.int64(bool(delta)))
+        delta=np.int64(bool(delta)), masked=np.int64(masks is not None))
     step = 1 + n_state - n_aux
     return ([out[t * step] for t in range(n)],
             [list(out[t * step + 1:(t + 1) * step]) for t in range(n)])
@@ -154,6 +159,34 @@ def caution_counts(kernel, record, params, grads, states, n_threads):
                             vmap_method="sequential")(
         *operands, kernel=name, n_tensors=np.int64(len(params)),
         n_threads=np.int64(n_threads), count=np.int64(1))
+
+
+def _masks(masks, params):
+    """The handler's mask operands (uint8; an empty one for a tensor without a mask), or
+    None for no masks."""
+    import jax.numpy as jnp
+
+    if masks is None:
+        return None
+    masks = list(masks) if isinstance(masks, (list, tuple)) else masks
+    if not isinstance(masks, list) or len(masks) != len(params):
+        raise ValueError(f"masks: expected a list of {len(params)} masks (one per tensor, None "
+                         f"for none), got {type(masks).__name__}")
+    out = []
+    for t, (m, p) in enumerate(zip(masks, params)):
+        if m is None:
+            out.append(jnp.zeros(0, jnp.uint8))
+            continue
+        if not (hasattr(m, "shape") and hasattr(m, "dtype")):
+            raise TypeError(f"masks[{t}]: expected a bool or uint8 array, got "
+                            f"{type(m).__name__}")
+        if np.dtype(m.dtype) not in (np.dtype(np.bool_), np.dtype(np.uint8)):
+            raise TypeError(f"masks[{t}]: expected a bool or uint8 array, got {m.dtype}")
+        if tuple(m.shape) != tuple(p.shape):
+            raise ValueError(f"masks[{t}]: expected the shape of params[{t}], "
+                             f"{tuple(p.shape)}, got {tuple(m.shape)}")
+        out.append(jnp.asarray(m).astype(jnp.uint8))
+    return None if all(m is None for m in masks) else out
 
 
 def _operands(name, n_state, n_aux, params, grads, states):

@@ -79,8 +79,8 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
 
     - ``init(params) -> state``: the rule's state (:class:`AdamState`, ...), zeros shaped
       like `params` and a step count of 0.
-    - ``update(updates, state, params, **extra_args) -> (updates, state)``: optax's
-      interface. `updates` are the gradients; `params` is required. The kernel computes
+    - ``update(updates, state, params, masks=None, **extra_args) -> (updates, state)``:
+      optax's interface. `updates` are the gradients; `params` is required. The kernel computes
       the new parameters and writes their difference from `params` (rounded once) as the
       returned updates, in the same pass, so ``optax.apply_updates(params, updates)``
       gives them (exactly where a parameter changes by less than half its magnitude, else
@@ -88,8 +88,15 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
       ignored. This path writes the updates to a new buffer and ``apply_updates`` makes
       one more pass (reading the parameters and the updates, writing the parameters),
       as with optax's own rules; ``step`` has neither.
-    - ``step(params, grads, state) -> (params, state)``: the fused update, see
+    - ``step(params, grads, state, masks=None) -> (params, state)``: the fused update, see
       :attr:`step`.
+
+    `masks` (both): pruning masks, a pytree like `params` with a bool or uint8 array of the
+    parameter's shape (0 prunes an entry) or None (a parameter left whole) at each leaf, as
+    the array API's ``masks=`` option: after the step the pruned entries of the parameters
+    and of the state are +0 (zeroed in the kernel's pass), and a pruned entry's gradient
+    counts as 0 in ``max_grad_norm``'s norm and ``skip_nonfinite``'s check. Through
+    ``optax.chain``, pass ``masks=`` to the chain's ``update``.
 
     `params` is any pytree of float32 arrays, or of float64 arrays with
     ``jax_enable_x64``; all of one dtype.
@@ -98,9 +105,9 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
 
     @property
     def step(self):
-        """``step(params, grads, state) -> (params, state)``: one optimizer step, the new
-        parameters computed by the kernel and returned (no update tree, no
-        ``apply_updates``).
+        """``step(params, grads, state, masks=None) -> (params, state)``: one optimizer step,
+        the new parameters computed by the kernel and returned (no update tree, no
+        ``apply_updates``); `masks` as :class:`FusedTransformation` says.
 
         Jitted with ``donate_argnums=(0, 2)`` (`params` and `state` donated, `grads` not)
         it writes the parameters and the state in place: the results live in the donated
@@ -191,24 +198,28 @@ class _Fused:
         zeros = {name: jax.tree.map(jnp.zeros_like, params) for name in self.kernel.state}
         return self.state_cls(count=jnp.zeros([], jnp.int32), **zeros)
 
-    def update(self, updates, state, params=None, **extra_args):
+    def update(self, updates, state, params=None, masks=None, **extra_args):
         del extra_args  # optax.chain hands them to every transformation
         if params is None:
             raise ValueError(f"params: fastopt.jax.{self.name}'s update needs the parameters, "
                              f"update(updates, state, params): its kernel computes the new "
                              f"parameters")
-        treedef, deltas, state = self._apply(params, updates, state, "updates", delta=True)
+        treedef, deltas, state = self._apply(params, updates, state, "updates", True, masks)
         return treedef.unflatten(deltas), state
 
-    def step(self, params, grads, state):
-        treedef, new, state = self._apply(params, grads, state, "grads", delta=False)
+    def step(self, params, grads, state, masks=None):
+        treedef, new, state = self._apply(params, grads, state, "grads", False, masks)
         return treedef.unflatten(new), state
 
-    def _apply(self, params, grads, state, grads_name, delta):
+    def _apply(self, params, grads, state, grads_name, delta, masks):
         """(treedef, the new parameter leaves, or with `delta` their differences from the
         parameters, the new state)."""
         _, (paths, leaves, treedef), dtype = _params(params)
         grads = _like(grads, grads_name, paths, leaves, treedef)
+        masks = _mask_leaves(masks, paths, leaves, treedef)
+        # a pruned entry's gradient counts as 0 where gradients are summed up
+        summed = grads if masks is None else [
+            g if m is None else jnp.where(m, g, jnp.zeros_like(g)) for g, m in zip(grads, masks)]
         count, states = self._state(state, paths, leaves, treedef)
         step = optax.safe_increment(count)  # t, as optax: it stops at int32's maximum
         if not leaves:
@@ -222,7 +233,7 @@ class _Fused:
                              f"{jnp.shape(lr)}, expected a scalar")
         grad_scale = 1.0
         if self.max_grad_norm is not None:
-            grad_scale = _clip_coefficient(self.max_grad_norm, grads)
+            grad_scale = _clip_coefficient(self.max_grad_norm, summed)
         fields = self.scalars(dtype, step=step, lr=lr, grad_scale=grad_scale)
         record = _record(self.kernel.args, dtype, fields)
         operands = (record, leaves, grads, [list(s) for s in zip(*states)] if states
@@ -236,12 +247,12 @@ class _Fused:
 
         def run(record, params, grads, states):
             return _kernel_call(self.name, kernel, self.n_threads, delta, record, params,
-                                grads, states)
+                                grads, states, masks)
 
         if self.skip_nonfinite:
             def skip(record, params, grads, states):  # nothing changes
                 return [jnp.zeros_like(p) for p in params] if delta else params, states
-            finite = _count_nonfinite(grads) == 0
+            finite = _count_nonfinite(summed) == 0
             new, new_states = jax.lax.cond(finite, run, skip, *operands)
             step = jnp.where(finite, step, count)
         else:
@@ -365,6 +376,29 @@ def _like(tree, name, paths, leaves, treedef):
     return out
 
 
+def _mask_leaves(masks, paths, leaves, treedef):
+    """The pruning masks' leaves in the parameters' order (None: a parameter without one),
+    checked: bool or uint8 arrays of their parameter's shape; None for no masks."""
+    if masks is None:
+        return None
+    try:
+        flat = treedef.flatten_up_to(masks)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"masks: expected the tree structure of params, {treedef}, with a "
+                         f"mask or None at each leaf: {e}") from None
+    out = []
+    for path, leaf, m in zip(paths, leaves, flat):
+        if m is not None:
+            m = _array(m, f"masks{path}")
+            if m.dtype not in (jnp.bool_, jnp.uint8):
+                raise TypeError(f"masks{path}: expected a bool or uint8 array, got {m.dtype}")
+            if m.shape != leaf.shape:
+                raise ValueError(f"masks{path}: expected the shape of params{path}, "
+                                 f"{leaf.shape}, got {m.shape}")
+        out.append(m)
+    return None if all(m is None for m in out) else out
+
+
 def _array(x, what):
     try:
         return jnp.asarray(x)
@@ -427,7 +461,7 @@ def _record(args, dtype, fields):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
-def _kernel_call(name, kernel, n_threads, delta, record, params, grads, states):
+def _kernel_call(name, kernel, n_threads, delta, record, params, grads, states, masks):
     """The FFI call, with a derivative rule that says why there is none. `kernel` is the
     elementwise kernel's name, or for the cautious option (the count kernel, the indices of
     the state arrays it reads, the cautious step): the count pass, each tensor's factor
@@ -435,7 +469,7 @@ def _kernel_call(name, kernel, n_threads, delta, record, params, grads, states):
     formula), then the step with it."""
     if isinstance(kernel, str):
         return _jax_ffi.elementwise(kernel, record, params, grads, states, n_threads,
-                                    delta=delta)
+                                    delta=delta, masks=masks)
     count, reads, cautious = kernel
     counts = _jax_ffi.caution_counts(count, record, params, grads,
                                      [[s[i] for i in reads] for s in states], n_threads)
@@ -445,7 +479,7 @@ def _kernel_call(name, kernel, n_threads, delta, record, params, grads, states):
     factors = 1 / jnp.maximum(mean, jnp.asarray(1e-3, dtype))
     return _jax_ffi.elementwise(cautious, record, params, grads,
                                 [list(s) + [factors[t:t + 1]] for t, s in enumerate(states)],
-                                n_threads, delta=delta)
+                                n_threads, delta=delta, masks=masks)
 
 
 @_kernel_call.defjvp

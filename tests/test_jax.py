@@ -560,6 +560,64 @@ def test_cautious_matches_the_array_api(name, hyper, dtype):
                for a, b in zip(jax.tree.leaves(plain), leaves))  # caution changed the run
 
 
+def test_masks_are_the_array_apis():
+    """masks (a pytree like params, None for a parameter left whole, passed to step and
+    update): 12 jitted steps with max_grad_norm and skip_nonfinite equal the array API's
+    masks= in float64 to rounding, pruned entries of the parameters and the state +0
+    (through apply_updates too); a NaN gradient at a pruned entry counts as 0 (no skip),
+    one at a kept entry skips the step."""
+    with jax.enable_x64(True):
+        params, grads = _case("float64", seed=13, steps=12)
+        rng = np.random.default_rng(13)
+        masks = {"w": jnp.asarray(rng.random((8, 5)) > 0.3), "b": [None, None],
+                 "deep": {"x": jnp.asarray(rng.random((3, 2, 2)) > 0.5, jnp.uint8)}}
+        keep_x = np.asarray(masks["deep"]["x"], bool)
+        pruned_at = np.argwhere(~keep_x)[0]
+        grads["deep"]["x"] = grads["deep"]["x"].at[(4, *pruned_at)].set(jnp.nan)  # no skip
+        kept_at = np.argwhere(keep_x)[0]
+        grads["deep"]["x"] = grads["deep"]["x"].at[(9, *kept_at)].set(jnp.inf)  # a skip
+        tx = fjax.adamw(1e-2, weight_decay=0.1, max_grad_norm=2.0, skip_nonfinite=True)
+
+        def body_step(carry, g):
+            p, s = carry
+            return tx.step(p, g, s, masks), None
+
+        def body_update(carry, g):
+            p, s = carry
+            u, s = tx.update(g, s, p, masks=masks)
+            return (optax.apply_updates(p, u), s), None
+        runs = [jax.jit(lambda p, gs, b=body: jax.lax.scan(b, (p, tx.init(p)), gs)[0])(
+            params, grads) for body in (body_step, body_update)]
+    leaves = [np.array(p) for p in jax.tree.leaves(params)]
+    mask_leaves = [None if m is None else np.asarray(m, bool)
+                   for m in jax.tree.structure(params).flatten_up_to(masks)]
+    opt = fastopt.AdamW(leaves, lr=1e-2, weight_decay=0.1, max_grad_norm=2.0,
+                        skip_nonfinite=True, masks=mask_leaves)
+    for t in range(12):
+        opt.step([np.array(g[t]) for g in jax.tree.leaves(grads)])
+    want = jax.tree.unflatten(jax.tree.structure(params), leaves)
+    for got, state in runs:
+        _assert_close(got, want, 12)
+        assert int(state.count) == 11  # one step skipped
+        for p, m, e in zip(jax.tree.leaves(got), mask_leaves, jax.tree.leaves(state.exp_avg)):
+            if m is not None:
+                p, e = np.asarray(p)[~m], np.asarray(e)[~m]
+                assert (p == 0).all() and not np.signbit(p).any() and (e == 0).all()
+
+
+@pytest.mark.parametrize("masks, error, match", [
+    ([True], ValueError, "masks: expected the tree structure of params"),
+    ({"w": jnp.ones((2, 2), bool), "b": [None]}, ValueError,
+     r"masks\['w'\]: expected the shape of params\['w'\], \(2, 3\), got \(2, 2\)"),
+    ({"w": jnp.ones((2, 3), jnp.float32), "b": [None]}, TypeError,
+     r"masks\['w'\]: expected a bool or uint8 array, got float32"),
+])
+def test_bad_masks(masks, error, match):
+    tx = fjax.adam(1e-3)
+    with pytest.raises(error, match=match):
+        tx.step(PARAMS, PARAMS, tx.init(PARAMS), masks)
+
+
 def test_n_threads_gives_the_same_bits():
     params, grads = _case("float32", seed=7, steps=3)
     params["big"], grads["big"] = jnp.ones(100003), jnp.full((3, 100003), 0.25)

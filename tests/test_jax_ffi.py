@@ -322,6 +322,35 @@ def test_subnormals_are_not_flushed(n_threads):
     _assert_bits(again, want)
 
 
+@pytest.mark.parametrize("delta", [False, True])
+def test_masks_zero_the_pruned_entries(delta):
+    """masks: the pruned entries of the new parameters and state are +0 (with delta, the
+    update takes the parameter there to 0), the others are the unmasked call's bits; a
+    tensor may go without a mask; a multi-chunk tensor on 2 threads."""
+    kernel = "rmsprop_centered_momentum"
+    scalars = _hyper(kernel, np.float32)
+    params, grads, states = _case(kernel, np.float32, seed=7)
+    record = _jax_ffi.record_bytes(_rules.KERNELS[kernel].args, np.float32, scalars)
+    rng = np.random.default_rng(7)
+    masks = [rng.random(p.shape) > 0.4 for p in params]
+    masks[1] = None
+    masks[2] = np.asarray(masks[2], np.uint8)
+
+    def call(m):
+        return jax.jit(lambda r, p, g, s: _jax_ffi.elementwise(kernel, r, p, g, s, 2,
+                                                               delta=delta, masks=m))(
+            record, params, grads, states)
+    plain, masked = call(None), call(masks)
+    for t, m in enumerate(masks):
+        keep = np.ones(params[t].shape, bool) if m is None else np.asarray(m, bool)
+        want = np.where(keep, np.asarray(plain[0][t]), -params[t] if delta else 0)
+        _assert_bits(np.asarray(masked[0][t]) + 0, want.astype(np.float32) + 0)
+        if not delta:
+            assert not np.signbit(np.asarray(masked[0][t])[~keep]).any()  # +0
+        for x, y in zip(masked[1][t], plain[1][t]):
+            _assert_bits(np.asarray(x), np.where(keep, np.asarray(y), 0).astype(np.float32))
+
+
 def test_eager_call_leaves_its_inputs_alone():
     """Without donation, XLA gives the aliased results buffers of their own: the inputs keep
     their values (and a one-thread step gives the same bits)."""
@@ -501,7 +530,11 @@ SGD_RECORD = np.zeros(32, np.uint8)
     ((SGD_RECORD, P3, P3), 1, dict(count=np.int64(1)),
      "no cautious count kernel named 'sgd'"),
     ((SGD_RECORD, P3, P3), 1, dict(kernel="adam_caution", count=np.int64(1), delta=np.int64(1)),
-     "attributes count and delta: not both"),
+     "attribute count: not with delta or masked"),
+    ((SGD_RECORD, P3, P3, np.ones(2, np.uint8)), 1, dict(masked=np.int64(1)),
+     "tensor 0, mask: expected 3 elements, as the param, or none, got 2"),
+    ((SGD_RECORD, P3, P3, np.ones(3, np.int32)), 1, dict(masked=np.int64(1)),
+     "tensor 0, mask: expected uint8, got int32"),
     ((SGD_RECORD, P3, P3), 1, dict(delta=np.int32(1)),
      "attribute delta: expected an int64 scalar"),
     ((SGD_RECORD, P3, P3), 1, dict(delta=np.int64(1), aliases={1: 0}),

@@ -6,11 +6,13 @@
  * FO_CAUTIOUS_KERNELS (fastopt/optim.h):
  *   attributes  kernel (string, its name), n_tensors (int64), n_threads (int64: OpenMP
  *               threads at most; small steps take fewer, as the Cython driver does), and
- *               optionally delta and count (int64, 0 or 1; default 0)
+ *               optionally delta, count and masked (int64, 0 or 1; default 0)
  *   arguments   0: the kernel's fo_<args>_args_<f32|f64> struct as bytes (1-D uint8,
  *               zero-padded to a multiple of 8: fastopt._rules.pack), then per tensor:
  *               param, grad, then its n_state state arrays, then (a cautious step) its
- *               factor: one element of the param's dtype
+ *               factor: one element of the param's dtype, then (masked) its pruning mask:
+ *               uint8 of the param's element count (0 prunes an entry: the new param and
+ *               the new state are +0 there), or of none (no mask)
  *   results     per tensor: the new param (with delta: the new param minus the param, in
  *               the param's dtype, as optax's updates), then its n_state new state arrays
  * With count the kernel is a cautious count kernel (FO_CAUTION_COUNTS): nothing is written
@@ -244,7 +246,7 @@ static fo_xla_error *fo_xla_flag_attr(const fo_xla_call_frame *call, int64_t i, 
    the count flag picks, is looked up after the loop) */
 static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_xla_kernel **k,
                                        int64_t *n_tensors, int64_t *n_threads, int64_t *delta,
-                                       int64_t *count)
+                                       int64_t *count, int64_t *masked)
 {
     int64_t i;
     fo_xla_error *err;
@@ -252,7 +254,7 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
     const fo_xla_kernel *e;
     *k = NULL;
     *n_tensors = *n_threads = -1;
-    *delta = *count = 0;
+    *delta = *count = *masked = 0;
     for (i = 0; i < call->attrs.size; i++) {
         const fo_xla_bytespan *name = call->attrs.names[i];
         if (fo_xla_name_is(name, "kernel")) {
@@ -267,9 +269,11 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
             if ((err = fo_xla_flag_attr(call, i, delta)) != NULL) return err;
         } else if (fo_xla_name_is(name, "count")) {
             if ((err = fo_xla_flag_attr(call, i, count)) != NULL) return err;
+        } else if (fo_xla_name_is(name, "masked")) {
+            if ((err = fo_xla_flag_attr(call, i, masked)) != NULL) return err;
         } else {
             return FO_XLA_INVALID(call->api, "unexpected attribute '%.*s' (it takes kernel, "
-                                  "n_tensors, n_threads, delta and count)",
+                                  "n_tensors, n_threads, delta, count and masked)",
                                   (int)(name->len < 64 ? name->len : 64), name->ptr);
         }
     }
@@ -282,12 +286,28 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
                                   (int)(v->len < 64 ? v->len : 64), v->ptr);
         *k = e;
     }
-    if (*count && *delta)
-        return FO_XLA_INVALID(call->api, "attributes count and delta: not both");
+    if (*count && (*delta || *masked))
+        return FO_XLA_INVALID(call->api, "attribute count: not with delta or masked (the count "
+                              "reads every entry, pruned ones too)");
     if (*k == NULL || *n_tensors < 0 || *n_threads < 1 || *n_threads > INT_MAX)
         return FO_XLA_INVALID(call->api, "expected the attributes kernel (a kernel name), "
                               "n_tensors >= 0 and n_threads in [1, %d]", INT_MAX);
     return NULL;
+}
+
+/* x[i] = +0 where mask[i] is 0, over a chunk (a pruned entry of a param or state result) */
+static void fo_xla_zero_pruned(char *x, const unsigned char *mask, ptrdiff_t lo, ptrdiff_t n,
+                               int f64)
+{
+    ptrdiff_t i;
+    const unsigned char *m = mask + lo;
+    if (f64) {
+        double *o = (double *)x + lo;
+        for (i = 0; i < n; i++) o[i] = m[i] ? o[i] : 0.0;
+    } else {
+        float *o = (float *)x + lo;
+        for (i = 0; i < n; i++) o[i] = m[i] ? o[i] : 0.0f;
+    }
 }
 
 /* out[i] -= in[i] over a chunk: the new param minus the param (the delta attribute) */
@@ -305,21 +325,26 @@ static void fo_xla_subtract(char *out, const char *in, ptrdiff_t lo, ptrdiff_t n
     }
 }
 
+/* per tensor: param in, param out, grad, the S state results, the A one-element operands
+   (the kernel's operands), then the S state inputs and the mask (NULL: none) */
+static int fo_xla_width(const fo_xla_kernel *k) { return 4 + 2 * k->n_state + k->n_aux; }
+
 /*
- * Chunk c of the plan: `chunk` holds (tensor, lo, n) triples, `ptr` per tensor the kernel's
- * 3 + S + A operand pointers (param in, param out, grad, the S state results, the A
- * one-element operands) followed by the S state inputs, copied into the results first where
- * XLA gave separate buffers. With `delta` the param result becomes its difference from the
- * param; with a counting function `cfn` the chunk's agreeing elements are counted into
- * `counted[c]` and nothing is written.
+ * Chunk c of the plan: `chunk` holds (tensor, lo, n) triples, `ptr` per tensor the
+ * fo_xla_width pointers. The state inputs are copied into the results first where XLA gave
+ * separate buffers; the kernel runs; a mask zeroes the pruned entries of the param and state
+ * results; with `delta` the param result becomes its difference from the param. With a
+ * counting function `cfn` the chunk's agreeing elements are counted into `counted[c]` and
+ * nothing is written.
  */
 static void fo_xla_run_chunk(const fo_xla_kernel *k, int f64, const void *args, char **ptr,
                              const ptrdiff_t *chunk, int delta, fo_count_fn cfn, int *counted,
                              ptrdiff_t c)
 {
-    const int n_state = k->n_state, width = 3 + 2 * k->n_state + k->n_aux;
+    const int n_state = k->n_state, in = 3 + n_state + k->n_aux;
     const size_t itemsize = f64 ? 8 : 4;
-    char **p = ptr + chunk[3 * c] * width;
+    char **p = ptr + chunk[3 * c] * fo_xla_width(k);
+    const unsigned char *mask = (const unsigned char *)p[in + n_state];
     const ptrdiff_t lo = chunk[3 * c + 1], n = chunk[3 * c + 2];
     int s;
     if (cfn != NULL) {
@@ -327,10 +352,13 @@ static void fo_xla_run_chunk(const fo_xla_kernel *k, int f64, const void *args, 
         return;
     }
     for (s = 0; s < n_state; s++)
-        if (p[3 + s] != p[width - n_state + s])
-            memcpy(p[3 + s] + lo * itemsize, p[width - n_state + s] + lo * itemsize,
-                   n * itemsize);
+        if (p[3 + s] != p[in + s])
+            memcpy(p[3 + s] + lo * itemsize, p[in + s] + lo * itemsize, n * itemsize);
     k->fn[f64](p, lo, n, args);
+    if (mask != NULL) {
+        fo_xla_zero_pruned(p[1], mask, lo, n, f64);
+        for (s = 0; s < n_state; s++) fo_xla_zero_pruned(p[3 + s], mask, lo, n, f64);
+    }
     if (delta) fo_xla_subtract(p[1], p[0], lo, n, f64);
 }
 
@@ -343,9 +371,9 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     double args[FO_XLA_ARGS_MAX / 8]; /* the struct, copied to aligned storage */
     fo_xla_error *err;
     fo_xla_dtype dtype;
-    int64_t i, t, n_tensors, n_threads, delta, counting, n_args, n_rets, n_chunks = 0,
+    int64_t i, t, n_tensors, n_threads, delta, counting, masked, n_args, n_rets, n_chunks = 0,
         total = 0;
-    int n_state, n_aux, width, f64, s, nt, *counted = NULL;
+    int n_state, n_aux, per, width, f64, s, nt, *counted = NULL;
     ptrdiff_t size, n, c, lo, *count, *chunk;
     char **ptr;
 
@@ -360,24 +388,26 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
                               FO_XLA_STRUCT_SIZE(fo_xla_call_frame, attrs));
     if (call->stage != FO_XLA_STAGE_EXECUTE)
         return NULL;
-    if ((err = fo_xla_attributes(call, &k, &n_tensors, &n_threads, &delta, &counting)) != NULL)
+    if ((err = fo_xla_attributes(call, &k, &n_tensors, &n_threads, &delta, &counting,
+                                 &masked)) != NULL)
         return err;
 
     /* operand counts and kinds */
     n_state = k->n_state;
     n_aux = k->n_aux;
-    width = 3 + 2 * n_state + n_aux;
+    per = 2 + n_state + n_aux + (int)masked; /* arguments per tensor */
+    width = fo_xla_width(k);
     if (n_tensors > call->args.size)
         return FO_XLA_INVALID(call->api, "n_tensors is %lld, but the call has %lld arguments",
                               (long long)n_tensors, (long long)call->args.size);
-    n_args = 1 + n_tensors * (2 + n_state + n_aux);
+    n_args = 1 + n_tensors * per;
     n_rets = counting ? 1 : n_tensors * (1 + n_state);
     if (call->args.size != n_args || call->rets.size != n_rets)
         return FO_XLA_INVALID(call->api, "kernel %s over %lld tensors takes %lld arguments (the "
-                              "struct, then per tensor param, grad, %d state and %d factor) "
-                              "and gives %lld results, got %lld and %lld", k->name,
+                              "struct, then per tensor param, grad, %d state, %d factor and "
+                              "%d mask) and gives %lld results, got %lld and %lld", k->name,
                               (long long)n_tensors, (long long)n_args, n_state, n_aux,
-                              (long long)n_rets, (long long)call->args.size,
+                              (int)masked, (long long)n_rets, (long long)call->args.size,
                               (long long)call->rets.size);
     for (i = 0; i < n_args; i++)
         if (call->args.types[i] != FO_XLA_ARG_BUFFER)
@@ -422,8 +452,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         return fo_xla_fail(call->api, FO_XLA_ERROR_RESOURCE_EXHAUSTED, "out of memory");
     ptr = (char **)(count + n_tensors);
     for (t = 0; t < n_tensors; t++) {
-        fo_xla_buffer *const *a =
-            (fo_xla_buffer *const *)call->args.args + 1 + t * (2 + n_state + n_aux);
+        fo_xla_buffer *const *a = (fo_xla_buffer *const *)call->args.args + 1 + t * per;
         fo_xla_buffer *const *r = (fo_xla_buffer *const *)call->rets.rets + t * (1 + n_state);
         char **p = ptr + t * width;
         if ((err = fo_xla_check(call, a[0], dtype, -1, t, "param", -1, &n)) != NULL
@@ -442,6 +471,20 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
                                     &one)) != NULL)
                 goto fail;
         }
+        p[width - 1] = NULL;
+        if (masked) {
+            ptrdiff_t m;
+            const fo_xla_buffer *b = a[2 + n_state + n_aux];
+            if ((err = fo_xla_check(call, b, FO_XLA_U8, -1, t, "mask", -1, &m)) != NULL)
+                goto fail;
+            if (m != 0 && m != n) {
+                err = FO_XLA_INVALID(call->api, "tensor %lld, mask: expected %lld elements, "
+                                     "as the param, or none, got %lld", (long long)t,
+                                     (long long)n, (long long)m);
+                goto fail;
+            }
+            if (m > 0) p[width - 1] = (char *)b->data;
+        }
         if (delta && n > 0 && a[0]->data == r[0]->data) {
             err = FO_XLA_INVALID(call->api, "tensor %lld: with delta the new param must not "
                                  "alias the param", (long long)t);
@@ -457,7 +500,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         p[2] = (char *)a[1]->data;
         for (s = 0; s < n_state; s++) {
             p[3 + s] = (char *)(counting ? a[2 + s] : r[1 + s])->data;
-            p[width - n_state + s] = (char *)a[2 + s]->data;
+            p[3 + n_state + n_aux + s] = (char *)a[2 + s]->data;
         }
         for (s = 0; s < n_aux; s++)
             p[3 + n_state + s] = (char *)a[2 + n_state + s]->data;
