@@ -169,7 +169,7 @@ class _Fused:
     `init` and `update` are bound methods of it, `step` another."""
 
     def __init__(self, name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
-                 max_grad_norm, skip_nonfinite, n_threads):
+                 max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads):
         self.name = name
         self.caution = caution  # a fastopt._rules.Caution: the cautious option; or None
         self.group = group  # the array API class and its group's hyperparameters
@@ -178,9 +178,12 @@ class _Fused:
         self.scalars = scalars  # (dtype, *, step, lr, grad_scale) -> the struct's fields
         self.learning_rate = learning_rate
         self.max_grad_norm = max_grad_norm
+        self.grad_clip = math.inf if max_grad_value is None else max_grad_value
+        self.maximize = maximize
         self.skip_nonfinite = skip_nonfinite
         self.n_threads = n_threads
         self.hyper = dict(learning_rate=learning_rate, **hyper, max_grad_norm=max_grad_norm,
+                          max_grad_value=max_grad_value, maximize=maximize,
                           skip_nonfinite=skip_nonfinite, n_threads=n_threads)
         # one bound method, handed out at every opt.step: jax.jit caches its traces by the
         # function object, so jax.jit(opt.step) in a loop compiles once
@@ -234,7 +237,8 @@ class _Fused:
         grad_scale = 1.0
         if self.max_grad_norm is not None:
             grad_scale = _clip_coefficient(self.max_grad_norm, summed)
-        fields = self.scalars(dtype, step=step, lr=lr, grad_scale=grad_scale)
+        fields = self.scalars(dtype, step=step, lr=lr, grad_scale=grad_scale,
+                              maximize=self.maximize, grad_clip=self.grad_clip)
         record = _record(self.kernel.args, dtype, fields)
         operands = (record, leaves, grads, [list(s) for s in zip(*states)] if states
                     else [[] for _ in leaves])
@@ -527,32 +531,39 @@ def _unsupported(name, value, default, why):
     raise ValueError(f"{name}={value!r:.60} is not supported yet by fastopt.jax ({why})")
 
 
-def _options(max_grad_norm, skip_nonfinite, n_threads):
+def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads):
     skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
+    maximize = flag("maximize", maximize)
     if max_grad_norm is not None:
         max_grad_norm = _real("max_grad_norm", max_grad_norm, lo=0.0, lo_open=True)
+    if max_grad_value is not None:
+        if max_grad_norm is not None:
+            raise ValueError("max_grad_value: not together with max_grad_norm (one gradient "
+                             "clip per step, as the array API's optimizers)")
+        max_grad_value = _real("max_grad_value", max_grad_value, lo=0.0, lo_open=True)
     if isinstance(n_threads, jax.Array):
         raise TypeError("n_threads: expected a Python int, got a jax array (optax."
                         "inject_hyperparams injects numeric arguments: pass "
                         "static_args=('n_threads',))")
     n_threads = get_num_threads() if n_threads is None else check_threads(n_threads,
                                                                           "n_threads")
-    return max_grad_norm, skip_nonfinite, n_threads
+    return max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads
 
 
-def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, max_grad_norm,
-          skip_nonfinite, n_threads, cautious=False):
+def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, options,
+          cautious=False):
     """The transformation of factory `name`: its elementwise `kernel`, state NamedTuple,
     struct fields (`scalars`), checked hyperparameters (`hyper`, for the repr) and `group`,
     (the array API's class, its param group's hyperparameters but lr) for state_dict; with
-    `cautious`, the kernel's cautious variant of the rule table."""
+    `cautious`, the kernel's cautious variant of the rule table; `options` the factory's
+    options (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads)."""
     caution = None
     if flag("cautious", cautious):
         caution = _rules.BY_NAME[group[0]].caution(kernel)
         hyper = dict(hyper, cautious=True)
         group = (group[0], dict(group[1], cautious=True))
     return _Fused(name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
-                  *_options(max_grad_norm, skip_nonfinite, n_threads)).transformation()
+                  *_options(*options)).transformation()
 
 
 def _eps_root(value):
@@ -576,8 +587,8 @@ def _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, nesterov_rule):
 
 
 def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None, *,
-         nesterov=False, cautious=False, max_grad_norm=None, skip_nonfinite=False,
-         n_threads=None):
+         nesterov=False, cautious=False, max_grad_norm=None, max_grad_value=None,
+         maximize=False, skip_nonfinite=False, n_threads=None):
     r"""Adam (Kingma & Ba 2014) as an optax transformation run by fastopt's fused kernel.
 
     Follows ``optax.adam`` (its arguments, defaults and update). With gradient :math:`g_t`
@@ -620,6 +631,11 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
             every gradient is scaled by :math:`\min(1, \text{max\_grad\_norm} / (N +
             10^{-6}))`, ``torch.nn.utils.clip_grad_norm_``'s coefficient (optax's
             ``clip_by_global_norm`` has no :math:`10^{-6}`). Default None.
+        max_grad_value (float or None): clamp every gradient element to
+            :math:`[-v, v]` (``torch.nn.utils.clip_grad_value_``), in the kernel's pass; not
+            with max_grad_norm. Default None.
+        maximize (bool): ascend instead of descend (the gradients negated, as torch's
+            option). Default False.
         skip_nonfinite (bool): skip a step whose gradients hold NaN or inf: the parameters,
             the state and the count stay as they were (``update`` returns zero updates),
             as :class:`fastopt.Adam`'s option. Default False.
@@ -634,13 +650,13 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
     return _make("adam", "adam", AdamState,
                  _adam_scalars(b1, b2, eps, weight_decay=0.0, decoupled=False), learning_rate,
                  dict(b1=b1, b2=b2, eps=eps),
-                 ("Adam", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)), max_grad_norm,
-                 skip_nonfinite, n_threads, cautious)
+                 ("Adam", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)),
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads), cautious)
 
 
 def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None,
           weight_decay=1e-4, mask=None, *, nesterov=False, cautious=False, max_grad_norm=None,
-          skip_nonfinite=False, n_threads=None):
+          max_grad_value=None, maximize=False, skip_nonfinite=False, n_threads=None):
     r"""AdamW (Loshchilov & Hutter 2019) as an optax transformation run by fastopt's fused
     kernel.
 
@@ -688,6 +704,9 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
             Default False.
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
+            None.
+        maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
         n_threads (int or None): CPU threads for the kernel; default
@@ -704,22 +723,23 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
                  _adam_scalars(b1, b2, eps, weight_decay=weight_decay, decoupled=True),
                  learning_rate, dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
                  ("AdamW", dict(betas=(b1, b2), eps=eps, weight_decay=weight_decay)),
-                 max_grad_norm, skip_nonfinite, n_threads, cautious)
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads), cautious)
 
 
 def _adam_scalars(b1, b2, eps, weight_decay, decoupled):
     """Adam's (decoupled False, no decay) or AdamW's struct fields; AdamW's decay factor
     1 - lr * wd is exactly 1 for wd = 0, so a traced wd needs no branch."""
-    def scalars(dtype, *, step, lr, grad_scale):
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
         return _scalars.adam_scalars(dtype, step=step, lr=lr, beta1=b1, beta2=b2, eps=eps,
                                      weight_decay=weight_decay, decoupled=decoupled,
-                                     maximize=False, grad_scale=grad_scale,
-                                     grad_clip=math.inf)
+                                     maximize=maximize, grad_scale=grad_scale,
+                                     grad_clip=grad_clip)
     return scalars
 
 
 def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
-        max_grad_norm=None, skip_nonfinite=False, n_threads=None):
+        max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
+        n_threads=None):
     r"""Stochastic gradient descent, with optional (Nesterov) momentum, as an optax
     transformation run by fastopt's fused kernel.
 
@@ -749,6 +769,9 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
             parameters' dtype).
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
+            None.
+        maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
         n_threads (int or None): CPU threads for the kernel; default
@@ -764,22 +787,23 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
     _unsupported("accumulator_dtype", accumulator_dtype, None,
                  "the state has the parameters' dtype")
 
-    def scalars(dtype, *, step, lr, grad_scale):
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
         return _scalars.sgd_scalars(dtype, lr=lr,
                                     momentum=0.0 if momentum is None else momentum,
                                     dampening=0.0, weight_decay=0.0, nesterov=nesterov,
-                                    maximize=False, first=False, grad_scale=grad_scale,
-                                    grad_clip=math.inf)
+                                    maximize=maximize, first=False, grad_scale=grad_scale,
+                                    grad_clip=grad_clip)
 
     return _make("sgd", "sgd" if momentum is None else "sgd_momentum", SGDState, scalars,
                  learning_rate, dict(momentum=momentum, nesterov=nesterov),
                  ("SGD", dict(momentum=0.0 if momentum is None else momentum, dampening=0.0,
                               weight_decay=0.0, nesterov=nesterov)),
-                 max_grad_norm, skip_nonfinite, n_threads)
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads))
 
 
 def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None, *,
-         cautious=False, max_grad_norm=None, skip_nonfinite=False, n_threads=None):
+         cautious=False, max_grad_norm=None, max_grad_value=None, maximize=False,
+         skip_nonfinite=False, n_threads=None):
     r"""Lion (Chen et al. 2023) as an optax transformation run by fastopt's fused kernel.
 
     Follows ``optax.lion`` (its arguments, defaults and update). With gradient
@@ -813,6 +837,9 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
             Default False.
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
+            None.
+        maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
         n_threads (int or None): CPU threads for the kernel; default
@@ -828,15 +855,15 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
     _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
     _unsupported("mask", mask, None, "weight decay applies to every parameter")
 
-    def scalars(dtype, *, step, lr, grad_scale):
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
         return _scalars.lion_scalars(dtype, lr=lr, beta1=b1, beta2=b2,
-                                     weight_decay=weight_decay, maximize=False,
-                                     grad_scale=grad_scale, grad_clip=math.inf)
+                                     weight_decay=weight_decay, maximize=maximize,
+                                     grad_scale=grad_scale, grad_clip=grad_clip)
 
     return _make("lion", "lion", LionState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, weight_decay=weight_decay),
-                 ("Lion", dict(betas=(b1, b2), weight_decay=weight_decay)), max_grad_norm,
-                 skip_nonfinite, n_threads, cautious)
+                 ("Lion", dict(betas=(b1, b2), weight_decay=weight_decay)),
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads), cautious)
 
 
 class AdamaxState(NamedTuple):
@@ -849,7 +876,7 @@ class AdamaxState(NamedTuple):
 
 
 def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None,
-           skip_nonfinite=False, n_threads=None):
+           max_grad_value=None, maximize=False, skip_nonfinite=False, n_threads=None):
     r"""Adamax (Kingma & Ba 2014, the infinity-norm variant of Adam) as an optax
     transformation run by fastopt's fused kernel.
 
@@ -876,6 +903,9 @@ def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None,
         eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
+            None.
+        maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
         n_threads (int or None): CPU threads for the kernel; default
@@ -889,15 +919,15 @@ def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None,
     b2 = _real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
     eps = _real("eps", eps, lo=0.0)
 
-    def scalars(dtype, *, step, lr, grad_scale):
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
         return _scalars.adamax_scalars(dtype, step=step, lr=lr, beta1=b1, beta2=b2, eps=eps,
-                                       weight_decay=0.0, maximize=False,
-                                       grad_scale=grad_scale, grad_clip=math.inf)
+                                       weight_decay=0.0, maximize=maximize,
+                                       grad_scale=grad_scale, grad_clip=grad_clip)
 
     return _make("adamax", "adamax", AdamaxState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, eps=eps),
-                 ("Adamax", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)), max_grad_norm,
-                 skip_nonfinite, n_threads)
+                 ("Adamax", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)),
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads))
 
 
 class AdadeltaState(NamedTuple):
@@ -910,7 +940,8 @@ class AdadeltaState(NamedTuple):
 
 
 def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_decay_mask=None, *,
-             max_grad_norm=None, skip_nonfinite=False, n_threads=None):
+             max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
+             n_threads=None):
     r"""Adadelta (Zeiler 2012) as an optax transformation run by fastopt's fused kernel.
 
     Follows ``optax.adadelta`` (its arguments and update, which are also
@@ -941,6 +972,9 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_deca
             parameter).
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
+            None.
+        maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
         n_threads (int or None): CPU threads for the kernel; default
@@ -960,15 +994,15 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_deca
     _unsupported("weight_decay_mask", weight_decay_mask, None,
                  "weight decay applies to every parameter")
 
-    def scalars(dtype, *, step, lr, grad_scale):
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
         return _scalars.adadelta_scalars(dtype, lr=lr, rho=rho, eps=eps,
-                                         weight_decay=weight_decay, maximize=False,
-                                         grad_scale=grad_scale, grad_clip=math.inf)
+                                         weight_decay=weight_decay, maximize=maximize,
+                                         grad_scale=grad_scale, grad_clip=grad_clip)
 
     return _make("adadelta", "adadelta", AdadeltaState, scalars, learning_rate,
                  dict(rho=rho, eps=eps, weight_decay=weight_decay),
                  ("Adadelta", dict(rho=rho, eps=eps, weight_decay=weight_decay)),
-                 max_grad_norm, skip_nonfinite, n_threads)
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads))
 
 
 def _quarter_power(count):
@@ -977,7 +1011,7 @@ def _quarter_power(count):
 
 def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov=False,
           use_clipping=True, clip_value_fn=_quarter_power, cautious=False, max_grad_norm=None,
-          skip_nonfinite=False, n_threads=None):
+          max_grad_value=None, maximize=False, skip_nonfinite=False, n_threads=None):
     r"""ADOPT (Taniguchi et al. 2024) as an optax transformation run by fastopt's fused
     kernel.
 
@@ -1017,6 +1051,9 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
             Default False.
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
+            None.
+        maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
         n_threads (int or None): CPU threads for the kernel; default
@@ -1037,17 +1074,17 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
         raise TypeError(f"clip_value_fn: expected a function of the step count, got "
                         f"{type(clip_value_fn).__name__}")
 
-    def scalars(dtype, *, step, lr, grad_scale):
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
         clip_value = clip_value_fn(step - 1) if use_clipping else None
         return _scalars.adopt_scalars(dtype, step=step, lr=lr, beta1=b1, beta2=b2, eps=eps,
                                       weight_decay=0.0, decoupled=False,
-                                      clip_value=clip_value, maximize=False,
-                                      grad_scale=grad_scale, grad_clip=math.inf)
+                                      clip_value=clip_value, maximize=maximize,
+                                      grad_scale=grad_scale, grad_clip=grad_clip)
 
     return _make("adopt", "adopt", AdamState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, eps=eps, use_clipping=use_clipping),
-                 ("ADOPT", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)), max_grad_norm,
-                 skip_nonfinite, n_threads, cautious)
+                 ("ADOPT", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)),
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads), cautious)
 
 
 class AdEMAMixState(NamedTuple):
@@ -1062,7 +1099,7 @@ class AdEMAMixState(NamedTuple):
 
 def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, eps_root=None,
              mu_dtype=None, weight_decay=0.0, mask=None, *, cautious=False, max_grad_norm=None,
-             skip_nonfinite=False, n_threads=None):
+             max_grad_value=None, maximize=False, skip_nonfinite=False, n_threads=None):
     r"""AdEMAMix (Pagliardini, Ablin & Grangier 2024) as an optax transformation run by
     fastopt's fused kernel.
 
@@ -1106,6 +1143,9 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
             Default False.
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
+            None.
+        maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
         n_threads (int or None): CPU threads for the kernel; default
@@ -1127,13 +1167,13 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
     weight_decay = _weight_decay(weight_decay)
     _unsupported("mask", mask, None, "weight decay applies to every parameter")
 
-    def scalars(dtype, *, step, lr, grad_scale):
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
         return _scalars.ademamix_scalars(
             dtype, step=step, lr=lr, beta1=b1, beta2=b2,
             beta3=b3(step - 1) if callable(b3) else b3,
             alpha=alpha(step - 1) if callable(alpha) else alpha, eps=eps,
-            weight_decay=weight_decay, maximize=False, grad_scale=grad_scale,
-            grad_clip=math.inf)
+            weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
+            grad_clip=grad_clip)
 
     group = dict(eps=eps, weight_decay=weight_decay)  # schedules have no class key
     if not callable(b3):
@@ -1142,7 +1182,8 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
         group["alpha"] = alpha
     return _make("ademamix", "ademamix", AdEMAMixState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, weight_decay=weight_decay),
-                 ("AdEMAMix", group), max_grad_norm, skip_nonfinite, n_threads, cautious)
+                 ("AdEMAMix", group),
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads), cautious)
 
 
 class AdanState(NamedTuple):
@@ -1158,7 +1199,8 @@ class AdanState(NamedTuple):
 
 
 def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *,
-         no_prox=False, max_grad_norm=None, skip_nonfinite=False, n_threads=None):
+         no_prox=False, max_grad_norm=None, max_grad_value=None, maximize=False,
+         skip_nonfinite=False, n_threads=None):
     r"""Adan (Xie et al. 2022) as an optax transformation run by fastopt's fused kernel.
 
     Follows the authors' reference (``sail-sg/Adan``), as :class:`fastopt.Adan` does, with
@@ -1196,6 +1238,9 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
             division after it. Default False.
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
+        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
+            None.
+        maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
         n_threads (int or None): CPU threads for the kernel; default
@@ -1212,14 +1257,15 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
     weight_decay = _weight_decay(weight_decay)
     no_prox = flag("no_prox", no_prox)
 
-    def scalars(dtype, *, step, lr, grad_scale):
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
         return _scalars.adan_scalars(dtype, step=step, lr=lr, beta1=b1, beta2=b2, beta3=b3,
                                      eps=eps, weight_decay=weight_decay, no_prox=no_prox,
-                                     maximize=False, grad_scale=grad_scale,
-                                     grad_clip=math.inf)
+                                     maximize=maximize, grad_scale=grad_scale,
+                                     grad_clip=grad_clip)
 
     return _make("adan", "adan", AdanState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, b3=b3, eps=eps, weight_decay=weight_decay,
                       no_prox=no_prox),
                  ("Adan", dict(betas=(b1, b2, b3), eps=eps, weight_decay=weight_decay,
-                               no_prox=no_prox)), max_grad_norm, skip_nonfinite, n_threads)
+                               no_prox=no_prox)),
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads))

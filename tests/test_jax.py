@@ -618,6 +618,19 @@ def test_bad_masks(masks, error, match):
         tx.step(PARAMS, PARAMS, tx.init(PARAMS), masks)
 
 
+@pytest.mark.parametrize("name, hyper", [CONFIGS[2], CONFIGS[5], CONFIGS[11], CONFIGS[18]],
+                         ids=["adamw", "sgd_momentum", "adadelta", "ademamix"])
+def test_maximize_and_max_grad_value_act_on_the_gradients(name, hyper):
+    """maximize=True is the step on the negated gradients, max_grad_value the step on the
+    clamped ones (torch's clip_grad_value_): bit for bit, over 10 jitted steps."""
+    params, grads = _case("float32", seed=14, steps=10)
+    got, _ = _run_step(getattr(fjax, name)(**hyper, maximize=True, max_grad_value=0.5),
+                       params, grads)
+    want, _ = _run_step(getattr(fjax, name)(**hyper), params,
+                        jax.tree.map(lambda g: -jnp.clip(g, -0.5, 0.5), grads))
+    _assert_equal(got, want)
+
+
 def test_n_threads_gives_the_same_bits():
     params, grads = _case("float32", seed=7, steps=3)
     params["big"], grads["big"] = jnp.ones(100003), jnp.full((3, 100003), 0.25)
@@ -791,6 +804,11 @@ def test_sharded_arrays_and_shard_map():
      "eps_root=1e-08 is not supported yet"),
     ("adan", dict(learning_rate=1e-3, no_prox=1), TypeError, "no_prox must be a bool"),
     ("adan", dict(learning_rate=1e-3, b3=-0.1), ValueError, "b3 must be a finite number"),
+    ("adam", dict(learning_rate=1e-3, max_grad_norm=1.0, max_grad_value=1.0), ValueError,
+     "max_grad_value: not together with max_grad_norm"),
+    ("sgd", dict(learning_rate=1e-3, max_grad_value=0.0), ValueError,
+     r"max_grad_value must be a finite number in \(0, inf\]"),
+    ("lion", dict(learning_rate=1e-3, maximize=1), TypeError, "maximize must be a bool"),
 ])
 def test_bad_hyperparameters(factory, kwargs, error, match):
     with pytest.raises(error, match=match):
