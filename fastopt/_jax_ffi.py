@@ -17,7 +17,7 @@ import threading
 
 import numpy as np
 
-from fastopt import _rules
+from fastopt import _interop, _rules
 from fastopt._cpu import _xla
 
 TARGET = _xla.ELEMENTWISE  # "fastopt_elementwise_v1"
@@ -69,7 +69,8 @@ def record_bytes(args, dtype, scalars):
     return np.ascontiguousarray(_rules.pack(args.record(dtype, scalars)))
 
 
-def elementwise(kernel, record, params, grads, states, n_threads, delta=False, masks=None):
+def elementwise(kernel, record, params, grads, states, n_threads, delta=False, masks=None,
+                formats=None):
     """One step of elementwise kernel `kernel` over many tensors, as one XLA custom call on
     jax's CPU backend; works eagerly and inside ``jax.jit`` (and ``jax.vmap``, one call per
     batch element).
@@ -92,6 +93,13 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
             chunk by chunk in the same pass.
         masks: None, or per tensor a pruning mask (bool or uint8 of the parameter's shape; 0
             prunes an entry: its new parameter and state are +0) or None (no mask).
+        formats: None, or (stochastic, keys, step): the kernel computes in float32 (the
+            record is its float32 struct) on parameters stored as float32, bfloat16 or
+            float16, gradients of their dtype or float32, state arrays of any of the three
+            (each the same for every tensor); the written ones are rounded stochastically
+            (Philox bits from each tensor's key, keys[t] of an (n, 2) uint32 or int32 array
+            of fastopt._backends._formats.tensor_key, and `step`, a traced or concrete
+            int32) or to nearest even. Not for cautious steps.
 
     Returns:
         (new_params, new_states): lists shaped as `params` and `states` (with `delta`, the
@@ -105,10 +113,14 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
     With `delta` the differences go to new buffers and the parameters are only read.
     """
     import jax
+    import jax.numpy as jnp
 
     name = _kernel_name(kernel, KERNELS, "elementwise")
     n_state, n_aux = KERNELS[name], _rules.ALL_KERNELS[name].aux
-    params, grads, states, dtype = _operands(name, n_state, n_aux, params, grads, states)
+    if formats is not None and n_aux:
+        raise ValueError(f"formats: not with the cautious step {name!r}")
+    params, grads, states, dtype = _operands(name, n_state, n_aux, params, grads, states,
+                                             formats is not None)
     n_threads = _threads(n_threads)
     if not isinstance(delta, (bool, np.bool_)):
         raise TypeError(f"delta: expected a bool, got {type(delta).__name__}")
@@ -116,7 +128,7 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
     n = len(params)
     if n == 0:
         return [], []
-    record = _record(record, name, dtype)
+    record = _record(record, name, np.dtype(np.float32) if formats is not None else dtype)
 
     register()
     operands, results, aliases = [record], [], {}
@@ -125,14 +137,25 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
             if i != 1 and i < 2 + n_state - n_aux:  # the gradient and a factor are read only
                 if i > 1 or not delta:  # with delta the parameter's is a new buffer
                     aliases[len(operands)] = len(results)
-                results.append(jax.ShapeDtypeStruct(x.shape, dtype))
+                results.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
             operands.append(x)
         if masks is not None:
             operands.append(masks[t])
+    extra = {}
+    if formats is not None:
+        stochastic, keys, step = formats
+        keys = jnp.asarray(keys)
+        if keys.shape != (n, 2) or keys.dtype not in (jnp.uint32, jnp.int32):
+            raise ValueError(f"formats: expected the keys as (n_tensors, 2) uint32, got "
+                             f"{keys.dtype} {keys.shape}")
+        if keys.dtype == jnp.uint32:  # the handler reads the bits as uint32
+            keys = jax.lax.bitcast_convert_type(keys, jnp.int32)
+        operands += [keys, jnp.asarray(step, jnp.int32)]
+        extra = dict(formats=np.int64(1), stochastic=np.int64(bool(stochastic)))
     out = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases,
                            vmap_method="sequential")(
         *operands, kernel=name, n_tensors=np.int64(n), n_threads=np.int64(n_threads),
-        delta=np.int64(bool(delta)), masked=np.int64(masks is not None))
+        delta=np.int64(bool(delta)), masked=np.int64(masks is not None), **extra)
     step = 1 + n_state - n_aux
     return ([out[t * step] for t in range(n)],
             [list(out[t * step + 1:(t + 1) * step]) for t in range(n)])
@@ -189,10 +212,12 @@ def _masks(masks, params):
     return None if all(m is None for m in masks) else out
 
 
-def _operands(name, n_state, n_aux, params, grads, states):
+def _operands(name, n_state, n_aux, params, grads, states, formats=False):
     """(params, grads, states, dtype), checked: lists of one dtype's arrays, one entry per
     tensor, each tensor's `n_state` state operands its parameter's shape but the last
-    `n_aux` (one element each)."""
+    `n_aux` (one element each). With `formats`: parameters float32, bfloat16 or float16,
+    gradients of their dtype or float32, each state array any of the three, the same for
+    every tensor."""
     import jax
 
     params = _array_list(params, "params")
@@ -208,7 +233,16 @@ def _operands(name, n_state, n_aux, params, grads, states):
     if n == 0:
         return params, grads, states, None
 
-    dtype = _float_dtype(params[0].dtype, "params[0]")
+    dtype = np.dtype(params[0].dtype) if formats else _float_dtype(params[0].dtype,
+                                                                   "params[0]")
+    lowp = (np.dtype(np.float32), _interop.bfloat16(), np.dtype(np.float16))
+    if formats:
+        if dtype not in lowp:
+            raise TypeError(f"params[0]: expected float32, bfloat16 or float16 with formats, "
+                            f"got {dtype}")
+        first = [np.dtype(x.dtype) for x in (params[0], grads[0], *states[0])]
+        if first[1] not in (dtype, np.dtype(np.float32)):
+            raise TypeError(f"grads[0]: expected {dtype} or float32, got {first[1]}")
     if dtype == np.float64 and not jax.config.jax_enable_x64:
         raise ValueError("params: float64 tensors need jax_enable_x64 (jax would compute "
                          "them in float32)")
@@ -219,7 +253,11 @@ def _operands(name, n_state, n_aux, params, grads, states):
                              f"{_rules.ALL_KERNELS[name].state}, got {len(states[t])}")
         for k, x in enumerate((params[t], grads[t], *states[t])):
             what = (f"params[{t}]", f"grads[{t}]")[k] if k < 2 else f"states[{t}][{k - 2}]"
-            if np.dtype(x.dtype) != dtype:
+            if formats and k < len(first):  # as tensor 0's operand
+                if np.dtype(x.dtype) != first[k] or first[k] not in lowp:
+                    raise TypeError(f"{what}: expected {first[k]} (float32, bfloat16 or "
+                                    f"float16, as for tensor 0), got {x.dtype}")
+            elif np.dtype(x.dtype) != dtype:
                 raise TypeError(f"{what}: expected {dtype} as params[0], got {x.dtype}")
             if k >= 2 + n_state - n_aux:  # a factor
                 if int(np.prod(x.shape)) != 1:

@@ -39,6 +39,7 @@ except ImportError as e:  # a clear message: fastopt.jax's objects are optax tra
     raise ImportError("fastopt.jax needs optax (pip install optax, or fastopt[jax])") from e
 
 from fastopt import _jax_ffi, _rules, _scalars
+from fastopt._backends import _formats
 from fastopt._check import flag, real
 from fastopt._config import check_threads, get_num_threads
 
@@ -47,6 +48,8 @@ __all__ = ["adam", "adamw", "sgd", "lion", "adamax", "adadelta", "adopt", "adema
            "AdadeltaState", "AdEMAMixState", "AdanState"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_LOWP = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))  # computed in float32
+_STATE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
 
 
 class AdamState(NamedTuple):
@@ -169,7 +172,8 @@ class _Fused:
     `init` and `update` are bound methods of it, `step` another."""
 
     def __init__(self, name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
-                 max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads):
+                 max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                 stochastic_rounding, seed, n_threads):
         self.name = name
         self.caution = caution  # a fastopt._rules.Caution: the cautious option; or None
         self.group = group  # the array API class and its group's hyperparameters
@@ -181,10 +185,17 @@ class _Fused:
         self.grad_clip = math.inf if max_grad_value is None else max_grad_value
         self.maximize = maximize
         self.skip_nonfinite = skip_nonfinite
+        self.state_dtype = state_dtype  # None: float32 for low-precision parameters
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = seed
         self.n_threads = n_threads
         self.hyper = dict(learning_rate=learning_rate, **hyper, max_grad_norm=max_grad_norm,
                           max_grad_value=max_grad_value, maximize=maximize,
                           skip_nonfinite=skip_nonfinite, n_threads=n_threads)
+        if state_dtype is not None:
+            self.hyper["state_dtype"] = state_dtype.name
+        if not stochastic_rounding or seed:
+            self.hyper.update(stochastic_rounding=stochastic_rounding, seed=seed)
         # one bound method, handed out at every opt.step: jax.jit caches its traces by the
         # function object, so jax.jit(opt.step) in a loop compiles once
         self.bound_step = self.step
@@ -197,9 +208,21 @@ class _Fused:
         return FusedTransformation(self.init, self.update)
 
     def init(self, params):
-        params, _, _ = _params(params)
-        zeros = {name: jax.tree.map(jnp.zeros_like, params) for name in self.kernel.state}
+        params, _, dtype = _params(params)
+        state_dtype = self._state_dtype(dtype)
+        zeros = {name: jax.tree.map(lambda p: jnp.zeros(p.shape, state_dtype), params)
+                 for name in self.kernel.state}
         return self.state_cls(count=jnp.zeros([], jnp.int32), **zeros)
+
+    def _state_dtype(self, dtype):
+        """The state arrays' dtype for parameters of `dtype`: state_dtype, or float32 for
+        bfloat16 / float16 parameters (the parameters' dtype otherwise)."""
+        if self.state_dtype is not None:
+            if dtype == np.float64:
+                raise TypeError(f"state_dtype={self.state_dtype.name!r}: for float32, "
+                                f"bfloat16 or float16 parameters, not float64")
+            return self.state_dtype
+        return np.dtype(np.float32) if dtype in _LOWP else dtype
 
     def update(self, updates, state, params=None, masks=None, **extra_args):
         del extra_args  # optax.chain hands them to every transformation
@@ -218,12 +241,26 @@ class _Fused:
         """(treedef, the new parameter leaves, or with `delta` their differences from the
         parameters, the new state)."""
         _, (paths, leaves, treedef), dtype = _params(params)
-        grads = _like(grads, grads_name, paths, leaves, treedef)
+        compute = np.dtype(np.float32) if dtype in _LOWP else dtype
+        grads = _like(grads, grads_name, paths, leaves, treedef,
+                      (dtype, np.dtype(np.float32)) if dtype in _LOWP else None)
         masks = _mask_leaves(masks, paths, leaves, treedef)
         # a pruned entry's gradient counts as 0 where gradients are summed up
         summed = grads if masks is None else [
             g if m is None else jnp.where(m, g, jnp.zeros_like(g)) for g, m in zip(grads, masks)]
-        count, states = self._state(state, paths, leaves, treedef)
+        summed = [g.astype(compute) for g in summed]  # sums of low-precision ones in float32
+        state_dtype = self._state_dtype(dtype)
+        count, states = self._state(state, paths, leaves, treedef, state_dtype)
+        # storage formats: float32 arithmetic on low-precision parameters, gradients or
+        # state, the written ones rounded (stochastically: each tensor's key, the step)
+        keys = None
+        if compute != dtype or state_dtype != dtype or any(g.dtype != dtype for g in grads):
+            if self.caution is not None:
+                raise TypeError(f"fastopt.jax.{self.name}(cautious=True): not with {dtype} "
+                                f"parameters or {state_dtype} state yet (float32 or float64 "
+                                f"throughout)")
+            keys = np.array([_formats.tensor_key(self.seed, t) for t in range(len(leaves))],
+                            np.uint32).reshape(len(leaves), 2).view(np.int32)
         step = optax.safe_increment(count)  # t, as optax: it stops at int32's maximum
         if not leaves:
             return treedef, [], state._replace(count=step)
@@ -237,9 +274,9 @@ class _Fused:
         grad_scale = 1.0
         if self.max_grad_norm is not None:
             grad_scale = _clip_coefficient(self.max_grad_norm, summed)
-        fields = self.scalars(dtype, step=step, lr=lr, grad_scale=grad_scale,
+        fields = self.scalars(compute, step=step, lr=lr, grad_scale=grad_scale,
                               maximize=self.maximize, grad_clip=self.grad_clip)
-        record = _record(self.kernel.args, dtype, fields)
+        record = _record(self.kernel.args, compute, fields)
         operands = (record, leaves, grads, [list(s) for s in zip(*states)] if states
                     else [[] for _ in leaves])
 
@@ -250,8 +287,9 @@ class _Fused:
                       self.caution.step.name)
 
         def run(record, params, grads, states):
-            return _kernel_call(self.name, kernel, self.n_threads, delta, record, params,
-                                grads, states, masks)
+            return _kernel_call(self.name, kernel, self.n_threads, delta,
+                                self.stochastic_rounding, record, params, grads, states, masks,
+                                keys, None if keys is None else step)
 
         if self.skip_nonfinite:
             def skip(record, params, grads, states):  # nothing changes
@@ -318,7 +356,7 @@ class _Fused:
         return self.state_cls(count=jnp.asarray(steps.pop() if steps else 0, jnp.int32),
                               **arrays)
 
-    def _state(self, state, paths, leaves, treedef):
+    def _state(self, state, paths, leaves, treedef, state_dtype):
         """The step count and, per state array of the kernel, its leaves, checked against
         the parameters'."""
         cls = self.state_cls
@@ -334,23 +372,22 @@ class _Fused:
                 raise ValueError(f"state.{name}: expected None (fastopt.jax.{self.name} keeps "
                                  f"no {name} here), got a value: is this another "
                                  f"transformation's state?")
-        states = [_like(getattr(state, name), f"state.{name}", paths, leaves, treedef)
-                  for name in self.kernel.state]
+        states = [_like(getattr(state, name), f"state.{name}", paths, leaves, treedef,
+                        (state_dtype,)) for name in self.kernel.state]
         return count, states
 
 
 def _params(params):
     """`params` with every leaf a jax array, (paths, leaves, treedef) and their dtype,
-    checked: float32 or float64 arrays, all of one dtype."""
+    checked: float32, float64, bfloat16 or float16 arrays, all of one dtype."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [jax.tree_util.keystr(path) for path, _ in flat]
     leaves = [_array(leaf, f"params{path}") for path, (_, leaf) in zip(paths, flat)]
     dtype = None
     for path, leaf in zip(paths, leaves):
-        if np.dtype(leaf.dtype) not in _FLOATS:
-            raise TypeError(f"params{path}: expected float32 or float64 arrays, got "
-                            f"{leaf.dtype} (other dtypes and mixed precision are not "
-                            f"supported yet)")
+        if np.dtype(leaf.dtype) not in _FLOATS + _LOWP:
+            raise TypeError(f"params{path}: expected float32, float64, bfloat16 or float16 "
+                            f"arrays, got {leaf.dtype}")
         if dtype is None:
             dtype, first = np.dtype(leaf.dtype), path
         elif leaf.dtype != dtype:
@@ -360,9 +397,10 @@ def _params(params):
     return treedef.unflatten(leaves), (paths, leaves, treedef), dtype
 
 
-def _like(tree, name, paths, leaves, treedef):
+def _like(tree, name, paths, leaves, treedef, dtypes=None):
     """The leaves of `tree` (gradients or a state array), checked to have the parameters'
-    tree structure, and each its parameter's shape and dtype."""
+    tree structure, and each its parameter's shape and dtype (or one of `dtypes`, the same
+    for every leaf)."""
     flat, other = jax.tree.flatten(tree)
     if other != treedef:
         raise ValueError(f"{name}: expected the tree structure of params, {treedef}, got "
@@ -370,9 +408,13 @@ def _like(tree, name, paths, leaves, treedef):
     out = []
     for path, param, leaf in zip(paths, leaves, flat):
         leaf = _array(leaf, f"{name}{path}")
-        if leaf.dtype != param.dtype:
-            raise TypeError(f"{name}{path}: expected {param.dtype}, as params{path}, got "
-                            f"{leaf.dtype}")
+        allowed = (param.dtype,) if dtypes is None else dtypes
+        if out:
+            allowed = (out[0].dtype,)
+        if leaf.dtype not in allowed:
+            raise TypeError(f"{name}{path}: expected "
+                            f"{' or '.join(str(np.dtype(d)) for d in allowed)}"
+                            f"{', as params' + path if dtypes is None else ''}, got {leaf.dtype}")
         if leaf.shape != param.shape:
             raise ValueError(f"{name}{path}: expected the shape of params{path}, "
                              f"{param.shape}, got {leaf.shape}")
@@ -464,16 +506,20 @@ def _record(args, dtype, fields):
     return jnp.concatenate(pieces)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
-def _kernel_call(name, kernel, n_threads, delta, record, params, grads, states, masks):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, grads, states,
+                 masks, keys, step):
     """The FFI call, with a derivative rule that says why there is none. `kernel` is the
     elementwise kernel's name, or for the cautious option (the count kernel, the indices of
     the state arrays it reads, the cautious step): the count pass, each tensor's factor
     1 / max(mean K, 1e-3) in the parameters' dtype (fastopt._scalars.caution_factors'
-    formula), then the step with it."""
+    formula), then the step with it. With `keys` (each tensor's Philox key) the operands
+    are in storage formats, rounded stochastically (`stochastic`, with the bits of `step`)
+    or to nearest even."""
     if isinstance(kernel, str):
         return _jax_ffi.elementwise(kernel, record, params, grads, states, n_threads,
-                                    delta=delta, masks=masks)
+                                    delta=delta, masks=masks, formats=None if keys is None
+                                    else (stochastic, keys, step))
     count, reads, cautious = kernel
     counts = _jax_ffi.caution_counts(count, record, params, grads,
                                      [[s[i] for i in reads] for s in states], n_threads)
@@ -487,7 +533,7 @@ def _kernel_call(name, kernel, n_threads, delta, record, params, grads, states, 
 
 
 @_kernel_call.defjvp
-def _no_derivative(name, kernel, n_threads, delta, primals, tangents):
+def _no_derivative(name, kernel, n_threads, delta, stochastic, primals, tangents):
     raise ValueError(f"fastopt.jax.{name}: an optimizer step cannot be differentiated "
                      f"(fastopt's fused kernel has no derivative rule). Differentiate the loss "
                      f"and pass its gradients to update or step; to differentiate through the "
@@ -531,8 +577,27 @@ def _unsupported(name, value, default, why):
     raise ValueError(f"{name}={value!r:.60} is not supported yet by fastopt.jax ({why})")
 
 
-def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads):
+def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+             stochastic_rounding, seed, n_threads):
     skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
+    if state_dtype is not None:
+        name = state_dtype if isinstance(state_dtype, str) else getattr(
+            np.dtype(state_dtype) if _is_dtype(state_dtype) else None, "name", None)
+        if name not in _STATE_DTYPES:
+            raise ValueError(f"state_dtype: expected None, 'float32' or 'bfloat16' (8-bit "
+                             f"state is not supported by fastopt.jax yet), got "
+                             f"{state_dtype!r:.60}")
+        state_dtype = _STATE_DTYPES[name]
+    if stochastic_rounding is not None:
+        stochastic_rounding = flag("stochastic_rounding", stochastic_rounding)
+    stochastic_rounding = True if stochastic_rounding is None else stochastic_rounding
+    if isinstance(seed, jax.Array):
+        raise TypeError("seed: expected a Python int, got a jax array (optax."
+                        "inject_hyperparams injects numeric arguments: pass "
+                        "static_args=('seed',))")
+    seed = 0 if seed is None else seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed: expected an integer in [0, 2**64), got {seed!r:.60}")
     maximize = flag("maximize", maximize)
     if max_grad_norm is not None:
         max_grad_norm = _real("max_grad_norm", max_grad_norm, lo=0.0, lo_open=True)
@@ -547,7 +612,16 @@ def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads)
                         "static_args=('n_threads',))")
     n_threads = get_num_threads() if n_threads is None else check_threads(n_threads,
                                                                           "n_threads")
-    return max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads
+    return (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+            stochastic_rounding, seed, n_threads)
+
+
+def _is_dtype(x):
+    try:
+        np.dtype(x)
+    except TypeError:
+        return False
+    return True
 
 
 def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, options,
@@ -556,7 +630,8 @@ def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, options
     struct fields (`scalars`), checked hyperparameters (`hyper`, for the repr) and `group`,
     (the array API's class, its param group's hyperparameters but lr) for state_dict; with
     `cautious`, the kernel's cautious variant of the rule table; `options` the factory's
-    options (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads)."""
+    options (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+    stochastic_rounding, seed, n_threads)."""
     caution = None
     if flag("cautious", cautious):
         caution = _rules.BY_NAME[group[0]].caution(kernel)
@@ -586,9 +661,10 @@ def _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, nesterov_rule):
     return b1, b2, eps
 
 
-def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None, *,
-         nesterov=False, cautious=False, max_grad_norm=None, max_grad_value=None,
-         maximize=False, skip_nonfinite=False, n_threads=None):
+def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None, *, nesterov=False,
+         cautious=False, max_grad_norm=None, max_grad_value=None, maximize=False,
+         skip_nonfinite=False, state_dtype=None, stochastic_rounding=None, seed=None,
+         n_threads=None):
     r"""Adam (Kingma & Ba 2014) as an optax transformation run by fastopt's fused kernel.
 
     Follows ``optax.adam`` (its arguments, defaults and update). With gradient :math:`g_t`
@@ -639,6 +715,16 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
         skip_nonfinite (bool): skip a step whose gradients hold NaN or inf: the parameters,
             the state and the count stay as they were (``update`` returns zero updates),
             as :class:`fastopt.Adam`'s option. Default False.
+        state_dtype (str or None): the state arrays' dtype: None (float32 for bfloat16 and
+            float16 parameters, else the parameters'), ``"float32"`` or ``"bfloat16"``.
+            Low-precision parameters or state are kept as the array API's storage formats
+            keep them: the kernel computes in float32 and rounds what it writes.
+        stochastic_rounding (bool or None): round the written bfloat16 / float16 values up
+            with probability equal to the discarded fraction (Philox bits keyed by `seed`,
+            the parameter's index in ``jax.tree.leaves`` order, the step count and the
+            element, as the array API's), else to nearest even. Default None: stochastic.
+        seed (int or None): the seed of stochastic rounding, in [0, 2**64). Default None:
+            0 (None, so that optax.inject_hyperparams leaves it alone).
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -651,12 +737,14 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
                  _adam_scalars(b1, b2, eps, weight_decay=0.0, decoupled=False), learning_rate,
                  dict(b1=b1, b2=b2, eps=eps),
                  ("Adam", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)),
-                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads), cautious)
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                  stochastic_rounding, seed, n_threads), cautious)
 
 
 def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None,
           weight_decay=1e-4, mask=None, *, nesterov=False, cautious=False, max_grad_norm=None,
-          max_grad_value=None, maximize=False, skip_nonfinite=False, n_threads=None):
+          max_grad_value=None, maximize=False, skip_nonfinite=False, state_dtype=None,
+          stochastic_rounding=None, seed=None, n_threads=None):
     r"""AdamW (Loshchilov & Hutter 2019) as an optax transformation run by fastopt's fused
     kernel.
 
@@ -709,6 +797,8 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
         maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
+        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
+            :func:`adam`'s. Defaults None (each).
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -723,7 +813,8 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
                  _adam_scalars(b1, b2, eps, weight_decay=weight_decay, decoupled=True),
                  learning_rate, dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
                  ("AdamW", dict(betas=(b1, b2), eps=eps, weight_decay=weight_decay)),
-                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads), cautious)
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                  stochastic_rounding, seed, n_threads), cautious)
 
 
 def _adam_scalars(b1, b2, eps, weight_decay, decoupled):
@@ -737,9 +828,9 @@ def _adam_scalars(b1, b2, eps, weight_decay, decoupled):
     return scalars
 
 
-def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
-        max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
-        n_threads=None):
+def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *, max_grad_norm=None,
+        max_grad_value=None, maximize=False, skip_nonfinite=False, state_dtype=None,
+        stochastic_rounding=None, seed=None, n_threads=None):
     r"""Stochastic gradient descent, with optional (Nesterov) momentum, as an optax
     transformation run by fastopt's fused kernel.
 
@@ -774,6 +865,8 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
         maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
+        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
+            :func:`adam`'s. Defaults None (each).
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -798,12 +891,14 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
                  learning_rate, dict(momentum=momentum, nesterov=nesterov),
                  ("SGD", dict(momentum=0.0 if momentum is None else momentum, dampening=0.0,
                               weight_decay=0.0, nesterov=nesterov)),
-                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads))
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                  stochastic_rounding, seed, n_threads))
 
 
 def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None, *,
          cautious=False, max_grad_norm=None, max_grad_value=None, maximize=False,
-         skip_nonfinite=False, n_threads=None):
+         skip_nonfinite=False, state_dtype=None, stochastic_rounding=None, seed=None,
+         n_threads=None):
     r"""Lion (Chen et al. 2023) as an optax transformation run by fastopt's fused kernel.
 
     Follows ``optax.lion`` (its arguments, defaults and update). With gradient
@@ -842,6 +937,8 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
         maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
+        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
+            :func:`adam`'s. Defaults None (each).
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -863,7 +960,8 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
     return _make("lion", "lion", LionState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, weight_decay=weight_decay),
                  ("Lion", dict(betas=(b1, b2), weight_decay=weight_decay)),
-                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads), cautious)
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                  stochastic_rounding, seed, n_threads), cautious)
 
 
 class AdamaxState(NamedTuple):
@@ -875,8 +973,9 @@ class AdamaxState(NamedTuple):
     exp_inf: Any
 
 
-def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None,
-           max_grad_value=None, maximize=False, skip_nonfinite=False, n_threads=None):
+def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None, max_grad_value=None,
+           maximize=False, skip_nonfinite=False, state_dtype=None, stochastic_rounding=None,
+           seed=None, n_threads=None):
     r"""Adamax (Kingma & Ba 2014, the infinity-norm variant of Adam) as an optax
     transformation run by fastopt's fused kernel.
 
@@ -908,6 +1007,8 @@ def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None,
         maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
+        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
+            :func:`adam`'s. Defaults None (each).
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -927,7 +1028,8 @@ def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None,
     return _make("adamax", "adamax", AdamaxState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, eps=eps),
                  ("Adamax", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)),
-                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads))
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                  stochastic_rounding, seed, n_threads))
 
 
 class AdadeltaState(NamedTuple):
@@ -941,7 +1043,7 @@ class AdadeltaState(NamedTuple):
 
 def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_decay_mask=None, *,
              max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
-             n_threads=None):
+             state_dtype=None, stochastic_rounding=None, seed=None, n_threads=None):
     r"""Adadelta (Zeiler 2012) as an optax transformation run by fastopt's fused kernel.
 
     Follows ``optax.adadelta`` (its arguments and update, which are also
@@ -977,6 +1079,8 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_deca
         maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
+        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
+            :func:`adam`'s. Defaults None (each).
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -1002,7 +1106,8 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_deca
     return _make("adadelta", "adadelta", AdadeltaState, scalars, learning_rate,
                  dict(rho=rho, eps=eps, weight_decay=weight_decay),
                  ("Adadelta", dict(rho=rho, eps=eps, weight_decay=weight_decay)),
-                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads))
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                  stochastic_rounding, seed, n_threads))
 
 
 def _quarter_power(count):
@@ -1011,7 +1116,8 @@ def _quarter_power(count):
 
 def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov=False,
           use_clipping=True, clip_value_fn=_quarter_power, cautious=False, max_grad_norm=None,
-          max_grad_value=None, maximize=False, skip_nonfinite=False, n_threads=None):
+          max_grad_value=None, maximize=False, skip_nonfinite=False, state_dtype=None,
+          stochastic_rounding=None, seed=None, n_threads=None):
     r"""ADOPT (Taniguchi et al. 2024) as an optax transformation run by fastopt's fused
     kernel.
 
@@ -1056,6 +1162,8 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
         maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
+        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
+            :func:`adam`'s. Defaults None (each).
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -1084,7 +1192,8 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
     return _make("adopt", "adopt", AdamState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, eps=eps, use_clipping=use_clipping),
                  ("ADOPT", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)),
-                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads), cautious)
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                  stochastic_rounding, seed, n_threads), cautious)
 
 
 class AdEMAMixState(NamedTuple):
@@ -1099,7 +1208,8 @@ class AdEMAMixState(NamedTuple):
 
 def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, eps_root=None,
              mu_dtype=None, weight_decay=0.0, mask=None, *, cautious=False, max_grad_norm=None,
-             max_grad_value=None, maximize=False, skip_nonfinite=False, n_threads=None):
+             max_grad_value=None, maximize=False, skip_nonfinite=False, state_dtype=None,
+             stochastic_rounding=None, seed=None, n_threads=None):
     r"""AdEMAMix (Pagliardini, Ablin & Grangier 2024) as an optax transformation run by
     fastopt's fused kernel.
 
@@ -1148,6 +1258,8 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
         maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
+        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
+            :func:`adam`'s. Defaults None (each).
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -1183,7 +1295,8 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
     return _make("ademamix", "ademamix", AdEMAMixState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, weight_decay=weight_decay),
                  ("AdEMAMix", group),
-                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads), cautious)
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                  stochastic_rounding, seed, n_threads), cautious)
 
 
 class AdanState(NamedTuple):
@@ -1198,9 +1311,9 @@ class AdanState(NamedTuple):
     neg_pre_grad: Any
 
 
-def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *,
-         no_prox=False, max_grad_norm=None, max_grad_value=None, maximize=False,
-         skip_nonfinite=False, n_threads=None):
+def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *, no_prox=False,
+         max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
+         state_dtype=None, stochastic_rounding=None, seed=None, n_threads=None):
     r"""Adan (Xie et al. 2022) as an optax transformation run by fastopt's fused kernel.
 
     Follows the authors' reference (``sail-sg/Adan``), as :class:`fastopt.Adan` does, with
@@ -1243,6 +1356,8 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
         maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
+        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
+            :func:`adam`'s. Defaults None (each).
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 
@@ -1268,4 +1383,5 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
                       no_prox=no_prox),
                  ("Adan", dict(betas=(b1, b2, b3), eps=eps, weight_decay=weight_decay,
                                no_prox=no_prox)),
-                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, n_threads))
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                  stochastic_rounding, seed, n_threads))

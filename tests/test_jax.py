@@ -631,6 +631,88 @@ def test_maximize_and_max_grad_value_act_on_the_gradients(name, hyper):
     _assert_equal(got, want)
 
 
+@pytest.mark.parametrize("stochastic", [True, False], ids=["sr", "rne"])
+@pytest.mark.parametrize("name, hyper, cls, chyper, param, grad, state", [
+    ("adamw", dict(learning_rate=1e-2, weight_decay=0.1), "AdamW",
+     dict(lr=1e-2, weight_decay=0.1), "bfloat16", "bfloat16", None),
+    ("sgd", dict(learning_rate=1e-2, momentum=0.9), "SGD", dict(lr=1e-2, momentum=0.9),
+     "float16", "float32", None),
+    ("lion", dict(learning_rate=1e-3), "Lion", dict(lr=1e-3, weight_decay=1e-3), "bfloat16",
+     "bfloat16", "bfloat16"),
+    ("adam", dict(learning_rate=1e-2), "Adam", dict(lr=1e-2), "float32", "float32",
+     "bfloat16"),
+])
+def test_low_precision_is_the_array_apis(name, hyper, cls, chyper, param, grad, state,
+                                         stochastic):
+    """bfloat16 / float16 parameters (with gradients of their dtype or float32) and
+    bfloat16 state: 6 jitted steps equal the array API's storage formats with the same seed bit for
+    bit, stochastic rounding and round-to-nearest alike (x64 on, so that the step sizes
+    are computed in float64 as on the host)."""
+    from fastopt._interop import bfloat16
+    dtypes = {"bfloat16": bfloat16(), "float16": np.dtype(np.float16),
+              "float32": np.dtype(np.float32)}
+    dt = dtypes[param]
+    rng = np.random.default_rng(15)
+    shapes = [(300, 250), (7,), ()]
+    params = [rng.standard_normal(sh).astype(np.float32).astype(dt) for sh in shapes]
+    grads = [[rng.standard_normal(sh).astype(np.float32) for sh in shapes] for _ in range(6)]
+    grads = [[g.astype(dtypes[grad]) for g in gs] for gs in grads]
+    with jax.enable_x64(True):
+        tx = getattr(fjax, name)(**hyper, state_dtype=state, stochastic_rounding=stochastic,
+                                 seed=7)
+        got, opt_state = [jnp.asarray(x) for x in params], None
+        opt_state = tx.init(got)
+        step = jax.jit(tx.step)
+        for g in grads:
+            got, opt_state = step(got, [jnp.asarray(x) for x in g], opt_state)
+    want = [x.copy() for x in params]
+    opt = getattr(fastopt, cls)(want, **chyper, state_dtype=state,
+                                stochastic_rounding=stochastic, seed=7)
+    for g in grads:
+        opt.step(g)
+    for x, y in zip(got, want):
+        assert x.dtype == dt
+        np.testing.assert_array_equal(np.asarray(x).reshape(-1).view(np.uint8),
+                                      y.reshape(-1).view(np.uint8))
+    with jax.enable_x64(True):  # the update path: the updates and apply_updates' sum are
+        # rounded to the parameters' dtype too, where a parameter moves by more than half its
+        # magnitude: within one rounding of the largest parameter
+        via_update, _ = _run_update(tx, [jnp.asarray(x) for x in params],
+                                    [jnp.stack([jnp.asarray(g[k]) for g in grads])
+                                     for k in range(len(shapes))])
+    for x, y in zip(via_update, want):
+        y = y.astype(np.float32)
+        np.testing.assert_allclose(np.asarray(x, np.float32), y, rtol=0,
+                                   atol=np.finfo(dt).eps * np.max(np.abs(y)))
+    for field in opt_state._fields[1:]:
+        for k, leaf in enumerate(getattr(opt_state, field)):
+            assert leaf.dtype == (bfloat16() if state else np.float32)
+            np.testing.assert_array_equal(
+                np.asarray(leaf).reshape(-1).view(np.uint8),
+                np.asarray(opt.state[k][field]).reshape(-1).view(np.uint8))
+
+
+def test_stochastic_rounding_does_not_stall():
+    """200 Adam steps of lr 1e-4 on bfloat16 weights of magnitude about 1: rounding to
+    nearest leaves them where they were (every update is below half an ulp), stochastic
+    rounding moves them as far as the float64 computation, on average."""
+    rng = np.random.default_rng(16)
+    w = jnp.asarray(rng.uniform(1.0, 1.5, 4096), jnp.bfloat16)
+    g = jnp.asarray(rng.uniform(0.5, 1.0, 4096), jnp.float32)  # a steady descent direction
+    grads = jax.tree.map(lambda x: jnp.broadcast_to(x, (200,) + x.shape), [g])
+    moved = {}
+    for sr in (True, False):
+        p, _ = _run_step(fjax.adam(1e-4, stochastic_rounding=sr), [w], grads)
+        moved[sr] = float(jnp.mean(w.astype(jnp.float32) - p[0].astype(jnp.float32)))
+    with jax.enable_x64(True):
+        ref, _ = _run_step(fjax.adam(1e-4), [w.astype(jnp.float64)],
+                           jax.tree.map(lambda x: x.astype(jnp.float64), grads))
+        reference = float(jnp.mean(w.astype(jnp.float64) - ref[0]))
+    assert moved[False] == 0.0
+    assert reference == pytest.approx(0.02, rel=0.05)
+    assert moved[True] == pytest.approx(reference, rel=0.1)
+
+
 def test_n_threads_gives_the_same_bits():
     params, grads = _case("float32", seed=7, steps=3)
     params["big"], grads["big"] = jnp.ones(100003), jnp.full((3, 100003), 0.25)
@@ -809,6 +891,11 @@ def test_sharded_arrays_and_shard_map():
     ("sgd", dict(learning_rate=1e-3, max_grad_value=0.0), ValueError,
      r"max_grad_value must be a finite number in \(0, inf\]"),
     ("lion", dict(learning_rate=1e-3, maximize=1), TypeError, "maximize must be a bool"),
+    ("adam", dict(learning_rate=1e-3, state_dtype="int8"), ValueError,
+     "state_dtype: expected None, 'float32' or 'bfloat16' .8-bit state is not supported"),
+    ("adam", dict(learning_rate=1e-3, seed=-1), ValueError, r"seed: expected an integer"),
+    ("sgd", dict(learning_rate=1e-3, stochastic_rounding="yes"), TypeError,
+     "stochastic_rounding must be a bool"),
 ])
 def test_bad_hyperparameters(factory, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -836,11 +923,11 @@ def test_bad_gradients(grads, error, match):
 
 
 @pytest.mark.parametrize("params, match", [
-    ({"w": jnp.ones(3, jnp.int32)}, r"params\['w'\]: expected float32 or float64 arrays, got "
-                                    "int32"),
+    ({"w": jnp.ones(3, jnp.int32)}, r"params\['w'\]: expected float32, float64, bfloat16 or "
+                                    "float16 arrays, got int32"),
     ({"w": jnp.ones(3), "v": jnp.ones(3, jnp.bfloat16)},
-     r"params\['v'\]: expected float32 or float64 arrays, got bfloat16 \(other dtypes and "
-     "mixed precision are not supported yet\\)"),
+     r"params\['w'\]: expected bfloat16, as params\['v'\]: the parameters must share one "
+     r"dtype \(mixed dtypes are not supported yet\), got float32"),
 ])
 def test_bad_parameters(params, match):
     tx = fjax.sgd(0.1, momentum=0.9)

@@ -351,6 +351,58 @@ def test_masks_zero_the_pruned_entries(delta):
             _assert_bits(np.asarray(x), np.where(keep, np.asarray(y), 0).astype(np.float32))
 
 
+@pytest.mark.parametrize("stochastic", [True, False], ids=["sr", "rne"])
+@pytest.mark.parametrize("kernel, param, grad, state", [
+    ("adam", "bfloat16", "bfloat16", "float32"),
+    ("adam", "bfloat16", "float32", "bfloat16"),
+    ("sgd_momentum", "float16", "float16", "float32"),
+    ("lion", "float32", "float32", "bfloat16"),
+])
+def test_formats_are_the_cython_drivers(kernel, param, grad, state, stochastic):
+    """formats: float32 arithmetic on bfloat16 / float16 / float32 storage, rounded
+    stochastically (each tensor's key, the step) or to nearest even: the Cython driver's
+    storage formats, bit for bit, on 1 and 2 threads, delta too."""
+    from fastopt._backends import _formats
+    from fastopt._interop import bfloat16
+    dt = {"bfloat16": bfloat16(), "float16": np.dtype(np.float16),
+          "float32": np.dtype(np.float32)}
+    scalars = _hyper(kernel, np.float32)
+    params, grads, states = _case(kernel, np.float32, seed=9)
+    params = [x.astype(dt[param]) for x in params]
+    grads = [x.astype(dt[grad]) for x in grads]
+    states = [[x.astype(dt[state]) for x in ss] for ss in states]
+    keys = np.array([_formats.tensor_key(5, t) for t in range(len(params))], np.uint32)
+    record = _jax_ffi.record_bytes(_rules.KERNELS[kernel].args, np.float32, scalars)
+    want_p = [x.copy() for x in params]
+    want_s = [[x.copy() for x in ss] for ss in states]
+    n_state = _jax_ffi.KERNELS[kernel]
+    codes = tuple(_formats.code_of(x) for x in (dt[param], dt[param], dt[grad]))
+    codes += (_formats.code_of(dt[state]),) * n_state
+    _cython.elementwise(kernel, (want_p, want_p, grads) + tuple(
+        [ss[k] for ss in want_s] for k in range(n_state)),
+        _rules.KERNELS[kernel].args.record(np.float32, scalars), 1,
+        formats=_formats.Formats(codes, stochastic, 7, keys))
+    for n_threads in (1, 2):
+        got = jax.jit(lambda r, p, g, s: _jax_ffi.elementwise(
+            kernel, r, p, g, s, n_threads, formats=(stochastic, keys, jnp.int32(7))))(
+            record, params, grads, states)
+        assert got[0][0].dtype == dt[param]
+        for x, y in zip(got[0], want_p):
+            np.testing.assert_array_equal(_bytes(x), _bytes(y))
+        for xs, ys in zip(got[1], want_s):
+            for x, y in zip(xs, ys):
+                np.testing.assert_array_equal(_bytes(x), _bytes(y))
+    deltas, _ = _jax_ffi.elementwise(kernel, record, params, grads, states, 2, delta=True,
+                                     formats=(stochastic, keys, 7))
+    for d, new, old in zip(deltas, want_p, params):  # rounded to nearest, as XLA's
+        diff = (new.astype(np.float32) - old.astype(np.float32)).astype(dt[param])
+        np.testing.assert_array_equal(_bytes(d), _bytes(diff))
+
+
+def _bytes(x):
+    return np.asarray(x).reshape(-1).view(np.uint8)
+
+
 def test_eager_call_leaves_its_inputs_alone():
     """Without donation, XLA gives the aliased results buffers of their own: the inputs keep
     their values (and a one-thread step gives the same bits)."""
@@ -530,7 +582,7 @@ SGD_RECORD = np.zeros(32, np.uint8)
     ((SGD_RECORD, P3, P3), 1, dict(count=np.int64(1)),
      "no cautious count kernel named 'sgd'"),
     ((SGD_RECORD, P3, P3), 1, dict(kernel="adam_caution", count=np.int64(1), delta=np.int64(1)),
-     "attribute count: not with delta or masked"),
+     "attribute count: not with delta, masked or formats"),
     ((SGD_RECORD, P3, P3, np.ones(2, np.uint8)), 1, dict(masked=np.int64(1)),
      "tensor 0, mask: expected 3 elements, as the param, or none, got 2"),
     ((SGD_RECORD, P3, P3, np.ones(3, np.int32)), 1, dict(masked=np.int64(1)),

@@ -6,7 +6,8 @@
  * FO_CAUTIOUS_KERNELS (fastopt/optim.h):
  *   attributes  kernel (string, its name), n_tensors (int64), n_threads (int64: OpenMP
  *               threads at most; small steps take fewer, as the Cython driver does), and
- *               optionally delta, count and masked (int64, 0 or 1; default 0)
+ *               optionally delta, count, masked, formats and stochastic (int64, 0 or 1;
+ *               default 0)
  *   arguments   0: the kernel's fo_<args>_args_<f32|f64> struct as bytes (1-D uint8,
  *               zero-padded to a multiple of 8: fastopt._rules.pack), then per tensor:
  *               param, grad, then its n_state state arrays, then (a cautious step) its
@@ -15,6 +16,14 @@
  *               the new state are +0 there), or of none (no mask)
  *   results     per tensor: the new param (with delta: the new param minus the param, in
  *               the param's dtype, as optax's updates), then its n_state new state arrays
+ * With formats the kernel computes in float32 on operands stored as float32, bfloat16 or
+ * float16 (format_loops.h, as the Cython driver's storage formats): the param bfloat16,
+ * float16 or float32, the grad the param's dtype or float32, each state array any of the
+ * three (the same for every tensor); the written ones are rounded to their format,
+ * stochastically (stochastic) with the Philox bits of each tensor's key and the step, or to
+ * nearest even. Two more arguments follow the tensors': the keys (int32 of shape
+ * (n_tensors, 2), the uint32 bits of fastopt._backends._formats.tensor_key) and the step (a
+ * 0-d int32). No cautious steps with formats.
  * With count the kernel is a cautious count kernel (FO_CAUTION_COUNTS): nothing is written
  * but the one result, an int32 array holding per tensor how many of its elements agree (the
  * cautious option's K summed, as the Cython driver's caution_counts).
@@ -68,6 +77,7 @@
 #include "fastopt/reduce.h" /* FO_CHUNK, the Cython driver's chunk length */
 #include "fastopt/xla_ffi.h"
 #include "optim_loops.h"
+#include "format_loops.h"
 
 #define FO_XLA_ELEMENTWISE_TARGET "fastopt_elementwise_v1"
 /* as the Cython driver (_plan.pxi): a thread costs about as much as ~30K elements */
@@ -246,7 +256,8 @@ static fo_xla_error *fo_xla_flag_attr(const fo_xla_call_frame *call, int64_t i, 
    the count flag picks, is looked up after the loop) */
 static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_xla_kernel **k,
                                        int64_t *n_tensors, int64_t *n_threads, int64_t *delta,
-                                       int64_t *count, int64_t *masked)
+                                       int64_t *count, int64_t *masked, int64_t *formats,
+                                       int64_t *stochastic)
 {
     int64_t i;
     fo_xla_error *err;
@@ -254,7 +265,7 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
     const fo_xla_kernel *e;
     *k = NULL;
     *n_tensors = *n_threads = -1;
-    *delta = *count = *masked = 0;
+    *delta = *count = *masked = *formats = *stochastic = 0;
     for (i = 0; i < call->attrs.size; i++) {
         const fo_xla_bytespan *name = call->attrs.names[i];
         if (fo_xla_name_is(name, "kernel")) {
@@ -271,9 +282,14 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
             if ((err = fo_xla_flag_attr(call, i, count)) != NULL) return err;
         } else if (fo_xla_name_is(name, "masked")) {
             if ((err = fo_xla_flag_attr(call, i, masked)) != NULL) return err;
+        } else if (fo_xla_name_is(name, "formats")) {
+            if ((err = fo_xla_flag_attr(call, i, formats)) != NULL) return err;
+        } else if (fo_xla_name_is(name, "stochastic")) {
+            if ((err = fo_xla_flag_attr(call, i, stochastic)) != NULL) return err;
         } else {
             return FO_XLA_INVALID(call->api, "unexpected attribute '%.*s' (it takes kernel, "
-                                  "n_tensors, n_threads, delta, count and masked)",
+                                  "n_tensors, n_threads, delta, count, masked, formats and "
+                                  "stochastic)",
                                   (int)(name->len < 64 ? name->len : 64), name->ptr);
         }
     }
@@ -286,9 +302,11 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
                                   (int)(v->len < 64 ? v->len : 64), v->ptr);
         *k = e;
     }
-    if (*count && (*delta || *masked))
-        return FO_XLA_INVALID(call->api, "attribute count: not with delta or masked (the count "
-                              "reads every entry, pruned ones too)");
+    if (*count && (*delta || *masked || *formats))
+        return FO_XLA_INVALID(call->api, "attribute count: not with delta, masked or formats "
+                              "(the count reads every entry, pruned ones too)");
+    if (*formats && *k != NULL && (*k)->n_aux > 0)
+        return FO_XLA_INVALID(call->api, "attribute formats: not with a cautious step");
     if (*k == NULL || *n_tensors < 0 || *n_threads < 1 || *n_threads > INT_MAX)
         return FO_XLA_INVALID(call->api, "expected the attributes kernel (a kernel name), "
                               "n_tensors >= 0 and n_threads in [1, %d]", INT_MAX);
@@ -329,6 +347,33 @@ static void fo_xla_subtract(char *out, const char *in, ptrdiff_t lo, ptrdiff_t n
    (the kernel's operands), then the S state inputs and the mask (NULL: none) */
 static int fo_xla_width(const fo_xla_kernel *k) { return 4 + 2 * k->n_state + k->n_aux; }
 
+/* out[i] = round(out[i] - in[i]) over a chunk of bfloat16 or float16 (`code`): the
+   difference computed in float32 and rounded to nearest even, as XLA's subtraction of them */
+static void fo_xla_subtract_lowp(char *out, const char *in, ptrdiff_t lo, ptrdiff_t n, int code)
+{
+    ptrdiff_t i;
+    fo_u16 *o = (fo_u16 *)out + lo;
+    const fo_u16 *x = (const fo_u16 *)in + lo;
+    if (code == FO_FMT_BF16)
+        for (i = 0; i < n; i++) o[i] = fo_bf16_rne(fo_bf16_load(o[i]) - fo_bf16_load(x[i]));
+    else
+        for (i = 0; i < n; i++)
+            o[i] = fo_f16_round(fo_f16_load(o[i]) - fo_f16_load(x[i]), 0, 0);
+}
+
+/* one call's pass: what every chunk needs */
+typedef struct {
+    const fo_xla_kernel *k;
+    int f64, delta;
+    const void *args;           /* the struct */
+    char **ptr;                 /* fo_xla_width pointers per tensor */
+    const ptrdiff_t *chunk;     /* (tensor, lo, n) per chunk */
+    fo_count_fn cfn;            /* counting: the count kernel's function, else NULL */
+    int *counted;               /* counting: per chunk */
+    const fo_format_args *fa;   /* formats: their arguments (fa->mask 0), else NULL */
+    size_t itemsize[FO_FORMAT_OPS]; /* bytes per element of each kernel operand */
+} fo_xla_pass;
+
 /*
  * Chunk c of the plan: `chunk` holds (tensor, lo, n) triples, `ptr` per tensor the
  * fo_xla_width pointers. The state inputs are copied into the results first where XLA gave
@@ -337,29 +382,51 @@ static int fo_xla_width(const fo_xla_kernel *k) { return 4 + 2 * k->n_state + k-
  * counting function `cfn` the chunk's agreeing elements are counted into `counted[c]` and
  * nothing is written.
  */
-static void fo_xla_run_chunk(const fo_xla_kernel *k, int f64, const void *args, char **ptr,
-                             const ptrdiff_t *chunk, int delta, fo_count_fn cfn, int *counted,
-                             ptrdiff_t c)
+static void fo_xla_run_chunk(const fo_xla_pass *pass, ptrdiff_t c)
 {
-    const int n_state = k->n_state, in = 3 + n_state + k->n_aux;
-    const size_t itemsize = f64 ? 8 : 4;
-    char **p = ptr + chunk[3 * c] * fo_xla_width(k);
-    const unsigned char *mask = (const unsigned char *)p[in + n_state];
-    const ptrdiff_t lo = chunk[3 * c + 1], n = chunk[3 * c + 2];
+    const fo_xla_kernel *k = pass->k;
+    const int n_state = k->n_state, in = 3 + n_state + k->n_aux, width = fo_xla_width(k);
+    const ptrdiff_t t = pass->chunk[3 * c], lo = pass->chunk[3 * c + 1],
+                    n = pass->chunk[3 * c + 2];
+    char **p = pass->ptr + t * width;
+    const unsigned char *mask = (const unsigned char *)p[width - 1];
     int s;
-    if (cfn != NULL) {
-        counted[c] = cfn(p, lo, n, args);
+    if (pass->cfn != NULL) {
+        pass->counted[c] = pass->cfn(p, lo, n, pass->args);
         return;
     }
-    for (s = 0; s < n_state; s++)
+    for (s = 0; s < n_state; s++) {
+        const size_t size = pass->itemsize[3 + s];
         if (p[3 + s] != p[in + s])
-            memcpy(p[3 + s] + lo * itemsize, p[in + s] + lo * itemsize, n * itemsize);
-    k->fn[f64](p, lo, n, args);
-    if (mask != NULL) {
-        fo_xla_zero_pruned(p[1], mask, lo, n, f64);
-        for (s = 0; s < n_state; s++) fo_xla_zero_pruned(p[3 + s], mask, lo, n, f64);
+            memcpy(p[3 + s] + lo * size, p[in + s] + lo * size, n * size);
     }
-    if (delta) fo_xla_subtract(p[1], p[0], lo, n, f64);
+    if (pass->fa != NULL) { /* masks inside, before the rounding */
+        fo_format_args fa = *pass->fa;
+        fa.mask = mask != NULL ? width - 1 : 0;
+        fo_cpu_format_chunk(p, t, lo, n, &fa);
+        if (pass->delta) {
+            if (fa.code[1] == FO_FMT_F32) fo_xla_subtract(p[1], p[0], lo, n, 0);
+            else fo_xla_subtract_lowp(p[1], p[0], lo, n, fa.code[1]);
+        }
+        return;
+    }
+    k->fn[pass->f64](p, lo, n, pass->args);
+    if (mask != NULL) {
+        fo_xla_zero_pruned(p[1], mask, lo, n, pass->f64);
+        for (s = 0; s < n_state; s++) fo_xla_zero_pruned(p[3 + s], mask, lo, n, pass->f64);
+    }
+    if (pass->delta) fo_xla_subtract(p[1], p[0], lo, n, pass->f64);
+}
+
+/* the storage format of an operand's XLA dtype, or -1 */
+static int fo_xla_format(fo_xla_dtype dtype)
+{
+    switch (dtype) {
+    case FO_XLA_F32: return FO_FMT_F32;
+    case FO_XLA_BF16: return FO_FMT_BF16;
+    case FO_XLA_F16: return FO_FMT_F16;
+    default: return -1;
+    }
 }
 
 /* the FFI handler of target FO_XLA_ELEMENTWISE_TARGET */
@@ -371,9 +438,12 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     double args[FO_XLA_ARGS_MAX / 8]; /* the struct, copied to aligned storage */
     fo_xla_error *err;
     fo_xla_dtype dtype;
-    int64_t i, t, n_tensors, n_threads, delta, counting, masked, n_args, n_rets, n_chunks = 0,
-        total = 0;
+    int64_t i, t, n_tensors, n_threads, delta, counting, masked, formats, stochastic, n_args,
+        n_rets, n_chunks = 0, total = 0;
     int n_state, n_aux, per, width, f64, s, nt, *counted = NULL;
+    fo_xla_dtype dt[FO_FORMAT_OPS]; /* each kernel operand's dtype (param out: the param's) */
+    fo_xla_pass pass;
+    fo_format_args fa;
     ptrdiff_t size, n, c, lo, *count, *chunk;
     char **ptr;
 
@@ -389,7 +459,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     if (call->stage != FO_XLA_STAGE_EXECUTE)
         return NULL;
     if ((err = fo_xla_attributes(call, &k, &n_tensors, &n_threads, &delta, &counting,
-                                 &masked)) != NULL)
+                                 &masked, &formats, &stochastic)) != NULL)
         return err;
 
     /* operand counts and kinds */
@@ -400,15 +470,15 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     if (n_tensors > call->args.size)
         return FO_XLA_INVALID(call->api, "n_tensors is %lld, but the call has %lld arguments",
                               (long long)n_tensors, (long long)call->args.size);
-    n_args = 1 + n_tensors * per;
+    n_args = 1 + n_tensors * per + (formats ? 2 : 0);
     n_rets = counting ? 1 : n_tensors * (1 + n_state);
     if (call->args.size != n_args || call->rets.size != n_rets)
         return FO_XLA_INVALID(call->api, "kernel %s over %lld tensors takes %lld arguments (the "
                               "struct, then per tensor param, grad, %d state, %d factor and "
-                              "%d mask) and gives %lld results, got %lld and %lld", k->name,
-                              (long long)n_tensors, (long long)n_args, n_state, n_aux,
-                              (int)masked, (long long)n_rets, (long long)call->args.size,
-                              (long long)call->rets.size);
+                              "%d mask, then %d keys and step) and gives %lld results, got "
+                              "%lld and %lld", k->name, (long long)n_tensors, (long long)n_args,
+                              n_state, n_aux, (int)masked, formats ? 1 : 0, (long long)n_rets,
+                              (long long)call->args.size, (long long)call->rets.size);
     for (i = 0; i < n_args; i++)
         if (call->args.types[i] != FO_XLA_ARG_BUFFER)
             return FO_XLA_INVALID(call->api, "argument %lld: expected a buffer", (long long)i);
@@ -432,10 +502,32 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     if (n_tensors == 0)
         return NULL;
     dtype = ((const fo_xla_buffer *)call->args.args[1])->dtype;
-    if (dtype != FO_XLA_F32 && dtype != FO_XLA_F64)
-        return FO_XLA_INVALID(call->api, "tensor 0, param: expected float32 or float64, got %s",
-                              fo_xla_dtype_name(dtype));
-    f64 = dtype == FO_XLA_F64;
+    memset(&pass, 0, sizeof pass);
+    if (formats) { /* tensor 0's dtypes, which every tensor must have */
+        if (fo_xla_format(dtype) < 0)
+            return FO_XLA_INVALID(call->api, "tensor 0, param: expected float32, bfloat16 or "
+                                  "float16 with formats, got %s", fo_xla_dtype_name(dtype));
+        for (s = 0; s < 3 + n_state; s++) {
+            dt[s] = s < 2 ? dtype : ((const fo_xla_buffer *)call->args.args[s])->dtype;
+            if (fo_xla_format(dt[s]) < 0 || (s == 2 && dt[2] != dtype && dt[2] != FO_XLA_F32))
+                return FO_XLA_INVALID(call->api, "tensor 0, %s: expected %s, got %s",
+                                      s == 2 ? "grad" : "state", s == 2
+                                      ? "the param's dtype or float32"
+                                      : "float32, bfloat16 or float16",
+                                      fo_xla_dtype_name(dt[s]));
+            pass.itemsize[s] = dt[s] == FO_XLA_F32 ? 4 : 2;
+        }
+        f64 = 0;
+    } else {
+        if (dtype != FO_XLA_F32 && dtype != FO_XLA_F64)
+            return FO_XLA_INVALID(call->api, "tensor 0, param: expected float32 or float64, "
+                                  "got %s", fo_xla_dtype_name(dtype));
+        for (s = 0; s < 3 + n_state; s++) {
+            dt[s] = dtype;
+            pass.itemsize[s] = dtype == FO_XLA_F64 ? 8 : 4;
+        }
+        f64 = dtype == FO_XLA_F64;
+    }
     size = (ptrdiff_t)fo_xla_packed_size(k->args_size[f64]);
     n = rec->dims != NULL ? (ptrdiff_t)rec->dims[0] : -1;
     if (n != size || rec->data == NULL)
@@ -455,15 +547,15 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         fo_xla_buffer *const *a = (fo_xla_buffer *const *)call->args.args + 1 + t * per;
         fo_xla_buffer *const *r = (fo_xla_buffer *const *)call->rets.rets + t * (1 + n_state);
         char **p = ptr + t * width;
-        if ((err = fo_xla_check(call, a[0], dtype, -1, t, "param", -1, &n)) != NULL
-            || (err = fo_xla_check(call, a[1], dtype, n, t, "grad", -1, &n)) != NULL
+        if ((err = fo_xla_check(call, a[0], dt[0], -1, t, "param", -1, &n)) != NULL
+            || (err = fo_xla_check(call, a[1], dt[2], n, t, "grad", -1, &n)) != NULL
             || (!counting
-                && (err = fo_xla_check(call, r[0], dtype, n, t, "new param", -1, &n)) != NULL))
+                && (err = fo_xla_check(call, r[0], dt[0], n, t, "new param", -1, &n)) != NULL))
             goto fail;
         for (s = 0; s < n_state; s++)
-            if ((err = fo_xla_check(call, a[2 + s], dtype, n, t, "state", s, &n)) != NULL
-                || (!counting && (err = fo_xla_check(call, r[1 + s], dtype, n, t, "new state",
-                                                     s, &n)) != NULL))
+            if ((err = fo_xla_check(call, a[2 + s], dt[3 + s], n, t, "state", s, &n)) != NULL
+                || (!counting && (err = fo_xla_check(call, r[1 + s], dt[3 + s], n, t,
+                                                     "new state", s, &n)) != NULL))
                 goto fail;
         for (s = 0; s < n_aux; s++) {
             ptrdiff_t one;
@@ -508,6 +600,27 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         n_chunks += (n + FO_CHUNK - 1) / FO_CHUNK;
         total += n;
     }
+    if (formats) { /* the keys and the step of the random bits, then the formats' arguments */
+        const fo_xla_buffer *keys = (const fo_xla_buffer *)call->args.args[n_args - 2];
+        const fo_xla_buffer *step = (const fo_xla_buffer *)call->args.args[n_args - 1];
+        if (keys->dtype != FO_XLA_S32 || keys->rank != 2 || keys->dims == NULL
+            || keys->dims[0] != n_tensors || keys->dims[1] != 2 || keys->data == NULL
+            || step->dtype != FO_XLA_S32 || step->rank != 0 || step->data == NULL) {
+            err = FO_XLA_INVALID(call->api, "with formats, the last two arguments: the keys, "
+                                 "int32 of shape (%lld, 2), and the step, a 0-d int32",
+                                 (long long)n_tensors);
+            goto fail;
+        }
+        memset(&fa, 0, sizeof fa);
+        fa.fn = k->fn[0];
+        fa.args = args;
+        fa.keys = (const fo_u32 *)keys->data;
+        fa.step = (fo_u64)*(const fo_u32 *)step->data;
+        fa.n_ops = 3 + n_state;
+        fa.stochastic = (int)stochastic;
+        for (s = 0; s < 3 + n_state; s++) fa.code[s] = fo_xla_format(dt[s]);
+        pass.fa = &fa;
+    }
 
     /* the plan, (tensor, lo, n) per chunk, run in one parallel loop; small steps take fewer
        threads, as in the Cython driver */
@@ -527,8 +640,15 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         }
     nt = total / FO_XLA_MIN_PER_THREAD < n_threads ? (int)(total / FO_XLA_MIN_PER_THREAD)
                                                    : (int)n_threads;
+    pass.k = k;
+    pass.f64 = f64;
+    pass.delta = (int)delta;
+    pass.args = args;
+    pass.ptr = ptr;
+    pass.chunk = chunk;
+    pass.cfn = counting ? k->count[f64] : NULL;
+    pass.counted = counted;
     {
-        const fo_count_fn cfn = counting ? k->count[f64] : NULL;
         const ptrdiff_t nc = (ptrdiff_t)n_chunks;
 #pragma omp parallel num_threads(nt > 1 ? nt : 1) if (nt > 1 && nc > 1)
         {
@@ -538,7 +658,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
 #endif
 #pragma omp for schedule(static)
             for (c = 0; c < nc; c++)
-                fo_xla_run_chunk(k, f64, args, ptr, chunk, (int)delta, cfn, counted, c);
+                fo_xla_run_chunk(&pass, c);
 #ifdef FO_XLA_FLUSH_BITS
 #ifdef _OPENMP
             if (omp_get_thread_num() == 0)
