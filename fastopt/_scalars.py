@@ -25,9 +25,9 @@ def _real(x):
 
 
 def _sqrt(x):
-    """math.sqrt of a Python number; of a traced JAX value (fastopt.jax's step count enters
-    here), which math.sqrt refuses, its power 0.5."""
-    return math.sqrt(x) if isinstance(x, (int, float)) else x ** 0.5
+    """math.sqrt of a number; of a JAX value (fastopt.jax's traced step count enters here),
+    which math.sqrt refuses, its power 0.5."""
+    return x ** 0.5 if hasattr(x, "aval") else math.sqrt(x)
 
 
 def grad_scalars(grad_scale, grad_clip, maximize):

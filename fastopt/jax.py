@@ -22,7 +22,8 @@ Inside the jitted function the step count and the learning rate (a constant or a
 schedule of the count) are traced values: the kernel's scalar struct (bias corrections,
 step size, the clipping coefficient) is computed and packed there, so a schedule changes
 nothing in the compiled program. The other hyperparameters are fixed when the
-transformation is made.
+transformation is made, except those optax also takes as schedules (AdEMAMix's b3 and
+alpha, ADOPT's clip_value_fn) and under ``optax.inject_hyperparams``, which traces them.
 """
 
 import functools
@@ -101,8 +102,8 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
     counts as 0 in ``max_grad_norm``'s norm and ``skip_nonfinite``'s check. Through
     ``optax.chain``, pass ``masks=`` to the chain's ``update``.
 
-    `params` is any pytree of float32 arrays, or of float64 arrays with
-    ``jax_enable_x64``; all of one dtype.
+    `params` is any pytree of float32, bfloat16 or float16 arrays, or of float64 arrays
+    with ``jax_enable_x64``; all of one dtype (see the factories' ``state_dtype``).
     """
     __slots__ = ()
 
@@ -259,6 +260,11 @@ class _Fused:
                 raise TypeError(f"fastopt.jax.{self.name}(cautious=True): not with {dtype} "
                                 f"parameters or {state_dtype} state yet (float32 or float64 "
                                 f"throughout)")
+            if self.stochastic_rounding and any(_varying_axes(p) for p in leaves):
+                raise ValueError(f"fastopt.jax.{self.name}: stochastic rounding of parameters "
+                                 f"sharded under shard_map is not supported yet (each shard "
+                                 f"would draw the first shard's random bits): pass "
+                                 f"stochastic_rounding=False, or step them under plain jit")
             keys = np.array([_formats.tensor_key(self.seed, t) for t in range(len(leaves))],
                             np.uint32).reshape(len(leaves), 2).view(np.int32)
         step = optax.safe_increment(count)  # t, as optax: it stops at int32's maximum
@@ -324,7 +330,8 @@ class _Fused:
         return {"state": entries, "param_groups": [dict(group, params=list(range(n)))]}
 
     def load_state_dict(self, state_dict, params):
-        _, (paths, leaves, treedef), _ = _params(params)
+        _, (paths, leaves, treedef), dtype = _params(params)
+        state_dtype = self._state_dtype(dtype)
         if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
             raise TypeError("state_dict: expected a dict with a 'state' dict, as the array "
                             "API's state_dict() returns")
@@ -344,12 +351,12 @@ class _Fused:
                 entry = saved.get(i, {})
                 value = entry.get(name) if isinstance(entry, dict) else None
                 if value is None:  # not stepped yet: zeros, as init
-                    out.append(jnp.zeros_like(leaf))
+                    out.append(jnp.zeros(leaf.shape, state_dtype))
                     continue
                 value = jnp.asarray(np.asarray(value))
-                if value.shape != leaf.shape or value.dtype != leaf.dtype:
+                if value.shape != leaf.shape or value.dtype != state_dtype:
                     raise ValueError(f"state_dict['state'][{i}][{name!r}]: expected "
-                                     f"{leaf.dtype} of the shape of params{path}, "
+                                     f"{state_dtype} of the shape of params{path}, "
                                      f"{leaf.shape}, got {value.dtype} {value.shape}")
                 out.append(value)
             arrays[name] = treedef.unflatten(out)
@@ -524,7 +531,15 @@ def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, gra
     counts = _jax_ffi.caution_counts(count, record, params, grads,
                                      [[s[i] for i in reads] for s in states], n_threads)
     dtype = params[0].dtype
-    sizes = jnp.asarray([p.size for p in params], dtype)
+    # inside shard_map, a tensor's count and size over the mesh axes it varies along
+    counts = [counts[t] for t in range(len(params))]
+    sizes = [p.size for p in params]
+    for t, p in enumerate(params):
+        axes = _varying_axes(p)
+        if axes:
+            counts[t] = jax.lax.psum(counts[t], axes)
+            sizes[t] = sizes[t] * jax.lax.psum(1, axes)
+    counts, sizes = jnp.stack(counts), jnp.asarray(sizes, dtype)
     mean = jnp.where(sizes > 0, counts.astype(dtype) / jnp.maximum(sizes, 1), 1)
     factors = 1 / jnp.maximum(mean, jnp.asarray(1e-3, dtype))
     return _jax_ffi.elementwise(cautious, record, params, grads,
@@ -656,7 +671,7 @@ def _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, nesterov_rule):
     b2 = _real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
     eps = _real("eps", eps, lo=0.0)
     _eps_root(eps_root)
-    _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
+    _unsupported("mu_dtype", mu_dtype, None, "the state's dtype is state_dtype's")
     _unsupported("nesterov", flag("nesterov", nesterov), False, f"see {nesterov_rule}")
     return b1, b2, eps
 
@@ -695,8 +710,8 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
         b2 (float): :math:`\beta_2` in [0, 1). Default 0.999.
         eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
         eps_root: optax's; only 0 is supported yet (None, the default, is 0).
-        mu_dtype: optax's; only None is supported yet (the state has the parameters'
-            dtype).
+        mu_dtype: optax's; only None is supported yet (the state's dtype is
+            ``state_dtype``'s).
         nesterov (bool): optax's; only False is supported yet.
         cautious (bool): the cautious variant (C-Optim, Liang et al. 2024), as
             :class:`fastopt.Adam`'s option: per tensor, the update's entries whose sign
@@ -780,8 +795,8 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
         b2 (float): :math:`\beta_2` in [0, 1). Default 0.999.
         eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
         eps_root: optax's; only 0 is supported yet (None, the default, is 0).
-        mu_dtype: optax's; only None is supported yet (the state has the parameters'
-            dtype).
+        mu_dtype: optax's; only None is supported yet (the state's dtype is
+            ``state_dtype``'s).
         weight_decay (float): :math:`\lambda \ge 0`, a number. Default 1e-4.
         mask: optax's; only None is supported yet (the decay applies to every parameter).
         nesterov (bool): optax's; only False is supported yet.
@@ -856,8 +871,8 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
         momentum (float or None): :math:`\mu \ge 0`; None (the default) keeps no buffer.
         nesterov (bool): Nesterov momentum (no effect without momentum, as optax's).
             Default False.
-        accumulator_dtype: optax's; only None is supported yet (the state has the
-            parameters' dtype).
+        accumulator_dtype: optax's; only None is supported yet (the state's dtype is
+            ``state_dtype``'s).
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
             :func:`adam`'s. Default None.
         max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
@@ -878,7 +893,7 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
         momentum = _real("momentum", momentum, lo=0.0)
     nesterov = flag("nesterov", nesterov)
     _unsupported("accumulator_dtype", accumulator_dtype, None,
-                 "the state has the parameters' dtype")
+                 "the state's dtype is state_dtype's")
 
     def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
         return _scalars.sgd_scalars(dtype, lr=lr,
@@ -921,8 +936,8 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
             the step count, evaluated inside the jitted step).
         b1 (float): :math:`\beta_1` in [0, 1]. Default 0.9.
         b2 (float): :math:`\beta_2` in [0, 1]. Default 0.99.
-        mu_dtype: optax's; only None is supported yet (the state has the parameters'
-            dtype).
+        mu_dtype: optax's; only None is supported yet (the state's dtype is
+            ``state_dtype``'s).
         weight_decay (float): decoupled :math:`\lambda \ge 0`, a number. Default 1e-3.
         mask: optax's; only None is supported yet (the decay applies to every parameter).
         cautious (bool): the cautious variant (C-Optim, Liang et al. 2024), as
@@ -949,7 +964,7 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
     b1 = _real("b1", b1, lo=0.0, hi=1.0)
     b2 = _real("b2", b2, lo=0.0, hi=1.0)
     weight_decay = _weight_decay(weight_decay)
-    _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
+    _unsupported("mu_dtype", mu_dtype, None, "the state's dtype is state_dtype's")
     _unsupported("mask", mask, None, "weight decay applies to every parameter")
 
     def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
@@ -1144,8 +1159,8 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
         b1 (float): :math:`\beta_1` in [0, 1). Default 0.9.
         b2 (float): :math:`\beta_2` in [0, 1). Default 0.9999.
         eps (float): :math:`\epsilon \ge 0`. Default 1e-6.
-        mu_dtype: optax's; only None is supported yet (the state has the parameters'
-            dtype).
+        mu_dtype: optax's; only None is supported yet (the state's dtype is
+            ``state_dtype``'s).
         nesterov (bool): optax's; only False is supported yet.
         use_clipping (bool): clip the normalized gradient to :math:`\pm c_t`. Default True.
         clip_value_fn: :math:`c_t` as a function of the count :math:`t - 1`, traced inside
@@ -1174,7 +1189,7 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
     b1 = _real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
     b2 = _real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
     eps = _real("eps", eps, lo=0.0)
-    _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
+    _unsupported("mu_dtype", mu_dtype, None, "the state's dtype is state_dtype's")
     _unsupported("nesterov", flag("nesterov", nesterov), False,
                  "the kernel keeps one first moment")
     use_clipping = flag("use_clipping", use_clipping)
@@ -1242,8 +1257,8 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
         alpha: :math:`\alpha \ge 0`, or a schedule of the count. Default 5.0.
         eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
         eps_root: optax's; only 0 is supported yet (None, the default, is 0).
-        mu_dtype: optax's; only None is supported yet (the state has the parameters'
-            dtype).
+        mu_dtype: optax's; only None is supported yet (the state's dtype is
+            ``state_dtype``'s).
         weight_decay (float): decoupled :math:`\lambda \ge 0`, a number. Default 0.
         mask: optax's; only None is supported yet (the decay applies to every parameter).
         cautious (bool): the cautious variant (C-Optim, Liang et al. 2024), as
@@ -1275,7 +1290,7 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
         alpha = _real("alpha", alpha, lo=0.0)
     eps = _real("eps", eps, lo=0.0)
     _eps_root(eps_root)
-    _unsupported("mu_dtype", mu_dtype, None, "the state has the parameters' dtype")
+    _unsupported("mu_dtype", mu_dtype, None, "the state's dtype is state_dtype's")
     weight_decay = _weight_decay(weight_decay)
     _unsupported("mask", mask, None, "weight decay applies to every parameter")
 

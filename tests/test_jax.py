@@ -692,6 +692,20 @@ def test_low_precision_is_the_array_apis(name, hyper, cls, chyper, param, grad, 
                 np.asarray(opt.state[k][field]).reshape(-1).view(np.uint8))
 
 
+def test_low_precision_state_dict_round_trip():
+    """A bfloat16 run's state (float32 arrays) and a bfloat16 state_dtype's come back from
+    state_dict through load_state_dict as they were, and an empty one as init's."""
+    params = [jnp.asarray(np.linspace(-1, 1, 9), jnp.bfloat16)]
+    grads = [jnp.full(9, 0.5, jnp.bfloat16)]
+    for tx, state_dtype in ((fjax.adamw(1e-2), jnp.float32),
+                            (fjax.adamw(1e-2, state_dtype="bfloat16"), jnp.bfloat16)):
+        _, state = jax.jit(tx.step)(params, grads, tx.init(params))
+        back = tx.load_state_dict(tx.state_dict(state), params)
+        assert back.exp_avg[0].dtype == state_dtype
+        _assert_equal(back, state)
+        _assert_equal(tx.load_state_dict({"state": {}}, params), tx.init(params))
+
+
 def test_stochastic_rounding_does_not_stall():
     """200 Adam steps of lr 1e-4 on bfloat16 weights of magnitude about 1: rounding to
     nearest leaves them where they were (every update is below half an ulp), stochastic
@@ -823,6 +837,35 @@ for clip in (None, 1.0):
                                                           exp_avg_sq=rep))))
     mean = jax.tree.map(lambda h: (h[0] + h[1]) / 2, halves)  # pmean's sum, then division
     same(dp(params, halves, state), jax.jit(tx.step)(params, mean, state), exact=clip is None)
+
+# cautious: each tensor's factor from its count and size over the whole mesh
+tx = fjax.adam(1e-2, cautious=True)
+spec = {"w": P("d"), "b": P()}
+put = lambda t, s: jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, s)
+g2 = {"w": jnp.concatenate([jnp.ones((4, 6)), -0.05 * jnp.ones((4, 6))]), "b": grads["b"]}
+want = params, tx.init(params)
+for g in (grads, g2):
+    want = jax.jit(tx.step)(*want[:1], g, want[1])
+state_spec = fjax.AdamState(count=P(), exp_avg=spec, exp_avg_sq=spec)
+local = jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(spec, spec, state_spec),
+                          out_specs=(spec, state_spec)))
+got = put(params, spec), tx.init(put(params, spec))
+for g in (grads, g2):
+    got = local(got[0], put(g, spec), got[1])
+same(got, want, exact=False)
+
+# stochastic rounding of a sharded parameter is refused, not wrong
+tx = fjax.adamw(1e-2)
+low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+state_spec = fjax.AdamState(count=P(), exp_avg=spec, exp_avg_sq=spec)
+try:
+    jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(spec, spec, state_spec),
+                      out_specs=(spec, state_spec)))(put(low, spec), put(low, spec),
+                                                     tx.init(put(low, spec)))
+except ValueError as e:
+    assert "stochastic rounding of parameters sharded under shard_map" in str(e), e
+else:
+    raise AssertionError("stochastic rounding under shard_map was not refused")
 print("ok")
 """
 
