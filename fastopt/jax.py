@@ -756,6 +756,28 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
                   stochastic_rounding, seed, n_threads), cautious)
 
 
+# the Args entries of the options every factory but adam shares (adam's describe them)
+_OPTIONS_DOC = """        max_grad_norm (float or None): clip the gradients' total 2-norm, as
+            :func:`adam`'s. Default None.
+        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
+            None.
+        maximize (bool): ascend instead of descend. Default False.
+        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
+            Default False.
+        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
+            :func:`adam`'s. Defaults None (each).
+        n_threads (int or None): CPU threads for the kernel; default
+            ``fastopt.get_num_threads()`` when the transformation is made.
+"""
+
+
+def _options_doc(factory):
+    """`factory` with _OPTIONS_DOC in place of the ``{options}`` line of its docstring."""
+    factory.__doc__ = factory.__doc__.replace("        {options}\n", _OPTIONS_DOC)
+    return factory
+
+
+@_options_doc
 def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None,
           weight_decay=1e-4, mask=None, *, nesterov=False, cautious=False, max_grad_norm=None,
           max_grad_value=None, maximize=False, skip_nonfinite=False, state_dtype=None,
@@ -805,17 +827,7 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
             disagrees with the gradient's are zeroed and the rest scaled by
             1 / max(mean agreement, 1e-3); one more pass (a count) before the step.
             Default False.
-        max_grad_norm (float or None): clip the gradients' total 2-norm, as
-            :func:`adam`'s. Default None.
-        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
-            None.
-        maximize (bool): ascend instead of descend. Default False.
-        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
-            Default False.
-        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
-            :func:`adam`'s. Defaults None (each).
-        n_threads (int or None): CPU threads for the kernel; default
-            ``fastopt.get_num_threads()`` when the transformation is made.
+        {options}
 
     Returns:
         FusedTransformation: with state :class:`AdamState`.
@@ -843,6 +855,7 @@ def _adam_scalars(b1, b2, eps, weight_decay, decoupled):
     return scalars
 
 
+@_options_doc
 def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *, max_grad_norm=None,
         max_grad_value=None, maximize=False, skip_nonfinite=False, state_dtype=None,
         stochastic_rounding=None, seed=None, n_threads=None):
@@ -873,17 +886,7 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
             Default False.
         accumulator_dtype: optax's; only None is supported yet (the state's dtype is
             ``state_dtype``'s).
-        max_grad_norm (float or None): clip the gradients' total 2-norm, as
-            :func:`adam`'s. Default None.
-        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
-            None.
-        maximize (bool): ascend instead of descend. Default False.
-        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
-            Default False.
-        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
-            :func:`adam`'s. Defaults None (each).
-        n_threads (int or None): CPU threads for the kernel; default
-            ``fastopt.get_num_threads()`` when the transformation is made.
+        {options}
 
     Returns:
         FusedTransformation: with state :class:`SGDState`.
@@ -910,6 +913,7 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
                   stochastic_rounding, seed, n_threads))
 
 
+@_options_doc
 def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None, *,
          cautious=False, max_grad_norm=None, max_grad_value=None, maximize=False,
          skip_nonfinite=False, state_dtype=None, stochastic_rounding=None, seed=None,
@@ -945,17 +949,7 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
             disagrees with the gradient's are zeroed and the rest scaled by
             1 / max(mean agreement, 1e-3); one more pass (a count) before the step.
             Default False.
-        max_grad_norm (float or None): clip the gradients' total 2-norm, as
-            :func:`adam`'s. Default None.
-        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
-            None.
-        maximize (bool): ascend instead of descend. Default False.
-        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
-            Default False.
-        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
-            :func:`adam`'s. Defaults None (each).
-        n_threads (int or None): CPU threads for the kernel; default
-            ``fastopt.get_num_threads()`` when the transformation is made.
+        {options}
 
     Returns:
         FusedTransformation: with state :class:`LionState`.
@@ -988,6 +982,7 @@ class AdamaxState(NamedTuple):
     exp_inf: Any
 
 
+@_options_doc
 def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None, max_grad_value=None,
            maximize=False, skip_nonfinite=False, state_dtype=None, stochastic_rounding=None,
            seed=None, n_threads=None):
@@ -1015,17 +1010,7 @@ def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None, max
         b1 (float): :math:`\beta_1` in [0, 1). Default 0.9.
         b2 (float): :math:`\beta_2` in [0, 1). Default 0.999.
         eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
-        max_grad_norm (float or None): clip the gradients' total 2-norm, as
-            :func:`adam`'s. Default None.
-        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
-            None.
-        maximize (bool): ascend instead of descend. Default False.
-        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
-            Default False.
-        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
-            :func:`adam`'s. Defaults None (each).
-        n_threads (int or None): CPU threads for the kernel; default
-            ``fastopt.get_num_threads()`` when the transformation is made.
+        {options}
 
     Returns:
         FusedTransformation: with state :class:`AdamaxState`.
@@ -1056,6 +1041,7 @@ class AdadeltaState(NamedTuple):
     acc_delta: Any
 
 
+@_options_doc
 def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_decay_mask=None, *,
              max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
              state_dtype=None, stochastic_rounding=None, seed=None, n_threads=None):
@@ -1087,17 +1073,7 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_deca
             gradient, a number. Default 0.
         weight_decay_mask: optax's; only None is supported yet (the decay applies to every
             parameter).
-        max_grad_norm (float or None): clip the gradients' total 2-norm, as
-            :func:`adam`'s. Default None.
-        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
-            None.
-        maximize (bool): ascend instead of descend. Default False.
-        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
-            Default False.
-        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
-            :func:`adam`'s. Defaults None (each).
-        n_threads (int or None): CPU threads for the kernel; default
-            ``fastopt.get_num_threads()`` when the transformation is made.
+        {options}
 
     Returns:
         FusedTransformation: with state :class:`AdadeltaState`.
@@ -1129,6 +1105,7 @@ def _quarter_power(count):
     return count ** 0.25
 
 
+@_options_doc
 def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov=False,
           use_clipping=True, clip_value_fn=_quarter_power, cautious=False, max_grad_norm=None,
           max_grad_value=None, maximize=False, skip_nonfinite=False, state_dtype=None,
@@ -1170,17 +1147,7 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
             disagrees with the gradient's are zeroed and the rest scaled by
             1 / max(mean agreement, 1e-3); one more pass (a count) before the step.
             Default False.
-        max_grad_norm (float or None): clip the gradients' total 2-norm, as
-            :func:`adam`'s. Default None.
-        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
-            None.
-        maximize (bool): ascend instead of descend. Default False.
-        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
-            Default False.
-        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
-            :func:`adam`'s. Defaults None (each).
-        n_threads (int or None): CPU threads for the kernel; default
-            ``fastopt.get_num_threads()`` when the transformation is made.
+        {options}
 
     Returns:
         FusedTransformation: with state :class:`AdamState`.
@@ -1221,6 +1188,7 @@ class AdEMAMixState(NamedTuple):
     exp_avg_sq: Any
 
 
+@_options_doc
 def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, eps_root=None,
              mu_dtype=None, weight_decay=0.0, mask=None, *, cautious=False, max_grad_norm=None,
              max_grad_value=None, maximize=False, skip_nonfinite=False, state_dtype=None,
@@ -1266,17 +1234,7 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
             disagrees with the gradient's are zeroed and the rest scaled by
             1 / max(mean agreement, 1e-3); one more pass (a count) before the step.
             Default False.
-        max_grad_norm (float or None): clip the gradients' total 2-norm, as
-            :func:`adam`'s. Default None.
-        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
-            None.
-        maximize (bool): ascend instead of descend. Default False.
-        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
-            Default False.
-        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
-            :func:`adam`'s. Defaults None (each).
-        n_threads (int or None): CPU threads for the kernel; default
-            ``fastopt.get_num_threads()`` when the transformation is made.
+        {options}
 
     Returns:
         FusedTransformation: with state :class:`AdEMAMixState`.
@@ -1326,6 +1284,7 @@ class AdanState(NamedTuple):
     neg_pre_grad: Any
 
 
+@_options_doc
 def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *, no_prox=False,
          max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
          state_dtype=None, stochastic_rounding=None, seed=None, n_threads=None):
@@ -1364,17 +1323,7 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
         weight_decay (float): decoupled :math:`\lambda \ge 0`, a number. Default 0.
         no_prox (bool): decay the parameter before the step instead of the proximal
             division after it. Default False.
-        max_grad_norm (float or None): clip the gradients' total 2-norm, as
-            :func:`adam`'s. Default None.
-        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
-            None.
-        maximize (bool): ascend instead of descend. Default False.
-        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
-            Default False.
-        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
-            :func:`adam`'s. Defaults None (each).
-        n_threads (int or None): CPU threads for the kernel; default
-            ``fastopt.get_num_threads()`` when the transformation is made.
+        {options}
 
     Returns:
         FusedTransformation: with state :class:`AdanState`.
