@@ -65,15 +65,7 @@
 #define FO_XLA_FLUSH_BITS 0x8040u
 #endif
 
-/* chunks.h also defines the Cython driver's pruning-mask helper, unused here */
-#if defined(__GNUC__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-function"
-#endif
 #include "chunks.h"
-#if defined(__GNUC__)
-#pragma GCC diagnostic pop
-#endif
 #include "fastopt/reduce.h" /* FO_CHUNK, the Cython driver's chunk length */
 #include "fastopt/xla_ffi.h"
 #include "optim_loops.h"
@@ -313,21 +305,6 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
     return NULL;
 }
 
-/* x[i] = +0 where mask[i] is 0, over a chunk (a pruned entry of a param or state result) */
-static void fo_xla_zero_pruned(char *x, const unsigned char *mask, ptrdiff_t lo, ptrdiff_t n,
-                               int f64)
-{
-    ptrdiff_t i;
-    const unsigned char *m = mask + lo;
-    if (f64) {
-        double *o = (double *)x + lo;
-        for (i = 0; i < n; i++) o[i] = m[i] ? o[i] : 0.0;
-    } else {
-        float *o = (float *)x + lo;
-        for (i = 0; i < n; i++) o[i] = m[i] ? o[i] : 0.0f;
-    }
-}
-
 /* out[i] -= in[i] over a chunk: the new param minus the param (the delta attribute) */
 static void fo_xla_subtract(char *out, const char *in, ptrdiff_t lo, ptrdiff_t n, int f64)
 {
@@ -411,10 +388,7 @@ static void fo_xla_run_chunk(const fo_xla_pass *pass, ptrdiff_t c)
         return;
     }
     k->fn[pass->f64](p, lo, n, pass->args);
-    if (mask != NULL) {
-        fo_xla_zero_pruned(p[1], mask, lo, n, pass->f64);
-        for (s = 0; s < n_state; s++) fo_xla_zero_pruned(p[3 + s], mask, lo, n, pass->f64);
-    }
+    if (mask != NULL) fo_cpu_mask_chunk(p, lo, n, pass->f64 ? 8 : 4, n_state, mask + lo);
     if (pass->delta) fo_xla_subtract(p[1], p[0], lo, n, pass->f64);
 }
 
