@@ -596,8 +596,10 @@ def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtyp
              stochastic_rounding, seed, n_threads):
     skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
     if state_dtype is not None:
-        name = state_dtype if isinstance(state_dtype, str) else getattr(
-            np.dtype(state_dtype) if _is_dtype(state_dtype) else None, "name", None)
+        try:
+            name = state_dtype if isinstance(state_dtype, str) else np.dtype(state_dtype).name
+        except TypeError:
+            name = None
         if name not in _STATE_DTYPES:
             raise ValueError(f"state_dtype: expected None, 'float32' or 'bfloat16' (8-bit "
                              f"state is not supported by fastopt.jax yet), got "
@@ -629,14 +631,6 @@ def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtyp
                                                                           "n_threads")
     return (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
             stochastic_rounding, seed, n_threads)
-
-
-def _is_dtype(x):
-    try:
-        np.dtype(x)
-    except TypeError:
-        return False
-    return True
 
 
 def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, options,
