@@ -79,10 +79,11 @@ def test_harness_end_to_end(tmp_path, capsys, quick):
     if importlib.util.find_spec("torch") is not None:
         assert {"torch for-loop", "torch foreach", "torch fused"} <= names
     if all(importlib.util.find_spec(m) is not None for m in ("jax", "optax")):
-        for rule in bench.DEFAULT_RULES:  # each has fastopt.jax's two rows and optax's
+        for rule in bench.DEFAULT_RULES:  # each has fastopt.jax's two rows and optax's two
+            optax = f"optax.{bench.RULES[rule].cls.lower()}"
             assert {r["implementation"] for r in rows if r["rule"] == rule} >= {
-                "fastopt.jax step", "fastopt.jax update",
-                f"optax.{bench.RULES[rule].cls.lower()}"}, rule
+                "fastopt.jax step", "fastopt.jax update, grads inside", optax,
+                f"{optax}, grads inside"}, rule
     assert_numbers(rows, rule_traffic)
     # the printed table holds the same numbers
     for r in rows:

@@ -1,6 +1,7 @@
-"""The harness's JAX rows: fastopt.jax's fused step and its optax-interface update beside
-optax's own rule, each jitted with the parameters and the state donated, as a JAX training
-loop runs them; for the rules fastopt.jax has, when jax and optax import.
+"""The harness's JAX rows: fastopt.jax's fused step beside optax's own rule, and
+fastopt.jax's update through optax's interface beside optax's in a training step that makes
+its gradients inside, each jitted with the parameters and the state donated, as a JAX
+training loop runs them; for the rules fastopt.jax has, when jax and optax import.
 
 They are timed in a process of their own (``python -m fastopt.bench.jaxrows CONFIG``, run by
 run_isolated), with the streaming kernel beside them for their percent of the limit: the
@@ -77,18 +78,27 @@ def implementations(spec, sizes, n_threads):
         return params, grads
 
     def fused():
-        tx = getattr(fjax, name)(**hyper, **options, n_threads=n_threads)
+        tx = ours()
         params, grads = data()
         return _donated(jax, jax.jit(tx.step, donate_argnums=(0, 2)), params, grads,
                         tx.init(params))
 
-    def through_update(tx):
+    def through_update(tx, inside):
+        """update, then apply_updates. `inside`: the gradients are made inside the step, as a
+        training step's are (by the backward pass), dead after the update: here the negated
+        arguments behind a lax.cond on a traced flag, so that they are materialized as a
+        backward pass's are, for either transformation (XLA fuses nothing across the cond);
+        else they are arguments (not donated), which XLA copies where the kernel writes
+        the updates over them."""
         params, grads = data()
 
         def step(p, g, s):
+            if inside:
+                g = jax.lax.cond(g[1], lambda g: [-x for x in g], lambda g: g, g[0])
             u, s = tx.update(g, s, p)
             return optax.apply_updates(p, u), s
-        return _donated(jax, jax.jit(step, donate_argnums=(0, 2)), params, grads, tx.init(params))
+        return _donated(jax, jax.jit(step, donate_argnums=(0, 2)), params,
+                        (grads, jax.numpy.asarray(True)) if inside else grads, tx.init(params))
 
     rule, label = _optax_rule(optax, name)
 
@@ -98,10 +108,15 @@ def implementations(spec, sizes, n_threads):
             tx = optax.chain(optax.clip_by_global_norm(spec.clip), tx)
         return tx
 
+    def ours():
+        return getattr(fjax, name)(**hyper, **options, n_threads=n_threads)
+
     rows = [("fastopt.jax step", fused),
-            ("fastopt.jax update",
-             lambda: through_update(getattr(fjax, name)(**hyper, **options, n_threads=n_threads)))]
-    return rows if cautious else rows + [(label, lambda: through_update(optax_tx()))]
+            ("fastopt.jax update, grads inside", lambda: through_update(ours(), True))]
+    if cautious:
+        return rows
+    return rows + [(label, lambda: through_update(optax_tx(), False)),
+                   (f"{label}, grads inside", lambda: through_update(optax_tx(), True))]
 
 
 def _donated(jax, step, params, grads, state):
@@ -155,9 +170,10 @@ def run_isolated(rules, cases, n_threads, budget, out):
         return []
     rows = json.loads(proc.stdout)
     if rows:
-        print("fastopt.jax's fused step and its update (optax's interface, then "
-              "optax.apply_updates) beside optax's rule, each jitted with the parameters and "
-              "the state donated, timed in a process of their own:", file=out)
+        print("fastopt.jax's fused step beside optax's rule, and its update (optax's "
+              "interface, then optax.apply_updates) beside optax's with the gradients made "
+              "inside the step; each jitted with the parameters and the state donated, timed "
+              "in a process of their own:", file=out)
         for row in rows:
             print(row_line(row), file=out, flush=True)
     return rows

@@ -6,7 +6,8 @@
  * bfloat16 or float16, and the state also as blockwise 8-bit codes, while the kernel
  * computes in float32. A chunk is cut into blocks of FO_FORMAT_BLOCK elements; per block,
  * every operand stored in a low format and read by the kernel is loaded into float32
- * scratch on the stack (float32 operands are used where they are), the kernel's float32
+ * scratch on the stack (float32 operands are used where they are, but for an operand 1 in
+ * the grad's memory, written from scratch), the kernel's float32
  * chunk function runs on a pointer table of the block, the pruned entries of the written
  * operands become +0 (masks), and every written operand in a low format (1 and the state;
  * the grad is never written) is rounded or quantized back, as is operand 1's value into the
@@ -327,6 +328,9 @@ FO_MULTIVERSION static void fo_cpu_format_chunk(char **ptr, ptrdiff_t t, ptrdiff
     const int n_ops = fa->n_ops;
     const int *code = fa->code;
     const int in_place = ptr[0] == ptr[1] && code[0] == code[1];
+    /* operand 1 in the grad's memory (XLA's updates over a dead grad): float32 too goes
+       through scratch, stored after the kernel, whose operands are restrict */
+    const int over_grad = ptr[1] == ptr[2];
     const fo_u32 key0 = fa->keys[2 * t], key1 = fa->keys[2 * t + 1];
     ptrdiff_t off;
     int op;
@@ -336,7 +340,7 @@ FO_MULTIVERSION static void fo_cpu_format_chunk(char **ptr, ptrdiff_t t, ptrdiff
         for (op = 0; op < n_ops; op++) {
             if (op == 1 && in_place) {
                 local[1] = local[0];
-            } else if (code[op] == FO_FMT_F32) {
+            } else if (code[op] == FO_FMT_F32 && !(op == 1 && over_grad)) {
                 local[op] = (char *)((float *)ptr[op] + i0);
             } else {
                 local[op] = (char *)scratch[op];
@@ -361,9 +365,11 @@ FO_MULTIVERSION static void fo_cpu_format_chunk(char **ptr, ptrdiff_t t, ptrdiff
             fo_cpu_mask_chunk(local, 0, m, 4, n_ops - 3,
                               (const uint8_t *)ptr[fa->mask] + i0);
         for (op = 1; op < n_ops; op++) {
-            if (op == 2 || code[op] == FO_FMT_F32)
+            if (op == 2 || (code[op] == FO_FMT_F32 && !(op == 1 && over_grad)))
                 continue;
-            if (code[op] >= FO_FMT_Q8S)
+            if (code[op] == FO_FMT_F32)
+                memcpy((float *)ptr[1] + i0, local[1], (size_t)m * sizeof(float));
+            else if (code[op] >= FO_FMT_Q8S)
                 fo_q8_store((uint8_t *)ptr[op] + i0,
                             (float *)ptr[fa->scales[op]] + i0 / FO_Q8_BLOCK,
                             (const float *)local[op],

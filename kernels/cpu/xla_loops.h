@@ -33,8 +33,10 @@
  * donated buffer is updated in place (without donation XLA copies the inputs into the
  * results before the call). A call made without the aliases gets separate result buffers:
  * the state is then copied into its result chunk by chunk before the kernel updates it.
- * With delta the param result must be a buffer of its own (the param is read after the
- * kernel wrote its result, chunk by chunk, while both are in cache).
+ * With delta the result may share any dead input's buffer (XLA gives it the gradient's
+ * inside a training step, with no alias declared): the kernel writes each block's new
+ * params to scratch, or the format chunk keeps each block's params, before the result's
+ * block is stored.
  *
  * XLA runs the handler on its own threads, with subnormal numbers flushed to zero (MXCSR's
  * FTZ and DAZ); the kernels run with IEEE subnormals, as everywhere else, so that the results
@@ -111,11 +113,19 @@ static const fo_xla_kernel fo_xla_counts[] = {
 };
 #undef FO_XLA_COUNT_ENTRY
 
-/* every struct fits the handler's aligned copy (C99 has no static assert: a negative array
-   size fails the build) */
+/* the most operands a kernel takes (param in, param out, grad, state, factors) */
+#define FO_XLA_OPS_MAX 8
+
+/* every struct fits the handler's aligned copy, and every kernel's operands the delta
+   blocks' pointer array (C99 has no static assert: a negative array size fails the build) */
 #define FO_XLA_FITS(T, SFX, NAME, ARGS, N)                                                \
-    typedef char fo_xla_fits_##NAME[sizeof(fo_##ARGS##_args_f64) <= FO_XLA_ARGS_MAX ? 1 : -1];
+    typedef char fo_xla_fits_##NAME[sizeof(fo_##ARGS##_args_f64) <= FO_XLA_ARGS_MAX       \
+                                    && 3 + (N) <= FO_XLA_OPS_MAX ? 1 : -1];
 FO_ELEMENTWISE_KERNELS(FO_XLA_FITS, _, _)
+#undef FO_XLA_FITS
+#define FO_XLA_FITS(T, SFX, NAME, ARGS, N)                                                \
+    typedef char fo_xla_fits_##NAME[3 + (N) + 1 <= FO_XLA_OPS_MAX ? 1 : -1];
+FO_CAUTIOUS_KERNELS(FO_XLA_FITS, _, _)
 #undef FO_XLA_FITS
 
 /* the struct's length as fastopt._rules.pack lays it out */
@@ -305,37 +315,31 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
     return NULL;
 }
 
-/* out[i] -= in[i] over a chunk: the new param minus the param (the delta attribute) */
-static void fo_xla_subtract(char *out, const char *in, ptrdiff_t lo, ptrdiff_t n, int f64)
-{
-    ptrdiff_t i;
-    if (f64) {
-        double *o = (double *)out + lo;
-        const double *x = (const double *)in + lo;
-        for (i = 0; i < n; i++) o[i] = o[i] - x[i];
-    } else {
-        float *o = (float *)out + lo;
-        const float *x = (const float *)in + lo;
-        for (i = 0; i < n; i++) o[i] = o[i] - x[i];
-    }
-}
-
 /* per tensor: param in, param out, grad, the S state results, the A one-element operands
    (the kernel's operands), then the S state inputs and the mask (NULL: none) */
 static int fo_xla_width(const fo_xla_kernel *k) { return 4 + 2 * k->n_state + k->n_aux; }
 
-/* out[i] = round(out[i] - in[i]) over a chunk of bfloat16 or float16 (`code`): the
-   difference computed in float32 and rounded to nearest even, as XLA's subtraction of them */
-static void fo_xla_subtract_lowp(char *out, const char *in, ptrdiff_t lo, ptrdiff_t n, int code)
+/* out[i] = new[i] - old[i] over m elements stored as `code` (FO_FMT_F32, _BF16, _F16), the
+   delta attribute's result: in bfloat16 or float16 the difference is computed in float32 and
+   rounded to nearest even, as XLA's subtraction of them. `out` may be `new` or `old` (the
+   loops read an element before they write it, and nothing here is restrict). */
+static void fo_xla_subtract(char *out, const char *new_, const char *old, ptrdiff_t m,
+                            int code)
 {
     ptrdiff_t i;
-    fo_u16 *o = (fo_u16 *)out + lo;
-    const fo_u16 *x = (const fo_u16 *)in + lo;
-    if (code == FO_FMT_BF16)
-        for (i = 0; i < n; i++) o[i] = fo_bf16_rne(fo_bf16_load(o[i]) - fo_bf16_load(x[i]));
-    else
-        for (i = 0; i < n; i++)
-            o[i] = fo_f16_round(fo_f16_load(o[i]) - fo_f16_load(x[i]), 0, 0);
+    if (code == FO_FMT_F32) {
+        float *o = (float *)out;
+        const float *x = (const float *)new_, *y = (const float *)old;
+        for (i = 0; i < m; i++) o[i] = x[i] - y[i];
+    } else {
+        fo_u16 *o = (fo_u16 *)out;
+        const fo_u16 *x = (const fo_u16 *)new_, *y = (const fo_u16 *)old;
+        if (code == FO_FMT_BF16)
+            for (i = 0; i < m; i++) o[i] = fo_bf16_rne(fo_bf16_load(x[i]) - fo_bf16_load(y[i]));
+        else
+            for (i = 0; i < m; i++)
+                o[i] = fo_f16_round(fo_f16_load(x[i]) - fo_f16_load(y[i]), 0, 0);
+    }
 }
 
 /* one call's pass: what every chunk needs */
@@ -352,10 +356,71 @@ typedef struct {
 } fo_xla_pass;
 
 /*
+ * With delta, elements lo .. lo + n - 1 of a tensor in blocks: the kernel writes a block's
+ * new params into a scratch block (masked there), whose differences from the params are
+ * then stored as the result. The new params never reach memory, and the result may share
+ * the gradient's buffer (XLA's updates written over a dead gradient), which the kernels'
+ * restrict operands could not.
+ */
+#define FO_XLA_BLOCK 1024
+static void fo_xla_delta_chunk(const fo_xla_pass *pass, char **p, ptrdiff_t lo, ptrdiff_t n,
+                               const unsigned char *mask)
+{
+    const fo_xla_kernel *k = pass->k;
+    const int f64 = pass->f64, n_ops = 3 + k->n_state, n_aux = k->n_aux;
+    const ptrdiff_t size = f64 ? 8 : 4;
+    union {
+        double f64[FO_XLA_BLOCK];
+        float f32[FO_XLA_BLOCK];
+    } scratch;
+    char *q[FO_XLA_OPS_MAX];
+    ptrdiff_t off, at, m, i;
+    int j;
+    for (j = 0; j < n_aux; j++) q[n_ops + j] = p[n_ops + j]; /* one element each */
+    for (off = 0; off < n; off += FO_XLA_BLOCK) {
+        m = n - off < FO_XLA_BLOCK ? n - off : FO_XLA_BLOCK;
+        at = lo + off;
+        for (j = 0; j < n_ops; j++) q[j] = p[j] + at * size;
+        q[1] = f64 ? (char *)scratch.f64 : (char *)scratch.f32;
+        k->fn[f64](q, 0, m, pass->args);
+        if (mask != NULL) fo_cpu_mask_chunk(q, 0, m, size, k->n_state, mask + at);
+        if (f64) {
+            const double *x = (const double *)q[0];
+            double *out = (double *)(p[1] + at * size);
+            for (i = 0; i < m; i++) out[i] = scratch.f64[i] - x[i];
+        } else {
+            fo_xla_subtract(p[1] + at * size, q[1], q[0], m, FO_FMT_F32);
+        }
+    }
+}
+
+/* With delta and formats, elements lo .. lo + n - 1 of tensor t in the format chunk's blocks:
+   each block's params are kept, the block is updated (its new params stored, rounded, as
+   the result), and the result becomes its difference from the kept params; so the result
+   may share the param's buffer or the gradient's (format_loops.h writes a float32 result
+   over the gradient from scratch). */
+static void fo_xla_delta_formats(char **p, ptrdiff_t t, ptrdiff_t lo, ptrdiff_t n,
+                                 const fo_format_args *fa)
+{
+    const int code = fa->code[1];
+    const ptrdiff_t size = code == FO_FMT_F32 ? 4 : 2;
+    float old[FO_FORMAT_BLOCK]; /* the block's params, in their own format */
+    ptrdiff_t off, at, m;
+    for (off = 0; off < n; off += FO_FORMAT_BLOCK) {
+        m = n - off < FO_FORMAT_BLOCK ? n - off : FO_FORMAT_BLOCK;
+        at = lo + off;
+        memcpy(old, p[0] + at * size, (size_t)(m * size));
+        fo_cpu_format_chunk(p, t, at, m, fa);
+        fo_xla_subtract(p[1] + at * size, p[1] + at * size, (const char *)old, m, code);
+    }
+}
+
+/*
  * Chunk c of the plan: `chunk` holds (tensor, lo, n) triples, `ptr` per tensor the
  * fo_xla_width pointers. The state inputs are copied into the results first where XLA gave
  * separate buffers; the kernel runs; a mask zeroes the pruned entries of the param and state
- * results; with `delta` the param result becomes its difference from the param. With a
+ * results; with `delta` the param result is its difference from the param, block by block
+ * (fo_xla_delta_chunk, fo_xla_delta_formats). With a
  * counting function `cfn` the chunk's agreeing elements are counted into `counted[c]` and
  * nothing is written.
  */
@@ -380,16 +445,16 @@ static void fo_xla_run_chunk(const fo_xla_pass *pass, ptrdiff_t c)
     if (pass->fa != NULL) { /* masks inside, before the rounding */
         fo_format_args fa = *pass->fa;
         fa.mask = mask != NULL ? width - 1 : 0;
-        fo_cpu_format_chunk(p, t, lo, n, &fa);
-        if (pass->delta) {
-            if (fa.code[1] == FO_FMT_F32) fo_xla_subtract(p[1], p[0], lo, n, 0);
-            else fo_xla_subtract_lowp(p[1], p[0], lo, n, fa.code[1]);
-        }
+        if (pass->delta) fo_xla_delta_formats(p, t, lo, n, &fa);
+        else fo_cpu_format_chunk(p, t, lo, n, &fa);
+        return;
+    }
+    if (pass->delta) {
+        fo_xla_delta_chunk(pass, p, lo, n, mask);
         return;
     }
     k->fn[pass->f64](p, lo, n, pass->args);
     if (mask != NULL) fo_cpu_mask_chunk(p, lo, n, pass->f64 ? 8 : 4, n_state, mask + lo);
-    if (pass->delta) fo_xla_subtract(p[1], p[0], lo, n, pass->f64);
 }
 
 /* the storage format of an operand's XLA dtype, or -1 */
@@ -550,11 +615,6 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
                 goto fail;
             }
             if (m > 0) p[width - 1] = (char *)b->data;
-        }
-        if (delta && n > 0 && a[0]->data == r[0]->data) {
-            err = FO_XLA_INVALID(call->api, "tensor %lld: with delta the new param must not "
-                                 "alias the param", (long long)t);
-            goto fail;
         }
         if (counting && n > INT_MAX) {
             err = FO_XLA_INVALID(call->api, "tensor %lld: %lld elements, more than an int32 "
