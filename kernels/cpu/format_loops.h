@@ -77,13 +77,19 @@ typedef struct {
    rounded up to 8): element i takes half i & 1 of word (i >> 1) & 3 of group i >> 3, so
    with the words of the groups in order, its bits are 16-bit item i of them (little-endian
    halves: the words are stored with their halves swapped on a big-endian machine). */
+/* the helpers of fo_cpu_format_chunk, inlined into each of its clones (FO_MULTIVERSION):
+   GCC's heuristics left fo_format_store out of line in one extension and not in another,
+   and out of line it is the baseline's code (SSE2): the XLA handler's bfloat16 Adam step
+   with stochastic rounding took 2x the Cython driver's time, all of it in that copy */
+#define FO_FORMAT_INLINE static inline __attribute__((always_inline))
+
 typedef fo_u16 __attribute__((may_alias)) fo_u16_view;
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
 #define FO_HALVES(W) ((W) << 16 | (W) >> 16)
 #else
 #define FO_HALVES(W) (W)
 #endif
-static inline void fo_format_bits(fo_u32 *restrict w, fo_u64 i0, ptrdiff_t n, fo_u32 stream,
+FO_FORMAT_INLINE void fo_format_bits(fo_u32 *restrict w, fo_u64 i0, ptrdiff_t n, fo_u32 stream,
                                   fo_u64 step, fo_u32 key0, fo_u32 key1)
 {
     const fo_u64 b0 = i0 >> 3;
@@ -97,7 +103,7 @@ static inline void fo_format_bits(fo_u32 *restrict w, fo_u64 i0, ptrdiff_t n, fo
     }
 }
 
-static inline void fo_format_load(float *restrict x, const fo_u16 *restrict h, int code,
+FO_FORMAT_INLINE void fo_format_load(float *restrict x, const fo_u16 *restrict h, int code,
                                   ptrdiff_t n)
 {
     ptrdiff_t i;
@@ -111,7 +117,7 @@ static inline void fo_format_load(float *restrict x, const fo_u16 *restrict h, i
 /* x[0 .. n) into elements i0 .. i0 + n - 1 of `base` (format `code`: bfloat16 or float16),
    rounded with the random bits of `stream` (stochastic) or to nearest even; `w` is scratch
    for the bits */
-static inline void fo_format_store(char *base, const float *restrict x, int code,
+FO_FORMAT_INLINE void fo_format_store(char *base, const float *restrict x, int code,
                                    const fo_format_args *fa, fo_u32 key0, fo_u32 key1,
                                    fo_u32 stream, fo_u64 i0, ptrdiff_t n, fo_u32 *restrict w)
 {
@@ -196,7 +202,7 @@ static int fo_q8_table(const float *m, fo_u32 *table)
     return 0;
 }
 
-static inline uint8_t fo_q8_code(float q, const fo_u32 *restrict table)
+FO_FORMAT_INLINE uint8_t fo_q8_code(float q, const fo_u32 *restrict table)
 {
     const fo_u32 bits = fo_float_bits(q), a = bits & 0x7FFFFFFFu;
     const fo_u32 neg = 0u - (bits >> 31); /* all ones for q < 0 */
@@ -208,7 +214,7 @@ static inline uint8_t fo_q8_code(float q, const fo_u32 *restrict table)
 
 /* x[0 .. n) (n up to a block, a multiple of FO_Q8_BLOCK but for a tensor's last) from its
    codes and absmax; `m` the map */
-static inline void fo_q8_load(float *restrict x, const uint8_t *restrict codes,
+FO_FORMAT_INLINE void fo_q8_load(float *restrict x, const uint8_t *restrict codes,
                               const float *restrict absmax, const float *restrict m,
                               ptrdiff_t n)
 {
@@ -296,7 +302,7 @@ static int fo_q8_vbmi(void) { return 0; }
 /* x[0 .. n) into codes and absmax: per block, the absmax is the largest |x| (compared as
    integers, where NaN comes above inf: then NaN), at least 1e-12. The codes go through
    `q` on the stack: GCC vectorizes the lookups only where no store may alias the table. */
-static inline void fo_q8_store(uint8_t *restrict codes, float *restrict absmax,
+FO_FORMAT_INLINE void fo_q8_store(uint8_t *restrict codes, float *restrict absmax,
                                const float *restrict x, const fo_u32 *restrict table,
                                ptrdiff_t n)
 {
