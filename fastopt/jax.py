@@ -89,9 +89,10 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
       returned updates, in the same pass, so ``optax.apply_updates(params, updates)``
       gives them (exactly where a parameter changes by less than half its magnitude, else
       within one rounding). Extra keyword arguments (``optax.chain`` passes them on) are
-      ignored. This path writes the updates to a new buffer and ``apply_updates`` makes
-      one more pass (reading the parameters and the updates, writing the parameters),
-      as with optax's own rules; ``step`` has neither.
+      ignored. This path writes the updates over the gradients (inside a jitted step,
+      where they are dead afterwards, in their buffers; gradients the caller still holds
+      are copied first) and ``apply_updates`` makes one more pass (reading the parameters
+      and the updates, writing the parameters); ``step`` has neither.
     - ``step(params, grads, state, masks=None) -> (params, state)``: the fused update, see
       :attr:`step`.
 

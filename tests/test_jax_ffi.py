@@ -299,36 +299,41 @@ def test_delta_is_the_new_param_minus_the_param(dtype, x64):
     _assert_step((jp, []), (params, []))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, "bfloat16"])
+@pytest.mark.parametrize("param, state", [("float32", None), ("float64", None),
+                                          ("bfloat16", "bfloat16"), ("float32", "bfloat16")])
 @pytest.mark.parametrize("over", [1, 2], ids=["param", "grad"])
-def test_delta_may_share_the_params_or_the_grads_buffer(dtype, over, x64):
+def test_delta_may_share_the_params_or_the_grads_buffer(param, state, over, x64):
     """XLA may give the delta result the buffer of a dead param or gradient (the caller
-    aliases it to the gradient): the same differences, bit for bit, on a multi-chunk
-    two-thread tensor, with formats (bfloat16, stochastic rounding) too."""
+    aliases it to the gradient): the same results, bit for bit, on a tensor of two threads'
+    chunks, with formats (`state` given: stochastic rounding) too; the differences are the
+    new params minus the params. (Over the gradient, the kernel's reads come before its
+    writes to an element, so only `over` param tells the old two-pass delta from this.)"""
     from fastopt._backends import _formats
     from fastopt._interop import bfloat16
-    kernel, n = "adam", 3 * 16384 + 5
-    fmt = dtype == "bfloat16"
-    dt = bfloat16() if fmt else np.dtype(dtype)
-    scalars = _hyper(kernel, np.float32 if fmt else dtype)
+    kernel, n = "adam", 4 * 16384 + 5
+    dt = bfloat16() if param == "bfloat16" else np.dtype(param)
+    sdt = dt if state is None else bfloat16()
+    compute = np.float64 if param == "float64" else np.float32
+    scalars = _hyper(kernel, compute)
     rng = np.random.default_rng(12)
     p, g = (rng.standard_normal(n).astype(dt) for _ in range(2))
-    m, v = rng.standard_normal(n).astype(dt), np.abs(rng.standard_normal(n)).astype(dt)
-    record = _jax_ffi.record_bytes(_rules.KERNELS[kernel].args, np.float32 if fmt else dt,
-                                   scalars)
+    m, v = rng.standard_normal(n).astype(sdt), np.abs(rng.standard_normal(n)).astype(sdt)
+    record = _jax_ffi.record_bytes(_rules.KERNELS[kernel].args, compute, scalars)
     extra, attrs = (), dict(kernel=kernel, delta=np.int64(1), n_threads=np.int64(2))
-    if fmt:
-        keys = np.array([_formats.tensor_key(5, 0)], np.uint32).view(np.int32)
-        extra, attrs = (keys, np.int32(3)), dict(attrs, formats=np.int64(1),
-                                                  stochastic=np.int64(1))
-    want = _raw_call(3, record, p, g, m, v, *extra, aliases={3: 1, 4: 2}, **attrs)
-    got = _raw_call(3, record, p, g, m, v, *extra, aliases={over: 0, 3: 1, 4: 2}, **attrs)
+    keys = np.array([_formats.tensor_key(5, 0)], np.uint32)
+    if state is not None:
+        extra, attrs = (keys.view(np.int32), np.int32(3)), dict(attrs, formats=np.int64(1),
+                                                                 stochastic=np.int64(1))
+    want = _raw_call(3, record, p, g, m, v, *extra, results=(1, 3, 4), aliases={3: 1, 4: 2},
+                     **attrs)
+    got = _raw_call(3, record, p, g, m, v, *extra, results=(1, 3, 4),
+                    aliases={over: 0, 3: 1, 4: 2}, **attrs)
     for x, y in zip(got, want):
         np.testing.assert_array_equal(_bytes(x), _bytes(y))
     new = np.asarray(jax.jit(lambda *a: _jax_ffi.elementwise(
         kernel, a[0], [a[1]], [a[2]], [[a[3], a[4]]], 2,
-        formats=(True, keys, 3) if fmt else None))(record, p, g, m, v)[0][0])
-    diff = new.astype(np.float32) - p.astype(np.float32) if fmt else new - p
+        formats=None if state is None else (True, keys, 3)))(record, p, g, m, v)[0][0])
+    diff = new - p if state is None else new.astype(np.float32) - p.astype(np.float32)
     np.testing.assert_array_equal(_bytes(want[0]), _bytes(diff.astype(dt)))
 
 
@@ -571,11 +576,13 @@ def test_python_checks(change, error, match):
 
 
 def _raw_call(n_results, *operands, **attributes):
-    """The handler called directly, past the Python checks."""
+    """The handler called directly, past the Python checks; the results shaped as the
+    operands after the struct, or as those of `results=` (indices)."""
     _jax_ffi.register()
-    results = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in operands[1:1 + n_results]]
     attrs = dict(kernel="sgd", n_tensors=np.int64(1), n_threads=np.int64(1))
     attrs.update(attributes)
+    like = attrs.pop("results", range(1, 1 + n_results))
+    results = [jax.ShapeDtypeStruct(operands[i].shape, operands[i].dtype) for i in like]
     aliases = attrs.pop("aliases", None)
     out = jax.ffi.ffi_call(_jax_ffi.TARGET, results, input_output_aliases=aliases,
                            vmap_method="sequential")(*operands, **attrs)

@@ -7,15 +7,16 @@
  * computes in float32. A chunk is cut into blocks of FO_FORMAT_BLOCK elements; per block,
  * every operand stored in a low format and read by the kernel is loaded into float32
  * scratch on the stack (float32 operands are used where they are, but for an operand 1 in
- * the grad's memory, written from scratch), the kernel's float32
- * chunk function runs on a pointer table of the block, the pruned entries of the written
- * operands become +0 (masks), and every written operand in a low format (1 and the state;
- * the grad is never written) is rounded or quantized back, as is operand 1's value into the
- * shadow with master weights. A parameter updated in place (operand 1 the same memory as
- * operand 0, in the same format) is loaded once and stored once; else operand 0 is read
- * and operand 1 written. The result is the same, bit for bit, as loading whole arrays,
- * running the kernel and storing them (_formats.around): the kernel is elementwise, the
- * random bits of stochastic rounding depend on the element's index in its tensor only, and
+ * the grad's memory, which is written from scratch), the kernel's float32 chunk function
+ * runs on a pointer table of the block, the pruned entries of the written operands become
+ * +0 (masks), and every written operand in a low format (1 and the state; the grad is
+ * never written, but through an operand 1 in its memory) is rounded or quantized back, as
+ * is operand 1's value into the shadow with master weights. A parameter updated in place
+ * (operand 1 the same memory as operand 0, in the same format) is loaded once and stored
+ * once; else operand 0 is read and operand 1 written. The result is the same, bit for bit,
+ * as loading whole arrays, running the kernel and storing them (_formats.around): the
+ * kernel is elementwise, the random bits of stochastic rounding depend on the element's
+ * index in its tensor only, and
  * each block of 8-bit state (with its absmax) lies inside one block here.
  */
 #ifndef FASTOPT_CPU_FORMAT_LOOPS_H
@@ -73,10 +74,6 @@ typedef struct {
    converts otherwise) */
 #define FO_SIMD _Pragma("omp simd")
 
-/* The 16 random bits of elements i0 .. i0 + n - 1 (i0 a multiple of 8; n up to a block,
-   rounded up to 8): element i takes half i & 1 of word (i >> 1) & 3 of group i >> 3, so
-   with the words of the groups in order, its bits are 16-bit item i of them (little-endian
-   halves: the words are stored with their halves swapped on a big-endian machine). */
 /* the helpers of fo_cpu_format_chunk, inlined into each of its clones (FO_MULTIVERSION):
    GCC's heuristics left fo_format_store out of line in one extension and not in another,
    and out of line it is the baseline's code (SSE2): the XLA handler's bfloat16 Adam step
@@ -89,8 +86,13 @@ typedef fo_u16 __attribute__((may_alias)) fo_u16_view;
 #else
 #define FO_HALVES(W) (W)
 #endif
-FO_FORMAT_INLINE void fo_format_bits(fo_u32 *restrict w, fo_u64 i0, ptrdiff_t n, fo_u32 stream,
-                                  fo_u64 step, fo_u32 key0, fo_u32 key1)
+
+/* The 16 random bits of elements i0 .. i0 + n - 1 (i0 a multiple of 8; n up to a block,
+   rounded up to 8): element i takes half i & 1 of word (i >> 1) & 3 of group i >> 3, so
+   with the words of the groups in order, its bits are 16-bit item i of them (little-endian
+   halves: the words are stored with their halves swapped on a big-endian machine). */
+FO_FORMAT_INLINE void fo_format_bits(fo_u32 *restrict w, fo_u64 i0, ptrdiff_t n,
+                                     fo_u32 stream, fo_u64 step, fo_u32 key0, fo_u32 key1)
 {
     const fo_u64 b0 = i0 >> 3;
     ptrdiff_t b;
@@ -104,7 +106,7 @@ FO_FORMAT_INLINE void fo_format_bits(fo_u32 *restrict w, fo_u64 i0, ptrdiff_t n,
 }
 
 FO_FORMAT_INLINE void fo_format_load(float *restrict x, const fo_u16 *restrict h, int code,
-                                  ptrdiff_t n)
+                                     ptrdiff_t n)
 {
     ptrdiff_t i;
     if (code == FO_FMT_BF16) {
@@ -118,8 +120,9 @@ FO_FORMAT_INLINE void fo_format_load(float *restrict x, const fo_u16 *restrict h
    rounded with the random bits of `stream` (stochastic) or to nearest even; `w` is scratch
    for the bits */
 FO_FORMAT_INLINE void fo_format_store(char *base, const float *restrict x, int code,
-                                   const fo_format_args *fa, fo_u32 key0, fo_u32 key1,
-                                   fo_u32 stream, fo_u64 i0, ptrdiff_t n, fo_u32 *restrict w)
+                                      const fo_format_args *fa, fo_u32 key0, fo_u32 key1,
+                                      fo_u32 stream, fo_u64 i0, ptrdiff_t n,
+                                      fo_u32 *restrict w)
 {
     fo_u16 *restrict h = (fo_u16 *)base + i0;
     const fo_u16_view *restrict r = (const fo_u16_view *)w;
@@ -215,8 +218,8 @@ FO_FORMAT_INLINE uint8_t fo_q8_code(float q, const fo_u32 *restrict table)
 /* x[0 .. n) (n up to a block, a multiple of FO_Q8_BLOCK but for a tensor's last) from its
    codes and absmax; `m` the map */
 FO_FORMAT_INLINE void fo_q8_load(float *restrict x, const uint8_t *restrict codes,
-                              const float *restrict absmax, const float *restrict m,
-                              ptrdiff_t n)
+                                 const float *restrict absmax, const float *restrict m,
+                                 ptrdiff_t n)
 {
     ptrdiff_t b, i;
     for (b = 0; b < n; b += FO_Q8_BLOCK) {
@@ -303,8 +306,8 @@ static int fo_q8_vbmi(void) { return 0; }
    integers, where NaN comes above inf: then NaN), at least 1e-12. The codes go through
    `q` on the stack: GCC vectorizes the lookups only where no store may alias the table. */
 FO_FORMAT_INLINE void fo_q8_store(uint8_t *restrict codes, float *restrict absmax,
-                               const float *restrict x, const fo_u32 *restrict table,
-                               ptrdiff_t n)
+                                  const float *restrict x, const fo_u32 *restrict table,
+                                  ptrdiff_t n)
 {
     uint8_t q[FO_Q8_BLOCK];
     ptrdiff_t b, i;

@@ -31,12 +31,12 @@
  * equally many elements, in any shapes (the update is elementwise, and XLA hands over
  * row-major buffers). The caller aliases each param and state input to its result, so a
  * donated buffer is updated in place (without donation XLA copies the inputs into the
- * results before the call). A call made without the aliases gets separate result buffers:
- * the state is then copied into its result chunk by chunk before the kernel updates it.
- * With delta the result may share any dead input's buffer (XLA gives it the gradient's
- * inside a training step, with no alias declared): the kernel writes each block's new
- * params to scratch, or the format chunk keeps each block's params, before the result's
- * block is stored.
+ * results before the call); with delta, the param result to the grad instead (where their
+ * dtypes agree). A call made without the aliases gets separate result buffers: the state
+ * is then copied into its result chunk by chunk before the kernel updates it. With delta
+ * the result may share the param's or the grad's buffer: the kernel writes each block's
+ * new params to scratch, or the format chunk keeps each block's params, before the
+ * result's block is stored.
  *
  * XLA runs the handler on its own threads, with subnormal numbers flushed to zero (MXCSR's
  * FTZ and DAZ); the kernels run with IEEE subnormals, as everywhere else, so that the results
@@ -331,9 +331,9 @@ static void fo_xla_subtract(char *out, const char *new_, const char *old, ptrdif
         float *o = (float *)out;
         const float *x = (const float *)new_, *y = (const float *)old;
         for (i = 0; i < m; i++) o[i] = x[i] - y[i];
-    } else {
+    } else { /* `old` may be a float array's bytes (fo_xla_delta_formats): read as may_alias */
         fo_u16 *o = (fo_u16 *)out;
-        const fo_u16 *x = (const fo_u16 *)new_, *y = (const fo_u16 *)old;
+        const fo_u16_view *x = (const fo_u16_view *)new_, *y = (const fo_u16_view *)old;
         if (code == FO_FMT_BF16)
             for (i = 0; i < m; i++) o[i] = fo_bf16_rne(fo_bf16_load(x[i]) - fo_bf16_load(y[i]));
         else
