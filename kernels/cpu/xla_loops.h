@@ -389,7 +389,9 @@ static void fo_xla_delta_chunk(const fo_xla_pass *pass, char **p, ptrdiff_t lo, 
             double *out = (double *)(p[1] + at * size);
             for (i = 0; i < m; i++) out[i] = scratch.f64[i] - x[i];
         } else {
-            fo_xla_subtract(p[1] + at * size, q[1], q[0], m, FO_FMT_F32);
+            const float *x = (const float *)q[0];
+            float *out = (float *)(p[1] + at * size);
+            for (i = 0; i < m; i++) out[i] = scratch.f32[i] - x[i];
         }
     }
 }
