@@ -14,11 +14,15 @@ order is pruned first: C order inside a tensor, and tensor by tensor in the orde
 (``global_magnitude_masks``). torch breaks such ties by ``topk``'s unspecified order, so
 its masks agree with these wherever magnitudes are distinct.
 
-**Selection in linear time.** The threshold is found by a radix select over the magnitudes'
-bits (``kernels/include/fastopt/prune.h``): counting passes of 16-bit digits, most
-significant first (2 passes for float32, 4 for float64), parallel, across any number of
-tensors without concatenating them, then one pass writes the masks. NaN weights are
-refused (they have no magnitude order); inf is the largest magnitude.
+**Selection in linear time.** From 2**18 weights (compiled backend with the split pass:
+Cython), a sample of the magnitudes brackets the threshold and one pass over the weights
+writes every mask outside the bracket and collects the few weights inside, whose select
+finishes on them alone. Otherwise, or if the bracket missed, the threshold is found by a
+radix select over the magnitudes' bits (``kernels/include/fastopt/prune.h``): counting
+passes of 16-bit digits, most significant first (2 passes for float32, 4 for float64),
+then one pass writes the masks. Both run in parallel across any number of tensors without
+concatenating them, and give the same masks. NaN weights are refused (they have no
+magnitude order); inf is the largest magnitude.
 
 >>> import numpy as np, fastopt
 >>> w = np.array([0.5, -0.1, 0.3, -0.7, 0.2], np.float32)

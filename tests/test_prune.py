@@ -11,7 +11,9 @@ from test_optim_parity import CONFIGS
 
 import fastopt
 from fastopt import _backends, prune
+from fastopt._backends import _select
 from fastopt._backends._layout import DIGIT_BITS
+from fastopt._backends._numpy.compress import magnitude_keys
 from fastopt._backends._select import _shifts, key_bits
 
 
@@ -174,6 +176,148 @@ def test_split_path_ties_across_tensors(dtype, n_threads, monkeypatch):
     finally:
         fastopt.set_num_threads(2)
     assert len(calls) == 7  # every k took the split path
+
+
+def _split_want(ws, lo, hi, bits):
+    """The split pass's results by NumPy: the masks outside [lo, hi], the keys inside with
+    their flat positions, the count below lo and the largest key."""
+    keys = np.concatenate([magnitude_keys(w) for w in ws]).astype(np.uint64)
+    inside = (keys >= lo) & (keys <= hi)
+    return ((keys > hi).astype(np.uint8), keys[inside], np.flatnonzero(inside),
+            int((keys < lo).sum()), int(keys.max()))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "portable"])
+def test_split_pass_against_numpy(dtype, simd):
+    """The Cython split pass, with AVX-512 where the CPU has it (_prune.SIMD) and the
+    portable loop: tensors starting at every offset in a cache line, with tails, several
+    chunks, one and two threads, brackets holding no key, a few, most, or all."""
+    require_backend("cython")
+    from fastopt._cpu import _prune
+    bits, _ = key_bits(dtype)
+    rng = np.random.default_rng(12)
+    base = rng.standard_normal(60000).astype(dtype)
+    base[rng.random(base.size) < 0.1] = 0
+    step = 64 // base.itemsize
+    ws = [base[s:s + 37 * s + 5] for s in range(step)] + [base[3:]]
+    keys = np.sort(np.concatenate([magnitude_keys(w) for w in ws]))
+    brackets = [(2 ** bits - 1, 2 ** bits - 1), (0, 0), (int(keys[100]), int(keys[600])),
+                (int(keys[5]), int(keys[-5])), (0, 2 ** bits - 1)]
+    for lo, hi in brackets:
+        want_m, want_keys, want_pos, want_below, want_max = _split_want(ws, lo, hi, bits)
+        for n_threads in (1, 2):
+            masks = [np.full(w.size, 7, np.uint8) for w in ws]
+            got_keys, got_pos, below, maxkey = _prune.split(ws, masks, lo, hi, n_threads,
+                                                            simd=simd)
+            np.testing.assert_array_equal(np.concatenate(masks), want_m)
+            np.testing.assert_array_equal(got_keys, want_keys)
+            np.testing.assert_array_equal(got_pos, want_pos)
+            assert (below, maxkey) == (want_below, want_max)
+
+
+def test_sample_spreads_runs_over_the_tensors():
+    """_prune.sample: cache-line runs, one starting in each of the equal ranges at the
+    golden-ratio fraction, across tensor boundaries, on one and two threads."""
+    require_backend("cython")
+    from fastopt._cpu import _prune
+    rng = np.random.default_rng(13)
+    for dtype in (np.float32, np.float64):
+        ws = [rng.standard_normal(n).astype(dtype) for n in (5001, 3, 40000, 17)]
+        flat = np.concatenate([magnitude_keys(w) for w in ws])
+        run = 64 // flat.itemsize
+        for n, n_threads in ((4096, 2), (1024, 1), (run, 2)):
+            runs = n // run
+            i = np.arange(runs + 1, dtype=np.int64)
+            start = i * (flat.size - run) // runs
+            at = start[:-1] + ((i[:-1] * 0x9E3779B9 & 0xFFFFFFFF) * np.diff(start) >> 32)
+            want = flat[(at[:, None] + np.arange(run)).ravel()]
+            np.testing.assert_array_equal(_prune.sample(ws, n, n_threads), want)
+
+
+def _sampled_cases(rng):
+    """Weights for the sampled select (more than SAMPLED_MIN keys): gaussian, sorted
+    magnitudes, columns of very different scales, values from a small set (every
+    threshold a run of ties), and a list of tensors that the sample's runs straddle."""
+    n = _select.SAMPLED_MIN + 12345
+    cols = rng.standard_normal((n // 1024, 1024)) * np.geomspace(1e-3, 1e3, 1024)
+    yield "gaussian", [rng.standard_normal(n)]
+    yield "sorted", [np.linspace(-1, 1, n)]
+    yield "column scales", [cols.ravel()]
+    yield "few values", [rng.integers(-300, 300, n) / 64]
+    yield "list", np.split(rng.standard_normal(n), [7, 500000, 500001, 900000])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sampled_select_against_numpy(dtype, monkeypatch):
+    """The Cython backend's select over more than SAMPLED_MIN keys: a sample brackets the
+    threshold and one pass splits the weights. The masks equal the reference's for every
+    kind of weights and amount (two threads), and where the bracket misses the threshold
+    (Z = 0 leaves it too narrow) the select starts over and is still exact."""
+    require_backend("cython")
+    results = []
+    real_split = _select._split
+
+    def split(*args):
+        done, maxkey = real_split(*args)
+        results.append(done)
+        return done, maxkey
+    monkeypatch.setattr(_select, "_split", split)
+    rng = np.random.default_rng(14)
+    for name, ws in _sampled_cases(rng):
+        ws = [w.astype(dtype) for w in ws]
+        total = sum(w.size for w in ws)
+        for k in (1, total // 5, total // 2, total - 3, 0.999):
+            want = prune.global_magnitude_masks(ws, k, backend="numpy")
+            for z in (_select.Z, 0.0):
+                monkeypatch.setattr(_select, "Z", z)
+                got = prune.global_magnitude_masks(ws, k, backend="cython")
+                for g, w in zip(got, want):
+                    np.testing.assert_array_equal(g, w, err_msg=f"{name}, k={k}, Z={z}")
+    assert True in results and False in results  # the bracket held, and it missed
+
+
+def test_sampled_select_refuses_nan_in_or_outside_the_sample():
+    """A NaN in the sample is seen there; one outside it by the split pass's maximum."""
+    require_backend("cython")
+    from fastopt._cpu import _prune
+    w = np.ones(_select.SAMPLED_MIN + 100, np.float32)
+    n = min(_select.SAMPLE, w.size // _select.SAMPLE_EVERY)
+    unseen = 0
+    while True:  # the first position the sample does not read
+        w[unseen] = np.nan
+        if not np.isnan(_prune.sample([w], n, 2).view(np.float32)).any():
+            break
+        w[unseen] = 1
+        unseen += 1
+    for at in (unseen, 0):
+        w[:] = 1
+        w[at] = np.nan
+        with pytest.raises(ValueError, match=r"ws\[0\]: holds NaN"):
+            prune.magnitude_mask(w, 0.5, backend="cython")
+
+
+@pytest.mark.parametrize("f64", [False, True])
+def test_settle_splits_the_ties_between_threads(f64):
+    """_prune.settle on two threads, the threshold's ties running across the boundary of
+    their ranges and across tensors: the first `ties` of them pruned, in order."""
+    require_backend("cython")
+    from fastopt._cpu import _prune
+    n = 4 * _prune.SETTLE_PER_THREAD
+    rng = np.random.default_rng(15)
+    keys = rng.integers(90, 110, n).astype(np.uint64 if f64 else np.uint32)
+    keys[n // 2 - 500:n // 2 + 500] = 100
+    pos = np.sort(rng.choice(3 * n, n, replace=False)).astype(np.int64)
+    sizes = [n, 5, 2 * n - 5]
+    eq = np.flatnonzero(keys == 100)
+    for ties in (0, 1, eq.size // 2, np.searchsorted(eq, n // 2), eq.size):
+        want = np.zeros(3 * n, np.uint8)
+        want[pos[keys > 100]] = 1
+        want[pos[eq[ties:]]] = 1
+        for n_threads in (1, 2):
+            masks = [np.zeros(s, np.uint8) for s in sizes]
+            _prune.settle(masks, keys, pos, 100, int(ties), n_threads)
+            np.testing.assert_array_equal(np.concatenate(masks), want)
 
 
 @pytest.mark.parametrize("backend", ["cython", "numba"])

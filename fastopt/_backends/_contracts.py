@@ -65,5 +65,9 @@ class SelectPasses(Protocol):
     def prune_mask(self, arrays, masks, thr, tie_modes, n_threads):
         """Write the keep-masks."""
 
-    # optional: prune_split(arrays, masks, lo, hi, n_threads) -> (keys, positions): the
-    # masks of every key outside [lo, hi], and the keys inside with their flat positions
+    # optional, together: prune_split(arrays, masks, lo, hi, n_threads) -> (keys,
+    # positions, below, maxkey): the masks of every key outside [lo, hi], the keys inside
+    # with their flat positions, how many keys are below lo and the largest key; and
+    # prune_settle(masks, keys, positions, thr, ties, n_threads): those keys' masks (left 0
+    # by prune_split), given the threshold and how many of its ties (first in order) are
+    # pruned

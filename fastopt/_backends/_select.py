@@ -1,18 +1,27 @@
 """The magnitude select of fastopt.prune (kernels/include/fastopt/prune.h), written once for
 the compiled backends; each supplies its counting passes (the SelectPasses contract of
-fastopt._backends._contracts: prune_hist, prune_ties, prune_mask, and optionally prune_split,
-which writes the masks of every key outside [lo, hi] (1 above, 0 below) and returns the keys
-inside with their flat positions across the arrays, in order).
+fastopt._backends._contracts: prune_hist, prune_ties, prune_mask, and optionally the split
+group: prune_sample, prune_split, which writes the masks of every key outside [lo, hi] (1
+above, 0 below) and returns the keys inside with their flat positions across the arrays,
+in order, and prune_settle, which writes those keys' masks once the threshold is known).
 
-A radix select, most significant digit first: each counting pass narrows the k-th smallest
-key to one digit value, so float32 takes 2 passes and float64 4, whatever the data, plus
-one pass to write the masks (and one to count ties per chunk, only when the threshold's
-ties are split between pruned and kept). After the first pass, only the keys sharing the
-threshold's first digit are undecided; when they are few (at most 1/SPLIT_SHARE of all,
-typical of real weights) and the backend has prune_split, one pass writes the masks and
-collects them, and the rest of the select runs on that short array alone: 2 passes over
-the weights in all, for either dtype. Counts are integers: no result depends on the thread
-count.
+With the split group, from SAMPLED_MIN keys: a sample (prune_sample, about 1 key in
+SAMPLE_EVERY, at most SAMPLE) brackets the k-th smallest key by its ranks Z standard
+deviations either side; one split pass over the weights writes the masks outside the
+bracket and collects the keys inside (about 1% of them), a partition finds the threshold
+among those, and prune_settle writes their masks: one pass over the weights, for either
+dtype. Where the bracket would hold more than 1/SPLIT_SHARE of the keys (heavy ties) or
+missed the threshold (the split pass's count below it tells), the radix select runs.
+
+The radix select, most significant digit first: each counting pass narrows the k-th
+smallest key to one digit value, so float32 takes 2 passes and float64 4, whatever the
+data, plus one pass to write the masks (and one to count ties per chunk, only when the
+threshold's ties are split between pruned and kept). After the first pass, only the keys
+sharing the threshold's first digit are undecided; when they are few (at most
+1/SPLIT_SHARE of all, typical of real weights) and the backend has the split group, the
+split pass settles them as above: 2 passes over the weights. Counts are integers and the
+sample's positions fixed: no result depends on the thread count, and every path gives the
+same masks.
 """
 
 import numpy as np
@@ -21,6 +30,10 @@ from fastopt._backends._contracts import SelectPasses
 from fastopt._backends._layout import CHUNK, DIGIT_BITS
 
 SPLIT_SHARE = 16  # prune_split when at most 1/16 of the keys share the first digit's bin
+SAMPLED_MIN = 1 << 18  # the sampled select (prune_split's backends) from this many keys
+SAMPLE = 1 << 17  # keys sampled to bracket the threshold: at most this many,
+SAMPLE_EVERY = 64  # and one in this many
+Z = 3.5  # the bracket's half-width in standard deviations of the sample's rank
 
 
 def key_bits(dtype):
@@ -46,6 +59,11 @@ def magnitude_masks(backend: SelectPasses, arrays, masks, k, *, check_nan=True, 
     the earlier element; False (masks unwritten) if check_nan and an array holds NaN."""
     bits, inf_key = key_bits(arrays[0].dtype)
     total = sum(a.size for a in arrays)
+    split = hasattr(backend, "prune_split")
+    if split and 0 < k < total and total >= SAMPLED_MIN:
+        done = _sampled(backend, arrays, masks, k, total, bits, inf_key, check_nan, n_threads)
+        if done is not None:
+            return done
     shifts = _shifts(bits)
     counts, maxkey = backend.prune_hist(arrays, shifts[0], 0, 0, n_threads)
     if check_nan and maxkey > inf_key:
@@ -57,19 +75,54 @@ def magnitude_masks(backend: SelectPasses, arrays, masks, k, *, check_nan=True, 
         return True
     digit, rank = _digit(counts, k)
     prefix, pmask = digit << shifts[0], (2 ** DIGIT_BITS - 1) << shifts[0]
-    split = getattr(backend, "prune_split", None)
-    if split is None or counts[digit] > total // SPLIT_SHARE:
+    if not split or counts[digit] > total // SPLIT_SHARE:
         _narrow(backend, arrays, masks, rank, counts, shifts[1:], prefix, pmask, n_threads)
         return True
-    keys, pos = split(arrays, masks, prefix, prefix | (2 ** shifts[0] - 1), n_threads)
-    keep = np.empty(keys.size, np.uint8)
-    _narrow(backend, [keys.view(arrays[0].dtype)], [keep], rank, counts, shifts[1:], prefix,
-            pmask, n_threads)
-    bounds = np.cumsum([0] + [m.size for m in masks])
-    cuts = np.searchsorted(pos, bounds)
-    for m, start, a, b in zip(masks, bounds, cuts[:-1], cuts[1:]):
-        m[pos[a:b] - start] = keep[a:b]
+    _split(backend, arrays, masks, k, prefix, prefix | (2 ** shifts[0] - 1), n_threads)
     return True
+
+
+def _split(backend, arrays, masks, k, lo, hi, n_threads):
+    """The select's last pass, where the k-th smallest key is expected in [lo, hi], which
+    holds few keys: prune_split writes the masks outside it and collects the keys inside
+    (with their positions), the threshold among those is found by a partition, and
+    prune_settle writes their masks. Returns (done, maxkey): done False where the k-th key
+    was not in [lo, hi] (the masks are then to be written again)."""
+    keys, pos, below, maxkey = backend.prune_split(arrays, masks, lo, hi, n_threads)
+    rank = k - below
+    if not 0 < rank <= keys.size:
+        return False, maxkey
+    thr = np.partition(keys, rank - 1)[rank - 1]
+    backend.prune_settle(masks, keys, pos, int(thr), rank - int(np.count_nonzero(keys < thr)),
+                         n_threads)
+    return True, maxkey
+
+
+def _sampled(backend, arrays, masks, k, total, bits, inf_key, check_nan, n_threads):
+    """The select in one pass over the weights, where a sample brackets the threshold: the
+    keys at spread positions (prune_sample) give [lo, hi], which holds the k-th smallest key
+    unless the sample's rank of it is off by more than Z standard deviations; _split then
+    settles the keys inside. True or False as magnitude_masks, or None (masks unwritten,
+    or to be written again) where the bracket would hold more than 1/SPLIT_SHARE of the
+    keys or missed."""
+    keys = backend.prune_sample(arrays, min(SAMPLE, total // SAMPLE_EVERY), n_threads)
+    if check_nan and keys.max() > inf_key:
+        return False
+    s, q = keys.size, k / total
+    half = Z * (s * q * (1 - q)) ** 0.5 + 2
+    at_lo, at_hi = int(q * s - half), int(q * s + half) + 1
+    if at_lo >= 0:  # partitioned in place: the keys at_lo and above are those above lo
+        keys.partition(at_lo)
+    lo = int(keys[at_lo]) if at_lo >= 0 else 0
+    if at_hi < s:
+        keys[max(at_lo, 0):].partition(at_hi - max(at_lo, 0))
+    hi = int(keys[at_hi]) if at_hi < s else 2 ** bits - 1
+    if np.count_nonzero((keys >= lo) & (keys <= hi)) > s // SPLIT_SHARE:
+        return None
+    done, maxkey = _split(backend, arrays, masks, k, lo, hi, n_threads)
+    if check_nan and maxkey > inf_key:
+        return False
+    return True if done else None
 
 
 def _digit(counts, rank):

@@ -26,14 +26,30 @@ cdef extern from "prune_loops.h" nogil:
         int64_t *pos
         Py_ssize_t n
     int fo_cpu_mag_split_f32(const float *x, Py_ssize_t n, uint32_t lo, uint32_t hi,
-                             uint8_t *m, int64_t pos0, fo_cands *c)
+                             uint8_t *m, int64_t pos0, fo_cands *c, int64_t *below,
+                             uint32_t *maxkey)
     int fo_cpu_mag_split_f64(const double *x, Py_ssize_t n, uint64_t lo, uint64_t hi,
-                             uint8_t *m, int64_t pos0, fo_cands *c)
+                             uint8_t *m, int64_t pos0, fo_cands *c, int64_t *below,
+                             uint64_t *maxkey)
+    int fo_cpu_split_simd()
+    void prefetch_w "fo_prefetch_w"(const void *p)
+    int fo_cpu_mag_split_simd_f32(const float *x, Py_ssize_t n, uint32_t lo, uint32_t hi,
+                                  uint8_t *m, int64_t pos0, fo_cands *c, int64_t *below,
+                                  uint32_t *maxkey)
+    int fo_cpu_mag_split_simd_f64(const double *x, Py_ssize_t n, uint64_t lo, uint64_t hi,
+                                  uint8_t *m, int64_t pos0, fo_cands *c, int64_t *below,
+                                  uint64_t *maxkey)
     void fo_cpu_mag_mask_f32(const float *x, Py_ssize_t n, uint32_t thr, Py_ssize_t ties,
                              uint8_t *m)
     void fo_cpu_mag_mask_f64(const double *x, Py_ssize_t n, uint64_t thr, Py_ssize_t ties,
                              uint8_t *m)
 
+
+SIMD = fo_cpu_split_simd()  # whether the split pass packs its candidates with AVX-512
+SETTLE_PER_THREAD = 32768  # settle()'s candidates per thread, at least
+cdef Py_ssize_t SETTLE_AHEAD = 16  # settle() prefetches the mask byte this many candidates on
+SAMPLE_PER_THREAD = 1024  # sample()'s runs per thread, at least
+SAMPLE_RUN_BYTES = 64  # sample()'s runs: a cache line's worth of elements
 
 
 cdef int _threads(const Plan *pl, int n_threads) noexcept nogil:
@@ -162,19 +178,23 @@ def mask(list arrays, list masks, uint64_t thr, const cnp.int64_t[::1] tie_modes
         plan_free(&pl)
 
 
-def split(list arrays, list masks, uint64_t lo, uint64_t hi, int n_threads):
-    """(keys, positions): write the keep-masks of every key outside [lo, hi] (1 above, 0
-    below; 0 for now inside), and return the keys inside with their flat positions across
-    `arrays` (tensor by tensor), in that order. Each thread takes one contiguous range of
-    chunks, so its candidates follow the previous thread's."""
+def split(list arrays, list masks, uint64_t lo, uint64_t hi, int n_threads, bint simd=True):
+    """(keys, positions, below, maxkey): write the keep-masks of every key outside [lo, hi]
+    (1 above, 0 below; 0 for now inside), and return the keys inside with their flat
+    positions across `arrays` (tensor by tensor), in that order, how many keys are below lo
+    and the largest key. Each thread takes one contiguous range of chunks, so its
+    candidates follow the previous thread's. `simd`: with AVX-512 where the CPU has it
+    (SIMD), else (tests) the portable loop, to the same results."""
     import numpy as np
     cdef Plan pl
     cdef bint f64 = len(arrays) > 0 and cnp.PyArray_ITEMSIZE(<cnp.ndarray?>arrays[0]) == 8
     cdef Py_ssize_t keysize = 8 if f64 else 4, total = 0, at = 0, t
     cdef int nt, tid
+    cdef bint vec = simd and SIMD
     cdef int[::1] failed
     cdef fo_cands *cands = NULL
-    cdef int64_t[::1] starts
+    cdef int64_t[::1] starts, below
+    cdef uint64_t[::1] maxkey
     cdef cnp.ndarray keys, pos
     plan_init(&pl, (arrays, masks), keysize, 0, 1)
     try:
@@ -185,9 +205,14 @@ def split(list arrays, list masks, uint64_t lo, uint64_t hi, int n_threads):
             raise MemoryError("no memory for the select's candidates")
         failed_ = np.zeros(nt, np.intc)  # per thread: the candidates could not grow
         failed = failed_
+        below_ = np.zeros(nt, np.int64)
+        below = below_
+        maxkey_ = np.zeros(nt, np.uint64)
+        maxkey = maxkey_
         with nogil, parallel(num_threads=nt):
             tid = threadid()
-            failed[tid] = _split_thread(&pl, tid, nt, f64, lo, hi, &starts[0], cands + tid)
+            failed[tid] = _split_thread(&pl, tid, nt, f64, vec, lo, hi, &starts[0],
+                                        cands + tid, &below[tid], &maxkey[tid])
         if failed_.any():
             raise MemoryError("no memory for the select's candidates")
         for tid in range(nt):
@@ -207,24 +232,146 @@ def split(list arrays, list masks, uint64_t lo, uint64_t hi, int n_threads):
                 free(cands[tid].pos)
             free(cands)
         plan_free(&pl)
-    return keys, pos
+    return keys, pos, int(below_.sum()), int(maxkey_.max(initial=0))
 
 
-cdef int _split_thread(const Plan *pl, int tid, int nt, bint f64, uint64_t lo, uint64_t hi,
-                       const int64_t *starts, fo_cands *c) noexcept nogil:
-    """Thread tid's chunks of split(): the tid-th of nt contiguous ranges; -1 if out of
-    memory."""
+cdef int _split_thread(const Plan *pl, int tid, int nt, bint f64, bint simd, uint64_t lo,
+                       uint64_t hi,
+                       const int64_t *starts, fo_cands *c, int64_t *below,
+                       uint64_t *maxkey) noexcept nogil:
+    """Thread tid's chunks of split(): the tid-th of nt contiguous ranges, its count of keys
+    below lo into *below and its largest key into *maxkey; -1 if out of memory."""
     cdef Py_ssize_t ch, t, off, n
+    cdef uint32_t mx32 = 0
     cdef char *x
     cdef uint8_t *m
     for ch in range(tid * pl.n_chunks // nt, (tid + 1) * pl.n_chunks // nt):
         t, off, n = pl.chunk[3 * ch], pl.chunk[3 * ch + 1], pl.chunk[3 * ch + 2]
         x = pl.ptr[2 * t]
         m = <uint8_t *>pl.ptr[2 * t + 1] + off
-        if f64:
-            if fo_cpu_mag_split_f64(<double *>x + off, n, lo, hi, m, starts[t] + off, c):
+        if f64 and simd:
+            if fo_cpu_mag_split_simd_f64(<double *>x + off, n, lo, hi, m, starts[t] + off, c,
+                                         below, maxkey):
+                return -1
+        elif f64:
+            if fo_cpu_mag_split_f64(<double *>x + off, n, lo, hi, m, starts[t] + off, c,
+                                    below, maxkey):
+                return -1
+        elif simd:
+            if fo_cpu_mag_split_simd_f32(<float *>x + off, n, <uint32_t>lo, <uint32_t>hi, m,
+                                         starts[t] + off, c, below, &mx32):
                 return -1
         elif fo_cpu_mag_split_f32(<float *>x + off, n, <uint32_t>lo, <uint32_t>hi, m,
-                                  starts[t] + off, c):
+                                  starts[t] + off, c, below, &mx32):
             return -1
+    if not f64:
+        maxkey[0] = mx32
     return 0
+
+
+def settle(list masks, keys, const int64_t[::1] pos, uint64_t thr, Py_ssize_t ties,
+           int n_threads):
+    """Set to 1 the keep-masks, at the flat positions `pos` (ascending, across `masks`), of
+    the candidate `keys` (uint32 or uint64, as split() returns them, whose masks it left 0)
+    above `thr`, and of those equal to it all but the first `ties`. Each thread takes a
+    contiguous range of the candidates, with the count of ties before it."""
+    import numpy as np
+    cdef Py_ssize_t n = pos.shape[0]
+    cdef int nt = max(1, min(n_threads, n // SETTLE_PER_THREAD)), tid
+    cdef bint f64 = keys.dtype.itemsize == 8
+    cdef int64_t[::1] cuts, left, bounds
+    cdef Py_ssize_t[::1] ptrs
+    if keys.shape[0] != n:
+        raise ValueError("keys: expected one per position")
+    if n == 0:
+        return
+    cuts_ = np.arange(nt + 1, dtype=np.int64) * n // nt
+    cuts = cuts_
+    eq = [np.count_nonzero(keys[cuts_[t]:cuts_[t + 1]] == thr) for t in range(nt)]
+    left_ = ties - np.cumsum([0] + eq[:-1], dtype=np.int64)  # the ties each range prunes
+    left = left_
+    bounds_ = np.cumsum([0] + [mk.size for mk in masks], dtype=np.int64)
+    bounds = bounds_
+    ptrs_ = np.array([<Py_ssize_t>cnp.PyArray_DATA(<cnp.ndarray?>mk) for mk in masks], np.intp)
+    ptrs = ptrs_
+    with nogil, parallel(num_threads=nt):
+        tid = threadid()
+        _settle_range(cnp.PyArray_DATA(<cnp.ndarray>keys), f64, &pos[0], cuts[tid],
+                      cuts[tid + 1], thr, left[tid], &bounds[0], <uint8_t **>&ptrs[0])
+
+
+cdef void _settle_range(const void *keys, bint f64, const int64_t *pos, Py_ssize_t a,
+                        Py_ssize_t b, uint64_t thr, Py_ssize_t ties, const int64_t *bounds,
+                        uint8_t **masks) noexcept nogil:
+    """settle() over candidates a .. b - 1, the first `ties` of its keys equal to thr pruned
+    (none if ties <= 0)."""
+    cdef Py_ssize_t j, t = 0
+    cdef uint64_t k
+    while pos[a] >= bounds[t + 1]:
+        t += 1
+    for j in range(a, b):
+        if j + SETTLE_AHEAD < b:  # the writes miss the cache: start them early
+            prefetch_w(&masks[t][pos[j + SETTLE_AHEAD] - bounds[t]])
+        while pos[j] >= bounds[t + 1]:
+            t += 1
+        k = (<const uint64_t *>keys)[j] if f64 else (<const uint32_t *>keys)[j]
+        if k > thr:
+            masks[t][pos[j] - bounds[t]] = 1
+        elif k == thr:
+            if ties <= 0:
+                masks[t][pos[j] - bounds[t]] = 1
+            ties -= 1
+
+
+def sample(list arrays, Py_ssize_t n, int n_threads):
+    """The magnitude keys (uint32 for float32 arrays, uint64 for float64) of about n
+    elements spread over `arrays` (flat, one after another), in runs of SAMPLE_RUN_BYTES
+    bytes' worth of consecutive elements (a cache line each, rather than n misses): run i
+    starts in the i-th of `runs` equal ranges of the positions
+    (leaving room for a run at the end), at the fraction of the range given by the
+    fractional part of i times the golden ratio (i * 0x9E3779B9 mod 2**32, over 2**32):
+    evenly spread, and in no period that a weight's rows could share."""
+    import numpy as np
+    cdef bint f64 = cnp.PyArray_ITEMSIZE(<cnp.ndarray?>arrays[0]) == 8
+    cdef Py_ssize_t run = SAMPLE_RUN_BYTES // (8 if f64 else 4), runs = n // run
+    cdef int nt = max(1, min(n_threads, runs // SAMPLE_PER_THREAD)), tid
+    cdef int64_t[::1] bounds
+    cdef Py_ssize_t[::1] ptrs
+    cdef cnp.ndarray keys = np.empty(runs * run, np.uint64 if f64 else np.uint32)
+    bounds_ = np.cumsum([0] + [a.size for a in arrays], dtype=np.int64)
+    bounds = bounds_
+    ptrs_ = np.array([<Py_ssize_t>cnp.PyArray_DATA(<cnp.ndarray?>a) for a in arrays], np.intp)
+    ptrs = ptrs_
+    if not 0 < runs * run <= bounds_[-1] or int(bounds_[-1]) * runs >= 2 ** 63:
+        raise ValueError(f"n: expected {run} <= n <= {bounds_[-1]}")
+    with nogil, parallel(num_threads=nt):
+        tid = threadid()
+        _sample_range(f64, &bounds[0], <char **>&ptrs[0], bounds[bounds.shape[0] - 1] - run,
+                      run, runs, tid * runs // nt, (tid + 1) * runs // nt,
+                      cnp.PyArray_DATA(keys))
+    return keys
+
+
+cdef void _sample_range(bint f64, const int64_t *bounds, char **ptrs, int64_t span,
+                        Py_ssize_t run, Py_ssize_t runs, Py_ssize_t a, Py_ssize_t b,
+                        void *keys) noexcept nogil:
+    """sample()'s runs a .. b - 1, starting in [0, span] (bounds: the arrays' first flat
+    positions, then the total)."""
+    cdef Py_ssize_t i, j, t = 0
+    cdef int64_t start, end, p
+    cdef uint64_t frac
+    for i in range(a, b):
+        start = i * span // runs
+        end = (i + 1) * span // runs
+        frac = (<uint64_t>i * 0x9E3779B9u) & 0xFFFFFFFFu
+        p = start + <int64_t>((frac * <uint64_t>(end - start)) >> 32)
+        for j in range(i * run, (i + 1) * run):
+            while p >= bounds[t + 1]:
+                t += 1
+            if f64:
+                (<uint64_t *>keys)[j] = ((<const uint64_t *>ptrs[t])[p - bounds[t]]
+                                         & 0x7FFFFFFFFFFFFFFFu)
+            else:
+                (<uint32_t *>keys)[j] = ((<const uint32_t *>ptrs[t])[p - bounds[t]]
+                                         & 0x7FFFFFFFu)
+            p += 1

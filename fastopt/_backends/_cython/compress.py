@@ -16,8 +16,16 @@ def prune_mask(arrays, masks, thr, tie_modes, n_threads):
     _prune.mask(arrays, masks, thr, tie_modes, n_threads)
 
 
+def prune_sample(arrays, s, n_threads):
+    return _prune.sample(arrays, s, n_threads)
+
+
 def prune_split(arrays, masks, lo, hi, n_threads):
     return _prune.split(arrays, masks, lo, hi, n_threads)
+
+
+def prune_settle(masks, keys, pos, thr, ties, n_threads):
+    _prune.settle(masks, keys, pos, thr, ties, n_threads)
 
 
 def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signed, *,
