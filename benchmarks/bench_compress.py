@@ -31,6 +31,18 @@ class MagnitudeMask:
                                      backend=backend)
 
 
+class NMMask:
+    params = (_backends_of("nm_masks"), DTYPES, [-1, 0])
+    param_names = ["backend", "dtype", "dim"]
+
+    def setup(self, backend, dtype, dim):
+        self.w = np.random.default_rng(0).standard_normal(SHAPE).astype(dtype)
+        prune.nm_mask(self.w, 2, 4, dim, backend=backend)  # compilation
+
+    def time_nm_mask_2_4(self, backend, dtype, dim):
+        prune.nm_mask(self.w, 2, 4, dim, backend=backend)
+
+
 class RandomMask:
     params = (_backends_of("random_fill"),)
     param_names = ["backend"]

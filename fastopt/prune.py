@@ -222,10 +222,11 @@ def ln_structured_mask(w, amount, n, dim, *, dtype="bool"):
     return finish()
 
 
-def nm_mask(w, n=2, m=4, dim=-1, *, dtype="bool"):
+def nm_mask(w, n=2, m=4, dim=-1, *, dtype="bool", backend="auto"):
     """The N:M semi-structured mask: of every ``m`` consecutive weights along ``dim``, keep
     the ``n`` largest magnitudes (2:4 is what sparse tensor cores run). ``w.shape[dim]``
-    must be a multiple of ``m``. Equal magnitudes: the lower index is pruned first."""
+    must be a multiple of ``m``. Equal magnitudes: the lower index is pruned first.
+    ``backend``: ``"auto"`` or a backend name."""
     arr = _interop.import_input(w, "w").array
     if arr.ndim < 1:
         raise ValueError("w: N:M pruning needs an array with 1 or more dims")
@@ -237,18 +238,17 @@ def nm_mask(w, n=2, m=4, dim=-1, *, dtype="bool"):
     if arr.shape[dim] % m:
         raise ValueError(f"w: its dim {dim} has {arr.shape[dim]} entries, not a multiple of "
                          f"m={m}")
+    _backends.check_name(backend)
     mask_dtype = _mask_dtype(dtype)
-    _finite(arr, "w")
-    xp = _interop.array_module(arr)
-    moved = xp.moveaxis(xp.abs(arr), dim, -1)
-    groups = moved.reshape(moved.shape[:-1] + (moved.shape[-1] // m, m))
-    # rank of each entry in its group by (magnitude, index): entries below it
-    a, b = groups[..., :, None], groups[..., None, :]
-    before = xp.arange(m)[None, :] < xp.arange(m)[:, None]  # [i, j]: j earlier than i
-    rank = ((b < a) | ((b == a) & before)).sum(axis=-1)
-    keep = (rank >= m - n).reshape(moved.shape)
     buf, finish = _interop.new_array(arr.shape, mask_dtype, w)
-    buf[...] = xp.moveaxis(keep, -1, dim)
+    if arr.size:
+        # groups of m rows of C elements: C the product of the dims after `dim`
+        x = _interop.array_module(arr).ascontiguousarray(arr).reshape(-1)
+        select = _backends.resolve("nm_masks", backend, _device(x), x.dtype)
+        top = select(x, buf.reshape(-1).view(np.uint8), n, m, math.prod(arr.shape[dim + 1:]),
+                     n_threads=get_num_threads())
+        if not math.isfinite(top):  # the largest magnitude
+            _finite(arr, "w")
     return finish()
 
 

@@ -197,7 +197,7 @@ def test_split_pass_against_numpy(dtype, simd):
     from fastopt._cpu import _prune
     bits, _ = key_bits(dtype)
     rng = np.random.default_rng(12)
-    base = rng.standard_normal(60000).astype(dtype)
+    base = rng.standard_normal(100000).astype(dtype)  # 2 threads (32768 elements each, at least)
     base[rng.random(base.size) < 0.1] = 0
     step = 64 // base.itemsize
     ws = [base[s:s + 37 * s + 5] for s in range(step)] + [base[3:]]
@@ -218,21 +218,26 @@ def test_split_pass_against_numpy(dtype, simd):
 
 def test_sample_spreads_runs_over_the_tensors():
     """_prune.sample: cache-line runs, one starting in each of the equal ranges at the
-    golden-ratio fraction, across tensor boundaries, on one and two threads."""
+    golden-ratio fraction, across tensor boundaries (runs straddle them, and overlap where
+    ranges are shorter than a run), on one and two threads."""
     require_backend("cython")
     from fastopt._cpu import _prune
     rng = np.random.default_rng(13)
     for dtype in (np.float32, np.float64):
-        ws = [rng.standard_normal(n).astype(dtype) for n in (5001, 3, 40000, 17)]
+        ws = [rng.standard_normal(n).astype(dtype) for n in (5001, 3, 240000, 17, 9)]
         flat = np.concatenate([magnitude_keys(w) for w in ws])
         run = 64 // flat.itemsize
-        for n, n_threads in ((4096, 2), (1024, 1), (run, 2)):
+        most = (flat.size - run) * run
+        for n, n_threads in ((2 * _prune.SAMPLE_PER_THREAD * run, 2), (1024, 1), (run, 2),
+                             (flat.size // 3, 2), (most, 2)):
             runs = n // run
             i = np.arange(runs + 1, dtype=np.int64)
             start = i * (flat.size - run) // runs
             at = start[:-1] + ((i[:-1] * 0x9E3779B9 & 0xFFFFFFFF) * np.diff(start) >> 32)
-            want = flat[(at[:, None] + np.arange(run)).ravel()]
+            want = flat[at[:, None] + np.arange(run)]
             np.testing.assert_array_equal(_prune.sample(ws, n, n_threads), want)
+        with pytest.raises(ValueError, match="n: expected"):
+            _prune.sample(ws, most + run, 2)
 
 
 def _sampled_cases(rng):
@@ -245,7 +250,7 @@ def _sampled_cases(rng):
     yield "sorted", [np.linspace(-1, 1, n)]
     yield "column scales", [cols.ravel()]
     yield "few values", [rng.integers(-300, 300, n) / 64]
-    yield "list", np.split(rng.standard_normal(n), [7, 500000, 500001, 900000])
+    yield "list", np.split(rng.standard_normal(n), [7, 100000, 100001, 100002, 200000])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -264,6 +269,7 @@ def test_sampled_select_against_numpy(dtype, monkeypatch):
         return done, maxkey
     monkeypatch.setattr(_select, "_split", split)
     rng = np.random.default_rng(14)
+    fastopt.set_num_threads(2)
     for name, ws in _sampled_cases(rng):
         ws = [w.astype(dtype) for w in ws]
         total = sum(w.size for w in ws)
@@ -271,30 +277,40 @@ def test_sampled_select_against_numpy(dtype, monkeypatch):
             want = prune.global_magnitude_masks(ws, k, backend="numpy")
             for z in (_select.Z, 0.0):
                 monkeypatch.setattr(_select, "Z", z)
+                monkeypatch.setattr(_select, "SPLIT_SHARE", 16 if z else 1)  # 0: no bail-out
                 got = prune.global_magnitude_masks(ws, k, backend="cython")
                 for g, w in zip(got, want):
                     np.testing.assert_array_equal(g, w, err_msg=f"{name}, k={k}, Z={z}")
     assert True in results and False in results  # the bracket held, and it missed
 
 
-def test_sampled_select_refuses_nan_in_or_outside_the_sample():
+def test_sampled_select_refuses_nan_in_or_outside_the_sample(monkeypatch):
     """A NaN in the sample is seen there; one outside it by the split pass's maximum."""
     require_backend("cython")
     from fastopt._cpu import _prune
-    w = np.ones(_select.SAMPLED_MIN + 100, np.float32)
+    calls = []
+    real_split = _select._split
+
+    def split(*args):
+        calls.append(args[4:6])
+        return real_split(*args)
+    monkeypatch.setattr(_select, "_split", split)
+    w = np.random.default_rng(16).standard_normal(_select.SAMPLED_MIN + 100).astype(np.float32)
     n = min(_select.SAMPLE, w.size // _select.SAMPLE_EVERY)
     unseen = 0
     while True:  # the first position the sample does not read
-        w[unseen] = np.nan
+        w[unseen], was = np.nan, w[unseen]
         if not np.isnan(_prune.sample([w], n, 2).view(np.float32)).any():
             break
-        w[unseen] = 1
+        w[unseen] = was
         unseen += 1
-    for at in (unseen, 0):
-        w[:] = 1
-        w[at] = np.nan
-        with pytest.raises(ValueError, match=r"ws\[0\]: holds NaN"):
-            prune.magnitude_mask(w, 0.5, backend="cython")
+    with pytest.raises(ValueError, match=r"ws\[0\]: holds NaN"):
+        prune.magnitude_mask(w, 0.5, backend="cython")
+    assert len(calls) == 1  # the split pass ran, and found it
+    w[unseen], w[0] = 0.5, np.nan
+    with pytest.raises(ValueError, match=r"ws\[0\]: holds NaN"):
+        prune.magnitude_mask(w, 0.5, backend="cython")
+    assert len(calls) == 1  # the sample found it: no split pass
 
 
 @pytest.mark.parametrize("f64", [False, True])
@@ -413,23 +429,55 @@ def test_ln_structured_matches_torch(n, dim, torch):
                                   module.weight_mask.numpy().astype(bool))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n, m, dim", [(2, 4, -1), (2, 4, 0), (1, 4, 1), (4, 8, -1), (0, 2, 0),
-                                       (3, 3, -1)])
-def test_nm_mask(dtype, n, m, dim):
+NM_CASES = [((16, 24, 24), 2, 4, -1), ((16, 24, 24), 2, 4, 0), ((16, 24, 24), 1, 4, 1),
+            ((16, 24, 24), 4, 8, -1), ((16, 24, 24), 0, 2, 0), ((16, 24, 24), 3, 3, -1),
+            ((16, 24, 24), 24, 24, 2), ((4, 48, 3), 5, 16, 1), ((6, 130), 30, 65, 1),
+            ((3, 128, 5), 100, 128, 1), ((512, 256), 2, 4, -1), ((512, 256), 1, 2, 0)]
+
+
+def _nm_grid():
+    """Every case (C = 1 and C > 1, constant and other m, m above FO_NM_MAX's 64, two
+    threads' worth) in each dtype on the Cython backend; Numba and the reference on
+    every other case in turn."""
+    rows = []
+    for dtype in (np.float32, np.float64):
+        for i, case in enumerate(NM_CASES):
+            for backend in ["cython"] + [("numpy", "numba")[i % 2]]:
+                rows.append(pytest.param(backend, dtype, *case, id=f"{backend}-"
+                                         f"{np.dtype(dtype).name}-{case[0]}-{case[1]}:{case[2]}"
+                                         f"-dim{case[3]}"))
+    return rows
+
+
+@pytest.mark.parametrize("backend, dtype, shape, n, m, dim", _nm_grid())
+def test_nm_mask(backend, dtype, shape, n, m, dim):
+    """Each group of m along dim keeps its n largest magnitudes (of equal ones, the lower
+    index is pruned first), against a stable argsort per group, and the same as the
+    reference's."""
+    require_backend(backend)
     rng = np.random.default_rng(6)
-    w = rng.integers(-4, 5, (16, 24, 24)).astype(dtype)  # many ties
-    mask = prune.nm_mask(w, n=n, m=m, dim=dim)
+    w = rng.integers(-4, 5, shape).astype(dtype)  # many ties
+    w[..., ::3] *= 1.5
+    mask = prune.nm_mask(w, n=n, m=m, dim=dim, backend=backend)
     moved_w = np.moveaxis(np.abs(w), dim, -1)
     moved_m = np.moveaxis(mask, dim, -1)
     groups_w = moved_w.reshape(-1, m)
     groups_m = moved_m.reshape(-1, m)
-    for gw, gm in zip(groups_w, groups_m):
-        order = np.argsort(gw, kind="stable")  # by magnitude, then index
-        expected = np.zeros(m, bool)
-        expected[order[m - n:]] = True
-        np.testing.assert_array_equal(gm, expected)
-    assert groups_m.sum(axis=1).tolist() == [n] * len(groups_m)
+    order = np.argsort(groups_w, axis=1, kind="stable")  # by magnitude, then index
+    expected = np.zeros(groups_w.shape, bool)
+    np.put_along_axis(expected, order[:, m - n:], True, axis=1)
+    np.testing.assert_array_equal(groups_m, expected)
+    np.testing.assert_array_equal(mask, prune.nm_mask(w, n=n, m=m, dim=dim, backend="numpy"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nm_mask_refuses_nonfinite(backend, bad):
+    require_backend(backend)
+    w = np.ones((8, 128), np.float32)
+    w[5, 77] = bad
+    with pytest.raises(ValueError, match="w: holds NaN or inf"):
+        prune.nm_mask(w, 2, 4, backend=backend)
 
 
 def test_apply_mask():

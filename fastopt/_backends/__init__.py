@@ -63,7 +63,7 @@ BACKENDS = {
 
 # the operations that are not optimizer rules
 OPERATIONS = ("norm_partials", "random_fill", "weight_norm_sums", "weight_norm_apply",
-              "magnitude_masks", "quant_loop", "kd_rows")
+              "magnitude_masks", "nm_masks", "quant_loop", "kd_rows")
 
 # operations whose dtypes are not the backend's floats
 OP_DTYPES = {"random_fill": ("float32", "float64", "uint32")}

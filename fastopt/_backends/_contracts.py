@@ -65,9 +65,10 @@ class SelectPasses(Protocol):
     def prune_mask(self, arrays, masks, thr, tie_modes, n_threads):
         """Write the keep-masks."""
 
-    # optional, together: prune_split(arrays, masks, lo, hi, n_threads) -> (keys,
-    # positions, below, maxkey): the masks of every key outside [lo, hi], the keys inside
-    # with their flat positions, how many keys are below lo and the largest key; and
-    # prune_settle(masks, keys, positions, thr, ties, n_threads): those keys' masks (left 0
-    # by prune_split), given the threshold and how many of its ties (first in order) are
-    # pruned
+    # optional, together: prune_sample(arrays, n, n_threads) -> the magnitude keys of about
+    # n elements spread over the arrays, one row per run of consecutive elements;
+    # prune_split(arrays, masks, lo, hi, n_threads) -> (keys, positions, below, maxkey):
+    # the masks of every key outside [lo, hi], the keys inside with their flat positions,
+    # how many keys are below lo and the largest key; and prune_settle(masks, keys,
+    # positions, thr, ties, n_threads): those keys' masks (left 0 by prune_split), given
+    # the threshold and how many of its ties (first in order) are pruned

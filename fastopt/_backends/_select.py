@@ -6,8 +6,9 @@ above, 0 below) and returns the keys inside with their flat positions across the
 in order, and prune_settle, which writes those keys' masks once the threshold is known).
 
 With the split group, from SAMPLED_MIN keys: a sample (prune_sample, about 1 key in
-SAMPLE_EVERY, at most SAMPLE) brackets the k-th smallest key by its ranks Z standard
-deviations either side; one split pass over the weights writes the masks outside the
+SAMPLE_EVERY, at most SAMPLE, in runs of neighbours) brackets the k-th smallest key by its
+ranks Z standard deviations either side (the deviation measured across the runs, as
+neighbours may share a scale); one split pass over the weights writes the masks outside the
 bracket and collects the keys inside (about 1% of them), a partition finds the threshold
 among those, and prune_settle writes their masks: one pass over the weights, for either
 dtype. Where the bracket would hold more than 1/SPLIT_SHARE of the keys (heavy ties) or
@@ -23,6 +24,8 @@ split pass settles them as above: 2 passes over the weights. Counts are integers
 sample's positions fixed: no result depends on the thread count, and every path gives the
 same masks.
 """
+
+import math
 
 import numpy as np
 
@@ -41,6 +44,12 @@ def key_bits(dtype):
     return (63, 0x7FF0000000000000) if np.dtype(dtype).itemsize == 8 else (31, 0x7F800000)
 
 
+def magnitude(key, dtype):
+    """The magnitude (a float) whose key is `key`: NaN for keys above inf's."""
+    utype = np.uint64 if np.dtype(dtype).itemsize == 8 else np.uint32
+    return float(np.array(key, utype).view(dtype))
+
+
 def _shifts(bits):
     shifts = list(range(bits - DIGIT_BITS, -1, -DIGIT_BITS))
     return shifts + [0] if shifts[-1] else shifts
@@ -56,7 +65,8 @@ def tie_modes(ties, r):
 
 def magnitude_masks(backend: SelectPasses, arrays, masks, k, *, check_nan=True, n_threads):
     """Write keep-masks pruning the k smallest magnitudes of `arrays` (one dtype), ties to
-    the earlier element; False (masks unwritten) if check_nan and an array holds NaN."""
+    the earlier element; False (masks not all written) if check_nan and an array holds
+    NaN."""
     bits, inf_key = key_bits(arrays[0].dtype)
     total = sum(a.size for a in arrays)
     split = hasattr(backend, "prune_split")
@@ -105,18 +115,25 @@ def _sampled(backend, arrays, masks, k, total, bits, inf_key, check_nan, n_threa
     settles the keys inside. True or False as magnitude_masks, or None (masks unwritten,
     or to be written again) where the bracket would hold more than 1/SPLIT_SHARE of the
     keys or missed."""
-    keys = backend.prune_sample(arrays, min(SAMPLE, total // SAMPLE_EVERY), n_threads)
+    runs = backend.prune_sample(arrays, min(SAMPLE, total // SAMPLE_EVERY), n_threads)
+    keys = runs.reshape(-1)
     if check_nan and keys.max() > inf_key:
         return False
     s, q = keys.size, k / total
-    half = Z * (s * q * (1 - q)) ** 0.5 + 2
-    at_lo, at_hi = int(q * s - half), int(q * s + half) + 1
+    part = np.partition(keys, min(int(q * s), s - 1))
+    # the sample's rank of the k-th key varies as s q (1 - q) for independent keys, more
+    # where a run's neighbours share a scale (rows of their own scale): the spread of the
+    # runs' counts below the estimate, times the number of runs, says by how much
+    counts = np.count_nonzero(runs <= part[min(int(q * s), s - 1)], axis=1)
+    spread = max(s * q * (1 - q), len(runs) * float(counts.var()))
+    half = Z * spread ** 0.5 + 2
+    at_lo, at_hi = math.floor(q * s - half), math.ceil(q * s + half)
     if at_lo >= 0:  # partitioned in place: the keys at_lo and above are those above lo
-        keys.partition(at_lo)
-    lo = int(keys[at_lo]) if at_lo >= 0 else 0
+        part.partition(at_lo)
+    lo = int(part[at_lo]) if at_lo >= 0 else 0
     if at_hi < s:
-        keys[max(at_lo, 0):].partition(at_hi - max(at_lo, 0))
-    hi = int(keys[at_hi]) if at_hi < s else 2 ** bits - 1
+        part[max(at_lo, 0):].partition(at_hi - max(at_lo, 0))
+    hi = int(part[at_hi]) if at_hi < s else 2 ** bits - 1
     if np.count_nonzero((keys >= lo) & (keys <= hi)) > s // SPLIT_SHARE:
         return None
     done, maxkey = _split(backend, arrays, masks, k, lo, hi, n_threads)

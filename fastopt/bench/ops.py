@@ -122,6 +122,10 @@ OPS = {
                                  lambda a, b: fastopt.prune.global_magnitude_masks(
                                      list(a), 0.5, backend=b),
                                  None, "magnitude_masks", ("50M",)),
+    # read the weight, write the 1-byte mask
+    "nm_mask": Op(1.25, False, lambda w: (w,),
+                  lambda a, b: fastopt.prune.nm_mask(a[0], 2, 4, backend=b), None, "nm_masks",
+                  ("4096x4096",)),
     # read x, write 1-byte codes
     "quantize_per_channel": Op(1.25, False, _per_channel,
                                lambda a, b: fastopt.quant.quantize(a[0], a[1], a[2], axis=0,
@@ -141,8 +145,8 @@ OPS = {
 }
 GROUPS = {"init": ("kaiming_uniform", "xavier_normal", "trunc_normal"),
           "weight_norm": ("weight_norm", "weight_norm_backward"),
-          "compress": ("magnitude_mask", "global_magnitude_masks", "quantize_per_channel",
-                       "quantize_per_tensor", "kd_loss")}
+          "compress": ("magnitude_mask", "global_magnitude_masks", "nm_mask",
+                       "quantize_per_channel", "quantize_per_tensor", "kd_loss")}
 
 
 def shape_of(case):

@@ -7,7 +7,7 @@ include "_plan.pxi"
 
 from cython.parallel cimport parallel, threadid
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 
 cdef extern from "prune_loops.h" nogil:
@@ -31,6 +31,21 @@ cdef extern from "prune_loops.h" nogil:
     int fo_cpu_mag_split_f64(const double *x, Py_ssize_t n, uint64_t lo, uint64_t hi,
                              uint8_t *m, int64_t pos0, fo_cands *c, int64_t *below,
                              uint64_t *maxkey)
+    ctypedef struct fo_nm_item:
+        pass
+    const int NM_MAX "FO_NM_MAX"
+    void fo_cpu_nm_f32(const float *x, uint8_t *keep, Py_ssize_t C, int m, int n,
+                       Py_ssize_t u0, Py_ssize_t u1, uint32_t *maxkey)
+    void fo_cpu_nm_f64(const double *x, uint8_t *keep, Py_ssize_t C, int m, int n,
+                       Py_ssize_t u0, Py_ssize_t u1, uint64_t *maxkey)
+    void fo_cpu_nm_sorted_f32(const float *x, uint8_t *keep, Py_ssize_t C, int m, int n,
+                              Py_ssize_t u0, Py_ssize_t u1, fo_nm_item *items,
+                              uint32_t *maxkey)
+    void fo_cpu_nm_sorted_f64(const double *x, uint8_t *keep, Py_ssize_t C, int m, int n,
+                              Py_ssize_t u0, Py_ssize_t u1, fo_nm_item *items,
+                              uint64_t *maxkey)
+    uint32_t mag_key_f32 "fo_mag_key_f32"(float x)
+    uint64_t mag_key_f64 "fo_mag_key_f64"(double x)
     int fo_cpu_split_simd()
     void prefetch_w "fo_prefetch_w"(const void *p)
     int fo_cpu_mag_split_simd_f32(const float *x, Py_ssize_t n, uint32_t lo, uint32_t hi,
@@ -326,24 +341,25 @@ cdef void _settle_range(const void *keys, bint f64, const int64_t *pos, Py_ssize
 def sample(list arrays, Py_ssize_t n, int n_threads):
     """The magnitude keys (uint32 for float32 arrays, uint64 for float64) of about n
     elements spread over `arrays` (flat, one after another), in runs of SAMPLE_RUN_BYTES
-    bytes' worth of consecutive elements (a cache line each, rather than n misses): run i
-    starts in the i-th of `runs` equal ranges of the positions
-    (leaving room for a run at the end), at the fraction of the range given by the
-    fractional part of i times the golden ratio (i * 0x9E3779B9 mod 2**32, over 2**32):
-    evenly spread, and in no period that a weight's rows could share."""
+    bytes' worth of consecutive elements (a cache line each, rather than n misses), one
+    row per run: run i starts in the i-th of the equal ranges of the positions (leaving
+    room for a run at the end), at the fraction of the range given by the fractional part of i times the
+    golden ratio (i * 0x9E3779B9 mod 2**32, over 2**32): evenly spread, and in no period
+    that a weight's rows could share."""
     import numpy as np
     cdef bint f64 = cnp.PyArray_ITEMSIZE(<cnp.ndarray?>arrays[0]) == 8
     cdef Py_ssize_t run = SAMPLE_RUN_BYTES // (8 if f64 else 4), runs = n // run
     cdef int nt = max(1, min(n_threads, runs // SAMPLE_PER_THREAD)), tid
     cdef int64_t[::1] bounds
     cdef Py_ssize_t[::1] ptrs
-    cdef cnp.ndarray keys = np.empty(runs * run, np.uint64 if f64 else np.uint32)
+    cdef cnp.ndarray keys = np.empty((runs, run), np.uint64 if f64 else np.uint32)
     bounds_ = np.cumsum([0] + [a.size for a in arrays], dtype=np.int64)
     bounds = bounds_
     ptrs_ = np.array([<Py_ssize_t>cnp.PyArray_DATA(<cnp.ndarray?>a) for a in arrays], np.intp)
     ptrs = ptrs_
-    if not 0 < runs * run <= bounds_[-1] or int(bounds_[-1]) * runs >= 2 ** 63:
-        raise ValueError(f"n: expected {run} <= n <= {bounds_[-1]}")
+    span = int(bounds_[-1]) - run  # the runs' starts: 0 .. span
+    if runs < 1 or runs > span or span * runs >= 2 ** 63:
+        raise ValueError(f"n: expected {run} <= n <= {max(span, 0) * run}, runs of {run}")
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         _sample_range(f64, &bounds[0], <char **>&ptrs[0], bounds[bounds.shape[0] - 1] - run,
@@ -356,7 +372,7 @@ cdef void _sample_range(bint f64, const int64_t *bounds, char **ptrs, int64_t sp
                         Py_ssize_t run, Py_ssize_t runs, Py_ssize_t a, Py_ssize_t b,
                         void *keys) noexcept nogil:
     """sample()'s runs a .. b - 1, starting in [0, span] (bounds: the arrays' first flat
-    positions, then the total)."""
+    positions, then the total). A run may reach past the next one's start."""
     cdef Py_ssize_t i, j, t = 0
     cdef int64_t start, end, p
     cdef uint64_t frac
@@ -365,13 +381,64 @@ cdef void _sample_range(bint f64, const int64_t *bounds, char **ptrs, int64_t sp
         end = (i + 1) * span // runs
         frac = (<uint64_t>i * 0x9E3779B9u) & 0xFFFFFFFFu
         p = start + <int64_t>((frac * <uint64_t>(end - start)) >> 32)
+        while p < bounds[t]:  # the last run reached into a later array
+            t -= 1
         for j in range(i * run, (i + 1) * run):
             while p >= bounds[t + 1]:
                 t += 1
             if f64:
-                (<uint64_t *>keys)[j] = ((<const uint64_t *>ptrs[t])[p - bounds[t]]
-                                         & 0x7FFFFFFFFFFFFFFFu)
+                (<uint64_t *>keys)[j] = mag_key_f64((<const double *>ptrs[t])[p - bounds[t]])
             else:
-                (<uint32_t *>keys)[j] = ((<const uint32_t *>ptrs[t])[p - bounds[t]]
-                                         & 0x7FFFFFFFu)
+                (<uint32_t *>keys)[j] = mag_key_f32((<const float *>ptrs[t])[p - bounds[t]])
             p += 1
+
+
+def nm(x, keep, int n, int m, Py_ssize_t C, int n_threads):
+    """N:M keep-masks (prune_loops.h, fastopt._backends._numpy.compress.nm_masks): `x` flat
+    and contiguous (float32 or float64) as groups of m rows of C elements, `keep` uint8 of
+    its size; returns the largest magnitude key. Each thread takes a contiguous range of
+    the groups."""
+    import numpy as np
+    cdef cnp.ndarray xa = <cnp.ndarray?>x, ka = <cnp.ndarray?>keep
+    cdef bint f64 = cnp.PyArray_ITEMSIZE(xa) == 8
+    cdef Py_ssize_t groups = cnp.PyArray_SIZE(xa) // (m * C)
+    cdef int nt = max(1, min(n_threads, cnp.PyArray_SIZE(xa) // MIN_PER_THREAD, groups)), tid
+    cdef int[::1] failed
+    cdef uint64_t[::1] maxkey
+    if cnp.PyArray_SIZE(ka) != cnp.PyArray_SIZE(xa) or groups * m * C != cnp.PyArray_SIZE(xa):
+        raise ValueError("keep: expected x's size, a whole number of groups")
+    failed_ = np.zeros(nt, np.intc)
+    failed = failed_
+    maxkey_ = np.zeros(nt, np.uint64)
+    maxkey = maxkey_
+    with nogil, parallel(num_threads=nt):
+        tid = threadid()
+        failed[tid] = _nm_range(cnp.PyArray_DATA(xa), <uint8_t *>cnp.PyArray_DATA(ka), f64,
+                                C, m, n, tid * groups // nt, (tid + 1) * groups // nt,
+                                &maxkey[tid])
+    if failed_.any():
+        raise MemoryError("no memory for nm_mask's groups")
+    return int(maxkey_.max())
+
+
+cdef int _nm_range(const void *x, uint8_t *keep, bint f64, Py_ssize_t C, int m, int n,
+                   Py_ssize_t u0, Py_ssize_t u1, uint64_t *maxkey) noexcept nogil:
+    """nm()'s groups u0 .. u1 - 1, their largest key into *maxkey; -1 if out of memory"""
+    cdef fo_nm_item *items = NULL
+    cdef uint32_t mx32 = 0
+    if m > NM_MAX:
+        items = <fo_nm_item *>malloc(m * sizeof(fo_nm_item))
+        if items == NULL:
+            return -1
+    if f64 and items == NULL:
+        fo_cpu_nm_f64(<const double *>x, keep, C, m, n, u0, u1, maxkey)
+    elif f64:
+        fo_cpu_nm_sorted_f64(<const double *>x, keep, C, m, n, u0, u1, items, maxkey)
+    elif items == NULL:
+        fo_cpu_nm_f32(<const float *>x, keep, C, m, n, u0, u1, &mx32)
+    else:
+        fo_cpu_nm_sorted_f32(<const float *>x, keep, C, m, n, u0, u1, items, &mx32)
+    if not f64:
+        maxkey[0] = mx32
+    free(items)
+    return 0

@@ -250,6 +250,130 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_MAG_LOOPS)
 #undef FO_DEFINE_MAG_LOOPS
 
 /*
+ * N:M masks (fastopt.prune.nm_mask): the weight, flat, as groups of m rows of C elements
+ * (group u's row i at (u m + i) C; C = 1 where the grouped dim is the last). Of a group's m
+ * keys at one column, the n largest are kept; an element's rank counts the keys below it
+ * and the equal keys of earlier rows; the largest key is returned too (the caller refuses
+ * NaN and inf from it, with no pass of its own). Up to FO_NM_MAX rows, a block of FO_NM_BLOCK columns
+ * (or, for C = 1, of groups, transposed on the way in) is ranked by m x m compares that
+ * vectorize along the block; larger groups are sorted column by column.
+ */
+#define FO_NM_BLOCK 64
+#define FO_NM_MAX 64
+
+typedef struct {
+    uint64_t key;
+    ptrdiff_t row;
+} fo_nm_item;
+
+static int fo_nm_order(const void *a, const void *b)
+{
+    const fo_nm_item *x = (const fo_nm_item *)a, *y = (const fo_nm_item *)b;
+    if (x->key != y->key) return x->key < y->key ? -1 : 1;
+    return (x->row > y->row) - (x->row < y->row);
+}
+
+#define FO_DEFINE_NM_LOOPS(T, SFX, SQRT, FABS)                                            \
+    /* keep[i][b] = 1 for the n largest of the m keys K[0 .. m)[b], b < nb; *maxkey      \
+       takes the largest key */                                                           \
+    static inline __attribute__((always_inline)) void fo_nm_rank_##SFX(                   \
+        fo_key_##SFX (*K)[FO_NM_BLOCK], int m, int n, ptrdiff_t nb,                       \
+        uint8_t (*keep)[FO_NM_BLOCK], fo_key_##SFX *maxkey)                               \
+    {                                                                                     \
+        fo_key_##SFX mx = *maxkey;                                                        \
+        int i, j;                                                                         \
+        ptrdiff_t b;                                                                      \
+        for (i = 0; i < m; i++)                                                           \
+            for (b = 0; b < nb; b++) mx = K[i][b] > mx ? K[i][b] : mx;                    \
+        *maxkey = mx;                                                                     \
+        for (i = 0; i < m; i++) {                                                         \
+            uint8_t r[FO_NM_BLOCK] = {0};                                                 \
+            for (j = 0; j < i; j++)                                                       \
+                for (b = 0; b < nb; b++) r[b] += K[j][b] <= K[i][b];                      \
+            for (j = i + 1; j < m; j++)                                                   \
+                for (b = 0; b < nb; b++) r[b] += K[j][b] < K[i][b];                       \
+            for (b = 0; b < nb; b++) keep[i][b] = r[b] >= m - n;                          \
+        }                                                                                 \
+    }                                                                                     \
+                                                                                          \
+    /* fo_cpu_nm for C = 1: blocks of groups, transposed in and out (m a constant where   \
+       the caller can make it one, so that the strided loads and stores vectorize) */     \
+    static inline __attribute__((always_inline)) void fo_nm_rows_##SFX(                   \
+        const T *restrict x, uint8_t *restrict keep, int m, int n, ptrdiff_t u0,          \
+        ptrdiff_t u1, fo_key_##SFX (*K)[FO_NM_BLOCK], uint8_t (*R)[FO_NM_BLOCK],          \
+        fo_key_##SFX *maxkey)                                                             \
+    {                                                                                     \
+        ptrdiff_t u, b, nb;                                                               \
+        int i;                                                                            \
+        for (u = u0; u < u1; u += FO_NM_BLOCK) {                                          \
+            nb = u1 - u < FO_NM_BLOCK ? u1 - u : FO_NM_BLOCK;                             \
+            for (i = 0; i < m; i++)                                                       \
+                for (b = 0; b < nb; b++) K[i][b] = fo_mag_key_##SFX(x[(u + b) * m + i]);  \
+            fo_nm_rank_##SFX(K, m, n, nb, R, maxkey);                                     \
+            for (i = 0; i < m; i++)                                                       \
+                for (b = 0; b < nb; b++) keep[(u + b) * m + i] = R[i][b];                 \
+        }                                                                                 \
+    }                                                                                     \
+                                                                                          \
+    /* groups u0 .. u1 - 1 of x (m <= FO_NM_MAX) into keep; the largest key into *maxkey */ \
+    FO_MULTIVERSION static void fo_cpu_nm_##SFX(const T *restrict x,                      \
+                                                uint8_t *restrict keep, ptrdiff_t C,      \
+                                                int m, int n, ptrdiff_t u0, ptrdiff_t u1, \
+                                                fo_key_##SFX *maxkey)                     \
+    {                                                                                     \
+        fo_key_##SFX K[FO_NM_MAX][FO_NM_BLOCK];                                           \
+        uint8_t R[FO_NM_MAX][FO_NM_BLOCK];                                                \
+        ptrdiff_t u, c, b, nb;                                                            \
+        int i;                                                                            \
+        if (C == 1) {                                                                     \
+            switch (m) {                                                                  \
+            case 2: fo_nm_rows_##SFX(x, keep, 2, n, u0, u1, K, R, maxkey); break;                 \
+            case 4: fo_nm_rows_##SFX(x, keep, 4, n, u0, u1, K, R, maxkey); break;                 \
+            case 8: fo_nm_rows_##SFX(x, keep, 8, n, u0, u1, K, R, maxkey); break;                 \
+            case 16: fo_nm_rows_##SFX(x, keep, 16, n, u0, u1, K, R, maxkey); break;               \
+            default: fo_nm_rows_##SFX(x, keep, m, n, u0, u1, K, R, maxkey);               \
+            }                                                                             \
+            return;                                                                       \
+        }                                                                                 \
+        for (u = u0; u < u1; u++)                                                         \
+            for (c = 0; c < C; c += FO_NM_BLOCK) {                                        \
+                const ptrdiff_t at = u * m * C + c;                                       \
+                nb = C - c < FO_NM_BLOCK ? C - c : FO_NM_BLOCK;                           \
+                for (i = 0; i < m; i++)                                                   \
+                    for (b = 0; b < nb; b++) K[i][b] = fo_mag_key_##SFX(x[at + i * C + b]); \
+                fo_nm_rank_##SFX(K, m, n, nb, R, maxkey);                                 \
+                for (i = 0; i < m; i++)                                                   \
+                    for (b = 0; b < nb; b++) keep[at + i * C + b] = R[i][b];              \
+            }                                                                             \
+    }                                                                                     \
+                                                                                          \
+    /* groups u0 .. u1 - 1 of x for any m: each column's m keys sorted (by key, then row) \
+       in `items` (room for m); the last n kept */                                        \
+    static void fo_cpu_nm_sorted_##SFX(const T *restrict x, uint8_t *restrict keep,      \
+                                       ptrdiff_t C, int m, int n, ptrdiff_t u0,           \
+                                       ptrdiff_t u1, fo_nm_item *items,                   \
+                                       fo_key_##SFX *maxkey)                              \
+    {                                                                                     \
+        fo_key_##SFX mx = *maxkey;                                                        \
+        ptrdiff_t u, c;                                                                   \
+        int i;                                                                            \
+        for (u = u0; u < u1; u++)                                                         \
+            for (c = 0; c < C; c++) {                                                     \
+                const ptrdiff_t at = u * m * C + c;                                       \
+                for (i = 0; i < m; i++) {                                                 \
+                    items[i].key = fo_mag_key_##SFX(x[at + i * C]);                       \
+                    items[i].row = i;                                                     \
+                    mx = items[i].key > mx ? (fo_key_##SFX)items[i].key : mx;             \
+                }                                                                         \
+                qsort(items, (size_t)m, sizeof *items, fo_nm_order);                      \
+                for (i = 0; i < m; i++) keep[at + items[i].row * C] = i >= m - n;         \
+            }                                                                             \
+        *maxkey = mx;                                                                     \
+    }
+FO_DEFINE_FOR_REALS(FO_DEFINE_NM_LOOPS)
+#undef FO_DEFINE_NM_LOOPS
+
+/*
  * The split pass with AVX-512 (Skylake-SP, Zen 4 and later), to the same masks, candidates
  * and counts: the portable pass copies each candidate out behind a branch, which
  * mispredicts (about 20 ns a candidate on a Xeon, so a bracket holding 1% of the keys cost

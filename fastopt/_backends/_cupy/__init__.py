@@ -25,10 +25,11 @@ from fastopt._backends._cupy.optim import (
                                              factors,
                                              norm_partials,
 )
+from fastopt._backends._numpy.compress import nm_masks  # array code: runs on CuPy arrays
 
 magnitude_masks = functools.partial(_select.magnitude_masks, compress)
 
 __all__ = ["KERNELS", "MASKS_IN_KERNELS", "device", "elementwise", "factors", "norm_partials",
            "random_fill", "weight_norm_sums", "weight_norm_apply", "magnitude_masks",
-           "quant_loop", "kd_rows", "THREADS", "compile_options", "grid", "kernel_dir",
+           "nm_masks", "quant_loop", "kd_rows", "THREADS", "compile_options", "grid", "kernel_dir",
            "source", "unavailable_reason"]

@@ -7,7 +7,7 @@ import functools
 
 from fastopt._backends import _select
 from fastopt._backends._cython import compress
-from fastopt._backends._cython.compress import kd_rows, quant_loop
+from fastopt._backends._cython.compress import kd_rows, nm_masks, quant_loop
 from fastopt._backends._cython.init import random_fill, weight_norm_apply, weight_norm_sums
 from fastopt._backends._cython.optim import (
                                              FORMATS,
@@ -25,4 +25,4 @@ magnitude_masks = functools.partial(_select.magnitude_masks, compress)
 
 __all__ = ["FORMATS", "FUSES_EMA", "KERNELS", "MASKS_IN_KERNELS", "caution_counts", "device",
            "elementwise", "factors", "norm_partials", "random_fill", "weight_norm_sums",
-           "weight_norm_apply", "magnitude_masks", "quant_loop", "kd_rows"]
+           "weight_norm_apply", "magnitude_masks", "nm_masks", "quant_loop", "kd_rows"]

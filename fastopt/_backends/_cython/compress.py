@@ -1,6 +1,7 @@
 """The Cython backend's kernels for fastopt.prune (the select's passes, which
 fastopt._backends._select drives), fastopt.quant and fastopt.distill."""
 
+from fastopt._backends._select import magnitude
 from fastopt._cpu import _distill, _prune, _quant
 
 
@@ -26,6 +27,10 @@ def prune_split(arrays, masks, lo, hi, n_threads):
 
 def prune_settle(masks, keys, pos, thr, ties, n_threads):
     _prune.settle(masks, keys, pos, thr, ties, n_threads)
+
+
+def nm_masks(x, keep, n, m, C, *, n_threads):
+    return magnitude(_prune.nm(x, keep, n, m, C, n_threads), x.dtype)
 
 
 def quant_loop(op, x, out, gy, B, C, inv, zp, scale, qmin, qmax, fused, is_signed, *,

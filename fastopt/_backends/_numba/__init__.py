@@ -9,7 +9,7 @@ import numba
 from fastopt import _config
 from fastopt._backends import _select
 from fastopt._backends._numba import compress
-from fastopt._backends._numba.compress import kd_rows, quant_loop
+from fastopt._backends._numba.compress import kd_rows, nm_masks, quant_loop
 from fastopt._backends._numba.init import random_fill, weight_norm_apply, weight_norm_sums
 from fastopt._backends._numba.optim import (
                                             FORMATS,
@@ -30,4 +30,4 @@ _config.keep_openmp_unnested()
 
 __all__ = ["FORMATS", "KERNELS", "MASKS_IN_KERNELS", "device", "elementwise", "factors",
            "norm_partials", "random_fill", "weight_norm_sums", "weight_norm_apply",
-           "magnitude_masks", "quant_loop", "kd_rows"]
+           "magnitude_masks", "nm_masks", "quant_loop", "kd_rows"]

@@ -20,7 +20,7 @@ from fastopt._backends._layout import (
     LOG2E,
 )
 from fastopt._backends._numba.init import _log, _threads
-from fastopt._backends._select import key_bits
+from fastopt._backends._select import key_bits, magnitude
 
 _JIT = dict(cache=True, error_model="numpy")
 BINS = 2 ** DIGIT_BITS
@@ -147,6 +147,38 @@ def prune_mask(arrays, masks, thr, tie_modes, n_threads):
         _threads(n_threads, a.size)
         _mask(keys, _absmask(keys), _scalar(thr, keys), tie_modes[start:start + n_chunks], m)
         start += n_chunks
+
+
+@njit(parallel=True, **_JIT)
+def _nm(keys, absmask, keep, n, m, C):
+    groups = keys.size // (m * C)
+    for u in prange(groups):
+        at = u * m * C
+        for c in range(C):
+            for i in range(m):
+                ki = keys[at + i * C + c] & absmask
+                r = 0
+                for j in range(m):
+                    kj = keys[at + j * C + c] & absmask
+                    r += (kj < ki) | ((kj == ki) & (j < i))
+                keep[at + i * C + c] = r >= m - n
+
+
+@njit(parallel=True, **_JIT)
+def _nm_max(keys, absmask):
+    top = keys.dtype.type(0)
+    for i in prange(keys.size):
+        top = max(top, keys[i] & absmask)
+    return top
+
+
+def nm_masks(x, keep, n, m, C, *, n_threads):
+    """N:M keep-masks, as fastopt._backends._numpy.compress.nm_masks: each group's rank by
+    m compares per element, the groups in parallel; then the largest magnitude."""
+    keys = _keys(x)
+    _threads(n_threads, x.size)
+    _nm(keys, _absmask(keys), keep, n, m, C)
+    return magnitude(int(_nm_max(keys, _absmask(keys))), x.dtype)
 
 
 # -- quantization (fastopt/quant.h)

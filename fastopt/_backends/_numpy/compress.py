@@ -5,7 +5,8 @@ import numpy as np
 
 from fastopt._backends._layout import CE_SQUARES, EXP2_CONSTANTS, KD_BLOCK, LN2, LOG2E
 from fastopt._backends._numpy.init import _log
-from fastopt._backends._select import key_bits
+from fastopt._backends._select import key_bits, magnitude
+from fastopt._interop import array_module
 
 # -- pruning (kernels/include/fastopt/prune.h)
 
@@ -31,6 +32,26 @@ def magnitude_masks(arrays, masks, k, *, check_nan=True, n_threads=1):
         m[...] = keep[start:start + m.size]
         start += m.size
     return True
+
+
+def nm_masks(x, keep, n, m, C, *, n_threads=1):
+    """N:M keep-masks: `x` flat, C-contiguous, as groups of m rows of C elements (group u's
+    row i at (u * m + i) * C; C = 1 when the grouped dim is the last); of each group's m
+    elements at one column, the n of largest magnitude are kept (1 in `keep`, flat, uint8),
+    ties ranked by row: an element's rank counts the group's keys below it and the equal
+    keys of earlier rows. Returns the largest magnitude (NaN if one is NaN). Array
+    code of `x`'s own module (NumPy, or CuPy for the CuPy backend), one pass per row of
+    the group."""
+    xp = array_module(x)
+    bits, _ = key_bits(x.dtype)
+    keys = (x.view(xp.uint64 if bits == 63 else xp.uint32) & (2 ** bits - 1)).reshape(-1, m, C)
+    rows = xp.arange(m).reshape(1, m, 1)
+    rank = xp.zeros(keys.shape, xp.int32)
+    for j in range(m):
+        kj = keys[:, j:j + 1, :]
+        rank += (kj < keys) | ((kj == keys) & (j < rows))
+    keep[...] = (rank >= m - n).reshape(-1)
+    return magnitude(int(keys.max()), x.dtype)
 
 
 # -- quantization (kernels/include/fastopt/quant.h)
