@@ -45,8 +45,8 @@ from fastopt._check import flag, real
 from fastopt._config import check_threads, get_num_threads
 
 __all__ = ["adam", "adamw", "sgd", "lion", "adamax", "adadelta", "adopt", "ademamix", "adan",
-           "FusedTransformation", "AdamState", "SGDState", "LionState", "AdamaxState",
-           "AdadeltaState", "AdEMAMixState", "AdanState"]
+           "rprop", "FusedTransformation", "AdamState", "SGDState", "LionState", "AdamaxState",
+           "AdadeltaState", "AdEMAMixState", "AdanState", "RpropState"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _LOWP = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))  # computed in float32
@@ -174,9 +174,10 @@ class _Fused:
     `init` and `update` are bound methods of it, `step` another."""
 
     def __init__(self, name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
-                 max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                 fills, max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
                  stochastic_rounding, seed, n_threads):
         self.name = name
+        self.fills = fills  # a state array's initial value where it is not 0: name -> value
         self.caution = caution  # a fastopt._rules.Caution: the cautious option; or None
         self.group = group  # the array API class and its group's hyperparameters
         self.kernel = _rules.KERNELS[kernel]
@@ -212,9 +213,14 @@ class _Fused:
     def init(self, params):
         params, _, dtype = _params(params)
         state_dtype = self._state_dtype(dtype)
-        zeros = {name: jax.tree.map(lambda p: jnp.zeros(p.shape, state_dtype), params)
-                 for name in self.kernel.state}
-        return self.state_cls(count=jnp.zeros([], jnp.int32), **zeros)
+        initial = {name: jax.tree.map(lambda p, name=name: self._initial(name, p.shape,
+                                                                          state_dtype), params)
+                   for name in self.kernel.state}
+        return self.state_cls(count=jnp.zeros([], jnp.int32), **initial)
+
+    def _initial(self, name, shape, dtype):
+        """State array `name` before the first step: 0, or the rule's fill."""
+        return jnp.full(shape, self.fills.get(name, 0), dtype)
 
     def _state_dtype(self, dtype):
         """The state arrays' dtype for parameters of `dtype`: state_dtype, or float32 for
@@ -351,8 +357,8 @@ class _Fused:
             for i, (path, leaf) in enumerate(zip(paths, leaves)):
                 entry = saved.get(i, {})
                 value = entry.get(name) if isinstance(entry, dict) else None
-                if value is None:  # not stepped yet: zeros, as init
-                    out.append(jnp.zeros(leaf.shape, state_dtype))
+                if value is None:  # not stepped yet: as init
+                    out.append(self._initial(name, leaf.shape, state_dtype))
                     continue
                 value = jnp.asarray(np.asarray(value))
                 if value.shape != leaf.shape or value.dtype != state_dtype:
@@ -635,20 +641,21 @@ def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtyp
 
 
 def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, options,
-          cautious=False):
+          cautious=False, fills=None):
     """The transformation of factory `name`: its elementwise `kernel`, state NamedTuple,
     struct fields (`scalars`), checked hyperparameters (`hyper`, for the repr) and `group`,
     (the array API's class, its param group's hyperparameters but lr) for state_dict; with
     `cautious`, the kernel's cautious variant of the rule table; `options` the factory's
     options (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-    stochastic_rounding, seed, n_threads)."""
+    stochastic_rounding, seed, n_threads); `fills` the state arrays' initial values that
+    are not 0."""
     caution = None
     if flag("cautious", cautious):
         caution = _rules.BY_NAME[group[0]].caution(kernel)
         hyper = dict(hyper, cautious=True)
         group = (group[0], dict(group[1], cautious=True))
     return _Fused(name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
-                  *_options(*options)).transformation()
+                  fills or {}, *_options(*options)).transformation()
 
 
 def _eps_root(value):
@@ -1344,3 +1351,75 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
                                no_prox=no_prox)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
                   stochastic_rounding, seed, n_threads))
+
+
+class RpropState(NamedTuple):
+    """The state of :func:`rprop`: the step count (an int32 scalar), the previous gradients
+    and the step sizes, each a pytree shaped like the parameters (torch's names)."""
+    count: Any
+    prev: Any
+    step_size: Any
+
+
+@_options_doc
+def rprop(learning_rate, eta_minus=0.5, eta_plus=1.2, min_step_size=1e-6, max_step_size=50.0,
+          *, max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
+          state_dtype=None, stochastic_rounding=None, seed=None, n_threads=None):
+    r"""Rprop (Riedmiller & Braun 1993) as an optax transformation run by fastopt's fused
+    kernel.
+
+    Takes ``optax.rprop``'s arguments and defaults, and follows ``torch.optim.Rprop``
+    (:class:`fastopt.Rprop`'s kernel): ``optax.rprop`` as released applies each step's
+    update one step late (its first step moves nothing; optax pull request 1725 fixes it to
+    torch's). With gradient :math:`g_t`, the previous one :math:`g^-` and the step sizes
+    :math:`\delta` (each starting at ``learning_rate``):
+
+    .. math::
+
+        f &= \eta_+, \eta_- 	ext{ or } 1 	ext{ as } \operatorname{sign}(g_t g^-)
+            = 1, -1 	ext{ or } 0 \
+        \delta &\leftarrow \operatorname{clamp}(\delta f, \delta_{\min}, \delta_{\max}) \
+        g_t &\leftarrow 0 	ext{ where } f = \eta_- \
+        p_{t+1} &= p_t - \operatorname{sign}(g_t) \delta, \qquad g^- \leftarrow g_t
+
+    Its results equal :class:`fastopt.Rprop`'s, bit for bit.
+
+    Args:
+        learning_rate (float): the initial step size :math:`\delta_0 \ge 0`, a number (read
+            once, by ``init``, as optax and torch read it).
+        eta_minus (float): :math:`\eta_-` in (0, 1). Default 0.5.
+        eta_plus (float): :math:`\eta_+ > 1`. Default 1.2.
+        min_step_size (float): :math:`\delta_{\min} \ge 0`. Default 1e-6.
+        max_step_size (float): :math:`\delta_{\max} \ge \delta_{\min}`. Default 50.
+        {options}
+
+    Returns:
+        FusedTransformation: with state :class:`RpropState`.
+    """
+    if callable(learning_rate):
+        raise TypeError("learning_rate: expected a number, the initial step size (Rprop "
+                        "reads it once, when the state is made; a schedule has no effect)")
+    learning_rate = _real("learning_rate", learning_rate, lo=0.0)
+    eta_minus = _real("eta_minus", eta_minus, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    eta_plus = _real("eta_plus", eta_plus, lo=1.0, lo_open=True)
+    min_step_size = _real("min_step_size", min_step_size, lo=0.0)
+    max_step_size = _real("max_step_size", max_step_size, lo=0.0)
+    if isinstance(min_step_size, float) and isinstance(max_step_size, float) \
+            and min_step_size > max_step_size:
+        raise ValueError(f"min_step_size must be <= max_step_size, got {min_step_size} and "
+                         f"{max_step_size}")
+
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
+        return _scalars.rprop_scalars(dtype, etaminus=eta_minus, etaplus=eta_plus,
+                                      step_size_min=min_step_size, step_size_max=max_step_size,
+                                      maximize=maximize, grad_scale=grad_scale,
+                                      grad_clip=grad_clip)
+
+    return _make("rprop", "rprop", RpropState, scalars, learning_rate,
+                 dict(eta_minus=eta_minus, eta_plus=eta_plus, min_step_size=min_step_size,
+                      max_step_size=max_step_size),
+                 ("Rprop", dict(etas=(eta_minus, eta_plus),
+                                step_sizes=(min_step_size, max_step_size))),
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                  stochastic_rounding, seed, n_threads),
+                 fills=dict(step_size=learning_rate))

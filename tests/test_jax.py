@@ -246,6 +246,42 @@ def test_adan_matches_the_array_api(hyper, dtype):
                 STEPS)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("hyper", [dict(learning_rate=1e-2),
+                                   dict(learning_rate=0.1, eta_minus=0.3, eta_plus=1.5,
+                                        min_step_size=1e-3, max_step_size=0.5),
+                                   dict(learning_rate=1e-2, maximize=True, max_grad_norm=1.0)],
+                         ids=["defaults", "etas", "maximize-clip"])
+def test_rprop_matches_the_array_api(hyper, dtype):
+    """fastopt.jax.rprop follows torch's Rprop as fastopt.Rprop does (optax.rprop as
+    released lags a step): 200 jitted steps against fastopt.Rprop on NumPy arrays, the same
+    kernel with the same scalars, so equal bit for bit (to rounding with max_grad_norm:
+    XLA sums the norm in its own order); gradients with zeros, so that the sign product is
+    0 too."""
+    hyper = dict(hyper)
+    same = _assert_equal if "max_grad_norm" not in hyper else (
+        lambda got, want: _assert_close(got, want, STEPS))
+    with jax.enable_x64(dtype == "float64"):
+        params, grads = _case(dtype)
+        grads = jax.tree.map(lambda g: jnp.where(jnp.abs(g) < 0.3, 0, g), grads)
+        tx = fjax.rprop(**hyper)
+        got = [_run_update(tx, params, grads), _run_step(tx, params, grads)]
+    leaves = [np.array(p) for p in jax.tree.leaves(params)]
+    opt = fastopt.Rprop(leaves, lr=hyper.pop("learning_rate"),
+                        etas=(hyper.pop("eta_minus", 0.5), hyper.pop("eta_plus", 1.2)),
+                        step_sizes=(hyper.pop("min_step_size", 1e-6),
+                                    hyper.pop("max_step_size", 50.0)), **hyper)
+    for t in range(STEPS):
+        opt.step([np.array(g[t]) for g in jax.tree.leaves(grads)])
+    want = jax.tree.unflatten(jax.tree.structure(params), leaves)
+    step, update = got[1], got[0]
+    same(step[0], want)
+    _assert_close(update[0], want, STEPS)  # apply_updates adds the update: one rounding
+    for field in step[1]._fields[1:]:
+        same(getattr(step[1], field), jax.tree.unflatten(
+            jax.tree.structure(params), [opt.state[i][field] for i in range(len(leaves))]))
+
+
 @pytest.mark.parametrize("name, hyper, schedule", [
     ("adamw", dict(weight_decay=0.05), optax.cosine_decay_schedule(1e-2, 20, alpha=0.1)),
     ("sgd", dict(momentum=0.9), optax.linear_schedule(1e-2, 1e-3, 20)),
@@ -493,6 +529,7 @@ def test_skip_nonfinite_leaves_everything(name, hyper):
     ("adadelta", dict(learning_rate=0.5, weight_decay=0.1)),
     ("adan", dict(learning_rate=1e-2, weight_decay=0.02)),
     ("ademamix", dict(learning_rate=1e-2, alpha=2.0)),
+    ("rprop", dict(learning_rate=0.05, eta_plus=1.3)),
 ])
 def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
     """state_dict / load_state_dict through fastopt.save and load: 5 jitted steps, then 5
@@ -510,7 +547,7 @@ def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
         saved = fastopt.load(tmp_path / "jax.npz")
         cls = getattr(fastopt, {"adamw": "AdamW", "sgd": "SGD", "lion": "Lion",
                                 "adadelta": "Adadelta", "adan": "Adan",
-                                "ademamix": "AdEMAMix"}[name])
+                                "ademamix": "AdEMAMix", "rprop": "Rprop"}[name])
         leaves = [np.array(p) for p in jax.tree.leaves(p5)]
         opt = cls(leaves)
         opt.load_state_dict(saved)
@@ -929,6 +966,13 @@ def test_sharded_arrays_and_shard_map():
     ("adadelta", dict(weight_decay_mask={"w": True}), ValueError,
      "weight_decay_mask=.* is not supported yet"),
     ("adamax", dict(learning_rate=1e-3, b2=1.0), ValueError, "b2 must be a finite number"),
+    ("rprop", dict(learning_rate=optax.constant_schedule(0.1)), TypeError,
+     "learning_rate: expected a number, the initial step size"),
+    ("rprop", dict(learning_rate=0.1, eta_minus=1.0), ValueError,
+     r"eta_minus must be a finite number in \(0, 1\)"),
+    ("rprop", dict(learning_rate=0.1, eta_plus=1.0), ValueError, "eta_plus must be"),
+    ("rprop", dict(learning_rate=0.1, min_step_size=1.0, max_step_size=0.5), ValueError,
+     "min_step_size must be <= max_step_size"),
     ("adopt", dict(learning_rate=1e-3, nesterov=True), ValueError,
      "nesterov=True is not supported yet"),
     ("adopt", dict(learning_rate=1e-3, clip_value_fn=0.5), TypeError,
