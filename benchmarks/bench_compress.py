@@ -31,6 +31,18 @@ class MagnitudeMask:
                                      backend=backend)
 
 
+class LnStructuredMask:
+    params = (_backends_of("weight_norm_sums"), DTYPES, [1, 2])
+    param_names = ["backend", "dtype", "n"]
+
+    def setup(self, backend, dtype, n):
+        self.w = np.random.default_rng(0).standard_normal(SHAPE).astype(dtype)
+        prune.ln_structured_mask(self.w, 0.5, n, 0, backend=backend)  # compilation
+
+    def time_ln_structured_mask(self, backend, dtype, n):
+        prune.ln_structured_mask(self.w, 0.5, n, 0, backend=backend)
+
+
 class NMMask:
     params = (_backends_of("nm_masks"), DTYPES, [-1, 0])
     param_names = ["backend", "dtype", "dim"]

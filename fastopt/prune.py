@@ -182,12 +182,15 @@ def _finite(arr, name):
         raise ValueError(f"{name}: holds NaN or inf; pruning ranks finite magnitudes")
 
 
-def ln_structured_mask(w, amount, n, dim, *, dtype="bool"):
+def ln_structured_mask(w, amount, n, dim, *, dtype="bool", backend="auto"):
     r"""The mask pruning whole slices ``w[..., i, ...]`` along ``dim`` (channels, rows) with
     the smallest L\ :sub:`n` norms, as ``torch.nn.utils.prune.ln_structured``: ``amount``
     counts slices (of ``w.shape[dim]``); ``n`` is the norm's order (a positive number,
     ``inf``, ``-inf`` or ``"fro"``), taken in float64 over every other dim. Equal norms:
-    the lower index is pruned first. The mask has ``w``'s shape.
+    the lower index is pruned first. The mask has ``w``'s shape. For ``n`` 1, 2 and
+    ``"fro"`` the norms come from one compiled pass (the slice sums of weight
+    normalization, :math:`\sum x^2` or :math:`\sum x \operatorname{sign}(x)`; ``backend``:
+    ``"auto"`` or a backend name), for the other orders from array code.
 
     >>> import numpy as np, fastopt
     >>> w = np.array([[1., 1.], [3., 0.], [0., 0.5]])
@@ -201,24 +204,34 @@ def ln_structured_mask(w, amount, n, dim, *, dtype="bool"):
         raise ValueError("w: structured pruning needs an array with 1 or more dims")
     p = _norm_kind(n)
     dim = _check.axis("dim", dim, arr.ndim)
+    _backends.check_name(backend)
     mask_dtype = _mask_dtype(dtype)
     k = n_to_prune(amount, arr.shape[dim])
-    _finite(arr, "w")
     xp = _interop.array_module(arr)
-    moved = xp.moveaxis(arr, dim, 0).reshape(arr.shape[dim], -1).astype(np.float64)
-    if p == math.inf:
-        norms = xp.abs(moved).max(axis=1, initial=0.0)
-    elif p == -math.inf:
-        norms = xp.abs(moved).min(axis=1, initial=math.inf)
+    if p in (1.0, 2.0) and arr.size:
+        x = xp.ascontiguousarray(arr)
+        sums = _backends.resolve("weight_norm_sums", backend, _device(x), x.dtype)
+        geometry = (math.prod(arr.shape[:dim]), arr.shape[dim], math.prod(arr.shape[dim + 1:]))
+        norms = sums(x, x if p == 2.0 else xp.sign(x), geometry, n_threads=get_num_threads())
+        norms = np.sqrt(norms) if p == 2.0 else norms
+        if not np.isfinite(norms).all():  # NaN or inf in w (or a float64 sum overflowed)
+            _finite(arr, "w")
     else:
-        norms = (xp.abs(moved) ** p).sum(axis=1) ** (1.0 / p)
-    order = xp.argsort(norms, kind="stable") if xp is np else xp.argsort(norms)
-    keep = xp.ones(arr.shape[dim], bool)
-    keep[order[:k]] = False
+        _finite(arr, "w")
+        moved = xp.abs(xp.moveaxis(arr, dim, 0).reshape(arr.shape[dim], -1))
+        if p == math.inf:  # exact in the weights' dtype
+            norms = moved.max(axis=1, initial=0.0).astype(np.float64)
+        elif p == -math.inf:
+            norms = moved.min(axis=1, initial=math.inf).astype(np.float64)
+        else:
+            norms = (moved.astype(np.float64) ** p).sum(axis=1) ** (1.0 / p)
+        norms = _interop._host(norms)
+    keep = np.ones(arr.shape[dim], bool)
+    keep[np.argsort(norms, kind="stable")[:k]] = False
     shape = [1] * arr.ndim
     shape[dim] = arr.shape[dim]
     buf, finish = _interop.new_array(arr.shape, mask_dtype, w)
-    buf[...] = xp.broadcast_to(keep.reshape(shape), arr.shape)
+    buf[...] = xp.broadcast_to(xp.asarray(keep).reshape(shape), arr.shape)
     return finish()
 
 

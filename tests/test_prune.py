@@ -429,6 +429,31 @@ def test_ln_structured_matches_torch(n, dim, torch):
                                   module.weight_mask.numpy().astype(bool))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ln_structured_backends_agree(backend, dtype):
+    """The compiled norms (n 1, 2, 'fro': weight normalization's slice sums) give the
+    reference backend's masks on every backend (slices 3 and 7 equal), with equal norms
+    pruned lower index first, and a non-finite weight is refused there too."""
+    require_backend(backend)
+    w = np.random.default_rng(7).standard_normal((40, 300, 2)).astype(dtype)
+    w[:, 7] = w[:, 3]
+    for n in (1, 2, "fro"):
+        for dim in (0, 1, 2):
+            for amount in (1, 0.5, 0.9):
+                np.testing.assert_array_equal(
+                    prune.ln_structured_mask(w, amount, n=n, dim=dim, backend=backend),
+                    prune.ln_structured_mask(w, amount, n=n, dim=dim, backend="numpy"))
+    small = w[:, :8].copy()
+    small[:, 3] = small[:, 7] = 1e-3  # the two smallest slices, equal
+    for n in (1, 2):
+        mask = prune.ln_structured_mask(small, 1, n=n, dim=1, backend=backend)
+        assert not mask[:, 3].any() and mask[:, 7].all()  # the lower index pruned
+    w[5, 9, 1] = np.nan
+    with pytest.raises(ValueError, match="w: holds NaN or inf"):
+        prune.ln_structured_mask(w, 0.5, n=2, dim=0, backend=backend)
+
+
 NM_CASES = [((16, 24, 24), 2, 4, -1), ((16, 24, 24), 2, 4, 0), ((16, 24, 24), 1, 4, 1),
             ((16, 24, 24), 4, 8, -1), ((16, 24, 24), 0, 2, 0), ((16, 24, 24), 3, 3, -1),
             ((16, 24, 24), 24, 24, 2), ((4, 48, 3), 5, 16, 1), ((6, 130), 30, 65, 1),

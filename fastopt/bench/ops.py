@@ -51,14 +51,17 @@ def _torch_wn_backward(torch, tensors):
     return lambda: torch.ops.aten._weight_norm_interface_backward(grad_w, v, g, norms, 0)
 
 
-def _torch_l1(torch, tensors):
-    prune = __import__("torch.nn.utils.prune", fromlist=["prune"])
+def _torch_pruning(method, **kwargs):
+    """torch.nn.utils.prune.`method` with amount 0.5 and `kwargs` on the first tensor."""
+    def make(torch, tensors):
+        prune = __import__("torch.nn.utils.prune", fromlist=["prune"])
 
-    def call():
-        holder = torch.nn.Module()
-        holder.weight = torch.nn.Parameter(tensors[0])
-        prune.l1_unstructured(holder, "weight", 0.5)
-    return call
+        def call():
+            holder = torch.nn.Module()
+            holder.weight = torch.nn.Parameter(tensors[0])
+            getattr(prune, method)(holder, "weight", 0.5, **kwargs)
+        return call
+    return make
 
 
 def _pieces(w):
@@ -117,11 +120,18 @@ OPS = {
     # radix select reads the weights 2 or 3 times)
     "magnitude_mask": Op(1.25, False, lambda w: (w,),
                          lambda a, b: fastopt.prune.magnitude_mask(a[0], 0.5, backend=b),
-                         _torch_l1, "magnitude_masks", ("4096x4096", "10M")),
+                         _torch_pruning("l1_unstructured"), "magnitude_masks",
+                         ("4096x4096", "10M")),
     "global_magnitude_masks": Op(1.25, False, _pieces,
                                  lambda a, b: fastopt.prune.global_magnitude_masks(
                                      list(a), 0.5, backend=b),
                                  None, "magnitude_masks", ("50M",)),
+    # read the weight (its rows' sums of squares), write the 1-byte mask
+    "ln_structured_mask": Op(1.25, False, lambda w: (w,),
+                             lambda a, b: fastopt.prune.ln_structured_mask(a[0], 0.5, 2, 0,
+                                                                           backend=b),
+                             _torch_pruning("ln_structured", n=2, dim=0), "weight_norm_sums",
+                             ("4096x4096",)),
     # read the weight, write the 1-byte mask
     "nm_mask": Op(1.25, False, lambda w: (w,),
                   lambda a, b: fastopt.prune.nm_mask(a[0], 2, 4, backend=b), None, "nm_masks",
@@ -145,8 +155,8 @@ OPS = {
 }
 GROUPS = {"init": ("kaiming_uniform", "xavier_normal", "trunc_normal"),
           "weight_norm": ("weight_norm", "weight_norm_backward"),
-          "compress": ("magnitude_mask", "global_magnitude_masks", "nm_mask",
-                       "quantize_per_channel", "quantize_per_tensor", "kd_loss")}
+          "compress": ("magnitude_mask", "global_magnitude_masks", "ln_structured_mask",
+                       "nm_mask", "quantize_per_channel", "quantize_per_tensor", "kd_loss")}
 
 
 def shape_of(case):
