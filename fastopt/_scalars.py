@@ -177,7 +177,8 @@ def rprop_scalars(dtype, *, etaminus, etaplus, step_size_min, step_size_max, max
 
 
 def asgd_scalars(dtype, *, eta, mu, lambd, weight_decay, maximize, grad_scale, grad_clip):
-    """eta and mu: the values torch keeps in float32 tensors, as Python floats."""
+    """eta and mu: the values torch keeps in float32 tensors, as Python floats (or as
+    traced values: fastopt.jax computes them from the step count)."""
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
                 weight_decay=_real(weight_decay), decay=1 - lambd * eta, neg_eta=-eta,
                 mu=mu, average=mu != 1)

@@ -45,8 +45,9 @@ from fastopt._check import flag, real
 from fastopt._config import check_threads, get_num_threads
 
 __all__ = ["adam", "adamw", "sgd", "lion", "adamax", "adadelta", "adopt", "ademamix", "adan",
-           "rprop", "FusedTransformation", "AdamState", "SGDState", "LionState", "AdamaxState",
-           "AdadeltaState", "AdEMAMixState", "AdanState", "RpropState"]
+           "rprop", "asgd", "FusedTransformation", "AdamState", "SGDState", "LionState",
+           "AdamaxState", "AdadeltaState", "AdEMAMixState", "AdanState", "RpropState",
+           "ASGDState"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _LOWP = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))  # computed in float32
@@ -174,10 +175,12 @@ class _Fused:
     `init` and `update` are bound methods of it, `step` another."""
 
     def __init__(self, name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
-                 fills, max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                 stochastic_rounding, seed, n_threads):
+                 fills, numbers, max_grad_norm, max_grad_value, maximize, skip_nonfinite,
+                 state_dtype, stochastic_rounding, seed, n_threads):
         self.name = name
         self.fills = fills  # a state array's initial value where it is not 0: name -> value
+        # (count) -> the array API's per-parameter state numbers after `count` steps
+        self.numbers = numbers
         self.caution = caution  # a fastopt._rules.Caution: the cautious option; or None
         self.group = group  # the array API class and its group's hyperparameters
         self.kernel = _rules.KERNELS[kernel]
@@ -329,7 +332,9 @@ class _Fused:
         if not arrays:  # SGD without momentum: no state, the count of parameters unknown
             raise ValueError(f"state_dict: fastopt.jax.{self.name} keeps no per-parameter "
                              f"state here (SGD without momentum); nothing to convert")
-        entries = {i: {**({"step": int(state.count)} if steps else {}),
+        count = int(state.count)
+        numbers = self.numbers(count) if self.numbers is not None and count else {}
+        entries = {i: {**({"step": count} if steps else {}), **numbers,
                        **{name: np.asarray(leaves[i]) for name, leaves in arrays.items()}}
                    for i in range(n)}
         if not callable(self.learning_rate):
@@ -641,21 +646,22 @@ def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtyp
 
 
 def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, options,
-          cautious=False, fills=None):
+          cautious=False, fills=None, numbers=None):
     """The transformation of factory `name`: its elementwise `kernel`, state NamedTuple,
     struct fields (`scalars`), checked hyperparameters (`hyper`, for the repr) and `group`,
     (the array API's class, its param group's hyperparameters but lr) for state_dict; with
     `cautious`, the kernel's cautious variant of the rule table; `options` the factory's
     options (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
     stochastic_rounding, seed, n_threads); `fills` the state arrays' initial values that
-    are not 0."""
+    are not 0; `numbers(count)` the array API's per-parameter state numbers after `count`
+    steps, for state_dict."""
     caution = None
     if flag("cautious", cautious):
         caution = _rules.BY_NAME[group[0]].caution(kernel)
         hyper = dict(hyper, cautious=True)
         group = (group[0], dict(group[1], cautious=True))
     return _Fused(name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
-                  fills or {}, *_options(*options)).transformation()
+                  fills or {}, numbers, *_options(*options)).transformation()
 
 
 def _eps_root(value):
@@ -1376,10 +1382,10 @@ def rprop(learning_rate, eta_minus=0.5, eta_plus=1.2, min_step_size=1e-6, max_st
 
     .. math::
 
-        f &= \eta_+, \eta_- 	ext{ or } 1 	ext{ as } \operatorname{sign}(g_t g^-)
-            = 1, -1 	ext{ or } 0 \
-        \delta &\leftarrow \operatorname{clamp}(\delta f, \delta_{\min}, \delta_{\max}) \
-        g_t &\leftarrow 0 	ext{ where } f = \eta_- \
+        f &= \eta_+, \eta_- \text{ or } 1 \text{ as } \operatorname{sign}(g_t g^-)
+            = 1, -1 \text{ or } 0 \\
+        \delta &\leftarrow \operatorname{clamp}(\delta f, \delta_{\min}, \delta_{\max}) \\
+        g_t &\leftarrow 0 \text{ where } f = \eta_- \\
         p_{t+1} &= p_t - \operatorname{sign}(g_t) \delta, \qquad g^- \leftarrow g_t
 
     Its results equal :class:`fastopt.Rprop`'s, bit for bit.
@@ -1423,3 +1429,88 @@ def rprop(learning_rate, eta_minus=0.5, eta_plus=1.2, min_step_size=1e-6, max_st
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
                   stochastic_rounding, seed, n_threads),
                  fills=dict(step_size=learning_rate))
+
+
+class ASGDState(NamedTuple):
+    r"""The state of :func:`asgd`: the step count (an int32 scalar) and the running average
+    of the parameters, a pytree shaped like them (torch's name). The step's
+    :math:`\eta` and :math:`\mu`, which torch keeps per parameter, follow from the count."""
+    count: Any
+    ax: Any
+
+
+@_options_doc
+def asgd(learning_rate=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, *,
+         max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
+         state_dtype=None, stochastic_rounding=None, seed=None, n_threads=None):
+    r"""Averaged SGD (Polyak & Juditsky 1992) as an optax transformation run by fastopt's
+    fused kernel.
+
+    optax has no ASGD: this follows ``torch.optim.ASGD`` (:class:`fastopt.ASGD`'s kernel),
+    with torch's argument names and defaults. With gradient :math:`g_t` at step
+    :math:`t = 1, 2, \ldots` and learning rate :math:`\gamma_t` (a number, or the
+    schedule's value at count :math:`t - 1`):
+
+    .. math::
+
+        g_t &\leftarrow g_t + \lambda_{wd} p_t \\
+        p_{t+1} &= p_t (1 - \lambda \eta_t) - \eta_t g_t \\
+        a_{t+1} &= a_t + (p_{t+1} - a_t) \mu_t \quad (a_{t+1} = p_{t+1} \text{ while }
+            \mu_t = 1) \\
+        \eta_1 &= \gamma_1, \quad \eta_t = \frac{\gamma_{t-1}}{(1 + \lambda \gamma_{t-1}
+            (t - 1))^\alpha}, \qquad \mu_1 = 1, \quad \mu_t = \frac{1}{\max(1, t - 1 - t_0)}
+
+    As torch keeps them, :math:`\eta_t` and :math:`\mu_t` are rounded to float32; torch
+    computes them in float64 first, which here needs ``jax_enable_x64`` (without it they
+    are computed in float32: a few float32 ulps apart). The running average :math:`a` is
+    the parameters' average, ``state.ax``; evaluate with it as torch users do.
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule (a function of
+            the step count, evaluated inside the jitted step). Default 1e-2.
+        lambd (float): the decay term :math:`\lambda \ge 0`. Default 1e-4.
+        alpha (float): the power :math:`\alpha` of the step size's decay. Default 0.75.
+        t0 (float): the step :math:`t_0` after which averaging starts. Default 1e6.
+        weight_decay (float): the L2 coefficient :math:`\lambda_{wd} \ge 0`. Default 0.
+        {options}
+
+    Returns:
+        FusedTransformation: with state :class:`ASGDState`.
+    """
+    learning_rate = schedule = _learning_rate(learning_rate)
+    lambd = _real("lambd", lambd, lo=0.0)
+    alpha = _real("alpha", alpha)
+    t0 = _real("t0", t0)
+    weight_decay = _weight_decay(weight_decay)
+
+    def eta_mu(step, lr):
+        """This step's eta and mu: torch's state after step - 1 (jnp values)."""
+        wide = jnp.result_type(float)  # float64 with jax_enable_x64, else float32
+        done = (step - 1).astype(wide)
+        lr_before = schedule(jnp.maximum(step - 2, 0)) if callable(schedule) else lr
+        lr_before = jnp.asarray(lr_before, wide)
+        eta = jnp.where(step == 1, jnp.asarray(lr, wide),
+                        lr_before / (1 + lambd * lr_before * done) ** alpha)
+        mu = jnp.where(step == 1, 1, 1 / jnp.maximum(1, done - t0))
+        # rounded to float32 as torch keeps them, then used in the wide type (1 - lambd eta)
+        return eta.astype(jnp.float32).astype(wide), mu.astype(jnp.float32).astype(wide)
+
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
+        eta, mu = eta_mu(step, lr)
+        return _scalars.asgd_scalars(dtype, eta=eta, mu=mu, lambd=lambd,
+                                     weight_decay=weight_decay, maximize=maximize,
+                                     grad_scale=grad_scale, grad_clip=grad_clip)
+
+    def numbers(count):
+        """eta and mu after `count` steps, as fastopt.ASGD's state holds them."""
+        lr = float(schedule(count - 1)) if callable(schedule) else schedule
+        eta, mu = _scalars.asgd_next(lr, lambd, alpha, t0, count)
+        return dict(eta=eta, mu=mu)
+
+    return _make("asgd", "asgd", ASGDState, scalars, learning_rate,
+                 dict(lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay),
+                 ("ASGD", dict(lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay)),
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                  stochastic_rounding, seed, n_threads),
+                 numbers=numbers)
+

@@ -208,7 +208,9 @@ def ln_structured_mask(w, amount, n, dim, *, dtype="bool", backend="auto"):
     mask_dtype = _mask_dtype(dtype)
     k = n_to_prune(amount, arr.shape[dim])
     xp = _interop.array_module(arr)
-    if p in (1.0, 2.0) and arr.size:
+    if arr.size == 0:  # no slices, or slices of no entries: every norm 0
+        norms = np.zeros(arr.shape[dim])
+    elif p in (1.0, 2.0):
         x = xp.ascontiguousarray(arr)
         sums = _backends.resolve("weight_norm_sums", backend, _device(x), x.dtype)
         geometry = (math.prod(arr.shape[:dim]), arr.shape[dim], math.prod(arr.shape[dim + 1:]))
@@ -220,9 +222,9 @@ def ln_structured_mask(w, amount, n, dim, *, dtype="bool", backend="auto"):
         _finite(arr, "w")
         moved = xp.abs(xp.moveaxis(arr, dim, 0).reshape(arr.shape[dim], -1))
         if p == math.inf:  # exact in the weights' dtype
-            norms = moved.max(axis=1, initial=0.0).astype(np.float64)
+            norms = moved.max(axis=1).astype(np.float64)
         elif p == -math.inf:
-            norms = moved.min(axis=1, initial=math.inf).astype(np.float64)
+            norms = moved.min(axis=1).astype(np.float64)
         else:
             norms = (moved.astype(np.float64) ** p).sum(axis=1) ** (1.0 / p)
         norms = _interop._host(norms)

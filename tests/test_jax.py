@@ -4,6 +4,7 @@ schedules without recompiles, donation without copies, optax's combinators, grad
 clipping, vmap, and the errors."""
 
 import doctest
+import functools
 import math
 import re
 import subprocess
@@ -282,6 +283,47 @@ def test_rprop_matches_the_array_api(hyper, dtype):
             jax.tree.structure(params), [opt.state[i][field] for i in range(len(leaves))]))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("hyper", [dict(learning_rate=0.05, lambd=1e-2, t0=20),
+                                   dict(learning_rate=0.02, weight_decay=0.1, alpha=0.5, t0=3),
+                                   dict(learning_rate=optax.linear_schedule(0.05, 0.01, 150),
+                                        lambd=1e-3, t0=50)],
+                         ids=["decay", "weight_decay", "schedule"])
+def test_asgd_matches_the_array_api(hyper, dtype):
+    """fastopt.jax.asgd follows torch's ASGD as fastopt.ASGD does (optax has none): 200
+    jitted steps, averaging switched on partway, against fastopt.ASGD with the same
+    learning rate each step. With jax_enable_x64 eta and mu are computed in float64 and
+    rounded to float32 as torch does: equal bit for bit for a constant learning rate;
+    without it (in float32), or with a schedule (XLA fuses the schedule's arithmetic into
+    the step, a multiply-add rounded once), to rounding."""
+    lr = hyper["learning_rate"]
+    with jax.enable_x64(dtype == "float64"):
+        params, grads = _case(dtype)
+        tx = fjax.asgd(**hyper)
+        got_params, got_state = _run_step(tx, params, grads)
+        leaves = [np.array(p) for p in jax.tree.leaves(params)]
+        opt = fastopt.ASGD(leaves, **{k: v for k, v in hyper.items() if k != "learning_rate"})
+        for t in range(STEPS):
+            # the schedule's value as the jitted step sees it (of an int32 count)
+            opt.param_groups[0]["lr"] = float(lr(jnp.int32(t))) if callable(lr) else lr
+            opt.step([np.array(g[t]) for g in jax.tree.leaves(grads)])
+        saved = tx.state_dict(got_state)
+    if dtype == "float64" and not callable(lr):
+        same = _assert_equal
+    else:  # eta rounded to float32 a float32 ulp apart now and then, in either dtype
+        def same(got, want):
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                np.testing.assert_allclose(np.asarray(g), w, rtol=0, atol=STEPS * np.finfo(
+                    np.float32).eps * np.max(np.abs(w)))
+    unflatten = functools.partial(jax.tree.unflatten, jax.tree.structure(params))
+    same(got_params, unflatten(leaves))
+    same(got_state.ax, unflatten([opt.state[i]["ax"] for i in range(len(leaves))]))
+    assert int(got_state.count) == STEPS
+    for key in ("step", "mu"):  # the numbers torch keeps, as the array API has them
+        assert saved["state"][0][key] == opt.state[0][key]
+    assert saved["state"][0]["eta"] == pytest.approx(opt.state[0]["eta"], rel=1e-6)
+
+
 @pytest.mark.parametrize("name, hyper, schedule", [
     ("adamw", dict(weight_decay=0.05), optax.cosine_decay_schedule(1e-2, 20, alpha=0.1)),
     ("sgd", dict(momentum=0.9), optax.linear_schedule(1e-2, 1e-3, 20)),
@@ -530,6 +572,7 @@ def test_skip_nonfinite_leaves_everything(name, hyper):
     ("adan", dict(learning_rate=1e-2, weight_decay=0.02)),
     ("ademamix", dict(learning_rate=1e-2, alpha=2.0)),
     ("rprop", dict(learning_rate=0.05, eta_plus=1.3)),
+    ("asgd", dict(learning_rate=0.05, lambd=1e-2, t0=3)),
 ])
 def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
     """state_dict / load_state_dict through fastopt.save and load: 5 jitted steps, then 5
@@ -547,7 +590,8 @@ def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
         saved = fastopt.load(tmp_path / "jax.npz")
         cls = getattr(fastopt, {"adamw": "AdamW", "sgd": "SGD", "lion": "Lion",
                                 "adadelta": "Adadelta", "adan": "Adan",
-                                "ademamix": "AdEMAMix", "rprop": "Rprop"}[name])
+                                "ademamix": "AdEMAMix", "rprop": "Rprop",
+                                "asgd": "ASGD"}[name])
         leaves = [np.array(p) for p in jax.tree.leaves(p5)]
         opt = cls(leaves)
         opt.load_state_dict(saved)
@@ -966,6 +1010,8 @@ def test_sharded_arrays_and_shard_map():
     ("adadelta", dict(weight_decay_mask={"w": True}), ValueError,
      "weight_decay_mask=.* is not supported yet"),
     ("adamax", dict(learning_rate=1e-3, b2=1.0), ValueError, "b2 must be a finite number"),
+    ("asgd", dict(lambd=-1.0), ValueError, r"lambd must be a finite number in \[0, inf\]"),
+    ("asgd", dict(t0=math.inf), ValueError, "t0 must be a finite number"),
     ("rprop", dict(learning_rate=optax.constant_schedule(0.1)), TypeError,
      "learning_rate: expected a number, the initial step size"),
     ("rprop", dict(learning_rate=0.1, eta_minus=1.0), ValueError,

@@ -452,6 +452,11 @@ def test_ln_structured_backends_agree(backend, dtype):
     w[5, 9, 1] = np.nan
     with pytest.raises(ValueError, match="w: holds NaN or inf"):
         prune.ln_structured_mask(w, 0.5, n=2, dim=0, backend=backend)
+    for shape, dim in (((0, 3), 0), ((0, 3), 1), ((4, 0, 2), 0)):  # no slices, or empty ones
+        for n in (1, 2, math.inf, 3):
+            mask = prune.ln_structured_mask(np.zeros(shape, dtype), 0, n=n, dim=dim,
+                                            backend=backend)
+            assert mask.shape == shape
 
 
 NM_CASES = [((16, 24, 24), 2, 4, -1), ((16, 24, 24), 2, 4, 0), ((16, 24, 24), 1, 4, 1),
