@@ -10,6 +10,11 @@ _CACHE = tempfile.mkdtemp(prefix="fastopt-test-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("CUPY_CACHE_DIR", os.path.join(_CACHE, "cupy"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The references that run on torch use MKL's BLAS (prodigyopt's torch.dot), whose float32
+# summation order depends on the CPU: on an Intel Xeon with AVX-512 Prodigy's d came out
+# 5.6e-6 of the scale away from the same run on an AMD EPYC. MKL's conditional numerical
+# reproducibility makes it the same on every x86 CPU (read when MKL starts: before torch).
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

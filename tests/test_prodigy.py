@@ -37,11 +37,17 @@ def _run(dtype, groups_kw, steps=60, **kw):
     (dict(lr=0.0), dict(growth_rate=1.02)),
 ])
 def test_estimate_matches_reference(dtype, rtol, groups_kw, kw):
+    """d and its sums within `rtol` of the reference's; the parameters move by steps that
+    scale with d, so in float32 they may differ by d's `rtol` times how far they moved (the
+    reference sums in float32 in an order that depends on the CPU: on an Intel Xeon d came
+    out 3.5e-6 apart, the parameters 8.6e-6 after moving 2.8)."""
+    start = [p.copy() for p in _run(dtype, groups_kw, steps=0, **kw)[2]]
     opt, ref, params, tparams = _run(dtype, groups_kw, **kw)
     for key in ("d", "d_max", "d_numerator", "d_hat", "d_denom", "k"):
         for group, tgroup in zip(opt.param_groups, ref.param_groups):
             assert group[key] == pytest.approx(tgroup[key], rel=rtol, abs=1e-300), key
-    atol = 1e-14 if dtype is np.float64 else 2e-6
+    moved = max(float(np.max(np.abs(p - p0))) for p, p0 in zip(params, start))
+    atol = 1e-14 if dtype is np.float64 else rtol * moved
     for p, t in zip(params, tparams):
         np.testing.assert_allclose(p, t.numpy(), rtol=0, atol=atol)
 
