@@ -8,6 +8,7 @@ The rules, their configs and bad hyperparameters come from tests/cases.py.
 """
 
 import copy
+import math
 import re
 
 import numpy as np
@@ -213,3 +214,38 @@ def test_zero_dim_array_hyperparameters_are_accepted():
     np.testing.assert_allclose(w, 0.9)
     with pytest.raises(TypeError, match="lr must be a real number"):
         fastopt.Adam([w], lr=np.array([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("key, value, error, match", [
+    ("lr", -1.0, ValueError, r"lr must be a finite number in \[0, inf\], got -1.0"),
+    ("lr", True, TypeError, "lr must be a real number, got True"),  # == 1.0
+    ("amsgrad", 0, TypeError, "amsgrad must be True or False, got 0"),  # == False
+    ("betas", (False, 0.999), TypeError, r"betas\[0\] must be a real number"),  # == (0.0, ..)
+    ("betas", (1.5, 0.999), ValueError, r"betas\[0\] must be a finite number in \[0, 1\)"),
+    ("eps", math.nan, ValueError, "eps must be a finite number"),
+    ("eps", np.array([1e-8, 1e-8]), TypeError, "eps must be a real number"),
+])
+def test_hyperparameters_changed_between_steps_are_checked(key, value, error, match):
+    """A param group is not checked again while its hyperparameters keep their values and
+    types; any change, to another value or to an equal one of another type, is checked at
+    the next step, which then writes nothing."""
+    w = np.ones(3)
+    opt = fastopt.Adam([w], lr=1.0, betas=(0.0, 0.999))
+    opt.step([np.ones(3)])
+    before = w.copy()
+    opt.param_groups[0][key] = value
+    with pytest.raises(error, match=match):
+        opt.step([np.ones(3)])
+    np.testing.assert_array_equal(w, before)
+
+
+def test_muon_checks_parameters_reshaped_between_steps():
+    """Muon's group check (matrices only) reads the parameters' shapes: a parameter
+    reshaped between steps is checked again though the hyperparameters did not change."""
+    m = np.ones((2, 2))
+    muon = fastopt.Muon([m])
+    muon.step([np.ones((2, 2))])
+    m.shape = (4,)
+    with pytest.raises(ValueError, match=r"Muon updates matrices \(2-D parameters\), got "
+                                         r"shape \(4,\)"):
+        muon.step([np.ones(4)])

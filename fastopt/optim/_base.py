@@ -18,7 +18,8 @@ and state numbers (``_state_scalars``); the class supplies
 strides, state, overlapping memory, hyperparameters, backend), and only then creates state
 and runs the kernels, so a call that raises leaves every parameter and state buffer as it
 was. A checked parameter is not checked again while nothing it depends on changed (see
-``_interop.view_still_valid``; its state is a ``_State``, which notes changes made to it).
+``_interop.view_still_valid``; its state is a ``_State``, which notes changes made to it),
+nor a param group while its hyperparameters keep their values and types (``_snapshot``).
 """
 
 import bisect
@@ -207,6 +208,27 @@ def _state_number(kind, value, where):
 
 _NO_STATE = types.MappingProxyType({})  # the state of a parameter not stepped yet
 
+# hyperparameter types whose values cannot change in place (a group holding only these, and
+# tuples of them, is not checked again while they stay equal: see _snapshot)
+_PLAIN = frozenset((float, int, bool, str, type(None)))
+
+
+def _snapshot(group):
+    """The group's hyperparameters as a tuple that compares equal only while each keeps its
+    value and type (``1 == 1.0 == True``, so the types are part of it), or None if one is
+    of another type (a list, an array: it may change in place, so the group is checked at
+    every step)."""
+    items = []
+    for key, value in group.items():
+        cls = value.__class__
+        if cls in _PLAIN:
+            items.append((key, cls, value))
+        elif cls is tuple and all(v.__class__ in _PLAIN for v in value):
+            items.append((key, tuple(v.__class__ for v in value), value))
+        elif key != "params":
+            return None
+    return tuple(items)
+
 
 class _State(dict):
     """One parameter's state: a dict that notes any change made through it (a buffer added,
@@ -381,6 +403,8 @@ class Optimizer:
     _leaves = False
     # combines the gradient norm's partial total with other processes' (see _clip.total_norm)
     _norm_reduce = None
+    # whether _check_group reads the parameters' shapes (Muon's, which wants matrices)
+    _checks_shapes = False
     # param-group keys the rule updates itself (Prodigy's estimate, Schedule-Free's mode),
     # which fastopt.torch copies back into torch's param groups
     _group_state = ()
@@ -445,6 +469,8 @@ class Optimizer:
         # check of the gradients against it; rebuilt when a parameter or state changed
         self._spans = None
         self._scratch = {}  # id of a state dict -> scratch buffer like its parameter
+        # group index -> (group, _snapshot of it) when it was last checked (_group_checked)
+        self._checked_groups = {}
         self._lock = threading.Lock()  # serializes step and load_state_dict
         if _is_array(params):
             raise TypeError("params: expected a list of arrays or of param-group dicts, got a "
@@ -604,6 +630,7 @@ class Optimizer:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("_checked_groups", {})  # pickled before it was kept
         self._lock = threading.Lock()
 
     def load_state_dict(self, state_dict):
@@ -914,7 +941,7 @@ class Optimizer:
         changed = False  # whether a parameter or state was checked anew
         flat = 0
         for gi, group in enumerate(self.param_groups):
-            self._check_group(group, f"param_groups[{gi}]")
+            self._group_checked(gi, group)
             items = []
             for j, p in enumerate(group["params"]):
                 g = grads[flat]
@@ -962,6 +989,29 @@ class Optimizer:
             if self.max_grad_norm is not None or self.skip_nonfinite:
                 _backends.resolve("norm_partials", self.backend, device, compute_dtype(dtype))
         return [(group, items, device) for group, items in plan], dtypes
+
+    def _group_checked(self, gi, group):
+        """Check param group `gi` unless it was checked with the same hyperparameters (a
+        check costs 10-20 us; the snapshot that tells 1-2)."""
+        snapshot = self._group_snapshot(group)
+        cached = self._checked_groups.get(gi)
+        if snapshot is not None and cached is not None and cached[0] is group \
+                and cached[1] == snapshot:
+            return
+        self._check_group(group, f"param_groups[{gi}]")
+        snapshot = self._group_snapshot(group)  # after the check, which may normalize values
+        if snapshot is None:
+            self._checked_groups.pop(gi, None)
+        else:
+            self._checked_groups[gi] = (group, snapshot)
+
+    def _group_snapshot(self, group):
+        """What the group check depends on (_snapshot; with _checks_shapes, also the
+        parameters' shapes)."""
+        snapshot = _snapshot(group)
+        if snapshot is not None and self._checks_shapes:
+            snapshot += tuple(tuple(p.shape) for p in group["params"])
+        return snapshot
 
     def _import_checked(self, i, p, state):
         """(view, changed): the checked view of parameter i, its state checked against it

@@ -83,6 +83,8 @@ class Muon(Optimizer):
         array([-0.1, -0.1])
     """
 
+    _checks_shapes = True  # the Muon groups' parameters must be matrices
+
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5,
                  adjust_lr_fn=None, ns_dtype=None, adam_betas=(0.9, 0.999), adam_eps=1e-8,
