@@ -10,13 +10,15 @@ r"""fastopt's optimizer kernels inside ``jax.jit``: optax transformations and a 
 array([-0.1,  0.1], dtype=float32)
 
 Each factory (:func:`adam`, :func:`adamw`, :func:`sgd`, :func:`lion`, :func:`adamax`,
-:func:`adadelta`, :func:`adopt`, :func:`ademamix`, :func:`adan`) takes optax's name,
-arguments and defaults and returns a :class:`FusedTransformation`: an optax
-``GradientTransformationExtraArgs`` (its ``init`` and ``update`` work in ``optax.chain``,
-``optax.MultiSteps`` and any optax training loop) whose update is one call of fastopt's
-compiled kernel over every leaf of the parameter pytree (the XLA FFI handler of
-``fastopt._jax_ffi``, run on jax's CPU backend), and which also offers ``step``: the same
-update written into the parameters and the state in place when ``jax.jit`` donates them.
+:func:`adadelta`, :func:`adopt`, :func:`ademamix`, :func:`adan`, :func:`rprop`,
+:func:`asgd`, :func:`schedule_free_adamw`, :func:`schedule_free_sgd`) takes optax's name,
+arguments and defaults (torch's where optax has no such rule) and returns a
+:class:`FusedTransformation`: an optax ``GradientTransformationExtraArgs`` (its ``init``
+and ``update`` work in ``optax.chain``, ``optax.MultiSteps`` and any optax training loop)
+whose update is one call of fastopt's compiled kernel over every leaf of the parameter
+pytree (the XLA FFI handler of ``fastopt._jax_ffi``, run on jax's CPU backend), and which
+also offers ``step``: the same update written into the parameters and the state in place
+when ``jax.jit`` donates them.
 
 Inside the jitted function the step count and the learning rate (a constant or an optax
 schedule of the count) are traced values: the kernel's scalar struct (bias corrections,
@@ -45,13 +47,15 @@ from fastopt._check import flag, real
 from fastopt._config import check_threads, get_num_threads
 
 __all__ = ["adam", "adamw", "sgd", "lion", "adamax", "adadelta", "adopt", "ademamix", "adan",
-           "rprop", "asgd", "FusedTransformation", "AdamState", "SGDState", "LionState",
-           "AdamaxState", "AdadeltaState", "AdEMAMixState", "AdanState", "RpropState",
-           "ASGDState"]
+           "rprop", "asgd", "schedule_free_adamw", "schedule_free_sgd",
+           "schedule_free_eval_params", "FusedTransformation", "AdamState", "SGDState",
+           "LionState", "AdamaxState", "AdadeltaState", "AdEMAMixState", "AdanState",
+           "RpropState", "ASGDState", "ScheduleFreeState"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _LOWP = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))  # computed in float32
 _STATE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
+_PARAMS = object()  # a state array's fill (_make): a copy of the parameter
 
 
 class AdamState(NamedTuple):
@@ -175,12 +179,18 @@ class _Fused:
     `init` and `update` are bound methods of it, `step` another."""
 
     def __init__(self, name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
-                 fills, numbers, max_grad_norm, max_grad_value, maximize, skip_nonfinite,
-                 state_dtype, stochastic_rounding, seed, n_threads):
+                 fills, numbers, carried, max_grad_norm, max_grad_value, maximize,
+                 skip_nonfinite, state_dtype, stochastic_rounding, seed, n_threads):
         self.name = name
-        self.fills = fills  # a state array's initial value where it is not 0: name -> value
+        # a state array's initial value where it is not 0: name -> value, or _PARAMS (a copy
+        # of the parameter)
+        self.fills = fills
         # (count) -> the array API's per-parameter state numbers after `count` steps
         self.numbers = numbers
+        # scalars the state carries from step to step besides the count (Schedule-Free's
+        # largest learning rate and weight sum): name -> initial value. `scalars` then takes
+        # them as `carried` and returns (fields, their new values)
+        self.carried = carried
         self.caution = caution  # a fastopt._rules.Caution: the cautious option; or None
         self.group = group  # the array API class and its group's hyperparameters
         self.kernel = _rules.KERNELS[kernel]
@@ -216,14 +226,26 @@ class _Fused:
     def init(self, params):
         params, _, dtype = _params(params)
         state_dtype = self._state_dtype(dtype)
-        initial = {name: jax.tree.map(lambda p, name=name: self._initial(name, p.shape,
-                                                                          state_dtype), params)
+        initial = {name: jax.tree.map(lambda p, name=name: self._initial(name, p, state_dtype),
+                                      params)
                    for name in self.kernel.state}
-        return self.state_cls(count=jnp.zeros([], jnp.int32), **initial)
+        return self.state_cls(count=jnp.zeros([], jnp.int32), **self._carried_initial(),
+                              **initial)
 
-    def _initial(self, name, shape, dtype):
-        """State array `name` before the first step: 0, or the rule's fill."""
-        return jnp.full(shape, self.fills.get(name, 0), dtype)
+    def _initial(self, name, param, dtype):
+        """State array `name` of `param` before its first step: 0, or the rule's fill."""
+        fill = self.fills.get(name, 0)
+        if fill is _PARAMS:
+            return jnp.array(param, dtype, copy=True)  # a buffer of its own (donation)
+        return jnp.full(param.shape, fill, dtype)
+
+    def _carried_initial(self, values=None):
+        """The carried scalars (0-d arrays of jax's default float type: float64 with
+        jax_enable_x64), from `values` where given, else their initial values."""
+        values = values or {}
+        wide = jnp.result_type(float)
+        return {name: jnp.asarray(values.get(name, value), wide)
+                for name, value in self.carried.items()}
 
     def _state_dtype(self, dtype):
         """The state arrays' dtype for parameters of `dtype`: state_dtype, or float32 for
@@ -290,8 +312,13 @@ class _Fused:
         grad_scale = 1.0
         if self.max_grad_norm is not None:
             grad_scale = _clip_coefficient(self.max_grad_norm, summed)
-        fields = self.scalars(compute, step=step, lr=lr, grad_scale=grad_scale,
-                              maximize=self.maximize, grad_clip=self.grad_clip)
+        scalar_args = dict(step=step, lr=lr, grad_scale=grad_scale, maximize=self.maximize,
+                           grad_clip=self.grad_clip)
+        carried = {name: getattr(state, name) for name in self.carried}
+        if carried:
+            fields, new_carried = self.scalars(compute, carried=carried, **scalar_args)
+        else:
+            fields, new_carried = self.scalars(compute, **scalar_args), {}
         record = _record(self.kernel.args, compute, fields)
         operands = (record, leaves, grads, [list(s) for s in zip(*states)] if states
                     else [[] for _ in leaves])
@@ -313,11 +340,14 @@ class _Fused:
             finite = _count_nonfinite(summed) == 0
             new, new_states = jax.lax.cond(finite, run, skip, *operands)
             step = jnp.where(finite, step, count)
+            new_carried = {name: jnp.where(finite, value, carried[name])
+                           for name, value in new_carried.items()}
         else:
             new, new_states = run(*operands)
         new_state = self.state_cls(count=step, **{
-            name: treedef.unflatten([s[k] for s in new_states])
-            for k, name in enumerate(self.kernel.state)})
+            name: jnp.asarray(value, carried[name].dtype) for name, value in new_carried.items()
+        }, **{name: treedef.unflatten([s[k] for s in new_states])
+              for k, name in enumerate(self.kernel.state)})
         return treedef, new, new_state
 
     def state_dict(self, state):
@@ -334,6 +364,9 @@ class _Fused:
                              f"state here (SGD without momentum); nothing to convert")
         count = int(state.count)
         numbers = self.numbers(count) if self.numbers is not None and count else {}
+        if count:  # the carried scalars the array API keeps per parameter
+            numbers.update({name: float(getattr(state, name)) for name in self.carried
+                            if name in dict(_rules.BY_NAME[cls].state_scalars)})
         entries = {i: {**({"step": count} if steps else {}), **numbers,
                        **{name: np.asarray(leaves[i]) for name, leaves in arrays.items()}}
                    for i in range(n)}
@@ -363,7 +396,7 @@ class _Fused:
                 entry = saved.get(i, {})
                 value = entry.get(name) if isinstance(entry, dict) else None
                 if value is None:  # not stepped yet: as init
-                    out.append(self._initial(name, leaf.shape, state_dtype))
+                    out.append(self._initial(name, leaf, state_dtype))
                     continue
                 value = jnp.asarray(np.asarray(value))
                 if value.shape != leaf.shape or value.dtype != state_dtype:
@@ -372,8 +405,17 @@ class _Fused:
                                      f"{leaf.shape}, got {value.dtype} {value.shape}")
                 out.append(value)
             arrays[name] = treedef.unflatten(out)
+        carried = {}
+        for name in self.carried:  # kept per parameter there, all equal after equal steps
+            values = {float(e[name]) for e in saved.values() if isinstance(e, dict)
+                      and name in e}
+            if len(values) > 1:
+                raise ValueError(f"state_dict['state']: the parameters have different "
+                                 f"{name!r} {sorted(values)}; fastopt.jax keeps one")
+            if values:
+                carried[name] = values.pop()
         return self.state_cls(count=jnp.asarray(steps.pop() if steps else 0, jnp.int32),
-                              **arrays)
+                              **self._carried_initial(carried), **arrays)
 
     def _state(self, state, paths, leaves, treedef, state_dtype):
         """The step count and, per state array of the kernel, its leaves, checked against
@@ -386,8 +428,15 @@ class _Fused:
         if not (hasattr(count, "dtype") and jnp.shape(count) == ()
                 and jnp.issubdtype(count.dtype, jnp.integer)):
             raise TypeError(f"state.count: expected an integer scalar array, got {count!r:.80}")
+        for name in self.carried:
+            value = getattr(state, name)
+            if not (hasattr(value, "dtype") and jnp.shape(value) == ()
+                    and jnp.issubdtype(value.dtype, jnp.floating)):
+                raise TypeError(f"state.{name}: expected a float scalar array, got "
+                                f"{value!r:.80}")
         for name in cls._fields[1:]:
-            if name not in self.kernel.state and getattr(state, name) is not None:
+            if (name not in self.kernel.state and name not in self.carried
+                    and getattr(state, name) is not None):
                 raise ValueError(f"state.{name}: expected None (fastopt.jax.{self.name} keeps "
                                  f"no {name} here), got a value: is this another "
                                  f"transformation's state?")
@@ -646,22 +695,23 @@ def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtyp
 
 
 def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, options,
-          cautious=False, fills=None, numbers=None):
+          cautious=False, fills=None, numbers=None, carried=None):
     """The transformation of factory `name`: its elementwise `kernel`, state NamedTuple,
     struct fields (`scalars`), checked hyperparameters (`hyper`, for the repr) and `group`,
     (the array API's class, its param group's hyperparameters but lr) for state_dict; with
     `cautious`, the kernel's cautious variant of the rule table; `options` the factory's
     options (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
     stochastic_rounding, seed, n_threads); `fills` the state arrays' initial values that
-    are not 0; `numbers(count)` the array API's per-parameter state numbers after `count`
-    steps, for state_dict."""
+    are not 0 (_PARAMS: the parameter's); `numbers(count)` the array API's per-parameter
+    state numbers after `count` steps, for state_dict; `carried` the scalars the state
+    carries besides the count (see _Fused)."""
     caution = None
     if flag("cautious", cautious):
         caution = _rules.BY_NAME[group[0]].caution(kernel)
         hyper = dict(hyper, cautious=True)
         group = (group[0], dict(group[1], cautious=True))
     return _Fused(name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
-                  fills or {}, numbers, *_options(*options)).transformation()
+                  fills or {}, numbers, carried or {}, *_options(*options)).transformation()
 
 
 def _eps_root(value):
@@ -1514,3 +1564,217 @@ def asgd(learning_rate=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, *
                   stochastic_rounding, seed, n_threads),
                  numbers=numbers)
 
+
+
+class ScheduleFreeState(NamedTuple):
+    r"""The state of :func:`schedule_free_adamw` and :func:`schedule_free_sgd`: the step
+    count (an int32 scalar); :math:`\beta_1` (for :func:`schedule_free_eval_params`), the
+    largest learning rate so far and the sum of the averaging weights, 0-d arrays of
+    jax's default float type (float64 with ``jax_enable_x64``, as the reference's Python
+    floats); the base sequence :math:`z` and, for AdamW, the second moment, pytrees shaped
+    like the parameters (the array API's names)."""
+    count: Any
+    b1: Any
+    lr_max: Any
+    weight_sum: Any
+    z: Any
+    exp_avg_sq: Any = None
+
+
+_SCHEDULE_FREE_DOC = r"""
+    The parameters the step takes and returns are :math:`y`, where the gradients are
+    taken; evaluate (and save for inference) at the average :math:`x`, which
+    :func:`schedule_free_eval_params` computes from them and the state. With gradient
+    :math:`g_t` at step :math:`t = 1, 2, \ldots`, learning rate :math:`\gamma` (a number,
+    or the schedule's value at count :math:`t - 1`), warmup :math:`T` and
+    :math:`\gamma_t = \gamma \min(t / T, 1)`:
+
+    .. math::
+
+        w_t &= t^r \left(\max_{s \le t} \gamma_s\right)^P, \qquad
+            c_t = w_t \Big/ \textstyle\sum_{s \le t} w_s \\
+        \hat g_t &= NORMALIZED + \lambda y_t \\
+        y_{t+1} &= (1 - c_t) y_t + c_t z_t + \gamma_t (\beta_1 (1 - c_t) - 1) \hat g_t \\
+        z_{t+1} &= z_t - \gamma_t \hat g_t
+
+    with :math:`z_1 = y_1`. This follows the authors' reference (``facebookresearch/
+    schedule_free``, the ``schedulefree`` package) as :class:`fastopt.CLASS` does, not
+    ``optax.contrib.SELF``, which lags the warmup by one step; the arguments are
+    optax's, plus the reference's ``r``. The weights are computed in jax's default float
+    type: with ``jax_enable_x64`` in float64, as the reference's Python floats (then equal
+    bit for bit to the array API's steps for a constant learning rate), else in float32
+    (within a few float32 ulps of them).
+"""
+
+
+def _schedule_free_doc(cls, normalized):
+    """A Schedule-Free factory's docstring: _SCHEDULE_FREE_DOC in place of its
+    ``{schedule_free}`` line, then the options (_options_doc)."""
+    def decorate(factory):
+        factory.__doc__ = factory.__doc__.replace("    {schedule_free}\n", _SCHEDULE_FREE_DOC
+                                                  .replace("NORMALIZED", normalized)
+                                                  .replace("CLASS", cls)
+                                                  .replace("SELF", factory.__name__))
+        return _options_doc(factory)
+    return decorate
+
+
+def _schedule_free(name, kernel, learning_rate, warmup_steps, weight_decay, r,
+                   weight_lr_power, b1, hyper, group, options, rule_scalars):
+    """The Schedule-Free factories' common part: the averaging weights advanced inside
+    the jitted step as the reference advances them on the host
+    (fastopt._scalars.schedulefree_weights); `rule_scalars(dtype, *, step, lr, ckp1,
+    grad_scale, maximize, grad_clip)` gives the kernel's fields."""
+    if warmup_steps is None:
+        warmup_steps = 0
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)) \
+            or warmup_steps < 0:
+        raise ValueError(f"warmup_steps: expected None or an integer >= 0, got "
+                         f"{warmup_steps!r:.60}")
+    warmup_steps = int(warmup_steps)
+
+    def scalars(dtype, *, step, lr, carried, **grad):
+        wide = carried["weight_sum"].dtype
+        t = step.astype(wide)
+        lr_k = lr * jnp.where(step - 1 < warmup_steps, t / max(warmup_steps, 1), 1)
+        lr_max = jnp.maximum(lr_k, carried["lr_max"])
+        weight = t ** r * lr_max ** weight_lr_power
+        weight_sum = carried["weight_sum"] + weight
+        ckp1 = jnp.where(weight_sum != 0, weight / jnp.where(weight_sum != 0, weight_sum, 1),
+                         0)
+        fields = rule_scalars(dtype, step=step, lr=lr_k, ckp1=ckp1, **grad)
+        return fields, dict(carried, lr_max=lr_max, weight_sum=weight_sum)
+
+    common = dict(weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
+                  weight_lr_power=weight_lr_power)
+    return _make(name, kernel, ScheduleFreeState, scalars, learning_rate,
+                 dict(b1=b1, **hyper, **common),
+                 (group[0], dict(group[1], **common, train_mode=True)), options,
+                 fills=dict(z=_PARAMS), carried=dict(b1=b1, lr_max=-1.0, weight_sum=0.0))
+
+
+@_schedule_free_doc("AdamWScheduleFree", r"\frac{g_t}{\sqrt{v_t / (1 - \beta_2^t)} + "
+                    r"\epsilon}, \qquad v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2")
+def schedule_free_adamw(learning_rate=0.0025, warmup_steps=None, b1=0.9, b2=0.999, eps=1e-8,
+                        weight_decay=0.0, weight_lr_power=2.0, r=0.0, *, max_grad_norm=None,
+                        max_grad_value=None, maximize=False, skip_nonfinite=False,
+                        state_dtype=None, stochastic_rounding=None, seed=None, n_threads=None):
+    r"""Schedule-Free AdamW (Defazio et al. 2024) as an optax transformation run by
+    fastopt's fused kernel: no learning-rate schedule, an average of the iterates instead.
+    {schedule_free}
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule. Default 0.0025.
+        warmup_steps (int or None): :math:`T`, the steps of linear warmup (None: 0).
+            Default None.
+        b1 (float): :math:`\beta_1` in (0, 1), the interpolation between :math:`z` and
+            :math:`x`. Default 0.9.
+        b2 (float): :math:`\beta_2` in [0, 1). Default 0.999.
+        eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
+        weight_decay (float): :math:`\lambda \ge 0`, taken at :math:`y`. Default 0.
+        weight_lr_power (float): :math:`P`. Default 2.
+        r (float): :math:`r`, the polynomial weighting of the average. Default 0.
+        {options}
+
+    Returns:
+        FusedTransformation: with state :class:`ScheduleFreeState`.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np, fastopt.jax
+        >>> opt = fastopt.jax.schedule_free_adamw(0.1)
+        >>> params = [jnp.zeros(2)]
+        >>> state = opt.init(params)
+        >>> for _ in range(2):
+        ...     params, state = opt.step(params, [jnp.array([1.0, -1.0])], state)
+        >>> np.asarray(params[0]).round(4)  # y
+        array([-0.155,  0.155], dtype=float32)
+        >>> np.asarray(fastopt.jax.schedule_free_eval_params(state, params)[0]).round(4)  # x
+        array([-0.15,  0.15], dtype=float32)
+    """
+    learning_rate = _learning_rate(learning_rate)
+    b1 = _real("b1", b1, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    b2 = _real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
+    eps = _real("eps", eps, lo=0.0)
+    weight_decay = _weight_decay(weight_decay)
+    r = _real("r", r)
+    weight_lr_power = _real("weight_lr_power", weight_lr_power)
+
+    def rule_scalars(dtype, *, step, lr, ckp1, grad_scale, maximize, grad_clip):
+        return _scalars.adamw_schedulefree_scalars(
+            dtype, step=step, lr=lr, ckp1=ckp1, beta1=b1, beta2=b2, eps=eps,
+            weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
+            grad_clip=grad_clip)
+
+    return _schedule_free("schedule_free_adamw", "adamw_schedulefree", learning_rate,
+                          warmup_steps, weight_decay, r, weight_lr_power, b1,
+                          dict(b2=b2, eps=eps),
+                          ("AdamWScheduleFree", dict(betas=(b1, b2), eps=eps)),
+                          (max_grad_norm, max_grad_value, maximize, skip_nonfinite,
+                           state_dtype, stochastic_rounding, seed, n_threads), rule_scalars)
+
+
+@_schedule_free_doc("SGDScheduleFree", "g_t")
+def schedule_free_sgd(learning_rate=1.0, warmup_steps=None, b1=0.9, weight_decay=None,
+                      weight_lr_power=2.0, r=0.0, *, max_grad_norm=None, max_grad_value=None,
+                      maximize=False, skip_nonfinite=False, state_dtype=None,
+                      stochastic_rounding=None, seed=None, n_threads=None):
+    r"""Schedule-Free SGD (Defazio et al. 2024) as an optax transformation run by
+    fastopt's fused kernel: no learning-rate schedule, an average of the iterates instead.
+    {schedule_free}
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule. Default 1.
+        warmup_steps (int or None): :math:`T`, the steps of linear warmup (None: 0).
+            Default None.
+        b1 (float): :math:`\beta_1` in (0, 1), the interpolation between :math:`z` and
+            :math:`x` (the reference's ``momentum``). Default 0.9.
+        weight_decay (float or None): :math:`\lambda \ge 0`, taken at :math:`y` (None: 0).
+            Default None.
+        weight_lr_power (float): :math:`P`. Default 2.
+        r (float): :math:`r`, the polynomial weighting of the average. Default 0.
+        {options}
+
+    Returns:
+        FusedTransformation: with state :class:`ScheduleFreeState` (its ``exp_avg_sq``
+        None).
+    """
+    learning_rate = _learning_rate(learning_rate)
+    b1 = _real("b1", b1, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    weight_decay = _weight_decay(0.0 if weight_decay is None else weight_decay)
+    r = _real("r", r)
+    weight_lr_power = _real("weight_lr_power", weight_lr_power)
+
+    def rule_scalars(dtype, *, step, lr, ckp1, grad_scale, maximize, grad_clip):
+        return _scalars.sgd_schedulefree_scalars(
+            dtype, lr=lr, ckp1=ckp1, momentum=b1, weight_decay=weight_decay,
+            maximize=maximize, grad_scale=grad_scale, grad_clip=grad_clip)
+
+    return _schedule_free("schedule_free_sgd", "sgd_schedulefree", learning_rate,
+                          warmup_steps, weight_decay, r, weight_lr_power, b1, {},
+                          ("SGDScheduleFree", dict(momentum=b1)),
+                          (max_grad_norm, max_grad_value, maximize, skip_nonfinite,
+                           state_dtype, stochastic_rounding, seed, n_threads), rule_scalars)
+
+
+def schedule_free_eval_params(state, params):
+    r"""The point to evaluate for the Schedule-Free parameters `params` (:math:`y`) and
+    their :class:`ScheduleFreeState`: :math:`x = y + (1 - 1/\beta_1)(z - y)`, computed as
+    torch's ``lerp`` in the parameters' compute dtype (float32 for bfloat16 / float16
+    ones, then rounded to nearest), as :meth:`fastopt.AdamWScheduleFree.eval` sets it
+    (optax.contrib's function of the same name, for fastopt's state). Before the first
+    step :math:`x = y`. Jit it, or call it outside jit."""
+    if not isinstance(state, ScheduleFreeState):
+        raise TypeError(f"state: expected the ScheduleFreeState of fastopt.jax."
+                        f"schedule_free_adamw or schedule_free_sgd, got "
+                        f"{type(state).__name__}")
+    _, (paths, leaves, treedef), dtype = _params(params)
+    zs = _like(state.z, "state.z", paths, leaves, treedef,
+               (dtype, *_STATE_DTYPES.values()) if dtype in _LOWP else None)
+    compute = np.dtype(np.float32) if dtype in _LOWP else dtype
+    weight = (1 - 1 / jnp.asarray(state.b1)).astype(compute)  # as the host's, rounded
+
+    def lerp(y, z):
+        y, z = y.astype(compute), z.astype(compute)
+        low = y + weight * (z - y)
+        high = z - (z - y) * (1 - weight)
+        return jnp.where(jnp.abs(weight) < 0.5, low, high).astype(dtype)
+
+    return treedef.unflatten([lerp(y, z) for y, z in zip(leaves, zs)])

@@ -324,6 +324,91 @@ def test_asgd_matches_the_array_api(hyper, dtype):
     assert saved["state"][0]["eta"] == pytest.approx(opt.state[0]["eta"], rel=1e-6)
 
 
+SCHEDULE_FREE = {
+    "adamw": ("schedule_free_adamw", "AdamWScheduleFree",
+              dict(learning_rate=0.01, b1=0.8, b2=0.99, weight_decay=0.05, warmup_steps=5),
+              dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.05, warmup_steps=5)),
+    "sgd": ("schedule_free_sgd", "SGDScheduleFree",
+            dict(learning_rate=0.05, b1=0.85, warmup_steps=3, r=1.0, weight_lr_power=1.5),
+            dict(lr=0.05, momentum=0.85, warmup_steps=3, r=1.0, weight_lr_power=1.5)),
+    "schedule": ("schedule_free_adamw", "AdamWScheduleFree",
+                 dict(learning_rate=optax.linear_schedule(0.002, 0.02, 100)),
+                 dict()),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("config", sorted(SCHEDULE_FREE))
+def test_schedule_free_matches_the_array_api(config, dtype):
+    """fastopt.jax.schedule_free_adamw / _sgd follow the authors' reference as the array
+    API's classes do (tests/test_schedulefree.py checks those against it): 200 jitted steps
+    against fastopt.AdamWScheduleFree / SGDScheduleFree with the same learning rate each
+    step; the carried weights, z, v, and the evaluation point (eval()). The weights'
+    arithmetic runs in XLA, which fuses a multiply and an add into one FMA where the host
+    rounds twice: the step's scalars can differ by an ulp (float64 with jax_enable_x64,
+    float32 without), the parameters by rounding."""
+    name, cls, hyper, array_hyper = SCHEDULE_FREE[config]
+    lr = hyper["learning_rate"]
+    with jax.enable_x64(dtype == "float64"):
+        params, grads = _case(dtype, seed=3)
+        tx = getattr(fjax, name)(**hyper)
+        state = tx.init(params)
+        assert isinstance(state, fjax.ScheduleFreeState)
+        _assert_equal(state.z, params)  # z starts at the parameters
+        got_params, got_state = _run_step(tx, params, grads)
+        evaluated = jax.jit(fjax.schedule_free_eval_params)(got_state, got_params)
+        leaves = [np.array(p) for p in jax.tree.leaves(params)]
+        opt = getattr(fastopt, cls)(leaves, **array_hyper)
+        for t in range(STEPS):
+            if callable(lr):  # the schedule's value as the jitted step sees it
+                opt.param_groups[0]["lr"] = float(lr(jnp.int32(t)))
+            opt.step([np.array(g[t]) for g in jax.tree.leaves(grads)])
+        unflatten = functools.partial(jax.tree.unflatten, jax.tree.structure(params))
+        # a schedule's learning rate is float32 (optax's), its arithmetic fused into the
+        # step's by XLA: a float32 ulp apart now and then, in either dtype
+        eps = np.finfo(np.float32 if callable(lr) or dtype == "float32" else np.float64).eps
+
+        def close(got, want):
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                np.testing.assert_allclose(np.asarray(g), w, rtol=0,
+                                           atol=STEPS * eps * np.max(np.abs(w)))
+        close(got_params, unflatten([p.copy() for p in leaves]))
+        for field in ("z", "exp_avg_sq") if "adamw" in name else ("z",):
+            close(getattr(got_state, field),
+                  unflatten([opt.state[i][field] for i in range(len(leaves))]))
+        for key in ("lr_max", "weight_sum"):
+            assert float(getattr(got_state, key)) == pytest.approx(opt.state[0][key],
+                                                                   rel=float(STEPS * eps))
+        assert int(got_state.count) == STEPS
+        opt.eval()
+        close(evaluated, unflatten(leaves))
+        assert jax.tree.structure(evaluated) == jax.tree.structure(params)
+
+
+def test_schedule_free_skips_and_starts_like_the_reference():
+    """A skipped step (skip_nonfinite) leaves the carried weights too; before any step the
+    evaluation point is the parameters; bfloat16 parameters are evaluated in float32 and
+    rounded to nearest."""
+    params, grads = _case("float32", seed=4, steps=6)
+    grads["w"] = grads["w"].at[2, 0, 0].set(np.nan)
+    tx = fjax.schedule_free_adamw(0.01, warmup_steps=2, skip_nonfinite=True)
+    clean = jax.tree.map(lambda g: g[np.array([0, 1, 3, 4, 5])], grads)
+    _assert_equal(_run_step(tx, params, grads), _run_step(tx, params, clean))
+    state = tx.init(params)
+    _assert_equal(fjax.schedule_free_eval_params(state, params), params)
+    low = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    p, s = _run_step(tx, low, clean)
+    x = fjax.schedule_free_eval_params(s, p)
+    want = jax.tree.map(lambda y, z: (y.astype(jnp.float32) + (1 - 1 / 0.9) * (
+        z - y.astype(jnp.float32))).astype(jnp.bfloat16), p, s.z)
+    for got, w in zip(jax.tree.leaves(x), jax.tree.leaves(want)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(w, np.float32),
+                                   rtol=2 ** -8)
+    with pytest.raises(TypeError, match="state: expected the ScheduleFreeState"):
+        fjax.schedule_free_eval_params(fjax.adamw(0.1).init(params), params)
+
+
 @pytest.mark.parametrize("name, hyper, schedule", [
     ("adamw", dict(weight_decay=0.05), optax.cosine_decay_schedule(1e-2, 20, alpha=0.1)),
     ("sgd", dict(momentum=0.9), optax.linear_schedule(1e-2, 1e-3, 20)),
@@ -353,7 +438,8 @@ def test_schedule_inside_jit_without_recompiles(name, hyper, schedule):
     fjax.sgd(0.1),
     fjax.lion(1e-3),
     fjax.adan(1e-3, weight_decay=0.02),
-], ids=["adamw", "sgd_momentum", "sgd", "lion", "adan"])
+    fjax.schedule_free_adamw(1e-3, warmup_steps=10),
+], ids=["adamw", "sgd_momentum", "sgd", "lion", "adan", "schedule_free"])
 def test_donated_step_updates_in_place(tx):
     """jit(step, donate_argnums=(0, 2)): the results live in the donated buffers and the
     compiled program copies nothing."""
@@ -573,6 +659,8 @@ def test_skip_nonfinite_leaves_everything(name, hyper):
     ("ademamix", dict(learning_rate=1e-2, alpha=2.0)),
     ("rprop", dict(learning_rate=0.05, eta_plus=1.3)),
     ("asgd", dict(learning_rate=0.05, lambd=1e-2, t0=3)),
+    ("schedule_free_adamw", dict(learning_rate=0.01, warmup_steps=3, weight_decay=0.1)),
+    ("schedule_free_sgd", dict(learning_rate=0.05, b1=0.8, r=0.5)),
 ])
 def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
     """state_dict / load_state_dict through fastopt.save and load: 5 jitted steps, then 5
@@ -591,7 +679,8 @@ def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
         cls = getattr(fastopt, {"adamw": "AdamW", "sgd": "SGD", "lion": "Lion",
                                 "adadelta": "Adadelta", "adan": "Adan",
                                 "ademamix": "AdEMAMix", "rprop": "Rprop",
-                                "asgd": "ASGD"}[name])
+                                "asgd": "ASGD", "schedule_free_adamw": "AdamWScheduleFree",
+                                "schedule_free_sgd": "SGDScheduleFree"}[name])
         leaves = [np.array(p) for p in jax.tree.leaves(p5)]
         opt = cls(leaves)
         opt.load_state_dict(saved)
@@ -1012,6 +1101,11 @@ def test_sharded_arrays_and_shard_map():
     ("adamax", dict(learning_rate=1e-3, b2=1.0), ValueError, "b2 must be a finite number"),
     ("asgd", dict(lambd=-1.0), ValueError, r"lambd must be a finite number in \[0, inf\]"),
     ("asgd", dict(t0=math.inf), ValueError, "t0 must be a finite number"),
+    ("schedule_free_adamw", dict(b1=0.0), ValueError, r"b1 must be a finite number in \(0, 1\)"),
+    ("schedule_free_adamw", dict(warmup_steps=-1), ValueError,
+     "warmup_steps: expected None or an integer >= 0, got -1"),
+    ("schedule_free_sgd", dict(warmup_steps=2.5), ValueError, "warmup_steps: expected None"),
+    ("schedule_free_sgd", dict(weight_decay=-0.1), ValueError, "weight_decay must be"),
     ("rprop", dict(learning_rate=optax.constant_schedule(0.1)), TypeError,
      "learning_rate: expected a number, the initial step size"),
     ("rprop", dict(learning_rate=0.1, eta_minus=1.0), ValueError,
