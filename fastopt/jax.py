@@ -1593,25 +1593,29 @@ _SCHEDULE_FREE_DOC = r"""
 
         w_t &= t^r \left(\max_{s \le t} \gamma_s\right)^P, \qquad
             c_t = w_t \Big/ \textstyle\sum_{s \le t} w_s \\
-        \hat g_t &= NORMALIZED + \lambda y_t \\
+        MOMENT\hat g_t &= NORMALIZED + \lambda y_t \\
         y_{t+1} &= (1 - c_t) y_t + c_t z_t + \gamma_t (\beta_1 (1 - c_t) - 1) \hat g_t \\
         z_{t+1} &= z_t - \gamma_t \hat g_t
 
-    with :math:`z_1 = y_1`. This follows the authors' reference (``facebookresearch/
-    schedule_free``, the ``schedulefree`` package) as :class:`fastopt.CLASS` does, not
-    ``optax.contrib.SELF``, which lags the warmup by one step; the arguments are
-    optax's, plus the reference's ``r``. The weights are computed in jax's default float
-    type: with ``jax_enable_x64`` in float64, as the reference's Python floats (then equal
-    bit for bit to the array API's steps for a constant learning rate), else in float32
-    (within a few float32 ulps of them).
+    with :math:`z_1 = y_1`. This follows the authors' reference
+    (``facebookresearch/schedule_free``, the ``schedulefree`` package), as
+    :class:`fastopt.CLASS` does, not
+    ``optax.contrib.SELF``, which lags the warmup by one step; the
+    arguments are optax's, plus the reference's ``r``. The weights are computed
+    in jax's default float type: with ``jax_enable_x64`` in float64, as the reference's
+    Python floats, else in float32. XLA fuses a multiply and an add of that arithmetic
+    into one FMA where the host rounds twice, so the step's scalars can differ from the
+    array API's by an ulp.
+
 """
 
 
-def _schedule_free_doc(cls, normalized):
+def _schedule_free_doc(cls, moment, normalized):
     """A Schedule-Free factory's docstring: _SCHEDULE_FREE_DOC in place of its
     ``{schedule_free}`` line, then the options (_options_doc)."""
     def decorate(factory):
         factory.__doc__ = factory.__doc__.replace("    {schedule_free}\n", _SCHEDULE_FREE_DOC
+                                                  .replace("MOMENT", moment)
                                                   .replace("NORMALIZED", normalized)
                                                   .replace("CLASS", cls)
                                                   .replace("SELF", factory.__name__))
@@ -1653,8 +1657,9 @@ def _schedule_free(name, kernel, learning_rate, warmup_steps, weight_decay, r,
                  fills=dict(z=_PARAMS), carried=dict(b1=b1, lr_max=-1.0, weight_sum=0.0))
 
 
-@_schedule_free_doc("AdamWScheduleFree", r"\frac{g_t}{\sqrt{v_t / (1 - \beta_2^t)} + "
-                    r"\epsilon}, \qquad v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2")
+@_schedule_free_doc("AdamWScheduleFree",
+                    "v_t &= \\beta_2 v_{t-1} + (1 - \\beta_2) g_t^2 \\\\\n        ",
+                    r"\frac{g_t}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}")
 def schedule_free_adamw(learning_rate=0.0025, warmup_steps=None, b1=0.9, b2=0.999, eps=1e-8,
                         weight_decay=0.0, weight_lr_power=2.0, r=0.0, *, max_grad_norm=None,
                         max_grad_value=None, maximize=False, skip_nonfinite=False,
@@ -1712,7 +1717,7 @@ def schedule_free_adamw(learning_rate=0.0025, warmup_steps=None, b1=0.9, b2=0.99
                            state_dtype, stochastic_rounding, seed, n_threads), rule_scalars)
 
 
-@_schedule_free_doc("SGDScheduleFree", "g_t")
+@_schedule_free_doc("SGDScheduleFree", "", "g_t")
 def schedule_free_sgd(learning_rate=1.0, warmup_steps=None, b1=0.9, weight_decay=None,
                       weight_lr_power=2.0, r=0.0, *, max_grad_norm=None, max_grad_value=None,
                       maximize=False, skip_nonfinite=False, state_dtype=None,
