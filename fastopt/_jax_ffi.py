@@ -70,7 +70,7 @@ def record_bytes(args, dtype, scalars):
 
 
 def elementwise(kernel, record, params, grads, states, n_threads, delta=False, masks=None,
-                formats=None):
+                formats=None, into_grad=False):
     """One step of elementwise kernel `kernel` over many tensors, as one XLA custom call on
     jax's CPU backend; works eagerly and inside ``jax.jit`` (and ``jax.vmap``, one call per
     batch element).
@@ -93,6 +93,11 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
             chunk by chunk in the same pass.
         masks: None, or per tensor a pruning mask (bool or uint8 of the parameter's shape; 0
             prunes an entry: its new parameter and state are +0) or None (no mask).
+        into_grad: the new parameters as they are (not with `delta` or `formats`), each
+            aliased to its gradient as `delta`'s differences are: for a pass whose "new
+            parameter" is a scratch result read by a later pass (Lamb's update direction),
+            which then takes the dead gradient's buffer rather than a copy of the
+            parameters.
         formats: None, or (stochastic, keys, step): the kernel computes in float32 (the
             record is its float32 struct) on parameters stored as float32, bfloat16 or
             float16, gradients of their dtype or float32, state arrays of any of the three
@@ -127,8 +132,11 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
     params, grads, states, dtype = _operands(name, n_state, n_aux, params, grads, states,
                                              formats is not None)
     n_threads = _threads(n_threads)
-    if not isinstance(delta, (bool, np.bool_)):
-        raise TypeError(f"delta: expected a bool, got {type(delta).__name__}")
+    for flag, value in (("delta", delta), ("into_grad", into_grad)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{flag}: expected a bool, got {type(value).__name__}")
+    if into_grad and (delta or formats is not None):
+        raise ValueError("into_grad: not with delta or formats")
     masks = _masks(masks, params)
     n = len(params)
     if n == 0:
@@ -140,7 +148,7 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
     for t, (p, g, ss) in enumerate(zip(params, grads, states)):
         for i, x in enumerate((p, g, *ss)):
             if i != 1 and i < 2 + n_state - n_aux:  # the gradient and a factor are read only
-                if i > 1 or not delta:
+                if i > 1 or not (delta or into_grad):
                     aliases[len(operands)] = len(results)
                 elif g.dtype == p.dtype:  # with delta the parameter's is the gradient's
                     aliases[len(operands) + 1] = len(results)
@@ -162,7 +170,8 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
     out = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases,
                            vmap_method="sequential")(
         *operands, kernel=name, n_tensors=np.int64(n), n_threads=np.int64(n_threads),
-        delta=np.int64(bool(delta)), masked=np.int64(masks is not None), **extra)
+        delta=np.int64(bool(delta)), into_grad=np.int64(bool(into_grad)),
+        masked=np.int64(masks is not None), **extra)
     step = 1 + n_state - n_aux
     return ([out[t * step] for t in range(n)],
             [list(out[t * step + 1:(t + 1) * step]) for t in range(n)])

@@ -329,7 +329,7 @@ def lamb_scalars(dtype, *, step, lr, beta1, beta2, eps, weight_decay, maximize, 
                   one_minus_beta2=1 - beta2, bias_correction1=1 - beta1 ** step,
                   bias_correction2=1 - beta2 ** step, eps=_real(eps),
                   weight_decay=_real(weight_decay))
-    return update, dict(decay=1.0, scale=-float(lr))
+    return update, dict(decay=1.0, scale=-_real(lr))
 
 
 def tensor_norms(partials, sizes, chunk):

@@ -11,8 +11,8 @@ array([-0.1,  0.1], dtype=float32)
 
 Each factory (:func:`adam`, :func:`adamw`, :func:`sgd`, :func:`lion`, :func:`adamax`,
 :func:`adadelta`, :func:`adopt`, :func:`ademamix`, :func:`adan`, :func:`rprop`,
-:func:`asgd`, :func:`schedule_free_adamw`, :func:`schedule_free_sgd`) takes optax's name,
-arguments and defaults (torch's where optax has no such rule) and returns a
+:func:`asgd`, :func:`lamb`, :func:`schedule_free_adamw`, :func:`schedule_free_sgd`) takes
+optax's name, arguments and defaults (torch's where optax has no such rule) and returns a
 :class:`FusedTransformation`: an optax ``GradientTransformationExtraArgs`` (its ``init``
 and ``update`` work in ``optax.chain``, ``optax.MultiSteps`` and any optax training loop)
 whose update is one call of fastopt's compiled kernel over every leaf of the parameter
@@ -47,7 +47,7 @@ from fastopt._check import flag, real
 from fastopt._config import check_threads, get_num_threads
 
 __all__ = ["adam", "adamw", "sgd", "lion", "adamax", "adadelta", "adopt", "ademamix", "adan",
-           "rprop", "asgd", "schedule_free_adamw", "schedule_free_sgd",
+           "rprop", "asgd", "lamb", "schedule_free_adamw", "schedule_free_sgd",
            "schedule_free_eval_params", "FusedTransformation", "AdamState", "SGDState",
            "LionState", "AdamaxState", "AdadeltaState", "AdEMAMixState", "AdanState",
            "RpropState", "ASGDState", "ScheduleFreeState"]
@@ -59,9 +59,9 @@ _PARAMS = object()  # a state array's fill (_make): a copy of the parameter
 
 
 class AdamState(NamedTuple):
-    """The state of :func:`adam`, :func:`adamw` and :func:`adopt`: the step count (an int32
-    scalar) and the moments m and v, each a pytree shaped like the parameters (fastopt's
-    and torch's names; optax calls them ``mu`` and ``nu``)."""
+    """The state of :func:`adam`, :func:`adamw`, :func:`adopt` and :func:`lamb`: the step
+    count (an int32 scalar) and the moments m and v, each a pytree shaped like the
+    parameters (fastopt's and torch's names; optax calls them ``mu`` and ``nu``)."""
     count: Any
     exp_avg: Any
     exp_avg_sq: Any
@@ -179,9 +179,13 @@ class _Fused:
     `init` and `update` are bound methods of it, `step` another."""
 
     def __init__(self, name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
-                 fills, numbers, carried, max_grad_norm, max_grad_value, maximize,
+                 fills, numbers, carried, scaled, max_grad_norm, max_grad_value, maximize,
                  skip_nonfinite, state_dtype, stochastic_rounding, seed, n_threads):
         self.name = name
+        # a rule that scales its update per tensor (Lamb): factors(params, updates, masks),
+        # each tensor's factor of the scaled_apply pass that follows the kernel's (whose
+        # "new parameter" is the update); `scalars` then gives both passes' fields
+        self.scaled = scaled
         # a state array's initial value where it is not 0: name -> value, or _PARAMS (a copy
         # of the parameter)
         self.fills = fills
@@ -288,8 +292,9 @@ class _Fused:
         # state, the written ones rounded (stochastically: each tensor's key, the step)
         keys = None
         if compute != dtype or state_dtype != dtype or any(g.dtype != dtype for g in grads):
-            if self.caution is not None:
-                raise TypeError(f"fastopt.jax.{self.name}(cautious=True): not with {dtype} "
+            if self.caution is not None or self.scaled is not None:
+                what = "(cautious=True)" if self.caution is not None else ""
+                raise TypeError(f"fastopt.jax.{self.name}{what}: not with {dtype} "
                                 f"parameters or {state_dtype} state yet (float32 or float64 "
                                 f"throughout)")
             if self.stochastic_rounding and any(_varying_axes(p) for p in leaves):
@@ -319,7 +324,11 @@ class _Fused:
             fields, new_carried = self.scalars(compute, carried=carried, **scalar_args)
         else:
             fields, new_carried = self.scalars(compute, **scalar_args), {}
-        record = _record(self.kernel.args, compute, fields)
+        if self.scaled is None:
+            record = _record(self.kernel.args, compute, fields)
+        else:  # the update pass's struct and the apply pass's
+            record = (_record(self.kernel.args, compute, fields[0]),
+                      _record(_rules.ALL_KERNELS["scaled_apply"].args, compute, fields[1]))
         operands = (record, leaves, grads, [list(s) for s in zip(*states)] if states
                     else [[] for _ in leaves])
 
@@ -328,6 +337,8 @@ class _Fused:
             kernel = (self.caution.count.name,
                       tuple(self.kernel.state.index(name) for name in self.caution.count.state),
                       self.caution.step.name)
+        elif self.scaled is not None:
+            kernel = ("scaled_apply", kernel, self.scaled)
 
         def run(record, params, grads, states):
             return _kernel_call(self.name, kernel, self.n_threads, delta,
@@ -581,13 +592,23 @@ def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, gra
     elementwise kernel's name, or for the cautious option (the count kernel, the indices of
     the state arrays it reads, the cautious step): the count pass, each tensor's factor
     1 / max(mean K, 1e-3) in the parameters' dtype (fastopt._scalars.caution_factors'
-    formula), then the step with it. With `keys` (each tensor's Philox key) the operands
-    are in storage formats, rounded stochastically (`stochastic`, with the bits of `step`)
-    or to nearest even."""
+    formula), then the step with it; or for a rule that scales its update per tensor
+    ("scaled_apply", the update pass's kernel, factors(params, updates, masks)): the update
+    pass, the factors, then scaled_apply, `record` the two passes' structs. With `keys`
+    (each tensor's Philox key) the operands are in storage formats, rounded stochastically
+    (`stochastic`, with the bits of `step`) or to nearest even."""
     if isinstance(kernel, str):
         return _jax_ffi.elementwise(kernel, record, params, grads, states, n_threads,
                                     delta=delta, masks=masks, formats=None if keys is None
                                     else (stochastic, keys, step))
+    if kernel[0] == "scaled_apply":  # the update pass, each tensor's factor, the apply pass
+        _, update, factors = kernel
+        updates, states = _jax_ffi.elementwise(update, record[0], params, grads, states,
+                                               n_threads, masks=masks, into_grad=True)
+        new, _ = _jax_ffi.elementwise("scaled_apply", record[1], params, updates,
+                                      [[k] for k in factors(params, updates, masks)],
+                                      n_threads, delta=delta, masks=masks)
+        return new, states
     count, reads, cautious = kernel
     counts = _jax_ffi.caution_counts(count, record, params, grads,
                                      [[s[i] for i in reads] for s in states], n_threads)
@@ -695,7 +716,7 @@ def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtyp
 
 
 def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, options,
-          cautious=False, fills=None, numbers=None, carried=None):
+          cautious=False, fills=None, numbers=None, carried=None, scaled=None):
     """The transformation of factory `name`: its elementwise `kernel`, state NamedTuple,
     struct fields (`scalars`), checked hyperparameters (`hyper`, for the repr) and `group`,
     (the array API's class, its param group's hyperparameters but lr) for state_dict; with
@@ -704,14 +725,16 @@ def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, options
     stochastic_rounding, seed, n_threads); `fills` the state arrays' initial values that
     are not 0 (_PARAMS: the parameter's); `numbers(count)` the array API's per-parameter
     state numbers after `count` steps, for state_dict; `carried` the scalars the state
-    carries besides the count (see _Fused)."""
+    carries besides the count; `scaled` a rule's per-tensor factors of its update (see
+    _Fused)."""
     caution = None
     if flag("cautious", cautious):
         caution = _rules.BY_NAME[group[0]].caution(kernel)
         hyper = dict(hyper, cautious=True)
         group = (group[0], dict(group[1], cautious=True))
     return _Fused(name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
-                  fills or {}, numbers, carried or {}, *_options(*options)).transformation()
+                  fills or {}, numbers, carried or {}, scaled,
+                  *_options(*options)).transformation()
 
 
 def _eps_root(value):
@@ -1407,6 +1430,96 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
                                no_prox=no_prox)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
                   stochastic_rounding, seed, n_threads))
+
+
+def _tensor_norm(x, param):
+    """The 2-norm of `x`, an array shaped like `param` (summed in jax's default float type:
+    float64 with jax_enable_x64, as the array API's fixed-order sums, else float32); inside
+    shard_map, over the mesh axes along which the parameter varies (psum: a kernel's result
+    does not carry them), so that it is the whole tensor's."""
+    squares = jnp.sum(jnp.square(x.astype(jnp.result_type(float))))
+    axes = _varying_axes(param)
+    return jnp.sqrt(jax.lax.psum(squares, axes) if axes else squares)
+
+
+def _trust_ratios(params, updates, masks):
+    """optax.lamb's trust ratio ||p|| / ||u|| per tensor (1 where either is 0), in the
+    parameters' dtype, of the norms rounded to it (fastopt._scalars.lamb_trust_ratios).
+    As the array API's, ||p|| is of the parameter as the step finds it (pruned entries are
+    0 after a step with masks; the update pass zeroes u's) and `masks` is not read."""
+    del masks
+    dtype = params[0].dtype
+    ratios = []
+    for p, u in zip(params, updates):
+        pn, un = _tensor_norm(p, p).astype(dtype), _tensor_norm(u, p).astype(dtype)
+        ratio = jnp.where((pn == 0) | (un == 0), 1, pn / jnp.where(un == 0, 1, un))
+        ratios.append(ratio.astype(dtype).reshape(1))
+    return ratios
+
+
+def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0.0,
+         mask=None, *, max_grad_norm=None, max_grad_value=None, maximize=False,
+         skip_nonfinite=False, n_threads=None):
+    r"""Lamb (You et al. 2019) as an optax transformation run by fastopt's kernels:
+    ``optax.lamb``'s rule, names and defaults, as :class:`fastopt.Lamb`. With gradient
+    :math:`g_t` at step :math:`t` and learning rate :math:`\gamma_t` (a number, or the
+    schedule's value at count :math:`t - 1`):
+
+    .. math::
+
+        m_t &= (1 - \beta_1) g_t + \beta_1 m_{t-1}, \qquad
+        v_t = (1 - \beta_2) g_t^2 + \beta_2 v_{t-1} \\
+        u_t &= \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
+            + \lambda p_t, \qquad
+        r_t = \frac{\|p_t\|}{\|u_t\|} \text{ per tensor (1 if either norm is 0)} \\
+        p_{t+1} &= p_t - \gamma_t \, r_t u_t
+
+    Two kernel calls: the update pass writes :math:`u_t` (and the moments) over the
+    gradients (inside a jitted step, where they are dead after it, in their buffers;
+    gradients the caller still holds are copied first), the norms are XLA reductions
+    (float64 with ``jax_enable_x64``, else float32; under ``shard_map`` summed over the
+    mesh), and the apply pass scales and adds. Parameters float32 or float64 (with
+    ``jax_enable_x64``).
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule.
+        b1 (float): :math:`\beta_1`. Default 0.9.
+        b2 (float): :math:`\beta_2`. Default 0.999.
+        eps (float): :math:`\epsilon \ge 0`. Default 1e-6.
+        eps_root (float): optax's, only its default 0 (not supported yet).
+        weight_decay (float): :math:`\lambda \ge 0`. Default 0.
+        mask: optax's weight-decay mask, only None (not supported yet).
+        max_grad_norm (float or None): clip the gradients' total 2-norm, as
+            :func:`adam`'s. Default None.
+        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
+            None.
+        maximize (bool): ascend instead of descend. Default False.
+        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
+            Default False.
+        n_threads (int or None): CPU threads for the kernels; default
+            ``fastopt.get_num_threads()`` when the transformation is made.
+
+    Returns:
+        FusedTransformation: with state :class:`AdamState` (optax's ``mu``, ``nu``).
+    """
+    learning_rate = _learning_rate(learning_rate)
+    b1 = _real("b1", b1, lo=0.0, hi=1.0)
+    b2 = _real("b2", b2, lo=0.0, hi=1.0)
+    eps = _real("eps", eps, lo=0.0)
+    _unsupported("eps_root", eps_root, 0.0, "the kernel adds eps outside the root")
+    _unsupported("mask", mask, None, "masked weight decay")
+    weight_decay = _weight_decay(weight_decay)
+
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
+        return _scalars.lamb_scalars(dtype, step=step, lr=lr, beta1=b1, beta2=b2, eps=eps,
+                                     weight_decay=weight_decay, maximize=maximize,
+                                     grad_scale=grad_scale, grad_clip=grad_clip)
+
+    return _make("lamb", "lamb_update", AdamState, scalars, learning_rate,
+                 dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+                 ("Lamb", dict(betas=(b1, b2), eps=eps, weight_decay=weight_decay)),
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, None, None, None,
+                  n_threads), scaled=_trust_ratios)
 
 
 class RpropState(NamedTuple):

@@ -48,6 +48,9 @@ CONFIGS = [
     # optax's warmups of b3 and alpha: schedules of the count
     ("ademamix", dict(learning_rate=1e-2, b3=optax.linear_schedule(0.9, 0.999, 100),
                       alpha=optax.linear_schedule(0.0, 5.0, 100))),
+    ("lamb", dict(learning_rate=1e-2)),
+    ("lamb", dict(learning_rate=optax.cosine_decay_schedule(1e-2, 200), b1=0.5, b2=0.9,
+                  eps=1e-4, weight_decay=0.1)),
 ]
 CONFIG_IDS = [f"{name}-{k}" for k, (name, _) in enumerate(CONFIGS)]
 # fastopt's state names -> those of optax's transformation that keeps them
@@ -661,6 +664,7 @@ def test_skip_nonfinite_leaves_everything(name, hyper):
     ("asgd", dict(learning_rate=0.05, lambd=1e-2, t0=3)),
     ("schedule_free_adamw", dict(learning_rate=0.01, warmup_steps=3, weight_decay=0.1)),
     ("schedule_free_sgd", dict(learning_rate=0.05, b1=0.8, r=0.5)),
+    ("lamb", dict(learning_rate=0.01, weight_decay=0.1)),
 ])
 def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
     """state_dict / load_state_dict through fastopt.save and load: 5 jitted steps, then 5
@@ -680,7 +684,8 @@ def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
                                 "adadelta": "Adadelta", "adan": "Adan",
                                 "ademamix": "AdEMAMix", "rprop": "Rprop",
                                 "asgd": "ASGD", "schedule_free_adamw": "AdamWScheduleFree",
-                                "schedule_free_sgd": "SGDScheduleFree"}[name])
+                                "schedule_free_sgd": "SGDScheduleFree",
+                                "lamb": "Lamb"}[name])
         leaves = [np.array(p) for p in jax.tree.leaves(p5)]
         opt = cls(leaves)
         opt.load_state_dict(saved)
@@ -740,7 +745,8 @@ def test_cautious_matches_the_array_api(name, hyper, dtype):
                for a, b in zip(jax.tree.leaves(plain), leaves))  # caution changed the run
 
 
-def test_masks_are_the_array_apis():
+@pytest.mark.parametrize("name, cls", [("adamw", "AdamW"), ("lamb", "Lamb")])
+def test_masks_are_the_array_apis(name, cls):
     """masks (a pytree like params, None for a parameter left whole, passed to step and
     update): 12 jitted steps with max_grad_norm and skip_nonfinite equal the array API's
     masks= in float64 to rounding, pruned entries of the parameters and the state +0
@@ -756,7 +762,8 @@ def test_masks_are_the_array_apis():
         grads["deep"]["x"] = grads["deep"]["x"].at[(4, *pruned_at)].set(jnp.nan)  # no skip
         kept_at = np.argwhere(keep_x)[0]
         grads["deep"]["x"] = grads["deep"]["x"].at[(9, *kept_at)].set(jnp.inf)  # a skip
-        tx = fjax.adamw(1e-2, weight_decay=0.1, max_grad_norm=2.0, skip_nonfinite=True)
+        tx = getattr(fjax, name)(1e-2, weight_decay=0.1, max_grad_norm=2.0,
+                                 skip_nonfinite=True)
 
         def body_step(carry, g):
             p, s = carry
@@ -771,8 +778,8 @@ def test_masks_are_the_array_apis():
     leaves = [np.array(p) for p in jax.tree.leaves(params)]
     mask_leaves = [None if m is None else np.asarray(m, bool)
                    for m in jax.tree.structure(params).flatten_up_to(masks)]
-    opt = fastopt.AdamW(leaves, lr=1e-2, weight_decay=0.1, max_grad_norm=2.0,
-                        skip_nonfinite=True, masks=mask_leaves)
+    opt = getattr(fastopt, cls)(leaves, lr=1e-2, weight_decay=0.1, max_grad_norm=2.0,
+                                skip_nonfinite=True, masks=mask_leaves)
     for t in range(12):
         opt.step([np.array(g[t]) for g in jax.tree.leaves(grads)])
     want = jax.tree.unflatten(jax.tree.structure(params), leaves)
@@ -1034,6 +1041,18 @@ for g in (grads, g2):
     got = local(got[0], put(g, spec), got[1])
 same(got, want, exact=False)
 
+# Lamb: each tensor's trust ratio from its norms over the whole mesh
+tx = fjax.lamb(1e-2, weight_decay=0.1)
+want = params, tx.init(params)
+for g in (grads, g2):
+    want = jax.jit(tx.step)(*want[:1], g, want[1])
+local = jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(spec, spec, state_spec),
+                          out_specs=(spec, state_spec)))
+got = put(params, spec), tx.init(put(params, spec))
+for g in (grads, g2):
+    got = local(got[0], put(g, spec), got[1])
+same(got, want, exact=False)
+
 # stochastic rounding of a sharded parameter is refused, not wrong
 tx = fjax.adamw(1e-2)
 low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
@@ -1055,7 +1074,7 @@ def test_sharded_arrays_and_shard_map():
     jax starts): plain jit on sharded arrays gives the unsharded step's bits; under
     shard_map each device updates its shard, with max_grad_norm's norm summed over the
     mesh for sharded gradients and counted once for replicated ones (FSDP-like and data
-    parallel layouts)."""
+    parallel layouts), and so are the cautious option's counts and Lamb's norms."""
     proc = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
@@ -1106,6 +1125,11 @@ def test_sharded_arrays_and_shard_map():
      "warmup_steps: expected None or an integer >= 0, got -1"),
     ("schedule_free_sgd", dict(warmup_steps=2.5), ValueError, "warmup_steps: expected None"),
     ("schedule_free_sgd", dict(weight_decay=-0.1), ValueError, "weight_decay must be"),
+    ("lamb", dict(learning_rate=1e-3, eps_root=1e-8), ValueError,
+     "eps_root=1e-08 is not supported yet"),
+    ("lamb", dict(learning_rate=1e-3, mask={"w": True}), ValueError,
+     "mask=.* is not supported yet"),
+    ("lamb", dict(learning_rate=1e-3, b2=1.5), ValueError, r"b2 must be .* in \[0, 1\]"),
     ("rprop", dict(learning_rate=optax.constant_schedule(0.1)), TypeError,
      "learning_rate: expected a number, the initial step size"),
     ("rprop", dict(learning_rate=0.1, eta_minus=1.0), ValueError,
@@ -1204,6 +1228,10 @@ def test_bad_state_and_calls():
     with pytest.raises(TypeError, match="step: this FusedTransformation was not made by a "
                                         "fastopt.jax factory"):
         fjax.FusedTransformation(tx.init, lambda u, s, p=None: (u, s)).step
+    low = jax.tree.map(lambda p: p.astype(jnp.bfloat16), PARAMS)
+    with pytest.raises(TypeError, match="fastopt.jax.lamb: not with bfloat16 parameters or "
+                                        "float32 state yet"):
+        fjax.lamb(1e-3).step(low, low, fjax.lamb(1e-3).init(low))
 
 
 def test_jit_of_step_compiles_once(monkeypatch):

@@ -216,7 +216,66 @@ def test_handler_metadata_and_other_stages(tmp_path):
 
 def test_kernel_list_is_the_table():
     assert _jax_ffi.KERNELS == {name: len(k.state) for name, k in
-                                {**_rules.KERNELS, **_rules.CAUTIOUS_KERNELS}.items()}
+                                {**_rules.KERNELS, **_rules.CAUTIOUS_KERNELS}.items()} | {
+                                    "scaled_apply": 1}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("delta", [False, True])
+def test_scaled_apply_is_the_cython_pass(dtype, delta, x64):
+    """Lamb's apply pass p decay + scale (u k), k one factor per tensor after the update in
+    the gradient slot: the Cython backend's bits (with delta, the new parameters minus the
+    old, rounded once)."""
+    rng = np.random.default_rng(3)
+    params = [np.asarray(rng.standard_normal(s), dtype) for s in SHAPES]
+    updates = [np.asarray(rng.standard_normal(s), dtype) for s in SHAPES]
+    factors = [np.asarray(rng.uniform(0.5, 2.0, 1), dtype) for _ in SHAPES]
+    scalars = dict(decay=0.999, scale=-0.01)
+    record = _rules.ALL_KERNELS["scaled_apply"].args.record(dtype, scalars)
+    want = [p.copy() for p in params]
+    _cython.elementwise("scaled_apply", (want, want, updates, factors), record, 1, n_aux=1)
+    got, states = _jax_ffi.elementwise(
+        "scaled_apply", _jax_ffi.record_bytes(_rules.ALL_KERNELS["scaled_apply"].args, dtype,
+                                              scalars),
+        [jnp.asarray(p) for p in params], [jnp.asarray(u) for u in updates],
+        [[jnp.asarray(k)] for k in factors], 2, delta=delta)
+    assert states == [[] for _ in SHAPES]
+    for g, w, p in zip(got, want, params):
+        _assert_bits(g, (w - p).astype(dtype) if delta else w)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_into_grad_writes_the_new_parameters_over_the_gradients(dtype, x64):
+    """into_grad: each "new parameter" (Lamb's update direction) is the Cython pass's, bit
+    for bit, written in the gradient's buffer when the gradient (and the state) is donated:
+    the parameters are only read, nothing is copied; with masks too; not with delta."""
+    scalars = _hyper("lamb_update", dtype)
+    # no empty tensor: XLA makes its arrays constants, which it copies
+    params, grads, states = _case("lamb_update", dtype, shapes=SHAPES[:3])
+    masks = [np.arange(p.size).reshape(p.shape) % 3 != 0 for p in params]
+    record = _rules.KERNELS["lamb_update"].args.record(dtype, scalars)
+    want = [np.empty_like(p) for p in params]
+    want_states = [[x.copy() for x in ss] for ss in states]
+    _cython.elementwise("lamb_update", (params, want, grads) + tuple(
+        [ss[k] for ss in want_states] for k in range(2)), record, 1,
+        masks=[m.astype(np.uint8).reshape(-1) for m in masks])
+    packed = _jax_ffi.record_bytes(_rules.LAMB_ARGS, dtype, scalars)
+
+    def run(p, g, s):
+        return _jax_ffi.elementwise("lamb_update", packed, p, g, s, 2, masks=masks,
+                                    into_grad=True)
+    jp, jg = [jnp.asarray(p) for p in params], [jnp.asarray(g) for g in grads]
+    js = [[jnp.asarray(x) for x in ss] for ss in states]
+    text = jax.jit(run, donate_argnums=(1, 2)).lower(jp, jg, js).compile().as_text()
+    assert not re.search(r"\scopy(-start)?\(", text), text
+    got, got_states = jax.jit(run, donate_argnums=(1, 2))(jp, jg, js)
+    for g, w in zip(got, want):
+        _assert_bits(g, w)
+    for gs, ws in zip(got_states, want_states):
+        for g, w in zip(gs, ws):
+            _assert_bits(g, w)
+    with pytest.raises(ValueError, match="into_grad: not with delta or formats"):
+        _jax_ffi.elementwise("lamb_update", packed, jp, jp, js, 1, delta=True, into_grad=True)
     assert _jax_ffi.COUNTS == {c.count.name: len(c.count.state) for rule in _rules.RULES
                                for c in rule.cautious}
 
@@ -622,7 +681,9 @@ SGD_RECORD = np.zeros(32, np.uint8)
     ((SGD_RECORD, P3, P3), 1, dict(count=np.int64(1)),
      "no cautious count kernel named 'sgd'"),
     ((SGD_RECORD, P3, P3), 1, dict(kernel="adam_caution", count=np.int64(1), delta=np.int64(1)),
-     "attribute count: not with delta, masked or formats"),
+     "attribute count: not with delta, into_grad, masked or formats"),
+    ((SGD_RECORD, P3, P3), 1, dict(delta=np.int64(1), into_grad=np.int64(1)),
+     "attribute into_grad: not with delta or formats"),
     ((SGD_RECORD, P3, P3, np.ones(2, np.uint8)), 1, dict(masked=np.int64(1)),
      "tensor 0, mask: expected 3 elements, as the param, or none, got 2"),
     ((SGD_RECORD, P3, P3, np.ones(3, np.int32)), 1, dict(masked=np.int64(1)),

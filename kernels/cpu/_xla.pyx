@@ -35,8 +35,9 @@ cdef dict _kernels(const fo_xla_kernel *k):
 # the custom-call target of the elementwise handler
 ELEMENTWISE = ELEMENTWISE_TARGET.decode()
 # {kernel name: number of state operands} of every kernel the elementwise handler runs: the
-# elementwise kernels of fastopt/optim.h (FO_ELEMENTWISE_KERNELS) and the cautious steps
-# (FO_CAUTIOUS_KERNELS), whose last operand is the tensor's factor
+# elementwise kernels of fastopt/optim.h (FO_ELEMENTWISE_KERNELS), the cautious steps
+# (FO_CAUTIOUS_KERNELS) and scaled_apply (Lamb's apply pass), whose last operand is the
+# tensor's factor
 KERNELS = _kernels(fo_xla_kernels)
 # the same of the cautious count kernels (FO_CAUTION_COUNTS) it counts with (count=1)
 COUNTS = _kernels(fo_xla_counts)

@@ -3,11 +3,12 @@
  * CPU, so that a step runs inside jax.jit (fastopt/_jax_ffi.py stages the call).
  *
  * One call updates many tensors with one kernel of FO_ELEMENTWISE_KERNELS or
- * FO_CAUTIOUS_KERNELS (fastopt/optim.h):
+ * FO_CAUTIOUS_KERNELS (fastopt/optim.h), or with scaled_apply (the apply pass of Lamb: the
+ * update in the grad slot, the tensor's factor as a cautious step's):
  *   attributes  kernel (string, its name), n_tensors (int64), n_threads (int64: OpenMP
  *               threads at most; small steps take fewer, as the Cython driver does), and
- *               optionally delta, count, masked, formats and stochastic (int64, 0 or 1;
- *               default 0)
+ *               optionally delta, into_grad, count, masked, formats and stochastic
+ *               (int64, 0 or 1; default 0)
  *   arguments   0: the kernel's fo_<args>_args_<f32|f64> struct as bytes (1-D uint8,
  *               zero-padded to a multiple of 8: fastopt._rules.pack), then per tensor:
  *               param, grad, then its n_state state arrays, then (a cautious step) its
@@ -15,7 +16,8 @@
  *               uint8 of the param's element count (0 prunes an entry: the new param and
  *               the new state are +0 there), or of none (no mask)
  *   results     per tensor: the new param (with delta: the new param minus the param, in
- *               the param's dtype, as optax's updates), then its n_state new state arrays
+ *               the param's dtype, as optax's updates; with into_grad: the new param, which
+ *               may share the grad's buffer), then its n_state new state arrays
  * With formats the kernel computes in float32 on operands stored as float32, bfloat16 or
  * float16 (format_loops.h, as the Cython driver's storage formats): the param bfloat16,
  * float16 or float32, the grad the param's dtype or float32, each state array any of the
@@ -31,12 +33,12 @@
  * equally many elements, in any shapes (the update is elementwise, and XLA hands over
  * row-major buffers). The caller aliases each param and state input to its result, so a
  * donated buffer is updated in place (without donation XLA copies the inputs into the
- * results before the call); with delta, the param result to the grad instead (where their
- * dtypes agree). A call made without the aliases gets separate result buffers: the state
- * is then copied into its result chunk by chunk before the kernel updates it. With delta
- * the result may share the param's or the grad's buffer: the kernel writes each block's
- * new params to scratch, or the format chunk keeps each block's params, before the
- * result's block is stored.
+ * results before the call); with delta or into_grad, the param result to the grad instead
+ * (where their dtypes agree). A call made without the aliases gets separate result
+ * buffers: the state is then copied into its result chunk by chunk before the kernel
+ * updates it. With delta or into_grad the result may share the param's or the grad's
+ * buffer: the kernel writes each block's new params to scratch, or the format chunk keeps
+ * each block's params, before the result's block is stored.
  *
  * XLA runs the handler on its own threads, with subnormal numbers flushed to zero (MXCSR's
  * FTZ and DAZ); the kernels run with IEEE subnormals, as everywhere else, so that the results
@@ -98,6 +100,9 @@ typedef struct {
 static const fo_xla_kernel fo_xla_kernels[] = {
     FO_ELEMENTWISE_KERNELS(FO_XLA_ENTRY, _, _)
     FO_CAUTIOUS_KERNELS(FO_XLA_CAUTIOUS_ENTRY, _, _)
+    /* the apply pass of the rules that scale an update per tensor (Lamb): the update in the
+       gradient slot, the tensor's factor after it, as a cautious step's */
+    FO_XLA_CAUTIOUS_ENTRY(_, _, scaled_apply, scaled_apply, 0)
     {NULL, {NULL, NULL}, {NULL, NULL}, {0, 0}, 0, 0},
 };
 #undef FO_XLA_ENTRY
@@ -253,13 +258,13 @@ static fo_xla_error *fo_xla_flag_attr(const fo_xla_call_frame *call, int64_t i, 
     return NULL;
 }
 
-/* the attributes: the kernel, the two counts and the optional delta and count flags, nothing
+/* the attributes: the kernel, the two counts and the optional flags, nothing
    else (XLA passes a dictionary: each name once, sorted; so the kernel, found in the table
    the count flag picks, is looked up after the loop) */
 static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_xla_kernel **k,
                                        int64_t *n_tensors, int64_t *n_threads, int64_t *delta,
-                                       int64_t *count, int64_t *masked, int64_t *formats,
-                                       int64_t *stochastic)
+                                       int64_t *into_grad, int64_t *count, int64_t *masked,
+                                       int64_t *formats, int64_t *stochastic)
 {
     int64_t i;
     fo_xla_error *err;
@@ -267,7 +272,7 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
     const fo_xla_kernel *e;
     *k = NULL;
     *n_tensors = *n_threads = -1;
-    *delta = *count = *masked = *formats = *stochastic = 0;
+    *delta = *into_grad = *count = *masked = *formats = *stochastic = 0;
     for (i = 0; i < call->attrs.size; i++) {
         const fo_xla_bytespan *name = call->attrs.names[i];
         if (fo_xla_name_is(name, "kernel")) {
@@ -280,6 +285,8 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
             if ((err = fo_xla_int_attr(call, i, n_threads)) != NULL) return err;
         } else if (fo_xla_name_is(name, "delta")) {
             if ((err = fo_xla_flag_attr(call, i, delta)) != NULL) return err;
+        } else if (fo_xla_name_is(name, "into_grad")) {
+            if ((err = fo_xla_flag_attr(call, i, into_grad)) != NULL) return err;
         } else if (fo_xla_name_is(name, "count")) {
             if ((err = fo_xla_flag_attr(call, i, count)) != NULL) return err;
         } else if (fo_xla_name_is(name, "masked")) {
@@ -290,8 +297,8 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
             if ((err = fo_xla_flag_attr(call, i, stochastic)) != NULL) return err;
         } else {
             return FO_XLA_INVALID(call->api, "unexpected attribute '%.*s' (it takes kernel, "
-                                  "n_tensors, n_threads, delta, count, masked, formats and "
-                                  "stochastic)",
+                                  "n_tensors, n_threads, delta, into_grad, count, masked, "
+                                  "formats and stochastic)",
                                   (int)(name->len < 64 ? name->len : 64), name->ptr);
         }
     }
@@ -304,9 +311,11 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
                                   (int)(v->len < 64 ? v->len : 64), v->ptr);
         *k = e;
     }
-    if (*count && (*delta || *masked || *formats))
-        return FO_XLA_INVALID(call->api, "attribute count: not with delta, masked or formats "
-                              "(the count reads every entry, pruned ones too)");
+    if (*count && (*delta || *into_grad || *masked || *formats))
+        return FO_XLA_INVALID(call->api, "attribute count: not with delta, into_grad, masked "
+                              "or formats (the count reads every entry, pruned ones too)");
+    if (*into_grad && (*delta || *formats))
+        return FO_XLA_INVALID(call->api, "attribute into_grad: not with delta or formats");
     if (*formats && *k != NULL && (*k)->n_aux > 0)
         return FO_XLA_INVALID(call->api, "attribute formats: not with a cautious step");
     if (*k == NULL || *n_tensors < 0 || *n_threads < 1 || *n_threads > INT_MAX)
@@ -345,7 +354,7 @@ static void fo_xla_subtract(char *out, const char *new_, const char *old, ptrdif
 /* one call's pass: what every chunk needs */
 typedef struct {
     const fo_xla_kernel *k;
-    int f64, delta;
+    int f64, delta;             /* delta: 1 the attribute delta, 2 into_grad */
     const void *args;           /* the struct */
     char **ptr;                 /* fo_xla_width pointers per tensor */
     const ptrdiff_t *chunk;     /* (tensor, lo, n) per chunk */
@@ -358,9 +367,10 @@ typedef struct {
 /*
  * With delta, elements lo .. lo + n - 1 of a tensor in blocks: the kernel writes a block's
  * new params into a scratch block (masked there), whose differences from the params are
- * then stored as the result. The new params never reach memory, and the result may share
- * the gradient's buffer (XLA's updates written over a dead gradient), which the kernels'
- * restrict operands could not.
+ * then stored as the result (with into_grad, the new params themselves). The new params
+ * reach memory only there, and the result may share the gradient's buffer (XLA's updates
+ * written over a dead gradient; Lamb's update direction), which the kernels' restrict
+ * operands could not.
  */
 #define FO_XLA_BLOCK 1024
 static void fo_xla_delta_chunk(const fo_xla_pass *pass, char **p, ptrdiff_t lo, ptrdiff_t n,
@@ -384,7 +394,9 @@ static void fo_xla_delta_chunk(const fo_xla_pass *pass, char **p, ptrdiff_t lo, 
         q[1] = f64 ? (char *)scratch.f64 : (char *)scratch.f32;
         k->fn[f64](q, 0, m, pass->args);
         if (mask != NULL) fo_cpu_mask_chunk(q, 0, m, size, k->n_state, mask + at);
-        if (f64) {
+        if (pass->delta == 2) {
+            memcpy(p[1] + at * size, q[1], (size_t)(m * size));
+        } else if (f64) {
             const double *x = (const double *)q[0];
             double *out = (double *)(p[1] + at * size);
             for (i = 0; i < m; i++) out[i] = scratch.f64[i] - x[i];
@@ -422,7 +434,8 @@ static void fo_xla_delta_formats(char **p, ptrdiff_t t, ptrdiff_t lo, ptrdiff_t 
  * fo_xla_width pointers. The state inputs are copied into the results first where XLA gave
  * separate buffers; the kernel runs; a mask zeroes the pruned entries of the param and state
  * results; with `delta` the param result is its difference from the param, block by block
- * (fo_xla_delta_chunk, fo_xla_delta_formats). With a
+ * (fo_xla_delta_chunk, fo_xla_delta_formats; into_grad: the new param, block by block, so
+ * that it may be stored over the grad). With a
  * counting function `cfn` the chunk's agreeing elements are counted into `counted[c]` and
  * nothing is written.
  */
@@ -479,8 +492,8 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     double args[FO_XLA_ARGS_MAX / 8]; /* the struct, copied to aligned storage */
     fo_xla_error *err;
     fo_xla_dtype dtype;
-    int64_t i, t, n_tensors, n_threads, delta, counting, masked, formats, stochastic, n_args,
-        n_rets, n_chunks = 0, total = 0;
+    int64_t i, t, n_tensors, n_threads, delta, into_grad, counting, masked, formats, stochastic,
+        n_args, n_rets, n_chunks = 0, total = 0;
     int n_state, n_aux, per, width, f64, s, nt, *counted = NULL;
     fo_xla_dtype dt[FO_FORMAT_OPS]; /* each kernel operand's dtype (param out: the param's) */
     fo_xla_pass pass;
@@ -499,8 +512,8 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
                               FO_XLA_STRUCT_SIZE(fo_xla_call_frame, attrs));
     if (call->stage != FO_XLA_STAGE_EXECUTE)
         return NULL;
-    if ((err = fo_xla_attributes(call, &k, &n_tensors, &n_threads, &delta, &counting,
-                                 &masked, &formats, &stochastic)) != NULL)
+    if ((err = fo_xla_attributes(call, &k, &n_tensors, &n_threads, &delta, &into_grad,
+                                 &counting, &masked, &formats, &stochastic)) != NULL)
         return err;
 
     /* operand counts and kinds */
@@ -678,7 +691,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
                                                    : (int)n_threads;
     pass.k = k;
     pass.f64 = f64;
-    pass.delta = (int)delta;
+    pass.delta = delta ? 1 : into_grad ? 2 : 0;
     pass.args = args;
     pass.ptr = ptr;
     pass.chunk = chunk;
