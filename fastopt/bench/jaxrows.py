@@ -34,6 +34,11 @@ from fastopt.bench._timing import (
 _STREAM = "stream limit (C kernel)"
 
 
+# fastopt.jax's factory of an array API class whose name is not the class's lowercased
+# (optax.contrib's names)
+_FACTORIES = {"AdamWScheduleFree": "schedule_free_adamw", "SGDScheduleFree": "schedule_free_sgd"}
+
+
 def _optax_rule(optax, name):
     """optax's rule `name` and its name for the table (adopt and ademamix are in
     optax.contrib)."""
@@ -61,7 +66,7 @@ def implementations(spec, sizes, n_threads):
 
     import fastopt.jax as fjax
 
-    name = spec.cls.lower()
+    name = _FACTORIES.get(spec.cls, spec.cls.lower())
     if name not in fjax.__all__ or spec.hyper.keys() - {"lr", "weight_decay", "momentum",
                                                         "cautious"}:
         return []
