@@ -52,6 +52,7 @@ class Args(NamedTuple):
         except (struct.error, OverflowError):  # a finite real beyond float32: NumPy's inf
             record = np.zeros(1, layout)  # padding bytes 0: the same bytes for the same
             record[0] = tuple(values)  # scalars, always
+            record.flags.writeable = False  # as the packed ones (Numba types them apart)
             return record
 
 

@@ -47,10 +47,10 @@ from fastopt._check import flag, real
 from fastopt._config import check_threads, get_num_threads
 
 __all__ = ["adam", "adamw", "sgd", "lion", "adamax", "adadelta", "adopt", "ademamix", "adan",
-           "rprop", "asgd", "lamb", "schedule_free_adamw", "schedule_free_sgd",
+           "rprop", "asgd", "lamb", "muon", "schedule_free_adamw", "schedule_free_sgd",
            "schedule_free_eval_params", "FusedTransformation", "AdamState", "SGDState",
            "LionState", "AdamaxState", "AdadeltaState", "AdEMAMixState", "AdanState",
-           "RpropState", "ASGDState", "ScheduleFreeState"]
+           "RpropState", "ASGDState", "MuonState", "ScheduleFreeState"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _LOWP = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))  # computed in float32
@@ -143,7 +143,8 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
         (the learning rate only when it is a number). ``fastopt.save`` writes it;
         ``load_state_dict`` of the array API's class (or of this transformation) resumes
         from it, so a run can move between JAX and NumPy, PyTorch or CuPy. The classes of
-        SGD and Lion keep no step count (neither is written).
+        SGD and Lion keep no step count (neither is written). Before the first step
+        ``state`` is empty, as the array API's is.
 
         >>> import jax.numpy as jnp, numpy as np, fastopt, fastopt.jax
         >>> opt = fastopt.jax.adamw(1e-2)
@@ -378,9 +379,11 @@ class _Fused:
         if count:  # the carried scalars the array API keeps per parameter
             numbers.update({name: float(getattr(state, name)) for name in self.carried
                             if name in dict(_rules.BY_NAME[cls].state_scalars)})
+        # before the first step, no entries: the array API's state of parameters not
+        # stepped yet (its numbers, such as Schedule-Free's, exist from the first step)
         entries = {i: {**({"step": count} if steps else {}), **numbers,
                        **{name: np.asarray(leaves[i]) for name, leaves in arrays.items()}}
-                   for i in range(n)}
+                   for i in range(n)} if count else {}
         if not callable(self.learning_rate):
             group = dict(lr=self.learning_rate, **group)
         return {"state": entries, "param_groups": [dict(group, params=list(range(n)))]}
@@ -1457,7 +1460,7 @@ def _trust_ratios(params, updates, masks):
     return ratios
 
 
-def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0.0,
+def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=None, weight_decay=0.0,
          mask=None, *, max_grad_norm=None, max_grad_value=None, maximize=False,
          skip_nonfinite=False, n_threads=None):
     r"""Lamb (You et al. 2019) as an optax transformation run by fastopt's kernels:
@@ -1486,7 +1489,8 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0
         b1 (float): :math:`\beta_1`. Default 0.9.
         b2 (float): :math:`\beta_2`. Default 0.999.
         eps (float): :math:`\epsilon \ge 0`. Default 1e-6.
-        eps_root (float): optax's, only its default 0 (not supported yet).
+        eps_root (float or None): optax's, only 0 (None: 0, the default; not supported
+            yet).
         weight_decay (float): :math:`\lambda \ge 0`. Default 0.
         mask: optax's weight-decay mask, only None (not supported yet).
         max_grad_norm (float or None): clip the gradients' total 2-norm, as
@@ -1506,7 +1510,7 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0
     b1 = _real("b1", b1, lo=0.0, hi=1.0)
     b2 = _real("b2", b2, lo=0.0, hi=1.0)
     eps = _real("eps", eps, lo=0.0)
-    _unsupported("eps_root", eps_root, 0.0, "the kernel adds eps outside the root")
+    _eps_root(eps_root)
     _unsupported("mask", mask, None, "masked weight decay")
     weight_decay = _weight_decay(weight_decay)
 
@@ -1520,6 +1524,345 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight_decay=0
                  ("Lamb", dict(betas=(b1, b2), eps=eps, weight_decay=weight_decay)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, None, None, None,
                   n_threads), scaled=_trust_ratios)
+
+
+class MuonState(NamedTuple):
+    """The state of :func:`muon`: the step count (an int32 scalar); the momentum buffer of
+    each matrix (2-D parameter) and AdamW's moments of every other parameter, pytrees
+    shaped like the parameters with None where a parameter keeps no such array (the array
+    API's names)."""
+    count: Any
+    momentum_buffer: Any
+    exp_avg: Any
+    exp_avg_sq: Any
+
+
+def _bf16_rounded(x):
+    """float32 `x` rounded to bfloat16 values (to nearest even), kept float32: what torch's
+    bfloat16 Newton-Schulz stores (fastopt._backends._orthogonalize.round_bf16)."""
+    return x.astype(jnp.bfloat16).astype(x.dtype)
+
+
+def _newton_schulz(u, param, coefficients, steps, eps, ns_dtype):
+    """Muon's orthogonalized update of matrix `u` (a momentum pass's result, shaped like
+    `param`), as fastopt._backends._orthogonalize computes it on the host: in ns_dtype,
+    transposed when it has more rows than columns, divided by its Frobenius norm (at least
+    eps), then `steps` iterations of X <- a X + (b A + c A A) X with A = X X^T, each result
+    rounded to bfloat16 for ns_dtype "bfloat16"; back in u's dtype. The products are XLA's
+    GEMMs (summed in their own order, as the host's are NumPy's)."""
+    bf16 = ns_dtype == "bfloat16"
+    x = u if ns_dtype is None else u.astype(jnp.float32)
+    stored = _bf16_rounded if bf16 else (lambda y: y)
+    x = stored(x)
+    a, b, c = (jnp.asarray(k, x.dtype) for k in coefficients)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    norm = _tensor_norm(x, param).astype(x.dtype)
+    x = stored(x / stored(jnp.maximum(norm, jnp.asarray(eps, x.dtype))))
+    for _ in range(steps):
+        gram = stored(x @ x.T)
+        gram = stored(b * gram + c * (gram @ gram))
+        x = stored(a * x + gram @ x)
+    return (x.T if tall else x).astype(u.dtype)
+
+
+class _Muon(_Fused):
+    """fastopt.jax.muon: the matrices through the momentum pass, Newton-Schulz (XLA's GEMMs)
+    and scaled_apply; every other parameter through AdamW's kernel, in the same step."""
+
+    def __init__(self, learning_rate, hyper, muon, adam, options):
+        super().__init__("muon", "muon_momentum", MuonState, None, learning_rate, hyper,
+                         ("Muon", {}), None, {}, None, {}, None, *options)
+        self.muon = muon  # weight_decay, momentum, nesterov, ns_coefficients, ns_steps, ...
+        self.adam = adam  # betas and eps of the AdamW leaves
+        # fastopt.Muon's param-group hyperparameters but lr, for state_dict
+        self.group_hyper = dict(muon, adam_betas=adam["betas"], adam_eps=adam["eps"])
+
+    def init(self, params):
+        _, (_, leaves, treedef), dtype = _params(params)
+        self._check_dtype(dtype)
+        matrix = [p.ndim == 2 for p in leaves]
+        return MuonState(
+            count=jnp.zeros([], jnp.int32),
+            momentum_buffer=treedef.unflatten([jnp.zeros_like(p) if m else None
+                                               for p, m in zip(leaves, matrix)]),
+            exp_avg=treedef.unflatten([None if m else jnp.zeros_like(p)
+                                       for p, m in zip(leaves, matrix)]),
+            exp_avg_sq=treedef.unflatten([None if m else jnp.zeros_like(p)
+                                          for p, m in zip(leaves, matrix)]))
+
+    def _check_dtype(self, dtype):
+        if dtype not in _FLOATS:
+            raise TypeError(f"fastopt.jax.muon: not with {dtype} parameters yet (float32 or "
+                            f"float64)")
+
+    def _arrays(self, tree, name, paths, leaves, treedef, wanted):
+        """The state arrays `name` in leaf order: an array of its parameter's shape and
+        dtype where `wanted[i]`, None elsewhere."""
+        try:
+            flat = treedef.flatten_up_to(tree)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"state.{name}: expected the tree structure of params with an "
+                             f"array or None at each leaf (MuonState from init): {e}") from None
+        out = []
+        for path, param, leaf, want in zip(paths, leaves, flat, wanted):
+            if not want:
+                if leaf is not None:
+                    raise ValueError(f"state.{name}{path}: expected None (params{path} "
+                                     f"{'is' if param.ndim == 2 else 'is not'} a matrix), "
+                                     f"got an array")
+                out.append(None)
+                continue
+            leaf = _array(leaf, f"state.{name}{path}")
+            if leaf.shape != param.shape or leaf.dtype != param.dtype:
+                raise ValueError(f"state.{name}{path}: expected {param.dtype} of the shape of "
+                                 f"params{path}, {param.shape}, got {leaf.dtype} {leaf.shape}")
+            out.append(leaf)
+        return out
+
+    def _apply(self, params, grads, state, grads_name, delta, masks):
+        _, (paths, leaves, treedef), dtype = _params(params)
+        self._check_dtype(dtype)
+        grads = _like(grads, grads_name, paths, leaves, treedef)
+        masks = _mask_leaves(masks, paths, leaves, treedef)
+        if not isinstance(state, MuonState):
+            raise TypeError(f"state: expected the MuonState that fastopt.jax.muon's init "
+                            f"returns, got {type(state).__name__}")
+        count = state.count
+        if not (hasattr(count, "dtype") and jnp.shape(count) == ()
+                and jnp.issubdtype(count.dtype, jnp.integer)):
+            raise TypeError(f"state.count: expected an integer scalar array, got {count!r:.80}")
+        matrix = [p.ndim == 2 for p in leaves]
+        for path, p, m in zip(paths, leaves, matrix):
+            if m and _varying_axes(p):
+                raise ValueError(f"fastopt.jax.muon: params{path} is sharded under shard_map; "
+                                 f"the orthogonalization needs the whole matrix: step it under "
+                                 f"plain jit (XLA gathers what it needs)")
+        bufs = self._arrays(state.momentum_buffer, "momentum_buffer", paths, leaves, treedef,
+                            matrix)
+        others = [not m for m in matrix]
+        exp_avg = self._arrays(state.exp_avg, "exp_avg", paths, leaves, treedef, others)
+        exp_avg_sq = self._arrays(state.exp_avg_sq, "exp_avg_sq", paths, leaves, treedef,
+                                  others)
+        step = optax.safe_increment(count)
+        if not leaves:
+            return treedef, [], state._replace(count=step)
+        lr = self.learning_rate(step - 1) if callable(self.learning_rate) else self.learning_rate
+        summed = grads if masks is None else [
+            g if m is None else jnp.where(m, g, jnp.zeros_like(g)) for g, m in zip(grads, masks)]
+        grad_scale = 1.0
+        if self.max_grad_norm is not None:
+            grad_scale = _clip_coefficient(self.max_grad_norm, summed)
+        grad = dict(grad_scale=grad_scale, maximize=self.maximize, grad_clip=self.grad_clip)
+        hyper = self.muon
+        update, apply = _scalars.muon_scalars(dtype, lr=lr, weight_decay=hyper["weight_decay"],
+                                              momentum=hyper["momentum"],
+                                              nesterov=hyper["nesterov"], **grad)
+        beta1, beta2 = self.adam["betas"]
+        adam = _scalars.adam_scalars(dtype, step=step, lr=lr, beta1=beta1, beta2=beta2,
+                                     eps=self.adam["eps"], weight_decay=hyper["weight_decay"],
+                                     decoupled=True, **grad)
+        records = (_record(_rules.KERNELS["muon_momentum"].args, dtype, update),
+                   _record(_rules.ALL_KERNELS["scaled_apply"].args, dtype, apply),
+                   _record(_rules.KERNELS["adam"].args, dtype, adam))
+        mats = [i for i, m in enumerate(matrix) if m]
+        rest = [i for i, m in enumerate(matrix) if not m]
+        factors = [jnp.asarray([-lr * _scalars.muon_lr_ratio(leaves[i].shape,
+                                                             hyper["adjust_lr_fn"])], dtype)
+                   for i in mats]
+
+        def pick(xs, idx):
+            return None if xs is None else [xs[i] for i in idx]
+
+        def run(records, params, grads, bufs, exp_avg, exp_avg_sq, factors):
+            new, bufs, exp_avg, exp_avg_sq = list(params), list(bufs), list(exp_avg), \
+                list(exp_avg_sq)
+            if mats:
+                us, states = _jax_ffi.elementwise(
+                    "muon_momentum", records[0], pick(params, mats), pick(grads, mats),
+                    [[bufs[i]] for i in mats], self.n_threads, masks=pick(masks, mats),
+                    into_grad=True)
+                orthogonal = [_newton_schulz(u, params[i], hyper["ns_coefficients"],
+                                             hyper["ns_steps"], hyper["eps"],
+                                             hyper["ns_dtype"]) for u, i in zip(us, mats)]
+                out, _ = _jax_ffi.elementwise(
+                    "scaled_apply", records[1], pick(params, mats), orthogonal,
+                    [[k] for k in factors], self.n_threads, delta=delta,
+                    masks=pick(masks, mats))
+                for k, i in enumerate(mats):
+                    new[i], bufs[i] = out[k], states[k][0]
+            if rest:
+                out, states = _jax_ffi.elementwise(
+                    "adam", records[2], pick(params, rest), pick(grads, rest),
+                    [[exp_avg[i], exp_avg_sq[i]] for i in rest], self.n_threads,
+                    delta=delta, masks=pick(masks, rest))
+                for k, i in enumerate(rest):
+                    new[i], (exp_avg[i], exp_avg_sq[i]) = out[k], states[k]
+            return new, bufs, exp_avg, exp_avg_sq
+
+        operands = (records, leaves, grads, bufs, exp_avg, exp_avg_sq, factors)
+        if self.skip_nonfinite:
+            def skip(records, params, grads, bufs, exp_avg, exp_avg_sq, factors):
+                return ([jnp.zeros_like(p) for p in params] if delta else list(params), bufs,
+                        exp_avg, exp_avg_sq)
+            finite = _count_nonfinite(summed) == 0
+            new, bufs, exp_avg, exp_avg_sq = jax.lax.cond(finite, run, skip, *operands)
+            step = jnp.where(finite, step, count)
+        else:
+            new, bufs, exp_avg, exp_avg_sq = run(*operands)
+        return treedef, new, MuonState(count=step, momentum_buffer=treedef.unflatten(bufs),
+                                       exp_avg=treedef.unflatten(exp_avg),
+                                       exp_avg_sq=treedef.unflatten(exp_avg_sq))
+
+    def state_dict(self, state):
+        """The array API's fastopt.Muon state dict: the matrices in a first param group
+        (use_muon True), the other parameters in a second (use_muon False), each in leaf
+        order, numbered group after group."""
+        if not isinstance(state, MuonState):
+            raise TypeError(f"state: expected the MuonState that fastopt.jax.muon's init "
+                            f"returns, got {type(state).__name__}")
+        flat = [jax.tree.leaves(x) for x in (state.momentum_buffer, state.exp_avg)]
+        count = int(state.count)
+        entries = {}
+        for i, b in enumerate(flat[0]):
+            entries[i] = {"momentum_buffer": np.asarray(b)}
+        m, v = flat[1], jax.tree.leaves(state.exp_avg_sq)
+        for k, (a, s) in enumerate(zip(m, v)):
+            entries[len(flat[0]) + k] = {"exp_avg": np.asarray(a), "exp_avg_sq": np.asarray(s)}
+        if count:
+            for entry in entries.values():
+                entry["step"] = count
+        else:
+            entries = {}
+        group = dict(self.group_hyper)
+        if not callable(self.learning_rate):
+            group = dict(lr=self.learning_rate, **group)
+        groups = [dict(group, use_muon=True, params=list(range(len(flat[0])))),
+                  dict(group, use_muon=False, params=list(range(len(flat[0]),
+                                                                len(flat[0]) + len(m))))]
+        return {"state": entries, "param_groups": [g for g in groups if g["params"]]}
+
+    def load_state_dict(self, state_dict, params):
+        _, (paths, leaves, treedef), dtype = _params(params)
+        self._check_dtype(dtype)
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
+            raise TypeError("state_dict: expected a dict with a 'state' dict, as the array "
+                            "API's state_dict() returns")
+        saved = state_dict["state"]
+        mats = [i for i, p in enumerate(leaves) if p.ndim == 2]
+        order = mats + [i for i, p in enumerate(leaves) if p.ndim != 2]  # flat -> leaf
+        unknown = set(saved) - set(range(len(leaves)))
+        if unknown:
+            raise ValueError(f"state_dict['state']: no parameter has the indices "
+                             f"{sorted(unknown, key=repr)[:5]} (params has {len(leaves)})")
+        steps = {int(e["step"]) for e in saved.values() if isinstance(e, dict) and "step" in e}
+        if len(steps) > 1:
+            raise ValueError(f"state_dict['state']: the parameters have different step "
+                             f"counts {sorted(steps)}; fastopt.jax keeps one count")
+        fresh = self.init(params)
+        arrays = {name: treedef.flatten_up_to(getattr(fresh, name))
+                  for name in ("momentum_buffer", "exp_avg", "exp_avg_sq")}
+        for flat, i in enumerate(order):
+            entry = saved.get(flat, {})
+            for name in arrays:
+                if arrays[name][i] is None or not isinstance(entry, dict) or name not in entry:
+                    continue
+                value = jnp.asarray(np.asarray(entry[name]))
+                if value.shape != leaves[i].shape or value.dtype != dtype:
+                    raise ValueError(f"state_dict['state'][{flat}][{name!r}]: expected "
+                                     f"{dtype} of the shape of params{paths[i]}, "
+                                     f"{leaves[i].shape}, got {value.dtype} {value.shape}")
+                arrays[name][i] = value
+        return MuonState(count=jnp.asarray(steps.pop() if steps else 0, jnp.int32),
+                         **{name: treedef.unflatten(xs) for name, xs in arrays.items()})
+
+
+def muon(learning_rate, ns_coeffs=(3.4445, -4.7750, 2.0315), ns_steps=5, beta=0.95, eps=1e-7,
+         weight_decay=0.1, *, nesterov=True, adjust_lr_fn=None, ns_dtype=None, adam_b1=0.9,
+         adam_b2=0.999, adam_eps=1e-8, max_grad_norm=None, max_grad_value=None,
+         maximize=False, skip_nonfinite=False, n_threads=None):
+    r"""Muon (Jordan et al. 2024) as an optax transformation run by fastopt's kernels,
+    following ``torch.optim.Muon`` (torch 2.13) as :class:`fastopt.Muon` does, with
+    optax.contrib's argument names; every parameter that is not a matrix is updated by
+    AdamW, as optax's convention (and fastopt.Muon's ``use_muon=False`` groups). With
+    gradient :math:`g_t` of an :math:`A \times B` matrix and learning rate :math:`\gamma_t`
+    (a number, or the schedule's value at count :math:`t - 1`):
+
+    .. math::
+
+        B_t &= \mathrm{lerp}(B_{t-1}, g_t, 1 - \mu) \\
+        U_t &= \mathrm{lerp}(g_t, B_t, \mu) \text{ (nesterov) or } B_t \\
+        O_t &= \mathrm{NS}_k^{(a,b,c)}\big(U_t / \max(\lVert U_t \rVert_F, \epsilon)\big) \\
+        p_t &= p_{t-1} (1 - \gamma_t \lambda) - \gamma_t\, r(A, B)\, O_t
+
+    (:class:`fastopt.Muon` gives :math:`\mathrm{NS}` and :math:`r`). The momentum pass
+    and the apply pass are fastopt's kernels (the momentum pass writes :math:`U_t` over the
+    gradients); the Newton-Schulz iteration is XLA's GEMMs, summed in their own order, so
+    the orthogonalized update agrees with the array API's (NumPy's BLAS) to rounding. The
+    other parameters take AdamW's kernel with ``adam_b1``, ``adam_b2``, ``adam_eps`` and
+    the same learning rate and weight decay. Parameters float32 or float64 (with
+    ``jax_enable_x64``); under ``shard_map`` the matrices must not be sharded (the
+    iteration needs whole matrices).
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule.
+        ns_coeffs (tuple): :math:`(a, b, c)`. Default (3.4445, -4.7750, 2.0315).
+        ns_steps (int): :math:`k`, in [0, 100). Default 5.
+        beta (float): the momentum :math:`\mu` in [0, 1]. Default 0.95.
+        eps (float): :math:`\epsilon \ge 0`, the least norm divided by. Default 1e-7.
+        weight_decay (float): decoupled :math:`\lambda \ge 0`. Default 0.1.
+        nesterov (bool): the Nesterov form of the update. Default True.
+        adjust_lr_fn (str or None): :math:`r`: None or "original", or "match_rms_adamw".
+        ns_dtype (str or None): the iteration's dtype: None (the parameters'), "float32"
+            or "bfloat16" (as torch: every result rounded to bfloat16).
+        adam_b1, adam_b2, adam_eps (float): AdamW's :math:`\beta_1, \beta_2, \epsilon`
+            for the parameters that are not matrices. Defaults 0.9, 0.999, 1e-8.
+        max_grad_norm (float or None): clip the gradients' total 2-norm, as
+            :func:`adam`'s. Default None.
+        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
+            None.
+        maximize (bool): ascend instead of descend. Default False.
+        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
+            Default False.
+        n_threads (int or None): CPU threads for the kernels; default
+            ``fastopt.get_num_threads()`` when the transformation is made.
+
+    Returns:
+        FusedTransformation: with state :class:`MuonState`.
+    """
+    from fastopt.optim.muon import ADJUST_LR_FNS, NS_DTYPES
+
+    learning_rate = _learning_rate(learning_rate)
+    if not isinstance(ns_coeffs, (tuple, list)) or len(ns_coeffs) != 3:
+        raise ValueError(f"ns_coeffs: expected a triple (a, b, c), got {ns_coeffs!r:.60}")
+    ns_coeffs = tuple(real(f"ns_coeffs[{k}]", c) for k, c in enumerate(ns_coeffs))
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, (int, np.integer)) \
+            or not 0 <= ns_steps < 100:
+        raise ValueError(f"ns_steps: expected an integer in [0, 100), got {ns_steps!r:.60}")
+    beta = _real("beta", beta, lo=0.0, hi=1.0)
+    eps = _real("eps", eps, lo=0.0)
+    weight_decay = _weight_decay(weight_decay)
+    nesterov = flag("nesterov", nesterov)
+    for name, value, choices in (("adjust_lr_fn", adjust_lr_fn, ADJUST_LR_FNS),
+                                 ("ns_dtype", ns_dtype, NS_DTYPES)):
+        if value not in choices:
+            raise ValueError(f"{name}: expected one of {choices}, got {value!r:.60}")
+    adam_b1 = _real("adam_b1", adam_b1, lo=0.0, hi=1.0, hi_open=True)
+    adam_b2 = _real("adam_b2", adam_b2, lo=0.0, hi=1.0, hi_open=True)
+    adam_eps = _real("adam_eps", adam_eps, lo=0.0)
+    muon_hyper = dict(weight_decay=weight_decay, momentum=beta, nesterov=nesterov,
+                      ns_coefficients=ns_coeffs, ns_steps=int(ns_steps), eps=eps,
+                      adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)
+    fused = _Muon(learning_rate,
+                  dict(ns_coeffs=ns_coeffs, ns_steps=int(ns_steps), beta=beta, eps=eps,
+                       weight_decay=weight_decay, nesterov=nesterov,
+                       adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, adam_b1=adam_b1,
+                       adam_b2=adam_b2, adam_eps=adam_eps),
+                  muon_hyper, dict(betas=(adam_b1, adam_b2), eps=adam_eps),
+                  _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, None, None,
+                           None, n_threads))
+    return fused.transformation()
 
 
 class RpropState(NamedTuple):
@@ -1681,13 +2024,16 @@ def asgd(learning_rate=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, *
 
 class ScheduleFreeState(NamedTuple):
     r"""The state of :func:`schedule_free_adamw` and :func:`schedule_free_sgd`: the step
-    count (an int32 scalar); :math:`\beta_1` (for :func:`schedule_free_eval_params`), the
-    largest learning rate so far and the sum of the averaging weights, 0-d arrays of
-    jax's default float type (float64 with ``jax_enable_x64``, as the reference's Python
-    floats); the base sequence :math:`z` and, for AdamW, the second moment, pytrees shaped
-    like the parameters (the array API's names)."""
+    count (an int32 scalar); the weight of :math:`z` in the evaluation point,
+    :math:`1 - 1/\beta_1` (computed in float64 when the transformation is made, for
+    :func:`schedule_free_eval_params`), the largest learning rate so far and the sum of
+    the averaging weights, 0-d arrays of jax's default float type (float64 with
+    ``jax_enable_x64``, as the reference's Python floats; in float32 the sum, added once a
+    step, loses accuracy over very long runs, as optax's does); the base sequence
+    :math:`z` (a copy of the parameters made by ``init``) and, for AdamW, the second
+    moment, pytrees shaped like the parameters (the array API's names)."""
     count: Any
-    b1: Any
+    eval_weight: Any
     lr_max: Any
     weight_sum: Any
     z: Any
@@ -1710,11 +2056,13 @@ _SCHEDULE_FREE_DOC = r"""
         y_{t+1} &= (1 - c_t) y_t + c_t z_t + \gamma_t (\beta_1 (1 - c_t) - 1) \hat g_t \\
         z_{t+1} &= z_t - \gamma_t \hat g_t
 
-    with :math:`z_1 = y_1`. This follows the authors' reference
+    with :math:`z_1 = y_1` (``init`` copies the parameters; the array API copies them at
+    the first step). This follows the authors' reference
     (``facebookresearch/schedule_free``, the ``schedulefree`` package), as
     :class:`fastopt.CLASS` does, not
     ``optax.contrib.SELF``, which lags the warmup by one step; the
-    arguments are optax's, plus the reference's ``r``. The weights are computed
+    arguments are optax's (its ``state_dtype`` by keyword), plus the reference's ``r``
+    (by keyword). The weights are computed
     in jax's default float type: with ``jax_enable_x64`` in float64, as the reference's
     Python floats, else in float32. XLA fuses a multiply and an add of that arithmetic
     into one FMA where the host rounds twice, so the step's scalars can differ from the
@@ -1767,14 +2115,15 @@ def _schedule_free(name, kernel, learning_rate, warmup_steps, weight_decay, r,
     return _make(name, kernel, ScheduleFreeState, scalars, learning_rate,
                  dict(b1=b1, **hyper, **common),
                  (group[0], dict(group[1], **common, train_mode=True)), options,
-                 fills=dict(z=_PARAMS), carried=dict(b1=b1, lr_max=-1.0, weight_sum=0.0))
+                 fills=dict(z=_PARAMS),
+                 carried=dict(eval_weight=1 - 1 / b1, lr_max=-1.0, weight_sum=0.0))
 
 
 @_schedule_free_doc("AdamWScheduleFree",
                     "v_t &= \\beta_2 v_{t-1} + (1 - \\beta_2) g_t^2 \\\\\n        ",
                     r"\frac{g_t}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}")
 def schedule_free_adamw(learning_rate=0.0025, warmup_steps=None, b1=0.9, b2=0.999, eps=1e-8,
-                        weight_decay=0.0, weight_lr_power=2.0, r=0.0, *, max_grad_norm=None,
+                        weight_decay=0.0, weight_lr_power=2.0, *, r=0.0, max_grad_norm=None,
                         max_grad_value=None, maximize=False, skip_nonfinite=False,
                         state_dtype=None, stochastic_rounding=None, seed=None, n_threads=None):
     r"""Schedule-Free AdamW (Defazio et al. 2024) as an optax transformation run by
@@ -1832,7 +2181,7 @@ def schedule_free_adamw(learning_rate=0.0025, warmup_steps=None, b1=0.9, b2=0.99
 
 @_schedule_free_doc("SGDScheduleFree", "", "g_t")
 def schedule_free_sgd(learning_rate=1.0, warmup_steps=None, b1=0.9, weight_decay=None,
-                      weight_lr_power=2.0, r=0.0, *, max_grad_norm=None, max_grad_value=None,
+                      weight_lr_power=2.0, *, r=0.0, max_grad_norm=None, max_grad_value=None,
                       maximize=False, skip_nonfinite=False, state_dtype=None,
                       stochastic_rounding=None, seed=None, n_threads=None):
     r"""Schedule-Free SGD (Defazio et al. 2024) as an optax transformation run by
@@ -1885,9 +2234,9 @@ def schedule_free_eval_params(state, params):
                         f"{type(state).__name__}")
     _, (paths, leaves, treedef), dtype = _params(params)
     zs = _like(state.z, "state.z", paths, leaves, treedef,
-               (dtype, *_STATE_DTYPES.values()) if dtype in _LOWP else None)
+               None if dtype == np.float64 else (dtype, *_STATE_DTYPES.values()))
     compute = np.dtype(np.float32) if dtype in _LOWP else dtype
-    weight = (1 - 1 / jnp.asarray(state.b1)).astype(compute)  # as the host's, rounded
+    weight = jnp.asarray(state.eval_weight).astype(compute)  # the host's, rounded
 
     def lerp(y, z):
         y, z = y.astype(compute), z.astype(compute)

@@ -410,6 +410,138 @@ def test_schedule_free_skips_and_starts_like_the_reference():
                                    rtol=2 ** -8)
     with pytest.raises(TypeError, match="state: expected the ScheduleFreeState"):
         fjax.schedule_free_eval_params(fjax.adamw(0.1).init(params), params)
+    # the evaluation weight is the host's 1 - 1/b1 rounded once, also in float32
+    assert np.float32(state.eval_weight) == np.float32(1 - 1 / 0.9)
+    # bfloat16 state of float32 parameters
+    tx16 = fjax.schedule_free_adamw(0.01, state_dtype="bfloat16")
+    p, s = _run_step(tx16, params, clean)
+    assert jax.tree.leaves(s.z)[0].dtype == jnp.bfloat16
+    x = fjax.schedule_free_eval_params(s, p)
+    for got, y, z in zip(jax.tree.leaves(x), jax.tree.leaves(p), jax.tree.leaves(s.z)):
+        np.testing.assert_allclose(got, y + np.float32(1 - 1 / 0.9) * (z.astype(y.dtype) - y),
+                                   rtol=1e-6, atol=1e-7)
+    # before the first step the state dict has no entries, as the array API's
+    saved = tx.state_dict(tx.init(params))
+    assert saved["state"] == {}
+    fastopt.AdamWScheduleFree([np.array(q) for q in jax.tree.leaves(params)]).load_state_dict(
+        saved)
+
+
+MUON_SHAPES = {"w": (8, 5), "v": (5, 9), "b": [(5,), ()], "deep": {"x": (3, 2, 2)}}
+
+
+def _muon_array_api(params, **hyper):
+    """fastopt.Muon over NumPy copies of `params`' leaves: the matrices in a use_muon
+    group, the others in an AdamW group, as fastopt.jax.muon's state_dict numbers them;
+    (optimizer, leaves in leaf order, its order of them)."""
+    leaves = [np.array(p) for p in jax.tree.leaves(params)]
+    order = [i for i, p in enumerate(leaves) if p.ndim == 2]
+    order += [i for i, p in enumerate(leaves) if p.ndim != 2]
+    mats = [leaves[i] for i in order if leaves[i].ndim == 2]
+    others = [leaves[i] for i in order if leaves[i].ndim != 2]
+    opt = fastopt.Muon([dict(params=mats), dict(params=others, use_muon=False)], **hyper)
+    return opt, leaves, order
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("config", ["defaults", "bfloat16", "options"])
+def test_muon_matches_the_array_api(config, dtype):
+    """fastopt.jax.muon follows torch's Muon as fastopt.Muon does, the parameters that are
+    not matrices through AdamW: 200 jitted steps against fastopt.Muon (matrices in a
+    use_muon group, the rest in an AdamW group) with the same learning rate each step. The
+    Newton-Schulz products are XLA's GEMMs against NumPy's (their own summation orders),
+    and without jax_enable_x64 the AdamW leaves' bias corrections are float32 (as optax's):
+    equal to rounding. With bfloat16 iterations, with Nesterov off and the other lr
+    adjustment, and with a schedule, max_grad_norm, skip_nonfinite and masks."""
+    hyper, extra, array_extra = dict(learning_rate=0.02, weight_decay=0.05), {}, {}
+    if config == "bfloat16":
+        hyper.update(ns_dtype="bfloat16", nesterov=False, adjust_lr_fn="match_rms_adamw",
+                     beta=0.9, adam_b1=0.8)
+    lr = hyper["learning_rate"]
+    with jax.enable_x64(dtype == "float64"):
+        rng = np.random.default_rng(6)
+        params = _tree(MUON_SHAPES, rng, dtype)
+        grads = _tree(MUON_SHAPES, rng, dtype, (STEPS,))
+        masks = None
+        if config == "options":
+            lr = hyper["learning_rate"] = optax.cosine_decay_schedule(0.02, STEPS)
+            extra = array_extra = dict(max_grad_norm=3.0, skip_nonfinite=True)
+            grads["v"] = grads["v"].at[7, 2, 3].set(jnp.nan)  # a skipped step
+            masks = {"w": jnp.asarray(rng.random((8, 5)) > 0.3), "v": None, "b": [None, None],
+                     "deep": {"x": jnp.asarray(rng.random((3, 2, 2)) > 0.5)}}
+        tx = fjax.muon(**hyper, **extra)
+
+        def body(carry, g):
+            p, s = carry
+            return tx.step(p, g, s, masks), None
+        got, state = jax.jit(lambda p, gs: jax.lax.scan(body, (p, tx.init(p)), gs)[0])(
+            params, grads)
+    array_hyper = {"ns_dtype": "ns_dtype", "nesterov": "nesterov", "beta": "momentum",
+                   "adjust_lr_fn": "adjust_lr_fn", "weight_decay": "weight_decay"}
+    opt, leaves, order = _muon_array_api(
+        params, **{array_hyper[k]: v for k, v in hyper.items() if k in array_hyper},
+        adam_betas=(hyper.get("adam_b1", 0.9), 0.999), **array_extra)
+    if masks is not None:
+        mask_leaves = jax.tree.structure(params).flatten_up_to(masks)
+        opt.set_masks([None if mask_leaves[i] is None else np.asarray(mask_leaves[i])
+                       for i in order])
+    for t in range(STEPS):
+        count = t - (config == "options" and t > 7)  # the count before the step: 7 skipped
+        for group in opt.param_groups:
+            group["lr"] = float(lr(jnp.int32(count))) if callable(lr) else lr
+        step_grads = [np.array(g[t]) for g in jax.tree.leaves(grads)]
+        opt.step([step_grads[i] for i in order])
+    # a schedule's learning rate is float32 (optax's), its arithmetic fused into the step's
+    # by XLA: a float32 ulp apart now and then, in either dtype
+    eps = np.finfo(np.float32 if callable(lr) or dtype == "float32" else np.float64).eps
+
+    def close(got, want):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0,
+                                   atol=STEPS * eps * np.max(np.abs(want)))
+    for g, w in zip(jax.tree.leaves(got), leaves):
+        close(g, w)
+    assert int(state.count) == (STEPS - 1 if config == "options" else STEPS)
+    bufs = jax.tree.leaves(state.momentum_buffer)
+    assert len(bufs) == 2 and [b.shape for b in bufs] == [(5, 9), (8, 5)]
+    saved = tx.state_dict(state)
+    for k in range(len(order)):
+        for name, value in saved["state"][k].items():
+            if name == "step":
+                assert value == opt.state[k][name]
+            else:
+                close(value, opt.state[k][name])
+
+
+def test_muon_state_moves_between_jax_and_the_array_api(tmp_path):
+    """state_dict / load_state_dict: 5 jitted steps, then 5 of fastopt.Muon (its groups
+    from the saved state dict) equal 10 jitted steps, and back."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(8)
+        params = _tree(MUON_SHAPES, rng, "float64")
+        grads = _tree(MUON_SHAPES, rng, "float64", (10,))
+        tx = fjax.muon(0.02, weight_decay=0.05)
+        want, _ = _run_step(tx, params, grads)
+        p5, s5 = _run_step(tx, params, jax.tree.map(lambda g: g[:5], grads))
+        fastopt.save(tx.state_dict(s5), tmp_path / "jax.npz")
+        saved = fastopt.load(tmp_path / "jax.npz")
+        opt, leaves, order = _muon_array_api(p5)
+        opt.load_state_dict(saved)
+        assert [g["use_muon"] for g in opt.param_groups] == [True, False]
+        for t in range(5, 10):
+            step_grads = [np.array(g[t]) for g in jax.tree.leaves(grads)]
+            opt.step([step_grads[i] for i in order])
+        _assert_close(jax.tree.unflatten(jax.tree.structure(params), leaves), want, 10)
+        opt, leaves, order = _muon_array_api(params)
+        opt.load_state_dict(saved | {"state": {}})
+        for t in range(5):
+            step_grads = [np.array(g[t]) for g in jax.tree.leaves(grads)]
+            opt.step([step_grads[i] for i in order])
+        state = tx.load_state_dict(opt.state_dict(), params)
+        assert int(state.count) == 5
+        p10, _ = _run_step(tx, jax.tree.unflatten(jax.tree.structure(params),
+                                                  [jnp.asarray(x) for x in leaves]),
+                           jax.tree.map(lambda g: g[5:], grads), state)
+        _assert_close(p10, want, 10)
 
 
 @pytest.mark.parametrize("name, hyper, schedule", [
@@ -527,6 +659,7 @@ def test_in_optax_multisteps():
     ("adam", dict(learning_rate=optax.linear_schedule(1e-2, 1e-3, 30))),
     ("sgd", dict(learning_rate=1e-2, momentum=0.9, nesterov=True)),
     ("adadelta", dict(learning_rate=1.0, rho=0.8)),
+    ("lamb", dict(learning_rate=1e-2, weight_decay=0.1)),
 ])
 def test_in_optax_inject_hyperparams(name, hyper):
     """optax.inject_hyperparams traces every numeric argument (the defaults too) inside
@@ -1053,6 +1186,21 @@ for g in (grads, g2):
     got = local(got[0], put(g, spec), got[1])
 same(got, want, exact=False)
 
+# Muon: a matrix sharded under shard_map is refused (the iteration needs whole matrices)
+tx = fjax.muon(1e-2)
+muon_spec = fjax.MuonState(count=P(), momentum_buffer={"w": P("d"), "b": None},
+                           exp_avg={"w": None, "b": P()}, exp_avg_sq={"w": None, "b": P()})
+try:
+    jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(spec, spec, muon_spec),
+                      out_specs=(spec, muon_spec)))(put(params, spec), put(grads, spec),
+                                                    tx.init(params))
+except ValueError as e:
+    assert "the orthogonalization needs the whole matrix" in str(e), e
+else:
+    raise AssertionError("a sharded matrix under shard_map was not refused")
+same(jax.jit(tx.step)(put(params, spec), put(grads, spec), tx.init(params)),
+     jax.jit(tx.step)(params, grads, tx.init(params)), exact=False)
+
 # stochastic rounding of a sharded parameter is refused, not wrong
 tx = fjax.adamw(1e-2)
 low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
@@ -1130,6 +1278,16 @@ def test_sharded_arrays_and_shard_map():
     ("lamb", dict(learning_rate=1e-3, mask={"w": True}), ValueError,
      "mask=.* is not supported yet"),
     ("lamb", dict(learning_rate=1e-3, b2=1.5), ValueError, r"b2 must be .* in \[0, 1\]"),
+    ("muon", dict(learning_rate=1e-3, ns_coeffs=(1.0, 2.0)), ValueError,
+     r"ns_coeffs: expected a triple \(a, b, c\)"),
+    ("muon", dict(learning_rate=1e-3, ns_steps=100), ValueError,
+     r"ns_steps: expected an integer in \[0, 100\), got 100"),
+    ("muon", dict(learning_rate=1e-3, ns_dtype="float16"), ValueError,
+     "ns_dtype: expected one of"),
+    ("muon", dict(learning_rate=1e-3, adjust_lr_fn="spectral"), ValueError,
+     "adjust_lr_fn: expected one of"),
+    ("muon", dict(learning_rate=1e-3, beta=1.5), ValueError, r"beta must be .* in \[0, 1\]"),
+    ("muon", dict(learning_rate=1e-3, adam_b2=1.0), ValueError, "adam_b2 must be"),
     ("rprop", dict(learning_rate=optax.constant_schedule(0.1)), TypeError,
      "learning_rate: expected a number, the initial step size"),
     ("rprop", dict(learning_rate=0.1, eta_minus=1.0), ValueError,
@@ -1232,6 +1390,15 @@ def test_bad_state_and_calls():
     with pytest.raises(TypeError, match="fastopt.jax.lamb: not with bfloat16 parameters or "
                                         "float32 state yet"):
         fjax.lamb(1e-3).step(low, low, fjax.lamb(1e-3).init(low))
+    with pytest.raises(TypeError, match="fastopt.jax.muon: not with bfloat16 parameters"):
+        fjax.muon(1e-3).init(low)
+    muon = fjax.muon(1e-3)
+    with pytest.raises(ValueError, match=r"state.momentum_buffer\['b'\]\[0\]: expected None "
+                                         r"\(params\['b'\]\[0\] is not a matrix\)"):
+        muon.step(PARAMS, PARAMS, muon.init(PARAMS)._replace(
+            momentum_buffer={"w": jnp.ones((2, 3)), "b": [jnp.ones(3)]}))
+    with pytest.raises(TypeError, match="state: expected the MuonState"):
+        muon.step(PARAMS, PARAMS, tx.init(PARAMS))
 
 
 def test_jit_of_step_compiles_once(monkeypatch):

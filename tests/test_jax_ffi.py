@@ -218,6 +218,8 @@ def test_kernel_list_is_the_table():
     assert _jax_ffi.KERNELS == {name: len(k.state) for name, k in
                                 {**_rules.KERNELS, **_rules.CAUTIOUS_KERNELS}.items()} | {
                                     "scaled_apply": 1}
+    assert _jax_ffi.COUNTS == {c.count.name: len(c.count.state) for rule in _rules.RULES
+                               for c in rule.cautious}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -268,7 +270,9 @@ def test_into_grad_writes_the_new_parameters_over_the_gradients(dtype, x64):
     js = [[jnp.asarray(x) for x in ss] for ss in states]
     text = jax.jit(run, donate_argnums=(1, 2)).lower(jp, jg, js).compile().as_text()
     assert not re.search(r"\scopy(-start)?\(", text), text
+    grad_buffers = [g.unsafe_buffer_pointer() for g in jg]
     got, got_states = jax.jit(run, donate_argnums=(1, 2))(jp, jg, js)
+    assert [g.unsafe_buffer_pointer() for g in got] == grad_buffers
     for g, w in zip(got, want):
         _assert_bits(g, w)
     for gs, ws in zip(got_states, want_states):
@@ -276,8 +280,6 @@ def test_into_grad_writes_the_new_parameters_over_the_gradients(dtype, x64):
             _assert_bits(g, w)
     with pytest.raises(ValueError, match="into_grad: not with delta or formats"):
         _jax_ffi.elementwise("lamb_update", packed, jp, jp, js, 1, delta=True, into_grad=True)
-    assert _jax_ffi.COUNTS == {c.count.name: len(c.count.state) for rule in _rules.RULES
-                               for c in rule.cautious}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -975,6 +975,9 @@ class Optimizer:
                 flat += 1
             if items:
                 plan.append((group, items))
+        if len(self._checked_groups) > len(self.param_groups):  # groups removed since
+            for gi in [gi for gi in self._checked_groups if gi >= len(self.param_groups)]:
+                del self._checked_groups[gi]
         if first is None:
             return [], dtypes
         self._check_memory(plan, stepped, grad_arrays, changed, first[2][0] == "cpu")

@@ -131,6 +131,7 @@ FO_ELEMENTWISE_KERNELS(FO_XLA_FITS, _, _)
 #define FO_XLA_FITS(T, SFX, NAME, ARGS, N)                                                \
     typedef char fo_xla_fits_##NAME[3 + (N) + 1 <= FO_XLA_OPS_MAX ? 1 : -1];
 FO_CAUTIOUS_KERNELS(FO_XLA_FITS, _, _)
+FO_XLA_FITS(_, _, scaled_apply, scaled_apply, 0)
 #undef FO_XLA_FITS
 
 /* the struct's length as fastopt._rules.pack lays it out */
