@@ -126,8 +126,10 @@ def implementations(spec, sizes, n_threads):
 
 def _donated(jax, step, params, grads, state):
     """A call that runs one jitted `step(params, grads, state)` with the donated buffers of
-    the last call's results, and waits for it."""
-    box = [params, state]
+    the last call's results, and waits for it. Each leaf of the first call's parameters and
+    state is copied into a buffer of its own: a state may hold one array twice
+    (optax.contrib.prodigy's initial state does), which XLA refuses to donate."""
+    box = list(jax.tree.map(lambda x: jax.numpy.array(x, copy=True), (params, state)))
 
     def run():
         box[0], box[1] = step(box[0], grads, box[1])
