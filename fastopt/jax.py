@@ -47,10 +47,11 @@ from fastopt._check import flag, real
 from fastopt._config import check_threads, get_num_threads
 
 __all__ = ["adam", "adamw", "sgd", "lion", "adamax", "adadelta", "adopt", "ademamix", "adan",
-           "rprop", "asgd", "lamb", "muon", "schedule_free_adamw", "schedule_free_sgd",
-           "schedule_free_eval_params", "FusedTransformation", "AdamState", "SGDState",
-           "LionState", "AdamaxState", "AdadeltaState", "AdEMAMixState", "AdanState",
-           "RpropState", "ASGDState", "MuonState", "ScheduleFreeState"]
+           "rprop", "asgd", "lamb", "muon", "prodigy", "schedule_free_adamw",
+           "schedule_free_sgd", "schedule_free_eval_params", "FusedTransformation",
+           "AdamState", "SGDState", "LionState", "AdamaxState", "AdadeltaState",
+           "AdEMAMixState", "AdanState", "RpropState", "ASGDState", "MuonState",
+           "ProdigyState", "ScheduleFreeState"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _LOWP = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))  # computed in float32
@@ -1863,6 +1864,226 @@ def muon(learning_rate, ns_coeffs=(3.4445, -4.7750, 2.0315), ns_steps=5, beta=0.
                   _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, None, None,
                            None, n_threads))
     return fused.transformation()
+
+
+class ProdigyState(NamedTuple):
+    r"""The state of :func:`prodigy`: the step count (an int32 scalar); the estimate
+    :math:`d`, its largest value, the numerator of its estimate and the last estimate
+    :math:`\hat d` and denominator (the reference's ``d``, ``d_max``, ``d_numerator``,
+    ``d_hat``, ``d_denom``), 0-d arrays of jax's default float type (float64 with
+    ``jax_enable_x64``, as the reference's Python floats); and ``s``, ``p0`` (a copy of
+    the parameters made by ``init``), ``exp_avg`` and ``exp_avg_sq``, pytrees shaped like
+    the parameters (the array API's names)."""
+    count: Any
+    d: Any
+    d_max: Any
+    d_numerator: Any
+    d_hat: Any
+    d_denom: Any
+    s: Any
+    p0: Any
+    exp_avg: Any
+    exp_avg_sq: Any
+
+
+_ESTIMATE = ("d", "d_max", "d_numerator", "d_hat", "d_denom")
+
+
+class _Prodigy(_Fused):
+    """fastopt.jax.prodigy: the update pass, the sums over every tensor (and the mesh), the
+    new estimate, then the apply pass, inside one jitted step."""
+
+    def __init__(self, learning_rate, hyper, rule, options):
+        super().__init__("prodigy", "prodigy_update", ProdigyState, None, learning_rate, hyper,
+                         ("Prodigy", dict(betas=(rule["beta1"], rule["beta2"]),
+                                          **{k: rule[k] for k in _PRODIGY_GROUP})),
+                         None, dict(p0=_PARAMS), None,
+                         dict(d=rule["d0"], d_max=rule["d0"], d_numerator=0.0, d_hat=0.0,
+                              d_denom=0.0), None, *options)
+        self.rule = rule
+
+    def _apply(self, params, grads, state, grads_name, delta, masks):
+        _, (paths, leaves, treedef), dtype = _params(params)
+        if dtype not in _FLOATS:
+            raise TypeError(f"fastopt.jax.prodigy: not with {dtype} parameters yet (float32 "
+                            f"or float64)")
+        grads = _like(grads, grads_name, paths, leaves, treedef)
+        masks = _mask_leaves(masks, paths, leaves, treedef)
+        count, states = self._state(state, paths, leaves, treedef, dtype)
+        step = optax.safe_increment(count)
+        if not leaves:
+            return treedef, [], state._replace(count=step)
+        lr = self.learning_rate(step - 1) if callable(self.learning_rate) else self.learning_rate
+        summed = grads if masks is None else [
+            g if m is None else jnp.where(m, g, jnp.zeros_like(g)) for g, m in zip(grads, masks)]
+        grad_scale = 1.0
+        if self.max_grad_norm is not None:
+            grad_scale = _clip_coefficient(self.max_grad_norm, summed)
+        r = self.rule
+        beta1, beta2, beta3 = r["beta1"], r["beta2"], r["beta3"]
+        wide = state.d.dtype
+        d, d_max = state.d, state.d_max
+        done = count.astype(wide)
+        bias_correction = ((1 - beta2 ** (done + 1)) ** 0.5 / (1 - beta1 ** (done + 1))
+                           if r["use_bias_correction"] else 1.0)
+        lr = jnp.asarray(lr, wide)
+        dlr = d * lr * bias_correction
+        common = dict(d=d, dlr=dlr, beta1=beta1, beta2=beta2, beta3=beta3, eps=r["eps"],
+                      weight_decay=r["weight_decay"], decouple=r["decouple"], d0=r["d0"],
+                      safeguard_warmup=r["safeguard_warmup"], maximize=self.maximize,
+                      grad_scale=grad_scale, grad_clip=self.grad_clip)
+        update, _ = _scalars.prodigy_scalars(dtype, d_next=d, **common)
+        record = _record(self.kernel.args, dtype, update)
+        apply_args = _rules.KERNELS["prodigy_apply"].args
+
+        def run(record, params, grads, states):
+            terms, states = _jax_ffi.elementwise("prodigy_update", record, params, grads,
+                                                 states, self.n_threads, masks=masks,
+                                                 into_grad=True)
+            states = [[_varying_like(x, p) for x in ss] for ss, p in zip(states, params)]
+            dots = sum(_tensor_sum(t, p) for t, p in zip(terms, params))
+            denominator = sum(_tensor_sum(jnp.abs(s[0]), p) for s, p in zip(states, params))
+            numerator = state.d_numerator * beta3 + (d / r["d0"]) * dlr * dots
+            d_hat = jnp.where(lr > 0, r["d_coef"] * numerator
+                              / jnp.where(denominator == 0, 1, denominator), d)
+            d_next = jnp.where((lr > 0) & (d == r["d0"]), jnp.maximum(d, d_hat), d)
+            new_max = jnp.where(lr > 0, jnp.maximum(d_max, d_hat), d_max)
+            d_next = jnp.where(lr > 0, jnp.minimum(new_max, d_next * r["growth_rate"]), d_next)
+            _, fields = _scalars.prodigy_scalars(dtype, d_next=d_next, **common)
+
+            def apply(record, params, terms, moments):
+                new, moments = _jax_ffi.elementwise("prodigy_apply", record, params, terms,
+                                                    moments, self.n_threads, delta=delta,
+                                                    masks=masks)
+                # under shard_map a kernel's results carry no varying axes; keep's do
+                return ([_varying_like(x, p) for x, p in zip(new, params)],
+                        [[_varying_like(x, p) for x in ms] for ms, p in zip(moments, params)])
+
+            def keep(record, params, terms, moments):
+                return [jnp.zeros_like(p) for p in params] if delta else params, moments
+            # s all 0 (no progress): the reference changes no parameter, nor the estimate,
+            # nor its step count; the state arrays keep their update. A cond, so that the
+            # apply pass still updates the parameters (and reads the moments) in place
+            moved = denominator != 0
+            new, moments = jax.lax.cond(moved, apply, keep, _record(apply_args, dtype, fields),
+                                        params, terms, [list(s[2:]) for s in states])
+            states = [s[:2] + list(m) for s, m in zip(states, moments)]
+            estimate = dict(d=d_next, d_max=new_max, d_numerator=numerator, d_hat=d_hat,
+                            d_denom=denominator)
+            estimate = {k: jnp.where(moved, v, getattr(state, k)).astype(wide)
+                        for k, v in estimate.items()}
+            return new, states, estimate, moved
+
+        operands = (record, leaves, grads, [list(s) for s in zip(*states)])
+        if self.skip_nonfinite:
+            def skip(record, params, grads, states):
+                return ([jnp.zeros_like(p) for p in params] if delta else list(params),
+                        states, {k: getattr(state, k) for k in _ESTIMATE}, jnp.asarray(False))
+            finite = _count_nonfinite(summed) == 0
+            new, new_states, estimate, moved = jax.lax.cond(finite, run, skip, *operands)
+        else:
+            new, new_states, estimate, moved = run(*operands)
+        return treedef, new, ProdigyState(
+            count=jnp.where(moved, step, count), **estimate,
+            **{name: treedef.unflatten([s[k] for s in new_states])
+               for k, name in enumerate(self.kernel.state)})
+
+    def state_dict(self, state):
+        """The array API's fastopt.Prodigy state dict: the estimate and the step count in
+        its param group, as the reference keeps them."""
+        saved = super().state_dict(state)
+        saved["param_groups"][0].update({k: float(getattr(state, k)) for k in _ESTIMATE},
+                                        k=int(state.count))
+        return saved
+
+    def load_state_dict(self, state_dict, params):
+        loaded = super().load_state_dict(state_dict, params)
+        groups = state_dict.get("param_groups") or [{}]
+        group = groups[0] if isinstance(groups[0], dict) else {}
+        return loaded._replace(**{k: jnp.asarray(float(group[k]), loaded.d.dtype)
+                                  for k in _ESTIMATE if k in group})
+
+
+# the array API's Prodigy group keys that fastopt.jax.prodigy's arguments give
+_PRODIGY_GROUP = ("beta3", "eps", "weight_decay", "decouple", "use_bias_correction",
+                  "safeguard_warmup", "d0", "d_coef", "growth_rate")
+
+
+def _varying_like(x, param):
+    """`x`, a kernel's result shaped like `param`, marked as varying along the shard_map
+    mesh axes the parameter varies along (XLA's custom call does not mark its results)."""
+    axes = tuple(a for a in _varying_axes(param) if a not in _varying_axes(x))
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
+def _tensor_sum(x, param):
+    """The sum of `x`, an array shaped like `param`, in jax's default float type; inside
+    shard_map over the mesh axes along which the parameter varies (see _tensor_norm)."""
+    total = jnp.sum(x.astype(jnp.result_type(float)))
+    axes = _varying_axes(param)
+    return jax.lax.psum(total, axes) if axes else total
+
+
+def prodigy(learning_rate=1.0, b1=0.9, b2=0.999, beta3=None, eps=1e-8, weight_decay=0.0,
+            *, decouple=True, use_bias_correction=False, safeguard_warmup=False, d0=1e-6,
+            d_coef=1.0, growth_rate=math.inf, max_grad_norm=None, max_grad_value=None,
+            maximize=False, skip_nonfinite=False, n_threads=None):
+    r"""Prodigy (Mishchenko & Defazio 2023) as an optax transformation run by fastopt's
+    kernels: the authors' reference (``prodigyopt``) as :class:`fastopt.Prodigy` follows
+    it (its docstring gives the update), with optax.contrib's argument names for the
+    betas (optax.contrib.prodigy itself differs from the reference). One jitted step: the
+    update pass (its dot-product terms written over the gradients), the sums over every
+    tensor (XLA reductions in jax's default float type: float64 with ``jax_enable_x64``;
+    under ``shard_map`` summed over the mesh), the new estimate :math:`d`, the apply
+    pass. A step whose gradients are all 0 changes no parameter, nor :math:`d`, nor the
+    count, as the reference. Parameters float32 or float64 (with ``jax_enable_x64``);
+    ``b1`` must be positive (the form without a first moment is not supported yet).
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a multiplier of the estimate, a number or an
+            optax schedule. Default 1.
+        b1, b2 (float): :math:`\beta_1` in (0, 1), :math:`\beta_2` in [0, 1). Defaults 0.9,
+            0.999.
+        beta3 (float or None): :math:`\beta_3` in [0, 1); None for :math:`\sqrt{\beta_2}`.
+        eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
+        weight_decay (float): :math:`\lambda \ge 0`. Default 0.
+        decouple (bool): AdamW's decoupled decay (else added to the gradient). Default True.
+        use_bias_correction (bool): Adam's bias correction in the step. Default False.
+        safeguard_warmup (bool): leave the learning rate out of :math:`s`. Default False.
+        d0 (float): the initial estimate, > 0. Default 1e-6.
+        d_coef (float): > 0. Default 1.
+        growth_rate (float): the largest factor :math:`d` grows by per step, > 0. Default
+            inf.
+        max_grad_norm (float or None): clip the gradients' total 2-norm, as
+            :func:`adam`'s. Default None.
+        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
+            None.
+        maximize (bool): ascend instead of descend. Default False.
+        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
+            Default False.
+        n_threads (int or None): CPU threads for the kernels; default
+            ``fastopt.get_num_threads()`` when the transformation is made.
+
+    Returns:
+        FusedTransformation: with state :class:`ProdigyState`.
+    """
+    learning_rate = _learning_rate(learning_rate)
+    b1 = _real("b1", b1, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    b2 = _real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
+    beta3 = math.sqrt(b2) if beta3 is None else _real("beta3", beta3, lo=0.0, hi=1.0,
+                                                      hi_open=True)
+    rule = dict(beta1=b1, beta2=b2, beta3=beta3, eps=_real("eps", eps, lo=0.0),
+                weight_decay=_weight_decay(weight_decay), decouple=flag("decouple", decouple),
+                use_bias_correction=flag("use_bias_correction", use_bias_correction),
+                safeguard_warmup=flag("safeguard_warmup", safeguard_warmup),
+                d0=_real("d0", d0, lo=0.0, lo_open=True),
+                d_coef=_real("d_coef", d_coef, lo=0.0, lo_open=True),
+                growth_rate=(math.inf if growth_rate == math.inf else
+                             _real("growth_rate", growth_rate, lo=0.0, lo_open=True)))
+    hyper = dict(b1=b1, b2=b2, **{k: rule[k] for k in _PRODIGY_GROUP})
+    return _Prodigy(learning_rate, hyper, rule,
+                    _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, None,
+                             None, None, n_threads)).transformation()
 
 
 class RpropState(NamedTuple):

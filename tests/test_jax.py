@@ -544,6 +544,63 @@ def test_muon_state_moves_between_jax_and_the_array_api(tmp_path):
         _assert_close(p10, want, 10)
 
 
+PRODIGY = {
+    "defaults": (dict(weight_decay=0.01), dict(weight_decay=0.01)),
+    "options": (dict(learning_rate=0.5, b1=0.8, b2=0.99, beta3=0.9, weight_decay=0.05,
+                     decouple=False, use_bias_correction=True, safeguard_warmup=True, d0=1e-4,
+                     d_coef=0.8, growth_rate=1.05),
+                dict(lr=0.5, betas=(0.8, 0.99), beta3=0.9, weight_decay=0.05, decouple=False,
+                     use_bias_correction=True, safeguard_warmup=True, d0=1e-4, d_coef=0.8,
+                     growth_rate=1.05)),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("config", sorted(PRODIGY))
+def test_prodigy_matches_the_array_api(config, dtype):
+    """fastopt.jax.prodigy follows the authors' reference as fastopt.Prodigy does: 200
+    jitted steps on a noisy quadratic (each step's gradient from its own parameters)
+    against fastopt.Prodigy; the sums behind d are XLA's reductions (in float32 without
+    jax_enable_x64) where the array API adds fixed-order float64 partials: equal to
+    rounding, d too. A step that finds s all 0 (a first step of zero gradients, the decay
+    decoupled) changes no parameter, nor d, nor the count; the state dict carries d in the
+    param group, as the array API's."""
+    hyper, array_hyper = PRODIGY[config]
+    with jax.enable_x64(dtype == "float64"):
+        rng = np.random.default_rng(12)
+        params = _tree(SHAPES, rng, dtype)
+        target = _tree(SHAPES, rng, dtype)
+        noise = jax.tree.map(lambda x: 0.1 * x, _tree(SHAPES, rng, dtype, (STEPS,)))
+        tx = fjax.prodigy(**hyper)
+
+        def body(carry, n):
+            p, s = carry
+            g = jax.tree.map(lambda a, t, e: a - t + e, p, target, n)
+            return tx.step(p, g, s), None
+        got, state = jax.jit(lambda p, n: jax.lax.scan(body, (p, tx.init(p)), n)[0])(
+            params, noise)
+        zeros = jax.tree.map(jnp.zeros_like, params)  # a first step with s = 0 after it
+        fresh = tx.init(params)
+        same_p, same_state = jax.jit(tx.step)(params, zeros, fresh)
+    leaves = [np.array(p) for p in jax.tree.leaves(params)]
+    targets = [np.asarray(t) for t in jax.tree.leaves(target)]
+    noises = [np.asarray(n) for n in jax.tree.leaves(noise)]
+    opt = fastopt.Prodigy(leaves, **array_hyper)
+    for t in range(STEPS):
+        opt.step([np.asarray(p - q + n[t]) for p, q, n in zip(leaves, targets, noises)])
+    _assert_close(got, jax.tree.unflatten(jax.tree.structure(params), leaves), STEPS)
+    group = opt.param_groups[0]
+    eps = np.finfo(np.dtype(dtype)).eps
+    for key in ("d", "d_max", "d_numerator"):
+        assert float(getattr(state, key)) == pytest.approx(group[key], rel=float(STEPS * eps))
+    assert int(state.count) == group["k"] == STEPS
+    if hyper.get("decouple", True):  # (an L2 decay makes the gradient p wd, not 0)
+        _assert_equal(same_p, params)
+        _assert_equal(same_state, fresh)
+    saved = tx.state_dict(state)["param_groups"][0]
+    assert saved["k"] == STEPS and saved["d"] == float(state.d)
+
+
 @pytest.mark.parametrize("name, hyper, schedule", [
     ("adamw", dict(weight_decay=0.05), optax.cosine_decay_schedule(1e-2, 20, alpha=0.1)),
     ("sgd", dict(momentum=0.9), optax.linear_schedule(1e-2, 1e-3, 20)),
@@ -798,6 +855,7 @@ def test_skip_nonfinite_leaves_everything(name, hyper):
     ("schedule_free_adamw", dict(learning_rate=0.01, warmup_steps=3, weight_decay=0.1)),
     ("schedule_free_sgd", dict(learning_rate=0.05, b1=0.8, r=0.5)),
     ("lamb", dict(learning_rate=0.01, weight_decay=0.1)),
+    ("prodigy", dict(weight_decay=0.01, d0=1e-3)),
 ])
 def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
     """state_dict / load_state_dict through fastopt.save and load: 5 jitted steps, then 5
@@ -818,7 +876,7 @@ def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
                                 "ademamix": "AdEMAMix", "rprop": "Rprop",
                                 "asgd": "ASGD", "schedule_free_adamw": "AdamWScheduleFree",
                                 "schedule_free_sgd": "SGDScheduleFree",
-                                "lamb": "Lamb"}[name])
+                                "lamb": "Lamb", "prodigy": "Prodigy"}[name])
         leaves = [np.array(p) for p in jax.tree.leaves(p5)]
         opt = cls(leaves)
         opt.load_state_dict(saved)
@@ -1186,6 +1244,20 @@ for g in (grads, g2):
     got = local(got[0], put(g, spec), got[1])
 same(got, want, exact=False)
 
+# Prodigy: the sums behind d over the whole mesh
+tx = fjax.prodigy(weight_decay=0.01)
+pstate = fjax.ProdigyState(count=P(), d=P(), d_max=P(), d_numerator=P(), d_hat=P(),
+                           d_denom=P(), s=spec, p0=spec, exp_avg=spec, exp_avg_sq=spec)
+want = params, tx.init(params)
+for g in (grads, g2):
+    want = jax.jit(tx.step)(*want[:1], g, want[1])
+local = jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(spec, spec, pstate),
+                          out_specs=(spec, pstate)))
+got = put(params, spec), tx.init(put(params, spec))
+for g in (grads, g2):
+    got = local(got[0], put(g, spec), got[1])
+same(got, want, exact=False)
+
 # Muon: a matrix sharded under shard_map is refused (the iteration needs whole matrices)
 tx = fjax.muon(1e-2)
 muon_spec = fjax.MuonState(count=P(), momentum_buffer={"w": P("d"), "b": None},
@@ -1288,6 +1360,9 @@ def test_sharded_arrays_and_shard_map():
      "adjust_lr_fn: expected one of"),
     ("muon", dict(learning_rate=1e-3, beta=1.5), ValueError, r"beta must be .* in \[0, 1\]"),
     ("muon", dict(learning_rate=1e-3, adam_b2=1.0), ValueError, "adam_b2 must be"),
+    ("prodigy", dict(b1=0.0), ValueError, r"b1 must be a finite number in \(0, 1\)"),
+    ("prodigy", dict(d0=0.0), ValueError, r"d0 must be a finite number in \(0, inf\]"),
+    ("prodigy", dict(growth_rate=-1.0), ValueError, "growth_rate must be"),
     ("rprop", dict(learning_rate=optax.constant_schedule(0.1)), TypeError,
      "learning_rate: expected a number, the initial step size"),
     ("rprop", dict(learning_rate=0.1, eta_minus=1.0), ValueError,
