@@ -363,6 +363,17 @@ class _Fused:
               for k, name in enumerate(self.kernel.state)})
         return treedef, new, new_state
 
+    def _step_inputs(self, step, grads, masks):
+        """(the learning rate of step `step`, the gradients with pruned entries 0, the
+        clipping scale) of the rules with an _apply of their own (Muon, Prodigy)."""
+        lr = self.learning_rate(step - 1) if callable(self.learning_rate) else self.learning_rate
+        summed = grads if masks is None else [
+            g if m is None else jnp.where(m, g, jnp.zeros_like(g)) for g, m in zip(grads, masks)]
+        grad_scale = 1.0
+        if self.max_grad_norm is not None:
+            grad_scale = _clip_coefficient(self.max_grad_norm, summed)
+        return lr, summed, grad_scale
+
     def state_dict(self, state):
         cls, group = self.group
         steps = dict(_rules.BY_NAME[cls].state_scalars).get("step") is not None
@@ -392,18 +403,7 @@ class _Fused:
     def load_state_dict(self, state_dict, params):
         _, (paths, leaves, treedef), dtype = _params(params)
         state_dtype = self._state_dtype(dtype)
-        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
-            raise TypeError("state_dict: expected a dict with a 'state' dict, as the array "
-                            "API's state_dict() returns")
-        saved = state_dict["state"]
-        unknown = set(saved) - set(range(len(leaves)))
-        if unknown:
-            raise ValueError(f"state_dict['state']: no parameter has the indices "
-                             f"{sorted(unknown, key=repr)[:5]} (params has {len(leaves)})")
-        steps = {int(e["step"]) for e in saved.values() if isinstance(e, dict) and "step" in e}
-        if len(steps) > 1:
-            raise ValueError(f"state_dict['state']: the parameters have different step "
-                             f"counts {sorted(steps)}; fastopt.jax keeps one count")
+        saved, count = _saved_entries(state_dict, len(leaves))
         arrays = {}
         for name in self.kernel.state:
             out = []
@@ -429,7 +429,7 @@ class _Fused:
                                  f"{name!r} {sorted(values)}; fastopt.jax keeps one")
             if values:
                 carried[name] = values.pop()
-        return self.state_cls(count=jnp.asarray(steps.pop() if steps else 0, jnp.int32),
+        return self.state_cls(count=jnp.asarray(count, jnp.int32),
                               **self._carried_initial(carried), **arrays)
 
     def _state(self, state, paths, leaves, treedef, state_dtype):
@@ -458,6 +458,24 @@ class _Fused:
         states = [_like(getattr(state, name), f"state.{name}", paths, leaves, treedef,
                         (state_dtype,)) for name in self.kernel.state]
         return count, states
+
+
+def _saved_entries(state_dict, n):
+    """(the per-parameter entries, their common step count or 0) of an array API state
+    dict for `n` parameters, checked: known indices, one step count."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
+        raise TypeError("state_dict: expected a dict with a 'state' dict, as the array "
+                        "API's state_dict() returns")
+    saved = state_dict["state"]
+    unknown = set(saved) - set(range(n))
+    if unknown:
+        raise ValueError(f"state_dict['state']: no parameter has the indices "
+                         f"{sorted(unknown, key=repr)[:5]} (params has {n})")
+    steps = {int(e["step"]) for e in saved.values() if isinstance(e, dict) and "step" in e}
+    if len(steps) > 1:
+        raise ValueError(f"state_dict['state']: the parameters have different step "
+                         f"counts {sorted(steps)}; fastopt.jax keeps one count")
+    return saved, steps.pop() if steps else 0
 
 
 def _params(params):
@@ -856,9 +874,19 @@ _OPTIONS_DOC = """        max_grad_norm (float or None): clip the gradients' tot
 """
 
 
+# the same for the factories without low-precision parameters and state (Lamb, Muon,
+# Prodigy)
+_FLOAT_OPTIONS_DOC = _OPTIONS_DOC.replace(
+    """        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
+            :func:`adam`'s. Defaults None (each).
+""", "")
+
+
 def _options_doc(factory):
-    """`factory` with _OPTIONS_DOC in place of the ``{options}`` line of its docstring."""
-    factory.__doc__ = factory.__doc__.replace("        {options}\n", _OPTIONS_DOC)
+    """`factory` with _OPTIONS_DOC in place of the ``{options}`` line of its docstring (or
+    _FLOAT_OPTIONS_DOC in place of ``{float_options}``)."""
+    factory.__doc__ = factory.__doc__.replace("        {options}\n", _OPTIONS_DOC).replace(
+        "        {float_options}\n", _FLOAT_OPTIONS_DOC)
     return factory
 
 
@@ -1461,6 +1489,7 @@ def _trust_ratios(params, updates, masks):
     return ratios
 
 
+@_options_doc
 def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=None, weight_decay=0.0,
          mask=None, *, max_grad_norm=None, max_grad_value=None, maximize=False,
          skip_nonfinite=False, n_threads=None):
@@ -1494,15 +1523,7 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=None, weight_decay=
             yet).
         weight_decay (float): :math:`\lambda \ge 0`. Default 0.
         mask: optax's weight-decay mask, only None (not supported yet).
-        max_grad_norm (float or None): clip the gradients' total 2-norm, as
-            :func:`adam`'s. Default None.
-        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
-            None.
-        maximize (bool): ascend instead of descend. Default False.
-        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
-            Default False.
-        n_threads (int or None): CPU threads for the kernels; default
-            ``fastopt.get_num_threads()`` when the transformation is made.
+        {float_options}
 
     Returns:
         FusedTransformation: with state :class:`AdamState` (optax's ``mu``, ``nu``).
@@ -1649,12 +1670,7 @@ class _Muon(_Fused):
         step = optax.safe_increment(count)
         if not leaves:
             return treedef, [], state._replace(count=step)
-        lr = self.learning_rate(step - 1) if callable(self.learning_rate) else self.learning_rate
-        summed = grads if masks is None else [
-            g if m is None else jnp.where(m, g, jnp.zeros_like(g)) for g, m in zip(grads, masks)]
-        grad_scale = 1.0
-        if self.max_grad_norm is not None:
-            grad_scale = _clip_coefficient(self.max_grad_norm, summed)
+        lr, summed, grad_scale = self._step_inputs(step, grads, masks)
         grad = dict(grad_scale=grad_scale, maximize=self.maximize, grad_clip=self.grad_clip)
         hyper = self.muon
         update, apply = _scalars.muon_scalars(dtype, lr=lr, weight_decay=hyper["weight_decay"],
@@ -1747,20 +1763,9 @@ class _Muon(_Fused):
     def load_state_dict(self, state_dict, params):
         _, (paths, leaves, treedef), dtype = _params(params)
         self._check_dtype(dtype)
-        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
-            raise TypeError("state_dict: expected a dict with a 'state' dict, as the array "
-                            "API's state_dict() returns")
-        saved = state_dict["state"]
+        saved, count = _saved_entries(state_dict, len(leaves))
         mats = [i for i, p in enumerate(leaves) if p.ndim == 2]
         order = mats + [i for i, p in enumerate(leaves) if p.ndim != 2]  # flat -> leaf
-        unknown = set(saved) - set(range(len(leaves)))
-        if unknown:
-            raise ValueError(f"state_dict['state']: no parameter has the indices "
-                             f"{sorted(unknown, key=repr)[:5]} (params has {len(leaves)})")
-        steps = {int(e["step"]) for e in saved.values() if isinstance(e, dict) and "step" in e}
-        if len(steps) > 1:
-            raise ValueError(f"state_dict['state']: the parameters have different step "
-                             f"counts {sorted(steps)}; fastopt.jax keeps one count")
         fresh = self.init(params)
         arrays = {name: treedef.flatten_up_to(getattr(fresh, name))
                   for name in ("momentum_buffer", "exp_avg", "exp_avg_sq")}
@@ -1775,10 +1780,11 @@ class _Muon(_Fused):
                                      f"{dtype} of the shape of params{paths[i]}, "
                                      f"{leaves[i].shape}, got {value.dtype} {value.shape}")
                 arrays[name][i] = value
-        return MuonState(count=jnp.asarray(steps.pop() if steps else 0, jnp.int32),
+        return MuonState(count=jnp.asarray(count, jnp.int32),
                          **{name: treedef.unflatten(xs) for name, xs in arrays.items()})
 
 
+@_options_doc
 def muon(learning_rate, ns_coeffs=(3.4445, -4.7750, 2.0315), ns_steps=5, beta=0.95, eps=1e-7,
          weight_decay=0.1, *, nesterov=True, adjust_lr_fn=None, ns_dtype=None, adam_b1=0.9,
          adam_b2=0.999, adam_eps=1e-8, max_grad_norm=None, max_grad_value=None,
@@ -1819,15 +1825,7 @@ def muon(learning_rate, ns_coeffs=(3.4445, -4.7750, 2.0315), ns_steps=5, beta=0.
             or "bfloat16" (as torch: every result rounded to bfloat16).
         adam_b1, adam_b2, adam_eps (float): AdamW's :math:`\beta_1, \beta_2, \epsilon`
             for the parameters that are not matrices. Defaults 0.9, 0.999, 1e-8.
-        max_grad_norm (float or None): clip the gradients' total 2-norm, as
-            :func:`adam`'s. Default None.
-        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
-            None.
-        maximize (bool): ascend instead of descend. Default False.
-        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
-            Default False.
-        n_threads (int or None): CPU threads for the kernels; default
-            ``fastopt.get_num_threads()`` when the transformation is made.
+        {float_options}
 
     Returns:
         FusedTransformation: with state :class:`MuonState`.
@@ -1913,12 +1911,7 @@ class _Prodigy(_Fused):
         step = optax.safe_increment(count)
         if not leaves:
             return treedef, [], state._replace(count=step)
-        lr = self.learning_rate(step - 1) if callable(self.learning_rate) else self.learning_rate
-        summed = grads if masks is None else [
-            g if m is None else jnp.where(m, g, jnp.zeros_like(g)) for g, m in zip(grads, masks)]
-        grad_scale = 1.0
-        if self.max_grad_norm is not None:
-            grad_scale = _clip_coefficient(self.max_grad_norm, summed)
+        lr, summed, grad_scale = self._step_inputs(step, grads, masks)
         r = self.rule
         beta1, beta2, beta3 = r["beta1"], r["beta2"], r["beta3"]
         wide = state.d.dtype
@@ -2024,6 +2017,7 @@ def _tensor_sum(x, param):
     return jax.lax.psum(total, axes) if axes else total
 
 
+@_options_doc
 def prodigy(learning_rate=1.0, b1=0.9, b2=0.999, beta3=None, eps=1e-8, weight_decay=0.0,
             *, decouple=True, use_bias_correction=False, safeguard_warmup=False, d0=1e-6,
             d_coef=1.0, growth_rate=math.inf, max_grad_norm=None, max_grad_value=None,
@@ -2054,15 +2048,7 @@ def prodigy(learning_rate=1.0, b1=0.9, b2=0.999, beta3=None, eps=1e-8, weight_de
         d_coef (float): > 0. Default 1.
         growth_rate (float): the largest factor :math:`d` grows by per step, > 0. Default
             inf.
-        max_grad_norm (float or None): clip the gradients' total 2-norm, as
-            :func:`adam`'s. Default None.
-        max_grad_value (float or None): clamp the gradients, as :func:`adam`'s. Default
-            None.
-        maximize (bool): ascend instead of descend. Default False.
-        skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
-            Default False.
-        n_threads (int or None): CPU threads for the kernels; default
-            ``fastopt.get_num_threads()`` when the transformation is made.
+        {float_options}
 
     Returns:
         FusedTransformation: with state :class:`ProdigyState`.

@@ -1216,47 +1216,34 @@ for clip in (None, 1.0):
     mean = jax.tree.map(lambda h: (h[0] + h[1]) / 2, halves)  # pmean's sum, then division
     same(dp(params, halves, state), jax.jit(tx.step)(params, mean, state), exact=clip is None)
 
-# cautious: each tensor's factor from its count and size over the whole mesh
-tx = fjax.adam(1e-2, cautious=True)
 spec = {"w": P("d"), "b": P()}
 put = lambda t, s: jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), t, s)
 g2 = {"w": jnp.concatenate([jnp.ones((4, 6)), -0.05 * jnp.ones((4, 6))]), "b": grads["b"]}
-want = params, tx.init(params)
-for g in (grads, g2):
-    want = jax.jit(tx.step)(*want[:1], g, want[1])
+
+
+def sharded_steps_match(tx, state_spec):
+    # two steps under shard_map (w sharded, b replicated) equal two under plain jit, to
+    # rounding (their sums are reduced in another order)
+    want = params, tx.init(params)
+    for g in (grads, g2):
+        want = jax.jit(tx.step)(*want[:1], g, want[1])
+    local = jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(spec, spec, state_spec),
+                              out_specs=(spec, state_spec)))
+    got = put(params, spec), tx.init(put(params, spec))
+    for g in (grads, g2):
+        got = local(got[0], put(g, spec), got[1])
+    same(got, want, exact=False)
+
+
+# cautious: each tensor's factor from its count and size over the whole mesh
 state_spec = fjax.AdamState(count=P(), exp_avg=spec, exp_avg_sq=spec)
-local = jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(spec, spec, state_spec),
-                          out_specs=(spec, state_spec)))
-got = put(params, spec), tx.init(put(params, spec))
-for g in (grads, g2):
-    got = local(got[0], put(g, spec), got[1])
-same(got, want, exact=False)
-
+sharded_steps_match(fjax.adam(1e-2, cautious=True), state_spec)
 # Lamb: each tensor's trust ratio from its norms over the whole mesh
-tx = fjax.lamb(1e-2, weight_decay=0.1)
-want = params, tx.init(params)
-for g in (grads, g2):
-    want = jax.jit(tx.step)(*want[:1], g, want[1])
-local = jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(spec, spec, state_spec),
-                          out_specs=(spec, state_spec)))
-got = put(params, spec), tx.init(put(params, spec))
-for g in (grads, g2):
-    got = local(got[0], put(g, spec), got[1])
-same(got, want, exact=False)
-
+sharded_steps_match(fjax.lamb(1e-2, weight_decay=0.1), state_spec)
 # Prodigy: the sums behind d over the whole mesh
-tx = fjax.prodigy(weight_decay=0.01)
-pstate = fjax.ProdigyState(count=P(), d=P(), d_max=P(), d_numerator=P(), d_hat=P(),
-                           d_denom=P(), s=spec, p0=spec, exp_avg=spec, exp_avg_sq=spec)
-want = params, tx.init(params)
-for g in (grads, g2):
-    want = jax.jit(tx.step)(*want[:1], g, want[1])
-local = jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(spec, spec, pstate),
-                          out_specs=(spec, pstate)))
-got = put(params, spec), tx.init(put(params, spec))
-for g in (grads, g2):
-    got = local(got[0], put(g, spec), got[1])
-same(got, want, exact=False)
+sharded_steps_match(fjax.prodigy(weight_decay=0.01), fjax.ProdigyState(
+    count=P(), d=P(), d_max=P(), d_numerator=P(), d_hat=P(), d_denom=P(), s=spec, p0=spec,
+    exp_avg=spec, exp_avg_sq=spec))
 
 # Muon: a matrix sharded under shard_map is refused (the iteration needs whole matrices)
 tx = fjax.muon(1e-2)
