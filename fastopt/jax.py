@@ -343,9 +343,12 @@ class _Fused:
             kernel = ("scaled_apply", kernel, self.scaled)
 
         def run(record, params, grads, states):
-            return _kernel_call(self.name, kernel, self.n_threads, delta,
-                                self.stochastic_rounding, record, params, grads, states, masks,
-                                keys, None if keys is None else step)
+            new, states = _kernel_call(self.name, kernel, self.n_threads, delta,
+                                       self.stochastic_rounding, record, params, grads, states,
+                                       masks, keys, None if keys is None else step)
+            # under shard_map a kernel's results carry no varying axes; skip's do
+            return _varying_lists(new, params), [_varying_lists(ss, [p] * len(ss))
+                                                 for ss, p in zip(states, params)]
 
         if self.skip_nonfinite:
             def skip(record, params, grads, states):  # nothing changes
@@ -1716,7 +1719,9 @@ class _Muon(_Fused):
                     delta=delta, masks=pick(masks, rest))
                 for k, i in enumerate(rest):
                     new[i], (exp_avg[i], exp_avg_sq[i]) = out[k], states[k]
-            return new, bufs, exp_avg, exp_avg_sq
+            # under shard_map a kernel's results carry no varying axes; skip's do
+            return (_varying_lists(new, params), _varying_lists(bufs, params),
+                    _varying_lists(exp_avg, params), _varying_lists(exp_avg_sq, params))
 
         operands = (records, leaves, grads, bufs, exp_avg, exp_avg_sq, factors)
         if self.skip_nonfinite:
@@ -2000,6 +2005,11 @@ class _Prodigy(_Fused):
 # the array API's Prodigy group keys that fastopt.jax.prodigy's arguments give
 _PRODIGY_GROUP = ("beta3", "eps", "weight_decay", "decouple", "use_bias_correction",
                   "safeguard_warmup", "d0", "d_coef", "growth_rate")
+
+
+def _varying_lists(xs, params):
+    """_varying_like over lists of arrays (None stays None)."""
+    return [x if x is None else _varying_like(x, p) for x, p in zip(xs, params)]
 
 
 def _varying_like(x, param):

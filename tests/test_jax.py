@@ -1238,6 +1238,11 @@ def sharded_steps_match(tx, state_spec):
 # cautious: each tensor's factor from its count and size over the whole mesh
 state_spec = fjax.AdamState(count=P(), exp_avg=spec, exp_avg_sq=spec)
 sharded_steps_match(fjax.adam(1e-2, cautious=True), state_spec)
+# skip_nonfinite: the kernel's results and the skipped step's agree in their mesh axes
+sharded_steps_match(fjax.adamw(1e-2, skip_nonfinite=True), state_spec)
+sharded_steps_match(fjax.prodigy(skip_nonfinite=True), fjax.ProdigyState(
+    count=P(), d=P(), d_max=P(), d_numerator=P(), d_hat=P(), d_denom=P(), s=spec, p0=spec,
+    exp_avg=spec, exp_avg_sq=spec))
 # Lamb: each tensor's trust ratio from its norms over the whole mesh
 sharded_steps_match(fjax.lamb(1e-2, weight_decay=0.1), state_spec)
 # Prodigy: the sums behind d over the whole mesh
@@ -1258,6 +1263,15 @@ except ValueError as e:
 else:
     raise AssertionError("a sharded matrix under shard_map was not refused")
 same(jax.jit(tx.step)(put(params, spec), put(grads, spec), tx.init(params)),
+     jax.jit(tx.step)(params, grads, tx.init(params)), exact=False)
+# replicated matrices, a sharded vector, skip_nonfinite
+tx = fjax.muon(1e-2, skip_nonfinite=True)
+muon_spec = fjax.MuonState(count=P(), momentum_buffer={"w": P(), "b": None},
+                           exp_avg={"w": None, "b": P("d")}, exp_avg_sq={"w": None, "b": P("d")})
+vec = {"w": P(), "b": P("d")}
+local = jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(vec, vec, muon_spec),
+                          out_specs=(vec, muon_spec)))
+same(local(put(params, vec), put(grads, vec), tx.init(params)),
      jax.jit(tx.step)(params, grads, tx.init(params)), exact=False)
 
 # stochastic rounding of a sharded parameter is refused, not wrong
