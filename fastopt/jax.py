@@ -29,6 +29,7 @@ alpha, ADOPT's clip_value_fn) and under ``optax.inject_hyperparams``, which trac
 """
 
 import functools
+import importlib
 import math
 from typing import Any, NamedTuple
 
@@ -347,8 +348,7 @@ class _Fused:
                                        self.stochastic_rounding, record, params, grads, states,
                                        masks, keys, None if keys is None else step)
             # under shard_map a kernel's results carry no varying axes; skip's do
-            return _varying_lists(new, params), [_varying_lists(ss, [p] * len(ss))
-                                                 for ss, p in zip(states, params)]
+            return _varying_lists(new, params), _varying_states(states, params)
 
         if self.skip_nonfinite:
             def skip(record, params, grads, states):  # nothing changes
@@ -887,9 +887,14 @@ _FLOAT_OPTIONS_DOC = _OPTIONS_DOC.replace(
 
 def _options_doc(factory):
     """`factory` with _OPTIONS_DOC in place of the ``{options}`` line of its docstring (or
-    _FLOAT_OPTIONS_DOC in place of ``{float_options}``)."""
-    factory.__doc__ = factory.__doc__.replace("        {options}\n", _OPTIONS_DOC).replace(
+    _FLOAT_OPTIONS_DOC in place of ``{float_options}``), and the array API's math of the
+    rule (its module's MATH) in place of a ``{math}`` line."""
+    doc = factory.__doc__.replace("        {options}\n", _OPTIONS_DOC).replace(
         "        {float_options}\n", _FLOAT_OPTIONS_DOC)
+    if "    {math}\n" in doc:
+        doc = doc.replace("    {math}\n", importlib.import_module(
+            f"fastopt.optim.{factory.__name__}").MATH)
+    factory.__doc__ = doc
     return factory
 
 
@@ -1467,14 +1472,19 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
                   stochastic_rounding, seed, n_threads))
 
 
-def _tensor_norm(x, param):
-    """The 2-norm of `x`, an array shaped like `param` (summed in jax's default float type:
-    float64 with jax_enable_x64, as the array API's fixed-order sums, else float32); inside
+def _tensor_sum(x, param):
+    """The sum of `x`, an array shaped like `param` (in jax's default float type: float64
+    with jax_enable_x64, as the array API's fixed-order sums, else float32); inside
     shard_map, over the mesh axes along which the parameter varies (psum: a kernel's result
     does not carry them), so that it is the whole tensor's."""
-    squares = jnp.sum(jnp.square(x.astype(jnp.result_type(float))))
+    total = jnp.sum(x.astype(jnp.result_type(float)))
     axes = _varying_axes(param)
-    return jnp.sqrt(jax.lax.psum(squares, axes) if axes else squares)
+    return jax.lax.psum(total, axes) if axes else total
+
+
+def _tensor_norm(x, param):
+    """The 2-norm of `x`, an array shaped like `param` (see _tensor_sum)."""
+    return jnp.sqrt(_tensor_sum(jnp.square(x.astype(jnp.result_type(float))), param))
 
 
 def _trust_ratios(params, updates, masks):
@@ -1498,17 +1508,9 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=None, weight_decay=
          skip_nonfinite=False, n_threads=None):
     r"""Lamb (You et al. 2019) as an optax transformation run by fastopt's kernels:
     ``optax.lamb``'s rule, names and defaults, as :class:`fastopt.Lamb`. With gradient
-    :math:`g_t` at step :math:`t` and learning rate :math:`\gamma_t` (a number, or the
+    :math:`g_t` at step :math:`t` and learning rate :math:`\gamma` (a number, or the
     schedule's value at count :math:`t - 1`):
-
-    .. math::
-
-        m_t &= (1 - \beta_1) g_t + \beta_1 m_{t-1}, \qquad
-        v_t = (1 - \beta_2) g_t^2 + \beta_2 v_{t-1} \\
-        u_t &= \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
-            + \lambda p_t, \qquad
-        r_t = \frac{\|p_t\|}{\|u_t\|} \text{ per tensor (1 if either norm is 0)} \\
-        p_{t+1} &= p_t - \gamma_t \, r_t u_t
+    {math}
 
     Two kernel calls: the update pass writes :math:`u_t` (and the moments) over the
     gradients (inside a jitted step, where they are dead after it, in their buffers;
@@ -1938,7 +1940,7 @@ class _Prodigy(_Fused):
             terms, states = _jax_ffi.elementwise("prodigy_update", record, params, grads,
                                                  states, self.n_threads, masks=masks,
                                                  into_grad=True)
-            states = [[_varying_like(x, p) for x in ss] for ss, p in zip(states, params)]
+            states = _varying_states(states, params)
             dots = sum(_tensor_sum(t, p) for t, p in zip(terms, params))
             denominator = sum(_tensor_sum(jnp.abs(s[0]), p) for s, p in zip(states, params))
             numerator = state.d_numerator * beta3 + (d / r["d0"]) * dlr * dots
@@ -1954,8 +1956,7 @@ class _Prodigy(_Fused):
                                                     moments, self.n_threads, delta=delta,
                                                     masks=masks)
                 # under shard_map a kernel's results carry no varying axes; keep's do
-                return ([_varying_like(x, p) for x, p in zip(new, params)],
-                        [[_varying_like(x, p) for x in ms] for ms, p in zip(moments, params)])
+                return _varying_lists(new, params), _varying_states(moments, params)
 
             def keep(record, params, terms, moments):
                 return [jnp.zeros_like(p) for p in params] if delta else params, moments
@@ -2012,19 +2013,16 @@ def _varying_lists(xs, params):
     return [x if x is None else _varying_like(x, p) for x, p in zip(xs, params)]
 
 
+def _varying_states(states, params):
+    """_varying_like over each tensor's list of state arrays."""
+    return [_varying_lists(ss, [p] * len(ss)) for ss, p in zip(states, params)]
+
+
 def _varying_like(x, param):
     """`x`, a kernel's result shaped like `param`, marked as varying along the shard_map
     mesh axes the parameter varies along (XLA's custom call does not mark its results)."""
     axes = tuple(a for a in _varying_axes(param) if a not in _varying_axes(x))
     return jax.lax.pcast(x, axes, to="varying") if axes else x
-
-
-def _tensor_sum(x, param):
-    """The sum of `x`, an array shaped like `param`, in jax's default float type; inside
-    shard_map over the mesh axes along which the parameter varies (see _tensor_norm)."""
-    total = jnp.sum(x.astype(jnp.result_type(float)))
-    axes = _varying_axes(param)
-    return jax.lax.psum(total, axes) if axes else total
 
 
 @_options_doc

@@ -10,13 +10,8 @@ from fastopt.optim._base import (
     ensure_state,
 )
 
-
-class Lamb(Optimizer):
-    __doc__ = r"""Lamb (You et al. 2019): Adam's update scaled per tensor by a trust ratio.
-
-    Follows ``optax.lamb`` (torch has no Lamb). With gradient :math:`g_t` (negated if
-    maximize) at step t:
-
+# the update, which fastopt.jax.lamb's docstring shows too
+MATH = r"""
     .. math::
 
         m_t &= (1 - \beta_1) g_t + \beta_1 m_{t-1}, \qquad
@@ -25,7 +20,15 @@ class Lamb(Optimizer):
             + \lambda p_t, \qquad
         r_t = \frac{\|p_t\|}{\|u_t\|} \text{ per tensor (1 if either norm is 0)} \\
         p_{t+1} &= p_t - \gamma \, r_t u_t
+"""
 
+
+class Lamb(Optimizer):
+    __doc__ = r"""Lamb (You et al. 2019): Adam's update scaled per tensor by a trust ratio.
+
+    Follows ``optax.lamb`` (torch has no Lamb). With gradient :math:`g_t` (negated if
+    maximize) at step t:
+""" + MATH + r"""
     Two passes over the data (the trust ratio needs both norms first): the update pass
     writes :math:`u_t` to a scratch buffer per parameter, the norms are one reduction in the
     fixed order every backend shares, and the apply pass scales and adds.
