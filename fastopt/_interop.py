@@ -298,6 +298,17 @@ def import_grad(x, role, index):
     return import_input(x, f"{role}[{index}]", PARAM_DTYPES)
 
 
+def plain_grad(x, framework):
+    """The kernel view of gradient x if it is the common case of `framework` that
+    import_grad takes without a copy (a C-contiguous ndarray; a plain torch CPU tensor, see
+    _plain_cpu_torch), else None; its dtype is not checked."""
+    if framework == "numpy":
+        return x if type(x) is np.ndarray and x.flags.c_contiguous else None
+    if framework == "torch" and type(x).__module__ == "torch":
+        return _plain_cpu_torch(x)
+    return None
+
+
 def import_input(x, name, dtypes=FLOAT_DTYPES):
     """View of array argument `name` (of one of `dtypes`) for the kernels, read only;
     contiguous, copying only if it is not."""

@@ -112,3 +112,70 @@ def first_read_overlap(const cnp.int64_t[::1] los, const cnp.int64_t[::1] his, l
             if not (j == allowed[k] and los[j] == lo and his[j] == hi):
                 return k
     return -1
+
+
+def steady_grads(groups, tuple kept_groups, list grads, list expect, states):
+    """The gradients of a step that can run as the previous one did (its plan kept: see
+    fastopt.optim._base.Optimizer._steady_grads), in the order of the stepped parameters;
+    None if anything the plan was made from changed, or a gradient is not of the kind the
+    plan took (the step then plans anew, checking everything and naming what is wrong).
+    Raises nothing.
+
+    `groups`: the param groups, a list that must hold the `kept_groups` (the same dicts,
+    in order). `expect`: one entry per parameter, flattened over groups: None where the
+    plan skips the parameter (its gradient must be None), else a tuple whose first six
+    items are (param, shape, dtype, grad dtype, flat index, state): the parameter the same
+    ndarray object, still C-contiguous, aligned and writable, of that shape and dtype (the
+    dtype object); ``states[flat index]`` (`states` a dict) that state, unchanged since it
+    was checked (its ``checked`` attribute true); the gradient an ndarray (not a
+    subclass) of the parameter's shape and of that dtype object, C-contiguous. About 0.05
+    us per parameter."""
+    cdef Py_ssize_t n = len(expect), flat = 0, gi, d, ndim
+    cdef list out = []
+    cdef tuple item, shape
+    cdef cnp.ndarray p, g
+    if (type(groups) is not list or type(states) is not dict or len(grads) != n
+            or len(<list>groups) != len(kept_groups)):
+        return None
+    for gi in range(len(kept_groups)):
+        group = (<list>groups)[gi]
+        if group is not kept_groups[gi]:
+            return None
+        params = (<dict>group).get("params")
+        if type(params) is not list:
+            return None
+        for q in <list>params:
+            if flat == n:
+                return None
+            entry = expect[flat]
+            gq = grads[flat]
+            flat += 1
+            if entry is None:
+                if gq is not None:
+                    return None
+                continue
+            item = <tuple>entry
+            if q is not item[0] or not cnp.PyArray_CheckExact(q) \
+                    or not cnp.PyArray_CheckExact(gq):
+                return None
+            p = <cnp.ndarray>q
+            g = <cnp.ndarray>gq
+            if (<object>cnp.PyArray_DESCR(p) is not item[2]
+                    or <object>cnp.PyArray_DESCR(g) is not item[3]
+                    or not cnp.PyArray_ISCARRAY(p) or not cnp.PyArray_IS_C_CONTIGUOUS(g)):
+                return None
+            shape = <tuple>item[1]
+            ndim = cnp.PyArray_NDIM(p)
+            if ndim != len(shape) or cnp.PyArray_NDIM(g) != ndim:
+                return None
+            for d in range(ndim):
+                if cnp.PyArray_DIMS(p)[d] != <cnp.npy_intp>shape[d] \
+                        or cnp.PyArray_DIMS(g)[d] != cnp.PyArray_DIMS(p)[d]:
+                    return None
+            state = (<dict>states).get(item[4])
+            if state is not item[5] or not state.checked:
+                return None
+            out.append(g)
+    if flat != n:
+        return None
+    return out
