@@ -577,7 +577,8 @@ class Optimizer(torch.optim.Optimizer):
             gi = next(g for g, end in enumerate(_base._group_ends(groups)) if i < end)
             loaded = kernels._load_state_entry(dict(adopted.kernel),
                                                kernels._import_param(_local(p), i).array,
-                                               self._projection(groups[gi]), where)
+                                               self._projection(groups[gi]),
+                                               self._projection(groups[0]), where)
             if loaded:
                 state[p] = self._entry(loaded, kernels._state_numbers, p, (self._handle, i))
         self.__setstate__({"state": _StateTable(dict, state), "param_groups": groups})

@@ -552,6 +552,8 @@ PRODIGY = {
                 dict(lr=0.5, betas=(0.8, 0.99), beta3=0.9, weight_decay=0.05, decouple=False,
                      use_bias_correction=True, safeguard_warmup=True, d0=1e-4, d_coef=0.8,
                      growth_rate=1.05)),
+    "no_momentum": (dict(b1=0.0, weight_decay=0.02, use_bias_correction=True),
+                    dict(betas=(0.0, 0.999), weight_decay=0.02, use_bias_correction=True)),
 }
 
 
@@ -856,6 +858,7 @@ def test_skip_nonfinite_leaves_everything(name, hyper):
     ("schedule_free_sgd", dict(learning_rate=0.05, b1=0.8, r=0.5)),
     ("lamb", dict(learning_rate=0.01, weight_decay=0.1)),
     ("prodigy", dict(weight_decay=0.01, d0=1e-3)),
+    ("prodigy", dict(b1=0.0, d0=1e-3)),
 ])
 def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
     """state_dict / load_state_dict through fastopt.save and load: 5 jitted steps, then 5
@@ -886,7 +889,8 @@ def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
         # and back: the array API's first five steps, then five jitted ones
         leaves = [np.array(p) for p in jax.tree.leaves(params)]
         opt = cls(leaves)
-        opt.load_state_dict(saved | {"state": {}})  # the hyperparameters, no state yet
+        # the hyperparameters, no state yet (and Prodigy's estimate before a step)
+        opt.load_state_dict(tx.state_dict(tx.init(params)))
         for t in range(5):
             opt.step([np.array(g[t]) for g in jax.tree.leaves(grads)])
         fastopt.save(opt.state_dict(), tmp_path / "array.npz")
@@ -1361,7 +1365,7 @@ def test_sharded_arrays_and_shard_map():
      "adjust_lr_fn: expected one of"),
     ("muon", dict(learning_rate=1e-3, beta=1.5), ValueError, r"beta must be .* in \[0, 1\]"),
     ("muon", dict(learning_rate=1e-3, adam_b2=1.0), ValueError, "adam_b2 must be"),
-    ("prodigy", dict(b1=0.0), ValueError, r"b1 must be a finite number in \(0, 1\)"),
+    ("prodigy", dict(b1=1.0), ValueError, r"b1 must be a finite number in \[0, 1\)"),
     ("prodigy", dict(d0=0.0), ValueError, r"d0 must be a finite number in \(0, inf\]"),
     ("prodigy", dict(growth_rate=-1.0), ValueError, "growth_rate must be"),
     ("rprop", dict(learning_rate=optax.constant_schedule(0.1)), TypeError,

@@ -125,3 +125,32 @@ def test_first_group_decides_momentum_as_the_reference():
     np.testing.assert_allclose(a, ta.numpy(), rtol=0, atol=1e-14)
     np.testing.assert_allclose(b, tb.numpy(), rtol=0, atol=1e-14)
     assert opt.param_groups[0]["d"] == pytest.approx(ref.param_groups[0]["d"], rel=1e-12)
+
+
+@pytest.mark.parametrize("first_betas", [(0.0, 0.999), (0.9, 0.999)])
+def test_resume_takes_the_loaded_first_groups_momentum(first_betas):
+    """A state dict loaded into a Prodigy made with other betas: the loaded first group's
+    beta1 decides which state arrays an entry holds (no exp_avg with beta1 = 0), and the
+    run resumes bit for bit."""
+    rng = np.random.default_rng(9)
+    start = [rng.standard_normal(5), rng.standard_normal(4)]
+    grads = [[rng.standard_normal(5), rng.standard_normal(4)] for _ in range(10)]
+    groups = [{"params": [start[0].copy()], "betas": first_betas},
+              {"params": [start[1].copy()], "betas": (0.5, 0.99)}]
+    whole = fastopt.Prodigy(groups)
+    for g in grads:
+        whole.step(g)
+    params = [p.copy() for p in start]
+    first = fastopt.Prodigy([{"params": [params[0]], "betas": first_betas},
+                             {"params": [params[1]], "betas": (0.5, 0.99)}])
+    for g in grads[:5]:
+        first.step(g)
+    assert ("exp_avg" in first.state[1]) == (first_betas[0] > 0)
+    other = (0.9, 0.999) if first_betas[0] == 0 else (0.0, 0.999)
+    resumed = fastopt.Prodigy([{"params": [params[0]], "betas": other},
+                               {"params": [params[1]]}])
+    resumed.load_state_dict(first.state_dict())
+    for g in grads[5:]:
+        resumed.step(g)
+    for p, q in zip(params, whole.params()):
+        np.testing.assert_array_equal(p, q)

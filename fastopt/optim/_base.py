@@ -12,7 +12,8 @@ and state numbers (``_state_scalars``); the class supplies
   ``grad_clip``). It changes state through ``ensure_state``, ``advance_step`` and
   ``set_number`` only, which note how to undo it, and its `kernel` records the call
   (``_stage``): the kernels run once every call of the step is staged,
-- ``_state_names(group)`` where some state arrays depend on the hyperparameters.
+- ``_state_names(group, first)`` where some state arrays depend on the hyperparameters
+  (`first`: the first param group, whose hyperparameters Prodigy reads for every group).
 
 ``step(grads)`` checks everything first (arrays, frameworks, devices, dtypes, shapes,
 strides, state, overlapping memory, hyperparameters, backend), and only then creates state
@@ -750,7 +751,7 @@ class Optimizer:
             view = self._import_param(params[i], i).array
             group = new_groups[next(g for g, n in enumerate(_group_ends(self.param_groups))
                                     if i < n)]
-            loaded = self._load_state_entry(entry, view, group, swhere)
+            loaded = self._load_state_entry(entry, view, group, new_groups[0], swhere)
             if loaded:
                 new_state[i] = loaded
         for group, merged in zip(self.param_groups, new_groups):
@@ -809,12 +810,13 @@ class Optimizer:
             return _F32
         return self._state_dtype(dtype, size)
 
-    def _state_names(self, group):
-        """The state arrays a step with `group`'s hyperparameters keeps (rules with optional
-        state, such as Adam's ``max_exp_avg_sq`` with amsgrad, override this)."""
+    def _state_names(self, group, first):
+        """The state arrays a step with `group`'s hyperparameters keeps, `first` the first
+        param group's (rules with optional state, such as Adam's ``max_exp_avg_sq`` with
+        amsgrad, override this)."""
         return self._state_keys
 
-    def _load_state_entry(self, entry, like, group, where):
+    def _load_state_entry(self, entry, like, group, first, where):
         """A loaded state entry, checked and copied onto the parameter's device: complete
         (every array and number a step with `group` uses) unless empty."""
         if not isinstance(entry, dict):
@@ -826,7 +828,7 @@ class Optimizer:
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)} for "
                              f"{type(self).__name__}; expected some of {sorted(known)}")
-        names = set(self._state_names(group))
+        names = set(self._state_names(group, first))
         names |= {name + ABSMAX for name in names}
         needed = (set(shapes) & names) | set(self._state_scalars)
         missing = needed - set(entry) if entry else ()

@@ -79,7 +79,7 @@ class Adam(Optimizer):
         if not self._decoupled:
             check_bool(group, "decoupled_weight_decay", where)
 
-    def _state_names(self, group):
+    def _state_names(self, group, first):
         return self._state_keys if group["amsgrad"] else self._state_keys[:2]
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):

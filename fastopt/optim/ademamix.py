@@ -81,7 +81,7 @@ class AdEMAMix(Optimizer):
         check_bool(group, "maximize", where)
         check_bool(group, "cautious", where)
 
-    def _state_names(self, group):
+    def _state_names(self, group, first):
         return self._state_keys if group["betas"][0] != 0 else self._state_keys[1:]
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):

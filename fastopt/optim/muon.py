@@ -129,7 +129,7 @@ class Muon(Optimizer):
     def _op_of(self, group):
         return self._op if group["use_muon"] else "adam_step"
 
-    def _state_names(self, group):
+    def _state_names(self, group, first):
         return self._state_keys[:1] if group["use_muon"] else self._state_keys[1:]
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):

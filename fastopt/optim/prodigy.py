@@ -119,8 +119,8 @@ class Prodigy(Optimizer):
         reference decides it once for every group."""
         return self.param_groups[0]["betas"][0] > 0
 
-    def _state_names(self, group):
-        return self._state_keys if self._momentum() else ("s", "p0", "exp_avg_sq")
+    def _state_names(self, group, first):
+        return self._state_keys if first["betas"][0] > 0 else ("s", "p0", "exp_avg_sq")
 
     def _step(self, grads, unscale=1.0):
         lr = max(group["lr"] for group in self.param_groups)

@@ -60,7 +60,7 @@ class RMSprop(Optimizer):
         check_bool(group, "centered", where)
         check_bool(group, "maximize", where)
 
-    def _state_names(self, group):
+    def _state_names(self, group, first):
         return ("square_avg",) + (("grad_avg",) if group["centered"] else ()) + (
             ("momentum_buffer",) if group["momentum"] > 0 else ())
 

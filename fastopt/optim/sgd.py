@@ -60,7 +60,7 @@ class SGD(Optimizer):
     def _bucket_key(self, group, state):
         return "momentum_buffer" in state
 
-    def _state_names(self, group):
+    def _state_names(self, group, first):
         return self._state_keys if group["momentum"] != 0 else ()
 
     def _update(self, kernel, group, params, out, grads, states, n_threads, grad):
