@@ -98,22 +98,29 @@ def _dtype_name(x, fw):
 
 _NP_FLOATS = frozenset((np.dtype(np.float32), np.dtype(np.float64)))
 _CPU = ("cpu", 0)
-_torch_floats = None  # frozenset of torch.float32, torch.float64, once torch is in use
+_torch_floats = None  # {torch.float32: False, torch.float64: True}, once torch is in use
 
 
-def _plain_cpu_torch(x):
+def _plain_cpu_torch(x, kept=True):
     """The NumPy view of torch tensor x if it is the common case, a contiguous
     float32/float64 CPU tensor without lazy bits that does not require grad, checked with
     torch's cheapest attributes (about 0.6 us instead of 3); else None (also for anything
-    that is not a dense tensor: a torch.Size; sparse, MKL-DNN, nested: refused later)."""
+    that is not a dense tensor: a torch.Size; sparse, MKL-DNN, nested: refused later).
+    ``kept=False``: the view is used only during the call (a gradient), so it may be made
+    in C over x's memory (_runtime.tensor_view: 0.8 us less than x.numpy())."""
     global _torch_floats
     if _torch_floats is None:
         torch = sys.modules["torch"]
-        _torch_floats = frozenset((torch.float32, torch.float64))
+        _torch_floats = {torch.float32: False, torch.float64: True}
     try:
         if (not x.requires_grad and x.is_cpu and x.dtype in _torch_floats
                 and x.is_contiguous() and not x.is_neg() and not x.is_conj()):
-            return x.numpy()
+            if kept or _runtime is None:
+                return x.numpy()
+            shape = tuple(x.shape)
+            if 0 in shape:
+                return x.numpy()
+            return _runtime.tensor_view(x, _torch_floats[x.dtype], shape)
     except (AttributeError, RuntimeError, TypeError):
         pass
     return None
@@ -292,7 +299,7 @@ def import_grad(x, role, index):
         if x.dtype in _NP_FLOATS and x.flags.c_contiguous:
             return _new_view(View, (x, "numpy", _CPU))
     elif type(x).__module__ == "torch":
-        arr = _plain_cpu_torch(x)
+        arr = _plain_cpu_torch(x, kept=False)
         if arr is not None:
             return _new_view(View, (arr, "torch", _CPU))
     return import_input(x, f"{role}[{index}]", PARAM_DTYPES)
@@ -305,7 +312,7 @@ def plain_grad(x, framework):
     if framework == "numpy":
         return x if type(x) is np.ndarray and x.flags.c_contiguous else None
     if framework == "torch" and type(x).__module__ == "torch":
-        return _plain_cpu_torch(x)
+        return _plain_cpu_torch(x, kept=False)
     return None
 
 

@@ -66,6 +66,27 @@ def test_torch_grad_views_are_accepted():
     np.testing.assert_array_equal(p2.numpy(), np.ones(3, np.float32))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(), (0, 3), (5,), (2, 3, 4)])
+def test_torch_gradients_are_read_in_place(dtype, shape):
+    """A plain torch gradient is read where it lies (a view made in C, not x.numpy()):
+    its own memory, at its storage offset, kept alive by the view, of any shape (an empty
+    one through x.numpy())."""
+    from fastopt import _interop
+    torch = pytest.importorskip("torch")
+    n = max(1, int(np.prod(shape)))
+    base = torch.arange(n + 3, dtype=getattr(torch, dtype))
+    g = base[3:].reshape(shape) if shape != (0, 3) else torch.zeros(shape, dtype=base.dtype)
+    view = _interop.import_grad(g, "grads", 0).array
+    assert view.dtype == np.dtype(dtype) and view.shape == shape and view.flags.c_contiguous
+    if view.size:
+        assert view.__array_interface__["data"][0] == g.data_ptr()
+    np.testing.assert_array_equal(view, g.numpy())
+    del g, base
+    expected = np.arange(3, n + 3, dtype=dtype)[:view.size].reshape(view.shape)
+    np.testing.assert_array_equal(view, expected)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_jax_returns_new_arrays(backend):
     jax = pytest.importorskip("jax")
