@@ -115,12 +115,12 @@ def _plain_cpu_torch(x, kept=True):
     try:
         if (not x.requires_grad and x.is_cpu and x.dtype in _torch_floats
                 and x.is_contiguous() and not x.is_neg() and not x.is_conj()):
-            if kept or _runtime is None:
-                return x.numpy()
-            shape = tuple(x.shape)
-            if 0 in shape:
-                return x.numpy()
-            return _runtime.tensor_view(x, _torch_floats[x.dtype], shape)
+            view = None
+            if not kept and _runtime is not None:
+                shape = tuple(x.shape)
+                if 0 not in shape:
+                    view = _runtime.tensor_view(x, _torch_floats[x.dtype], shape)
+            return x.numpy() if view is None else view
     except (AttributeError, RuntimeError, TypeError):
         pass
     return None

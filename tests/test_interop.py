@@ -67,11 +67,11 @@ def test_torch_grad_views_are_accepted():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape", [(), (0, 3), (5,), (2, 3, 4)])
+@pytest.mark.parametrize("shape", [(), (0, 3), (5,), (2, 3, 4), (1,) * 33 + (2,)])
 def test_torch_gradients_are_read_in_place(dtype, shape):
     """A plain torch gradient is read where it lies (a view made in C, not x.numpy()):
     its own memory, at its storage offset, kept alive by the view, of any shape (an empty
-    one through x.numpy())."""
+    one, or one of more than 32 dims, through x.numpy())."""
     from fastopt import _interop
     torch = pytest.importorskip("torch")
     n = max(1, int(np.prod(shape)))

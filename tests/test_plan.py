@@ -378,3 +378,28 @@ def test_set_masks_waits_for_a_step_in_another_thread(monkeypatch):
     monkeypatch.undo()
     opt.step([np.ones(8, np.float32)])
     assert params[0].tolist() == [-0.5, 0.0] * 4
+
+
+def test_state_made_by_a_reused_plan_splits_the_calls_anew():
+    """SGD with momentum turned off, then on again, over parameters of which one skipped
+    the first step: the step that makes the second momentum buffer plans the next step's
+    calls anew (one call, as a new plan makes), with the bits of a plan made each step."""
+    require_backend("cython")
+
+    def run(kept):
+        rng = np.random.default_rng(0)
+        params = [rng.standard_normal(8).astype(np.float32) for _ in range(2)]
+        opt = fastopt.SGD(params, lr=0.1, momentum=0.9, backend="cython")
+        calls = []
+        for t, momentum in enumerate([0.9, 0.0, 0.9, 0.9, 0.9]):
+            opt.param_groups[0]["momentum"] = momentum
+            if not kept:
+                opt._steady = None
+            grads = [rng.standard_normal(8).astype(np.float32) for _ in range(2)]
+            opt.step([grads[0], None] if t == 0 else grads)
+            calls.append(None if opt._steady is None else len(opt._steady.calls))
+        return _snapshot(opt, params), calls
+    kept, calls = run(True)
+    anew, _ = run(False)
+    _assert_same(kept, anew)
+    assert calls[-1] == 1

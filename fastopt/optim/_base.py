@@ -1397,7 +1397,9 @@ class Optimizer:
         buffers (memory the next step writes)."""
         for _, (bucket, states, group, out) in staged:
             if any(isinstance(before, list) for _, before in states.undo):
-                self._spans = None
+                # new buffers: memory the next steps write, and state that may change how
+                # a new plan splits the calls (SGD's momentum buffer): _keep checks anew
+                self._spans = self._steady = None
             if states.mutable:
                 continue
             for (_, j, pv, *_), result in zip(bucket, out):

@@ -184,18 +184,19 @@ def steady_grads(groups, tuple kept_groups, list grads, list expect, states):
 def tensor_view(x, bint f64, tuple shape):
     """A NumPy array over the memory of torch tensor `x`, which it keeps alive: x.numpy()
     without torch's checks, for a float32 (`f64` false) or float64 CPU tensor the caller
-    found contiguous, of `shape` (its ``x.shape``), with elements (0.2 us instead of 1). Not
-    for an array kept after the call that made it: a later ``x.data = ...`` moves the
-    tensor but not the array."""
+    found contiguous, of `shape` (its ``x.shape``) (0.2 us instead of 1); None where this
+    does not apply (more than 32 dims, no data pointer), for the caller to take
+    x.numpy(). Not for an array kept after the call that made it: a later
+    ``x.data = ...`` moves the tensor but not the array."""
     cdef cnp.npy_intp dims[32]
     cdef Py_ssize_t nd = len(shape), d
     if nd > 32:
-        raise ValueError(f"shape: {nd} dims, at most 32")
+        return None
     for d in range(nd):
         dims[d] = shape[d]
     cdef size_t ptr = x.data_ptr()
     if ptr == 0:
-        raise ValueError("x: a tensor without memory (no elements)")
+        return None
     cdef cnp.ndarray arr = cnp.PyArray_SimpleNewFromData(
         nd, dims, cnp.NPY_FLOAT64 if f64 else cnp.NPY_FLOAT32, <void *>ptr)
     cnp.set_array_base(arr, x)
