@@ -1849,6 +1849,10 @@ def muon(learning_rate, ns_coeffs=(3.4445, -4.7750, 2.0315), ns_steps=5, beta=0.
     if not isinstance(ns_coeffs, (tuple, list)) or len(ns_coeffs) != 3:
         raise ValueError(f"ns_coeffs: expected a triple (a, b, c), got {ns_coeffs!r:.60}")
     ns_coeffs = tuple(real(f"ns_coeffs[{k}]", c) for k, c in enumerate(ns_coeffs))
+    if isinstance(ns_steps, jax.Array):
+        raise TypeError("ns_steps: expected a Python int, got a jax array (optax."
+                        "inject_hyperparams injects numeric arguments: pass "
+                        "static_args=('ns_steps',))")
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, (int, np.integer)) \
             or not 0 <= ns_steps < 100:
         raise ValueError(f"ns_steps: expected an integer in [0, 100), got {ns_steps!r:.60}")
@@ -1906,7 +1910,7 @@ class _Prodigy(_Fused):
 
     def __init__(self, learning_rate, hyper, rule, options):
         # without a first moment (b1 = 0): the kernels that keep none
-        self.variant = "" if rule["beta1"] > 0 else "_nom"
+        self.variant = "_nom" if rule["first_moment"] is False else ""
         super().__init__("prodigy", "prodigy_update" + self.variant, ProdigyState, None,
                          learning_rate, hyper,
                          ("Prodigy", dict(betas=(rule["beta1"], rule["beta2"]),
@@ -1921,6 +1925,9 @@ class _Prodigy(_Fused):
         if dtype not in _FLOATS:
             raise TypeError(f"fastopt.jax.prodigy: not with {dtype} parameters yet (float32 "
                             f"or float64)")
+        if self.rule["first_moment"] is None and isinstance(state, ProdigyState):
+            self.variant = "" if state.exp_avg is not None else "_nom"  # a traced b1
+            self.kernel = _rules.KERNELS["prodigy_update" + self.variant]
         grads = _like(grads, grads_name, paths, leaves, treedef)
         masks = _mask_leaves(masks, paths, leaves, treedef)
         count, states = self._state(state, paths, leaves, treedef, dtype)
@@ -2022,9 +2029,11 @@ def _one_minus_power(beta, k):
     computes it in float64. In float32 (without jax_enable_x64) as -expm1(k log beta):
     1 - beta**k itself cancels (1 - 0.999**k loses about 1/(1 - 0.999**k) ulps, 1000 at
     k = 1), which moved Prodigy's d by 240 ulps over 200 steps with bias correction."""
-    if k.dtype == np.float64 or not 0 < beta < 1:
+    if k.dtype == np.float64:
         return 1 - beta ** k
-    return -jnp.expm1(k * math.log(beta))
+    if isinstance(beta, jax.core.Tracer):  # optax.inject_hyperparams; log(0) = -inf works
+        return -jnp.expm1(k * jnp.log(beta))
+    return -jnp.expm1(k * math.log(beta)) if 0 < beta < 1 else 1 - beta ** k
 
 
 # the array API's Prodigy group keys that fastopt.jax.prodigy's arguments give
@@ -2064,7 +2073,10 @@ def prodigy(learning_rate=1.0, b1=0.9, b2=0.999, beta3=None, eps=1e-8, weight_de
     pass. A step whose gradients are all 0 changes no parameter, nor :math:`d`, nor the
     count, as the reference. Parameters float32 or float64 (with ``jax_enable_x64``). With
     ``b1=0`` no first moment is kept (the state's ``exp_avg`` is None) and the step is the
-    gradient over the second moment's root, as the reference's.
+    gradient over the second moment's root, as the reference's. Under
+    ``optax.inject_hyperparams``, whose ``init`` inside ``jax.jit`` sees ``b1`` traced, a
+    first moment is kept unless ``b1`` is static (``static_args=('b1',)``) or ``init``
+    runs outside jit.
 
     Args:
         learning_rate: :math:`\gamma \ge 0`, a multiplier of the estimate, a number or an
@@ -2088,16 +2100,23 @@ def prodigy(learning_rate=1.0, b1=0.9, b2=0.999, beta3=None, eps=1e-8, weight_de
     """
     learning_rate = _learning_rate(learning_rate)
     b1 = _real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
+    # whether a first moment is kept; with a traced b1 (optax.inject_hyperparams), where
+    # the state has one (init keeps one for a traced b1: inside jit its value is unknown)
+    first_moment = None if isinstance(b1, jax.core.Tracer) else b1 > 0
     b2 = _real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
-    beta3 = math.sqrt(b2) if beta3 is None else _real("beta3", beta3, lo=0.0, hi=1.0,
-                                                      hi_open=True)
-    rule = dict(beta1=b1, beta2=b2, beta3=beta3, eps=_real("eps", eps, lo=0.0),
+    if beta3 is None:
+        beta3 = jnp.sqrt(b2) if isinstance(b2, jax.core.Tracer) else math.sqrt(b2)
+    else:
+        beta3 = _real("beta3", beta3, lo=0.0, hi=1.0, hi_open=True)
+    rule = dict(beta1=b1, beta2=b2, beta3=beta3, first_moment=first_moment,
+                eps=_real("eps", eps, lo=0.0),
                 weight_decay=_weight_decay(weight_decay), decouple=flag("decouple", decouple),
                 use_bias_correction=flag("use_bias_correction", use_bias_correction),
                 safeguard_warmup=flag("safeguard_warmup", safeguard_warmup),
                 d0=_real("d0", d0, lo=0.0, lo_open=True),
                 d_coef=_real("d_coef", d_coef, lo=0.0, lo_open=True),
-                growth_rate=(math.inf if growth_rate == math.inf else
+                growth_rate=(math.inf if not isinstance(growth_rate, jax.core.Tracer)
+                             and growth_rate == math.inf else
                              _real("growth_rate", growth_rate, lo=0.0, lo_open=True)))
     hyper = dict(b1=b1, b2=b2, **{k: rule[k] for k in _PRODIGY_GROUP})
     return _Prodigy(learning_rate, hyper, rule,

@@ -743,6 +743,29 @@ def test_in_optax_inject_hyperparams(name, hyper):
         assert not any(np.asarray(u).any() for u in jax.tree.leaves(updates))
 
 
+@pytest.mark.parametrize("name, hyper, static", [
+    ("prodigy", dict(b1=0.9, weight_decay=0.01), ()),
+    ("prodigy", dict(b1=0.0, use_bias_correction=True), ("b1",)),
+    ("muon", dict(learning_rate=1e-2), ("ns_steps",)),
+])
+def test_multi_pass_rules_in_optax_inject_hyperparams(name, hyper, static):
+    """Prodigy and Muon under optax.inject_hyperparams (their numbers traced in update)
+    take the steps they take with Python numbers, to float32 rounding of the step sizes.
+    Prodigy's b1 = 0 (static: an init inside jit sees b1 traced, and then keeps a first
+    moment) keeps no first moment there too. Muon's ns_steps, a loop count, must be
+    static."""
+    params, grads = _case("float32", seed=14, steps=20)
+    injected = optax.inject_hyperparams(getattr(fjax, name), static_args=static)(**hyper)
+    got, state = _run_update(injected, params, grads)
+    want, _ = _run_update(getattr(fjax, name)(**hyper), params, grads)
+    _assert_close(got, want, 20)
+    if name == "prodigy":
+        assert (state.inner_state.exp_avg is None) == (hyper["b1"] == 0)
+    else:
+        with pytest.raises(TypeError, match=r"ns_steps: .*static_args=\('ns_steps',\)"):
+            optax.inject_hyperparams(fjax.muon)(**hyper).init(params)
+
+
 def test_inject_hyperparams_refuses_what_must_be_static():
     params, grads = _case("float32", seed=9, steps=1)
     grads = jax.tree.map(lambda g: g[0], grads)
