@@ -441,17 +441,24 @@ class _Fused:
         return self.state_cls(count=jnp.asarray(count, jnp.int32),
                               **self._carried_initial(carried), **arrays, **self._absent())
 
-    def _state(self, state, paths, leaves, treedef, state_dtype):
-        """The step count and, per state array of the kernel, its leaves, checked against
-        the parameters'."""
-        cls = self.state_cls
-        if not isinstance(state, cls):
-            raise TypeError(f"state: expected the {cls.__name__} that fastopt.jax.{self.name}'s "
-                            f"init returns, got {type(state).__name__}")
+    def _count(self, state):
+        """The step count of `state`, which must be this transformation's state class; the
+        count an integer scalar array."""
+        if not isinstance(state, self.state_cls):
+            raise TypeError(f"state: expected the {self.state_cls.__name__} that "
+                            f"fastopt.jax.{self.name}'s init returns, got "
+                            f"{type(state).__name__}")
         count = state.count
         if not (hasattr(count, "dtype") and jnp.shape(count) == ()
                 and jnp.issubdtype(count.dtype, jnp.integer)):
             raise TypeError(f"state.count: expected an integer scalar array, got {count!r:.80}")
+        return count
+
+    def _state(self, state, paths, leaves, treedef, state_dtype):
+        """The step count and, per state array of the kernel, its leaves, checked against
+        the parameters'."""
+        cls = self.state_cls
+        count = self._count(state)
         for name in self.carried:
             value = getattr(state, name)
             if not (hasattr(value, "dtype") and jnp.shape(value) == ()
@@ -1659,13 +1666,7 @@ class _Muon(_Fused):
         self._check_dtype(dtype)
         grads = _like(grads, grads_name, paths, leaves, treedef)
         masks = _mask_leaves(masks, paths, leaves, treedef)
-        if not isinstance(state, MuonState):
-            raise TypeError(f"state: expected the MuonState that fastopt.jax.muon's init "
-                            f"returns, got {type(state).__name__}")
-        count = state.count
-        if not (hasattr(count, "dtype") and jnp.shape(count) == ()
-                and jnp.issubdtype(count.dtype, jnp.integer)):
-            raise TypeError(f"state.count: expected an integer scalar array, got {count!r:.80}")
+        count = self._count(state)
         matrix = [p.ndim == 2 for p in leaves]
         for path, p, m in zip(paths, leaves, matrix):
             if m and _varying_axes(p):
