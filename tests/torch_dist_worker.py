@@ -11,7 +11,9 @@ with DTYPE bfloat16 every rank also saves its parameters to OUT.RANK.
 """
 
 import copy
+import gc
 import sys
+import weakref
 from datetime import timedelta
 
 import torch
@@ -79,6 +81,14 @@ def main(mode, rank, world, port, out, dtype):
     if rank == 0:
         saved["params"] = [p.detach().clone() for p in model.parameters()]
         torch.save(saved, out)
+    # DDP's Reducer holds the process group and is freed with the GIL held: were it the last
+    # owner, the group's destructor would join gloo's run loop while that thread waits for
+    # the GIL to free the barrier's work (a deadlock in torch). Free it first, so the group
+    # is destroyed through its own Python object, which releases the GIL.
+    alive = weakref.ref(ddp)
+    del ddp, opt
+    gc.collect()
+    assert alive() is None, "DistributedDataParallel still referenced"
     dist.barrier()
     dist.destroy_process_group()
 
