@@ -70,7 +70,7 @@ def record_bytes(args, dtype, scalars):
 
 
 def elementwise(kernel, record, params, grads, states, n_threads, delta=False, masks=None,
-                formats=None, into_grad=False):
+                formats=None, into_grad=False, shadow=None):
     """One step of elementwise kernel `kernel` over many tensors, as one XLA custom call on
     jax's CPU backend; works eagerly and inside ``jax.jit`` (and ``jax.vmap``, one call per
     batch element).
@@ -105,12 +105,17 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
             (Philox bits from each tensor's key, keys[t] of an (n, 2) uint32 or int32 array
             of fastopt._backends._formats.tensor_key, and `step`, a traced or concrete
             int32) or to nearest even. Not for cautious steps.
+        shadow: None, or (with `formats`, not `delta`) master weights: per tensor the
+            bfloat16 or float16 parameter (all of one dtype) whose float32 master copy is
+            its entry of `params`; the kernel updates the copy, and the parameter gets the
+            new copy rounded (as the array API's ``master_weights``); the gradients may be
+            of the parameters' dtype or float32. Each is aliased to its result and not read.
 
     Returns:
-        (new_params, new_states): lists shaped as `params` and `states` (with `delta`, the
-        differences in place of the new parameters). For "lamb_update" (the first pass of
-        Lamb) the "new parameter" is the update direction u, which the caller scales per
-        tensor and applies.
+        (new_params, new_states), and with `shadow` the new parameters third: lists shaped
+        as `params`, `states` and `shadow` (with `delta`, the differences in place of the
+        new parameters). For "lamb_update" (the first pass of Lamb) the "new parameter" is
+        the update direction u, which the caller scales per tensor and applies.
 
     Each state array is aliased to its result, and each parameter too unless `delta`: when a
     jitted function donates them, XLA updates their buffers in place; otherwise it copies
@@ -129,14 +134,19 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
     n_state, n_aux = KERNELS[name], _rules.ALL_KERNELS[name].aux
     if formats is not None and n_aux:
         raise ValueError(f"formats: not with the cautious step {name!r}")
-    params, grads, states, dtype = _operands(name, n_state, n_aux, params, grads, states,
-                                             formats is not None)
+    params, grads, states, dtype = _operands(
+        name, n_state, n_aux, params, grads, states, formats is not None,
+        None if shadow is None else shadow[0].dtype)
     n_threads = _threads(n_threads)
     for flag, value in (("delta", delta), ("into_grad", into_grad)):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{flag}: expected a bool, got {type(value).__name__}")
     if into_grad and (delta or formats is not None):
         raise ValueError("into_grad: not with delta or formats")
+    if shadow is not None:
+        if formats is None or delta:
+            raise ValueError("shadow: only with formats, and not with delta")
+        shadow = _shadow(shadow, params)
     masks = _masks(masks, params)
     n = len(params)
     if n == 0:
@@ -154,6 +164,10 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
                     aliases[len(operands) + 1] = len(results)
                 results.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
             operands.append(x)
+        if shadow is not None:
+            aliases[len(operands)] = len(results)
+            results.append(jax.ShapeDtypeStruct(shadow[t].shape, shadow[t].dtype))
+            operands.append(shadow[t])
         if masks is not None:
             operands.append(masks[t])
     extra = {}
@@ -167,14 +181,19 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
             keys = jax.lax.bitcast_convert_type(keys, jnp.int32)
         operands += [keys, jnp.asarray(step, jnp.int32)]
         extra = dict(formats=np.int64(1), stochastic=np.int64(bool(stochastic)))
+        if shadow is not None:
+            extra["shadow"] = np.int64(1)
     out = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases,
                            vmap_method="sequential")(
         *operands, kernel=name, n_tensors=np.int64(n), n_threads=np.int64(n_threads),
         delta=np.int64(bool(delta)), into_grad=np.int64(bool(into_grad)),
         masked=np.int64(masks is not None), **extra)
-    step = 1 + n_state - n_aux
-    return ([out[t * step] for t in range(n)],
-            [list(out[t * step + 1:(t + 1) * step]) for t in range(n)])
+    step = 1 + n_state - n_aux + (shadow is not None)
+    new = ([out[t * step] for t in range(n)],
+           [list(out[t * step + 1:t * step + 1 + n_state - n_aux]) for t in range(n)])
+    if shadow is None:
+        return new
+    return new + ([out[(t + 1) * step - 1] for t in range(n)],)
 
 
 def caution_counts(kernel, record, params, grads, states, n_threads):
@@ -228,12 +247,33 @@ def _masks(masks, params):
     return None if all(m is None for m in masks) else out
 
 
-def _operands(name, n_state, n_aux, params, grads, states, formats=False):
+def _shadow(shadow, params):
+    """The low-precision parameters of master weights, checked: one per tensor, all
+    bfloat16 or all float16, each its master copy's shape."""
+    params, shadow = _array_list(params, "params"), _array_list(shadow, "shadow")
+    if len(shadow) != len(params):
+        raise ValueError(f"shadow: expected one entry per tensor, {len(params)}, got "
+                         f"{len(shadow)}")
+    lowp = (_interop.bfloat16(), np.dtype(np.float16))
+    for t, (x, p) in enumerate(zip(shadow, params)):
+        if np.dtype(x.dtype) not in lowp or np.dtype(x.dtype) != np.dtype(shadow[0].dtype):
+            raise TypeError(f"shadow[{t}]: expected bfloat16 or float16 (as shadow[0]), got "
+                            f"{x.dtype}")
+        if tuple(x.shape) != tuple(p.shape):
+            raise ValueError(f"shadow[{t}]: expected the shape of params[{t}], "
+                             f"{tuple(p.shape)}, got {tuple(x.shape)}")
+    if shadow and np.dtype(params[0].dtype) != np.float32:
+        raise TypeError(f"params[0]: expected float32 (the master copies) with shadow, got "
+                        f"{params[0].dtype}")
+    return shadow
+
+
+def _operands(name, n_state, n_aux, params, grads, states, formats=False, low=None):
     """(params, grads, states, dtype), checked: lists of one dtype's arrays, one entry per
     tensor, each tensor's `n_state` state operands its parameter's shape but the last
     `n_aux` (one element each). With `formats`: parameters float32, bfloat16 or float16,
-    gradients of their dtype or float32, each state array any of the three, the same for
-    every tensor."""
+    gradients of their dtype (of `low`, the shadow's, where given) or float32, each state
+    array any of the three, the same for every tensor."""
     import jax
 
     params = _array_list(params, "params")
@@ -257,8 +297,9 @@ def _operands(name, n_state, n_aux, params, grads, states, formats=False):
             raise TypeError(f"params[0]: expected float32, bfloat16 or float16 with formats, "
                             f"got {dtype}")
         first = [np.dtype(x.dtype) for x in (params[0], grads[0], *states[0])]
-        if first[1] not in (dtype, np.dtype(np.float32)):
-            raise TypeError(f"grads[0]: expected {dtype} or float32, got {first[1]}")
+        own = dtype if low is None else np.dtype(low)
+        if first[1] not in (own, np.dtype(np.float32)):
+            raise TypeError(f"grads[0]: expected {own} or float32, got {first[1]}")
     if dtype == np.float64 and not jax.config.jax_enable_x64:
         raise ValueError("params: float64 tensors need jax_enable_x64 (jax would compute "
                          "them in float32)")

@@ -46,6 +46,7 @@ from fastopt import _jax_ffi, _rules, _scalars
 from fastopt._backends import _formats
 from fastopt._check import flag, real
 from fastopt._config import check_threads, get_num_threads
+from fastopt.optim._base import MASTER
 
 __all__ = ["adam", "adamw", "sgd", "lion", "adamax", "adadelta", "adopt", "ademamix", "adan",
            "rprop", "asgd", "lamb", "muon", "prodigy", "schedule_free_adamw",
@@ -63,25 +64,30 @@ _PARAMS = object()  # a state array's fill (_make): a copy of the parameter
 class AdamState(NamedTuple):
     """The state of :func:`adam`, :func:`adamw`, :func:`adopt` and :func:`lamb`: the step
     count (an int32 scalar) and the moments m and v, each a pytree shaped like the
-    parameters (fastopt's and torch's names; optax calls them ``mu`` and ``nu``)."""
+    parameters (fastopt's and torch's names; optax calls them ``mu`` and ``nu``); with
+    ``master_weights``, the float32 copies of the parameters (None otherwise)."""
     count: Any
     exp_avg: Any
     exp_avg_sq: Any
+    master_param: Any = None
 
 
 class SGDState(NamedTuple):
     """The state of :func:`sgd`: the step count (an int32 scalar) and, with momentum, the
     momentum buffer, a pytree shaped like the parameters (optax's ``trace``); None
-    without momentum."""
+    without momentum; with ``master_weights``, the float32 copies of the parameters."""
     count: Any
     momentum_buffer: Any = None
+    master_param: Any = None
 
 
 class LionState(NamedTuple):
     """The state of :func:`lion`: the step count (an int32 scalar) and the momentum m, a
-    pytree shaped like the parameters (optax's ``mu``)."""
+    pytree shaped like the parameters (optax's ``mu``); with ``master_weights``, the
+    float32 copies of the parameters."""
     count: Any
     exp_avg: Any
+    master_param: Any = None
 
 
 class FusedTransformation(optax.GradientTransformationExtraArgs):
@@ -183,7 +189,7 @@ class _Fused:
 
     def __init__(self, name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
                  fills, numbers, carried, scaled, max_grad_norm, max_grad_value, maximize,
-                 skip_nonfinite, state_dtype, stochastic_rounding, seed, n_threads):
+                 skip_nonfinite, state_dtype, stochastic_rounding, master_weights, seed, n_threads):
         self.name = name
         # a rule that scales its update per tensor (Lamb): factors(params, updates, masks),
         # each tensor's factor of the scaled_apply pass that follows the kernel's (whose
@@ -210,6 +216,9 @@ class _Fused:
         self.skip_nonfinite = skip_nonfinite
         self.state_dtype = state_dtype  # None: float32 for low-precision parameters
         self.stochastic_rounding = stochastic_rounding
+        # bfloat16 / float16 parameters get float32 copies in the state (master_param),
+        # which the kernel updates; the parameters receive them rounded
+        self.master_weights = master_weights
         self.seed = seed
         self.n_threads = n_threads
         self.hyper = dict(learning_rate=learning_rate, **hyper, max_grad_norm=max_grad_norm,
@@ -217,7 +226,9 @@ class _Fused:
                           skip_nonfinite=skip_nonfinite, n_threads=n_threads)
         if state_dtype is not None:
             self.hyper["state_dtype"] = state_dtype.name
-        if not stochastic_rounding or seed:
+        if master_weights:
+            self.hyper["master_weights"] = True
+        if stochastic_rounding == master_weights or seed:
             self.hyper.update(stochastic_rounding=stochastic_rounding, seed=seed)
         # one bound method, handed out at every opt.step: jax.jit caches its traces by the
         # function object, so jax.jit(opt.step) in a loop compiles once
@@ -236,14 +247,25 @@ class _Fused:
         initial = {name: jax.tree.map(lambda p, name=name: self._initial(name, p, state_dtype),
                                       params)
                    for name in self.kernel.state}
+        masters = None
+        if self._has_master(dtype):  # copies of their own (donation)
+            masters = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
         return self.state_cls(count=jnp.zeros([], jnp.int32), **self._carried_initial(),
-                              **initial, **self._absent())
+                              **initial, **self._absent(masters))
 
-    def _absent(self):
+    def _absent(self, masters=None):
         """None for each state field this configuration keeps no array in (Prodigy's
-        first moment with b1=0)."""
-        return {name: None for name in self.state_cls._fields[1:]
-                if name not in self.kernel.state and name not in self.carried}
+        first moment with b1=0), and the master weights' field: `masters`."""
+        absent = {name: None for name in self.state_cls._fields[1:]
+                  if name not in self.kernel.state and name not in self.carried}
+        if MASTER in absent:
+            absent[MASTER] = masters
+        return absent
+
+    def _has_master(self, dtype):
+        """Whether parameters of `dtype` get master weights: bfloat16 and float16 ones,
+        with master_weights (as the array API's)."""
+        return self.master_weights and dtype in _LOWP
 
     def _initial(self, name, param, dtype):
         """State array `name` of `param` before its first step: 0, or the rule's fill."""
@@ -297,6 +319,7 @@ class _Fused:
         summed = [g.astype(compute) for g in summed]  # sums of low-precision ones in float32
         state_dtype = self._state_dtype(dtype)
         count, states = self._state(state, paths, leaves, treedef, state_dtype)
+        masters = self._masters(state, paths, leaves, treedef, dtype)
         # storage formats: float32 arithmetic on low-precision parameters, gradients or
         # state, the written ones rounded (stochastically: each tensor's key, the step)
         keys = None
@@ -339,7 +362,7 @@ class _Fused:
             record = (_record(self.kernel.args, compute, fields[0]),
                       _record(_rules.ALL_KERNELS["scaled_apply"].args, compute, fields[1]))
         operands = (record, leaves, grads, [list(s) for s in zip(*states)] if states
-                    else [[] for _ in leaves])
+                    else [[] for _ in leaves], masters)
 
         kernel = self.kernel.name
         if self.caution is not None:  # the count pass's kernel and the state it reads
@@ -349,27 +372,38 @@ class _Fused:
         elif self.scaled is not None:
             kernel = ("scaled_apply", kernel, self.scaled)
 
-        def run(record, params, grads, states):
-            new, states = _kernel_call(self.name, kernel, self.n_threads, delta,
-                                       self.stochastic_rounding, record, params, grads, states,
-                                       masks, keys, None if keys is None else step)
+        def run(record, params, grads, states, masters):
+            if masters is None:
+                new, states = _kernel_call(self.name, kernel, self.n_threads, delta,
+                                           self.stochastic_rounding, record, params, grads,
+                                           states, masks, keys, None if keys is None else step)
+            else:  # the kernel updates the copies; the parameters get them rounded
+                masters, states, new = _kernel_call(
+                    self.name, kernel, self.n_threads, False, self.stochastic_rounding,
+                    record, masters, grads, states, masks, keys, step, params)
+                masters = _varying_lists(masters, params)
+                if delta:  # rounded as the handler's delta: a float32 difference, to nearest
+                    new = [(n.astype(jnp.float32) - p.astype(jnp.float32)).astype(p.dtype)
+                           for n, p in zip(new, params)]
             # under shard_map a kernel's results carry no varying axes; skip's do
-            return _varying_lists(new, params), _varying_states(states, params)
+            return _varying_lists(new, params), _varying_states(states, params), masters
 
         if self.skip_nonfinite:
-            def skip(record, params, grads, states):  # nothing changes
-                return [jnp.zeros_like(p) for p in params] if delta else params, states
+            def skip(record, params, grads, states, masters):  # nothing changes
+                return ([jnp.zeros_like(p) for p in params] if delta else params, states,
+                        masters)
             finite = _count_nonfinite(summed) == 0
-            new, new_states = jax.lax.cond(finite, run, skip, *operands)
+            new, new_states, masters = jax.lax.cond(finite, run, skip, *operands)
             step = jnp.where(finite, step, count)
             new_carried = {name: jnp.where(finite, value, carried[name])
                            for name, value in new_carried.items()}
         else:
-            new, new_states = run(*operands)
+            new, new_states, masters = run(*operands)
         new_state = self.state_cls(count=step, **{
             name: jnp.asarray(value, carried[name].dtype) for name, value in new_carried.items()
         }, **{name: treedef.unflatten([s[k] for s in new_states])
-              for k, name in enumerate(self.kernel.state)}, **self._absent())
+              for k, name in enumerate(self.kernel.state)},
+            **self._absent(None if masters is None else treedef.unflatten(masters)))
         return treedef, new, new_state
 
     def _step_inputs(self, step, grads, masks):
@@ -391,6 +425,8 @@ class _Fused:
                             f"fastopt.jax.{self.name}'s init returns, got "
                             f"{type(state).__name__}")
         arrays = {name: jax.tree.leaves(getattr(state, name)) for name in self.kernel.state}
+        if getattr(state, MASTER, None) is not None:
+            arrays[MASTER] = jax.tree.leaves(getattr(state, MASTER))
         n = len(next(iter(arrays.values()))) if arrays else 0
         if not arrays:  # SGD without momentum: no state, the count of parameters unknown
             raise ValueError(f"state_dict: fastopt.jax.{self.name} keeps no per-parameter "
@@ -429,6 +465,22 @@ class _Fused:
                                      f"{leaf.shape}, got {value.dtype} {value.shape}")
                 out.append(value)
             arrays[name] = treedef.unflatten(out)
+        masters = None
+        if self._has_master(dtype):  # saved, or (not stepped yet) the parameters as init's
+            masters = []
+            for i, (path, leaf) in enumerate(zip(paths, leaves)):
+                entry = saved.get(i, {})
+                value = entry.get(MASTER) if isinstance(entry, dict) else None
+                if value is None:
+                    masters.append(jnp.array(leaf, jnp.float32, copy=True))
+                    continue
+                value = jnp.asarray(np.asarray(value))
+                if value.shape != leaf.shape or value.dtype != np.float32:
+                    raise ValueError(f"state_dict['state'][{i}][{MASTER!r}]: expected float32 "
+                                     f"of the shape of params{path}, {leaf.shape}, got "
+                                     f"{value.dtype} {value.shape}")
+                masters.append(value)
+            masters = treedef.unflatten(masters)
         carried = {}
         for name in self.carried:  # kept per parameter there, all equal after equal steps
             values = {float(e[name]) for e in saved.values() if isinstance(e, dict)
@@ -439,7 +491,8 @@ class _Fused:
             if values:
                 carried[name] = values.pop()
         return self.state_cls(count=jnp.asarray(count, jnp.int32),
-                              **self._carried_initial(carried), **arrays, **self._absent())
+                              **self._carried_initial(carried), **arrays,
+                              **self._absent(masters))
 
     def _count(self, state):
         """The step count of `state`, which must be this transformation's state class; the
@@ -466,7 +519,7 @@ class _Fused:
                 raise TypeError(f"state.{name}: expected a float scalar array, got "
                                 f"{value!r:.80}")
         for name in cls._fields[1:]:
-            if (name not in self.kernel.state and name not in self.carried
+            if (name not in self.kernel.state and name not in self.carried and name != MASTER
                     and getattr(state, name) is not None):
                 raise ValueError(f"state.{name}: expected None (fastopt.jax.{self.name} keeps "
                                  f"no {name} here), got a value: is this another "
@@ -474,6 +527,22 @@ class _Fused:
         states = [_like(getattr(state, name), f"state.{name}", paths, leaves, treedef,
                         (state_dtype,)) for name in self.kernel.state]
         return count, states
+
+    def _masters(self, state, paths, leaves, treedef, dtype):
+        """The master weights' leaves (float32, checked against the parameters), or None
+        where the parameters have none."""
+        value = getattr(state, MASTER, None)
+        if not self._has_master(dtype):
+            if value is not None:
+                raise ValueError(f"state.{MASTER}: expected None (master weights are kept "
+                                 f"for bfloat16 or float16 parameters with "
+                                 f"master_weights=True), got a value")
+            return None
+        if value is None:
+            raise ValueError(f"state.{MASTER}: expected the float32 copies of the {dtype} "
+                             f"parameters (master_weights=True), got None: make the state "
+                             f"with this transformation's init or load_state_dict")
+        return _like(value, f"state.{MASTER}", paths, leaves, treedef, (np.dtype(np.float32),))
 
 
 def _saved_entries(state_dict, n):
@@ -625,7 +694,7 @@ def _record(args, dtype, fields):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3, 4))
 def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, grads, states,
-                 masks, keys, step):
+                 masks, keys, step, shadow=None):
     """The FFI call, with a derivative rule that says why there is none. `kernel` is the
     elementwise kernel's name, or for the cautious option (the count kernel, the indices of
     the state arrays it reads, the cautious step): the count pass, each tensor's factor
@@ -634,11 +703,13 @@ def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, gra
     ("scaled_apply", the update pass's kernel, factors(params, updates, masks)): the update
     pass, the factors, then scaled_apply, `record` the two passes' structs. With `keys`
     (each tensor's Philox key) the operands are in storage formats, rounded stochastically
-    (`stochastic`, with the bits of `step`) or to nearest even."""
+    (`stochastic`, with the bits of `step`) or to nearest even; with `shadow` (the
+    low-precision parameters of master weights, `params` their float32 copies) the new
+    parameters are returned third (an elementwise kernel, no delta)."""
     if isinstance(kernel, str):
         return _jax_ffi.elementwise(kernel, record, params, grads, states, n_threads,
                                     delta=delta, masks=masks, formats=None if keys is None
-                                    else (stochastic, keys, step))
+                                    else (stochastic, keys, step), shadow=shadow)
     if kernel[0] == "scaled_apply":  # the update pass, each tensor's factor, the apply pass
         _, update, factors = kernel
         updates, states = _jax_ffi.elementwise(update, record[0], params, grads, states,
@@ -713,7 +784,7 @@ def _unsupported(name, value, default, why):
 
 
 def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-             stochastic_rounding, seed, n_threads):
+             stochastic_rounding, master_weights, seed, n_threads):
     skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
     if state_dtype is not None:
         try:
@@ -725,9 +796,11 @@ def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtyp
                              f"state is not supported by fastopt.jax yet), got "
                              f"{state_dtype!r:.60}")
         state_dtype = _STATE_DTYPES[name]
+    master_weights = flag("master_weights", master_weights)
     if stochastic_rounding is not None:
         stochastic_rounding = flag("stochastic_rounding", stochastic_rounding)
-    stochastic_rounding = True if stochastic_rounding is None else stochastic_rounding
+    else:  # as the array API's: stochastic unless there are master weights
+        stochastic_rounding = not master_weights
     if isinstance(seed, jax.Array):
         raise TypeError("seed: expected a Python int, got a jax array (optax."
                         "inject_hyperparams injects numeric arguments: pass "
@@ -750,7 +823,7 @@ def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtyp
     n_threads = get_num_threads() if n_threads is None else check_threads(n_threads,
                                                                           "n_threads")
     return (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-            stochastic_rounding, seed, n_threads)
+            stochastic_rounding, master_weights, seed, n_threads)
 
 
 def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, options,
@@ -760,11 +833,11 @@ def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, options
     (the array API's class, its param group's hyperparameters but lr) for state_dict; with
     `cautious`, the kernel's cautious variant of the rule table; `options` the factory's
     options (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-    stochastic_rounding, seed, n_threads); `fills` the state arrays' initial values that
-    are not 0 (_PARAMS: the parameter's); `numbers(count)` the array API's per-parameter
-    state numbers after `count` steps, for state_dict; `carried` the scalars the state
-    carries besides the count; `scaled` a rule's per-tensor factors of its update (see
-    _Fused)."""
+    stochastic_rounding, master_weights, seed, n_threads); `fills` the state arrays'
+    initial values that are not 0 (_PARAMS: the parameter's); `numbers(count)` the array
+    API's per-parameter state numbers after `count` steps, for state_dict; `carried` the
+    scalars the state carries besides the count; `scaled` a rule's per-tensor factors of its
+    update (see _Fused)."""
     caution = None
     if flag("cautious", cautious):
         caution = _rules.BY_NAME[group[0]].caution(kernel)
@@ -797,8 +870,8 @@ def _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, nesterov_rule):
 
 def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None, *, nesterov=False,
          cautious=False, max_grad_norm=None, max_grad_value=None, maximize=False,
-         skip_nonfinite=False, state_dtype=None, stochastic_rounding=None, seed=None,
-         n_threads=None):
+         skip_nonfinite=False, state_dtype=None, stochastic_rounding=None, master_weights=False,
+         seed=None, n_threads=None):
     r"""Adam (Kingma & Ba 2014) as an optax transformation run by fastopt's fused kernel.
 
     Follows ``optax.adam`` (its arguments, defaults and update). With gradient :math:`g_t`
@@ -856,7 +929,12 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
         stochastic_rounding (bool or None): round the written bfloat16 / float16 values up
             with probability equal to the discarded fraction (Philox bits keyed by `seed`,
             the parameter's index in ``jax.tree.leaves`` order, the step count and the
-            element, as the array API's), else to nearest even. Default None: stochastic.
+            element, as the array API's), else to nearest even. Default None: stochastic,
+            to nearest even with master_weights (as the array API's).
+        master_weights (bool): keep a float32 copy of each bfloat16 / float16 parameter in
+            the state (``master_param``, made by ``init``), update the copy in float32 and
+            write the parameter as the copy rounded, in the same pass (the array API's
+            option; nothing for float32 or float64 parameters). Default False.
         seed (int or None): the seed of stochastic rounding, in [0, 2**64). Default None:
             0 (None, so that optax.inject_hyperparams leaves it alone).
         n_threads (int or None): CPU threads for the kernel; default
@@ -872,7 +950,7 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
                  dict(b1=b1, b2=b2, eps=eps),
                  ("Adam", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, seed, n_threads), cautious)
+                  stochastic_rounding, master_weights, seed, n_threads), cautious)
 
 
 # the Args entries of the options every factory but adam shares (adam's describe them)
@@ -883,8 +961,8 @@ _OPTIONS_DOC = """        max_grad_norm (float or None): clip the gradients' tot
         maximize (bool): ascend instead of descend. Default False.
         skip_nonfinite (bool): skip a step with NaN or inf gradients, as :func:`adam`'s.
             Default False.
-        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
-            :func:`adam`'s. Defaults None (each).
+        state_dtype, stochastic_rounding, master_weights, seed: low-precision parameters
+            and state, as :func:`adam`'s. Defaults None (each), master_weights False.
         n_threads (int or None): CPU threads for the kernel; default
             ``fastopt.get_num_threads()`` when the transformation is made.
 """
@@ -893,8 +971,8 @@ _OPTIONS_DOC = """        max_grad_norm (float or None): clip the gradients' tot
 # the same for the factories without low-precision parameters and state (Lamb, Muon,
 # Prodigy)
 _FLOAT_OPTIONS_DOC = _OPTIONS_DOC.replace(
-    """        state_dtype, stochastic_rounding, seed: low-precision parameters and state, as
-            :func:`adam`'s. Defaults None (each).
+    """        state_dtype, stochastic_rounding, master_weights, seed: low-precision parameters
+            and state, as :func:`adam`'s. Defaults None (each), master_weights False.
 """, "")
 
 
@@ -915,7 +993,7 @@ def _options_doc(factory):
 def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None,
           weight_decay=1e-4, mask=None, *, nesterov=False, cautious=False, max_grad_norm=None,
           max_grad_value=None, maximize=False, skip_nonfinite=False, state_dtype=None,
-          stochastic_rounding=None, seed=None, n_threads=None):
+          stochastic_rounding=None, master_weights=False, seed=None, n_threads=None):
     r"""AdamW (Loshchilov & Hutter 2019) as an optax transformation run by fastopt's fused
     kernel.
 
@@ -975,7 +1053,7 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
                  learning_rate, dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
                  ("AdamW", dict(betas=(b1, b2), eps=eps, weight_decay=weight_decay)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, seed, n_threads), cautious)
+                  stochastic_rounding, master_weights, seed, n_threads), cautious)
 
 
 def _adam_scalars(b1, b2, eps, weight_decay, decoupled):
@@ -992,7 +1070,7 @@ def _adam_scalars(b1, b2, eps, weight_decay, decoupled):
 @_options_doc
 def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *, max_grad_norm=None,
         max_grad_value=None, maximize=False, skip_nonfinite=False, state_dtype=None,
-        stochastic_rounding=None, seed=None, n_threads=None):
+        stochastic_rounding=None, master_weights=False, seed=None, n_threads=None):
     r"""Stochastic gradient descent, with optional (Nesterov) momentum, as an optax
     transformation run by fastopt's fused kernel.
 
@@ -1044,14 +1122,14 @@ def sgd(learning_rate, momentum=None, nesterov=False, accumulator_dtype=None, *,
                  ("SGD", dict(momentum=0.0 if momentum is None else momentum, dampening=0.0,
                               weight_decay=0.0, nesterov=nesterov)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, seed, n_threads))
+                  stochastic_rounding, master_weights, seed, n_threads))
 
 
 @_options_doc
 def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=None, *,
          cautious=False, max_grad_norm=None, max_grad_value=None, maximize=False,
-         skip_nonfinite=False, state_dtype=None, stochastic_rounding=None, seed=None,
-         n_threads=None):
+         skip_nonfinite=False, state_dtype=None, stochastic_rounding=None, master_weights=False,
+         seed=None, n_threads=None):
     r"""Lion (Chen et al. 2023) as an optax transformation run by fastopt's fused kernel.
 
     Follows ``optax.lion`` (its arguments, defaults and update). With gradient
@@ -1104,22 +1182,24 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
                  dict(b1=b1, b2=b2, weight_decay=weight_decay),
                  ("Lion", dict(betas=(b1, b2), weight_decay=weight_decay)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, seed, n_threads), cautious)
+                  stochastic_rounding, master_weights, seed, n_threads), cautious)
 
 
 class AdamaxState(NamedTuple):
     """The state of :func:`adamax`: the step count (an int32 scalar), the first moment m
     and the infinity moment u, each a pytree shaped like the parameters (torch's names;
-    optax calls them ``mu`` and ``nu``)."""
+    optax calls them ``mu`` and ``nu``); with ``master_weights``, the float32 copies of
+    the parameters."""
     count: Any
     exp_avg: Any
     exp_inf: Any
+    master_param: Any = None
 
 
 @_options_doc
 def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None, max_grad_value=None,
            maximize=False, skip_nonfinite=False, state_dtype=None, stochastic_rounding=None,
-           seed=None, n_threads=None):
+           master_weights=False, seed=None, n_threads=None):
     r"""Adamax (Kingma & Ba 2014, the infinity-norm variant of Adam) as an optax
     transformation run by fastopt's fused kernel.
 
@@ -1163,22 +1243,27 @@ def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None, max
                  dict(b1=b1, b2=b2, eps=eps),
                  ("Adamax", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, seed, n_threads))
+                  stochastic_rounding, master_weights, seed, n_threads))
 
 
 class AdadeltaState(NamedTuple):
     """The state of :func:`adadelta`: the step count (an int32 scalar), the running
     averages of the squared gradients and of the squared updates, each a pytree shaped
-    like the parameters (torch's names; optax calls them ``e_g`` and ``e_x``)."""
+    like the parameters (torch's names; optax calls them ``e_g`` and ``e_x``).
+
+    The last field, ``master_param``: with ``master_weights``, the float32 copies of
+    the parameters (None otherwise)."""
     count: Any
     square_avg: Any
     acc_delta: Any
+    master_param: Any = None
 
 
 @_options_doc
 def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_decay_mask=None, *,
              max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
-             state_dtype=None, stochastic_rounding=None, seed=None, n_threads=None):
+             state_dtype=None, stochastic_rounding=None, master_weights=False, seed=None,
+             n_threads=None):
     r"""Adadelta (Zeiler 2012) as an optax transformation run by fastopt's fused kernel.
 
     Follows ``optax.adadelta`` (its arguments and update, which are also
@@ -1232,7 +1317,7 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_deca
                  dict(rho=rho, eps=eps, weight_decay=weight_decay),
                  ("Adadelta", dict(rho=rho, eps=eps, weight_decay=weight_decay)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, seed, n_threads))
+                  stochastic_rounding, master_weights, seed, n_threads))
 
 
 def _quarter_power(count):
@@ -1243,7 +1328,7 @@ def _quarter_power(count):
 def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov=False,
           use_clipping=True, clip_value_fn=_quarter_power, cautious=False, max_grad_norm=None,
           max_grad_value=None, maximize=False, skip_nonfinite=False, state_dtype=None,
-          stochastic_rounding=None, seed=None, n_threads=None):
+          stochastic_rounding=None, master_weights=False, seed=None, n_threads=None):
     r"""ADOPT (Taniguchi et al. 2024) as an optax transformation run by fastopt's fused
     kernel.
 
@@ -1309,24 +1394,28 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
                  dict(b1=b1, b2=b2, eps=eps, use_clipping=use_clipping),
                  ("ADOPT", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, seed, n_threads), cautious)
+                  stochastic_rounding, master_weights, seed, n_threads), cautious)
 
 
 class AdEMAMixState(NamedTuple):
     """The state of :func:`ademamix`: the step count (an int32 scalar), the fast and the
     slow first moments and the second moment, each a pytree shaped like the parameters
-    (fastopt's names; optax calls them ``m1``, ``m2`` and ``nu``)."""
+    (fastopt's names; optax calls them ``m1``, ``m2`` and ``nu``).
+
+    The last field, ``master_param``: with ``master_weights``, the float32 copies of
+    the parameters (None otherwise)."""
     count: Any
     exp_avg_fast: Any
     exp_avg_slow: Any
     exp_avg_sq: Any
+    master_param: Any = None
 
 
 @_options_doc
 def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, eps_root=None,
              mu_dtype=None, weight_decay=0.0, mask=None, *, cautious=False, max_grad_norm=None,
              max_grad_value=None, maximize=False, skip_nonfinite=False, state_dtype=None,
-             stochastic_rounding=None, seed=None, n_threads=None):
+             stochastic_rounding=None, master_weights=False, seed=None, n_threads=None):
     r"""AdEMAMix (Pagliardini, Ablin & Grangier 2024) as an optax transformation run by
     fastopt's fused kernel.
 
@@ -1403,25 +1492,30 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
                  dict(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, weight_decay=weight_decay),
                  ("AdEMAMix", group),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, seed, n_threads), cautious)
+                  stochastic_rounding, master_weights, seed, n_threads), cautious)
 
 
 class AdanState(NamedTuple):
     """The state of :func:`adan`: the step count (an int32 scalar) and, each a pytree shaped
     like the parameters, the averages of the gradient, of the squared Nesterov combination
     and of the gradient's change, and the negated previous gradient (the authors' and
-    :class:`fastopt.Adan`'s names)."""
+    :class:`fastopt.Adan`'s names).
+
+    The last field, ``master_param``: with ``master_weights``, the float32 copies of
+    the parameters (None otherwise)."""
     count: Any
     exp_avg: Any
     exp_avg_sq: Any
     exp_avg_diff: Any
     neg_pre_grad: Any
+    master_param: Any = None
 
 
 @_options_doc
 def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *, no_prox=False,
          max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
-         state_dtype=None, stochastic_rounding=None, seed=None, n_threads=None):
+         state_dtype=None, stochastic_rounding=None, master_weights=False, seed=None,
+         n_threads=None):
     r"""Adan (Xie et al. 2022) as an optax transformation run by fastopt's fused kernel.
 
     Follows the authors' reference (``sail-sg/Adan``), as :class:`fastopt.Adan` does, with
@@ -1482,7 +1576,7 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
                  ("Adan", dict(betas=(b1, b2, b3), eps=eps, weight_decay=weight_decay,
                                no_prox=no_prox)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, seed, n_threads))
+                  stochastic_rounding, master_weights, seed, n_threads))
 
 
 def _tensor_sum(x, param):
@@ -1562,8 +1656,8 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=None, weight_decay=
     return _make("lamb", "lamb_update", AdamState, scalars, learning_rate,
                  dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
                  ("Lamb", dict(betas=(b1, b2), eps=eps, weight_decay=weight_decay)),
-                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, None, None, None,
-                  n_threads), scaled=_trust_ratios)
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, None, None, False,
+                  None, n_threads), scaled=_trust_ratios)
 
 
 class MuonState(NamedTuple):
@@ -1878,7 +1972,7 @@ def muon(learning_rate, ns_coeffs=(3.4445, -4.7750, 2.0315), ns_steps=5, beta=0.
                        adam_b2=adam_b2, adam_eps=adam_eps),
                   muon_hyper, dict(betas=(adam_b1, adam_b2), eps=adam_eps),
                   _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, None, None,
-                           None, n_threads))
+                           False, None, n_threads))
     return fused.transformation()
 
 
@@ -2122,21 +2216,26 @@ def prodigy(learning_rate=1.0, b1=0.9, b2=0.999, beta3=None, eps=1e-8, weight_de
     hyper = dict(b1=b1, b2=b2, **{k: rule[k] for k in _PRODIGY_GROUP})
     return _Prodigy(learning_rate, hyper, rule,
                     _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, None,
-                             None, None, n_threads)).transformation()
+                             None, False, None, n_threads)).transformation()
 
 
 class RpropState(NamedTuple):
     """The state of :func:`rprop`: the step count (an int32 scalar), the previous gradients
-    and the step sizes, each a pytree shaped like the parameters (torch's names)."""
+    and the step sizes, each a pytree shaped like the parameters (torch's names).
+
+    The last field, ``master_param``: with ``master_weights``, the float32 copies of
+    the parameters (None otherwise)."""
     count: Any
     prev: Any
     step_size: Any
+    master_param: Any = None
 
 
 @_options_doc
 def rprop(learning_rate, eta_minus=0.5, eta_plus=1.2, min_step_size=1e-6, max_step_size=50.0,
           *, max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
-          state_dtype=None, stochastic_rounding=None, seed=None, n_threads=None):
+          state_dtype=None, stochastic_rounding=None, master_weights=False, seed=None,
+          n_threads=None):
     r"""Rprop (Riedmiller & Braun 1993) as an optax transformation run by fastopt's fused
     kernel.
 
@@ -2193,22 +2292,27 @@ def rprop(learning_rate, eta_minus=0.5, eta_plus=1.2, min_step_size=1e-6, max_st
                  ("Rprop", dict(etas=(eta_minus, eta_plus),
                                 step_sizes=(min_step_size, max_step_size))),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, seed, n_threads),
+                  stochastic_rounding, master_weights, seed, n_threads),
                  fills=dict(step_size=learning_rate))
 
 
 class ASGDState(NamedTuple):
     r"""The state of :func:`asgd`: the step count (an int32 scalar) and the running average
     of the parameters, a pytree shaped like them (torch's name). The step's
-    :math:`\eta` and :math:`\mu`, which torch keeps per parameter, follow from the count."""
+    :math:`\eta` and :math:`\mu`, which torch keeps per parameter, follow from the count.
+
+    The last field, ``master_param``: with ``master_weights``, the float32 copies of
+    the parameters (None otherwise)."""
     count: Any
     ax: Any
+    master_param: Any = None
 
 
 @_options_doc
 def asgd(learning_rate=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, *,
          max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
-         state_dtype=None, stochastic_rounding=None, seed=None, n_threads=None):
+         state_dtype=None, stochastic_rounding=None, master_weights=False, seed=None,
+         n_threads=None):
     r"""Averaged SGD (Polyak & Juditsky 1992) as an optax transformation run by fastopt's
     fused kernel.
 
@@ -2277,7 +2381,7 @@ def asgd(learning_rate=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, *
                  dict(lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay),
                  ("ASGD", dict(lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, seed, n_threads),
+                  stochastic_rounding, master_weights, seed, n_threads),
                  numbers=numbers)
 
 
@@ -2291,13 +2395,15 @@ class ScheduleFreeState(NamedTuple):
     ``jax_enable_x64``, as the reference's Python floats; in float32 the sum, added once a
     step, loses accuracy over very long runs, as optax's does); the base sequence
     :math:`z` (a copy of the parameters made by ``init``) and, for AdamW, the second
-    moment, pytrees shaped like the parameters (the array API's names)."""
+    moment, pytrees shaped like the parameters (the array API's names); with
+    ``master_weights``, the float32 copies of the parameters (:math:`y`)."""
     count: Any
     eval_weight: Any
     lr_max: Any
     weight_sum: Any
     z: Any
     exp_avg_sq: Any = None
+    master_param: Any = None
 
 
 _SCHEDULE_FREE_DOC = r"""
@@ -2385,7 +2491,8 @@ def _schedule_free(name, kernel, learning_rate, warmup_steps, weight_decay, r,
 def schedule_free_adamw(learning_rate=0.0025, warmup_steps=None, b1=0.9, b2=0.999, eps=1e-8,
                         weight_decay=0.0, weight_lr_power=2.0, *, r=0.0, max_grad_norm=None,
                         max_grad_value=None, maximize=False, skip_nonfinite=False,
-                        state_dtype=None, stochastic_rounding=None, seed=None, n_threads=None):
+                        state_dtype=None, stochastic_rounding=None, master_weights=False,
+                        seed=None, n_threads=None):
     r"""Schedule-Free AdamW (Defazio et al. 2024) as an optax transformation run by
     fastopt's fused kernel: no learning-rate schedule, an average of the iterates instead.
     {schedule_free}
@@ -2436,14 +2543,15 @@ def schedule_free_adamw(learning_rate=0.0025, warmup_steps=None, b1=0.9, b2=0.99
                           dict(b2=b2, eps=eps),
                           ("AdamWScheduleFree", dict(betas=(b1, b2), eps=eps)),
                           (max_grad_norm, max_grad_value, maximize, skip_nonfinite,
-                           state_dtype, stochastic_rounding, seed, n_threads), rule_scalars)
+                           state_dtype, stochastic_rounding, master_weights, seed, n_threads),
+                           rule_scalars)
 
 
 @_schedule_free_doc("SGDScheduleFree", "", "g_t")
 def schedule_free_sgd(learning_rate=1.0, warmup_steps=None, b1=0.9, weight_decay=None,
                       weight_lr_power=2.0, *, r=0.0, max_grad_norm=None, max_grad_value=None,
                       maximize=False, skip_nonfinite=False, state_dtype=None,
-                      stochastic_rounding=None, seed=None, n_threads=None):
+                      stochastic_rounding=None, master_weights=False, seed=None, n_threads=None):
     r"""Schedule-Free SGD (Defazio et al. 2024) as an optax transformation run by
     fastopt's fused kernel: no learning-rate schedule, an average of the iterates instead.
     {schedule_free}
@@ -2478,7 +2586,8 @@ def schedule_free_sgd(learning_rate=1.0, warmup_steps=None, b1=0.9, weight_decay
                           warmup_steps, weight_decay, r, weight_lr_power, b1, {},
                           ("SGDScheduleFree", dict(momentum=b1)),
                           (max_grad_norm, max_grad_value, maximize, skip_nonfinite,
-                           state_dtype, stochastic_rounding, seed, n_threads), rule_scalars)
+                           state_dtype, stochastic_rounding, master_weights, seed, n_threads),
+                           rule_scalars)
 
 
 def schedule_free_eval_params(state, params):
@@ -2487,7 +2596,8 @@ def schedule_free_eval_params(state, params):
     torch's ``lerp`` in the parameters' compute dtype (float32 for bfloat16 / float16
     ones, then rounded to nearest), as :meth:`fastopt.AdamWScheduleFree.eval` sets it
     (optax.contrib's function of the same name, for fastopt's state). Before the first
-    step :math:`x = y`. Jit it, or call it outside jit."""
+    step :math:`x = y`. With master weights :math:`y` is their float32 copy
+    (``state.master_param``). Jit it, or call it outside jit."""
     if not isinstance(state, ScheduleFreeState):
         raise TypeError(f"state: expected the ScheduleFreeState of fastopt.jax."
                         f"schedule_free_adamw or schedule_free_sgd, got "
@@ -2495,6 +2605,9 @@ def schedule_free_eval_params(state, params):
     _, (paths, leaves, treedef), dtype = _params(params)
     zs = _like(state.z, "state.z", paths, leaves, treedef,
                None if dtype == np.float64 else (dtype, *_STATE_DTYPES.values()))
+    if state.master_param is not None:
+        leaves = _like(state.master_param, "state.master_param", paths, leaves, treedef,
+                       (np.dtype(np.float32),))
     compute = np.dtype(np.float32) if dtype in _LOWP else dtype
     weight = jnp.asarray(state.eval_weight).astype(compute)  # the host's, rounded
 

@@ -147,7 +147,9 @@ def test_is_an_optax_transformation():
     _assert_equal(state.exp_avg, jax.tree.map(jnp.zeros_like, params))
     assert repr(opt.update.__self__).startswith("fastopt.jax.adamw(learning_rate=0.001, b1=0.9")
     assert fjax.sgd(0.1).init(params) == fjax.SGDState(count=jnp.int32(0))
-    assert set(fjax.lion(0.1).init(params)._fields) == {"count", "exp_avg"}
+    state = fjax.lion(0.1).init(params)
+    assert set(state._fields) == {"count", "exp_avg", "master_param"}
+    assert state.master_param is None  # float32 parameters: no master weights
 
 
 def test_docstring_examples():
@@ -244,7 +246,7 @@ def test_adan_matches_the_array_api(hyper, dtype):
     want = jax.tree.unflatten(jax.tree.structure(params), leaves)
     for got_params, got_state in got:
         _assert_close(got_params, want, STEPS)
-        for field in got_state._fields[1:]:
+        for field in got_state._fields[1:-1]:  # the arrays (not master_param, None)
             _assert_close(getattr(got_state, field), jax.tree.unflatten(
                 jax.tree.structure(params), [opt.state[i][field] for i in range(len(leaves))]),
                 STEPS)
@@ -281,7 +283,7 @@ def test_rprop_matches_the_array_api(hyper, dtype):
     step, update = got[1], got[0]
     same(step[0], want)
     _assert_close(update[0], want, STEPS)  # apply_updates adds the update: one rounding
-    for field in step[1]._fields[1:]:
+    for field in step[1]._fields[1:-1]:  # the arrays (not master_param, None)
         same(getattr(step[1], field), jax.tree.unflatten(
             jax.tree.structure(params), [opt.state[i][field] for i in range(len(leaves))]))
 
@@ -1036,6 +1038,7 @@ def test_maximize_and_max_grad_value_act_on_the_gradients(name, hyper):
     _assert_equal(got, want)
 
 
+@pytest.mark.parametrize("master", [False, True], ids=["", "master"])
 @pytest.mark.parametrize("stochastic", [True, False], ids=["sr", "rne"])
 @pytest.mark.parametrize("name, hyper, cls, chyper, param, grad, state", [
     ("adamw", dict(learning_rate=1e-2, weight_decay=0.1), "AdamW",
@@ -1046,13 +1049,16 @@ def test_maximize_and_max_grad_value_act_on_the_gradients(name, hyper):
      "bfloat16", "bfloat16"),
     ("adam", dict(learning_rate=1e-2), "Adam", dict(lr=1e-2), "float32", "float32",
      "bfloat16"),
+    ("adadelta", dict(learning_rate=0.5, weight_decay=0.01), "Adadelta",
+     dict(lr=0.5, weight_decay=0.01), "bfloat16", "float32", None),
 ])
 def test_low_precision_is_the_array_apis(name, hyper, cls, chyper, param, grad, state,
-                                         stochastic):
+                                         stochastic, master):
     """bfloat16 / float16 parameters (with gradients of their dtype or float32) and
-    bfloat16 state: 6 jitted steps equal the array API's storage formats with the same seed bit for
-    bit, stochastic rounding and round-to-nearest alike (x64 on, so that the step sizes
-    are computed in float64 as on the host)."""
+    bfloat16 state, with and without master weights: 6 jitted steps equal the array API's
+    storage formats with the same seed bit for bit, the master weights too, stochastic
+    rounding and round-to-nearest alike (x64 on, so that the step sizes are computed in
+    float64 as on the host). Float32 parameters keep no master weights."""
     from fastopt._interop import bfloat16
     dtypes = {"bfloat16": bfloat16(), "float16": np.dtype(np.float16),
               "float32": np.dtype(np.float32)}
@@ -1064,7 +1070,7 @@ def test_low_precision_is_the_array_apis(name, hyper, cls, chyper, param, grad, 
     grads = [[g.astype(dtypes[grad]) for g in gs] for gs in grads]
     with jax.enable_x64(True):
         tx = getattr(fjax, name)(**hyper, state_dtype=state, stochastic_rounding=stochastic,
-                                 seed=7)
+                                 master_weights=master, seed=7)
         got, opt_state = [jnp.asarray(x) for x in params], None
         opt_state = tx.init(got)
         step = jax.jit(tx.step)
@@ -1072,7 +1078,7 @@ def test_low_precision_is_the_array_apis(name, hyper, cls, chyper, param, grad, 
             got, opt_state = step(got, [jnp.asarray(x) for x in g], opt_state)
     want = [x.copy() for x in params]
     opt = getattr(fastopt, cls)(want, **chyper, state_dtype=state,
-                                stochastic_rounding=stochastic, seed=7)
+                                stochastic_rounding=stochastic, master_weights=master, seed=7)
     for g in grads:
         opt.step(g)
     for x, y in zip(got, want):
@@ -1089,9 +1095,15 @@ def test_low_precision_is_the_array_apis(name, hyper, cls, chyper, param, grad, 
         y = y.astype(np.float32)
         np.testing.assert_allclose(np.asarray(x, np.float32), y, rtol=0,
                                    atol=np.finfo(dt).eps * np.max(np.abs(y)))
+    has_master = master and param != "float32"
+    assert (opt_state.master_param is not None) == has_master
+    assert all(("master_param" in opt.state[k]) == has_master for k in range(len(shapes)))
     for field in opt_state._fields[1:]:
+        if getattr(opt_state, field) is None:
+            continue
         for k, leaf in enumerate(getattr(opt_state, field)):
-            assert leaf.dtype == (bfloat16() if state else np.float32)
+            assert leaf.dtype == (bfloat16() if state and field != "master_param"
+                                  else np.float32)
             np.testing.assert_array_equal(
                 np.asarray(leaf).reshape(-1).view(np.uint8),
                 np.asarray(opt.state[k][field]).reshape(-1).view(np.uint8))
@@ -1109,6 +1121,93 @@ def test_low_precision_state_dict_round_trip():
         assert back.exp_avg[0].dtype == state_dtype
         _assert_equal(back, state)
         _assert_equal(tx.load_state_dict({"state": {}}, params), tx.init(params))
+
+
+def test_master_weights_in_place_resume_and_errors():
+    """Master weights: the donated step updates the bfloat16 parameters, their float32
+    copies and the state in place, with no copy in the compiled program; the copies are
+    init's parameters in float32, round to the parameters at every step (to nearest by
+    default), go through state_dict to the array API and back, and a skipped step leaves
+    them. A state without them, or with them where none are kept, is refused."""
+    rng = np.random.default_rng(21)
+    params = {"big": jnp.asarray(rng.standard_normal((300, 250)), jnp.bfloat16),
+              "small": jnp.asarray(rng.standard_normal(7), jnp.bfloat16)}
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
+                          params) for _ in range(4)]
+    tx = fjax.adamw(1e-2, weight_decay=0.1, master_weights=True, skip_nonfinite=True)
+    state = tx.init(params)
+    for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(state.master_param)):
+        assert m.dtype == jnp.float32
+        np.testing.assert_array_equal(m, np.asarray(p, np.float32))
+    step = jax.jit(tx.step, donate_argnums=(0, 2))
+    text = step.lower(params, grads[0], state).compile().as_text()
+    assert not re.search(r"\scopy(-start)?\(", text), text
+    want = jax.tree.map(jnp.copy, (params, state))
+    for g in grads[:2]:
+        want = jax.jit(tx.step)(want[0], g, want[1])
+    buffers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves((params, state))]
+    for g in grads[:2]:
+        params, state = step(params, g, state)
+        assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves((params, state))] == buffers
+    _assert_equal((params, state), want)
+    for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(state.master_param)):
+        np.testing.assert_array_equal(np.asarray(p), np.asarray(m.astype(jnp.bfloat16)))
+    # a step with a NaN gradient changes nothing, the copies neither
+    bad = jax.tree.map(lambda g: g.at[0].set(np.nan), grads[2])
+    _assert_equal(jax.jit(tx.step)(params, bad, state), (params, state))
+    # to the array API and back: both continue alike
+    saved = tx.state_dict(state)
+    assert saved["state"][0]["master_param"].dtype == np.float32
+    arrays = [np.array(x) for x in jax.tree.leaves(params)]
+    twin = fastopt.AdamW(arrays, lr=1e-2, weight_decay=0.1, master_weights=True,
+                         skip_nonfinite=True)
+    twin.load_state_dict(saved)
+    twin.step([np.asarray(g) for g in jax.tree.leaves(grads[3])])
+    back = tx.load_state_dict(twin.state_dict(), params)
+    _assert_equal(back.master_param, jax.tree.map(
+        np.asarray, jax.tree.unflatten(jax.tree.structure(params),
+                                       [twin.state[k]["master_param"] for k in range(2)])))
+    with jax.enable_x64(True):  # the step sizes in float64, as on the host
+        resumed, _ = jax.jit(tx.step)(params, grads[3], state)
+    for a, b in zip(jax.tree.leaves(resumed), arrays):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), b.view(np.uint16))
+    # not stepped yet: the parameters' copies, as init's
+    _assert_equal(tx.load_state_dict({"state": {}}, params).master_param,
+                  tx.init(params).master_param)
+    with pytest.raises(ValueError, match="state.master_param: expected the float32 copies of "
+                       "the bfloat16 parameters"):
+        tx.step(params, grads[0], fjax.adamw(1e-2).init(params))
+    with pytest.raises(ValueError, match="state.master_param: expected None"):
+        fjax.adamw(1e-2).step(params, grads[0], state)
+    with pytest.raises(TypeError, match="master_weights must be"):
+        fjax.sgd(1e-2, master_weights="yes")
+    assert "master_weights=True" in repr(tx.update.__self__)
+
+
+def test_schedule_free_master_weights_evaluate_the_copies():
+    """Schedule-Free with master weights: the jitted steps are the array API's bit for bit,
+    and the evaluation point is computed from the float32 copies, as AdamWScheduleFree's
+    eval() computes it."""
+    rng = np.random.default_rng(22)
+    shapes = [(40, 30), (5,)]
+    params = [rng.standard_normal(sh).astype(np.float32).astype(jnp.bfloat16) for sh in shapes]
+    grads = [[rng.standard_normal(sh).astype(np.float32) for sh in shapes] for _ in range(5)]
+    with jax.enable_x64(True):
+        tx = fjax.schedule_free_adamw(1e-2, warmup_steps=2, master_weights=True)
+        got = [jnp.asarray(x) for x in params]
+        state = tx.init(got)
+        for g in grads:
+            got, state = jax.jit(tx.step)(got, [jnp.asarray(x) for x in g], state)
+        x = jax.jit(fjax.schedule_free_eval_params)(state, got)
+    want = [np.array(x) for x in params]
+    opt = fastopt.AdamWScheduleFree(want, lr=1e-2, warmup_steps=2, master_weights=True)
+    for g in grads:
+        opt.step(g)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), b.view(np.uint16))
+    opt.eval()
+    for a, b in zip(x, opt.params()):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), b.view(np.uint16))
 
 
 def test_stochastic_rounding_does_not_stall():

@@ -623,6 +623,13 @@ def _python_case():
     (dict(n_threads=2.0), TypeError, "n_threads: expected an integer >= 1, got float"),
     (dict(n_threads=True), TypeError, "n_threads: expected an integer >= 1, got a bool"),
     (dict(delta=1), TypeError, "delta: expected a bool, got int"),
+    (dict(shadow=lambda c: c["params"]), ValueError,
+     "shadow: only with formats, and not with delta"),
+    (dict(formats=(False, np.zeros((2, 2), np.uint32), 1),
+          shadow=lambda c: [c["params"][0].astype(np.float16)] * 2), ValueError,
+     r"shadow\[1\]: expected the shape of params\[1\], \(5,\), got \(4, 3\)"),
+    (dict(formats=(False, np.zeros((2, 2), np.uint32), 1), shadow=lambda c: c["params"]),
+     TypeError, r"shadow\[0\]: expected bfloat16 or float16 \(as shadow\[0\]\), got float32"),
 ])
 def test_python_checks(change, error, match):
     before = jax.config.jax_enable_x64
@@ -692,6 +699,16 @@ SGD_RECORD = np.zeros(32, np.uint8)
      "tensor 0, mask: expected uint8, got int32"),
     ((SGD_RECORD, P3, P3), 1, dict(delta=np.int32(1)),
      "attribute delta: expected an int64 scalar"),
+    ((SGD_RECORD, P3, P3, P3), 2, dict(shadow=np.int64(1), results=(1, 3)),
+     "attribute shadow: only with formats, not with delta"),
+    ((SGD_RECORD, P3, P3, P3, np.zeros((1, 2), np.int32), np.int32(0)), 2,
+     dict(shadow=np.int64(1), formats=np.int64(1), results=(1, 3)),
+     "tensor 0: with shadow, expected a float32 param .the master copy. and a bfloat16 or "
+     "float16 shadow, got float32 and float32"),
+    ((SGD_RECORD, P3, P3.astype(np.float16), P3.astype(jnp.bfloat16),
+      np.zeros((1, 2), np.int32), np.int32(0)), 2,
+     dict(shadow=np.int64(1), formats=np.int64(1), results=(1, 3)),
+     "tensor 0, grad: expected the parameter's dtype or float32, got float16"),
 ])
 def test_handler_checks(operands, n_results, attributes, match):
     """A bad call reaching the C handler raises jax's error with the handler's message,

@@ -7,17 +7,19 @@
  * update in the grad slot, the tensor's factor as a cautious step's):
  *   attributes  kernel (string, its name), n_tensors (int64), n_threads (int64: OpenMP
  *               threads at most; small steps take fewer, as the Cython driver does), and
- *               optionally delta, into_grad, count, masked, formats and stochastic
- *               (int64, 0 or 1; default 0)
+ *               optionally delta, into_grad, count, masked, formats, stochastic and
+ *               shadow (int64, 0 or 1; default 0)
  *   arguments   0: the kernel's fo_<args>_args_<f32|f64> struct as bytes (1-D uint8,
  *               zero-padded to a multiple of 8: fastopt._rules.pack), then per tensor:
  *               param, grad, then its n_state state arrays, then (a cautious step) its
- *               factor: one element of the param's dtype, then (masked) its pruning mask:
- *               uint8 of the param's element count (0 prunes an entry: the new param and
- *               the new state are +0 there), or of none (no mask)
+ *               factor: one element of the param's dtype, then (shadow) the low-precision
+ *               parameter, then (masked) its pruning mask: uint8 of the param's element
+ *               count (0 prunes an entry: the new param and the new state are +0 there),
+ *               or of none (no mask)
  *   results     per tensor: the new param (with delta: the new param minus the param, in
  *               the param's dtype, as optax's updates; with into_grad: the new param, which
- *               may share the grad's buffer), then its n_state new state arrays
+ *               may share the grad's buffer), then its n_state new state arrays, then
+ *               (shadow) the new low-precision parameter
  * With formats the kernel computes in float32 on operands stored as float32, bfloat16 or
  * float16 (format_loops.h, as the Cython driver's storage formats): the param bfloat16,
  * float16 or float32, the grad the param's dtype or float32, each state array any of the
@@ -26,6 +28,12 @@
  * nearest even. Two more arguments follow the tensors': the keys (int32 of shape
  * (n_tensors, 2), the uint32 bits of fastopt._backends._formats.tensor_key) and the step (a
  * 0-d int32). No cautious steps with formats.
+ * With shadow (formats only, not with delta) the param is the float32 master copy of a
+ * bfloat16 or float16 parameter (master weights, as the Cython driver's): the kernel updates
+ * it in float32, and the shadow result receives the new master rounded to the parameter's
+ * format (stochastically with the param's random bits, or to nearest even); the shadow
+ * argument is not read (it is there to be aliased to its result), and the grad may be of
+ * the shadow's dtype or float32.
  * With count the kernel is a cautious count kernel (FO_CAUTION_COUNTS): nothing is written
  * but the one result, an int32 array holding per tensor how many of its elements agree (the
  * cautious option's K summed, as the Cython driver's caution_counts).
@@ -265,7 +273,7 @@ static fo_xla_error *fo_xla_flag_attr(const fo_xla_call_frame *call, int64_t i, 
 static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_xla_kernel **k,
                                        int64_t *n_tensors, int64_t *n_threads, int64_t *delta,
                                        int64_t *into_grad, int64_t *count, int64_t *masked,
-                                       int64_t *formats, int64_t *stochastic)
+                                       int64_t *formats, int64_t *stochastic, int64_t *shadow)
 {
     int64_t i;
     fo_xla_error *err;
@@ -273,7 +281,7 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
     const fo_xla_kernel *e;
     *k = NULL;
     *n_tensors = *n_threads = -1;
-    *delta = *into_grad = *count = *masked = *formats = *stochastic = 0;
+    *delta = *into_grad = *count = *masked = *formats = *stochastic = *shadow = 0;
     for (i = 0; i < call->attrs.size; i++) {
         const fo_xla_bytespan *name = call->attrs.names[i];
         if (fo_xla_name_is(name, "kernel")) {
@@ -296,10 +304,12 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
             if ((err = fo_xla_flag_attr(call, i, formats)) != NULL) return err;
         } else if (fo_xla_name_is(name, "stochastic")) {
             if ((err = fo_xla_flag_attr(call, i, stochastic)) != NULL) return err;
+        } else if (fo_xla_name_is(name, "shadow")) {
+            if ((err = fo_xla_flag_attr(call, i, shadow)) != NULL) return err;
         } else {
             return FO_XLA_INVALID(call->api, "unexpected attribute '%.*s' (it takes kernel, "
                                   "n_tensors, n_threads, delta, into_grad, count, masked, "
-                                  "formats and stochastic)",
+                                  "formats, stochastic and shadow)",
                                   (int)(name->len < 64 ? name->len : 64), name->ptr);
         }
     }
@@ -319,6 +329,8 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
         return FO_XLA_INVALID(call->api, "attribute into_grad: not with delta or formats");
     if (*formats && *k != NULL && (*k)->n_aux > 0)
         return FO_XLA_INVALID(call->api, "attribute formats: not with a cautious step");
+    if (*shadow && (!*formats || *delta))
+        return FO_XLA_INVALID(call->api, "attribute shadow: only with formats, not with delta");
     if (*k == NULL || *n_tensors < 0 || *n_threads < 1 || *n_threads > INT_MAX)
         return FO_XLA_INVALID(call->api, "expected the attributes kernel (a kernel name), "
                               "n_tensors >= 0 and n_threads in [1, %d]", INT_MAX);
@@ -326,8 +338,10 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
 }
 
 /* per tensor: param in, param out, grad, the S state results, the A one-element operands
-   (the kernel's operands), then the S state inputs and the mask (NULL: none) */
-static int fo_xla_width(const fo_xla_kernel *k) { return 4 + 2 * k->n_state + k->n_aux; }
+   (the kernel's operands), the shadow result (NULL: none; formats have no A, so it is the
+   format chunk's operand after the kernel's), then the S state inputs and the mask (NULL:
+   none) */
+static int fo_xla_width(const fo_xla_kernel *k) { return 5 + 2 * k->n_state + k->n_aux; }
 
 /* out[i] = new[i] - old[i] over m elements stored as `code` (FO_FMT_F32, _BF16, _F16), the
    delta attribute's result: in bfloat16 or float16 the difference is computed in float32 and
@@ -443,7 +457,7 @@ static void fo_xla_delta_formats(char **p, ptrdiff_t t, ptrdiff_t lo, ptrdiff_t 
 static void fo_xla_run_chunk(const fo_xla_pass *pass, ptrdiff_t c)
 {
     const fo_xla_kernel *k = pass->k;
-    const int n_state = k->n_state, in = 3 + n_state + k->n_aux, width = fo_xla_width(k);
+    const int n_state = k->n_state, in = 4 + n_state + k->n_aux, width = fo_xla_width(k);
     const ptrdiff_t t = pass->chunk[3 * c], lo = pass->chunk[3 * c + 1],
                     n = pass->chunk[3 * c + 2];
     char **p = pass->ptr + t * width;
@@ -494,9 +508,10 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     fo_xla_error *err;
     fo_xla_dtype dtype;
     int64_t i, t, n_tensors, n_threads, delta, into_grad, counting, masked, formats, stochastic,
-        n_args, n_rets, n_chunks = 0, total = 0;
+        shadow, n_args, n_rets, n_chunks = 0, total = 0;
     int n_state, n_aux, per, width, f64, s, nt, *counted = NULL;
-    fo_xla_dtype dt[FO_FORMAT_OPS]; /* each kernel operand's dtype (param out: the param's) */
+    /* each kernel operand's dtype (param out: the param's), then the shadow's */
+    fo_xla_dtype dt[FO_FORMAT_OPS + 1];
     fo_xla_pass pass;
     fo_format_args fa;
     ptrdiff_t size, n, c, lo, *count, *chunk;
@@ -514,26 +529,27 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     if (call->stage != FO_XLA_STAGE_EXECUTE)
         return NULL;
     if ((err = fo_xla_attributes(call, &k, &n_tensors, &n_threads, &delta, &into_grad,
-                                 &counting, &masked, &formats, &stochastic)) != NULL)
+                                 &counting, &masked, &formats, &stochastic, &shadow)) != NULL)
         return err;
 
     /* operand counts and kinds */
     n_state = k->n_state;
     n_aux = k->n_aux;
-    per = 2 + n_state + n_aux + (int)masked; /* arguments per tensor */
+    per = 2 + n_state + n_aux + (int)shadow + (int)masked; /* arguments per tensor */
     width = fo_xla_width(k);
     if (n_tensors > call->args.size)
         return FO_XLA_INVALID(call->api, "n_tensors is %lld, but the call has %lld arguments",
                               (long long)n_tensors, (long long)call->args.size);
     n_args = 1 + n_tensors * per + (formats ? 2 : 0);
-    n_rets = counting ? 1 : n_tensors * (1 + n_state);
+    n_rets = counting ? 1 : n_tensors * (1 + n_state + shadow);
     if (call->args.size != n_args || call->rets.size != n_rets)
         return FO_XLA_INVALID(call->api, "kernel %s over %lld tensors takes %lld arguments (the "
-                              "struct, then per tensor param, grad, %d state, %d factor and "
-                              "%d mask, then %d keys and step) and gives %lld results, got "
-                              "%lld and %lld", k->name, (long long)n_tensors, (long long)n_args,
-                              n_state, n_aux, (int)masked, formats ? 1 : 0, (long long)n_rets,
-                              (long long)call->args.size, (long long)call->rets.size);
+                              "struct, then per tensor param, grad, %d state, %d factor, %d "
+                              "shadow and %d mask, then %d keys and step) and gives %lld "
+                              "results, got %lld and %lld", k->name, (long long)n_tensors,
+                              (long long)n_args, n_state, n_aux, (int)shadow, (int)masked,
+                              formats ? 1 : 0, (long long)n_rets, (long long)call->args.size,
+                              (long long)call->rets.size);
     for (i = 0; i < n_args; i++)
         if (call->args.types[i] != FO_XLA_ARG_BUFFER)
             return FO_XLA_INVALID(call->api, "argument %lld: expected a buffer", (long long)i);
@@ -559,15 +575,25 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     dtype = ((const fo_xla_buffer *)call->args.args[1])->dtype;
     memset(&pass, 0, sizeof pass);
     if (formats) { /* tensor 0's dtypes, which every tensor must have */
+        fo_xla_dtype low = dtype; /* the parameter's own: the shadow's with a shadow */
+        if (shadow) {
+            low = ((const fo_xla_buffer *)call->args.args[3 + n_state])->dtype;
+            if (dtype != FO_XLA_F32 || (low != FO_XLA_BF16 && low != FO_XLA_F16))
+                return FO_XLA_INVALID(call->api, "tensor 0: with shadow, expected a float32 "
+                                      "param (the master copy) and a bfloat16 or float16 "
+                                      "shadow, got %s and %s", fo_xla_dtype_name(dtype),
+                                      fo_xla_dtype_name(low));
+            dt[3 + n_state] = low;
+        }
         if (fo_xla_format(dtype) < 0)
             return FO_XLA_INVALID(call->api, "tensor 0, param: expected float32, bfloat16 or "
                                   "float16 with formats, got %s", fo_xla_dtype_name(dtype));
         for (s = 0; s < 3 + n_state; s++) {
             dt[s] = s < 2 ? dtype : ((const fo_xla_buffer *)call->args.args[s])->dtype;
-            if (fo_xla_format(dt[s]) < 0 || (s == 2 && dt[2] != dtype && dt[2] != FO_XLA_F32))
+            if (fo_xla_format(dt[s]) < 0 || (s == 2 && dt[2] != low && dt[2] != FO_XLA_F32))
                 return FO_XLA_INVALID(call->api, "tensor 0, %s: expected %s, got %s",
                                       s == 2 ? "grad" : "state", s == 2
-                                      ? "the param's dtype or float32"
+                                      ? "the parameter's dtype or float32"
                                       : "float32, bfloat16 or float16",
                                       fo_xla_dtype_name(dt[s]));
             pass.itemsize[s] = dt[s] == FO_XLA_F32 ? 4 : 2;
@@ -600,7 +626,8 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     ptr = (char **)(count + n_tensors);
     for (t = 0; t < n_tensors; t++) {
         fo_xla_buffer *const *a = (fo_xla_buffer *const *)call->args.args + 1 + t * per;
-        fo_xla_buffer *const *r = (fo_xla_buffer *const *)call->rets.rets + t * (1 + n_state);
+        fo_xla_buffer *const *r = (fo_xla_buffer *const *)call->rets.rets
+                                  + t * (1 + n_state + shadow);
         char **p = ptr + t * width;
         if ((err = fo_xla_check(call, a[0], dt[0], -1, t, "param", -1, &n)) != NULL
             || (err = fo_xla_check(call, a[1], dt[2], n, t, "grad", -1, &n)) != NULL
@@ -618,10 +645,19 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
                                     &one)) != NULL)
                 goto fail;
         }
+        p[3 + n_state + n_aux] = NULL;
+        if (shadow) {
+            if ((err = fo_xla_check(call, a[2 + n_state + n_aux], dt[3 + n_state], n, t,
+                                    "shadow", -1, &n)) != NULL
+                || (err = fo_xla_check(call, r[1 + n_state], dt[3 + n_state], n, t,
+                                       "new shadow", -1, &n)) != NULL)
+                goto fail;
+            p[3 + n_state + n_aux] = (char *)r[1 + n_state]->data;
+        }
         p[width - 1] = NULL;
         if (masked) {
             ptrdiff_t m;
-            const fo_xla_buffer *b = a[2 + n_state + n_aux];
+            const fo_xla_buffer *b = a[2 + n_state + n_aux + shadow];
             if ((err = fo_xla_check(call, b, FO_XLA_U8, -1, t, "mask", -1, &m)) != NULL)
                 goto fail;
             if (m != 0 && m != n) {
@@ -642,7 +678,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         p[2] = (char *)a[1]->data;
         for (s = 0; s < n_state; s++) {
             p[3 + s] = (char *)(counting ? a[2 + s] : r[1 + s])->data;
-            p[3 + n_state + n_aux + s] = (char *)a[2 + s]->data;
+            p[4 + n_state + n_aux + s] = (char *)a[2 + s]->data;
         }
         for (s = 0; s < n_aux; s++)
             p[3 + n_state + s] = (char *)a[2 + n_state + s]->data;
@@ -668,7 +704,8 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         fa.step = (fo_u64)*(const fo_u32 *)step->data;
         fa.n_ops = 3 + n_state;
         fa.stochastic = (int)stochastic;
-        for (s = 0; s < 3 + n_state; s++) fa.code[s] = fo_xla_format(dt[s]);
+        fa.shadow = (int)shadow;
+        for (s = 0; s < 3 + n_state + shadow; s++) fa.code[s] = fo_xla_format(dt[s]);
         pass.fa = &fa;
     }
 
