@@ -18,6 +18,7 @@ import threading
 import numpy as np
 
 from fastopt import _interop, _rules
+from fastopt._backends import _formats
 from fastopt._cpu import _xla
 
 TARGET = _xla.ELEMENTWISE  # "fastopt_elementwise_v1"
@@ -25,6 +26,9 @@ KERNELS = _xla.KERNELS     # {kernel name: number of state operands (a factor in
 COUNTS = _xla.COUNTS       # the same of the cautious count kernels
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+# 8-bit state: elements per block scale, and the dynamic maps (signed, unsigned)
+_Q8_BLOCK = _formats.BLOCK
+_QMAPS = np.stack([_formats.QMAPS[_formats.Q8S], _formats.QMAPS[_formats.Q8U]])
 _register_lock = threading.Lock()
 _registered = False
 
@@ -70,7 +74,7 @@ def record_bytes(args, dtype, scalars):
 
 
 def elementwise(kernel, record, params, grads, states, n_threads, delta=False, masks=None,
-                formats=None, into_grad=False, shadow=None):
+                formats=None, into_grad=False, shadow=None, scales=None):
     """One step of elementwise kernel `kernel` over many tensors, as one XLA custom call on
     jax's CPU backend; works eagerly and inside ``jax.jit`` (and ``jax.vmap``, one call per
     batch element).
@@ -110,12 +114,19 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
             its entry of `params`; the kernel updates the copy, and the parameter gets the
             new copy rounded (as the array API's ``master_weights``); the gradients may be
             of the parameters' dtype or float32. Each is aliased to its result and not read.
+        scales: None, or (with `formats`) blockwise 8-bit state: the state arrays that are
+            uint8 (the same for every tensor) hold the codes of the array API's
+            ``state_dtype="int8"`` (the signed map for the states of
+            fastopt._rules.SIGNED_STATE, else the unsigned one), and scales[t] lists their
+            block scales in state order, float32 of ceil(size / 256) elements each, updated
+            with them (aliased to results).
 
     Returns:
-        (new_params, new_states), and with `shadow` the new parameters third: lists shaped
-        as `params`, `states` and `shadow` (with `delta`, the differences in place of the
-        new parameters). For "lamb_update" (the first pass of Lamb) the "new parameter" is
-        the update direction u, which the caller scales per tensor and applies.
+        (new_params, new_states), with `shadow` the new parameters after them and with
+        `scales` the new block scales last: lists shaped as `params`, `states`, `shadow`
+        and `scales` (with `delta`, the differences in place of the new parameters). For
+        "lamb_update" (the first pass of Lamb) the "new parameter" is the update direction
+        u, which the caller scales per tensor and applies.
 
     Each state array is aliased to its result, and each parameter too unless `delta`: when a
     jitted function donates them, XLA updates their buffers in place; otherwise it copies
@@ -136,7 +147,16 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
         raise ValueError(f"formats: not with the cautious step {name!r}")
     params, grads, states, dtype = _operands(
         name, n_state, n_aux, params, grads, states, formats is not None,
-        None if shadow is None else shadow[0].dtype)
+        None if shadow is None else shadow[0].dtype, scales is not None)
+    quantized = [k for k, x in enumerate(states[0]) if np.dtype(x.dtype) == np.uint8] \
+        if states else []
+    if scales is not None:
+        if formats is None:
+            raise ValueError("scales: only with formats")
+        scales = _scales(scales, params, quantized)
+    elif quantized:
+        raise ValueError("states: uint8 (8-bit) state arrays need their block scales "
+                         "(scales=)")
     n_threads = _threads(n_threads)
     for flag, value in (("delta", delta), ("into_grad", into_grad)):
         if not isinstance(value, (bool, np.bool_)):
@@ -168,6 +188,10 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
             aliases[len(operands)] = len(results)
             results.append(jax.ShapeDtypeStruct(shadow[t].shape, shadow[t].dtype))
             operands.append(shadow[t])
+        for x in scales[t] if quantized else ():
+            aliases[len(operands)] = len(results)
+            results.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
+            operands.append(x)
         if masks is not None:
             operands.append(masks[t])
     extra = {}
@@ -183,17 +207,25 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
         extra = dict(formats=np.int64(1), stochastic=np.int64(bool(stochastic)))
         if shadow is not None:
             extra["shadow"] = np.int64(1)
+        if quantized:
+            names = _rules.ALL_KERNELS[name].state
+            operands += [jnp.asarray(_QMAPS), jnp.asarray(_qtables())]
+            extra["q8_unsigned"] = np.int64(sum(1 << k for k in quantized
+                                                if names[k] not in _rules.SIGNED_STATE))
     out = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases,
                            vmap_method="sequential")(
         *operands, kernel=name, n_tensors=np.int64(n), n_threads=np.int64(n_threads),
         delta=np.int64(bool(delta)), into_grad=np.int64(bool(into_grad)),
         masked=np.int64(masks is not None), **extra)
-    step = 1 + n_state - n_aux + (shadow is not None)
+    n_q = len(quantized) if scales is not None else 0
+    step = 1 + n_state - n_aux + (shadow is not None) + n_q
     new = ([out[t * step] for t in range(n)],
            [list(out[t * step + 1:t * step + 1 + n_state - n_aux]) for t in range(n)])
-    if shadow is None:
-        return new
-    return new + ([out[(t + 1) * step - 1] for t in range(n)],)
+    if shadow is not None:
+        new += ([out[t * step + 1 + n_state] for t in range(n)],)
+    if scales is not None:
+        new += ([list(out[(t + 1) * step - n_q:(t + 1) * step]) for t in range(n)],)
+    return new
 
 
 def caution_counts(kernel, record, params, grads, states, n_threads):
@@ -247,6 +279,36 @@ def _masks(masks, params):
     return None if all(m is None for m in masks) else out
 
 
+def _scales(scales, params, quantized):
+    """The block scales of the 8-bit state arrays (states `quantized`), checked: per tensor
+    one float32 array of ceil(size / 256) elements for each."""
+    if not isinstance(scales, (list, tuple)) or len(scales) != len(params):
+        raise ValueError(f"scales: expected a list of {len(params)} lists (one per tensor) "
+                         f"of block scales")
+    out = []
+    for t, (xs, p) in enumerate(zip(scales, params)):
+        xs = _array_list(xs, f"scales[{t}]")
+        if len(xs) != len(quantized):
+            raise ValueError(f"scales[{t}]: expected the block scales of the {len(quantized)} "
+                             f"uint8 state arrays, got {len(xs)}")
+        blocks = -(-int(np.prod(p.shape)) // _Q8_BLOCK)
+        for k, x in enumerate(xs):
+            if np.dtype(x.dtype) != np.float32 or int(np.prod(x.shape)) != blocks:
+                raise ValueError(f"scales[{t}][{k}]: expected float32 of {blocks} elements "
+                                 f"(one per {_Q8_BLOCK} of params[{t}]), got {x.dtype} "
+                                 f"{tuple(x.shape)}")
+        out.append(xs)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _qtables():
+    """The quantizer's lookup tables of the two maps, as the handler takes them: the uint32
+    bits as int32."""
+    from fastopt._cpu import _optim
+    return np.stack([_optim.q8_table(m) for m in _QMAPS]).view(np.int32)
+
+
 def _shadow(shadow, params):
     """The low-precision parameters of master weights, checked: one per tensor, all
     bfloat16 or all float16, each its master copy's shape."""
@@ -268,12 +330,14 @@ def _shadow(shadow, params):
     return shadow
 
 
-def _operands(name, n_state, n_aux, params, grads, states, formats=False, low=None):
+def _operands(name, n_state, n_aux, params, grads, states, formats=False, low=None,
+              q8=False):
     """(params, grads, states, dtype), checked: lists of one dtype's arrays, one entry per
     tensor, each tensor's `n_state` state operands its parameter's shape but the last
     `n_aux` (one element each). With `formats`: parameters float32, bfloat16 or float16,
     gradients of their dtype (of `low`, the shadow's, where given) or float32, each state
-    array any of the three, the same for every tensor."""
+    array any of the three (or with `q8`, uint8: 8-bit codes), the same for every
+    tensor."""
     import jax
 
     params = _array_list(params, "params")
@@ -311,9 +375,11 @@ def _operands(name, n_state, n_aux, params, grads, states, formats=False, low=No
         for k, x in enumerate((params[t], grads[t], *states[t])):
             what = (f"params[{t}]", f"grads[{t}]")[k] if k < 2 else f"states[{t}][{k - 2}]"
             if formats and k < len(first):  # as tensor 0's operand
-                if np.dtype(x.dtype) != first[k] or first[k] not in lowp:
+                if np.dtype(x.dtype) != first[k] or (
+                        first[k] not in lowp and not (q8 and k >= 2 and first[k] == np.uint8)):
                     raise TypeError(f"{what}: expected {first[k]} (float32, bfloat16 or "
-                                    f"float16, as for tensor 0), got {x.dtype}")
+                                    f"float16{', uint8 for state' if q8 else ''}, as for "
+                                    f"tensor 0), got {x.dtype}")
             elif np.dtype(x.dtype) != dtype:
                 raise TypeError(f"{what}: expected {dtype} as params[0], got {x.dtype}")
             if k >= 2 + n_state - n_aux:  # a factor

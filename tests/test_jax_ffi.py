@@ -498,6 +498,80 @@ def test_formats_are_the_cython_drivers(kernel, param, grad, state, stochastic):
         np.testing.assert_array_equal(_bytes(d), _bytes(diff))
 
 
+@pytest.mark.parametrize("stochastic", [True, False], ids=["sr", "rne"])
+@pytest.mark.parametrize("kernel, param", [
+    ("adam", "float32"), ("adam", "bfloat16"), ("sgd_momentum", "float16"),
+    ("adadelta", "float32"), ("lion", "bfloat16"),
+])
+def test_8bit_state_is_the_cython_drivers(kernel, param, stochastic):
+    """formats with 8-bit state: the uint8 codes and their block scales (the signed map
+    for first moments, the unsigned one for second moments) are updated as the Cython
+    driver's storage formats update them, bit for bit, on 1 and 2 threads, with separate
+    result buffers (eager: the scales copied chunk by chunk) and donated ones (in place),
+    delta too; tensors of several chunks and a partial last block."""
+    from fastopt._backends import _formats
+    from fastopt._interop import bfloat16
+    dt = {"bfloat16": bfloat16(), "float16": np.dtype(np.float16),
+          "float32": np.dtype(np.float32)}[param]
+    scalars = _hyper(kernel, np.float32)
+    shapes = ((70001,), (300, 50), (4097,))
+    params, grads, values = _case(kernel, np.float32, shapes=shapes, seed=10)
+    params = [x.astype(dt) for x in params]
+    names = _rules.KERNELS[kernel].state
+    codes = [_formats.Q8S if name in _rules.SIGNED_STATE else _formats.Q8U for name in names]
+    states, scales = [], []
+    for vs in values:
+        pairs = [_quantized(v * 0.1, c) for v, c in zip(vs, codes)]
+        states.append([c for c, _ in pairs])
+        scales.append([a for _, a in pairs])
+    keys = np.array([_formats.tensor_key(5, t) for t in range(len(params))], np.uint32)
+    record = _jax_ffi.record_bytes(_rules.KERNELS[kernel].args, np.float32, scalars)
+    want_p = [x.copy() for x in params]
+    want_s = [[x.copy() for x in ss] for ss in states]
+    want_a = [[x.copy() for x in ss] for ss in scales]
+    n_state = len(names)
+    storage = (_formats.code_of(dt),) * 2 + (_formats.F32,) + tuple(codes)
+    _cython.elementwise(kernel, (want_p, want_p, grads) + tuple(
+        [ss[k] for ss in want_s] for k in range(n_state)),
+        _rules.KERNELS[kernel].args.record(np.float32, scalars), 1,
+        formats=_formats.Formats(storage, stochastic, 7, keys, False,
+                                 tuple([a[k] for a in want_a] for k in range(n_state))))
+
+    def check(got):
+        for x, y in zip(got[0], want_p):
+            np.testing.assert_array_equal(_bytes(x), _bytes(y))
+        for xs, ys in zip(got[1] + got[2], want_s + want_a):
+            for x, y in zip(xs, ys):
+                np.testing.assert_array_equal(_bytes(x), _bytes(y))
+
+    def call(r, p, g, s, a, n_threads, delta=False):
+        return _jax_ffi.elementwise(kernel, r, p, g, s, n_threads, delta=delta,
+                                    formats=(stochastic, keys, jnp.int32(7)), scales=a)
+
+    for n_threads in (1, 2):
+        check(call(record, params, grads, states, scales, n_threads))  # eager: new buffers
+        donated = jax.jit(call, static_argnums=5, donate_argnums=(1, 3, 4))
+        args = [jax.tree.map(jnp.array, x) for x in (params, states, scales)]
+        pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(args)]
+        got = donated(record, args[0], grads, args[1], args[2], n_threads)
+        assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(got)] == pointers
+        check(got)
+    deltas, new_s, new_a = call(record, params, grads, states, scales, 2, delta=True)
+    check((want_p, new_s, new_a))
+    for d, new, old in zip(deltas, want_p, params):
+        diff = (new.astype(np.float32) - old.astype(np.float32)).astype(dt)
+        np.testing.assert_array_equal(_bytes(d), _bytes(diff))
+
+
+def _quantized(values, code):
+    """(codes, block scales) of float32 `values` in 8-bit map `code`."""
+    from fastopt._backends import _formats
+    codes = np.empty(values.shape, np.uint8)
+    absmax = np.empty(-(-values.size // _formats.BLOCK), np.float32)
+    _formats.q8_store(codes, absmax, values, code)
+    return codes, absmax
+
+
 def _bytes(x):
     return np.asarray(x).reshape(-1).view(np.uint8)
 

@@ -8,18 +8,20 @@
  *   attributes  kernel (string, its name), n_tensors (int64), n_threads (int64: OpenMP
  *               threads at most; small steps take fewer, as the Cython driver does), and
  *               optionally delta, into_grad, count, masked, formats, stochastic and
- *               shadow (int64, 0 or 1; default 0)
+ *               shadow (int64, 0 or 1; default 0) and q8_unsigned (int64, a bit mask of
+ *               state indices; default 0)
  *   arguments   0: the kernel's fo_<args>_args_<f32|f64> struct as bytes (1-D uint8,
  *               zero-padded to a multiple of 8: fastopt._rules.pack), then per tensor:
  *               param, grad, then its n_state state arrays, then (a cautious step) its
  *               factor: one element of the param's dtype, then (shadow) the low-precision
- *               parameter, then (masked) its pruning mask: uint8 of the param's element
- *               count (0 prunes an entry: the new param and the new state are +0 there),
- *               or of none (no mask)
+ *               parameter, then the block scales of each 8-bit state array, then (masked)
+ *               its pruning mask: uint8 of the param's element count (0 prunes an entry:
+ *               the new param and the new state are +0 there), or of none (no mask)
  *   results     per tensor: the new param (with delta: the new param minus the param, in
  *               the param's dtype, as optax's updates; with into_grad: the new param, which
  *               may share the grad's buffer), then its n_state new state arrays, then
- *               (shadow) the new low-precision parameter
+ *               (shadow) the new low-precision parameter, then the new block scales of
+ *               each 8-bit state array
  * With formats the kernel computes in float32 on operands stored as float32, bfloat16 or
  * float16 (format_loops.h, as the Cython driver's storage formats): the param bfloat16,
  * float16 or float32, the grad the param's dtype or float32, each state array any of the
@@ -34,6 +36,12 @@
  * format (stochastically with the param's random bits, or to nearest even); the shadow
  * argument is not read (it is there to be aliased to its result), and the grad may be of
  * the shadow's dtype or float32.
+ * With formats a state array may also be blockwise 8-bit (uint8 codes, as the Cython
+ * driver's state_dtype "int8"): its block scales (float32, one per FO_Q8_BLOCK elements)
+ * follow the tensor's other arguments and results, and two more arguments follow the keys
+ * and the step: the two dynamic maps (float32 of shape (2, 256), signed then unsigned) and
+ * their fo_q8_table tables (the uint32 bits as int32, of shape (2, FO_Q8_TABLE)). State s takes the unsigned
+ * map where bit s of q8_unsigned is set, else the signed one.
  * With count the kernel is a cautious count kernel (FO_CAUTION_COUNTS): nothing is written
  * but the one result, an int32 array holding per tensor how many of its elements agree (the
  * cautious option's K summed, as the Cython driver's caution_counts).
@@ -273,7 +281,8 @@ static fo_xla_error *fo_xla_flag_attr(const fo_xla_call_frame *call, int64_t i, 
 static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_xla_kernel **k,
                                        int64_t *n_tensors, int64_t *n_threads, int64_t *delta,
                                        int64_t *into_grad, int64_t *count, int64_t *masked,
-                                       int64_t *formats, int64_t *stochastic, int64_t *shadow)
+                                       int64_t *formats, int64_t *stochastic, int64_t *shadow,
+                                       int64_t *q8_unsigned)
 {
     int64_t i;
     fo_xla_error *err;
@@ -282,6 +291,7 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
     *k = NULL;
     *n_tensors = *n_threads = -1;
     *delta = *into_grad = *count = *masked = *formats = *stochastic = *shadow = 0;
+    *q8_unsigned = 0;
     for (i = 0; i < call->attrs.size; i++) {
         const fo_xla_bytespan *name = call->attrs.names[i];
         if (fo_xla_name_is(name, "kernel")) {
@@ -306,10 +316,12 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
             if ((err = fo_xla_flag_attr(call, i, stochastic)) != NULL) return err;
         } else if (fo_xla_name_is(name, "shadow")) {
             if ((err = fo_xla_flag_attr(call, i, shadow)) != NULL) return err;
+        } else if (fo_xla_name_is(name, "q8_unsigned")) {
+            if ((err = fo_xla_int_attr(call, i, q8_unsigned)) != NULL) return err;
         } else {
             return FO_XLA_INVALID(call->api, "unexpected attribute '%.*s' (it takes kernel, "
                                   "n_tensors, n_threads, delta, into_grad, count, masked, "
-                                  "formats, stochastic and shadow)",
+                                  "formats, stochastic, shadow and q8_unsigned)",
                                   (int)(name->len < 64 ? name->len : 64), name->ptr);
         }
     }
@@ -331,6 +343,10 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
         return FO_XLA_INVALID(call->api, "attribute formats: not with a cautious step");
     if (*shadow && (!*formats || *delta))
         return FO_XLA_INVALID(call->api, "attribute shadow: only with formats, not with delta");
+    if (*k != NULL && (*q8_unsigned < 0 || *q8_unsigned >= (int64_t)1 << (*k)->n_state))
+        return FO_XLA_INVALID(call->api, "attribute q8_unsigned: expected a bit mask of the "
+                              "%d state arrays, got %lld", (*k)->n_state,
+                              (long long)*q8_unsigned);
     if (*k == NULL || *n_tensors < 0 || *n_threads < 1 || *n_threads > INT_MAX)
         return FO_XLA_INVALID(call->api, "expected the attributes kernel (a kernel name), "
                               "n_tensors >= 0 and n_threads in [1, %d]", INT_MAX);
@@ -339,9 +355,12 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
 
 /* per tensor: param in, param out, grad, the S state results, the A one-element operands
    (the kernel's operands), the shadow result (NULL: none; formats have no A, so it is the
-   format chunk's operand after the kernel's), then the S state inputs and the mask (NULL:
-   none) */
-static int fo_xla_width(const fo_xla_kernel *k) { return 5 + 2 * k->n_state + k->n_aux; }
+   format chunk's operand after the kernel's), the S state inputs, the Q block scale results
+   and the Q block scale inputs of the 8-bit state arrays, then the mask (NULL: none) */
+static int fo_xla_width(const fo_xla_kernel *k, int n_q)
+{
+    return 5 + 2 * k->n_state + k->n_aux + 2 * n_q;
+}
 
 /* out[i] = new[i] - old[i] over m elements stored as `code` (FO_FMT_F32, _BF16, _F16), the
    delta attribute's result: in bfloat16 or float16 the difference is computed in float32 and
@@ -371,7 +390,9 @@ typedef struct {
     const fo_xla_kernel *k;
     int f64, delta;             /* delta: 1 the attribute delta, 2 into_grad */
     const void *args;           /* the struct */
-    char **ptr;                 /* fo_xla_width pointers per tensor */
+    char **ptr;                 /* width pointers per tensor */
+    int width, n_q;             /* fo_xla_width; the 8-bit state arrays */
+    int q_state[FO_FORMAT_OPS]; /* the state index of each 8-bit state array */
     const ptrdiff_t *chunk;     /* (tensor, lo, n) per chunk */
     fo_count_fn cfn;            /* counting: the count kernel's function, else NULL */
     int *counted;               /* counting: per chunk */
@@ -446,7 +467,8 @@ static void fo_xla_delta_formats(char **p, ptrdiff_t t, ptrdiff_t lo, ptrdiff_t 
 
 /*
  * Chunk c of the plan: `chunk` holds (tensor, lo, n) triples, `ptr` per tensor the
- * fo_xla_width pointers. The state inputs are copied into the results first where XLA gave
+ * fo_xla_width pointers. The state inputs (block scales too) are copied into the results
+ * first where XLA gave
  * separate buffers; the kernel runs; a mask zeroes the pruned entries of the param and state
  * results; with `delta` the param result is its difference from the param, block by block
  * (fo_xla_delta_chunk, fo_xla_delta_formats; into_grad: the new param, block by block, so
@@ -457,7 +479,8 @@ static void fo_xla_delta_formats(char **p, ptrdiff_t t, ptrdiff_t lo, ptrdiff_t 
 static void fo_xla_run_chunk(const fo_xla_pass *pass, ptrdiff_t c)
 {
     const fo_xla_kernel *k = pass->k;
-    const int n_state = k->n_state, in = 4 + n_state + k->n_aux, width = fo_xla_width(k);
+    const int n_state = k->n_state, in = 4 + n_state + k->n_aux, width = pass->width,
+              q_out = in + n_state;
     const ptrdiff_t t = pass->chunk[3 * c], lo = pass->chunk[3 * c + 1],
                     n = pass->chunk[3 * c + 2];
     char **p = pass->ptr + t * width;
@@ -471,6 +494,12 @@ static void fo_xla_run_chunk(const fo_xla_pass *pass, ptrdiff_t c)
         const size_t size = pass->itemsize[3 + s];
         if (p[3 + s] != p[in + s])
             memcpy(p[3 + s] + lo * size, p[in + s] + lo * size, n * size);
+    }
+    for (s = 0; s < pass->n_q; s++) { /* a chunk starts a block: its blocks are its own */
+        const ptrdiff_t b0 = lo / FO_Q8_BLOCK, nb = (n + FO_Q8_BLOCK - 1) / FO_Q8_BLOCK;
+        char *out = p[q_out + s], *from = p[q_out + pass->n_q + s];
+        if (out != from)
+            memcpy(out + b0 * sizeof(float), from + b0 * sizeof(float), nb * sizeof(float));
     }
     if (pass->fa != NULL) { /* masks inside, before the rounding */
         fo_format_args fa = *pass->fa;
@@ -508,8 +537,8 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     fo_xla_error *err;
     fo_xla_dtype dtype;
     int64_t i, t, n_tensors, n_threads, delta, into_grad, counting, masked, formats, stochastic,
-        shadow, n_args, n_rets, n_chunks = 0, total = 0;
-    int n_state, n_aux, per, width, f64, s, nt, *counted = NULL;
+        shadow, q8_unsigned, n_args, n_rets, n_chunks = 0, total = 0;
+    int n_state, n_aux, n_q = 0, per, width, f64, s, nt, *counted = NULL;
     /* each kernel operand's dtype (param out: the param's), then the shadow's */
     fo_xla_dtype dt[FO_FORMAT_OPS + 1];
     fo_xla_pass pass;
@@ -529,26 +558,34 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     if (call->stage != FO_XLA_STAGE_EXECUTE)
         return NULL;
     if ((err = fo_xla_attributes(call, &k, &n_tensors, &n_threads, &delta, &into_grad,
-                                 &counting, &masked, &formats, &stochastic, &shadow)) != NULL)
+                                 &counting, &masked, &formats, &stochastic, &shadow,
+                                 &q8_unsigned)) != NULL)
         return err;
 
-    /* operand counts and kinds */
+    /* operand counts and kinds: with formats, tensor 0's uint8 state arrays are 8-bit */
     n_state = k->n_state;
     n_aux = k->n_aux;
-    per = 2 + n_state + n_aux + (int)shadow + (int)masked; /* arguments per tensor */
-    width = fo_xla_width(k);
+    memset(&pass, 0, sizeof pass);
     if (n_tensors > call->args.size)
         return FO_XLA_INVALID(call->api, "n_tensors is %lld, but the call has %lld arguments",
                               (long long)n_tensors, (long long)call->args.size);
-    n_args = 1 + n_tensors * per + (formats ? 2 : 0);
-    n_rets = counting ? 1 : n_tensors * (1 + n_state + shadow);
+    if (formats && n_tensors > 0 && call->args.size >= 3 + n_state)
+        for (s = 0; s < n_state; s++)
+            if (call->args.types[3 + s] == FO_XLA_ARG_BUFFER
+                && ((const fo_xla_buffer *)call->args.args[3 + s])->dtype == FO_XLA_U8)
+                pass.q_state[n_q++] = s;
+    per = 2 + n_state + n_aux + (int)shadow + n_q + (int)masked; /* arguments per tensor */
+    width = fo_xla_width(k, n_q);
+    n_args = 1 + n_tensors * per + (formats ? 2 : 0) + (n_q ? 2 : 0);
+    n_rets = counting ? 1 : n_tensors * (1 + n_state + shadow + n_q);
     if (call->args.size != n_args || call->rets.size != n_rets)
         return FO_XLA_INVALID(call->api, "kernel %s over %lld tensors takes %lld arguments (the "
                               "struct, then per tensor param, grad, %d state, %d factor, %d "
-                              "shadow and %d mask, then %d keys and step) and gives %lld "
-                              "results, got %lld and %lld", k->name, (long long)n_tensors,
-                              (long long)n_args, n_state, n_aux, (int)shadow, (int)masked,
-                              formats ? 1 : 0, (long long)n_rets, (long long)call->args.size,
+                              "shadow, %d block scales and %d mask, then %d keys and step, "
+                              "%d maps and tables) and gives %lld results, got %lld and %lld",
+                              k->name, (long long)n_tensors, (long long)n_args, n_state, n_aux,
+                              (int)shadow, n_q, (int)masked, formats ? 1 : 0, n_q ? 1 : 0,
+                              (long long)n_rets, (long long)call->args.size,
                               (long long)call->rets.size);
     for (i = 0; i < n_args; i++)
         if (call->args.types[i] != FO_XLA_ARG_BUFFER)
@@ -573,7 +610,6 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     if (n_tensors == 0)
         return NULL;
     dtype = ((const fo_xla_buffer *)call->args.args[1])->dtype;
-    memset(&pass, 0, sizeof pass);
     if (formats) { /* tensor 0's dtypes, which every tensor must have */
         fo_xla_dtype low = dtype; /* the parameter's own: the shadow's with a shadow */
         if (shadow) {
@@ -590,13 +626,14 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
                                   "float16 with formats, got %s", fo_xla_dtype_name(dtype));
         for (s = 0; s < 3 + n_state; s++) {
             dt[s] = s < 2 ? dtype : ((const fo_xla_buffer *)call->args.args[s])->dtype;
-            if (fo_xla_format(dt[s]) < 0 || (s == 2 && dt[2] != low && dt[2] != FO_XLA_F32))
+            if ((fo_xla_format(dt[s]) < 0 && !(s > 2 && dt[s] == FO_XLA_U8))
+                || (s == 2 && dt[2] != low && dt[2] != FO_XLA_F32))
                 return FO_XLA_INVALID(call->api, "tensor 0, %s: expected %s, got %s",
                                       s == 2 ? "grad" : "state", s == 2
                                       ? "the parameter's dtype or float32"
-                                      : "float32, bfloat16 or float16",
+                                      : "float32, bfloat16, float16 or uint8 (8-bit)",
                                       fo_xla_dtype_name(dt[s]));
-            pass.itemsize[s] = dt[s] == FO_XLA_F32 ? 4 : 2;
+            pass.itemsize[s] = dt[s] == FO_XLA_F32 ? 4 : dt[s] == FO_XLA_U8 ? 1 : 2;
         }
         f64 = 0;
     } else {
@@ -627,7 +664,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     for (t = 0; t < n_tensors; t++) {
         fo_xla_buffer *const *a = (fo_xla_buffer *const *)call->args.args + 1 + t * per;
         fo_xla_buffer *const *r = (fo_xla_buffer *const *)call->rets.rets
-                                  + t * (1 + n_state + shadow);
+                                  + t * (1 + n_state + shadow + n_q);
         char **p = ptr + t * width;
         if ((err = fo_xla_check(call, a[0], dt[0], -1, t, "param", -1, &n)) != NULL
             || (err = fo_xla_check(call, a[1], dt[2], n, t, "grad", -1, &n)) != NULL
@@ -654,10 +691,24 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
                 goto fail;
             p[3 + n_state + n_aux] = (char *)r[1 + n_state]->data;
         }
+        for (s = 0; s < n_q; s++) { /* the block scales of the 8-bit state arrays */
+            const fo_xla_buffer *in = a[2 + n_state + n_aux + shadow + s];
+            const fo_xla_buffer *res = r[1 + n_state + shadow + s];
+            const ptrdiff_t blocks = (n + FO_Q8_BLOCK - 1) / FO_Q8_BLOCK;
+            ptrdiff_t m;
+            if ((err = fo_xla_check(call, in, FO_XLA_F32, blocks, t, "block scales of state",
+                                    pass.q_state[s], &m)) != NULL
+                || (err = fo_xla_check(call, res, FO_XLA_F32, blocks, t,
+                                       "new block scales of state", pass.q_state[s], &m))
+                       != NULL)
+                goto fail;
+            p[4 + 2 * n_state + n_aux + s] = (char *)res->data;
+            p[4 + 2 * n_state + n_aux + n_q + s] = (char *)in->data;
+        }
         p[width - 1] = NULL;
         if (masked) {
             ptrdiff_t m;
-            const fo_xla_buffer *b = a[2 + n_state + n_aux + shadow];
+            const fo_xla_buffer *b = a[2 + n_state + n_aux + shadow + n_q];
             if ((err = fo_xla_check(call, b, FO_XLA_U8, -1, t, "mask", -1, &m)) != NULL)
                 goto fail;
             if (m != 0 && m != n) {
@@ -687,8 +738,9 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         total += n;
     }
     if (formats) { /* the keys and the step of the random bits, then the formats' arguments */
-        const fo_xla_buffer *keys = (const fo_xla_buffer *)call->args.args[n_args - 2];
-        const fo_xla_buffer *step = (const fo_xla_buffer *)call->args.args[n_args - 1];
+        const int64_t at = 1 + n_tensors * per; /* the keys */
+        const fo_xla_buffer *keys = (const fo_xla_buffer *)call->args.args[at];
+        const fo_xla_buffer *step = (const fo_xla_buffer *)call->args.args[at + 1];
         if (keys->dtype != FO_XLA_S32 || keys->rank != 2 || keys->dims == NULL
             || keys->dims[0] != n_tensors || keys->dims[1] != 2 || keys->data == NULL
             || step->dtype != FO_XLA_S32 || step->rank != 0 || step->data == NULL) {
@@ -706,6 +758,30 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         fa.stochastic = (int)stochastic;
         fa.shadow = (int)shadow;
         for (s = 0; s < 3 + n_state + shadow; s++) fa.code[s] = fo_xla_format(dt[s]);
+        if (n_q) { /* the maps and their tables */
+            const fo_xla_buffer *maps = (const fo_xla_buffer *)call->args.args[at + 2];
+            const fo_xla_buffer *tables = (const fo_xla_buffer *)call->args.args[at + 3];
+            if (maps->dtype != FO_XLA_F32 || maps->rank != 2 || maps->dims == NULL
+                || maps->dims[0] != 2 || maps->dims[1] != 256 || maps->data == NULL
+                || tables->dtype != FO_XLA_S32 || tables->rank != 2 || tables->dims == NULL
+                || tables->dims[0] != 2 || tables->dims[1] != FO_Q8_TABLE
+                || tables->data == NULL) {
+                err = FO_XLA_INVALID(call->api, "with 8-bit state, the last two arguments: "
+                                     "the maps, float32 of shape (2, 256), and their tables, "
+                                     "int32 of shape (2, %d) (the uint32 bits)",
+                                     (int)FO_Q8_TABLE);
+                goto fail;
+            }
+            fa.qmaps = (const float *)maps->data;
+            fa.qtables = (const fo_u32 *)tables->data;
+            fa.vbmi = fo_q8_vbmi();
+            fo_q8_planes(&fa);
+            for (s = 0; s < n_q; s++) {
+                const int op = 3 + pass.q_state[s];
+                fa.code[op] = (q8_unsigned >> pass.q_state[s] & 1) ? FO_FMT_Q8U : FO_FMT_Q8S;
+                fa.scales[op] = 4 + 2 * n_state + n_aux + s;
+            }
+        }
         pass.fa = &fa;
     }
 
@@ -732,6 +808,8 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     pass.delta = delta ? 1 : into_grad ? 2 : 0;
     pass.args = args;
     pass.ptr = ptr;
+    pass.width = width;
+    pass.n_q = n_q;
     pass.chunk = chunk;
     pass.cfn = counting ? k->count[f64] : NULL;
     pass.counted = counted;
