@@ -145,9 +145,13 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
     n_state, n_aux = KERNELS[name], _rules.ALL_KERNELS[name].aux
     if formats is not None and n_aux:
         raise ValueError(f"formats: not with the cautious step {name!r}")
+    if shadow is not None:
+        if formats is None or delta:
+            raise ValueError("shadow: only with formats, and not with delta")
+        shadow = _shadow(shadow, params)
     params, grads, states, dtype = _operands(
         name, n_state, n_aux, params, grads, states, formats is not None,
-        None if shadow is None else shadow[0].dtype, scales is not None)
+        shadow[0].dtype if shadow else None, scales is not None)
     quantized = [k for k, x in enumerate(states[0]) if np.dtype(x.dtype) == np.uint8] \
         if states else []
     if scales is not None:
@@ -163,14 +167,10 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
             raise TypeError(f"{flag}: expected a bool, got {type(value).__name__}")
     if into_grad and (delta or formats is not None):
         raise ValueError("into_grad: not with delta or formats")
-    if shadow is not None:
-        if formats is None or delta:
-            raise ValueError("shadow: only with formats, and not with delta")
-        shadow = _shadow(shadow, params)
     masks = _masks(masks, params)
     n = len(params)
     if n == 0:
-        return [], []
+        return ([], []) + ([],) * ((shadow is not None) + (scales is not None))
     record = _record(record, name, np.dtype(np.float32) if formats is not None else dtype)
 
     register()

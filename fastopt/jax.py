@@ -46,7 +46,7 @@ from fastopt import _jax_ffi, _rules, _scalars
 from fastopt._backends import _formats
 from fastopt._check import flag, real
 from fastopt._config import check_threads, get_num_threads
-from fastopt.optim._base import MASTER
+from fastopt.optim._base import ABSMAX, MASTER, _q8_code
 
 __all__ = ["adam", "adamw", "sgd", "lion", "adamax", "adadelta", "adopt", "ademamix", "adan",
            "rprop", "asgd", "lamb", "muon", "prodigy", "schedule_free_adamw",
@@ -57,37 +57,57 @@ __all__ = ["adam", "adamw", "sgd", "lion", "adamax", "adadelta", "adopt", "adema
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _LOWP = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))  # computed in float32
-_STATE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
+# state_dtype="int8": blockwise 8-bit state, uint8 codes (tensors of MIN_QUANTIZED elements
+# or more; smaller ones keep float32 state, as the array API's)
+_U8 = np.dtype(np.uint8)
+_STATE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16),
+                 "int8": _U8}
+_QMAPS = {_formats.Q8S: jnp.asarray(_formats.QMAPS[_formats.Q8S]),
+          _formats.Q8U: jnp.asarray(_formats.QMAPS[_formats.Q8U])}
 _PARAMS = object()  # a state array's fill (_make): a copy of the parameter
+ABSMAX_FIELD = "absmax"  # the state's field of the block scales of 8-bit state
 
 
 class AdamState(NamedTuple):
     """The state of :func:`adam`, :func:`adamw`, :func:`adopt` and :func:`lamb`: the step
     count (an int32 scalar) and the moments m and v, each a pytree shaped like the
-    parameters (fastopt's and torch's names; optax calls them ``mu`` and ``nu``); with
-    ``master_weights``, the float32 copies of the parameters (None otherwise)."""
+    parameters (fastopt's and torch's names; optax calls them ``mu`` and ``nu``).
+
+    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
+    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
+    state array's block scales (see :func:`adam`); None otherwise."""
     count: Any
     exp_avg: Any
     exp_avg_sq: Any
     master_param: Any = None
+    absmax: Any = None
 
 
 class SGDState(NamedTuple):
     """The state of :func:`sgd`: the step count (an int32 scalar) and, with momentum, the
     momentum buffer, a pytree shaped like the parameters (optax's ``trace``); None
-    without momentum; with ``master_weights``, the float32 copies of the parameters."""
+    without momentum.
+
+    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
+    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
+    state array's block scales (see :func:`adam`); None otherwise."""
     count: Any
     momentum_buffer: Any = None
     master_param: Any = None
+    absmax: Any = None
 
 
 class LionState(NamedTuple):
     """The state of :func:`lion`: the step count (an int32 scalar) and the momentum m, a
-    pytree shaped like the parameters (optax's ``mu``); with ``master_weights``, the
-    float32 copies of the parameters."""
+    pytree shaped like the parameters (optax's ``mu``).
+
+    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
+    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
+    state array's block scales (see :func:`adam`); None otherwise."""
     count: Any
     exp_avg: Any
     master_param: Any = None
+    absmax: Any = None
 
 
 class FusedTransformation(optax.GradientTransformationExtraArgs):
@@ -225,7 +245,7 @@ class _Fused:
                           max_grad_value=max_grad_value, maximize=maximize,
                           skip_nonfinite=skip_nonfinite, n_threads=n_threads)
         if state_dtype is not None:
-            self.hyper["state_dtype"] = state_dtype.name
+            self.hyper["state_dtype"] = "int8" if state_dtype == _U8 else state_dtype.name
         if master_weights:
             self.hyper["master_weights"] = True
         if stochastic_rounding == master_weights or seed:
@@ -242,25 +262,44 @@ class _Fused:
         return FusedTransformation(self.init, self.update)
 
     def init(self, params):
-        params, _, dtype = _params(params)
-        state_dtype = self._state_dtype(dtype)
-        initial = {name: jax.tree.map(lambda p, name=name: self._initial(name, p, state_dtype),
-                                      params)
-                   for name in self.kernel.state}
+        params, (_, leaves, treedef), dtype = _params(params)
+        each = self._leaf_dtypes(dtype, leaves)
+        initial, scales = {}, {}
+        for name in self.kernel.state:
+            made = [self._initial(name, p, d) for p, d in zip(leaves, each)]
+            initial[name] = treedef.unflatten([a for a, _ in made])
+            scales[name] = treedef.unflatten([b for _, b in made])
         masters = None
         if self._has_master(dtype):  # copies of their own (donation)
             masters = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
         return self.state_cls(count=jnp.zeros([], jnp.int32), **self._carried_initial(),
-                              **initial, **self._absent(masters))
+                              **initial, **self._absent(masters, self._q8(scales)))
 
-    def _absent(self, masters=None):
+    def _absent(self, masters=None, scales=None):
         """None for each state field this configuration keeps no array in (Prodigy's
-        first moment with b1=0), and the master weights' field: `masters`."""
+        first moment with b1=0), and the master weights' and block scales' fields:
+        `masters` and `scales`."""
         absent = {name: None for name in self.state_cls._fields[1:]
                   if name not in self.kernel.state and name not in self.carried}
         if MASTER in absent:
             absent[MASTER] = masters
+        if ABSMAX_FIELD in absent:
+            absent[ABSMAX_FIELD] = scales
         return absent
+
+    def _q8(self, scales):
+        """The block scales' field: `scales` with 8-bit state, else None."""
+        return scales if self.state_dtype == _U8 else None
+
+    def _leaf_dtypes(self, dtype, leaves):
+        """Each parameter's state dtype (parameters of `dtype`): _state_dtype's, but with
+        state_dtype="int8" uint8 (8-bit codes) for tensors of MIN_QUANTIZED elements or
+        more and float32 for the others, as the array API's."""
+        state_dtype = self._state_dtype(dtype)
+        if state_dtype != _U8:
+            return [state_dtype] * len(leaves)
+        return [_U8 if leaf.size >= _formats.MIN_QUANTIZED else np.dtype(np.float32)
+                for leaf in leaves]
 
     def _has_master(self, dtype):
         """Whether parameters of `dtype` get master weights: bfloat16 and float16 ones,
@@ -268,11 +307,16 @@ class _Fused:
         return self.master_weights and dtype in _LOWP
 
     def _initial(self, name, param, dtype):
-        """State array `name` of `param` before its first step: 0, or the rule's fill."""
+        """(State array `name` of `param` before its first step: 0, or the rule's fill;
+        its block scales: float32 with 8-bit state (dtype uint8), else none)."""
         fill = self.fills.get(name, 0)
-        if fill is _PARAMS:
-            return jnp.array(param, dtype, copy=True)  # a buffer of its own (donation)
-        return jnp.full(param.shape, fill, dtype)
+        if dtype == _U8:
+            values = (param.astype(jnp.float32) if fill is _PARAMS
+                      else jnp.full(param.shape, fill, jnp.float32))
+            return _q8_quantize(values, _q8_code(name))
+        if fill is _PARAMS:  # a buffer of its own (donation)
+            return jnp.array(param, dtype, copy=True), jnp.zeros(0, jnp.float32)
+        return jnp.full(param.shape, fill, dtype), jnp.zeros(0, jnp.float32)
 
     def _carried_initial(self, values=None):
         """The carried scalars (0-d arrays of jax's default float type: float64 with
@@ -287,7 +331,7 @@ class _Fused:
         bfloat16 / float16 parameters (the parameters' dtype otherwise)."""
         if self.state_dtype is not None:
             if dtype == np.float64:
-                raise TypeError(f"state_dtype={self.state_dtype.name!r}: for float32, "
+                raise TypeError(f"state_dtype={_state_name(self.state_dtype)!r}: for float32, "
                                 f"bfloat16 or float16 parameters, not float64")
             return self.state_dtype
         return np.dtype(np.float32) if dtype in _LOWP else dtype
@@ -318,7 +362,10 @@ class _Fused:
             g if m is None else jnp.where(m, g, jnp.zeros_like(g)) for g, m in zip(grads, masks)]
         summed = [g.astype(compute) for g in summed]  # sums of low-precision ones in float32
         state_dtype = self._state_dtype(dtype)
-        count, states = self._state(state, paths, leaves, treedef, state_dtype)
+        each = self._leaf_dtypes(dtype, leaves)
+        self._count(state)  # the state's class first, then its block scales (their format)
+        scales = self._scales(state, paths, leaves, treedef, each)
+        count, states = self._state(state, paths, leaves, treedef, state_dtype, each)
         masters = self._masters(state, paths, leaves, treedef, dtype)
         # storage formats: float32 arithmetic on low-precision parameters, gradients or
         # state, the written ones rounded (stochastically: each tensor's key, the step)
@@ -327,8 +374,14 @@ class _Fused:
             if self.caution is not None or self.scaled is not None:
                 what = "(cautious=True)" if self.caution is not None else ""
                 raise TypeError(f"fastopt.jax.{self.name}{what}: not with {dtype} "
-                                f"parameters or {state_dtype} state yet (float32 or float64 "
-                                f"throughout)")
+                                f"parameters or {self.hyper.get('state_dtype', dtype)} state "
+                                f"yet (float32 or float64 throughout)")
+            if self.state_dtype == _U8 and any(_varying_axes(p) for p in leaves):
+                raise ValueError(f"fastopt.jax.{self.name}: state_dtype='int8' for parameters "
+                                 f"sharded under shard_map is not supported yet (the 8-bit "
+                                 f"blocks and which tensors are quantized would follow the "
+                                 f"shards, not the arrays): step them under plain jit, or "
+                                 f"keep float32 or bfloat16 state")
             if self.stochastic_rounding and any(_varying_axes(p) for p in leaves):
                 raise ValueError(f"fastopt.jax.{self.name}: stochastic rounding of parameters "
                                  f"sharded under shard_map is not supported yet (each shard "
@@ -362,7 +415,12 @@ class _Fused:
             record = (_record(self.kernel.args, compute, fields[0]),
                       _record(_rules.ALL_KERNELS["scaled_apply"].args, compute, fields[1]))
         operands = (record, leaves, grads, [list(s) for s in zip(*states)] if states
-                    else [[] for _ in leaves], masters)
+                    else [[] for _ in leaves], masters, scales)
+        # one kernel call per storage of the state: with 8-bit state, the tensors that keep
+        # float32 state (under MIN_QUANTIZED elements) in a call of their own
+        quantized = [t for t, d in enumerate(each) if d == _U8]
+        groups = [(ix, q) for ix, q in (([t for t, d in enumerate(each) if d != _U8], False),
+                                        (quantized, True)) if ix]
 
         kernel = self.kernel.name
         if self.caution is not None:  # the count pass's kernel and the state it reads
@@ -372,38 +430,60 @@ class _Fused:
         elif self.scaled is not None:
             kernel = ("scaled_apply", kernel, self.scaled)
 
-        def run(record, params, grads, states, masters):
-            if masters is None:
-                new, states = _kernel_call(self.name, kernel, self.n_threads, delta,
-                                           self.stochastic_rounding, record, params, grads,
-                                           states, masks, keys, None if keys is None else step)
-            else:  # the kernel updates the copies; the parameters get them rounded
-                masters, states, new = _kernel_call(
-                    self.name, kernel, self.n_threads, False, self.stochastic_rounding,
-                    record, masters, grads, states, masks, keys, step, params)
-                masters = _varying_lists(masters, params)
+        def run(record, params, grads, states, masters, scales):
+            n = len(params)
+            new, new_states = [None] * n, [None] * n
+            new_masters = None if masters is None else [None] * n
+            new_scales = None if scales is None else list(scales)
+            for ix, q in groups:
+                def sub(xs):
+                    return None if xs is None else [xs[t] for t in ix]
+                out = _kernel_call(
+                    self.name, kernel, self.n_threads, delta and masters is None,
+                    self.stochastic_rounding, record,
+                    sub(params) if masters is None else sub(masters), sub(grads), sub(states),
+                    sub(masks), None if keys is None else keys[ix],
+                    None if keys is None else step,
+                    # master weights: the kernel updates the copies, the parameters get
+                    # them rounded
+                    None if masters is None else sub(params), sub(scales) if q else None)
+                for k, t in enumerate(ix):
+                    new[t], new_states[t] = out[0][k], out[1][k]
+                    if masters is not None:
+                        new_masters[t], new[t] = new[t], out[2][k]
+                    if q:
+                        new_scales[t] = out[-1][k]
+            if masters is not None:
+                new_masters = _varying_lists(new_masters, params)
                 if delta:  # rounded as the handler's delta: a float32 difference, to nearest
                     new = [(n.astype(jnp.float32) - p.astype(jnp.float32)).astype(p.dtype)
                            for n, p in zip(new, params)]
+            if new_scales is not None:
+                new_scales = _varying_states(new_scales, params)
             # under shard_map a kernel's results carry no varying axes; skip's do
-            return _varying_lists(new, params), _varying_states(states, params), masters
+            return (_varying_lists(new, params), _varying_states(new_states, params),
+                    new_masters, new_scales)
 
         if self.skip_nonfinite:
-            def skip(record, params, grads, states, masters):  # nothing changes
+            def skip(record, params, grads, states, masters, scales):  # nothing changes
                 return ([jnp.zeros_like(p) for p in params] if delta else params, states,
-                        masters)
+                        masters, scales)
             finite = _count_nonfinite(summed) == 0
-            new, new_states, masters = jax.lax.cond(finite, run, skip, *operands)
+            new, new_states, masters, scales = jax.lax.cond(finite, run, skip, *operands)
             step = jnp.where(finite, step, count)
             new_carried = {name: jnp.where(finite, value, carried[name])
                            for name, value in new_carried.items()}
         else:
-            new, new_states, masters = run(*operands)
+            new, new_states, masters, scales = run(*operands)
+        names = self.kernel.state
         new_state = self.state_cls(count=step, **{
             name: jnp.asarray(value, carried[name].dtype) for name, value in new_carried.items()
         }, **{name: treedef.unflatten([s[k] for s in new_states])
-              for k, name in enumerate(self.kernel.state)},
-            **self._absent(None if masters is None else treedef.unflatten(masters)))
+              for k, name in enumerate(names)},
+            **self._absent(None if masters is None else treedef.unflatten(masters),
+                           None if scales is None else {
+                               name: treedef.unflatten([s[k] for s in scales])
+                               for k, name in enumerate(names)}))
         return treedef, new, new_state
 
     def _step_inputs(self, step, grads, masks):
@@ -427,6 +507,9 @@ class _Fused:
         arrays = {name: jax.tree.leaves(getattr(state, name)) for name in self.kernel.state}
         if getattr(state, MASTER, None) is not None:
             arrays[MASTER] = jax.tree.leaves(getattr(state, MASTER))
+        scales = getattr(state, ABSMAX_FIELD, None)
+        for name in scales or ():  # 8-bit state: the codes' block scales beside them
+            arrays[name + ABSMAX] = jax.tree.leaves(scales[name])
         n = len(next(iter(arrays.values()))) if arrays else 0
         if not arrays:  # SGD without momentum: no state, the count of parameters unknown
             raise ValueError(f"state_dict: fastopt.jax.{self.name} keeps no per-parameter "
@@ -439,7 +522,8 @@ class _Fused:
         # before the first step, no entries: the array API's state of parameters not
         # stepped yet (its numbers, such as Schedule-Free's, exist from the first step)
         entries = {i: {**({"step": count} if steps else {}), **numbers,
-                       **{name: np.asarray(leaves[i]) for name, leaves in arrays.items()}}
+                       **{name: np.asarray(leaves[i]) for name, leaves in arrays.items()
+                          if leaves[i].size or not name.endswith(ABSMAX)}}
                    for i in range(n)} if count else {}
         if not callable(self.learning_rate):
             group = dict(lr=self.learning_rate, **group)
@@ -447,24 +531,49 @@ class _Fused:
 
     def load_state_dict(self, state_dict, params):
         _, (paths, leaves, treedef), dtype = _params(params)
-        state_dtype = self._state_dtype(dtype)
+        each = self._leaf_dtypes(dtype, leaves)
         saved, count = _saved_entries(state_dict, len(leaves))
-        arrays = {}
+        arrays, scales = {}, {}
         for name in self.kernel.state:
-            out = []
-            for i, (path, leaf) in enumerate(zip(paths, leaves)):
+            out, blocks = [], []
+            for i, (path, leaf, state_dtype) in enumerate(zip(paths, leaves, each)):
                 entry = saved.get(i, {})
                 value = entry.get(name) if isinstance(entry, dict) else None
                 if value is None:  # not stepped yet: as init
-                    out.append(self._initial(name, leaf, state_dtype))
+                    made = self._initial(name, leaf, state_dtype)
+                    out.append(made[0])
+                    blocks.append(made[1])
                     continue
                 value = jnp.asarray(np.asarray(value))
                 if value.shape != leaf.shape or value.dtype != state_dtype:
                     raise ValueError(f"state_dict['state'][{i}][{name!r}]: expected "
-                                     f"{state_dtype} of the shape of params{path}, "
-                                     f"{leaf.shape}, got {value.dtype} {value.shape}")
+                                     f"{_state_name(state_dtype)} of the shape of "
+                                     f"params{path}, {leaf.shape}, got {value.dtype} "
+                                     f"{value.shape} (convert the state's format explicitly)")
                 out.append(value)
+                blocks.append(jnp.zeros(0, jnp.float32))
+                if state_dtype == _U8:
+                    key = name + ABSMAX
+                    absmax = entry.get(key)
+                    want = (-(-leaf.size // _formats.BLOCK),)
+                    absmax = None if absmax is None else jnp.asarray(np.asarray(absmax))
+                    if absmax is None or absmax.dtype != np.float32 or absmax.shape != want:
+                        raise ValueError(f"state_dict['state'][{i}][{key!r}]: expected the "
+                                         f"block scales of the 8-bit {name!r}, float32 of "
+                                         f"shape {want}, got {absmax!r:.80}")
+                    blocks[-1] = absmax
             arrays[name] = treedef.unflatten(out)
+            scales[name] = treedef.unflatten(blocks)
+        for i, entry in saved.items():  # what this transformation would drop
+            extra = [key for key in entry if (key == MASTER and not self._has_master(dtype))
+                     or (key.endswith(ABSMAX) and (
+                         i >= len(each) or each[i] != _U8
+                         or key[:-len(ABSMAX)] not in self.kernel.state))]
+            if extra:
+                raise ValueError(f"state_dict['state'][{i}]: {', '.join(map(repr, extra))} "
+                                 f"kept by the saving optimizer (master_weights, "
+                                 f"state_dtype='int8') but not by this transformation: make "
+                                 f"it with the same options, or convert the state first")
         masters = None
         if self._has_master(dtype):  # saved, or (not stepped yet) the parameters as init's
             masters = []
@@ -492,7 +601,7 @@ class _Fused:
                 carried[name] = values.pop()
         return self.state_cls(count=jnp.asarray(count, jnp.int32),
                               **self._carried_initial(carried), **arrays,
-                              **self._absent(masters))
+                              **self._absent(masters, self._q8(scales)))
 
     def _count(self, state):
         """The step count of `state`, which must be this transformation's state class; the
@@ -507,9 +616,9 @@ class _Fused:
             raise TypeError(f"state.count: expected an integer scalar array, got {count!r:.80}")
         return count
 
-    def _state(self, state, paths, leaves, treedef, state_dtype):
+    def _state(self, state, paths, leaves, treedef, state_dtype, each=None):
         """The step count and, per state array of the kernel, its leaves, checked against
-        the parameters'."""
+        the parameters' (of `state_dtype`, or each[i] for leaf i)."""
         cls = self.state_cls
         count = self._count(state)
         for name in self.carried:
@@ -519,14 +628,50 @@ class _Fused:
                 raise TypeError(f"state.{name}: expected a float scalar array, got "
                                 f"{value!r:.80}")
         for name in cls._fields[1:]:
-            if (name not in self.kernel.state and name not in self.carried and name != MASTER
-                    and getattr(state, name) is not None):
+            if (name not in self.kernel.state and name not in self.carried
+                    and name not in (MASTER, ABSMAX_FIELD) and getattr(state, name) is not None):
                 raise ValueError(f"state.{name}: expected None (fastopt.jax.{self.name} keeps "
                                  f"no {name} here), got a value: is this another "
                                  f"transformation's state?")
         states = [_like(getattr(state, name), f"state.{name}", paths, leaves, treedef,
-                        (state_dtype,)) for name in self.kernel.state]
+                        (state_dtype,), each) for name in self.kernel.state]
         return count, states
+
+    def _scales(self, state, paths, leaves, treedef, each):
+        """Per tensor, the block scales of its 8-bit state arrays (an empty float32 array
+        for each of a tensor that keeps float32 state), checked; None without 8-bit
+        state."""
+        value = getattr(state, ABSMAX_FIELD, None)
+        if self.state_dtype != _U8:
+            if value is not None:
+                raise ValueError(f"state.{ABSMAX_FIELD}: expected None (block scales are kept "
+                                 f"with state_dtype='int8'), got a value")
+            return None
+        names = self.kernel.state
+        if not isinstance(value, dict) or set(value) != set(names):
+            raise ValueError(f"state.{ABSMAX_FIELD}: expected a dict of the block scales of "
+                             f"{', '.join(names)} (state_dtype='int8'), got "
+                             f"{type(value).__name__}: make the state with this "
+                             f"transformation's init or load_state_dict")
+        per_name = []
+        for name in names:
+            where = f"state.{ABSMAX_FIELD}[{name!r}]"
+            flat, other = jax.tree.flatten(value[name])
+            if other != treedef:
+                raise ValueError(f"{where}: expected the tree structure of params, {treedef}, "
+                                 f"got {other}")
+            out = []
+            for path, leaf, d, x in zip(paths, leaves, each, flat):
+                x = _array(x, where + path)
+                want = (-(-leaf.size // _formats.BLOCK),) if d == _U8 else (0,)
+                if x.dtype != np.float32 or x.shape != want:
+                    raise ValueError(f"{where}{path}: expected float32 of shape {want} (one "
+                                     f"scale per {_formats.BLOCK} elements of a tensor of "
+                                     f"{_formats.MIN_QUANTIZED} or more, none for a smaller "
+                                     f"one), got {x.dtype} {x.shape}")
+                out.append(x)
+            per_name.append(out)
+        return [[xs[t] for xs in per_name] for t in range(len(leaves))]
 
     def _masters(self, state, paths, leaves, treedef, dtype):
         """The master weights' leaves (float32, checked against the parameters), or None
@@ -543,6 +688,32 @@ class _Fused:
                              f"parameters (master_weights=True), got None: make the state "
                              f"with this transformation's init or load_state_dict")
         return _like(value, f"state.{MASTER}", paths, leaves, treedef, (np.dtype(np.float32),))
+
+
+def _state_name(dtype):
+    """A state dtype as state_dtype names it: "int8" for the uint8 codes of 8-bit state."""
+    return "int8 (uint8 codes)" if dtype == _U8 else np.dtype(dtype).name
+
+
+def _q8_quantize(values, code):
+    """(codes, block scales) of float32 `values` in the 8-bit map `code`, as the array API's
+    quantizer (fastopt._backends._formats.q8_store, torchao's): per block of 256 elements
+    the scale max |x| (at least SCALE_MIN; NaN propagates), each element divided by it, the
+    map's code found by a binary search, from half the gap up the upper code."""
+    qmap = _QMAPS[code]
+    flat = values.reshape(-1)
+    size = flat.shape[0]
+    blocks = -(-size // _formats.BLOCK)
+    padded = jnp.zeros(blocks * _formats.BLOCK, jnp.float32).at[:size].set(flat)
+    scale = jnp.maximum(jnp.max(jnp.abs(padded.reshape(blocks, _formats.BLOCK)), axis=1),
+                        _formats.SCALE_MIN)
+    q = flat / jnp.repeat(scale, _formats.BLOCK)[:size]
+    c = jnp.where(q >= qmap[128], 128, 0)
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        c = c + jnp.where(q >= qmap[c + step], step, 0)
+    up = jnp.minimum(c + 1, 255)
+    c = jnp.where(q - qmap[c] >= (qmap[up] - qmap[c]) * np.float32(0.5), up, c)
+    return c.astype(jnp.uint8).reshape(values.shape), scale
 
 
 def _saved_entries(state_dict, n):
@@ -583,10 +754,10 @@ def _params(params):
     return treedef.unflatten(leaves), (paths, leaves, treedef), dtype
 
 
-def _like(tree, name, paths, leaves, treedef, dtypes=None):
+def _like(tree, name, paths, leaves, treedef, dtypes=None, each=None):
     """The leaves of `tree` (gradients or a state array), checked to have the parameters'
     tree structure, and each its parameter's shape and dtype (or one of `dtypes`, the same
-    for every leaf)."""
+    for every leaf; or each[i], a dtype per leaf)."""
     flat, other = jax.tree.flatten(tree)
     if other != treedef:
         raise ValueError(f"{name}: expected the tree structure of params, {treedef}, got "
@@ -595,7 +766,9 @@ def _like(tree, name, paths, leaves, treedef, dtypes=None):
     for path, param, leaf in zip(paths, leaves, flat):
         leaf = _array(leaf, f"{name}{path}")
         allowed = (param.dtype,) if dtypes is None else dtypes
-        if out:
+        if each is not None:
+            allowed = (each[len(out)],)
+        elif out:
             allowed = (out[0].dtype,)
         if leaf.dtype not in allowed:
             raise TypeError(f"{name}{path}: expected "
@@ -694,7 +867,7 @@ def _record(args, dtype, fields):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3, 4))
 def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, grads, states,
-                 masks, keys, step, shadow=None):
+                 masks, keys, step, shadow=None, scales=None):
     """The FFI call, with a derivative rule that says why there is none. `kernel` is the
     elementwise kernel's name, or for the cautious option (the count kernel, the indices of
     the state arrays it reads, the cautious step): the count pass, each tensor's factor
@@ -705,11 +878,13 @@ def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, gra
     (each tensor's Philox key) the operands are in storage formats, rounded stochastically
     (`stochastic`, with the bits of `step`) or to nearest even; with `shadow` (the
     low-precision parameters of master weights, `params` their float32 copies) the new
-    parameters are returned third (an elementwise kernel, no delta)."""
+    parameters are returned third (an elementwise kernel, no delta); with `scales` (the block
+    scales of 8-bit state, per tensor) the new ones last."""
     if isinstance(kernel, str):
         return _jax_ffi.elementwise(kernel, record, params, grads, states, n_threads,
                                     delta=delta, masks=masks, formats=None if keys is None
-                                    else (stochastic, keys, step), shadow=shadow)
+                                    else (stochastic, keys, step), shadow=shadow,
+                                    scales=scales)
     if kernel[0] == "scaled_apply":  # the update pass, each tensor's factor, the apply pass
         _, update, factors = kernel
         updates, states = _jax_ffi.elementwise(update, record[0], params, grads, states,
@@ -792,9 +967,8 @@ def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtyp
         except TypeError:
             name = None
         if name not in _STATE_DTYPES:
-            raise ValueError(f"state_dtype: expected None, 'float32' or 'bfloat16' (8-bit "
-                             f"state is not supported by fastopt.jax yet), got "
-                             f"{state_dtype!r:.60}")
+            raise ValueError(f"state_dtype: expected None, 'float32', 'bfloat16' or 'int8', "
+                             f"got {state_dtype!r:.60}")
         state_dtype = _STATE_DTYPES[name]
     master_weights = flag("master_weights", master_weights)
     if stochastic_rounding is not None:
@@ -923,9 +1097,13 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
             the state and the count stay as they were (``update`` returns zero updates),
             as :class:`fastopt.Adam`'s option. Default False.
         state_dtype (str or None): the state arrays' dtype: None (float32 for bfloat16 and
-            float16 parameters, else the parameters'), ``"float32"`` or ``"bfloat16"``.
-            Low-precision parameters or state are kept as the array API's storage formats
-            keep them: the kernel computes in float32 and rounds what it writes.
+            float16 parameters, else the parameters'), ``"float32"``, ``"bfloat16"`` or
+            ``"int8"`` (blockwise 8-bit: uint8 codes of tensors of 4096 elements or more,
+            their float32 block scales in the state's ``absmax`` field, a dict of pytrees
+            under the state arrays' names, an empty array for a smaller tensor, which keeps
+            float32 state). Low-precision parameters or state are kept as the array API's
+            storage formats keep them: the kernel computes in float32 and rounds (or
+            quantizes) what it writes.
         stochastic_rounding (bool or None): round the written bfloat16 / float16 values up
             with probability equal to the discarded fraction (Philox bits keyed by `seed`,
             the parameter's index in ``jax.tree.leaves`` order, the step count and the
@@ -1188,12 +1366,16 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
 class AdamaxState(NamedTuple):
     """The state of :func:`adamax`: the step count (an int32 scalar), the first moment m
     and the infinity moment u, each a pytree shaped like the parameters (torch's names;
-    optax calls them ``mu`` and ``nu``); with ``master_weights``, the float32 copies of
-    the parameters."""
+    optax calls them ``mu`` and ``nu``).
+
+    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
+    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
+    state array's block scales (see :func:`adam`); None otherwise."""
     count: Any
     exp_avg: Any
     exp_inf: Any
     master_param: Any = None
+    absmax: Any = None
 
 
 @_options_doc
@@ -1251,12 +1433,14 @@ class AdadeltaState(NamedTuple):
     averages of the squared gradients and of the squared updates, each a pytree shaped
     like the parameters (torch's names; optax calls them ``e_g`` and ``e_x``).
 
-    The last field, ``master_param``: with ``master_weights``, the float32 copies of
-    the parameters (None otherwise)."""
+    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
+    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
+    state array's block scales (see :func:`adam`); None otherwise."""
     count: Any
     square_avg: Any
     acc_delta: Any
     master_param: Any = None
+    absmax: Any = None
 
 
 @_options_doc
@@ -1402,13 +1586,15 @@ class AdEMAMixState(NamedTuple):
     slow first moments and the second moment, each a pytree shaped like the parameters
     (fastopt's names; optax calls them ``m1``, ``m2`` and ``nu``).
 
-    The last field, ``master_param``: with ``master_weights``, the float32 copies of
-    the parameters (None otherwise)."""
+    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
+    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
+    state array's block scales (see :func:`adam`); None otherwise."""
     count: Any
     exp_avg_fast: Any
     exp_avg_slow: Any
     exp_avg_sq: Any
     master_param: Any = None
+    absmax: Any = None
 
 
 @_options_doc
@@ -1501,14 +1687,16 @@ class AdanState(NamedTuple):
     and of the gradient's change, and the negated previous gradient (the authors' and
     :class:`fastopt.Adan`'s names).
 
-    The last field, ``master_param``: with ``master_weights``, the float32 copies of
-    the parameters (None otherwise)."""
+    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
+    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
+    state array's block scales (see :func:`adam`); None otherwise."""
     count: Any
     exp_avg: Any
     exp_avg_sq: Any
     exp_avg_diff: Any
     neg_pre_grad: Any
     master_param: Any = None
+    absmax: Any = None
 
 
 @_options_doc
@@ -2223,12 +2411,14 @@ class RpropState(NamedTuple):
     """The state of :func:`rprop`: the step count (an int32 scalar), the previous gradients
     and the step sizes, each a pytree shaped like the parameters (torch's names).
 
-    The last field, ``master_param``: with ``master_weights``, the float32 copies of
-    the parameters (None otherwise)."""
+    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
+    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
+    state array's block scales (see :func:`adam`); None otherwise."""
     count: Any
     prev: Any
     step_size: Any
     master_param: Any = None
+    absmax: Any = None
 
 
 @_options_doc
@@ -2301,11 +2491,13 @@ class ASGDState(NamedTuple):
     of the parameters, a pytree shaped like them (torch's name). The step's
     :math:`\eta` and :math:`\mu`, which torch keeps per parameter, follow from the count.
 
-    The last field, ``master_param``: with ``master_weights``, the float32 copies of
-    the parameters (None otherwise)."""
+    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
+    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
+    state array's block scales (see :func:`adam`); None otherwise."""
     count: Any
     ax: Any
     master_param: Any = None
+    absmax: Any = None
 
 
 @_options_doc
@@ -2395,8 +2587,11 @@ class ScheduleFreeState(NamedTuple):
     ``jax_enable_x64``, as the reference's Python floats; in float32 the sum, added once a
     step, loses accuracy over very long runs, as optax's does); the base sequence
     :math:`z` (a copy of the parameters made by ``init``) and, for AdamW, the second
-    moment, pytrees shaped like the parameters (the array API's names); with
-    ``master_weights``, the float32 copies of the parameters (:math:`y`)."""
+    moment, pytrees shaped like the parameters (the array API's names).
+
+    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
+    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
+    state array's block scales (see :func:`adam`); None otherwise."""
     count: Any
     eval_weight: Any
     lr_max: Any
@@ -2404,6 +2599,7 @@ class ScheduleFreeState(NamedTuple):
     z: Any
     exp_avg_sq: Any = None
     master_param: Any = None
+    absmax: Any = None
 
 
 _SCHEDULE_FREE_DOC = r"""

@@ -1051,14 +1051,19 @@ def test_maximize_and_max_grad_value_act_on_the_gradients(name, hyper):
      "bfloat16"),
     ("adadelta", dict(learning_rate=0.5, weight_decay=0.01), "Adadelta",
      dict(lr=0.5, weight_decay=0.01), "bfloat16", "float32", None),
+    ("adamw", dict(learning_rate=1e-2, weight_decay=0.1), "AdamW",
+     dict(lr=1e-2, weight_decay=0.1), "bfloat16", "float32", "int8"),
+    ("sgd", dict(learning_rate=1e-2, momentum=0.9), "SGD", dict(lr=1e-2, momentum=0.9),
+     "float32", "float32", "int8"),
 ])
 def test_low_precision_is_the_array_apis(name, hyper, cls, chyper, param, grad, state,
                                          stochastic, master):
     """bfloat16 / float16 parameters (with gradients of their dtype or float32) and
-    bfloat16 state, with and without master weights: 6 jitted steps equal the array API's
-    storage formats with the same seed bit for bit, the master weights too, stochastic
-    rounding and round-to-nearest alike (x64 on, so that the step sizes are computed in
-    float64 as on the host). Float32 parameters keep no master weights."""
+    bfloat16 or 8-bit state, with and without master weights: 6 jitted steps equal the
+    array API's storage formats with the same seed bit for bit, the master weights and the
+    block scales too, stochastic rounding and round-to-nearest alike (x64 on, so that the
+    step sizes are computed in float64 as on the host). Float32 parameters keep no master
+    weights; with 8-bit state the tensors under 4096 elements keep float32 state."""
     from fastopt._interop import bfloat16
     dtypes = {"bfloat16": bfloat16(), "float16": np.dtype(np.float16),
               "float32": np.dtype(np.float32)}
@@ -1098,15 +1103,24 @@ def test_low_precision_is_the_array_apis(name, hyper, cls, chyper, param, grad, 
     has_master = master and param != "float32"
     assert (opt_state.master_param is not None) == has_master
     assert all(("master_param" in opt.state[k]) == has_master for k in range(len(shapes)))
+    assert (opt_state.absmax is not None) == (state == "int8")
+    stored = {"bfloat16": bfloat16(), "int8": np.dtype(np.uint8), None: np.float32}[state]
     for field in opt_state._fields[1:]:
-        if getattr(opt_state, field) is None:
+        if getattr(opt_state, field) is None or field == "absmax":
             continue
         for k, leaf in enumerate(getattr(opt_state, field)):
-            assert leaf.dtype == (bfloat16() if state and field != "master_param"
-                                  else np.float32)
+            want = (stored if field != "master_param" and (state != "int8" or leaf.size >= 4096)
+                    else np.float32)
+            assert leaf.dtype == want
             np.testing.assert_array_equal(
                 np.asarray(leaf).reshape(-1).view(np.uint8),
                 np.asarray(opt.state[k][field]).reshape(-1).view(np.uint8))
+    for name, scales in (opt_state.absmax or {}).items():
+        for k, leaf in enumerate(scales):
+            if leaf.size:
+                np.testing.assert_array_equal(leaf, opt.state[k][name + "_absmax"])
+            else:
+                assert shapes[k] != (300, 250) and name + "_absmax" not in opt.state[k]
 
 
 def test_low_precision_state_dict_round_trip():
@@ -1171,6 +1185,15 @@ def test_master_weights_in_place_resume_and_errors():
         resumed, _ = jax.jit(tx.step)(params, grads[3], state)
     for a, b in zip(jax.tree.leaves(resumed), arrays):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint16), b.view(np.uint16))
+    with jax.enable_x64(True):  # and from the loaded state, one more step each: the same
+        again, _ = jax.jit(tx.step)(resumed, grads[0], back)
+    twin.step([np.asarray(g) for g in jax.tree.leaves(grads[0])])
+    for a, b in zip(jax.tree.leaves(again), arrays):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), b.view(np.uint16))
+    # a checkpoint with copies does not load into a transformation that would drop them
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[0\]: 'master_param' kept by "
+                       "the saving optimizer"):
+        fjax.adamw(1e-2, weight_decay=0.1).load_state_dict(saved, params)
     # not stepped yet: the parameters' copies, as init's
     _assert_equal(tx.load_state_dict({"state": {}}, params).master_param,
                   tx.init(params).master_param)
@@ -1182,6 +1205,114 @@ def test_master_weights_in_place_resume_and_errors():
     with pytest.raises(TypeError, match="master_weights must be"):
         fjax.sgd(1e-2, master_weights="yes")
     assert "master_weights=True" in repr(tx.update.__self__)
+
+
+@pytest.mark.parametrize("name, hyper, cls, chyper", [
+    ("adam", dict(learning_rate=1e-2), "Adam", dict(lr=1e-2)),
+    ("lion", dict(learning_rate=1e-3), "Lion", dict(lr=1e-3, weight_decay=1e-3)),
+    ("adamax", dict(learning_rate=1e-2), "Adamax", dict(lr=1e-2)),
+    ("adadelta", dict(learning_rate=0.5), "Adadelta", dict(lr=0.5)),
+    ("adopt", dict(learning_rate=1e-2), "ADOPT", dict(lr=1e-2)),
+    ("ademamix", dict(learning_rate=1e-2), "AdEMAMix", dict(lr=1e-2, alpha=5.0)),
+    ("adan", dict(learning_rate=1e-2), "Adan", dict(lr=1e-2)),
+    ("rprop", dict(learning_rate=1e-2), "Rprop", dict(lr=1e-2)),
+    ("asgd", dict(learning_rate=1e-2), "ASGD", dict(lr=1e-2)),
+    ("schedule_free_adamw", dict(learning_rate=1e-2, warmup_steps=2), "AdamWScheduleFree",
+     dict(lr=1e-2, warmup_steps=2)),
+    ("schedule_free_sgd", dict(learning_rate=1e-2), "SGDScheduleFree", dict(lr=1e-2)),
+])
+def test_8bit_state_is_the_array_apis(name, hyper, cls, chyper):
+    """state_dtype="int8" on every rule that has it: 5 jitted steps (bfloat16 parameters
+    with master weights) equal the array API's bit for bit, codes and block scales
+    included; init's codes are the array API's first-step ones (the state's fill, or the
+    parameters for Schedule-Free's z, quantized as its quantizer does); a state dict goes
+    to the array API, which continues the run, and back."""
+    rng = np.random.default_rng(23)
+    shapes = [(70001,), (64, 70), (9,)]
+    params = [rng.standard_normal(sh).astype(np.float32).astype(jnp.bfloat16) for sh in shapes]
+    grads = [[rng.standard_normal(sh).astype(np.float32) for sh in shapes] for _ in range(6)]
+    with jax.enable_x64(True):
+        tx = getattr(fjax, name)(**hyper, state_dtype="int8", master_weights=True, seed=2)
+        got = [jnp.asarray(x) for x in params]
+        state = tx.init(got)
+        step = jax.jit(tx.step, donate_argnums=(0, 2))
+        for g in grads[:5]:
+            got, state = step(got, [jnp.asarray(x) for x in g], state)
+    want = [np.array(x) for x in params]
+    opt = getattr(fastopt, cls)(want, **chyper, state_dtype="int8", master_weights=True,
+                                seed=2)
+    for g in grads[:5]:
+        opt.step(g)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), b.view(np.uint16))
+    names = tx.update.__self__.kernel.state
+    for field in names:
+        for k, leaf in enumerate(getattr(state, field)):
+            assert leaf.dtype == (np.uint8 if k < 2 else np.float32)
+            np.testing.assert_array_equal(np.asarray(leaf).view(np.uint8),
+                                          np.asarray(opt.state[k][field]).view(np.uint8))
+            scales = state.absmax[field][k]
+            if k < 2:
+                np.testing.assert_array_equal(scales, opt.state[k][field + "_absmax"])
+            else:
+                assert scales.shape == (0,)
+    saved = tx.state_dict(state)
+    assert set(saved["state"][0]) >= {f + "_absmax" for f in names}
+    assert not any(k.endswith("_absmax") for k in saved["state"][2])
+    twin = getattr(fastopt, cls)([np.array(x) for x in got], **chyper, state_dtype="int8",
+                                 master_weights=True, seed=2)
+    twin.load_state_dict(saved)
+    twin.step(grads[5])
+    opt.step(grads[5])
+    for a, b in zip(twin.params(), opt.params()):
+        np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
+    back = tx.load_state_dict(twin.state_dict(), got)
+    for field in names:
+        for k in range(2):
+            np.testing.assert_array_equal(back.absmax[field][k], opt.state[k][field + "_absmax"])
+            np.testing.assert_array_equal(getattr(back, field)[k], opt.state[k][field])
+
+
+def test_8bit_state_init_skip_and_errors():
+    """8-bit state: init's codes and scales are those of the state's fill quantized (the
+    array API's first step makes the same); a skipped step leaves codes and scales; the
+    wrong state (another format, missing scales) and float64 parameters are refused with
+    the argument named; repr says int8."""
+    params = {"w": jnp.ones((80, 60)), "b": jnp.zeros(3)}
+    tx = fjax.adamw(1e-2, state_dtype="int8", skip_nonfinite=True)
+    assert "state_dtype='int8'" in repr(tx.update.__self__)
+    state = tx.init(params)
+    assert state.exp_avg["w"].dtype == jnp.uint8 and state.exp_avg["b"].dtype == jnp.float32
+    assert state.absmax["exp_avg"]["w"].shape == (19,)  # ceil(4800 / 256)
+    assert state.absmax["exp_avg"]["b"].shape == (0,)
+    from fastopt._backends import _formats
+    codes = np.empty(4800, np.uint8)
+    absmax = np.empty(19, np.float32)
+    _formats.q8_store(codes, absmax, np.zeros(4800, np.float32), _formats.Q8U)
+    np.testing.assert_array_equal(state.exp_avg_sq["w"].reshape(-1), codes)
+    np.testing.assert_array_equal(state.absmax["exp_avg_sq"]["w"], absmax)
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5), params)
+    _, state = jax.jit(tx.step)(params, grads, state)
+    bad = jax.tree.map(lambda g: g.at[0].set(np.nan), grads)
+    _assert_equal(jax.jit(tx.step)(params, bad, state), (params, state))
+    with pytest.raises(ValueError, match="state.absmax: expected a dict of the block scales"):
+        tx.step(params, grads, state._replace(absmax=None))
+    with pytest.raises(ValueError, match="state.absmax: expected None"):
+        fjax.adamw(1e-2).step(params, grads, state)
+    with pytest.raises(TypeError, match=r"state.exp_avg\['w'\]: expected uint8"):
+        tx.step(params, grads, fjax.adamw(1e-2).init(params)._replace(absmax=state.absmax))
+    with pytest.raises(ValueError, match=r"state.absmax\['exp_avg'\]\['w'\]: expected "
+                       r"float32 of shape \(19,\)"):
+        tx.step(params, grads, state._replace(absmax={**state.absmax, "exp_avg": {
+            "w": jnp.ones(18, jnp.float32), "b": jnp.zeros(0, jnp.float32)}}))
+    with pytest.raises(ValueError, match=r"state_dict\['state'\]\[1\]\['exp_avg'\]: "
+                       r"expected int8 \(uint8 codes\)"):
+        tx.load_state_dict(fjax.adamw(1e-2).state_dict(
+            jax.jit(fjax.adamw(1e-2).step)(params, grads, fjax.adamw(1e-2).init(params))[1]),
+            params)
+    with jax.enable_x64(True):
+        with pytest.raises(TypeError, match="state_dtype='int8 .uint8 codes.': for float32"):
+            tx.init({"w": jnp.ones(3, jnp.float64)})
 
 
 def test_schedule_free_master_weights_evaluate_the_copies():
@@ -1412,6 +1543,18 @@ except ValueError as e:
     assert "stochastic rounding of parameters sharded under shard_map" in str(e), e
 else:
     raise AssertionError("stochastic rounding under shard_map was not refused")
+# and so is 8-bit state
+tx = fjax.adamw(1e-2, state_dtype="int8")
+state_spec = fjax.AdamState(count=P(), exp_avg=spec, exp_avg_sq=spec,
+                            absmax={"exp_avg": spec, "exp_avg_sq": spec})
+try:
+    jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(spec, spec, state_spec),
+                      out_specs=(spec, state_spec)))(put(params, spec), put(params, spec),
+                                                     tx.init(put(params, spec)))
+except ValueError as e:
+    assert "state_dtype='int8' for parameters sharded under shard_map" in str(e), e
+else:
+    raise AssertionError("8-bit state under shard_map was not refused")
 print("ok")
 """
 
@@ -1512,8 +1655,8 @@ def test_sharded_arrays_and_shard_map():
     ("sgd", dict(learning_rate=1e-3, max_grad_value=0.0), ValueError,
      r"max_grad_value must be a finite number in \(0, inf\]"),
     ("lion", dict(learning_rate=1e-3, maximize=1), TypeError, "maximize must be a bool"),
-    ("adam", dict(learning_rate=1e-3, state_dtype="int8"), ValueError,
-     "state_dtype: expected None, 'float32' or 'bfloat16' .8-bit state is not supported"),
+    ("adam", dict(learning_rate=1e-3, state_dtype="int4"), ValueError,
+     "state_dtype: expected None, 'float32', 'bfloat16' or 'int8'"),
     ("adam", dict(learning_rate=1e-3, seed=-1), ValueError, r"seed: expected an integer"),
     ("sgd", dict(learning_rate=1e-3, stochastic_rounding="yes"), TypeError,
      "stochastic_rounding must be a bool"),

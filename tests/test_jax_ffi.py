@@ -626,6 +626,8 @@ def test_vmap_runs_one_call_per_batch_element():
 
 def test_no_tensors():
     assert _jax_ffi.elementwise("adam", np.zeros(3, np.uint8), [], [], [], 1) == ([], [])
+    assert _jax_ffi.elementwise("adam", np.zeros(3, np.uint8), [], [], [], 1,
+                                formats=(True, [], 1), shadow=[], scales=[]) == ([],) * 4
 
 
 # -- donated buffers are updated in place --------------------------------------------------
