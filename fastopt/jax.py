@@ -331,7 +331,7 @@ class _Fused:
         bfloat16 / float16 parameters (the parameters' dtype otherwise)."""
         if self.state_dtype is not None:
             if dtype == np.float64:
-                raise TypeError(f"state_dtype={_state_name(self.state_dtype)!r}: for float32, "
+                raise TypeError(f"state_dtype={self.hyper['state_dtype']!r}: for float32, "
                                 f"bfloat16 or float16 parameters, not float64")
             return self.state_dtype
         return np.dtype(np.float32) if dtype in _LOWP else dtype
@@ -374,8 +374,8 @@ class _Fused:
             if self.caution is not None or self.scaled is not None:
                 what = "(cautious=True)" if self.caution is not None else ""
                 raise TypeError(f"fastopt.jax.{self.name}{what}: not with {dtype} "
-                                f"parameters or {self.hyper.get('state_dtype', dtype)} state "
-                                f"yet (float32 or float64 throughout)")
+                                f"parameters or {self.hyper.get('state_dtype', state_dtype)} "
+                                f"state yet (float32 or float64 throughout)")
             if self.state_dtype == _U8 and any(_varying_axes(p) for p in leaves):
                 raise ValueError(f"fastopt.jax.{self.name}: state_dtype='int8' for parameters "
                                  f"sharded under shard_map is not supported yet (the 8-bit "
@@ -705,8 +705,10 @@ def _q8_quantize(values, code):
     size = flat.shape[0]
     blocks = -(-size // _formats.BLOCK)
     padded = jnp.zeros(blocks * _formats.BLOCK, jnp.float32).at[:size].set(flat)
-    scale = jnp.maximum(jnp.max(jnp.abs(padded.reshape(blocks, _formats.BLOCK)), axis=1),
-                        _formats.SCALE_MIN)
+    magnitudes = jnp.abs(padded.reshape(blocks, _formats.BLOCK))
+    # a block with a NaN gets a NaN scale (XLA's max on the CPU may drop NaN)
+    scale = jnp.where(jnp.isnan(magnitudes).any(axis=1), jnp.float32(np.nan),
+                      jnp.maximum(jnp.max(magnitudes, axis=1), _formats.SCALE_MIN))
     q = flat / jnp.repeat(scale, _formats.BLOCK)[:size]
     c = jnp.where(q >= qmap[128], 128, 0)
     for step in (64, 32, 16, 8, 4, 2, 1):
@@ -714,6 +716,13 @@ def _q8_quantize(values, code):
     up = jnp.minimum(c + 1, 255)
     c = jnp.where(q - qmap[c] >= (qmap[up] - qmap[c]) * np.float32(0.5), up, c)
     return c.astype(jnp.uint8).reshape(values.shape), scale
+
+
+def _q8_dequantize(codes, scales, code):
+    """8-bit state as float32, as the array API's q8_load: each code's map value times its
+    block's scale."""
+    flat = _QMAPS[code][codes.reshape(-1).astype(jnp.int32)]
+    return (flat * jnp.repeat(scales, _formats.BLOCK)[:flat.shape[0]]).reshape(codes.shape)
 
 
 def _saved_entries(state_dict, n):
@@ -966,7 +975,7 @@ def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtyp
             name = state_dtype if isinstance(state_dtype, str) else np.dtype(state_dtype).name
         except TypeError:
             name = None
-        if name not in _STATE_DTYPES:
+        if name not in _STATE_DTYPES or (name == "int8" and state_dtype != "int8"):
             raise ValueError(f"state_dtype: expected None, 'float32', 'bfloat16' or 'int8', "
                              f"got {state_dtype!r:.60}")
         state_dtype = _STATE_DTYPES[name]
@@ -2793,14 +2802,26 @@ def schedule_free_eval_params(state, params):
     ones, then rounded to nearest), as :meth:`fastopt.AdamWScheduleFree.eval` sets it
     (optax.contrib's function of the same name, for fastopt's state). Before the first
     step :math:`x = y`. With master weights :math:`y` is their float32 copy
-    (``state.master_param``). Jit it, or call it outside jit."""
+    (``state.master_param``); with 8-bit state :math:`z` is dequantized first. Jit it, or
+    call it outside jit."""
     if not isinstance(state, ScheduleFreeState):
         raise TypeError(f"state: expected the ScheduleFreeState of fastopt.jax."
                         f"schedule_free_adamw or schedule_free_sgd, got "
                         f"{type(state).__name__}")
     _, (paths, leaves, treedef), dtype = _params(params)
-    zs = _like(state.z, "state.z", paths, leaves, treedef,
-               None if dtype == np.float64 else (dtype, *_STATE_DTYPES.values()))
+    if state.absmax is not None:  # 8-bit z (state_dtype="int8"): codes and block scales
+        each = [_U8 if p.size >= _formats.MIN_QUANTIZED else np.dtype(np.float32)
+                for p in leaves]
+        zs = _like(state.z, "state.z", paths, leaves, treedef, each=each)
+        scales = state.absmax.get("z") if isinstance(state.absmax, dict) else None
+        scales = _like(scales, "state.absmax['z']", paths, [
+            jax.ShapeDtypeStruct((-(-p.size // _formats.BLOCK) if d == _U8 else 0,),
+                                 np.float32) for p, d in zip(leaves, each)], treedef)
+        zs = [_q8_dequantize(z, a, _formats.Q8S) if d == _U8 else z
+              for z, a, d in zip(zs, scales, each)]
+    else:
+        zs = _like(state.z, "state.z", paths, leaves, treedef,
+                   None if dtype == np.float64 else (dtype, *_STATE_DTYPES.values()))
     if state.master_param is not None:
         leaves = _like(state.master_param, "state.master_param", paths, leaves, treedef,
                        (np.dtype(np.float32),))

@@ -148,8 +148,8 @@ def test_is_an_optax_transformation():
     assert repr(opt.update.__self__).startswith("fastopt.jax.adamw(learning_rate=0.001, b1=0.9")
     assert fjax.sgd(0.1).init(params) == fjax.SGDState(count=jnp.int32(0))
     state = fjax.lion(0.1).init(params)
-    assert set(state._fields) == {"count", "exp_avg", "master_param"}
-    assert state.master_param is None  # float32 parameters: no master weights
+    assert set(state._fields) == {"count", "exp_avg", "master_param", "absmax"}
+    assert state.master_param is None and state.absmax is None  # neither option
 
 
 def test_docstring_examples():
@@ -246,7 +246,7 @@ def test_adan_matches_the_array_api(hyper, dtype):
     want = jax.tree.unflatten(jax.tree.structure(params), leaves)
     for got_params, got_state in got:
         _assert_close(got_params, want, STEPS)
-        for field in got_state._fields[1:-1]:  # the arrays (not master_param, None)
+        for field in got_state._fields[1:-2]:  # the arrays (not master_param, absmax)
             _assert_close(getattr(got_state, field), jax.tree.unflatten(
                 jax.tree.structure(params), [opt.state[i][field] for i in range(len(leaves))]),
                 STEPS)
@@ -283,7 +283,7 @@ def test_rprop_matches_the_array_api(hyper, dtype):
     step, update = got[1], got[0]
     same(step[0], want)
     _assert_close(update[0], want, STEPS)  # apply_updates adds the update: one rounding
-    for field in step[1]._fields[1:-1]:  # the arrays (not master_param, None)
+    for field in step[1]._fields[1:-2]:  # the arrays (not master_param, absmax)
         same(getattr(step[1], field), jax.tree.unflatten(
             jax.tree.structure(params), [opt.state[i][field] for i in range(len(leaves))]))
 
@@ -1266,6 +1266,15 @@ def test_8bit_state_is_the_array_apis(name, hyper, cls, chyper):
     opt.step(grads[5])
     for a, b in zip(twin.params(), opt.params()):
         np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
+    if name.startswith("schedule_free"):  # the evaluation point from the 8-bit z
+        with jax.enable_x64(True):
+            x = jax.jit(fjax.schedule_free_eval_params)(state, got)
+        twin.load_state_dict(saved)
+        twin.eval()
+        for a, b in zip(x, twin.params()):
+            np.testing.assert_array_equal(np.asarray(a).view(np.uint16), b.view(np.uint16))
+        twin.train()
+        twin.step(grads[5])
     back = tx.load_state_dict(twin.state_dict(), got)
     for field in names:
         for k in range(2):
@@ -1281,6 +1290,9 @@ def test_8bit_state_init_skip_and_errors():
     params = {"w": jnp.ones((80, 60)), "b": jnp.zeros(3)}
     tx = fjax.adamw(1e-2, state_dtype="int8", skip_nonfinite=True)
     assert "state_dtype='int8'" in repr(tx.update.__self__)
+    with pytest.raises(ValueError, match="state_dtype: expected None, 'float32', 'bfloat16' "
+                       "or 'int8'"):
+        fjax.adamw(1e-2, state_dtype=np.int8)  # blockwise 8 bits by name only
     state = tx.init(params)
     assert state.exp_avg["w"].dtype == jnp.uint8 and state.exp_avg["b"].dtype == jnp.float32
     assert state.absmax["exp_avg"]["w"].shape == (19,)  # ceil(4800 / 256)
@@ -1295,6 +1307,18 @@ def test_8bit_state_init_skip_and_errors():
     _, state = jax.jit(tx.step)(params, grads, state)
     bad = jax.tree.map(lambda g: g.at[0].set(np.nan), grads)
     _assert_equal(jax.jit(tx.step)(params, bad, state), (params, state))
+    # init's quantizer is the array API's, NaN (a whole block's scale) and inf included
+    from fastopt.jax import _q8_quantize
+    values = np.random.default_rng(24).standard_normal(1000).astype(np.float32)
+    values[[3, 700]] = np.nan, np.inf
+    values[300:330] = -0.0
+    for code in (_formats.Q8S, _formats.Q8U):
+        codes, absmax = np.empty(1000, np.uint8), np.empty(4, np.float32)
+        with np.errstate(invalid="ignore"):  # the NaN block
+            _formats.q8_store(codes, absmax, values, code)
+        got_codes, got_absmax = jax.jit(_q8_quantize, static_argnums=1)(values, code)
+        np.testing.assert_array_equal(got_codes, codes)
+        np.testing.assert_array_equal(got_absmax, absmax)
     with pytest.raises(ValueError, match="state.absmax: expected a dict of the block scales"):
         tx.step(params, grads, state._replace(absmax=None))
     with pytest.raises(ValueError, match="state.absmax: expected None"):
@@ -1311,7 +1335,7 @@ def test_8bit_state_init_skip_and_errors():
             jax.jit(fjax.adamw(1e-2).step)(params, grads, fjax.adamw(1e-2).init(params))[1]),
             params)
     with jax.enable_x64(True):
-        with pytest.raises(TypeError, match="state_dtype='int8 .uint8 codes.': for float32"):
+        with pytest.raises(TypeError, match="state_dtype='int8': for float32"):
             tx.init({"w": jnp.ones(3, jnp.float64)})
 
 

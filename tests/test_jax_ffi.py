@@ -503,12 +503,13 @@ def test_formats_are_the_cython_drivers(kernel, param, grad, state, stochastic):
     ("adam", "float32"), ("adam", "bfloat16"), ("sgd_momentum", "float16"),
     ("adadelta", "float32"), ("lion", "bfloat16"),
 ])
-def test_8bit_state_is_the_cython_drivers(kernel, param, stochastic):
+def test_8bit_state_is_the_cython_drivers(kernel, param, stochastic, monkeypatch):
     """formats with 8-bit state: the uint8 codes and their block scales (the signed map
     for first moments, the unsigned one for second moments) are updated as the Cython
-    driver's storage formats update them, bit for bit, on 1 and 2 threads, with separate
-    result buffers (eager: the scales copied chunk by chunk) and donated ones (in place),
-    delta too; tensors of several chunks and a partial last block."""
+    driver's storage formats update them, bit for bit, on 1 and 2 threads, eager, donated
+    (in place) and called without aliases (separate result buffers: the handler copies the
+    state and the scales chunk by chunk), delta too; tensors of several chunks and a
+    partial last block."""
     from fastopt._backends import _formats
     from fastopt._interop import bfloat16
     dt = {"bfloat16": bfloat16(), "float16": np.dtype(np.float16),
@@ -556,6 +557,10 @@ def test_8bit_state_is_the_cython_drivers(kernel, param, stochastic):
         got = donated(record, args[0], grads, args[1], args[2], n_threads)
         assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(got)] == pointers
         check(got)
+    with monkeypatch.context() as m:  # the same call without aliases
+        ffi_call = jax.ffi.ffi_call
+        m.setattr(jax.ffi, "ffi_call", lambda *a, input_output_aliases, **k: ffi_call(*a, **k))
+        check(jax.jit(call, static_argnums=5)(record, params, grads, states, scales, 2))
     deltas, new_s, new_a = call(record, params, grads, states, scales, 2, delta=True)
     check((want_p, new_s, new_a))
     for d, new, old in zip(deltas, want_p, params):

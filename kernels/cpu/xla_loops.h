@@ -581,10 +581,11 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     if (call->args.size != n_args || call->rets.size != n_rets)
         return FO_XLA_INVALID(call->api, "kernel %s over %lld tensors takes %lld arguments (the "
                               "struct, then per tensor param, grad, %d state, %d factor, %d "
-                              "shadow, %d block scales and %d mask, then %d keys and step, "
-                              "%d maps and tables) and gives %lld results, got %lld and %lld",
+                              "shadow, %d block scales and %d mask, then %d keys and step "
+                              "and %d maps and tables) and gives %lld results, got %lld and "
+                              "%lld",
                               k->name, (long long)n_tensors, (long long)n_args, n_state, n_aux,
-                              (int)shadow, n_q, (int)masked, formats ? 1 : 0, n_q ? 1 : 0,
+                              (int)shadow, n_q, (int)masked, formats ? 2 : 0, n_q ? 2 : 0,
                               (long long)n_rets, (long long)call->args.size,
                               (long long)call->rets.size);
     for (i = 0; i < n_args; i++)
