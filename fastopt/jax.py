@@ -163,7 +163,7 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
         """
         return self._fused("step").bound_step
 
-    def state_dict(self, state):
+    def state_dict(self, state, params=None):
         """The state as the array API's ``state_dict()`` holds it (NumPy arrays), for
         :class:`fastopt.AdamW` and its kin: ``{"state": {i: {"step": count, name: array}},
         "param_groups": [{"params": [0, ..., n - 1], hyperparameters}]}``, the parameters
@@ -171,8 +171,11 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
         (the learning rate only when it is a number). ``fastopt.save`` writes it;
         ``load_state_dict`` of the array API's class (or of this transformation) resumes
         from it, so a run can move between JAX and NumPy, PyTorch or CuPy. The classes of
-        SGD and Lion keep no step count (neither is written). Before the first step
-        ``state`` is empty, as the array API's is.
+        SGD and Lion keep no step count (neither is written), but for the random bits of
+        stochastic rounding: pass `params` (the parameters, or any pytree of their dtype)
+        with bfloat16 / float16 parameters, so that the count is written where the array
+        API keeps it (bfloat16 state and master weights show it without). Before the first
+        step ``state`` is empty, as the array API's is.
 
         >>> import jax.numpy as jnp, numpy as np, fastopt, fastopt.jax
         >>> opt = fastopt.jax.adamw(1e-2)
@@ -184,7 +187,7 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
         >>> twin = fastopt.AdamW([np.zeros(2, np.float32)])
         >>> twin.load_state_dict(saved)
         """
-        return self._fused("state_dict").state_dict(state)
+        return self._fused("state_dict").state_dict(state, params)
 
     def load_state_dict(self, state_dict, params):
         """This transformation's state for `params` from an array API ``state_dict()`` (or
@@ -497,7 +500,7 @@ class _Fused:
             grad_scale = _clip_coefficient(self.max_grad_norm, summed)
         return lr, summed, grad_scale
 
-    def state_dict(self, state):
+    def state_dict(self, state, params=None):
         cls, group = self.group
         steps = dict(_rules.BY_NAME[cls].state_scalars).get("step") is not None
         if not isinstance(state, self.state_cls):
@@ -510,6 +513,11 @@ class _Fused:
         scales = getattr(state, ABSMAX_FIELD, None)
         for name in scales or ():  # 8-bit state: the codes' block scales beside them
             arrays[name + ABSMAX] = jax.tree.leaves(scales[name])
+        if not steps and self.stochastic_rounding:  # the array API counts the random bits'
+            # steps where it rounds: low-precision parameters (master weights say so) or state
+            steps = (MASTER in arrays or any(np.dtype(x.dtype).itemsize == 2
+                                             for xs in arrays.values() for x in xs)
+                     or (params is not None and _params(params)[2] in _LOWP))
         n = len(next(iter(arrays.values()))) if arrays else 0
         if not arrays:  # SGD without momentum: no state, the count of parameters unknown
             raise ValueError(f"state_dict: fastopt.jax.{self.name} keeps no per-parameter "
@@ -2037,7 +2045,7 @@ class _Muon(_Fused):
                                        exp_avg=treedef.unflatten(exp_avg),
                                        exp_avg_sq=treedef.unflatten(exp_avg_sq))
 
-    def state_dict(self, state):
+    def state_dict(self, state, params=None):
         """The array API's fastopt.Muon state dict: the matrices in a first param group
         (use_muon True), the other parameters in a second (use_muon False), each in leaf
         order, numbered group after group."""
@@ -2300,10 +2308,10 @@ class _Prodigy(_Fused):
             **{name: treedef.unflatten([s[k] for s in new_states])
                for k, name in enumerate(self.kernel.state)}, **self._absent())
 
-    def state_dict(self, state):
+    def state_dict(self, state, params=None):
         """The array API's fastopt.Prodigy state dict: the estimate and the step count in
         its param group, as the reference keeps them."""
-        saved = super().state_dict(state)
+        saved = super().state_dict(state, params)
         saved["param_groups"][0].update({k: float(getattr(state, k)) for k in _ESTIMATE},
                                         k=int(state.count))
         return saved

@@ -1365,6 +1365,44 @@ def test_schedule_free_master_weights_evaluate_the_copies():
         np.testing.assert_array_equal(np.asarray(a).view(np.uint16), b.view(np.uint16))
 
 
+@pytest.mark.parametrize("name, hyper, cls, chyper, state, pass_params", [
+    ("sgd", dict(learning_rate=1e-2, momentum=0.9), "SGD", dict(lr=1e-2, momentum=0.9),
+     None, True),
+    ("lion", dict(learning_rate=1e-3), "Lion", dict(lr=1e-3, weight_decay=1e-3), "bfloat16",
+     False),
+])
+def test_stochastic_rounding_step_moves_with_the_run(name, hyper, cls, chyper, state,
+                                                     pass_params):
+    """SGD and Lion keep no step count, but stochastic rounding counts steps: state_dict
+    writes the count where the array API keeps it (bfloat16 parameters, given with
+    `params`, or bfloat16 state), so a run moved to the array API continues with the
+    same random bits, and back."""
+    rng = np.random.default_rng(25)
+    params = [jnp.asarray(rng.standard_normal((90, 70)), jnp.bfloat16)]
+    grads = [[rng.standard_normal((90, 70)).astype(np.float32)] for _ in range(5)]
+    with jax.enable_x64(True):
+        tx = getattr(fjax, name)(**hyper, state_dtype=state, seed=4)
+        got, st = params, tx.init(params)
+        for g in grads[:3]:
+            got, st = jax.jit(tx.step)(got, g, st)
+        saved = tx.state_dict(st, got if pass_params else None)
+        assert saved["state"][0]["step"] == 3
+        twin = getattr(fastopt, cls)([np.array(got[0])], **chyper, state_dtype=state, seed=4)
+        twin.load_state_dict(saved)
+        twin.step(grads[3])
+        got, st = jax.jit(tx.step)(got, grads[3], st)
+        np.testing.assert_array_equal(np.asarray(got[0]).view(np.uint16),
+                                      twin.params()[0].view(np.uint16))
+        back = tx.load_state_dict(twin.state_dict(), got)
+        assert int(back.count) == 4
+        again, _ = jax.jit(tx.step)(got, grads[4], back)
+    twin.step(grads[4])
+    np.testing.assert_array_equal(np.asarray(again[0]).view(np.uint16),
+                                  twin.params()[0].view(np.uint16))
+    if pass_params:  # without the parameters, float32 state does not show the rounding
+        assert "step" not in tx.state_dict(st)["state"][0]
+
+
 def test_stochastic_rounding_does_not_stall():
     """200 Adam steps of lr 1e-4 on bfloat16 weights of magnitude about 1: rounding to
     nearest leaves them where they were (every update is below half an ulp), stochastic
