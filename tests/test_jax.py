@@ -1593,30 +1593,26 @@ local = jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(vec, vec, muon_spec),
 same(local(put(params, vec), put(grads, vec), tx.init(params)),
      jax.jit(tx.step)(params, grads, tx.init(params)), exact=False)
 
+def refused(tx, p, state_spec, message):
+    try:
+        jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(spec, spec, state_spec),
+                          out_specs=(spec, state_spec)))(put(p, spec), put(p, spec),
+                                                         tx.init(put(p, spec)))
+    except ValueError as e:
+        assert message in str(e), e
+    else:
+        raise AssertionError(f"not refused: {message}")
+
+
 # stochastic rounding of a sharded parameter is refused, not wrong
-tx = fjax.adamw(1e-2)
-low = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-state_spec = fjax.AdamState(count=P(), exp_avg=spec, exp_avg_sq=spec)
-try:
-    jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(spec, spec, state_spec),
-                      out_specs=(spec, state_spec)))(put(low, spec), put(low, spec),
-                                                     tx.init(put(low, spec)))
-except ValueError as e:
-    assert "stochastic rounding of parameters sharded under shard_map" in str(e), e
-else:
-    raise AssertionError("stochastic rounding under shard_map was not refused")
+refused(fjax.adamw(1e-2), jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
+        fjax.AdamState(count=P(), exp_avg=spec, exp_avg_sq=spec),
+        "stochastic rounding of parameters sharded under shard_map")
 # and so is 8-bit state
-tx = fjax.adamw(1e-2, state_dtype="int8")
-state_spec = fjax.AdamState(count=P(), exp_avg=spec, exp_avg_sq=spec,
-                            absmax={"exp_avg": spec, "exp_avg_sq": spec})
-try:
-    jax.jit(shard_map(tx.step, mesh=mesh, in_specs=(spec, spec, state_spec),
-                      out_specs=(spec, state_spec)))(put(params, spec), put(params, spec),
-                                                     tx.init(put(params, spec)))
-except ValueError as e:
-    assert "state_dtype='int8' for parameters sharded under shard_map" in str(e), e
-else:
-    raise AssertionError("8-bit state under shard_map was not refused")
+refused(fjax.adamw(1e-2, state_dtype="int8"), params,
+        fjax.AdamState(count=P(), exp_avg=spec, exp_avg_sq=spec,
+                       absmax={"exp_avg": spec, "exp_avg_sq": spec}),
+        "state_dtype='int8' for parameters sharded under shard_map")
 print("ok")
 """
 
