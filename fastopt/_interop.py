@@ -101,6 +101,16 @@ _CPU = ("cpu", 0)
 _torch_floats = None  # {torch.float32: False, torch.float64: True}, once torch is in use
 
 
+def torch_floats():
+    """{torch.float32: False, torch.float64: True}: the torch dtypes the kernels take as
+    they are, and whether each is float64 (torch imported)."""
+    global _torch_floats
+    if _torch_floats is None:
+        torch = sys.modules["torch"]
+        _torch_floats = {torch.float32: False, torch.float64: True}
+    return _torch_floats
+
+
 def _plain_cpu_torch(x, kept=True):
     """The NumPy view of torch tensor x if it is the common case, a contiguous
     float32/float64 CPU tensor without lazy bits that does not require grad, checked with
@@ -108,18 +118,15 @@ def _plain_cpu_torch(x, kept=True):
     that is not a dense tensor: a torch.Size; sparse, MKL-DNN, nested: refused later).
     ``kept=False``: the view is used only during the call (a gradient), so it may be made
     in C over x's memory (_runtime.tensor_view: 0.8 us less than x.numpy())."""
-    global _torch_floats
-    if _torch_floats is None:
-        torch = sys.modules["torch"]
-        _torch_floats = {torch.float32: False, torch.float64: True}
+    floats = torch_floats()
     try:
-        if (not x.requires_grad and x.is_cpu and x.dtype in _torch_floats
+        if (not x.requires_grad and x.is_cpu and x.dtype in floats
                 and x.is_contiguous() and not x.is_neg() and not x.is_conj()):
             view = None
             if not kept and _runtime is not None:
                 shape = tuple(x.shape)
                 if 0 not in shape:
-                    view = _runtime.tensor_view(x, _torch_floats[x.dtype], shape)
+                    view = _runtime.tensor_view(x, floats[x.dtype], shape)
             return x.numpy() if view is None else view
     except (AttributeError, RuntimeError, TypeError):
         pass

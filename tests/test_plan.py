@@ -213,7 +213,7 @@ def _torch_run(torch, rule, edit, kept):
     opt = getattr(fastopt, rule)(params, backend="cython", **RULES[rule])
     for _ in range(3):
         opt.step([torch.randn(s, generator=gen) for s in SHAPES])
-    assert opt._steady is not None and not opt._steady.numpy
+    assert opt._steady is not None and not opt._steady.numpy and opt._steady.torch
     if not kept:
         opt._steady = None
     grads = [torch.randn(s, generator=gen) for s in SHAPES]
@@ -234,6 +234,33 @@ def test_kept_plan_of_torch_tensors_does_what_a_new_plan_does(torch, rule, edit)
         _assert_same(a[1], b[1])
     if edit == "none":
         assert kept[0][0] is None
+
+
+def test_torch_steps_plan_nothing_anew(torch, monkeypatch):
+    """torch CPU parameters: with new gradient tensors at every step (zero_grad's
+    set_to_none), parameters that require grad (autograd leaves, as fastopt.torch steps
+    them) and a 0-d one, steps after the first plan nothing anew (the check runs in C,
+    _runtime.steady_torch_grads) and give the bits of steps planned anew."""
+    require_backend("cython")
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(3, 4), (5,), ()]
+    runs = []
+    for kept in (True, False):
+        params = [torch.randn(s, generator=gen.manual_seed(3)) for s in shapes]
+        opt = fastopt.AdamW(params, lr=0.01, backend="cython")
+        opt.step([torch.ones(s) for s in shapes])
+        assert opt._steady is not None and opt._steady.torch
+        planned = []
+        prepare = opt._prepare
+        monkeypatch.setattr(opt, "_prepare", lambda grads: planned.append(1) or prepare(grads))
+        for t in range(3):
+            if not kept:
+                opt._steady = None
+            opt.step([torch.full(s, 0.5 + t) for s in shapes])
+        assert planned == ([] if kept else [1, 1, 1])
+        runs.append([p.clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_a_failed_step_drops_the_plan(monkeypatch):

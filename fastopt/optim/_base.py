@@ -159,11 +159,12 @@ class _Plan:
     view, state), in order; ``stepped``: their flat indices), the kernel calls they split
     into (``calls``), the parameters' dtypes and device. A plan is kept for the next step
     when that step can reuse it (Optimizer._keep): ``expect``, what that step checks (see
-    Optimizer._steady_grads); ``numpy``, whether the check can run in C; ``groups`` and
+    Optimizer._steady_grads); ``numpy`` and ``torch``, whether the check can run in C
+    (every stepped parameter a NumPy array, or a torch tensor); ``groups`` and
     ``state_dtype``, the param groups and the optimizer's state_dtype it was made for."""
 
     __slots__ = ("items", "stepped", "calls", "dtypes", "device", "groups", "expect",
-                 "numpy", "state_dtype")
+                 "numpy", "torch", "state_dtype")
 
 
 def ensure_state(states, name, likes, fill=0.0, shape=None, copy=False):
@@ -1003,6 +1004,10 @@ class Optimizer:
         if plan.numpy and _interop._runtime is not None:
             return _interop._runtime.steady_grads(self.param_groups, plan.groups, grads,
                                                   plan.expect, self.state)
+        if plan.torch and _interop._runtime is not None:
+            return _interop._runtime.steady_torch_grads(
+                self.param_groups, plan.groups, grads, plan.expect, self.state, self._leaves,
+                _interop.torch_floats())
         groups, expect, states = self.param_groups, plan.expect, self.state
         n = len(expect)
         if (len(grads) != n or not isinstance(groups, (list, tuple))
@@ -1157,7 +1162,7 @@ class Optimizer:
             return
         states = self.state
         expect = [None] * sum(len(group["params"]) for group in self.param_groups)
-        numpy = True
+        numpy = torch = True
         for (flat, _, pv, _), g in zip(plan.items, garrs):
             state, cached = states.get(flat), self._views.get(flat)
             if (state is None or state.__class__ is not _State or not state.checked
@@ -1166,6 +1171,7 @@ class Optimizer:
                 return
             p, pa = cached[0], pv.array
             numpy = numpy and type(p) is np.ndarray and pa is p
+            torch = torch and pv.framework == "torch"
             expect[flat] = (p, tuple(pa.shape), pa.dtype, g.dtype, flat, state, pv, cached[2])
         # the calls as the next step's plan would split them (keys that differed may now be
         # equal: SGD's momentum buffer made for parameters skipped before)
@@ -1182,6 +1188,7 @@ class Optimizer:
                 call.states = [states[item[0]] for item in call.items]
                 call.fresh = False
         plan.groups, plan.expect, plan.numpy = tuple(self.param_groups), expect, numpy
+        plan.torch = torch
         plan.state_dtype = self.state_dtype
         self._steady = plan
 

@@ -181,6 +181,72 @@ def steady_grads(groups, tuple kept_groups, list grads, list expect, states):
     return out
 
 
+def steady_torch_grads(groups, tuple kept_groups, list grads, list expect, states, bint leaf,
+                       dict floats):
+    """steady_grads for torch CPU parameters (fastopt.optim._base.Optimizer._steady_grads'
+    torch loop, its checks in the same order, with less interpreter work: about 1.2 us per
+    parameter instead of 2): None if anything the plan was made from changed or a gradient
+    is not the common torch CPU tensor (_interop._plain_cpu_torch), else the gradients'
+    NumPy views, in the order of the stepped parameters. Raises nothing.
+
+    `expect` entries as steady_grads', for torch parameters: (param, shape, dtype, grad
+    dtype, flat index, state, view, token), token (data_ptr, shape, stride, dtype) of the
+    tensor when it was checked; `leaf`: a parameter may require grad; `floats`: {torch
+    float32: False, torch float64: True}."""
+    cdef Py_ssize_t n = len(expect), flat = 0, gi
+    cdef list out = []
+    cdef tuple item, token, shape
+    if (type(groups) is not list or type(states) is not dict or len(grads) != n
+            or len(<list>groups) != len(kept_groups)):
+        return None
+    try:
+        for gi in range(len(kept_groups)):
+            group = (<list>groups)[gi]
+            if group is not kept_groups[gi]:
+                return None
+            params = (<dict>group).get("params")
+            if type(params) is not list:
+                return None
+            for q in <list>params:
+                if flat == n:
+                    return None
+                entry = expect[flat]
+                g = grads[flat]
+                flat += 1
+                if entry is None:
+                    if g is not None:
+                        return None
+                    continue
+                item = <tuple>entry
+                state = (<dict>states).get(item[4])
+                if q is not item[0] or state is not item[5] or not state.checked:
+                    return None
+                token = <tuple>item[7]
+                if ((not leaf and q.requires_grad) or q.data_ptr() != token[0]
+                        or q.shape != token[1] or q.stride() != token[2]
+                        or q.dtype is not token[3]):
+                    return None
+                # the gradient: a plain contiguous float CPU tensor of the kept kind
+                if type(g).__module__ != "torch" or g.requires_grad or not g.is_cpu:
+                    return None
+                f64 = floats.get(g.dtype)
+                if (f64 is None or not g.is_contiguous() or g.is_neg() or g.is_conj()):
+                    return None
+                shape = tuple(g.shape)
+                ga = None if 0 in shape else tensor_view(g, f64, shape)
+                if ga is None:
+                    ga = g.numpy()
+                if (<object>cnp.PyArray_DESCR(<cnp.ndarray>ga) is not item[3]
+                        or shape != item[1]):
+                    return None
+                out.append(ga)
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    if flat != n:
+        return None
+    return out
+
+
 def tensor_view(x, bint f64, tuple shape):
     """A NumPy array over the memory of torch tensor `x`, which it keeps alive: x.numpy()
     without torch's checks, for a float32 (`f64` false) or float64 CPU tensor the caller
