@@ -376,9 +376,10 @@ class _Fused:
         if compute != dtype or state_dtype != dtype or any(g.dtype != dtype for g in grads):
             if self.caution is not None or self.scaled is not None:
                 what = "(cautious=True)" if self.caution is not None else ""
-                raise TypeError(f"fastopt.jax.{self.name}{what}: not with {dtype} "
-                                f"parameters or {self.hyper.get('state_dtype', state_dtype)} "
-                                f"state yet (float32 or float64 throughout)")
+                low = (f"{dtype} parameters" if compute != dtype
+                       else f"{self.hyper['state_dtype']} state")
+                raise TypeError(f"fastopt.jax.{self.name}{what}: not with {low} yet (float32 "
+                                f"or float64 throughout)")
             if self.state_dtype == _U8 and any(_varying_axes(p) for p in leaves):
                 raise ValueError(f"fastopt.jax.{self.name}: state_dtype='int8' for parameters "
                                  f"sharded under shard_map is not supported yet (the 8-bit "

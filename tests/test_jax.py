@@ -1790,8 +1790,12 @@ def test_bad_state_and_calls():
                                         "fastopt.jax factory"):
         fjax.FusedTransformation(tx.init, lambda u, s, p=None: (u, s)).step
     low = jax.tree.map(lambda p: p.astype(jnp.bfloat16), PARAMS)
-    with pytest.raises(TypeError, match="fastopt.jax.lamb: not with bfloat16 parameters or "
-                                        "float32 state yet"):
+    with pytest.raises(TypeError, match=r"fastopt.jax.adamw\(cautious=True\): not with "
+                                        "int8 state yet"):
+        tx = fjax.adamw(1e-3, cautious=True, state_dtype="int8")
+        tx.step(PARAMS, PARAMS, tx.init(PARAMS))
+    with pytest.raises(TypeError, match="fastopt.jax.lamb: not with bfloat16 parameters "
+                                        "yet"):
         fjax.lamb(1e-3).step(low, low, fjax.lamb(1e-3).init(low))
     with pytest.raises(TypeError, match="fastopt.jax.muon: not with bfloat16 parameters"):
         fjax.muon(1e-3).init(low)
