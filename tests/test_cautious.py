@@ -15,6 +15,7 @@ import pytest
 from conftest import CPU_BACKENDS, require_backend
 
 import fastopt
+from fastopt import _rules
 
 RULES = ("AdamW", "Adam", "ADOPT", "Lion", "AdEMAMix")
 
@@ -236,3 +237,33 @@ def test_storage_formats_and_masks(backend, options):
                         for p in params])
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("caution", [c for rule in _rules.RULES for c in rule.cautious
+                                     if rule.name != "AdamW"],  # AdamW's are Adam's
+                         ids=lambda c: c.count.name)
+def test_numba_counts_in_its_pass(caution, dtype):
+    """The Numba backend sums K in the count pass (caution_counts, nothing written), as
+    the Cython backend does: the same per-tensor counts, on 1 and 2 threads, for a tensor
+    of several chunks, a 0-d one and an empty one."""
+    require_backend("numba")
+    from cases import RULE_OF, kernel_hyper
+
+    from fastopt._backends import _cython, _numba
+    rule = RULE_OF[caution.base]
+    scalars = rule.scalars(dtype, **kernel_hyper(caution.base, 3))
+    rng = np.random.default_rng(9)
+    shapes = [(70001,), (), (0,), (3, 5)]
+    def draw(positive=False):
+        return [np.asarray(np.abs(x) if positive else x, dtype)  # 0-d arrays, not scalars
+                for x in (rng.standard_normal(s) for s in shapes)]
+    params, grads = draw(), draw()
+    states = [draw(positive=name == "exp_avg_sq") for name in caution.count.state]
+    operands = (params, params, grads) + tuple(states)
+    record = caution.count.args.record(dtype, scalars)
+    want = _cython.caution_counts(caution.count.name, operands, record, 1)
+    assert 0 < want[0] < shapes[0][0] and want[2] == 0
+    for n_threads in (1, 2):
+        got = _numba.caution_counts(caution.count.name, operands, record, n_threads)
+        np.testing.assert_array_equal(got, want)

@@ -15,6 +15,7 @@ from fastopt._backends._numba.optim import (
                                             FORMATS,
                                             KERNELS,
                                             MASKS_IN_KERNELS,
+                                            caution_counts,
                                             device,
                                             elementwise,
                                             factors,
@@ -28,6 +29,6 @@ magnitude_masks = functools.partial(_select.magnitude_masks, compress)
 numba.get_num_threads()
 _config.keep_openmp_unnested()
 
-__all__ = ["FORMATS", "KERNELS", "MASKS_IN_KERNELS", "device", "elementwise", "factors",
-           "norm_partials", "random_fill", "weight_norm_sums", "weight_norm_apply",
-           "magnitude_masks", "nm_masks", "quant_loop", "kd_rows"]
+__all__ = ["FORMATS", "KERNELS", "MASKS_IN_KERNELS", "caution_counts", "device",
+           "elementwise", "factors", "norm_partials", "random_fill", "weight_norm_sums",
+           "weight_norm_apply", "magnitude_masks", "nm_masks", "quant_loop", "kd_rows"]

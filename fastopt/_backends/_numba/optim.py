@@ -147,6 +147,46 @@ def _driver(name):
     return njit(parallel=True, **_JIT)(namespace[f"_drive_{name}"])
 
 
+_COUNT_DRIVER = """
+def {name}(ptrs, chunks, rec, like, counts):
+    one = _one(like)
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p, g = _view(ptrs, t, 0, lo, n, like), _view(ptrs, t, 2, lo, n, like)
+        {views}
+        agree = 0
+        for i in range(n):
+            agree += element(p[i], g[i], {states}i, rec[0], one) != 0
+        counts[c] = agree
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _count_driver(name):
+    """The parallel driver of cautious count kernel `name`: each chunk's count of the
+    elements whose K is 1, nothing written."""
+    n = len(_rules.ALL_KERNELS[name].state)
+    namespace = {"__name__": __name__, "prange": prange, "_view": _view, "_one": _one,
+                 "element": _ELEMENTS[name]}
+    source = _COUNT_DRIVER.format(
+        name=f"_count_{name}",
+        views="; ".join(f"s{k} = _view(ptrs, t, {k + 2}, lo, n, like)" for k in range(1, n + 1)),
+        states="".join(f"s{k}, " for k in range(1, n + 1)))
+    exec(compile(source, __file__, "exec"), namespace)
+    return njit(parallel=True, **_JIT)(namespace[f"_count_{name}"])
+
+
+def caution_counts(kernel, operands, record, n_threads):
+    """Per tensor, how many elements the cautious count kernel `kernel` finds agreeing,
+    counted in its pass (as the Cython backend's): no K written, nor read back."""
+    dtype, ptrs, chunks = _setup(operands, n_threads)
+    counts = np.zeros(chunks.shape[0], np.int64)
+    _count_driver(kernel)(ptrs, chunks, record, np.empty(0, dtype), counts)
+    per_tensor = np.zeros(len(operands[0]), np.int64)
+    np.add.at(per_tensor, chunks[:, 0], counts)
+    return per_tensor
+
+
 def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0, formats=None):
     """Run kernel `kernel` (a name of the rule table) over `operands` (param in, param out,
     grad, state..., the last `n_aux` per-tensor auxiliaries) with scalars `record`; with
