@@ -240,7 +240,7 @@ def test_torch_steps_plan_nothing_anew(torch, monkeypatch):
     """torch CPU parameters: with new gradient tensors at every step (zero_grad's
     set_to_none), parameters that require grad (autograd leaves, as fastopt.torch steps
     them) and a 0-d one, steps after the first plan nothing anew (the check runs in C,
-    _runtime.steady_torch_grads) and give the bits of steps planned anew."""
+    _runtime.steady_grads) and give the bits of steps planned anew."""
     require_backend("cython")
     gen = torch.Generator().manual_seed(3)
     shapes = [(3, 4), (5,), ()]

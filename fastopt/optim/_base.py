@@ -1005,9 +1005,9 @@ class Optimizer:
             return _interop._runtime.steady_grads(self.param_groups, plan.groups, grads,
                                                   plan.expect, self.state)
         if plan.torch and _interop._runtime is not None:
-            return _interop._runtime.steady_torch_grads(
-                self.param_groups, plan.groups, grads, plan.expect, self.state, self._leaves,
-                _interop.torch_floats())
+            return _interop._runtime.steady_grads(self.param_groups, plan.groups, grads,
+                                                  plan.expect, self.state,
+                                                  _interop.torch_floats(), self._leaves)
         groups, expect, states = self.param_groups, plan.expect, self.state
         n = len(expect)
         if (len(grads) != n or not isinstance(groups, (list, tuple))

@@ -114,7 +114,8 @@ def first_read_overlap(const cnp.int64_t[::1] los, const cnp.int64_t[::1] his, l
     return -1
 
 
-def steady_grads(groups, tuple kept_groups, list grads, list expect, states):
+def steady_grads(groups, tuple kept_groups, list grads, list expect, states, dict floats=None,
+                 bint leaf=False):
     """The gradients of a step that can run as the previous one did (its plan kept: see
     fastopt.optim._base.Optimizer._steady_grads), in the order of the stepped parameters;
     None if anything the plan was made from changed, or a gradient is not of the kind the
@@ -125,77 +126,23 @@ def steady_grads(groups, tuple kept_groups, list grads, list expect, states):
     in order). `expect`: one entry per parameter, flattened over groups: None where the
     plan skips the parameter (its gradient must be None), else a tuple whose first six
     items are (param, shape, dtype, grad dtype, flat index, state): the parameter the same
-    ndarray object, still C-contiguous, aligned and writable, of that shape and dtype (the
-    dtype object); ``states[flat index]`` (`states` a dict) that state, unchanged since it
-    was checked (its ``checked`` attribute true); the gradient an ndarray (not a
-    subclass) of the parameter's shape and of that dtype object, C-contiguous. About 0.05
-    us per parameter."""
-    cdef Py_ssize_t n = len(expect), flat = 0, gi, d, ndim
-    cdef list out = []
-    cdef tuple item, shape
-    cdef cnp.ndarray p, g
-    if (type(groups) is not list or type(states) is not dict or len(grads) != n
-            or len(<list>groups) != len(kept_groups)):
-        return None
-    for gi in range(len(kept_groups)):
-        group = (<list>groups)[gi]
-        if group is not kept_groups[gi]:
-            return None
-        params = (<dict>group).get("params")
-        if type(params) is not list:
-            return None
-        for q in <list>params:
-            if flat == n:
-                return None
-            entry = expect[flat]
-            gq = grads[flat]
-            flat += 1
-            if entry is None:
-                if gq is not None:
-                    return None
-                continue
-            item = <tuple>entry
-            if q is not item[0] or not cnp.PyArray_CheckExact(q) \
-                    or not cnp.PyArray_CheckExact(gq):
-                return None
-            p = <cnp.ndarray>q
-            g = <cnp.ndarray>gq
-            if (<object>cnp.PyArray_DESCR(p) is not item[2]
-                    or <object>cnp.PyArray_DESCR(g) is not item[3]
-                    or not cnp.PyArray_ISCARRAY(p) or not cnp.PyArray_IS_C_CONTIGUOUS(g)):
-                return None
-            shape = <tuple>item[1]
-            ndim = cnp.PyArray_NDIM(p)
-            if ndim != len(shape) or cnp.PyArray_NDIM(g) != ndim:
-                return None
-            for d in range(ndim):
-                if cnp.PyArray_DIMS(p)[d] != <cnp.npy_intp>shape[d] \
-                        or cnp.PyArray_DIMS(g)[d] != cnp.PyArray_DIMS(p)[d]:
-                    return None
-            state = (<dict>states).get(item[4])
-            if state is not item[5] or not state.checked:
-                return None
-            out.append(g)
-    if flat != n:
-        return None
-    return out
+    object; ``states[flat index]`` (`states` a dict) that state, unchanged since it was
+    checked (its ``checked`` attribute true).
 
+    NumPy parameters (`floats` None): each still a C-contiguous, aligned and writable
+    ndarray of that shape and dtype (the dtype object); its gradient an ndarray (not a
+    subclass) of the parameter's shape and of the grad dtype object, C-contiguous. About
+    0.05 us per parameter.
 
-def steady_torch_grads(groups, tuple kept_groups, list grads, list expect, states, bint leaf,
-                       dict floats):
-    """steady_grads for torch CPU parameters (fastopt.optim._base.Optimizer._steady_grads'
-    torch loop, its checks in the same order, with less interpreter work: about 1.2 us per
-    parameter instead of 2): None if anything the plan was made from changed or a gradient
-    is not the common torch CPU tensor (_interop._plain_cpu_torch), else the gradients'
-    NumPy views, in the order of the stepped parameters. Raises nothing.
-
-    `expect` entries as steady_grads', for torch parameters: (param, shape, dtype, grad
-    dtype, flat index, state, view, token), token (data_ptr, shape, stride, dtype) of the
-    tensor when it was checked; `leaf`: a parameter may require grad; `floats`: {torch
-    float32: False, torch float64: True}."""
+    torch CPU parameters (`floats`: {torch float32: False, torch float64: True}): entries
+    end with (view, token), token (data_ptr, shape, stride, dtype) of the tensor when it
+    was checked, which it still matches (and does not require grad, unless `leaf`); its
+    gradient the common torch CPU tensor (_interop._plain_cpu_torch), whose NumPy view is
+    returned: the checks of the Python loop, in its order, with less interpreter work
+    (about 1.2 us per parameter instead of 2, most of it torch's attribute calls)."""
     cdef Py_ssize_t n = len(expect), flat = 0, gi
     cdef list out = []
-    cdef tuple item, token, shape
+    cdef tuple item
     if (type(groups) is not list or type(states) is not dict or len(grads) != n
             or len(<list>groups) != len(kept_groups)):
         return None
@@ -221,30 +168,62 @@ def steady_torch_grads(groups, tuple kept_groups, list grads, list expect, state
                 state = (<dict>states).get(item[4])
                 if q is not item[0] or state is not item[5] or not state.checked:
                     return None
-                token = <tuple>item[7]
-                if ((not leaf and q.requires_grad) or q.data_ptr() != token[0]
-                        or q.shape != token[1] or q.stride() != token[2]
-                        or q.dtype is not token[3]):
+                g = _numpy_grad(q, g, item) if floats is None else _torch_grad(
+                    q, g, item, floats, leaf)
+                if g is None:
                     return None
-                # the gradient: a plain contiguous float CPU tensor of the kept kind
-                if type(g).__module__ != "torch" or g.requires_grad or not g.is_cpu:
-                    return None
-                f64 = floats.get(g.dtype)
-                if (f64 is None or not g.is_contiguous() or g.is_neg() or g.is_conj()):
-                    return None
-                shape = tuple(g.shape)
-                ga = None if 0 in shape else tensor_view(g, f64, shape)
-                if ga is None:
-                    ga = g.numpy()
-                if (<object>cnp.PyArray_DESCR(<cnp.ndarray>ga) is not item[3]
-                        or shape != item[1]):
-                    return None
-                out.append(ga)
-    except (AttributeError, RuntimeError, TypeError):
+                out.append(g)
+    except (AttributeError, RuntimeError, TypeError):  # torch's attributes
         return None
     if flat != n:
         return None
     return out
+
+
+cdef object _numpy_grad(q, gq, tuple item):
+    """Gradient `gq` of NumPy parameter `q` if both are as steady_grads takes them, else
+    None."""
+    cdef cnp.ndarray p, g
+    cdef tuple shape = <tuple>item[1]
+    cdef Py_ssize_t d, ndim
+    if not cnp.PyArray_CheckExact(q) or not cnp.PyArray_CheckExact(gq):
+        return None
+    p = <cnp.ndarray>q
+    g = <cnp.ndarray>gq
+    if (<object>cnp.PyArray_DESCR(p) is not item[2]
+            or <object>cnp.PyArray_DESCR(g) is not item[3]
+            or not cnp.PyArray_ISCARRAY(p) or not cnp.PyArray_IS_C_CONTIGUOUS(g)):
+        return None
+    ndim = cnp.PyArray_NDIM(p)
+    if ndim != len(shape) or cnp.PyArray_NDIM(g) != ndim:
+        return None
+    for d in range(ndim):
+        if cnp.PyArray_DIMS(p)[d] != <cnp.npy_intp>shape[d] \
+                or cnp.PyArray_DIMS(g)[d] != cnp.PyArray_DIMS(p)[d]:
+            return None
+    return g
+
+
+cdef object _torch_grad(q, g, tuple item, dict floats, bint leaf):
+    """The NumPy view of gradient `g` of torch parameter `q` if both are as steady_grads
+    takes them, else None (torch's attribute calls may raise)."""
+    cdef tuple token = <tuple>item[7], shape
+    if ((not leaf and q.requires_grad) or q.data_ptr() != token[0] or q.shape != token[1]
+            or q.stride() != token[2] or q.dtype is not token[3]):
+        return None
+    # the gradient: a plain contiguous float CPU tensor of the kept kind
+    if type(g).__module__ != "torch" or g.requires_grad or not g.is_cpu:
+        return None
+    f64 = floats.get(g.dtype)
+    if f64 is None or not g.is_contiguous() or g.is_neg() or g.is_conj():
+        return None
+    shape = tuple(g.shape)
+    ga = None if 0 in shape else tensor_view(g, f64, shape)
+    if ga is None:
+        ga = g.numpy()
+    if <object>cnp.PyArray_DESCR(<cnp.ndarray>ga) is not item[3] or shape != item[1]:
+        return None
+    return ga
 
 
 def tensor_view(x, bint f64, tuple shape):
