@@ -301,8 +301,7 @@ class _Fused:
         state_dtype = self._state_dtype(dtype)
         if state_dtype != _U8:
             return [state_dtype] * len(leaves)
-        return [_U8 if leaf.size >= _formats.MIN_QUANTIZED else np.dtype(np.float32)
-                for leaf in leaves]
+        return _q8_dtypes(leaves)
 
     def _has_master(self, dtype):
         """Whether parameters of `dtype` get master weights: bfloat16 and float16 ones,
@@ -564,7 +563,7 @@ class _Fused:
                 if state_dtype == _U8:
                     key = name + ABSMAX
                     absmax = entry.get(key)
-                    want = (-(-leaf.size // _formats.BLOCK),)
+                    want = _scales_shape(leaf, _U8)
                     absmax = None if absmax is None else jnp.asarray(np.asarray(absmax))
                     if absmax is None or absmax.dtype != np.float32 or absmax.shape != want:
                         raise ValueError(f"state_dict['state'][{i}][{key!r}]: expected the "
@@ -672,7 +671,7 @@ class _Fused:
             out = []
             for path, leaf, d, x in zip(paths, leaves, each, flat):
                 x = _array(x, where + path)
-                want = (-(-leaf.size // _formats.BLOCK),) if d == _U8 else (0,)
+                want = _scales_shape(leaf, d)
                 if x.dtype != np.float32 or x.shape != want:
                     raise ValueError(f"{where}{path}: expected float32 of shape {want} (one "
                                      f"scale per {_formats.BLOCK} elements of a tensor of "
@@ -702,6 +701,19 @@ class _Fused:
 def _state_name(dtype):
     """A state dtype as state_dtype names it: "int8" for the uint8 codes of 8-bit state."""
     return "int8 (uint8 codes)" if dtype == _U8 else np.dtype(dtype).name
+
+
+def _q8_dtypes(leaves):
+    """The state dtype of each parameter with state_dtype="int8", as the array API's:
+    uint8 (8-bit codes) for tensors of MIN_QUANTIZED elements or more, else float32."""
+    return [_U8 if leaf.size >= _formats.MIN_QUANTIZED else np.dtype(np.float32)
+            for leaf in leaves]
+
+
+def _scales_shape(leaf, dtype):
+    """The shape of the block scales of a state array of `dtype` shaped like `leaf`: one
+    per BLOCK elements for 8-bit codes (uint8), none otherwise."""
+    return (-(-leaf.size // _formats.BLOCK),) if dtype == _U8 else (0,)
 
 
 def _q8_quantize(values, code):
@@ -2819,13 +2831,12 @@ def schedule_free_eval_params(state, params):
                         f"{type(state).__name__}")
     _, (paths, leaves, treedef), dtype = _params(params)
     if state.absmax is not None:  # 8-bit z (state_dtype="int8"): codes and block scales
-        each = [_U8 if p.size >= _formats.MIN_QUANTIZED else np.dtype(np.float32)
-                for p in leaves]
+        each = _q8_dtypes(leaves)
         zs = _like(state.z, "state.z", paths, leaves, treedef, each=each)
         scales = state.absmax.get("z") if isinstance(state.absmax, dict) else None
         scales = _like(scales, "state.absmax['z']", paths, [
-            jax.ShapeDtypeStruct((-(-p.size // _formats.BLOCK) if d == _U8 else 0,),
-                                 np.float32) for p, d in zip(leaves, each)], treedef)
+            jax.ShapeDtypeStruct(_scales_shape(p, d), np.float32)
+            for p, d in zip(leaves, each)], treedef)
         zs = [_q8_dequantize(z, a, _formats.Q8S) if d == _U8 else z
               for z, a, d in zip(zs, scales, each)]
     else:
