@@ -147,9 +147,10 @@ SGD_ARGS = Args("sgd", _GRAD + ("weight_decay", "momentum", "one_minus_dampening
 ADAM_ARGS = Args("adam", _GRAD + ("weight_decay", "decay", "one_minus_beta1", "beta2",
                                   "one_minus_beta2", "bias_correction2_sqrt", "eps",
                                   "neg_step_size"), ("lerp_hi",))
-ADAGRAD_ARGS = Args("adagrad", _GRAD + ("weight_decay", "neg_clr", "eps"))
+ADAGRAD_ARGS = Args("adagrad", _GRAD + ("weight_decay", "neg_clr", "eps", "eps_root"))
 RMSPROP_ARGS = Args("rmsprop", _GRAD + ("weight_decay", "alpha", "one_minus_alpha", "eps",
-                                        "momentum", "neg_lr"), ("lerp_hi",))
+                                        "momentum", "neg_lr", "eps_root", "trace_scale"),
+                    ("lerp_hi",))
 ADADELTA_ARGS = Args("adadelta", _GRAD + ("weight_decay", "rho", "one_minus_rho", "eps",
                                           "neg_lr"))
 ADAMAX_ARGS = Args("adamax", _GRAD + ("weight_decay", "one_minus_beta1", "beta2", "eps",

@@ -78,18 +78,25 @@ def _decoupled(lr, weight_decay, decoupled):
 
 
 def adagrad_scalars(dtype, *, step, lr, lr_decay, weight_decay, eps, maximize, grad_scale,
-                    grad_clip):
+                    grad_clip, eps_root=0.0):
+    """`eps_root`: added under the square root (optax's eps; torch's Adagrad has none)."""
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
                 weight_decay=_real(weight_decay),
-                neg_clr=-(lr / (1 + (step - 1) * lr_decay)), eps=_real(eps))
+                neg_clr=-(lr / (1 + (step - 1) * lr_decay)), eps=_real(eps),
+                eps_root=_real(eps_root))
 
 
 def rmsprop_scalars(dtype, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
-                    grad_scale, grad_clip):
+                    grad_scale, grad_clip, eps_root=0.0, lr_in_trace=False):
+    """`eps_root`: added under the square root (optax's eps by default; torch's RMSprop has
+    none); `lr_in_trace`: the momentum buffer accumulates the updates scaled by -lr and is
+    added to the parameter (optax's trace after its learning rate), rather than the buffer
+    of the unscaled updates times -lr (torch's). Only the momentum kernels take it."""
     return dict(**grad_scalars(grad_scale, grad_clip, maximize),
                 weight_decay=_real(weight_decay), alpha=_real(alpha),
                 one_minus_alpha=1 - alpha, eps=_real(eps), momentum=_real(momentum),
-                neg_lr=-lr, lerp_hi=_lerp_hi(dtype, 1 - alpha))
+                neg_lr=1.0 if lr_in_trace else -lr, eps_root=_real(eps_root),
+                trace_scale=-lr if lr_in_trace else 1.0, lerp_hi=_lerp_hi(dtype, 1 - alpha))
 
 
 def adadelta_scalars(dtype, *, lr, rho, eps, weight_decay, maximize, grad_scale, grad_clip):

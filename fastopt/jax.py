@@ -9,9 +9,11 @@ r"""fastopt's optimizer kernels inside ``jax.jit``: optax transformations and a 
 >>> np.asarray(params["w"]).round(4)
 array([-0.1,  0.1], dtype=float32)
 
-Each factory (:func:`adam`, :func:`adamw`, :func:`sgd`, :func:`lion`, :func:`adamax`,
-:func:`adadelta`, :func:`adopt`, :func:`ademamix`, :func:`adan`, :func:`rprop`,
-:func:`asgd`, :func:`lamb`, :func:`schedule_free_adamw`, :func:`schedule_free_sgd`) takes
+Each factory (:func:`adam`, :func:`adamw`, :func:`nadam`, :func:`nadamw`, :func:`sgd`,
+:func:`lion`, :func:`adamax`, :func:`radam`, :func:`adadelta`, :func:`adagrad`,
+:func:`rmsprop`, :func:`adopt`, :func:`ademamix`, :func:`adan`, :func:`rprop`,
+:func:`asgd`, :func:`lamb`, :func:`muon`, :func:`prodigy`, :func:`schedule_free_adamw`,
+:func:`schedule_free_sgd`) takes
 optax's name, arguments and defaults (torch's where optax has no such rule) and returns a
 :class:`FusedTransformation`: an optax ``GradientTransformationExtraArgs`` (its ``init``
 and ``update`` work in ``optax.chain``, ``optax.MultiSteps`` and any optax training loop)
@@ -48,12 +50,12 @@ from fastopt._check import flag, real
 from fastopt._config import check_threads, get_num_threads
 from fastopt.optim._base import ABSMAX, MASTER, _q8_code
 
-__all__ = ["adam", "adamw", "sgd", "lion", "adamax", "adadelta", "adopt", "ademamix", "adan",
-           "rprop", "asgd", "lamb", "muon", "prodigy", "schedule_free_adamw",
-           "schedule_free_sgd", "schedule_free_eval_params", "FusedTransformation",
-           "AdamState", "SGDState", "LionState", "AdamaxState", "AdadeltaState",
-           "AdEMAMixState", "AdanState", "RpropState", "ASGDState", "MuonState",
-           "ProdigyState", "ScheduleFreeState"]
+__all__ = ["adam", "adamw", "nadam", "nadamw", "sgd", "lion", "adamax", "radam", "adadelta",
+           "adagrad", "rmsprop", "adopt", "ademamix", "adan", "rprop", "asgd", "lamb", "muon",
+           "prodigy", "schedule_free_adamw", "schedule_free_sgd", "schedule_free_eval_params",
+           "FusedTransformation", "AdamState", "SGDState", "LionState", "AdamaxState",
+           "AdadeltaState", "AdagradState", "RMSpropState", "AdEMAMixState", "AdanState",
+           "RpropState", "ASGDState", "MuonState", "ProdigyState", "ScheduleFreeState"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _LOWP = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))  # computed in float32
@@ -69,7 +71,8 @@ ABSMAX_FIELD = "absmax"  # the state's field of the block scales of 8-bit state
 
 
 class AdamState(NamedTuple):
-    """The state of :func:`adam`, :func:`adamw`, :func:`adopt` and :func:`lamb`: the step
+    """The state of :func:`adam`, :func:`adamw`, :func:`nadam`, :func:`nadamw`,
+    :func:`radam`, :func:`adopt` and :func:`lamb`: the step
     count (an int32 scalar) and the moments m and v, each a pytree shaped like the
     parameters (fastopt's and torch's names; optax calls them ``mu`` and ``nu``).
 
@@ -398,10 +401,7 @@ class _Fused:
         # the schedule sees the count before the step, as optax's. It is read as step - 1,
         # equal to count short of the maximum: the donated count buffer then has a single
         # reader and XLA writes the new count into it without copying the old one
-        lr = self.learning_rate(step - 1) if callable(self.learning_rate) else self.learning_rate
-        if jnp.shape(lr) != ():
-            raise ValueError(f"learning_rate: the schedule returned a value of shape "
-                             f"{jnp.shape(lr)}, expected a scalar")
+        lr = self._lr(step, compute)
         grad_scale = 1.0
         if self.max_grad_norm is not None:
             grad_scale = _clip_coefficient(self.max_grad_norm, summed)
@@ -489,10 +489,24 @@ class _Fused:
                                for k, name in enumerate(names)}))
         return treedef, new, new_state
 
-    def _step_inputs(self, step, grads, masks):
-        """(the learning rate of step `step`, the gradients with pruned entries 0, the
-        clipping scale) of the rules with an _apply of their own (Muon, Prodigy)."""
+    def _lr(self, step, dtype):
+        """The learning rate of step `step`: the schedule's value at count step - 1, as
+        optax's, in the dtype the kernel computes in (`dtype`). optax's schedules return
+        float32 under jax_enable_x64 too; the step's coefficients computed from it (AdamW's
+        factor 1 - lr wd, the step size lr / (1 - b1^t)) would then round in float32,
+        where optax's products of it with float64 updates do not."""
+        if isinstance(self.learning_rate, (int, float)):
+            return self.learning_rate
         lr = self.learning_rate(step - 1) if callable(self.learning_rate) else self.learning_rate
+        if jnp.shape(lr) != ():
+            raise ValueError(f"learning_rate: the schedule returned a value of shape "
+                             f"{jnp.shape(lr)}, expected a scalar")
+        return jnp.asarray(lr, dtype)
+
+    def _step_inputs(self, step, grads, masks, dtype):
+        """(the learning rate of step `step` in `dtype`, the gradients with pruned entries
+        0, the clipping scale) of the rules with an _apply of their own (Muon, Prodigy)."""
+        lr = self._lr(step, dtype)
         summed = grads if masks is None else [
             g if m is None else jnp.where(m, g, jnp.zeros_like(g)) for g, m in zip(grads, masks)]
         grad_scale = 1.0
@@ -501,6 +515,11 @@ class _Fused:
         return lr, summed, grad_scale
 
     def state_dict(self, state, params=None):
+        if self.group is None:
+            raise ValueError(f"state_dict: {self!r} follows optax's update, which no "
+                             f"array-API class has (fastopt's classes follow torch.optim), "
+                             f"so its state would resume another rule there; checkpoint "
+                             f"the state pytree itself (orbax, flax.serialization)")
         cls, group = self.group
         steps = dict(_rules.BY_NAME[cls].state_scalars).get("step") is not None
         if not isinstance(state, self.state_cls):
@@ -1060,7 +1079,7 @@ def _eps_root(value):
                      "the kernel adds eps outside the square root only")
 
 
-def _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, nesterov_rule):
+def _adam_arguments(b1, b2, eps, eps_root, mu_dtype):
     """(b1, b2, eps) of adam and adamw, checked; their optax arguments that fastopt does
     not support yet refused unless at their defaults."""
     b1 = _real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
@@ -1068,8 +1087,41 @@ def _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, nesterov_rule):
     eps = _real("eps", eps, lo=0.0)
     _eps_root(eps_root)
     _unsupported("mu_dtype", mu_dtype, None, "the state's dtype is state_dtype's")
-    _unsupported("nesterov", flag("nesterov", nesterov), False, f"see {nesterov_rule}")
     return b1, b2, eps
+
+
+def _adam_family(name, learning_rate, b1, b2, eps, weight_decay, nesterov, cautious, options):
+    """adam's (weight_decay None) or adamw's transformation; with `nesterov` optax's
+    Nesterov form (optax.nadam / nadamw) on the NAdam kernel, whose two coefficients of g
+    and m take optax's bias corrections, and which has no array-API twin (fastopt.NAdam
+    follows torch's NAdam, with its momentum decay)."""
+    decoupled = weight_decay is not None
+    hyper = dict(b1=b1, b2=b2, eps=eps)
+    if decoupled:
+        hyper["weight_decay"] = weight_decay
+    else:
+        weight_decay = 0.0
+    if not flag("nesterov", nesterov):
+        return _make(name, "adam", AdamState,
+                     _adam_scalars(b1, b2, eps, weight_decay=weight_decay,
+                                   decoupled=decoupled), learning_rate, hyper,
+                     ("AdamW" if decoupled else "Adam",
+                      dict(betas=(b1, b2), eps=eps, weight_decay=weight_decay)),
+                     options, cautious)
+    if flag("cautious", cautious):
+        raise ValueError(f"cautious: not with nesterov=True (fastopt.jax.{name}'s cautious "
+                         f"variant is of Adam's kernel; Nesterov Adam has none)")
+
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
+        wd, decay = _scalars._decoupled(lr, weight_decay, decoupled)
+        return dict(**_scalars.grad_scalars(grad_scale, grad_clip, maximize),
+                    weight_decay=wd, decay=decay, one_minus_beta1=1 - b1, beta2=b2,
+                    one_minus_beta2=1 - b2, bias_correction2=1 - b2 ** step, eps=eps,
+                    grad_coef=-lr * (1 - b1) / (1 - b1 ** step),
+                    avg_coef=-lr * b1 / (1 - b1 ** optax.safe_increment(step)),
+                    lerp_hi=_scalars._lerp_hi(dtype, 1 - b1))
+    return _make(name, "nadam", AdamState, scalars, learning_rate,
+                 dict(hyper, nesterov=True), None, options)
 
 
 def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None, *, nesterov=False,
@@ -1108,7 +1160,9 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
         eps_root: optax's; only 0 is supported yet (None, the default, is 0).
         mu_dtype: optax's; only None is supported yet (the state's dtype is
             ``state_dtype``'s).
-        nesterov (bool): optax's; only False is supported yet.
+        nesterov (bool): optax's Nesterov form (:func:`nadam`): the numerator
+            :math:`\beta_1 m_t / (1 - \beta_1^{t+1}) + (1 - \beta_1) g_t / (1 - \beta_1^t)`
+            in place of :math:`m_t / (1 - \beta_1^t)`. Default False.
         cautious (bool): the cautious variant (C-Optim, Liang et al. 2024), as
             :class:`fastopt.Adam`'s option: per tensor, the update's entries whose sign
             disagrees with the gradient's are zeroed and the rest scaled by
@@ -1151,14 +1205,11 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
     Returns:
         FusedTransformation: with state :class:`AdamState`.
     """
-    learning_rate = _learning_rate(learning_rate)
-    b1, b2, eps = _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, "optax.nadam")
-    return _make("adam", "adam", AdamState,
-                 _adam_scalars(b1, b2, eps, weight_decay=0.0, decoupled=False), learning_rate,
-                 dict(b1=b1, b2=b2, eps=eps),
-                 ("Adam", dict(betas=(b1, b2), eps=eps, weight_decay=0.0)),
-                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, master_weights, seed, n_threads), cautious)
+    b1, b2, eps = _adam_arguments(b1, b2, eps, eps_root, mu_dtype)
+    return _adam_family("adam", _learning_rate(learning_rate), b1, b2, eps, None, nesterov,
+                        cautious, (max_grad_norm, max_grad_value, maximize, skip_nonfinite,
+                                   state_dtype, stochastic_rounding, master_weights, seed,
+                                   n_threads))
 
 
 # the Args entries of the options every factory but adam shares (adam's describe them)
@@ -1241,7 +1292,9 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
             ``state_dtype``'s).
         weight_decay (float): :math:`\lambda \ge 0`, a number. Default 1e-4.
         mask: optax's; only None is supported yet (the decay applies to every parameter).
-        nesterov (bool): optax's; only False is supported yet.
+        nesterov (bool): optax's Nesterov form (:func:`nadamw`): the numerator
+            :math:`\beta_1 m_t / (1 - \beta_1^{t+1}) + (1 - \beta_1) g_t / (1 - \beta_1^t)`
+            in place of :math:`m_t / (1 - \beta_1^t)`. Default False.
         cautious (bool): the cautious variant (C-Optim, Liang et al. 2024), as
             :class:`fastopt.AdamW`'s option: per tensor, the update's entries whose sign
             disagrees with the gradient's are zeroed and the rest scaled by
@@ -1252,16 +1305,13 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
     Returns:
         FusedTransformation: with state :class:`AdamState`.
     """
-    learning_rate = _learning_rate(learning_rate)
-    b1, b2, eps = _adam_arguments(b1, b2, eps, eps_root, mu_dtype, nesterov, "optax.nadamw")
+    b1, b2, eps = _adam_arguments(b1, b2, eps, eps_root, mu_dtype)
     weight_decay = _weight_decay(weight_decay)
     _unsupported("mask", mask, None, "weight decay applies to every parameter")
-    return _make("adamw", "adam", AdamState,
-                 _adam_scalars(b1, b2, eps, weight_decay=weight_decay, decoupled=True),
-                 learning_rate, dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
-                 ("AdamW", dict(betas=(b1, b2), eps=eps, weight_decay=weight_decay)),
-                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, master_weights, seed, n_threads), cautious)
+    return _adam_family("adamw", _learning_rate(learning_rate), b1, b2, eps, weight_decay,
+                        nesterov, cautious, (max_grad_norm, max_grad_value, maximize,
+                                             skip_nonfinite, state_dtype, stochastic_rounding,
+                                             master_weights, seed, n_threads))
 
 
 def _adam_scalars(b1, b2, eps, weight_decay, decoupled):
@@ -1273,6 +1323,93 @@ def _adam_scalars(b1, b2, eps, weight_decay, decoupled):
                                      maximize=maximize, grad_scale=grad_scale,
                                      grad_clip=grad_clip)
     return scalars
+
+
+@_options_doc
+def nadam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None, *,
+          max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
+          state_dtype=None, stochastic_rounding=None, master_weights=False, seed=None,
+          n_threads=None):
+    r"""NAdam as optax has it (Dozat 2016): Nesterov Adam, :func:`adam` with
+    ``nesterov=True``, run by fastopt's fused kernel.
+
+    Follows ``optax.nadam`` (its arguments, defaults and update). With gradient :math:`g_t`
+    at step :math:`t = 1, 2, \ldots` and learning rate :math:`\gamma_t` (the schedule's
+    value at count :math:`t - 1`):
+
+    .. math::
+
+        m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+        v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+        p_{t+1} &= p_t - \gamma_t \frac{\beta_1 m_t / (1 - \beta_1^{t+1})
+            + (1 - \beta_1) g_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
+
+    This is not ``torch.optim.NAdam`` (:class:`fastopt.NAdam`), whose momentum coefficient
+    decays with the step (its ``momentum_decay``); the kernel is that class's, with the two
+    coefficients of :math:`g_t` and :math:`m_t` above computed once per step (in the
+    count's floating type, as optax's bias corrections), so its results differ from
+    ``optax.nadam``'s by rounding only. No array-API class has this update:
+    ``state_dict`` refuses it (checkpoint the state pytree).
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule (a function of
+            the step count, evaluated inside the jitted step).
+        b1 (float): :math:`\beta_1` in [0, 1). Default 0.9.
+        b2 (float): :math:`\beta_2` in [0, 1). Default 0.999.
+        eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
+        eps_root: optax's; only 0 is supported yet (None, the default, is 0).
+        mu_dtype: optax's; only None is supported yet.
+        {options}
+
+    Returns:
+        FusedTransformation: with state :class:`AdamState`.
+    """
+    return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=True,
+                max_grad_norm=max_grad_norm, max_grad_value=max_grad_value,
+                maximize=maximize, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype,
+                stochastic_rounding=stochastic_rounding, master_weights=master_weights,
+                seed=seed, n_threads=n_threads)
+
+
+@_options_doc
+def nadamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None,
+           weight_decay=1e-4, mask=None, *, max_grad_norm=None, max_grad_value=None,
+           maximize=False, skip_nonfinite=False, state_dtype=None, stochastic_rounding=None,
+           master_weights=False, seed=None, n_threads=None):
+    r"""NAdamW as optax has it: :func:`nadam`'s update plus the decoupled weight decay
+    :math:`\lambda p_t` scaled by the learning rate, :func:`adamw` with ``nesterov=True``.
+
+    Follows ``optax.nadamw`` (its arguments, defaults and update):
+
+    .. math::
+
+        p_{t+1} = p_t - \gamma_t \left(\frac{\beta_1 m_t / (1 - \beta_1^{t+1})
+            + (1 - \beta_1) g_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
+            + \lambda p_t\right)
+
+    with :math:`m_t, v_t` as :func:`nadam`'s. The kernel applies the decay first, as
+    :math:`p_t (1 - \gamma_t \lambda)` (as :func:`adamw`'s); its results differ from
+    ``optax.nadamw``'s by rounding only. ``state_dict`` refuses it, as :func:`nadam`'s.
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule.
+        b1 (float): :math:`\beta_1` in [0, 1). Default 0.9.
+        b2 (float): :math:`\beta_2` in [0, 1). Default 0.999.
+        eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
+        eps_root: optax's; only 0 is supported yet (None, the default, is 0).
+        mu_dtype: optax's; only None is supported yet.
+        weight_decay (float): :math:`\lambda \ge 0`, a number. Default 1e-4.
+        mask: optax's; only None is supported yet (the decay applies to every parameter).
+        {options}
+
+    Returns:
+        FusedTransformation: with state :class:`AdamState`.
+    """
+    return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
+                 nesterov=True, max_grad_norm=max_grad_norm, max_grad_value=max_grad_value,
+                 maximize=maximize, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype,
+                 stochastic_rounding=stochastic_rounding, master_weights=master_weights,
+                 seed=seed, n_threads=n_threads)
 
 
 @_options_doc
@@ -1458,6 +1595,77 @@ def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, max_grad_norm=None, max
                   stochastic_rounding, master_weights, seed, n_threads))
 
 
+@_options_doc
+def radam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, threshold=5.0, *,
+          nesterov=False, max_grad_norm=None, max_grad_value=None, maximize=False,
+          skip_nonfinite=False, state_dtype=None, stochastic_rounding=None,
+          master_weights=False, seed=None, n_threads=None):
+    r"""RAdam (Liu et al. 2020, rectified Adam) as optax has it, run by fastopt's fused
+    kernel.
+
+    Follows ``optax.radam`` (its arguments, defaults and update). With :math:`m_t, v_t` as
+    :func:`adam`'s, :math:`\rho_\infty = 2 / (1 - \beta_2) - 1` and
+    :math:`\rho_t = \rho_\infty - 2 t \beta_2^t / (1 - \beta_2^t)`:
+
+    .. math::
+
+        \hat m_t &= m_t / (1 - \beta_1^t), \quad \hat v_t = v_t / (1 - \beta_2^t) \\
+        p_{t+1} &= p_t - \gamma_t r_t \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+            \text{ where } \rho_t \ge \text{threshold, else } p_t - \gamma_t \hat m_t \\
+        r_t &= \sqrt{\frac{(\rho_t - 4)(\rho_t - 2) \rho_\infty}
+            {(\rho_\infty - 4)(\rho_\infty - 2) \rho_t}}
+
+    ``torch.optim.RAdam`` (:class:`fastopt.RAdam`) adds :math:`\epsilon` to
+    :math:`\sqrt{v_t}` before the bias correction and rectifies where
+    :math:`\rho_t > 5`; its kernel runs this update with :math:`\epsilon` scaled by
+    :math:`\sqrt{1 - \beta_2^t}` and optax's test, computed once per step in the count's
+    floating type: the results differ from ``optax.radam``'s by rounding only. No array-API
+    class has this update: ``state_dict`` refuses it (checkpoint the state pytree).
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule (a function of
+            the step count, evaluated inside the jitted step).
+        b1 (float): :math:`\beta_1` in [0, 1). Default 0.9.
+        b2 (float): :math:`\beta_2` in [0, 1). Default 0.999.
+        eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
+        eps_root: optax's; only 0 is supported yet (None, the default, is 0).
+        threshold (float): the least :math:`\rho_t` that rectifies. Default 5.
+        nesterov (bool): optax's; only False is supported yet.
+        {options}
+
+    Returns:
+        FusedTransformation: with state :class:`AdamState`.
+    """
+    learning_rate = _learning_rate(learning_rate)
+    b1 = _real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
+    b2 = _real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
+    eps = _real("eps", eps, lo=0.0)
+    _eps_root(eps_root)
+    threshold = _real("threshold", threshold)
+    _unsupported("nesterov", flag("nesterov", nesterov), False,
+                 "the RAdam kernel has no Nesterov form")
+
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
+        b2t = b2 ** step
+        rho_inf = 2 / (1 - b2) - 1
+        rho = rho_inf - 2 * step * b2t / (1 - b2t)
+        rectify = rho >= threshold
+        ratio = (rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)
+        bias_correction2_sqrt = (1 - b2t) ** 0.5
+        return dict(**_scalars.grad_scalars(grad_scale, grad_clip, maximize),
+                    weight_decay=0.0, decay=1.0, one_minus_beta1=1 - b1, beta2=b2,
+                    one_minus_beta2=1 - b2, bias_correction1=1 - b1 ** step, lr=lr,
+                    bias_correction2_sqrt=bias_correction2_sqrt,
+                    eps=eps * bias_correction2_sqrt,
+                    rect=jnp.sqrt(jnp.where(rectify, ratio, 1)),
+                    lerp_hi=_scalars._lerp_hi(dtype, 1 - b1), rectify=rectify)
+
+    return _make("radam", "radam", AdamState, scalars, learning_rate,
+                 dict(b1=b1, b2=b2, eps=eps, threshold=threshold), None,
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                  stochastic_rounding, master_weights, seed, n_threads))
+
+
 class AdadeltaState(NamedTuple):
     """The state of :func:`adadelta`: the step count (an int32 scalar), the running
     averages of the squared gradients and of the squared updates, each a pytree shaped
@@ -1532,6 +1740,174 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_deca
                  ("Adadelta", dict(rho=rho, eps=eps, weight_decay=weight_decay)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
                   stochastic_rounding, master_weights, seed, n_threads))
+
+
+class AdagradState(NamedTuple):
+    """The state of :func:`adagrad`: the step count (an int32 scalar) and the sums of the
+    squared gradients, a pytree shaped like the parameters (torch's name; optax calls it
+    ``sum_of_squares``).
+
+    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
+    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
+    state array's block scales (see :func:`adam`); None otherwise."""
+    count: Any
+    sum: Any
+    master_param: Any = None
+    absmax: Any = None
+
+
+@_options_doc
+def adagrad(learning_rate, initial_accumulator_value=0.1, eps=1e-7, *, max_grad_norm=None,
+            max_grad_value=None, maximize=False, skip_nonfinite=False, state_dtype=None,
+            stochastic_rounding=None, master_weights=False, seed=None, n_threads=None):
+    r"""Adagrad (Duchi et al. 2011) as optax has it, run by fastopt's fused kernel.
+
+    Follows ``optax.adagrad`` (its arguments, defaults and update). With gradient
+    :math:`g_t` and learning rate :math:`\gamma_t` (the schedule's value at count
+    :math:`t - 1`):
+
+    .. math::
+
+        s_t = s_{t-1} + g_t^2 \quad (s_0 = \text{initial\_accumulator\_value}), \qquad
+        p_{t+1} = p_t - \gamma_t \frac{g_t}{\sqrt{s_t + \epsilon}}
+
+    :math:`\epsilon` under the square root, as optax's (``torch.optim.Adagrad``, and
+    :class:`fastopt.Adagrad`, add it to the root); an element with :math:`s_t = 0` moves
+    by 0, as optax's. The kernel is :class:`fastopt.Adagrad`'s with its ``eps_root``
+    field; its results differ from ``optax.adagrad``'s by rounding only. No array-API class
+    has this update: ``state_dict`` refuses it (checkpoint the state pytree).
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule (a function of
+            the step count, evaluated inside the jitted step).
+        initial_accumulator_value (float): :math:`s_0 \ge 0`. Default 0.1.
+        eps (float): :math:`\epsilon \ge 0`, not 0 together with
+            ``initial_accumulator_value``. Default 1e-7.
+        {options}
+
+    Returns:
+        FusedTransformation: with state :class:`AdagradState`.
+    """
+    learning_rate = _learning_rate(learning_rate)
+    initial = _real("initial_accumulator_value", initial_accumulator_value, lo=0.0)
+    eps = _real("eps", eps, lo=0.0)
+    if isinstance(eps, float) and isinstance(initial, float) and eps == initial == 0:
+        raise ValueError("eps and initial_accumulator_value are both 0: an element whose "
+                         "gradients are all 0 would divide 0 by 0 (optax's jnp.where skips "
+                         "it; the kernel has no such test): make one of them positive")
+
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
+        return _scalars.adagrad_scalars(dtype, step=step, lr=lr, lr_decay=0.0,
+                                        weight_decay=0.0, eps=0.0, eps_root=eps,
+                                        maximize=maximize, grad_scale=grad_scale,
+                                        grad_clip=grad_clip)
+
+    return _make("adagrad", "adagrad", AdagradState, scalars, learning_rate,
+                 dict(initial_accumulator_value=initial, eps=eps), None,
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                  stochastic_rounding, master_weights, seed, n_threads),
+                 fills=dict(sum=initial))
+
+
+class RMSpropState(NamedTuple):
+    """The state of :func:`rmsprop`: the step count (an int32 scalar), the running average
+    of the squared gradients, with ``centered`` that of the gradients, and with
+    ``momentum`` the trace of the updates, each a pytree shaped like the parameters, or
+    None where not kept (torch's names; optax calls them ``nu``, ``mu`` and ``trace``).
+
+    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
+    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
+    state array's block scales (see :func:`adam`); None otherwise."""
+    count: Any
+    square_avg: Any
+    grad_avg: Any = None
+    momentum_buffer: Any = None
+    master_param: Any = None
+    absmax: Any = None
+
+
+@_options_doc
+def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt=True,
+            centered=False, momentum=None, nesterov=False, bias_correction=False, *,
+            max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
+            state_dtype=None, stochastic_rounding=None, master_weights=False, seed=None,
+            n_threads=None):
+    r"""RMSprop (Tieleman & Hinton 2012) as optax has it, run by fastopt's fused kernel.
+
+    Follows ``optax.rmsprop`` (its arguments, defaults and update). With gradient
+    :math:`g_t`, learning rate :math:`\gamma_t` (the schedule's value at count
+    :math:`t - 1`) and decay :math:`\rho`:
+
+    .. math::
+
+        v_t &= \rho v_{t-1} + (1 - \rho) g_t^2 \quad (v_0 = \text{initial\_scale}) \\
+        \bar g_t &= \rho \bar g_{t-1} + (1 - \rho) g_t, \quad
+            r_t = v_t - \bar g_t^2 \text{ if centered, else } r_t = v_t \\
+        u_t &= -\gamma_t \frac{g_t}{\sqrt{r_t + \epsilon}} \text{ (eps\_in\_sqrt), else }
+            -\gamma_t \frac{g_t}{\sqrt{r_t} + \epsilon} \\
+        b_t &= \mu b_{t-1} + u_t, \quad p_{t+1} = p_t + b_t \text{ with momentum }
+            \mu \text{, else } p_{t+1} = p_t + u_t
+
+    optax's momentum is a trace of the updates after the learning rate, so under a
+    schedule it differs from ``torch.optim.RMSprop``'s, whose buffer is multiplied by the
+    current rate. The kernel is :class:`fastopt.RMSprop`'s with its ``eps_root`` and
+    ``trace_scale`` fields; its results differ from ``optax.rmsprop``'s by rounding only.
+    With ``eps_in_sqrt=False``, no momentum and ``initial_scale=0`` the update is
+    :class:`fastopt.RMSprop`'s (``alpha`` = ``decay``), and ``state_dict`` converts to it;
+    otherwise no array-API class has it and ``state_dict`` refuses it.
+
+    Args:
+        learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule (a function of
+            the step count, evaluated inside the jitted step).
+        decay (float): :math:`\rho` in [0, 1]. Default 0.9.
+        eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
+        initial_scale (float): :math:`v_0 \ge 0`. Default 0.
+        eps_in_sqrt (bool): :math:`\epsilon` under the square root. Default True.
+        centered (bool): divide by the estimated standard deviation. Default False.
+        momentum (float or None): :math:`\mu \ge 0`, the trace's decay; None for none.
+            Default None.
+        nesterov (bool): optax's; only False is supported yet.
+        bias_correction (bool): optax's; only False is supported yet.
+        {options}
+
+    Returns:
+        FusedTransformation: with state :class:`RMSpropState`.
+    """
+    learning_rate = _learning_rate(learning_rate)
+    decay = _real("decay", decay, lo=0.0, hi=1.0)
+    eps = _real("eps", eps, lo=0.0)
+    initial_scale = _real("initial_scale", initial_scale, lo=0.0)
+    eps_in_sqrt = flag("eps_in_sqrt", eps_in_sqrt)
+    centered = flag("centered", centered)
+    if momentum is not None:
+        momentum = _real("momentum", momentum, lo=0.0)
+    _unsupported("nesterov", flag("nesterov", nesterov), False,
+                 "the kernel's momentum is a plain trace")
+    _unsupported("bias_correction", flag("bias_correction", bias_correction), False,
+                 "the kernel does not divide the averages by 1 - decay**t")
+    kernel = "rmsprop" + ("_centered" if centered else "") + (
+        "_momentum" if momentum is not None else "")
+
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
+        return _scalars.rmsprop_scalars(
+            dtype, lr=lr, alpha=decay, eps=0.0 if eps_in_sqrt else eps,
+            eps_root=eps if eps_in_sqrt else 0.0, weight_decay=0.0,
+            momentum=0.0 if momentum is None else momentum, centered=centered,
+            lr_in_trace=momentum is not None, maximize=maximize, grad_scale=grad_scale,
+            grad_clip=grad_clip)
+
+    group = None  # torch's RMSprop: eps added to the root, no trace, zeros to start
+    if not eps_in_sqrt and momentum is None and isinstance(initial_scale, float) \
+            and initial_scale == 0:
+        group = ("RMSprop", dict(alpha=decay, eps=eps, weight_decay=0.0, momentum=0.0,
+                                 centered=centered))
+    return _make("rmsprop", kernel, RMSpropState, scalars, learning_rate,
+                 dict(decay=decay, eps=eps, initial_scale=initial_scale,
+                      eps_in_sqrt=eps_in_sqrt, centered=centered, momentum=momentum),
+                 group,
+                 (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
+                  stochastic_rounding, master_weights, seed, n_threads),
+                 fills=dict(square_avg=initial_scale))
 
 
 def _quarter_power(count):
@@ -1994,7 +2370,7 @@ class _Muon(_Fused):
         step = optax.safe_increment(count)
         if not leaves:
             return treedef, [], state._replace(count=step)
-        lr, summed, grad_scale = self._step_inputs(step, grads, masks)
+        lr, summed, grad_scale = self._step_inputs(step, grads, masks, dtype)
         grad = dict(grad_scale=grad_scale, maximize=self.maximize, grad_clip=self.grad_clip)
         hyper = self.muon
         update, apply = _scalars.muon_scalars(dtype, lr=lr, weight_decay=hyper["weight_decay"],
@@ -2247,7 +2623,7 @@ class _Prodigy(_Fused):
         step = optax.safe_increment(count)
         if not leaves:
             return treedef, [], state._replace(count=step)
-        lr, summed, grad_scale = self._step_inputs(step, grads, masks)
+        lr, summed, grad_scale = self._step_inputs(step, grads, masks, dtype)
         r = self.rule
         beta1, beta2, beta3 = r["beta1"], r["beta2"], r["beta3"]
         wide = state.d.dtype

@@ -51,12 +51,32 @@ CONFIGS = [
     ("lamb", dict(learning_rate=1e-2)),
     ("lamb", dict(learning_rate=optax.cosine_decay_schedule(1e-2, 200), b1=0.5, b2=0.9,
                   eps=1e-4, weight_decay=0.1)),
+    # a float32 schedule under x64: the step's coefficients computed in float64 from it
+    ("adamw", dict(learning_rate=optax.linear_schedule(1e-2, 1e-3, 150), weight_decay=0.1)),
+    # optax's Nesterov Adam, on the NAdam kernel
+    ("adam", dict(learning_rate=1e-2, nesterov=True)),
+    ("nadam", dict(learning_rate=3e-3, b1=0.4, b2=0.9, eps=1e-6)),
+    ("nadamw", dict(learning_rate=optax.linear_schedule(1e-2, 1e-3, 150), weight_decay=0.1)),
+    # optax's RAdam: eps after the bias correction, its threshold (both sides of it)
+    ("radam", dict(learning_rate=1e-2)),
+    ("radam", dict(learning_rate=1e-3, b1=0.4, b2=0.99, eps=1e-4, threshold=6.0)),
+    # optax's Adagrad and RMSprop: eps under the square root, RMSprop's trace after lr
+    ("adagrad", dict(learning_rate=0.1)),
+    ("adagrad", dict(learning_rate=optax.cosine_decay_schedule(0.1, 200),
+                     initial_accumulator_value=0.0, eps=1e-6)),
+    ("rmsprop", dict(learning_rate=1e-2)),
+    ("rmsprop", dict(learning_rate=optax.cosine_decay_schedule(1e-2, 200), decay=0.99,
+                     centered=True, momentum=0.9, initial_scale=0.1)),
+    ("rmsprop", dict(learning_rate=1e-2, decay=0.3, eps=1e-4, eps_in_sqrt=False,
+                     momentum=0.5)),
+    ("rmsprop", dict(learning_rate=1e-2, centered=True, eps_in_sqrt=False)),
 ]
 CONFIG_IDS = [f"{name}-{k}" for k, (name, _) in enumerate(CONFIGS)]
 # fastopt's state names -> those of optax's transformation that keeps them
 OPTAX_NAMES = {"exp_avg": "mu", "exp_avg_sq": "nu", "momentum_buffer": "trace",
                "exp_inf": "nu", "square_avg": "e_g", "acc_delta": "e_x", "exp_avg_fast": "m1",
-               "exp_avg_slow": "m2"}
+               "exp_avg_slow": "m2", "sum": "sum_of_squares"}
+OPTAX_RULE_NAMES = {"rmsprop": {"square_avg": "nu", "grad_avg": "mu"}}
 
 
 def _optax(name):
@@ -218,8 +238,9 @@ def test_matches_optax(name, hyper, dtype):
             assert int(got_state.count) == STEPS
         for field in got_state._fields[1:]:  # the state arrays, as optax names them
             if getattr(got_state, field) is not None:
+                names = dict(OPTAX_NAMES, **OPTAX_RULE_NAMES.get(name, {}))
                 _assert_close(getattr(got_state, field),
-                              _optax_state(want_state, OPTAX_NAMES[field]), STEPS)
+                              _optax_state(want_state, names[field]), STEPS)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -721,6 +742,10 @@ def test_in_optax_multisteps():
     ("sgd", dict(learning_rate=1e-2, momentum=0.9, nesterov=True)),
     ("adadelta", dict(learning_rate=1.0, rho=0.8)),
     ("lamb", dict(learning_rate=1e-2, weight_decay=0.1)),
+    ("nadamw", dict(learning_rate=1e-2, weight_decay=0.1)),
+    ("radam", dict(learning_rate=1e-2, threshold=6.0)),
+    ("rmsprop", dict(learning_rate=1e-2, momentum=0.9, centered=True)),
+    ("adagrad", dict(learning_rate=1e-2, initial_accumulator_value=0.2)),
 ])
 def test_in_optax_inject_hyperparams(name, hyper):
     """optax.inject_hyperparams traces every numeric argument (the defaults too) inside
@@ -884,6 +909,9 @@ def test_skip_nonfinite_leaves_everything(name, hyper):
     ("lamb", dict(learning_rate=0.01, weight_decay=0.1)),
     ("prodigy", dict(weight_decay=0.01, d0=1e-3)),
     ("prodigy", dict(b1=0.0, d0=1e-3)),
+    # torch's RMSprop: eps outside the root, no momentum
+    ("rmsprop", dict(learning_rate=1e-2, decay=0.95, eps=1e-4, eps_in_sqrt=False,
+                     centered=True)),
 ])
 def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
     """state_dict / load_state_dict through fastopt.save and load: 5 jitted steps, then 5
@@ -904,7 +932,8 @@ def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
                                 "ademamix": "AdEMAMix", "rprop": "Rprop",
                                 "asgd": "ASGD", "schedule_free_adamw": "AdamWScheduleFree",
                                 "schedule_free_sgd": "SGDScheduleFree",
-                                "lamb": "Lamb", "prodigy": "Prodigy"}[name])
+                                "lamb": "Lamb", "prodigy": "Prodigy",
+                                "rmsprop": "RMSprop"}[name])
         leaves = [np.array(p) for p in jax.tree.leaves(p5)]
         opt = cls(leaves)
         opt.load_state_dict(saved)
@@ -928,6 +957,34 @@ def test_state_moves_between_jax_and_the_array_api(name, hyper, tmp_path):
                                                   [jnp.asarray(x) for x in leaves]),
                            jax.tree.map(lambda g: g[5:], grads), state)
         _assert_close(p10, want, 10)
+
+
+@pytest.mark.parametrize("name, hyper", [
+    ("nadam", dict(learning_rate=1e-2)),
+    ("adamw", dict(learning_rate=1e-2, nesterov=True)),
+    ("radam", dict(learning_rate=1e-2)),
+    ("adagrad", dict(learning_rate=1e-2)),
+    ("rmsprop", dict(learning_rate=1e-2)),
+    ("rmsprop", dict(learning_rate=1e-2, eps_in_sqrt=False, momentum=0.9)),
+])
+def test_state_dict_refuses_optax_only_updates(name, hyper):
+    """A transformation whose update no array-API class has (optax's forms, where
+    fastopt's classes follow torch) refuses state_dict rather than resume another rule;
+    load_state_dict still reads a state dict's arrays."""
+    params = {"w": jnp.ones((2, 3))}
+    tx = getattr(fjax, name)(**hyper)
+    _, state = jax.jit(tx.step)(params, {"w": jnp.full((2, 3), 0.5)}, tx.init(params))
+    with pytest.raises(ValueError, match=r"state_dict: fastopt.jax.\w+\(.*\) follows optax's "
+                                         r"update, which no array-API class has"):
+        tx.state_dict(state)
+    names = tx.init(params)._fields[1:-2]
+    saved = {"state": {0: {"step": 1, **{n: np.full((2, 3), 0.25, np.float32) for n in names
+                                         if getattr(state, n) is not None}}}}
+    loaded = tx.load_state_dict(saved, params)
+    assert int(loaded.count) == 1
+    for n in names:
+        if getattr(state, n) is not None:
+            np.testing.assert_array_equal(np.asarray(getattr(loaded, n)["w"]), 0.25)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -1055,6 +1112,8 @@ def test_maximize_and_max_grad_value_act_on_the_gradients(name, hyper):
      dict(lr=1e-2, weight_decay=0.1), "bfloat16", "float32", "int8"),
     ("sgd", dict(learning_rate=1e-2, momentum=0.9), "SGD", dict(lr=1e-2, momentum=0.9),
      "float32", "float32", "int8"),
+    ("rmsprop", dict(learning_rate=1e-2, eps_in_sqrt=False, centered=True), "RMSprop",
+     dict(lr=1e-2, alpha=0.9, centered=True), "bfloat16", "float32", "int8"),
 ])
 def test_low_precision_is_the_array_apis(name, hyper, cls, chyper, param, grad, state,
                                          stochastic, master):
@@ -1646,8 +1705,28 @@ def test_sharded_arrays_and_shard_map():
      "mask=.* is not supported yet"),
     ("adamw", dict(learning_rate=1e-3, mu_dtype=jnp.bfloat16), ValueError,
      "mu_dtype=.* is not supported yet"),
-    ("adam", dict(learning_rate=1e-3, nesterov=True), ValueError,
-     r"nesterov=True is not supported yet .*optax.nadam"),
+    ("adam", dict(learning_rate=1e-3, nesterov=True, cautious=True), ValueError,
+     "cautious: not with nesterov=True"),
+    ("nadamw", dict(learning_rate=1e-3, mask=lambda p: p), ValueError,
+     "mask=.* is not supported yet"),
+    ("radam", dict(learning_rate=1e-3, nesterov=True), ValueError,
+     "nesterov=True is not supported yet"),
+    ("radam", dict(learning_rate=1e-3, eps_root=1e-8), ValueError,
+     "eps_root=1e-08 is not supported yet"),
+    ("radam", dict(learning_rate=1e-3, threshold=math.inf), ValueError,
+     "threshold must be a finite number"),
+    ("adagrad", dict(learning_rate=1e-3, initial_accumulator_value=0.0, eps=0.0), ValueError,
+     "eps and initial_accumulator_value are both 0"),
+    ("adagrad", dict(learning_rate=1e-3, initial_accumulator_value=-1.0), ValueError,
+     "initial_accumulator_value must be"),
+    ("rmsprop", dict(learning_rate=1e-3, nesterov=True, momentum=0.9), ValueError,
+     "nesterov=True is not supported yet"),
+    ("rmsprop", dict(learning_rate=1e-3, bias_correction=True), ValueError,
+     "bias_correction=True is not supported yet"),
+    ("rmsprop", dict(learning_rate=1e-3, decay=1.5), ValueError, r"decay must be .* \[0, 1\]"),
+    ("rmsprop", dict(learning_rate=1e-3, eps_in_sqrt=1), TypeError,
+     "eps_in_sqrt must be a bool"),
+    ("rmsprop", dict(learning_rate=1e-3, momentum=-0.1), ValueError, "momentum must be"),
     ("adamw", dict(learning_rate=1e-3, weight_decay=lambda t: 0.1), TypeError,
      "weight_decay: a schedule is not supported yet"),
     ("adamw", dict(learning_rate=1e-3, weight_decay=-1.0), ValueError, "weight_decay must be"),

@@ -303,7 +303,7 @@ def _adagrad(p, g, s1, i, a, one):
     d = _l2(_grad(g, a), p, a.weight_decay)
     s = s1[i] + d * d
     s1[i] = s
-    return p + a.neg_clr * d / (np.sqrt(s) + a.eps)
+    return p + a.neg_clr * d / (np.sqrt(s + a.eps_root) + a.eps)
 
 
 @njit(inline="always", **_JIT)
@@ -314,12 +314,12 @@ def _rmsprop_any(p, g, sq, gavg, buf, i, a, one, centered, use_momentum):
     if centered:
         m = _lerp(gavg[i], d, a.one_minus_alpha, a.lerp_hi, one)
         gavg[i] = m
-        r = np.sqrt(s - m * m)
+        r = np.sqrt(s - m * m + a.eps_root)
     else:
-        r = np.sqrt(s)
+        r = np.sqrt(s + a.eps_root)
     r = r + a.eps
     if use_momentum:
-        b = buf[i] * a.momentum + d / r
+        b = buf[i] * a.momentum + d / r * a.trace_scale
         buf[i] = b
         return p + a.neg_lr * b
     return p + a.neg_lr * d / r

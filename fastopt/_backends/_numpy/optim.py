@@ -141,33 +141,33 @@ def _prologue(p, g, grad_clip, grad_scale, maximize, weight_decay):
 
 
 def adagrad_step(params, out, grads, state_sums, *, step, lr, lr_decay, weight_decay, eps,
-                 maximize, grad_scale=1.0, grad_clip=float("inf"), n_threads=1):
+                 maximize, eps_root=0.0, grad_scale=1.0, grad_clip=float("inf"), n_threads=1):
     clr = lr / (1 + (step - 1) * lr_decay)
     for i, (p, g, state_sum) in enumerate(zip(params, grads, state_sums)):
         s = p.dtype.type
         g = _prologue(p, g, grad_clip, grad_scale, maximize, weight_decay)
         state_sum[...] = state_sum + g * g
-        std = np.sqrt(state_sum) + s(eps)
+        std = np.sqrt(state_sum + s(eps_root)) + s(eps)
         out[i][...] = p + s(-clr) * g / std
 
 
 def rmsprop_step(params, out, grads, square_avgs, grad_avgs, momentum_buffers, *, lr, alpha,
-                 eps, weight_decay, momentum, centered, maximize, grad_scale=1.0,
-                 grad_clip=float("inf"), n_threads=1):
+                 eps, weight_decay, momentum, centered, maximize, eps_root=0.0, lr_in_trace=False,
+                 grad_scale=1.0, grad_clip=float("inf"), n_threads=1):
     for i, (p, g, square_avg) in enumerate(zip(params, grads, square_avgs)):
         s = p.dtype.type
         g = _prologue(p, g, grad_clip, grad_scale, maximize, weight_decay)
         square_avg[...] = square_avg * s(alpha) + s(1 - alpha) * g * g
         if centered:
             grad_avgs[i][...] = _lerp(grad_avgs[i], g, s(1 - alpha))
-            avg = np.sqrt(square_avg + s(-1) * grad_avgs[i] * grad_avgs[i])
+            avg = np.sqrt(square_avg + s(-1) * grad_avgs[i] * grad_avgs[i] + s(eps_root))
         else:
-            avg = np.sqrt(square_avg)
+            avg = np.sqrt(square_avg + s(eps_root))
         avg = avg + s(eps)
         if momentum > 0:
             buf = momentum_buffers[i]
-            buf[...] = buf * s(momentum) + g / avg
-            out[i][...] = p + s(-lr) * buf
+            buf[...] = buf * s(momentum) + g / avg * s(-lr if lr_in_trace else 1.0)
+            out[i][...] = p + s(1.0 if lr_in_trace else -lr) * buf
         else:
             out[i][...] = p + s(-lr) * g / avg
 

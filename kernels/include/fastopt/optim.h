@@ -187,13 +187,14 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ADAM)
 
 /*
  * Adagrad (torch.optim.Adagrad), step t:
- *   s <- s + g^2;  p <- p - lr / (1 + (t - 1) lr_decay) * g / (sqrt(s) + eps)
+ *   s <- s + g^2;  p <- p - lr / (1 + (t - 1) lr_decay) * g / (sqrt(s + eps_root) + eps)
+ * torch's has eps_root = 0; optax.adagrad's eps is eps_root (under the square root), eps 0.
  */
 #define FO_DEFINE_ADAGRAD(T, SFX, SQRT, FABS)                                             \
     typedef struct {                                                                      \
         T clip, gscale, weight_decay;                                                     \
         T neg_clr;        /* -lr / (1 + (t - 1) lr_decay) */                              \
-        T eps;                                                                            \
+        T eps, eps_root;                                                                  \
     } fo_adagrad_args_##SFX;                                                              \
                                                                                           \
     FO_HD T fo_adagrad_##SFX(T p, T g, T *sum, const fo_adagrad_args_##SFX *a)            \
@@ -203,7 +204,7 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ADAM)
         if (a->weight_decay != (T)0) g = g + a->weight_decay * p;                         \
         s = *sum + g * g;                                                                 \
         *sum = s;                                                                         \
-        return p + a->neg_clr * g / (SQRT(s) + a->eps);                                   \
+        return p + a->neg_clr * g / (SQRT(s + a->eps_root) + a->eps);                     \
     }
 FO_DEFINE_FOR_REALS(FO_DEFINE_ADAGRAD)
 #undef FO_DEFINE_ADAGRAD
@@ -211,8 +212,13 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ADAGRAD)
 /*
  * RMSprop (torch.optim.RMSprop):
  *   v <- alpha v + (1 - alpha) g^2
- *   centered: gbar <- lerp(gbar, g, 1 - alpha);  r = sqrt(v - gbar^2) + eps, else sqrt(v) + eps
- *   momentum > 0: b <- momentum b + g / r;  p <- p - lr b;   else p <- p - lr g / r
+ *   centered: gbar <- lerp(gbar, g, 1 - alpha);  r = sqrt(v - gbar^2 + eps_root) + eps,
+ *             else sqrt(v + eps_root) + eps
+ *   momentum > 0: b <- momentum b + trace_scale g / r;  p <- p + neg_lr b
+ *   else p <- p + neg_lr g / r
+ * torch's: eps_root = 0, trace_scale = 1, neg_lr = -lr. optax.rmsprop's: eps under the
+ * square root by default (eps_root), and its trace after the learning rate (trace_scale =
+ * -lr, neg_lr = 1 with momentum).
  * One element function per set of state arrays (rmsprop, _centered, _momentum,
  * _centered_momentum), each calling fo_rmsprop_any with its flags as constants, so that
  * every loop is branch-free.
@@ -220,7 +226,7 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ADAGRAD)
 #define FO_DEFINE_RMSPROP(T, SFX, SQRT, FABS)                                             \
     typedef struct {                                                                      \
         T clip, gscale, weight_decay;                                                     \
-        T alpha, one_minus_alpha, eps, momentum, neg_lr;                                  \
+        T alpha, one_minus_alpha, eps, momentum, neg_lr, eps_root, trace_scale;           \
         int lerp_hi;                                                                      \
     } fo_rmsprop_args_##SFX;                                                              \
                                                                                           \
@@ -235,13 +241,13 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_ADAGRAD)
         if (centered) {                                                                   \
             T m = fo_lerp_##SFX(*gavg, g, a->one_minus_alpha, a->lerp_hi);                \
             *gavg = m;                                                                    \
-            r = SQRT(s + (T)(-1) * m * m);                                                \
+            r = SQRT(s + (T)(-1) * m * m + a->eps_root);                                  \
         } else {                                                                          \
-            r = SQRT(s);                                                                  \
+            r = SQRT(s + a->eps_root);                                                    \
         }                                                                                 \
         r = r + a->eps;                                                                   \
         if (use_momentum) {                                                               \
-            T b = *buf * a->momentum + g / r;                                             \
+            T b = *buf * a->momentum + g / r * a->trace_scale;                            \
             *buf = b;                                                                     \
             return p + a->neg_lr * b;                                                     \
         }                                                                                 \
