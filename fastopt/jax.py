@@ -178,7 +178,9 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
         stochastic rounding: pass `params` (the parameters, or any pytree of their dtype)
         with bfloat16 / float16 parameters, so that the count is written where the array
         API keeps it (bfloat16 state and master weights show it without). Before the first
-        step ``state`` is empty, as the array API's is.
+        step ``state`` is empty, as the array API's is. A transformation whose update no
+        array-API class has (optax's Adagrad, RMSprop with its defaults, NAdam, RAdam)
+        raises ValueError here and in ``load_state_dict``: checkpoint its state pytree.
 
         >>> import jax.numpy as jnp, numpy as np, fastopt, fastopt.jax
         >>> opt = fastopt.jax.adamw(1e-2)
@@ -197,7 +199,8 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
         ``state_dict``'s): its per-parameter state, the parameters in ``jax.tree.leaves``
         order; its hyperparameters are not read (this transformation's apply). The count is
         the entries' step (all equal), 0 where none is kept (SGD, Lion: pass the count
-        with ``state._replace(count=...)`` where a schedule needs it)."""
+        with ``state._replace(count=...)`` where a schedule needs it). Refused as
+        ``state_dict`` is, for a transformation whose update no array-API class has."""
         return self._fused("load_state_dict").load_state_dict(state_dict, params)
 
     def _fused(self, what):
@@ -514,13 +517,18 @@ class _Fused:
             grad_scale = _clip_coefficient(self.max_grad_norm, summed)
         return lr, summed, grad_scale
 
-    def state_dict(self, state, params=None):
+    def _twin(self, what):
+        """The array API's class and its group's hyperparameters, for state_dict and
+        load_state_dict; an error where no class has this update."""
         if self.group is None:
-            raise ValueError(f"state_dict: {self!r} follows optax's update, which no "
-                             f"array-API class has (fastopt's classes follow torch.optim), "
-                             f"so its state would resume another rule there; checkpoint "
-                             f"the state pytree itself (orbax, flax.serialization)")
-        cls, group = self.group
+            raise ValueError(f"{what}: {self!r} follows optax's update, which no array-API "
+                             f"class has (fastopt's classes follow torch.optim), so a state "
+                             f"dict would move the run to another rule; checkpoint the state "
+                             f"pytree itself (orbax, flax.serialization)")
+        return self.group
+
+    def state_dict(self, state, params=None):
+        cls, group = self._twin("state_dict")
         steps = dict(_rules.BY_NAME[cls].state_scalars).get("step") is not None
         if not isinstance(state, self.state_cls):
             raise TypeError(f"state: expected the {self.state_cls.__name__} that "
@@ -557,6 +565,7 @@ class _Fused:
         return {"state": entries, "param_groups": [dict(group, params=list(range(n)))]}
 
     def load_state_dict(self, state_dict, params):
+        self._twin("load_state_dict")
         _, (paths, leaves, treedef), dtype = _params(params)
         each = self._leaf_dtypes(dtype, leaves)
         saved, count = _saved_entries(state_dict, len(leaves))
@@ -1167,7 +1176,7 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
             :class:`fastopt.Adam`'s option: per tensor, the update's entries whose sign
             disagrees with the gradient's are zeroed and the rest scaled by
             1 / max(mean agreement, 1e-3); one more pass (a count) before the step.
-            Default False.
+            Not with nesterov. Default False.
         max_grad_norm (float or None): clip the gradients' total 2-norm :math:`N` to this:
             every gradient is scaled by :math:`\min(1, \text{max\_grad\_norm} / (N +
             10^{-6}))`, ``torch.nn.utils.clip_grad_norm_``'s coefficient (optax's
@@ -1299,7 +1308,7 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
             :class:`fastopt.AdamW`'s option: per tensor, the update's entries whose sign
             disagrees with the gradient's are zeroed and the rest scaled by
             1 / max(mean agreement, 1e-3); one more pass (a count) before the step.
-            Default False.
+            Not with nesterov. Default False.
         {options}
 
     Returns:
@@ -1327,9 +1336,9 @@ def _adam_scalars(b1, b2, eps, weight_decay, decoupled):
 
 @_options_doc
 def nadam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None, *,
-          max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
-          state_dtype=None, stochastic_rounding=None, master_weights=False, seed=None,
-          n_threads=None):
+          nesterov=True, max_grad_norm=None, max_grad_value=None, maximize=False,
+          skip_nonfinite=False, state_dtype=None, stochastic_rounding=None,
+          master_weights=False, seed=None, n_threads=None):
     r"""NAdam as optax has it (Dozat 2016): Nesterov Adam, :func:`adam` with
     ``nesterov=True``, run by fastopt's fused kernel.
 
@@ -1359,12 +1368,14 @@ def nadam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
         eps (float): :math:`\epsilon \ge 0`. Default 1e-8.
         eps_root: optax's; only 0 is supported yet (None, the default, is 0).
         mu_dtype: optax's; only None is supported yet.
+        nesterov (bool): True (False is :func:`adam`), as ``optax.nadam``, a partial of
+            ``optax.adam``. Default True.
         {options}
 
     Returns:
         FusedTransformation: with state :class:`AdamState`.
     """
-    return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=True,
+    return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov,
                 max_grad_norm=max_grad_norm, max_grad_value=max_grad_value,
                 maximize=maximize, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype,
                 stochastic_rounding=stochastic_rounding, master_weights=master_weights,
@@ -1373,9 +1384,9 @@ def nadam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
 
 @_options_doc
 def nadamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None,
-           weight_decay=1e-4, mask=None, *, max_grad_norm=None, max_grad_value=None,
-           maximize=False, skip_nonfinite=False, state_dtype=None, stochastic_rounding=None,
-           master_weights=False, seed=None, n_threads=None):
+           weight_decay=1e-4, mask=None, *, nesterov=True, max_grad_norm=None,
+           max_grad_value=None, maximize=False, skip_nonfinite=False, state_dtype=None,
+           stochastic_rounding=None, master_weights=False, seed=None, n_threads=None):
     r"""NAdamW as optax has it: :func:`nadam`'s update plus the decoupled weight decay
     :math:`\lambda p_t` scaled by the learning rate, :func:`adamw` with ``nesterov=True``.
 
@@ -1400,13 +1411,14 @@ def nadamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=No
         mu_dtype: optax's; only None is supported yet.
         weight_decay (float): :math:`\lambda \ge 0`, a number. Default 1e-4.
         mask: optax's; only None is supported yet (the decay applies to every parameter).
+        nesterov (bool): True (False is :func:`adamw`), as ``optax.nadamw``. Default True.
         {options}
 
     Returns:
         FusedTransformation: with state :class:`AdamState`.
     """
     return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
-                 nesterov=True, max_grad_norm=max_grad_norm, max_grad_value=max_grad_value,
+                 nesterov=nesterov, max_grad_norm=max_grad_norm, max_grad_value=max_grad_value,
                  maximize=maximize, skip_nonfinite=skip_nonfinite, state_dtype=state_dtype,
                  stochastic_rounding=stochastic_rounding, master_weights=master_weights,
                  seed=seed, n_threads=n_threads)
