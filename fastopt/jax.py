@@ -170,7 +170,9 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
         """The state as the array API's ``state_dict()`` holds it (NumPy arrays), for
         :class:`fastopt.AdamW` and its kin: ``{"state": {i: {"step": count, name: array}},
         "param_groups": [{"params": [0, ..., n - 1], hyperparameters}]}``, the parameters
-        numbered in ``jax.tree.leaves`` order, the hyperparameters under the class's names
+        numbered in ``jax.tree.leaves`` order (with optax's weight-decay mask, two param
+        groups: the decayed parameters, then the others with weight_decay 0; pass `params`
+        where the mask is a function of them), the hyperparameters under the class's names
         (the learning rate only when it is a number). ``fastopt.save`` writes it;
         ``load_state_dict`` of the array API's class (or of this transformation) resumes
         from it, so a run can move between JAX and NumPy, PyTorch or CuPy. The classes of
@@ -196,11 +198,12 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
 
     def load_state_dict(self, state_dict, params):
         """This transformation's state for `params` from an array API ``state_dict()`` (or
-        ``state_dict``'s): its per-parameter state, the parameters in ``jax.tree.leaves``
-        order; its hyperparameters are not read (this transformation's apply). The count is
-        the entries' step (all equal), 0 where none is kept (SGD, Lion: pass the count
-        with ``state._replace(count=...)`` where a schedule needs it). Refused as
-        ``state_dict`` is, for a transformation whose update no array-API class has."""
+        ``state_dict``'s): its per-parameter state, the parameters numbered as
+        ``state_dict`` numbers them; its hyperparameters are not read (this
+        transformation's apply). The count is the entries' step (all equal), 0 where none
+        is kept (SGD, Lion: pass the count with ``state._replace(count=...)`` where a
+        schedule needs it). Refused as ``state_dict`` is, for a transformation whose update
+        no array-API class has."""
         return self._fused("load_state_dict").load_state_dict(state_dict, params)
 
     def _fused(self, what):
@@ -218,8 +221,14 @@ class _Fused:
 
     def __init__(self, name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
                  fills, numbers, carried, scaled, max_grad_norm, max_grad_value, maximize,
-                 skip_nonfinite, state_dtype, stochastic_rounding, master_weights, seed, n_threads):
+                 skip_nonfinite, state_dtype, stochastic_rounding, master_weights, seed, n_threads,
+                 decay_mask=None, mask_name="mask"):
         self.name = name
+        # optax's weight-decay mask (its argument `mask_name`): a pytree of bools or a
+        # function of the parameters returning one; `scalars` then takes weight_decay=0.0
+        # for the struct of the tensors it leaves undecayed (see _decayed)
+        self.decay_mask = decay_mask
+        self.mask_name = mask_name
         # a rule that scales its update per tensor (Lamb): factors(params, updates, masks),
         # each tensor's factor of the scaled_apply pass that follows the kernel's (whose
         # "new parameter" is the update); `scalars` then gives both passes' fields
@@ -272,6 +281,7 @@ class _Fused:
 
     def init(self, params):
         params, (_, leaves, treedef), dtype = _params(params)
+        self._decayed(params)  # the weight-decay mask checked against the parameters
         each = self._leaf_dtypes(dtype, leaves)
         initial, scales = {}, {}
         for name in self.kernel.state:
@@ -375,6 +385,7 @@ class _Fused:
         scales = self._scales(state, paths, leaves, treedef, each)
         count, states = self._state(state, paths, leaves, treedef, state_dtype, each)
         masters = self._masters(state, paths, leaves, treedef, dtype)
+        decayed = self._decayed(params)  # the weight-decay mask, per leaf
         # storage formats: float32 arithmetic on low-precision parameters, gradients or
         # state, the written ones rounded (stochastically: each tensor's key, the step)
         keys = None
@@ -396,7 +407,11 @@ class _Fused:
                                  f"sharded under shard_map is not supported yet (each shard "
                                  f"would draw the first shard's random bits): pass "
                                  f"stochastic_rounding=False, or step them under plain jit")
-            keys = np.array([_formats.tensor_key(self.seed, t) for t in range(len(leaves))],
+            # each tensor's key from its number in the state dict (and the array API's
+            # param groups): its leaf index, or with a weight-decay mask its place in
+            # _group_order's
+            number = np.argsort(self._group_order(decayed)[0])
+            keys = np.array([_formats.tensor_key(self.seed, int(k)) for k in number],
                             np.uint32).reshape(len(leaves), 2).view(np.int32)
         step = optax.safe_increment(count)  # t, as optax: it stops at int32's maximum
         if not leaves:
@@ -415,18 +430,20 @@ class _Fused:
             fields, new_carried = self.scalars(compute, carried=carried, **scalar_args)
         else:
             fields, new_carried = self.scalars(compute, **scalar_args), {}
-        if self.scaled is None:
-            record = _record(self.kernel.args, compute, fields)
-        else:  # the update pass's struct and the apply pass's
-            record = (_record(self.kernel.args, compute, fields[0]),
-                      _record(_rules.ALL_KERNELS["scaled_apply"].args, compute, fields[1]))
-        operands = (record, leaves, grads, [list(s) for s in zip(*states)] if states
+        # the weight-decay mask's undecayed tensors: a struct of their own, without decay
+        records = [self._pack(compute, fields)]
+        if not all(decayed):
+            records.append(self._pack(compute, self.scalars(compute, weight_decay=0.0,
+                                                            **scalar_args)))
+        operands = (records, leaves, grads, [list(s) for s in zip(*states)] if states
                     else [[] for _ in leaves], masters, scales)
-        # one kernel call per storage of the state: with 8-bit state, the tensors that keep
-        # float32 state (under MIN_QUANTIZED elements) in a call of their own
-        quantized = [t for t, d in enumerate(each) if d == _U8]
-        groups = [(ix, q) for ix, q in (([t for t, d in enumerate(each) if d != _U8], False),
-                                        (quantized, True)) if ix]
+        # one kernel call per storage of the state and struct: with 8-bit state, the tensors
+        # that keep float32 state (under MIN_QUANTIZED elements) in a call of their own, and
+        # with a weight-decay mask the undecayed ones: (tensors, 8-bit?, record) each
+        groups = {}
+        for t, (d, decays) in enumerate(zip(each, decayed)):
+            groups.setdefault((d == _U8, 0 if decays else 1), []).append(t)
+        groups = [(ix, q, r) for (q, r), ix in sorted(groups.items())]
 
         kernel = self.kernel.name
         if self.caution is not None:  # the count pass's kernel and the state it reads
@@ -436,17 +453,17 @@ class _Fused:
         elif self.scaled is not None:
             kernel = ("scaled_apply", kernel, self.scaled)
 
-        def run(record, params, grads, states, masters, scales):
+        def run(records, params, grads, states, masters, scales):
             n = len(params)
             new, new_states = [None] * n, [None] * n
             new_masters = None if masters is None else [None] * n
             new_scales = None if scales is None else list(scales)
-            for ix, q in groups:
+            for ix, q, r in groups:
                 def sub(xs):
                     return None if xs is None else [xs[t] for t in ix]
                 out = _kernel_call(
                     self.name, kernel, self.n_threads, delta and masters is None,
-                    self.stochastic_rounding, record,
+                    self.stochastic_rounding, records[r],
                     sub(params) if masters is None else sub(masters), sub(grads), sub(states),
                     sub(masks), None if keys is None else keys[ix],
                     None if keys is None else step,
@@ -471,7 +488,7 @@ class _Fused:
                     new_masters, new_scales)
 
         if self.skip_nonfinite:
-            def skip(record, params, grads, states, masters, scales):  # nothing changes
+            def skip(records, params, grads, states, masters, scales):  # nothing changes
                 return ([jnp.zeros_like(p) for p in params] if delta else params, states,
                         masters, scales)
             finite = _count_nonfinite(summed) == 0
@@ -505,6 +522,35 @@ class _Fused:
             raise ValueError(f"learning_rate: the schedule returned a value of shape "
                              f"{jnp.shape(lr)}, expected a scalar")
         return jnp.asarray(lr, dtype)
+
+    def _pack(self, dtype, fields):
+        """The kernel's struct from its fields (a rule that scales its update per tensor:
+        the update pass's struct and the apply pass's)."""
+        if self.scaled is None:
+            return _record(self.kernel.args, dtype, fields)
+        return (_record(self.kernel.args, dtype, fields[0]),
+                _record(_rules.ALL_KERNELS["scaled_apply"].args, dtype, fields[1]))
+
+    def _decayed(self, params):
+        """Per leaf of `params` (in jax.tree.leaves order), whether the weight decay applies
+        to it: optax's `mask` (a pytree of bools, a prefix of the parameters' or the same,
+        or a function of the parameters returning one), all True without one."""
+        if self.decay_mask is None:
+            return [True] * len(jax.tree.leaves(params))
+        mask = self.decay_mask(params) if callable(self.decay_mask) else self.decay_mask
+        try:
+            full = jax.tree.map(lambda m, p: jax.tree.map(lambda _: m, p), mask, params)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{self.mask_name}: expected a pytree of bools shaped as the "
+                             f"parameters (or a prefix of them), got {mask!r:.80} for "
+                             f"parameters of structure {jax.tree.structure(params)}") from e
+        flags = jax.tree.leaves(full)
+        for m in flags:
+            if isinstance(m, jax.core.Tracer) or np.shape(m) != () or \
+                    np.asarray(m).dtype != np.bool_:
+                raise TypeError(f"{self.mask_name}: expected Python bools (optax's masks are "
+                                f"fixed when the step is traced), got {m!r:.60}")
+        return [bool(m) for m in flags]
 
     def _step_inputs(self, step, grads, masks, dtype):
         """(the learning rate of step `step` in `dtype`, the gradients with pruned entries
@@ -545,7 +591,6 @@ class _Fused:
             steps = (MASTER in arrays or any(np.dtype(x.dtype).itemsize == 2
                                              for xs in arrays.values() for x in xs)
                      or (params is not None and _params(params)[2] in _LOWP))
-        n = len(next(iter(arrays.values()))) if arrays else 0
         if not arrays:  # SGD without momentum: no state, the count of parameters unknown
             raise ValueError(f"state_dict: fastopt.jax.{self.name} keeps no per-parameter "
                              f"state here (SGD without momentum); nothing to convert")
@@ -554,21 +599,58 @@ class _Fused:
         if count:  # the carried scalars the array API keeps per parameter
             numbers.update({name: float(getattr(state, name)) for name in self.carried
                             if name in dict(_rules.BY_NAME[cls].state_scalars)})
+        # with a weight-decay mask two param groups, as the array API keeps them: the
+        # decayed parameters, then the others with weight_decay 0, numbered in that order
+        order, sizes = self._group_order(self._decayed(
+            params if params is not None else getattr(state, self.kernel.state[0])))
         # before the first step, no entries: the array API's state of parameters not
         # stepped yet (its numbers, such as Schedule-Free's, exist from the first step)
-        entries = {i: {**({"step": count} if steps else {}), **numbers,
+        entries = {k: {**({"step": count} if steps else {}), **numbers,
                        **{name: np.asarray(leaves[i]) for name, leaves in arrays.items()
                           if leaves[i].size or not name.endswith(ABSMAX)}}
-                   for i in range(n)} if count else {}
+                   for k, i in enumerate(order)} if count else {}
         if not callable(self.learning_rate):
             group = dict(lr=self.learning_rate, **group)
-        return {"state": entries, "param_groups": [dict(group, params=list(range(n)))]}
+        groups, start = [], 0
+        for size, decay in zip(sizes, (True, False)):
+            if size:
+                groups.append(dict(group, params=list(range(start, start + size)),
+                                   **({} if decay else {"weight_decay": 0.0})))
+            start += size
+        return {"state": entries, "param_groups": groups}
+
+    @staticmethod
+    def _group_order(decayed):
+        """(the leaves in the order a state dict numbers them, the sizes of its param
+        groups: the decayed leaves', then the others'), from _decayed's flags: without a
+        weight-decay mask, or where it decays every leaf, jax.tree.leaves order."""
+        order = [t for t, d in enumerate(decayed) if d] + [t for t, d in enumerate(decayed)
+                                                          if not d]
+        return order, [sum(decayed), len(decayed) - sum(decayed)]
 
     def load_state_dict(self, state_dict, params):
         self._twin("load_state_dict")
         _, (paths, leaves, treedef), dtype = _params(params)
         each = self._leaf_dtypes(dtype, leaves)
         saved, count = _saved_entries(state_dict, len(leaves))
+        order, sizes = self._group_order(self._decayed(params))
+        if sizes[1]:  # numbered group after group (state_dict's): back to the leaves
+            groups = state_dict.get("param_groups")
+            got = [(len(g.get("params", ())), g.get("weight_decay", 0.0) == 0)
+                   for g in groups if isinstance(g, dict)] \
+                if isinstance(groups, (list, tuple)) else None
+            want = [(size, not decay) for size, decay in zip(sizes, (True, False)) if size]
+            # a decayed group of weight_decay 0 is the transformation's own (weight_decay=0)
+            if got is None or [n for n, _ in got] != [n for n, _ in want] or not got[-1][1] \
+                    or (len(got) == 2 and got[0][1] and self.hyper.get("weight_decay")):
+                raise ValueError(
+                    f"state_dict['param_groups']: with {self.mask_name} this transformation "
+                    f"numbers the parameters in the array API's param groups of "
+                    f"{[n for n, _ in want]} parameters (those it decays, then the others "
+                    f"with weight_decay 0, as its state_dict writes them), got "
+                    f"{'no list of groups' if got is None else [n for n, _ in got]} "
+                    f"(weight_decay 0: {[] if got is None else [z for _, z in got]})")
+            saved = {order[k]: entry for k, entry in saved.items()}
         arrays, scales = {}, {}
         for name in self.kernel.state:
             out, blocks = [], []
@@ -963,7 +1045,10 @@ def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, gra
         if axes:
             counts[t] = jax.lax.psum(counts[t], axes)
             sizes[t] = sizes[t] * jax.lax.psum(1, axes)
-    counts, sizes = jnp.stack(counts), jnp.asarray(sizes, dtype)
+    # the sizes behind a barrier: XLA's simplifier turns a division by a constant into a
+    # product with its reciprocal, off by an ulp for some counts (3158 / 4400, one of 12
+    # quotients in float32), where the array API's mean is the quotient rounded once
+    counts, sizes = jnp.stack(counts), jax.lax.optimization_barrier(jnp.asarray(sizes, dtype))
     mean = jnp.where(sizes > 0, counts.astype(dtype) / jnp.maximum(sizes, 1), 1)
     factors = 1 / jnp.maximum(mean, jnp.asarray(1e-3, dtype))
     return _jax_ffi.elementwise(cautious, record, params, grads,
@@ -1059,7 +1144,8 @@ def _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtyp
 
 
 def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, options,
-          cautious=False, fills=None, numbers=None, carried=None, scaled=None):
+          cautious=False, fills=None, numbers=None, carried=None, scaled=None, decay_mask=None,
+          mask_name="mask"):
     """The transformation of factory `name`: its elementwise `kernel`, state NamedTuple,
     struct fields (`scalars`), checked hyperparameters (`hyper`, for the repr) and `group`,
     (the array API's class, its param group's hyperparameters but lr) for state_dict; with
@@ -1069,15 +1155,18 @@ def _make(name, kernel, state_cls, scalars, learning_rate, hyper, group, options
     initial values that are not 0 (_PARAMS: the parameter's); `numbers(count)` the array
     API's per-parameter state numbers after `count` steps, for state_dict; `carried` the
     scalars the state carries besides the count; `scaled` a rule's per-tensor factors of its
-    update (see _Fused)."""
+    update (see _Fused); `decay_mask` optax's weight-decay mask, the factory's argument
+    `mask_name` (`scalars` then takes weight_decay=)."""
     caution = None
     if flag("cautious", cautious):
         caution = _rules.BY_NAME[group[0]].caution(kernel)
         hyper = dict(hyper, cautious=True)
         group = (group[0], dict(group[1], cautious=True))
+    if decay_mask is not None:
+        hyper = dict(hyper, **{mask_name: decay_mask})
     return _Fused(name, kernel, state_cls, scalars, learning_rate, hyper, group, caution,
-                  fills or {}, numbers, carried or {}, scaled,
-                  *_options(*options)).transformation()
+                  fills or {}, numbers, carried or {}, scaled, *_options(*options),
+                  decay_mask=decay_mask, mask_name=mask_name).transformation()
 
 
 def _eps_root(value):
@@ -1099,7 +1188,8 @@ def _adam_arguments(b1, b2, eps, eps_root, mu_dtype):
     return b1, b2, eps
 
 
-def _adam_family(name, learning_rate, b1, b2, eps, weight_decay, nesterov, cautious, options):
+def _adam_family(name, learning_rate, b1, b2, eps, weight_decay, nesterov, cautious, options,
+                 mask=None):
     """adam's (weight_decay None) or adamw's transformation; with `nesterov` optax's
     Nesterov form (optax.nadam / nadamw) on the NAdam kernel, whose two coefficients of g
     and m take optax's bias corrections, and which has no array-API twin (fastopt.NAdam
@@ -1116,12 +1206,12 @@ def _adam_family(name, learning_rate, b1, b2, eps, weight_decay, nesterov, cauti
                                    decoupled=decoupled), learning_rate, hyper,
                      ("AdamW" if decoupled else "Adam",
                       dict(betas=(b1, b2), eps=eps, weight_decay=weight_decay)),
-                     options, cautious)
+                     options, cautious, decay_mask=mask)
     if flag("cautious", cautious):
         raise ValueError(f"cautious: not with nesterov=True (fastopt.jax.{name}'s cautious "
                          f"variant is of Adam's kernel; Nesterov Adam has none)")
 
-    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip, weight_decay=weight_decay):
         wd, decay = _scalars._decoupled(lr, weight_decay, decoupled)
         return dict(**_scalars.grad_scalars(grad_scale, grad_clip, maximize),
                     weight_decay=wd, decay=decay, one_minus_beta1=1 - b1, beta2=b2,
@@ -1130,7 +1220,7 @@ def _adam_family(name, learning_rate, b1, b2, eps, weight_decay, nesterov, cauti
                     avg_coef=-lr * b1 / (1 - b1 ** optax.safe_increment(step)),
                     lerp_hi=_scalars._lerp_hi(dtype, 1 - b1))
     return _make(name, "nadam", AdamState, scalars, learning_rate,
-                 dict(hyper, nesterov=True), None, options)
+                 dict(hyper, nesterov=True), None, options, decay_mask=mask)
 
 
 def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None, *, nesterov=False,
@@ -1199,8 +1289,9 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=None
             quantizes) what it writes.
         stochastic_rounding (bool or None): round the written bfloat16 / float16 values up
             with probability equal to the discarded fraction (Philox bits keyed by `seed`,
-            the parameter's index in ``jax.tree.leaves`` order, the step count and the
-            element, as the array API's), else to nearest even. Default None: stochastic,
+            the parameter's number in ``state_dict``, its index in ``jax.tree.leaves``
+            order but with a weight-decay mask, the step count and the element, as the
+            array API's), else to nearest even. Default None: stochastic,
             to nearest even with master_weights (as the array API's).
         master_weights (bool): keep a float32 copy of each bfloat16 / float16 parameter in
             the state (``master_param``, made by ``init``), update the copy in float32 and
@@ -1236,6 +1327,14 @@ _OPTIONS_DOC = """        max_grad_norm (float or None): clip the gradients' tot
 """
 
 
+# the Args entry of optax's weight-decay mask (`mask`, Adadelta's `weight_decay_mask`)
+_MASK_DOC = """        {name}: optax's weight-decay mask: a pytree of bools shaped as the
+            parameters (or a prefix of them: a bool for a whole subtree), or a function of
+            the parameters returning one (under ``optax.inject_hyperparams``, name it in
+            ``static_args``); the decay applies where True. None: everywhere. Default None.
+"""
+
+
 # the same for the factories without low-precision parameters and state (Lamb, Muon,
 # Prodigy)
 _FLOAT_OPTIONS_DOC = _OPTIONS_DOC.replace(
@@ -1247,9 +1346,12 @@ _FLOAT_OPTIONS_DOC = _OPTIONS_DOC.replace(
 def _options_doc(factory):
     """`factory` with _OPTIONS_DOC in place of the ``{options}`` line of its docstring (or
     _FLOAT_OPTIONS_DOC in place of ``{float_options}``), and the array API's math of the
-    rule (its module's MATH) in place of a ``{math}`` line."""
+    rule (its module's MATH) in place of a ``{math}`` line, and _MASK_DOC in place of a
+    ``{mask}`` or ``{weight_decay_mask}`` line."""
     doc = factory.__doc__.replace("        {options}\n", _OPTIONS_DOC).replace(
         "        {float_options}\n", _FLOAT_OPTIONS_DOC)
+    for name in ("mask", "weight_decay_mask"):
+        doc = doc.replace(f"        {{{name}}}\n", _MASK_DOC.format(name=name))
     if "    {math}\n" in doc:
         doc = doc.replace("    {math}\n", importlib.import_module(
             f"fastopt.optim.{factory.__name__}").MATH)
@@ -1300,7 +1402,7 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
         mu_dtype: optax's; only None is supported yet (the state's dtype is
             ``state_dtype``'s).
         weight_decay (float): :math:`\lambda \ge 0`, a number. Default 1e-4.
-        mask: optax's; only None is supported yet (the decay applies to every parameter).
+        {mask}
         nesterov (bool): optax's Nesterov form (:func:`nadamw`): the numerator
             :math:`\beta_1 m_t / (1 - \beta_1^{t+1}) + (1 - \beta_1) g_t / (1 - \beta_1^t)`
             in place of :math:`m_t / (1 - \beta_1^t)`. Default False.
@@ -1316,17 +1418,16 @@ def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=Non
     """
     b1, b2, eps = _adam_arguments(b1, b2, eps, eps_root, mu_dtype)
     weight_decay = _weight_decay(weight_decay)
-    _unsupported("mask", mask, None, "weight decay applies to every parameter")
     return _adam_family("adamw", _learning_rate(learning_rate), b1, b2, eps, weight_decay,
                         nesterov, cautious, (max_grad_norm, max_grad_value, maximize,
                                              skip_nonfinite, state_dtype, stochastic_rounding,
-                                             master_weights, seed, n_threads))
+                                             master_weights, seed, n_threads), mask)
 
 
 def _adam_scalars(b1, b2, eps, weight_decay, decoupled):
     """Adam's (decoupled False, no decay) or AdamW's struct fields; AdamW's decay factor
     1 - lr * wd is exactly 1 for wd = 0, so a traced wd needs no branch."""
-    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip, weight_decay=weight_decay):
         return _scalars.adam_scalars(dtype, step=step, lr=lr, beta1=b1, beta2=b2, eps=eps,
                                      weight_decay=weight_decay, decoupled=decoupled,
                                      maximize=maximize, grad_scale=grad_scale,
@@ -1410,7 +1511,7 @@ def nadamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, mu_dtype=No
         eps_root: optax's; only 0 is supported yet (None, the default, is 0).
         mu_dtype: optax's; only None is supported yet.
         weight_decay (float): :math:`\lambda \ge 0`, a number. Default 1e-4.
-        mask: optax's; only None is supported yet (the decay applies to every parameter).
+        {mask}
         nesterov (bool): True (False is :func:`adamw`), as ``optax.nadamw``. Default True.
         {options}
 
@@ -1512,7 +1613,7 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
         mu_dtype: optax's; only None is supported yet (the state's dtype is
             ``state_dtype``'s).
         weight_decay (float): decoupled :math:`\lambda \ge 0`, a number. Default 1e-3.
-        mask: optax's; only None is supported yet (the decay applies to every parameter).
+        {mask}
         cautious (bool): the cautious variant (C-Optim, Liang et al. 2024), as
             :class:`fastopt.Lion`'s option: per tensor, the update's entries whose sign
             disagrees with the gradient's are zeroed and the rest scaled by
@@ -1528,9 +1629,8 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
     b2 = _real("b2", b2, lo=0.0, hi=1.0)
     weight_decay = _weight_decay(weight_decay)
     _unsupported("mu_dtype", mu_dtype, None, "the state's dtype is state_dtype's")
-    _unsupported("mask", mask, None, "weight decay applies to every parameter")
 
-    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip, weight_decay=weight_decay):
         return _scalars.lion_scalars(dtype, lr=lr, beta1=b1, beta2=b2,
                                      weight_decay=weight_decay, maximize=maximize,
                                      grad_scale=grad_scale, grad_clip=grad_clip)
@@ -1539,7 +1639,8 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
                  dict(b1=b1, b2=b2, weight_decay=weight_decay),
                  ("Lion", dict(betas=(b1, b2), weight_decay=weight_decay)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, master_weights, seed, n_threads), cautious)
+                  stochastic_rounding, master_weights, seed, n_threads), cautious,
+                 decay_mask=mask)
 
 
 class AdamaxState(NamedTuple):
@@ -1724,8 +1825,7 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_deca
         eps (float): :math:`\epsilon \ge 0`. Default 1e-6.
         weight_decay (float): the L2 coefficient :math:`\lambda \ge 0`, added to the
             gradient, a number. Default 0.
-        weight_decay_mask: optax's; only None is supported yet (the decay applies to every
-            parameter).
+        {weight_decay_mask}
         {options}
 
     Returns:
@@ -1739,10 +1839,8 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_deca
     rho = _real("rho", rho, lo=0.0, hi=1.0)
     eps = _real("eps", eps, lo=0.0)
     weight_decay = _weight_decay(weight_decay)
-    _unsupported("weight_decay_mask", weight_decay_mask, None,
-                 "weight decay applies to every parameter")
 
-    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip, weight_decay=weight_decay):
         return _scalars.adadelta_scalars(dtype, lr=lr, rho=rho, eps=eps,
                                          weight_decay=weight_decay, maximize=maximize,
                                          grad_scale=grad_scale, grad_clip=grad_clip)
@@ -1751,7 +1849,8 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_deca
                  dict(rho=rho, eps=eps, weight_decay=weight_decay),
                  ("Adadelta", dict(rho=rho, eps=eps, weight_decay=weight_decay)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, master_weights, seed, n_threads))
+                  stochastic_rounding, master_weights, seed, n_threads),
+                 decay_mask=weight_decay_mask, mask_name="weight_decay_mask")
 
 
 class AdagradState(NamedTuple):
@@ -2055,7 +2154,7 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
         mu_dtype: optax's; only None is supported yet (the state's dtype is
             ``state_dtype``'s).
         weight_decay (float): decoupled :math:`\lambda \ge 0`, a number. Default 0.
-        mask: optax's; only None is supported yet (the decay applies to every parameter).
+        {mask}
         cautious (bool): the cautious variant (C-Optim, Liang et al. 2024), as
             :class:`fastopt.AdEMAMix`'s option: per tensor, the update's entries whose sign
             disagrees with the gradient's are zeroed and the rest scaled by
@@ -2077,9 +2176,8 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
     _eps_root(eps_root)
     _unsupported("mu_dtype", mu_dtype, None, "the state's dtype is state_dtype's")
     weight_decay = _weight_decay(weight_decay)
-    _unsupported("mask", mask, None, "weight decay applies to every parameter")
 
-    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip, weight_decay=weight_decay):
         return _scalars.ademamix_scalars(
             dtype, step=step, lr=lr, beta1=b1, beta2=b2,
             beta3=b3(step - 1) if callable(b3) else b3,
@@ -2096,7 +2194,8 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
                  dict(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, weight_decay=weight_decay),
                  ("AdEMAMix", group),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, master_weights, seed, n_threads), cautious)
+                  stochastic_rounding, master_weights, seed, n_threads), cautious,
+                 decay_mask=mask)
 
 
 class AdanState(NamedTuple):
@@ -2119,7 +2218,7 @@ class AdanState(NamedTuple):
 
 @_options_doc
 def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *, no_prox=False,
-         max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
+         mask=None, max_grad_norm=None, max_grad_value=None, maximize=False, skip_nonfinite=False,
          state_dtype=None, stochastic_rounding=None, master_weights=False, seed=None,
          n_threads=None):
     r"""Adan (Xie et al. 2022) as an optax transformation run by fastopt's fused kernel.
@@ -2157,6 +2256,7 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
         weight_decay (float): decoupled :math:`\lambda \ge 0`, a number. Default 0.
         no_prox (bool): decay the parameter before the step instead of the proximal
             division after it. Default False.
+        {mask}
         {options}
 
     Returns:
@@ -2170,7 +2270,7 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
     weight_decay = _weight_decay(weight_decay)
     no_prox = flag("no_prox", no_prox)
 
-    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip, weight_decay=weight_decay):
         return _scalars.adan_scalars(dtype, step=step, lr=lr, beta1=b1, beta2=b2, beta3=b3,
                                      eps=eps, weight_decay=weight_decay, no_prox=no_prox,
                                      maximize=maximize, grad_scale=grad_scale,
@@ -2182,7 +2282,7 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
                  ("Adan", dict(betas=(b1, b2, b3), eps=eps, weight_decay=weight_decay,
                                no_prox=no_prox)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, state_dtype,
-                  stochastic_rounding, master_weights, seed, n_threads))
+                  stochastic_rounding, master_weights, seed, n_threads), decay_mask=mask)
 
 
 def _tensor_sum(x, param):
@@ -2240,7 +2340,7 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=None, weight_decay=
         eps_root (float or None): optax's, only 0 (None: 0, the default; not supported
             yet).
         weight_decay (float): :math:`\lambda \ge 0`. Default 0.
-        mask: optax's weight-decay mask, only None (not supported yet).
+        {mask}
         {float_options}
 
     Returns:
@@ -2251,10 +2351,9 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=None, weight_decay=
     b2 = _real("b2", b2, lo=0.0, hi=1.0)
     eps = _real("eps", eps, lo=0.0)
     _eps_root(eps_root)
-    _unsupported("mask", mask, None, "masked weight decay")
     weight_decay = _weight_decay(weight_decay)
 
-    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip):
+    def scalars(dtype, *, step, lr, grad_scale, maximize, grad_clip, weight_decay=weight_decay):
         return _scalars.lamb_scalars(dtype, step=step, lr=lr, beta1=b1, beta2=b2, eps=eps,
                                      weight_decay=weight_decay, maximize=maximize,
                                      grad_scale=grad_scale, grad_clip=grad_clip)
@@ -2263,7 +2362,7 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=None, weight_decay=
                  dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
                  ("Lamb", dict(betas=(b1, b2), eps=eps, weight_decay=weight_decay)),
                  (max_grad_norm, max_grad_value, maximize, skip_nonfinite, None, None, False,
-                  None, n_threads), scaled=_trust_ratios)
+                  None, n_threads), scaled=_trust_ratios, decay_mask=mask)
 
 
 class MuonState(NamedTuple):

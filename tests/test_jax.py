@@ -70,6 +70,19 @@ CONFIGS = [
     ("rmsprop", dict(learning_rate=1e-2, decay=0.3, eps=1e-4, eps_in_sqrt=False,
                      momentum=0.5)),
     ("rmsprop", dict(learning_rate=1e-2, centered=True, eps_in_sqrt=False)),
+    # optax's weight-decay masks: a prefix tree of bools, a function of the parameters
+    ("adamw", dict(learning_rate=1e-2, weight_decay=0.1,
+                   mask={"w": True, "b": [False, True], "deep": False})),
+    ("nadamw", dict(learning_rate=1e-2, weight_decay=0.1, mask=lambda p: jax.tree.map(
+        lambda x: x.ndim > 1, p))),
+    ("lion", dict(learning_rate=1e-3, weight_decay=0.5, mask={"w": False, "b": True,
+                                                               "deep": True})),
+    ("lamb", dict(learning_rate=1e-2, weight_decay=0.1, mask=lambda p: jax.tree.map(
+        lambda x: x.ndim != 1, p))),
+    ("adadelta", dict(learning_rate=0.5, weight_decay=0.1,
+                      weight_decay_mask={"w": True, "b": False, "deep": {"x": False}})),
+    ("ademamix", dict(learning_rate=1e-2, weight_decay=0.1,
+                      mask={"w": False, "b": True, "deep": True})),
 ]
 CONFIG_IDS = [f"{name}-{k}" for k, (name, _) in enumerate(CONFIGS)]
 # fastopt's state names -> those of optax's transformation that keeps them
@@ -983,6 +996,99 @@ def test_state_dict_refuses_optax_only_updates(name, hyper):
             call()
 
 
+def test_weight_decay_mask_state_moves_between_jax_and_the_array_api(tmp_path):
+    """With a weight-decay mask, state_dict writes the array API's two param groups (the
+    decayed parameters, then the others with weight_decay 0, numbered in that order):
+    an AdamW made with those groups resumes it, and back; a state dict grouped otherwise
+    is refused."""
+    mask = {"w": False, "b": [True, False], "deep": True}
+    order = [0, 2, 1, 3]  # jax.tree.leaves order is b[0], b[1], deep.x, w: decayed first
+
+    def groups(leaves):
+        return [{"params": [leaves[t] for t in order[:2]]},
+                {"params": [leaves[t] for t in order[2:]], "weight_decay": 0.0}]
+
+    def array_steps(opt, leaves_grads):
+        for g in leaves_grads:
+            opt.step([g[t] for t in order])
+
+    with jax.enable_x64(True):
+        params, grads = _case("float64", seed=12, steps=10)
+        per_step = [[np.array(x[t]) for x in jax.tree.leaves(grads)] for t in range(10)]
+        tx = fjax.adamw(1e-2, weight_decay=0.1, mask=mask)
+        want, _ = _run_step(tx, params, grads)
+        p5, s5 = _run_step(tx, params, jax.tree.map(lambda g: g[:5], grads))
+        saved = tx.state_dict(s5)
+        assert [g["params"] for g in saved["param_groups"]] == [[0, 1], [2, 3]]
+        assert [g["weight_decay"] for g in saved["param_groups"]] == [0.1, 0.0]
+        _assert_equal(tx.load_state_dict(saved, p5), s5)
+        fastopt.save(saved, tmp_path / "jax.npz")
+        leaves = [np.array(p) for p in jax.tree.leaves(p5)]
+        opt = fastopt.AdamW(groups(leaves))
+        opt.load_state_dict(fastopt.load(tmp_path / "jax.npz"))
+        array_steps(opt, per_step[5:])
+        _assert_close(jax.tree.unflatten(jax.tree.structure(params), leaves), want, 10)
+        # and back: five steps of the array API's, then five jitted ones
+        leaves = [np.array(p) for p in jax.tree.leaves(params)]
+        opt = fastopt.AdamW(groups(leaves), lr=1e-2, weight_decay=0.1)
+        array_steps(opt, per_step[:5])
+        state = tx.load_state_dict(opt.state_dict(), params)
+        p10, _ = _run_step(tx, jax.tree.unflatten(jax.tree.structure(params),
+                                                  [jnp.asarray(x) for x in leaves]),
+                           jax.tree.map(lambda g: g[5:], grads), state)
+        _assert_close(p10, want, 10)
+        one_group = dict(saved, param_groups=[dict(saved["param_groups"][0],
+                                                   params=[0, 1, 2, 3])])
+        swapped = dict(saved, param_groups=saved["param_groups"][::-1])
+        for wrong in (one_group, swapped):
+            with pytest.raises(ValueError, match=r"state_dict\['param_groups'\]: with mask "
+                                                 r"this transformation numbers the parameters "
+                                                 r"in the array API's param groups of \[2, 2\] "
+                                                 r"parameters"):
+                tx.load_state_dict(wrong, p5)
+        # a mask that decays nothing: one group, of weight_decay 0
+        none = fjax.adamw(1e-2, weight_decay=0.1, mask=False)
+        _, s1 = _run_step(none, params, jax.tree.map(lambda g: g[:1], grads))
+        groups = none.state_dict(s1)["param_groups"]
+        assert [(g["params"], g["weight_decay"]) for g in groups] == [([0, 1, 2, 3], 0.0)]
+
+
+@pytest.mark.parametrize("options", [dict(state_dtype="int8"), dict(master_weights=True),
+                                     dict(cautious=True),
+                                     dict(skip_nonfinite=True, max_grad_norm=1.0)],
+                         ids=["int8", "master", "cautious", "skip-clip"])
+def test_weight_decay_mask_is_the_array_apis_param_groups(options):
+    """A weight-decay mask splits the kernel call by struct (and by 8-bit storage): 4 jitted
+    steps equal, bit for bit, the array API's AdamW with the undecayed tensors in a group of
+    weight_decay 0 after the decayed ones (state_dict's numbering, which the random bits of
+    stochastic rounding follow, here not the leaves' order), on bfloat16 parameters (float32
+    with the cautious option)."""
+    from fastopt._interop import bfloat16
+    dt = np.dtype(np.float32) if "cautious" in options else bfloat16()
+    rng = np.random.default_rng(21)
+    shapes = [(7,), (300, 250), (5000,), (40, 110)]
+    mask = [False, True, False, True]
+    params = [rng.standard_normal(sh).astype(np.float32).astype(dt) for sh in shapes]
+    grads = [[rng.standard_normal(sh).astype(np.float32).astype(dt) for sh in shapes]
+             for _ in range(4)]
+    with jax.enable_x64(True):
+        tx = fjax.adamw(1e-2, weight_decay=0.1, mask=mask, seed=3, **options)
+        got = [jnp.asarray(p) for p in params]
+        state = tx.init(got)
+        step = jax.jit(tx.step)
+        for g in grads:
+            got, state = step(got, [jnp.asarray(x) for x in g], state)
+    order = [1, 3, 0, 2]  # the decayed leaves, then the others
+    want = [params[t].copy() for t in order]
+    opt = fastopt.AdamW([{"params": want[:2]}, {"params": want[2:], "weight_decay": 0.0}],
+                        lr=1e-2, weight_decay=0.1, seed=3, **options)
+    for g in grads:
+        opt.step([g[t] for t in order])
+    for k, t in enumerate(order):
+        np.testing.assert_array_equal(np.asarray(got[t]).view(np.uint8),
+                                      want[k].view(np.uint8))
+
+
 def test_nadam_without_nesterov_is_adam():
     """optax.nadam and nadamw are partials of adam and adamw with nesterov=True: their
     nesterov=False is the plain rule, and so is fastopt.jax's."""
@@ -1086,6 +1192,27 @@ def test_bad_masks(masks, error, match):
     tx = fjax.adam(1e-3)
     with pytest.raises(error, match=match):
         tx.step(PARAMS, PARAMS, tx.init(PARAMS), masks)
+
+
+@pytest.mark.parametrize("factory, mask, error, match", [
+    ("adamw", {"w": True}, ValueError,
+     r"mask: expected a pytree of bools shaped as the parameters \(or a prefix of them\)"),
+    ("lion", {"w": True, "b": [True, False]}, ValueError, "mask: expected a pytree of bools"),
+    ("lamb", {"w": 0.5, "b": True}, TypeError, r"mask: expected Python bools .* got 0.5"),
+    ("adadelta", lambda p: jax.tree.map(lambda x: jnp.ones(x.shape, bool), p), TypeError,
+     "weight_decay_mask: expected Python bools"),
+    ("adan", {"w": None, "b": True}, ValueError, "mask: expected a pytree of bools"),
+])
+def test_bad_weight_decay_masks(factory, mask, error, match):
+    """optax's weight-decay mask is checked against the parameters by init (and by each
+    step): a structure that is not theirs (nor a prefix), leaves that are not bools."""
+    name = "weight_decay_mask" if factory == "adadelta" else "mask"
+    tx = getattr(fjax, factory)(1e-3, **{name: mask})
+    with pytest.raises(error, match=match):
+        tx.init(PARAMS)
+    state = getattr(fjax, factory)(1e-3).init(PARAMS)  # the same state, without the mask
+    with pytest.raises(error, match=match):
+        jax.jit(tx.step)(PARAMS, PARAMS, state)
 
 
 @pytest.mark.parametrize("name, hyper", [CONFIGS[2], CONFIGS[5], CONFIGS[11], CONFIGS[18]],
@@ -1705,16 +1832,10 @@ def test_sharded_arrays_and_shard_map():
     ("adam", dict(learning_rate=1e-3, eps=math.nan), ValueError, "eps must be a finite"),
     ("adam", dict(learning_rate=1e-3, eps_root=1e-8), ValueError,
      r"eps_root=1e-08 is not supported yet by fastopt.jax \(the kernel adds eps outside"),
-    ("adamw", dict(learning_rate=1e-3, mask=lambda p: p), ValueError,
-     "mask=.* is not supported yet by fastopt.jax"),
-    ("lion", dict(learning_rate=1e-3, mask={"w": True}), ValueError,
-     "mask=.* is not supported yet"),
     ("adamw", dict(learning_rate=1e-3, mu_dtype=jnp.bfloat16), ValueError,
      "mu_dtype=.* is not supported yet"),
     ("adam", dict(learning_rate=1e-3, nesterov=True, cautious=True), ValueError,
      "cautious: not with nesterov=True"),
-    ("nadamw", dict(learning_rate=1e-3, mask=lambda p: p), ValueError,
-     "mask=.* is not supported yet"),
     ("radam", dict(learning_rate=1e-3, nesterov=True), ValueError,
      "nesterov=True is not supported yet"),
     ("radam", dict(learning_rate=1e-3, eps_root=1e-8), ValueError,
@@ -1748,8 +1869,6 @@ def test_sharded_arrays_and_shard_map():
     ("adadelta", dict(learning_rate=None), ValueError,
      r"learning_rate: expected a number or a schedule; optax's None"),
     ("adadelta", dict(rho=1.5), ValueError, r"rho must be a finite number in \[0, 1\]"),
-    ("adadelta", dict(weight_decay_mask={"w": True}), ValueError,
-     "weight_decay_mask=.* is not supported yet"),
     ("adamax", dict(learning_rate=1e-3, b2=1.0), ValueError, "b2 must be a finite number"),
     ("asgd", dict(lambd=-1.0), ValueError, r"lambd must be a finite number in \[0, inf\]"),
     ("asgd", dict(t0=math.inf), ValueError, "t0 must be a finite number"),
@@ -1760,8 +1879,6 @@ def test_sharded_arrays_and_shard_map():
     ("schedule_free_sgd", dict(weight_decay=-0.1), ValueError, "weight_decay must be"),
     ("lamb", dict(learning_rate=1e-3, eps_root=1e-8), ValueError,
      "eps_root=1e-08 is not supported yet"),
-    ("lamb", dict(learning_rate=1e-3, mask={"w": True}), ValueError,
-     "mask=.* is not supported yet"),
     ("lamb", dict(learning_rate=1e-3, b2=1.5), ValueError, r"b2 must be .* in \[0, 1\]"),
     ("muon", dict(learning_rate=1e-3, ns_coeffs=(1.0, 2.0)), ValueError,
      r"ns_coeffs: expected a triple \(a, b, c\)"),
