@@ -108,7 +108,8 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
             (each the same for every tensor); the written ones are rounded stochastically
             (Philox bits from each tensor's key, keys[t] of an (n, 2) uint32 or int32 array
             of fastopt._backends._formats.tensor_key, and `step`, a traced or concrete
-            int32) or to nearest even. Not for cautious steps.
+            int32) or to nearest even. A cautious step's factors (its last state operand)
+            are float32 then.
         shadow: None, or (with `formats`, not `delta`) master weights: per tensor the
             bfloat16 or float16 parameter (all of one dtype) whose float32 master copy is
             its entry of `params`; the kernel updates the copy, and the parameter gets the
@@ -143,8 +144,6 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
 
     name = _kernel_name(kernel, KERNELS, "elementwise")
     n_state, n_aux = KERNELS[name], _rules.ALL_KERNELS[name].aux
-    if formats is not None and n_aux:
-        raise ValueError(f"formats: not with the cautious step {name!r}")
     if shadow is not None:
         if formats is None or delta:
             raise ValueError("shadow: only with formats, and not with delta")
@@ -158,9 +157,6 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
         if formats is None:
             raise ValueError("scales: only with formats")
         scales = _scales(scales, params, quantized)
-    elif quantized:
-        raise ValueError("states: uint8 (8-bit) state arrays need their block scales "
-                         "(scales=)")
     n_threads = _threads(n_threads)
     for flag, value in (("delta", delta), ("into_grad", into_grad)):
         if not isinstance(value, (bool, np.bool_)):
@@ -196,15 +192,8 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
             operands.append(masks[t])
     extra = {}
     if formats is not None:
-        stochastic, keys, step = formats
-        keys = jnp.asarray(keys)
-        if keys.shape != (n, 2) or keys.dtype not in (jnp.uint32, jnp.int32):
-            raise ValueError(f"formats: expected the keys as (n_tensors, 2) uint32, got "
-                             f"{keys.dtype} {keys.shape}")
-        if keys.dtype == jnp.uint32:  # the handler reads the bits as uint32
-            keys = jax.lax.bitcast_convert_type(keys, jnp.int32)
-        operands += [keys, jnp.asarray(step, jnp.int32)]
-        extra = dict(formats=np.int64(1), stochastic=np.int64(bool(stochastic)))
+        operands += _formats_operands(formats, n)
+        extra = dict(formats=np.int64(1), stochastic=np.int64(bool(formats[0])))
         if shadow is not None:
             extra["shadow"] = np.int64(1)
         if quantized:
@@ -222,33 +211,69 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
     new = ([out[t * step] for t in range(n)],
            [list(out[t * step + 1:t * step + 1 + n_state - n_aux]) for t in range(n)])
     if shadow is not None:
-        new += ([out[t * step + 1 + n_state] for t in range(n)],)
+        new += ([out[t * step + 1 + n_state - n_aux] for t in range(n)],)
     if scales is not None:
         new += ([list(out[(t + 1) * step - n_q:(t + 1) * step]) for t in range(n)],)
     return new
 
 
-def caution_counts(kernel, record, params, grads, states, n_threads):
+def caution_counts(kernel, record, params, grads, states, n_threads, formats=None,
+                   scales=None, low=None):
     """The cautious option's count pass as one XLA custom call: per tensor, how many of its
     elements agree (K = 1), an int32 array of one count per tensor; nothing is written.
     `kernel` is a cautious count kernel (COUNTS, e.g. "adam_caution"); the other arguments
     as elementwise's (the state: the arrays the count reads, fastopt._rules' Caution.count
-    .state)."""
+    .state; with `formats` and `scales` stored as the step's, loaded as it loads them, and
+    with master weights `low` the parameters' dtype, which the gradients may have)."""
     import jax
     import jax.numpy as jnp
 
     name = _kernel_name(kernel, COUNTS, "cautious count")
-    params, grads, states, dtype = _operands(name, COUNTS[name], 0, params, grads, states)
+    params, grads, states, dtype = _operands(name, COUNTS[name], 0, params, grads, states,
+                                             formats is not None, low, scales is not None)
+    quantized = [k for k, x in enumerate(states[0]) if np.dtype(x.dtype) == np.uint8] \
+        if states else []
+    if scales is not None:
+        if formats is None:
+            raise ValueError("scales: only with formats")
+        scales = _scales(scales, params, quantized)
     n_threads = _threads(n_threads)
     if not params:
         return jnp.zeros(0, jnp.int32)
-    record = _record(record, name, dtype)
+    record = _record(record, name, np.dtype(np.float32) if formats is not None else dtype)
     register()
-    operands = [record] + [x for p, g, ss in zip(params, grads, states) for x in (p, g, *ss)]
+    operands = [record]
+    for t, (p, g, ss) in enumerate(zip(params, grads, states)):
+        operands += [p, g, *ss, *(scales[t] if quantized else ())]
+    extra = {}
+    if formats is not None:
+        operands += _formats_operands(formats, len(params))
+        extra = dict(formats=np.int64(1), stochastic=np.int64(0))
+        if quantized:
+            operands += [jnp.asarray(_QMAPS), jnp.asarray(_qtables())]
+            names = _rules.ALL_KERNELS[name].state
+            extra["q8_unsigned"] = np.int64(sum(1 << k for k in quantized
+                                                if names[k] not in _rules.SIGNED_STATE))
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((len(params),), jnp.int32),
                             vmap_method="sequential")(
         *operands, kernel=name, n_tensors=np.int64(len(params)),
-        n_threads=np.int64(n_threads), count=np.int64(1))
+        n_threads=np.int64(n_threads), count=np.int64(1), **extra)
+
+
+def _formats_operands(formats, n):
+    """The keys (int32, the uint32 bits) and the step of `formats` ((stochastic, keys, step))
+    for `n` tensors, the operands that follow the tensors' with formats."""
+    import jax
+    import jax.numpy as jnp
+
+    _, keys, step = formats
+    keys = jnp.asarray(keys)
+    if keys.shape != (n, 2) or keys.dtype not in (jnp.uint32, jnp.int32):
+        raise ValueError(f"formats: expected the keys as (n_tensors, 2) uint32, got "
+                         f"{keys.dtype} {keys.shape}")
+    if keys.dtype == jnp.uint32:  # the handler reads the bits as uint32
+        keys = jax.lax.bitcast_convert_type(keys, jnp.int32)
+    return [keys, jnp.asarray(step, jnp.int32)]
 
 
 def _masks(masks, params):
@@ -374,6 +399,13 @@ def _operands(name, n_state, n_aux, params, grads, states, formats=False, low=No
                              f"{_rules.ALL_KERNELS[name].state}, got {len(states[t])}")
         for k, x in enumerate((params[t], grads[t], *states[t])):
             what = (f"params[{t}]", f"grads[{t}]")[k] if k < 2 else f"states[{t}][{k - 2}]"
+            factor = k >= 2 + n_state - n_aux
+            if formats and factor and np.dtype(x.dtype) != np.float32:
+                raise TypeError(f"{what}: expected the tensor's factor as float32 (the "
+                                f"kernel computes in float32 with formats), got {x.dtype}")
+            if formats and not q8 and k >= 2 and np.dtype(x.dtype) == np.uint8:
+                raise ValueError(f"{what}: a uint8 (8-bit) state array needs its block "
+                                 f"scales (scales=)")
             if formats and k < len(first):  # as tensor 0's operand
                 if np.dtype(x.dtype) != first[k] or (
                         first[k] not in lowp and not (q8 and k >= 2 and first[k] == np.uint8)):
@@ -382,7 +414,7 @@ def _operands(name, n_state, n_aux, params, grads, states, formats=False, low=No
                                     f"tensor 0), got {x.dtype}")
             elif np.dtype(x.dtype) != dtype:
                 raise TypeError(f"{what}: expected {dtype} as params[0], got {x.dtype}")
-            if k >= 2 + n_state - n_aux:  # a factor
+            if factor:
                 if int(np.prod(x.shape)) != 1:
                     raise ValueError(f"{what}: expected the tensor's factor, one element, got "
                                      f"shape {tuple(x.shape)}")

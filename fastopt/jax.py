@@ -390,11 +390,10 @@ class _Fused:
         # state, the written ones rounded (stochastically: each tensor's key, the step)
         keys = None
         if compute != dtype or state_dtype != dtype or any(g.dtype != dtype for g in grads):
-            if self.caution is not None or self.scaled is not None:
-                what = "(cautious=True)" if self.caution is not None else ""
+            if self.scaled is not None:
                 low = (f"{dtype} parameters" if compute != dtype
                        else f"{self.hyper['state_dtype']} state")
-                raise TypeError(f"fastopt.jax.{self.name}{what}: not with {low} yet (float32 "
+                raise TypeError(f"fastopt.jax.{self.name}: not with {low} yet (float32 "
                                 f"or float64 throughout)")
             if self.state_dtype == _U8 and any(_varying_axes(p) for p in leaves):
                 raise ValueError(f"fastopt.jax.{self.name}: state_dtype='int8' for parameters "
@@ -1011,8 +1010,9 @@ def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, gra
     """The FFI call, with a derivative rule that says why there is none. `kernel` is the
     elementwise kernel's name, or for the cautious option (the count kernel, the indices of
     the state arrays it reads, the cautious step): the count pass, each tensor's factor
-    1 / max(mean K, 1e-3) in the parameters' dtype (fastopt._scalars.caution_factors'
-    formula), then the step with it; or for a rule that scales its update per tensor
+    1 / max(mean K, 1e-3) in the dtype the kernel computes in
+    (fastopt._scalars.caution_factors' formula), then the step with it (both on the
+    storage formats); or for a rule that scales its update per tensor
     ("scaled_apply", the update pass's kernel, factors(params, updates, masks)): the update
     pass, the factors, then scaled_apply, `record` the two passes' structs. With `keys`
     (each tensor's Philox key) the operands are in storage formats, rounded stochastically
@@ -1034,9 +1034,18 @@ def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, gra
                                       n_threads, delta=delta, masks=masks)
         return new, states
     count, reads, cautious = kernel
+    dtype, formats = params[0].dtype, None
+    if keys is not None:  # storage formats: float32 arithmetic, the count's too
+        formats, dtype = (stochastic, keys, step), np.dtype(np.float32)
+    read_scales = None
+    if scales is not None:  # the block scales of the 8-bit arrays among those it reads
+        eight = [i for i, x in enumerate(states[0]) if x.dtype == _U8]
+        read_scales = [[scales[t][eight.index(i)] for i in reads if i in eight]
+                       for t in range(len(states))]
     counts = _jax_ffi.caution_counts(count, record, params, grads,
-                                     [[s[i] for i in reads] for s in states], n_threads)
-    dtype = params[0].dtype
+                                     [[s[i] for i in reads] for s in states], n_threads,
+                                     formats=formats, scales=read_scales,
+                                     low=None if shadow is None else shadow[0].dtype)
     # inside shard_map, a tensor's count and size over the mesh axes it varies along
     counts = [counts[t] for t in range(len(params))]
     sizes = [p.size for p in params]
@@ -1053,7 +1062,8 @@ def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, gra
     factors = 1 / jnp.maximum(mean, jnp.asarray(1e-3, dtype))
     return _jax_ffi.elementwise(cautious, record, params, grads,
                                 [list(s) + [factors[t:t + 1]] for t, s in enumerate(states)],
-                                n_threads, delta=delta, masks=masks)
+                                n_threads, delta=delta, masks=masks, formats=formats,
+                                shadow=shadow, scales=scales)
 
 
 @_kernel_call.defjvp

@@ -147,7 +147,7 @@ cdef extern from "format_loops.h" nogil:
         cnp.uint64_t step
         const float *qmaps
         const cnp.uint32_t *qtables
-        int n_ops, shadow, mask, stochastic, vbmi
+        int n_ops, n_aux, shadow, mask, stochastic, vbmi
         int code[FORMAT_OPS + 1]
         int scales[FORMAT_OPS]
     void fo_cpu_format_chunk(char **ptr, Py_ssize_t t, Py_ssize_t lo, Py_ssize_t n,
@@ -232,6 +232,7 @@ def step_formats(str kernel, tuple operands, cnp.ndarray args, int n_threads, tu
     fa.qmaps = &qmaps[0, 0] if n_q8 else NULL
     fa.qtables = &qtables[0, 0] if n_q8 else NULL
     fa.n_ops = n_ops
+    fa.n_aux = 0
     fa.shadow = shadow
     fa.mask = n_conv + n_q8 if masks is not None else 0
     fa.stochastic = stochastic

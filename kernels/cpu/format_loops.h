@@ -51,9 +51,10 @@ _Static_assert(FO_CHUNK % FO_FORMAT_BLOCK == 0 && FO_FORMAT_BLOCK % FO_Q8_BLOCK 
 
 /* One call's formats: operand op of a tensor is stored as code[op] (FO_FMT_F32, _BF16,
    _F16, or for state FO_FMT_Q8S, _Q8U: codes, with their block scales in operand
-   scales[op], float32); with `shadow`, operand n_ops (code[n_ops]) receives operand 1
-   rounded; with `mask` (else 0), that operand holds one byte per element, 0 for a pruned
-   entry. */
+   scales[op], float32); operands n_ops .. n_ops + n_aux - 1 are the kernel's per-tensor
+   factors (a cautious step's), float32, read where they are; with `shadow`, operand
+   n_ops + n_aux (code[n_ops]) receives operand 1 rounded; with `mask` (else 0), that
+   operand holds one byte per element, 0 for a pruned entry. */
 typedef struct {
     fo_chunk_fn fn;          /* the kernel's float32 chunk function */
     const void *args;        /* its fo_<rule>_args_f32 */
@@ -62,6 +63,8 @@ typedef struct {
     const float *qmaps;      /* the maps of FO_FMT_Q8S and _Q8U, 256 values each */
     const fo_u32 *qtables;   /* their fo_q8_table tables, FO_Q8_TABLE each */
     int n_ops;               /* the kernel's operands: 3 + its state */
+    int n_aux;               /* its per-tensor factors after them (n_ops + n_aux at most
+                                FO_FORMAT_OPS) */
     int shadow, mask, stochastic;
     int vbmi;                /* load 8-bit state with fo_q8_load_vbmi (fo_q8_vbmi()) */
     int code[FO_FORMAT_OPS + 1];
@@ -327,6 +330,41 @@ FO_FORMAT_INLINE void fo_q8_store(uint8_t *restrict codes, float *restrict absma
     }
 }
 
+/* The kernel's operand table `local` for elements i0 .. i0 + m - 1 (a block): a float32
+   operand read where it is (but operand 1 over the grad: `over_grad`), operand 1 as operand
+   0 when the param is updated in place, the others loaded into `scratch` (operand 1, which
+   is written only, left unloaded; NULL, as when counting, stays NULL). */
+FO_FORMAT_INLINE void fo_format_load_ops(char **local, float (*scratch)[FO_FORMAT_BLOCK],
+                                         char *const *ptr, fo_u64 i0, ptrdiff_t m,
+                                         const fo_format_args *fa, int in_place,
+                                         int over_grad)
+{
+    const int *code = fa->code;
+    int op;
+    for (op = 0; op < fa->n_ops; op++) {
+        if (op == 1 && (in_place || ptr[1] == NULL)) {
+            local[1] = ptr[1] == NULL ? NULL : local[0];
+        } else if (code[op] == FO_FMT_F32 && !(op == 1 && over_grad)) {
+            local[op] = (char *)((float *)ptr[op] + i0);
+        } else {
+            local[op] = (char *)scratch[op];
+            if (code[op] >= FO_FMT_Q8S) {
+                const int map = code[op] - FO_FMT_Q8S;
+                const uint8_t *codes = (const uint8_t *)ptr[op] + i0;
+                const float *absmax = (const float *)ptr[fa->scales[op]] + i0 / FO_Q8_BLOCK;
+#ifdef FO_Q8_VBMI
+                if (fa->vbmi)
+                    fo_q8_load_vbmi(scratch[op], codes, absmax, fa->qplanes[map], m);
+                else
+#endif
+                    fo_q8_load(scratch[op], codes, absmax, fa->qmaps + 256 * map, m);
+            } else if (op != 1) { /* param out is written only */
+                fo_format_load(scratch[op], (const fo_u16 *)ptr[op] + i0, code[op], m);
+            }
+        }
+    }
+}
+
 /* elements lo .. lo + n - 1 of tensor t, whose operand pointers are ptr[0 ..] */
 FO_MULTIVERSION static void fo_cpu_format_chunk(char **ptr, ptrdiff_t t, ptrdiff_t lo,
                                                 ptrdiff_t n, const fo_format_args *fa)
@@ -343,32 +381,11 @@ FO_MULTIVERSION static void fo_cpu_format_chunk(char **ptr, ptrdiff_t t, ptrdiff
     const fo_u32 key0 = fa->keys[2 * t], key1 = fa->keys[2 * t + 1];
     ptrdiff_t off;
     int op;
+    for (op = n_ops; op < n_ops + fa->n_aux; op++) local[op] = ptr[op]; /* one element */
     for (off = 0; off < n; off += FO_FORMAT_BLOCK) {
         const ptrdiff_t m = n - off < FO_FORMAT_BLOCK ? n - off : FO_FORMAT_BLOCK;
         const fo_u64 i0 = (fo_u64)(lo + off);
-        for (op = 0; op < n_ops; op++) {
-            if (op == 1 && in_place) {
-                local[1] = local[0];
-            } else if (code[op] == FO_FMT_F32 && !(op == 1 && over_grad)) {
-                local[op] = (char *)((float *)ptr[op] + i0);
-            } else {
-                local[op] = (char *)scratch[op];
-                if (code[op] >= FO_FMT_Q8S) {
-                    const int map = code[op] - FO_FMT_Q8S;
-                    const uint8_t *codes = (const uint8_t *)ptr[op] + i0;
-                    const float *absmax =
-                        (const float *)ptr[fa->scales[op]] + i0 / FO_Q8_BLOCK;
-#ifdef FO_Q8_VBMI
-                    if (fa->vbmi)
-                        fo_q8_load_vbmi(scratch[op], codes, absmax, fa->qplanes[map], m);
-                    else
-#endif
-                        fo_q8_load(scratch[op], codes, absmax, fa->qmaps + 256 * map, m);
-                } else if (op != 1) { /* param out is written only */
-                    fo_format_load(scratch[op], (const fo_u16 *)ptr[op] + i0, code[op], m);
-                }
-            }
-        }
+        fo_format_load_ops(local, scratch, ptr, i0, m, fa, in_place, over_grad);
         fa->fn(local, 0, m, fa->args);
         if (fa->mask)
             fo_cpu_mask_chunk(local, 0, m, 4, n_ops - 3,
@@ -388,8 +405,8 @@ FO_MULTIVERSION static void fo_cpu_format_chunk(char **ptr, ptrdiff_t t, ptrdiff
                                 op == 1 ? 0 : (fo_u32)(op - 2), i0, m, w);
         }
         if (fa->shadow)
-            fo_format_store(ptr[n_ops], (const float *)local[1], code[n_ops], fa, key0, key1,
-                            0, i0, m, w);
+            fo_format_store(ptr[n_ops + fa->n_aux], (const float *)local[1], code[n_ops], fa,
+                            key0, key1, 0, i0, m, w);
     }
 }
 

@@ -13,7 +13,8 @@
  *   arguments   0: the kernel's fo_<args>_args_<f32|f64> struct as bytes (1-D uint8,
  *               zero-padded to a multiple of 8: fastopt._rules.pack), then per tensor:
  *               param, grad, then its n_state state arrays, then (a cautious step) its
- *               factor: one element of the param's dtype, then (shadow) the low-precision
+ *               factor: one element of the param's dtype (float32 with formats), then
+ *               (shadow) the low-precision
  *               parameter, then the block scales of each 8-bit state array, then (masked)
  *               its pruning mask: uint8 of the param's element count (0 prunes an entry:
  *               the new param and the new state are +0 there), or of none (no mask)
@@ -29,7 +30,7 @@
  * stochastically (stochastic) with the Philox bits of each tensor's key and the step, or to
  * nearest even. Two more arguments follow the tensors': the keys (int32 of shape
  * (n_tensors, 2), the uint32 bits of fastopt._backends._formats.tensor_key) and the step (a
- * 0-d int32). No cautious steps with formats.
+ * 0-d int32). A cautious step's factors are float32 then.
  * With shadow (formats only, not with delta) the param is the float32 master copy of a
  * bfloat16 or float16 parameter (master weights, as the Cython driver's): the kernel updates
  * it in float32, and the shadow result receives the new master rounded to the parameter's
@@ -44,7 +45,8 @@
  * map where bit s of q8_unsigned is set, else the signed one.
  * With count the kernel is a cautious count kernel (FO_CAUTION_COUNTS): nothing is written
  * but the one result, an int32 array holding per tensor how many of its elements agree (the
- * cautious option's K summed, as the Cython driver's caution_counts).
+ * cautious option's K summed, as the Cython driver's caution_counts); with formats it reads
+ * the operands as the step loads them (8-bit state with its block scales, no results).
  * All tensors float32 or float64 (the struct's dtype); a tensor's operands and results hold
  * equally many elements, in any shapes (the update is elementwise, and XLA hands over
  * row-major buffers). The caller aliases each param and state input to its result, so a
@@ -334,13 +336,14 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
                                   (int)(v->len < 64 ? v->len : 64), v->ptr);
         *k = e;
     }
-    if (*count && (*delta || *into_grad || *masked || *formats))
+    if (*count && (*delta || *into_grad || *masked || *shadow))
         return FO_XLA_INVALID(call->api, "attribute count: not with delta, into_grad, masked "
-                              "or formats (the count reads every entry, pruned ones too)");
+                              "or shadow (the count reads every entry, pruned ones too)");
     if (*into_grad && (*delta || *formats))
         return FO_XLA_INVALID(call->api, "attribute into_grad: not with delta or formats");
-    if (*formats && *k != NULL && (*k)->n_aux > 0)
-        return FO_XLA_INVALID(call->api, "attribute formats: not with a cautious step");
+    if (*formats && *k != NULL && 3 + (*k)->n_state + (*k)->n_aux > FO_FORMAT_OPS)
+        return FO_XLA_INVALID(call->api, "attribute formats: kernel %s has more than %d "
+                              "operands", (*k)->name, FO_FORMAT_OPS);
     if (*shadow && (!*formats || *delta))
         return FO_XLA_INVALID(call->api, "attribute shadow: only with formats, not with delta");
     if (*k != NULL && (*q8_unsigned < 0 || *q8_unsigned >= (int64_t)1 << (*k)->n_state))
@@ -354,8 +357,8 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
 }
 
 /* per tensor: param in, param out, grad, the S state results, the A one-element operands
-   (the kernel's operands), the shadow result (NULL: none; formats have no A, so it is the
-   format chunk's operand after the kernel's), the S state inputs, the Q block scale results
+   (the kernel's operands), the shadow result (NULL: none; the format chunk's operand after
+   the kernel's and its factors), the S state inputs, the Q block scale results
    and the Q block scale inputs of the 8-bit state arrays, then the mask (NULL: none) */
 static int fo_xla_width(const fo_xla_kernel *k, int n_q)
 {
@@ -465,6 +468,24 @@ static void fo_xla_delta_formats(char **p, ptrdiff_t t, ptrdiff_t lo, ptrdiff_t 
     }
 }
 
+/* A cautious count over elements lo .. lo + n - 1 of a tensor in storage formats (the
+   operand pointers ptr[0 ..], ptr[1] NULL): `cfn`, the float32 count kernel, on each block
+   loaded as fo_cpu_format_chunk loads it; the agreeing elements summed. */
+FO_MULTIVERSION static int fo_xla_format_count(char **ptr, ptrdiff_t lo, ptrdiff_t n,
+                                               const fo_format_args *fa, fo_count_fn cfn)
+{
+    float scratch[FO_FORMAT_OPS][FO_FORMAT_BLOCK];
+    char *local[FO_FORMAT_OPS];
+    ptrdiff_t off;
+    int total = 0;
+    for (off = 0; off < n; off += FO_FORMAT_BLOCK) {
+        const ptrdiff_t m = n - off < FO_FORMAT_BLOCK ? n - off : FO_FORMAT_BLOCK;
+        fo_format_load_ops(local, scratch, ptr, (fo_u64)(lo + off), m, fa, 0, 0);
+        total += cfn(local, 0, m, fa->args);
+    }
+    return total;
+}
+
 /*
  * Chunk c of the plan: `chunk` holds (tensor, lo, n) triples, `ptr` per tensor the
  * fo_xla_width pointers. The state inputs (block scales too) are copied into the results
@@ -487,7 +508,8 @@ static void fo_xla_run_chunk(const fo_xla_pass *pass, ptrdiff_t c)
     const unsigned char *mask = (const unsigned char *)p[width - 1];
     int s;
     if (pass->cfn != NULL) {
-        pass->counted[c] = pass->cfn(p, lo, n, pass->args);
+        pass->counted[c] = pass->fa != NULL ? fo_xla_format_count(p, lo, n, pass->fa, pass->cfn)
+                                            : pass->cfn(p, lo, n, pass->args);
         return;
     }
     for (s = 0; s < n_state; s++) {
@@ -614,7 +636,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     if (formats) { /* tensor 0's dtypes, which every tensor must have */
         fo_xla_dtype low = dtype; /* the parameter's own: the shadow's with a shadow */
         if (shadow) {
-            low = ((const fo_xla_buffer *)call->args.args[3 + n_state])->dtype;
+            low = ((const fo_xla_buffer *)call->args.args[3 + n_state + n_aux])->dtype;
             if (dtype != FO_XLA_F32 || (low != FO_XLA_BF16 && low != FO_XLA_F16))
                 return FO_XLA_INVALID(call->api, "tensor 0: with shadow, expected a float32 "
                                       "param (the master copy) and a bfloat16 or float16 "
@@ -628,7 +650,9 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         for (s = 0; s < 3 + n_state; s++) {
             dt[s] = s < 2 ? dtype : ((const fo_xla_buffer *)call->args.args[s])->dtype;
             if ((fo_xla_format(dt[s]) < 0 && !(s > 2 && dt[s] == FO_XLA_U8))
-                || (s == 2 && dt[2] != low && dt[2] != FO_XLA_F32))
+                /* a count (which reads the grad only) may have master weights' grads */
+                || (s == 2 && dt[2] != low && dt[2] != FO_XLA_F32
+                    && !(counting && dt[2] != FO_XLA_U8)))
                 return FO_XLA_INVALID(call->api, "tensor 0, %s: expected %s, got %s",
                                       s == 2 ? "grad" : "state", s == 2
                                       ? "the parameter's dtype or float32"
@@ -679,8 +703,9 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
                 goto fail;
         for (s = 0; s < n_aux; s++) {
             ptrdiff_t one;
-            if ((err = fo_xla_check(call, a[2 + n_state + s], dtype, 1, t, "factor", -1,
-                                    &one)) != NULL)
+            /* in the dtype the kernel computes in: float32 with formats */
+            if ((err = fo_xla_check(call, a[2 + n_state + s], formats ? FO_XLA_F32 : dtype, 1,
+                                    t, "factor", -1, &one)) != NULL)
                 goto fail;
         }
         p[3 + n_state + n_aux] = NULL;
@@ -694,7 +719,8 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         }
         for (s = 0; s < n_q; s++) { /* the block scales of the 8-bit state arrays */
             const fo_xla_buffer *in = a[2 + n_state + n_aux + shadow + s];
-            const fo_xla_buffer *res = r[1 + n_state + shadow + s];
+            /* counting: no results, nothing written */
+            const fo_xla_buffer *res = counting ? in : r[1 + n_state + shadow + s];
             const ptrdiff_t blocks = (n + FO_Q8_BLOCK - 1) / FO_Q8_BLOCK;
             ptrdiff_t m;
             if ((err = fo_xla_check(call, in, FO_XLA_F32, blocks, t, "block scales of state",
@@ -756,6 +782,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         fa.keys = (const fo_u32 *)keys->data;
         fa.step = (fo_u64)*(const fo_u32 *)step->data;
         fa.n_ops = 3 + n_state;
+        fa.n_aux = n_aux;
         fa.stochastic = (int)stochastic;
         fa.shadow = (int)shadow;
         for (s = 0; s < 3 + n_state + shadow; s++) fa.code[s] = fo_xla_format(dt[s]);
