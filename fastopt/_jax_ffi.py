@@ -140,7 +140,6 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
     copied first, which costs about what the new buffer would.
     """
     import jax
-    import jax.numpy as jnp
 
     name = _kernel_name(kernel, KERNELS, "elementwise")
     n_state, n_aux = KERNELS[name], _rules.ALL_KERNELS[name].aux
@@ -151,12 +150,7 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
     params, grads, states, dtype = _operands(
         name, n_state, n_aux, params, grads, states, formats is not None,
         shadow[0].dtype if shadow else None, scales is not None)
-    quantized = [k for k, x in enumerate(states[0]) if np.dtype(x.dtype) == np.uint8] \
-        if states else []
-    if scales is not None:
-        if formats is None:
-            raise ValueError("scales: only with formats")
-        scales = _scales(scales, params, quantized)
+    quantized, scales = _quantized(states, scales, params, formats)
     n_threads = _threads(n_threads)
     for flag, value in (("delta", delta), ("into_grad", into_grad)):
         if not isinstance(value, (bool, np.bool_)):
@@ -197,10 +191,7 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
         if shadow is not None:
             extra["shadow"] = np.int64(1)
         if quantized:
-            names = _rules.ALL_KERNELS[name].state
-            operands += [jnp.asarray(_QMAPS), jnp.asarray(_qtables())]
-            extra["q8_unsigned"] = np.int64(sum(1 << k for k in quantized
-                                                if names[k] not in _rules.SIGNED_STATE))
+            operands += _q8_operands(name, quantized, extra)
     out = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases,
                            vmap_method="sequential")(
         *operands, kernel=name, n_tensors=np.int64(n), n_threads=np.int64(n_threads),
@@ -231,12 +222,7 @@ def caution_counts(kernel, record, params, grads, states, n_threads, formats=Non
     name = _kernel_name(kernel, COUNTS, "cautious count")
     params, grads, states, dtype = _operands(name, COUNTS[name], 0, params, grads, states,
                                              formats is not None, low, scales is not None)
-    quantized = [k for k, x in enumerate(states[0]) if np.dtype(x.dtype) == np.uint8] \
-        if states else []
-    if scales is not None:
-        if formats is None:
-            raise ValueError("scales: only with formats")
-        scales = _scales(scales, params, quantized)
+    quantized, scales = _quantized(states, scales, params, formats)
     n_threads = _threads(n_threads)
     if not params:
         return jnp.zeros(0, jnp.int32)
@@ -250,14 +236,35 @@ def caution_counts(kernel, record, params, grads, states, n_threads, formats=Non
         operands += _formats_operands(formats, len(params))
         extra = dict(formats=np.int64(1), stochastic=np.int64(0))
         if quantized:
-            operands += [jnp.asarray(_QMAPS), jnp.asarray(_qtables())]
-            names = _rules.ALL_KERNELS[name].state
-            extra["q8_unsigned"] = np.int64(sum(1 << k for k in quantized
-                                                if names[k] not in _rules.SIGNED_STATE))
+            operands += _q8_operands(name, quantized, extra)
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((len(params),), jnp.int32),
                             vmap_method="sequential")(
         *operands, kernel=name, n_tensors=np.int64(len(params)),
         n_threads=np.int64(n_threads), count=np.int64(1), **extra)
+
+
+def _quantized(states, scales, params, formats):
+    """(the indices of the uint8 (8-bit) state arrays, their block scales checked), from
+    tensor 0's state arrays and `scales` (only with formats)."""
+    quantized = [k for k, x in enumerate(states[0]) if np.dtype(x.dtype) == np.uint8] \
+        if states else []
+    if scales is not None:
+        if formats is None:
+            raise ValueError("scales: only with formats")
+        scales = _scales(scales, params, quantized)
+    return quantized, scales
+
+
+def _q8_operands(name, quantized, attributes):
+    """The maps and the quantizer's tables, the operands that follow the keys and the step
+    with 8-bit state; sets the q8_unsigned attribute in `attributes`: which of kernel
+    `name`'s states take the unsigned map."""
+    import jax.numpy as jnp
+
+    names = _rules.ALL_KERNELS[name].state
+    attributes["q8_unsigned"] = np.int64(sum(1 << k for k in quantized
+                                             if names[k] not in _rules.SIGNED_STATE))
+    return [jnp.asarray(_QMAPS), jnp.asarray(_qtables())]
 
 
 def _formats_operands(formats, n):
