@@ -70,15 +70,23 @@ _PARAMS = object()  # a state array's fill (_make): a copy of the parameter
 ABSMAX_FIELD = "absmax"  # the state's field of the block scales of 8-bit state
 
 
-class AdamState(NamedTuple):
-    """The state of :func:`adam`, :func:`adamw`, :func:`nadam`, :func:`nadamw`,
-    :func:`radam`, :func:`adopt` and :func:`lamb`: the step
-    count (an int32 scalar) and the moments m and v, each a pytree shaped like the
-    parameters (fastopt's and torch's names; optax calls them ``mu`` and ``nu``).
+def _low_precision_fields(cls):
+    """State NamedTuple `cls` with its docstring's paragraph on the two last fields, which
+    every elementwise rule's state has (master_param, absmax)."""
+    cls.__doc__ += """
 
     The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
     bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
     state array's block scales (see :func:`adam`); None otherwise."""
+    return cls
+
+
+@_low_precision_fields
+class AdamState(NamedTuple):
+    """The state of :func:`adam`, :func:`adamw`, :func:`nadam`, :func:`nadamw`,
+    :func:`radam`, :func:`adopt` and :func:`lamb`: the step count (an int32 scalar) and the
+    moments m and v, each a pytree shaped like the parameters (fastopt's and torch's names;
+    optax calls them ``mu`` and ``nu``)."""
     count: Any
     exp_avg: Any
     exp_avg_sq: Any
@@ -86,27 +94,21 @@ class AdamState(NamedTuple):
     absmax: Any = None
 
 
+@_low_precision_fields
 class SGDState(NamedTuple):
     """The state of :func:`sgd`: the step count (an int32 scalar) and, with momentum, the
     momentum buffer, a pytree shaped like the parameters (optax's ``trace``); None
-    without momentum.
-
-    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
-    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
-    state array's block scales (see :func:`adam`); None otherwise."""
+    without momentum."""
     count: Any
     momentum_buffer: Any = None
     master_param: Any = None
     absmax: Any = None
 
 
+@_low_precision_fields
 class LionState(NamedTuple):
     """The state of :func:`lion`: the step count (an int32 scalar) and the momentum m, a
-    pytree shaped like the parameters (optax's ``mu``).
-
-    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
-    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
-    state array's block scales (see :func:`adam`); None otherwise."""
+    pytree shaped like the parameters (optax's ``mu``)."""
     count: Any
     exp_avg: Any
     master_param: Any = None
@@ -1188,7 +1190,7 @@ def _eps_root(value):
 
 
 def _adam_arguments(b1, b2, eps, eps_root, mu_dtype):
-    """(b1, b2, eps) of adam and adamw, checked; their optax arguments that fastopt does
+    """(b1, b2, eps) of adam, adamw and radam, checked; their optax arguments that fastopt does
     not support yet refused unless at their defaults."""
     b1 = _real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
     b2 = _real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
@@ -1653,14 +1655,11 @@ def lion(learning_rate, b1=0.9, b2=0.99, mu_dtype=None, weight_decay=1e-3, mask=
                  decay_mask=mask)
 
 
+@_low_precision_fields
 class AdamaxState(NamedTuple):
     """The state of :func:`adamax`: the step count (an int32 scalar), the first moment m
     and the infinity moment u, each a pytree shaped like the parameters (torch's names;
-    optax calls them ``mu`` and ``nu``).
-
-    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
-    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
-    state array's block scales (see :func:`adam`); None otherwise."""
+    optax calls them ``mu`` and ``nu``)."""
     count: Any
     exp_avg: Any
     exp_inf: Any
@@ -1760,10 +1759,7 @@ def radam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, threshold=5.
         FusedTransformation: with state :class:`AdamState`.
     """
     learning_rate = _learning_rate(learning_rate)
-    b1 = _real("b1", b1, lo=0.0, hi=1.0, hi_open=True)
-    b2 = _real("b2", b2, lo=0.0, hi=1.0, hi_open=True)
-    eps = _real("eps", eps, lo=0.0)
-    _eps_root(eps_root)
+    b1, b2, eps = _adam_arguments(b1, b2, eps, eps_root, None)
     threshold = _real("threshold", threshold)
     _unsupported("nesterov", flag("nesterov", nesterov), False,
                  "the RAdam kernel has no Nesterov form")
@@ -1789,14 +1785,11 @@ def radam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=None, threshold=5.
                   stochastic_rounding, master_weights, seed, n_threads))
 
 
+@_low_precision_fields
 class AdadeltaState(NamedTuple):
     """The state of :func:`adadelta`: the step count (an int32 scalar), the running
     averages of the squared gradients and of the squared updates, each a pytree shaped
-    like the parameters (torch's names; optax calls them ``e_g`` and ``e_x``).
-
-    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
-    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
-    state array's block scales (see :func:`adam`); None otherwise."""
+    like the parameters (torch's names; optax calls them ``e_g`` and ``e_x``)."""
     count: Any
     square_avg: Any
     acc_delta: Any
@@ -1863,14 +1856,11 @@ def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, weight_deca
                  decay_mask=weight_decay_mask, mask_name="weight_decay_mask")
 
 
+@_low_precision_fields
 class AdagradState(NamedTuple):
     """The state of :func:`adagrad`: the step count (an int32 scalar) and the sums of the
     squared gradients, a pytree shaped like the parameters (torch's name; optax calls it
-    ``sum_of_squares``).
-
-    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
-    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
-    state array's block scales (see :func:`adam`); None otherwise."""
+    ``sum_of_squares``)."""
     count: Any
     sum: Any
     master_param: Any = None
@@ -1930,15 +1920,12 @@ def adagrad(learning_rate, initial_accumulator_value=0.1, eps=1e-7, *, max_grad_
                  fills=dict(sum=initial))
 
 
+@_low_precision_fields
 class RMSpropState(NamedTuple):
     """The state of :func:`rmsprop`: the step count (an int32 scalar), the running average
     of the squared gradients, with ``centered`` that of the gradients, and with
     ``momentum`` the trace of the updates, each a pytree shaped like the parameters, or
-    None where not kept (torch's names; optax calls them ``nu``, ``mu`` and ``trace``).
-
-    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
-    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
-    state array's block scales (see :func:`adam`); None otherwise."""
+    None where not kept (torch's names; optax calls them ``nu``, ``mu`` and ``trace``)."""
     count: Any
     square_avg: Any
     grad_avg: Any = None
@@ -2108,14 +2095,11 @@ def adopt(learning_rate, b1=0.9, b2=0.9999, eps=1e-6, mu_dtype=None, *, nesterov
                   stochastic_rounding, master_weights, seed, n_threads), cautious)
 
 
+@_low_precision_fields
 class AdEMAMixState(NamedTuple):
     """The state of :func:`ademamix`: the step count (an int32 scalar), the fast and the
     slow first moments and the second moment, each a pytree shaped like the parameters
-    (fastopt's names; optax calls them ``m1``, ``m2`` and ``nu``).
-
-    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
-    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
-    state array's block scales (see :func:`adam`); None otherwise."""
+    (fastopt's names; optax calls them ``m1``, ``m2`` and ``nu``)."""
     count: Any
     exp_avg_fast: Any
     exp_avg_slow: Any
@@ -2208,15 +2192,12 @@ def ademamix(learning_rate, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, ep
                  decay_mask=mask)
 
 
+@_low_precision_fields
 class AdanState(NamedTuple):
     """The state of :func:`adan`: the step count (an int32 scalar) and, each a pytree shaped
     like the parameters, the averages of the gradient, of the squared Nesterov combination
     and of the gradient's change, and the negated previous gradient (the authors' and
-    :class:`fastopt.Adan`'s names).
-
-    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
-    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
-    state array's block scales (see :func:`adam`); None otherwise."""
+    :class:`fastopt.Adan`'s names)."""
     count: Any
     exp_avg: Any
     exp_avg_sq: Any
@@ -2934,13 +2915,10 @@ def prodigy(learning_rate=1.0, b1=0.9, b2=0.999, beta3=None, eps=1e-8, weight_de
                              None, False, None, n_threads)).transformation()
 
 
+@_low_precision_fields
 class RpropState(NamedTuple):
     """The state of :func:`rprop`: the step count (an int32 scalar), the previous gradients
-    and the step sizes, each a pytree shaped like the parameters (torch's names).
-
-    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
-    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
-    state array's block scales (see :func:`adam`); None otherwise."""
+    and the step sizes, each a pytree shaped like the parameters (torch's names)."""
     count: Any
     prev: Any
     step_size: Any
@@ -3013,14 +2991,11 @@ def rprop(learning_rate, eta_minus=0.5, eta_plus=1.2, min_step_size=1e-6, max_st
                  fills=dict(step_size=learning_rate))
 
 
+@_low_precision_fields
 class ASGDState(NamedTuple):
     r"""The state of :func:`asgd`: the step count (an int32 scalar) and the running average
     of the parameters, a pytree shaped like them (torch's name). The step's
-    :math:`\eta` and :math:`\mu`, which torch keeps per parameter, follow from the count.
-
-    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
-    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
-    state array's block scales (see :func:`adam`); None otherwise."""
+    :math:`\eta` and :math:`\mu`, which torch keeps per parameter, follow from the count."""
     count: Any
     ax: Any
     master_param: Any = None
@@ -3105,6 +3080,7 @@ def asgd(learning_rate=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0, *
 
 
 
+@_low_precision_fields
 class ScheduleFreeState(NamedTuple):
     r"""The state of :func:`schedule_free_adamw` and :func:`schedule_free_sgd`: the step
     count (an int32 scalar); the weight of :math:`z` in the evaluation point,
@@ -3114,11 +3090,7 @@ class ScheduleFreeState(NamedTuple):
     ``jax_enable_x64``, as the reference's Python floats; in float32 the sum, added once a
     step, loses accuracy over very long runs, as optax's does); the base sequence
     :math:`z` (a copy of the parameters made by ``init``) and, for AdamW, the second
-    moment, pytrees shaped like the parameters (the array API's names).
-
-    The last two fields: ``master_param``, with ``master_weights`` the float32 copies of
-    bfloat16 / float16 parameters; ``absmax``, with ``state_dtype="int8"`` a dict of each
-    state array's block scales (see :func:`adam`); None otherwise."""
+    moment, pytrees shaped like the parameters (the array API's names)."""
     count: Any
     eval_weight: Any
     lr_max: Any
