@@ -268,15 +268,17 @@ RULES = (
          (Kernel("lion", LION_ARGS, ("exp_avg",)),),
          _scalars.lion_scalars, "optax.lion", dict(lr=1e-4), state_scalars=(),
          cautious=(_caution("lion", LION_ARGS, ("exp_avg",), ("exp_avg",)),)),
-    # update pass (p, g, m, v read; m, v, u written), norms of p and u, apply (p, u; p)
+    # update pass (p, g, m, v read; m, v, u written; the norms of p and u summed in it),
+    # apply (p, u read; p written)
     Rule("Lamb", "fastopt.optim.lamb", "lamb_step", _ADAM_MOMENTS,
          (Kernel("lamb_update", LAMB_ARGS, _ADAM_MOMENTS), PASS_KERNELS[2]),
-         _scalars.lamb_scalars, "optax.lamb", dict(lr=1e-3), driver="lamb", traffic=12),
-    # norm of p, factor sums (g), update pass (g; u), norm of u, apply (p, u; p)
+         _scalars.lamb_scalars, "optax.lamb", dict(lr=1e-3), driver="lamb", traffic=10),
+    # factor sums (g), update pass (p, g read, u written; the norms of p and u summed in
+    # it), apply (p, u read; p written)
     Rule("Adafactor", "fastopt.optim.adafactor", "adafactor_step",
          ("row_var", "col_var", "variance"), PASS_KERNELS,
          _scalars.adafactor_scalars, "torch.optim.Adafactor", dict(lr=1e-2),
-         driver="adafactor", traffic=8, matrix=True),
+         driver="adafactor", traffic=7, matrix=True),
     Rule("Rprop", "fastopt.optim.rprop", "rprop_step", ("prev", "step_size"),
          (Kernel("rprop", RPROP_ARGS, ("prev", "step_size")),),
          _scalars.rprop_scalars, "torch.optim.Rprop", dict(lr=1e-2)),
@@ -313,8 +315,8 @@ RULES = (
          (Kernel("muon_momentum", MUON_ARGS, ("momentum_buffer",)), PASS_KERNELS[2]),
          _scalars.muon_scalars, "reference_impls.Muon", dict(lr=1e-3), driver="muon",
          traffic=8, matrix=True),
-    # update pass (p, g, s, p0, m, v read; s, m, v and the dot's terms written), the sums
-    # of the terms and of |s| over every tensor, apply pass (p, m, v read; p written)
+    # update pass (p, g, s, p0, m, v read; s, m, v written; the dot's terms and |s| summed
+    # in it, the terms not stored), apply pass (p, m, v read; p written)
     Rule("Prodigy", "fastopt.optim.prodigy", "prodigy_step",
          ("s", "p0") + _ADAM_MOMENTS,
          (Kernel("prodigy_update", PRODIGY_ARGS, ("s", "p0") + _ADAM_MOMENTS),
@@ -322,7 +324,7 @@ RULES = (
           Kernel("prodigy_apply", PRODIGY_ARGS, _ADAM_MOMENTS),
           Kernel("prodigy_apply_nom", PRODIGY_ARGS, ("exp_avg_sq",))),
          _scalars.prodigy_scalars, "prodigyopt.Prodigy", dict(lr=1.0), driver="prodigy",
-         traffic=16),
+         traffic=13),
 )
 
 # the state arrays that can be negative: 8-bit state (state_dtype="int8") keeps them with the

@@ -311,10 +311,15 @@ def tensor_sums(partials, sizes, chunk):
     """Per-tensor sums from norm_partials' per-chunk partials (of the kinds that sum: 1, 2,
     3; tensors in order, ceil(size / chunk) chunks each), each added left to right: the
     same on every backend."""
-    counts = [-(-size // chunk) for size in sizes]
-    ends = np.cumsum(counts)
-    return [float(np.cumsum(partials[end - count:end])[-1]) if count else 0.0
-            for end, count in zip(ends, counts)]
+    partials = np.asarray(partials, np.float64)
+    counts = -(-np.asarray(sizes, np.int64) // chunk)
+    starts = np.cumsum(counts) - counts
+    totals = np.zeros(len(counts))
+    # the tensors of each chunk count at once: a row each, added left to right (cumsum)
+    for count in np.unique(counts[counts > 0]):
+        rows = np.flatnonzero(counts == count)
+        totals[rows] = np.cumsum(partials[starts[rows, None] + np.arange(count)], axis=1)[:, -1]
+    return totals.tolist()
 
 
 def caution_factors(counts, sizes, dtype):

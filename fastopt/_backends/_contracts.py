@@ -41,6 +41,14 @@ class Compiled(Protocol):
     # a cautious count kernel's K, summed in its pass (none: K is written to scratch arrays
     # and summed with norm_partials, fastopt._backends._steps.cautious_step)
 
+    # optional: pass_sums(kernel, operands, record, n_threads, sums, masks=None, n_aux=0,
+    # discard=False) -> float64 (chunks, len(sums)): elementwise()'s pass (no formats or
+    # EMA) that also returns, per (operand, kind) of `sums`, the norm_partials of that
+    # element operand as the pass leaves it, summed while each chunk is in cache; with
+    # `discard` (no auxiliaries), operand 1 is scratch whose sum is its one use, which the
+    # backend need not store (its values after the pass are unspecified). None: a
+    # norm_partials pass each (fastopt._backends._twopass.pass_sums)
+
     def norm_partials(self, arrays, kind, *, n_threads):
         """fastopt/reduce.h's partial norms, one float64 per FO_CHUNK chunk, on the host."""
 

@@ -5,7 +5,8 @@ A backend here is a Compiled module (fastopt._backends._contracts): each pass ru
 fastopt._backends._steps.run_pass, Adafactor's factors pass through its ``factors`` over the
 work of ``factor_work(shape)``. The per-tensor scalars (norms, trust ratios, step factors)
 are computed on the host from the norm partials, in the order fastopt._scalars fixes, so
-every backend gets the same.
+every backend gets the same; a pass whose operands are then summed (``pass_sums``) sums
+them chunk by chunk while in cache where the backend can, else in passes of their own.
 """
 
 import numpy as np
@@ -16,13 +17,30 @@ from fastopt._backends._contracts import Compiled
 from fastopt._backends._layout import CHUNK, COLS
 
 
-def _norms(backend: Compiled, params, updates, n_threads):
-    """Per-tensor 2-norms of the parameters and of the updates, in one reduction call (the
-    parameters are not written before the apply pass)."""
-    arrays = params + updates
-    norms = _scalars.tensor_norms(backend.norm_partials(arrays, 2, n_threads=n_threads),
-                                  [a.size for a in arrays], CHUNK)
-    return norms[:len(params)], norms[len(params):]
+def pass_sums(backend: Compiled, kernel, operands, scalars, n_threads, masks, sums, n_aux=0,
+              discard=False):
+    """A pass of `kernel` (_steps.run_pass), then for each (operand, kind) of `sums` the
+    per-tensor sums (norm_partials' order, then fastopt._scalars.tensor_sums) of that
+    operand as the pass leaves it: summed inside the pass, each chunk while it is in cache,
+    where the backend can (its pass_sums; with masks, where it zeroes pruned entries in the
+    pass), else by a reduction pass each. With `discard`, a backend that sums in the pass
+    does not store operand 1, whose sum is its one use."""
+    if hasattr(backend, "pass_sums") and (masks is None or backend.MASKS_IN_KERNELS):
+        record = _rules.ALL_KERNELS[kernel].args.record(operands[0][0].dtype, scalars)
+        partials = backend.pass_sums(kernel, operands, record, n_threads, sums, masks=masks,
+                                     n_aux=n_aux, discard=discard)
+        partials = [partials[:, j] for j in range(len(sums))]
+    else:
+        _steps.run_pass(backend, kernel, operands, scalars, n_threads, masks, n_aux)
+        partials = [backend.norm_partials(operands[op], kind, n_threads=n_threads)
+                    for op, kind in sums]
+    sizes = [p.size for p in operands[0]]
+    return [_scalars.tensor_sums(part, sizes, CHUNK) for part in partials]
+
+
+def _roots(squares):
+    """The 2-norms of each list of per-tensor sums of squares."""
+    return [[total ** 0.5 for total in sums] for sums in squares]
 
 
 def _apply(backend, params, out, updates, factors, scalars, n_threads, masks):
@@ -35,10 +53,10 @@ def _apply(backend, params, out, updates, factors, scalars, n_threads, masks):
 def lamb_step(backend: Compiled, params, out, grads, exp_avgs, exp_avg_sqs, updates, *, n_threads,
               masks=None, **hyper):
     update, apply = _scalars.lamb_scalars(params[0].dtype, **hyper)
-    _steps.run_pass(backend, "lamb_update", (params, updates, grads, exp_avgs, exp_avg_sqs),
-                    update, n_threads, masks)
-    ratios = _scalars.lamb_trust_ratios(*_norms(backend, params, updates, n_threads),
-                                        params[0].dtype)
+    # ||p|| and ||u|| summed in the update pass (p is not written before the apply pass)
+    squares = pass_sums(backend, "lamb_update", (params, updates, grads, exp_avgs, exp_avg_sqs),
+                        update, n_threads, masks, ((0, 2), (1, 2)))
+    ratios = _scalars.lamb_trust_ratios(*_roots(squares), params[0].dtype)
     _apply(backend, params, out, updates, ratios, apply, n_threads, masks)
 
 
@@ -67,13 +85,10 @@ def prodigy_step(backend: Compiled, params, out, grads, s, p0, m, v, terms, *, p
     nom = "" if m is not None else "_nom"
     moments = (m, v) if m is not None else (v,)
     if phase == "update":
-        _steps.run_pass(backend, "prodigy_update" + nom, (params, terms, grads, s, p0) + moments,
-                        update, n_threads, masks)
-        sizes = [p.size for p in params]
-        return (_scalars.tensor_sums(backend.norm_partials(terms, 3, n_threads=n_threads),
-                                     sizes, CHUNK),
-                _scalars.tensor_sums(backend.norm_partials(s, 1, n_threads=n_threads),
-                                     sizes, CHUNK))
+        # the terms are summed where they are written, and then not kept where they can be
+        return tuple(pass_sums(backend, "prodigy_update" + nom,
+                               (params, terms, grads, s, p0) + moments, update, n_threads,
+                               masks, ((1, 3), (3, 1)), discard=True))
     _steps.run_pass(backend, "prodigy_apply" + nom, (params, out, grads) + moments, apply,
                     n_threads, masks)
     return None
@@ -100,6 +115,18 @@ def adafactor_step(backend: Compiled, params, out, grads, row_vars, col_vars, va
     update, apply = _scalars.adafactor_scalars(dtype, step=step, lr=lr, **hyper)
     factored = [i for i, p in enumerate(params) if p.ndim > 1 and p.size]
     vectors = [i for i, p in enumerate(params) if p.ndim <= 1 and p.size]
+    # per tensor, the sums of p^2 and of u^2, taken in the update passes (||p|| before
+    # weight decay, as torch: decay happens in the apply pass)
+    squares = [[0.0] * len(params), [0.0] * len(params)]
+
+    def update_pass(kernel, picked, operands, n_aux=0):
+        sums = pass_sums(backend, kernel, operands, update, n_threads,
+                         None if masks is None else [masks[i] for i in picked],
+                         ((0, 2), (1, 2)), n_aux=n_aux)
+        for total, tensor_sums in zip(squares, sums):
+            for i, value in zip(picked, tensor_sums):
+                total[i] = value
+
     if factored:
         def pick(arrays):
             return [arrays[i] for i in factored]
@@ -112,18 +139,14 @@ def adafactor_step(backend: Compiled, params, out, grads, row_vars, col_vars, va
         rowparts = backend.device([np.empty(b * r * -(-c // COLS)) for b, r, c in shape], like)
         backend.factors(pick(grads), rows, cols, rmeans, rowparts, shape, *factor_work(shape),
                         _rules.ADAFACTOR_ARGS.record(dtype, update), n_threads)
-        _steps.run_pass(backend, "adafactor_factored",
-                        (pick(params), pick(updates), pick(grads), rows, cols, rmeans,
-                         backend.device([row[1:] for row in shape], like)),
-                        update, n_threads, None if masks is None else pick(masks), n_aux=4)
+        update_pass("adafactor_factored", factored,
+                    (pick(params), pick(updates), pick(grads), rows, cols, rmeans,
+                     backend.device([row[1:] for row in shape], like)), n_aux=4)
     if vectors:
         def pick(arrays):
             return [arrays[i] for i in vectors]
-        _steps.run_pass(backend, "adafactor_vector",
-                        (pick(params), pick(updates), pick(grads), pick(variances)), update,
-                        n_threads, None if masks is None else pick(masks))
-    # ||p|| is taken before weight decay (as torch): decay happens in the apply pass
+        update_pass("adafactor_vector", vectors,
+                    (pick(params), pick(updates), pick(grads), pick(variances)))
     coefficients = _scalars.adafactor_coefficients(
-        *_norms(backend, params, updates, n_threads), [p.size for p in params], dtype,
-        step=step, lr=lr, eps2=eps2, d=d)
+        *_roots(squares), [p.size for p in params], dtype, step=step, lr=lr, eps2=eps2, d=d)
     _apply(backend, params, out, updates, coefficients, apply, n_threads, masks)

@@ -136,6 +136,101 @@ def step(str kernel, tuple operands, bint f64, cnp.ndarray args, int n_threads,
         NULL if e == NULL else cnp.PyArray_DATA(ema_args))
 
 
+# step_sums: the most partials per chunk, and operands with `discard`
+DEF MAX_SUMS = 4
+DEF MAX_OPS = 16
+
+from cython.parallel cimport threadid
+
+
+cdef void _sums_chunk(const Plan *pl, fo_chunk_fn fn, const void *args, Py_ssize_t c,
+                      char *scratch, const int *ops, const int *kinds, int n_sums,
+                      bint f64, double *out) noexcept nogil:
+    """Chunk c of step_sums: plan_chunk, with operand 1 in `scratch` when it is not NULL
+    (the pointers shifted to the chunk), then the partial of each summed operand."""
+    cdef char **ptr = pl.ptr + pl.chunk[3 * c] * pl.n_ops
+    cdef Py_ssize_t lo = pl.chunk[3 * c + 1], n = pl.chunk[3 * c + 2], op
+    cdef char *local[MAX_OPS]
+    cdef int j
+    if scratch != NULL:
+        for op in range(pl.n_ops):
+            local[op] = ptr[op] + lo * (1 if op >= pl.n_ops - pl.n_mask else pl.itemsize)
+        local[1] = scratch
+        ptr = local
+        lo = 0
+    plan_chunk_at(pl, fn, args, ptr, lo, n)
+    for j in range(n_sums):
+        if f64:
+            out[j] = fo_norm_chunk_f64(<double *>ptr[ops[j]] + lo, n, kinds[j])
+        else:
+            out[j] = fo_norm_chunk_f32(<float *>ptr[ops[j]] + lo, n, kinds[j])
+
+
+def step_sums(str kernel, tuple operands, bint f64, cnp.ndarray args, int n_threads,
+              tuple sums, bint discard=False, Py_ssize_t n_aux=0, Py_ssize_t n_mask=0):
+    """step() of `kernel` (no EMA) that also sums some of its operands as
+    each chunk leaves them, while the chunk is in cache: `sums` holds (operand, kind)
+    pairs, and the result, float64 of shape (chunks, len(sums)), the partials that
+    norm_partials (fastopt/reduce.h's fixed order, kind 0 to 3) gives of those operands
+    after the pass, pruned entries zeroed. With `discard`, the written operand 1 is not
+    stored: each thread writes its chunks into a scratch chunk of its own, summed there
+    (operand 1's arrays are not touched; pass any of the right sizes; not with auxiliaries,
+    which chunk functions may index by the chunk's position)."""
+    import numpy as np
+    cdef const fo_cpu_kernel *k
+    cdef Plan pl
+    cdef int n_sums = len(sums), j
+    cdef int ops[MAX_SUMS]
+    cdef int kinds[MAX_SUMS]
+    cdef Py_ssize_t c, itemsize = 8 if f64 else 4
+    cdef fo_chunk_fn fn
+    cdef const void *a
+    cdef char *scratch = NULL
+    cdef cnp.ndarray out
+    cdef double *o
+    if not cnp.PyArray_IS_C_CONTIGUOUS(args):
+        raise ValueError("args: expected a C-contiguous array")
+    k = _kernel(kernel, len(operands) - n_mask)
+    if not 1 <= n_sums <= MAX_SUMS:
+        raise ValueError(f"sums: expected 1 to {MAX_SUMS} (operand, kind) pairs, got {n_sums}")
+    if discard and (len(operands) > MAX_OPS or n_aux):
+        raise ValueError(f"discard: at most {MAX_OPS} operands, no auxiliaries")
+    for j, (op, kind) in enumerate(sums):
+        if not 0 <= op < len(operands) - n_mask - n_aux or not 0 <= kind <= 3:
+            raise ValueError(f"sums[{j}]: expected (one of the kernel's "
+                             f"{len(operands) - n_mask - n_aux} element operands, a kind 0 to "
+                             f"3), got {(op, kind)}")
+        ops[j] = op
+        kinds[j] = kind
+    fn = k.f64 if f64 else k.f32
+    a = cnp.PyArray_DATA(args)
+    plan_init(&pl, operands, itemsize, n_aux, n_mask)
+    try:
+        out = np.empty((pl.n_chunks, n_sums), np.float64)
+        o = <double *>cnp.PyArray_DATA(out)
+        n_threads = max(plan_threads(&pl, n_threads), 1)
+        if pl.n_chunks == 1:
+            n_threads = 1
+        if discard:
+            scratch = <char *>PyMem_Malloc(n_threads * CHUNK * itemsize)
+            if scratch == NULL:
+                raise MemoryError()
+        with nogil:
+            if n_threads == 1:
+                for c in range(pl.n_chunks):
+                    _sums_chunk(&pl, fn, a, c, scratch, ops, kinds, n_sums, f64,
+                                o + c * n_sums)
+            else:
+                for c in prange(pl.n_chunks, num_threads=n_threads, schedule='static'):
+                    _sums_chunk(&pl, fn, a, c,
+                                scratch + threadid() * CHUNK * itemsize if discard else NULL,
+                                ops, kinds, n_sums, f64, o + c * n_sums)
+    finally:
+        PyMem_Free(scratch)
+        plan_free(&pl)
+    return out
+
+
 cdef extern from "format_loops.h" nogil:
     enum: FORMAT_OPS "FO_FORMAT_OPS"
     enum: _Q8_BLOCK "FO_Q8_BLOCK"

@@ -133,15 +133,15 @@ cdef void plan_free(Plan *pl) noexcept:
     pl.chunk = NULL
 
 
-cdef inline void plan_chunk(const Plan *pl, fo_chunk_fn fn, const void *args,
-                            Py_ssize_t c) noexcept nogil:
-    """Chunk c; with a mask operand (an optimizer step with pruning masks), the entries it
-    prunes are then zeroed in the written parameter and the state, still in cache; with an
-    EMA operand, the average then moves toward the written parameter (pl.ema_fn over
-    (average, average, parameter)), its pruned entries zeroed too: the same values as a
-    pass of the EMA after the step, without reading the parameter from memory again."""
-    cdef char **ptr = pl.ptr + pl.chunk[3 * c] * pl.n_ops
-    cdef Py_ssize_t lo = pl.chunk[3 * c + 1], n = pl.chunk[3 * c + 2]
+cdef inline void plan_chunk_at(const Plan *pl, fo_chunk_fn fn, const void *args, char **ptr,
+                               Py_ssize_t lo, Py_ssize_t n) noexcept nogil:
+    """Elements lo .. lo + n - 1 of the tensor whose operand pointers are `ptr` (the plan's,
+    or a copy of them shifted to the chunk, lo 0: see _optim.step_sums); with a mask operand
+    (an optimizer step with pruning masks), the entries it prunes are then zeroed in the
+    written parameter and the state, still in cache; with an EMA operand, the average then
+    moves toward the written parameter (pl.ema_fn over (average, average, parameter)), its
+    pruned entries zeroed too: the same values as a pass of the EMA after the step, without
+    reading the parameter from memory again."""
     cdef char *ema[3]
     cdef const unsigned char *mask = NULL
     fn(ptr, lo, n, args)
@@ -155,6 +155,13 @@ cdef inline void plan_chunk(const Plan *pl, fo_chunk_fn fn, const void *args,
         pl.ema_fn(ema, lo, n, pl.ema_args)
         if pl.n_mask:
             fo_cpu_mask_chunk(ema, lo, n, pl.itemsize, 0, mask)
+
+
+cdef inline void plan_chunk(const Plan *pl, fo_chunk_fn fn, const void *args,
+                            Py_ssize_t c) noexcept nogil:
+    """Chunk c of the plan (plan_chunk_at)."""
+    plan_chunk_at(pl, fn, args, pl.ptr + pl.chunk[3 * c] * pl.n_ops, pl.chunk[3 * c + 1],
+                  pl.chunk[3 * c + 2])
 
 
 cdef inline int plan_threads(const Plan *pl, int n_threads) noexcept nogil:

@@ -19,10 +19,12 @@ from fastopt._backends._cython.optim import (
                                              elementwise,
                                              factors,
                                              norm_partials,
+                                             pass_sums,
 )
 
 magnitude_masks = functools.partial(_select.magnitude_masks, compress)
 
 __all__ = ["FORMATS", "FUSES_EMA", "KERNELS", "MASKS_IN_KERNELS", "caution_counts", "device",
-           "elementwise", "factors", "norm_partials", "random_fill", "weight_norm_sums",
-           "weight_norm_apply", "magnitude_masks", "nm_masks", "quant_loop", "kd_rows"]
+           "elementwise", "factors", "norm_partials", "pass_sums", "random_fill",
+           "weight_norm_sums", "weight_norm_apply", "magnitude_masks", "nm_masks", "quant_loop",
+           "kd_rows"]

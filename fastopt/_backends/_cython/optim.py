@@ -53,6 +53,15 @@ def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0, format
                 masks is not None, None if ema is None else ema[1])
 
 
+def pass_sums(kernel, operands, record, n_threads, sums, masks=None, n_aux=0, discard=False):
+    """elementwise()'s pass that also sums operands as each chunk leaves it, in cache (see
+    fastopt._backends._contracts.Compiled)."""
+    if masks is not None:
+        operands += (masks,)
+    return _optim.step_sums(kernel, operands, operands[0][0].dtype == np.float64, record,
+                            n_threads, tuple(sums), discard, n_aux, masks is not None)
+
+
 def caution_counts(kernel, operands, record, n_threads):
     """Per tensor, how many elements the cautious count kernel `kernel` finds agreeing,
     counted in its pass (kernels/cpu/optim_loops.h): no K written, nor read back."""

@@ -20,6 +20,7 @@ from fastopt._backends._numba.optim import (
                                             elementwise,
                                             factors,
                                             norm_partials,
+                                            pass_sums,
 )
 
 magnitude_masks = functools.partial(_select.magnitude_masks, compress)
@@ -30,5 +31,6 @@ numba.get_num_threads()
 _config.keep_openmp_unnested()
 
 __all__ = ["FORMATS", "KERNELS", "MASKS_IN_KERNELS", "caution_counts", "device",
-           "elementwise", "factors", "norm_partials", "random_fill", "weight_norm_sums",
-           "weight_norm_apply", "magnitude_masks", "nm_masks", "quant_loop", "kd_rows"]
+           "elementwise", "factors", "norm_partials", "pass_sums", "random_fill",
+           "weight_norm_sums", "weight_norm_apply", "magnitude_masks", "nm_masks", "quant_loop",
+           "kd_rows"]

@@ -1096,40 +1096,58 @@ def _norm_term(g, kind):
 # sixteen locals (the source is generated, once per norm kind) and SLP is on while the
 # kernel compiles (Numba leaves it off: numba.core.config.SLP_VECTORIZE). 10M float32 on
 # one thread, AMD EPYC: 3.0 ms scalar, 1.1 ms with SLP (the C loop's speed).
+_LANES = """
+def _lanes_{kind}(g):
+    n = g.shape[0]
+    {zero}
+    full = n - n % {lanes}
+    for i in range(0, full, {lanes}):
+        b = g[i:i + {lanes}]
+        {body}
+    rest = n - full
+    {tail}
+    s = l0
+    {total}
+    return s
+"""
+
+
+def _lanes(kind):
+    """The partial of kind 0 (inf), 1, 2 or 3 (the signed sum) of a 1-D array (a chunk),
+    from _LANES: a function of its own, called per chunk by the passes that sum (inlined,
+    it made each of them take ~20 s to compile)."""
+    lanes = range(LANES)
+    acc = f"l{{j}} = _norm_acc(l{{j}}, _norm_term({{g}}[{{at}}], {kind}), {kind})"
+    source = _LANES.format(
+        kind=kind, lanes=LANES,
+        zero="; ".join(f"l{j} = 0.0" for j in lanes),
+        body="\n        ".join(acc.format(j=j, g="b", at=j) for j in lanes),
+        tail="\n    ".join(f"if rest > {j}:\n        "
+                             + acc.format(j=j, g="g", at=f"full + {j}") for j in lanes),
+        total="\n    ".join(f"s = _norm_acc(s, l{j}, {kind})" for j in lanes[1:]))
+    namespace = {"__name__": __name__, "_norm_acc": _norm_acc, "_norm_term": _norm_term}
+    exec(compile(source, __file__, "exec"), namespace)
+    return njit(**_JIT)(namespace[f"_lanes_{kind}"])
+
+
+_LANE_SUMS = {kind: _lanes(kind) for kind in (0, 1, 2, 3)}
+
+
 _NORM = """
 def _norm_partials_{kind}(ptrs, chunks, like):
     out = np.empty(chunks.shape[0], np.float64)
     for c in prange(chunks.shape[0]):
         t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        g = _view(ptrs, t, 0, lo, n, like)
-        {zero}
-        full = n - n % {lanes}
-        for i in range(0, full, {lanes}):
-            b = g[i:i + {lanes}]
-            {body}
-        rest = n - full
-        {tail}
-        s = l0
-        {total}
-        out[c] = s
+        out[c] = lanes(_view(ptrs, t, 0, lo, n, like))
     return out
 """
 
 
 def _norm_kernel(kind):
-    """The norm pass of kind 0 (inf), 1, 2 or 3 (the signed sum), from _NORM."""
-    lanes = range(LANES)
-    acc = f"l{{j}} = _norm_acc(l{{j}}, _norm_term({{g}}[{{at}}], {kind}), {kind})"
-    source = _NORM.format(
-        kind=kind, lanes=LANES,
-        zero="; ".join(f"l{j} = 0.0" for j in lanes),
-        body="\n            ".join(acc.format(j=j, g="b", at=j) for j in lanes),
-        tail="\n        ".join(f"if rest > {j}:\n            "
-                               + acc.format(j=j, g="g", at=f"full + {j}") for j in lanes),
-        total="\n        ".join(f"s = _norm_acc(s, l{j}, {kind})" for j in lanes[1:]))
+    """The norm pass of kind `kind`: each chunk's partial (_lanes), from _NORM."""
     namespace = {"__name__": __name__, "np": np, "prange": prange, "_view": _view,
-                 "_norm_acc": _norm_acc, "_norm_term": _norm_term}
-    exec(compile(source, __file__, "exec"), namespace)
+                 "lanes": _LANE_SUMS[kind]}
+    exec(compile(_NORM.format(kind=kind), __file__, "exec"), namespace)
     return njit(parallel=True, **_JIT)(namespace[f"_norm_partials_{kind}"])
 
 
@@ -1152,6 +1170,68 @@ def norm_partials(grads, kind, *, n_threads):
     dtype, ptrs, chunks = _setup((grads,), n_threads)
     with _slp_vectorized():  # for the call that compiles it
         return _NORM_KERNELS[kind](ptrs, chunks, np.empty(0, dtype))
+
+
+_SUMS_DRIVER = """
+def {name}(ptrs, chunks, rec, like, out, discard):
+    one = _one(like)
+    for c in prange(chunks.shape[0]):
+        t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+        p, g = _view(ptrs, t, 0, lo, n, like), _view(ptrs, t, 2, lo, n, like)
+        {views}
+        if discard:
+            w = np.empty(n, like.dtype)
+            for i in range(n):
+                w[i] = element(p[i], g[i], {states}i, rec[0], one)
+        elif ptrs[t, 0] == ptrs[t, 1]:
+            w = p
+            for i in range(n):
+                p[i] = element(p[i], g[i], {states}i, rec[0], one)
+        else:
+            w = _view(ptrs, t, 1, lo, n, like)
+            for i in range(n):
+                w[i] = element(p[i], g[i], {states}i, rec[0], one)
+        {sums}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _sums_driver(name, sums):
+    """The parallel driver of elementwise kernel `name` (not a cautious step) that also
+    sums operands as each chunk leaves it: `sums`, (operand, kind) pairs, into out[c, j]
+    (_lanes); with `discard`, operand 1 goes to a scratch chunk."""
+    n = len(_rules.ALL_KERNELS[name].state)
+    operand = ["p", "w", "g"] + [f"s{k}" for k in range(1, n + 1)]
+    namespace = {"__name__": __name__, "np": np, "prange": prange, "_view": _view,
+                 "_one": _one, "element": _ELEMENTS[name],
+                 **{f"lanes_{kind}": _LANE_SUMS[kind] for _, kind in sums}}
+    tag = "_".join(f"{op}{kind}" for op, kind in sums)
+    source = _SUMS_DRIVER.format(
+        name=f"_sum_{name}_{tag}",
+        views="; ".join(f"s{k} = _view(ptrs, t, {k + 2}, lo, n, like)" for k in range(1, n + 1)),
+        states="".join(f"s{k}, " for k in range(1, n + 1)),
+        sums="\n        ".join(f"out[c, {j}] = lanes_{kind}({operand[op]})"
+                                for j, (op, kind) in enumerate(sums)))
+    exec(compile(source, __file__, "exec"), namespace)
+    return njit(parallel=True, **_JIT)(namespace[f"_sum_{name}_{tag}"])
+
+
+def pass_sums(kernel, operands, record, n_threads, sums, masks=None, n_aux=0, discard=False):
+    """elementwise()'s pass that also sums operands as each chunk leaves it (see
+    fastopt._backends._contracts.Compiled): in the pass for the kernels of the generic
+    driver, after it (norm_partials) for this backend's own passes (_PASSES)."""
+    if masks is not None:
+        raise ValueError("pass_sums: pruning masks are zeroed after the pass on this backend")
+    sums = tuple((int(op), int(kind)) for op, kind in sums)
+    if kernel in _PASSES:
+        elementwise(kernel, operands, record, n_threads, n_aux=n_aux)
+        return np.stack([norm_partials(operands[op], kind, n_threads=n_threads)
+                         for op, kind in sums], axis=1)
+    dtype, ptrs, chunks = _setup(operands, n_threads, n_aux)
+    out = np.empty((chunks.shape[0], len(sums)), np.float64)
+    with _slp_vectorized():  # for the call that compiles it (the lanes, as norm_partials')
+        _sums_driver(kernel, sums)(ptrs, chunks, record, np.empty(0, dtype), out, discard)
+    return out
 
 
 # -- the passes of the multi-pass rules (fastopt._backends._twopass)
