@@ -22,6 +22,7 @@ from fastopt._backends import _formats
 from fastopt._cpu import _xla
 
 TARGET = _xla.ELEMENTWISE  # "fastopt_elementwise_v1"
+FACTORED = _xla.FACTORED   # "fastopt_factored_v1": optax's Adafactor passes
 KERNELS = _xla.KERNELS     # {kernel name: number of state operands (a factor included)}
 COUNTS = _xla.COUNTS       # the same of the cautious count kernels
 
@@ -206,6 +207,68 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
     if scales is not None:
         new += ([list(out[(t + 1) * step - n_q:(t + 1) * step]) for t in range(n)],)
     return new
+
+
+def factored(phase, scalars, params, grads, firsts, seconds, infos, n_threads, coefs=None,
+             moments=None, decay=False, delta=False):
+    """One phase of optax's Adafactor over many tensors (kernels/cpu/xla_factored.h, which
+    documents the phases and the operands), as one XLA custom call.
+
+    `scalars` (clip, gscale, decay, 1 - decay, eps) and `coefs` ((n, 6), phase 2) are arrays
+    of the parameters' dtype; `infos` per tensor an int32 array (B, R, C, mode); `firsts`
+    and `seconds` per tensor the statistics of its first and second factored dimension, or
+    its second moment and an empty array (a vector). Phase 0 takes no `params` (None) and
+    returns (firsts, seconds) updated; phase 1 returns (firsts, means), the vectors' second
+    moments updated and the (n, 2) means of u u and p p; phase 2 returns (the new params,
+    or with `delta` optax's updates, and the new `moments`, or None). The statistics, the
+    moments and the params (without `delta`; with it, the updates take the gradients'
+    buffers) are aliased to their results."""
+    import jax
+
+    n = len(grads)
+    dtype = scalars.dtype
+    if n == 0:
+        return ([], []) if phase == 0 else ([], jax.numpy.zeros((0, 2), dtype)) \
+            if phase == 1 else ([], None if moments is None else [])
+    register()
+    first = [scalars] + ([coefs] if phase == 2 else [])
+    operands, results, aliases = list(first), [], {}
+    for t in range(n):
+        if phase:
+            if phase == 2:
+                at = len(operands) + (1 if delta else 0)  # the gradient's, with delta
+                aliases[at] = len(results)
+            # phase 1 writes a vector's second moment (a), a factored tensor's a not
+            elif seconds[t].size == 0:
+                aliases[len(operands) + 2] = len(results)
+            results.append(jax.ShapeDtypeStruct(params[t].shape, dtype) if phase == 2
+                           else jax.ShapeDtypeStruct(firsts[t].shape, dtype))
+            operands.append(params[t])
+        else:
+            aliases[len(operands) + 1] = len(results)
+            aliases[len(operands) + 2] = len(results) + 1
+            results += [jax.ShapeDtypeStruct(firsts[t].shape, dtype),
+                        jax.ShapeDtypeStruct(seconds[t].shape, dtype)]
+        operands += [grads[t], firsts[t], seconds[t], infos[t]]
+        if phase == 2 and moments is not None:
+            aliases[len(operands)] = len(results)
+            results.append(jax.ShapeDtypeStruct(moments[t].shape, dtype))
+            operands.append(moments[t])
+    if phase == 1:
+        results.append(jax.ShapeDtypeStruct((n, 2), dtype))
+    extra = dict(momentum=np.int64(moments is not None), decay=np.int64(bool(decay)),
+                 delta=np.int64(bool(delta))) if phase == 2 else {}
+    out = jax.ffi.ffi_call(FACTORED, results, input_output_aliases=aliases,
+                           vmap_method="sequential")(
+        *operands, phase=np.int64(phase), n_tensors=np.int64(n),
+        n_threads=np.int64(_threads(n_threads)), **extra)
+    if phase == 0:
+        return [out[2 * t] for t in range(n)], [out[2 * t + 1] for t in range(n)]
+    if phase == 1:
+        return list(out[:n]), out[n]
+    step = 2 if moments is not None else 1
+    return ([out[step * t] for t in range(n)],
+            [out[step * t + 1] for t in range(n)] if moments is not None else None)
 
 
 def caution_counts(kernel, record, params, grads, states, n_threads, formats=None,

@@ -12,8 +12,8 @@ array([-0.1,  0.1], dtype=float32)
 Each factory (:func:`adam`, :func:`adamw`, :func:`nadam`, :func:`nadamw`, :func:`sgd`,
 :func:`lion`, :func:`adamax`, :func:`radam`, :func:`adadelta`, :func:`adagrad`,
 :func:`rmsprop`, :func:`adopt`, :func:`ademamix`, :func:`adan`, :func:`rprop`,
-:func:`asgd`, :func:`lamb`, :func:`muon`, :func:`prodigy`, :func:`schedule_free_adamw`,
-:func:`schedule_free_sgd`) takes
+:func:`asgd`, :func:`lamb`, :func:`muon`, :func:`prodigy`, :func:`adafactor`,
+:func:`schedule_free_adamw`, :func:`schedule_free_sgd`) takes
 optax's name, arguments and defaults (torch's where optax has no such rule) and returns a
 :class:`FusedTransformation`: an optax ``GradientTransformationExtraArgs`` (its ``init``
 and ``update`` work in ``optax.chain``, ``optax.MultiSteps`` and any optax training loop)
@@ -46,16 +46,18 @@ except ImportError as e:  # a clear message: fastopt.jax's objects are optax tra
 
 from fastopt import _jax_ffi, _rules, _scalars
 from fastopt._backends import _formats
-from fastopt._check import flag, real
+from fastopt._check import flag, integer, real
 from fastopt._config import check_threads, get_num_threads
 from fastopt.optim._base import ABSMAX, MASTER, _q8_code
 
 __all__ = ["adam", "adamw", "nadam", "nadamw", "sgd", "lion", "adamax", "radam", "adadelta",
            "adagrad", "rmsprop", "adopt", "ademamix", "adan", "rprop", "asgd", "lamb", "muon",
-           "prodigy", "schedule_free_adamw", "schedule_free_sgd", "schedule_free_eval_params",
+           "prodigy", "adafactor", "schedule_free_adamw", "schedule_free_sgd",
+           "schedule_free_eval_params",
            "FusedTransformation", "AdamState", "SGDState", "LionState", "AdamaxState",
            "AdadeltaState", "AdagradState", "RMSpropState", "AdEMAMixState", "AdanState",
-           "RpropState", "ASGDState", "MuonState", "ProdigyState", "ScheduleFreeState"]
+           "RpropState", "ASGDState", "MuonState", "ProdigyState", "AdafactorState",
+           "ScheduleFreeState"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _LOWP = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))  # computed in float32
@@ -246,7 +248,7 @@ class _Fused:
         self.carried = carried
         self.caution = caution  # a fastopt._rules.Caution: the cautious option; or None
         self.group = group  # the array API class and its group's hyperparameters
-        self.kernel = _rules.KERNELS[kernel]
+        self.kernel = _rules.ALL_KERNELS[kernel]
         self.state_cls = state_cls
         self.scalars = scalars  # (dtype, *, step, lr, grad_scale) -> the struct's fields
         self.learning_rate = learning_rate
@@ -1100,9 +1102,13 @@ def _learning_rate(value):
 
 
 def _weight_decay(value):
+    return _real("weight_decay", _no_schedule("weight_decay", value), lo=0.0)
+
+
+def _no_schedule(name, value):
     if callable(value):
-        raise TypeError("weight_decay: a schedule is not supported yet; pass a number")
-    return _real("weight_decay", value, lo=0.0)
+        raise TypeError(f"{name}: a schedule is not supported yet; pass a number")
+    return value
 
 
 def _unsupported(name, value, default, why):
@@ -2397,6 +2403,31 @@ def _newton_schulz(u, param, coefficients, steps, eps, ns_dtype):
     return (x.T if tall else x).astype(u.dtype)
 
 
+def _optional_leaves(tree, name, state_cls, paths, leaves, treedef, shapes, why):
+    """The leaves of state pytree `tree` (field `name` of a `state_cls`), checked: None
+    where shapes[i] is None (`why(param)` says why, in the error), else an array of that
+    shape and the parameter's dtype."""
+    try:
+        flat = treedef.flatten_up_to(tree)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: expected the tree structure of params with an array or "
+                         f"None at each leaf ({state_cls} from init): {e}") from None
+    out = []
+    for path, param, leaf, shape in zip(paths, leaves, flat, shapes):
+        if shape is None:
+            if leaf is not None:
+                raise ValueError(f"{name}{path}: expected None (params{path} {why(param)}), "
+                                 f"got an array")
+            out.append(None)
+            continue
+        leaf = _array(leaf, f"{name}{path}")
+        if tuple(leaf.shape) != tuple(shape) or leaf.dtype != param.dtype:
+            raise ValueError(f"{name}{path}: expected {param.dtype} of shape {tuple(shape)}, "
+                             f"got {leaf.dtype} {leaf.shape}")
+        out.append(leaf)
+    return out
+
+
 class _Muon(_Fused):
     """fastopt.jax.muon: the matrices through the momentum pass, Newton-Schulz (XLA's GEMMs)
     and scaled_apply; every other parameter through AdamW's kernel, in the same step."""
@@ -2429,27 +2460,10 @@ class _Muon(_Fused):
 
     def _arrays(self, tree, name, paths, leaves, treedef, wanted):
         """The state arrays `name` in leaf order: an array of its parameter's shape and
-        dtype where `wanted[i]`, None elsewhere."""
-        try:
-            flat = treedef.flatten_up_to(tree)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"state.{name}: expected the tree structure of params with an "
-                             f"array or None at each leaf (MuonState from init): {e}") from None
-        out = []
-        for path, param, leaf, want in zip(paths, leaves, flat, wanted):
-            if not want:
-                if leaf is not None:
-                    raise ValueError(f"state.{name}{path}: expected None (params{path} "
-                                     f"{'is' if param.ndim == 2 else 'is not'} a matrix), "
-                                     f"got an array")
-                out.append(None)
-                continue
-            leaf = _array(leaf, f"state.{name}{path}")
-            if leaf.shape != param.shape or leaf.dtype != param.dtype:
-                raise ValueError(f"state.{name}{path}: expected {param.dtype} of the shape of "
-                                 f"params{path}, {param.shape}, got {leaf.dtype} {leaf.shape}")
-            out.append(leaf)
-        return out
+        dtype where `wanted[i]`, None elsewhere (a matrix's or not)."""
+        return _optional_leaves(tree, f"state.{name}", "MuonState", paths, leaves, treedef,
+                                [p.shape if w else None for p, w in zip(leaves, wanted)],
+                                lambda p: "is a matrix" if p.ndim == 2 else "is not a matrix")
 
     def _apply(self, params, grads, state, grads_name, delta, masks):
         _, (paths, leaves, treedef), dtype = _params(params)
@@ -2916,6 +2930,346 @@ def prodigy(learning_rate=1.0, b1=0.9, b2=0.999, beta3=None, eps=1e-8, weight_de
 
 
 @_low_precision_fields
+class AdafactorState(NamedTuple):
+    """The state of :func:`adafactor`: the step count (an int32 scalar); optax's
+    second-moment statistics, ``v_row`` and ``v_col`` for a factored parameter (each shaped
+    as optax's: the parameter's shape without its largest, resp. its second largest,
+    factored dimension) and ``v`` for the others (the parameter's shape), None where a
+    parameter keeps none of that kind; and ``momentum`` (shaped like the parameters; None
+    without ``momentum``)."""
+    count: Any
+    v_row: Any
+    v_col: Any
+    v: Any
+    momentum: Any
+
+
+def _factored_dims(shape, factored, min_dim_size_to_factor):
+    """optax's choice: the parameter's second largest and largest dimensions (d1, d0), or
+    None (not factored)."""
+    if not factored or len(shape) < 2:
+        return None
+    order = np.argsort(shape, kind="stable")
+    if shape[order[-2]] < min_dim_size_to_factor:
+        return None
+    return int(order[-2]), int(order[-1])
+
+
+class _Layout(NamedTuple):
+    """A parameter as the factored handler sees it: `dims` optax's (d1, d0) or None;
+    `perm` the transpose that puts the two factored dimensions last in their order (None:
+    none needed); (B, R, C, mode) the handler's info."""
+    dims: Any
+    perm: Any
+    info: tuple
+
+
+def _layout(shape, factored, min_dim):
+    dims = _factored_dims(shape, factored, min_dim)
+    size = int(np.prod(shape, dtype=np.int64))
+    if dims is None:
+        return _Layout(None, None, (1, 1, size, 0))
+    d1, d0 = dims
+    lo, hi = min(dims), max(dims)
+    perm = [k for k in range(len(shape)) if k not in dims] + [lo, hi]
+    b = size // (shape[lo] * shape[hi]) if shape[lo] * shape[hi] else 0
+    return _Layout(dims, None if perm == list(range(len(shape))) else tuple(perm),
+                   (b, shape[lo], shape[hi], 1 if d1 == lo else 2))
+
+
+def _statistics(v, skipped, keep, to_handler):
+    """A factored parameter's optax statistics `v` (shaped as the parameter without its
+    dimension `skipped`; `keep` the other factored one) with that dimension last, as the
+    handler reads them (B L elements, in any shape: the handler counts elements, and a
+    reshape of a donated array would be a copy); or back (`to_handler` False)."""
+    axis = keep if keep < skipped else keep - 1
+    if axis == v.ndim - 1:
+        return v
+    return jnp.moveaxis(v, axis, -1) if to_handler else jnp.moveaxis(v, -1, axis)
+
+
+class _Adafactor(_Fused):
+    """fastopt.jax.adafactor: optax's update in three calls of the factored handler
+    (kernels/cpu/xla_factored.h) with XLA's small reductions between them."""
+
+    def __init__(self, learning_rate, rule, options):
+        hyper = {k: v for k, v in rule.items() if k not in ("decay_mask", "learning_rate_given")}
+        if rule["decay_mask"] is not None:
+            hyper["weight_decay_mask"] = rule["decay_mask"]
+        super().__init__("adafactor", "adafactor_vector", AdafactorState, None, learning_rate,
+                         hyper, None, None, {}, None, {}, None, *options,
+                         decay_mask=rule["decay_mask"], mask_name="weight_decay_mask")
+        if not rule["learning_rate_given"]:  # the repr's; the step multiplies by none
+            self.hyper["learning_rate"] = None
+        self.rule = rule
+
+    def _layouts(self, leaves):
+        r = self.rule
+        return [_layout(p.shape, r["factored"], r["min_dim_size_to_factor"]) for p in leaves]
+
+    def _check(self, dtype, leaves, masks=None):
+        if dtype not in _FLOATS:
+            raise TypeError(f"fastopt.jax.adafactor: not with {dtype} parameters yet (float32 "
+                            f"or float64)")
+        wanted = self.rule["dtype_momentum"]
+        if self.rule["momentum"] is not None and wanted is not None and wanted != dtype:
+            raise TypeError(f"dtype_momentum: fastopt.jax.adafactor keeps the momentum in the "
+                            f"parameters' dtype, {dtype}; pass dtype_momentum={dtype.name!r}")
+        if masks is not None and any(m is not None for m in masks):
+            raise ValueError("masks: fastopt.jax.adafactor takes no pruning masks yet")
+        for p in leaves:
+            if _varying_axes(p):
+                raise ValueError("fastopt.jax.adafactor: a parameter is sharded under "
+                                 "shard_map; its factored statistics need the whole tensor: "
+                                 "step it under plain jit (XLA gathers what it needs)")
+
+    def init(self, params):
+        _, (_, leaves, treedef), dtype = _params(params)
+        self._check(dtype, leaves)
+        self._decayed(params)
+        rows, cols, vs = [], [], []
+        for p, lay in zip(leaves, self._layouts(leaves)):
+            if lay.dims is None:
+                rows.append(None)
+                cols.append(None)
+                vs.append(jnp.zeros_like(p))
+                continue
+            d1, d0 = lay.dims
+            rows.append(jnp.zeros([n for k, n in enumerate(p.shape) if k != d0], dtype))
+            cols.append(jnp.zeros([n for k, n in enumerate(p.shape) if k != d1], dtype))
+            vs.append(None)
+        momentum = None
+        if self.rule["momentum"] is not None:
+            momentum = treedef.unflatten([jnp.zeros_like(p) for p in leaves])
+        return AdafactorState(jnp.zeros([], jnp.int32), treedef.unflatten(rows),
+                              treedef.unflatten(cols), treedef.unflatten(vs), momentum)
+
+    def _leaf_state(self, state, paths, leaves, treedef, layouts):
+        """(v_row, v_col, v, momentum) leaves of `state`, checked against the parameters."""
+        def arrays(tree, name, shapes):
+            return _optional_leaves(tree, f"state.{name}", "AdafactorState", paths, leaves,
+                                    treedef, shapes, lambda p: f"keeps no {name}")
+
+        def without(p, lay, k):
+            return None if lay.dims is None else [n for j, n in enumerate(p.shape)
+                                                  if j != lay.dims[k]]
+        rows = arrays(state.v_row, "v_row", [without(p, lay, 1)
+                                              for p, lay in zip(leaves, layouts)])
+        cols = arrays(state.v_col, "v_col", [without(p, lay, 0)
+                                              for p, lay in zip(leaves, layouts)])
+        vs = arrays(state.v, "v", [p.shape if lay.dims is None else None
+                                   for p, lay in zip(leaves, layouts)])
+        momentum = None
+        if self.rule["momentum"] is not None:
+            momentum = arrays(state.momentum, "momentum", [p.shape for p in leaves])
+        elif state.momentum is not None:
+            raise ValueError("state.momentum: expected None (no momentum)")
+        return rows, cols, vs, momentum
+
+    def _apply(self, params, grads, state, grads_name, delta, masks):
+        _, (paths, leaves, treedef), dtype = _params(params)
+        grads = _like(grads, grads_name, paths, leaves, treedef)
+        masks = _mask_leaves(masks, paths, leaves, treedef)
+        self._check(dtype, leaves, masks)
+        count = self._count(state)
+        layouts = self._layouts(leaves)
+        rows, cols, vs, momentum = self._leaf_state(state, paths, leaves, treedef, layouts)
+        step = optax.safe_increment(count)
+        if not leaves:
+            return treedef, [], state._replace(count=step)
+        r = self.rule
+        lr, summed, grad_scale = self._step_inputs(step, grads, masks, dtype)
+        gscale = -grad_scale if self.maximize else grad_scale
+        # optax's decay_rate_t, in float32 as optax computes it
+        t = jnp.asarray(count - r["decay_offset"] + 1, jnp.float32)
+        decay = 1.0 - t ** (-r["decay_rate"])  # float32 unless injected as a float64 array
+        scalars = jnp.stack([jnp.asarray(x, dtype) for x in (
+            self.grad_clip, gscale, decay, 1.0 - decay, r["eps"])])
+        decayed = self._decayed(params)
+        infos = [jnp.asarray(lay.info, jnp.int32) for lay in layouts]
+
+        def moved(x, lay):  # the parameter's layout as the handler reads it
+            return x if lay.perm is None else jnp.transpose(x, lay.perm)
+
+        def moved_back(x, lay):
+            return x if lay.perm is None else jnp.transpose(x, np.argsort(lay.perm))
+
+        # the handler takes the non-empty parameters; an empty one keeps its state, but
+        # for optax's statistics over its factored dimensions (NaN means over none)
+        live = [i for i, p in enumerate(leaves) if p.size]
+
+        def run(params, grads, rows, cols, vs, momentum):
+            rows, cols, vs = list(rows), list(cols), list(vs)
+            for i, (p, g, lay) in enumerate(zip(params, grads, layouts)):
+                if not p.size and lay.dims is not None:
+                    sq = g * g + r["eps"]
+                    rows[i] = decay * rows[i] + (1.0 - decay) * jnp.mean(sq, axis=lay.dims[1])
+                    cols[i] = decay * cols[i] + (1.0 - decay) * jnp.mean(sq, axis=lay.dims[0])
+            lays = [layouts[i] for i in live]
+            ps = [moved(params[i], layouts[i]) for i in live]
+            gs = [moved(grads[i], layouts[i]) for i in live]
+            info = [infos[i] for i in live]
+            firsts, seconds = [], []
+            for i, lay in zip(live, lays):
+                if lay.dims is None:
+                    firsts.append(vs[i])
+                    seconds.append(jnp.zeros(0, dtype))
+                else:
+                    d1, d0 = lay.dims
+                    firsts.append(_statistics(rows[i], d0, d1, True))
+                    seconds.append(_statistics(cols[i], d1, d0, True))
+            fac = [k for k, lay in enumerate(lays) if lay.dims is not None]
+            if fac:
+                new_a, new_b = _jax_ffi.factored(
+                    0, scalars, None, [gs[k] for k in fac], [firsts[k] for k in fac],
+                    [seconds[k] for k in fac], [info[k] for k in fac], self.n_threads)
+                for j, k in enumerate(fac):
+                    firsts[k], seconds[k] = new_a[j], new_b[j]
+            # optax's factors of the new statistics (a the row factor, b the column one)
+            a_ops, b_ops = list(firsts), list(seconds)
+            for k in fac:
+                row = firsts[k].reshape(lays[k].info[0], -1)
+                a_ops[k] = (row / jnp.mean(row, axis=1, keepdims=True)) ** -0.5
+                b_ops[k] = seconds[k] ** -0.5
+            new_v, means = _jax_ffi.factored(1, scalars, ps, gs, a_ops, b_ops, info,
+                                             self.n_threads)
+            for k, lay in enumerate(lays):
+                if lay.dims is None:
+                    a_ops[k] = firsts[k] = new_v[k]
+            ones = jnp.ones(len(live), dtype)
+            clip = ones if r["clipping_threshold"] is None else jnp.maximum(
+                1.0, jnp.sqrt(means[:, 0]) / jnp.asarray(r["clipping_threshold"], dtype))
+            rate = ones if r["learning_rate_given"] is False else jnp.broadcast_to(
+                jnp.asarray(lr, dtype), (len(live),))
+            scale = ones if not r["multiply_by_parameter_scale"] else jnp.maximum(
+                jnp.sqrt(means[:, 1]), jnp.asarray(1e-3, dtype))
+            wd = 0.0 if r["weight_decay_rate"] is None else r["weight_decay_rate"]
+            decays = jnp.asarray([wd if decayed[i] else 0.0 for i in live], dtype)
+            mu = 0.0 if r["momentum"] is None else r["momentum"]
+            coefs = jnp.stack([clip, rate, scale, decays,
+                               jnp.broadcast_to(jnp.asarray(1 - mu, dtype), clip.shape),
+                               jnp.broadcast_to(jnp.asarray(mu, dtype), clip.shape)], axis=1)
+            new_p, new_m = _jax_ffi.factored(
+                2, scalars, ps, gs, a_ops, b_ops, info, self.n_threads, coefs=coefs,
+                moments=None if momentum is None else [moved(momentum[i], layouts[i])
+                                                       for i in live],
+                decay=r["weight_decay_rate"] is not None, delta=delta)
+            new = [jnp.zeros_like(p) for p in params] if delta else list(params)
+            momentum = None if momentum is None else list(momentum)
+            for k, (i, lay) in enumerate(zip(live, lays)):
+                new[i] = moved_back(new_p[k], lay)
+                if momentum is not None:
+                    momentum[i] = moved_back(new_m[k], lay)
+                if lay.dims is None:
+                    vs[i] = firsts[k]
+                else:
+                    d1, d0 = lay.dims
+                    rows[i] = _statistics(firsts[k], d0, d1, False)
+                    cols[i] = _statistics(seconds[k], d1, d0, False)
+            return new, rows, cols, vs, momentum
+
+        operands = (leaves, grads, rows, cols, vs, momentum)
+        if self.skip_nonfinite:
+            def skip(params, grads, rows, cols, vs, momentum):
+                return ([jnp.zeros_like(p) for p in params] if delta else list(params), rows,
+                        cols, vs, momentum)
+            finite = _count_nonfinite(summed) == 0
+            new, rows, cols, vs, momentum = jax.lax.cond(finite, run, skip, *operands)
+            step = jnp.where(finite, step, count)
+        else:
+            new, rows, cols, vs, momentum = run(*operands)
+        return treedef, new, AdafactorState(
+            step, treedef.unflatten(rows), treedef.unflatten(cols), treedef.unflatten(vs),
+            None if momentum is None else treedef.unflatten(momentum))
+
+
+@_options_doc
+def adafactor(learning_rate=None, min_dim_size_to_factor=128, decay_rate=0.8, decay_offset=0,
+              multiply_by_parameter_scale=True, clipping_threshold=1.0, momentum=None,
+              dtype_momentum=jnp.float32, weight_decay_rate=None, eps=1e-30, factored=True,
+              weight_decay_mask=None, *, max_grad_norm=None, max_grad_value=None,
+              maximize=False, skip_nonfinite=False, n_threads=None):
+    r"""Adafactor (Shazeer & Stern 2018) as an optax transformation run by fastopt's
+    kernels: ``optax.adafactor``'s rule, names and defaults (not torch's Adafactor, which
+    :class:`fastopt.Adafactor` follows). With gradient :math:`g_t`, step :math:`t`,
+    :math:`\beta_t = 1 - (t - \text{decay\_offset})^{-\text{decay\_rate}}`: a parameter
+    whose two largest dimensions are both at least ``min_dim_size_to_factor`` keeps row and
+    column statistics over them,
+
+    .. math::
+
+        r_t &= \beta_t r_{t-1} + (1 - \beta_t)\,\operatorname{mean}_{d_0}(g_t^2 + \epsilon),
+        \qquad
+        c_t = \beta_t c_{t-1} + (1 - \beta_t)\,\operatorname{mean}_{d_1}(g_t^2 + \epsilon)\\
+        u_t &= g_t \, (r_t / \operatorname{mean}(r_t))^{-1/2} \, c_t^{-1/2}
+        \quad\text{(others: } v_t = \beta_t v_{t-1} + (1 - \beta_t)(g_t^2 + \epsilon),\
+        u_t = g_t v_t^{-1/2}\text{)}
+
+    (:math:`d_0` the largest dimension, :math:`d_1` the second), then per tensor
+    :math:`w_t = \gamma\, u_t / \max(1, \operatorname{rms}(u_t) / \text{clipping\_threshold})
+    \cdot \max(\operatorname{rms}(p_{t-1}), 10^{-3})`, with momentum
+    :math:`m_t = \mu m_{t-1} + (1 - \mu) w_t` (:math:`w_t = m_t`), with weight decay
+    :math:`w_t \mathrel{+}= \lambda p_{t-1}`, and :math:`p_t = p_{t-1} - w_t`. Each factor
+    is optional as in optax (``learning_rate=None``: no :math:`\gamma`).
+
+    Three calls of a handler of its own (the statistics in one read of the gradients,
+    their float64 sums in a fixed order; the norms in one read of the gradients and the
+    parameters; the update in place), XLA's small reductions between them: the same within
+    a few float rounding steps as optax's (whose reductions sum in the parameters' dtype).
+    The handler computes with IEEE subnormals where XLA flushes them to zero, which shows
+    only with ``eps=0`` and squared gradients below the dtype's smallest normal. A
+    parameter whose factored dimensions are not its last two is transposed for the
+    handler (a copy each way). Parameters float32 or float64 (with ``jax_enable_x64``);
+    not under ``shard_map`` (plain ``jit`` on sharded inputs gathers); no pruning masks
+    yet.
+
+    Args:
+        learning_rate: :math:`\gamma`, a number or an optax schedule, or None (none).
+        min_dim_size_to_factor (int): factor a parameter whose two largest dimensions are
+            at least this. Default 128.
+        decay_rate (float): Default 0.8.
+        decay_offset (int): Default 0.
+        multiply_by_parameter_scale (bool): Default True.
+        clipping_threshold (float or None): Default 1.0.
+        momentum (float or None): :math:`\mu`. Default None.
+        dtype_momentum: the momentum's dtype, which must be the parameters' (or None,
+            the parameters'); optax's default, float32, fits float32 parameters.
+        weight_decay_rate (float or None): :math:`\lambda`. Default None.
+        eps (float): :math:`\epsilon`. Default 1e-30.
+        factored (bool): Default True.
+        {weight_decay_mask}
+        {float_options}
+
+    Returns:
+        FusedTransformation: with state :class:`AdafactorState`.
+    """
+    given = learning_rate is not None
+    learning_rate = _learning_rate(learning_rate if given else 1.0)
+    if isinstance(min_dim_size_to_factor, jax.Array):
+        raise TypeError("min_dim_size_to_factor: expected a Python int, got a jax array (it "
+                        "decides the state's shapes; optax.inject_hyperparams: pass "
+                        "static_args=('min_dim_size_to_factor',))")
+    min_dim_size_to_factor = integer("min_dim_size_to_factor", min_dim_size_to_factor, lo=0)
+    if not isinstance(decay_offset, jax.Array):  # traced under optax.inject_hyperparams
+        decay_offset = integer("decay_offset", decay_offset, lo=-2**31, hi=2**31 - 1)
+    rule = dict(
+        learning_rate_given=given, min_dim_size_to_factor=min_dim_size_to_factor,
+        decay_rate=_real("decay_rate", decay_rate, lo=0.0), decay_offset=decay_offset,
+        multiply_by_parameter_scale=flag("multiply_by_parameter_scale",
+                                         multiply_by_parameter_scale),
+        clipping_threshold=None if clipping_threshold is None else _real(
+            "clipping_threshold", clipping_threshold, lo=0.0, lo_open=True),
+        momentum=None if momentum is None else _real("momentum", momentum, lo=0.0, hi=1.0),
+        dtype_momentum=None if dtype_momentum is None else np.dtype(dtype_momentum),
+        weight_decay_rate=None if weight_decay_rate is None else _real(
+            "weight_decay_rate", _no_schedule("weight_decay_rate", weight_decay_rate), lo=0.0),
+        eps=_real("eps", eps, lo=0.0), factored=flag("factored", factored),
+        decay_mask=weight_decay_mask)
+    options = _options(max_grad_norm, max_grad_value, maximize, skip_nonfinite, None, None,
+                       False, None, n_threads)
+    return _Adafactor(learning_rate, rule, options).transformation()
+
+
 class RpropState(NamedTuple):
     """The state of :func:`rprop`: the step count (an int32 scalar), the previous gradients
     and the step sizes, each a pytree shaped like the parameters (torch's names)."""

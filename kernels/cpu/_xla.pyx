@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""XLA FFI custom-call handlers (xla_loops.h), handed to jax by fastopt._jax_ffi.
+"""XLA FFI custom-call handlers (xla_loops.h, xla_factored.h), handed to jax by
+fastopt._jax_ffi.
 
 The handlers speak XLA's FFI C interface through fastopt's own declarations
 (fastopt/xla_ffi.h), so this module builds and imports without jax. Its only entry points
@@ -23,6 +24,10 @@ cdef extern from "xla_loops.h" nogil:
     const fo_xla_kernel *fo_xla_counts
     fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
 
+cdef extern from "xla_factored.h" nogil:
+    const char *FACTORED_TARGET "FO_XLA_FACTORED_TARGET"
+    fo_xla_error *fo_xla_factored(fo_xla_call_frame *call)
+
 
 cdef dict _kernels(const fo_xla_kernel *k):
     found = {}
@@ -41,10 +46,13 @@ ELEMENTWISE = ELEMENTWISE_TARGET.decode()
 KERNELS = _kernels(fo_xla_kernels)
 # the same of the cautious count kernels (FO_CAUTION_COUNTS) it counts with (count=1)
 COUNTS = _kernels(fo_xla_counts)
+# the custom-call target of optax's Adafactor passes (xla_factored.h)
+FACTORED = FACTORED_TARGET.decode()
 
 
 def targets():
     """{target name: PyCapsule of its XLA FFI handler (a bare function pointer, as
     jax.ffi.pycapsule makes them)} for jax.ffi.register_ffi_target(name, capsule,
     platform="cpu", api_version=1)."""
-    return {ELEMENTWISE: PyCapsule_New(<void *>fo_xla_elementwise, NULL, NULL)}
+    return {ELEMENTWISE: PyCapsule_New(<void *>fo_xla_elementwise, NULL, NULL),
+            FACTORED: PyCapsule_New(<void *>fo_xla_factored, NULL, NULL)}

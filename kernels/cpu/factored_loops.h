@@ -17,8 +17,6 @@
 #include "fastopt/reduce.h"
 #include "reduce_loops.h"
 
-#define FO_N_BLOCKS(C) (((C) + FO_COLS - 1) / FO_COLS)
-
 #define FO_DEFINE_FACTORED_LOOPS(T, SFX, SQRT, FABS)                                      \
     FO_MULTIVERSION static void fo_cpu_adafactor_cols_##SFX(                              \
         const T *g, T *col, double *rowpart, ptrdiff_t R, ptrdiff_t C, ptrdiff_t k,       \

@@ -87,6 +87,24 @@
 #define FO_XLA_FLUSH_BITS 0x8040u
 #endif
 
+/* Inside a handler's parallel region (its first and last statements): each thread computes
+   with IEEE subnormals, and the calling thread (XLA's) gets its mode back (see above) */
+#ifdef FO_XLA_FLUSH_BITS
+#ifdef _OPENMP
+#define FO_XLA_IS_CALLER (omp_get_thread_num() == 0)
+#else
+#define FO_XLA_IS_CALLER 1
+#endif
+#define FO_XLA_IEEE_BEGIN                                                                 \
+    const unsigned int fo_mxcsr_ = _mm_getcsr();                                          \
+    _mm_setcsr(fo_mxcsr_ & ~FO_XLA_FLUSH_BITS);
+#define FO_XLA_IEEE_END                                                                   \
+    if (FO_XLA_IS_CALLER) _mm_setcsr(fo_mxcsr_);
+#else
+#define FO_XLA_IEEE_BEGIN
+#define FO_XLA_IEEE_END
+#endif
+
 #include "chunks.h"
 #include "fastopt/reduce.h" /* FO_CHUNK, the Cython driver's chunk length */
 #include "fastopt/xla_ffi.h"
@@ -171,13 +189,13 @@ static const char *fo_xla_dtype_name(fo_xla_dtype dtype)
 
 /* an error for XLA to raise, its message printf-formatted and prefixed with the target */
 static fo_xla_error *fo_xla_fail(const fo_xla_api *api, fo_xla_error_code code,
-                                 const char *fmt, ...)
+                                 const char *target, const char *fmt, ...)
 {
     char msg[512];
     int len;
     va_list ap;
     fo_xla_error_create_args e;
-    len = snprintf(msg, sizeof msg, "%s: ", FO_XLA_ELEMENTWISE_TARGET);
+    len = snprintf(msg, sizeof msg, "%s: ", target);
     va_start(ap, fmt);
     vsnprintf(msg + len, sizeof msg - (size_t)len, fmt, ap);
     va_end(ap);
@@ -187,7 +205,10 @@ static fo_xla_error *fo_xla_fail(const fo_xla_api *api, fo_xla_error_code code,
     e.errc = code;
     return api->error_create(&e);
 }
-#define FO_XLA_INVALID(api, ...) fo_xla_fail(api, FO_XLA_ERROR_INVALID_ARGUMENT, __VA_ARGS__)
+#define FO_XLA_INVALID_AT(target, api, ...)                                               \
+    fo_xla_fail(api, FO_XLA_ERROR_INVALID_ARGUMENT, target, __VA_ARGS__)
+#define FO_XLA_EW FO_XLA_ELEMENTWISE_TARGET /* the elementwise handler, in its errors */
+#define FO_XLA_INVALID(api, ...) FO_XLA_INVALID_AT(FO_XLA_EW, api, __VA_ARGS__)
 
 /* the registration-time call: report the API version and no traits. When XLA's structs are
    too small to hold them (an incompatible XLA), they stay unset and XLA refuses the handler
@@ -210,14 +231,17 @@ static int fo_xla_name_is(const fo_xla_bytespan *s, const char *name)
     return s->len == strlen(name) && memcmp(s->ptr, name, s->len) == 0;
 }
 
-/* an int64 scalar attribute into *out, or an error */
-static fo_xla_error *fo_xla_int_attr(const fo_xla_call_frame *call, int64_t i, int64_t *out)
+/* an int64 scalar attribute into *out, or an error (of handler `target`, as the helpers
+   below) */
+static fo_xla_error *fo_xla_int_attr(const char *target, const fo_xla_call_frame *call,
+                                     int64_t i, int64_t *out)
 {
     const fo_xla_scalar *s = (const fo_xla_scalar *)call->attrs.attrs[i];
     const fo_xla_bytespan *name = call->attrs.names[i];
     if (call->attrs.types[i] != FO_XLA_ATTR_SCALAR || s->dtype != FO_XLA_S64)
-        return FO_XLA_INVALID(call->api, "attribute %.*s: expected an int64 scalar",
-                              (int)name->len, name->ptr);
+        return FO_XLA_INVALID_AT(target, call->api,
+                                 "attribute %.*s: expected an int64 scalar", (int)name->len,
+                                 name->ptr);
     *out = *(const int64_t *)s->value;
     return NULL;
 }
@@ -225,7 +249,8 @@ static fo_xla_error *fo_xla_int_attr(const fo_xla_call_frame *call, int64_t i, i
 /* operand `role` (param, grad, state k, ...) of tensor t, for messages */
 static const char *fo_xla_role(char *buf, size_t size, int64_t t, const char *role, int k)
 {
-    if (k < 0) snprintf(buf, size, "tensor %lld, %s", (long long)t, role);
+    if (t < 0) snprintf(buf, size, "%s", role); /* an operand of no tensor */
+    else if (k < 0) snprintf(buf, size, "tensor %lld, %s", (long long)t, role);
     else snprintf(buf, size, "tensor %lld, %s %d", (long long)t, role, k);
     return buf;
 }
@@ -234,48 +259,57 @@ static const char *fo_xla_role(char *buf, size_t size, int64_t t, const char *ro
  * Checks a buffer: of `dtype`, well formed, and holding `want` elements (any count when
  * want < 0). Its element count goes to *n; returns NULL or the error naming `role`.
  */
-static fo_xla_error *fo_xla_check(const fo_xla_call_frame *call, const fo_xla_buffer *b,
-                                  fo_xla_dtype dtype, ptrdiff_t want, int64_t t,
-                                  const char *role, int k, ptrdiff_t *n)
+static fo_xla_error *fo_xla_check(const char *target, const fo_xla_call_frame *call,
+                                     const fo_xla_buffer *b, fo_xla_dtype dtype, ptrdiff_t want,
+                                     int64_t t, const char *role, int k, ptrdiff_t *n)
 {
     char name[64];
     int64_t d, count = 1;
     if (b->dtype != dtype)
-        return FO_XLA_INVALID(call->api, "%s: expected %s, got %s",
-                              fo_xla_role(name, sizeof name, t, role, k),
-                              fo_xla_dtype_name(dtype), fo_xla_dtype_name(b->dtype));
+        return FO_XLA_INVALID_AT(target, call->api, "%s: expected %s, got %s",
+                                 fo_xla_role(name, sizeof name, t, role, k),
+                                 fo_xla_dtype_name(dtype), fo_xla_dtype_name(b->dtype));
     if (b->rank < 0 || (b->rank > 0 && b->dims == NULL))
-        return FO_XLA_INVALID(call->api, "%s: malformed buffer of rank %lld",
-                              fo_xla_role(name, sizeof name, t, role, k), (long long)b->rank);
+        return FO_XLA_INVALID_AT(target, call->api, "%s: malformed buffer of rank %lld",
+                                 fo_xla_role(name, sizeof name, t, role, k), (long long)b->rank);
     for (d = 0; d < b->rank; d++) {
         if (b->dims[d] < 0 || (b->dims[d] > 0 && count > (PTRDIFF_MAX / 8) / b->dims[d]))
-            return FO_XLA_INVALID(call->api, "%s: bad dimension %lld",
-                                  fo_xla_role(name, sizeof name, t, role, k),
-                                  (long long)b->dims[d]);
+            return FO_XLA_INVALID_AT(target, call->api, "%s: bad dimension %lld",
+                                     fo_xla_role(name, sizeof name, t, role, k),
+                                     (long long)b->dims[d]);
         count *= b->dims[d];
     }
     if (want >= 0 && count != want)
-        return FO_XLA_INVALID(call->api, "%s: expected %lld elements, as the param, got %lld",
-                              fo_xla_role(name, sizeof name, t, role, k), (long long)want,
-                              (long long)count);
+        return FO_XLA_INVALID_AT(target, call->api, "%s: expected %lld elements%s, got %lld",
+                                 fo_xla_role(name, sizeof name, t, role, k), (long long)want,
+                                 /* the elementwise handler's operands are the param's size */
+                                 strcmp(target, FO_XLA_EW) == 0 ? ", as the param" : "",
+                                 (long long)count);
     if (count > 0 && b->data == NULL)
-        return FO_XLA_INVALID(call->api, "%s: no data",
-                              fo_xla_role(name, sizeof name, t, role, k));
+        return FO_XLA_INVALID_AT(target, call->api, "%s: no data",
+                                 fo_xla_role(name, sizeof name, t, role, k));
     *n = (ptrdiff_t)count;
     return NULL;
 }
 
 /* a 0/1 int64 attribute */
-static fo_xla_error *fo_xla_flag_attr(const fo_xla_call_frame *call, int64_t i, int64_t *out)
+static fo_xla_error *fo_xla_flag_attr(const char *target, const fo_xla_call_frame *call,
+                                      int64_t i, int64_t *out)
 {
     fo_xla_error *err;
     const fo_xla_bytespan *name = call->attrs.names[i];
-    if ((err = fo_xla_int_attr(call, i, out)) != NULL) return err;
+    if ((err = fo_xla_int_attr(target, call, i, out)) != NULL) return err;
     if (*out != 0 && *out != 1)
-        return FO_XLA_INVALID(call->api, "attribute %.*s: expected 0 or 1, got %lld",
-                              (int)name->len, name->ptr, (long long)*out);
+        return FO_XLA_INVALID_AT(target, call->api,
+                                 "attribute %.*s: expected 0 or 1, got %lld", (int)name->len,
+                                 name->ptr, (long long)*out);
     return NULL;
 }
+
+/* the helpers above as the elementwise handler calls them */
+#define FO_EW_CHECK(...) fo_xla_check(FO_XLA_EW, __VA_ARGS__)
+#define FO_EW_INT_ATTR(...) fo_xla_int_attr(FO_XLA_EW, __VA_ARGS__)
+#define FO_EW_FLAG_ATTR(...) fo_xla_flag_attr(FO_XLA_EW, __VA_ARGS__)
 
 /* the attributes: the kernel, the two counts and the optional flags, nothing
    else (XLA passes a dictionary: each name once, sorted; so the kernel, found in the table
@@ -301,25 +335,25 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
                 return FO_XLA_INVALID(call->api, "attribute kernel: expected a string");
             v = (const fo_xla_bytespan *)call->attrs.attrs[i];
         } else if (fo_xla_name_is(name, "n_tensors")) {
-            if ((err = fo_xla_int_attr(call, i, n_tensors)) != NULL) return err;
+            if ((err = FO_EW_INT_ATTR(call, i, n_tensors)) != NULL) return err;
         } else if (fo_xla_name_is(name, "n_threads")) {
-            if ((err = fo_xla_int_attr(call, i, n_threads)) != NULL) return err;
+            if ((err = FO_EW_INT_ATTR(call, i, n_threads)) != NULL) return err;
         } else if (fo_xla_name_is(name, "delta")) {
-            if ((err = fo_xla_flag_attr(call, i, delta)) != NULL) return err;
+            if ((err = FO_EW_FLAG_ATTR(call, i, delta)) != NULL) return err;
         } else if (fo_xla_name_is(name, "into_grad")) {
-            if ((err = fo_xla_flag_attr(call, i, into_grad)) != NULL) return err;
+            if ((err = FO_EW_FLAG_ATTR(call, i, into_grad)) != NULL) return err;
         } else if (fo_xla_name_is(name, "count")) {
-            if ((err = fo_xla_flag_attr(call, i, count)) != NULL) return err;
+            if ((err = FO_EW_FLAG_ATTR(call, i, count)) != NULL) return err;
         } else if (fo_xla_name_is(name, "masked")) {
-            if ((err = fo_xla_flag_attr(call, i, masked)) != NULL) return err;
+            if ((err = FO_EW_FLAG_ATTR(call, i, masked)) != NULL) return err;
         } else if (fo_xla_name_is(name, "formats")) {
-            if ((err = fo_xla_flag_attr(call, i, formats)) != NULL) return err;
+            if ((err = FO_EW_FLAG_ATTR(call, i, formats)) != NULL) return err;
         } else if (fo_xla_name_is(name, "stochastic")) {
-            if ((err = fo_xla_flag_attr(call, i, stochastic)) != NULL) return err;
+            if ((err = FO_EW_FLAG_ATTR(call, i, stochastic)) != NULL) return err;
         } else if (fo_xla_name_is(name, "shadow")) {
-            if ((err = fo_xla_flag_attr(call, i, shadow)) != NULL) return err;
+            if ((err = FO_EW_FLAG_ATTR(call, i, shadow)) != NULL) return err;
         } else if (fo_xla_name_is(name, "q8_unsigned")) {
-            if ((err = fo_xla_int_attr(call, i, q8_unsigned)) != NULL) return err;
+            if ((err = FO_EW_INT_ATTR(call, i, q8_unsigned)) != NULL) return err;
         } else {
             return FO_XLA_INVALID(call->api, "unexpected attribute '%.*s' (it takes kernel, "
                                   "n_tensors, n_threads, delta, into_grad, count, masked, "
@@ -684,35 +718,37 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     count = (ptrdiff_t *)malloc((size_t)n_tensors
                                 * (sizeof(ptrdiff_t) + (size_t)width * sizeof(char *)));
     if (count == NULL)
-        return fo_xla_fail(call->api, FO_XLA_ERROR_RESOURCE_EXHAUSTED, "out of memory");
+        return fo_xla_fail(call->api, FO_XLA_ERROR_RESOURCE_EXHAUSTED, FO_XLA_EW,
+                              "out of memory");
     ptr = (char **)(count + n_tensors);
     for (t = 0; t < n_tensors; t++) {
         fo_xla_buffer *const *a = (fo_xla_buffer *const *)call->args.args + 1 + t * per;
         fo_xla_buffer *const *r = (fo_xla_buffer *const *)call->rets.rets
                                   + t * (1 + n_state + shadow + n_q);
         char **p = ptr + t * width;
-        if ((err = fo_xla_check(call, a[0], dt[0], -1, t, "param", -1, &n)) != NULL
-            || (err = fo_xla_check(call, a[1], dt[2], n, t, "grad", -1, &n)) != NULL
+        if ((err = FO_EW_CHECK(call, a[0], dt[0], -1, t, "param", -1, &n)) != NULL
+            || (err = FO_EW_CHECK(call, a[1], dt[2], n, t, "grad", -1, &n)) != NULL
             || (!counting
-                && (err = fo_xla_check(call, r[0], dt[0], n, t, "new param", -1, &n)) != NULL))
+                && (err = FO_EW_CHECK(call, r[0], dt[0], n, t, "new param", -1, &n))
+                       != NULL))
             goto fail;
         for (s = 0; s < n_state; s++)
-            if ((err = fo_xla_check(call, a[2 + s], dt[3 + s], n, t, "state", s, &n)) != NULL
-                || (!counting && (err = fo_xla_check(call, r[1 + s], dt[3 + s], n, t,
+            if ((err = FO_EW_CHECK(call, a[2 + s], dt[3 + s], n, t, "state", s, &n)) != NULL
+                || (!counting && (err = FO_EW_CHECK(call, r[1 + s], dt[3 + s], n, t,
                                                      "new state", s, &n)) != NULL))
                 goto fail;
         for (s = 0; s < n_aux; s++) {
             ptrdiff_t one;
             /* in the dtype the kernel computes in: float32 with formats */
-            if ((err = fo_xla_check(call, a[2 + n_state + s], formats ? FO_XLA_F32 : dtype, 1,
+            if ((err = FO_EW_CHECK(call, a[2 + n_state + s], formats ? FO_XLA_F32 : dtype, 1,
                                     t, "factor", -1, &one)) != NULL)
                 goto fail;
         }
         p[3 + n_state + n_aux] = NULL;
         if (shadow) {
-            if ((err = fo_xla_check(call, a[2 + n_state + n_aux], dt[3 + n_state], n, t,
+            if ((err = FO_EW_CHECK(call, a[2 + n_state + n_aux], dt[3 + n_state], n, t,
                                     "shadow", -1, &n)) != NULL
-                || (err = fo_xla_check(call, r[1 + n_state], dt[3 + n_state], n, t,
+                || (err = FO_EW_CHECK(call, r[1 + n_state], dt[3 + n_state], n, t,
                                        "new shadow", -1, &n)) != NULL)
                 goto fail;
             p[3 + n_state + n_aux] = (char *)r[1 + n_state]->data;
@@ -723,9 +759,9 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
             const fo_xla_buffer *res = counting ? in : r[1 + n_state + shadow + s];
             const ptrdiff_t blocks = (n + FO_Q8_BLOCK - 1) / FO_Q8_BLOCK;
             ptrdiff_t m;
-            if ((err = fo_xla_check(call, in, FO_XLA_F32, blocks, t, "block scales of state",
+            if ((err = FO_EW_CHECK(call, in, FO_XLA_F32, blocks, t, "block scales of state",
                                     pass.q_state[s], &m)) != NULL
-                || (err = fo_xla_check(call, res, FO_XLA_F32, blocks, t,
+                || (err = FO_EW_CHECK(call, res, FO_XLA_F32, blocks, t,
                                        "new block scales of state", pass.q_state[s], &m))
                        != NULL)
                 goto fail;
@@ -736,7 +772,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         if (masked) {
             ptrdiff_t m;
             const fo_xla_buffer *b = a[2 + n_state + n_aux + shadow + n_q];
-            if ((err = fo_xla_check(call, b, FO_XLA_U8, -1, t, "mask", -1, &m)) != NULL)
+            if ((err = FO_EW_CHECK(call, b, FO_XLA_U8, -1, t, "mask", -1, &m)) != NULL)
                 goto fail;
             if (m != 0 && m != n) {
                 err = FO_XLA_INVALID(call->api, "tensor %lld, mask: expected %lld elements, "
@@ -820,7 +856,8 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         counted = (int *)malloc((size_t)(n_chunks > 0 ? n_chunks : 1) * sizeof(int));
     if (chunk == NULL || (counting && counted == NULL)) {
         free(chunk);
-        err = fo_xla_fail(call->api, FO_XLA_ERROR_RESOURCE_EXHAUSTED, "out of memory");
+        err = fo_xla_fail(call->api, FO_XLA_ERROR_RESOURCE_EXHAUSTED, FO_XLA_EW,
+                              "out of memory");
         goto fail;
     }
     for (t = 0, c = 0; t < n_tensors; t++)
@@ -845,19 +882,11 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         const ptrdiff_t nc = (ptrdiff_t)n_chunks;
 #pragma omp parallel num_threads(nt > 1 ? nt : 1) if (nt > 1 && nc > 1)
         {
-#ifdef FO_XLA_FLUSH_BITS
-            const unsigned int mxcsr = _mm_getcsr();
-            _mm_setcsr(mxcsr & ~FO_XLA_FLUSH_BITS);
-#endif
+            FO_XLA_IEEE_BEGIN
 #pragma omp for schedule(static)
             for (c = 0; c < nc; c++)
                 fo_xla_run_chunk(&pass, c);
-#ifdef FO_XLA_FLUSH_BITS
-#ifdef _OPENMP
-            if (omp_get_thread_num() == 0)
-#endif
-                _mm_setcsr(mxcsr); /* the caller (XLA's thread) gets its mode back */
-#endif
+            FO_XLA_IEEE_END
         }
     }
     if (counting) { /* each tensor's chunks, summed in order (integers: any order would do) */

@@ -19,7 +19,6 @@
 typedef long long fo_i64;
 
 #define FO_META 8
-#define FO_N_BLOCKS(C) (((C) + FO_COLS - 1) / FO_COLS)
 
 #define FO_ITEM(T, SFX)                                                                   \
     const fo_adafactor_args_##SFX a = *(const fo_adafactor_args_##SFX *)(table + args_at);\

@@ -21,6 +21,8 @@
 #define FO_CHUNK 16384
 #define FO_NORM_LANES 16
 #define FO_COLS 512
+/* the blocks of FO_COLS columns of a row of C */
+#define FO_N_BLOCKS(C) (((C) + FO_COLS - 1) / FO_COLS)
 
 #define FO_DEFINE_NORM_TERM(T, SFX, SQRT, FABS)                                                 \
     FO_HD double fo_norm_term_##SFX(T g, int kind)                                        \
