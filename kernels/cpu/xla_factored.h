@@ -12,13 +12,15 @@
  * (below) the row statistics and b the column statistics, 2 the other way round.
  * Argument 0, the scalars: the parameters' dtype T (float32 or float64), 1-D of 5: clip and
  * gscale (the gradient prologue, d = gscale clamp(g, clip)), decay, 1 - decay (optax's
- * decay_rate_t and its complement, computed in float32 as optax computes them), eps.
+ * decay_rate_t and its complement, computed as optax computes them: in float32 unless the
+ * decay rate is a float64 array), eps.
  *   phase 0 (factored tensors only): per tensor g, a, b, info; results a, b:
  *     rows <- decay rows + (1 - decay) mean_c(d d + eps), cols likewise over the rows (each
  *     term rounded to T; summed in float64, a row by blocks of FO_COLS in order, a column by
  *     bands of FO_XF_BAND rows in order; the gradient read once, row by row)
- *   phase 1: per tensor p, g, a, b, info; results a per tensor, then the means: T of
- *     (n_tensors, 2), the mean of u u and of p p per tensor (float64 fixed-order sums):
+ *   phase 1: per tensor p, g, a, b, info; results a per tensor (fastopt.jax aliases a
+ *     vector's; a factored tensor's gets a copied), then the means: T of (n_tensors, 2), the
+ *     mean of u u and of p p per tensor (float64 sums, in a fixed order):
  *     a vector: v (a) <- decay v + (1 - decay) (d d + eps), u = d (1 / sqrt(v)) (b: empty);
  *     factored: u = (d a) b, a the factors of optax's first factored dimension (its row
  *     factor), b those of the second, each (B R) or (B C) by the mode (a is not written)
