@@ -2988,6 +2988,18 @@ def _statistics(v, skipped, keep, to_handler):
     return jnp.moveaxis(v, axis, -1) if to_handler else jnp.moveaxis(v, -1, axis)
 
 
+def _state_shapes(leaves, layouts):
+    """The shapes of optax's v_row, v_col and v per parameter (None where it keeps none):
+    a factored parameter's shape without its largest, resp. second largest, factored
+    dimension; the others' own shape."""
+    def without(p, lay, k):
+        return None if lay.dims is None else tuple(n for j, n in enumerate(p.shape)
+                                                   if j != lay.dims[k])
+    return ([without(p, lay, 1) for p, lay in zip(leaves, layouts)],
+            [without(p, lay, 0) for p, lay in zip(leaves, layouts)],
+            [p.shape if lay.dims is None else None for p, lay in zip(leaves, layouts)])
+
+
 class _Adafactor(_Fused):
     """fastopt.jax.adafactor: optax's update in three calls of the factored handler
     (kernels/cpu/xla_factored.h) with XLA's small reductions between them."""
@@ -3027,17 +3039,9 @@ class _Adafactor(_Fused):
         _, (_, leaves, treedef), dtype = _params(params)
         self._check(dtype, leaves)
         self._decayed(params)
-        rows, cols, vs = [], [], []
-        for p, lay in zip(leaves, self._layouts(leaves)):
-            if lay.dims is None:
-                rows.append(None)
-                cols.append(None)
-                vs.append(jnp.zeros_like(p))
-                continue
-            d1, d0 = lay.dims
-            rows.append(jnp.zeros([n for k, n in enumerate(p.shape) if k != d0], dtype))
-            cols.append(jnp.zeros([n for k, n in enumerate(p.shape) if k != d1], dtype))
-            vs.append(None)
+        shapes = _state_shapes(leaves, self._layouts(leaves))
+        rows, cols, vs = ([None if shape is None else jnp.zeros(shape, dtype) for shape in kind]
+                          for kind in shapes)
         momentum = None
         if self.rule["momentum"] is not None:
             momentum = treedef.unflatten([jnp.zeros_like(p) for p in leaves])
@@ -3050,15 +3054,10 @@ class _Adafactor(_Fused):
             return _optional_leaves(tree, f"state.{name}", "AdafactorState", paths, leaves,
                                     treedef, shapes, lambda p: f"keeps no {name}")
 
-        def without(p, lay, k):
-            return None if lay.dims is None else [n for j, n in enumerate(p.shape)
-                                                  if j != lay.dims[k]]
-        rows = arrays(state.v_row, "v_row", [without(p, lay, 1)
-                                              for p, lay in zip(leaves, layouts)])
-        cols = arrays(state.v_col, "v_col", [without(p, lay, 0)
-                                              for p, lay in zip(leaves, layouts)])
-        vs = arrays(state.v, "v", [p.shape if lay.dims is None else None
-                                   for p, lay in zip(leaves, layouts)])
+        row_shapes, col_shapes, v_shapes = _state_shapes(leaves, layouts)
+        rows = arrays(state.v_row, "v_row", row_shapes)
+        cols = arrays(state.v_col, "v_col", col_shapes)
+        vs = arrays(state.v, "v", v_shapes)
         momentum = None
         if self.rule["momentum"] is not None:
             momentum = arrays(state.momentum, "momentum", [p.shape for p in leaves])

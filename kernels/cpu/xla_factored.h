@@ -266,7 +266,6 @@ static void fo_xf_copy(char *out, const char *in, ptrdiff_t n, size_t size)
 /* the FFI handler of target FO_XLA_FACTORED_TARGET */
 static fo_xla_error *fo_xla_factored(fo_xla_call_frame *call)
 {
-    const fo_xla_extension_base *ext;
     fo_xla_error *err = NULL;
     int64_t attr[6], phase, n_tensors, t, per, first, n_args, n_rets, per_ret;
     fo_xla_dtype dtype;
@@ -278,17 +277,8 @@ static fo_xla_error *fo_xla_factored(fo_xla_call_frame *call)
     size_t size;
     int nt, f64;
 
-    for (ext = call->extension_start; ext != NULL; ext = ext->next)
-        if (ext->type == FO_XLA_EXTENSION_METADATA) {
-            fo_xla_metadata_fill((fo_xla_metadata_extension *)ext);
-            return NULL;
-        }
-    if (call->struct_size < FO_XLA_STRUCT_SIZE(fo_xla_call_frame, attrs))
-        return FO_XF_INVALID(call->api, "call frame of %zu bytes, expected %zu or more (an "
-                             "incompatible XLA)", call->struct_size,
-                             FO_XLA_STRUCT_SIZE(fo_xla_call_frame, attrs));
-    if (call->stage != FO_XLA_STAGE_EXECUTE)
-        return NULL;
+    if (fo_xla_preamble(call, FO_XF, &err))
+        return err;
     if ((err = fo_xf_attributes(call, attr)) != NULL)
         return err;
     phase = attr[0];

@@ -226,6 +226,27 @@ static void fo_xla_metadata_fill(fo_xla_metadata_extension *ext)
     m->traits = 0;
 }
 
+/* The start every handler shares: XLA's registration-time metadata call answered, a call
+   frame too small for the members read refused, and the stages before execution passed
+   over. Returns 1 when the handler is done, with its result in *err; 0 to go on. */
+static int fo_xla_preamble(fo_xla_call_frame *call, const char *target, fo_xla_error **err)
+{
+    const fo_xla_extension_base *ext;
+    *err = NULL;
+    for (ext = call->extension_start; ext != NULL; ext = ext->next)
+        if (ext->type == FO_XLA_EXTENSION_METADATA) {
+            fo_xla_metadata_fill((fo_xla_metadata_extension *)ext);
+            return 1;
+        }
+    if (call->struct_size < FO_XLA_STRUCT_SIZE(fo_xla_call_frame, attrs)) {
+        *err = FO_XLA_INVALID_AT(target, call->api, "call frame of %zu bytes, expected %zu or "
+                                 "more (an incompatible XLA)", call->struct_size,
+                                 FO_XLA_STRUCT_SIZE(fo_xla_call_frame, attrs));
+        return 1;
+    }
+    return call->stage != FO_XLA_STAGE_EXECUTE;
+}
+
 static int fo_xla_name_is(const fo_xla_bytespan *s, const char *name)
 {
     return s->len == strlen(name) && memcmp(s->ptr, name, s->len) == 0;
@@ -588,7 +609,6 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
 {
     const fo_xla_kernel *k;
     const fo_xla_buffer *rec, *out = NULL;
-    const fo_xla_extension_base *ext;
     double args[FO_XLA_ARGS_MAX / 8]; /* the struct, copied to aligned storage */
     fo_xla_error *err;
     fo_xla_dtype dtype;
@@ -602,17 +622,8 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     ptrdiff_t size, n, c, lo, *count, *chunk;
     char **ptr;
 
-    for (ext = call->extension_start; ext != NULL; ext = ext->next)
-        if (ext->type == FO_XLA_EXTENSION_METADATA) {
-            fo_xla_metadata_fill((fo_xla_metadata_extension *)ext);
-            return NULL;
-        }
-    if (call->struct_size < FO_XLA_STRUCT_SIZE(fo_xla_call_frame, attrs))
-        return FO_XLA_INVALID(call->api, "call frame of %zu bytes, expected %zu or more "
-                              "(an incompatible XLA)", call->struct_size,
-                              FO_XLA_STRUCT_SIZE(fo_xla_call_frame, attrs));
-    if (call->stage != FO_XLA_STAGE_EXECUTE)
-        return NULL;
+    if (fo_xla_preamble(call, FO_XLA_EW, &err))
+        return err;
     if ((err = fo_xla_attributes(call, &k, &n_tensors, &n_threads, &delta, &into_grad,
                                  &counting, &masked, &formats, &stochastic, &shadow,
                                  &q8_unsigned)) != NULL)
