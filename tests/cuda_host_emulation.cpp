@@ -1,4 +1,4 @@
-// The CUDA kernels of kernels/cuda/{prune,quant,distill}.cu run on the host, for
+// The CUDA kernels of kernels/cuda/{prune,quant,distill,factored}.cu run on the host, for
 // test_cuda_emulated.py: one std::thread per CUDA thread, one block at a time, a barrier for
 // __syncthreads, the compiler's atomics for atomicAdd/atomicMax. It checks the kernels'
 // indexing, synchronization and arithmetic against the NumPy reference on machines without
@@ -13,7 +13,7 @@
 #define __global__
 #define __shared__ static  // one block runs at a time: its threads share the statics
 
-struct fo_dim3 { unsigned x = 0; };
+struct fo_dim3 { unsigned x = 0, y = 0; };
 thread_local fo_dim3 threadIdx;
 fo_dim3 blockIdx, blockDim, gridDim;
 static std::barrier<> *fo_block_barrier;
@@ -29,22 +29,27 @@ template <class T> T atomicMax(T *p, T v)
     return old;
 }
 
-static void fo_launch(long grid, long block, const std::function<void()> &kernel)
+static void fo_launch(long grid, long block, const std::function<void()> &kernel,
+                      long grid_y = 1)
 {
     std::barrier<> barrier(block);
     fo_block_barrier = &barrier;
     gridDim.x = grid;
+    gridDim.y = grid_y;
     blockDim.x = block;
-    for (long b = 0; b < grid; b++) {
-        blockIdx.x = b;
-        std::vector<std::thread> threads;
-        for (long t = 0; t < block; t++)
-            threads.emplace_back([&kernel, t] { threadIdx.x = t; kernel(); });
-        for (auto &t : threads) t.join();
-    }
+    for (long by = 0; by < grid_y; by++)
+        for (long b = 0; b < grid; b++) {
+            blockIdx.x = b;
+            blockIdx.y = by;
+            std::vector<std::thread> threads;
+            for (long t = 0; t < block; t++)
+                threads.emplace_back([&kernel, t] { threadIdx.x = t; kernel(); });
+            for (auto &t : threads) t.join();
+        }
 }
 
 #include "../kernels/cuda/distill.cu"
+#include "../kernels/cuda/factored.cu"
 #include "../kernels/cuda/prune.cu"
 #include "../kernels/cuda/quant.cu"
 
@@ -77,3 +82,20 @@ typedef unsigned long long u64;
            (s, t, g, B, C, lab, temp, wk, wc, squares, rows))
 FO_RUN_FOR(float, f32, fo_key_f32)
 FO_RUN_FOR(double, f64, fo_key_f64)
+
+// the factors pass's launches have a second grid dimension
+#define FO_RUN_GRID2(NAME, PARAMS, ARGS)                                                  \
+    extern "C" void run_##NAME(long grid, long grid_y, long block, PARAMS)                \
+    {                                                                                     \
+        fo_launch(grid, block, [&] { fo_cuda_##NAME ARGS; }, grid_y);                     \
+    }
+#define FO_RUN_FACTORED(T, SFX)                                                           \
+    FO_RUN_GRID2(adafactor_cols_##SFX, FO_P(const fo_i64 *tab, fo_i64 nt, fo_i64 at),     \
+                 (tab, nt, at))                                                           \
+    FO_RUN_GRID2(adafactor_rowparts_##SFX, FO_P(const fo_i64 *tab, fo_i64 nt, fo_i64 at), \
+                 (tab, nt, at))                                                           \
+    FO_RUN_GRID2(adafactor_rows_##SFX,                                                    \
+                 FO_P(const fo_i64 *tab, fo_i64 nt, fo_i64 ni, fo_i64 ns, fo_i64 at),     \
+                 (tab, nt, ni, ns, at))
+FO_RUN_FACTORED(float, f32)
+FO_RUN_FACTORED(double, f64)

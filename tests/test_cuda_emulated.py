@@ -1,4 +1,4 @@
-"""The CUDA kernels for pruning, quantization and distillation run on the host
+"""The CUDA kernels for pruning, quantization, distillation and Adafactor's factors run on the host
 (cuda_host_emulation.cpp: a thread per CUDA thread, a barrier for __syncthreads) and equal
 the NumPy reference bit for bit. This runs in CI, which has no GPU; test_cuda.py's GPU tests
 run the same kernels on the device."""
@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from conftest import kd_case
 
-from fastopt._backends import _cupy, _layout, _select
+from fastopt import _rules, _scalars
+from fastopt._backends import _cupy, _layout, _select, _twopass
+from fastopt._backends._cupy import optim as cupy_optim
+from fastopt._backends._cython import optim as cython_optim
 from fastopt._backends._layout import CE_SQUARES
 from fastopt._backends._numpy import compress as ref
 
@@ -57,7 +60,7 @@ def _run(lib, name, dtype, grid, block, *args):
 
 
 class Emulated:
-    """The CuPy backend's select passes, quant_loop and kd_rows (same launches and
+    """The CuPy backend's select passes, quant_loop, kd_rows and factors (same launches and
     arguments), on host arrays."""
 
     def __init__(self, lib):
@@ -131,6 +134,17 @@ class Emulated:
         g[...] = grad[:B]
         return rows[:B]
 
+    def factors(self, grads, rows, cols, rmeans, shape, bands, blocks, slices, record,
+                n_threads):
+        parts = [np.empty(b * r * -(-c // _layout.COLS)) for b, r, c in shape]
+        addresses = np.array([[a.ctypes.data for a in arrays]
+                              for arrays in zip(grads, rows, cols, rmeans, parts)], np.int64)
+        table, launches = cupy_optim.factor_launches(addresses, shape, slices, record)
+        for kernel, grid, block, arguments in launches:
+            getattr(self.lib, f"run_{kernel}_{_sfx(grads[0].dtype)}")(
+                ctypes.c_long(grid[0]), ctypes.c_long(grid[1]), ctypes.c_long(block[0]),
+                _p(table), *map(ctypes.c_longlong, arguments))
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_select_kernels(lib, dtype):
@@ -187,3 +201,28 @@ def test_kd_kernel(lib, dtype, T, with_labels):
     rows = Emulated(lib).kd_rows(s, t, got, labels, T, 0.3, 0.05, n_threads=1)
     np.testing.assert_array_equal(rows, ref.kd_rows(s, t, want, labels, T, 0.3, 0.05))
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_factors_kernels(lib, dtype):
+    """Adafactor's factors pass: the rows, columns (over several bands of FO_BAND rows, a
+    partial last band, several column blocks) and row means equal the Cython backend's,
+    which the parity tests hold to the NumPy reference bit for bit."""
+    rng = np.random.default_rng(8)
+    shape = np.array([(1, 150, 1100), (2, 3, 700), (1, 64, 5), (1, 1, 9)], np.int64)
+    grads = [rng.standard_normal(b * r * c).astype(dtype) for b, r, c in shape]
+    scalars, _ = _scalars.adafactor_scalars(np.dtype(dtype), step=3, lr=0.01,
+                                            beta2_decay=-0.8, eps1=None, weight_decay=0.0,
+                                            maximize=False, grad_scale=0.9, grad_clip=2.5)
+    record = _rules.ADAFACTOR_ARGS.record(np.dtype(dtype), scalars)
+    start = [[rng.uniform(0.5, 1, b * r).astype(dtype) for b, r, c in shape],
+             [rng.uniform(0.5, 1, b * c).astype(dtype) for b, r, c in shape]]
+    results = []
+    for backend in (Emulated(lib), cython_optim):
+        rows, cols = ([a.copy() for a in arrays] for arrays in start)
+        rmeans = [np.zeros(b, dtype) for b, r, c in shape]
+        backend.factors(grads, rows, cols, rmeans, shape, *_twopass.factor_work(shape), record,
+                        1)
+        results.append(rows + cols + rmeans)
+    for got, want in zip(*results):
+        np.testing.assert_array_equal(got, want)

@@ -52,9 +52,10 @@ class Compiled(Protocol):
     def norm_partials(self, arrays, kind, *, n_threads):
         """fastopt/reduce.h's partial norms, one float64 per FO_CHUNK chunk, on the host."""
 
-    def factors(self, grads, rows, cols, rmeans, rowparts, shape, items, slices, record,
+    def factors(self, grads, rows, cols, rmeans, shape, bands, blocks, slices, record,
                 n_threads):
-        """Adafactor's factors pass over the work of _twopass.factor_work(shape)."""
+        """Adafactor's factors pass over the work of _twopass.factor_work(shape), in
+        fastopt/reduce.h's factored order (the work's split does not change the bits)."""
 
     def device(self, arrays, like):
         """Host arrays as arrays beside `like` (the CPU backends: themselves)."""

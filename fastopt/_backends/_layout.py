@@ -5,6 +5,8 @@ tests/test_kernels.py checks that they agree.
 - CHUNK: elements per chunk of the norm partials and the reductions' fixed order
 - LANES: float64 lanes of a chunk's norm sum (element i goes to lane i % LANES)
 - COLS: columns per block of Adafactor's factored row sums
+- BAND: rows per band of Adafactor's factored column sums
+- SEGMENT: the most column blocks of a work item of Adafactor's factors pass on the CPU
 - DIGIT_BITS: bits of the magnitude select's first digit (fastopt.prune)
 - TILE: Philox groups per tile of the random fills (fastopt.init)
 - KD_BLOCK: logits per partial sum of the distillation rows
@@ -18,6 +20,8 @@ tests/test_kernels.py checks that they agree.
 CHUNK = 16384
 LANES = 16
 COLS = 512
+BAND = 64
+SEGMENT = 16
 DIGIT_BITS = 16
 TILE = 16
 KD_BLOCK = 512
@@ -86,6 +90,8 @@ C_NAMES = {
     "CHUNK": ("include/fastopt/reduce.h", "FO_CHUNK"),
     "LANES": ("include/fastopt/reduce.h", "FO_NORM_LANES"),
     "COLS": ("include/fastopt/reduce.h", "FO_COLS"),
+    "BAND": ("include/fastopt/reduce.h", "FO_BAND"),
+    "SEGMENT": ("cpu/factored_loops.h", "FO_SEGMENT"),
     "DIGIT_BITS": ("include/fastopt/prune.h", "FO_DIGIT_BITS"),
     "TILE": ("include/fastopt/random.h", "FO_TILE"),
     "KD_BLOCK": ("include/fastopt/distill.h", "FO_KD_BLOCK"),

@@ -14,7 +14,7 @@ import numpy as np
 from fastopt import _rules, _scalars
 from fastopt._backends import _orthogonalize, _steps
 from fastopt._backends._contracts import Compiled
-from fastopt._backends._layout import CHUNK, COLS
+from fastopt._backends._layout import BAND, CHUNK, COLS, SEGMENT
 
 
 def pass_sums(backend: Compiled, kernel, operands, scalars, n_threads, masks, sums, n_aux=0,
@@ -94,19 +94,28 @@ def prodigy_step(backend: Compiled, params, out, grads, s, p0, m, v, terms, *, p
     return None
 
 
-def factor_work(shape):
-    """The factors pass's work for tensors of `shape` rows (B slices, R rows, C columns):
-    items (tensor, slice, column block of COLS) and slices (tensor, slice), int64."""
-    slices_per = shape[:, 0]
-    blocks_per = -(-shape[:, 2] // COLS)
-    tensor = np.repeat(np.arange(len(shape)), slices_per)
-    first = np.cumsum(slices_per) - slices_per
-    slices = np.stack([tensor, np.arange(len(tensor)) - first[tensor]], axis=1)
-    blocks = blocks_per[tensor]
-    item_slice = np.repeat(np.arange(len(tensor)), blocks)
-    block = np.arange(len(item_slice)) - (np.cumsum(blocks) - blocks)[item_slice]
-    items = np.concatenate([slices[item_slice], block[:, None]], axis=1)
-    return items.astype(np.int64), slices.astype(np.int64)
+def expand(parents, counts):
+    """Work items, int64: each row of `parents` followed by each index < its count."""
+    parent = np.repeat(np.arange(len(counts)), counts)
+    index = np.arange(len(parent)) - (np.cumsum(counts) - counts)[parent]
+    return np.column_stack([parents[parent], index]).astype(np.int64)
+
+
+def factor_work(shape, segment=SEGMENT):
+    """The factors pass's work for tensors of `shape` rows (B slices, R rows, C columns),
+    int64: bands (tensor, slice, band of BAND rows, first and end column block: runs of
+    `segment` <= SEGMENT blocks of COLS, each row's run read contiguously; the split does
+    not change the bits), then blocks (tensor, slice, column block) of the slices of more
+    than one band, and slices (tensor, slice)."""
+    n_bands, n_blocks = -(-shape[:, 1] // BAND), -(-shape[:, 2] // COLS)
+    slices = expand(np.arange(len(shape))[:, None], shape[:, 0])
+    t = slices[:, 0]
+    blocks = expand(slices, np.where(shape[t, 1] > BAND, n_blocks[t], 0))
+    bands = expand(slices, n_bands[t])
+    runs = expand(bands, -(-n_blocks[bands[:, 0]] // segment))
+    first = runs[:, 3] * segment
+    end = np.minimum(first + segment, n_blocks[runs[:, 0]])
+    return np.column_stack([runs[:, :3], first, end]).astype(np.int64), blocks, slices
 
 
 def adafactor_step(backend: Compiled, params, out, grads, row_vars, col_vars, variances,
@@ -136,8 +145,7 @@ def adafactor_step(backend: Compiled, params, out, grads, row_vars, col_vars, va
                           + params[i].shape[-2:] for i in factored], np.int64)
         like = params[factored[0]]
         rmeans = backend.device([np.empty(b, dtype) for b in shape[:, 0]], like)
-        rowparts = backend.device([np.empty(b * r * -(-c // COLS)) for b, r, c in shape], like)
-        backend.factors(pick(grads), rows, cols, rmeans, rowparts, shape, *factor_work(shape),
+        backend.factors(pick(grads), rows, cols, rmeans, shape, *factor_work(shape),
                         _rules.ADAFACTOR_ARGS.record(dtype, update), n_threads)
         update_pass("adafactor_factored", factored,
                     (pick(params), pick(updates), pick(grads), rows, cols, rmeans,

@@ -13,11 +13,21 @@ cdef extern from "reduce_loops.h" nogil:
 
 cdef extern from "factored_loops.h" nogil:
     const Py_ssize_t COLS "FO_COLS"
+    const Py_ssize_t BAND "FO_BAND"
+    const Py_ssize_t SEGMENT "FO_SEGMENT"
     # the args pointer is a fo_adafactor_args_<sfx> struct
-    void fo_cpu_adafactor_cols_f32(const float *g, float *col, double *rowpart, Py_ssize_t R,
+    void fo_cpu_adafactor_band_f32(const float *g, float *col, double *rowpart,
+                                   double *colpart, Py_ssize_t R, Py_ssize_t C,
+                                   Py_ssize_t band, Py_ssize_t k0, Py_ssize_t k1,
+                                   const void *args)
+    void fo_cpu_adafactor_band_f64(const double *g, double *col, double *rowpart,
+                                   double *colpart, Py_ssize_t R, Py_ssize_t C,
+                                   Py_ssize_t band, Py_ssize_t k0, Py_ssize_t k1,
+                                   const void *args)
+    void fo_cpu_adafactor_cols_f32(float *col, const double *colpart, Py_ssize_t R,
                                    Py_ssize_t C, Py_ssize_t k, const void *args)
-    void fo_cpu_adafactor_cols_f64(const double *g, double *col, double *rowpart,
-                                   Py_ssize_t R, Py_ssize_t C, Py_ssize_t k, const void *args)
+    void fo_cpu_adafactor_cols_f64(double *col, const double *colpart, Py_ssize_t R,
+                                   Py_ssize_t C, Py_ssize_t k, const void *args)
     void fo_cpu_adafactor_rows_f32(float *row, float *rmean, const double *rowpart,
                                    Py_ssize_t R, Py_ssize_t C, const void *args)
     void fo_cpu_adafactor_rows_f64(double *row, double *rmean, const double *rowpart,
@@ -389,74 +399,109 @@ cdef char *_data(object a, Py_ssize_t size, Py_ssize_t itemsize, str what) excep
     return <char *>cnp.PyArray_DATA(arr)
 
 
-def adafactor_factors(list grads, list rows, list cols, list rmeans, list rowparts,
-                      const cnp.int64_t[:, ::1] shape, const cnp.int64_t[:, ::1] items,
-                      const cnp.int64_t[:, ::1] slices, bint f64, cnp.ndarray args,
-                      int n_threads):
+def adafactor_factors(list grads, list rows, list cols, list rmeans,
+                      const cnp.int64_t[:, ::1] shape, const cnp.int64_t[:, ::1] bands,
+                      const cnp.int64_t[:, ::1] blocks, const cnp.int64_t[:, ::1] slices,
+                      bint f64, cnp.ndarray args, int n_threads):
     """Adafactor's factors pass (factored_loops.h) over every factored tensor at once.
 
     Gradient t is `shape[t]` = (B, R, C): B slices of R x C. Its row factors `rows[t]`
     (B R elements), column factors `cols[t]` (B C) and clamped row means `rmeans[t]` (B)
-    move in place; `rowparts[t]` is float64 scratch (B R ceil(C / FO_COLS)). `items`
-    (tensor, slice, column block) and `slices` (tensor, slice) are the work
-    (fastopt._backends._twopass.factor_work); everything is checked against the shapes."""
-    cdef Py_ssize_t n_t = len(grads), t, i, B, R, C, total = 0
+    move in place. The work (fastopt._backends._twopass.factor_work): `bands` (tensor,
+    slice, band, first block, end block: at most FO_SEGMENT blocks), which must cover each
+    slice's bands and blocks once, then `blocks` (tensor, slice, column block) of the
+    slices of several bands and `slices` (tensor, slice); each item is checked against the
+    shapes. The float64 row and column partials are scratch of
+    this call."""
+    cdef Py_ssize_t n_t = len(grads), t, i, B, R, C, total = 0, n_row = 0, n_col = 0
     cdef Py_ssize_t itemsize = 8 if f64 else 4
     if not cnp.PyArray_IS_C_CONTIGUOUS(args):
         raise ValueError("args: expected a C-contiguous array")
-    if shape.shape[0] != n_t or shape.shape[1] != 3 or items.shape[1] != 3 or slices.shape[1] != 2:
-        raise ValueError("shape, items, slices: expected (n_tensors, 3), (n, 3), (n, 2) arrays")
-    for operand in (rows, cols, rmeans, rowparts):
+    if (shape.shape[0] != n_t or shape.shape[1] != 3 or bands.shape[1] != 5
+            or blocks.shape[1] != 3 or slices.shape[1] != 2):
+        raise ValueError("shape, bands, blocks, slices: expected (n_tensors, 3), (n, 5), "
+                         "(n, 3), (n, 2) arrays")
+    for operand in (rows, cols, rmeans):
         if len(operand) != n_t:
             raise ValueError(f"expected {n_t} arrays per operand, got {len(operand)}")
-    ptr_array = cnp.PyArray_EMPTY(2, [n_t, 5], cnp.NPY_INTP, 0)  # g, row, col, rmean, rowpart
+    # per tensor: g, row, col, rmean, its row partials and its column partials
+    ptr_array = cnp.PyArray_EMPTY(2, [n_t, 6], cnp.NPY_INTP, 0)
     cdef Py_ssize_t[:, ::1] ptr = ptr_array
     for t in range(n_t):
         B, R, C = shape[t, 0], shape[t, 1], shape[t, 2]
+        if B < 0 or R < 0 or C < 0:
+            raise ValueError(f"shape[{t}]: expected sizes >= 0")
         ptr[t, 0] = <Py_ssize_t>_data(grads[t], B * R * C, itemsize, f"grads[{t}]")
         ptr[t, 1] = <Py_ssize_t>_data(rows[t], B * R, itemsize, f"rows[{t}]")
         ptr[t, 2] = <Py_ssize_t>_data(cols[t], B * C, itemsize, f"cols[{t}]")
         ptr[t, 3] = <Py_ssize_t>_data(rmeans[t], B, itemsize, f"rmeans[{t}]")
-        ptr[t, 4] = <Py_ssize_t>_data(rowparts[t], B * R * ((C + COLS - 1) // COLS), 8,
-                                      f"rowparts[{t}]")
+        ptr[t, 4], ptr[t, 5] = n_row, n_col  # offsets, until the scratch exists
+        n_row += B * R * ((C + COLS - 1) // COLS)
+        n_col += B * ((R + BAND - 1) // BAND) * C
         total += B * R * C
-    for i in range(items.shape[0]):
-        t = items[i, 0]
-        if not (0 <= t < n_t and 0 <= items[i, 1] < shape[t, 0]
-                and 0 <= items[i, 2] < (shape[t, 2] + COLS - 1) // COLS):
-            raise ValueError(f"items[{i}] is outside the tensors' shapes")
+    for i in range(bands.shape[0]):
+        t = bands[i, 0]
+        if not (0 <= t < n_t and 0 <= bands[i, 1] < shape[t, 0]
+                and 0 <= bands[i, 2] < (shape[t, 1] + BAND - 1) // BAND
+                and 0 <= bands[i, 3] < bands[i, 4] <= (shape[t, 2] + COLS - 1) // COLS
+                and bands[i, 4] - bands[i, 3] <= SEGMENT):
+            raise ValueError(f"bands[{i}] is outside the tensors' shapes")
+    for i in range(blocks.shape[0]):
+        t = blocks[i, 0]
+        if not (0 <= t < n_t and 0 <= blocks[i, 1] < shape[t, 0] and shape[t, 1] > BAND
+                and 0 <= blocks[i, 2] < (shape[t, 2] + COLS - 1) // COLS):
+            raise ValueError(f"blocks[{i}] is outside the tensors' shapes")
     for i in range(slices.shape[0]):
         t = slices[i, 0]
         if not (0 <= t < n_t and 0 <= slices[i, 1] < shape[t, 0]):
             raise ValueError(f"slices[{i}] is outside the tensors' shapes")
-    _factors(shape, ptr, items, slices, f64, cnp.PyArray_DATA(args),
+    rowparts = cnp.PyArray_EMPTY(1, [n_row], cnp.NPY_FLOAT64, 0)
+    colparts = cnp.PyArray_EMPTY(1, [n_col], cnp.NPY_FLOAT64, 0)
+    for t in range(n_t):
+        ptr[t, 4] = <Py_ssize_t>(<double *>cnp.PyArray_DATA(rowparts) + ptr[t, 4])
+        ptr[t, 5] = <Py_ssize_t>(<double *>cnp.PyArray_DATA(colparts) + ptr[t, 5])
+    _factors(shape, ptr, bands, blocks, slices, f64, cnp.PyArray_DATA(args),
              max(1, min(n_threads, total // MIN_PER_THREAD)))
 
 
 cdef void _factors(const cnp.int64_t[:, ::1] shape, const Py_ssize_t[:, ::1] ptr,
-                   const cnp.int64_t[:, ::1] items, const cnp.int64_t[:, ::1] slices, bint f64,
-                   const void *args, int n_threads) noexcept:
-    cdef Py_ssize_t i, t, b, k, R, C, nb
+                   const cnp.int64_t[:, ::1] bands, const cnp.int64_t[:, ::1] blocks,
+                   const cnp.int64_t[:, ::1] slices, bint f64, const void *args,
+                   int n_threads) noexcept:
+    cdef Py_ssize_t i, t, b, R, C, rp, cp
     with nogil:
-        for i in prange(items.shape[0], num_threads=n_threads, schedule='guided'):
-            t, b, k = items[i, 0], items[i, 1], items[i, 2]
+        for i in prange(bands.shape[0], num_threads=n_threads, schedule='guided'):
+            t, b = bands[i, 0], bands[i, 1]
             R, C = shape[t, 1], shape[t, 2]
-            nb = (C + COLS - 1) // COLS
+            rp = b * R * ((C + COLS - 1) // COLS)
+            cp = b * ((R + BAND - 1) // BAND) * C
             if f64:
-                fo_cpu_adafactor_cols_f64(<double *>ptr[t, 0] + b * R * C,
+                fo_cpu_adafactor_band_f64(<double *>ptr[t, 0] + b * R * C,
                                           <double *>ptr[t, 2] + b * C,
-                                          <double *>ptr[t, 4] + b * R * nb, R, C, k, args)
+                                          <double *>ptr[t, 4] + rp, <double *>ptr[t, 5] + cp,
+                                          R, C, bands[i, 2], bands[i, 3], bands[i, 4], args)
             else:
-                fo_cpu_adafactor_cols_f32(<float *>ptr[t, 0] + b * R * C,
+                fo_cpu_adafactor_band_f32(<float *>ptr[t, 0] + b * R * C,
                                           <float *>ptr[t, 2] + b * C,
-                                          <double *>ptr[t, 4] + b * R * nb, R, C, k, args)
+                                          <double *>ptr[t, 4] + rp, <double *>ptr[t, 5] + cp,
+                                          R, C, bands[i, 2], bands[i, 3], bands[i, 4], args)
+        for i in prange(blocks.shape[0], num_threads=n_threads, schedule='guided'):
+            t, b = blocks[i, 0], blocks[i, 1]
+            R, C = shape[t, 1], shape[t, 2]
+            cp = b * ((R + BAND - 1) // BAND) * C
+            if f64:
+                fo_cpu_adafactor_cols_f64(<double *>ptr[t, 2] + b * C, <double *>ptr[t, 5] + cp,
+                                          R, C, blocks[i, 2], args)
+            else:
+                fo_cpu_adafactor_cols_f32(<float *>ptr[t, 2] + b * C, <double *>ptr[t, 5] + cp,
+                                          R, C, blocks[i, 2], args)
         for i in prange(slices.shape[0], num_threads=n_threads, schedule='guided'):
             t, b = slices[i, 0], slices[i, 1]
             R, C = shape[t, 1], shape[t, 2]
-            nb = (C + COLS - 1) // COLS
+            rp = b * R * ((C + COLS - 1) // COLS)
             if f64:
                 fo_cpu_adafactor_rows_f64(<double *>ptr[t, 1] + b * R, <double *>ptr[t, 3] + b,
-                                          <double *>ptr[t, 4] + b * R * nb, R, C, args)
+                                          <double *>ptr[t, 4] + rp, R, C, args)
             else:
                 fo_cpu_adafactor_rows_f32(<float *>ptr[t, 1] + b * R, <float *>ptr[t, 3] + b,
-                                          <double *>ptr[t, 4] + b * R * nb, R, C, args)
+                                          <double *>ptr[t, 4] + rp, R, C, args)

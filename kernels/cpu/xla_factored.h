@@ -16,8 +16,8 @@
  * decay rate is a float64 array), eps.
  *   phase 0 (factored tensors only): per tensor g, a, b, info; results a, b:
  *     rows <- decay rows + (1 - decay) mean_c(d d + eps), cols likewise over the rows (each
- *     term rounded to T; summed in float64, a row by blocks of FO_COLS in order, a column by
- *     bands of FO_XF_BAND rows in order; the gradient read once, row by row)
+ *     term rounded to T; summed in float64 in fastopt/reduce.h's factored order; the
+ *     gradient read once, row by row)
  *   phase 1: per tensor p, g, a, b, info; results a per tensor (fastopt.jax aliases a
  *     vector's; a factored tensor's gets a copied), then the means: T of (n_tensors, 2), the
  *     mean of u u and of p p per tensor (float64 sums, in a fixed order):
@@ -44,10 +44,9 @@
 #define FO_XLA_FACTORED_TARGET "fastopt_factored_v1"
 #define FO_XF FO_XLA_FACTORED_TARGET
 #define FO_XF_INVALID(api, ...) FO_XLA_INVALID_AT(FO_XF, api, __VA_ARGS__)
-/* phase 0 reads the gradient in bands of rows (contiguous), each with its columns' partial
-   sums (float64, C per band: 1/8 of a float32 gradient's bytes, written and read back) */
-#define FO_XF_BAND 64
-#define FO_XF_BANDS(R) (((R) + FO_XF_BAND - 1) / FO_XF_BAND)
+/* phase 0 reads the gradient in bands of FO_BAND rows (contiguous), each with its columns'
+   partial sums (float64, C per band: 1/32 of a float32 gradient's bytes, written and read
+   back) */
 
 /* one tensor's operands (NULL where the phase has none) and its view */
 typedef struct {
@@ -69,7 +68,7 @@ typedef struct {
 } fo_xf_pass;
 
 #define FO_DEFINE_XLA_FACTORED(T, SFX, SQRT, FABS)                                        \
-    /* phase 0, one item: rows band FO_XF_BAND .. of slice s of tensor t, read once: their \
+    /* phase 0, one item: rows band FO_BAND .. of slice s of tensor t, read once: their \
        statistics, complete (each row's blocks of FO_COLS summed in order), and the band's \
        partial column sums */                                                             \
     FO_MULTIVERSION static void fo_xf_band_##SFX(const fo_xf_pass *pass, ptrdiff_t item)  \
@@ -78,9 +77,9 @@ typedef struct {
         const ptrdiff_t t = pass->chunk[3 * item], s = pass->chunk[3 * item + 1];         \
         const ptrdiff_t band = pass->chunk[3 * item + 2];                                 \
         const fo_xf_tensor *x = pass->tensor + t;                                         \
-        const ptrdiff_t R = x->R, C = x->C, bands = FO_XF_BANDS(R);                       \
-        const ptrdiff_t r0 = band * FO_XF_BAND;                                           \
-        const ptrdiff_t r1 = R - r0 < FO_XF_BAND ? R : r0 + FO_XF_BAND;                   \
+        const ptrdiff_t R = x->R, C = x->C, bands = FO_N_BANDS(R);                       \
+        const ptrdiff_t r0 = band * FO_BAND;                                           \
+        const ptrdiff_t r1 = R - r0 < FO_BAND ? R : r0 + FO_BAND;                   \
         /* the row statistics: a in mode 1, b in mode 2 */                                \
         T *row = (T *)(x->mode == 1 ? x->a_out : (char *)x->b) + s * R;                   \
         double *restrict acc = pass->part + pass->part_at[t] + (s * bands + band) * C;    \
@@ -112,7 +111,7 @@ typedef struct {
         const ptrdiff_t t = pass->chunk[3 * item], s = pass->chunk[3 * item + 1];         \
         const ptrdiff_t k = pass->chunk[3 * item + 2];                                    \
         const fo_xf_tensor *x = pass->tensor + t;                                         \
-        const ptrdiff_t R = x->R, C = x->C, bands = FO_XF_BANDS(R), c0 = k * FO_COLS;     \
+        const ptrdiff_t R = x->R, C = x->C, bands = FO_N_BANDS(R), c0 = k * FO_COLS;     \
         const ptrdiff_t w = C - c0 < FO_COLS ? C - c0 : FO_COLS;                          \
         /* the column statistics: b in mode 1, a in mode 2 */                             \
         T *col = (T *)(x->mode == 1 ? (char *)x->b : x->a_out) + s * C + c0;              \
@@ -383,8 +382,8 @@ static fo_xla_error *fo_xla_factored(fo_xla_call_frame *call)
             x->b_in = x->b;
             x->b = (const char *)r[1]->data;
             part_at[t] = n_parts;
-            n_parts += x->B * FO_XF_BANDS(x->R) * x->C;
-            n_items += x->B * FO_XF_BANDS(x->R);
+            n_parts += x->B * FO_N_BANDS(x->R) * x->C;
+            n_items += x->B * FO_N_BANDS(x->R);
             n_cols += x->B * FO_N_BLOCKS(x->C);
             continue;
         }
@@ -432,7 +431,7 @@ static fo_xla_error *fo_xla_factored(fo_xla_call_frame *call)
     for (t = 0, c = 0, c2 = n_items; t < n_tensors; t++) {
         fo_xf_tensor *x = tensor + t;
         if (phase == 0) {
-            const ptrdiff_t bands = FO_XF_BANDS(x->R), blocks = FO_N_BLOCKS(x->C);
+            const ptrdiff_t bands = FO_N_BANDS(x->R), blocks = FO_N_BLOCKS(x->C);
             ptrdiff_t s, k, at = c2;
             /* the statistics are updated in their results: the inputs copied there first */
             fo_xf_copy(x->a_out, x->a_in, x->B * (x->mode == 1 ? x->R : x->C), size);

@@ -7,7 +7,8 @@
  * (tensor, slice, column block of FO_COLS), then the slices (tensor, slice); the
  * fo_adafactor_args struct sits at `args_at`.
  *   fo_cuda_adafactor_cols:     one block per item, a thread per column: the column's sum
- *                               over the rows in order, then its factor.
+ *                               over each band of FO_BAND rows in order, the bands in
+ *                               order, then its factor.
  *   fo_cuda_adafactor_rowparts: one block of FO_NORM_LANES threads per (item, row): the
  *                               row's partial over the block, lanes as in reduce.cu.
  *   fo_cuda_adafactor_rows:     a thread per slice: row sums (partials in block order), row
@@ -36,7 +37,13 @@ typedef long long fo_i64;
         T *col = (T *)meta[2] + b * C + c0;                                               \
         for (fo_i64 j = threadIdx.x; j < width; j += blockDim.x) {                        \
             double acc = 0;                                                               \
-            for (fo_i64 r = 0; r < R; r++) acc += fo_adafactor_sq_##SFX(g[r * C + j], &a); \
+            for (fo_i64 r0 = 0; r0 < R; r0 += FO_BAND) {                                  \
+                const fo_i64 r1 = R - r0 < FO_BAND ? R : r0 + FO_BAND;                    \
+                double band = 0;                                                          \
+                for (fo_i64 r = r0; r < r1; r++)                                          \
+                    band += fo_adafactor_sq_##SFX(g[r * C + j], &a);                      \
+                acc = r0 == 0 ? band : acc + band;                                        \
+            }                                                                             \
             col[j] = fo_adafactor_factor_##SFX(col[j], acc, (double)R, &a);               \
         }                                                                                 \
     }                                                                                     \

@@ -4,8 +4,9 @@ tensors: a device table of operand addresses and chunks, one thread block per ch
 import numpy as np
 
 from fastopt import _rules
+from fastopt._backends import _twopass
 from fastopt._backends._cupy import _launch
-from fastopt._backends._layout import CHUNK, LANES
+from fastopt._backends._layout import CHUNK, COLS, LANES
 
 MASKS_IN_KERNELS = False  # pruned entries are zeroed after each pass (fastopt._backends._steps)
 # optim.cu has a kernel for each entry of fastopt/optim.h's list, which tests/test_kernels.py
@@ -42,28 +43,36 @@ def norm_partials(grads, kind, *, n_threads):
         return out.get()
 
 
-def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, record, n_threads):
-    """Adafactor's factors pass: three launches over one table (kernels/cuda/factored.cu)."""
-    import cupy
-    dtype = grads[0].dtype
-    meta = np.array([[g.data.ptr, row.data.ptr, col.data.ptr, rmean.data.ptr, part.data.ptr]
-                     for g, row, col, rmean, part in zip(grads, rows, cols, rmeans, rowparts)],
-                    np.int64)
+def factor_launches(addresses, shape, slices, record):
+    """The factors pass's table (host int64: per tensor FO_META values, the addresses of g,
+    row, col, rmean and row partials, then B, R, C; the work items; the slices; the args)
+    and its three launches (kernels/cuda/factored.cu), each (kernel, grid, block, arguments
+    after the table). A thread sums a whole column, so the items are each slice's column
+    blocks (not the CPU passes' bands and blocks)."""
+    items = _twopass.expand(slices, -(-shape[:, 2] // COLS)[slices[:, 0]])
     args = _rules.pack(record).view(np.int64)
-    # per tensor FO_META values: the five addresses, then B, R, C
-    table = np.concatenate([np.concatenate([meta, shape], axis=1).ravel(), items.ravel(),
+    table = np.concatenate([np.concatenate([addresses, shape], axis=1).ravel(), items.ravel(),
                             slices.ravel(), args])
-    args_at = np.int64(table.size - args.size)
-    n_t = np.int64(len(grads))
+    args_at, n_t = np.int64(table.size - args.size), np.int64(len(shape))
+    return table, [
+        ("adafactor_cols", (len(items), 1), (_launch.THREADS,), (n_t, args_at)),
+        ("adafactor_rowparts", (len(items), min(int(shape[:, 1].max()), 65535)), (LANES,),
+         (n_t, args_at)),
+        ("adafactor_rows", (-(-len(slices) // _launch.THREADS), 1), (_launch.THREADS,),
+         (n_t, np.int64(len(items)), np.int64(len(slices)), args_at))]
+
+
+def factors(grads, rows, cols, rmeans, shape, bands, blocks, slices, record, n_threads):
+    """Adafactor's factors pass: three launches over one table (factor_launches)."""
+    import cupy
+    n_blocks = -(-shape[:, 2] // COLS)
     module = _launch.module("factored.cu")
-    sfx = _launch.suffix(dtype)
+    sfx = _launch.suffix(grads[0].dtype)
     with grads[0].device:
+        rowparts = [cupy.empty(int(b * r * k)) for (b, r, _), k in zip(shape, n_blocks)]
+        addresses = np.array([[a.data.ptr for a in arrays]
+                              for arrays in zip(grads, rows, cols, rmeans, rowparts)], np.int64)
+        table, launches = factor_launches(addresses, shape, slices, record)
         table = cupy.asarray(table)
-        module.get_function(f"fo_cuda_adafactor_cols_{sfx}")(
-            (len(items),), (_launch.THREADS,), (table, n_t, args_at))
-        module.get_function(f"fo_cuda_adafactor_rowparts_{sfx}")(
-            (len(items), min(int(shape[:, 1].max()), 65535)), (LANES,),
-            (table, n_t, args_at))
-        module.get_function(f"fo_cuda_adafactor_rows_{sfx}")(
-            (-(-len(slices) // _launch.THREADS),), (_launch.THREADS,),
-            (table, n_t, np.int64(len(items)), np.int64(len(slices)), args_at))
+        for kernel, grid, block, arguments in launches:
+            module.get_function(f"fo_cuda_{kernel}_{sfx}")(grid, block, (table,) + arguments)

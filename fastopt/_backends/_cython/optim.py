@@ -69,8 +69,8 @@ def caution_counts(kernel, operands, record, n_threads):
                                  n_threads)
 
 
-def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, record, n_threads):
-    _optim.adafactor_factors(grads, rows, cols, rmeans, rowparts, shape, items, slices,
+def factors(grads, rows, cols, rmeans, shape, bands, blocks, slices, record, n_threads):
+    _optim.adafactor_factors(grads, rows, cols, rmeans, shape, bands, blocks, slices,
                              grads[0].dtype == np.float64, record, n_threads)
 
 

@@ -38,7 +38,7 @@ from numba.extending import intrinsic
 
 from fastopt import _rules
 from fastopt._backends._formats import BF16, BLOCK, F16, F32, Q8S, Q8U, QMAPS, SCALE_MIN
-from fastopt._backends._layout import CHUNK, COLS, LANES, MIN_PER_THREAD
+from fastopt._backends._layout import BAND, CHUNK, COLS, LANES, MIN_PER_THREAD
 from fastopt._backends._refmath import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
 from fastopt._cpu._runtime import data_pointers
 
@@ -1264,44 +1264,70 @@ def _adafactor_sq(g, a):
 
 
 @njit(parallel=True, **_JIT)
-def _adafactor_factors(ptrs, shape, items, slices, rec, like):
-    """The factors pass (kernels/cpu/factored_loops.h): per (tensor, slice, column block),
-    the block's column sums over all rows and each row's partial; then per slice, the row
-    sums, row factors and clamped row mean. ptrs[t]: g, row, col, rmean, rowpart."""
+def _adafactor_factors(ptrs, shape, bands, blocks, slices, rec, like):
+    """The factors pass (kernels/cpu/factored_loops.h): per (tensor, slice, band, run of
+    column blocks), each row's partial per block and the band's column partials (the
+    column factors, if the slice has one band); per (tensor, slice, column block) of a
+    slice of several bands, the bands' partials in order and the column factors; then per
+    slice, the row sums, row factors and clamped row mean. ptrs[t]: g, row, col, rmean,
+    rowpart, colpart."""
     r0 = rec[0]
     a = _Prologue(r0.clip, r0.gscale)  # a record cannot enter a prange loop; a tuple can
     w, eps1, lerp_hi = r0.w, r0.eps1, r0.lerp_hi
     one = _one(like)
     f64 = np.empty(0, np.float64)
-    for it in prange(items.shape[0]):
-        t, b, k = items[it, 0], items[it, 1], items[it, 2]
+    for it in prange(bands.shape[0]):
+        t, b, band, k0, k1 = bands[it, 0], bands[it, 1], bands[it, 2], bands[it, 3], bands[it, 4]
         R, C = shape[t, 1], shape[t, 2]
-        n_blocks = (C + COLS - 1) // COLS
+        n_blocks, n_bands = (C + COLS - 1) // COLS, (R + BAND - 1) // BAND
+        lo, hi = k0 * COLS, min(C, k1 * COLS)
+        g = _view(ptrs, t, 0, b * R * C, R * C, like)
+        part = _view(ptrs, t, 4, b * R * n_blocks, R * n_blocks, f64)
+        acc = np.zeros(hi - lo, np.float64)
+        lane = np.empty(LANES, np.float64)
+        for r in range(band * BAND, min(R, band * BAND + BAND)):
+            for k in range(k0, k1):
+                c0 = k * COLS
+                width = min(COLS, C - c0)
+                full = width - width % LANES
+                lane[:] = 0.0
+                at, ac = r * C + c0, c0 - lo
+                for j in range(0, full, LANES):
+                    for m in range(LANES):
+                        x = _adafactor_sq(g[at + j + m], a)
+                        lane[m] += x
+                        acc[ac + j + m] += x
+                for m in range(width - full):
+                    x = _adafactor_sq(g[at + full + m], a)
+                    lane[m] += x
+                    acc[ac + full + m] += x
+                s = lane[0]
+                for m in range(1, LANES):
+                    s += lane[m]
+                part[r * n_blocks + k] = s
+        if n_bands == 1:  # its partials are the column sums
+            col = _view(ptrs, t, 2, b * C + lo, hi - lo, like)
+            mean = np.empty(hi - lo, like.dtype)  # float64 -> dtype, rounded as a C cast
+            for j in range(hi - lo):
+                mean[j] = acc[j] / R
+                col[j] = _lerp(col[j], mean[j], w, lerp_hi, one)
+        else:  # a loop: Numba's parfor pass dropped `_view(...)[:] = acc` here (0.68)
+            colpart = _view(ptrs, t, 5, (b * n_bands + band) * C + lo, hi - lo, f64)
+            for j in range(hi - lo):
+                colpart[j] = acc[j]
+    for it in prange(blocks.shape[0]):
+        t, b, k = blocks[it, 0], blocks[it, 1], blocks[it, 2]
+        R, C = shape[t, 1], shape[t, 2]
+        n_bands = (R + BAND - 1) // BAND
         c0 = k * COLS
         width = min(COLS, C - c0)
-        full = width - width % LANES
-        g = _view(ptrs, t, 0, b * R * C, R * C, like)
         col = _view(ptrs, t, 2, b * C + c0, width, like)
-        part = _view(ptrs, t, 4, b * R * n_blocks, R * n_blocks, f64)
-        acc = np.zeros(width, np.float64)
-        lane = np.empty(LANES, np.float64)
-        for r in range(R):
-            lane[:] = 0.0
-            at = r * C + c0
-            for j in range(0, full, LANES):
-                for m in range(LANES):
-                    x = _adafactor_sq(g[at + j + m], a)
-                    lane[m] += x
-                    acc[j + m] += x
-            for m in range(width - full):
-                x = _adafactor_sq(g[at + full + m], a)
-                lane[m] += x
-                acc[full + m] += x
-            s = lane[0]
-            for m in range(1, LANES):
-                s += lane[m]
-            part[r * n_blocks + k] = s
-        mean = np.empty(width, like.dtype)  # float64 -> dtype, rounded as a C cast
+        colpart = _view(ptrs, t, 5, b * n_bands * C, n_bands * C, f64)
+        acc = colpart[c0:c0 + width].copy()
+        for band in range(1, n_bands):
+            for j in range(width):
+                acc[j] += colpart[band * C + c0 + j]
+        mean = np.empty(width, like.dtype)
         for j in range(width):
             mean[j] = acc[j] / R
             col[j] = _lerp(col[j], mean[j], w, lerp_hi, one)
@@ -1377,11 +1403,15 @@ KERNELS = {**{name: len(_rules.ALL_KERNELS[name].state) for name in _ELEMENTS},
            **{k.name: len(k.state) for k in _rules.PASS_KERNELS}}
 
 
-def factors(grads, rows, cols, rmeans, rowparts, shape, items, slices, record, n_threads):
+def factors(grads, rows, cols, rmeans, shape, bands, blocks, slices, record, n_threads):
     dtype = grads[0].dtype
-    ptrs, sizes = data_pointers((grads, rows, cols, rmeans, rowparts), dtype.itemsize, 4)
+    n_blocks, n_bands = -(-shape[:, 2] // COLS), -(-shape[:, 1] // BAND)
+    rowparts = [np.empty(b * r * k) for (b, r, _), k in zip(shape, n_blocks)]
+    colparts = [np.empty(b * k * c) for (b, _, c), k in zip(shape, n_bands)]
+    ptrs, sizes = data_pointers((grads, rows, cols, rmeans, rowparts, colparts),
+                                dtype.itemsize, 5)
     _set_threads(n_threads, sizes)
-    _adafactor_factors(ptrs, shape, items, slices, record, np.empty(0, dtype))
+    _adafactor_factors(ptrs, shape, bands, blocks, slices, record, np.empty(0, dtype))
 
 
 def device(arrays, like):

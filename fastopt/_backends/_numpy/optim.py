@@ -16,7 +16,7 @@ import numpy as np
 from fastopt import _scalars
 from fastopt._backends import _orthogonalize
 from fastopt._backends._formats import formatted
-from fastopt._backends._layout import CHUNK, COLS, LANES
+from fastopt._backends._layout import BAND, CHUNK, COLS, LANES
 from fastopt._backends._masked import wrap_steps, zero_pruned
 
 
@@ -455,14 +455,20 @@ def _zero_pruned(masks, *lists):
 
 def factored_sums(g2):
     """Row and column sums of a (B, R, C) float64 array of squares, in fastopt/reduce.h's
-    fixed order: a column adds its rows in index order; a row is cut into blocks of FO_COLS
-    columns, each summed in 16 lanes like a norm chunk, and the blocks are added in order."""
-    col = np.add.accumulate(g2, axis=1)[:, -1, :]
-    n_blocks = -(-g2.shape[2] // COLS)
-    padded = np.zeros(g2.shape[:2] + (n_blocks * COLS,))
-    padded[..., :g2.shape[2]] = g2  # zeros added to a lane change nothing
-    groups = padded.reshape(g2.shape[:2] + (n_blocks, COLS // LANES, LANES))
-    lanes = np.zeros(g2.shape[:2] + (n_blocks, LANES))
+    fixed order: a row is cut into blocks of FO_COLS columns, each summed in 16 lanes like a
+    norm chunk, and the blocks are added in order; a column adds the rows of each band of
+    FO_BAND rows in order, and the bands in order."""
+    B, R, C = g2.shape
+    n_bands = -(-R // BAND)
+    rows = np.zeros((B, n_bands * BAND, C))
+    rows[:, :R] = g2  # zeros added to a band's sum change nothing
+    bands = np.add.accumulate(rows.reshape(B, n_bands, BAND, C), axis=2)[:, :, -1]
+    col = np.add.accumulate(bands, axis=1)[:, -1]
+    n_blocks = -(-C // COLS)
+    padded = np.zeros((B, R, n_blocks * COLS))
+    padded[..., :C] = g2  # zeros added to a lane change nothing
+    groups = padded.reshape((B, R, n_blocks, COLS // LANES, LANES))
+    lanes = np.zeros((B, R, n_blocks, LANES))
     for k in range(COLS // LANES):  # each lane in index order
         lanes += groups[..., k, :]
     blocks = lanes[..., 0]

@@ -9,9 +9,12 @@
  * Prodigy's dot products, whose terms its update pass writes out).
  *
  * Factored sums (Adafactor's row and column statistics of a slice of R x C, row-major):
- * a column's sum adds its rows in index order; a row is cut into blocks of FO_COLS
- * columns, each block summed like a norm chunk (16 lanes, then the lanes in order), and
- * the blocks' partials are added in block order. All in float64.
+ * a row is cut into blocks of FO_COLS columns, each block summed like a norm chunk (16
+ * lanes, then the lanes in order), and the blocks' partials are added in block order; the
+ * rows are cut into bands of FO_BAND, a column's sum over each band adds the band's rows in
+ * index order (from 0), and the bands' partials are added in band order. All in float64.
+ * The bands let a pass read whole rows, contiguous, and still sum the columns in an order
+ * that does not depend on the threads.
  */
 #ifndef FASTOPT_REDUCE_H
 #define FASTOPT_REDUCE_H
@@ -23,6 +26,9 @@
 #define FO_COLS 512
 /* the blocks of FO_COLS columns of a row of C */
 #define FO_N_BLOCKS(C) (((C) + FO_COLS - 1) / FO_COLS)
+#define FO_BAND 64
+/* the bands of FO_BAND rows of a slice of R rows */
+#define FO_N_BANDS(R) (((R) + FO_BAND - 1) / FO_BAND)
 
 #define FO_DEFINE_NORM_TERM(T, SFX, SQRT, FABS)                                                 \
     FO_HD double fo_norm_term_##SFX(T g, int kind)                                        \

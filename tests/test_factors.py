@@ -1,0 +1,59 @@
+"""Adafactor's factors pass on the CPU backends: its work covers every row, band and column
+block once, and the way it is split (runs of column blocks per item, threads) leaves the
+bits alone. The parity tests hold the default split to the NumPy reference."""
+
+import numpy as np
+import pytest
+from conftest import require_backend
+
+from fastopt import _backends, _rules, _scalars
+from fastopt._backends._layout import BAND, COLS, SEGMENT
+from fastopt._backends._twopass import factor_work
+
+# several bands with a partial last one, runs of several segments, one band, one row, and a
+# slice of exactly one band
+SHAPES = np.array([(1, 130, 9000), (2, 70, 1100), (3, 5, 17000), (1, 1, 9), (1, BAND, 600)],
+                  np.int64)
+
+
+def test_factor_work_covers_each_band_and_block_once():
+    for segment in (1, 3, SEGMENT):
+        bands, blocks, slices = factor_work(SHAPES, segment)
+        seen = set()
+        for t, b, band, k0, k1 in bands:
+            assert 0 < k1 - k0 <= segment
+            seen.update((t, b, band, k) for k in range(k0, k1))
+        want = {(t, b, band, k) for t, (B, R, C) in enumerate(SHAPES) for b in range(B)
+                for band in range(-(-R // BAND)) for k in range(-(-C // COLS))}
+        assert seen == want and len(seen) == sum(k1 - k0 for *_, k0, k1 in bands)
+        assert {tuple(x) for x in blocks} == {
+            (t, b, k) for t, (B, R, C) in enumerate(SHAPES) if R > BAND for b in range(B)
+            for k in range(-(-C // COLS))}
+        assert [tuple(x) for x in slices] == [(t, b) for t, (B, _, _) in enumerate(SHAPES)
+                                              for b in range(B)]
+
+
+@pytest.mark.parametrize("backend", ["cython", "numba"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_split_does_not_change_the_bits(backend, dtype):
+    require_backend(backend)
+    module = _backends.load(backend)[0]
+    rng = np.random.default_rng(3)
+    grads = [rng.standard_normal(b * r * c).astype(dtype) for b, r, c in SHAPES]
+    grads[0][17] = 1e30  # clipped by the prologue
+    scalars, _ = _scalars.adafactor_scalars(np.dtype(dtype), step=4, lr=0.01,
+                                            beta2_decay=-0.8, eps1=None, weight_decay=0.0,
+                                            maximize=True, grad_scale=0.7, grad_clip=3.0)
+    record = _rules.ADAFACTOR_ARGS.record(np.dtype(dtype), scalars)
+    start = [[rng.uniform(0.5, 1, b * r).astype(dtype) for b, r, c in SHAPES],
+             [rng.uniform(0.5, 1, b * c).astype(dtype) for b, r, c in SHAPES]]
+    results = []
+    for segment, n_threads in ((SEGMENT, 1), (1, 2), (3, 2), (SEGMENT, 2)):
+        rows, cols = ([a.copy() for a in arrays] for arrays in start)
+        rmeans = [np.zeros(b, dtype) for b, r, c in SHAPES]
+        module.factors(grads, rows, cols, rmeans, SHAPES, *factor_work(SHAPES, segment),
+                       record, n_threads)
+        results.append(rows + cols + rmeans)
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            np.testing.assert_array_equal(got, want)
