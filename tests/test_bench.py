@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import fastopt
 from fastopt import bench
+from fastopt.bench._timing import arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,6 +106,21 @@ def test_harness_every_rule(tmp_path, quick):
         assert any(r["rule"] == rule and r["implementation"] == "fastopt cython"
                    for r in rows), rule
     assert_numbers(rows, rule_traffic)
+
+
+def test_prodigy_is_timed_on_alternating_gradients():
+    """Under the harness's one fixed gradient Prodigy's parameters leave the data's scale
+    within 200 steps (its d estimate grows without bound; later they overflow), so the
+    harness times it on g, -g, g, ... (bench._table.ALTERNATING), where they stay."""
+    rule = bench.RULES["prodigy"]
+    assert rule.alternate and not bench.RULES["adam"].alternate
+    for alternate in (True, False):
+        params, grads = arrays([3000], np.float32, 1), arrays([3000], np.float32, 2)
+        opt = fastopt.Prodigy(params, backend="cython", **rule.hyper)
+        for i in range(200):
+            opt.step([-g for g in grads] if alternate and i % 2 else grads)
+        scale = np.abs(params[0]).max()
+        assert scale < 10 if alternate else scale > 1e6, (alternate, scale)
 
 
 def test_harness_agrees_with_a_fresh_process(tmp_path):

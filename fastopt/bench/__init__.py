@@ -72,7 +72,14 @@ def _fastopt_case(rule, sizes, backend, n_threads, wrap=None):
         params, grads = [wrap(p) for p in params], [wrap(g) for g in grads]
     opt = getattr(fastopt, rule.cls)(params, backend=backend, n_threads=n_threads,
                                      max_grad_norm=rule.clip, **rule.hyper)
-    return lambda: opt.step(grads)
+    if not rule.alternate:
+        return lambda: opt.step(grads)
+    inputs = [grads, [-g for g in grads]]
+
+    def alternating():
+        opt.step(inputs[0])
+        inputs.reverse()
+    return alternating
 
 
 def _torch_case(torch, rule, sizes, mode):

@@ -14,8 +14,9 @@ class Rule(NamedTuple):
     state buffers per element, fastopt's max_grad_norm (torch: its clip_grad_norm_ before
     the step), the element transfers of one fastopt step when it is not one pass (reads +
     writes per element, every pass counted), whether the tensors are shaped as matrices
-    (Adafactor factors them; 1-D tensors it does not), and torch.optim's class of the same
-    rule (None: torch has none)."""
+    (Adafactor factors them; 1-D tensors it does not), torch.optim's class of the same
+    rule (None: torch has none), and whether the gradients alternate in sign from one step
+    to the next (see ALTERNATING)."""
     cls: str
     hyper: dict
     n_state: int
@@ -23,6 +24,7 @@ class Rule(NamedTuple):
     passes_traffic: int = None
     matrix: bool = False
     torch: str = None
+    alternate: bool = False
 
     @property
     def traffic(self):
@@ -31,6 +33,13 @@ class Rule(NamedTuple):
         if self.passes_traffic is not None:
             return self.passes_traffic
         return 2 * (self.n_state + 1) + 1 + (self.clip is not None)
+
+
+# Rules timed on gradients g, -g, g, ...: under one fixed gradient Prodigy's d estimate grows
+# without bound (to 1e16 within 100 steps on the harness's data), the parameters overflow
+# float32, and the timed steps would run on inf and NaN. With alternating signs d and the
+# parameters stay at their starting scale.
+ALTERNATING = frozenset({"Prodigy"})
 
 
 def _state_arrays(row):
@@ -52,7 +61,7 @@ def _table_rules():
             if row.reference.startswith("torch.optim.") else None
         rules[row.name.lower()] = Rule(row.name, row.bench, _state_arrays(row),
                                        passes_traffic=row.traffic, matrix=row.matrix,
-                                       torch=torch_cls)
+                                       torch=torch_cls, alternate=row.name in ALTERNATING)
     rules["adam+clip"] = rules["adam"]._replace(clip=1.0)
     for row in _rules.RULES:
         if row.cautious and row.name != "Adam":  # Adam's is AdamW's

@@ -85,7 +85,8 @@ def implementations(spec, sizes, n_threads):
     def fused():
         tx = ours()
         params, grads = data()
-        return _donated(jax, jax.jit(tx.step, donate_argnums=(0, 2)), params, grads,
+        return _donated(jax, jax.jit(tx.step, donate_argnums=(0, 2)), params,
+                        _inputs(jax, spec, grads, lambda g: jax.tree.map(jax.numpy.negative, g)),
                         tx.init(params))
 
     def through_update(tx, inside):
@@ -102,8 +103,13 @@ def implementations(spec, sizes, n_threads):
                 g = jax.lax.cond(g[1], lambda g: [-x for x in g], lambda g: g, g[0])
             u, s = tx.update(g, s, p)
             return optax.apply_updates(p, u), s
-        return _donated(jax, jax.jit(step, donate_argnums=(0, 2)), params,
-                        (grads, jax.numpy.asarray(True)) if inside else grads, tx.init(params))
+        if inside:  # the alternate inputs flip the flag
+            inputs = _inputs(jax, spec, (grads, jax.numpy.asarray(True)),
+                             lambda g: (g[0], jax.numpy.asarray(False)))
+        else:
+            inputs = _inputs(jax, spec, grads, lambda g: jax.tree.map(jax.numpy.negative, g))
+        return _donated(jax, jax.jit(step, donate_argnums=(0, 2)), params, inputs,
+                        tx.init(params))
 
     rule, label = _optax_rule(optax, name)
 
@@ -124,15 +130,23 @@ def implementations(spec, sizes, n_threads):
                    (f"{label}, grads inside", lambda: through_update(optax_tx(), True))]
 
 
-def _donated(jax, step, params, grads, state):
+def _inputs(jax, spec, grads, negated):
+    """The gradient inputs of successive steps, in turn: `grads`, and for a rule timed on
+    alternating signs (fastopt.bench._table.ALTERNATING) also `negated(grads)`."""
+    return [grads, jax.block_until_ready(negated(grads))] if spec.alternate else [grads]
+
+
+def _donated(jax, step, params, inputs, state):
     """A call that runs one jitted `step(params, grads, state)` with the donated buffers of
-    the last call's results, and waits for it. Each leaf of the first call's parameters and
-    state is copied into a buffer of its own: a state may hold one array twice
-    (optax.contrib.prodigy's initial state does), which XLA refuses to donate."""
+    the last call's results, and waits for it; grads: the first of `inputs`, which turn
+    round after each call. Each leaf of the first call's parameters and state is copied
+    into a buffer of its own: a state may hold one array twice (optax.contrib.prodigy's
+    initial state does), which XLA refuses to donate."""
     box = list(jax.tree.map(lambda x: jax.numpy.array(x, copy=True), (params, state)))
 
     def run():
-        box[0], box[1] = step(box[0], grads, box[1])
+        box[0], box[1] = step(box[0], inputs[0], box[1])
+        inputs.append(inputs.pop(0))
         jax.block_until_ready(box)
     return run
 
