@@ -1285,22 +1285,25 @@ def _adafactor_factors(ptrs, shape, bands, blocks, slices, rec, like):
         part = _view(ptrs, t, 4, b * R * n_blocks, R * n_blocks, f64)
         acc = np.zeros(hi - lo, np.float64)
         lane = np.empty(LANES, np.float64)
+        x = np.empty(COLS, np.float64)
         for r in range(band * BAND, min(R, band * BAND + BAND)):
             for k in range(k0, k1):
                 c0 = k * COLS
                 width = min(COLS, C - c0)
                 full = width - width % LANES
+                gs, xs = g[r * C + c0:r * C + c0 + width], x[:width]
+                accs = acc[c0 - lo:c0 - lo + width]
+                # as the C loop: the terms, the column partials, then the lanes
+                for j in range(width):
+                    xs[j] = _adafactor_sq(gs[j], a)
+                for j in range(width):
+                    accs[j] += xs[j]
                 lane[:] = 0.0
-                at, ac = r * C + c0, c0 - lo
                 for j in range(0, full, LANES):
                     for m in range(LANES):
-                        x = _adafactor_sq(g[at + j + m], a)
-                        lane[m] += x
-                        acc[ac + j + m] += x
+                        lane[m] += xs[j + m]
                 for m in range(width - full):
-                    x = _adafactor_sq(g[at + full + m], a)
-                    lane[m] += x
-                    acc[ac + full + m] += x
+                    lane[m] += xs[full + m]
                 s = lane[0]
                 for m in range(1, LANES):
                     s += lane[m]
@@ -1365,6 +1368,7 @@ def _adafactor_factored(ptrs, chunks, rec, like):
         u, g = _view(ptrs, t, 1, lo, n, like), _view(ptrs, t, 2, lo, n, like)
         shape = _view(ptrs, t, 6, 0, 2, ilike)
         R, C = shape[0], shape[1]
+        v = np.empty(min(n, C), like.dtype)  # scratch of a row segment, reused
         i = 0
         while i < n:
             r, c0 = (lo + i) // C, (lo + i) % C
@@ -1372,9 +1376,13 @@ def _adafactor_factored(ptrs, chunks, rec, like):
             rv = _view(ptrs, t, 3, r, 1, like)[0]
             rm = _view(ptrs, t, 5, r // R, 1, like)[0]
             cv = _view(ptrs, t, 4, (r // R) * C + c0, length, like)
+            # two loops over slices: as one loop over the chunk's views, it ran 2.4-3x
+            # slower (7.9 vs 2.6-3.3 ms on 10M float32, 2 threads, AMD EPYC)
+            us, gs, vs = u[i:i + length], g[i:i + length], v[:length]
             for j in range(length):
-                v = _maximum(rv * cv[j] / rm, eps1_sq)
-                u[i + j] = one / np.sqrt(v) * _grad(g[i + j], a)
+                vs[j] = _maximum(rv * cv[j] / rm, eps1_sq)
+            for j in range(length):
+                us[j] = one / np.sqrt(vs[j]) * _grad(gs[j], a)
             i += length
 
 
