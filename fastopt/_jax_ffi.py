@@ -75,7 +75,8 @@ def record_bytes(args, dtype, scalars):
 
 
 def elementwise(kernel, record, params, grads, states, n_threads, delta=False, masks=None,
-                formats=None, into_grad=False, shadow=None, scales=None):
+                formats=None, into_grad=False, shadow=None, scales=None, sums=None,
+                discard=False):
     """One step of elementwise kernel `kernel` over many tensors, as one XLA custom call on
     jax's CPU backend; works eagerly and inside ``jax.jit`` (and ``jax.vmap``, one call per
     batch element).
@@ -122,11 +123,24 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
             fastopt._rules.SIGNED_STATE, else the unsigned one), and scales[t] lists their
             block scales in state order, float32 of ceil(size / 256) elements each, updated
             with them (aliased to results).
+        sums: None, or (not with delta, into_grad or formats) (operand, kind) pairs, at most
+            four: the pass also sums those of the kernel's operands (0 the parameter, only
+            with `discard`: otherwise its buffer is the new parameter's; 1 the new
+            parameter, 2 the gradient, 3 + s the new state s) as each chunk leaves it,
+            while it is in cache, pruned entries zeroed: kind 1 the sum of |x|, 2 of x x, 3
+            of x, each tensor's in fastopt/reduce.h's fixed order (per chunk, the chunks in
+            order, in float64), as the array API's pass_sums.
+        discard: with `sums`, the new parameters are not stored (nor returned): a pass whose
+            "new parameter" is a term whose sum is its one use (Prodigy's), which then
+            needs no buffer. Not for a kernel with factors.
 
     Returns:
         (new_params, new_states), with `shadow` the new parameters after them and with
         `scales` the new block scales last: lists shaped as `params`, `states`, `shadow`
-        and `scales` (with `delta`, the differences in place of the new parameters). For
+        and `scales` (with `delta`, the differences in place of the new parameters; with
+        `discard`, None). With `sums`, last an array of shape (len(params), len(sums)) in
+        jax's default float type (float64 under jax_enable_x64, else float32): each
+        tensor's sums, rounded once. For
         "lamb_update" (the first pass of Lamb) the "new parameter" is the update direction
         u, which the caller scales per tensor and applies.
 
@@ -158,17 +172,24 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
             raise TypeError(f"{flag}: expected a bool, got {type(value).__name__}")
     if into_grad and (delta or formats is not None):
         raise ValueError("into_grad: not with delta or formats")
+    code = _sum_pairs(sums, discard, 3 + n_state - n_aux, n_aux,
+                      delta or into_grad or formats is not None)
     masks = _masks(masks, params)
     n = len(params)
+    summed = jax.ShapeDtypeStruct((n, len(sums)), jax.numpy.result_type(float)) \
+        if sums else None
     if n == 0:
-        return ([], []) + ([],) * ((shadow is not None) + (scales is not None))
+        return ((None if discard else [], []) + ([],) * ((shadow is not None)
+                                                         + (scales is not None))
+                + ((jax.numpy.zeros(summed.shape, summed.dtype),) if sums else ()))
     record = _record(record, name, np.dtype(np.float32) if formats is not None else dtype)
 
     register()
     operands, results, aliases = [record], [], {}
     for t, (p, g, ss) in enumerate(zip(params, grads, states)):
         for i, x in enumerate((p, g, *ss)):
-            if i != 1 and i < 2 + n_state - n_aux:  # the gradient and a factor are read only
+            # the gradient and a factor are read only; with discard, the parameter too
+            if i != 1 and i < 2 + n_state - n_aux and not (i == 0 and discard):
                 if i > 1 or not (delta or into_grad):
                     aliases[len(operands)] = len(results)
                 elif g.dtype == p.dtype:  # with delta the parameter's is the gradient's
@@ -186,6 +207,9 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
         if masks is not None:
             operands.append(masks[t])
     extra = {}
+    if sums:
+        results.append(summed)
+        extra = dict(sums=np.int64(code), discard=np.int64(bool(discard)))
     if formats is not None:
         operands += _formats_operands(formats, n)
         extra = dict(formats=np.int64(1), stochastic=np.int64(bool(formats[0])))
@@ -199,14 +223,41 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
         delta=np.int64(bool(delta)), into_grad=np.int64(bool(into_grad)),
         masked=np.int64(masks is not None), **extra)
     n_q = len(quantized) if scales is not None else 0
-    step = 1 + n_state - n_aux + (shadow is not None) + n_q
-    new = ([out[t * step] for t in range(n)],
-           [list(out[t * step + 1:t * step + 1 + n_state - n_aux]) for t in range(n)])
+    first = 0 if discard else 1  # a tensor's first state result
+    step = first + n_state - n_aux + (shadow is not None) + n_q
+    new = (None if discard else [out[t * step] for t in range(n)],
+           [list(out[t * step + first:t * step + first + n_state - n_aux]) for t in range(n)])
     if shadow is not None:
         new += ([out[t * step + 1 + n_state - n_aux] for t in range(n)],)
     if scales is not None:
         new += ([list(out[(t + 1) * step - n_q:(t + 1) * step]) for t in range(n)],)
+    if sums:
+        new += (out[-1],)
     return new
+
+
+def _sum_pairs(sums, discard, n_operands, n_aux, excluded):
+    """The handler's sums attribute for `sums` ((operand, kind) pairs; see elementwise):
+    pair j in byte j as 1 + 4 operand + kind; 0 for none."""
+    if not isinstance(discard, (bool, np.bool_)):
+        raise TypeError(f"discard: expected a bool, got {type(discard).__name__}")
+    if not sums:
+        if discard:
+            raise ValueError("discard: only with sums")
+        return 0
+    if excluded:
+        raise ValueError("sums: not with delta, into_grad or formats")
+    if discard and n_aux:
+        raise ValueError("discard: not for a kernel with factors")
+    if len(sums) > 4 or not all(
+            isinstance(pair, tuple) and len(pair) == 2 and pair[0] in range(n_operands)
+            and pair[1] in (1, 2, 3) for pair in sums):
+        raise ValueError(f"sums: expected up to 4 (operand, kind) pairs, each operand below "
+                         f"{n_operands} and kind 1, 2 or 3, got {sums!r}")
+    if not discard and any(op == 0 for op, _ in sums):
+        raise ValueError("sums: operand 0 (the parameter) only with discard: the pass "
+                         "writes the new parameter over it")
+    return sum((1 + 4 * op + kind) << (8 * j) for j, (op, kind) in enumerate(sums))
 
 
 def factored(phase, scalars, params, grads, firsts, seconds, infos, n_threads, coefs=None,

@@ -2292,6 +2292,14 @@ def _tensor_sum(x, param):
     return jax.lax.psum(total, axes) if axes else total
 
 
+def _shard_total(value, param):
+    """A tensor's sum as a kernel summed it in its pass (`value`, this shard's inside
+    shard_map): inside shard_map the whole tensor's, over the mesh axes along which the
+    parameter varies (psum; the custom call's result carries no varying axes)."""
+    axes = _varying_axes(param)
+    return jax.lax.psum(_varying_like(value, param), axes) if axes else value
+
+
 def _tensor_norm(x, param):
     """The 2-norm of `x`, an array shaped like `param` (see _tensor_sum)."""
     return jnp.sqrt(_tensor_sum(jnp.square(x.astype(jnp.result_type(float))), param))
@@ -2760,12 +2768,14 @@ class _Prodigy(_Fused):
         apply_args = _rules.KERNELS[apply_name].args
 
         def run(record, params, grads, states):
-            terms, states = _jax_ffi.elementwise(self.kernel.name, record, params, grads,
-                                                 states, self.n_threads, masks=masks,
-                                                 into_grad=True)
+            # the terms of the dot product (the kernel's "new parameter") and |s| summed in
+            # the pass, while in cache, the terms never stored (as the array API's)
+            _, states, sums = _jax_ffi.elementwise(
+                self.kernel.name, record, params, grads, states, self.n_threads, masks=masks,
+                sums=((1, 3), (3, 1)), discard=True)
             states = _varying_states(states, params)
-            dots = sum(_tensor_sum(t, p) for t, p in zip(terms, params))
-            denominator = sum(_tensor_sum(jnp.abs(s[0]), p) for s, p in zip(states, params))
+            dots = sum(_shard_total(sums[t, 0], p) for t, p in enumerate(params))
+            denominator = sum(_shard_total(sums[t, 1], p) for t, p in enumerate(params))
             numerator = state.d_numerator * beta3 + (d / r["d0"]) * dlr * dots
             d_hat = jnp.where(lr > 0, r["d_coef"] * numerator
                               / jnp.where(denominator == 0, 1, denominator), d)
@@ -2774,24 +2784,22 @@ class _Prodigy(_Fused):
             d_next = jnp.where(lr > 0, jnp.minimum(new_max, d_next * r["growth_rate"]), d_next)
             _, fields = _scalars.prodigy_scalars(dtype, d_next=d_next, **common)
 
-            def apply(record, params, terms, moments):
-                new, moments = _jax_ffi.elementwise(apply_name, record, params, terms,
+            def apply(record, params, grads, moments):
+                new, moments = _jax_ffi.elementwise(apply_name, record, params, grads,
                                                     moments, self.n_threads, delta=delta,
                                                     masks=masks)
                 # under shard_map a kernel's results carry no varying axes; keep's do
                 return _varying_lists(new, params), _varying_states(moments, params)
 
-            def keep(record, params, terms, moments):
+            def keep(record, params, grads, moments):
                 return [jnp.zeros_like(p) for p in params] if delta else params, moments
             # s all 0 (no progress): the reference changes no parameter, nor the estimate,
             # nor its step count; the state arrays keep their update. A cond, so that the
-            # apply pass still updates the parameters (and reads the moments) in place
+            # apply pass still updates the parameters (and reads the moments) in place. The
+            # apply pass without a first moment reads the gradients; with one it does not
             moved = denominator != 0
-            # the apply pass without a first moment reads the gradients (which XLA then
-            # copies for the update pass to write its terms over)
             new, moments = jax.lax.cond(moved, apply, keep, _record(apply_args, dtype, fields),
-                                        params, grads if self.variant else terms,
-                                        [list(s[2:]) for s in states])
+                                        params, grads, [list(s[2:]) for s in states])
             states = [s[:2] + list(m) for s, m in zip(states, moments)]
             estimate = dict(d=d_next, d_max=new_max, d_numerator=numerator, d_hat=d_hat,
                             d_denom=denominator)

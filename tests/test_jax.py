@@ -598,11 +598,12 @@ PRODIGY = {
 def test_prodigy_matches_the_array_api(config, dtype):
     """fastopt.jax.prodigy follows the authors' reference as fastopt.Prodigy does: 200
     jitted steps on a noisy quadratic (each step's gradient from its own parameters)
-    against fastopt.Prodigy; the sums behind d are XLA's reductions (in float32 without
-    jax_enable_x64) where the array API adds fixed-order float64 partials: equal to
-    rounding, d too. A step that finds s all 0 (a first step of zero gradients, the decay
-    decoupled) changes no parameter, nor d, nor the count; the state dict carries d in the
-    param group, as the array API's."""
+    against fastopt.Prodigy; the sums behind d are the update pass's fixed-order float64
+    sums per tensor, as the array API's, rounded to float32 without jax_enable_x64 (the
+    array API keeps them in float64), and added over the tensors before the numerator's
+    product: equal to rounding, d too. A step that finds s all 0 (a first step of zero
+    gradients, the decay decoupled) changes no parameter, nor d, nor the count; the state
+    dict carries d in the param group, as the array API's."""
     hyper, array_hyper = PRODIGY[config]
     with jax.enable_x64(dtype == "float64"):
         rng = np.random.default_rng(12)

@@ -2,6 +2,7 @@
 the FFI declarations against jaxlib's header, bit-identity with the Cython backend, in-place
 steps with donation, errors from the Python checks and from the C handler, concurrency."""
 
+import functools
 import math
 import re
 import shutil
@@ -19,6 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from fastopt import _jax_ffi, _rules, _scalars  # noqa: E402
 from fastopt._backends import _cython  # noqa: E402
+from fastopt._backends._layout import CHUNK  # noqa: E402
 
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "kernels"
 INF = math.inf
@@ -280,6 +282,68 @@ def test_into_grad_writes_the_new_parameters_over_the_gradients(dtype, x64):
             _assert_bits(g, w)
     with pytest.raises(ValueError, match="into_grad: not with delta or formats"):
         _jax_ffi.elementwise("lamb_update", packed, jp, jp, js, 1, delta=True, into_grad=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kernel, sums, discard", [
+    ("prodigy_update", ((1, 3), (3, 1)), True),  # Prodigy's terms and |s|
+    ("prodigy_update_nom", ((1, 3), (3, 1), (0, 2), (5, 2)), True),  # p, v too
+    ("lamb_update", ((1, 2), (4, 2), (2, 1)), False),  # u, v, g
+])
+def test_sums_are_the_cython_drivers(kernel, sums, discard, dtype, x64):
+    """sums: each tensor's sums of the pass's operands as the Cython driver's step_sums
+    gives them (per chunk, then _scalars.tensor_sums), rounded once to jax's default float,
+    pruned entries zeroed first; the state (and without discard the new parameters) bit for
+    bit; with discard, no parameter result and nothing aliased to the gradients, which a
+    donated jitted call then leaves in place (no copies)."""
+    scalars = _hyper(kernel, dtype)
+    params, grads, states = _case(kernel, dtype, shapes=SHAPES[:3])
+    masks = [np.arange(p.size).reshape(p.shape) % 3 != 0 for p in params]
+    record = _rules.KERNELS[kernel].args.record(dtype, scalars)
+    n_state = _jax_ffi.KERNELS[kernel]
+    want = [np.empty_like(p) for p in params]
+    want_states = [[x.copy() for x in ss] for ss in states]
+    partials = _cython.pass_sums(kernel, (params, want, grads) + tuple(
+        [ss[k] for ss in want_states] for k in range(n_state)), record, 1, sums,
+        masks=[m.astype(np.uint8).reshape(-1) for m in masks], discard=discard)
+    totals = np.array([_scalars.tensor_sums(partials[:, j], [p.size for p in params],
+                                            CHUNK) for j in range(len(sums))]).T
+    packed = _jax_ffi.record_bytes(_rules.KERNELS[kernel].args, dtype, scalars)
+
+    def run(p, g, s):
+        return _jax_ffi.elementwise(kernel, packed, p, g, s, 2, masks=masks, sums=sums,
+                                    discard=discard)
+    jp, jg = [jnp.asarray(p) for p in params], [jnp.asarray(g) for g in grads]
+    js = [[jnp.asarray(x) for x in ss] for ss in states]
+    if discard:  # the state donated (the parameters are no results here)
+        text = jax.jit(run, donate_argnums=2).lower(jp, jg, js).compile().as_text()
+        assert not re.search(r"\scopy(-start)?\(", text), text
+    got, got_states, got_sums = jax.jit(run)(jp, jg, js)
+    assert (got is None) == discard
+    for g, w in zip(got or (), want):
+        _assert_bits(g, w)
+    for gs, ws in zip(got_states, want_states):
+        for g, w in zip(gs, ws):
+            _assert_bits(g, w)
+    _assert_bits(got_sums, totals.astype(jnp.result_type(float)))
+
+
+def test_sums_checks():
+    params, grads, states = _case("prodigy_update", np.float32, shapes=SHAPES[:1])
+    packed = _jax_ffi.record_bytes(_rules.KERNELS["prodigy_update"].args, np.float32,
+                                   _hyper("prodigy_update", np.float32))
+    call = functools.partial(_jax_ffi.elementwise, "prodigy_update", packed, params, grads,
+                             states, 1)
+    for kwargs, match in [
+            (dict(discard=True), "discard: only with sums"),
+            (dict(sums=((1, 0),)), r"sums: expected up to 4 \(operand, kind\) pairs"),
+            (dict(sums=((7, 1),)), "each operand below 7"),
+            (dict(sums=((1, 1),) * 5), "up to 4"),
+            (dict(sums=((1, 1),), delta=True), "sums: not with delta"),
+            (dict(sums=((1, 1),), discard=1), "discard: expected a bool"),
+            (dict(sums=((0, 2),)), "operand 0 .the parameter. only with discard")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            call(**kwargs)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -753,9 +817,11 @@ SGD_RECORD = np.zeros(32, np.uint8)
     ((SGD_RECORD, P3, np.ones(4, np.float32)), 1, {},
      "tensor 0, grad: expected 3 elements, as the param, got 4"),
     ((SGD_RECORD, P3, P3), 1, dict(n_tensors=np.int64(2)),
-     "kernel sgd over 2 tensors takes 5 arguments .* and gives 2 results, got 3 and 1"),
+     r"kernel sgd over 2 tensors takes 5 arguments .* and gives 2 results \(1 per tensor\), "
+     "got 3 and 1"),
     ((SGD_RECORD, P3, P3, P3), 2, dict(kernel="adam"),
-     "kernel adam over 1 tensors takes 5 arguments .* and gives 3 results, got 4 and 2"),
+     r"kernel adam over 1 tensors takes 5 arguments .* and gives 3 results \(3 per tensor\), "
+     "got 4 and 2"),
     ((SGD_RECORD, P3.astype(np.float16), P3.astype(np.float16)), 1, {},
      "tensor 0, param: expected float32 or float64, got float16"),
     ((SGD_RECORD, P3, P3, P3.astype(np.int32)), 2, dict(kernel="sgd_momentum"),
@@ -777,6 +843,17 @@ SGD_RECORD = np.zeros(32, np.uint8)
      "attribute count: not with delta, into_grad, masked or shadow"),
     ((SGD_RECORD, P3, P3), 1, dict(delta=np.int64(1), into_grad=np.int64(1)),
      "attribute into_grad: not with delta or formats"),
+    ((SGD_RECORD, P3, P3), 1, dict(discard=np.int64(1)),
+     "attribute discard: only with sums, and a kernel without factors"),
+    ((SGD_RECORD, P3, P3), 1, dict(sums=np.int64(1 + 4 * 1 + 3), delta=np.int64(1)),
+     "attribute sums: not with delta, into_grad, count or formats"),
+    ((SGD_RECORD, P3, P3), 1, dict(sums=np.int64(1 + 4 * 1)),  # kind 0
+     r"attribute sums: expected up to 4 bytes .* the operand below 3 .*, got 5"),
+    ((SGD_RECORD, P3, P3), 1, dict(sums=np.int64(1 + 4 * 3 + 2)),  # sgd has no state
+     r"attribute sums: expected up to 4 bytes .* the operand below 3"),
+    ((SGD_RECORD, P3, P3), 1, dict(sums=np.int64(1 + 4 * 1 + 3)),  # the sums' result missing
+     r"kernel sgd over 1 tensors takes 3 arguments .* and gives 2 results \(1 per tensor, "
+     r"then the sums\), got 3 and 1"),
     ((SGD_RECORD, P3, P3, np.ones(2, np.uint8)), 1, dict(masked=np.int64(1)),
      "tensor 0, mask: expected 3 elements, as the param, or none, got 2"),
     ((SGD_RECORD, P3, P3, np.ones(3, np.int32)), 1, dict(masked=np.int64(1)),

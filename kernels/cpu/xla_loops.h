@@ -7,9 +7,9 @@
  * update in the grad slot, the tensor's factor as a cautious step's):
  *   attributes  kernel (string, its name), n_tensors (int64), n_threads (int64: OpenMP
  *               threads at most; small steps take fewer, as the Cython driver does), and
- *               optionally delta, into_grad, count, masked, formats, stochastic and
- *               shadow (int64, 0 or 1; default 0) and q8_unsigned (int64, a bit mask of
- *               state indices; default 0)
+ *               optionally delta, into_grad, count, masked, formats, stochastic,
+ *               shadow and discard (int64, 0 or 1; default 0), q8_unsigned (int64, a bit
+ *               mask of state indices; default 0) and sums (int64; default 0, none)
  *   arguments   0: the kernel's fo_<args>_args_<f32|f64> struct as bytes (1-D uint8,
  *               zero-padded to a multiple of 8: fastopt._rules.pack), then per tensor:
  *               param, grad, then its n_state state arrays, then (a cautious step) its
@@ -43,6 +43,17 @@
  * and the step: the two dynamic maps (float32 of shape (2, 256), signed then unsigned) and
  * their fo_q8_table tables (the uint32 bits as int32, of shape (2, FO_Q8_TABLE)). State s takes the unsigned
  * map where bit s of q8_unsigned is set, else the signed one.
+ * With sums (not with delta, into_grad, count or formats) the pass also sums operands of
+ * the kernel as each chunk leaves them, while it is in cache (as the Cython driver's
+ * step_sums): up to FO_XLA_SUMS (operand, kind) pairs, pair j in bits 8j .. 8j + 7 of the
+ * attribute as 1 + 4 operand + kind, the operand one of the kernel's element operands (0
+ * the param, 1 the new param, 2 the grad, 3 + s the new state s), the kind 1 (sum |x|), 2
+ * (sum x x) or 3 (sum x) of fastopt/reduce.h, pruned entries zeroed first. One more result
+ * follows the others: float32 or float64 of shape (n_tensors, pairs), each tensor's sums
+ * (per chunk in fastopt/reduce.h's fixed order, the chunks added in order in float64,
+ * then rounded once). With discard too (a kernel without factors), the new param is not
+ * stored and has no result: each thread writes a chunk's into a scratch chunk of its own,
+ * where it is summed (Prodigy's terms, whose sum is their one use).
  * With count the kernel is a cautious count kernel (FO_CAUTION_COUNTS): nothing is written
  * but the one result, an int32 array holding per tensor how many of its elements agree (the
  * cautious option's K summed, as the Cython driver's caution_counts); with formats it reads
@@ -89,6 +100,11 @@
 
 /* Inside a handler's parallel region (its first and last statements): each thread computes
    with IEEE subnormals, and the calling thread (XLA's) gets its mode back (see above) */
+#ifdef _OPENMP
+#define FO_XLA_THREAD omp_get_thread_num()
+#else
+#define FO_XLA_THREAD 0
+#endif
 #ifdef FO_XLA_FLUSH_BITS
 #ifdef _OPENMP
 #define FO_XLA_IS_CALLER (omp_get_thread_num() == 0)
@@ -110,6 +126,7 @@
 #include "fastopt/xla_ffi.h"
 #include "optim_loops.h"
 #include "format_loops.h"
+#include "reduce_loops.h"
 
 #define FO_XLA_ELEMENTWISE_TARGET "fastopt_elementwise_v1"
 /* as the Cython driver (_plan.pxi): a thread costs about as much as ~30K elements */
@@ -339,7 +356,7 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
                                        int64_t *n_tensors, int64_t *n_threads, int64_t *delta,
                                        int64_t *into_grad, int64_t *count, int64_t *masked,
                                        int64_t *formats, int64_t *stochastic, int64_t *shadow,
-                                       int64_t *q8_unsigned)
+                                       int64_t *q8_unsigned, int64_t *sums, int64_t *discard)
 {
     int64_t i;
     fo_xla_error *err;
@@ -348,7 +365,7 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
     *k = NULL;
     *n_tensors = *n_threads = -1;
     *delta = *into_grad = *count = *masked = *formats = *stochastic = *shadow = 0;
-    *q8_unsigned = 0;
+    *q8_unsigned = *sums = *discard = 0;
     for (i = 0; i < call->attrs.size; i++) {
         const fo_xla_bytespan *name = call->attrs.names[i];
         if (fo_xla_name_is(name, "kernel")) {
@@ -375,11 +392,16 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
             if ((err = FO_EW_FLAG_ATTR(call, i, shadow)) != NULL) return err;
         } else if (fo_xla_name_is(name, "q8_unsigned")) {
             if ((err = FO_EW_INT_ATTR(call, i, q8_unsigned)) != NULL) return err;
+        } else if (fo_xla_name_is(name, "sums")) {
+            if ((err = FO_EW_INT_ATTR(call, i, sums)) != NULL) return err;
+        } else if (fo_xla_name_is(name, "discard")) {
+            if ((err = FO_EW_FLAG_ATTR(call, i, discard)) != NULL) return err;
         } else {
             return FO_XLA_INVALID(call->api, "unexpected attribute '%.*s' (it takes kernel, "
                                   "n_tensors, n_threads, delta, into_grad, count, masked, "
-                                  "formats, stochastic, shadow and q8_unsigned)",
-                                  (int)(name->len < 64 ? name->len : 64), name->ptr);
+                                  "formats, stochastic, shadow, q8_unsigned, sums and "
+                                  "discard)", (int)(name->len < 64 ? name->len : 64),
+                                  name->ptr);
         }
     }
     if (v != NULL) {
@@ -408,7 +430,29 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
     if (*k == NULL || *n_tensors < 0 || *n_threads < 1 || *n_threads > INT_MAX)
         return FO_XLA_INVALID(call->api, "expected the attributes kernel (a kernel name), "
                               "n_tensors >= 0 and n_threads in [1, %d]", INT_MAX);
+    if (*sums && (*delta || *into_grad || *count || *formats))
+        return FO_XLA_INVALID(call->api, "attribute sums: not with delta, into_grad, count or "
+                              "formats");
+    if (*discard && (!*sums || (*k)->n_aux))
+        return FO_XLA_INVALID(call->api, "attribute discard: only with sums, and a kernel "
+                              "without factors");
     return NULL;
+}
+
+/* the sums attribute's pairs into ops and kinds; their count, or -1 when it is malformed */
+#define FO_XLA_SUMS 4
+static int fo_xla_sum_pairs(int64_t sums, int n_ops, int *ops, int *kinds)
+{
+    int j;
+    if (sums < 0 || sums >= (int64_t)1 << (8 * FO_XLA_SUMS)) return -1;
+    for (j = 0; j < FO_XLA_SUMS && sums >> (8 * j) != 0; j++) {
+        const int code = (int)(sums >> (8 * j) & 0xff) - 1;
+        if (code < 0) return -1; /* a gap */
+        ops[j] = code / 4;
+        kinds[j] = code % 4;
+        if (ops[j] >= n_ops || kinds[j] == 0) return -1;
+    }
+    return j;
 }
 
 /* per tensor: param in, param out, grad, the S state results, the A one-element operands
@@ -456,6 +500,9 @@ typedef struct {
     int *counted;               /* counting: per chunk */
     const fo_format_args *fa;   /* formats: their arguments (fa->mask 0), else NULL */
     size_t itemsize[FO_FORMAT_OPS]; /* bytes per element of each kernel operand */
+    int n_sums, sum_op[FO_XLA_SUMS], sum_kind[FO_XLA_SUMS]; /* the sums attribute's pairs */
+    double *partials;           /* sums: per chunk, n_sums */
+    char *scratch;              /* discard: a chunk of the new param per thread, else NULL */
 } fo_xla_pass;
 
 /*
@@ -541,6 +588,37 @@ FO_MULTIVERSION static int fo_xla_format_count(char **ptr, ptrdiff_t lo, ptrdiff
     return total;
 }
 
+/* Chunk c with sums: the kernel's pass (with discard, into this thread's scratch chunk, the
+   pointers shifted to the chunk), pruned entries zeroed, then the partial of each pair */
+static void fo_xla_sums_chunk(const fo_xla_pass *pass, ptrdiff_t c, char *scratch,
+                              const unsigned char *mask)
+{
+    const fo_xla_kernel *k = pass->k;
+    const int n_state = k->n_state, in = 4 + n_state + k->n_aux, f64 = pass->f64;
+    const ptrdiff_t t = pass->chunk[3 * c], lo = pass->chunk[3 * c + 1],
+                    n = pass->chunk[3 * c + 2], size = f64 ? 8 : 4;
+    char **p = pass->ptr + t * pass->width, *local[FO_XLA_OPS_MAX], **q = p;
+    ptrdiff_t at = lo;
+    int j, s;
+    for (s = 0; s < n_state; s++)
+        if (p[3 + s] != p[in + s])
+            memcpy(p[3 + s] + lo * size, p[in + s] + lo * size, n * size);
+    if (scratch != NULL) {
+        for (j = 0; j < 3 + n_state; j++) local[j] = p[j] + lo * size;
+        local[1] = scratch;
+        q = local;
+        at = 0;
+    }
+    k->fn[f64](q, at, n, pass->args);
+    if (mask != NULL) fo_cpu_mask_chunk(q, at, n, size, n_state, mask + lo);
+    for (j = 0; j < pass->n_sums; j++)
+        pass->partials[c * pass->n_sums + j] =
+            f64 ? fo_norm_chunk_f64((const double *)q[pass->sum_op[j]] + at, n,
+                                    pass->sum_kind[j])
+                : fo_norm_chunk_f32((const float *)q[pass->sum_op[j]] + at, n,
+                                    pass->sum_kind[j]);
+}
+
 /*
  * Chunk c of the plan: `chunk` holds (tensor, lo, n) triples, `ptr` per tensor the
  * fo_xla_width pointers. The state inputs (block scales too) are copied into the results
@@ -552,7 +630,7 @@ FO_MULTIVERSION static int fo_xla_format_count(char **ptr, ptrdiff_t lo, ptrdiff
  * counting function `cfn` the chunk's agreeing elements are counted into `counted[c]` and
  * nothing is written.
  */
-static void fo_xla_run_chunk(const fo_xla_pass *pass, ptrdiff_t c)
+static void fo_xla_run_chunk(const fo_xla_pass *pass, ptrdiff_t c, int thread)
 {
     const fo_xla_kernel *k = pass->k;
     const int n_state = k->n_state, in = 4 + n_state + k->n_aux, width = pass->width,
@@ -565,6 +643,11 @@ static void fo_xla_run_chunk(const fo_xla_pass *pass, ptrdiff_t c)
     if (pass->cfn != NULL) {
         pass->counted[c] = pass->fa != NULL ? fo_xla_format_count(p, lo, n, pass->fa, pass->cfn)
                                             : pass->cfn(p, lo, n, pass->args);
+        return;
+    }
+    if (pass->n_sums) {
+        fo_xla_sums_chunk(pass, c, pass->scratch == NULL ? NULL
+                          : pass->scratch + (ptrdiff_t)thread * FO_CHUNK * 8, mask);
         return;
     }
     for (s = 0; s < n_state; s++) {
@@ -613,8 +696,9 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     fo_xla_error *err;
     fo_xla_dtype dtype;
     int64_t i, t, n_tensors, n_threads, delta, into_grad, counting, masked, formats, stochastic,
-        shadow, q8_unsigned, n_args, n_rets, n_chunks = 0, total = 0;
-    int n_state, n_aux, n_q = 0, per, width, f64, s, nt, *counted = NULL;
+        shadow, q8_unsigned, sums, discard, n_args, n_rets, n_chunks = 0, total = 0;
+    int n_state, n_aux, n_q = 0, per, width, f64, s, nt, *counted = NULL, n_sums, o, ret_per;
+    const fo_xla_buffer *summed = NULL; /* the sums' result */
     /* each kernel operand's dtype (param out: the param's), then the shadow's */
     fo_xla_dtype dt[FO_FORMAT_OPS + 1];
     fo_xla_pass pass;
@@ -626,13 +710,21 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         return err;
     if ((err = fo_xla_attributes(call, &k, &n_tensors, &n_threads, &delta, &into_grad,
                                  &counting, &masked, &formats, &stochastic, &shadow,
-                                 &q8_unsigned)) != NULL)
+                                 &q8_unsigned, &sums, &discard)) != NULL)
         return err;
 
     /* operand counts and kinds: with formats, tensor 0's uint8 state arrays are 8-bit */
     n_state = k->n_state;
     n_aux = k->n_aux;
     memset(&pass, 0, sizeof pass);
+    n_sums = fo_xla_sum_pairs(sums, 3 + n_state, pass.sum_op, pass.sum_kind);
+    if (n_sums < 0)
+        return FO_XLA_INVALID(call->api, "attribute sums: expected up to %d bytes 1 + 4 "
+                              "operand + kind, the operand below %d (kernel %s's element "
+                              "operands), the kind 1, 2 or 3, got %lld", FO_XLA_SUMS,
+                              3 + n_state, k->name, (long long)sums);
+    pass.n_sums = n_sums;
+    o = discard ? 0 : 1; /* a tensor's first state result */
     if (n_tensors > call->args.size)
         return FO_XLA_INVALID(call->api, "n_tensors is %lld, but the call has %lld arguments",
                               (long long)n_tensors, (long long)call->args.size);
@@ -644,16 +736,18 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     per = 2 + n_state + n_aux + (int)shadow + n_q + (int)masked; /* arguments per tensor */
     width = fo_xla_width(k, n_q);
     n_args = 1 + n_tensors * per + (formats ? 2 : 0) + (n_q ? 2 : 0);
-    n_rets = counting ? 1 : n_tensors * (1 + n_state + shadow + n_q);
+    ret_per = o + n_state + (int)shadow + n_q;
+    n_rets = counting ? 1 : n_tensors * ret_per + (n_sums > 0);
     if (call->args.size != n_args || call->rets.size != n_rets)
         return FO_XLA_INVALID(call->api, "kernel %s over %lld tensors takes %lld arguments (the "
                               "struct, then per tensor param, grad, %d state, %d factor, %d "
                               "shadow, %d block scales and %d mask, then %d keys and step "
-                              "and %d maps and tables) and gives %lld results, got %lld and "
-                              "%lld",
+                              "and %d maps and tables) and gives %lld results (%d per tensor%s), "
+                              "got %lld and %lld",
                               k->name, (long long)n_tensors, (long long)n_args, n_state, n_aux,
                               (int)shadow, n_q, (int)masked, formats ? 2 : 0, n_q ? 2 : 0,
-                              (long long)n_rets, (long long)call->args.size,
+                              (long long)n_rets, counting ? 0 : ret_per,
+                              n_sums ? ", then the sums" : "", (long long)call->args.size,
                               (long long)call->rets.size);
     for (i = 0; i < n_args; i++)
         if (call->args.types[i] != FO_XLA_ARG_BUFFER)
@@ -667,6 +761,15 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
             || out->dims[0] != n_tensors || (n_tensors > 0 && out->data == NULL))
             return FO_XLA_INVALID(call->api, "result 0 (the counts): expected int32 of shape "
                                   "(%lld,)", (long long)n_tensors);
+    }
+    if (n_sums) { /* per tensor, each pair's sum */
+        summed = (const fo_xla_buffer *)call->rets.rets[n_rets - 1];
+        if ((summed->dtype != FO_XLA_F32 && summed->dtype != FO_XLA_F64) || summed->rank != 2
+            || summed->dims == NULL || summed->dims[0] != n_tensors
+            || summed->dims[1] != n_sums || (n_tensors > 0 && summed->data == NULL))
+            return FO_XLA_INVALID(call->api, "result %lld (the sums): expected float32 or "
+                                  "float64 of shape (%lld, %d)", (long long)(n_rets - 1),
+                                  (long long)n_tensors, n_sums);
     }
 
     /* the struct: bytes of the first param's dtype's struct */
@@ -734,18 +837,18 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     ptr = (char **)(count + n_tensors);
     for (t = 0; t < n_tensors; t++) {
         fo_xla_buffer *const *a = (fo_xla_buffer *const *)call->args.args + 1 + t * per;
-        fo_xla_buffer *const *r = (fo_xla_buffer *const *)call->rets.rets
-                                  + t * (1 + n_state + shadow + n_q);
+        /* r[o + s]: new state s (o 0 with discard, where the new param has no result) */
+        fo_xla_buffer *const *r = (fo_xla_buffer *const *)call->rets.rets + t * ret_per;
         char **p = ptr + t * width;
         if ((err = FO_EW_CHECK(call, a[0], dt[0], -1, t, "param", -1, &n)) != NULL
             || (err = FO_EW_CHECK(call, a[1], dt[2], n, t, "grad", -1, &n)) != NULL
-            || (!counting
+            || (!counting && !discard
                 && (err = FO_EW_CHECK(call, r[0], dt[0], n, t, "new param", -1, &n))
                        != NULL))
             goto fail;
         for (s = 0; s < n_state; s++)
             if ((err = FO_EW_CHECK(call, a[2 + s], dt[3 + s], n, t, "state", s, &n)) != NULL
-                || (!counting && (err = FO_EW_CHECK(call, r[1 + s], dt[3 + s], n, t,
+                || (!counting && (err = FO_EW_CHECK(call, r[o + s], dt[3 + s], n, t,
                                                      "new state", s, &n)) != NULL))
                 goto fail;
         for (s = 0; s < n_aux; s++) {
@@ -759,15 +862,15 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         if (shadow) {
             if ((err = FO_EW_CHECK(call, a[2 + n_state + n_aux], dt[3 + n_state], n, t,
                                     "shadow", -1, &n)) != NULL
-                || (err = FO_EW_CHECK(call, r[1 + n_state], dt[3 + n_state], n, t,
+                || (err = FO_EW_CHECK(call, r[o + n_state], dt[3 + n_state], n, t,
                                        "new shadow", -1, &n)) != NULL)
                 goto fail;
-            p[3 + n_state + n_aux] = (char *)r[1 + n_state]->data;
+            p[3 + n_state + n_aux] = (char *)r[o + n_state]->data;
         }
         for (s = 0; s < n_q; s++) { /* the block scales of the 8-bit state arrays */
             const fo_xla_buffer *in = a[2 + n_state + n_aux + shadow + s];
             /* counting: no results, nothing written */
-            const fo_xla_buffer *res = counting ? in : r[1 + n_state + shadow + s];
+            const fo_xla_buffer *res = counting ? in : r[o + n_state + shadow + s];
             const ptrdiff_t blocks = (n + FO_Q8_BLOCK - 1) / FO_Q8_BLOCK;
             ptrdiff_t m;
             if ((err = FO_EW_CHECK(call, in, FO_XLA_F32, blocks, t, "block scales of state",
@@ -799,10 +902,10 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
             goto fail;
         }
         p[0] = (char *)a[0]->data;
-        p[1] = counting ? NULL : (char *)r[0]->data;
+        p[1] = counting || discard ? NULL : (char *)r[0]->data;
         p[2] = (char *)a[1]->data;
         for (s = 0; s < n_state; s++) {
-            p[3 + s] = (char *)(counting ? a[2 + s] : r[1 + s])->data;
+            p[3 + s] = (char *)(counting ? a[2 + s] : r[o + s])->data;
             p[4 + n_state + n_aux + s] = (char *)a[2 + s]->data;
         }
         for (s = 0; s < n_aux; s++)
@@ -862,11 +965,20 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
 
     /* the plan, (tensor, lo, n) per chunk, run in one parallel loop; small steps take fewer
        threads, as in the Cython driver */
+    nt = total / FO_XLA_MIN_PER_THREAD < n_threads ? (int)(total / FO_XLA_MIN_PER_THREAD)
+                                                   : (int)n_threads;
     chunk = (ptrdiff_t *)malloc((size_t)(n_chunks > 0 ? n_chunks : 1) * 3 * sizeof(ptrdiff_t));
     if (counting && chunk != NULL)
         counted = (int *)malloc((size_t)(n_chunks > 0 ? n_chunks : 1) * sizeof(int));
-    if (chunk == NULL || (counting && counted == NULL)) {
+    if (n_sums && chunk != NULL)
+        pass.partials = (double *)malloc((size_t)(n_chunks > 0 ? n_chunks : 1) * n_sums
+                                         * sizeof(double));
+    if (discard && pass.partials != NULL) /* a float64 chunk per thread */
+        pass.scratch = (char *)malloc((size_t)(nt > 1 ? nt : 1) * FO_CHUNK * 8);
+    if (chunk == NULL || (counting && counted == NULL) || (n_sums && pass.partials == NULL)
+        || (discard && pass.scratch == NULL)) {
         free(chunk);
+        free(pass.partials);
         err = fo_xla_fail(call->api, FO_XLA_ERROR_RESOURCE_EXHAUSTED, FO_XLA_EW,
                               "out of memory");
         goto fail;
@@ -877,8 +989,6 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
             chunk[3 * c + 1] = lo;
             chunk[3 * c + 2] = count[t] - lo < FO_CHUNK ? count[t] - lo : FO_CHUNK;
         }
-    nt = total / FO_XLA_MIN_PER_THREAD < n_threads ? (int)(total / FO_XLA_MIN_PER_THREAD)
-                                                   : (int)n_threads;
     pass.k = k;
     pass.f64 = f64;
     pass.delta = delta ? 1 : into_grad ? 2 : 0;
@@ -896,7 +1006,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
             FO_XLA_IEEE_BEGIN
 #pragma omp for schedule(static)
             for (c = 0; c < nc; c++)
-                fo_xla_run_chunk(&pass, c);
+                fo_xla_run_chunk(&pass, c, FO_XLA_THREAD);
             FO_XLA_IEEE_END
         }
     }
@@ -905,6 +1015,23 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         for (t = 0; t < n_tensors; t++) sums[t] = 0;
         for (c = 0; c < (ptrdiff_t)n_chunks; c++) sums[chunk[3 * c]] += counted[c];
         free(counted);
+    }
+    if (n_sums) { /* each tensor's chunks in order, from its first (as tensor_sums) */
+        for (t = 0, c = 0; t < n_tensors; t++) {
+            const ptrdiff_t chunks = (count[t] + FO_CHUNK - 1) / FO_CHUNK;
+            for (s = 0; s < n_sums; s++) {
+                double x = 0;
+                for (lo = 0; lo < chunks; lo++) {
+                    const double part = pass.partials[(c + lo) * n_sums + s];
+                    x = lo == 0 ? part : x + part;
+                }
+                if (summed->dtype == FO_XLA_F64) ((double *)summed->data)[t * n_sums + s] = x;
+                else ((float *)summed->data)[t * n_sums + s] = (float)x;
+            }
+            c += chunks;
+        }
+        free(pass.partials);
+        free(pass.scratch);
     }
     free(chunk);
     free(count);
