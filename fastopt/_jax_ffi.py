@@ -123,9 +123,9 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
             fastopt._rules.SIGNED_STATE, else the unsigned one), and scales[t] lists their
             block scales in state order, float32 of ceil(size / 256) elements each, updated
             with them (aliased to results).
-        sums: None, or (not with delta, into_grad or formats) (operand, kind) pairs, at most
-            four: the pass also sums those of the kernel's operands (0 the parameter, only
-            with `discard`: otherwise its buffer is the new parameter's; 1 the new
+        sums: None, or (not with delta or formats) (operand, kind) pairs, at most four: the
+            pass also sums those of the kernel's operands (0 the parameter, only with
+            `discard` or `into_grad`: otherwise its buffer is the new parameter's; 1 the new
             parameter, 2 the gradient, 3 + s the new state s) as each chunk leaves it,
             while it is in cache, pruned entries zeroed: kind 1 the sum of |x|, 2 of x x, 3
             of x, each tensor's in fastopt/reduce.h's fixed order (per chunk, the chunks in
@@ -172,8 +172,8 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
             raise TypeError(f"{flag}: expected a bool, got {type(value).__name__}")
     if into_grad and (delta or formats is not None):
         raise ValueError("into_grad: not with delta or formats")
-    code = _sum_pairs(sums, discard, 3 + n_state - n_aux, n_aux,
-                      delta or into_grad or formats is not None)
+    code = _sum_pairs(sums, discard, into_grad, 3 + n_state - n_aux, n_aux,
+                      delta or formats is not None)
     masks = _masks(masks, params)
     n = len(params)
     summed = jax.ShapeDtypeStruct((n, len(sums)), jax.numpy.result_type(float)) \
@@ -236,7 +236,7 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
     return new
 
 
-def _sum_pairs(sums, discard, n_operands, n_aux, excluded):
+def _sum_pairs(sums, discard, into_grad, n_operands, n_aux, excluded):
     """The handler's sums attribute for `sums` ((operand, kind) pairs; see elementwise):
     pair j in byte j as 1 + 4 operand + kind; 0 for none."""
     if not isinstance(discard, (bool, np.bool_)):
@@ -246,7 +246,7 @@ def _sum_pairs(sums, discard, n_operands, n_aux, excluded):
             raise ValueError("discard: only with sums")
         return 0
     if excluded:
-        raise ValueError("sums: not with delta, into_grad or formats")
+        raise ValueError("sums: not with delta or formats")
     if discard and n_aux:
         raise ValueError("discard: not for a kernel with factors")
     if len(sums) > 4 or not all(
@@ -254,9 +254,9 @@ def _sum_pairs(sums, discard, n_operands, n_aux, excluded):
             and pair[1] in (1, 2, 3) for pair in sums):
         raise ValueError(f"sums: expected up to 4 (operand, kind) pairs, each operand below "
                          f"{n_operands} and kind 1, 2 or 3, got {sums!r}")
-    if not discard and any(op == 0 for op, _ in sums):
-        raise ValueError("sums: operand 0 (the parameter) only with discard: the pass "
-                         "writes the new parameter over it")
+    if not (discard or into_grad) and any(op == 0 for op, _ in sums):
+        raise ValueError("sums: operand 0 (the parameter) only with discard or into_grad: "
+                         "the pass writes the new parameter over it")
     return sum((1 + 4 * op + kind) << (8 * j) for j, (op, kind) in enumerate(sums))
 
 

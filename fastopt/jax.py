@@ -1017,8 +1017,9 @@ def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, gra
     1 / max(mean K, 1e-3) in the dtype the kernel computes in
     (fastopt._scalars.caution_factors' formula), then the step with it (both on the
     storage formats); or for a rule that scales its update per tensor
-    ("scaled_apply", the update pass's kernel, factors(params, updates, masks)): the update
-    pass, the factors, then scaled_apply, `record` the two passes' structs. With `keys`
+    ("scaled_apply", the update pass's kernel, factors(params, squares)): the update pass,
+    which sums each tensor's p p and u u as it goes (squares, of shape (n, 2)), the
+    factors, then scaled_apply, `record` the two passes' structs. With `keys`
     (each tensor's Philox key) the operands are in storage formats, rounded stochastically
     (`stochastic`, with the bits of `step`) or to nearest even; with `shadow` (the
     low-precision parameters of master weights, `params` their float32 copies) the new
@@ -1031,10 +1032,11 @@ def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, gra
                                     scales=scales)
     if kernel[0] == "scaled_apply":  # the update pass, each tensor's factor, the apply pass
         _, update, factors = kernel
-        updates, states = _jax_ffi.elementwise(update, record[0], params, grads, states,
-                                               n_threads, masks=masks, into_grad=True)
+        updates, states, squares = _jax_ffi.elementwise(
+            update, record[0], params, grads, states, n_threads, masks=masks, into_grad=True,
+            sums=((0, 2), (1, 2)))
         new, _ = _jax_ffi.elementwise("scaled_apply", record[1], params, updates,
-                                      [[k] for k in factors(params, updates, masks)],
+                                      [[k] for k in factors(params, squares)],
                                       n_threads, delta=delta, masks=masks)
         return new, states
     count, reads, cautious = kernel
@@ -2305,16 +2307,16 @@ def _tensor_norm(x, param):
     return jnp.sqrt(_tensor_sum(jnp.square(x.astype(jnp.result_type(float))), param))
 
 
-def _trust_ratios(params, updates, masks):
+def _trust_ratios(params, squares):
     """optax.lamb's trust ratio ||p|| / ||u|| per tensor (1 where either is 0), in the
-    parameters' dtype, of the norms rounded to it (fastopt._scalars.lamb_trust_ratios).
-    As the array API's, ||p|| is of the parameter as the step finds it (pruned entries are
-    0 after a step with masks; the update pass zeroes u's) and `masks` is not read."""
-    del masks
+    parameters' dtype, of the norms rounded to it (fastopt._scalars.lamb_trust_ratios),
+    from the update pass's sums of p p and u u (`squares`, a row per tensor). As the array
+    API's, ||p|| is of the parameter as the step finds it (pruned entries are 0 after a
+    step with masks; the update pass zeroes u's)."""
     dtype = params[0].dtype
     ratios = []
-    for p, u in zip(params, updates):
-        pn, un = _tensor_norm(p, p).astype(dtype), _tensor_norm(u, p).astype(dtype)
+    for t, p in enumerate(params):
+        pn, un = (jnp.sqrt(_shard_total(squares[t, k], p)).astype(dtype) for k in (0, 1))
         ratio = jnp.where((pn == 0) | (un == 0), 1, pn / jnp.where(un == 0, 1, un))
         ratios.append(ratio.astype(dtype).reshape(1))
     return ratios

@@ -289,13 +289,15 @@ def test_into_grad_writes_the_new_parameters_over_the_gradients(dtype, x64):
     ("prodigy_update", ((1, 3), (3, 1)), True),  # Prodigy's terms and |s|
     ("prodigy_update_nom", ((1, 3), (3, 1), (0, 2), (5, 2)), True),  # p, v too
     ("lamb_update", ((1, 2), (4, 2), (2, 1)), False),  # u, v, g
+    ("lamb_update", ((0, 2), (1, 2)), "into_grad"),  # Lamb's norms of p and u
 ])
 def test_sums_are_the_cython_drivers(kernel, sums, discard, dtype, x64):
     """sums: each tensor's sums of the pass's operands as the Cython driver's step_sums
     gives them (per chunk, then _scalars.tensor_sums), rounded once to jax's default float,
     pruned entries zeroed first; the state (and without discard the new parameters) bit for
     bit; with discard, no parameter result and nothing aliased to the gradients, which a
-    donated jitted call then leaves in place (no copies)."""
+    donated jitted call then leaves in place (no copies); with into_grad, the new
+    parameters over the gradients, the parameters read only."""
     scalars = _hyper(kernel, dtype)
     params, grads, states = _case(kernel, dtype, shapes=SHAPES[:3])
     masks = [np.arange(p.size).reshape(p.shape) % 3 != 0 for p in params]
@@ -305,21 +307,24 @@ def test_sums_are_the_cython_drivers(kernel, sums, discard, dtype, x64):
     want_states = [[x.copy() for x in ss] for ss in states]
     partials = _cython.pass_sums(kernel, (params, want, grads) + tuple(
         [ss[k] for ss in want_states] for k in range(n_state)), record, 1, sums,
-        masks=[m.astype(np.uint8).reshape(-1) for m in masks], discard=discard)
+        masks=[m.astype(np.uint8).reshape(-1) for m in masks], discard=discard is True)
     totals = np.array([_scalars.tensor_sums(partials[:, j], [p.size for p in params],
                                             CHUNK) for j in range(len(sums))]).T
     packed = _jax_ffi.record_bytes(_rules.KERNELS[kernel].args, dtype, scalars)
 
     def run(p, g, s):
         return _jax_ffi.elementwise(kernel, packed, p, g, s, 2, masks=masks, sums=sums,
-                                    discard=discard)
+                                    discard=discard is True,
+                                    into_grad=discard == "into_grad")
     jp, jg = [jnp.asarray(p) for p in params], [jnp.asarray(g) for g in grads]
     js = [[jnp.asarray(x) for x in ss] for ss in states]
-    if discard:  # the state donated (the parameters are no results here)
-        text = jax.jit(run, donate_argnums=2).lower(jp, jg, js).compile().as_text()
+    if discard:  # the state donated, and with into_grad the gradients (over which the
+        # new parameters go); the parameters are no results
+        donated = (1, 2) if discard == "into_grad" else 2
+        text = jax.jit(run, donate_argnums=donated).lower(jp, jg, js).compile().as_text()
         assert not re.search(r"\scopy(-start)?\(", text), text
     got, got_states, got_sums = jax.jit(run)(jp, jg, js)
-    assert (got is None) == discard
+    assert (got is None) == (discard is True)
     for g, w in zip(got or (), want):
         _assert_bits(g, w)
     for gs, ws in zip(got_states, want_states):
@@ -339,9 +344,9 @@ def test_sums_checks():
             (dict(sums=((1, 0),)), r"sums: expected up to 4 \(operand, kind\) pairs"),
             (dict(sums=((7, 1),)), "each operand below 7"),
             (dict(sums=((1, 1),) * 5), "up to 4"),
-            (dict(sums=((1, 1),), delta=True), "sums: not with delta"),
+            (dict(sums=((1, 1),), delta=True), "sums: not with delta or formats"),
             (dict(sums=((1, 1),), discard=1), "discard: expected a bool"),
-            (dict(sums=((0, 2),)), "operand 0 .the parameter. only with discard")]:
+            (dict(sums=((0, 2),)), "operand 0 .the parameter. only with discard or into_grad")]:
         with pytest.raises((ValueError, TypeError), match=match):
             call(**kwargs)
 
@@ -846,7 +851,7 @@ SGD_RECORD = np.zeros(32, np.uint8)
     ((SGD_RECORD, P3, P3), 1, dict(discard=np.int64(1)),
      "attribute discard: only with sums, and a kernel without factors"),
     ((SGD_RECORD, P3, P3), 1, dict(sums=np.int64(1 + 4 * 1 + 3), delta=np.int64(1)),
-     "attribute sums: not with delta, into_grad, count or formats"),
+     "attribute sums: not with delta, count or formats"),
     ((SGD_RECORD, P3, P3), 1, dict(sums=np.int64(1 + 4 * 1)),  # kind 0
      r"attribute sums: expected up to 4 bytes .* the operand below 3 .*, got 5"),
     ((SGD_RECORD, P3, P3), 1, dict(sums=np.int64(1 + 4 * 3 + 2)),  # sgd has no state

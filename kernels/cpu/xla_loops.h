@@ -43,11 +43,12 @@
  * and the step: the two dynamic maps (float32 of shape (2, 256), signed then unsigned) and
  * their fo_q8_table tables (the uint32 bits as int32, of shape (2, FO_Q8_TABLE)). State s takes the unsigned
  * map where bit s of q8_unsigned is set, else the signed one.
- * With sums (not with delta, into_grad, count or formats) the pass also sums operands of
+ * With sums (not with delta, count or formats) the pass also sums operands of
  * the kernel as each chunk leaves them, while it is in cache (as the Cython driver's
  * step_sums): up to FO_XLA_SUMS (operand, kind) pairs, pair j in bits 8j .. 8j + 7 of the
  * attribute as 1 + 4 operand + kind, the operand one of the kernel's element operands (0
- * the param, 1 the new param, 2 the grad, 3 + s the new state s), the kind 1 (sum |x|), 2
+ * the param (the new one where the call aliases them), 1 the new param, 2 the grad, 3 + s
+ * the new state s), the kind 1 (sum |x|), 2
  * (sum x x) or 3 (sum x) of fastopt/reduce.h, pruned entries zeroed first. One more result
  * follows the others: float32 or float64 of shape (n_tensors, pairs), each tensor's sums
  * (per chunk in fastopt/reduce.h's fixed order, the chunks added in order in float64,
@@ -430,9 +431,8 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
     if (*k == NULL || *n_tensors < 0 || *n_threads < 1 || *n_threads > INT_MAX)
         return FO_XLA_INVALID(call->api, "expected the attributes kernel (a kernel name), "
                               "n_tensors >= 0 and n_threads in [1, %d]", INT_MAX);
-    if (*sums && (*delta || *into_grad || *count || *formats))
-        return FO_XLA_INVALID(call->api, "attribute sums: not with delta, into_grad, count or "
-                              "formats");
+    if (*sums && (*delta || *count || *formats))
+        return FO_XLA_INVALID(call->api, "attribute sums: not with delta, count or formats");
     if (*discard && (!*sums || (*k)->n_aux))
         return FO_XLA_INVALID(call->api, "attribute discard: only with sums, and a kernel "
                               "without factors");
@@ -588,35 +588,38 @@ FO_MULTIVERSION static int fo_xla_format_count(char **ptr, ptrdiff_t lo, ptrdiff
     return total;
 }
 
-/* Chunk c with sums: the kernel's pass (with discard, into this thread's scratch chunk, the
-   pointers shifted to the chunk), pruned entries zeroed, then the partial of each pair */
-static void fo_xla_sums_chunk(const fo_xla_pass *pass, ptrdiff_t c, char *scratch,
-                              const unsigned char *mask)
+/* the partials of chunk c, its elements at..at + n - 1 of operands q, one per pair */
+static void fo_xla_partials(const fo_xla_pass *pass, ptrdiff_t c, char **q, ptrdiff_t at,
+                            ptrdiff_t n)
+{
+    int j;
+    for (j = 0; j < pass->n_sums; j++)
+        pass->partials[c * pass->n_sums + j] =
+            pass->f64 ? fo_norm_chunk_f64((const double *)q[pass->sum_op[j]] + at, n,
+                                          pass->sum_kind[j])
+                      : fo_norm_chunk_f32((const float *)q[pass->sum_op[j]] + at, n,
+                                          pass->sum_kind[j]);
+}
+
+/* Chunk c with sums and discard: the kernel's pass into this thread's scratch chunk (the
+   pointers shifted to the chunk), pruned entries zeroed, then the partials */
+static void fo_xla_discard_chunk(const fo_xla_pass *pass, ptrdiff_t c, char *scratch,
+                                 const unsigned char *mask)
 {
     const fo_xla_kernel *k = pass->k;
     const int n_state = k->n_state, in = 4 + n_state + k->n_aux, f64 = pass->f64;
     const ptrdiff_t t = pass->chunk[3 * c], lo = pass->chunk[3 * c + 1],
                     n = pass->chunk[3 * c + 2], size = f64 ? 8 : 4;
-    char **p = pass->ptr + t * pass->width, *local[FO_XLA_OPS_MAX], **q = p;
-    ptrdiff_t at = lo;
+    char **p = pass->ptr + t * pass->width, *local[FO_XLA_OPS_MAX];
     int j, s;
     for (s = 0; s < n_state; s++)
         if (p[3 + s] != p[in + s])
             memcpy(p[3 + s] + lo * size, p[in + s] + lo * size, n * size);
-    if (scratch != NULL) {
-        for (j = 0; j < 3 + n_state; j++) local[j] = p[j] + lo * size;
-        local[1] = scratch;
-        q = local;
-        at = 0;
-    }
-    k->fn[f64](q, at, n, pass->args);
-    if (mask != NULL) fo_cpu_mask_chunk(q, at, n, size, n_state, mask + lo);
-    for (j = 0; j < pass->n_sums; j++)
-        pass->partials[c * pass->n_sums + j] =
-            f64 ? fo_norm_chunk_f64((const double *)q[pass->sum_op[j]] + at, n,
-                                    pass->sum_kind[j])
-                : fo_norm_chunk_f32((const float *)q[pass->sum_op[j]] + at, n,
-                                    pass->sum_kind[j]);
+    for (j = 0; j < 3 + n_state; j++) local[j] = p[j] + lo * size;
+    local[1] = scratch;
+    k->fn[f64](local, 0, n, pass->args);
+    if (mask != NULL) fo_cpu_mask_chunk(local, 0, n, size, n_state, mask + lo);
+    fo_xla_partials(pass, c, local, 0, n);
 }
 
 /*
@@ -645,9 +648,8 @@ static void fo_xla_run_chunk(const fo_xla_pass *pass, ptrdiff_t c, int thread)
                                             : pass->cfn(p, lo, n, pass->args);
         return;
     }
-    if (pass->n_sums) {
-        fo_xla_sums_chunk(pass, c, pass->scratch == NULL ? NULL
-                          : pass->scratch + (ptrdiff_t)thread * FO_CHUNK * 8, mask);
+    if (pass->scratch != NULL) {
+        fo_xla_discard_chunk(pass, c, pass->scratch + (ptrdiff_t)thread * FO_CHUNK * 8, mask);
         return;
     }
     for (s = 0; s < n_state; s++) {
@@ -668,12 +670,12 @@ static void fo_xla_run_chunk(const fo_xla_pass *pass, ptrdiff_t c, int thread)
         else fo_cpu_format_chunk(p, t, lo, n, &fa);
         return;
     }
-    if (pass->delta) {
-        fo_xla_delta_chunk(pass, p, lo, n, mask);
-        return;
+    if (pass->delta) fo_xla_delta_chunk(pass, p, lo, n, mask);
+    else {
+        k->fn[pass->f64](p, lo, n, pass->args);
+        if (mask != NULL) fo_cpu_mask_chunk(p, lo, n, pass->f64 ? 8 : 4, n_state, mask + lo);
     }
-    k->fn[pass->f64](p, lo, n, pass->args);
-    if (mask != NULL) fo_cpu_mask_chunk(p, lo, n, pass->f64 ? 8 : 4, n_state, mask + lo);
+    if (pass->n_sums) fo_xla_partials(pass, c, p, lo, n); /* while the chunk is in cache */
 }
 
 /* the storage format of an operand's XLA dtype, or -1 */
