@@ -126,10 +126,11 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
         sums: None, or (not with delta or formats) (operand, kind) pairs, at most four: the
             pass also sums those of the kernel's operands (0 the parameter, only with
             `discard` or `into_grad`: otherwise its buffer is the new parameter's; 1 the new
-            parameter, 2 the gradient, 3 + s the new state s) as each chunk leaves it,
-            while it is in cache, pruned entries zeroed: kind 1 the sum of |x|, 2 of x x, 3
-            of x, each tensor's in fastopt/reduce.h's fixed order (per chunk, the chunks in
-            order, in float64), as the array API's pass_sums.
+            parameter; 2 the gradient, not with `into_grad`, whose new parameters go over
+            it; 3 + s the new state s) as each chunk leaves it, while it is in cache (the
+            written ones with pruned entries zeroed, as the array API's pass_sums): kind 1
+            the sum of |x|, 2 of x x, 3 of x, each tensor's in fastopt/reduce.h's fixed
+            order (per chunk, the chunks in order, in float64).
         discard: with `sums`, the new parameters are not stored (nor returned): a pass whose
             "new parameter" is a term whose sum is its one use (Prodigy's), which then
             needs no buffer. Not for a kernel with factors.
@@ -257,6 +258,9 @@ def _sum_pairs(sums, discard, into_grad, n_operands, n_aux, excluded):
     if not (discard or into_grad) and any(op == 0 for op, _ in sums):
         raise ValueError("sums: operand 0 (the parameter) only with discard or into_grad: "
                          "the pass writes the new parameter over it")
+    if into_grad and any(op == 2 for op, _ in sums):
+        raise ValueError("sums: operand 2 (the gradient) not with into_grad: the pass "
+                         "writes the new parameter over it")
     return sum((1 + 4 * op + kind) << (8 * j) for j, (op, kind) in enumerate(sums))
 
 

@@ -233,9 +233,10 @@ class _Fused:
         # for the struct of the tensors it leaves undecayed (see _decayed)
         self.decay_mask = decay_mask
         self.mask_name = mask_name
-        # a rule that scales its update per tensor (Lamb): factors(params, updates, masks),
-        # each tensor's factor of the scaled_apply pass that follows the kernel's (whose
-        # "new parameter" is the update); `scalars` then gives both passes' fields
+        # a rule that scales its update per tensor (Lamb): factors(params, squares), each
+        # tensor's factor of the scaled_apply pass that follows the kernel's (whose "new
+        # parameter" is the update) from the sums of p p and u u that pass takes; `scalars`
+        # then gives both passes' fields
         self.scaled = scaled
         # a state array's initial value where it is not 0: name -> value, or _PARAMS (a copy
         # of the parameter)
@@ -2334,10 +2335,11 @@ def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=None, weight_decay=
 
     Two kernel calls: the update pass writes :math:`u_t` (and the moments) over the
     gradients (inside a jitted step, where they are dead after it, in their buffers;
-    gradients the caller still holds are copied first), the norms are XLA reductions
-    (float64 with ``jax_enable_x64``, else float32; under ``shard_map`` summed over the
-    mesh), and the apply pass scales and adds. Parameters float32 or float64 (with
-    ``jax_enable_x64``).
+    gradients the caller still holds are copied first) and sums each tensor's
+    :math:`p^2` and :math:`u_t^2` as it goes (fixed-order float64 sums, as
+    :class:`fastopt.Lamb`'s, rounded to float32 without ``jax_enable_x64``; under
+    ``shard_map`` summed over the mesh), and the apply pass scales and adds. Parameters
+    float32 or float64 (with ``jax_enable_x64``).
 
     Args:
         learning_rate: :math:`\gamma \ge 0`, a number or an optax schedule.
@@ -2882,16 +2884,16 @@ def prodigy(learning_rate=1.0, b1=0.9, b2=0.999, beta3=None, eps=1e-8, weight_de
     kernels: the authors' reference (``prodigyopt``) as :class:`fastopt.Prodigy` follows
     it (its docstring gives the update), with optax.contrib's argument names for the
     betas (optax.contrib.prodigy itself differs from the reference). One jitted step: the
-    update pass (its dot-product terms written over the gradients), the sums over every
-    tensor (XLA reductions in jax's default float type: float64 with ``jax_enable_x64``;
-    under ``shard_map`` summed over the mesh), the new estimate :math:`d`, the apply
-    pass. A step whose gradients are all 0 changes no parameter, nor :math:`d`, nor the
-    count, as the reference. Parameters float32 or float64 (with ``jax_enable_x64``). With
-    ``b1=0`` no first moment is kept (the state's ``exp_avg`` is None) and the step is the
-    gradient over the second moment's root, as the reference's. Under
-    ``optax.inject_hyperparams``, whose ``init`` inside ``jax.jit`` sees ``b1`` traced, a
-    first moment is kept unless ``b1`` is static (``static_args=('b1',)``) or ``init``
-    runs outside jit.
+    update pass, which sums its dot-product terms and :math:`|s|` per tensor as it goes
+    (fixed-order float64 sums, as :class:`fastopt.Prodigy`'s, rounded to float32 without
+    ``jax_enable_x64``; under ``shard_map`` summed over the mesh) and stores no terms, the
+    new estimate :math:`d`, the apply pass. A step whose gradients are all 0 changes no
+    parameter, nor :math:`d`, nor the count, as the reference. Parameters float32 or
+    float64 (with ``jax_enable_x64``). With ``b1=0`` no first moment is kept (the state's
+    ``exp_avg`` is None) and the step is the gradient over the second moment's root, as the
+    reference's. Under ``optax.inject_hyperparams``, whose ``init`` inside ``jax.jit`` sees
+    ``b1`` traced, a first moment is kept unless ``b1`` is static
+    (``static_args=('b1',)``) or ``init`` runs outside jit.
 
     Args:
         learning_rate: :math:`\gamma \ge 0`, a multiplier of the estimate, a number or an

@@ -1,7 +1,8 @@
-"""The CUDA kernels for pruning, quantization, distillation and Adafactor's factors run on the host
-(cuda_host_emulation.cpp: a thread per CUDA thread, a barrier for __syncthreads) and equal
-the NumPy reference bit for bit. This runs in CI, which has no GPU; test_cuda.py's GPU tests
-run the same kernels on the device."""
+"""The CUDA kernels for pruning, quantization, distillation and Adafactor's factors pass run
+on the host (cuda_host_emulation.cpp: a thread per CUDA thread, a barrier for
+__syncthreads) and equal the NumPy reference bit for bit (the factors pass: the Cython
+backend's, which the parity tests hold to it). This runs in CI, which has no GPU;
+test_cuda.py's GPU tests run the same kernels on the device."""
 
 import ctypes
 import os
@@ -16,7 +17,6 @@ from conftest import kd_case
 from fastopt import _rules, _scalars
 from fastopt._backends import _cupy, _layout, _select, _twopass
 from fastopt._backends._cupy import optim as cupy_optim
-from fastopt._backends._cython import optim as cython_optim
 from fastopt._backends._layout import CE_SQUARES
 from fastopt._backends._numpy import compress as ref
 
@@ -208,6 +208,7 @@ def test_factors_kernels(lib, dtype):
     """Adafactor's factors pass: the rows, columns (over several bands of FO_BAND rows, a
     partial last band, several column blocks) and row means equal the Cython backend's,
     which the parity tests hold to the NumPy reference bit for bit."""
+    from fastopt._backends._cython import optim as cython_optim
     rng = np.random.default_rng(8)
     shape = np.array([(1, 150, 1100), (2, 3, 700), (1, 64, 5), (1, 1, 9)], np.int64)
     grads = [rng.standard_normal(b * r * c).astype(dtype) for b, r, c in shape]

@@ -57,3 +57,31 @@ def test_split_does_not_change_the_bits(backend, dtype):
     for other in results[1:]:
         for got, want in zip(other, results[0]):
             np.testing.assert_array_equal(got, want)
+
+
+def test_bad_work_is_refused():
+    """The Cython driver checks each item against the shapes before it runs: a run of more
+    than SEGMENT blocks (its column partials live on the stack), a column-block item of a
+    one-band slice, an empty slice."""
+    require_backend("cython")
+    module = _backends.load("cython")[0]
+    shape = np.array([(1, BAND, 20 * COLS)], np.int64)
+    grads = [np.zeros(BAND * 20 * COLS, np.float32)]
+    rows, cols, rmeans = [np.ones(BAND, np.float32)], [np.ones(20 * COLS, np.float32)], \
+        [np.zeros(1, np.float32)]
+    scalars, _ = _scalars.adafactor_scalars(np.dtype(np.float32), step=1, lr=0.01,
+                                            beta2_decay=-0.8, eps1=None, weight_decay=0.0,
+                                            maximize=False, grad_scale=1.0,
+                                            grad_clip=float("inf"))
+    record = _rules.ADAFACTOR_ARGS.record(np.dtype(np.float32), scalars)
+    bands, blocks, slices = factor_work(shape, SEGMENT + 1)
+    with pytest.raises(ValueError, match=r"bands\[0\] is outside the tensors' shapes"):
+        module.factors(grads, rows, cols, rmeans, shape, bands, blocks, slices, record, 1)
+    bands, _, slices = factor_work(shape)
+    with pytest.raises(ValueError, match=r"blocks\[0\] is outside the tensors' shapes"):
+        module.factors(grads, rows, cols, rmeans, shape, bands, np.zeros((1, 3), np.int64),
+                       slices, record, 1)
+    empty = np.array([(1, 3, 0)], np.int64)
+    with pytest.raises(ValueError, match=r"shape\[0\]: expected sizes >= 1"):
+        module.factors([np.zeros(0, np.float32)], [np.ones(3, np.float32)],
+                       [np.ones(0, np.float32)], rmeans, empty, *factor_work(empty), record, 1)

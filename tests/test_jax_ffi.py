@@ -346,7 +346,8 @@ def test_sums_checks():
             (dict(sums=((1, 1),) * 5), "up to 4"),
             (dict(sums=((1, 1),), delta=True), "sums: not with delta or formats"),
             (dict(sums=((1, 1),), discard=1), "discard: expected a bool"),
-            (dict(sums=((0, 2),)), "operand 0 .the parameter. only with discard or into_grad")]:
+            (dict(sums=((0, 2),)), "operand 0 .the parameter. only with discard or into_grad"),
+            (dict(sums=((2, 1),), into_grad=True), "operand 2 .the gradient. not with into_grad")]:
         with pytest.raises((ValueError, TypeError), match=match):
             call(**kwargs)
 
@@ -852,6 +853,8 @@ SGD_RECORD = np.zeros(32, np.uint8)
      "attribute discard: only with sums, and a kernel without factors"),
     ((SGD_RECORD, P3, P3), 1, dict(sums=np.int64(1 + 4 * 1 + 3), delta=np.int64(1)),
      "attribute sums: not with delta, count or formats"),
+    ((SGD_RECORD, P3, P3), 1, dict(sums=np.int64(1 + 4 * 2 + 1), into_grad=np.int64(1)),
+     "attribute sums: not the grad .operand 2. with into_grad"),
     ((SGD_RECORD, P3, P3), 1, dict(sums=np.int64(1 + 4 * 1)),  # kind 0
      r"attribute sums: expected up to 4 bytes .* the operand below 3 .*, got 5"),
     ((SGD_RECORD, P3, P3), 1, dict(sums=np.int64(1 + 4 * 3 + 2)),  # sgd has no state

@@ -7,6 +7,8 @@ scalars already computed on the host (fastopt.optim._scalars). `f64` selects flo
 
 include "_plan.pxi"
 
+from cpython.pyport cimport PY_SSIZE_T_MAX
+
 cdef extern from "reduce_loops.h" nogil:
     double fo_norm_chunk_f32(const float *g, Py_ssize_t n, int kind)
     double fo_norm_chunk_f64(const double *g, Py_ssize_t n, int kind)
@@ -429,8 +431,9 @@ def adafactor_factors(list grads, list rows, list cols, list rmeans,
     cdef Py_ssize_t[:, ::1] ptr = ptr_array
     for t in range(n_t):
         B, R, C = shape[t, 0], shape[t, 1], shape[t, 2]
-        if B < 0 or R < 0 or C < 0:
-            raise ValueError(f"shape[{t}]: expected sizes >= 0")
+        if B < 1 or R < 1 or C < 1 or B > PY_SSIZE_T_MAX // R // C // 8:
+            raise ValueError(f"shape[{t}]: expected sizes >= 1 (empty tensors have no "
+                             f"factors pass) of at most PY_SSIZE_T_MAX // 8 elements")
         ptr[t, 0] = <Py_ssize_t>_data(grads[t], B * R * C, itemsize, f"grads[{t}]")
         ptr[t, 1] = <Py_ssize_t>_data(rows[t], B * R, itemsize, f"rows[{t}]")
         ptr[t, 2] = <Py_ssize_t>_data(cols[t], B * C, itemsize, f"cols[{t}]")

@@ -47,9 +47,11 @@
  * the kernel as each chunk leaves them, while it is in cache (as the Cython driver's
  * step_sums): up to FO_XLA_SUMS (operand, kind) pairs, pair j in bits 8j .. 8j + 7 of the
  * attribute as 1 + 4 operand + kind, the operand one of the kernel's element operands (0
- * the param (the new one where the call aliases them), 1 the new param, 2 the grad, 3 + s
- * the new state s), the kind 1 (sum |x|), 2
- * (sum x x) or 3 (sum x) of fastopt/reduce.h, pruned entries zeroed first. One more result
+ * the param (the new one where the call aliases them), 1 the new param, 2 the grad (not
+ * with into_grad, whose new param may share its buffer), 3 + s the new state s), the kind
+ * 1 (sum |x|), 2
+ * (sum x x) or 3 (sum x) of fastopt/reduce.h, the written operands' pruned entries zeroed
+ * first. One more result
  * follows the others: float32 or float64 of shape (n_tensors, pairs), each tensor's sums
  * (per chunk in fastopt/reduce.h's fixed order, the chunks added in order in float64,
  * then rounded once). With discard too (a kernel without factors), the new param is not
@@ -725,6 +727,10 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
                               "operand + kind, the operand below %d (kernel %s's element "
                               "operands), the kind 1, 2 or 3, got %lld", FO_XLA_SUMS,
                               3 + n_state, k->name, (long long)sums);
+    for (s = 0; s < n_sums; s++)
+        if (into_grad && pass.sum_op[s] == 2)
+            return FO_XLA_INVALID(call->api, "attribute sums: not the grad (operand 2) with "
+                                  "into_grad, whose new param may share its buffer");
     pass.n_sums = n_sums;
     o = discard ? 0 : 1; /* a tensor's first state result */
     if (n_tensors > call->args.size)
