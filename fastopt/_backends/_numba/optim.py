@@ -196,8 +196,12 @@ def elementwise(kernel, operands, record, n_threads, masks=None, n_aux=0, format
         _formatted(kernel, operands, record, n_threads, n_aux, formats)
         return
     dtype, ptrs, chunks = _setup(operands, n_threads, n_aux)
-    fn = _PASSES.get(kernel) or _driver(kernel)
-    fn(ptrs, chunks, record, np.empty(0, dtype))
+    if kernel in _PASSES:
+        with _slp_vectorized():  # as pass_sums compiles the same signature (the lanes)
+            _PASSES[kernel](ptrs, chunks, record, np.empty(0, dtype), _NO_SUMS,
+                            np.empty((0, 0)))
+    else:
+        _driver(kernel)(ptrs, chunks, record, np.empty(0, dtype))
 
 
 @njit(inline="always", **_JIT)
@@ -1217,16 +1221,18 @@ def _sums_driver(name, sums):
 
 
 def pass_sums(kernel, operands, record, n_threads, sums, masks=None, n_aux=0, discard=False):
-    """elementwise()'s pass that also sums operands as each chunk leaves it (see
-    fastopt._backends._contracts.Compiled): in the pass for the kernels of the generic
-    driver, after it (norm_partials) for this backend's own passes (_PASSES)."""
+    """elementwise()'s pass that also sums operands as each chunk leaves it, in the pass
+    (see fastopt._backends._contracts.Compiled)."""
     if masks is not None:
         raise ValueError("pass_sums: pruning masks are zeroed after the pass on this backend")
     sums = tuple((int(op), int(kind)) for op, kind in sums)
-    if kernel in _PASSES:
-        elementwise(kernel, operands, record, n_threads, n_aux=n_aux)
-        return np.stack([norm_partials(operands[op], kind, n_threads=n_threads)
-                         for op, kind in sums], axis=1)
+    if kernel in _PASSES:  # this backend's own passes (which store operand 1 all the same)
+        dtype, ptrs, chunks = _setup(operands, n_threads, n_aux)
+        out = np.empty((chunks.shape[0], len(sums)), np.float64)
+        with _slp_vectorized():  # for the call that compiles it (the lanes)
+            _PASSES[kernel](ptrs, chunks, record, np.empty(0, dtype),
+                            np.array(sums, np.int64).reshape(-1, 2), out)
+        return out
     dtype, ptrs, chunks = _setup(operands, n_threads, n_aux)
     out = np.empty((chunks.shape[0], len(sums)), np.float64)
     with _slp_vectorized():  # for the call that compiles it (the lanes, as norm_partials')
@@ -1234,10 +1240,24 @@ def pass_sums(kernel, operands, record, n_threads, sums, masks=None, n_aux=0, di
     return out
 
 
-# -- the passes of the multi-pass rules (fastopt._backends._twopass)
+# -- the passes of the multi-pass rules (fastopt._backends._twopass). Each takes `sums`, the
+# (operand, kind) pairs to sum as each chunk leaves it, into out[chunk, pair]
+
+_lanes_0, _lanes_1, _lanes_2, _lanes_3 = (_LANE_SUMS[kind] for kind in range(4))
+
+
+@njit(**_JIT)
+def _chunk_sums(ptrs, t, lo, n, like, sums, out, c):
+    """Chunk c's partials (norm_partials' order) of the operands of `sums`, into out[c]."""
+    for j in range(sums.shape[0]):
+        x = _view(ptrs, t, sums[j, 0], lo, n, like)
+        kind = sums[j, 1]
+        out[c, j] = (_lanes_0(x) if kind == 0 else _lanes_1(x) if kind == 1
+                     else _lanes_2(x) if kind == 2 else _lanes_3(x))
+
 
 @njit(parallel=True, **_JIT)
-def _scaled_apply(ptrs, chunks, rec, like):
+def _scaled_apply(ptrs, chunks, rec, like, sums, out):
     """Operands: p, p_out, u, and the tensor's factor k (one element): p decay + scale (u k)."""
     decay, scale = rec[0].decay, rec[0].scale
     for c in prange(chunks.shape[0]):
@@ -1248,9 +1268,10 @@ def _scaled_apply(ptrs, chunks, rec, like):
             for i in range(n):
                 p[i] = p[i] * decay + scale * (u[i] * k)
         else:
-            out = _view(ptrs, t, 1, lo, n, like)
+            new = _view(ptrs, t, 1, lo, n, like)
             for i in range(n):
-                out[i] = p[i] * decay + scale * (u[i] * k)
+                new[i] = p[i] * decay + scale * (u[i] * k)
+        _chunk_sums(ptrs, t, lo, n, like, sums, out, c)
 
 
 # Adafactor's passes: scalars fo_adafactor_args (clip, gscale, w, eps1, eps1_sq, lerp_hi)
@@ -1355,7 +1376,7 @@ def _adafactor_factors(ptrs, shape, bands, blocks, slices, rec, like):
 
 
 @njit(parallel=True, **_JIT)
-def _adafactor_factored(ptrs, chunks, rec, like):
+def _adafactor_factored(ptrs, chunks, rec, like, sums, out):
     """Operands: p (unread), u (written), g, then per tensor: row factors, column factors,
     clamped row means, shape (R, C). Walks each chunk row segment by row segment."""
     r0 = rec[0]
@@ -1384,10 +1405,11 @@ def _adafactor_factored(ptrs, chunks, rec, like):
             for j in range(length):
                 us[j] = one / np.sqrt(vs[j]) * _grad(gs[j], a)
             i += length
+        _chunk_sums(ptrs, t, lo, n, like, sums, out, c)
 
 
 @njit(parallel=True, **_JIT)
-def _adafactor_vector(ptrs, chunks, rec, like):
+def _adafactor_vector(ptrs, chunks, rec, like, sums, out):
     """Operands: p (unread), u (written), g, variance."""
     r0 = rec[0]
     a = _Prologue(r0.clip, r0.gscale)
@@ -1402,10 +1424,12 @@ def _adafactor_vector(ptrs, chunks, rec, like):
             v = _lerp(var[i], d * d, w, lerp_hi, one)
             var[i] = v
             u[i] = one / np.sqrt(_maximum(v, eps1_sq)) * d
+        _chunk_sums(ptrs, t, lo, n, like, sums, out, c)
 
 
 _PASSES = {"scaled_apply": _scaled_apply, "adafactor_vector": _adafactor_vector,
            "adafactor_factored": _adafactor_factored}
+_NO_SUMS = np.empty((0, 2), np.int64)
 # the kernels this backend runs: every element function and the passes
 KERNELS = {**{name: len(_rules.ALL_KERNELS[name].state) for name in _ELEMENTS},
            **{k.name: len(k.state) for k in _rules.PASS_KERNELS}}
