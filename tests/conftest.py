@@ -19,9 +19,27 @@ os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from fastopt import _backends  # noqa: E402
+from fastopt import _backends, _rules, _scalars  # noqa: E402
 
 CPU_BACKENDS = ("numpy", "cython", "numba")
+
+
+def run_factors(backend, shape, work, dtype, seed, n_threads=1):
+    """Adafactor's factors pass of `backend` (a Compiled module, or the CUDA emulation) over
+    slices `shape` ((B, R, C) rows) and `work` (_twopass.factor_work's), on gradients with
+    an outlier (clipped) and factors drawn from `seed`: the new rows + columns + row means."""
+    rng = np.random.default_rng(seed)
+    grads = [rng.standard_normal(b * r * c).astype(dtype) for b, r, c in shape]
+    grads[0][min(17, grads[0].size - 1)] = 1e30
+    scalars, _ = _scalars.adafactor_scalars(np.dtype(dtype), step=4, lr=0.01,
+                                            beta2_decay=-0.8, eps1=None, weight_decay=0.0,
+                                            maximize=True, grad_scale=0.7, grad_clip=3.0)
+    rows = [rng.uniform(0.5, 1, b * r).astype(dtype) for b, r, c in shape]
+    cols = [rng.uniform(0.5, 1, b * c).astype(dtype) for b, r, c in shape]
+    rmeans = [np.zeros(b, dtype) for b, r, c in shape]
+    backend.factors(grads, rows, cols, rmeans, shape, *work,
+                    _rules.ADAFACTOR_ARGS.record(np.dtype(dtype), scalars), n_threads)
+    return rows + cols + rmeans
 
 
 def kd_case(dtype, rows, with_labels, seed):

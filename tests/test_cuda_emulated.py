@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import kd_case
+from conftest import kd_case, run_factors
 
-from fastopt import _rules, _scalars
 from fastopt._backends import _cupy, _layout, _select, _twopass
 from fastopt._backends._cupy import optim as cupy_optim
 from fastopt._backends._layout import CE_SQUARES
@@ -209,21 +208,9 @@ def test_factors_kernels(lib, dtype):
     partial last band, several column blocks) and row means equal the Cython backend's,
     which the parity tests hold to the NumPy reference bit for bit."""
     from fastopt._backends._cython import optim as cython_optim
-    rng = np.random.default_rng(8)
     shape = np.array([(1, 150, 1100), (2, 3, 700), (1, 64, 5), (1, 1, 9)], np.int64)
-    grads = [rng.standard_normal(b * r * c).astype(dtype) for b, r, c in shape]
-    scalars, _ = _scalars.adafactor_scalars(np.dtype(dtype), step=3, lr=0.01,
-                                            beta2_decay=-0.8, eps1=None, weight_decay=0.0,
-                                            maximize=False, grad_scale=0.9, grad_clip=2.5)
-    record = _rules.ADAFACTOR_ARGS.record(np.dtype(dtype), scalars)
-    start = [[rng.uniform(0.5, 1, b * r).astype(dtype) for b, r, c in shape],
-             [rng.uniform(0.5, 1, b * c).astype(dtype) for b, r, c in shape]]
-    results = []
-    for backend in (Emulated(lib), cython_optim):
-        rows, cols = ([a.copy() for a in arrays] for arrays in start)
-        rmeans = [np.zeros(b, dtype) for b, r, c in shape]
-        backend.factors(grads, rows, cols, rmeans, shape, *_twopass.factor_work(shape), record,
-                        1)
-        results.append(rows + cols + rmeans)
-    for got, want in zip(*results):
-        np.testing.assert_array_equal(got, want)
+    work = _twopass.factor_work(shape)
+    got, want = (run_factors(backend, shape, work, dtype, 8)
+                 for backend in (Emulated(lib), cython_optim))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)

@@ -4,7 +4,7 @@ bits alone. The parity tests hold the default split to the NumPy reference."""
 
 import numpy as np
 import pytest
-from conftest import require_backend
+from conftest import require_backend, run_factors
 
 from fastopt import _backends, _rules, _scalars
 from fastopt._backends._layout import BAND, COLS, SEGMENT
@@ -38,22 +38,8 @@ def test_factor_work_covers_each_band_and_block_once():
 def test_split_does_not_change_the_bits(backend, dtype):
     require_backend(backend)
     module = _backends.load(backend)[0]
-    rng = np.random.default_rng(3)
-    grads = [rng.standard_normal(b * r * c).astype(dtype) for b, r, c in SHAPES]
-    grads[0][17] = 1e30  # clipped by the prologue
-    scalars, _ = _scalars.adafactor_scalars(np.dtype(dtype), step=4, lr=0.01,
-                                            beta2_decay=-0.8, eps1=None, weight_decay=0.0,
-                                            maximize=True, grad_scale=0.7, grad_clip=3.0)
-    record = _rules.ADAFACTOR_ARGS.record(np.dtype(dtype), scalars)
-    start = [[rng.uniform(0.5, 1, b * r).astype(dtype) for b, r, c in SHAPES],
-             [rng.uniform(0.5, 1, b * c).astype(dtype) for b, r, c in SHAPES]]
-    results = []
-    for segment, n_threads in ((SEGMENT, 1), (1, 2), (3, 2), (SEGMENT, 2)):
-        rows, cols = ([a.copy() for a in arrays] for arrays in start)
-        rmeans = [np.zeros(b, dtype) for b, r, c in SHAPES]
-        module.factors(grads, rows, cols, rmeans, SHAPES, *factor_work(SHAPES, segment),
-                       record, n_threads)
-        results.append(rows + cols + rmeans)
+    results = [run_factors(module, SHAPES, factor_work(SHAPES, segment), dtype, 3, n_threads)
+               for segment, n_threads in ((SEGMENT, 1), (1, 2), (3, 2), (SEGMENT, 2))]
     for other in results[1:]:
         for got, want in zip(other, results[0]):
             np.testing.assert_array_equal(got, want)
