@@ -2285,22 +2285,18 @@ def adan(learning_rate, b1=0.98, b2=0.92, b3=0.99, eps=1e-8, weight_decay=0.0, *
                   stochastic_rounding, master_weights, seed, n_threads), decay_mask=mask)
 
 
-def _tensor_sum(x, param):
-    """The sum of `x`, an array shaped like `param` (in jax's default float type: float64
-    with jax_enable_x64, as the array API's fixed-order sums, else float32); inside
-    shard_map, over the mesh axes along which the parameter varies (psum: a kernel's result
-    does not carry them), so that it is the whole tensor's."""
-    total = jnp.sum(x.astype(jnp.result_type(float)))
-    axes = _varying_axes(param)
-    return jax.lax.psum(total, axes) if axes else total
-
-
 def _shard_total(value, param):
-    """A tensor's sum as a kernel summed it in its pass (`value`, this shard's inside
-    shard_map): inside shard_map the whole tensor's, over the mesh axes along which the
-    parameter varies (psum; the custom call's result carries no varying axes)."""
+    """A tensor's sum from this shard's (`value`, summed by a kernel in its pass or by
+    XLA): inside shard_map the whole tensor's, over the mesh axes along which the parameter
+    varies (psum; a custom call's result carries no varying axes, so it is marked first)."""
     axes = _varying_axes(param)
     return jax.lax.psum(_varying_like(value, param), axes) if axes else value
+
+
+def _tensor_sum(x, param):
+    """The sum of `x`, an array shaped like `param`, in jax's default float type (float64
+    with jax_enable_x64, else float32), the whole tensor's inside shard_map."""
+    return _shard_total(jnp.sum(x.astype(jnp.result_type(float))), param)
 
 
 def _tensor_norm(x, param):
