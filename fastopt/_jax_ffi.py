@@ -327,13 +327,14 @@ def factored(phase, scalars, params, grads, firsts, seconds, infos, n_threads, c
 
 
 def caution_counts(kernel, record, params, grads, states, n_threads, formats=None,
-                   scales=None, low=None):
+                   scales=None, low=None, masks=None):
     """The cautious option's count pass as one XLA custom call: per tensor, how many of its
-    elements agree (K = 1), an int32 array of one count per tensor; nothing is written.
-    `kernel` is a cautious count kernel (COUNTS, e.g. "adam_caution"); the other arguments
-    as elementwise's (the state: the arrays the count reads, fastopt._rules' Caution.count
-    .state; with `formats` and `scales` stored as the step's, loaded as it loads them, and
-    with master weights `low` the parameters' dtype, which the gradients may have)."""
+    elements agree (K = 1) and are not pruned (`masks`), an int32 array of one count per
+    tensor; nothing is written. `kernel` is a cautious count kernel (COUNTS, e.g.
+    "adam_caution"); the other arguments as elementwise's (the state: the arrays the count
+    reads, fastopt._rules' Caution.count.state; with `formats` and `scales` stored as the
+    step's, loaded as it loads them, and with master weights `low` the parameters' dtype,
+    which the gradients may have)."""
     import jax
     import jax.numpy as jnp
 
@@ -341,6 +342,7 @@ def caution_counts(kernel, record, params, grads, states, n_threads, formats=Non
     params, grads, states, dtype = _operands(name, COUNTS[name], 0, params, grads, states,
                                              formats is not None, low, scales is not None)
     quantized, scales = _quantized(states, scales, params, formats)
+    masks = _masks(masks, params)
     n_threads = _threads(n_threads)
     if not params:
         return jnp.zeros(0, jnp.int32)
@@ -349,6 +351,8 @@ def caution_counts(kernel, record, params, grads, states, n_threads, formats=Non
     operands = [record]
     for t, (p, g, ss) in enumerate(zip(params, grads, states)):
         operands += [p, g, *ss, *(scales[t] if quantized else ())]
+        if masks is not None:
+            operands.append(masks[t])
     extra = {}
     if formats is not None:
         operands += _formats_operands(formats, len(params))
@@ -358,7 +362,8 @@ def caution_counts(kernel, record, params, grads, states, n_threads, formats=Non
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((len(params),), jnp.int32),
                             vmap_method="sequential")(
         *operands, kernel=name, n_tensors=np.int64(len(params)),
-        n_threads=np.int64(n_threads), count=np.int64(1), **extra)
+        n_threads=np.int64(n_threads), count=np.int64(1), masked=np.int64(masks is not None),
+        **extra)
 
 
 def _quantized(states, scales, params, formats):

@@ -140,7 +140,8 @@ class FusedTransformation(optax.GradientTransformationExtraArgs):
     parameter's shape (0 prunes an entry) or None (a parameter left whole) at each leaf, as
     the array API's ``masks=`` option: after the step the pruned entries of the parameters
     and of the state are +0 (zeroed in the kernel's pass), and a pruned entry's gradient
-    counts as 0 in ``max_grad_norm``'s norm and ``skip_nonfinite``'s check. Through
+    counts as 0 in ``max_grad_norm``'s norm and ``skip_nonfinite``'s check (and as
+    disagreeing in the ``cautious`` option's count). Through
     ``optax.chain``, pass ``masks=`` to the chain's ``update``.
 
     `params` is any pytree of float32, bfloat16 or float16 arrays, or of float64 arrays
@@ -1052,7 +1053,8 @@ def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, gra
     counts = _jax_ffi.caution_counts(count, record, params, grads,
                                      [[s[i] for i in reads] for s in states], n_threads,
                                      formats=formats, scales=read_scales,
-                                     low=None if shadow is None else shadow[0].dtype)
+                                     low=None if shadow is None else shadow[0].dtype,
+                                     masks=masks)
     # inside shard_map, a tensor's count and size over the mesh axes it varies along
     counts = [counts[t] for t in range(len(params))]
     sizes = [p.size for p in params]

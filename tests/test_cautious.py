@@ -245,8 +245,8 @@ def test_storage_formats_and_masks(backend, options):
                          ids=lambda c: c.count.name)
 def test_numba_counts_in_its_pass(caution, dtype):
     """The Numba backend sums K in the count pass (caution_counts, nothing written), as
-    the Cython backend does: the same per-tensor counts, on 1 and 2 threads, for a tensor
-    of several chunks, a 0-d one and an empty one."""
+    the Cython backend does: the same per-tensor counts, without and with pruning masks,
+    on 1 and 2 threads, for a tensor of several chunks, a 0-d one and an empty one."""
     require_backend("numba")
     from cases import RULE_OF, kernel_hyper
 
@@ -264,6 +264,44 @@ def test_numba_counts_in_its_pass(caution, dtype):
     record = caution.count.args.record(dtype, scalars)
     want = _cython.caution_counts(caution.count.name, operands, record, 1)
     assert 0 < want[0] < shapes[0][0] and want[2] == 0
+    masks = [np.asarray(rng.random(s) > 0.5, np.uint8) for s in shapes]
+    kept = _cython.caution_counts(caution.count.name, operands, record, 2, masks)
+    assert 0 < kept[0] < want[0]
     for n_threads in (1, 2):
         got = _numba.caution_counts(caution.count.name, operands, record, n_threads)
         np.testing.assert_array_equal(got, want)
+        got = _numba.caution_counts(caution.count.name, operands, record, n_threads, masks)
+        np.testing.assert_array_equal(got, kept)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name,kw", UNDECAYED[:1] + DECOUPLED[1:])
+def test_pruned_entries_count_as_disagreeing(name, kw, backend):
+    """With pruning masks a pruned entry's K is 0 whatever its gradient: 6 steps with
+    random gradients at the pruned entries equal, bit for bit, the steps with those
+    gradients zeroed (where u g = 0 makes K 0 by itself), with NaN there, and with
+    skip_nonfinite (whose check zeroes them first), on the NumPy reference's bits. The
+    premise: counting those gradients (as an unmasked run does) moves the kept entries
+    elsewhere."""
+    require_backend(backend)
+    rng = np.random.default_rng(8)
+    shapes = [(300,), (70001,), (6, 7)]
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    masks = [rng.random(s) > 0.3 for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(6)]
+
+    def run(fill, masked=True, b=backend, **options):
+        ps = [p.copy() for p in params]
+        opt = getattr(fastopt, name)(ps, backend=b, cautious=True, **kw, **options,
+                                     masks=masks if masked else None)
+        for step in grads:
+            opt.step([g if fill is None else np.where(m, g, np.float32(fill))
+                      for g, m in zip(step, masks)])
+        return ps
+
+    want = run(0.0, b="numpy")
+    for got in (run(None), run(0.0), run(np.nan), run(None, skip_nonfinite=True)):
+        for x, y in zip(got, want):
+            np.testing.assert_array_equal(x, y)
+    for x, y, m in zip(run(None, masked=False), want, masks):
+        assert not np.array_equal(x[m], y[m])

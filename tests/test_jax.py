@@ -1134,13 +1134,15 @@ def test_cautious_matches_the_array_api(name, hyper, dtype):
                for a, b in zip(jax.tree.leaves(plain), leaves))  # caution changed the run
 
 
-@pytest.mark.parametrize("name, cls", [("adamw", "AdamW"), ("lamb", "Lamb")])
-def test_masks_are_the_array_apis(name, cls):
+@pytest.mark.parametrize("name, cls, extra", [("adamw", "AdamW", {}), ("lamb", "Lamb", {}),
+                                               ("adamw", "AdamW", dict(cautious=True))],
+                         ids=["adamw", "lamb", "adamw-cautious"])
+def test_masks_are_the_array_apis(name, cls, extra):
     """masks (a pytree like params, None for a parameter left whole, passed to step and
     update): 12 jitted steps with max_grad_norm and skip_nonfinite equal the array API's
     masks= in float64 to rounding, pruned entries of the parameters and the state +0
     (through apply_updates too); a NaN gradient at a pruned entry counts as 0 (no skip),
-    one at a kept entry skips the step."""
+    one at a kept entry skips the step. Cautious: a pruned entry counts as disagreeing."""
     with jax.enable_x64(True):
         params, grads = _case("float64", seed=13, steps=12)
         rng = np.random.default_rng(13)
@@ -1152,7 +1154,7 @@ def test_masks_are_the_array_apis(name, cls):
         kept_at = np.argwhere(keep_x)[0]
         grads["deep"]["x"] = grads["deep"]["x"].at[(9, *kept_at)].set(jnp.inf)  # a skip
         tx = getattr(fjax, name)(1e-2, weight_decay=0.1, max_grad_norm=2.0,
-                                 skip_nonfinite=True)
+                                 skip_nonfinite=True, **extra)
 
         def body_step(carry, g):
             p, s = carry
@@ -1168,7 +1170,7 @@ def test_masks_are_the_array_apis(name, cls):
     mask_leaves = [None if m is None else np.asarray(m, bool)
                    for m in jax.tree.structure(params).flatten_up_to(masks)]
     opt = getattr(fastopt, cls)(leaves, lr=1e-2, weight_decay=0.1, max_grad_norm=2.0,
-                                skip_nonfinite=True, masks=mask_leaves)
+                                skip_nonfinite=True, masks=mask_leaves, **extra)
     for t in range(12):
         opt.step([np.array(g[t]) for g in jax.tree.leaves(grads)])
     want = jax.tree.unflatten(jax.tree.structure(params), leaves)
@@ -1179,6 +1181,34 @@ def test_masks_are_the_array_apis(name, cls):
             if m is not None:
                 p, e = np.asarray(p)[~m], np.asarray(e)[~m]
                 assert (p == 0).all() and not np.signbit(p).any() and (e == 0).all()
+
+
+def test_cautious_masks_in_storage_formats_are_the_array_apis():
+    """Pruning masks with the cautious option on bfloat16 parameters and 8-bit state (the
+    count pass loads the formats block by block and skips the pruned entries): 4 jitted
+    steps equal the array API's bit for bit."""
+    from fastopt._interop import bfloat16
+    dt = bfloat16()
+    rng = np.random.default_rng(16)
+    shapes = [(300, 250), (7,)]
+    params = [rng.standard_normal(sh).astype(np.float32).astype(dt) for sh in shapes]
+    masks = [rng.random(sh) > 0.3 for sh in shapes]
+    grads = [[rng.standard_normal(sh).astype(np.float32) for sh in shapes] for _ in range(4)]
+    with jax.enable_x64(True):
+        tx = fjax.adamw(1e-2, weight_decay=0.1, cautious=True, state_dtype="int8", seed=7)
+        got = [jnp.asarray(x) for x in params]
+        state = tx.init(got)
+        step = jax.jit(tx.step)
+        for g in grads:
+            got, state = step(got, [jnp.asarray(x) for x in g], state,
+                              [jnp.asarray(m) for m in masks])
+    want = [x.copy() for x in params]
+    opt = fastopt.AdamW(want, lr=1e-2, weight_decay=0.1, cautious=True, state_dtype="int8",
+                        seed=7, masks=masks)
+    for g in grads:
+        opt.step(g)
+    for x, y in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(x).view(np.uint16), y.view(np.uint16))
 
 
 @pytest.mark.parametrize("masks, error, match", [

@@ -357,9 +357,9 @@ def test_sums_checks():
                                      if rule.name != "AdamW"],  # AdamW's are Adam's
                          ids=lambda c: c.base)
 def test_cautious_count_and_step_are_the_cython_drivers(caution, dtype, x64):
-    """The count pass (count=1: an int32 count per tensor, nothing written) and the
-    cautious step with each tensor's factor as its last operand: the Cython driver's
-    counts and bits, on 1 and 2 threads."""
+    """The count pass (count=1: an int32 count per tensor, nothing written; with pruning
+    masks, of the kept entries) and the cautious step with each tensor's factor as its last
+    operand: the Cython driver's counts and bits, on 1 and 2 threads."""
     base = _rules.KERNELS[caution.base]
     scalars = _hyper(caution.base, dtype)
     params, grads, states = _case(caution.base, dtype, seed=5)
@@ -372,6 +372,15 @@ def test_cautious_count_and_step_are_the_cython_drivers(caution, dtype, x64):
             [ss[k] for ss in counted] for k in range(len(reads))),
         caution.count.args.record(dtype, scalars), 1)
     assert 0 < sum(want_counts) < sum(p.size for p in params)
+    rng = np.random.default_rng(6)
+    masks = [np.asarray(rng.random(p.shape) > 0.4) for p in params]
+    kept, rest = (_cython.caution_counts(
+        caution.count.name, (params, params, grads) + tuple(
+            [ss[k] for ss in counted] for k in range(len(reads))),
+        caution.count.args.record(dtype, scalars), 2, [np.asarray(m, np.uint8) for m in ms])
+        for ms in (masks, [~m for m in masks]))
+    np.testing.assert_array_equal(kept + rest, want_counts)  # each agreeing entry once
+    assert 0 < sum(kept) < sum(want_counts)
     factors = _scalars.caution_factors(want_counts, [p.size for p in params], dtype)
     aux = [factors[t:t + 1] for t in range(len(params))]
     want_p = [x.copy() for x in params]
@@ -384,6 +393,10 @@ def test_cautious_count_and_step_are_the_cython_drivers(caution, dtype, x64):
             caution.count.name, r, p, g, s, n_threads))(record, params, grads, counted)
         assert counts.dtype == jnp.int32
         np.testing.assert_array_equal(np.asarray(counts), want_counts)
+        counts = jax.jit(lambda r, p, g, s, m: _jax_ffi.caution_counts(
+            caution.count.name, r, p, g, s, n_threads, masks=m))(
+            record, params, grads, counted, masks)
+        np.testing.assert_array_equal(np.asarray(counts), kept)
         got = jax.jit(lambda r, p, g, s: _jax_ffi.elementwise(
             caution.step.name, r, p, g, s, n_threads))(
             record, params, grads, [list(ss) + [a] for ss, a in zip(states, aux)])
@@ -501,7 +514,7 @@ def test_masks_zero_the_pruned_entries(delta):
     params, grads, states = _case(kernel, np.float32, seed=7)
     record = _jax_ffi.record_bytes(_rules.KERNELS[kernel].args, np.float32, scalars)
     rng = np.random.default_rng(7)
-    masks = [rng.random(p.shape) > 0.4 for p in params]
+    masks = [np.asarray(rng.random(p.shape) > 0.4) for p in params]
     masks[1] = None
     masks[2] = np.asarray(masks[2], np.uint8)
 
@@ -843,10 +856,10 @@ SGD_RECORD = np.zeros(32, np.uint8)
     ((SGD_RECORD, P3, P3), 1, dict(count=np.int64(1)),
      "no cautious count kernel named 'sgd'"),
     ((SGD_RECORD, P3, P3), 1, dict(kernel="adam_caution", count=np.int64(1), delta=np.int64(1)),
-     "attribute count: not with delta, into_grad, masked or shadow"),
+     "attribute count: not with delta, into_grad or shadow"),
     ((SGD_RECORD, P3, P3), 1, dict(kernel="adam_caution", count=np.int64(1), formats=np.int64(1),
                                    shadow=np.int64(1)),
-     "attribute count: not with delta, into_grad, masked or shadow"),
+     "attribute count: not with delta, into_grad or shadow"),
     ((SGD_RECORD, P3, P3), 1, dict(delta=np.int64(1), into_grad=np.int64(1)),
      "attribute into_grad: not with delta or formats"),
     ((SGD_RECORD, P3, P3), 1, dict(discard=np.int64(1)),

@@ -37,9 +37,10 @@ class Compiled(Protocol):
         parameter's weight EMA moved toward its written value in the same pass, the bits
         of a pass of the ``ema`` kernel after it."""
 
-    # optional: caution_counts(kernel, operands, record, n_threads) -> per-tensor counts of
-    # a cautious count kernel's K, summed in its pass (none: K is written to scratch arrays
-    # and summed with norm_partials, fastopt._backends._steps.cautious_step)
+    # optional: caution_counts(kernel, operands, record, n_threads, masks=None) -> per-tensor
+    # counts of a cautious count kernel's K at the entries `masks` does not prune, summed
+    # in its pass (none: K is written to scratch arrays, pruned entries zeroed, and summed
+    # with norm_partials, fastopt._backends._steps.cautious_step)
 
     # optional: pass_sums(kernel, operands, record, n_threads, sums, masks=None, n_aux=0,
     # discard=False) -> float64 (chunks, len(sums)): elementwise()'s pass (no formats or

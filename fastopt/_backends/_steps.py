@@ -106,8 +106,8 @@ def cautious_step(backend: Compiled, rule, params, out, grads, *states, n_thread
     count pass finds each element's agreement K, whose per-tensor sums (exact: they are
     counts) give each tensor's factor, and the step kernel takes it as its last operand.
     A backend with ``caution_counts`` sums K in the count pass; the others write it to the
-    scratch arrays ``caution()`` returns and sum those. The count reads every element,
-    pruned ones too, as the NumPy reference does."""
+    scratch arrays ``caution()`` returns and sum those. A pruned element (`masks`) counts as
+    disagreeing (K = 0), whatever its gradient, as the NumPy reference counts it."""
     named = {name: s for name, s in zip(rule.state, states) if s is not None}
     present = tuple(named)
     variant = rule.caution(rule.kernel(present).name)
@@ -117,11 +117,11 @@ def cautious_step(backend: Compiled, rule, params, out, grads, *states, n_thread
     if hasattr(backend, "caution_counts"):
         counts = backend.caution_counts(
             variant.count.name, (params, params, grads) + counted,
-            variant.count.args.record(dtype, scalars), n_threads)
+            variant.count.args.record(dtype, scalars), n_threads, masks)
     else:
         scratch = caution()
         run_pass(backend, variant.count.name, (params, scratch, grads) + counted, scalars,
-                 n_threads, None)
+                 n_threads, masks)
         counts = _scalars.tensor_sums(backend.norm_partials(scratch, 1, n_threads=n_threads),
                                       [p.size for p in params], CHUNK)
     factors = _scalars.caution_factors(counts, [p.size for p in params], dtype)

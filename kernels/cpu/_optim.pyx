@@ -46,7 +46,8 @@ cdef extern from "optim_loops.h" nogil:
     const fo_cpu_kernel *fo_cpu_kernels
 
 
-ctypedef int (*fo_count_fn)(char **ptr, Py_ssize_t lo, Py_ssize_t n, const void *args) noexcept nogil
+ctypedef int (*fo_count_fn)(char **ptr, Py_ssize_t lo, Py_ssize_t n, const void *args,
+                            const unsigned char *mask) noexcept nogil
 
 cdef extern from "optim_loops.h" nogil:
     ctypedef struct fo_cpu_count:
@@ -57,11 +58,13 @@ cdef extern from "optim_loops.h" nogil:
     const fo_cpu_count *fo_cpu_counts
 
 
-def caution_counts(str kernel, tuple operands, bint f64, cnp.ndarray args, int n_threads):
+def caution_counts(str kernel, tuple operands, bint f64, cnp.ndarray args, int n_threads,
+                   bint masked=False):
     """Per tensor (int64), how many elements the cautious count kernel `kernel` (a
     ``<rule>_caution`` of optim_loops.h's counting functions) finds agreeing, summed in one
     pass that writes nothing. `operands` as the kernel's (param, param out, grad, state...;
-    param out is not touched), `args` its struct's bytes."""
+    param out is not touched), then with `masked` the pruning masks (uint8 per element, 0
+    prunes: a pruned element is not counted); `args` its struct's bytes."""
     import numpy as np
     cdef bytes key = kernel.encode()
     cdef const fo_cpu_count *k = fo_cpu_counts
@@ -70,27 +73,31 @@ def caution_counts(str kernel, tuple operands, bint f64, cnp.ndarray args, int n
     cdef cnp.int64_t *cs
     cdef fo_count_fn fn
     cdef const void *a
-    cdef Py_ssize_t c
+    cdef Py_ssize_t c, t, lo
+    cdef char **p
     while k.name != NULL and strcmp(k.name, key) != 0:
         k += 1
     if k.name == NULL:
         raise ValueError(f"no CPU count kernel named {kernel!r}")
-    if 3 + k.n_state != len(operands):
-        raise ValueError(f"count kernel {kernel!r} takes {3 + k.n_state} operands, got "
-                         f"{len(operands)}")
+    if 3 + k.n_state + masked != len(operands):
+        raise ValueError(f"count kernel {kernel!r} takes {3 + k.n_state + masked} operands, "
+                         f"got {len(operands)}")
     if not cnp.PyArray_IS_C_CONTIGUOUS(args):
         raise ValueError("args: expected a C-contiguous array")
     fn = k.f64 if f64 else k.f32
     a = cnp.PyArray_DATA(args)
-    plan_init(&pl, operands, 8 if f64 else 4)
+    plan_init(&pl, operands, 8 if f64 else 4, 0, masked)
     try:
         counts = np.zeros(pl.n_chunks, np.int64)
         cs = <cnp.int64_t *>cnp.PyArray_DATA(counts)
         n_threads = plan_threads(&pl, n_threads)
         with nogil:
             for c in prange(pl.n_chunks, num_threads=max(n_threads, 1), schedule='static'):
-                cs[c] = fn(pl.ptr + pl.chunk[3 * c] * pl.n_ops, pl.chunk[3 * c + 1],
-                           pl.chunk[3 * c + 2], a)
+                t = pl.chunk[3 * c]
+                lo = pl.chunk[3 * c + 1]
+                p = pl.ptr + t * pl.n_ops
+                cs[c] = fn(p, lo, pl.chunk[3 * c + 2], a,
+                           <const unsigned char *>p[pl.n_ops - 1] + lo if masked else NULL)
         out = np.zeros(len(operands[0]), np.int64)
         for c in range(pl.n_chunks):
             out[pl.chunk[3 * c]] += cs[c]

@@ -63,31 +63,37 @@
     }
 
 /* The cautious count kernels (FO_CAUTION_COUNTS) summed in the pass: how many of the chunk's
-   elements agree (the element function's K is 1), nothing written; an int per chunk (at
-   most FO_CHUNK), so that the sum vectorizes */
-typedef int (*fo_count_fn)(char **ptr, ptrdiff_t lo, ptrdiff_t n, const void *args);
+   elements agree (the element function's K is 1) and are not pruned (`mask`, at the chunk's
+   first element: byte 0 prunes; NULL, no mask), nothing written; an int per chunk (at most
+   FO_CHUNK), so that the sum vectorizes */
+typedef int (*fo_count_fn)(char **ptr, ptrdiff_t lo, ptrdiff_t n, const void *args,
+                           const unsigned char *mask);
 #define FO_COUNT_HEAD(T, SFX, NAME, ARGS)                                                 \
-    FO_MULTIVERSION static int fo_cpu_count_##NAME##_##SFX(char **ptr, ptrdiff_t lo,       \
-                                                           ptrdiff_t n, const void *args) \
+    FO_MULTIVERSION static int fo_cpu_count_##NAME##_##SFX(                               \
+        char **ptr, ptrdiff_t lo, ptrdiff_t n, const void *args,                          \
+        const unsigned char *restrict mask)                                               \
     {                                                                                     \
         const fo_##ARGS##_args_##SFX a = *(const fo_##ARGS##_args_##SFX *)args;           \
         const T *restrict p = (const T *)ptr[0] + lo;                                     \
         const T *restrict g = (const T *)ptr[2] + lo;                                     \
         int c = 0;                                                                        \
         ptrdiff_t i;
+/* the count of elements whose K (the expression AGREE of i) is 1, unmasked or masked */
+#define FO_COUNT_LOOP(T, AGREE)                                                           \
+    if (mask == NULL)                                                                     \
+        for (i = 0; i < n; i++) c += (AGREE) != (T)0;                                     \
+    else                                                                                  \
+        for (i = 0; i < n; i++) c += ((AGREE) != (T)0) & (mask[i] != 0);                  \
+    return c;                                                                             \
+    }
 #define FO_COUNT1(T, SFX, NAME, ARGS)                                                     \
     FO_COUNT_HEAD(T, SFX, NAME, ARGS)                                                     \
         FO_STATE(T, 1)                                                                    \
-        for (i = 0; i < n; i++) c += fo_##NAME##_##SFX(p[i], g[i], s1 + i, &a) != (T)0;   \
-        return c;                                                                         \
-    }
+        FO_COUNT_LOOP(T, fo_##NAME##_##SFX(p[i], g[i], s1 + i, &a))
 #define FO_COUNT2(T, SFX, NAME, ARGS)                                                     \
     FO_COUNT_HEAD(T, SFX, NAME, ARGS)                                                     \
         FO_STATE(T, 1) FO_STATE(T, 2)                                                     \
-        for (i = 0; i < n; i++)                                                           \
-            c += fo_##NAME##_##SFX(p[i], g[i], s1 + i, s2 + i, &a) != (T)0;               \
-        return c;                                                                         \
-    }
+        FO_COUNT_LOOP(T, fo_##NAME##_##SFX(p[i], g[i], s1 + i, s2 + i, &a))
 
 /* Two-pass rules (Lamb, Adafactor): the update pass writes u to the "param out" slot (a
    scratch buffer; operand 0, the parameter, is read by Lamb only). The apply pass reads u

@@ -58,8 +58,9 @@
  * stored and has no result: each thread writes a chunk's into a scratch chunk of its own,
  * where it is summed (Prodigy's terms, whose sum is their one use).
  * With count the kernel is a cautious count kernel (FO_CAUTION_COUNTS): nothing is written
- * but the one result, an int32 array holding per tensor how many of its elements agree (the
- * cautious option's K summed, as the Cython driver's caution_counts); with formats it reads
+ * but the one result, an int32 array holding per tensor how many of its elements agree and
+ * are not pruned (the cautious option's K summed, as the Cython driver's caution_counts);
+ * with formats it reads
  * the operands as the step loads them (8-bit state with its block scales, no results).
  * All tensors float32 or float64 (the struct's dtype); a tensor's operands and results hold
  * equally many elements, in any shapes (the update is elementwise, and XLA hands over
@@ -416,9 +417,8 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
                                   (int)(v->len < 64 ? v->len : 64), v->ptr);
         *k = e;
     }
-    if (*count && (*delta || *into_grad || *masked || *shadow))
-        return FO_XLA_INVALID(call->api, "attribute count: not with delta, into_grad, masked "
-                              "or shadow (the count reads every entry, pruned ones too)");
+    if (*count && (*delta || *into_grad || *shadow))
+        return FO_XLA_INVALID(call->api, "attribute count: not with delta, into_grad or shadow");
     if (*into_grad && (*delta || *formats))
         return FO_XLA_INVALID(call->api, "attribute into_grad: not with delta or formats");
     if (*formats && *k != NULL && 3 + (*k)->n_state + (*k)->n_aux > FO_FORMAT_OPS)
@@ -574,9 +574,11 @@ static void fo_xla_delta_formats(char **p, ptrdiff_t t, ptrdiff_t lo, ptrdiff_t 
 
 /* A cautious count over elements lo .. lo + n - 1 of a tensor in storage formats (the
    operand pointers ptr[0 ..], ptr[1] NULL): `cfn`, the float32 count kernel, on each block
-   loaded as fo_cpu_format_chunk loads it; the agreeing elements summed. */
+   loaded as fo_cpu_format_chunk loads it; the agreeing elements that `mask` (at element 0;
+   NULL: none) does not prune summed. */
 FO_MULTIVERSION static int fo_xla_format_count(char **ptr, ptrdiff_t lo, ptrdiff_t n,
-                                               const fo_format_args *fa, fo_count_fn cfn)
+                                               const fo_format_args *fa, fo_count_fn cfn,
+                                               const unsigned char *mask)
 {
     float scratch[FO_FORMAT_OPS][FO_FORMAT_BLOCK];
     char *local[FO_FORMAT_OPS];
@@ -585,7 +587,7 @@ FO_MULTIVERSION static int fo_xla_format_count(char **ptr, ptrdiff_t lo, ptrdiff
     for (off = 0; off < n; off += FO_FORMAT_BLOCK) {
         const ptrdiff_t m = n - off < FO_FORMAT_BLOCK ? n - off : FO_FORMAT_BLOCK;
         fo_format_load_ops(local, scratch, ptr, (fo_u64)(lo + off), m, fa, 0, 0);
-        total += cfn(local, 0, m, fa->args);
+        total += cfn(local, 0, m, fa->args, mask != NULL ? mask + lo + off : NULL);
     }
     return total;
 }
@@ -646,8 +648,10 @@ static void fo_xla_run_chunk(const fo_xla_pass *pass, ptrdiff_t c, int thread)
     const unsigned char *mask = (const unsigned char *)p[width - 1];
     int s;
     if (pass->cfn != NULL) {
-        pass->counted[c] = pass->fa != NULL ? fo_xla_format_count(p, lo, n, pass->fa, pass->cfn)
-                                            : pass->cfn(p, lo, n, pass->args);
+        pass->counted[c] = pass->fa != NULL
+                               ? fo_xla_format_count(p, lo, n, pass->fa, pass->cfn, mask)
+                               : pass->cfn(p, lo, n, pass->args,
+                                           mask != NULL ? mask + lo : NULL);
         return;
     }
     if (pass->scratch != NULL) {

@@ -62,11 +62,14 @@ def pass_sums(kernel, operands, record, n_threads, sums, masks=None, n_aux=0, di
                             n_threads, tuple(sums), discard, n_aux, masks is not None)
 
 
-def caution_counts(kernel, operands, record, n_threads):
-    """Per tensor, how many elements the cautious count kernel `kernel` finds agreeing,
-    counted in its pass (kernels/cpu/optim_loops.h): no K written, nor read back."""
+def caution_counts(kernel, operands, record, n_threads, masks=None):
+    """Per tensor, how many elements the cautious count kernel `kernel` finds agreeing and
+    `masks` does not prune, counted in its pass (kernels/cpu/optim_loops.h): no K written,
+    nor read back."""
+    if masks is not None:
+        operands += (masks,)
     return _optim.caution_counts(kernel, operands, operands[0][0].dtype == np.float64, record,
-                                 n_threads)
+                                 n_threads, masks is not None)
 
 
 def factors(grads, rows, cols, rmeans, shape, bands, blocks, slices, record, n_threads):

@@ -148,40 +148,48 @@ def _driver(name):
 
 
 _COUNT_DRIVER = """
-def {name}(ptrs, chunks, rec, like, counts):
+def {name}(ptrs, chunks, rec, like, counts, mask_ptrs, mask_like):
     one = _one(like)
     for c in prange(chunks.shape[0]):
         t, lo, n = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         p, g = _view(ptrs, t, 0, lo, n, like), _view(ptrs, t, 2, lo, n, like)
         {views}
         agree = 0
-        for i in range(n):
-            agree += element(p[i], g[i], {states}i, rec[0], one) != 0
+        {counting}
         counts[c] = agree
 """
+_COUNT_ALL = """for i in range(n):
+            agree += element(p[i], g[i], {states}i, rec[0], one) != 0"""
+_COUNT_KEPT = """m = _view(mask_ptrs, t, 0, lo, n, mask_like)
+        for i in range(n):
+            agree += (element(p[i], g[i], {states}i, rec[0], one) != 0) & (m[i] != 0)"""
 
 
 @functools.lru_cache(maxsize=None)
-def _count_driver(name):
+def _count_driver(name, masked):
     """The parallel driver of cautious count kernel `name`: each chunk's count of the
-    elements whose K is 1, nothing written."""
+    elements whose K is 1 (and, `masked`, whose mask byte is not 0), nothing written."""
     n = len(_rules.ALL_KERNELS[name].state)
     namespace = {"__name__": __name__, "prange": prange, "_view": _view, "_one": _one,
                  "element": _ELEMENTS[name]}
+    states = "".join(f"s{k}, " for k in range(1, n + 1))
     source = _COUNT_DRIVER.format(
         name=f"_count_{name}",
         views="; ".join(f"s{k} = _view(ptrs, t, {k + 2}, lo, n, like)" for k in range(1, n + 1)),
-        states="".join(f"s{k}, " for k in range(1, n + 1)))
+        counting=(_COUNT_KEPT if masked else _COUNT_ALL).format(states=states))
     exec(compile(source, __file__, "exec"), namespace)
     return njit(parallel=True, **_JIT)(namespace[f"_count_{name}"])
 
 
-def caution_counts(kernel, operands, record, n_threads):
-    """Per tensor, how many elements the cautious count kernel `kernel` finds agreeing,
-    counted in its pass (as the Cython backend's): no K written, nor read back."""
+def caution_counts(kernel, operands, record, n_threads, masks=None):
+    """Per tensor, how many elements the cautious count kernel `kernel` finds agreeing and
+    `masks` does not prune, counted in its pass (as the Cython backend's): no K written,
+    nor read back."""
     dtype, ptrs, chunks = _setup(operands, n_threads)
+    mask_ptrs = np.zeros((0, 1), np.int64) if masks is None else data_pointers((masks,), 1)[0]
     counts = np.zeros(chunks.shape[0], np.int64)
-    _count_driver(kernel)(ptrs, chunks, record, np.empty(0, dtype), counts)
+    _count_driver(kernel, masks is not None)(ptrs, chunks, record, np.empty(0, dtype), counts,
+                                             mask_ptrs, np.empty(0, np.uint8))
     per_tensor = np.zeros(len(operands[0]), np.int64)
     np.add.at(per_tensor, chunks[:, 0], counts)
     return per_tensor

@@ -93,19 +93,22 @@ def _adam_moments(p, g, exp_avg, exp_avg_sq, *, lr, beta1, beta2, weight_decay, 
     return p, g
 
 
-def _cautious(u, g, caution):
-    """The step direction u of a tensor with the cautious option (when `caution` is not
-    None): u K / max(mean K, 1e-3), K = 1[u g > 0] (timm's caution=True); else u."""
+def _cautious(u, g, caution, masks, i):
+    """The step direction u of tensor i with the cautious option (when `caution` is not
+    None): u K / max(mean K, 1e-3), K = 1[u g > 0] (timm's caution=True), 0 where `masks`
+    (None, or one per tensor) prunes the entry; else u."""
     if caution is None:
         return u
     agree = u * g > 0
+    if masks is not None:
+        agree &= masks[i].reshape(agree.shape) != 0
     k = _scalars.caution_factors([np.count_nonzero(agree)], [u.size], u.dtype)[0]
     return u * np.where(agree, k, u.dtype.type(0))
 
 
 def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step, lr, beta1,
               beta2, eps, weight_decay, decoupled, maximize, grad_scale=1.0,
-              grad_clip=float("inf"), n_threads=1, caution=None):
+              grad_clip=float("inf"), n_threads=1, caution=None, masks=None):
     """With `caution` (not None: the compiled backends' scratch arrays), the cautious
     step."""
     bias_correction1 = 1 - beta1 ** step
@@ -121,7 +124,8 @@ def adam_step(params, out, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, ste
             np.maximum(max_exp_avg_sqs[i], v, out=max_exp_avg_sqs[i])
             v = max_exp_avg_sqs[i]
         denom = np.sqrt(v) / s(bias_correction2_sqrt) + s(eps)
-        out[i][...] = p + s(-step_size) * _cautious(m, g, caution) / denom
+        out[i][...] = p + s(-step_size) * _cautious(m, g, caution, masks, i) / denom
+    _zero_pruned(masks, out, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
 
 
 def _sign(x):
@@ -245,7 +249,7 @@ def radam_step(params, out, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, be
 
 def adopt_step(params, out, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps,
                weight_decay, decoupled, clip_value, maximize, grad_scale=1.0,
-               grad_clip=float("inf"), n_threads=1, caution=None):
+               grad_clip=float("inf"), n_threads=1, caution=None, masks=None):
     """ADOPT as torch-adopt's single-tensor loop; `clip_value` is clip_lambda(step - 1)
     (None: no clipping); `caution` as adam_step's."""
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
@@ -261,19 +265,21 @@ def adopt_step(params, out, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, be
         if clip_value is not None:
             normed = np.clip(normed, s(-clip_value), s(clip_value))
         m[...] = _lerp(m, normed, s(1 - beta1))
-        out[i][...] = p + s(-lr) * _cautious(m, g, caution)
+        out[i][...] = p + s(-lr) * _cautious(m, g, caution, masks, i)
         v[...] = v * s(beta2) + s(1 - beta2) * g * g
+    _zero_pruned(masks, out, exp_avgs, exp_avg_sqs)
 
 
 def lion_step(params, out, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize,
-              grad_scale=1.0, grad_clip=float("inf"), n_threads=1, caution=None):
+              grad_scale=1.0, grad_clip=float("inf"), n_threads=1, caution=None, masks=None):
     """`caution` as adam_step's: the sign is the step direction it masks."""
     for i, (p, g, exp_avg) in enumerate(zip(params, grads, exp_avgs)):
         s = p.dtype.type
         g = _prologue(p, g, grad_clip, grad_scale, maximize, 0.0)
-        update = _cautious(_sign(s(1 - beta1) * g + s(beta1) * exp_avg), g, caution)
+        update = _cautious(_sign(s(1 - beta1) * g + s(beta1) * exp_avg), g, caution, masks, i)
         exp_avg[...] = s(1 - beta2) * g + s(beta2) * exp_avg
         out[i][...] = p + s(-lr) * (update + s(weight_decay) * p)
+    _zero_pruned(masks, out, exp_avgs)
 
 
 def _torch_sign(x):
@@ -312,7 +318,7 @@ def asgd_step(params, out, grads, axs, *, eta, mu, lambd, weight_decay, maximize
 
 def ademamix_step(params, out, grads, fasts, slows, sqs, *, step, lr, beta1, beta2, beta3,
                   alpha, eps, weight_decay, maximize, grad_scale=1.0, grad_clip=float("inf"),
-                  n_threads=1, caution=None):
+                  n_threads=1, caution=None, masks=None):
     """`fasts` None when beta1 is 0 (the first moment is then the gradient itself);
     `beta3`, `alpha`: this step's; `caution` as adam_step's, on the update's numerator."""
     bias_correction1 = 1 - beta1 ** step
@@ -328,9 +334,11 @@ def ademamix_step(params, out, grads, fasts, slows, sqs, *, step, lr, beta1, bet
         slow[...] = slow * s(beta3) + s(1 - beta3) * g
         sq[...] = sq * s(beta2) + s(1 - beta2) * g * g
         denom = np.sqrt(sq) / s(math.sqrt(bias_correction2)) + s(eps)
-        update = _cautious(fast / s(bias_correction1) + s(alpha) * slow, g, caution) / denom
+        update = _cautious(fast / s(bias_correction1) + s(alpha) * slow, g, caution, masks,
+                           i) / denom
         update = update + s(weight_decay) * p
         out[i][...] = p + s(-lr) * update
+    _zero_pruned(masks, out, fasts, slows, sqs)
 
 
 def adan_step(params, out, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, *,
@@ -448,9 +456,10 @@ def prodigy_step(params, out, grads, s_list, p0_list, m_list, v_list, terms, *, 
 
 
 def _zero_pruned(masks, *lists):
-    """Pruned entries (mask byte 0) of tensor t set to +0 in each list's array t."""
+    """Pruned entries (mask byte 0) of tensor t set to +0 in each list's array t (a list
+    None: an optional state that is off)."""
     for t, mask in enumerate(masks or ()):
-        zero_pruned(mask, [arrays[t] for arrays in lists])
+        zero_pruned(mask, [arrays[t] for arrays in lists if arrays is not None])
 
 
 def factored_sums(g2):
