@@ -305,3 +305,42 @@ def test_pruned_entries_count_as_disagreeing(name, kw, backend):
             np.testing.assert_array_equal(x, y)
     for x, y, m in zip(run(None, masked=False), want, masks):
         assert not np.array_equal(x[m], y[m])
+
+
+@pytest.mark.parametrize("backend", ["cython", "numba"])
+def test_scratch_count_path_with_masks(backend):
+    """The count path of a backend without caution_counts (CuPy's: K written to scratch
+    arrays, pruned entries zeroed, then summed), run here with a CPU backend's kernels:
+    with pruning masks, the NumPy reference's bits and the counting path's, state too."""
+    import types
+
+    from fastopt._backends import _cython, _numba, _steps
+    from fastopt._backends._numpy import optim as reference
+    require_backend(backend)
+    module = {"cython": _cython, "numba": _numba}[backend]
+    scratch_only = types.SimpleNamespace(**{k: getattr(module, k) for k in module.__all__
+                                            if k != "caution_counts"})
+    rng = np.random.default_rng(1)
+    shapes = [(40000,), (), (7,)]
+    params = [np.asarray(rng.standard_normal(s), np.float32) for s in shapes]
+    grads = [np.asarray(rng.standard_normal(s), np.float32) for s in shapes]
+    moments = [[np.asarray(rng.standard_normal(s), np.float32) for s in shapes],
+               [np.asarray(rng.random(s), np.float32) for s in shapes]]
+    masks = [np.asarray(rng.random(s) > 0.4, np.uint8) for s in shapes]
+    hyper = dict(step=3, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                 decoupled=True, maximize=False, grad_scale=1.0, grad_clip=float("inf"))
+    results = []
+    for run in ("reference", "counting", "scratch"):
+        p = [x.copy() for x in params]
+        m, v = ([x.copy() for x in xs] for xs in moments)
+        if run == "reference":
+            reference.adam_step(p, p, grads, m, v, None, masks=masks, caution=True, **hyper)
+        else:
+            scratch = [np.empty_like(x) for x in p]
+            _steps.rule_step(module if run == "counting" else scratch_only, _rules.BY_NAME["Adam"],
+                             p, p, grads, m, v, None, n_threads=2, masks=masks,
+                             caution=lambda s=scratch: s, **hyper)
+        results.append(p + m + v)
+    for got in results[1:]:
+        for x, y in zip(got, results[0]):
+            np.testing.assert_array_equal(x, y)

@@ -121,7 +121,9 @@ def cautious_step(backend: Compiled, rule, params, out, grads, *states, n_thread
     else:
         scratch = caution()
         run_pass(backend, variant.count.name, (params, scratch, grads) + counted, scalars,
-                 n_threads, masks)
+                 n_threads, None)
+        for t, mask in enumerate(masks or ()):  # K only: the count writes no state
+            zero_pruned(mask, [scratch[t]])
         counts = _scalars.tensor_sums(backend.norm_partials(scratch, 1, n_threads=n_threads),
                                       [p.size for p in params], CHUNK)
     factors = _scalars.caution_factors(counts, [p.size for p in params], dtype)

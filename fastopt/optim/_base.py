@@ -405,7 +405,8 @@ class Optimizer:
             pruned entries of the parameter and of its state arrays are exactly +0, and
             a pruned entry's gradient counts as 0 wherever gradients are summed up:
             max_grad_norm, skip_nonfinite, Adafactor's row and column factors (which then
-            read a masked copy of the gradient), Lamb's and Adafactor's update norms. The
+            read a masked copy of the gradient), Lamb's and Adafactor's update norms; the
+            cautious option counts it as disagreeing. The
             Cython backend zeroes the pruned entries inside the update loop, the others
             right after each pass. Change the masks with ``set_masks``.
 

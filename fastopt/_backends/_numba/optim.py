@@ -186,6 +186,9 @@ def caution_counts(kernel, operands, record, n_threads, masks=None):
     `masks` does not prune, counted in its pass (as the Cython backend's): no K written,
     nor read back."""
     dtype, ptrs, chunks = _setup(operands, n_threads)
+    if masks is not None and (len(masks) != len(operands[0]) or any(
+            np.size(m) != p.size for m, p in zip(masks, operands[0]))):
+        raise ValueError("masks: expected a mask per tensor, of its element count")
     mask_ptrs = np.zeros((0, 1), np.int64) if masks is None else data_pointers((masks,), 1)[0]
     counts = np.zeros(chunks.shape[0], np.int64)
     _count_driver(kernel, masks is not None)(ptrs, chunks, record, np.empty(0, dtype), counts,
