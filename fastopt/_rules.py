@@ -192,7 +192,7 @@ MUON_ARGS = Args("muon", _GRAD + ("one_minus_momentum", "momentum"),
 EMA_ARGS = Args("ema", ("weight",), ("lerp_hi",))
 PRODIGY_ARGS = Args("prodigy", _GRAD + ("weight_decay", "beta1", "m_coef", "beta2", "v_coef",
                                         "beta3", "s_coef", "neg_decay", "d_eps", "neg_dlr",
-                                        "neg_dlr_d"))
+                                        "neg_dlr_d"), ("moves",))
 SCALED_APPLY_ARGS = Args("scaled_apply", ("decay", "scale"))
 
 # the kernels of the multi-pass rules' passes that are not elementwise in the table's sense

@@ -294,16 +294,17 @@ def ema_scalars(dtype, *, decay):
 
 
 def prodigy_scalars(dtype, *, d, dlr, d_next, beta1, beta2, beta3, eps, weight_decay,
-                    decouple, d0, safeguard_warmup, maximize, grad_scale, grad_clip):
+                    decouple, d0, safeguard_warmup, maximize, grad_scale, grad_clip, moves=True):
     """(update pass, apply pass) struct fields of Prodigy: the step's estimate `d`, `dlr` =
     d lr bc of it, and `d_next`, the estimate the update pass led to (which only the apply
-    pass reads), each product as the reference computes it."""
+    pass reads), each product as the reference computes it; `moves` False makes the apply pass
+    leave the parameters as they are (a step without progress)."""
     fields = dict(**grad_scalars(grad_scale, grad_clip, maximize),
                   weight_decay=0.0 if decouple else _real(weight_decay), beta1=_real(beta1),
                   m_coef=d * (1 - beta1), beta2=_real(beta2), v_coef=d * d * (1 - beta2),
                   beta3=_real(beta3), s_coef=(d / d0) * (d if safeguard_warmup else dlr),
                   neg_decay=-weight_decay * dlr if decouple else 0.0, d_eps=d_next * eps,
-                  neg_dlr=-dlr, neg_dlr_d=-dlr * d_next)
+                  neg_dlr=-dlr, neg_dlr_d=-dlr * d_next, moves=moves)
     return fields, fields
 
 

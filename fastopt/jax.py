@@ -2784,24 +2784,20 @@ class _Prodigy(_Fused):
             d_next = jnp.where((lr > 0) & (d == r["d0"]), jnp.maximum(d, d_hat), d)
             new_max = jnp.where(lr > 0, jnp.maximum(d_max, d_hat), d_max)
             d_next = jnp.where(lr > 0, jnp.minimum(new_max, d_next * r["growth_rate"]), d_next)
-            _, fields = _scalars.prodigy_scalars(dtype, d_next=d_next, **common)
-
-            def apply(record, params, grads, moments):
-                new, moments = _jax_ffi.elementwise(apply_name, record, params, grads,
-                                                    moments, self.n_threads, delta=delta,
-                                                    masks=masks)
-                # under shard_map a kernel's results carry no varying axes; keep's do
-                return _varying_lists(new, params), _varying_states(moments, params)
-
-            def keep(record, params, grads, moments):
-                return [jnp.zeros_like(p) for p in params] if delta else params, moments
             # s all 0 (no progress): the reference changes no parameter, nor the estimate,
-            # nor its step count; the state arrays keep their update. A cond, so that the
-            # apply pass still updates the parameters (and reads the moments) in place. The
+            # nor its step count; the state arrays keep their update. The apply pass then
+            # runs with moves 0, which returns each parameter as it is (with delta an update
+            # of +0 for a finite parameter): a lax.cond around the pass would copy its
+            # result, which aliases the gradients with delta (a fresh buffer per step). The
             # apply pass without a first moment reads the gradients; with one it does not
             moved = denominator != 0
-            new, moments = jax.lax.cond(moved, apply, keep, _record(apply_args, dtype, fields),
-                                        params, grads, [list(s[2:]) for s in states])
+            _, fields = _scalars.prodigy_scalars(dtype, d_next=d_next, **common,
+                                                 moves=moved.astype(jnp.int32))
+            new, moments = _jax_ffi.elementwise(
+                apply_name, _record(apply_args, dtype, fields), params, grads,
+                [list(s[2:]) for s in states], self.n_threads, delta=delta, masks=masks)
+            # under shard_map a kernel's results carry no varying axes
+            new, moments = _varying_lists(new, params), _varying_states(moments, params)
             states = [s[:2] + list(m) for s, m in zip(states, moments)]
             estimate = dict(d=d_next, d_max=new_max, d_numerator=numerator, d_hat=d_hat,
                             d_denom=denominator)

@@ -602,8 +602,9 @@ def test_prodigy_matches_the_array_api(config, dtype):
     sums per tensor, as the array API's, rounded to float32 without jax_enable_x64 (the
     array API keeps them in float64), and added over the tensors before the numerator's
     product: equal to rounding, d too. A step that finds s all 0 (a first step of zero
-    gradients, the decay decoupled) changes no parameter, nor d, nor the count; the state
-    dict carries d in the param group, as the array API's."""
+    gradients, the decay decoupled, which would otherwise move them) changes no parameter,
+    nor d, nor the count, and its updates are +0; the state dict carries d in the param
+    group, as the array API's."""
     hyper, array_hyper = PRODIGY[config]
     with jax.enable_x64(dtype == "float64"):
         rng = np.random.default_rng(12)
@@ -621,6 +622,7 @@ def test_prodigy_matches_the_array_api(config, dtype):
         zeros = jax.tree.map(jnp.zeros_like, params)  # a first step with s = 0 after it
         fresh = tx.init(params)
         same_p, same_state = jax.jit(tx.step)(params, zeros, fresh)
+        still, still_state = jax.jit(tx.update)(zeros, fresh, params)
     leaves = [np.array(p) for p in jax.tree.leaves(params)]
     targets = [np.asarray(t) for t in jax.tree.leaves(target)]
     noises = [np.asarray(n) for n in jax.tree.leaves(noise)]
@@ -636,6 +638,10 @@ def test_prodigy_matches_the_array_api(config, dtype):
     if hyper.get("decouple", True):  # (an L2 decay makes the gradient p wd, not 0)
         _assert_equal(same_p, params)
         _assert_equal(same_state, fresh)
+        _assert_equal(still_state, fresh)
+        for u in jax.tree.leaves(still):
+            np.testing.assert_array_equal(np.asarray(u), 0)
+            assert not np.signbit(np.asarray(u)).any()
     saved = tx.state_dict(state)["param_groups"][0]
     assert saved["k"] == STEPS and saved["d"] == float(state.d)
 

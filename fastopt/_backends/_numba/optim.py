@@ -632,6 +632,8 @@ def _prodigy_update_nom(p, g, s, p0, v, i, a, one):
 
 @element("prodigy_apply")
 def _prodigy_apply(p, g, m, v, i, a, one):
+    if a.moves == 0:
+        return p
     denom = np.sqrt(v[i]) + a.d_eps
     q = p + a.neg_decay * p if a.neg_decay != 0 else p
     return q + a.neg_dlr * (m[i] / denom)
@@ -639,6 +641,8 @@ def _prodigy_apply(p, g, m, v, i, a, one):
 
 @element("prodigy_apply_nom")
 def _prodigy_apply_nom(p, g, v, i, a, one):
+    if a.moves == 0:
+        return p
     denom = np.sqrt(v[i]) + a.d_eps
     d = _prodigy_grad(p, g, a)
     q = p + a.neg_decay * p if a.neg_decay != 0 else p

@@ -759,12 +759,16 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_MUON)
  *   apply pass:   p <- p + (-lambda dlr) p (decoupled);  p <- p + (-dlr) m / (sqrt(v) + d eps)
  *                 (without m, beta1 = 0: p <- p + (-dlr d) g / (sqrt(v) + d eps))
  * with dlr from the step's old d and d eps from its new one, as the reference computes them.
+ * With moves 0 the apply pass returns p as it is: a step without progress (sum |s| = 0),
+ * which the reference ends before its apply, where a caller cannot skip the pass on the
+ * host (inside jax.jit, fastopt/jax.py; the array API skips it and passes 1).
  */
 #define FO_DEFINE_PRODIGY(T, SFX, SQRT, FABS)                                             \
     typedef struct {                                                                      \
         T clip, gscale, weight_decay;                                                     \
         T beta1, m_coef, beta2, v_coef, beta3, s_coef;                                    \
         T neg_decay, d_eps, neg_dlr, neg_dlr_d;                                           \
+        int moves;        /* 0: the apply pass leaves p as it is */                       \
     } fo_prodigy_args_##SFX;                                                              \
                                                                                           \
     FO_HD T fo_prodigy_grad_##SFX(T p, T g, const fo_prodigy_args_##SFX *a)               \
@@ -800,6 +804,7 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_MUON)
     {                                                                                     \
         const T denom = SQRT(*v) + a->d_eps;                                              \
         (void)g;                                                                          \
+        if (!a->moves) return p;                                                          \
         if (a->neg_decay != (T)0) p = p + a->neg_decay * p;                               \
         return p + a->neg_dlr * (*m / denom);                                             \
     }                                                                                     \
@@ -807,6 +812,7 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_MUON)
     FO_HD T fo_prodigy_apply_nom_##SFX(T p, T g, T *v, const fo_prodigy_args_##SFX *a)    \
     {                                                                                     \
         const T denom = SQRT(*v) + a->d_eps;                                              \
+        if (!a->moves) return p;                                                          \
         g = fo_prodigy_grad_##SFX(p, g, a);                                               \
         if (a->neg_decay != (T)0) p = p + a->neg_decay * p;                               \
         return p + a->neg_dlr_d * (g / denom);                                            \
