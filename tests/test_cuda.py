@@ -66,7 +66,7 @@ def test_compiles_with_nvcc(name, tmp_path):
 
 from cases import config_id, spread, tiered  # noqa: E402
 from conftest import kd_case  # noqa: E402
-from test_optim_parity import CONFIGS, SHAPES, SIZES, reference  # noqa: E402
+from test_optim_parity import CONFIGS, SHAPES, SIZES, gradients, reference  # noqa: E402
 
 DTYPES = [np.float32, np.float64]
 
@@ -92,7 +92,7 @@ def test_cupy_matches_reference(config, dtype):
     params = [cupy.asarray(np.asarray(rng.standard_normal(n), dtype)) for n in shapes]
     opt = getattr(fastopt, name)(params, **kw)  # auto -> cupy for GPU arrays
     for step in range(100):
-        grads = [cupy.asarray(np.asarray(rng.standard_normal(n), dtype)) for n in shapes]
+        grads = [cupy.asarray(g) for g in gradients(rng, shapes, dtype)]
         if step == 50:
             opt.param_groups[0]["lr"] *= 0.5
         opt.step(grads)
