@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from cases import config_id, shaped, spread, tiered
 from conftest import CPU_BACKENDS, require_backend
-from test_optim_parity import CONFIGS
+from test_optim_parity import CONFIGS, gradients
 
 import fastopt
 from fastopt import _backends, prune
@@ -603,7 +603,7 @@ def _masked_run(name, kw, backend, dtype, n_threads, steps=6, **opt_kw):
     opt = getattr(fastopt, name)(params, backend=backend, n_threads=n_threads, masks=masks,
                                  **kw, **opt_kw)
     for _ in range(steps):
-        grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        grads = gradients(rng, shapes, dtype)
         for g, m in zip(grads, masks):
             if m is not None:
                 g[m == 0] = np.nan  # never reaches a kept entry
