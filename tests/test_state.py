@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from cases import CASES, config_id, configs, shaped, spread, tiered
 from conftest import CPU_BACKENDS, require_backend
+from test_optim_parity import gradients
 
 import fastopt
 
@@ -14,8 +15,7 @@ SIZES = (5, (33, 31), (40, 1000))  # Adafactor factors the matrices
 
 
 def grads_at(step, dtype, name=None):
-    rng = np.random.default_rng(1000 + step)
-    return [rng.standard_normal(n).astype(dtype) for n in shaped(name, SIZES)]
+    return gradients(np.random.default_rng(1000 + step), shaped(name, SIZES), dtype)
 
 
 def start(name, kw, backend, dtype=np.float32):

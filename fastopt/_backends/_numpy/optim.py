@@ -33,25 +33,25 @@ def _clip_and_scale(g, grad_clip, grad_scale):
 def norm_partials(grads, kind, *, n_threads=1):
     """Per chunk of FO_CHUNK elements (per tensor): element i goes to lane i % 16, each lane
     sums (or maxes) in index order in float64, starting from +0, then the lanes in lane
-    order. (The sums in order are np.add.accumulate's last rows: it adds strictly left to
-    right, where np.sum would add pairwise; it starts from the first row, so + 0.0 turns
-    a lane of zeros' -0 into the +0 a start from +0 gives. Padding with +0 rows then
-    changes no sum: x + 0 is x for every x but -0.)"""
+    order. (The sums in order are np.add.accumulate's last rows, over the whole chunks at
+    once: it adds strictly left to right, where np.sum would add pairwise; it starts from
+    the first row, so + 0.0 turns a lane of zeros' -0 into the +0 a start from +0 gives.)"""
     partials = []
     for g in grads:
         flat = g.reshape(-1).astype(np.float64)
         terms = flat * flat if kind == 2 else (flat if kind == 3 else np.abs(flat))
-        if not terms.size:
-            continue
-        n_chunks = -(-terms.size // CHUNK)
-        padded = np.zeros(n_chunks * CHUNK)
-        padded[:terms.size] = terms
-        lanes = padded.reshape(n_chunks, CHUNK // LANES, LANES)
-        if kind == 0:  # max, with NaN propagating like the kernels
-            partials.append(np.max(np.max(lanes, axis=1), axis=1))
-        else:
-            lane = np.add.accumulate(lanes, axis=1)[:, -1] + 0.0  # each lane in order
-            partials.append(np.add.accumulate(lane, axis=1)[:, -1])  # the lanes in order
+        whole = terms.size - terms.size % CHUNK
+        pieces = [terms[:whole].reshape(-1, CHUNK // LANES, LANES)] if whole else []
+        if terms.size > whole:  # the last chunk, its last row padded with zeros
+            last = np.zeros(-(-(terms.size - whole) // LANES) * LANES)
+            last[:terms.size - whole] = terms[whole:]
+            pieces.append(last.reshape(1, -1, LANES))
+        for lanes in pieces:
+            if kind == 0:  # max, with NaN propagating like the kernels
+                partials.append(np.max(np.max(lanes, axis=1), axis=1))
+            else:
+                lane = np.add.accumulate(lanes, axis=1)[:, -1] + 0.0  # each lane in order
+                partials.append(np.add.accumulate(lane, axis=1)[:, -1])  # the lanes in order
     return np.concatenate(partials) if partials else np.zeros(0)
 
 
