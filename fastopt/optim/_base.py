@@ -101,7 +101,7 @@ def cautious_doc(direction):
             timm's ``caution=True``): with :math:`u_t` """ + direction + r""", the step
             uses :math:`u_t K_t / \max(\operatorname{mean}(K_t), 10^{-3})` in its place,
             where :math:`K_t = 1[u_t g_t > 0]` elementwise and the mean is over each tensor
-            (the stored state is unchanged). A pruned entry (:meth:`set_masks`) has
+            (the stored state is unchanged). A pruned entry (``masks=``) has
             :math:`K_t = 0` and still counts in the mean, as when its gradient is zero
             (``torch.nn.utils.prune``). Costs a counting pass over the gradient and
             state before the step. Default False.
