@@ -2788,16 +2788,27 @@ class _Prodigy(_Fused):
             # nor its step count; the state arrays keep their update. The apply pass then
             # runs with moves 0, which returns each parameter as it is (with delta an update
             # of +0 for a finite parameter): a lax.cond around the pass would copy its
-            # result, which aliases the gradients with delta (a fresh buffer per step). The
-            # apply pass without a first moment reads the gradients; with one it does not
+            # result, which aliases the gradients with delta (a fresh buffer per step). With
+            # pruning masks the pass zeroes the pruned entries whatever moves says, so a
+            # cond keeps them then. The apply pass without a first moment reads the
+            # gradients; with one it does not
             moved = denominator != 0
             _, fields = _scalars.prodigy_scalars(dtype, d_next=d_next, **common,
                                                  moves=moved.astype(jnp.int32))
-            new, moments = _jax_ffi.elementwise(
-                apply_name, _record(apply_args, dtype, fields), params, grads,
-                [list(s[2:]) for s in states], self.n_threads, delta=delta, masks=masks)
-            # under shard_map a kernel's results carry no varying axes
-            new, moments = _varying_lists(new, params), _varying_states(moments, params)
+
+            def apply(record, params, grads, moments):
+                new, moments = _jax_ffi.elementwise(apply_name, record, params, grads,
+                                                    moments, self.n_threads, delta=delta,
+                                                    masks=masks)
+                # under shard_map a kernel's results carry no varying axes; keep's do
+                return _varying_lists(new, params), _varying_states(moments, params)
+
+            def keep(record, params, grads, moments):
+                return [jnp.zeros_like(p) for p in params] if delta else params, moments
+            operands = (_record(apply_args, dtype, fields), params, grads,
+                        [list(s[2:]) for s in states])
+            new, moments = (apply(*operands) if masks is None
+                            else jax.lax.cond(moved, apply, keep, *operands))
             states = [s[:2] + list(m) for s, m in zip(states, moments)]
             estimate = dict(d=d_next, d_max=new_max, d_numerator=numerator, d_hat=d_hat,
                             d_denom=denominator)

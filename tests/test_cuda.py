@@ -64,9 +64,9 @@ def test_compiles_with_nvcc(name, tmp_path):
 
 # -- on a GPU -------------------------------------------------------------------------
 
-from cases import config_id, spread, tiered  # noqa: E402
+from cases import CASES, config_id, spread, tiered  # noqa: E402
 from conftest import kd_case  # noqa: E402
-from test_optim_parity import CONFIGS, SHAPES, SIZES, gradients, reference  # noqa: E402
+from test_optim_parity import CONFIGS, gradients, reference  # noqa: E402
 
 DTYPES = [np.float32, np.float64]
 
@@ -87,7 +87,7 @@ def test_cupy_matches_reference(config, dtype):
     import cupy
     name, kw = config
     ref_params, ref_state = reference(name, kw, dtype)
-    shapes = SHAPES.get(name, SIZES)
+    shapes = CASES[name].parity_shapes(large=True)  # the reference trajectory's
     rng = np.random.default_rng(0)  # the same stream as test_optim_parity.run_trajectory
     params = [cupy.asarray(np.asarray(rng.standard_normal(n), dtype)) for n in shapes]
     opt = getattr(fastopt, name)(params, **kw)  # auto -> cupy for GPU arrays

@@ -603,8 +603,8 @@ def test_prodigy_matches_the_array_api(config, dtype):
     array API keeps them in float64), and added over the tensors before the numerator's
     product: equal to rounding, d too. A step that finds s all 0 (a first step of zero
     gradients, the decay decoupled, which would otherwise move them) changes no parameter,
-    nor d, nor the count, and its updates are +0; the state dict carries d in the param
-    group, as the array API's."""
+    pruned ones included, nor d, nor the count, and its updates are +0; the state dict
+    carries d in the param group, as the array API's."""
     hyper, array_hyper = PRODIGY[config]
     with jax.enable_x64(dtype == "float64"):
         rng = np.random.default_rng(12)
@@ -623,6 +623,9 @@ def test_prodigy_matches_the_array_api(config, dtype):
         fresh = tx.init(params)
         same_p, same_state = jax.jit(tx.step)(params, zeros, fresh)
         still, still_state = jax.jit(tx.update)(zeros, fresh, params)
+        masks = jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape) > 0.3), params)
+        masked_p, _ = jax.jit(tx.step)(params, zeros, fresh, masks)
+        masked_u, _ = jax.jit(tx.update)(zeros, fresh, params, masks=masks)
     leaves = [np.array(p) for p in jax.tree.leaves(params)]
     targets = [np.asarray(t) for t in jax.tree.leaves(target)]
     noises = [np.asarray(n) for n in jax.tree.leaves(noise)]
@@ -637,9 +640,10 @@ def test_prodigy_matches_the_array_api(config, dtype):
     assert int(state.count) == group["k"] == STEPS
     if hyper.get("decouple", True):  # (an L2 decay makes the gradient p wd, not 0)
         _assert_equal(same_p, params)
+        _assert_equal(masked_p, params)  # pruned entries too: nothing moved
         _assert_equal(same_state, fresh)
         _assert_equal(still_state, fresh)
-        for u in jax.tree.leaves(still):
+        for u in jax.tree.leaves(still) + jax.tree.leaves(masked_u):
             np.testing.assert_array_equal(np.asarray(u), 0)
             assert not np.signbit(np.asarray(u)).any()
     saved = tx.state_dict(state)["param_groups"][0]

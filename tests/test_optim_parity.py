@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from cases import (
     CASES,
-    SIZES,  # noqa: F401 (test_cuda.py imports it from here)
     config_id,
     configs,
     spread,
@@ -32,9 +31,8 @@ COMPILED = [b for b in CPU_BACKENDS if b != "numpy"]
 DTYPES = (np.float32, np.float64)
 
 # for the modules that run every config of every rule through this file's trajectory
-# (test_cuda.py, test_prune.py): (name, config) pairs, their ids, the full-size shapes
+# (test_cuda.py, test_prune.py): (name, config) pairs
 CONFIGS = [(case.name, kw) for case, kw in configs()]
-SHAPES = {name: case.shapes for name, case in CASES.items() if case.shapes is not None}
 
 
 def _ids(config):
