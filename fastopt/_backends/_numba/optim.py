@@ -1241,17 +1241,14 @@ def pass_sums(kernel, operands, record, n_threads, sums, masks=None, n_aux=0, di
     if masks is not None:
         raise ValueError("pass_sums: pruning masks are zeroed after the pass on this backend")
     sums = tuple((int(op), int(kind)) for op, kind in sums)
-    if kernel in _PASSES:  # this backend's own passes (which store operand 1 all the same)
-        dtype, ptrs, chunks = _setup(operands, n_threads, n_aux)
-        out = np.empty((chunks.shape[0], len(sums)), np.float64)
-        with _slp_vectorized():  # for the call that compiles it (the lanes)
-            _PASSES[kernel](ptrs, chunks, record, np.empty(0, dtype),
-                            np.array(sums, np.int64).reshape(-1, 2), out)
-        return out
     dtype, ptrs, chunks = _setup(operands, n_threads, n_aux)
     out = np.empty((chunks.shape[0], len(sums)), np.float64)
     with _slp_vectorized():  # for the call that compiles it (the lanes, as norm_partials')
-        _sums_driver(kernel, sums)(ptrs, chunks, record, np.empty(0, dtype), out, discard)
+        if kernel in _PASSES:  # this backend's own passes (which store operand 1 all the same)
+            _PASSES[kernel](ptrs, chunks, record, np.empty(0, dtype),
+                            np.array(sums, np.int64).reshape(-1, 2), out)
+        else:
+            _sums_driver(kernel, sums)(ptrs, chunks, record, np.empty(0, dtype), out, discard)
     return out
 
 
