@@ -76,7 +76,7 @@ def record_bytes(args, dtype, scalars):
 
 def elementwise(kernel, record, params, grads, states, n_threads, delta=False, masks=None,
                 formats=None, into_grad=False, shadow=None, scales=None, sums=None,
-                discard=False):
+                discard=False, guard=None):
     """One step of elementwise kernel `kernel` over many tensors, as one XLA custom call on
     jax's CPU backend; works eagerly and inside ``jax.jit`` (and ``jax.vmap``, one call per
     batch element).
@@ -134,6 +134,11 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
         discard: with `sums`, the new parameters are not stored (nor returned): a pass whose
             "new parameter" is a term whose sum is its one use (Prodigy's), which then
             needs no buffer. Not for a kernel with factors.
+        guard: None, or a 0-d bool or integer (traced or concrete): where it is false the
+            step is skipped: every result equals its input (with `delta` the differences
+            are +0, and the sums are 0), in place under donation. The call for
+            ``skip_nonfinite``, without a ``lax.cond`` around it, whose branch result XLA
+            would copy into a fresh buffer every step.
 
     Returns:
         (new_params, new_states), with `shadow` the new parameters after them and with
@@ -218,6 +223,7 @@ def elementwise(kernel, record, params, grads, states, n_threads, delta=False, m
             extra["shadow"] = np.int64(1)
         if quantized:
             operands += _q8_operands(name, quantized, extra)
+    operands += _guard_operands(guard, extra)
     out = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases,
                            vmap_method="sequential")(
         *operands, kernel=name, n_tensors=np.int64(n), n_threads=np.int64(n_threads),
@@ -327,14 +333,14 @@ def factored(phase, scalars, params, grads, firsts, seconds, infos, n_threads, c
 
 
 def caution_counts(kernel, record, params, grads, states, n_threads, formats=None,
-                   scales=None, low=None, masks=None):
+                   scales=None, low=None, masks=None, guard=None):
     """The cautious option's count pass as one XLA custom call: per tensor, how many of its
     elements agree (K = 1) and are not pruned (`masks`), an int32 array of one count per
     tensor; nothing is written. `kernel` is a cautious count kernel (COUNTS, e.g.
     "adam_caution"); the other arguments as elementwise's (the state: the arrays the count
     reads, fastopt._rules' Caution.count.state; with `formats` and `scales` stored as the
     step's, loaded as it loads them, and with master weights `low` the parameters' dtype,
-    which the gradients may have)."""
+    which the gradients may have; where `guard` is false, every count is 0)."""
     import jax
     import jax.numpy as jnp
 
@@ -359,6 +365,7 @@ def caution_counts(kernel, record, params, grads, states, n_threads, formats=Non
         extra = dict(formats=np.int64(1), stochastic=np.int64(0))
         if quantized:
             operands += _q8_operands(name, quantized, extra)
+    operands += _guard_operands(guard, extra)
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((len(params),), jnp.int32),
                             vmap_method="sequential")(
         *operands, kernel=name, n_tensors=np.int64(len(params)),
@@ -404,6 +411,22 @@ def _formats_operands(formats, n):
     if keys.dtype == jnp.uint32:  # the handler reads the bits as uint32
         keys = jax.lax.bitcast_convert_type(keys, jnp.int32)
     return [keys, jnp.asarray(step, jnp.int32)]
+
+
+def _guard_operands(guard, attributes):
+    """The guard's operand (a 0-d int32, the handler's last) and its attribute, set in
+    `attributes`; none for no guard."""
+    import jax.numpy as jnp
+
+    if guard is None:
+        return []
+    guard = jnp.asarray(guard)
+    if guard.shape != () or not (jnp.issubdtype(guard.dtype, jnp.integer)
+                                 or guard.dtype == jnp.bool_):
+        raise TypeError(f"guard: expected a 0-d bool or integer, got {guard.dtype} "
+                        f"{guard.shape}")
+    attributes["guarded"] = np.int64(1)
+    return [(guard != 0).astype(jnp.int32)]
 
 
 def _masks(masks, params):

@@ -458,6 +458,10 @@ class _Fused:
         elif self.scaled is not None:
             kernel = ("scaled_apply", kernel, self.scaled)
 
+        # skip_nonfinite: the kernel calls take the verdict and, on a skipped step, change
+        # nothing (a lax.cond around them would copy their results every step)
+        finite = _count_nonfinite(summed) == 0 if self.skip_nonfinite else None
+
         def run(records, params, grads, states, masters, scales):
             n = len(params)
             new, new_states = [None] * n, [None] * n
@@ -474,7 +478,8 @@ class _Fused:
                     None if keys is None else step,
                     # master weights: the kernel updates the copies, the parameters get
                     # them rounded
-                    None if masters is None else sub(params), sub(scales) if q else None)
+                    None if masters is None else sub(params), sub(scales) if q else None,
+                    finite)
                 for k, t in enumerate(ix):
                     new[t], new_states[t] = out[0][k], out[1][k]
                     if masters is not None:
@@ -486,23 +491,19 @@ class _Fused:
                 if delta:  # rounded as the handler's delta: a float32 difference, to nearest
                     new = [(n.astype(jnp.float32) - p.astype(jnp.float32)).astype(p.dtype)
                            for n, p in zip(new, params)]
+                    if finite is not None:  # +0 on a skipped step, for an inf parameter too
+                        new = [jnp.where(finite, d, jnp.zeros((), d.dtype)) for d in new]
             if new_scales is not None:
                 new_scales = _varying_states(new_scales, params)
-            # under shard_map a kernel's results carry no varying axes; skip's do
+            # under shard_map a kernel's results carry no varying axes: its parameters' then
             return (_varying_lists(new, params), _varying_states(new_states, params),
                     new_masters, new_scales)
 
+        new, new_states, masters, scales = run(*operands)
         if self.skip_nonfinite:
-            def skip(records, params, grads, states, masters, scales):  # nothing changes
-                return ([jnp.zeros_like(p) for p in params] if delta else params, states,
-                        masters, scales)
-            finite = _count_nonfinite(summed) == 0
-            new, new_states, masters, scales = jax.lax.cond(finite, run, skip, *operands)
             step = jnp.where(finite, step, count)
             new_carried = {name: jnp.where(finite, value, carried[name])
                            for name, value in new_carried.items()}
-        else:
-            new, new_states, masters, scales = run(*operands)
         names = self.kernel.state
         new_state = self.state_cls(count=step, **{
             name: jnp.asarray(value, carried[name].dtype) for name, value in new_carried.items()
@@ -971,11 +972,14 @@ def _clip_coefficient(max_norm, grads):
 
 
 def _count_nonfinite(grads):
-    """How many gradient entries are NaN or infinite, over every leaf (inside shard_map,
-    summed over the mesh axes along which each leaf varies, as _clip_coefficient's norm)."""
+    """How many gradient leaves hold NaN or an infinity (inside shard_map, summed over the
+    mesh axes along which each leaf varies, as _clip_coefficient's norm). The sum of g 0
+    tells: 0, or NaN from any NaN or infinity, which no order of the additions loses (XLA's
+    vectorized max does: its NaN is dropped on CPU). It takes 2.8 ms on 10M float32, where
+    a count of the entries took 16-20 ms and jnp.all(jnp.isfinite(g)) 3.7 ms."""
     total = 0
     for g in grads:
-        bad = jnp.sum(~jnp.isfinite(g), dtype=jnp.int32)
+        bad = (~jnp.isfinite(jnp.sum(g * 0))).astype(jnp.int32)
         axes = _varying_axes(bad)
         total = total + (jax.lax.psum(bad, axes) if axes else bad)
     return total
@@ -1012,7 +1016,7 @@ def _record(args, dtype, fields):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3, 4))
 def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, grads, states,
-                 masks, keys, step, shadow=None, scales=None):
+                 masks, keys, step, shadow=None, scales=None, guard=None):
     """The FFI call, with a derivative rule that says why there is none. `kernel` is the
     elementwise kernel's name, or for the cautious option (the count kernel, the indices of
     the state arrays it reads, the cautious step): the count pass, each tensor's factor
@@ -1026,20 +1030,21 @@ def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, gra
     (`stochastic`, with the bits of `step`) or to nearest even; with `shadow` (the
     low-precision parameters of master weights, `params` their float32 copies) the new
     parameters are returned third (an elementwise kernel, no delta); with `scales` (the block
-    scales of 8-bit state, per tensor) the new ones last."""
+    scales of 8-bit state, per tensor) the new ones last. Where `guard` (a traced bool) is
+    false, every call changes nothing (skip_nonfinite's skipped step)."""
     if isinstance(kernel, str):
         return _jax_ffi.elementwise(kernel, record, params, grads, states, n_threads,
                                     delta=delta, masks=masks, formats=None if keys is None
                                     else (stochastic, keys, step), shadow=shadow,
-                                    scales=scales)
+                                    scales=scales, guard=guard)
     if kernel[0] == "scaled_apply":  # the update pass, each tensor's factor, the apply pass
         _, update, factors = kernel
         updates, states, squares = _jax_ffi.elementwise(
             update, record[0], params, grads, states, n_threads, masks=masks, into_grad=True,
-            sums=((0, 2), (1, 2)))
+            sums=((0, 2), (1, 2)), guard=guard)
         new, _ = _jax_ffi.elementwise("scaled_apply", record[1], params, updates,
                                       [[k] for k in factors(params, squares)],
-                                      n_threads, delta=delta, masks=masks)
+                                      n_threads, delta=delta, masks=masks, guard=guard)
         return new, states
     count, reads, cautious = kernel
     dtype, formats = params[0].dtype, None
@@ -1054,7 +1059,7 @@ def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, gra
                                      [[s[i] for i in reads] for s in states], n_threads,
                                      formats=formats, scales=read_scales,
                                      low=None if shadow is None else shadow[0].dtype,
-                                     masks=masks)
+                                     masks=masks, guard=guard)
     # inside shard_map, a tensor's count and size over the mesh axes it varies along
     counts = [counts[t] for t in range(len(params))]
     sizes = [p.size for p in params]
@@ -1072,7 +1077,7 @@ def _kernel_call(name, kernel, n_threads, delta, stochastic, record, params, gra
     return _jax_ffi.elementwise(cautious, record, params, grads,
                                 [list(s) + [factors[t:t + 1]] for t, s in enumerate(states)],
                                 n_threads, delta=delta, masks=masks, formats=formats,
-                                shadow=shadow, scales=scales)
+                                shadow=shadow, scales=scales, guard=guard)
 
 
 @_kernel_call.defjvp

@@ -673,17 +673,22 @@ def test_schedule_inside_jit_without_recompiles(name, hyper, schedule):
     _assert_close(p, want, 25)
 
 
-@pytest.mark.parametrize("tx", [
-    fjax.adamw(optax.cosine_decay_schedule(1e-2, 100), max_grad_norm=1.0),
-    fjax.sgd(0.1, momentum=0.9),
-    fjax.sgd(0.1),
-    fjax.lion(1e-3),
-    fjax.adan(1e-3, weight_decay=0.02),
-    fjax.schedule_free_adamw(1e-3, warmup_steps=10),
-], ids=["adamw", "sgd_momentum", "sgd", "lion", "adan", "schedule_free"])
-def test_donated_step_updates_in_place(tx):
+@pytest.mark.parametrize("tx, skips", [
+    (fjax.adamw(optax.cosine_decay_schedule(1e-2, 100), max_grad_norm=1.0), False),
+    (fjax.sgd(0.1, momentum=0.9), False),
+    (fjax.sgd(0.1), False),
+    (fjax.lion(1e-3), False),
+    (fjax.adan(1e-3, weight_decay=0.02), False),
+    (fjax.schedule_free_adamw(1e-3, warmup_steps=10), False),
+    (fjax.adamw(1e-3, skip_nonfinite=True), True),
+    (fjax.lion(1e-3, cautious=True, skip_nonfinite=True), True),
+    (fjax.adamw(1e-3, state_dtype="bfloat16", skip_nonfinite=True), True),
+], ids=["adamw", "sgd_momentum", "sgd", "lion", "adan", "schedule_free", "adamw_skip",
+        "lion_cautious_skip", "adamw_bf16_state_skip"])
+def test_donated_step_updates_in_place(tx, skips):
     """jit(step, donate_argnums=(0, 2)): the results live in the donated buffers and the
-    compiled program copies nothing."""
+    compiled program copies no array (skip_nonfinite's verdict goes to the kernel, not to
+    a conditional around it, whose results XLA would copy); a skipped step leaves them."""
     params, grads = _case("float32", seed=2, steps=1)
     params["big"] = jnp.ones((300, 250), jnp.float32)  # a multi-chunk, two-thread tensor
     grads = jax.tree.map(lambda g: g[0], grads)
@@ -692,7 +697,8 @@ def test_donated_step_updates_in_place(tx):
     step = jax.jit(tx.step, donate_argnums=(0, 2))
     text = step.lower(params, grads, state).compile().as_text()
     assert 'custom_call_target="fastopt_elementwise_v1"' in text
-    assert not re.search(r"\scopy(-start)?\(", text), text
+    # a copy of the step count (4 bytes) at most
+    assert not re.search(r"\s(?!s32\[\] )\S+ copy(-start)?\(|conditional", text), text
     want = params, state
     for _ in range(3):  # without donation: new buffers, the same values
         want = jax.jit(tx.step)(want[0], grads, want[1])
@@ -702,6 +708,11 @@ def test_donated_step_updates_in_place(tx):
         assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves((params, state))] == buffers
     _assert_equal((params, state), want)
     assert int(state.count) == 3
+    if skips:  # skip_nonfinite's step on a NaN gradient
+        poisoned = dict(grads, big=grads["big"].at[7, 9].set(jnp.nan))
+        params, state = step(params, poisoned, state)
+        assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves((params, state))] == buffers
+        _assert_equal((params, state), want)
 
 
 def test_update_path_writes_the_updates_over_the_gradients():
@@ -1118,7 +1129,7 @@ def test_nadam_without_nesterov_is_adam():
     ("ademamix", dict(learning_rate=1e-2, alpha=2.0, weight_decay=0.1)),
 ])
 def test_cautious_matches_the_array_api(name, hyper, dtype):
-    """cautious=True: 30 jitted steps (both paths, with skip_nonfinite's cond too) equal
+    """cautious=True: 30 jitted steps (both paths, with skip_nonfinite's guard too) equal
     the array API's class with cautious=True (tested against timm's C-Optim), to rounding:
     the same count and step kernels, the step sizes and the factors computed in the
     parameters' dtype inside jit."""

@@ -333,6 +333,64 @@ def test_sums_are_the_cython_drivers(kernel, sums, discard, dtype, x64):
     _assert_bits(got_sums, totals.astype(jnp.result_type(float)))
 
 
+def test_guard_skips_the_step(x64):
+    """guard: true, the step as without it; false (traced or concrete), every result its
+    input bit for bit (inf and NaN entries too), with delta +0, the counts and the sums 0;
+    with the parameters and state donated, in place (the same buffers, no copy or
+    conditional in the compiled program). A guard that is not a 0-d bool or integer is
+    refused."""
+    dtype = np.float64
+    params, grads, states = _case("adam", dtype, shapes=SHAPES[:3])
+    params[0][:3] = [INF, -INF, np.nan]
+    scalars = _hyper("adam", dtype)
+    packed = _jax_ffi.record_bytes(_rules.ADAM_ARGS, dtype, scalars)
+    want = _reference("adam", scalars, params, grads, states)
+
+    def run(p, g, s, guard, **options):
+        return _jax_ffi.elementwise("adam", packed, p, g, s, 2, guard=guard, **options)
+    _assert_step(run(params, grads, states, True), want)
+    _assert_step(jax.jit(run)(params, grads, states, jnp.asarray(1, jnp.int32)), want)
+    for guard in (False, jnp.asarray(False)):
+        _assert_step(jax.jit(run)(params, grads, states, guard), (params, states))
+        deltas, kept = run(params, grads, states, guard, delta=True)
+        for d, p in zip(deltas, params):
+            _assert_bits(d, np.zeros_like(p))
+        _assert_step(([], kept), ([], states))
+
+    jp, jg = [jnp.asarray(p) for p in params], [jnp.asarray(g) for g in grads]
+    js = [[jnp.asarray(x) for x in ss] for ss in states]
+    step = jax.jit(run, donate_argnums=(0, 2))
+    text = step.lower(jp, jg, js, jnp.asarray(False)).compile().as_text()
+    assert not re.search(r"\scopy(-start)?\(|conditional", text), text
+    buffers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves((jp, js))]
+    got = step(jp, jg, js, jnp.asarray(False))
+    assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(got)] == buffers
+    _assert_step(got, (params, states))
+
+    # Lamb's update pass (into_grad, sums) and Prodigy's (discard), the cautious count
+    lamb, prodigy = (_jax_ffi.record_bytes(_rules.KERNELS[k].args, dtype, _hyper(k, dtype))
+                     for k in ("lamb_update", "prodigy_update"))
+    new, kept, sums = _jax_ffi.elementwise("lamb_update", lamb, params, grads, states, 2,
+                                           into_grad=True, sums=((0, 2), (1, 2)), guard=False)
+    _assert_step((new, kept), (params, states))
+    _assert_bits(sums, np.zeros((len(params), 2)))
+    p_states = _case("prodigy_update", dtype, shapes=SHAPES[:3])[2]
+    none, kept, sums = _jax_ffi.elementwise("prodigy_update", prodigy, params, grads, p_states,
+                                            2, sums=((1, 3), (3, 1)), discard=True,
+                                            guard=False)
+    assert none is None
+    _assert_step(([], kept), ([], p_states))
+    _assert_bits(sums, np.zeros((len(params), 2)))
+    counts = _jax_ffi.caution_counts("adam_caution", _jax_ffi.record_bytes(
+        _rules.ADAM_ARGS, dtype, scalars), params, grads, [ss[:1] for ss in states], 2,
+        guard=False)
+    np.testing.assert_array_equal(counts, np.zeros(len(params), np.int32))
+
+    for bad in (jnp.zeros(2, bool), jnp.asarray(0.0)):
+        with pytest.raises(TypeError, match="guard: expected a 0-d bool or integer"):
+            run(params, grads, states, bad)
+
+
 def test_sums_checks():
     params, grads, states = _case("prodigy_update", np.float32, shapes=SHAPES[:1])
     packed = _jax_ffi.record_bytes(_rules.KERNELS["prodigy_update"].args, np.float32,
@@ -881,6 +939,12 @@ SGD_RECORD = np.zeros(32, np.uint8)
      "tensor 0, mask: expected uint8, got int32"),
     ((SGD_RECORD, P3, P3), 1, dict(delta=np.int32(1)),
      "attribute delta: expected an int64 scalar"),
+    ((SGD_RECORD, P3, P3), 1, dict(guarded=np.int64(1)),
+     r"kernel sgd over 1 tensors takes 4 arguments .* and 1 guard\) and gives 1 results"),
+    ((SGD_RECORD, P3, P3, np.float32(0)), 1, dict(guarded=np.int64(1)),
+     r"argument 3 \(the guard\): expected a 0-d int32, got float32 of rank 0"),
+    ((SGD_RECORD, P3, P3, np.zeros(1, np.int32)), 1, dict(guarded=np.int64(1)),
+     r"argument 3 \(the guard\): expected a 0-d int32, got int32 of rank 1"),
     ((SGD_RECORD, P3, P3, P3), 2, dict(shadow=np.int64(1), results=(1, 3)),
      "attribute shadow: only with formats, not with delta"),
     ((SGD_RECORD, P3, P3, P3, np.zeros((1, 2), np.int32), np.int32(0)), 2,

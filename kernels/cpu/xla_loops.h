@@ -8,7 +8,7 @@
  *   attributes  kernel (string, its name), n_tensors (int64), n_threads (int64: OpenMP
  *               threads at most; small steps take fewer, as the Cython driver does), and
  *               optionally delta, into_grad, count, masked, formats, stochastic,
- *               shadow and discard (int64, 0 or 1; default 0), q8_unsigned (int64, a bit
+ *               shadow, discard and guarded (int64, 0 or 1; default 0), q8_unsigned (int64, a bit
  *               mask of state indices; default 0) and sums (int64; default 0, none)
  *   arguments   0: the kernel's fo_<args>_args_<f32|f64> struct as bytes (1-D uint8,
  *               zero-padded to a multiple of 8: fastopt._rules.pack), then per tensor:
@@ -62,6 +62,12 @@
  * are not pruned (the cautious option's K summed, as the Cython driver's caution_counts);
  * with formats it reads
  * the operands as the step loads them (8-bit state with its block scales, no results).
+ * With guarded one more argument comes last: a 0-d int32, the guard. Where it is 0 the step
+ * is skipped (skip_nonfinite's step on gradients holding NaN or inf), after every check:
+ * each result gets its input's bytes (nothing is written where XLA aliased the two), with
+ * delta the differences are +0, the counts and the sums are 0. A traced guard spares the
+ * caller a lax.cond around the call, whose branch result XLA copies (a fresh buffer per
+ * result every step, where the aliased call writes in place).
  * All tensors float32 or float64 (the struct's dtype); a tensor's operands and results hold
  * equally many elements, in any shapes (the update is elementwise, and XLA hands over
  * row-major buffers). The caller aliases each param and state input to its result, so a
@@ -360,7 +366,8 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
                                        int64_t *n_tensors, int64_t *n_threads, int64_t *delta,
                                        int64_t *into_grad, int64_t *count, int64_t *masked,
                                        int64_t *formats, int64_t *stochastic, int64_t *shadow,
-                                       int64_t *q8_unsigned, int64_t *sums, int64_t *discard)
+                                       int64_t *q8_unsigned, int64_t *sums, int64_t *discard,
+                                       int64_t *guarded)
 {
     int64_t i;
     fo_xla_error *err;
@@ -369,7 +376,7 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
     *k = NULL;
     *n_tensors = *n_threads = -1;
     *delta = *into_grad = *count = *masked = *formats = *stochastic = *shadow = 0;
-    *q8_unsigned = *sums = *discard = 0;
+    *q8_unsigned = *sums = *discard = *guarded = 0;
     for (i = 0; i < call->attrs.size; i++) {
         const fo_xla_bytespan *name = call->attrs.names[i];
         if (fo_xla_name_is(name, "kernel")) {
@@ -400,11 +407,13 @@ static fo_xla_error *fo_xla_attributes(const fo_xla_call_frame *call, const fo_x
             if ((err = FO_EW_INT_ATTR(call, i, sums)) != NULL) return err;
         } else if (fo_xla_name_is(name, "discard")) {
             if ((err = FO_EW_FLAG_ATTR(call, i, discard)) != NULL) return err;
+        } else if (fo_xla_name_is(name, "guarded")) {
+            if ((err = FO_EW_FLAG_ATTR(call, i, guarded)) != NULL) return err;
         } else {
             return FO_XLA_INVALID(call->api, "unexpected attribute '%.*s' (it takes kernel, "
                                   "n_tensors, n_threads, delta, into_grad, count, masked, "
-                                  "formats, stochastic, shadow, q8_unsigned, sums and "
-                                  "discard)", (int)(name->len < 64 ? name->len : 64),
+                                  "formats, stochastic, shadow, q8_unsigned, sums, discard "
+                                  "and guarded)", (int)(name->len < 64 ? name->len : 64),
                                   name->ptr);
         }
     }
@@ -695,6 +704,50 @@ static int fo_xla_format(fo_xla_dtype dtype)
     }
 }
 
+/* a buffer's bytes (its dtype one the handler takes) */
+static size_t fo_xla_nbytes(const fo_xla_buffer *b)
+{
+    size_t bytes = b->dtype == FO_XLA_F64 ? 8 : b->dtype == FO_XLA_F32 || b->dtype == FO_XLA_S32
+                                                   ? 4 : b->dtype == FO_XLA_U8 ? 1 : 2;
+    int64_t d;
+    for (d = 0; d < b->rank; d++) bytes *= (size_t)b->dims[d];
+    return bytes;
+}
+
+/* A skipped step (the guard 0), its call checked: every result its input's bytes (none
+   copied where they share a buffer), with delta +0, the counts or the sums 0. `per` and
+   `ret_per` are the arguments and results per tensor, `o` a tensor's first state result,
+   `n_copied` the inputs after its param and grad with a result each (state, shadow, block
+   scales) */
+static void fo_xla_skip(const fo_xla_call_frame *call, int64_t n_tensors, int per, int ret_per,
+                        int o, int n_state, int n_aux, int n_copied, int64_t delta,
+                        int counting, int n_sums)
+{
+    int64_t t;
+    int s;
+    if (counting) {
+        memset(((fo_xla_buffer *)call->rets.rets[0])->data, 0, (size_t)n_tensors * 4);
+        return;
+    }
+    for (t = 0; t < n_tensors; t++) {
+        fo_xla_buffer *const *a = (fo_xla_buffer *const *)call->args.args + 1 + t * per;
+        fo_xla_buffer *const *r = (fo_xla_buffer *const *)call->rets.rets + t * ret_per;
+        if (o == 1 && delta) memset(r[0]->data, 0, fo_xla_nbytes(r[0]));
+        else if (o == 1 && r[0]->data != a[0]->data)
+            memcpy(r[0]->data, a[0]->data, fo_xla_nbytes(a[0]));
+        for (s = 0; s < n_copied; s++) {
+            /* the state arrays, then (past the factors) the shadow and the block scales */
+            const fo_xla_buffer *in = a[2 + s + (s < n_state ? 0 : n_aux)];
+            if (r[o + s]->data != in->data)
+                memcpy(r[o + s]->data, in->data, fo_xla_nbytes(in));
+        }
+    }
+    if (n_sums) {
+        const fo_xla_buffer *summed = (const fo_xla_buffer *)call->rets.rets[call->rets.size - 1];
+        memset(summed->data, 0, fo_xla_nbytes(summed));
+    }
+}
+
 /* the FFI handler of target FO_XLA_ELEMENTWISE_TARGET */
 static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
 {
@@ -704,8 +757,9 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
     fo_xla_error *err;
     fo_xla_dtype dtype;
     int64_t i, t, n_tensors, n_threads, delta, into_grad, counting, masked, formats, stochastic,
-        shadow, q8_unsigned, sums, discard, n_args, n_rets, n_chunks = 0, total = 0;
+        shadow, q8_unsigned, sums, discard, guarded, n_args, n_rets, n_chunks = 0, total = 0;
     int n_state, n_aux, n_q = 0, per, width, f64, s, nt, *counted = NULL, n_sums, o, ret_per;
+    int go = 1; /* the guard's verdict: run the step */
     const fo_xla_buffer *summed = NULL; /* the sums' result */
     /* each kernel operand's dtype (param out: the param's), then the shadow's */
     fo_xla_dtype dt[FO_FORMAT_OPS + 1];
@@ -718,7 +772,7 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         return err;
     if ((err = fo_xla_attributes(call, &k, &n_tensors, &n_threads, &delta, &into_grad,
                                  &counting, &masked, &formats, &stochastic, &shadow,
-                                 &q8_unsigned, &sums, &discard)) != NULL)
+                                 &q8_unsigned, &sums, &discard, &guarded)) != NULL)
         return err;
 
     /* operand counts and kinds: with formats, tensor 0's uint8 state arrays are 8-bit */
@@ -747,17 +801,18 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
                 pass.q_state[n_q++] = s;
     per = 2 + n_state + n_aux + (int)shadow + n_q + (int)masked; /* arguments per tensor */
     width = fo_xla_width(k, n_q);
-    n_args = 1 + n_tensors * per + (formats ? 2 : 0) + (n_q ? 2 : 0);
+    n_args = 1 + n_tensors * per + (formats ? 2 : 0) + (n_q ? 2 : 0) + guarded;
     ret_per = o + n_state + (int)shadow + n_q;
     n_rets = counting ? 1 : n_tensors * ret_per + (n_sums > 0);
     if (call->args.size != n_args || call->rets.size != n_rets)
         return FO_XLA_INVALID(call->api, "kernel %s over %lld tensors takes %lld arguments (the "
                               "struct, then per tensor param, grad, %d state, %d factor, %d "
-                              "shadow, %d block scales and %d mask, then %d keys and step "
-                              "and %d maps and tables) and gives %lld results (%d per tensor%s), "
-                              "got %lld and %lld",
+                              "shadow, %d block scales and %d mask, then %d keys and step, "
+                              "%d maps and tables and %d guard) and gives %lld results (%d per "
+                              "tensor%s), got %lld and %lld",
                               k->name, (long long)n_tensors, (long long)n_args, n_state, n_aux,
                               (int)shadow, n_q, (int)masked, formats ? 2 : 0, n_q ? 2 : 0,
+                              (int)guarded,
                               (long long)n_rets, counting ? 0 : ret_per,
                               n_sums ? ", then the sums" : "", (long long)call->args.size,
                               (long long)call->rets.size);
@@ -790,6 +845,14 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         return FO_XLA_INVALID(call->api, "argument 0 (kernel %s's packed struct): expected a "
                               "1-D uint8 array, got %s of rank %lld", k->name,
                               fo_xla_dtype_name(rec->dtype), (long long)rec->rank);
+    if (guarded) {
+        const fo_xla_buffer *g = (const fo_xla_buffer *)call->args.args[n_args - 1];
+        if (g->dtype != FO_XLA_S32 || g->rank != 0 || g->data == NULL)
+            return FO_XLA_INVALID(call->api, "argument %lld (the guard): expected a 0-d int32, "
+                                  "got %s of rank %lld", (long long)(n_args - 1),
+                                  fo_xla_dtype_name(g->dtype), (long long)g->rank);
+        go = *(const int32_t *)g->data != 0;
+    }
     if (n_tensors == 0)
         return NULL;
     dtype = ((const fo_xla_buffer *)call->args.args[1])->dtype;
@@ -973,6 +1036,12 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
             }
         }
         pass.fa = &fa;
+    }
+    if (!go) {
+        fo_xla_skip(call, n_tensors, per, ret_per, o, n_state, n_aux,
+                    n_state + (int)shadow + n_q, delta, (int)counting, n_sums);
+        free(count);
+        return NULL;
     }
 
     /* the plan, (tensor, lo, n) per chunk, run in one parallel loop; small steps take fewer
