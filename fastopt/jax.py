@@ -2522,6 +2522,8 @@ class _Muon(_Fused):
 
         def pick(xs, idx):
             return None if xs is None else [xs[i] for i in idx]
+        # skip_nonfinite's verdict goes to every kernel call (see _Fused._apply)
+        finite = _count_nonfinite(summed) == 0 if self.skip_nonfinite else None
 
         def run(records, params, grads, bufs, exp_avg, exp_avg_sq, factors):
             new, bufs, exp_avg, exp_avg_sq = list(params), list(bufs), list(exp_avg), \
@@ -2530,37 +2532,31 @@ class _Muon(_Fused):
                 us, states = _jax_ffi.elementwise(
                     "muon_momentum", records[0], pick(params, mats), pick(grads, mats),
                     [[bufs[i]] for i in mats], self.n_threads, masks=pick(masks, mats),
-                    into_grad=True)
+                    into_grad=True, guard=finite)
                 orthogonal = [_newton_schulz(u, params[i], hyper["ns_coefficients"],
                                              hyper["ns_steps"], hyper["eps"],
                                              hyper["ns_dtype"]) for u, i in zip(us, mats)]
                 out, _ = _jax_ffi.elementwise(
                     "scaled_apply", records[1], pick(params, mats), orthogonal,
                     [[k] for k in factors], self.n_threads, delta=delta,
-                    masks=pick(masks, mats))
+                    masks=pick(masks, mats), guard=finite)
                 for k, i in enumerate(mats):
                     new[i], bufs[i] = out[k], states[k][0]
             if rest:
                 out, states = _jax_ffi.elementwise(
                     "adam", records[2], pick(params, rest), pick(grads, rest),
                     [[exp_avg[i], exp_avg_sq[i]] for i in rest], self.n_threads,
-                    delta=delta, masks=pick(masks, rest))
+                    delta=delta, masks=pick(masks, rest), guard=finite)
                 for k, i in enumerate(rest):
                     new[i], (exp_avg[i], exp_avg_sq[i]) = out[k], states[k]
-            # under shard_map a kernel's results carry no varying axes; skip's do
+            # under shard_map a kernel's results carry no varying axes: its parameters' then
             return (_varying_lists(new, params), _varying_lists(bufs, params),
                     _varying_lists(exp_avg, params), _varying_lists(exp_avg_sq, params))
 
-        operands = (records, leaves, grads, bufs, exp_avg, exp_avg_sq, factors)
+        new, bufs, exp_avg, exp_avg_sq = run(records, leaves, grads, bufs, exp_avg, exp_avg_sq,
+                                             factors)
         if self.skip_nonfinite:
-            def skip(records, params, grads, bufs, exp_avg, exp_avg_sq, factors):
-                return ([jnp.zeros_like(p) for p in params] if delta else list(params), bufs,
-                        exp_avg, exp_avg_sq)
-            finite = _count_nonfinite(summed) == 0
-            new, bufs, exp_avg, exp_avg_sq = jax.lax.cond(finite, run, skip, *operands)
             step = jnp.where(finite, step, count)
-        else:
-            new, bufs, exp_avg, exp_avg_sq = run(*operands)
         return treedef, new, MuonState(count=step, momentum_buffer=treedef.unflatten(bufs),
                                        exp_avg=treedef.unflatten(exp_avg),
                                        exp_avg_sq=treedef.unflatten(exp_avg_sq))
@@ -2773,13 +2769,16 @@ class _Prodigy(_Fused):
         record = _record(self.kernel.args, dtype, update)
         apply_name = "prodigy_apply" + self.variant
         apply_args = _rules.KERNELS[apply_name].args
+        # skip_nonfinite's verdict goes to both passes (see _Fused._apply): a skipped update
+        # pass sums 0, so the step does not move either
+        finite = _count_nonfinite(summed) == 0 if self.skip_nonfinite else None
 
         def run(record, params, grads, states):
             # the terms of the dot product (the kernel's "new parameter") and |s| summed in
             # the pass, while in cache, the terms never stored (as the array API's)
             _, states, sums = _jax_ffi.elementwise(
                 self.kernel.name, record, params, grads, states, self.n_threads, masks=masks,
-                sums=((1, 3), (3, 1)), discard=True)
+                sums=((1, 3), (3, 1)), discard=True, guard=finite)
             states = _varying_states(states, params)
             dots = sum(_shard_total(sums[t, 0], p) for t, p in enumerate(params))
             denominator = sum(_shard_total(sums[t, 1], p) for t, p in enumerate(params))
@@ -2804,7 +2803,7 @@ class _Prodigy(_Fused):
             def apply(record, params, grads, moments):
                 new, moments = _jax_ffi.elementwise(apply_name, record, params, grads,
                                                     moments, self.n_threads, delta=delta,
-                                                    masks=masks)
+                                                    masks=masks, guard=finite)
                 # under shard_map a kernel's results carry no varying axes; keep's do
                 return _varying_lists(new, params), _varying_states(moments, params)
 
@@ -2821,15 +2820,8 @@ class _Prodigy(_Fused):
                         for k, v in estimate.items()}
             return new, states, estimate, moved
 
-        operands = (record, leaves, grads, [list(s) for s in zip(*states)])
-        if self.skip_nonfinite:
-            def skip(record, params, grads, states):
-                return ([jnp.zeros_like(p) for p in params] if delta else list(params),
-                        states, {k: getattr(state, k) for k in _ESTIMATE}, jnp.asarray(False))
-            finite = _count_nonfinite(summed) == 0
-            new, new_states, estimate, moved = jax.lax.cond(finite, run, skip, *operands)
-        else:
-            new, new_states, estimate, moved = run(*operands)
+        new, new_states, estimate, moved = run(record, leaves, grads,
+                                               [list(s) for s in zip(*states)])
         return treedef, new, ProdigyState(
             count=jnp.where(moved, step, count), **estimate,
             **{name: treedef.unflatten([s[k] for s in new_states])

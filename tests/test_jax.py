@@ -906,8 +906,10 @@ def test_max_grad_norm_is_torchs_clip(name, hyper):
                   _run_step(getattr(fjax, name)(**hyper), params, small))
 
 
-@pytest.mark.parametrize("name, hyper", [CONFIGS[2], CONFIGS[5], CONFIGS[18]],
-                         ids=["adamw", "sgd_momentum", "ademamix"])
+@pytest.mark.parametrize("name, hyper", [
+    CONFIGS[2], CONFIGS[5], CONFIGS[18], ("lamb", dict(learning_rate=1e-2)),
+    ("muon", dict(learning_rate=1e-2)), ("prodigy", dict(weight_decay=0.01))],
+    ids=["adamw", "sgd_momentum", "ademamix", "lamb", "muon", "prodigy"])
 def test_skip_nonfinite_leaves_everything(name, hyper):
     """skip_nonfinite: a step whose gradients hold a NaN or an inf changes no parameter,
     state array or count (update returns zeros), so the run equals one without the bad
