@@ -271,7 +271,7 @@ def _sum_pairs(sums, discard, into_grad, n_operands, n_aux, excluded):
 
 
 def factored(phase, scalars, params, grads, firsts, seconds, infos, n_threads, coefs=None,
-             moments=None, decay=False, delta=False):
+             moments=None, decay=False, delta=False, guard=None):
     """One phase of optax's Adafactor over many tensors (kernels/cpu/xla_factored.h, which
     documents the phases and the operands), as one XLA custom call.
 
@@ -283,7 +283,8 @@ def factored(phase, scalars, params, grads, firsts, seconds, infos, n_threads, c
     moments updated and the (n, 2) means of u u and p p; phase 2 returns (the new params,
     or with `delta` optax's updates, and the new `moments`, or None). The statistics, the
     moments and the params (without `delta`; with it, the updates take the gradients'
-    buffers) are aliased to their results."""
+    buffers) are aliased to their results. Where `guard` (as elementwise's) is false the
+    phase changes nothing: its results are its inputs, the updates +0, the means 0."""
     import jax
 
     n = len(grads)
@@ -319,6 +320,7 @@ def factored(phase, scalars, params, grads, firsts, seconds, infos, n_threads, c
         results.append(jax.ShapeDtypeStruct((n, 2), dtype))
     extra = dict(momentum=np.int64(moments is not None), decay=np.int64(bool(decay)),
                  delta=np.int64(bool(delta))) if phase == 2 else {}
+    operands += _guard_operands(guard, extra)
     out = jax.ffi.ffi_call(FACTORED, results, input_output_aliases=aliases,
                            vmap_method="sequential")(
         *operands, phase=np.int64(phase), n_tensors=np.int64(n),

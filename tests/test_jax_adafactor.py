@@ -132,9 +132,15 @@ def test_step_is_in_place():
 
 
 def test_skip_nonfinite_leaves_everything():
+    """A step on a NaN gradient changes no parameter or state array (an empty factored
+    parameter's statistics, which move outside the handler, too) and update returns zeros;
+    donated, in place: the verdict goes to the handler's three calls (no conditional, no
+    copy of a parameter-sized array)."""
     tx = fjax.adafactor(1e-2, momentum=0.9, skip_nonfinite=True)
     params, grads = _case("float32", steps=1)
+    params["e"] = jnp.zeros((0, 200, 300))
     grads = jax.tree.map(lambda g: g[0], grads)
+    grads["e"] = jnp.zeros((0, 200, 300))
     state = tx.init(params)
     params, state = jax.jit(tx.step)(params, grads, state)
     bad = dict(grads, w=grads["w"].at[3, 4].set(jnp.nan))
@@ -142,6 +148,20 @@ def test_skip_nonfinite_leaves_everything():
     for a, b in zip(jax.tree.leaves((new, new_state)), jax.tree.leaves((params, state))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(new_state.count) == 1
+    updates, _ = jax.jit(tx.update)(bad, state, params)
+    assert not any(np.asarray(u).any() for u in jax.tree.leaves(updates))
+
+    step = jax.jit(tx.step, donate_argnums=(0, 2))
+    text = step.lower(params, bad, state).compile().as_text()
+    assert "conditional" not in text
+    big = [line for line in text.splitlines() if " copy(" in line and "130,300" in line]
+    assert not big, big
+    want = jax.tree.map(np.array, (params, state))
+    before = params["w"].unsafe_buffer_pointer()
+    new, new_state = step(params, bad, state)
+    assert new["w"].unsafe_buffer_pointer() == before
+    for a, b in zip(jax.tree.leaves((new, new_state)), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def test_max_grad_norm_scales_the_gradients():
@@ -191,6 +211,18 @@ def test_handler_checks_its_operands():
     with pytest.raises(Exception, match="fastopt_factored_v1: tensor 0, a: expected 4"):
         _jax_ffi.factored(0, scalars, None, [g], [jnp.ones(5)], [jnp.ones(5)],
                           [jnp.asarray([1, 4, 5, 1], jnp.int32)], 1)
+    info = [jnp.asarray([1, 4, 5, 1], jnp.int32)]
+    with pytest.raises(TypeError, match="guard: expected a 0-d bool or integer"):
+        _jax_ffi.factored(0, scalars, None, [g], [jnp.ones(4)], [jnp.ones(5)], info, 1,
+                          guard=jnp.zeros(2, bool))
+    # a skipped phase: the statistics as they were; phase 1's means 0
+    rows, cols = _jax_ffi.factored(0, scalars, None, [g], [jnp.full(4, 2.0)],
+                                   [jnp.full(5, 3.0)], info, 1, guard=False)
+    np.testing.assert_array_equal(rows[0], np.full(4, 2.0, np.float32))
+    np.testing.assert_array_equal(cols[0], np.full(5, 3.0, np.float32))
+    _, means = _jax_ffi.factored(1, scalars, [g], [g], [jnp.ones(4)], [jnp.ones(5)], info, 1,
+                                 guard=jnp.asarray(0))
+    np.testing.assert_array_equal(means, np.zeros((1, 2), np.float32))
 
 
 def test_empty_parameters_keep_optax_statistics():

@@ -30,6 +30,10 @@
  *     tensor the new p (attribute delta: optax's update -w instead) and m:
  *     u as in phase 1, w = ((u / clip) lr) scale; with momentum m <- (1 - mu) w + mu m and
  *     w = m; with the attribute decay w <- w + wd p; p <- p + (-w)
+ * With the attribute guarded one more argument comes last, a 0-d int32 guard: where it is 0
+ * the phase is skipped after every check (skip_nonfinite, as the elementwise handler's
+ * guard): each result gets its input (none where they share a buffer), with delta the
+ * updates are +0, the means 0.
  * Results alias their inputs where fastopt.jax asks (the new p: the param, or with delta
  * the gradient); a result with a buffer of its own gets the input copied first. The handler
  * is stateless, checks everything before writing, and returns INVALID_ARGUMENT errors naming
@@ -228,22 +232,23 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_XLA_FACTORED)
 #undef FO_XF_ADD
 #undef FO_DEFINE_XLA_FACTORED
 
-/* the attributes: phase, n_tensors, n_threads and the 0/1 flags momentum, decay, delta */
+/* the attributes: phase, n_tensors, n_threads and the 0/1 flags momentum, decay, delta,
+   guarded */
 static fo_xla_error *fo_xf_attributes(const fo_xla_call_frame *call, int64_t *v)
 {
     static const char *const names[] = {"phase", "n_tensors", "n_threads", "momentum",
-                                        "decay", "delta"};
+                                        "decay", "delta", "guarded"};
     int64_t i;
     int j;
     fo_xla_error *err;
     v[0] = v[1] = v[2] = -1;
-    v[3] = v[4] = v[5] = 0;
+    v[3] = v[4] = v[5] = v[6] = 0;
     for (i = 0; i < call->attrs.size; i++) {
         const fo_xla_bytespan *name = call->attrs.names[i];
-        for (j = 0; j < 6 && !fo_xla_name_is(name, names[j]); j++) continue;
-        if (j == 6)
+        for (j = 0; j < 7 && !fo_xla_name_is(name, names[j]); j++) continue;
+        if (j == 7)
             return FO_XF_INVALID(call->api, "unexpected attribute '%.*s' (it takes phase, "
-                                 "n_tensors, n_threads, momentum, decay and delta)",
+                                 "n_tensors, n_threads, momentum, decay, delta and guarded)",
                                  (int)(name->len < 64 ? name->len : 64), name->ptr);
         if ((err = (j < 3 ? fo_xla_int_attr : fo_xla_flag_attr)(FO_XF, call, i, v + j)) != NULL)
             return err;
@@ -266,7 +271,7 @@ static void fo_xf_copy(char *out, const char *in, ptrdiff_t n, size_t size)
 static fo_xla_error *fo_xla_factored(fo_xla_call_frame *call)
 {
     fo_xla_error *err = NULL;
-    int64_t attr[6], phase, n_tensors, t, per, first, n_args, n_rets, per_ret;
+    int64_t attr[7], phase, n_tensors, t, per, first, n_args, n_rets, per_ret;
     fo_xla_dtype dtype;
     fo_xf_pass pass;
     fo_xf_tensor *tensor = NULL;
@@ -274,7 +279,7 @@ static fo_xla_error *fo_xla_factored(fo_xla_call_frame *call)
     ptrdiff_t c, c2, lo, one;
     double *part = NULL;
     size_t size;
-    int nt, f64;
+    int nt, f64, go = 1; /* go: the guard's verdict, run the phase */
 
     if (fo_xla_preamble(call, FO_XF, &err))
         return err;
@@ -288,12 +293,13 @@ static fo_xla_error *fo_xla_factored(fo_xla_call_frame *call)
     if (n_tensors > call->args.size)
         return FO_XF_INVALID(call->api, "n_tensors is %lld, but the call has %lld arguments",
                              (long long)n_tensors, (long long)call->args.size);
-    n_args = first + n_tensors * per;
+    n_args = first + n_tensors * per + attr[6];
     n_rets = n_tensors * per_ret + (phase == 1);
     if (call->args.size != n_args || call->rets.size != n_rets)
-        return FO_XF_INVALID(call->api, "phase %lld over %lld tensors takes %lld arguments and "
+        return FO_XF_INVALID(call->api, "phase %lld over %lld tensors takes %lld arguments%s and "
                              "gives %lld results, got %lld and %lld", (long long)phase,
-                             (long long)n_tensors, (long long)n_args, (long long)n_rets,
+                             (long long)n_tensors, (long long)n_args,
+                             attr[6] ? " (the last the guard)" : "", (long long)n_rets,
                              (long long)call->args.size, (long long)call->rets.size);
     for (t = 0; t < n_args; t++)
         if (call->args.types[t] != FO_XLA_ARG_BUFFER)
@@ -301,6 +307,14 @@ static fo_xla_error *fo_xla_factored(fo_xla_call_frame *call)
     for (t = 0; t < n_rets; t++)
         if (call->rets.types[t] != FO_XLA_RET_BUFFER)
             return FO_XF_INVALID(call->api, "result %lld: expected a buffer", (long long)t);
+    if (attr[6]) {
+        const fo_xla_buffer *g = (const fo_xla_buffer *)call->args.args[n_args - 1];
+        if (g->dtype != FO_XLA_S32 || g->rank != 0 || g->data == NULL)
+            return FO_XF_INVALID(call->api, "argument %lld (the guard): expected a 0-d int32, "
+                                 "got %s of rank %lld", (long long)(n_args - 1),
+                                 fo_xla_dtype_name(g->dtype), (long long)g->rank);
+        go = *(const int32_t *)g->data != 0;
+    }
     if (n_tensors == 0)
         return NULL;
     dtype = ((const fo_xla_buffer *)call->args.args[first])->dtype;
@@ -415,6 +429,26 @@ static fo_xla_error *fo_xla_factored(fo_xla_call_frame *call)
         if ((err = fo_xla_check(FO_XF, call, means, dtype, 2 * n_tensors, -1, "means", -1,
                                 &one)) != NULL)
             goto done;
+    }
+    if (!go) { /* skipped: the results their inputs, the updates +0, the means 0 */
+        for (t = 0; t < n_tensors; t++) {
+            fo_xf_tensor *x = tensor + t;
+            const ptrdiff_t na = x->mode == 0 ? x->n : x->B * (x->mode == 1 ? x->R : x->C);
+            if (phase == 0) {
+                fo_xf_copy(x->a_out, x->a_in, na, size);
+                fo_xf_copy((char *)x->b, x->b_in, x->B * (x->mode == 1 ? x->C : x->R), size);
+            } else if (phase == 1) {
+                fo_xf_copy(x->a_out, x->a_in, na, size);
+            } else {
+                if (pass.delta && x->n > 0) memset(x->p_out, 0, (size_t)x->n * size);
+                else if (!pass.delta) fo_xf_copy(x->p_out, x->p, x->n, size);
+                if (pass.momentum) fo_xf_copy(x->m_out, x->m_in, x->n, size);
+            }
+        }
+        if (phase == 1)
+            memset(((const fo_xla_buffer *)call->rets.rets[n_tensors])->data, 0,
+                   (size_t)(2 * n_tensors) * size);
+        goto done;
     }
 
     /* the work: phase 0, (tensor, slice, column block) items, then (tensor, slice) rows;
