@@ -732,13 +732,14 @@ static void fo_xla_skip(const fo_xla_call_frame *call, int64_t n_tensors, int pe
     for (t = 0; t < n_tensors; t++) {
         fo_xla_buffer *const *a = (fo_xla_buffer *const *)call->args.args + 1 + t * per;
         fo_xla_buffer *const *r = (fo_xla_buffer *const *)call->rets.rets + t * ret_per;
-        if (o == 1 && delta) memset(r[0]->data, 0, fo_xla_nbytes(r[0]));
-        else if (o == 1 && r[0]->data != a[0]->data)
-            memcpy(r[0]->data, a[0]->data, fo_xla_nbytes(a[0]));
+        const size_t bytes = fo_xla_nbytes(a[0]); /* the param's, as its result's */
+        if (o == 1 && delta && bytes > 0) memset(r[0]->data, 0, bytes);
+        else if (o == 1 && !delta && bytes > 0 && r[0]->data != a[0]->data)
+            memcpy(r[0]->data, a[0]->data, bytes);
         for (s = 0; s < n_copied; s++) {
             /* the state arrays, then (past the factors) the shadow and the block scales */
             const fo_xla_buffer *in = a[2 + s + (s < n_state ? 0 : n_aux)];
-            if (r[o + s]->data != in->data)
+            if (r[o + s]->data != in->data && fo_xla_nbytes(in) > 0)
                 memcpy(r[o + s]->data, in->data, fo_xla_nbytes(in));
         }
     }
