@@ -174,6 +174,18 @@ def test_harness_rejects_unknown_rule():
         bench.main(["--rules", "adamzz", "--json", ""])
 
 
+@pytest.mark.parametrize("option, case", [("--cases", "all"), ("--cases", "200x"),
+                                          ("--cases", "0"), ("--formats", "-5M"),
+                                          ("--formats", "none"), ("--op-cases", "64xK")])
+def test_harness_rejects_bad_cases(option, case, capsys):
+    """A case that is no size: argparse's usage error naming the option and the case, not a
+    traceback (and nothing timed before it)."""
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--rules", "none", f"{option}={case}", "--json", ""])
+    assert exit_.value.code == 2
+    assert f"{option}: {case!r} is no case" in capsys.readouterr().err
+
+
 def test_matrix_sizes():
     assert bench.matrix_sizes([10_000_000, 7, 5000]) == [9_999_360, 1024, 4096]
 

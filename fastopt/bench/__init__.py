@@ -440,19 +440,33 @@ def main(argv=None):
             muon.parse_case(case)
         except ValueError:
             parser.error(f"--muon: {case!r} is no NxRxC or RxC case")
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    result = run(rules, [] if cases == ["none"] else cases,
-                 args.threads, int(args.numpy_max), args.budget, check=args.check,
+
+    def sizes(option, text, parse, none=False):
+        """The cases of `option` (a comma-separated list; 'none' for none where `none`),
+        each checked with `parse`."""
+        cases = [c.strip() for c in text.split(",") if c.strip()]
+        if none and cases == ["none"]:
+            return []
+        for case in cases:
+            try:
+                if min(parse(case)) <= 0:
+                    raise ValueError
+            except (ValueError, TypeError):
+                parser.error(f"{option}: {case!r} is no case; expected sizes such as 10M, "
+                             f"200x50K or 4096x4096" + (", or none" if none else ""))
+        return cases
+    cases = sizes("--cases", args.cases, parse_case, none=True)
+    op_cases = sizes("--op-cases", args.op_cases, ops.shape_of)
+    format_cases = sizes("--formats", args.formats, parse_case)
+    result = run(rules, cases, args.threads, int(args.numpy_max), args.budget, check=args.check,
                  jax=args.jax)
     if names:
         _backends.available("numba")  # loading it keeps OpenMP unnested (fastopt._config)
         _warm_allocator()
         print("\noperations, float32, one weight each; GB/s counts fastopt's transfers")
-        result["rows"] += ops.run_ops(names, [c.strip() for c in args.op_cases.split(",")
-                                              if c.strip()],
+        result["rows"] += ops.run_ops(names, op_cases,
                                       args.threads or fastopt.get_num_threads(), args.budget,
                                       sys.stdout)
-    format_cases = [c.strip() for c in args.formats.split(",") if c.strip()]
     if format_cases:
         result["rows"] += formats.run_formats(format_cases,
                                               args.threads or fastopt.get_num_threads(),
