@@ -1,4 +1,5 @@
-// The CUDA kernels of kernels/cuda/{prune,quant,distill,factored}.cu run on the host, for
+// The CUDA kernels of kernels/cuda/{prune,quant,distill,factored}.cu and optim.cu's storage
+// format kernels run on the host, for
 // test_cuda_emulated.py: one std::thread per CUDA thread, one block at a time, a barrier for
 // __syncthreads, the compiler's atomics for atomicAdd/atomicMax. It checks the kernels'
 // indexing, synchronization and arithmetic against the NumPy reference on machines without
@@ -50,6 +51,7 @@ static void fo_launch(long grid, long block, const std::function<void()> &kernel
 
 #include "../kernels/cuda/distill.cu"
 #include "../kernels/cuda/factored.cu"
+#include "../kernels/cuda/optim.cu"
 #include "../kernels/cuda/prune.cu"
 #include "../kernels/cuda/quant.cu"
 
@@ -99,3 +101,11 @@ FO_RUN_FOR(double, f64, fo_key_f64)
                  (tab, nt, ni, ns, at))
 FO_RUN_FACTORED(float, f32)
 FO_RUN_FACTORED(double, f64)
+
+// the storage format kernels of optim.cu: run_fmt_<NAME>(grid, block, table, n_tensors,
+// args_at, fmt_at)
+#define FO_RUN_FMT(T, SFX, NAME, ARGS, N)                                                 \
+    FO_RUN(fmt_##NAME, FO_P(const fo_i64 *tab, fo_i64 nt, fo_i64 args_at, fo_i64 fmt_at),  \
+           (tab, nt, args_at, fmt_at))
+FO_ELEMENTWISE_KERNELS(FO_RUN_FMT, _, _)
+FO_CAUTIOUS_KERNELS(FO_RUN_FMT, _, _)

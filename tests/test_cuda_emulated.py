@@ -1,22 +1,27 @@
-"""The CUDA kernels for pruning, quantization, distillation and Adafactor's factors pass run
-on the host (cuda_host_emulation.cpp: a thread per CUDA thread, a barrier for
-__syncthreads) and equal the NumPy reference bit for bit (the factors pass: the Cython
-backend's, which the parity tests hold to it). This runs in CI, which has no GPU;
-test_cuda.py's GPU tests run the same kernels on the device."""
+"""The CUDA kernels for pruning, quantization, distillation, Adafactor's factors pass and the
+optimizer steps on storage formats run on the host (cuda_host_emulation.cpp: a thread per
+CUDA thread, a barrier for __syncthreads) and equal the NumPy reference bit for bit (the
+factors pass and the format steps: the Cython backend's, which the parity and format tests
+hold to it). This runs in CI, which has no GPU; test_cuda.py's GPU tests run the same
+kernels on the device."""
 
 import ctypes
 import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
+import format_cases
 import numpy as np
 import pytest
+from cases import RULE_OF, kernel_hyper
 from conftest import kd_case, run_factors
 
+from fastopt import _rules
 from fastopt._backends import _cupy, _layout, _select, _twopass
 from fastopt._backends._cupy import optim as cupy_optim
-from fastopt._backends._layout import CE_SQUARES
+from fastopt._backends._layout import CE_SQUARES, CHUNK
 from fastopt._backends._numpy import compress as ref
 
 HERE = Path(__file__).resolve().parent
@@ -214,3 +219,124 @@ def test_factors_kernels(lib, dtype):
                  for backend in (Emulated(lib), cython_optim))
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+# -- storage formats (optim.cu's fo_cuda_fmt_<NAME>): the Cython backend's format chunks
+# (kernels/cpu/format_loops.h), which test_formats_cython holds to the NumPy reference
+
+FMT_SLOTS = 8  # FO_CUDA_FMT_SLOTS
+
+
+def _fmt_table(prob, record, n_aux=0, factors=None):
+    """The launch table of a format kernel for format_cases.Problem `prob` (operand
+    addresses per tensor, the chunks, the struct, the formats and keys) and its grid."""
+    ops, formats = prob.operands, prob.formats
+    n_state = len(ops) - 3 - formats.shadow
+    rows, chunks = [], []
+    for t in range(len(ops[0])):
+        rows += [ops[k][t].ctypes.data for k in range(3 + n_state)]
+        rows += [factors[t].ctypes.data] if n_aux else []
+        rows += [ops[-1][t].ctypes.data if formats.shadow else 0,
+                 prob.masks[t].ctypes.data if prob.masks is not None else 0]
+        chunks += [(t, lo, min(CHUNK, ops[0][t].size - lo))
+                   for lo in range(0, ops[0][t].size, CHUNK)]
+    args = np.frombuffer(record.tobytes().ljust(-(-record.nbytes // 8) * 8, b"\0"), np.int64)
+    codes = list(formats.storage[:3 + n_state]) + [0] * (FMT_SLOTS - 3 - n_state)
+    if formats.shadow:
+        codes[-1] = formats.storage[-1]
+    table = np.concatenate([np.array(rows, np.int64), np.array(chunks, np.int64).reshape(-1),
+                            args, np.array(codes + [formats.stochastic, formats.step],
+                                           np.int64),
+                            formats.keys.astype(np.int64).reshape(-1)])
+    return table, len(ops[0]), len(rows) + 3 * len(chunks), len(rows) + 3 * len(chunks) + \
+        args.size, len(chunks)
+
+
+def _run_fmt(lib, kernel, prob, record, n_aux=0, factors=None):
+    table, n, args_at, fmt_at, grid = _fmt_table(prob, record, n_aux, factors)
+    getattr(lib, f"run_fmt_{kernel}")(ctypes.c_long(grid), ctypes.c_long(32), _p(table),
+                                      ctypes.c_longlong(n), ctypes.c_longlong(args_at),
+                                      ctypes.c_longlong(fmt_at))
+
+
+class FmtConfig(NamedTuple):  # what format_cases.problem reads of a configuration
+    param: str            # the parameter's storage (the shadow's, with master weights)
+    grad: str             # "param" (the parameter's format) or a format
+    state: str
+    master: bool          # float32 params (the master copy) and a shadow in `param`
+    stochastic: bool
+    in_place: bool
+    masks: bool
+
+
+FMT_CONFIGS = [
+    FmtConfig("bfloat16", "param", "bfloat16", False, True, True, True),
+    FmtConfig("bfloat16", "float32", "float32", False, False, False, False),
+    FmtConfig("float16", "param", "float16", False, True, False, True),
+    FmtConfig("float32", "param", "bfloat16", False, False, True, False),
+    FmtConfig("bfloat16", "param", "bfloat16", True, True, True, True),
+    FmtConfig("float16", "float32", "bfloat16", True, False, False, True),
+]
+
+
+@pytest.mark.parametrize("config", FMT_CONFIGS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("kernel", sorted(RULE_OF))
+def test_format_kernels(lib, kernel, config):
+    """Every elementwise kernel on bfloat16, float16 and float32 operands (stochastic and
+    nearest rounding, master weights with their shadow, in place and out of place, masks)
+    over 2 steps of normal and special values: the bits of the Cython backend's format
+    chunks, parameters, state and shadow (with special values, any NaN for a NaN)."""
+    from fastopt._backends._cython import optim as cython_optim
+    sizes = (1, 7, 9, 1023, 20000)
+    for special in (0.0, 0.2):
+        prob = format_cases.problem(kernel, config, sizes, seed=sorted(RULE_OF).index(kernel),
+                                    in_place=config.in_place, masks=config.masks,
+                                    special=special)
+        runs = [format_cases.copy(prob.operands) for _ in range(2)]
+        rng = np.random.default_rng(5)
+        for step in (1, 2):
+            rec = format_cases.record(kernel, kernel_hyper(kernel, step))
+            grads = [format_cases.values(rng, n, prob.operands[2][0].dtype, special=special)
+                     for n in sizes]
+            runs = [ops[:2] + ([g.copy() for g in grads],) + ops[3:] for ops in runs]
+            formats = prob.formats._replace(step=step)
+            cython_optim.elementwise(kernel, runs[0], rec, 1, masks=prob.masks,
+                                     formats=formats)
+            _run_fmt(lib, kernel, prob._replace(operands=runs[1], formats=formats), rec)
+            # a NaN's sign and payload follow the compiler's operand order (and a GPU's NaN
+            # is canonical): NaN where the CPU has NaN, the other bits equal
+            format_cases.assert_same(runs[1], runs[0], f"{kernel} {config} step {step}",
+                                     nan_sign=not special)
+
+
+@pytest.mark.parametrize("config", [FMT_CONFIGS[0], FMT_CONFIGS[4]],
+                         ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("kernel", sorted(_rules.CAUTIOUS_KERNELS))
+def test_cautious_format_kernels(lib, kernel, config):
+    """The cautious steps on storage formats (their tensor's factor one more operand): the
+    bits of the XLA handler's format chunks (the Cython backend runs these through its
+    scratch path), which test_jax holds to the array API."""
+    pytest.importorskip("jax")
+    from fastopt import _jax_ffi
+    base = kernel.removesuffix("_cautious")
+    sizes = (1, 9, 1023, 20000)
+    prob = format_cases.problem(base, config, sizes, seed=3, in_place=True,
+                                masks=config.masks)
+    factors = [np.array([1.25 + t], np.float32) for t in range(len(sizes))]
+    ops = format_cases.copy(prob.operands)
+    n_state = len(ops) - 3 - prob.formats.shadow
+    formats = prob.formats._replace(step=4)
+    rec = format_cases.record(base, kernel_hyper(base, 4))
+    new = _jax_ffi.elementwise(
+        kernel, _rules.pack(rec), ops[0], ops[2],
+        [[ops[3 + k][t] for k in range(n_state)] + [factors[t]] for t in range(len(sizes))],
+        1, masks=prob.masks, formats=(formats.stochastic, formats.keys, formats.step),
+        shadow=ops[-1] if formats.shadow else None)
+    # the handler's results: new params, their state lists (and the new shadows)
+    want = [new[0]] + [[s[k] for s in new[1]] for k in range(n_state)] + list(new[2:])
+    _run_fmt(lib, kernel, prob._replace(operands=ops, formats=formats), rec, n_aux=1,
+             factors=factors)
+    got = [ops[1]] + [ops[3 + k] for k in range(n_state)] + (
+        [ops[-1]] if formats.shadow else [])
+    format_cases.assert_same(got, [[np.asarray(x) for x in xs] for xs in want],
+                             f"{kernel} {config}")

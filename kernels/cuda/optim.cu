@@ -8,6 +8,7 @@
  * The element math is the shared header's, the same functions the CPU loops call.
  */
 #include "fastopt/optim.h"
+#include "fastopt/lowp.h"
 
 typedef long long fo_i64;
 
@@ -106,3 +107,94 @@ typedef long long fo_i64;
     FO_CUDA_SCALED_APPLY(T, SFX)
 FO_DEFINE_FOR_REALS(FO_DEFINE_CUDA_OPTIM)
 #undef FO_DEFINE_CUDA_OPTIM
+
+/*
+ * Storage formats (fastopt/lowp.h, as kernels/cpu/format_loops.h on the CPU): the float32
+ * kernel of each entry of fastopt/optim.h's lists on operands stored as float32, bfloat16
+ * or float16, each element loaded, updated, its pruned entries +0 and the written operands
+ * rounded back (stochastically with the element's Philox bits, or to nearest even), so
+ * that the bits are the CPU's for any launch shape. fo_cuda_fmt_<NAME>(table, n_tensors,
+ * args_at, fmt_at): per tensor 5 + N (+ 1, a cautious step's factor) operand addresses:
+ * param in, param out, grad, the N state arrays (the factor: float32, one element), the
+ * shadow (master weights: the bfloat16 or float16 parameter, which receives the new float32
+ * parameter rounded) and the mask (a byte per element, 0 prunes), each 0 where there is
+ * none; then the chunks and, at args_at, the fo_<ARGS>_args_f32 struct as above; at fmt_at
+ * FO_CUDA_FMT_SLOTS format codes (FO_FMT_*: the 3 + N operands', the last slot the
+ * shadow's), stochastic, the step, then each tensor's Philox key (key0, key1).
+ * Blockwise 8-bit state is not among them yet.
+ */
+#define FO_CUDA_FMT_SLOTS 8
+
+FO_HD float fo_cuda_fmt_load(fo_i64 addr, fo_i64 code, fo_i64 at)
+{
+    if (code == FO_FMT_F32) return ((const float *)addr)[at];
+    return code == FO_FMT_BF16 ? fo_bf16_load(((const fo_u16 *)addr)[at])
+                               : fo_f16_load(((const fo_u16 *)addr)[at]);
+}
+
+/* x into element `at` of an operand of format `code`, with the random bits of `stream`
+   (0 the parameter, k the k-th state array) where the rounding is stochastic */
+FO_HD void fo_cuda_fmt_store(fo_i64 addr, fo_i64 code, fo_i64 at, float x, fo_u32 stream,
+                             const fo_i64 *f, fo_u32 key0, fo_u32 key1)
+{
+    const int stochastic = f[FO_CUDA_FMT_SLOTS] != 0;
+    fo_u32 r = 0;
+    if (code == FO_FMT_F32) {
+        ((float *)addr)[at] = x;
+        return;
+    }
+    if (stochastic)
+        r = fo_round_bits(fo_round_words((fo_u64)at >> 3, stream,
+                                         (fo_u64)f[FO_CUDA_FMT_SLOTS + 1], key0, key1),
+                          (fo_u64)at);
+    ((fo_u16 *)addr)[at] = code == FO_FMT_BF16
+                               ? (stochastic ? fo_bf16_sr(x, r) : fo_bf16_rne(x))
+                               : fo_f16_round(x, r, stochastic);
+}
+
+#define FO_CUDA_FMT_KERNEL(NAME, ARGS, N, AUX, CALL)                                      \
+    extern "C" __global__ void fo_cuda_fmt_##NAME(const fo_i64 *table, fo_i64 n_tensors,  \
+                                                  fo_i64 args_at, fo_i64 fmt_at)          \
+    {                                                                                     \
+        const fo_##ARGS##_args_f32 a = *(const fo_##ARGS##_args_f32 *)(table + args_at);  \
+        const fo_i64 W = 5 + (N) + (AUX), *f = table + fmt_at;                             \
+        const fo_i64 *chunk = table + n_tensors * W + 3 * (fo_i64)blockIdx.x;             \
+        const fo_i64 *ops = table + chunk[0] * W;                                         \
+        const fo_i64 lo = chunk[1], n = chunk[2];                                         \
+        const fo_u32 key0 = (fo_u32)f[FO_CUDA_FMT_SLOTS + 2 + 2 * chunk[0]];              \
+        const fo_u32 key1 = (fo_u32)f[FO_CUDA_FMT_SLOTS + 3 + 2 * chunk[0]];              \
+        for (fo_i64 i = threadIdx.x; i < n; i += blockDim.x) {                            \
+            const fo_i64 at = lo + i;                                                     \
+            const float p = fo_cuda_fmt_load(ops[0], f[0], at);                           \
+            const float g = fo_cuda_fmt_load(ops[2], f[2], at);                           \
+            float s[(N) + 1], q;                                                          \
+            for (int k = 0; k < (N); k++) s[k] = fo_cuda_fmt_load(ops[3 + k], f[3 + k], at); \
+            q = CALL;                                                                     \
+            if (ops[W - 1] != 0 && ((const unsigned char *)ops[W - 1])[at] == 0) {         \
+                q = 0.0f;                                                                 \
+                for (int k = 0; k < (N); k++) s[k] = 0.0f;                                \
+            }                                                                             \
+            fo_cuda_fmt_store(ops[1], f[1], at, q, 0, f, key0, key1);                     \
+            for (int k = 0; k < (N); k++)                                                 \
+                fo_cuda_fmt_store(ops[3 + k], f[3 + k], at, s[k], (fo_u32)(k + 1), f,     \
+                                  key0, key1);                                            \
+            if (ops[W - 2] != 0)                                                          \
+                fo_cuda_fmt_store(ops[W - 2], f[FO_CUDA_FMT_SLOTS - 1], at, q, 0, f, key0, \
+                                  key1);                                                  \
+        }                                                                                 \
+    }
+
+/* the state pointers of an element function with N state arrays */
+#define FO_CUDA_FMT_STATE0
+#define FO_CUDA_FMT_STATE1 s,
+#define FO_CUDA_FMT_STATE2 s, s + 1,
+#define FO_CUDA_FMT_STATE3 s, s + 1, s + 2,
+#define FO_CUDA_FMT_STATE4 s, s + 1, s + 2, s + 3,
+#define FO_CUDA_FMT(T, SFX, NAME, ARGS, N)                                                \
+    FO_CUDA_FMT_KERNEL(NAME, ARGS, N, 0, fo_##NAME##_f32(p, g, FO_CUDA_FMT_STATE##N &a))
+#define FO_CUDA_FMT_CAUTIOUS(T, SFX, NAME, ARGS, N)                                       \
+    FO_CUDA_FMT_KERNEL(NAME, ARGS, N, 1,                                                  \
+                       fo_##NAME##_f32(p, g, FO_CUDA_FMT_STATE##N *(const float *)ops[3 + (N)], \
+                                       &a))
+FO_ELEMENTWISE_KERNELS(FO_CUDA_FMT, _, _)
+FO_CAUTIOUS_KERNELS(FO_CUDA_FMT_CAUTIOUS, _, _)
