@@ -451,7 +451,7 @@ def main(argv=None):
             try:
                 if min(parse(case)) <= 0:
                     raise ValueError
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, OverflowError, IndexError):
                 parser.error(f"{option}: {case!r} is no case; expected sizes such as 10M, "
                              f"200x50K or 4096x4096" + (", or none" if none else ""))
         return cases

@@ -119,9 +119,9 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_CUDA_OPTIM)
  * shadow (master weights: the bfloat16 or float16 parameter, which receives the new float32
  * parameter rounded) and the mask (a byte per element, 0 prunes), each 0 where there is
  * none; then the chunks and, at args_at, the fo_<ARGS>_args_f32 struct as above; at fmt_at
- * FO_CUDA_FMT_SLOTS format codes (FO_FMT_*: the 3 + N operands', the last slot the
- * shadow's), stochastic, the step, then each tensor's Philox key (key0, key1).
- * Blockwise 8-bit state is not among them yet.
+ * FO_CUDA_FMT_SLOTS format codes (FO_FMT_F32, _BF16 or _F16: the 3 + N operands', the last
+ * slot the shadow's), stochastic, the step, then each tensor's Philox key (key0, key1).
+ * Blockwise 8-bit state is not among them yet; the launch needs at least one chunk.
  */
 #define FO_CUDA_FMT_SLOTS 8
 
