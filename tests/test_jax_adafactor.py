@@ -219,6 +219,12 @@ def test_handler_checks_its_operands():
         _jax_ffi.factored(0, scalars, None, [g], [jnp.ones(5)], [jnp.ones(5)],
                           [jnp.asarray([1, 4, 5, 1], jnp.int32)], 1)
     info = [jnp.asarray([1, 4, 5, 1], jnp.int32)]
+    results = [jax.ShapeDtypeStruct((4,), jnp.float32), jax.ShapeDtypeStruct((5,), jnp.float32)]
+    with pytest.raises(Exception, match=r"fastopt_factored_v1: argument 5 \(the guard\): "
+                                        r"expected a 0-d int32, got float32 of rank 0"):
+        jax.ffi.ffi_call(_jax_ffi.FACTORED, results)(
+            scalars, g, jnp.ones(4), jnp.ones(5), info[0], jnp.float32(0), phase=np.int64(0),
+            n_tensors=np.int64(1), n_threads=np.int64(1), guarded=np.int64(1))
     with pytest.raises(TypeError, match="guard: expected a 0-d bool or integer"):
         _jax_ffi.factored(0, scalars, None, [g], [jnp.ones(4)], [jnp.ones(5)], info, 1,
                           guard=jnp.zeros(2, bool))

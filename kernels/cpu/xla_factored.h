@@ -307,14 +307,8 @@ static fo_xla_error *fo_xla_factored(fo_xla_call_frame *call)
     for (t = 0; t < n_rets; t++)
         if (call->rets.types[t] != FO_XLA_RET_BUFFER)
             return FO_XF_INVALID(call->api, "result %lld: expected a buffer", (long long)t);
-    if (attr[6]) {
-        const fo_xla_buffer *g = (const fo_xla_buffer *)call->args.args[n_args - 1];
-        if (g->dtype != FO_XLA_S32 || g->rank != 0 || g->data == NULL)
-            return FO_XF_INVALID(call->api, "argument %lld (the guard): expected a 0-d int32, "
-                                 "got %s of rank %lld", (long long)(n_args - 1),
-                                 fo_xla_dtype_name(g->dtype), (long long)g->rank);
-        go = *(const int32_t *)g->data != 0;
-    }
+    if (attr[6] && (err = fo_xla_guard(FO_XF, call, n_args - 1, &go)) != NULL)
+        return err;
     if (n_tensors == 0)
         return NULL;
     dtype = ((const fo_xla_buffer *)call->args.args[first])->dtype;

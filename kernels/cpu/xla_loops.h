@@ -704,6 +704,20 @@ static int fo_xla_format(fo_xla_dtype dtype)
     }
 }
 
+/* The guard of a guarded call of `target`: argument `at`, a 0-d int32; *go 0 where it is 0
+   (the step skipped), else 1 */
+static fo_xla_error *fo_xla_guard(const char *target, const fo_xla_call_frame *call,
+                                  int64_t at, int *go)
+{
+    const fo_xla_buffer *g = (const fo_xla_buffer *)call->args.args[at];
+    if (g->dtype != FO_XLA_S32 || g->rank != 0 || g->data == NULL)
+        return FO_XLA_INVALID_AT(target, call->api, "argument %lld (the guard): expected a 0-d "
+                                 "int32, got %s of rank %lld", (long long)at,
+                                 fo_xla_dtype_name(g->dtype), (long long)g->rank);
+    *go = *(const int32_t *)g->data != 0;
+    return NULL;
+}
+
 /* a buffer's bytes (its dtype one the handler takes) */
 static size_t fo_xla_nbytes(const fo_xla_buffer *b)
 {
@@ -846,14 +860,8 @@ static fo_xla_error *fo_xla_elementwise(fo_xla_call_frame *call)
         return FO_XLA_INVALID(call->api, "argument 0 (kernel %s's packed struct): expected a "
                               "1-D uint8 array, got %s of rank %lld", k->name,
                               fo_xla_dtype_name(rec->dtype), (long long)rec->rank);
-    if (guarded) {
-        const fo_xla_buffer *g = (const fo_xla_buffer *)call->args.args[n_args - 1];
-        if (g->dtype != FO_XLA_S32 || g->rank != 0 || g->data == NULL)
-            return FO_XLA_INVALID(call->api, "argument %lld (the guard): expected a 0-d int32, "
-                                  "got %s of rank %lld", (long long)(n_args - 1),
-                                  fo_xla_dtype_name(g->dtype), (long long)g->rank);
-        go = *(const int32_t *)g->data != 0;
-    }
+    if (guarded && (err = fo_xla_guard(FO_XLA_EW, call, n_args - 1, &go)) != NULL)
+        return err;
     if (n_tensors == 0)
         return NULL;
     dtype = ((const fo_xla_buffer *)call->args.args[1])->dtype;
