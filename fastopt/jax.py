@@ -559,15 +559,19 @@ class _Fused:
         return [bool(m) for m in flags]
 
     def _step_inputs(self, step, grads, masks, dtype):
-        """(the learning rate of step `step` in `dtype`, the gradients with pruned entries
-        0, the clipping scale) of the rules with an _apply of their own (Muon, Prodigy)."""
+        """(the learning rate of step `step` in `dtype`, the clipping scale, skip_nonfinite's
+        verdict: a traced bool, true where the step runs, or None without the option) of the
+        rules with an _apply of their own (Muon, Prodigy, Adafactor), from the gradients
+        with their pruned entries 0. The verdict goes to every kernel call of the step (see
+        _Fused._apply)."""
         lr = self._lr(step, dtype)
         summed = grads if masks is None else [
             g if m is None else jnp.where(m, g, jnp.zeros_like(g)) for g, m in zip(grads, masks)]
         grad_scale = 1.0
         if self.max_grad_norm is not None:
             grad_scale = _clip_coefficient(self.max_grad_norm, summed)
-        return lr, summed, grad_scale
+        finite = _count_nonfinite(summed) == 0 if self.skip_nonfinite else None
+        return lr, grad_scale, finite
 
     def _twin(self, what):
         """The array API's class and its group's hyperparameters, for state_dict and
@@ -2502,7 +2506,7 @@ class _Muon(_Fused):
         step = optax.safe_increment(count)
         if not leaves:
             return treedef, [], state._replace(count=step)
-        lr, summed, grad_scale = self._step_inputs(step, grads, masks, dtype)
+        lr, grad_scale, finite = self._step_inputs(step, grads, masks, dtype)
         grad = dict(grad_scale=grad_scale, maximize=self.maximize, grad_clip=self.grad_clip)
         hyper = self.muon
         update, apply = _scalars.muon_scalars(dtype, lr=lr, weight_decay=hyper["weight_decay"],
@@ -2523,8 +2527,6 @@ class _Muon(_Fused):
 
         def pick(xs, idx):
             return None if xs is None else [xs[i] for i in idx]
-        # skip_nonfinite's verdict goes to every kernel call (see _Fused._apply)
-        finite = _count_nonfinite(summed) == 0 if self.skip_nonfinite else None
 
         def run(records, params, grads, bufs, exp_avg, exp_avg_sq, factors):
             new, bufs, exp_avg, exp_avg_sq = list(params), list(bufs), list(exp_avg), \
@@ -2751,7 +2753,7 @@ class _Prodigy(_Fused):
         step = optax.safe_increment(count)
         if not leaves:
             return treedef, [], state._replace(count=step)
-        lr, summed, grad_scale = self._step_inputs(step, grads, masks, dtype)
+        lr, grad_scale, finite = self._step_inputs(step, grads, masks, dtype)
         r = self.rule
         beta1, beta2, beta3 = r["beta1"], r["beta2"], r["beta3"]
         wide = state.d.dtype
@@ -2770,13 +2772,11 @@ class _Prodigy(_Fused):
         record = _record(self.kernel.args, dtype, update)
         apply_name = "prodigy_apply" + self.variant
         apply_args = _rules.KERNELS[apply_name].args
-        # skip_nonfinite's verdict goes to both passes (see _Fused._apply): a skipped update
-        # pass sums 0, so the step does not move either
-        finite = _count_nonfinite(summed) == 0 if self.skip_nonfinite else None
 
         def run(record, params, grads, states):
             # the terms of the dot product (the kernel's "new parameter") and |s| summed in
-            # the pass, while in cache, the terms never stored (as the array API's)
+            # the pass, while in cache, the terms never stored (as the array API's); a step
+            # skip_nonfinite skips (the guard) sums 0, so it does not move either
             _, states, sums = _jax_ffi.elementwise(
                 self.kernel.name, record, params, grads, states, self.n_threads, masks=masks,
                 sums=((1, 3), (3, 1)), discard=True, guard=finite)
@@ -3092,7 +3092,7 @@ class _Adafactor(_Fused):
         if not leaves:
             return treedef, [], state._replace(count=step)
         r = self.rule
-        lr, summed, grad_scale = self._step_inputs(step, grads, masks, dtype)
+        lr, grad_scale, finite = self._step_inputs(step, grads, masks, dtype)
         gscale = -grad_scale if self.maximize else grad_scale
         # optax's decay_rate_t, in float32 as optax computes it
         t = jnp.asarray(count - r["decay_offset"] + 1, jnp.float32)
@@ -3111,8 +3111,6 @@ class _Adafactor(_Fused):
         # the handler takes the non-empty parameters; an empty one keeps its state, but
         # for optax's statistics over its factored dimensions (NaN means over none)
         live = [i for i, p in enumerate(leaves) if p.size]
-        # skip_nonfinite's verdict goes to the three calls (see _Fused._apply)
-        finite = _count_nonfinite(summed) == 0 if self.skip_nonfinite else None
 
         def kept(new, old):  # what a step makes outside the handler, kept by a skipped one
             return new if finite is None else jnp.where(finite, new, old)
