@@ -178,7 +178,8 @@ def test_harness_rejects_unknown_rule():
                                           ("--cases", "0"), ("--cases", "inf"),
                                           ("--cases", "0x5K"), ("--formats", "-5M"),
                                           ("--formats", "1e400"), ("--formats", "none"),
-                                          ("--op-cases", "64xK"), ("--op-cases", "0x5K")])
+                                          ("--op-cases", "64xK"), ("--op-cases", "0x5K"),
+                                          ("--muon", "4"), ("--muon", "0x8x8")])
 def test_harness_rejects_bad_cases(option, case, capsys):
     """A case that is no size: argparse's usage error naming the option and the case, not a
     traceback (and nothing timed before it)."""

@@ -434,16 +434,11 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown op(s) {unknown}; choose from "
                      f"{list(ops.GROUPS) + list(ops.OPS)}, all")
-    muon_cases = [c.strip() for c in args.muon.split(",") if c.strip()]
-    for case in muon_cases:
-        try:
-            muon.parse_case(case)
-        except ValueError:
-            parser.error(f"--muon: {case!r} is no NxRxC or RxC case")
 
-    def sizes(option, text, parse, none=False):
+    def sizes(option, text, parse, expected="sizes such as 10M, 200x50K or 4096x4096",
+              none=False):
         """The cases of `option` (a comma-separated list; 'none' for none where `none`),
-        each checked with `parse`."""
+        each checked with `parse`, which gives its sizes (all of them positive)."""
         cases = [c.strip() for c in text.split(",") if c.strip()]
         if none and cases == ["none"]:
             return []
@@ -452,9 +447,12 @@ def main(argv=None):
                 if min(parse(case)) <= 0:
                     raise ValueError
             except (ValueError, TypeError, OverflowError, IndexError):
-                parser.error(f"{option}: {case!r} is no case; expected sizes such as 10M, "
-                             f"200x50K or 4096x4096" + (", or none" if none else ""))
+                parser.error(f"{option}: {case!r} is no case; expected {expected}"
+                             + (", or none" if none else ""))
         return cases
+    muon_cases = sizes("--muon", args.muon,
+                       lambda c: [d for shape in muon.parse_case(c) for d in shape],
+                       "NxRxC or RxC")
     cases = sizes("--cases", args.cases, parse_case, none=True)
     op_cases = sizes("--op-cases", args.op_cases, ops.shape_of)
     format_cases = sizes("--formats", args.formats, parse_case)
