@@ -21,7 +21,7 @@ from conftest import kd_case, run_factors
 from fastopt import _rules
 from fastopt._backends import _cupy, _layout, _select, _twopass
 from fastopt._backends._cupy import optim as cupy_optim
-from fastopt._backends._layout import CE_SQUARES, CHUNK
+from fastopt._backends._layout import CE_SQUARES
 from fastopt._backends._numpy import compress as ref
 
 HERE = Path(__file__).resolve().parent
@@ -72,9 +72,12 @@ class Emulated:
 
     @staticmethod
     def _table(operands):
+        """The launch table (operand addresses per tensor, then the chunks) and the number
+        of chunks; an operand list None gives each tensor the address 0 (none)."""
         chunks = [(t, lo, min(_select.CHUNK, a.size - lo)) for t, a in enumerate(operands[0])
                   for lo in range(0, a.size, _select.CHUNK)]
-        addresses = [op[t].ctypes.data for t in range(len(operands[0])) for op in operands]
+        addresses = [0 if op is None else op[t].ctypes.data
+                     for t in range(len(operands[0])) for op in operands]
         return np.array(addresses + list(np.ravel(chunks)), np.int64), len(chunks)
 
     def _prune(self, kernel, operands, *args):
@@ -227,36 +230,26 @@ def test_factors_kernels(lib, dtype):
 FMT_SLOTS = 8  # FO_CUDA_FMT_SLOTS
 
 
-def _fmt_table(prob, record, n_aux=0, factors=None):
-    """The launch table of a format kernel for format_cases.Problem `prob` (operand
-    addresses per tensor, the chunks, the struct, the formats and keys) and its grid."""
+def _run_fmt(lib, kernel, prob, record, factors=None):
+    """A format kernel over format_cases.Problem `prob` (with a cautious step's `factors`):
+    its table, Emulated's (operand addresses per tensor: the kernel's, the factor, the
+    shadow, the mask; then the chunks), then the struct, the format codes, stochastic, the
+    step and the keys."""
     ops, formats = prob.operands, prob.formats
     n_state = len(ops) - 3 - formats.shadow
-    rows, chunks = [], []
-    for t in range(len(ops[0])):
-        rows += [ops[k][t].ctypes.data for k in range(3 + n_state)]
-        rows += [factors[t].ctypes.data] if n_aux else []
-        rows += [ops[-1][t].ctypes.data if formats.shadow else 0,
-                 prob.masks[t].ctypes.data if prob.masks is not None else 0]
-        chunks += [(t, lo, min(CHUNK, ops[0][t].size - lo))
-                   for lo in range(0, ops[0][t].size, CHUNK)]
-    args = np.frombuffer(record.tobytes().ljust(-(-record.nbytes // 8) * 8, b"\0"), np.int64)
+    table, grid = Emulated._table(list(ops[:3 + n_state]) + ([factors] if factors else []) + [
+        ops[-1] if formats.shadow else None, prob.masks])
+    args = _rules.pack(record).view(np.int64)
     codes = list(formats.storage[:3 + n_state]) + [0] * (FMT_SLOTS - 3 - n_state)
     if formats.shadow:
         codes[-1] = formats.storage[-1]
-    table = np.concatenate([np.array(rows, np.int64), np.array(chunks, np.int64).reshape(-1),
-                            args, np.array(codes + [formats.stochastic, formats.step],
-                                           np.int64),
-                            formats.keys.astype(np.int64).reshape(-1)])
-    return table, len(ops[0]), len(rows) + 3 * len(chunks), len(rows) + 3 * len(chunks) + \
-        args.size, len(chunks)
-
-
-def _run_fmt(lib, kernel, prob, record, n_aux=0, factors=None):
-    table, n, args_at, fmt_at, grid = _fmt_table(prob, record, n_aux, factors)
-    getattr(lib, f"run_fmt_{kernel}")(ctypes.c_long(grid), ctypes.c_long(32), _p(table),
-                                      ctypes.c_longlong(n), ctypes.c_longlong(args_at),
-                                      ctypes.c_longlong(fmt_at))
+    full = np.concatenate([table, args, np.array(codes + [formats.stochastic, formats.step],
+                                                 np.int64),
+                           formats.keys.astype(np.int64).reshape(-1)])
+    getattr(lib, f"run_fmt_{kernel}")(ctypes.c_long(grid), ctypes.c_long(32), _p(full),
+                                      ctypes.c_longlong(len(ops[0])),
+                                      ctypes.c_longlong(table.size),
+                                      ctypes.c_longlong(table.size + args.size))
 
 
 class FmtConfig(NamedTuple):  # what format_cases.problem reads of a configuration
@@ -334,8 +327,7 @@ def test_cautious_format_kernels(lib, kernel, config):
         shadow=ops[-1] if formats.shadow else None)
     # the handler's results: new params, their state lists (and the new shadows)
     want = [new[0]] + [[s[k] for s in new[1]] for k in range(n_state)] + list(new[2:])
-    _run_fmt(lib, kernel, prob._replace(operands=ops, formats=formats), rec, n_aux=1,
-             factors=factors)
+    _run_fmt(lib, kernel, prob._replace(operands=ops, formats=formats), rec, factors)
     got = [ops[1]] + [ops[3 + k] for k in range(n_state)] + (
         [ops[-1]] if formats.shadow else [])
     format_cases.assert_same(got, [[np.asarray(x) for x in xs] for xs in want],
