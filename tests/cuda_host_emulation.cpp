@@ -12,6 +12,7 @@
 
 #define restrict __restrict__
 #define __global__
+#define __device__
 #define __shared__ static  // one block runs at a time: its threads share the statics
 
 struct fo_dim3 { unsigned x = 0, y = 0; };

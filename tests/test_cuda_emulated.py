@@ -19,7 +19,7 @@ from cases import RULE_OF, kernel_hyper
 from conftest import kd_case, run_factors
 
 from fastopt import _rules
-from fastopt._backends import _cupy, _layout, _select, _twopass
+from fastopt._backends import _cupy, _formats, _layout, _select, _twopass
 from fastopt._backends._cupy import optim as cupy_optim
 from fastopt._backends._layout import CE_SQUARES
 from fastopt._backends._numpy import compress as ref
@@ -233,21 +233,28 @@ FMT_SLOTS = 8  # FO_CUDA_FMT_SLOTS
 def _run_fmt(lib, kernel, prob, record, factors=None):
     """A format kernel over format_cases.Problem `prob` (with a cautious step's `factors`):
     its table, Emulated's (operand addresses per tensor: the kernel's, the factor, the
-    shadow, the mask; then the chunks), then the struct, the format codes, stochastic, the
-    step and the keys."""
+    shadow, the mask, each state operand's block scales; then the chunks), then the struct,
+    the format codes, stochastic, the step, the 8-bit maps' address and the keys. Blocks of
+    FO_Q8_BLOCK threads with 8-bit state, else of 32."""
     ops, formats = prob.operands, prob.formats
     n_state = len(ops) - 3 - formats.shadow
+    scales = iter(formats.scales)
+    q8 = [code in (_formats.Q8S, _formats.Q8U) for code in formats.storage[3:3 + n_state]]
     table, grid = Emulated._table(list(ops[:3 + n_state]) + ([factors] if factors else []) + [
-        ops[-1] if formats.shadow else None, prob.masks])
+        ops[-1] if formats.shadow else None, prob.masks] + [
+        next(scales) if quantized else None for quantized in q8])
     args = _rules.pack(record).view(np.int64)
     codes = list(formats.storage[:3 + n_state]) + [0] * (FMT_SLOTS - 3 - n_state)
     if formats.shadow:
         codes[-1] = formats.storage[-1]
-    full = np.concatenate([table, args, np.array(codes + [formats.stochastic, formats.step],
-                                                 np.int64),
-                           formats.keys.astype(np.int64).reshape(-1)])
-    getattr(lib, f"run_fmt_{kernel}")(ctypes.c_long(grid), ctypes.c_long(32), _p(full),
-                                      ctypes.c_longlong(len(ops[0])),
+    maps = np.concatenate([_formats.QMAPS[_formats.Q8S], _formats.QMAPS[_formats.Q8U]]
+                          ).astype(np.float32)
+    full = np.concatenate([table, args, np.array(
+        codes + [formats.stochastic, formats.step, maps.ctypes.data if any(q8) else 0],
+        np.int64), formats.keys.astype(np.int64).reshape(-1)])
+    getattr(lib, f"run_fmt_{kernel}")(ctypes.c_long(grid),
+                                      ctypes.c_long(_formats.BLOCK if any(q8) else 32),
+                                      _p(full), ctypes.c_longlong(len(ops[0])),
                                       ctypes.c_longlong(table.size),
                                       ctypes.c_longlong(table.size + args.size))
 
@@ -269,37 +276,57 @@ FMT_CONFIGS = [
     FmtConfig("float32", "param", "bfloat16", False, False, True, False),
     FmtConfig("bfloat16", "param", "bfloat16", True, True, True, True),
     FmtConfig("float16", "float32", "bfloat16", True, False, False, True),
+    FmtConfig("bfloat16", "param", "int8", False, True, True, True),
 ]
+# 8-bit state in other configurations, on kernels of 1 to 4 state arrays of either map
+# (the emulation's barrier makes 8-bit state slow here: 256 threads a block)
+Q8_CONFIGS = [
+    FmtConfig("float32", "param", "int8,bfloat16", False, False, False, False),
+    FmtConfig("bfloat16", "float32", "int8", True, True, True, False),
+]
+Q8_KERNELS = ("adadelta", "adan", "lion", "rmsprop_centered_momentum")
+FMT_CASES = [(kernel, config) for config in FMT_CONFIGS for kernel in sorted(RULE_OF)] + [
+    (kernel, config) for config in Q8_CONFIGS for kernel in Q8_KERNELS]
 
 
-@pytest.mark.parametrize("config", FMT_CONFIGS, ids=lambda c: "-".join(map(str, c)))
-@pytest.mark.parametrize("kernel", sorted(RULE_OF))
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN and inf quantized (setup)
+@pytest.mark.parametrize("kernel, config", FMT_CASES,
+                         ids=[f"{k}-{'-'.join(map(str, c))}" for k, c in FMT_CASES])
 def test_format_kernels(lib, kernel, config):
-    """Every elementwise kernel on bfloat16, float16 and float32 operands (stochastic and
-    nearest rounding, master weights with their shadow, in place and out of place, masks)
+    """Every elementwise kernel on bfloat16, float16 and float32 operands and 8-bit state
+    (stochastic and nearest rounding, master weights with their shadow, in place and out of
+    place, masks)
     over 2 steps of normal and special values: the bits of the Cython backend's format
     chunks, parameters, state and shadow (with special values, any NaN for a NaN)."""
     from fastopt._backends._cython import optim as cython_optim
-    sizes = (1, 7, 9, 1023, 20000)
+    # 8-bit state: blocks of its absmax whole, partial, and past a chunk
+    sizes = (1, 7, 9, 256, 257, 1023, 16640) if format_cases.Q8 in config.state else (
+        1, 7, 9, 1023, 20000)
     for special in (0.0, 0.2):
         prob = format_cases.problem(kernel, config, sizes, seed=sorted(RULE_OF).index(kernel),
                                     in_place=config.in_place, masks=config.masks,
                                     special=special)
-        runs = [format_cases.copy(prob.operands) for _ in range(2)]
+        # (operands, 8-bit block scales) of the Cython chunks and of the CUDA kernel
+        runs = [(format_cases.copy(prob.operands), format_cases.copy(prob.formats.scales))
+                for _ in range(2)]
         rng = np.random.default_rng(5)
         for step in (1, 2):
             rec = format_cases.record(kernel, kernel_hyper(kernel, step))
             grads = [format_cases.values(rng, n, prob.operands[2][0].dtype, special=special)
                      for n in sizes]
-            runs = [ops[:2] + ([g.copy() for g in grads],) + ops[3:] for ops in runs]
-            formats = prob.formats._replace(step=step)
-            cython_optim.elementwise(kernel, runs[0], rec, 1, masks=prob.masks,
-                                     formats=formats)
-            _run_fmt(lib, kernel, prob._replace(operands=runs[1], formats=formats), rec)
+            runs = [(ops[:2] + ([g.copy() for g in grads],) + ops[3:], scales)
+                    for ops, scales in runs]
+            (cy_ops, cy_scales), (cu_ops, cu_scales) = runs
+            cython_optim.elementwise(
+                kernel, cy_ops, rec, 1, masks=prob.masks,
+                formats=prob.formats._replace(step=step, scales=cy_scales))
+            _run_fmt(lib, kernel, prob._replace(
+                operands=cu_ops, formats=prob.formats._replace(step=step, scales=cu_scales)),
+                rec)
             # a NaN's sign and payload follow the compiler's operand order (and a GPU's NaN
             # is canonical): NaN where the CPU has NaN, the other bits equal
-            format_cases.assert_same(runs[1], runs[0], f"{kernel} {config} step {step}",
-                                     nan_sign=not special)
+            format_cases.assert_same(cu_ops + cu_scales, cy_ops + cy_scales,
+                                     f"{kernel} {config} step {step}", nan_sign=not special)
 
 
 @pytest.mark.parametrize("config", [FMT_CONFIGS[0], FMT_CONFIGS[4]],

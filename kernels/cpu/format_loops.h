@@ -36,16 +36,10 @@
    elements, which share a Philox call per rounded array. */
 #define FO_FORMAT_BLOCK 256
 
-/* Blockwise 8-bit state (fastopt._backends._formats: Q8S, Q8U; torchao's and bitsandbytes'
-   8-bit optimizers): element i of a tensor is map[code_i] * absmax[i / FO_Q8_BLOCK], with
-   one of two dynamic maps of 256 increasing values in [-1, 1] (signed, for first moments)
-   or [0, 1] (unsigned). */
-#define FO_FMT_Q8S 4
-#define FO_FMT_Q8U 5
-#define FO_Q8_BLOCK 256
-/* chunks (_plan.pxi) start at multiples of FO_CHUNK in their tensor, and blocks here at
-   multiples of FO_FORMAT_BLOCK in their chunk: each block of 8-bit state lies inside one
-   block here, which loads and stores it whole */
+/* Blockwise 8-bit state: fastopt/lowp.h (FO_FMT_Q8S, _Q8U). Chunks (_plan.pxi) start at
+   multiples of FO_CHUNK in their tensor, and blocks here at multiples of FO_FORMAT_BLOCK in
+   their chunk: each block of 8-bit state lies inside one block here, which loads and
+   stores it whole */
 _Static_assert(FO_CHUNK % FO_FORMAT_BLOCK == 0 && FO_FORMAT_BLOCK % FO_Q8_BLOCK == 0,
                "a block of 8-bit state must lie inside one block of a chunk");
 
@@ -144,19 +138,7 @@ FO_FORMAT_INLINE void fo_format_store(char *base, const float *restrict x, int c
     }
 }
 
-/* -- 8-bit state: the quantizer (_formats.q8_store, torchao's quantize_8bit_with_qmap).
-   An element's code is that of q = x / absmax (a float32 division) by a binary search of
-   the map: c = q >= m[128] ? 128 : 0, then for step 64, 32 .. 1, c += q >= m[c + step] ?
-   step : 0; then the upper code from half the gap up: c + 1 (at most 255) where
-   q - m[c] >= (m[c + 1] - m[c]) * 0.5f. */
-static int fo_q8_search(const float *m, float q)
-{
-    int c = q >= m[128] ? 128 : 0, step, up;
-    for (step = 64; step; step >>= 1) c += q >= m[c + step] ? step : 0;
-    up = c < 255 ? c + 1 : 255;
-    return q - m[c] >= (m[up] - m[c]) * 0.5f ? up : c;
-}
-
+/* -- 8-bit state: the quantizer, fo_q8_search (fastopt/lowp.h) by a table. */
 /* The search takes 10 dependent lookups an element; the code is a function of q alone,
    non-decreasing in q for an increasing map (NaN: 0), so one lookup on q's bits does:
    magnitudes are clamped to [FO_Q8_LO, FO_Q8_HI] (2^-23 and 1: the code is the same below
@@ -305,9 +287,9 @@ static void fo_q8_load_vbmi(float *restrict x, const uint8_t *restrict codes,
 static int fo_q8_vbmi(void) { return 0; }
 #endif
 
-/* x[0 .. n) into codes and absmax: per block, the absmax is the largest |x| (compared as
-   integers, where NaN comes above inf: then NaN), at least 1e-12. The codes go through
-   `q` on the stack: GCC vectorizes the lookups only where no store may alias the table. */
+/* x[0 .. n) into codes and absmax: per block, the absmax is fo_q8_scale of the largest
+   |x|'s bits. The codes go through `q` on the stack: GCC vectorizes the lookups only where
+   no store may alias the table. */
 FO_FORMAT_INLINE void fo_q8_store(uint8_t *restrict codes, float *restrict absmax,
                                   const float *restrict x, const fo_u32 *restrict table,
                                   ptrdiff_t n)
@@ -322,8 +304,7 @@ FO_FORMAT_INLINE void fo_q8_store(uint8_t *restrict codes, float *restrict absma
             const fo_u32 a = fo_float_bits(x[b + i]) & 0x7FFFFFFFu;
             top = a > top ? a : top;
         }
-        scale = top > 0x7F800000u ? fo_float_of(0x7FC00000u)
-                                  : (fo_float_of(top) > 1e-12f ? fo_float_of(top) : 1e-12f);
+        scale = fo_q8_scale(top);
         absmax[b / FO_Q8_BLOCK] = scale;
         for (i = 0; i < k; i++) q[i] = fo_q8_code(x[b + i] / scale, table);
         memcpy(codes + b, q, (size_t)k);

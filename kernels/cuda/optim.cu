@@ -111,17 +111,22 @@ FO_DEFINE_FOR_REALS(FO_DEFINE_CUDA_OPTIM)
 /*
  * Storage formats (fastopt/lowp.h, as kernels/cpu/format_loops.h on the CPU): the float32
  * kernel of each entry of fastopt/optim.h's lists on operands stored as float32, bfloat16
- * or float16, each element loaded, updated, its pruned entries +0 and the written operands
- * rounded back (stochastically with the element's Philox bits, or to nearest even), so
- * that the bits are the CPU's for any launch shape. fo_cuda_fmt_<NAME>(table, n_tensors,
- * args_at, fmt_at): per tensor 5 + N (+ 1, a cautious step's factor) operand addresses:
- * param in, param out, grad, the N state arrays (the factor: float32, one element), the
- * shadow (master weights: the bfloat16 or float16 parameter, which receives the new float32
- * parameter rounded) and the mask (a byte per element, 0 prunes), each 0 where there is
- * none; then the chunks and, at args_at, the fo_<ARGS>_args_f32 struct as above; at fmt_at
- * FO_CUDA_FMT_SLOTS format codes (FO_FMT_F32, _BF16 or _F16: the 3 + N operands', the last
- * slot the shadow's), stochastic, the step, then each tensor's Philox key (key0, key1).
- * Blockwise 8-bit state is not among them yet; the launch needs at least one chunk.
+ * or float16, and state also as blockwise 8-bit codes, each element loaded, updated, its
+ * pruned entries +0 and the written operands rounded back (stochastically with the
+ * element's Philox bits, or to nearest even) or quantized, so that the bits are the CPU's
+ * for any launch shape. fo_cuda_fmt_<NAME>(table, n_tensors, args_at, fmt_at): per tensor
+ * 5 + 2 N (+ 1, a cautious step's factor) operand addresses: param in, param out, grad,
+ * the N state arrays (the factor: float32, one element), the shadow (master weights: the
+ * bfloat16 or float16 parameter, which receives the new float32 parameter rounded), the
+ * mask (a byte per element, 0 prunes) and the N state arrays' block scales (float32, one
+ * per FO_Q8_BLOCK elements, for 8-bit state), each 0 where there is none; then the chunks
+ * and, at args_at, the fo_<ARGS>_args_f32 struct as above; at fmt_at FO_CUDA_FMT_SLOTS
+ * format codes (FO_FMT_F32, _BF16, _F16, or for state _Q8S, _Q8U: the 3 + N operands', the
+ * last slot the shadow's), stochastic, the step, the address of the two 8-bit maps (the
+ * signed map's 256 float32 values, then the unsigned one's; 0 without 8-bit state), then
+ * each tensor's Philox key (key0, key1). The launch needs at least one chunk; with 8-bit
+ * state its blocks have FO_Q8_BLOCK threads (one 8-bit block at a time, its absmax reduced
+ * in shared memory) and its chunks start at multiples of FO_Q8_BLOCK in their tensor.
  */
 #define FO_CUDA_FMT_SLOTS 8
 
@@ -152,35 +157,76 @@ FO_HD void fo_cuda_fmt_store(fo_i64 addr, fo_i64 code, fo_i64 at, float x, fo_u3
                                : fo_f16_round(x, r, stochastic);
 }
 
+/* x, element `at` of an 8-bit state array, into its codes and its block's absmax (the
+   largest magnitude of the block's elements, as fo_q8_store on the CPU). Every thread of a
+   block of FO_Q8_BLOCK threads calls it, `active` those that hold an element. */
+static __device__ void fo_cuda_q8_store(fo_i64 codes, fo_i64 absmax, const float *map,
+                                        fo_i64 at, float x, int active)
+{
+    __shared__ fo_u32 top[FO_Q8_BLOCK];
+    const unsigned t = threadIdx.x;
+    float scale;
+    top[t] = active ? fo_float_bits(x) & 0x7FFFFFFFu : 0u;
+    __syncthreads();
+    for (unsigned w = FO_Q8_BLOCK / 2; w; w >>= 1) {
+        if (t < w && top[t + w] > top[t]) top[t] = top[t + w];
+        __syncthreads();
+    }
+    scale = fo_q8_scale(top[0]);
+    __syncthreads(); /* every thread has read top[0] before the next call writes top */
+    if (!active) return;
+    ((unsigned char *)codes)[at] = (unsigned char)fo_q8_search(map, x / scale);
+    if (t == 0) ((float *)absmax)[at / FO_Q8_BLOCK] = scale;
+}
+
 #define FO_CUDA_FMT_KERNEL(NAME, ARGS, N, AUX, CALL)                                      \
     extern "C" __global__ void fo_cuda_fmt_##NAME(const fo_i64 *table, fo_i64 n_tensors,  \
                                                   fo_i64 args_at, fo_i64 fmt_at)          \
     {                                                                                     \
         const fo_##ARGS##_args_f32 a = *(const fo_##ARGS##_args_f32 *)(table + args_at);  \
-        const fo_i64 W = 5 + (N) + (AUX), *f = table + fmt_at;                             \
+        const fo_i64 W = 5 + 2 * (N) + (AUX), SH = 3 + (N) + (AUX), *f = table + fmt_at;  \
         const fo_i64 *chunk = table + n_tensors * W + 3 * (fo_i64)blockIdx.x;             \
         const fo_i64 *ops = table + chunk[0] * W;                                         \
         const fo_i64 lo = chunk[1], n = chunk[2];                                         \
-        const fo_u32 key0 = (fo_u32)f[FO_CUDA_FMT_SLOTS + 2 + 2 * chunk[0]];              \
-        const fo_u32 key1 = (fo_u32)f[FO_CUDA_FMT_SLOTS + 3 + 2 * chunk[0]];              \
-        for (fo_i64 i = threadIdx.x; i < n; i += blockDim.x) {                            \
-            const fo_i64 at = lo + i;                                                     \
-            const float p = fo_cuda_fmt_load(ops[0], f[0], at);                           \
-            const float g = fo_cuda_fmt_load(ops[2], f[2], at);                           \
+        const fo_u32 key0 = (fo_u32)f[FO_CUDA_FMT_SLOTS + 3 + 2 * chunk[0]];              \
+        const fo_u32 key1 = (fo_u32)f[FO_CUDA_FMT_SLOTS + 4 + 2 * chunk[0]];              \
+        const float *maps = (const float *)f[FO_CUDA_FMT_SLOTS + 2];                      \
+        int q8 = 0;                                                                       \
+        for (int k = 0; k < (N); k++) q8 |= f[3 + k] >= FO_FMT_Q8S;                       \
+        /* every thread runs every round: 8-bit state reduces each round's block */        \
+        for (fo_i64 base = 0; base < n; base += blockDim.x) {                             \
+            const fo_i64 at = lo + base + threadIdx.x;                                    \
+            const int active = base + threadIdx.x < n;                                    \
             float s[(N) + 1], q;                                                          \
-            for (int k = 0; k < (N); k++) s[k] = fo_cuda_fmt_load(ops[3 + k], f[3 + k], at); \
-            q = CALL;                                                                     \
-            if (ops[W - 1] != 0 && ((const unsigned char *)ops[W - 1])[at] == 0) {         \
-                q = 0.0f;                                                                 \
-                for (int k = 0; k < (N); k++) s[k] = 0.0f;                                \
+            if (active) {                                                                 \
+                const float p = fo_cuda_fmt_load(ops[0], f[0], at);                       \
+                const float g = fo_cuda_fmt_load(ops[2], f[2], at);                       \
+                for (int k = 0; k < (N); k++)                                             \
+                    s[k] = f[3 + k] >= FO_FMT_Q8S                                         \
+                               ? maps[256 * (f[3 + k] - FO_FMT_Q8S)                       \
+                                      + ((const unsigned char *)ops[3 + k])[at]]          \
+                                     * ((const float *)ops[SH + 2 + k])[at / FO_Q8_BLOCK] \
+                               : fo_cuda_fmt_load(ops[3 + k], f[3 + k], at);              \
+                q = CALL;                                                                 \
+                if (ops[SH + 1] != 0 && ((const unsigned char *)ops[SH + 1])[at] == 0) {  \
+                    q = 0.0f;                                                             \
+                    for (int k = 0; k < (N); k++) s[k] = 0.0f;                            \
+                }                                                                         \
+                fo_cuda_fmt_store(ops[1], f[1], at, q, 0, f, key0, key1);                 \
+                for (int k = 0; k < (N); k++)                                             \
+                    if (f[3 + k] < FO_FMT_Q8S)                                            \
+                        fo_cuda_fmt_store(ops[3 + k], f[3 + k], at, s[k], (fo_u32)(k + 1), \
+                                          f, key0, key1);                                 \
+                if (ops[SH] != 0)                                                         \
+                    fo_cuda_fmt_store(ops[SH], f[FO_CUDA_FMT_SLOTS - 1], at, q, 0, f,     \
+                                      key0, key1);                                        \
             }                                                                             \
-            fo_cuda_fmt_store(ops[1], f[1], at, q, 0, f, key0, key1);                     \
-            for (int k = 0; k < (N); k++)                                                 \
-                fo_cuda_fmt_store(ops[3 + k], f[3 + k], at, s[k], (fo_u32)(k + 1), f,     \
-                                  key0, key1);                                            \
-            if (ops[W - 2] != 0)                                                          \
-                fo_cuda_fmt_store(ops[W - 2], f[FO_CUDA_FMT_SLOTS - 1], at, q, 0, f, key0, \
-                                  key1);                                                  \
+            if (q8)                                                                       \
+                for (int k = 0; k < (N); k++)                                             \
+                    if (f[3 + k] >= FO_FMT_Q8S)                                           \
+                        fo_cuda_q8_store(ops[3 + k], ops[SH + 2 + k],                     \
+                                         maps + 256 * (f[3 + k] - FO_FMT_Q8S), at, s[k],  \
+                                         active);                                         \
         }                                                                                 \
     }
 

@@ -32,6 +32,14 @@
 #define FO_FMT_BF16 2
 #define FO_FMT_F16 3
 
+/* Blockwise 8-bit state (fastopt._backends._formats: Q8S, Q8U; torchao's and bitsandbytes'
+   8-bit optimizers): element i of a tensor is map[code_i] * absmax[i / FO_Q8_BLOCK], with
+   one of two dynamic maps of 256 increasing values in [-1, 1] (signed, for first moments)
+   or [0, 1] (unsigned). */
+#define FO_FMT_Q8S 4
+#define FO_FMT_Q8U 5
+#define FO_Q8_BLOCK 256
+
 typedef unsigned short fo_u16;
 
 FO_HD float fo_bf16_load(fo_u16 h) { return fo_float_of((fo_u32)h << 16); }
@@ -106,6 +114,27 @@ FO_HD fo_u32 fo_round_bits(fo_words w, fo_u64 i)
     const fo_u32 k = (fo_u32)(i >> 1) & 3u;
     const fo_u32 word = k == 0 ? w.w0 : (k == 1 ? w.w1 : (k == 2 ? w.w2 : w.w3));
     return (i & 1u) ? word >> 16 : word & 0xFFFFu;
+}
+
+/* A block's absmax from the largest magnitude's bits `top` (compared as integers, where NaN
+   comes above inf: then NaN), at least 1e-12 */
+FO_HD float fo_q8_scale(fo_u32 top)
+{
+    return top > 0x7F800000u ? fo_float_of(0x7FC00000u)
+                             : (fo_float_of(top) > 1e-12f ? fo_float_of(top) : 1e-12f);
+}
+
+/* The code of q = x / absmax (a float32 division) in the increasing map `m`
+   (_formats.q8_store, torchao's quantize_8bit_with_qmap), by a binary search:
+   c = q >= m[128] ? 128 : 0, then for step 64, 32 .. 1, c += q >= m[c + step] ? step : 0;
+   then the upper code from half the gap up: c + 1 (at most 255) where
+   q - m[c] >= (m[c + 1] - m[c]) * 0.5f. NaN: 0. */
+FO_HD int fo_q8_search(const float *m, float q)
+{
+    int c = q >= m[128] ? 128 : 0, step, up;
+    for (step = 64; step; step >>= 1) c += q >= m[c + step] ? step : 0;
+    up = c < 255 ? c + 1 : 255;
+    return q - m[c] >= (m[up] - m[c]) * 0.5f ? up : c;
 }
 
 #endif /* FASTOPT_LOWP_H */
