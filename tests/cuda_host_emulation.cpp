@@ -5,6 +5,7 @@
 // indexing, synchronization and arithmetic against the NumPy reference on machines without
 // a GPU; it does not replace the GPU tests (device compiler, memory model, speed).
 #include <barrier>
+#include <cstdlib>
 #include <cstdint>
 #include <functional>
 #include <thread>
@@ -21,6 +22,7 @@ fo_dim3 blockIdx, blockDim, gridDim;
 static std::barrier<> *fo_block_barrier;
 
 inline void __syncthreads() { fo_block_barrier->arrive_and_wait(); }
+[[noreturn]] inline void __trap() { std::abort(); }
 template <class T> T atomicAdd(T *p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 template <class T> T atomicMax(T *p, T v)
 {

@@ -285,6 +285,7 @@ Q8_CONFIGS = [
     FmtConfig("bfloat16", "float32", "int8", True, True, True, False),
 ]
 Q8_KERNELS = ("adadelta", "adan", "lion", "rmsprop_centered_momentum")
+Q8_SIZES = (1, 7, 9, 256, 257, 1023, 16640)
 FMT_CASES = [(kernel, config) for config in FMT_CONFIGS for kernel in sorted(RULE_OF)] + [
     (kernel, config) for config in Q8_CONFIGS for kernel in Q8_KERNELS]
 
@@ -299,10 +300,11 @@ def test_format_kernels(lib, kernel, config):
     over 2 steps of normal and special values: the bits of the Cython backend's format
     chunks, parameters, state and shadow (with special values, any NaN for a NaN)."""
     from fastopt._backends._cython import optim as cython_optim
-    # 8-bit state: blocks of its absmax whole, partial, and past a chunk
-    sizes = (1, 7, 9, 256, 257, 1023, 16640) if format_cases.Q8 in config.state else (
-        1, 7, 9, 1023, 20000)
-    for special in (0.0, 0.2):
+    q8 = format_cases.Q8 in config.state
+    # 8-bit state: blocks whole, partial and past a chunk, a few special values (a NaN makes
+    # its whole block NaN: most blocks would hold one at 0.2)
+    sizes = Q8_SIZES if q8 else (1, 7, 9, 1023, 20000)
+    for special in (0.0, 0.002 if q8 else 0.2):
         prob = format_cases.problem(kernel, config, sizes, seed=sorted(RULE_OF).index(kernel),
                                     in_place=config.in_place, masks=config.masks,
                                     special=special)
@@ -329,19 +331,21 @@ def test_format_kernels(lib, kernel, config):
                                      f"{kernel} {config} step {step}", nan_sign=not special)
 
 
-@pytest.mark.parametrize("config", [FMT_CONFIGS[0], FMT_CONFIGS[4]],
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN and inf quantized (setup)
+@pytest.mark.parametrize("config", [FMT_CONFIGS[0], FMT_CONFIGS[4], FMT_CONFIGS[6]],
                          ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("kernel", sorted(_rules.CAUTIOUS_KERNELS))
 def test_cautious_format_kernels(lib, kernel, config):
-    """The cautious steps on storage formats (their tensor's factor one more operand): the
-    bits of the XLA handler's format chunks (the Cython backend runs these through its
-    scratch path), which test_jax holds to the array API."""
+    """The cautious steps on storage formats (their tensor's factor one more operand), 8-bit
+    state too: the bits of the XLA handler's format chunks (the Cython backend runs these
+    through its scratch path), which test_jax holds to the array API."""
     pytest.importorskip("jax")
     from fastopt import _jax_ffi
     base = kernel.removesuffix("_cautious")
-    sizes = (1, 9, 1023, 20000)
+    q8 = format_cases.Q8 in config.state
+    sizes = Q8_SIZES if q8 else (1, 9, 1023, 20000)
     prob = format_cases.problem(base, config, sizes, seed=3, in_place=True,
-                                masks=config.masks)
+                                masks=config.masks, special=0.002 if q8 else 0.0)
     factors = [np.array([1.25 + t], np.float32) for t in range(len(sizes))]
     ops = format_cases.copy(prob.operands)
     n_state = len(ops) - 3 - prob.formats.shadow
@@ -351,11 +355,17 @@ def test_cautious_format_kernels(lib, kernel, config):
         kernel, _rules.pack(rec), ops[0], ops[2],
         [[ops[3 + k][t] for k in range(n_state)] + [factors[t]] for t in range(len(sizes))],
         1, masks=prob.masks, formats=(formats.stochastic, formats.keys, formats.step),
-        shadow=ops[-1] if formats.shadow else None)
-    # the handler's results: new params, their state lists (and the new shadows)
+        shadow=ops[-1] if formats.shadow else None,
+        scales=[[a[t] for a in formats.scales] for t in range(len(sizes))] if q8 else None)
+    # the handler's results: new params, their state lists (and the new shadows), then each
+    # tensor's new block scales, put in the order of formats.scales
+    if q8:
+        new = list(new[:-1]) + [[s[k] for s in new[-1]] for k in range(len(formats.scales))]
     want = [new[0]] + [[s[k] for s in new[1]] for k in range(n_state)] + list(new[2:])
+    want = [[np.asarray(x) for x in xs] for xs in want]  # before the kernel writes ops
     _run_fmt(lib, kernel, prob._replace(operands=ops, formats=formats), rec, factors)
     got = [ops[1]] + [ops[3 + k] for k in range(n_state)] + (
-        [ops[-1]] if formats.shadow else [])
-    format_cases.assert_same(got, [[np.asarray(x) for x in xs] for xs in want],
-                             f"{kernel} {config}")
+        [ops[-1]] if formats.shadow else []) + list(formats.scales)
+    # with special values: NaN where the handler has NaN (a NaN's sign and payload follow
+    # the compiler's operand order), the other bits equal
+    format_cases.assert_same(got, want, f"{kernel} {config}", nan_sign=not q8)

@@ -225,9 +225,9 @@ def test_q8_state_matches_around_the_reference(kernel, config):
 
 
 @pytest.mark.parametrize("kernel,config", _q8_grid()[::4])
-def test_q8_portable_loads(kernel, config, monkeypatch):
-    """Where 8-bit state is loaded with AVX-512 VBMI byte permutes (_optim.VBMI), the
-    portable loops give the same bits."""
+def test_q8_portable_loops(kernel, config, monkeypatch):
+    """Where 8-bit state is loaded with AVX-512 VBMI byte permutes and quantized with
+    AVX-512 gathers (_optim.VBMI), the portable loops give the same bits."""
     if not cy._optim.VBMI:
         pytest.skip("no AVX-512 VBMI: the tests above ran the portable loops")
     monkeypatch.setattr(cy._optim, "step_formats",

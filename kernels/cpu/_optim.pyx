@@ -274,7 +274,8 @@ cdef extern from "format_loops.h" nogil:
 _ITEMSIZE = {0: 4, 2: 2, 3: 2, 4: 1, 5: 1}
 _Q8 = (4, 5)
 Q8_BLOCK = _Q8_BLOCK  # elements per block scale of 8-bit state
-VBMI = fo_q8_vbmi()  # whether 8-bit state is loaded with AVX-512 VBMI byte permutes
+# whether 8-bit state runs its AVX-512 paths: loads with VBMI byte permutes, codes by gathers
+VBMI = fo_q8_vbmi()
 
 
 def q8_table(const float[::1] qmap):
@@ -303,8 +304,9 @@ def step_formats(str kernel, tuple operands, cnp.ndarray args, int n_threads, tu
     (`masks`) of the written ones become 0 before they are rounded or quantized. With 8-bit
     state, `scales` holds each 8-bit operand's list of block scales (float32, one per
     Q8_BLOCK elements), `qmaps` the two maps (signed, unsigned: 256 increasing float32
-    each) and `qtables` their q8_table; `vbmi`: load it with AVX-512 VBMI where the CPU has
-    it (VBMI), else (tests) with the portable loops, to the same bits."""
+    each) and `qtables` their q8_table; `vbmi`: load it with AVX-512 VBMI and quantize it
+    with AVX-512 gathers where the CPU has them (VBMI), else (tests) with the portable
+    loops, to the same bits."""
     cdef Py_ssize_t n_conv = len(operands), n_ops = n_conv - shadow, op, c, n_q8 = 0
     cdef Py_ssize_t itemsizes[FORMAT_OPS + 1]
     cdef fo_format_args fa

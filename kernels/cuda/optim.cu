@@ -157,9 +157,10 @@ FO_HD void fo_cuda_fmt_store(fo_i64 addr, fo_i64 code, fo_i64 at, float x, fo_u3
                                : fo_f16_round(x, r, stochastic);
 }
 
-/* x, element `at` of an 8-bit state array, into its codes and its block's absmax (the
-   largest magnitude of the block's elements, as fo_q8_store on the CPU). Every thread of a
-   block of FO_Q8_BLOCK threads calls it, `active` those that hold an element. */
+/* x, element `at` of an 8-bit state array, into its codes and its block's absmax
+   (fo_q8_scale of the largest magnitude of the block's elements, as fo_q8_store on the
+   CPU). Every thread of a block of FO_Q8_BLOCK threads calls it, `active` those that hold
+   an element. */
 static __device__ void fo_cuda_q8_store(fo_i64 codes, fo_i64 absmax, const float *map,
                                         fo_i64 at, float x, int active)
 {
@@ -193,11 +194,12 @@ static __device__ void fo_cuda_q8_store(fo_i64 codes, fo_i64 absmax, const float
         const float *maps = (const float *)f[FO_CUDA_FMT_SLOTS + 2];                      \
         int q8 = 0;                                                                       \
         for (int k = 0; k < (N); k++) q8 |= f[3 + k] >= FO_FMT_Q8S;                       \
+        if (q8 && blockDim.x != FO_Q8_BLOCK) __trap(); /* the launch breaks the contract */ \
         /* every thread runs every round: 8-bit state reduces each round's block */        \
         for (fo_i64 base = 0; base < n; base += blockDim.x) {                             \
             const fo_i64 at = lo + base + threadIdx.x;                                    \
             const int active = base + threadIdx.x < n;                                    \
-            float s[(N) + 1], q;                                                          \
+            float s[(N) + 1] = {0.0f}, q;                                                 \
             if (active) {                                                                 \
                 const float p = fo_cuda_fmt_load(ops[0], f[0], at);                       \
                 const float g = fo_cuda_fmt_load(ops[2], f[2], at);                       \

@@ -1,6 +1,6 @@
 /*
  * fastopt/lowp.h - storage formats: bfloat16 and float16 values in and out of float32
- * arithmetic, for C and CUDA alike.
+ * arithmetic, and the quantizer of blockwise 8-bit state, for C and CUDA alike.
  *
  * A rule's kernel computes in float32 for low-precision parameters; its operands are loaded
  * from their storage format and the written ones stored back, rounded either to nearest
