@@ -139,13 +139,13 @@ FO_FORMAT_INLINE void fo_format_store(char *base, const float *restrict x, int c
     }
 }
 
-/* -- 8-bit state: the quantizer, fo_q8_search (fastopt/lowp.h) by a table. */
-/* The search takes 10 dependent lookups an element; the code is a function of q alone,
-   non-decreasing in q for an increasing map (NaN: 0), so one lookup on q's bits does:
-   magnitudes are clamped to [FO_Q8_LO, FO_Q8_HI] (2^-23 and 1: the code is the same below
-   and above them), cut into buckets of 2^FO_Q8_SHIFT float32 values (a binade's 128th),
-   and table[sign * FO_Q8_BUCKETS + bucket] holds the code at the bucket's start (bits 24
-   and up) and the offset in the bucket from which it is one more (q >= 0) or one less
+/* -- 8-bit state: the quantizer. fo_q8_search (fastopt/lowp.h) takes 10 dependent lookups
+   an element; the code is a function of q alone, non-decreasing in q for an increasing map
+   (NaN: 0), so one lookup on q's bits does: magnitudes are clamped to [FO_Q8_LO,
+   FO_Q8_HI] (2^-23 and 1: the code is the same below and above them), cut into buckets
+   of 2^FO_Q8_SHIFT float32 values (a binade's 128th), and
+   table[sign * FO_Q8_BUCKETS + bucket] holds the code at the bucket's start (bits 24 and
+   up) and the offset in the bucket from which it is one more (q >= 0) or one less
    (q < 0), or 2^FO_Q8_SHIFT where it does not change. */
 #define FO_Q8_LO 0x34000000u
 #define FO_Q8_HI 0x3F800000u
